@@ -1,0 +1,67 @@
+"""
+Configuration errors, collected rather than raised one at a time.
+
+Every error names where it is (file:line), the section, the key and what is
+wrong, in one line an operator can act on::
+
+    dcrouter.ini:14: [route:web] ports: 'eighty' is not a port or range
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Optional
+
+from attrs import frozen
+
+from dcrouter.config.model import PYTHON, Source
+
+
+@frozen
+class ConfigError:
+    """One thing wrong with the configuration."""
+
+    message: str
+    source: Source = PYTHON
+    section: Optional[str] = None
+    key: Optional[str] = None
+
+    def __str__(self) -> str:
+        where = f"[{self.section}] " if self.section else ""
+        what = f"{self.key}: " if self.key else ""
+        return f"{self.source}: {where}{what}{self.message}"
+
+
+class ConfigErrors(Exception):
+    """Raised once, at the end of loading, carrying every error found."""
+
+    def __init__(self, errors: Iterable[ConfigError]) -> None:
+        self.errors = sorted(errors, key=lambda e: (e.source.file, e.source.line))
+        super().__init__(self.report())
+
+    def report(self) -> str:
+        """All errors, one per line, in file order."""
+        return "\n".join(str(error) for error in self.errors)
+
+
+class ErrorCollector:
+    """Gathers errors while a configuration is read; raises them all at once."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def add(
+        self,
+        message: str,
+        source: Source = PYTHON,
+        section: Optional[str] = None,
+        key: Optional[str] = None,
+    ) -> None:
+        self.errors.append(ConfigError(message, source, section, key))
+
+    def extend(self, errors: Iterable[ConfigError]) -> None:
+        self.errors.extend(errors)
+
+    def raiseIfAny(self) -> None:
+        if self.errors:
+            raise ConfigErrors(self.errors)

@@ -1,0 +1,498 @@
+"""
+The INI front end of the configuration model.
+
+L{readIni} splits the text into sections and keys, keeping each one's line
+so that every error can say C{file:line}; L{parseConfig} checks the common
+keys into a L{RouterConfig}. A route's other keys belong to its action
+plugin: they are kept raw in L{RouteConfig.options} and checked one floor
+up, where the plugins are known.
+
+Grammar: C{[section]} headers; C{key = value} lines, the key a lower-case
+word starting in the first column; lines indented by whitespace continue
+the value above (joined with newlines); whole-line comments start with C{#}
+or C{;}, after optional whitespace; blank lines are ignored. There are no
+inline comments: a C{#} after a value is part of the value.
+
+Every error is collected and all are raised together as L{ConfigErrors}.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Literal, Optional, TypeVar, cast
+
+from attrs import evolve, frozen
+
+from dcrouter.config import values
+from dcrouter.config.certcheck import checkCertificatePair
+from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
+from dcrouter.config.model import (
+    TLS_MODES,
+    CertificatePair,
+    DaemonSettings,
+    Defaults,
+    Limits,
+    LogFormat,
+    RawValue,
+    RouteConfig,
+    RouterConfig,
+    Source,
+    TlsMode,
+    TlsSettings,
+)
+
+T = TypeVar("T")
+
+_HEADER = re.compile(r"\[([^\[\]]*)\]")
+_KEY_LINE = re.compile(r"([^=\s][^=]*?)\s*=(.*)")
+_KEY = re.compile(r"[a-z_][a-z0-9_]*")
+_WORD = re.compile(r"[A-Za-z0-9_.-]+")
+
+_LIMIT_KEYS = (
+    "ip_allow",
+    "ip_block",
+    "max_connections",
+    "max_connections_per_ip",
+    "connection_rate_per_minute",
+)
+_DAEMON_KEYS = ("state_dir", "log_format", "hello_timeout", "drain_timeout")
+_DEFAULTS_KEYS = (
+    "target",
+    "bind",
+    *_LIMIT_KEYS,
+    "connect_timeout",
+    "idle_timeout",
+    "trusted_proxies",
+)
+_TLS_KEYS = ("cert", "key", "min_version", "ciphers")
+# A route's keys that config checks; every other key is its action's.
+_ROUTE_KEYS = (
+    "ports",
+    "bind",
+    "domains",
+    "client_ip",
+    "priority",
+    "action",
+    "tls",
+    "cert",
+    "key",
+    *_LIMIT_KEYS,
+)
+_KNOWN_SECTIONS = "[dcrouter], [defaults], [tls], [route:NAME]"
+_TERMINATING = ("terminate", "terminate-and-reencrypt")
+_PRIORITY_BOUND = 1_000_000
+
+
+@frozen
+class IniValue:
+    """The text of one key, continuation lines joined with newlines."""
+
+    text: str
+    source: Source
+
+
+@frozen
+class IniSection:
+    """One C{[name]} header and its keys, in file order."""
+
+    name: str
+    source: Source
+    values: Mapping[str, IniValue]
+
+
+def _normalizeSectionName(name: str) -> str:
+    """C{[ route : web ]} is C{[route:web]}, so that duplicates are found."""
+    kind, colon, rest = name.partition(":")
+    return f"{kind.strip()}{colon}{rest.strip()}"
+
+
+def readIni(text: str, path: str, errors: ErrorCollector) -> list[IniSection]:
+    """
+    Split INI text into sections, reporting syntax errors to C{errors}.
+
+    A duplicate section or key is reported and its values dropped, so that
+    the first one counts; lines that belong to nothing are reported once.
+    """
+    sections: list[IniSection] = []
+    seen: dict[str, IniSection] = {}
+    sectionName: Optional[str] = None
+    keys: Optional[dict[str, IniValue]] = None
+    # The value an indented line extends: (its dict, its key); None if none.
+    continued: Optional[tuple[dict[str, IniValue], str]] = None
+    # Only "\n" ends a line, as in editors and grep: str.splitlines would
+    # also split at form feeds and U+2028 and shift every line number after.
+    for number, line in enumerate(text.split("\n"), 1):
+        source = Source(path, number)
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        if line[0].isspace():
+            if continued is None:
+                errors.add(
+                    "indented line, but no key above it to continue", source, sectionName
+                )
+                continued = _sink(source)
+            else:
+                target, key = continued
+                old = target[key]
+                joined = f"{old.text}\n{stripped}" if old.text else stripped
+                target[key] = evolve(old, text=joined)
+            continue
+        header = _HEADER.fullmatch(line.rstrip())
+        keyLine = _KEY_LINE.fullmatch(line.rstrip())
+        if header:
+            sectionName = _normalizeSectionName(header.group(1))
+            keys = {}
+            continued = None
+            section = IniSection(sectionName, source, keys)
+            first = seen.get(sectionName)
+            if first is not None:
+                errors.add(
+                    f"duplicate section; the first is at {first.source}", source, sectionName
+                )
+            else:
+                seen[sectionName] = section
+                sections.append(section)
+        elif keyLine and _KEY.fullmatch(keyLine.group(1)):
+            key, value = keyLine.group(1), IniValue(keyLine.group(2).strip(), source)
+            if keys is None:
+                errors.add(
+                    "key outside any section; put a [section] header above it", source, None, key
+                )
+                continued = _sink(source)
+            elif key in keys:
+                errors.add(
+                    f"duplicate key; the first is at {keys[key].source}", source, sectionName, key
+                )
+                continued = ({key: value}, key)
+            else:
+                keys[key] = value
+                continued = (keys, key)
+        else:
+            if keyLine:
+                message = (
+                    f"{keyLine.group(1)!r} is not a key name: use lower-case letters, "
+                    "digits and _"
+                )
+            else:
+                message = (
+                    f"not a [section] header, key = value line or comment: {_clip(stripped)!r}"
+                )
+            errors.add(message, source, sectionName)
+            continued = _sink(source)
+    return sections
+
+
+def _sink(source: Source) -> tuple[dict[str, IniValue], str]:
+    """Somewhere for the continuation lines of a rejected line to go."""
+    return {"": IniValue("", source)}, ""
+
+
+def _clip(text: str, length: int = 60) -> str:
+    return text if len(text) <= length else text[:length] + "..."
+
+
+class _Keys:
+    """One section's values, parsed on request; bad text becomes an error."""
+
+    def __init__(self, section: IniSection, errors: ErrorCollector) -> None:
+        self.section = section
+        self.errors = errors
+
+    def has(self, key: str) -> bool:
+        return key in self.section.values
+
+    def source(self, key: Optional[str]) -> Source:
+        """Where C{key} is written, else the section header."""
+        value = self.section.values.get(key) if key else None
+        return value.source if value else self.section.source
+
+    def error(self, key: Optional[str], message: str) -> None:
+        self.errors.add(message, self.source(key), self.section.name, key)
+
+    def optional(self, key: str, parse: Callable[[str], T]) -> Optional[T]:
+        """C{key} parsed, or C{None} if it is absent or bad (then reported)."""
+        value = self.section.values.get(key)
+        if value is None:
+            return None
+        if not value.text:
+            self.error(key, "no value given")
+            return None
+        try:
+            return parse(value.text)
+        except ValueError as e:
+            self.error(key, str(e))
+            return None
+
+    def get(self, key: str, parse: Callable[[str], T], default: T) -> T:
+        parsed = self.optional(key, parse)
+        return default if parsed is None else parsed
+
+    def rejectUnknown(self, known: Sequence[str]) -> None:
+        for key in self.section.values:
+            if key not in known:
+                self.error(key, f"unknown key (known: {', '.join(known)})")
+
+
+def _positiveInt(text: str) -> int:
+    """A limit: 0 would refuse everything, so leave the key out for none."""
+    return values.parseInt(text, minimum=1)
+
+
+def _priority(text: str) -> int:
+    """Any sign; bounded so that a slip of the keyboard is caught."""
+    return values.parseInt(text, -_PRIORITY_BOUND, _PRIORITY_BOUND)
+
+
+def _positiveDuration(text: str) -> float:
+    """A timeout that must be able to pass before it fires."""
+    seconds = values.parseDuration(text)
+    if seconds <= 0:
+        raise ValueError(f"{text.strip()!r} is not longer than 0")
+    return seconds
+
+
+def _logFormat(text: str) -> LogFormat:
+    return cast(LogFormat, values.parseChoice(text, ("text", "json")))
+
+
+def _minVersion(text: str) -> Literal["1.2", "1.3"]:
+    return cast(Literal["1.2", "1.3"], values.parseChoice(text, ("1.2", "1.3")))
+
+
+def _tlsMode(text: str) -> TlsMode:
+    return cast(TlsMode, values.parseChoice(text, TLS_MODES))
+
+
+def _word(text: str) -> str:
+    """An action name; which actions exist is known only one floor up."""
+    word = text.strip()
+    if not _WORD.fullmatch(word):
+        raise ValueError(f"{word!r} is not a word (letters, digits, _ . -)")
+    return word
+
+
+def _portList(ports: Sequence[int]) -> str:
+    """C{[80, 8000, 8001, 8002]} -> C{"80, 8000-8002"}."""
+    runs: list[list[int]] = []
+    for port in sorted(ports):
+        if runs and port == runs[-1][-1] + 1:
+            runs[-1].append(port)
+        else:
+            runs.append([port])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+
+
+class _Loader:
+    """Turns the sections of one file into a L{RouterConfig}."""
+
+    def __init__(self, path: str, errors: ErrorCollector) -> None:
+        self.path = path
+        self.directory = os.path.dirname(os.path.abspath(path))
+        self.errors = errors
+        self.checked: dict[CertificatePair, Optional[str]] = {}
+
+    def resolve(self, path: str) -> str:
+        """A path as written, relative to the configuration file's directory."""
+        return os.path.normpath(os.path.join(self.directory, path))
+
+    def load(self, sections: Iterable[IniSection]) -> RouterConfig:
+        daemon = DaemonSettings(state_dir=self.resolve("state"))
+        defaults = Defaults()
+        tls = TlsSettings()
+        routes: list[tuple[RouteConfig, _Keys]] = []
+        for section in sections:
+            keys = _Keys(section, self.errors)
+            kind, colon, name = section.name.partition(":")
+            if section.name == "dcrouter":
+                daemon = self.daemon(keys)
+            elif section.name == "defaults":
+                defaults = self.defaults(keys)
+            elif section.name == "tls":
+                tls = self.tls(keys)
+            elif kind == "route" and colon:
+                routes.append((self.route(keys, name), keys))
+            else:
+                keys.error(None, f"unknown section (known: {_KNOWN_SECTIONS})")
+        if not routes:
+            self.errors.add(
+                "no [route:...] section: nothing to listen on", Source(self.path, 0)
+            )
+        self.checkBinds(routes, defaults)
+        return RouterConfig(
+            routes=tuple(route for route, _ in routes),
+            daemon=daemon,
+            defaults=defaults,
+            tls=tls,
+            path=os.path.abspath(self.path),
+        )
+
+    def daemon(self, keys: _Keys) -> DaemonSettings:
+        keys.rejectUnknown(_DAEMON_KEYS)
+        default = DaemonSettings()
+        return DaemonSettings(
+            state_dir=self.resolve(keys.get("state_dir", str.strip, default.state_dir)),
+            log_format=keys.get("log_format", _logFormat, default.log_format),
+            hello_timeout=keys.get("hello_timeout", _positiveDuration, default.hello_timeout),
+            drain_timeout=keys.get("drain_timeout", values.parseDuration, default.drain_timeout),
+        )
+
+    def defaults(self, keys: _Keys) -> Defaults:
+        keys.rejectUnknown(_DEFAULTS_KEYS)
+        default = Defaults()
+        return Defaults(
+            target=keys.optional("target", values.parseHostPort),
+            bind=keys.get("bind", values.parseBindAddresses, default.bind),
+            limits=self.limits(keys),
+            connect_timeout=keys.get(
+                "connect_timeout", _positiveDuration, default.connect_timeout
+            ),
+            idle_timeout=keys.get("idle_timeout", _positiveDuration, default.idle_timeout),
+            trusted_proxies=keys.get("trusted_proxies", values.parseNetworks, ()),
+        )
+
+    def limits(self, keys: _Keys) -> Limits:
+        return Limits(
+            ip_allow=keys.get("ip_allow", values.parseNetworks, ()),
+            ip_block=keys.get("ip_block", values.parseNetworks, ()),
+            max_connections=keys.optional("max_connections", _positiveInt),
+            max_connections_per_ip=keys.optional("max_connections_per_ip", _positiveInt),
+            connection_rate_per_minute=keys.optional("connection_rate_per_minute", _positiveInt),
+        )
+
+    def tls(self, keys: _Keys) -> TlsSettings:
+        keys.rejectUnknown(_TLS_KEYS)
+        default = TlsSettings()
+        return TlsSettings(
+            cert=self.certificate(keys),
+            min_version=keys.get("min_version", _minVersion, default.min_version),
+            # OpenSSL separates cipher strings by ":", "," or " ", not newlines.
+            ciphers=keys.optional("ciphers", lambda text: " ".join(text.split())),
+        )
+
+    def route(self, keys: _Keys, name: str) -> RouteConfig:
+        if not _WORD.fullmatch(name):
+            keys.error(None, f"bad route name {name!r}: use letters, digits, _ . and -")
+        if not keys.has("ports"):
+            keys.error("ports", "required key is missing")
+        tls = keys.optional("tls", _tlsMode)
+        tlsKnown = tls is not None or not keys.has("tls")
+        domains: tuple[str, ...] = keys.get("domains", values.parseDomains, ())
+        if domains and tls is None and tlsKnown:
+            keys.error(
+                "domains",
+                "domains need tls (routes are told apart by SNI); "
+                "routing plain connections by HTTP Host is not supported yet",
+            )
+        cert = self.certificate(keys, tls in _TERMINATING if tlsKnown else None)
+        section = keys.section
+        return RouteConfig(
+            name=name,
+            ports=keys.get("ports", values.parsePorts, ()),
+            action=keys.get("action", _word, "forward"),
+            bind=keys.get("bind", values.parseBindAddresses, ()),
+            domains=domains,
+            client_ip=keys.get("client_ip", values.parseNetworks, ()),
+            priority=keys.get("priority", _priority, 0),
+            tls=tls,
+            cert=cert,
+            limits=self.limits(keys),
+            options={
+                key: RawValue(value.text, value.source)
+                for key, value in section.values.items()
+                if key not in _ROUTE_KEYS
+            },
+            source=section.source,
+        )
+
+    def certificate(
+        self, keys: _Keys, terminating: Optional[bool] = True
+    ) -> Optional[CertificatePair]:
+        """
+        C{cert} and C{key}: both or neither, and a matching pair.
+
+        @param terminating: whether the section terminates TLS; C{None} if
+            that is unknown because its C{tls} key is bad (already reported).
+        """
+        cert = keys.optional("cert", self.resolve)
+        key = keys.optional("key", self.resolve)
+        given = "cert" if keys.has("cert") else "key" if keys.has("key") else None
+        if given is None or terminating is None:
+            return None
+        if not terminating:
+            keys.error(
+                given,
+                "cert and key only apply to terminating routes "
+                "(tls = terminate or terminate-and-reencrypt)",
+            )
+            return None
+        if not (keys.has("cert") and keys.has("key")):
+            missing = "key" if given == "cert" else "cert"
+            keys.error(given, f"{missing} is missing: give both cert and key, or neither")
+            return None
+        if cert is None or key is None:
+            return None
+        pair = CertificatePair(cert, key)
+        if pair not in self.checked:
+            self.checked[pair] = checkCertificatePair(pair)
+        problem = self.checked[pair]
+        if problem is not None:
+            keys.error("cert", problem)
+            return None
+        return pair
+
+    def checkBinds(self, routes: Sequence[tuple[RouteConfig, _Keys]], defaults: Defaults) -> None:
+        """
+        Routes that share a port must listen on the same addresses: a port
+        has one listener per address, and it serves every route on it.
+        """
+        binds = [set(route.bind or defaults.bind) for route, _ in routes]
+        owners: dict[int, int] = {}
+        clashes: dict[tuple[int, int], list[int]] = {}
+        for index, (route, _) in enumerate(routes):
+            for port in route.ports:
+                owner = owners.setdefault(port, index)
+                if binds[owner] != binds[index]:
+                    clashes.setdefault((owner, index), []).append(port)
+        for (owner, index), ports in clashes.items():
+            (first, firstKeys), (second, secondKeys) = routes[owner], routes[index]
+            what = f"port {ports[0]} is" if len(ports) == 1 else f"ports {_portList(ports)} are"
+            secondKeys.error(
+                "ports",
+                f"{what} bound to {', '.join(first.bind or defaults.bind)} by "
+                f"[route:{first.name}] ({firstKeys.source('ports')}) and to "
+                f"{', '.join(second.bind or defaults.bind)} by [route:{second.name}]",
+            )
+
+
+def parseConfig(text: str, path: str) -> RouterConfig:
+    """
+    Parse INI text read from C{path}; relative paths in it are relative to
+    C{path}'s directory. Raises L{ConfigErrors} with every error found.
+    """
+    errors = ErrorCollector()
+    sections = readIni(text, path, errors)
+    config = _Loader(path, errors).load(sections)
+    errors.raiseIfAny()
+    return config
+
+
+def loadConfig(path: str) -> RouterConfig:
+    """Read and parse the configuration file at C{path} (see L{parseConfig})."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigErrors(
+            [ConfigError(f"cannot read the configuration file: {e.strerror}", Source(path, 0))]
+        ) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigErrors(
+            [ConfigError(f"not UTF-8 text: {e.reason} at byte {e.start}", Source(path, line))]
+        ) from None
+    return parseConfig(text, path)

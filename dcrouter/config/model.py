@@ -1,0 +1,166 @@
+"""
+The typed, frozen configuration model.
+
+The INI loader (L{dcrouter.config.ini}) is one front end of this model;
+embedding code and tests build it directly from Python::
+
+    RouterConfig(routes=(RouteConfig(name="web", ports=(8080,),
+                                      action="static",
+                                      options={"body": "hello"}),))
+
+Everything here is immutable: a reload builds a new graph and swaps it.
+Action plugins' own keys stay raw in L{RouteConfig.options}; the plugin
+parses them one floor up (see L{dcrouter.config.options}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network
+from typing import Literal, Optional, Union
+
+from attrs import field, frozen
+
+IPNetwork = Union[IPv4Network, IPv6Network]
+TlsMode = Literal["passthrough", "terminate", "terminate-and-reencrypt"]
+TLS_MODES: tuple[str, ...] = ("passthrough", "terminate", "terminate-and-reencrypt")
+LogFormat = Literal["text", "json"]
+
+
+@frozen
+class Source:
+    """Where a setting came from, so that an error can name file and line."""
+
+    file: str = "<python>"
+    line: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+PYTHON = Source()
+
+
+@frozen
+class RawValue:
+    """An option value as written, with its origin."""
+
+    text: str
+    source: Source = PYTHON
+
+
+def _rawOptions(value: Mapping[str, Union[str, RawValue]]) -> Mapping[str, RawValue]:
+    return {
+        key: item if isinstance(item, RawValue) else RawValue(str(item))
+        for key, item in value.items()
+    }
+
+
+@frozen
+class HostPort:
+    """A target address: a host name or IP literal and a TCP port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@frozen
+class CertificatePair:
+    """PEM paths of a certificate (with its chain) and its private key."""
+
+    cert: str
+    key: str
+
+
+@frozen
+class Limits:
+    """
+    The security gate's settings, globally (from C{[defaults]}) or per route.
+
+    C{None} means no limit.
+    """
+
+    ip_allow: tuple[IPNetwork, ...] = ()
+    ip_block: tuple[IPNetwork, ...] = ()
+    max_connections: Optional[int] = None
+    max_connections_per_ip: Optional[int] = None
+    connection_rate_per_minute: Optional[int] = None
+
+
+@frozen
+class DaemonSettings:
+    """C{[dcrouter]}: process-wide settings."""
+
+    state_dir: str = "state"
+    log_format: LogFormat = "text"
+    hello_timeout: float = 10.0
+    drain_timeout: float = 30.0
+
+
+@frozen
+class Defaults:
+    """C{[defaults]}: values every route inherits unless it sets its own."""
+
+    target: Optional[HostPort] = None
+    bind: tuple[str, ...] = ("0.0.0.0",)
+    limits: Limits = Limits()
+    connect_timeout: float = 10.0
+    idle_timeout: float = 600.0
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+
+
+@frozen
+class TlsSettings:
+    """
+    C{[tls]}: the default certificate and protocol floor.
+
+    Without C{cert}/C{key} a self-signed certificate is created in the state
+    directory on first start.
+    """
+
+    cert: Optional[CertificatePair] = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    ciphers: Optional[str] = None
+
+
+@frozen
+class RouteConfig:
+    """
+    C{[route:NAME]}: one route.
+
+    @ivar ports: every port the route listens on, ranges expanded.
+    @ivar bind: listening addresses; empty means C{[defaults] bind}.
+    @ivar domains: lower-case names without trailing dot, exact or
+        C{*.suffix}; empty matches any name (and no name).
+    @ivar tls: C{None} for plain TCP.
+    @ivar options: the action plugin's own keys, unparsed.
+    """
+
+    name: str
+    ports: tuple[int, ...]
+    action: str = "forward"
+    bind: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+    client_ip: tuple[IPNetwork, ...] = ()
+    priority: int = 0
+    tls: Optional[TlsMode] = None
+    cert: Optional[CertificatePair] = None
+    limits: Limits = Limits()
+    options: Mapping[str, RawValue] = field(factory=dict, converter=_rawOptions)
+    source: Source = PYTHON
+
+
+@frozen
+class RouterConfig:
+    """The whole configuration of one dcrouter process."""
+
+    routes: tuple[RouteConfig, ...] = ()
+    daemon: DaemonSettings = DaemonSettings()
+    defaults: Defaults = Defaults()
+    tls: TlsSettings = TlsSettings()
+    path: Optional[str] = None

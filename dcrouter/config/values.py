@@ -1,0 +1,207 @@
+"""
+Parsers for single configuration values.
+
+Each takes the text as written and returns a typed value, or raises
+L{ValueError} with a message that reads well after C{"key: "}.
+"""
+
+from __future__ import annotations
+
+import re
+from ipaddress import ip_address, ip_network
+from typing import Optional
+
+import idna
+
+from dcrouter.config.model import HostPort, IPNetwork
+
+_MAX_LISTENERS_PER_ROUTE = 1024
+_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_TRUE = {"yes", "true", "on", "1"}
+_FALSE = {"no", "false", "off", "0"}
+
+
+def splitList(text: str) -> list[str]:
+    """Split a comma- or newline-separated list, dropping empty items."""
+    return [item.strip() for item in re.split(r"[,\n]", text) if item.strip()]
+
+
+def parsePort(text: str) -> int:
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{text!r} is not a port (1-65535)")
+    return int(text)
+
+
+def parsePorts(text: str) -> tuple[int, ...]:
+    """C{80, 443, 8000-8010} -> every port, in order, without repeats."""
+    ports: list[int] = []
+    items = splitList(text)
+    if not items:
+        raise ValueError("no port given")
+    for item in items:
+        low, dash, high = item.partition("-")
+        try:
+            first = parsePort(low)
+            last = parsePort(high) if dash else first
+        except ValueError:
+            raise ValueError(f"{item!r} is not a port or range") from None
+        if last < first:
+            raise ValueError(f"range {item!r} runs backwards")
+        ports.extend(range(first, last + 1))
+    unique = tuple(dict.fromkeys(ports))
+    if len(unique) > _MAX_LISTENERS_PER_ROUTE:
+        raise ValueError(
+            f"{len(unique)} ports is more than {_MAX_LISTENERS_PER_ROUTE} listeners"
+        )
+    return unique
+
+
+def parseNetwork(text: str) -> IPNetwork:
+    """An address or CIDR block; host bits may be set (C{10.1.2.3/8})."""
+    try:
+        return ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{text.strip()!r} is not an IP address or CIDR block") from None
+
+
+def parseNetworks(text: str) -> tuple[IPNetwork, ...]:
+    return tuple(parseNetwork(item) for item in splitList(text))
+
+
+def normalizeDomain(name: str) -> str:
+    """
+    Lower-case, no trailing dot; IDNA names become their A-label form.
+
+    Non-ASCII labels are encoded one by one with IDNA 2008 and UTS #46
+    mapping, as browsers send them in SNI (C{straße} is C{xn--strae-oqa},
+    not IDNA 2003's C{strasse}); ASCII labels such as C{*} and C{_dmarc}
+    pass unchanged. A label that cannot be encoded is kept as written, so
+    that the caller's check rejects it.
+    """
+    labels = name.strip().rstrip(".").lower().split(".")
+    return ".".join(_aLabel(label) for label in labels)
+
+
+def _aLabel(label: str) -> str:
+    if label.isascii():
+        return label
+    try:
+        return idna.encode(label, uts46=True).decode("ascii")
+    except idna.IDNAError:
+        return label
+
+
+def parseDomain(text: str) -> str:
+    """An exact name or a C{*.suffix} wildcard."""
+    name = normalizeDomain(text)
+    labels = name.split(".")
+    if labels[0] == "*":
+        labels = labels[1:]
+        if not labels:
+            raise ValueError(f"{text.strip()!r} is a wildcard without a suffix")
+    if not labels or not all(_LABEL.match(label) for label in labels):
+        raise ValueError(f"{text.strip()!r} is not a domain name or *.wildcard")
+    if len(name) > 253:
+        raise ValueError(f"{text.strip()[:40]!r}... is longer than 253 characters")
+    return name
+
+
+def parseDomains(text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(parseDomain(item) for item in splitList(text)))
+
+
+def parseHostPort(text: str, defaultPort: Optional[int] = None) -> HostPort:
+    """C{host:port}, C{[v6]:port}, or a bare host when a default port is given."""
+    text = text.strip()
+    match = re.match(r"^\[([0-9a-fA-F:.]+)\](?::(\d+))?$", text)
+    if match:
+        host, port = match.group(1), match.group(2)
+        try:
+            ip_address(host)
+        except ValueError:
+            raise ValueError(f"{text!r} has a bad IPv6 address") from None
+    else:
+        host, colon, port = text.rpartition(":")
+        if not colon:
+            host, port = text, None
+        if ":" in host:
+            raise ValueError(f"{text!r}: write IPv6 targets as [address]:port")
+        if host and not _isHostName(normalizeDomain(host)):
+            raise ValueError(f"{text!r}: {host!r} is not a host name or IP address")
+        host = normalizeDomain(host)
+    if port is None:
+        if defaultPort is None:
+            raise ValueError(f"{text!r} has no port (write host:port)")
+        portNumber = defaultPort
+    else:
+        portNumber = parsePort(port)
+    if not host:
+        raise ValueError(f"{text!r} has no host")
+    return HostPort(host.lower(), portNumber)
+
+
+def parseHostPorts(text: str) -> tuple[HostPort, ...]:
+    items = splitList(text)
+    if not items:
+        raise ValueError("no target given")
+    return tuple(parseHostPort(item) for item in items)
+
+
+def _isHostName(host: str) -> bool:
+    """A normalized DNS name (see L{normalizeDomain}) or an IPv4 literal."""
+    return len(host) <= 253 and all(_LABEL.match(label) for label in host.split("."))
+
+
+def parseBindAddress(text: str) -> str:
+    """A listening address: an IP literal (C{0.0.0.0}, C{::}, C{127.0.0.1})."""
+    text = text.strip().strip("[]")
+    try:
+        return str(ip_address(text))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address to listen on") from None
+
+
+def parseBindAddresses(text: str) -> tuple[str, ...]:
+    items = splitList(text)
+    if not items:
+        raise ValueError("no address given")
+    return tuple(dict.fromkeys(parseBindAddress(item) for item in items))
+
+
+def parseDuration(text: str) -> float:
+    """Seconds: C{30}, C{30s}, C{500ms}, C{10m}, C{1h}, C{5d}."""
+    match = _DURATION.match(text.strip().lower())
+    if not match:
+        raise ValueError(f"{text.strip()!r} is not a duration (e.g. 30s, 500ms, 10m)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parseBool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"{text.strip()!r} is not yes or no")
+
+
+def parseInt(text: str, minimum: int = 0, maximum: Optional[int] = None) -> int:
+    text = text.strip()
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{value} is out of range ({bound})")
+    return value
+
+
+def parseChoice(text: str, choices: tuple[str, ...]) -> str:
+    word = text.strip().lower()
+    if word not in choices:
+        raise ValueError(f"{text.strip()!r} is not one of {', '.join(choices)}")
+    return word

@@ -1,0 +1,864 @@
+"""
+Tests for the INI front end (L{dcrouter.config.ini}) and the certificate
+check (L{dcrouter.config.certcheck}).
+
+Every error test asserts the whole C{file:line: [section] key:} prefix, so
+that an operator is sent to the right place.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import textwrap
+from collections.abc import Callable
+from ipaddress import ip_network
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dcrouter.config import (
+    CertificatePair,
+    ConfigError,
+    ConfigErrors,
+    DaemonSettings,
+    Defaults,
+    HostPort,
+    Limits,
+    RawValue,
+    RouteConfig,
+    RouterConfig,
+    Source,
+    TlsSettings,
+    loadConfig,
+    parseConfig,
+)
+from dcrouter.config.certcheck import checkCertificatePair
+from dcrouter.config.errors import ErrorCollector
+from dcrouter.config.ini import IniValue, readIni
+
+Write = Callable[..., str]
+
+ROUTE = "[route:web]\nports = 80\n"
+NOT_DURATION = "is not a duration (e.g. 30s, 500ms, 10m)"
+
+
+# Certificates
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: str,
+    issuerKey: ec.EllipticCurvePrivateKey,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(issuer))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .sign(issuerKey, hashes.SHA256())
+    )
+
+
+def _pem(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def _keyPem(key: ec.EllipticCurvePrivateKey, password: bytes = b"") -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password)
+        if password
+        else serialization.NoEncryption()
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+class Pairs:
+    """PEM files in a temporary directory, good and bad."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        caKey = ec.generate_private_key(ec.SECP256R1())
+        leafKey = ec.generate_private_key(ec.SECP256R1())
+        otherKey = ec.generate_private_key(ec.SECP256R1())
+        ca = _certificate("Test CA", caKey, "Test CA", caKey)
+        leaf = _certificate("web.example", leafKey, "Test CA", caKey)
+        self.cert = self.write("web.crt", _pem(leaf))
+        self.key = self.write("web.key", _keyPem(leafKey))
+        self.otherKey = self.write("other.key", _keyPem(otherKey))
+        self.chain = self.write("chain.crt", _pem(leaf) + _pem(ca))
+        self.reversedChain = self.write("reversed.crt", _pem(ca) + _pem(leaf))
+        self.combined = self.write("combined.pem", _pem(leaf) + _keyPem(leafKey))
+        self.encryptedKey = self.write(
+            "encrypted.key", _keyPem(leafKey, password=b"secret")
+        )
+        self.garbage = self.write(
+            "garbage.crt",
+            b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+        )
+        self.text = self.write("text.pem", b"hello\n")
+
+    def write(self, name: str, data: bytes) -> str:
+        path = self.directory / name
+        path.write_bytes(data)
+        return str(path)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Pairs:
+    return Pairs(tmp_path_factory.mktemp("pem"))
+
+
+@pytest.fixture
+def write(tmp_path: Path) -> Write:
+    """Write a config file (dedented) into tmp_path and return its path."""
+
+    def write(text: str, name: str = "dcrouter.ini") -> str:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return str(path)
+
+    return write
+
+
+def inSection(section: str, body: str) -> str:
+    """C{body} in C{[section]}, at line 4, in an otherwise valid file."""
+    ports = "ports = 82\n" if section.startswith("route:") else ""
+    return f"[route:other]\nports = 81\n[{section}]\n{body}{ports}"
+
+
+def errorsOf(path: str) -> list[str]:
+    with pytest.raises(ConfigErrors) as caught:
+        loadConfig(path)
+    return [str(error) for error in caught.value.errors]
+
+
+def oneError(path: str) -> str:
+    errors = errorsOf(path)
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+class TestCertificateCheck:
+    def test_matchingPair(self, pairs: Pairs) -> None:
+        assert checkCertificatePair(CertificatePair(pairs.cert, pairs.key)) is None
+
+    def test_chainLeafFirst(self, pairs: Pairs) -> None:
+        assert checkCertificatePair(CertificatePair(pairs.chain, pairs.key)) is None
+
+    def test_chainLeafNotFirst(self, pairs: Pairs) -> None:
+        assert checkCertificatePair(CertificatePair(pairs.reversedChain, pairs.key)) == (
+            f"the key in {pairs.key} does not match the certificate in {pairs.reversedChain}"
+        )
+
+    def test_mismatch(self, pairs: Pairs) -> None:
+        assert checkCertificatePair(CertificatePair(pairs.cert, pairs.otherKey)) == (
+            f"the key in {pairs.otherKey} does not match the certificate in {pairs.cert}"
+        )
+
+    def test_keyAndCertificateInOneFile(self, pairs: Pairs) -> None:
+        pair = CertificatePair(pairs.combined, pairs.combined)
+        assert checkCertificatePair(pair) is None
+
+    def test_missingCertificate(self, pairs: Pairs) -> None:
+        missing = os.path.join(pairs.directory, "missing.crt")
+        assert checkCertificatePair(CertificatePair(missing, pairs.key)) == (
+            f"cannot read certificate file {missing}: No such file or directory"
+        )
+
+    def test_missingKey(self, pairs: Pairs) -> None:
+        missing = os.path.join(pairs.directory, "missing.key")
+        assert checkCertificatePair(CertificatePair(pairs.cert, missing)) == (
+            f"cannot read key file {missing}: No such file or directory"
+        )
+
+    def test_directory(self, pairs: Pairs) -> None:
+        problem = checkCertificatePair(CertificatePair(str(pairs.directory), pairs.key))
+        assert problem == f"cannot read certificate file {pairs.directory}: Is a directory"
+
+    def test_notPem(self, pairs: Pairs) -> None:
+        assert checkCertificatePair(CertificatePair(pairs.text, pairs.key)) == (
+            f"certificate file {pairs.text} holds no PEM certificate"
+        )
+        assert checkCertificatePair(CertificatePair(pairs.cert, pairs.text)) == (
+            f"key file {pairs.text} holds no PEM private key"
+        )
+
+    def test_badCertificate(self, pairs: Pairs) -> None:
+        problem = checkCertificatePair(CertificatePair(pairs.garbage, pairs.key))
+        assert problem is not None
+        assert problem.startswith(f"certificate 1 in {pairs.garbage} is not a valid certificate")
+
+    def test_encryptedKey(self, pairs: Pairs) -> None:
+        assert checkCertificatePair(CertificatePair(pairs.cert, pairs.encryptedKey)) == (
+            f"the private key in {pairs.encryptedKey} is encrypted; "
+            "dcrouter needs it unencrypted"
+        )
+
+    def test_tooLarge(self, pairs: Pairs) -> None:
+        big = pairs.write("big.crt", b"x" * (1024 * 1024 + 1))
+        assert checkCertificatePair(CertificatePair(big, pairs.key)) == (
+            f"certificate file {big} is larger than 1 MiB; is it really PEM?"
+        )
+
+
+class TestReader:
+    """The INI grammar, and the errors of lines that do not fit it."""
+
+    def test_commentsBlankLinesAndContinuations(self) -> None:
+        errors = ErrorCollector()
+        sections = readIni(
+            textwrap.dedent(
+                """\
+                # a comment
+                ; another
+                [route:web]
+                   # an indented comment
+
+                ports = 80,
+                    443
+                  ; a comment between continuation lines
+                    8080
+                body =
+                    first line
+                    second line
+                note = a # b ; c
+                """
+            ),
+            "f.ini",
+            errors,
+        )
+        assert errors.errors == []
+        [section] = sections
+        assert section.name == "route:web"
+        assert section.source == Source("f.ini", 3)
+        assert {key: (value.text, value.source.line) for key, value in section.values.items()} == {
+            "ports": ("80,\n443\n8080", 6),
+            "body": ("first line\nsecond line", 10),
+            "note": ("a # b ; c", 13),
+        }
+
+    def test_lineNumbersAsInEditors(self) -> None:
+        errors = ErrorCollector()
+        [section] = readIni(
+            "[route:web]\r\nnote = a\x0cb\u2028c\r\nports = 80\r\n", "f.ini", errors
+        )
+        assert errors.errors == []
+        assert section.values["note"].text == "a\x0cb\u2028c"
+        assert section.values["ports"] == IniValue("80", Source("f.ini", 3))
+
+    def test_sectionNamesNormalized(self) -> None:
+        errors = ErrorCollector()
+        [section] = readIni("[ route : web ]\n", "f.ini", errors)
+        assert section.name == "route:web"
+
+    def test_keyBeforeSection(self, write: Write) -> None:
+        path = write("ports = 80\n" + ROUTE)
+        assert oneError(path) == (
+            f"{path}:1: ports: key outside any section; put a [section] header above it"
+        )
+
+    def test_notAKeyOrSection(self, write: Write) -> None:
+        path = write(ROUTE + "action: block\n    more\n")
+        assert oneError(path) == (
+            f"{path}:3: [route:web] not a [section] header, key = value line or comment: "
+            "'action: block'"
+        )
+
+    def test_unclosedHeader(self, write: Write) -> None:
+        path = write(ROUTE + "[tls\n")
+        assert oneError(path) == (
+            f"{path}:3: [route:web] not a [section] header, key = value line or comment: '[tls'"
+        )
+
+    def test_badKeyName(self, write: Write) -> None:
+        path = write(ROUTE + "Action = block\n")
+        assert oneError(path) == (
+            f"{path}:3: [route:web] 'Action' is not a key name: use lower-case letters, "
+            "digits and _"
+        )
+
+    def test_indentedLineWithoutKey(self, write: Write) -> None:
+        path = write("[route:web]\n  ports = 80\n")
+        assert errorsOf(path) == [
+            f"{path}:1: [route:web] ports: required key is missing",
+            f"{path}:2: [route:web] indented line, but no key above it to continue",
+        ]
+
+    def test_duplicateSection(self, write: Write) -> None:
+        path = write("[tls]\nmin_version = 1.3\n" + ROUTE + "[tls]\nmin_version = 1.2\n")
+        assert oneError(path) == f"{path}:5: [tls] duplicate section; the first is at {path}:1"
+
+    def test_duplicateRouteName(self, write: Write) -> None:
+        path = write(ROUTE + "[route: web ]\nports = 81\n")
+        assert oneError(path) == (
+            f"{path}:3: [route:web] duplicate section; the first is at {path}:1"
+        )
+
+    def test_duplicateKey(self, write: Write) -> None:
+        path = write(ROUTE + "ports = 81\n    82\n")
+        assert oneError(path) == (
+            f"{path}:3: [route:web] ports: duplicate key; the first is at {path}:2"
+        )
+
+    def test_firstOfDuplicatesCounts(self) -> None:
+        errors = ErrorCollector()
+        [section] = readIni(ROUTE + "ports = 81\n", "f.ini", errors)
+        assert section.values["ports"].text == "80"
+        assert len(errors.errors) == 1
+
+    def test_byteOrderMark(self, tmp_path: Path) -> None:
+        path = tmp_path / "bom.ini"
+        path.write_bytes(b"\xef\xbb\xbf" + ROUTE.encode())
+        assert loadConfig(str(path)).routes[0].ports == (80,)
+
+    @given(st.text(alphabet=st.sampled_from("[]=:#; \n\tabr-outeps1\x0c\u2028")))
+    def test_anyTextGivesConfigOrConfigErrors(self, text: str) -> None:
+        try:
+            parseConfig(text, "any.ini")
+        except ConfigErrors as e:
+            assert all(error.source.file == "any.ini" for error in e.errors)
+
+
+class TestFile:
+    def test_missing(self, tmp_path: Path) -> None:
+        path = str(tmp_path / "missing.ini")
+        assert oneError(path) == (
+            f"{path}:0: cannot read the configuration file: No such file or directory"
+        )
+
+    def test_directory(self, tmp_path: Path) -> None:
+        assert oneError(str(tmp_path)) == (
+            f"{tmp_path}:0: cannot read the configuration file: Is a directory"
+        )
+
+    def test_notUtf8(self, tmp_path: Path) -> None:
+        path = tmp_path / "latin1.ini"
+        path.write_bytes(b"[route:web]\nports = 80\nnote = caf\xe9\n")
+        assert oneError(str(path)) == (
+            f"{path}:3: not UTF-8 text: invalid continuation byte at byte 33"
+        )
+
+    def test_noRoutes(self, write: Write) -> None:
+        path = write("[dcrouter]\nlog_format = json\n")
+        assert oneError(path) == f"{path}:0: no [route:...] section: nothing to listen on"
+
+    def test_empty(self, write: Write) -> None:
+        path = write("")
+        assert oneError(path) == f"{path}:0: no [route:...] section: nothing to listen on"
+
+
+class TestSections:
+    def test_unknownSection(self, write: Write) -> None:
+        path = write(ROUTE + "[acme]\nenabled = yes\n")
+        assert oneError(path) == (
+            f"{path}:3: [acme] unknown section (known: [dcrouter], [defaults], [tls], "
+            "[route:NAME])"
+        )
+
+    def test_routeWithoutColon(self, write: Write) -> None:
+        path = write(ROUTE + "[route]\n")
+        assert oneError(path).startswith(f"{path}:3: [route] unknown section (known: ")
+
+    @pytest.mark.parametrize(
+        ("section", "keys"),
+        [
+            ("dcrouter", "state_dir, log_format, hello_timeout, drain_timeout"),
+            (
+                "defaults",
+                "target, bind, ip_allow, ip_block, max_connections, max_connections_per_ip, "
+                "connection_rate_per_minute, connect_timeout, idle_timeout, trusted_proxies",
+            ),
+            ("tls", "cert, key, min_version, ciphers"),
+        ],
+    )
+    def test_unknownKey(self, write: Write, section: str, keys: str) -> None:
+        path = write(inSection(section, "workers = 4\n"))
+        assert oneError(path) == f"{path}:4: [{section}] workers: unknown key (known: {keys})"
+
+    @pytest.mark.parametrize("name", ["", "bad name", "web/1", "wéb"])
+    def test_badRouteName(self, write: Write, name: str) -> None:
+        path = write(f"[route:{name}]\nports = 80\n")
+        assert oneError(path) == (
+            f"{path}:1: [route:{name}] bad route name {name!r}: use letters, digits, _ . and -"
+        )
+
+    def test_routeNameCharacters(self, write: Write) -> None:
+        path = write("[route:Web_1.example-a]\nports = 80\n")
+        assert loadConfig(path).routes[0].name == "Web_1.example-a"
+
+
+class TestValues:
+    """Each bad value is an error at its own line, naming section and key."""
+
+    @pytest.mark.parametrize(
+        ("ports", "message"),
+        [
+            ("eighty", "'eighty' is not a port or range"),
+            ("0", "'0' is not a port or range"),
+            ("70000", "'70000' is not a port or range"),
+            ("9000-8000", "range '9000-8000' runs backwards"),
+        ],
+    )
+    def test_badPorts(self, write: Write, ports: str, message: str) -> None:
+        path = write(f"[dcrouter]\n\n[route:web]\naction = block\nports = {ports}\n")
+        assert oneError(path) == f"{path}:5: [route:web] ports: {message}"
+
+    def test_portsRequired(self, write: Write) -> None:
+        path = write("# routes\n[route:web]\naction = block\n")
+        assert oneError(path) == f"{path}:2: [route:web] ports: required key is missing"
+
+    def test_emptyValue(self, write: Write) -> None:
+        path = write(ROUTE + "priority =\n")
+        assert oneError(path) == f"{path}:3: [route:web] priority: no value given"
+
+    @pytest.mark.parametrize("cidr", ["10.0.0.300/8", "10.0.0.0/33"])
+    @pytest.mark.parametrize(
+        ("section", "key"),
+        [
+            ("defaults", "ip_allow"),
+            ("defaults", "ip_block"),
+            ("defaults", "trusted_proxies"),
+            ("route:web", "ip_allow"),
+            ("route:web", "ip_block"),
+            ("route:web", "client_ip"),
+        ],
+    )
+    def test_badCidr(self, write: Write, cidr: str, section: str, key: str) -> None:
+        path = write(inSection(section, f"{key} = 192.0.2.0/24,\n    {cidr}\n"))
+        assert oneError(path) == (
+            f"{path}:4: [{section}] {key}: {cidr!r} is not an IP address or CIDR block"
+        )
+
+    @pytest.mark.parametrize(
+        "key", ["max_connections", "max_connections_per_ip", "connection_rate_per_minute"]
+    )
+    @pytest.mark.parametrize("section", ["defaults", "route:web"])
+    def test_limitsAtLeastOne(self, write: Write, section: str, key: str) -> None:
+        path = write(inSection(section, f"{key} = 0\n"))
+        assert oneError(path) == f"{path}:4: [{section}] {key}: 0 is out of range (>= 1)"
+
+    @pytest.mark.parametrize(
+        ("section", "key", "value", "message"),
+        [
+            ("dcrouter", "log_format", "xml", "'xml' is not one of text, json"),
+            ("dcrouter", "hello_timeout", "soon", f"'soon' {NOT_DURATION}"),
+            ("dcrouter", "hello_timeout", "0s", "'0s' is not longer than 0"),
+            ("dcrouter", "drain_timeout", "-1", f"'-1' {NOT_DURATION}"),
+            ("defaults", "connect_timeout", "0", "'0' is not longer than 0"),
+            ("defaults", "idle_timeout", "1 week", f"'1 week' {NOT_DURATION}"),
+            ("defaults", "target", "backend", "'backend' has no port (write host:port)"),
+            ("defaults", "bind", "localhost", "'localhost' is not an IP address to listen on"),
+            ("defaults", "max_connections", "many", "'many' is not a whole number"),
+            ("tls", "min_version", "1.1", "'1.1' is not one of 1.2, 1.3"),
+            ("route:web", "tls", "on", "'on' is not one of passthrough, terminate, "
+             "terminate-and-reencrypt"),
+            ("route:web", "priority", "high", "'high' is not a whole number"),
+            ("route:web", "priority", "2000000", "2000000 is out of range (-1000000..1000000)"),
+            ("route:web", "action", "a b", "'a b' is not a word (letters, digits, _ . -)"),
+            ("route:web", "bind", "::1/128", "'::1/128' is not an IP address to listen on"),
+            ("route:web", "domains", "a..b", "'a..b' is not a domain name or *.wildcard"),
+        ],
+    )
+    def test_badValue(self, write: Write, section: str, key: str, value: str, message: str) -> None:
+        path = write(inSection(section, f"{key} = {value}\n"))
+        assert oneError(path) == f"{path}:4: [{section}] {key}: {message}"
+
+    def test_priorityMayBeNegative(self, write: Write) -> None:
+        path = write(ROUTE + "priority = -10\n")
+        assert loadConfig(path).routes[0].priority == -10
+
+    def test_drainTimeoutMayBeZero(self, write: Write) -> None:
+        path = write(ROUTE + "[dcrouter]\ndrain_timeout = 0\n")
+        assert loadConfig(path).daemon.drain_timeout == 0.0
+
+    def test_ciphersContinued(self, write: Write) -> None:
+        path = write(ROUTE + "[tls]\nciphers = ECDHE+AESGCM:\n    ECDHE+CHACHA20\n")
+        assert loadConfig(path).tls.ciphers == "ECDHE+AESGCM: ECDHE+CHACHA20"
+
+
+class TestCertificates:
+    """C{cert}/C{key}: both or neither, only when terminating, and matching."""
+
+    def test_terminateWithoutCertificateUsesDefault(self, write: Write) -> None:
+        path = write(ROUTE + "tls = terminate\n")
+        config = loadConfig(path)
+        assert config.routes[0].cert is None
+        assert config.tls.cert is None
+
+    def test_routeCertificate(self, write: Write, pairs: Pairs) -> None:
+        path = write(
+            f"{ROUTE}tls = terminate-and-reencrypt\ncert = {pairs.chain}\nkey = {pairs.key}\n"
+        )
+        assert loadConfig(path).routes[0].cert == CertificatePair(pairs.chain, pairs.key)
+
+    def test_tlsSectionCertificate(self, write: Write, pairs: Pairs) -> None:
+        path = write(ROUTE + f"tls = terminate\n[tls]\ncert = {pairs.cert}\nkey = {pairs.key}\n")
+        assert loadConfig(path).tls.cert == CertificatePair(pairs.cert, pairs.key)
+
+    def test_relativeToConfigDirectory(
+        self, write: Write, pairs: Pairs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        (tmp_path / "certs").mkdir()
+        (tmp_path / "certs" / "web.crt").write_bytes(Path(pairs.cert).read_bytes())
+        (tmp_path / "certs" / "web.key").write_bytes(Path(pairs.key).read_bytes())
+        path = write(
+            f"{ROUTE}tls = terminate\ncert = certs/web.crt\nkey = ./certs/../certs/web.key\n"
+        )
+        monkeypatch.chdir(pairs.directory)
+        assert loadConfig(path).routes[0].cert == CertificatePair(
+            str(tmp_path / "certs" / "web.crt"), str(tmp_path / "certs" / "web.key")
+        )
+
+    def test_mismatch(self, write: Write, pairs: Pairs) -> None:
+        path = write(ROUTE + f"tls = terminate\ncert = {pairs.cert}\nkey = {pairs.otherKey}\n")
+        assert oneError(path) == (
+            f"{path}:4: [route:web] cert: the key in {pairs.otherKey} does not match the "
+            f"certificate in {pairs.cert}"
+        )
+
+    def test_missingFile(self, write: Write, pairs: Pairs, tmp_path: Path) -> None:
+        path = write(ROUTE + f"tls = terminate\nkey = {pairs.key}\ncert = nothere.crt\n")
+        assert oneError(path) == (
+            f"{path}:5: [route:web] cert: cannot read certificate file "
+            f"{tmp_path / 'nothere.crt'}: No such file or directory"
+        )
+
+    def test_badKeyReportedAtCertLine(self, write: Write, pairs: Pairs) -> None:
+        path = write(ROUTE + f"tls = terminate\ncert = {pairs.cert}\nkey = {pairs.text}\n")
+        assert oneError(path) == (
+            f"{path}:4: [route:web] cert: key file {pairs.text} holds no PEM private key"
+        )
+
+    def test_tlsSectionMismatch(self, write: Write, pairs: Pairs) -> None:
+        path = write(ROUTE + f"[tls]\ncert = {pairs.cert}\nkey = {pairs.otherKey}\n")
+        assert oneError(path) == (
+            f"{path}:4: [tls] cert: the key in {pairs.otherKey} does not match the "
+            f"certificate in {pairs.cert}"
+        )
+
+    def test_certWithoutKey(self, write: Write, pairs: Pairs) -> None:
+        path = write(ROUTE + f"tls = terminate\ncert = {pairs.cert}\n")
+        assert oneError(path) == (
+            f"{path}:4: [route:web] cert: key is missing: give both cert and key, or neither"
+        )
+
+    def test_keyWithoutCert(self, write: Write, pairs: Pairs) -> None:
+        path = write(f"{ROUTE}[tls]\nkey = {pairs.key}\n")
+        assert oneError(path) == (
+            f"{path}:4: [tls] key: cert is missing: give both cert and key, or neither"
+        )
+
+    @pytest.mark.parametrize("tls", ["tls = passthrough\n", ""])
+    def test_onlyForTerminatingRoutes(self, write: Write, pairs: Pairs, tls: str) -> None:
+        path = write(f"{ROUTE}cert = {pairs.cert}\nkey = {pairs.key}\n{tls}")
+        assert oneError(path) == (
+            f"{path}:3: [route:web] cert: cert and key only apply to terminating routes "
+            "(tls = terminate or terminate-and-reencrypt)"
+        )
+
+    def test_badTlsModeHidesFollowOnErrors(self, write: Write, pairs: Pairs) -> None:
+        path = write(f"{ROUTE}tls = yes\ncert = {pairs.cert}\ndomains = a.example\n")
+        assert errorsOf(path) == [
+            f"{path}:3: [route:web] tls: 'yes' is not one of passthrough, terminate, "
+            "terminate-and-reencrypt"
+        ]
+
+
+class TestCrossChecks:
+    def test_domainsNeedTls(self, write: Write) -> None:
+        path = write(ROUTE + "domains = a.example\n")
+        assert oneError(path) == (
+            f"{path}:3: [route:web] domains: domains need tls (routes are told apart by SNI); "
+            "routing plain connections by HTTP Host is not supported yet"
+        )
+
+    @pytest.mark.parametrize("tls", ["passthrough", "terminate"])
+    def test_domainsWithTls(self, write: Write, tls: str) -> None:
+        path = write(ROUTE + f"tls = {tls}\ndomains = A.example., *.b.example\n")
+        assert loadConfig(path).routes[0].domains == ("a.example", "*.b.example")
+
+    def test_bindConflict(self, write: Write) -> None:
+        path = write(
+            """\
+            [route:a]
+            ports = 443
+            tls = passthrough
+
+            [route:b]
+            bind = 127.0.0.1
+            ports = 443
+            tls = terminate
+            """
+        )
+        assert oneError(path) == (
+            f"{path}:7: [route:b] ports: port 443 is bound to 0.0.0.0 by [route:a] "
+            f"({path}:2) and to 127.0.0.1 by [route:b]"
+        )
+
+    def test_bindConflictWithDefaults(self, write: Write) -> None:
+        path = write(
+            """\
+            [defaults]
+            bind = ::, 0.0.0.0
+            [route:a]
+            ports = 8000-8003, 9000
+            bind = 127.0.0.1
+            [route:b]
+            ports = 8001-8002, 9000, 9999
+            """
+        )
+        assert oneError(path) == (
+            f"{path}:7: [route:b] ports: ports 8001-8002, 9000 are bound to 127.0.0.1 by "
+            f"[route:a] ({path}:4) and to ::, 0.0.0.0 by [route:b]"
+        )
+
+    def test_sameBindWrittenDifferently(self, write: Write) -> None:
+        path = write(
+            """\
+            [defaults]
+            bind = ::, 0.0.0.0
+            [route:a]
+            ports = 443
+            bind = 0.0.0.0, [::]
+            tls = passthrough
+            [route:b]
+            ports = 443
+            tls = terminate
+            """
+        )
+        assert [route.name for route in loadConfig(path).routes] == ["a", "b"]
+
+    def test_plainFallbackBesideTls(self, write: Write) -> None:
+        path = write(
+            """\
+            [route:tls]
+            ports = 443
+            tls = passthrough
+            domains = a.example
+            [route:plain]
+            ports = 443
+            """
+        )
+        assert [route.tls for route in loadConfig(path).routes] == ["passthrough", None]
+
+
+class TestCollected:
+    def test_allErrorsSortedByLine(self, write: Write, pairs: Pairs) -> None:
+        path = write(
+            f"""\
+            [route:b]
+            ports = 443
+            bind = 127.0.0.1
+            domains = b.example
+            tls = terminate
+            cert = {pairs.cert}
+            key = {pairs.otherKey}
+
+            [route:a]
+            ports = eighty
+            client_ip = 10.0.0.0/33
+            [dcrouter]
+            log_format = xml
+            [nope]
+            [route:c]
+            ports = 443
+            """
+        )
+        with pytest.raises(ConfigErrors) as caught:
+            loadConfig(path)
+        errors = caught.value.errors
+        assert [(e.source.line, e.section, e.key) for e in errors] == [
+            (6, "route:b", "cert"),
+            (10, "route:a", "ports"),
+            (11, "route:a", "client_ip"),
+            (13, "dcrouter", "log_format"),
+            (14, "nope", None),
+            (16, "route:c", "ports"),
+        ]
+        assert all(e.source.file == path for e in errors)
+        assert str(caught.value) == "\n".join(str(e) for e in errors)
+
+    def test_errorsAreConfigErrors(self, write: Write) -> None:
+        path = write(ROUTE + "priority = x\n")
+        with pytest.raises(ConfigErrors) as caught:
+            loadConfig(path)
+        assert caught.value.errors == [
+            ConfigError("'x' is not a whole number", Source(path, 3), "route:web", "priority")
+        ]
+
+
+class TestValidConfig:
+    def test_fullExample(self, write: Write, pairs: Pairs, tmp_path: Path) -> None:
+        path = write(
+            f"""\
+            # dcrouter test configuration
+            [dcrouter]
+            state_dir = var/state
+            log_format = json
+            hello_timeout = 5s
+            drain_timeout = 1m
+
+            [defaults]
+            target = backend.internal:8080
+            bind = 0.0.0.0, ::
+            ip_allow = 10.0.0.0/8, 192.0.2.0/24
+            ip_block = 10.6.6.0/24
+            max_connections = 1000
+            max_connections_per_ip = 20
+            connection_rate_per_minute = 600
+            connect_timeout = 3s
+            idle_timeout = 15m
+            trusted_proxies = 10.1.0.1
+
+            [tls]
+            cert = {pairs.chain}
+            key = {pairs.key}
+            min_version = 1.3
+            ciphers = ECDHE+AESGCM
+
+            ; HTTPS to the web servers, by name
+            [route:web]
+            ports = 443
+            domains = Web.Example., *.web.example
+            tls = terminate-and-reencrypt
+            priority = 10
+            client_ip = 192.0.2.0/24
+            max_connections = 100
+            target = [2001:db8::1]:8443,
+                     10.0.0.2:8443
+            balance = round-robin
+
+            [route:ssh]
+            ports = 2222, 2200-2201
+            bind = ::, 0.0.0.0
+            priority = -1
+            ip_block = 192.0.2.66
+            target = 10.0.0.3:22
+
+            [route:blocked]
+            ports = 443
+            action = block
+            """
+        )
+        directory = str(tmp_path)
+        expected = RouterConfig(
+            routes=(
+                RouteConfig(
+                    name="web",
+                    ports=(443,),
+                    domains=("web.example", "*.web.example"),
+                    tls="terminate-and-reencrypt",
+                    priority=10,
+                    client_ip=(ip_network("192.0.2.0/24"),),
+                    limits=Limits(max_connections=100),
+                    options={
+                        "target": RawValue("[2001:db8::1]:8443,\n10.0.0.2:8443", Source(path, 34)),
+                        "balance": RawValue("round-robin", Source(path, 36)),
+                    },
+                    source=Source(path, 27),
+                ),
+                RouteConfig(
+                    name="ssh",
+                    ports=(2222, 2200, 2201),
+                    bind=("::", "0.0.0.0"),
+                    priority=-1,
+                    limits=Limits(ip_block=(ip_network("192.0.2.66/32"),)),
+                    options={"target": RawValue("10.0.0.3:22", Source(path, 43))},
+                    source=Source(path, 38),
+                ),
+                RouteConfig(
+                    name="blocked", ports=(443,), action="block", source=Source(path, 45)
+                ),
+            ),
+            daemon=DaemonSettings(
+                state_dir=os.path.join(directory, "var", "state"),
+                log_format="json",
+                hello_timeout=5.0,
+                drain_timeout=60.0,
+            ),
+            defaults=Defaults(
+                target=HostPort("backend.internal", 8080),
+                bind=("0.0.0.0", "::"),
+                limits=Limits(
+                    ip_allow=(ip_network("10.0.0.0/8"), ip_network("192.0.2.0/24")),
+                    ip_block=(ip_network("10.6.6.0/24"),),
+                    max_connections=1000,
+                    max_connections_per_ip=20,
+                    connection_rate_per_minute=600,
+                ),
+                connect_timeout=3.0,
+                idle_timeout=900.0,
+                trusted_proxies=(ip_network("10.1.0.1/32"),),
+            ),
+            tls=TlsSettings(
+                cert=CertificatePair(pairs.chain, pairs.key),
+                min_version="1.3",
+                ciphers="ECDHE+AESGCM",
+            ),
+            path=path,
+        )
+        assert loadConfig(path) == expected
+
+    def test_minimal(self, write: Write, tmp_path: Path) -> None:
+        path = write(ROUTE)
+        assert loadConfig(path) == RouterConfig(
+            routes=(RouteConfig(name="web", ports=(80,), source=Source(path, 1)),),
+            daemon=DaemonSettings(state_dir=str(tmp_path / "state")),
+            path=path,
+        )
+
+    def test_stateDirRelativeToConfigDirectory(
+        self, write: Write, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        path = write(ROUTE + "[dcrouter]\nstate_dir = ../var/lib/dcrouter\n")
+        monkeypatch.chdir("/")
+        assert loadConfig(path).daemon.state_dir == str(tmp_path.parent / "var/lib/dcrouter")
+
+    def test_absoluteStateDir(self, write: Write) -> None:
+        path = write(ROUTE + "[dcrouter]\nstate_dir = /var/lib/dcrouter\n")
+        assert loadConfig(path).daemon.state_dir == "/var/lib/dcrouter"
+
+    def test_parseConfigWithoutFile(self) -> None:
+        config = parseConfig(ROUTE + "tls = terminate\n", "/etc/dcrouter/dcrouter.ini")
+        assert config.daemon.state_dir == "/etc/dcrouter/state"
+        assert config.path == "/etc/dcrouter/dcrouter.ini"
+        assert config.routes[0].tls == "terminate"
+
+    def test_relativePathKeptInMessages(
+        self, write: Write, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.chdir(tmp_path)
+        write(ROUTE)
+        assert loadConfig("dcrouter.ini").path == str(tmp_path / "dcrouter.ini")
+        write(ROUTE + "priority = x\n")
+        assert oneError("dcrouter.ini") == (
+            "dcrouter.ini:3: [route:web] priority: 'x' is not a whole number"
+        )
+
+    def test_modelNeedsNoFiles(self) -> None:
+        route = RouteConfig(
+            name="web",
+            ports=(443,),
+            tls="terminate",
+            cert=CertificatePair("/nonexistent.crt", "/nonexistent.key"),
+            options={"body": "hello"},
+        )
+        assert RouterConfig(routes=(route,)).routes[0].options == {"body": RawValue("hello")}
