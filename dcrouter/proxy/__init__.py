@@ -1,0 +1,1 @@
+"""Listeners, ClientHello parsing, the route table, the gate, TLS and byte forwarding."""
