@@ -1,0 +1,265 @@
+"""
+The PROXY protocol (HAProxy's), versions 1 and 2: reading and writing.
+
+Reading is for connections from trusted proxies only; the listener decides
+who is trusted. Twisted's own parsers (L{twisted.protocols.haproxy}) are used
+where they hold up, measured identical on Twisted 22.4 and 26:
+
+ - v2: the header body goes to C{V2Parser.parse} (version, command, LOCAL,
+   UNSPEC, address blocks, TLVs skipped). Its C{feed} is not used: it raises
+   on fewer than 16 bytes, so a header cannot arrive in pieces, and it waits
+   for the whole declared length (up to 64 KiB) before looking at the
+   signature. The framing here checks the signature byte by byte instead.
+   It accepts UNIX and DGRAM addresses, which are refused here (see
+   L{ProxyHeaderReader}), and gives IPv6 hosts uncompressed
+   (C{0:0:0:0:0:ffff:102:304}), which are rewritten in the form Twisted's
+   transports use.
+ - v1 is parsed here. C{V1Parser} refuses the bare C{PROXY UNKNOWN} line
+   that the spec allows; lets C{ValueError}/C{UnicodeDecodeError} escape on
+   a non-numeric port or a non-ASCII byte; accepts any text as an address
+   (C{TCP4 foo bar}, C{TCP4 ::1 ::2}), ports above 65535, trailing fields,
+   and a line over 107 bytes when its CRLF comes in the same segment.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Optional, Union
+
+from attrs import frozen
+from twisted.internet import address
+from twisted.internet.interfaces import IAddress
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v2parser import V2Parser
+
+from dcrouter.proxy.gate import IPAddress, clientIP
+
+V1_MAX_LENGTH = 107  # the longest v1 line the spec allows, CRLF included
+V1_PREFIX = b"PROXY "
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+_V2_FIXED = 16  # signature, version/command, family/protocol, length
+_V2_VERSION = 0x20
+_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+TwistedIPAddress = Union[address.IPv4Address, address.IPv6Address]
+
+_V1_FAMILIES: dict[bytes, tuple[int, type[TwistedIPAddress]]] = {
+    b"TCP4": (socket.AF_INET, address.IPv4Address),
+    b"TCP6": (socket.AF_INET6, address.IPv6Address),
+}
+
+
+class ProxyHeaderError(Exception):
+    """The bytes are not a valid PROXY header this router accepts."""
+
+
+@frozen
+class ProxyInfo:
+    """
+    What a PROXY header said.
+
+    @ivar header: the header as received, without its v1 CRLF (v2 TLVs are
+        in it, unparsed).
+    @ivar source: the client, or C{None} (v1 C{UNKNOWN}, v2 C{LOCAL} or
+        C{UNSPEC}): then the connection's real peer stands.
+    @ivar destination: the address the client connected to, or C{None}
+        whenever C{source} is.
+    """
+
+    header: bytes
+    source: Optional[TwistedIPAddress]
+    destination: Optional[TwistedIPAddress]
+
+
+def looksLikeProxyHeader(data: bytes) -> bool:
+    """
+    Could C{data}, the first bytes of a connection, be a PROXY header?
+
+    True when C{data} starts with C{"PROXY "} or the v2 signature, and also
+    when C{data} is shorter than these and is a prefix of one (C{b"PRO"},
+    C{b"\\r\\n"}): a header split across segments is still caught, at the
+    price of refusing a client whose whole first segment is such a prefix.
+    False for empty C{data}: there is nothing to judge yet.
+    """
+    first = data[:1]
+    if first == b"P":
+        return data[:6] == V1_PREFIX[: len(data)]
+    if first == b"\r":
+        return data[:12] == V2_SIGNATURE[: len(data)]
+    return False
+
+
+class ProxyHeaderReader:
+    """
+    Reads one PROXY header, v1 or v2 (told apart by the first byte), from
+    bytes arriving in any pieces.
+
+    Refused: anything that is not a header from its first bytes on (so a
+    non-PROXY client fails at once, not after 107 bytes), a v1 line longer
+    than 107 bytes, a v2 header with a bad version, command, family or
+    length, and v2 UNIX or DGRAM addresses: this router proxies TCP, a UNIX
+    path cannot pass the gate, and falling back to the real peer would give
+    the client the proxy's own address. A v2 header may be as long as its
+    16-bit length field says (64 KiB), since only trusted proxies send one.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> Optional[tuple[ProxyInfo, bytes]]:
+        """
+        Add C{data}; the header and the bytes after it once complete.
+
+        @return: C{None} while more bytes are needed; then C{(info, rest)},
+            C{rest} being the client's first payload (possibly empty).
+        @raise ProxyHeaderError: the bytes cannot be a valid header.
+        """
+        buffer = self._buffer
+        buffer += data
+        if buffer[:1] == b"P":
+            return self._readV1(buffer)
+        return self._readV2(buffer)
+
+    @staticmethod
+    def _readV1(buffer: bytearray) -> Optional[tuple[ProxyInfo, bytes]]:
+        if buffer[:6] != V1_PREFIX[: len(buffer)]:
+            raise ProxyHeaderError("not a PROXY header")
+        end = buffer.find(b"\r\n", 0, V1_MAX_LENGTH)
+        if end < 0:
+            if len(buffer) >= V1_MAX_LENGTH:
+                raise ProxyHeaderError(f"PROXY v1 line without CRLF in {V1_MAX_LENGTH} bytes")
+            return None
+        return _parseV1(bytes(buffer[:end])), bytes(buffer[end + 2 :])
+
+    @staticmethod
+    def _readV2(buffer: bytearray) -> Optional[tuple[ProxyInfo, bytes]]:
+        if buffer[:12] != V2_SIGNATURE[: len(buffer)]:
+            raise ProxyHeaderError("not a PROXY header")
+        if len(buffer) > 12 and buffer[12] & 0xF0 != _V2_VERSION:
+            raise ProxyHeaderError(f"PROXY v2 header with version byte {buffer[12]:#04x}")
+        if len(buffer) < _V2_FIXED:
+            return None
+        end = _V2_FIXED + int.from_bytes(buffer[14:16], "big")
+        if len(buffer) < end:
+            return None
+        header = bytes(buffer[:end])
+        try:
+            info = V2Parser.parse(header)
+        except InvalidProxyHeader as e:
+            raise ProxyHeaderError(f"bad PROXY v2 header ({type(e).__name__})") from None
+        source, destination = info.source, info.destination
+        if source is None or destination is None:
+            return ProxyInfo(header, None, None), bytes(buffer[end:])
+        if not (_isTCP(source) and _isTCP(destination)):
+            raise ProxyHeaderError(f"PROXY v2 address family not supported: {source!r}")
+        return ProxyInfo(header, _tidy(source), _tidy(destination)), bytes(buffer[end:])
+
+
+def _isTCP(addr: IAddress) -> bool:
+    return isinstance(addr, (address.IPv4Address, address.IPv6Address)) and addr.type == "TCP"
+
+
+def _tidy(addr: IAddress) -> TwistedIPAddress:
+    """An IPv6 address from C{V2Parser} with its host in canonical form."""
+    if isinstance(addr, address.IPv6Address):
+        host = socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, addr.host))
+        return address.IPv6Address("TCP", host, addr.port)
+    assert isinstance(addr, address.IPv4Address)
+    return addr
+
+
+def _parseV1(line: bytes) -> ProxyInfo:
+    """Parse a v1 line (CRLF removed) that starts with C{"PROXY "}."""
+    fields = line.split(b" ")
+    if fields[1:2] == [b"UNKNOWN"]:
+        return ProxyInfo(line, None, None)
+    if len(fields) != 6:
+        raise ProxyHeaderError(f"bad PROXY v1 line: {line!r}")
+    protocol, source, destination, sourcePort, destinationPort = fields[1:]
+    if protocol not in _V1_FAMILIES:
+        raise ProxyHeaderError(f"bad PROXY v1 protocol: {protocol!r}")
+    family, addressType = _V1_FAMILIES[protocol]
+    return ProxyInfo(
+        line,
+        addressType("TCP", _v1Host(family, source), _v1Port(sourcePort)),
+        addressType("TCP", _v1Host(family, destination), _v1Port(destinationPort)),
+    )
+
+
+def _v1Host(family: int, text: bytes) -> str:
+    """A v1 address of C{family}, checked and in canonical form."""
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, text.decode("ascii")))
+    except (UnicodeDecodeError, OSError):
+        raise ProxyHeaderError(f"bad PROXY v1 address: {text!r}") from None
+
+
+def _v1Port(text: bytes) -> int:
+    """A v1 port: 1 to 5 ASCII digits, at most 65535."""
+    if not (text.isdigit() and len(text) <= 5 and int(text) <= 65535):
+        raise ProxyHeaderError(f"bad PROXY v1 port: {text!r}")
+    return int(text)
+
+
+def _endpoints(
+    source: IAddress, destination: IAddress
+) -> Optional[tuple[IPAddress, int, IPAddress, int]]:
+    """Both IPs (v4-mapped unmapped, as the gate sees them) and ports, if both are IP."""
+    sourceIP, destinationIP = clientIP(source), clientIP(destination)
+    if sourceIP is None or destinationIP is None:
+        return None
+    assert isinstance(source, (address.IPv4Address, address.IPv6Address))
+    assert isinstance(destination, (address.IPv4Address, address.IPv6Address))
+    return sourceIP, source.port, destinationIP, destination.port
+
+
+def encodeV1(source: IAddress, destination: IAddress) -> bytes:
+    """
+    A v1 header for a connection from C{source} to C{destination}.
+
+    C{TCP4} when both are IPv4 (v4-mapped IPv6 counts as IPv4); C{TCP6}
+    when either is IPv6, the IPv4 one written C{::ffff:a.b.c.d}, so that the
+    client's address is never lost; C{UNKNOWN} when either is not IP.
+    """
+    ends = _endpoints(source, destination)
+    if ends is None:
+        return b"PROXY UNKNOWN\r\n"
+    sourceIP, sourcePort, destinationIP, destinationPort = ends
+    if sourceIP.version == destinationIP.version == 4:
+        line = f"PROXY TCP4 {sourceIP} {destinationIP} {sourcePort} {destinationPort}\r\n"
+    else:
+        line = (
+            f"PROXY TCP6 {_v6Text(sourceIP)} {_v6Text(destinationIP)}"
+            f" {sourcePort} {destinationPort}\r\n"
+        )
+    return line.encode("ascii")
+
+
+def encodeV2(source: IAddress, destination: IAddress) -> bytes:
+    """
+    A v2 header (PROXY command, STREAM) for a connection from C{source} to
+    C{destination}, without TLVs.
+
+    Families are chosen as in L{encodeV1}: INET, else INET6 with IPv4
+    v4-mapped; UNSPEC (the receiver keeps the real peer) when either is
+    not IP.
+    """
+    ends = _endpoints(source, destination)
+    if ends is None:
+        return V2_SIGNATURE + b"\x21\x00\x00\x00"
+    sourceIP, sourcePort, destinationIP, destinationPort = ends
+    if sourceIP.version == destinationIP.version == 4:
+        family, addresses = b"\x11", sourceIP.packed + destinationIP.packed
+    else:
+        family, addresses = b"\x21", _v6Packed(sourceIP) + _v6Packed(destinationIP)
+    body = addresses + struct.pack("!HH", sourcePort, destinationPort)
+    return V2_SIGNATURE + b"\x21" + family + struct.pack("!H", len(body)) + body
+
+
+def _v6Text(ip: IPAddress) -> str:
+    return str(ip) if ip.version == 6 else f"::ffff:{ip}"
+
+
+def _v6Packed(ip: IPAddress) -> bytes:
+    return ip.packed if ip.version == 6 else _V4_MAPPED_PREFIX + ip.packed
