@@ -1,0 +1,454 @@
+"""
+TLS contexts: the router's certificates and its connections to backends.
+
+Four things, each usable on Twisted 22.4 / pyOpenSSL 23 / cryptography 38
+(Debian bookworm) up to the latest releases:
+
+  - L{ensureSelfSigned}: the certificate used when C{[tls]} names none.
+  - L{ServerTLS}: one certificate (with its chain), key and protocol policy,
+    loaded once, for terminating TLS.
+  - L{wrapServer}: TLS over a client connection that is already open, whose
+    ClientHello the router has read to choose a route::
+
+        tls = wrapServer(serverTLS, appProtocol, clock=reactor)
+        tls.makeConnection(transport)   # appProtocol.connectionMade() runs
+        tls.dataReceived(helloBytes)    # every byte read so far, in order
+        # then deliver further dataReceived/connectionLost to tls
+
+  - L{clientTLS}: the creator for re-encrypting towards a backend, to be used
+    as C{twisted.internet.endpoints.wrapClientTLS(clientTLS(...), tcpEndpoint)}.
+
+Errors in files or settings raise L{TLSSetupError} when the object is built,
+never during a handshake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import inspect
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from ipaddress import ip_address
+from typing import Any, Optional
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
+    IOpenSSLServerConnectionCreator,
+    IProtocol,
+    IReactorTime,
+)
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import (
+    Certificate,
+    TLSVersion,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+from dcrouter.config.model import CertificatePair, TlsSettings
+
+__all__ = [
+    "DEFAULT_CIPHERS",
+    "SELF_SIGNED_DAYS",
+    "ServerTLS",
+    "TLSSetupError",
+    "clientTLS",
+    "ensureSelfSigned",
+    "wrapServer",
+]
+
+#: TLS 1.2 suites when C{[tls] ciphers} is unset: Mozilla's "intermediate"
+#: list less its DHE suites (no DH parameters are configured). TLS 1.3 suites
+#: are OpenSSL's defaults, all of them AEAD; a cipher string does not touch them.
+DEFAULT_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+#: How long a generated self-signed certificate is valid.
+SELF_SIGNED_DAYS = 365
+
+_MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+
+# Twisted after 22.4 batches small TLS writes on a timer and takes the clock for
+# it (BufferingTLSTransport); 22.4 has neither the parameter nor the timer.
+_FACTORY_TAKES_CLOCK = "clock" in inspect.signature(TLSMemoryBIOFactory.__init__).parameters
+
+
+class TLSSetupError(ValueError):
+    """A certificate, key, CA file or cipher string that cannot be used; names the file."""
+
+
+# -- self-signed certificate ---------------------------------------------------
+
+
+def ensureSelfSigned(stateDir: str, hostname: str = "localhost") -> CertificatePair:
+    """
+    Return C{<stateDir>/tls/selfsigned.pem} and C{.key}, creating them if needed.
+
+    They are (re)made when missing, unreadable, expired, not matching each
+    other, or not naming C{hostname}; otherwise reused as they are. The key is
+    EC P-256, mode 0600; both files are replaced atomically (temp file, fsync,
+    rename), the key first, under a lock so that concurrent processes agree.
+    Blocking file I/O: call it at start-up, not from the reactor's hot path.
+
+    @param hostname: an ASCII DNS name or an IP literal, added to the SANs
+        C{localhost}, C{127.0.0.1} and C{::1}.
+    """
+    directory = os.path.join(stateDir, "tls")
+    pair = CertificatePair(
+        cert=os.path.join(directory, "selfsigned.pem"),
+        key=os.path.join(directory, "selfsigned.key"),
+    )
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    lockFD = os.open(os.path.join(directory, ".selfsigned.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lockFD, fcntl.LOCK_EX)
+        if not _selfSignedUsable(pair, hostname):
+            keyPEM, certPEM = _makeSelfSigned(hostname)
+            _writeAtomically(pair.key, keyPEM, 0o600)
+            _writeAtomically(pair.cert, certPEM, 0o644)
+    finally:
+        os.close(lockFD)
+    return pair
+
+
+def _generalName(name: str) -> x509.GeneralName:
+    """A SAN entry for a DNS name or an IP literal."""
+    try:
+        return x509.IPAddress(ip_address(name))
+    except ValueError:
+        return x509.DNSName(name.lower())
+
+
+def _notAfter(cert: x509.Certificate) -> datetime:
+    """The certificate's expiry as an aware datetime (cryptography < 42 has no C{_utc})."""
+    utc: Optional[datetime] = getattr(cert, "not_valid_after_utc", None)
+    return utc or cert.not_valid_after.replace(tzinfo=UTC)
+
+
+def _publicKeyBytes(key: Any) -> bytes:
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def _selfSignedUsable(pair: CertificatePair, hostname: str) -> bool:
+    """Whether the files at C{pair} can be served as they are."""
+    try:
+        with open(pair.cert, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        with open(pair.key, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, TypeError, x509.ExtensionNotFound):
+        return False
+    return (
+        _notAfter(cert) > datetime.now(UTC)
+        and _publicKeyBytes(cert.public_key()) == _publicKeyBytes(key.public_key())
+        and _generalName(hostname) in names
+    )
+
+
+def _makeSelfSigned(hostname: str) -> tuple[bytes, bytes]:
+    """A new EC P-256 key and a self-signed server certificate, both PEM."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for name in ("localhost", "127.0.0.1", "::1", hostname):
+        entry = _generalName(name)
+        if entry not in names:
+            names.append(entry)
+    commonName = hostname if len(hostname) <= 64 else "dcrouter self-signed"
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=SELF_SIGNED_DAYS))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    keyPEM = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return keyPEM, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _writeAtomically(path: str, data: bytes, mode: int) -> None:
+    """Replace C{path} with C{data}: readers see the old file or the new one, whole."""
+    directory = os.path.dirname(path)
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    directoryFD = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directoryFD)
+    finally:
+        os.close(directoryFD)
+
+
+# -- terminating TLS -----------------------------------------------------------
+
+
+def _pemCertificates(path: str) -> list[bytes]:
+    """Every PEM certificate block in the file at C{path}, in order."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise TLSSetupError(f"{path}: {e.strerror}") from e
+    blocks = _PEM_CERTIFICATE.findall(data)
+    if not blocks:
+        raise TLSSetupError(f"{path}: no PEM certificate in it")
+    return blocks
+
+
+def _load(method: Callable[[Any], None], native: Any, wrap: Callable[[Any], Any]) -> None:
+    """
+    Give a cryptography object to a pyOpenSSL C{Context} method.
+
+    pyOpenSSL >= 24.3 takes cryptography's objects and deprecates its own
+    wrappers; pyOpenSSL 23 accepts only the wrappers.
+    """
+    try:
+        method(native)
+    except TypeError:
+        method(wrap(native))
+
+
+def _serverContext(
+    pair: CertificatePair, settings: TlsSettings, alpn: tuple[bytes, ...]
+) -> SSL.Context:
+    """Build the one C{SSL.Context} that every connection of a L{ServerTLS} shares."""
+    try:
+        minimum = _MIN_VERSIONS[settings.min_version]
+    except KeyError:
+        raise TLSSetupError(f"min_version {settings.min_version!r} is not 1.2 or 1.3") from None
+    try:
+        chain = [x509.load_pem_x509_certificate(block) for block in _pemCertificates(pair.cert)]
+    except ValueError as e:
+        raise TLSSetupError(f"{pair.cert}: {e}") from e
+    try:
+        with open(pair.key, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+    except OSError as e:
+        raise TLSSetupError(f"{pair.key}: {e.strerror}") from e
+    except (ValueError, TypeError) as e:  # TypeError: the key is encrypted
+        raise TLSSetupError(f"{pair.key}: {e}") from e
+    if _publicKeyBytes(key.public_key()) != _publicKeyBytes(chain[0].public_key()):
+        raise TLSSetupError(f"{pair.key} is not the key of {pair.cert}")
+
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(minimum)
+    # Session tickets and the server session cache stay on (OpenSSL's
+    # defaults); ECDH groups are chosen automatically by OpenSSL >= 1.1.0.
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    try:
+        _load(context.use_certificate, chain[0], crypto.X509.from_cryptography)
+        for intermediate in chain[1:]:
+            _load(context.add_extra_chain_cert, intermediate, crypto.X509.from_cryptography)
+        _load(context.use_privatekey, key, crypto.PKey.from_cryptography_key)
+        context.check_privatekey()
+    except SSL.Error as e:
+        raise TLSSetupError(f"{pair.cert}, {pair.key}: OpenSSL refuses them: {e}") from e
+    ciphers = settings.ciphers or DEFAULT_CIPHERS
+    try:
+        context.set_cipher_list(ciphers.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError) as e:
+        raise TLSSetupError(f"ciphers {ciphers!r} selects no usable cipher") from e
+    if alpn:
+
+        def selectProtocol(connection: SSL.Connection, offered: list[bytes]) -> Any:
+            for protocol in alpn:
+                if protocol in offered:
+                    return protocol
+            return SSL.NO_OVERLAPPING_PROTOCOLS
+
+        context.set_alpn_select_callback(selectProtocol)
+    return context
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
+class ServerTLS:
+    """
+    The server side of TLS termination for one certificate.
+
+    The chain file (leaf first, then intermediates, PEM) and the unencrypted
+    PEM key are read once, here; every connection shares one OpenSSL context.
+    Compression and renegotiation are off; the floor is C{settings.min_version}
+    and C{settings.ciphers} (or L{DEFAULT_CIPHERS}) selects the TLS 1.2 suites.
+    To serve a renewed certificate build a new L{ServerTLS}; connections
+    already open keep the old one.
+
+    @ivar pair: the certificate files this was built from.
+    @ivar alpn: protocols to select, in the server's order of preference; one
+        the client offers is chosen, and with no overlap (or none offered) the
+        handshake goes on without ALPN. Empty: no ALPN at all.
+    """
+
+    def __init__(
+        self, pair: CertificatePair, settings: TlsSettings, alpn: Sequence[bytes] = ()
+    ) -> None:
+        """
+        @param settings: C{min_version} and C{ciphers} are used; its C{cert}
+            is not, C{pair} is what is served.
+        @raise TLSSetupError: a file is missing or unusable, the key does not
+            match, or the cipher string selects nothing.
+        """
+        self.pair = pair
+        self.alpn = tuple(alpn)
+        self._context = _serverContext(pair, settings, self.alpn)
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """A new server-side connection for L{TLSMemoryBIOFactory}."""
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        return connection
+
+    def getContext(self) -> SSL.Context:
+        """The shared context, for Twisted APIs that take an L{IOpenSSLContextFactory}."""
+        return self._context
+
+
+class _OneProtocolFactory(Factory):
+    """Hands out the one protocol it was made with: the connection already exists."""
+
+    def __init__(self, protocol: IProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self._protocol
+
+
+def _wrapTLS(
+    creator: Any, isClient: bool, protocol: IProtocol, clock: Optional[IReactorTime]
+) -> TLSMemoryBIOProtocol:
+    """A TLS protocol over C{protocol}, not yet connected."""
+    extra = {"clock": clock} if clock is not None and _FACTORY_TAKES_CLOCK else {}
+    factory = TLSMemoryBIOFactory(creator, isClient, _OneProtocolFactory(protocol), **extra)
+    return factory.buildProtocol(None)
+
+
+def wrapServer(
+    serverTLS: ServerTLS, protocol: IProtocol, clock: Optional[IReactorTime] = None
+) -> TLSMemoryBIOProtocol:
+    """
+    Terminate TLS on an open connection, for C{protocol}.
+
+    Give the result C{makeConnection(transport)} (C{protocol} is connected to
+    it at once and may write; bytes wait for the handshake), then
+    C{dataReceived(...)} with every byte already read from the client
+    (its ClientHello), then route the transport's further C{dataReceived} and
+    C{connectionLost} to it. Once the handshake is done C{protocol}'s
+    transport has C{negotiatedProtocol}, C{getPeerCertificate()} and
+    C{getHandle()} (for SNI: C{getHandle().get_servername()}); a C{protocol}
+    that provides C{IHandshakeListener} is told of it.
+
+    @param clock: the reactor; Twisted after 22.4 uses it to batch small
+        writes (22.4 does not batch). Without it Twisted takes the global reactor.
+    """
+    return _wrapTLS(serverTLS, False, protocol, clock)
+
+
+# -- re-encrypting towards a backend --------------------------------------------
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedClientTLS:
+    """Client connections that send SNI and offer ALPN but accept any certificate."""
+
+    def __init__(self, serverName: str, alpn: tuple[bytes, ...]) -> None:
+        self._alpn = alpn
+        self._sni: Optional[bytes] = None
+        if not (isIPAddress(serverName) or isIPv6Address(serverName)):
+            self._sni = serverName.encode("idna")
+        self._context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        self._context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        self._context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+        self._context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        if self._sni is not None:
+            connection.set_tlsext_host_name(self._sni)
+        if self._alpn:
+            connection.set_alpn_protos(list(self._alpn))
+        return connection
+
+
+def clientTLS(
+    serverName: str,
+    caFile: Optional[str] = None,
+    verify: bool = True,
+    alpn: Sequence[bytes] = (),
+) -> IOpenSSLClientConnectionCreator:
+    """
+    How to speak TLS to a backend, for C{wrapClientTLS(creator, endpoint)}.
+
+    SNI carries C{serverName} unless it is an IP literal. With C{verify} the
+    backend's chain must lead to a certificate in C{caFile} (PEM, one or more;
+    C{None}: the system trust store) and name C{serverName} (a DNS name or an
+    IP address, checked by service_identity). C{verify=False} checks nothing:
+    the explicit opt-out for backends with certificates of their own making.
+    TLS 1.2 is the floor either way. The CA file is read here, once.
+
+    @param alpn: protocols to offer, in order of preference.
+    @raise TLSSetupError: C{caFile} is missing or holds no certificate.
+    """
+    if not verify:
+        return _UnverifiedClientTLS(serverName, tuple(alpn))
+    if caFile is None:
+        trustRoot = platformTrust()
+    else:
+        try:
+            authorities = [Certificate.loadPEM(block) for block in _pemCertificates(caFile)]
+        except crypto.Error as e:
+            raise TLSSetupError(f"{caFile}: {e}") from e
+        trustRoot = trustRootFromCertificates(authorities)
+    creator: IOpenSSLClientConnectionCreator = optionsForClientTLS(
+        serverName,
+        trustRoot,
+        acceptableProtocols=list(alpn) or None,
+        extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
+    )
+    return creator

@@ -1,0 +1,553 @@
+"""
+Tests for L{dcrouter.proxy.tls}: real OpenSSL handshakes between two
+TLSMemoryBIOProtocols joined in memory, certificates made here with
+cryptography (a root CA, an intermediate, leaves; another CA nobody trusts).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from ipaddress import ip_address
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.ssl import (
+    Certificate,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from dcrouter.config.model import CertificatePair, TlsSettings
+from dcrouter.proxy.tls import (
+    SELF_SIGNED_DAYS,
+    ServerTLS,
+    TLSSetupError,
+    _notAfter,
+    _wrapTLS,
+    clientTLS,
+    ensureSelfSigned,
+    wrapServer,
+)
+
+# -- certificates ----------------------------------------------------------------
+
+
+def makeKey() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def issue(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: str,
+    issuerKey: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool = False,
+    names: tuple[str, ...] = (),
+    notAfter: datetime | None = None,
+) -> x509.Certificate:
+    """A certificate for C{key}, signed by C{issuerKey}."""
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=2))
+        .not_valid_after(notAfter or now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if names:
+        entries: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                entries.append(x509.IPAddress(ip_address(name)))
+            except ValueError:
+                entries.append(x509.DNSName(name))
+        builder = builder.add_extension(x509.SubjectAlternativeName(entries), critical=False)
+    return builder.sign(issuerKey, hashes.SHA256())
+
+
+def pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def keyPEM(key: ec.EllipticCurvePrivateKey, password: bytes | None = None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password)
+        if password
+        else serialization.NoEncryption()
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+@dataclass
+class PKI:
+    root: str  # PEM file of the trusted root CA
+    otherRoot: str  # a CA that signed nothing the server presents
+    leaf: x509.Certificate
+    backend: CertificatePair  # leaf + intermediate, names backend.test and 127.0.0.1
+    selfSigned: CertificatePair  # names nothing a test asks for
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    directory = tmp_path_factory.mktemp("pki")
+
+    def write(name: str, data: bytes) -> str:
+        path = directory / name
+        path.write_bytes(data)
+        return str(path)
+
+    rootKey, intermediateKey, leafKey, otherKey, selfKey = (makeKey() for _ in range(5))
+    root = issue("Test Root", rootKey, "Test Root", rootKey, ca=True)
+    intermediate = issue("Test Intermediate", intermediateKey, "Test Root", rootKey, ca=True)
+    leaf = issue(
+        "backend.test",
+        leafKey,
+        "Test Intermediate",
+        intermediateKey,
+        names=("backend.test", "127.0.0.1"),
+    )
+    other = issue("Other Root", otherKey, "Other Root", otherKey, ca=True)
+    selfSigned = issue("nobody", selfKey, "nobody", selfKey, names=("nobody.invalid",))
+    return PKI(
+        root=write("root.pem", pem(root)),
+        otherRoot=write("other.pem", pem(other)),
+        leaf=leaf,
+        backend=CertificatePair(
+            cert=write("backend.pem", pem(leaf, intermediate)),
+            key=write("backend.key", keyPEM(leafKey)),
+        ),
+        selfSigned=CertificatePair(
+            cert=write("self.pem", pem(selfSigned)), key=write("self.key", keyPEM(selfKey))
+        ),
+    )
+
+
+# -- two TLS endpoints in memory ---------------------------------------------------
+
+
+@implementer(IHandshakeListener)
+class Peer(Protocol):
+    """An application protocol that records what happens to it."""
+
+    def __init__(self, greeting: bytes = b"") -> None:
+        self.greeting = greeting
+        self.received = b""
+        self.handshakeDone = False
+        self.lostReason: Failure | None = None
+
+    def connectionMade(self) -> None:
+        if self.greeting:
+            assert self.transport is not None
+            self.transport.write(self.greeting)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def handshakeCompleted(self) -> None:
+        self.handshakeDone = True
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lostReason = reason
+
+
+@dataclass
+class Wire:
+    """A client and a server TLS protocol, each on a StringTransport."""
+
+    clock: Clock
+    client: TLSMemoryBIOProtocol
+    clientTransport: StringTransport
+    server: TLSMemoryBIOProtocol
+    serverTransport: StringTransport
+
+    def pump(self) -> None:
+        """Move bytes both ways until both are quiet; then deliver any close."""
+        for _ in range(50):
+            self.clock.advance(0)  # Twisted after 22.4 batches writes until then
+            moved = False
+            for source, destination in (
+                (self.clientTransport, self.server),
+                (self.serverTransport, self.client),
+            ):
+                data = source.value()
+                if data:
+                    source.clear()
+                    destination.dataReceived(data)
+                    moved = True
+            if not moved:
+                break
+        if self.clientTransport.disconnecting or self.serverTransport.disconnecting:
+            for protocol in (self.client, self.server):
+                if protocol.connected:
+                    protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def wire(
+    serverTLS: Any, creator: Any, serverPeer: Peer, clientPeer: Peer, *, connect: bool = True
+) -> Wire:
+    """Join a server made with L{wrapServer} and a client made from C{creator}."""
+    clock = Clock()
+    w = Wire(
+        clock,
+        _wrapTLS(creator, True, clientPeer, clock),
+        StringTransport(),
+        wrapServer(serverTLS, serverPeer, clock=clock),
+        StringTransport(),
+    )
+    if connect:
+        w.client.makeConnection(w.clientTransport)
+        w.server.makeConnection(w.serverTransport)
+        w.pump()
+    return w
+
+
+def handshake(serverTLS: Any, creator: Any) -> tuple[Wire, Peer, Peer]:
+    """Connect a client that says C{ping} to a server that says C{pong}."""
+    serverPeer, clientPeer = Peer(b"pong"), Peer(b"ping")
+    return wire(serverTLS, creator, serverPeer, clientPeer), serverPeer, clientPeer
+
+
+def assertConnected(serverPeer: Peer, clientPeer: Peer) -> None:
+    assert clientPeer.handshakeDone and serverPeer.handshakeDone
+    assert (serverPeer.received, clientPeer.received) == (b"ping", b"pong")
+    assert clientPeer.lostReason is None and serverPeer.lostReason is None
+
+
+def trusting(path: str) -> Any:
+    """A Twisted client creator trusting the CA in C{path}, for server-side tests."""
+    with open(path, "rb") as f:
+        root = Certificate.loadPEM(f.read())
+    return optionsForClientTLS("backend.test", trustRootFromCertificates([root]))
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class RawClient:
+    """
+    A client limited to some TLS versions, verifying nothing.
+
+    (Twisted 22.4's C{lowerMaximumSecurityTo} also excludes the version named.)
+    """
+
+    def __init__(self, newest: int, oldest: int = SSL.TLS1_VERSION) -> None:
+        self.context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        self.context.set_min_proto_version(oldest)
+        self.context.set_max_proto_version(newest)
+        self.context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self.context, None)
+        connection.set_app_data(tlsProtocol)
+        return connection
+
+
+# -- ensureSelfSigned --------------------------------------------------------------
+
+
+def notBefore(cert: x509.Certificate) -> datetime:
+    utc: datetime | None = getattr(cert, "not_valid_before_utc", None)  # cryptography >= 42
+    return utc or cert.not_valid_before.replace(tzinfo=UTC)
+
+
+def sans(path: str) -> list[str]:
+    with open(path, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(name.value) for name in names]
+
+
+def test_selfSignedCreatedThenReused(tmp_path: Any) -> None:
+    pair = ensureSelfSigned(str(tmp_path / "state"), "router.example")
+    tlsDir = tmp_path / "state" / "tls"
+    assert pair == CertificatePair(str(tlsDir / "selfsigned.pem"), str(tlsDir / "selfsigned.key"))
+    assert stat.S_IMODE(os.stat(pair.key).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tlsDir).st_mode) == 0o700
+    assert sans(pair.cert) == ["localhost", "127.0.0.1", "::1", "router.example"]
+    with open(pair.cert, "rb") as f:
+        certBytes = f.read()
+    cert = x509.load_pem_x509_certificate(certBytes)
+    publicKey = cert.public_key()
+    assert isinstance(publicKey, ec.EllipticCurvePublicKey)
+    assert publicKey.curve.name == "secp256r1"
+    lifetime = _notAfter(cert) - notBefore(cert)
+    assert abs(lifetime - timedelta(days=SELF_SIGNED_DAYS)) < timedelta(days=1)
+    with open(pair.key, "rb") as f:
+        keyBytes = f.read()
+
+    assert ensureSelfSigned(str(tmp_path / "state"), "router.example") == pair
+    with open(pair.cert, "rb") as f1, open(pair.key, "rb") as f2:
+        assert (f1.read(), f2.read()) == (certBytes, keyBytes)
+    assert sorted(os.listdir(tlsDir)) == [".selfsigned.lock", "selfsigned.key", "selfsigned.pem"]
+
+
+def test_selfSignedIPHostname(tmp_path: Any) -> None:
+    pair = ensureSelfSigned(str(tmp_path), "192.0.2.7")
+    assert sans(pair.cert) == ["localhost", "127.0.0.1", "::1", "192.0.2.7"]
+    # Any name it already has will do: the certificate is reused.
+    assert ensureSelfSigned(str(tmp_path), "localhost") == pair
+    assert sans(pair.cert) == ["localhost", "127.0.0.1", "::1", "192.0.2.7"]
+
+
+def test_selfSignedRegeneratedWhenExpired(tmp_path: Any) -> None:
+    tlsDir = tmp_path / "tls"
+    tlsDir.mkdir(mode=0o700)
+    key = makeKey()
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+    expired = issue("localhost", key, "localhost", key, names=("localhost",), notAfter=yesterday)
+    (tlsDir / "selfsigned.pem").write_bytes(pem(expired))
+    (tlsDir / "selfsigned.key").write_bytes(keyPEM(key))
+
+    pair = ensureSelfSigned(str(tmp_path))
+    with open(pair.cert, "rb") as f:
+        fresh = x509.load_pem_x509_certificate(f.read())
+    assert fresh.serial_number != expired.serial_number
+    assert _notAfter(fresh) > datetime.now(UTC) + timedelta(days=300)
+    assert stat.S_IMODE(os.stat(pair.key).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("damage", ["new hostname", "key of another cert", "garbage"])
+def test_selfSignedRegeneratedWhenUnusable(tmp_path: Any, damage: str) -> None:
+    pair = ensureSelfSigned(str(tmp_path))
+    with open(pair.cert, "rb") as f:
+        before = f.read()
+    hostname = "localhost"
+    if damage == "new hostname":
+        hostname = "renamed.example"
+    elif damage == "key of another cert":
+        with open(pair.key, "wb") as f:
+            f.write(keyPEM(makeKey()))
+    else:
+        with open(pair.cert, "wb") as f:
+            f.write(b"not a certificate")
+    ensureSelfSigned(str(tmp_path), hostname)
+    with open(pair.cert, "rb") as f:
+        assert f.read() != before
+    # What was written is served as it is.
+    ServerTLS(pair, TlsSettings())
+
+
+# -- ServerTLS and wrapServer ------------------------------------------------------
+
+
+def test_serverPresentsChainAndDataFlows(pki: PKI) -> None:
+    """A client that trusts only the root verifies the leaf through the sent intermediate."""
+    serverTLS = ServerTLS(pki.backend, TlsSettings())
+    assert verifyObject(IOpenSSLServerConnectionCreator, serverTLS)
+    w, serverPeer, clientPeer = handshake(serverTLS, trusting(pki.root))
+    assertConnected(serverPeer, clientPeer)
+    assert w.client.getPeerCertificate().to_cryptography() == pki.leaf
+    assert len(w.client.getHandle().get_peer_cert_chain()) == 2
+    assert w.server.getHandle().get_servername() == b"backend.test"
+    assert w.client.getHandle().get_protocol_version_name() == "TLSv1.3"
+
+
+def test_handOffAfterClientHelloWasRead(pki: PKI) -> None:
+    """The router reads the ClientHello, then wraps the open transport and replays it."""
+    serverPeer, clientPeer = Peer(b"pong"), Peer(b"ping")
+    w = wire(
+        ServerTLS(pki.backend, TlsSettings()),
+        trusting(pki.root),
+        serverPeer,
+        clientPeer,
+        connect=False,
+    )
+    w.client.makeConnection(w.clientTransport)
+    hello = w.clientTransport.value()
+    w.clientTransport.clear()
+    assert hello[:1] == b"\x16"  # a TLS handshake record
+
+    w.server.makeConnection(w.serverTransport)
+    assert serverPeer.transport is w.server  # connected at once, before the handshake
+    assert w.serverTransport.value() == b""  # the server waits for the hello
+    w.server.dataReceived(hello[:7])  # as it arrived, in pieces
+    w.server.dataReceived(hello[7:])
+    w.pump()
+    assertConnected(serverPeer, clientPeer)
+
+
+def test_minimumVersion13RefusesTLS12Client(pki: PKI) -> None:
+    serverTLS = ServerTLS(pki.backend, TlsSettings(min_version="1.3"))
+    old = RawClient(SSL.TLS1_2_VERSION)
+    _, serverPeer, clientPeer = handshake(serverTLS, old)
+    assert not clientPeer.handshakeDone and not serverPeer.handshakeDone
+    assert clientPeer.lostReason is not None and clientPeer.lostReason.check(SSL.Error)
+    assert serverPeer.lostReason is not None and serverPeer.lostReason.check(SSL.Error)
+    assert serverPeer.received == b""
+
+    w, serverPeer, clientPeer = handshake(serverTLS, trusting(pki.root))
+    assertConnected(serverPeer, clientPeer)
+    assert w.server.getHandle().get_protocol_version_name() == "TLSv1.3"
+
+
+def test_minimumVersion12AcceptsTLS12Client(pki: PKI) -> None:
+    old = RawClient(SSL.TLS1_2_VERSION)
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), old)
+    assertConnected(serverPeer, clientPeer)
+    assert w.server.getHandle().get_protocol_version_name() == "TLSv1.2"
+
+
+def test_cipherString(pki: PKI) -> None:
+    settings = TlsSettings(ciphers="ECDHE-ECDSA-AES256-GCM-SHA384")
+    old = RawClient(SSL.TLS1_2_VERSION)
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, settings), old)
+    assertConnected(serverPeer, clientPeer)
+    assert w.server.getHandle().get_cipher_name() == "ECDHE-ECDSA-AES256-GCM-SHA384"
+
+
+@pytest.mark.parametrize(
+    ("serverALPN", "clientALPN", "chosen"),
+    [
+        ((b"http/1.1",), (b"h2", b"http/1.1"), b"http/1.1"),
+        ((b"h2", b"http/1.1"), (b"http/1.1", b"h2"), b"h2"),  # the server's preference
+        ((b"h2",), (b"smtp",), None),  # no overlap: no ALPN, still connected
+        ((b"h2",), (), None),
+        ((), (b"h2",), None),
+    ],
+)
+def test_alpn(
+    pki: PKI,
+    serverALPN: tuple[bytes, ...],
+    clientALPN: tuple[bytes, ...],
+    chosen: bytes | None,
+) -> None:
+    serverTLS = ServerTLS(pki.backend, TlsSettings(), alpn=serverALPN)
+    creator = clientTLS("backend.test", pki.root, alpn=clientALPN)
+    w, serverPeer, clientPeer = handshake(serverTLS, creator)
+    assertConnected(serverPeer, clientPeer)
+    assert w.server.negotiatedProtocol == chosen
+    assert w.client.negotiatedProtocol == chosen
+
+
+def test_setupErrors(pki: PKI, tmp_path: Any) -> None:
+    def refused(pair: CertificatePair, settings: TlsSettings = TlsSettings()) -> str:
+        with pytest.raises(TLSSetupError) as caught:
+            ServerTLS(pair, settings)
+        return str(caught.value)
+
+    missing = str(tmp_path / "missing.pem")
+    assert missing in refused(CertificatePair(missing, pki.backend.key))
+    assert missing in refused(CertificatePair(pki.backend.cert, missing))
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    assert str(garbage) in refused(CertificatePair(str(garbage), pki.backend.key))
+    assert "is not the key of" in refused(CertificatePair(pki.backend.cert, pki.selfSigned.key))
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(keyPEM(makeKey(), password=b"secret"))
+    assert str(encrypted) in refused(CertificatePair(pki.backend.cert, str(encrypted)))
+    assert "NO-SUCH-CIPHER" in refused(pki.backend, TlsSettings(ciphers="NO-SUCH-CIPHER"))
+    with pytest.raises(TLSSetupError, match=r"missing\.pem"):
+        clientTLS("backend.test", missing)
+    with pytest.raises(TLSSetupError, match="no PEM certificate"):
+        clientTLS("backend.test", pki.backend.key)
+
+
+# -- clientTLS ---------------------------------------------------------------------
+
+
+def test_clientVerifiesChainAndName(pki: PKI) -> None:
+    creator = clientTLS("backend.test", pki.root)
+    assert verifyObject(IOpenSSLClientConnectionCreator, creator)
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), creator)
+    assertConnected(serverPeer, clientPeer)
+    assert w.server.getHandle().get_servername() == b"backend.test"
+
+
+def test_clientVerifiesIPAddressWithoutSNI(pki: PKI) -> None:
+    creator = clientTLS("127.0.0.1", pki.root)
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), creator)
+    assertConnected(serverPeer, clientPeer)
+    assert w.server.getHandle().get_servername() is None
+
+
+@pytest.mark.parametrize("name", ["wrong.test", "10.0.0.1"])
+def test_clientRefusesWrongName(pki: PKI, name: str) -> None:
+    _, serverPeer, clientPeer = handshake(
+        ServerTLS(pki.backend, TlsSettings()), clientTLS(name, pki.root)
+    )
+    assert clientPeer.lostReason is not None and clientPeer.lostReason.check(VerificationError)
+    assert clientPeer.received == b"" and serverPeer.received == b""
+
+
+@pytest.mark.parametrize("ca", ["other", "system"])
+def test_clientRefusesUnknownCA(pki: PKI, ca: str) -> None:
+    creator = clientTLS("backend.test", pki.otherRoot if ca == "other" else None)
+    _, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), creator)
+    assert not clientPeer.handshakeDone
+    assert clientPeer.lostReason is not None and clientPeer.lostReason.check(SSL.Error)
+    assert "certificate verify failed" in str(clientPeer.lostReason.value)
+    assert serverPeer.received == b""
+
+
+def test_clientCanPinSelfSigned(tmp_path: Any) -> None:
+    """The generated certificate works as its own trust anchor, for any of its names."""
+    pair = ensureSelfSigned(str(tmp_path), "router.example")
+    for name in ("router.example", "localhost", "::1"):
+        _, serverPeer, clientPeer = handshake(
+            ServerTLS(pair, TlsSettings()), clientTLS(name, pair.cert)
+        )
+        assertConnected(serverPeer, clientPeer)
+
+
+@pytest.mark.parametrize(("name", "sni"), [("any.test", b"any.test"), ("127.0.0.1", None)])
+def test_clientWithoutVerification(pki: PKI, name: str, sni: bytes | None) -> None:
+    creator = clientTLS(name, None, verify=False, alpn=(b"h2",))
+    assert verifyObject(IOpenSSLClientConnectionCreator, creator)
+    serverTLS = ServerTLS(pki.selfSigned, TlsSettings(), alpn=(b"h2",))
+    w, serverPeer, clientPeer = handshake(serverTLS, creator)
+    assertConnected(serverPeer, clientPeer)
+    assert w.server.getHandle().get_servername() == sni
+    assert w.client.negotiatedProtocol == b"h2"
+
+
+def test_clientRefusesBelowTLS12(pki: PKI) -> None:
+    """Both client flavours refuse a server that speaks only TLS 1.1."""
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_1_VERSION)
+    context.set_max_proto_version(SSL.TLS1_1_VERSION)
+    context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    context.use_certificate_chain_file(pki.backend.cert)
+    context.use_privatekey_file(pki.backend.key)
+
+    @implementer(IOpenSSLServerConnectionCreator)
+    class OldServer:
+        def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+            connection = SSL.Connection(context, None)
+            connection.set_app_data(tlsProtocol)
+            return connection
+
+    w, _, clientPeer = handshake(OldServer(), RawClient(SSL.TLS1_1_VERSION))
+    if not clientPeer.handshakeDone:
+        pytest.skip("this OpenSSL cannot speak TLS 1.1 at all")
+    assert w.client.getHandle().get_protocol_version_name() == "TLSv1.1"
+
+    for creator in (clientTLS("backend.test", pki.root), clientTLS("x", verify=False)):
+        _, _, clientPeer = handshake(OldServer(), creator)
+        assert not clientPeer.handshakeDone
+        assert clientPeer.lostReason is not None and clientPeer.lostReason.check(SSL.Error)
