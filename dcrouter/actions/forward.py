@@ -1,0 +1,95 @@
+"""
+C{action = forward}: pass the connection on to a target, as bytes.
+
+With C{tls = passthrough} (or no TLS) the bytes are untouched; with
+C{terminate} the router has already decrypted them; with
+C{terminate-and-reencrypt} they are encrypted again towards the target, whose
+certificate is verified against C{backend_ca} (or the system's trust store)
+and C{backend_server_name} unless C{backend_verify = no} says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from attrs import frozen
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocol
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from dcrouter.config.model import HostPort
+from dcrouter.config.options import RouteOptions
+from dcrouter.config.values import parseChoice
+from dcrouter.interfaces import IRouteAction, IRoutedConnection
+from dcrouter.proxy.forward import ForwardOptions, ForwardProtocol, RoundRobin
+from dcrouter.proxy.tls import clientTLS
+
+_BACKEND_KEYS = ("backend_ca", "backend_verify", "backend_server_name")
+
+
+@frozen(eq=False)
+class ForwardRoute:
+    """A route's parsed options and its target pool."""
+
+    options: ForwardOptions
+    pool: RoundRobin
+
+
+def _upstreamCreators(options: RouteOptions, targets: tuple[HostPort, ...]) -> Optional[
+    dict[HostPort, IOpenSSLClientConnectionCreator]
+]:
+    """One TLS client creator per target, built once per configuration."""
+    reencrypt = options.route.tls == "terminate-and-reencrypt"
+    if not reencrypt:
+        for key in _BACKEND_KEYS:
+            if options.raw(key) is not None:
+                options.error(key, "only applies to tls = terminate-and-reencrypt")
+        return None
+    caFile = options.path("backend_ca")
+    if caFile is not None and not os.access(caFile, os.R_OK):
+        options.error("backend_ca", f"cannot read {caFile}")
+        caFile = None
+    verify = options.boolean("backend_verify", True)
+    serverName = options.text("backend_server_name", "")
+    creators = {}
+    for target in targets:
+        try:
+            creators[target] = clientTLS(serverName or target.host, caFile, verify=verify)
+        except Exception as e:
+            options.error("backend_ca", f"cannot use it: {e}")
+            return None
+    return creators
+
+
+@implementer(IPlugin, IRouteAction)
+class ForwardAction:
+    """Forward to a target (or a round-robin list of targets)."""
+
+    name = "forward"
+
+    def parseOptions(self, options: RouteOptions) -> Optional[ForwardRoute]:
+        defaults = options.defaults
+        targets = options.targets()
+        if not targets and "target" not in options.route.options:
+            options.error(None, "action 'forward' needs a target (or [defaults] target)")
+        connectTimeout = options.duration("connect_timeout", defaults.connect_timeout)
+        idleTimeout = options.duration("idle_timeout", defaults.idle_timeout)
+        proxyProtocol = options.get(
+            "proxy_protocol", lambda text: parseChoice(text, ("v1", "v2")), None
+        )
+        options.choice("balance", ("roundrobin",), "roundrobin")
+        creators = _upstreamCreators(options, targets)
+        if not targets:
+            return None
+        forwardOptions = ForwardOptions(
+            targets=targets,
+            connectTimeout=connectTimeout,
+            idleTimeout=idleTimeout,
+            proxyProtocol=proxyProtocol,
+            upstreamTLS=creators.__getitem__ if creators is not None else None,
+        )
+        return ForwardRoute(forwardOptions, RoundRobin(targets))
+
+    def buildProtocol(self, connection: IRoutedConnection, options: ForwardRoute) -> IProtocol:
+        return ForwardProtocol(connection, options.options, options.pool)

@@ -1,0 +1,82 @@
+"""
+The access log: one record per connection, written when it closes.
+
+Records are twisted.logger events in the C{dcrouter.access} namespace with
+every field as a key, so the text observer prints one readable line and the
+JSON observer one object with the same fields.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet.interfaces import IAddress
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from dcrouter.interfaces import IConnectionRecord
+
+accessLog = Logger(namespace="dcrouter.access")
+
+ACCESS_FORMAT = (
+    "{client} :{port} sni={sni} route={route} action={action} tls={tls}"
+    " target={target} in={bytesIn} out={bytesOut} {duration:.3f}s {ended}"
+)
+
+
+def formatAddress(address: Optional[IAddress]) -> str:
+    """C{1.2.3.4:5}, C{[::1]:5}, or the address's repr for other kinds."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:
+        return "-" if address is None else str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@implementer(IConnectionRecord)
+class ConnectionRecord:
+    """What is known of one connection, filled in as it goes."""
+
+    __slots__ = (
+        "action",
+        "bytesIn",
+        "bytesOut",
+        "client",
+        "ended",
+        "port",
+        "route",
+        "sni",
+        "started",
+        "target",
+        "tls",
+    )
+
+    def __init__(self, started: float, client: Optional[IAddress], port: int) -> None:
+        self.started = started
+        self.client = client
+        self.port = port
+        self.sni: Optional[str] = None
+        self.route: Optional[str] = None
+        self.action: Optional[str] = None
+        self.tls: Optional[str] = None
+        self.target: Optional[str] = None
+        self.bytesIn = 0
+        self.bytesOut = 0
+        self.ended: Optional[str] = None
+
+    def emit(self, now: float, defaultEnding: str) -> None:
+        """Write the record; C{defaultEnding} if nobody said how it ended."""
+        accessLog.info(
+            ACCESS_FORMAT,
+            client=formatAddress(self.client),
+            port=self.port,
+            sni=self.sni or "-",
+            route=self.route or "-",
+            action=self.action or "-",
+            tls=self.tls or "none",
+            target=self.target or "-",
+            bytesIn=self.bytesIn,
+            bytesOut=self.bytesOut,
+            duration=max(0.0, now - self.started),
+            ended=self.ended or defaultEnding,
+        )

@@ -1,0 +1,9 @@
+"""The built-in route actions, published the way a third party's would be."""
+
+from dcrouter.actions.block import BlockAction
+from dcrouter.actions.forward import ForwardAction
+from dcrouter.actions.static import StaticAction
+
+forward = ForwardAction()
+block = BlockAction()
+static = StaticAction()

@@ -1,0 +1,288 @@
+"""
+Byte forwarding between a client and an upstream target.
+
+Both directions stream with Twisted's producer/consumer flow control: each
+transport is registered as the other's streaming producer, so a slow reader
+pauses the fast writer instead of growing a buffer. Half-close is passed on
+(a client that shuts its write side lets the upstream's answer still come
+back), and one side's close closes the other after its pending bytes.
+
+The idle timeout costs one attribute store per chunk: a single timer per
+connection checks a flag when it fires, rather than being reset per chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+from attrs import frozen
+from twisted.internet.error import ConnectionDone, NotConnectingError
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IOpenSSLClientConnectionCreator,
+    IReactorTCP,
+    IReactorTime,
+    ISSLTransport,
+    ITransport,
+)
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dcrouter.config.model import HostPort
+from dcrouter.interfaces import IRoutedConnection
+from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2
+
+# Bytes a client may send before the upstream is connected; past this the
+# client is paused rather than buffered further.
+_EARLY_DATA_LIMIT = 256 * 1024
+
+
+def halfClose(transport: ITransport) -> bool:
+    """
+    Shut the write side of a plain TCP transport; C{False} for TLS.
+
+    Twisted's TLS transport would pass the call to the TCP connection beneath
+    it and cut the TLS stream, so TLS connections are not half-closed.
+    """
+    if ISSLTransport.providedBy(transport):
+        return False
+    transport.loseWriteConnection()  # type: ignore[attr-defined]
+    return True
+
+
+@frozen
+class ForwardOptions:
+    """
+    How a route forwards: where to, how long to wait, what to tell the target.
+
+    @ivar upstreamTLS: for C{terminate-and-reencrypt}, makes the client
+        connection creator for a target; C{None} to forward plain bytes.
+    """
+
+    targets: tuple[HostPort, ...]
+    connectTimeout: float
+    idleTimeout: float
+    proxyProtocol: Optional[str] = None
+    upstreamTLS: Optional[Callable[[HostPort], IOpenSSLClientConnectionCreator]] = None
+
+
+class RoundRobin:
+    """Hands out targets in turn; a failed connect moves on to the next."""
+
+    def __init__(self, targets: Sequence[HostPort]) -> None:
+        self.targets = tuple(targets)
+        self.next = 0
+
+    def order(self) -> list[HostPort]:
+        """Every target once, starting with the next one's turn."""
+        start = self.next
+        self.next = (start + 1) % len(self.targets)
+        return [*self.targets[start:], *self.targets[:start]]
+
+
+class _UpstreamFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, forwarder: ForwardProtocol) -> None:
+        self.forwarder = forwarder
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> Protocol:
+        return _Upstream(self.forwarder)
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        self.forwarder.upstreamFailed(reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class _Upstream(Protocol):
+    """The target's side of a forwarded connection."""
+
+    def __init__(self, forwarder: ForwardProtocol) -> None:
+        self.forwarder = forwarder
+
+    def connectionMade(self) -> None:
+        self.forwarder.upstreamConnected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        forwarder = self.forwarder
+        forwarder.active = True
+        forwarder.record.bytesOut += len(data)
+        forwarder.transport.write(data)  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:
+        self.forwarder.upstreamHalfClosed()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.forwarder.upstreamLost(reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class ForwardProtocol(Protocol):
+    """The client's side: connects upstream, then pumps bytes both ways."""
+
+    def __init__(
+        self,
+        connection: IRoutedConnection,
+        options: ForwardOptions,
+        pool: RoundRobin,
+    ) -> None:
+        self.connection = connection
+        self.options = options
+        self.record = connection.record
+        self.reactor: IReactorTime = connection.reactor
+        self.candidates = pool.order()
+        self.upstream: Optional[_Upstream] = None
+        self.early: list[bytes] = []
+        self.earlySize = 0
+        self.clientPaused = False
+        self.clientGone = False
+        self.clientHalfClosed = False
+        self.active = False
+        self.idleTimer: Optional[IDelayedCall] = None
+        self.lastError: Optional[str] = None
+        self.connector: Optional[IConnector] = None
+
+    def connectionMade(self) -> None:
+        self.idleTimer = self.reactor.callLater(self.options.idleTimeout, self.checkIdle)
+        self.connectNext()
+
+    def connectNext(self) -> None:
+        """Try the next target; give up when every target has failed."""
+        if not self.candidates:
+            self.record.ended = f"upstream failed: {self.lastError or 'no target'}"
+            self.closeClient(abort=False)
+            return
+        target = self.candidates.pop(0)
+        self.record.target = str(target)
+        factory: Any = _UpstreamFactory(self)
+        if self.options.upstreamTLS is not None:
+            factory = TLSMemoryBIOFactory(self.options.upstreamTLS(target), True, factory)
+        reactor: IReactorTCP = self.connection.reactor
+        self.connector = reactor.connectTCP(
+            target.host, target.port, factory, timeout=self.options.connectTimeout
+        )
+
+    def upstreamFailed(self, reason: Failure) -> None:
+        self.lastError = f"{self.record.target}: {reason.getErrorMessage()}"
+        if self.clientGone:
+            return
+        self.connectNext()
+
+    def upstreamConnected(self, upstream: _Upstream) -> None:
+        if self.clientGone:
+            upstream.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self.upstream = upstream
+        out = upstream.transport
+        assert out is not None and self.transport is not None
+        header = self.proxyHeader()
+        if header:
+            out.write(header)
+        if self.early:
+            out.writeSequence(self.early)
+            self.early = []
+        if self.clientPaused:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self.clientPaused = False
+        self.transport.registerProducer(out, True)  # type: ignore[attr-defined]
+        out.registerProducer(self.transport, True)  # type: ignore[attr-defined]
+        if self.clientHalfClosed:
+            halfClose(out)
+
+    def proxyHeader(self) -> bytes:
+        version = self.options.proxyProtocol
+        if version is None:
+            return b""
+        encode = encodeV2 if version == "v2" else encodeV1
+        return encode(self.connection.client, self.connection.server)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.active = True
+        self.record.bytesIn += len(data)
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.transport.write(data)  # type: ignore[union-attr]
+            return
+        self.early.append(data)
+        self.earlySize += len(data)
+        if self.earlySize > _EARLY_DATA_LIMIT and not self.clientPaused:
+            self.clientPaused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:
+        """The client will send no more: tell the upstream, keep reading it."""
+        self.clientHalfClosed = True
+        if self.upstream is not None:
+            halfClose(self.upstream.transport)  # type: ignore[arg-type]
+
+    def writeConnectionLost(self) -> None:
+        self.closeUpstream()
+
+    def upstreamHalfClosed(self) -> None:
+        """The upstream will send no more: pass the half-close to the client."""
+        transport = self.transport
+        if transport is None:
+            return
+        if self.clientHalfClosed or not halfClose(transport):
+            transport.loseConnection()
+
+    def upstreamLost(self, reason: Failure) -> None:
+        if self.upstream is None:
+            # The connection was made but lost before it was ours (TLS
+            # handshake failure to a re-encrypted target, or a client gone).
+            if not self.clientGone:
+                self.lastError = f"{self.record.target}: {reason.getErrorMessage()}"
+                self.record.ended = f"upstream failed: {self.lastError}"
+                self.closeClient(abort=False)
+            return
+        self.upstream = None
+        if not self.clientGone:
+            if self.record.ended is None:
+                self.record.ended = "upstream closed"
+            self.closeClient(abort=False)
+
+    def checkIdle(self) -> None:
+        if self.active:
+            self.active = False
+            self.idleTimer = self.reactor.callLater(self.options.idleTimeout, self.checkIdle)
+            return
+        self.idleTimer = None
+        self.record.ended = f"idle timeout ({self.options.idleTimeout:g}s)"
+        self.closeUpstream()
+        self.closeClient(abort=True)
+
+    def closeClient(self, abort: bool) -> None:
+        transport = self.transport
+        if transport is None or self.clientGone:
+            return
+        if abort:
+            transport.abortConnection()  # type: ignore[attr-defined]
+        else:
+            transport.loseConnection()
+
+    def closeUpstream(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.clientGone = True
+        if self.idleTimer is not None and self.idleTimer.active():
+            self.idleTimer.cancel()
+        self.idleTimer = None
+        if self.record.ended is None:
+            self.record.ended = "client closed"
+        if self.upstream is None and self.connector is not None:
+            try:
+                self.connector.stopConnecting()
+            except NotConnectingError:
+                pass
+        self.closeUpstream()

@@ -1,0 +1,362 @@
+"""
+The listening side: from an accepted connection to the route's protocol.
+
+For each connection: the gate, then a PROXY header from a trusted proxy,
+then the ClientHello when the port's routes need SNI, then the route table,
+the route's own gate, TLS termination if the route asks for it, and finally
+the action's protocol. When the action takes over, the protocol it built is
+connected straight to the TCP transport: the router stays in the chain only
+for connection loss (to release the gates and write the access record), so
+the byte path pays nothing for it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Optional
+
+from attrs import define
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IReactorTime,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dcrouter.interfaces import IRoutedConnection
+from dcrouter.ops.accesslog import ConnectionRecord, formatAddress
+from dcrouter.proxy.clienthello import ClientHelloReader, MalformedHello, NotTLS
+from dcrouter.proxy.gate import Gate, clientIP
+from dcrouter.proxy.proxyprotocol import ProxyHeaderError, ProxyHeaderReader, looksLikeProxyHeader
+from dcrouter.proxy.routetable import IPAddress, PortTable
+from dcrouter.proxy.tls import wrapServer
+
+if TYPE_CHECKING:
+    from dcrouter.config.model import IPNetwork
+
+_MAX_HELLO = 16384
+
+
+@define
+class RoutingState:
+    """
+    One generation of the routing configuration; a reload swaps it whole.
+
+    Connections keep the generation they were accepted under, so a reload
+    never changes the route of a connection already in flight.
+    """
+
+    tables: dict[int, PortTable]
+    gate: Gate
+    trustedProxies: tuple[IPNetwork, ...]
+    helloTimeout: float
+
+    def trusts(self, ip: Optional[IPAddress]) -> bool:
+        return ip is not None and any(ip in network for network in self.trustedProxies)
+
+
+class Router:
+    """
+    The live routing state shared by every listener, and its statistics.
+
+    @ivar connections: the client connections now open (for drain on stop).
+    @ivar refused: refusals counted by reason, for logs and metrics.
+    """
+
+    def __init__(self, reactor: IReactorTime, state: RoutingState) -> None:
+        self.reactor = reactor
+        self.state = state
+        self.connections: set[RoutingProtocol] = set()
+        self.refused: Counter[str] = Counter()
+        self.accepted = 0
+
+    def factoryFor(self, port: int) -> ListenerFactory:
+        return ListenerFactory(self, port)
+
+
+class ListenerFactory(Factory):
+    """Builds a L{RoutingProtocol} for each connection accepted on one port."""
+
+    noisy = False
+
+    def __init__(self, router: Router, port: int) -> None:
+        self.router = router
+        self.port = port
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> Optional[Protocol]:
+        table = self.router.state.tables.get(self.port)
+        if table is None:
+            return None
+        return RoutingProtocol(self.router, self.router.state, table)
+
+    def logPrefix(self) -> str:
+        return f"dcrouter:{self.port}"
+
+
+@implementer(IRoutedConnection)
+@define
+class RoutedConnection:
+    """What an action is told about its client connection."""
+
+    reactor: IReactorTime
+    route: object
+    client: Optional[IAddress]
+    server: Optional[IAddress]
+    serverName: Optional[str]
+    alpn: tuple[bytes, ...]
+    record: ConnectionRecord
+
+
+def _isProxyHeader(data: bytes) -> bool:
+    """
+    Do these first bytes of a plain connection start a PROXY header?
+
+    Judged on six bytes or more, so that a slow client whose first segment
+    is C{b"P"} is not refused; a header cut that short is passed on as data.
+    """
+    return len(data) >= 6 and looksLikeProxyHeader(data)
+
+
+_ACCEPTED, _PROXY, _HELLO, _ROUTED, _CLOSED = range(5)
+
+
+@implementer(IHalfCloseableProtocol)
+class RoutingProtocol(Protocol):
+    """
+    Holds a connection from accept until its route's protocol takes over.
+
+    After hand-off, C{dataReceived} is rebound to the action protocol's own
+    method on this instance, so the transport calls the action directly.
+    """
+
+    def __init__(self, router: Router, state: RoutingState, table: PortTable) -> None:
+        self.router = router
+        self.state = state
+        self.table = table
+        self.phase = _ACCEPTED
+        self.buffer = b""
+        self.inner: Optional[IProtocol] = None
+        self.clientIP: Optional[IPAddress] = None
+        self.admitted = False
+        self.routeGate: Optional[Gate] = None
+        self.timer: Optional[IDelayedCall] = None
+        self.helloReader: Optional[ClientHelloReader] = None
+        self.proxyReader: Optional[ProxyHeaderReader] = None
+        self.client: Optional[IAddress] = None
+        self.server: Optional[IAddress] = None
+        self.record: Optional[ConnectionRecord] = None
+
+    def connectionMade(self) -> None:
+        router = self.router
+        transport = self.transport
+        assert transport is not None
+        self.client = transport.getPeer()
+        self.server = transport.getHost()
+        self.record = ConnectionRecord(router.reactor.seconds(), self.client, self.table.port)
+        router.connections.add(self)
+        router.accepted += 1
+        ip = self.clientIP = clientIP(self.client)
+        if not self.admit():
+            return
+        if self.state.trustedProxies and self.state.trusts(ip):
+            self.phase = _PROXY
+            self.proxyReader = ProxyHeaderReader()
+            self.startTimer()
+        elif self.table.needsHello:
+            self.phase = _HELLO
+            self.helloReader = ClientHelloReader(_MAX_HELLO)
+            self.startTimer()
+        else:
+            self.route(None, (), isTLS=False)
+
+    def admit(self) -> bool:
+        """Pass the port's gate with C{self.clientIP}, or be refused."""
+        reason = self.state.gate.admit(self.clientIP)
+        if reason is not None:
+            self.refuse(reason)
+            return False
+        self.admitted = True
+        return True
+
+    def startTimer(self) -> None:
+        self.timer = self.router.reactor.callLater(self.state.helloTimeout, self.timedOut)
+
+    def timedOut(self) -> None:
+        self.timer = None
+        waiting = "PROXY header" if self.phase == _PROXY else "ClientHello"
+        self.refuse("timeout", f"no complete {waiting} within {self.state.helloTimeout:g}s")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.phase == _PROXY:
+            self.readProxyHeader(data)
+        elif self.phase == _HELLO:
+            self.readHello(data)
+
+    def readProxyHeader(self, data: bytes) -> None:
+        assert self.proxyReader is not None
+        try:
+            result = self.proxyReader.feed(data)
+        except ProxyHeaderError as e:
+            self.refuse("bad_proxy_header", str(e))
+            return
+        if result is None:
+            return
+        info, rest = result
+        if info is not None and info.source is not None:
+            # The limits are the real client's, not the proxy's.
+            self.state.gate.release(self.clientIP)
+            self.admitted = False
+            self.client = info.source
+            if info.destination is not None:
+                self.server = info.destination
+            assert self.record is not None
+            self.record.client = self.client
+            self.clientIP = clientIP(self.client)
+            if not self.admit():
+                return
+        self.proxyReader = None
+        if self.table.needsHello:
+            self.phase = _HELLO
+            self.helloReader = ClientHelloReader(_MAX_HELLO)
+            if rest:
+                self.readHello(rest)
+        else:
+            self.cancelTimer()
+            self.route(None, (), isTLS=False, pending=rest)
+
+    def readHello(self, data: bytes) -> None:
+        assert self.helloReader is not None
+        self.buffer += data
+        try:
+            hello = self.helloReader.feed(data)
+        except NotTLS:
+            self.cancelTimer()
+            self.route(None, (), isTLS=False, pending=self.buffer)
+            return
+        except MalformedHello as e:
+            self.refuse("bad_client_hello", str(e))
+            return
+        if hello is None:
+            return
+        self.cancelTimer()
+        self.route(hello.serverName, hello.alpn, isTLS=True, pending=self.buffer)
+
+    def route(
+        self,
+        serverName: Optional[str],
+        alpn: tuple[bytes, ...],
+        isTLS: bool,
+        pending: bytes = b"",
+    ) -> None:
+        """Match, pass the route's gate, and hand the connection to its action."""
+        record = self.record
+        assert record is not None and self.transport is not None
+        record.sni = serverName
+        self.helloReader = None
+        self.buffer = b""
+        route = self.table.match(serverName, self.clientIP, isTLS)
+        if route is None:
+            self.refuse("no_route", self.describeMiss(serverName, isTLS))
+            return
+        config = route.config
+        record.route = config.name
+        record.action = config.action
+        record.tls = config.tls
+        if route.gate is not None:
+            reason = route.gate.admit(self.clientIP)
+            if reason is not None:
+                self.refuse(reason)
+                return
+            self.routeGate = route.gate
+        connection = RoutedConnection(
+            self.router.reactor, config, self.client, self.server, serverName, alpn, record
+        )
+        inner = route.action.buildProtocol(connection, route.options)
+        if route.serverTLS is not None and config.tls in ("terminate", "terminate-and-reencrypt"):
+            inner = wrapServer(route.serverTLS, inner, clock=self.router.reactor)
+        self.handOff(inner, pending, isTLS)
+
+    def handOff(self, inner: IProtocol, pending: bytes, isTLS: bool) -> None:
+        """
+        Connect C{inner} to the transport and deliver what routing read.
+
+        Plain connections get one look at their first bytes (here, or in
+        L{firstData} if routing read none), so that a PROXY header that no
+        trusted proxy sent is refused rather than passed on.
+        """
+        if not isTLS and _isProxyHeader(pending):
+            self.refuseProxyHeader()
+            return
+        self.phase = _ROUTED
+        self.inner = inner
+        if pending or isTLS:
+            self.dataReceived = inner.dataReceived  # type: ignore[method-assign]
+        else:
+            self.dataReceived = self.firstData  # type: ignore[method-assign]
+        assert self.transport is not None
+        inner.makeConnection(self.transport)
+        if pending and self.phase == _ROUTED:
+            inner.dataReceived(pending)
+
+    def firstData(self, data: bytes) -> None:
+        assert self.inner is not None
+        if _isProxyHeader(data):
+            self.refuseProxyHeader()
+            return
+        self.dataReceived = self.inner.dataReceived  # type: ignore[method-assign]
+        self.inner.dataReceived(data)
+
+    def refuseProxyHeader(self) -> None:
+        self.refuse("untrusted_proxy_header", "PROXY header from an untrusted address")
+
+    def describeMiss(self, serverName: Optional[str], isTLS: bool) -> str:
+        name = f"SNI {serverName!r}" if serverName else ("TLS without SNI" if isTLS else "no TLS")
+        return f"no route on port {self.table.port} for {name} from {formatAddress(self.client)}"
+
+    def refuse(self, reason: str, detail: Optional[str] = None) -> None:
+        """Close at once, count the reason and say it in the access record."""
+        self.cancelTimer()
+        self.router.refused[reason] += 1
+        if self.record is not None:
+            self.record.ended = f"refused: {detail or reason.replace('_', ' ')}"
+        self.phase = _CLOSED
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def cancelTimer(self) -> None:
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    def readConnectionLost(self) -> None:
+        inner = IHalfCloseableProtocol(self.inner, None)
+        if inner is not None:
+            inner.readConnectionLost()
+        elif self.transport is not None:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        inner = IHalfCloseableProtocol(self.inner, None)
+        if inner is not None:
+            inner.writeConnectionLost()
+        elif self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.cancelTimer()
+        phase, self.phase = self.phase, _CLOSED
+        if self.inner is not None:
+            self.inner.connectionLost(reason)
+        if self.admitted:
+            self.state.gate.release(self.clientIP)
+        if self.routeGate is not None:
+            self.routeGate.release(self.clientIP)
+        self.router.connections.discard(self)
+        if self.record is not None:
+            ending = "client closed" if phase == _ROUTED else "client left before routing"
+            self.record.emit(self.router.reactor.seconds(), ending)

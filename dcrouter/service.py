@@ -1,0 +1,368 @@
+"""
+DcRouter: builds the router from a configuration, runs it, reloads it.
+
+The floor above config/: here each route's action is looked up among the
+plugins and parses its own keys (parse, validate, provision, as Caddy's
+modules do); errors from every floor join one list. L{compileConfig} does all
+of it without binding a port, so C{dcrouter checkconfig} and a reload check
+exactly what a start would.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterable
+from typing import Any, Optional
+
+from attrs import frozen
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.logger import Logger
+from twisted.plugin import getPlugins
+from twisted.python.failure import Failure
+from zope.interface.exceptions import Invalid
+from zope.interface.verify import verifyObject
+
+import dcrouter.plugins
+from dcrouter.config import loadConfig
+from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
+from dcrouter.config.model import CertificatePair, RouteConfig, RouterConfig
+from dcrouter.config.options import RouteOptions
+from dcrouter.interfaces import IRouteAction
+from dcrouter.proxy.gate import Gate
+from dcrouter.proxy.listener import Router, RoutingState
+from dcrouter.proxy.routetable import CompiledRoute, PortTable
+from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
+
+log = Logger()
+
+ListenKey = tuple[int, str]
+
+
+def loadActions() -> dict[str, IRouteAction]:
+    """
+    Every route action installed, by name, each checked with C{verifyObject}.
+
+    A plugin that does not provide L{IRouteAction} correctly, or reuses a
+    name, is left out with a logged reason rather than breaking the others.
+    """
+    actions: dict[str, IRouteAction] = {}
+    for plugin in getPlugins(IRouteAction, dcrouter.plugins):
+        try:
+            verifyObject(IRouteAction, plugin)
+        except Invalid as e:
+            log.error("route action plugin {plugin!r} is broken: {why}", plugin=plugin, why=e)
+            continue
+        if plugin.name in actions:
+            log.error(
+                "two route action plugins are named {name!r}: {a!r} and {b!r}; using the first",
+                name=plugin.name, a=actions[plugin.name], b=plugin,
+            )
+            continue
+        actions[plugin.name] = plugin
+    return actions
+
+
+@frozen(eq=False)
+class CompiledConfig:
+    """A configuration checked and ready to serve: its tables, ports and gates."""
+
+    config: RouterConfig
+    tables: dict[int, PortTable]
+    gate: Gate
+
+    def listenKeys(self) -> set[ListenKey]:
+        return {(port, address) for port, table in self.tables.items() for address in table.bind}
+
+
+def _compileRoute(
+    route: RouteConfig,
+    config: RouterConfig,
+    actions: dict[str, IRouteAction],
+    defaultCert: Optional[CertificatePair],
+    clock: IReactorTime,
+    errors: ErrorCollector,
+    previousGates: dict[str, Gate],
+) -> Optional[CompiledRoute]:
+    action = actions.get(route.action)
+    if action is None:
+        known = ", ".join(sorted(actions)) or "none installed"
+        errors.add(
+            f"unknown action {route.action!r} (known: {known})",
+            route.source, f"route:{route.name}", "action",
+        )
+        return None
+    options = RouteOptions(route, config.defaults)
+    parsed = action.parseOptions(options)
+    found = options.finish()
+    errors.extend(found)
+    serverTLS = None
+    if route.tls in ("terminate", "terminate-and-reencrypt"):
+        pair = route.cert or config.tls.cert or defaultCert
+        if pair is not None:
+            try:
+                serverTLS = ServerTLS(pair, config.tls)
+            except Exception as e:
+                errors.add(
+                    f"cannot use certificate: {e}", route.source, f"route:{route.name}", "cert"
+                )
+    limits = route.limits
+    gate = None
+    if limits != type(limits)():
+        previous = previousGates.get(route.name)
+        reusable = previous is not None and previous.limits == limits
+        gate = previous if reusable else Gate(limits, clock)
+    if found:
+        return None
+    return CompiledRoute(route, action, parsed, serverTLS, gate)
+
+
+def compileConfig(
+    config: RouterConfig,
+    actions: dict[str, IRouteAction],
+    clock: IReactorTime,
+    defaultCert: Optional[CertificatePair] = None,
+    previous: Optional[CompiledConfig] = None,
+) -> CompiledConfig:
+    """
+    Check everything a start needs short of binding ports; raise L{ConfigErrors}.
+
+    @param defaultCert: the certificate of terminating routes that name none
+        (the self-signed one); C{None} skips building their TLS contexts, as
+        C{checkconfig} does.
+    @param previous: the configuration being replaced, whose gates (and
+        their counts of live connections) carry over where limits are equal.
+    """
+    errors = ErrorCollector()
+    previousGates = {} if previous is None else _gatesByRoute(previous)
+    compiled: list[CompiledRoute] = []
+    for route in config.routes:
+        result = _compileRoute(route, config, actions, defaultCert, clock, errors, previousGates)
+        if result is not None:
+            compiled.append(result)
+    fallback = None
+    if config.defaults.target is not None and "forward" in actions:
+        fallbackConfig = RouteConfig(name="defaults", ports=(), action="forward")
+        fallback = _compileRoute(
+            fallbackConfig, config, actions, defaultCert, clock, errors, previousGates
+        )
+    errors.raiseIfAny()
+    tables = {}
+    for port in dict.fromkeys(port for route in compiled for port in route.config.ports):
+        routes = [route for route in compiled if port in route.config.ports]
+        bind = routes[0].config.bind or config.defaults.bind
+        tables[port] = PortTable.build(port, bind, routes, fallback)
+    globalLimits = config.defaults.limits
+    gate = (
+        previous.gate
+        if previous is not None and previous.gate.limits == globalLimits
+        else Gate(globalLimits, clock)
+    )
+    return CompiledConfig(config, tables, gate)
+
+
+def _gatesByRoute(compiled: CompiledConfig) -> dict[str, Gate]:
+    return {
+        route.name: route.gate
+        for table in compiled.tables.values()
+        for route in table.routes
+        if route.gate is not None
+    }
+
+
+def needsDefaultCertificate(config: RouterConfig) -> bool:
+    return config.tls.cert is None and any(
+        route.tls in ("terminate", "terminate-and-reencrypt") and route.cert is None
+        for route in config.routes
+    )
+
+
+def checkConfigFile(path: str, actions: Optional[dict[str, IRouteAction]] = None) -> CompiledConfig:
+    """Load and check C{path} as C{checkconfig} does; raise L{ConfigErrors}."""
+    from twisted.internet.task import Clock
+
+    config = loadConfig(path)
+    return compileConfig(config, actions if actions is not None else loadActions(), Clock())
+
+
+def endpointString(port: int, address: str) -> str:
+    """The Twisted endpoint string a listener is made from."""
+    if ":" in address:
+        return f"tcp6:port={port}:interface={address.replace(':', chr(92) + ':')}"
+    return f"tcp:port={port}:interface={address}"
+
+
+class DcRouter(MultiService):
+    """
+    The daemon: listeners, the live route table, reload and graceful stop.
+
+    Build it from a L{RouterConfig} (from Python or from L{loadConfig}); with
+    C{configPath} set, SIGHUP (or L{reload}) re-reads that file.
+    """
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        reactor: Any = None,
+        actions: Optional[dict[str, IRouteAction]] = None,
+        configPath: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+
+            reactor = globalReactor
+        self.reactor = reactor
+        self.config = config
+        self.configPath = configPath
+        self.actions = actions if actions is not None else loadActions()
+        self.compiled: Optional[CompiledConfig] = None
+        self.router: Optional[Router] = None
+        self.listeners: dict[ListenKey, IListeningPort] = {}
+        self.previousHangup: Any = None
+
+    # Starting
+
+    def privilegedStartService(self) -> None:
+        """Bind every listener now (as root, if started so), or fail the start."""
+        if self.router is None:
+            self.compiled = self.compile(self.config, None)
+            self.router = Router(self.reactor, self.routingState(self.compiled))
+            failures = self.listen(self.compiled.listenKeys())
+            if failures:
+                self.closeListeners(list(self.listeners))
+                raise SystemExit("dcrouter: cannot start:\n" + "\n".join(failures))
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.router is None:
+            self.privilegedStartService()
+        super().startService()
+        if self.configPath is not None and threading.current_thread() is threading.main_thread():
+            self.previousHangup = signal.signal(signal.SIGHUP, self.onHangup)
+        assert self.compiled is not None
+        log.info(
+            "dcrouter listening on {listeners}",
+            listeners=", ".join(f"{a}:{p}" for p, a in sorted(self.listeners)),
+        )
+
+    def compile(self, config: RouterConfig, previous: Optional[CompiledConfig]) -> CompiledConfig:
+        defaultCert = None
+        if needsDefaultCertificate(config):
+            defaultCert = ensureSelfSigned(config.daemon.state_dir)
+        return compileConfig(config, self.actions, self.reactor, defaultCert, previous)
+
+    def routingState(self, compiled: CompiledConfig) -> RoutingState:
+        daemon = compiled.config.daemon
+        return RoutingState(
+            tables=compiled.tables,
+            gate=compiled.gate,
+            trustedProxies=compiled.config.defaults.trusted_proxies,
+            helloTimeout=daemon.hello_timeout,
+        )
+
+    def listen(self, keys: Iterable[ListenKey]) -> list[str]:
+        """Open a listener for each (port, address); return what failed."""
+        assert self.router is not None
+        failures = []
+        for key in sorted(keys):
+            port, address = key
+            endpoint = serverFromString(self.reactor, endpointString(port, address))
+            results: list[Any] = []
+            endpoint.listen(self.router.factoryFor(port)).addBoth(results.append)
+            result = results[0] if results else None
+            if isinstance(result, Failure):
+                failures.append(f"cannot listen on {address}:{port}: {result.getErrorMessage()}")
+            elif result is not None:
+                self.listeners[key] = result
+        return failures
+
+    def closeListeners(self, keys: Iterable[ListenKey]) -> Deferred[Any]:
+        waits = []
+        for key in keys:
+            port = self.listeners.pop(key, None)
+            if port is not None:
+                waits.append(port.stopListening())
+        return DeferredList([d for d in waits if d is not None])
+
+    # Reloading
+
+    def onHangup(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """
+        Re-read the configuration file and switch to it if it is valid.
+
+        Only listeners that changed are opened or closed; connections in
+        flight keep the routes they were accepted with. An invalid file, or
+        a listener that cannot be opened, leaves the running configuration
+        as it was, and every reason is logged.
+        """
+        assert self.configPath is not None and self.router is not None
+        try:
+            config = loadConfig(self.configPath)
+            compiled = self.compile(config, self.compiled)
+        except ConfigErrors as e:
+            self.logRejectedReload(e.errors)
+            return False
+        assert self.compiled is not None
+        oldKeys, newKeys = self.compiled.listenKeys(), compiled.listenKeys()
+        self.router.state = self.routingState(compiled)
+        failures = self.listen(newKeys - oldKeys)
+        if failures:
+            self.router.state = self.routingState(self.compiled)
+            self.closeListeners(newKeys - oldKeys)
+            self.logRejectedReload([ConfigError(failure) for failure in failures])
+            return False
+        self.closeListeners(oldKeys - newKeys)
+        self.config, self.compiled = config, compiled
+        log.info(
+            "dcrouter reloaded {path}: {routes} routes on {ports} ports",
+            path=self.configPath, routes=len(config.routes), ports=len(compiled.tables),
+        )
+        return True
+
+    def logRejectedReload(self, errors: list[ConfigError]) -> None:
+        log.error(
+            "dcrouter reload of {path} rejected, the running configuration stays:\n{errors}",
+            path=self.configPath, errors="\n".join(str(error) for error in errors),
+        )
+
+    # Stopping
+
+    def stopService(self) -> Deferred[None]:
+        """Stop accepting, let connections finish for C{drain_timeout}, then close them."""
+        super().stopService()
+        if self.previousHangup is not None:
+            signal.signal(signal.SIGHUP, self.previousHangup)
+            self.previousHangup = None
+        done: Deferred[None] = Deferred()
+        closing = self.closeListeners(list(self.listeners))
+        closing.addCallback(lambda _: self.drain(done))
+        return done
+
+    def drain(self, done: Deferred[None]) -> None:
+        router = self.router
+        assert router is not None
+        deadline = self.reactor.seconds() + self.config.daemon.drain_timeout
+        if router.connections:
+            log.info(
+                "dcrouter draining {count} connections for up to {timeout:g}s",
+                count=len(router.connections), timeout=self.config.daemon.drain_timeout,
+            )
+
+        def check() -> None:
+            if router.connections and self.reactor.seconds() < deadline:
+                self.reactor.callLater(min(0.1, self.config.daemon.drain_timeout), check)
+                return
+            for connection in list(router.connections):
+                if connection.transport is not None:
+                    connection.transport.abortConnection()  # type: ignore[attr-defined]
+            done.callback(None)
+
+        check()
+

@@ -1,0 +1,259 @@
+"""The router and the forward action on the real reactor, over loopback."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.logger import globalLogPublisher
+
+from dcrouter.config.model import Defaults, HostPort, Limits, RouteConfig
+from dcrouter.proxy.proxyprotocol import encodeV1
+from tests.helpers import (
+    Backend,
+    HalfCloseRecorder,
+    Recorder,
+    connect,
+    freePort,
+    listen,
+    startRouter,
+)
+
+
+def forwardRoute(target, **options):
+    return RouteConfig(
+        name="fwd", ports=(0,), action="forward", options={"target": str(target), **options}
+    )
+
+
+async def backendAndRouter(backend=None, routeOptions=None, **settings):
+    backend = backend or Backend()
+    listening = await listen(backend)
+    target = HostPort("127.0.0.1", listening.getHost().port)
+    service, port = await startRouter(forwardRoute(target, **(routeOptions or {})), **settings)
+    return backend, listening, service, port
+
+
+async def stop(service, *listening):
+    await service.stopService()
+    for port in listening:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_flow_both_ways_untouched():
+    backend, listening, service, port = await backendAndRouter()
+    client = await connect(port)
+    payload = bytes(range(256)) * 64
+    client.transport.write(payload)
+    assert await client.waitFor(len(payload)) == payload
+    client.transport.loseConnection()
+    await client.closed
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_speaks_first_without_waiting_for_the_client():
+    backend, listening, service, port = await backendAndRouter(Backend(greeting=b"220 hi\r\n"))
+    client = await connect(port)
+    assert await client.waitFor(8) == b"220 hi\r\n"
+    client.transport.loseConnection()
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_half_close_is_passed_on_and_the_answer_still_comes_back():
+    backend = Backend(echo=False, protocolClass=HalfCloseRecorder)
+    HalfCloseRecorder.answerOnHalfClose = b"bye"
+    try:
+        backend, listening, service, port = await backendAndRouter(backend)
+        client = await connect(port, HalfCloseRecorder())
+        client.transport.write(b"request")
+        client.transport.loseWriteConnection()
+        server = await backend.connected
+        assert await server.halfClosed == b"request"
+        assert await client.closed == b"bye"
+    finally:
+        HalfCloseRecorder.answerOnHalfClose = b""
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_close_closes_the_client():
+    backend, listening, service, port = await backendAndRouter()
+    client = await connect(port)
+    server = await backend.connected
+    server.transport.loseConnection()
+    await client.closed
+    await stop(service, listening)
+
+
+class Flood(Recorder):
+    """Writes as fast as its transport lets it, honouring pause/resume."""
+
+    def __init__(self, greeting=b"", echo=False):
+        super().__init__()
+        self.written = 0
+        self.paused = False
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        chunk = b"x" * 65536
+        while not self.paused and self.written < 512 * 1024 * 1024:
+            self.transport.write(chunk)
+            self.written += len(chunk)
+
+    def stopProducing(self):
+        self.paused = True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_does_not_read_pauses_the_upstream():
+    backend, listening, service, port = await backendAndRouter(Backend(protocolClass=Flood))
+    client = await connect(port)
+    client.transport.pauseProducing()
+    server = await backend.connected
+    await task.deferLater(reactor, 0.5, lambda: None)
+    # Without flow control the flood would have queued hundreds of MB in
+    # the router; with it, only socket buffers and one chunk or so are in flight.
+    assert server.paused
+    assert server.written < 64 * 1024 * 1024
+    client.transport.abortConnection()
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_target_moves_on_to_the_next():
+    backend = Backend(greeting=b"second\n")
+    listening = await listen(backend)
+    dead = freePort()
+    route = forwardRoute(f"127.0.0.1:{dead}, 127.0.0.1:{listening.getHost().port}")
+    service, port = await startRouter(route)
+    client = await connect(port)
+    assert await client.waitFor(7) == b"second\n"
+    client.transport.loseConnection()
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_target_reachable_closes_the_client_and_says_why():
+    records = []
+    observer = lambda event: records.append(event) if event.get("log_namespace") == "dcrouter.access" else None
+    globalLogPublisher.addObserver(observer)
+    try:
+        service, port = await startRouter(forwardRoute(f"127.0.0.1:{freePort()}"))
+        client = await connect(port)
+        await client.closed
+        await stop(service)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    (record,) = records
+    assert record["ended"].startswith("upstream failed:")
+    assert record["route"] == "fwd" and record["action"] == "forward"
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_timeout_closes_both_sides():
+    backend, listening, service, port = await backendAndRouter(routeOptions={"idle_timeout": "0.2s"})
+    client = await connect(port)
+    server = await backend.connected
+    await defer.gatherResults([client.closed, server.closed])
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_protocol_from_a_trusted_proxy_reaches_the_target_as_v2():
+    from ipaddress import ip_network
+
+    from twisted.internet.address import IPv4Address
+
+    from dcrouter.proxy.proxyprotocol import ProxyHeaderReader
+
+    backend, listening, service, port = await backendAndRouter(
+        routeOptions={"proxy_protocol": "v2"},
+        defaults=Defaults(bind=("127.0.0.1",), trusted_proxies=(ip_network("127.0.0.0/8"),)),
+    )
+    client = await connect(port)
+    header = encodeV1(IPv4Address("TCP", "203.0.113.9", 4711), IPv4Address("TCP", "198.51.100.1", 443))
+    client.transport.write(header + b"hello")
+    server = await backend.connected
+    received = await server.waitFor(16 + 12 + 5)
+    info, rest = ProxyHeaderReader().feed(received)
+    assert (info.source.host, info.source.port) == ("203.0.113.9", 4711)
+    assert rest == b"hello"
+    client.transport.loseConnection()
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_header_from_an_untrusted_address_is_refused():
+    from twisted.internet.address import IPv4Address
+
+    backend, listening, service, port = await backendAndRouter()
+    client = await connect(port)
+    header = encodeV1(IPv4Address("TCP", "203.0.113.9", 4711), IPv4Address("TCP", "198.51.100.1", 443))
+    client.transport.write(header + b"hello")
+    await client.closed
+    assert all(b"PROXY" not in p.received for p in backend.protocols)
+    assert service.router.refused["untrusted_proxy_header"] == 1
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_gate_blocks_and_caps_are_counted():
+    from ipaddress import ip_network
+
+    backend, listening, service, port = await backendAndRouter(
+        defaults=Defaults(bind=("127.0.0.1",), limits=Limits(ip_block=(ip_network("127.0.0.0/8"),)))
+    )
+    client = await connect(port)
+    await client.closed
+    assert backend.protocols == []
+    assert service.router.refused["ip_block"] == 1
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_connections_per_ip_refuses_the_extra_connection():
+    backend, listening, service, port = await backendAndRouter(
+        defaults=Defaults(bind=("127.0.0.1",), limits=Limits(max_connections_per_ip=1))
+    )
+    first = await connect(port)
+    first.transport.write(b"a")
+    await first.waitFor(1)
+    second = await connect(port)
+    await second.closed
+    assert service.router.refused["max_connections_per_ip"] == 1
+    # Closed from the far side, the router releases the slot before the
+    # client sees the close.
+    (await backend.connected).transport.loseConnection()
+    await first.closed
+    third = await connect(port)
+    third.transport.write(b"b")
+    assert await third.waitFor(1) == b"b"
+    third.transport.loseConnection()
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_drains_then_closes():
+    from dcrouter.config.model import DaemonSettings
+
+    backend, listening, service, port = await backendAndRouter(
+        daemon=DaemonSettings(drain_timeout=0.3)
+    )
+    client = await connect(port)
+    client.transport.write(b"x")
+    await client.waitFor(1)
+    started = reactor.seconds()
+    await service.stopService()
+    await client.closed
+    assert reactor.seconds() - started >= 0.25
+    await listening.stopListening()

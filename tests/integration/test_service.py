@@ -1,0 +1,115 @@
+"""DcRouter: compiling a configuration through the plugins, reload, listeners."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from dcrouter.config import ConfigErrors, loadConfig
+from dcrouter.config.model import RouteConfig, RouterConfig
+from dcrouter.service import DcRouter, compileConfig, endpointString, loadActions
+from tests.helpers import Backend, connect, freePort, listen
+
+
+def errorsOf(*routes, **settings):
+    with pytest.raises(ConfigErrors) as caught:
+        compileConfig(RouterConfig(routes=routes, **settings), loadActions(), Clock())
+    return [str(error) for error in caught.value.errors]
+
+
+def test_builtin_actions_are_found_as_plugins():
+    assert {"forward", "static", "block"} <= set(loadActions())
+
+
+def test_unknown_action_lists_the_known_ones():
+    (error,) = errorsOf(RouteConfig(name="x", ports=(1,), action="foward"))
+    assert "[route:x] action: unknown action 'foward' (known: block, forward, static)" in error
+
+
+def test_forward_without_a_target_is_an_error():
+    (error,) = errorsOf(RouteConfig(name="x", ports=(1,)))
+    assert "needs a target" in error
+
+
+def test_keys_the_action_does_not_know_are_errors_and_all_are_reported():
+    errors = errorsOf(
+        RouteConfig(name="a", ports=(1,), action="block", options={"target": "h:1"}),
+        RouteConfig(name="b", ports=(2,), action="static", options={"status": "99"}),
+    )
+    assert any("[route:a] target: unknown key for action 'block'" in e for e in errors)
+    assert any("[route:b] status: 99 is out of range" in e for e in errors)
+
+
+def test_backend_keys_need_reencrypt():
+    (error,) = errorsOf(
+        RouteConfig(name="x", ports=(1,), options={"target": "h:1", "backend_verify": "no"})
+    )
+    assert "backend_verify: only applies to tls = terminate-and-reencrypt" in error
+
+
+def test_endpoint_strings_escape_ipv6():
+    assert endpointString(443, "0.0.0.0") == "tcp:port=443:interface=0.0.0.0"
+    assert endpointString(443, "::1") == "tcp6:port=443:interface=\\:\\:1"
+
+
+def writeConfig(path, *routes, extra=""):
+    path.write_text(
+        f"[dcrouter]\ndrain_timeout = 0\n[defaults]\nbind = 127.0.0.1\n{extra}" + "".join(routes)
+    )
+
+
+def forward(name, port, target):
+    return f"[route:{name}]\nports = {port}\ntarget = 127.0.0.1:{target}\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_swaps_routes_opens_new_ports_and_keeps_live_connections(tmp_path):
+    first, second = Backend(greeting=b"1"), Backend(greeting=b"2")
+    firstPort, secondPort = await listen(first), await listen(second)
+    p1, p2 = freePort(), freePort()
+    path = tmp_path / "dcrouter.ini"
+    writeConfig(path, forward("a", p1, firstPort.getHost().port))
+    service = DcRouter(loadConfig(str(path)), configPath=str(path))
+    service.startService()
+    try:
+        live = await connect(p1)
+        assert await live.waitFor(1) == b"1"
+
+        writeConfig(
+            path,
+            forward("a", p1, secondPort.getHost().port),
+            forward("b", p2, firstPort.getHost().port),
+        )
+        assert service.reload()
+        fresh, other = await connect(p1), await connect(p2)
+        assert await fresh.waitFor(1) == b"2"
+        assert await other.waitFor(1) == b"1"
+        live.transport.write(b"still here")
+        assert await live.waitFor(11) == b"1still here"
+
+        path.write_text("[route:broken]\nports = eighty\n")
+        assert not service.reload()
+        again = await connect(p2)
+        assert await again.waitFor(1) == b"1"
+        for client in (live, fresh, other, again):
+            client.transport.loseConnection()
+    finally:
+        await service.stopService()
+        await firstPort.stopListening()
+        await secondPort.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_port_in_use_stops_the_start_with_a_clear_message():
+    taken = await listen(Backend())
+    port = taken.getHost().port
+    config = RouterConfig(
+        routes=(RouteConfig(name="x", ports=(port,), bind=("127.0.0.1",), action="block"),)
+    )
+    service = DcRouter(config)
+    with pytest.raises(SystemExit) as caught:
+        service.privilegedStartService()
+    assert f"cannot listen on 127.0.0.1:{port}" in str(caught.value)
+    assert service.listeners == {}
+    await taken.stopListening()

@@ -1,0 +1,185 @@
+"""The routing phases of a connection, on a memory reactor and transport."""
+
+from __future__ import annotations
+
+from ipaddress import ip_network
+
+from OpenSSL import SSL
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from dcrouter.config.model import Limits, RouteConfig
+from dcrouter.proxy.gate import Gate
+from dcrouter.proxy.listener import Router, RoutingState
+from dcrouter.proxy.proxyprotocol import encodeV1
+from dcrouter.proxy.routetable import CompiledRoute, PortTable
+
+
+class Captured(Protocol):
+    def __init__(self, connection):
+        self.connection = connection
+        self.data = b""
+
+    def dataReceived(self, data):
+        self.data += data
+
+
+class CaptureAction:
+    """An action that records the connections and bytes it is handed."""
+
+    name = "capture"
+
+    def __init__(self):
+        self.built = []
+
+    def parseOptions(self, options):
+        return None
+
+    def buildProtocol(self, connection, options):
+        protocol = Captured(connection)
+        self.built.append(protocol)
+        return protocol
+
+
+def clientHello(serverName=b"a.example.com"):
+    context = SSL.Context(SSL.TLS_METHOD)
+    connection = SSL.Connection(context, None)
+    connection.set_connect_state()
+    if serverName:
+        connection.set_tlsext_host_name(serverName)
+    try:
+        connection.do_handshake()
+    except SSL.WantReadError:
+        pass
+    return connection.bio_read(65536)
+
+
+def makeRouter(routes, trusted=(), limits=Limits()):
+    reactor = MemoryReactorClock()
+    table = PortTable.build(443, ("127.0.0.1",), routes)
+    state = RoutingState(
+        tables={443: table},
+        gate=Gate(limits, reactor),
+        trustedProxies=tuple(ip_network(n) for n in trusted),
+        helloTimeout=5.0,
+    )
+    return reactor, Router(reactor, state)
+
+
+def route(action, name="r", domains=(), tls="passthrough"):
+    return CompiledRoute(
+        RouteConfig(name=name, ports=(443,), domains=tuple(domains), tls=tls, action=action.name),
+        action,
+        None,
+    )
+
+
+def accept(router, peer="192.0.2.7"):
+    protocol = router.factoryFor(443).buildProtocol(None)
+    transport = StringTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 443), peerAddress=IPv4Address("TCP", peer, 5555)
+    )
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_hello_split_into_single_bytes_is_routed_by_sni_and_replayed_whole():
+    action = CaptureAction()
+    _, router = makeRouter([route(action, domains=["a.example.com"])])
+    protocol, transport = accept(router)
+    hello = clientHello()
+    for i in range(len(hello)):
+        protocol.dataReceived(hello[i : i + 1])
+    (captured,) = action.built
+    assert captured.connection.serverName == "a.example.com"
+    assert captured.data == hello
+    assert not transport.disconnecting
+
+
+def test_after_hand_off_the_transport_calls_the_action_directly():
+    action = CaptureAction()
+    _, router = makeRouter([route(action)])
+    protocol, _ = accept(router)
+    protocol.dataReceived(clientHello())
+    (captured,) = action.built
+    assert protocol.dataReceived == captured.dataReceived
+    protocol.dataReceived(b"more")
+    assert captured.data.endswith(b"more")
+
+
+def test_an_incomplete_hello_times_out_and_is_logged_as_refused():
+    action = CaptureAction()
+    reactor, router = makeRouter([route(action)])
+    protocol, transport = accept(router)
+    protocol.dataReceived(clientHello()[:20])
+    reactor.advance(4.9)
+    assert not transport.disconnecting
+    reactor.advance(0.2)
+    assert transport.disconnecting
+    assert router.refused["timeout"] == 1 and action.built == []
+
+
+def test_a_malformed_hello_never_reaches_a_route():
+    action = CaptureAction()
+    _, router = makeRouter([route(action)])
+    protocol, transport = accept(router)
+    hello = bytearray(clientHello())
+    hello[5] = 2  # a ServerHello, not a ClientHello
+    protocol.dataReceived(bytes(hello))
+    assert transport.disconnecting and action.built == []
+    assert router.refused["bad_client_hello"] == 1
+
+
+def test_plain_bytes_on_a_tls_port_go_to_a_plain_route_only():
+    tlsAction, plainAction = CaptureAction(), CaptureAction()
+    _, router = makeRouter([route(tlsAction), route(plainAction, name="plain", tls=None)])
+    protocol, _ = accept(router)
+    protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+    assert tlsAction.built == [] and plainAction.built[0].data == b"GET / HTTP/1.1\r\n"
+
+
+def test_no_route_closes_and_counts():
+    action = CaptureAction()
+    _, router = makeRouter([route(action, domains=["a.example.com"])])
+    protocol, transport = accept(router)
+    protocol.dataReceived(clientHello(b"b.example.com"))
+    assert transport.disconnecting and router.refused["no_route"] == 1
+
+
+def test_trusted_proxy_header_sets_the_client_address_seen_by_the_action():
+    action = CaptureAction()
+    _, router = makeRouter([route(action)], trusted=["192.0.2.0/24"])
+    protocol, _ = accept(router)
+    header = encodeV1(IPv4Address("TCP", "203.0.113.5", 1234), IPv4Address("TCP", "198.51.100.1", 443))
+    protocol.dataReceived(header + clientHello())
+    (captured,) = action.built
+    assert captured.connection.client.host == "203.0.113.5"
+    assert captured.data.startswith(b"\x16")
+
+
+def test_the_gate_judges_the_client_behind_a_trusted_proxy():
+    action = CaptureAction()
+    limits = Limits(ip_block=(ip_network("203.0.113.0/24"),))
+    _, router = makeRouter([route(action)], trusted=["192.0.2.0/24"], limits=limits)
+    protocol, transport = accept(router)
+    header = encodeV1(IPv4Address("TCP", "203.0.113.5", 1234), IPv4Address("TCP", "198.51.100.1", 443))
+    protocol.dataReceived(header)
+    assert transport.disconnecting and router.refused["ip_block"] == 1
+
+
+def test_a_trusted_proxy_must_send_a_header():
+    action = CaptureAction()
+    _, router = makeRouter([route(action)], trusted=["192.0.2.0/24"])
+    protocol, transport = accept(router)
+    protocol.dataReceived(clientHello())
+    assert transport.disconnecting and router.refused["bad_proxy_header"] == 1
+
+
+def test_closing_releases_the_gate():
+    action = CaptureAction()
+    _, router = makeRouter([route(action, tls=None)], limits=Limits(max_connections=1))
+    protocol, transport = accept(router)
+    assert router.state.gate.active == 1
+    protocol.connectionLost(None)
+    assert router.state.gate.active == 0 and router.connections == set()
