@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 from attrs import frozen
@@ -92,7 +92,7 @@ def _compileRoute(
         known = ", ".join(sorted(actions)) or "none installed"
         errors.add(
             f"unknown action {route.action!r} (known: {known})",
-            route.source, f"route:{route.name}", "action",
+            route.sourceOf("action"), f"route:{route.name}", "action",
         )
         return None
     options = RouteOptions(route, config.defaults)
@@ -107,7 +107,8 @@ def _compileRoute(
                 serverTLS = ServerTLS(pair, config.tls)
             except Exception as e:
                 errors.add(
-                    f"cannot use certificate: {e}", route.source, f"route:{route.name}", "cert"
+                    f"cannot use certificate: {e}",
+                    route.sourceOf("cert"), f"route:{route.name}", "cert",
                 )
     limits = route.limits
     gate = None
@@ -180,12 +181,43 @@ def needsDefaultCertificate(config: RouterConfig) -> bool:
     )
 
 
+def loadAndCompile(
+    path: str,
+    actions: dict[str, IRouteAction],
+    clock: IReactorTime,
+    defaultCertFor: Callable[[RouterConfig], Optional[CertificatePair]] = lambda config: None,
+    previous: Optional[CompiledConfig] = None,
+) -> CompiledConfig:
+    """
+    Load C{path} and compile it; raise L{ConfigErrors} with the errors of both.
+
+    When the file has errors, the routes the loader could still make out are
+    compiled anyway, so that one run reports an unknown action beside a bad
+    port; an error on a key the loader already reported is not repeated.
+    """
+    try:
+        config = loadConfig(path)
+        loadErrors: list[ConfigError] = []
+    except ConfigErrors as e:
+        if not isinstance(e.partial, RouterConfig):
+            raise
+        config, loadErrors = e.partial, e.errors
+    try:
+        compiled = compileConfig(config, actions, clock, defaultCertFor(config), previous)
+    except ConfigErrors as e:
+        reported = {(error.section, error.key) for error in loadErrors}
+        more = [error for error in e.errors if (error.section, error.key) not in reported]
+        raise ConfigErrors([*loadErrors, *more]) from None
+    if loadErrors:
+        raise ConfigErrors(loadErrors)
+    return compiled
+
+
 def checkConfigFile(path: str, actions: Optional[dict[str, IRouteAction]] = None) -> CompiledConfig:
     """Load and check C{path} as C{checkconfig} does; raise L{ConfigErrors}."""
     from twisted.internet.task import Clock
 
-    config = loadConfig(path)
-    return compileConfig(config, actions if actions is not None else loadActions(), Clock())
+    return loadAndCompile(path, actions if actions is not None else loadActions(), Clock())
 
 
 def endpointString(port: int, address: str) -> str:
@@ -229,7 +261,9 @@ class DcRouter(MultiService):
     def privilegedStartService(self) -> None:
         """Bind every listener now (as root, if started so), or fail the start."""
         if self.router is None:
-            self.compiled = self.compile(self.config, None)
+            self.compiled = compileConfig(
+                self.config, self.actions, self.reactor, self.defaultCertificate(self.config)
+            )
             self.router = Router(self.reactor, self.routingState(self.compiled))
             failures = self.listen(self.compiled.listenKeys())
             if failures:
@@ -249,11 +283,11 @@ class DcRouter(MultiService):
             listeners=", ".join(f"{a}:{p}" for p, a in sorted(self.listeners)),
         )
 
-    def compile(self, config: RouterConfig, previous: Optional[CompiledConfig]) -> CompiledConfig:
-        defaultCert = None
+    def defaultCertificate(self, config: RouterConfig) -> Optional[CertificatePair]:
+        """The self-signed certificate, made on first need, if any route needs it."""
         if needsDefaultCertificate(config):
-            defaultCert = ensureSelfSigned(config.daemon.state_dir)
-        return compileConfig(config, self.actions, self.reactor, defaultCert, previous)
+            return ensureSelfSigned(config.daemon.state_dir)
+        return None
 
     def routingState(self, compiled: CompiledConfig) -> RoutingState:
         daemon = compiled.config.daemon
@@ -304,8 +338,10 @@ class DcRouter(MultiService):
         """
         assert self.configPath is not None and self.router is not None
         try:
-            config = loadConfig(self.configPath)
-            compiled = self.compile(config, self.compiled)
+            compiled = loadAndCompile(
+                self.configPath, self.actions, self.reactor, self.defaultCertificate, self.compiled
+            )
+            config = compiled.config
         except ConfigErrors as e:
             self.logRejectedReload(e.errors)
             return False

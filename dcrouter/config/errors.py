@@ -33,10 +33,17 @@ class ConfigError:
 
 
 class ConfigErrors(Exception):
-    """Raised once, at the end of loading, carrying every error found."""
+    """
+    Raised once, at the end of loading, carrying every error found.
 
-    def __init__(self, errors: Iterable[ConfigError]) -> None:
+    @ivar partial: what the loader made of the file despite the errors (bad
+        values replaced by defaults), so that the floor above can still
+        check the rest and report its errors in the same run; or C{None}.
+    """
+
+    def __init__(self, errors: Iterable[ConfigError], partial: Optional[object] = None) -> None:
         self.errors = sorted(errors, key=lambda e: (e.source.file, e.source.line))
+        self.partial = partial
         super().__init__(self.report())
 
     def report(self) -> str:
@@ -62,6 +69,6 @@ class ErrorCollector:
     def extend(self, errors: Iterable[ConfigError]) -> None:
         self.errors.extend(errors)
 
-    def raiseIfAny(self) -> None:
+    def raiseIfAny(self, partial: Optional[object] = None) -> None:
         if self.errors:
-            raise ConfigErrors(self.errors)
+            raise ConfigErrors(self.errors, partial)

@@ -405,6 +405,9 @@ class _Loader:
                 if key not in _ROUTE_KEYS
             },
             source=section.source,
+            keySources={
+                key: value.source for key, value in section.values.items() if key in _ROUTE_KEYS
+            },
         )
 
     def certificate(
@@ -475,7 +478,7 @@ def parseConfig(text: str, path: str) -> RouterConfig:
     errors = ErrorCollector()
     sections = readIni(text, path, errors)
     config = _Loader(path, errors).load(sections)
-    errors.raiseIfAny()
+    errors.raiseIfAny(partial=config)
     return config
 
 

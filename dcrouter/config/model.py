@@ -139,6 +139,8 @@ class RouteConfig:
         C{*.suffix}; empty matches any name (and no name).
     @ivar tls: C{None} for plain TCP.
     @ivar options: the action plugin's own keys, unparsed.
+    @ivar keySources: where each common key was written, for errors found
+        above the loader (an unknown action, an unusable certificate).
     """
 
     name: str
@@ -153,6 +155,11 @@ class RouteConfig:
     limits: Limits = Limits()
     options: Mapping[str, RawValue] = field(factory=dict, converter=_rawOptions)
     source: Source = PYTHON
+    keySources: Mapping[str, Source] = field(factory=dict)
+
+    def sourceOf(self, key: str) -> Source:
+        """Where C{key} was written, or the section if it was not."""
+        return self.keySources.get(key, self.source)
 
 
 @frozen

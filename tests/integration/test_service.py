@@ -113,3 +113,19 @@ async def test_a_port_in_use_stops_the_start_with_a_clear_message():
     assert f"cannot listen on 127.0.0.1:{port}" in str(caught.value)
     assert service.listeners == {}
     await taken.stopListening()
+
+
+def test_one_run_reports_loader_and_plugin_errors_together(tmp_path):
+    from dcrouter.service import checkConfigFile
+
+    path = tmp_path / "bad.ini"
+    path.write_text(
+        "[route:web]\nports = eighty\naction = static\nstatus = 9\n"
+        "[route:api]\nports = 81\naction = foward\n"
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        checkConfigFile(str(path))
+    report = caught.value.report()
+    assert f"{path}:2: [route:web] ports: 'eighty' is not a port or range" in report
+    assert f"{path}:4: [route:web] status: 9 is out of range" in report
+    assert f"{path}:7: [route:api] action: unknown action 'foward'" in report
