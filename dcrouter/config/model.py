@@ -155,7 +155,7 @@ class RouteConfig:
     limits: Limits = Limits()
     options: Mapping[str, RawValue] = field(factory=dict, converter=_rawOptions)
     source: Source = PYTHON
-    keySources: Mapping[str, Source] = field(factory=dict)
+    keySources: Mapping[str, Source] = field(factory=dict, eq=False)
 
     def sourceOf(self, key: str) -> Source:
         """Where C{key} was written, or the section if it was not."""
