@@ -398,7 +398,9 @@ class DcRouter(MultiService):
             for connection in list(router.connections):
                 if connection.transport is not None:
                     connection.transport.abortConnection()  # type: ignore[attr-defined]
-            done.callback(None)
+            # An aborted connection is lost on the next turn of the reactor;
+            # wait for it, so that its access record is written before exit.
+            self.reactor.callLater(0, done.callback, None)
 
         check()
 

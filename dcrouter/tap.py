@@ -55,7 +55,9 @@ class _JsonLogging(MultiService):
 
     def setServiceParent(self, parent: object) -> None:
         if isinstance(parent, Componentized):
-            parent.setComponent(ILogObserver, jsonFileLogObserver(sys.stdout))
+            parent.setComponent(
+                ILogObserver, jsonFileLogObserver(sys.stdout, recordSeparator="")
+            )
         super().setServiceParent(parent)
 
 

@@ -23,6 +23,7 @@ from twisted.internet.interfaces import (
     IConnector,
     IDelayedCall,
     IHalfCloseableProtocol,
+    IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IReactorTCP,
     IReactorTime,
@@ -99,14 +100,24 @@ class _UpstreamFactory(ClientFactory):
         self.forwarder.upstreamFailed(reason)
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class _Upstream(Protocol):
-    """The target's side of a forwarded connection."""
+    """
+    The target's side of a forwarded connection.
+
+    A TLS target counts as connected only once its handshake (and with it
+    the check of its certificate) has succeeded; losing it before that is a
+    failed attempt, like a refused connect.
+    """
 
     def __init__(self, forwarder: ForwardProtocol) -> None:
         self.forwarder = forwarder
 
     def connectionMade(self) -> None:
+        if self.forwarder.options.upstreamTLS is None:
+            self.forwarder.upstreamConnected(self)
+
+    def handshakeCompleted(self) -> None:
         self.forwarder.upstreamConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -237,12 +248,9 @@ class ForwardProtocol(Protocol):
 
     def upstreamLost(self, reason: Failure) -> None:
         if self.upstream is None:
-            # The connection was made but lost before it was ours (TLS
-            # handshake failure to a re-encrypted target, or a client gone).
-            if not self.clientGone:
-                self.lastError = f"{self.record.target}: {reason.getErrorMessage()}"
-                self.record.ended = f"upstream failed: {self.lastError}"
-                self.closeClient(abort=False)
+            # Lost before it was ours: a TLS handshake to a re-encrypted
+            # target failed (or the client left meanwhile).
+            self.upstreamFailed(reason)
             return
         self.upstream = None
         if not self.clientGone:
