@@ -1,0 +1,881 @@
+#!/usr/bin/env python3
+"""
+Side-by-side TCP passthrough benchmark: dcrouter vs HAProxy vs nginx.
+
+Standard library only. Normally started by bench/run.sh (see bench/README.md).
+
+Everything runs on 127.0.0.1 with free ports, in a fresh temporary folder:
+
+  client (curl / wrk) -> proxy under test -> backend (nginx, http)
+  client (curl / wrk) -> backend directly ("direct", the reference)
+
+Proxies: HAProxy (mode tcp, nbthread 1), nginx (stream module,
+worker_processes 1), dcrouter (twistd -n dcrouter, action = forward).
+Each is started from a generated config and stopped by its PID (its
+process group, which this script created), never by name.
+
+Figures, per target, the median over the rounds:
+  bulk       MB/s (10^6 bytes/s) in one connection: curl downloads a 1 GiB
+             file again and again over one kept-alive connection for
+             --duration seconds
+  cps        short connections per second: wrk, --connections in flight,
+             'Connection: close' on every request of a small file
+  keepalive  requests/s over --connections kept-alive connections (wrk)
+Also the CPU time the proxy (its whole process group) and the client used
+per unit of work, read from /proc and getrusage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+SMALL_BODY = b"dcrouter bench: small response\n" * 4  # 128 bytes
+PROXIES = ("haproxy", "nginx", "dcrouter")
+TARGETS = ("direct", *PROXIES)
+METRICS = ("bulk", "cps", "keepalive")
+# A run during which other work used more than this share of a core is
+# "disturbed": retried (--retries), else kept and counted in the report.
+DISTURBED = 0.2
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    logfile: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def cpu_seconds(self) -> float:
+        """user+system CPU of every process in this process's group."""
+        ticks = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat.rpartition(")")[2].split()
+            # after "pid (comm)": state ppid pgrp ... utime(14) stime(15)
+            if int(fields[2]) == self.pid:
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / CLK_TCK
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.logfile.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM to the process group we created; SIGKILL after 5 s."""
+        if self.popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log(f"  {self.name} (pid {self.pid}) ignored SIGTERM; SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.popen.wait(timeout=5)
+        # nginx's workers and the like are in the same group: make sure.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and self.group_alive():
+            time.sleep(0.05)
+
+    def group_alive(self) -> bool:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.pid and fields[0] != "Z":
+                return True
+        return False
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.all: list[Proc] = []
+
+    def start(self, name: str, argv: list[str], logfile: Path, cwd: Path | None = None) -> Proc:
+        with open(logfile, "wb") as out:
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        proc = Proc(name, popen, logfile)
+        self.all.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.all):
+            proc.stop()
+        self.all.clear()
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share (0..1) of all CPUs busy over `seconds`, from /proc/stat."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals), idle
+
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return 1 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(limit: float) -> None:
+    """Wait, at most `limit` seconds, until the CPUs are < 10% busy."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and cpu_busy(1.0) > 0.10:
+        pass
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_port(port: int, proc: Proc, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def fetch(port: int, path: str, timeout: float = 5.0) -> bytes | None:
+    """A plain HTTP/1.0 GET, the body or None."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n".encode())
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200") and not head.startswith(b"HTTP/1.0 200"):
+        return None
+    return body
+
+
+# ------------------------------------------------------------------ configs
+
+
+def nginx_backend_conf(d: Path, ports: list[int], workers: int) -> str:
+    listens = "\n".join(f"        listen 127.0.0.1:{p} backlog=4096;" for p in ports)
+    return f"""\
+worker_processes {workers};
+daemon off;
+pid {d}/backend.pid;
+error_log {d}/backend.error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    client_body_temp_path {d}/tmp;
+    proxy_temp_path {d}/tmp;
+    fastcgi_temp_path {d}/tmp;
+    uwsgi_temp_path {d}/tmp;
+    scgi_temp_path {d}/tmp;
+    default_type application/octet-stream;
+    server {{
+{listens}
+        root {d}/www;
+    }}
+}}
+"""
+
+
+def nginx_proxy_conf(d: Path, port: int, backend: int) -> str:
+    return f"""\
+load_module {NGINX_STREAM_MODULE};
+worker_processes 1;
+daemon off;
+pid {d}/nginx-proxy.pid;
+error_log {d}/nginx-proxy.error.log warn;
+events {{ worker_connections 8192; }}
+stream {{
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        proxy_pass 127.0.0.1:{backend};
+    }}
+}}
+"""
+
+
+def haproxy_conf(port: int, backend: int, splice: bool) -> str:
+    extra = "    option splice-auto\n" if splice else ""
+    return f"""\
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+{extra}
+listen bench
+    bind 127.0.0.1:{port}
+    server backend 127.0.0.1:{backend}
+"""
+
+
+def dcrouter_ini(d: Path, port: int, backend: int) -> str:
+    return f"""\
+[dcrouter]
+state_dir = {d}/dcrouter-state
+
+[route:bench]
+ports = {port}
+bind = 127.0.0.1
+action = forward
+target = 127.0.0.1:{backend}
+"""
+
+
+# ------------------------------------------------------------------ clients
+
+
+def child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass
+class Sample:
+    value: float  # MB/s or requests/s
+    work: float  # GB or requests done
+    client_cpu: float  # CPU-s the client used
+    proxy_cpu: float | None  # CPU-s the proxy used (None for direct)
+    errors: str = ""
+    other_cpu: float = 0.0  # CPU-s used by nothing of this bench (cores x s)
+    disturbed: bool = False  # other_cpu above DISTURBED of a core
+    round: int = 0  # which round (0-based) it belongs to
+    steal: float = 0.0  # CPU-s the hypervisor gave to someone else
+    wall: float = 0.0
+
+
+def run_client(argv: list[str], timeout: float) -> tuple[str, int, float]:
+    before = child_cpu()
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "", -1, child_cpu() - before
+    return (
+        done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace"),
+        done.returncode,
+        child_cpu() - before,
+    )
+
+
+def measure_bulk(port: int, duration: float, size_mb: int) -> tuple[float, float, float, str]:
+    """curl fetches big.bin over and over in ONE kept-alive connection
+    (a URL glob) until `duration` has passed, then is stopped; MB/s is the
+    sum of the completed transfers' bytes over their summed times."""
+    url = f"http://127.0.0.1:{port}/big.bin?n=[1-100000]"
+    argv = [
+        "curl",
+        "-s",
+        "--max-time",
+        str(int(duration * 10 + 60)),
+        "-w",
+        "%{stderr}%{size_download} %{time_total} %{http_code} %{num_connects}\n",
+        url,
+    ]
+    expected = size_mb * 1024 * 1024
+    sizes, secs, connects, bad = 0, 0.0, 0, ""
+    before = child_cpu()
+    popen = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert popen.stderr is not None
+    start = time.monotonic()
+    # Stop once `duration` has passed and at least one transfer completed;
+    # never later than 10 x duration + 30 s.
+    hard = start + duration * 10 + 30
+    try:
+        os.set_blocking(popen.stderr.fileno(), False)
+        buf = b""
+        while not bad:
+            now = time.monotonic()
+            if (now - start >= duration and sizes) or now >= hard or popen.poll() is not None:
+                break
+            ready, _, _ = select.select([popen.stderr], [], [], 0.1)
+            if not ready:
+                continue
+            buf += popen.stderr.read() or b""
+            while b"\n" in buf:
+                line, _, buf = buf.partition(b"\n")
+                m = re.match(rb"^(\d+) ([\d.]+) (\d+) (\d+)$", line.strip())
+                if not m or m.group(3) != b"200" or int(m.group(1)) != expected:
+                    bad = "bad transfer: " + line.decode(errors="replace")[:200]
+                    break
+                sizes += int(m.group(1))
+                secs += float(m.group(2))
+                connects += int(m.group(4))
+        elapsed = time.monotonic() - start
+    finally:
+        if popen.poll() is None:
+            os.killpg(popen.pid, signal.SIGTERM)
+        popen.wait(timeout=10)
+        popen.stderr.close()
+    cpu = child_cpu() - before
+    if not sizes or not secs:
+        return 0.0, 0.0, cpu, bad or f"curl exit {popen.returncode}, no transfer completed"
+    note = bad
+    if connects > 1:
+        note = (note + "; " if note else "") + f"curl opened {connects} connections"
+    # The CPU figures (client's and proxy's) cover the whole run, the
+    # unfinished last transfer included, so the work they are divided by is
+    # the rate times the whole run's wall time, not the completed bytes.
+    rate = sizes / secs
+    return rate / 1e6, rate * elapsed / 1e9, cpu, note
+
+
+WRK_RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+WRK_TOTAL = re.compile(r"^\s*(\d+) requests in", re.M)
+WRK_ERRS = re.compile(r"Socket errors:.*|Non-2xx or 3xx responses:.*")
+
+
+def measure_wrk(
+    port: int, duration: float, conns: int, threads: int, close: bool
+) -> tuple[float, float, float, str]:
+    argv = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(conns),
+        "-d",
+        f"{max(1, round(duration))}s",
+        "--timeout",
+        "5s",
+    ]
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"http://127.0.0.1:{port}/small.txt")
+    out, rc, cpu = run_client(argv, timeout=duration + 30)
+    rps, total = WRK_RPS.search(out), WRK_TOTAL.search(out)
+    if rc != 0 or not rps or not total:
+        return 0.0, 0.0, cpu, f"wrk exit {rc}: {out.strip()[-200:]}"
+    errs = "; ".join(m.group(0).strip() for m in WRK_ERRS.finditer(out))
+    return float(rps.group(1)), float(total.group(1)), cpu, errs
+
+
+# ---------------------------------------------------------------- the bench
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    proc: Proc | None  # None for direct
+    results: dict[str, list[Sample]] = field(default_factory=dict)
+
+
+def start_proxies(
+    args: argparse.Namespace,
+    d: Path,
+    procs: Procs,
+    backend_ports: dict[str, int],
+    wanted: list[str],
+) -> tuple[list[Target], dict[str, str]]:
+    targets: list[Target] = []
+    skipped: dict[str, str] = {}
+    ports = dict(zip(PROXIES, free_ports(len(PROXIES)), strict=True))
+
+    for name in wanted:
+        # Each target reaches the backend on a port of its own, so that the
+        # TIME_WAIT sockets one target's short connections leave behind do
+        # not slow the next target's connect() (ephemeral port search).
+        backend_port = backend_ports[name]
+        port = ports.get(name, backend_port)
+        if name == "direct":
+            targets.append(Target("direct", backend_port, None))
+            continue
+        if name == "haproxy":
+            if not shutil.which("haproxy"):
+                skipped[name] = "haproxy not installed (make deps-bench)"
+                continue
+            cfg = d / "haproxy.cfg"
+            cfg.write_text(haproxy_conf(port, backend_port, args.haproxy_splice))
+            proc = procs.start(name, ["haproxy", "-db", "-f", str(cfg)], d / "haproxy.log")
+        elif name == "nginx":
+            if not shutil.which("nginx") or not os.path.exists(NGINX_STREAM_MODULE):
+                skipped[name] = (
+                    "nginx or its stream module missing (nginx-light, libnginx-mod-stream)"
+                )
+                continue
+            cfg = d / "nginx-proxy.conf"
+            cfg.write_text(nginx_proxy_conf(d, port, backend_port))
+            proc = procs.start(
+                name,
+                ["nginx", "-p", str(d), "-e", str(d / "nginx-proxy.error.log"), "-c", str(cfg)],
+                d / "nginx-proxy.log",
+            )
+        else:  # dcrouter
+            twistd = Path(args.venv) / "bin" / "twistd"
+            if not twistd.exists():
+                skipped[name] = f"{twistd} not found: run `make venv` first"
+                continue
+            ini = d / "dcrouter.ini"
+            ini.write_text(dcrouter_ini(d, port, backend_port))
+            (d / "dcrouter-state").mkdir(exist_ok=True)
+            proc = procs.start(
+                name,
+                [str(twistd), "-n", "--pidfile=", "dcrouter", "--config", str(ini)],
+                d / "dcrouter.log",
+                cwd=REPO,
+            )
+
+        if not wait_port(port, proc, args.start_timeout):
+            why = (
+                "exited"
+                if not proc.alive()
+                else f"did not listen within {args.start_timeout:.0f} s"
+            )
+            skipped[name] = f"{name} {why}; last lines of its log:\n" + "\n".join(
+                "      " + line for line in proc.tail().splitlines()
+            )
+            proc.stop()
+            continue
+        if fetch(port, "/small.txt") != SMALL_BODY:
+            skipped[name] = (
+                f"{name} listens on {port} but a GET through it "
+                "did not return the backend's small file"
+            )
+            proc.stop()
+            continue
+        targets.append(Target(name, port, proc))
+    return targets, skipped
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(user+nice+system, steal) CPU-seconds of all CPUs since boot, from
+    /proc/stat. irq/softirq time is left out: loopback traffic's softirq
+    work is not always charged to the processes that cause it."""
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    steal = vals[7] if len(vals) > 7 else 0
+    return (vals[0] + vals[1] + vals[2]) / CLK_TCK, steal / CLK_TCK
+
+
+def tcp_time_wait() -> int:
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                parts = line.split()
+                return int(parts[parts.index("tw") + 1])
+    return 0
+
+
+def run_metric(metric: str, t: Target, args: argparse.Namespace, backend: Proc) -> Sample:
+    cpu0 = t.proc.cpu_seconds() if t.proc else 0.0
+    (busy0, steal0), back0 = machine_cpu_seconds(), backend.cpu_seconds()
+    wall0 = time.monotonic()
+    if metric == "bulk":
+        value, work, ccpu, errs = measure_bulk(t.port, args.duration, args.big_mb)
+    else:
+        value, work, ccpu, errs = measure_wrk(
+            t.port, args.duration, args.connections, args.threads, close=(metric == "cps")
+        )
+    pcpu = (t.proc.cpu_seconds() - cpu0) if t.proc else None
+    wall = time.monotonic() - wall0
+    # Whatever used the CPUs meanwhile that is not the proxy, the backend or
+    # the client: other work on the machine (and this script, a little).
+    busy1, steal1 = machine_cpu_seconds()
+    other = busy1 - busy0 - (backend.cpu_seconds() - back0) - (pcpu or 0.0) - ccpu
+    return Sample(value, work, ccpu, pcpu, errs, max(0.0, other), steal=steal1 - steal0, wall=wall)
+
+
+def fmt_value(metric: str, v: float) -> str:
+    return f"{v:,.0f}" if metric != "bulk" or v >= 100 else f"{v:,.1f}"
+
+
+def report(
+    targets: list[Target],
+    skipped: dict[str, str],
+    metrics: list[str],
+    args: argparse.Namespace,
+    wanted: list[str],
+) -> dict[str, object]:
+    units = {"bulk": "MB/s", "cps": "conn/s", "keepalive": "req/s"}
+    titles = {
+        "bulk": "bulk, 1 connection",
+        "cps": f"short connections, {args.connections} in flight",
+        "keepalive": f"keep-alive requests, {args.connections} conns",
+    }
+    per = {"bulk": ("GB", 1.0), "cps": ("10k conn", 1e4), "keepalive": ("10k req", 1e4)}
+    by_name = {t.name: t for t in targets}
+    medians: dict[str, dict[str, float]] = {}
+    for t in targets:
+        medians[t.name] = {
+            m: statistics.median(s.value for s in t.results[m]) for m in metrics if t.results.get(m)
+        }
+    ref = medians.get("haproxy", {})
+    href = by_name.get("haproxy")
+
+    def per_round_ratio(m: str, samples: list[Sample]) -> float | None:
+        """Median over rounds of figure / HAProxy's figure in the same round:
+        steadier than a ratio of medians when the machine's speed drifts."""
+        if href is None:
+            return None
+        hv = {s.round: s.value for s in href.results.get(m, []) if s.value}
+        rs = [s.value / hv[s.round] for s in samples if s.round in hv]
+        return statistics.median(rs) if rs else None
+
+    def cpu_per_unit(t: Target, m: str) -> float | None:
+        samples = t.results.get(m, [])
+        work = sum(s.work for s in samples)
+        if t.proc is None or not work:
+            return None
+        return sum(s.proxy_cpu or 0 for s in samples) / work
+
+    out: dict[str, object] = {
+        "busy_before_start": args.busy,
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "connections": args.connections,
+        "wrk_threads": args.threads,
+        "haproxy_splice": args.haproxy_splice,
+        "results": {},
+    }
+    print()
+    print(f"dcrouter bench: {args.rounds} round(s) x {args.duration:g} s per figure, median shown")
+    print("vs haproxy: median over rounds of figure / HAProxy's figure in the same round")
+    print("CPU eff.: HAProxy's CPU per unit of work / this proxy's (1.00 = as frugal)")
+    print(f"(CPUs {args.busy:.0%} busy with other work before the start)")
+    for m in metrics:
+        unit, scale = per[m]
+        print()
+        print(f"{titles[m]} ({units[m]})")
+        print(
+            f"  {'target':<10} {units[m]:>12} {'vs haproxy':>10} "
+            f"{'spread':>15} {'proxy CPU-s/' + unit:>18} {'CPU eff.':>8} "
+            f"{'client CPU-s/' + unit:>19}"
+        )
+        for name in wanted:
+            found = by_name.get(name)
+            if found is None:
+                msg = "skipped" if name in skipped else "-"
+                print(f"  {name:<10} {msg:>12}")
+                continue
+            t = found
+            samples = t.results.get(m, [])
+            if not samples:
+                continue
+            med = medians[name][m]
+            rr = per_round_ratio(m, samples)
+            ratio = "-" if rr is None else f"{rr:.2f}"
+            mine = cpu_per_unit(t, m)
+            theirs = cpu_per_unit(href, m) if href else None
+            eff_v = theirs / mine if mine and theirs else None
+            eff = "-" if eff_v is None else f"{eff_v:.2f}"
+            lo = min(s.value for s in samples)
+            hi = max(s.value for s in samples)
+            spread = f"{fmt_value(m, lo)}-{fmt_value(m, hi)}" if len(samples) > 1 else ""
+            work = sum(s.work for s in samples)
+            pcpu = (
+                "-"
+                if t.proc is None or not work
+                else f"{sum(s.proxy_cpu or 0 for s in samples) / work * scale:.3f}"
+            )
+            ccpu = "-" if not work else f"{sum(s.client_cpu for s in samples) / work * scale:.3f}"
+            print(
+                f"  {name:<10} {fmt_value(m, med):>12} {ratio:>10} "
+                f"{spread:>15} {pcpu:>18} {eff:>8} {ccpu:>19}"
+            )
+            errs = sorted({s.errors for s in samples if s.errors})
+            nd = sum(s.disturbed for s in samples)
+            if nd:
+                errs.append(f"{nd} of {len(samples)} runs disturbed by other work")
+            for e in errs:
+                print(f"  {'':<10} note: {e}")
+            res = out["results"]
+            assert isinstance(res, dict)
+            res.setdefault(name, {})[m] = {
+                "median": med,
+                "samples": [s.value for s in samples],
+                "ratio_to_haproxy": rr,
+                "ratio_of_medians": (med / ref[m]) if ref.get(m) else None,
+                "cpu_efficiency_vs_haproxy": eff_v,
+                "proxy_cpu_per_unit": None if pcpu == "-" else float(pcpu),
+                "client_cpu_per_unit": None if ccpu == "-" else float(ccpu),
+                "unit": units[m],
+                "per": unit,
+                "notes": errs,
+            }
+    if skipped:
+        print()
+        for name, why in skipped.items():
+            print(f"skipped {name}: {why}")
+    out["skipped"] = skipped
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=float(os.environ.get("BENCH_DURATION", 5)),
+        help="seconds per figure (default 5)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=int(os.environ.get("BENCH_ROUNDS", 3)),
+        help="rounds, targets interleaved; median (default 3)",
+    )
+    p.add_argument("--connections", type=int, default=50)
+    p.add_argument("--threads", type=int, default=2, help="wrk threads")
+    p.add_argument(
+        "--only",
+        default=os.environ.get("BENCH_ONLY", ",".join(TARGETS)),
+        help="comma list of " + ",".join(TARGETS),
+    )
+    p.add_argument(
+        "--metrics",
+        default=os.environ.get("BENCH_METRICS", ",".join(METRICS)),
+        help="comma list of " + ",".join(METRICS),
+    )
+    p.add_argument(
+        "--big-mb",
+        type=int,
+        default=1024,
+        help="size of the bulk file in MiB (default 1024); it is "
+        "fetched repeatedly in one connection",
+    )
+    p.add_argument(
+        "--backend-workers", type=int, default=1, help="nginx backend worker_processes (default 1)"
+    )
+    p.add_argument(
+        "--haproxy-splice",
+        action="store_true",
+        default=os.environ.get("BENCH_HAPROXY_SPLICE") == "1",
+        help="add 'option splice-auto' to HAProxy",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="times to redo a run that other work on the machine disturbed (default 2)",
+    )
+    p.add_argument("--venv", default=str(REPO / ".venv"))
+    p.add_argument("--start-timeout", type=float, default=20)
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (configs, logs)")
+    args = p.parse_args()
+
+    wanted = [t for t in args.only.split(",") if t]
+    metrics = [m for m in args.metrics.split(",") if m]
+    for t in wanted:
+        if t not in TARGETS:
+            p.error(f"unknown target {t!r}")
+    for m in metrics:
+        if m not in METRICS:
+            p.error(f"unknown metric {m!r}")
+    if args.duration <= 0 or args.duration > 600 or not 1 <= args.rounds <= 20:
+        p.error("--duration must be in (0, 600] and --rounds in [1, 20]")
+    missing = [
+        tool
+        for tool, need in (
+            ("curl", "bulk" in metrics),
+            ("wrk", {"cps", "keepalive"} & set(metrics)),
+            ("nginx", True),
+        )
+        if need and not shutil.which(tool)
+    ]
+    if missing:
+        log(f"missing tools: {', '.join(missing)} (run `make deps-bench`)")
+        return 2
+
+    busy = args.busy = cpu_busy()
+    log(f"machine busy before start: {busy:.0%} of all CPUs")
+    if busy > 0.15:
+        log(
+            "WARNING: something else is using the CPUs; figures will be low "
+            "and noisy (ratios measured side by side suffer less)"
+        )
+
+    d = Path(tempfile.mkdtemp(prefix="dcrouter-bench-"))
+    d.chmod(0o755)  # nginx's workers run as nobody
+    procs = Procs()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+
+    try:
+        (d / "tmp").mkdir()
+        www = d / "www"
+        www.mkdir()
+        (www / "small.txt").write_bytes(SMALL_BODY)
+        # Real data, not a sparse file: reading holes costs the kernel a
+        # zeroed page per 4 KiB and made the backend the bottleneck. Once
+        # written, the file sits in the page cache.
+        block = os.urandom(1024 * 1024)
+        with open(www / "big.bin", "wb") as f:
+            for _ in range(args.big_mb):
+                f.write(block)
+        for path in (www, d / "tmp"):
+            path.chmod(0o755)
+        (www / "small.txt").chmod(0o644)
+        (www / "big.bin").chmod(0o644)
+
+        backend_ports = dict(zip(TARGETS, free_ports(len(TARGETS)), strict=True))
+        backend_port = backend_ports["direct"]
+        conf = d / "backend.conf"
+        conf.write_text(nginx_backend_conf(d, list(backend_ports.values()), args.backend_workers))
+        backend = procs.start(
+            "backend",
+            ["nginx", "-p", str(d), "-e", str(d / "backend.error.log"), "-c", str(conf)],
+            d / "backend.log",
+        )
+        if (
+            not wait_port(backend_port, backend, 10)
+            or fetch(backend_port, "/small.txt") != SMALL_BODY
+        ):
+            err = d / "backend.error.log"
+            log(
+                "backend nginx did not start:\n"
+                + backend.tail()
+                + "\n"
+                + (err.read_text(errors="replace") if err.exists() else "")
+            )
+            return 1
+        log(f"work dir {d}; backend nginx on 127.0.0.1:{sorted(backend_ports.values())}")
+
+        targets, skipped = start_proxies(args, d, procs, backend_ports, wanted)
+        for name, why in skipped.items():
+            log(f"SKIP {name}: {why}")
+        for t in targets:
+            log(f"  {t.name:<9} on 127.0.0.1:{t.port}" + (f" (pid {t.proc.pid})" if t.proc else ""))
+
+        total = len(targets) * len(metrics) * args.rounds
+        log(f"{total} runs of {args.duration:g} s (~{total * (args.duration + 1.5) / 60:.1f} min)")
+        for r in range(args.rounds):
+            for m in metrics:
+                # rotate the order each round so no target is always first
+                order = targets[r % len(targets) :] + targets[: r % len(targets)] if targets else []
+                for t in order:
+                    if t.proc and not t.proc.alive():
+                        log(f"  {t.name} died; see {t.proc.logfile}")
+                        continue
+                    for attempt in range(1 + args.retries):
+                        tw = tcp_time_wait()
+                        s = run_metric(m, t, args, backend)
+                        s.round = r
+                        other = s.other_cpu / max(s.wall, 0.001)
+                        steal = s.steal / max(s.wall, 0.001)
+                        s.disturbed = other > DISTURBED
+                        log(
+                            f"  round {r + 1} {m:<9} {t.name:<9} {fmt_value(m, s.value):>10}"
+                            f"   other CPU {other:4.0%}, steal {steal:4.0%} of a core,"
+                            f" {tw} TIME_WAIT before" + (f"  ({s.errors})" if s.errors else "")
+                        )
+                        time.sleep(1.0)  # let TIME_WAIT and queues settle
+                        if not s.disturbed:
+                            break
+                        if attempt < args.retries:
+                            log("    something else used the CPUs meanwhile; waiting, then again")
+                            wait_quiet(30)
+                        else:
+                            log("    something else used the CPUs meanwhile; kept, marked")
+                    t.results.setdefault(m, []).append(s)
+
+        result = report(targets, skipped, metrics, args, wanted)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    except KeyboardInterrupt as e:
+        log(f"interrupted ({e}); stopping everything")
+        return 130
+    finally:
+        procs.stop_all()
+        if args.keep:
+            log(f"kept {d}")
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
