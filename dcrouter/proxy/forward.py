@@ -118,7 +118,10 @@ class _Upstream(Protocol):
             self.forwarder.upstreamConnected(self)
 
     def handshakeCompleted(self) -> None:
-        self.forwarder.upstreamConnected(self)
+        # Twisted 22.4 reports completion even when the name check failed
+        # and the connection is already being aborted.
+        if self.transport is not None and not self.transport.disconnecting:  # type: ignore[attr-defined]
+            self.forwarder.upstreamConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
         forwarder = self.forwarder
@@ -244,7 +247,7 @@ class ForwardProtocol(Protocol):
         if transport is None:
             return
         if self.clientHalfClosed or not halfClose(transport):
-            transport.loseConnection()
+            self.closeClient(abort=False)
 
     def upstreamLost(self, reason: Failure) -> None:
         if self.upstream is None:
@@ -272,6 +275,9 @@ class ForwardProtocol(Protocol):
         transport = self.transport
         if transport is None or self.clientGone:
             return
+        # Twisted's TLS transport will not shut down while a producer is
+        # registered on it: the client would wait for the idle timeout.
+        transport.unregisterProducer()  # type: ignore[attr-defined]
         if abort:
             transport.abortConnection()  # type: ignore[attr-defined]
         else:
@@ -279,6 +285,7 @@ class ForwardProtocol(Protocol):
 
     def closeUpstream(self) -> None:
         if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.upstream.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
