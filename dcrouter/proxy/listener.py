@@ -24,6 +24,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -37,6 +38,8 @@ from dcrouter.proxy.tls import wrapServer
 
 if TYPE_CHECKING:
     from dcrouter.config.model import IPNetwork
+
+log = Logger()
 
 _MAX_HELLO = 16384
 
@@ -275,10 +278,17 @@ class RoutingProtocol(Protocol):
         connection = RoutedConnection(
             self.router.reactor, config, self.client, self.server, serverName, alpn, record
         )
-        inner = route.action.buildProtocol(connection, route.options)
-        if route.serverTLS is not None and config.tls in ("terminate", "terminate-and-reencrypt"):
-            inner = wrapServer(route.serverTLS, inner, clock=self.router.reactor)
-        self.handOff(inner, pending, isTLS)
+        try:
+            inner = route.action.buildProtocol(connection, route.options)
+            if route.serverTLS is not None and config.tls in (
+                "terminate", "terminate-and-reencrypt"
+            ):
+                inner = wrapServer(route.serverTLS, inner, clock=self.router.reactor)
+            self.handOff(inner, pending, isTLS)
+        except Exception:
+            log.failure("action {action!r} of [route:{route}] failed", action=config.action,
+                        route=config.name)
+            self.refuse("action_error", f"action {config.action!r} failed")
 
     def handOff(self, inner: IProtocol, pending: bytes, isTLS: bool) -> None:
         """
@@ -350,8 +360,12 @@ class RoutingProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.cancelTimer()
         phase, self.phase = self.phase, _CLOSED
-        if self.inner is not None:
-            self.inner.connectionLost(reason)
+        try:
+            if self.inner is not None:
+                self.inner.connectionLost(reason)
+        except Exception:
+            route = self.record.route if self.record is not None else None
+            log.failure("connectionLost of [route:{route}] failed", route=route)
         if self.admitted:
             self.state.gate.release(self.clientIP)
         if self.routeGate is not None:

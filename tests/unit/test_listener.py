@@ -183,3 +183,18 @@ def test_closing_releases_the_gate():
     assert router.state.gate.active == 1
     protocol.connectionLost(None)
     assert router.state.gate.active == 0 and router.connections == set()
+
+
+class BrokenAction(CaptureAction):
+    name = "broken"
+
+    def buildProtocol(self, connection, options):
+        raise RuntimeError("plugin bug")
+
+
+def test_an_action_that_raises_is_refused_and_releases_the_gate():
+    _, router = makeRouter([route(BrokenAction(), tls=None)], limits=Limits(max_connections=1))
+    protocol, transport = accept(router)
+    assert transport.disconnecting and router.refused["action_error"] == 1
+    protocol.connectionLost(None)
+    assert router.state.gate.active == 0
