@@ -30,7 +30,7 @@ IPAddress = Union[IPv4Address, IPv6Address]
 # One dict lookup per distinct prefix length: ((shift, {network >> shift}), ...).
 _Table = tuple[tuple[int, frozenset[int]], ...]
 
-_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 _V4_MAPPED_HIGH = 0xFFFF  # the top 96 bits of ::ffff:0:0/96, as an int
 _V6_CLIENT_SHIFT = 64  # IPv6 clients are accounted per /64 (see the module docstring)
 _V6_KEY_TAG = 1 << 64  # sets IPv6 /64 keys apart from IPv4 keys (< 2**32)
@@ -54,7 +54,7 @@ def clientIP(addr: Optional[IAddress]) -> Optional[IPAddress]:
         return IPv4Address(_pton(socket.AF_INET, addr.host))
     if isinstance(addr, address.IPv6Address):
         packed = _pton(socket.AF_INET6, addr.host.partition("%")[0])
-        if packed[:12] == _V4_MAPPED_PREFIX:
+        if packed[:12] == V4_MAPPED_PREFIX:
             return IPv4Address(packed[12:])
         return IPv6Address(packed)
     return None

@@ -31,9 +31,9 @@ from zope.interface import implementer
 from dcrouter.interfaces import IRoutedConnection
 from dcrouter.ops.accesslog import ConnectionRecord, formatAddress
 from dcrouter.proxy.clienthello import ClientHelloReader, MalformedHello, NotTLS
-from dcrouter.proxy.gate import Gate, clientIP
+from dcrouter.proxy.gate import Gate, IPAddress, clientIP
 from dcrouter.proxy.proxyprotocol import ProxyHeaderError, ProxyHeaderReader, looksLikeProxyHeader
-from dcrouter.proxy.routetable import IPAddress, PortTable
+from dcrouter.proxy.routetable import PortTable
 from dcrouter.proxy.tls import wrapServer
 
 if TYPE_CHECKING:

@@ -33,14 +33,13 @@ from twisted.internet.interfaces import IAddress
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v2parser import V2Parser
 
-from dcrouter.proxy.gate import IPAddress, clientIP
+from dcrouter.proxy.gate import V4_MAPPED_PREFIX, IPAddress, clientIP
 
 V1_MAX_LENGTH = 107  # the longest v1 line the spec allows, CRLF included
 V1_PREFIX = b"PROXY "
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V2_FIXED = 16  # signature, version/command, family/protocol, length
 _V2_VERSION = 0x20
-_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 TwistedIPAddress = Union[address.IPv4Address, address.IPv6Address]
 
@@ -262,4 +261,4 @@ def _v6Text(ip: IPAddress) -> str:
 
 
 def _v6Packed(ip: IPAddress) -> bytes:
-    return ip.packed if ip.version == 6 else _V4_MAPPED_PREFIX + ip.packed
+    return ip.packed if ip.version == 6 else V4_MAPPED_PREFIX + ip.packed

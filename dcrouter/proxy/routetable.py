@@ -11,15 +11,13 @@ once per connection.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from ipaddress import IPv4Address, IPv6Address
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from attrs import frozen
 
 from dcrouter.config.model import IPNetwork, RouteConfig
 from dcrouter.interfaces import IRouteAction
-
-IPAddress = Union[IPv4Address, IPv6Address]
+from dcrouter.proxy.gate import IPAddress
 
 _EXACT, _WILDCARD, _ANY = 2, 1, 0
 
