@@ -112,16 +112,38 @@ class _Upstream(Protocol):
 
     def __init__(self, forwarder: ForwardProtocol) -> None:
         self.forwarder = forwarder
+        self.handshakeTimer: Optional[IDelayedCall] = None
+        self.handshakeTimedOut = False
 
     def connectionMade(self) -> None:
-        if self.forwarder.options.upstreamTLS is None:
-            self.forwarder.upstreamConnected(self)
+        forwarder = self.forwarder
+        if forwarder.options.upstreamTLS is None:
+            forwarder.upstreamConnected(self)
+            return
+        # The TLS handshake counts against connect_timeout too: a target
+        # that accepts and then says nothing must not hold the client.
+        forwarder.handshaking = self
+        self.handshakeTimer = forwarder.reactor.callLater(
+            forwarder.options.connectTimeout, self.handshakeTimeout
+        )
+
+    def handshakeTimeout(self) -> None:
+        self.handshakeTimer = None
+        self.handshakeTimedOut = True
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
+        self.cancelHandshakeTimer()
         # Twisted 22.4 reports completion even when the name check failed
         # and the connection is already being aborted.
         if self.transport is not None and not self.transport.disconnecting:  # type: ignore[attr-defined]
+            self.forwarder.handshaking = None
             self.forwarder.upstreamConnected(self)
+
+    def cancelHandshakeTimer(self) -> None:
+        if self.handshakeTimer is not None and self.handshakeTimer.active():
+            self.handshakeTimer.cancel()
+        self.handshakeTimer = None
 
     def dataReceived(self, data: bytes) -> None:
         forwarder = self.forwarder
@@ -136,6 +158,12 @@ class _Upstream(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.cancelHandshakeTimer()
+        if self.forwarder.handshaking is self:
+            self.forwarder.handshaking = None
+        if self.handshakeTimedOut:
+            timeout = self.forwarder.options.connectTimeout
+            reason = Failure(TimeoutError(f"TLS handshake took longer than {timeout:g}s"))
         self.forwarder.upstreamLost(reason)
 
 
@@ -155,6 +183,8 @@ class ForwardProtocol(Protocol):
         self.reactor: IReactorTime = connection.reactor
         self.candidates = pool.order()
         self.upstream: Optional[_Upstream] = None
+        self.handshaking: Optional[_Upstream] = None
+        self.upstreamDone = False
         self.early: list[bytes] = []
         self.earlySize = 0
         self.clientPaused = False
@@ -235,14 +265,17 @@ class ForwardProtocol(Protocol):
     def readConnectionLost(self) -> None:
         """The client will send no more: tell the upstream, keep reading it."""
         self.clientHalfClosed = True
-        if self.upstream is not None:
+        if self.upstreamDone:
+            self.closeClient(abort=False)
+        elif self.upstream is not None:
             halfClose(self.upstream.transport)  # type: ignore[arg-type]
 
     def writeConnectionLost(self) -> None:
-        self.closeUpstream()
+        """Our half-close towards the client is done; it may still send."""
 
     def upstreamHalfClosed(self) -> None:
         """The upstream will send no more: pass the half-close to the client."""
+        self.upstreamDone = True
         transport = self.transport
         if transport is None:
             return
@@ -300,4 +333,7 @@ class ForwardProtocol(Protocol):
                 self.connector.stopConnecting()
             except NotConnectingError:
                 pass
+        self.connector = None
+        if self.handshaking is not None:
+            self.handshaking.transport.abortConnection()  # type: ignore[union-attr]
         self.closeUpstream()

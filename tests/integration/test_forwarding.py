@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest_twisted
 from twisted.internet import defer, reactor, task
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import globalLogPublisher
+from zope.interface import implementer
 
 from dcrouter.config.model import Defaults, HostPort, Limits, RouteConfig
 from dcrouter.proxy.proxyprotocol import encodeV1
@@ -257,3 +259,111 @@ async def test_stop_drains_then_closes():
     await client.closed
     assert reactor.seconds() - started >= 0.25
     await listening.stopListening()
+
+
+@implementer(IHalfCloseableProtocol)
+class SaysByeFirst(Recorder):
+    """Answers at once, shuts its write side, and keeps reading until EOF."""
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.transport.write(b"bye")
+        self.transport.loseWriteConnection()
+
+    def readConnectionLost(self):
+        self.halfClosed.callback(self.received)
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+
+@implementer(IHalfCloseableProtocol)
+class TalksAfterEOF(Recorder):
+    """On the server's EOF, sends a last word and half-closes too."""
+
+    def readConnectionLost(self):
+        self.halfClosed.callback(self.received)
+        self.transport.write(b"late words")
+        self.transport.loseWriteConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_bytes_after_the_upstream_half_closed_still_arrive():
+    backend = Backend(echo=False, protocolClass=SaysByeFirst)
+    backend, listening, service, port = await backendAndRouter(backend)
+    client = await connect(port, TalksAfterEOF())
+    assert await client.halfClosed == b"bye"
+    server = await backend.connected
+    assert await server.halfClosed == b"late words"
+    await server.closed
+    # Both of the client's directions are shut; only it can close the socket.
+    client.transport.loseConnection()
+    await client.closed
+    await stop(service, listening)
+
+
+async def reencryptTo(target, tmp_path, connectTimeout):
+    from dcrouter.config.model import DaemonSettings
+
+    route = RouteConfig(
+        name="re", ports=(0,), action="forward", tls="terminate-and-reencrypt",
+        options={"target": str(target), "backend_verify": "no",
+                 "connect_timeout": f"{connectTimeout}s"},
+    )
+    daemon = DaemonSettings(drain_timeout=0.0, hello_timeout=2.0, state_dir=str(tmp_path))
+    return await startRouter(route, daemon=daemon)
+
+
+async def connectTLS(port):
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+
+    from dcrouter.proxy.tls import clientTLS
+
+    endpoint = wrapClientTLS(
+        clientTLS("localhost", verify=False), TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    )
+    client = Recorder()
+    await connectProtocol(endpoint, client)
+    client.transport.write(b"hello")
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_target_stalling_the_reencrypt_handshake_is_bounded_by_connect_timeout(tmp_path):
+    records = []
+    observer = lambda event: records.append(event) if event.get("log_namespace") == "dcrouter.access" else None
+    globalLogPublisher.addObserver(observer)
+    silent = Backend(echo=False)
+    listening = await listen(silent)
+    try:
+        service, port = await reencryptTo(
+            HostPort("127.0.0.1", listening.getHost().port), tmp_path, 0.3
+        )
+        started = reactor.seconds()
+        client = await connectTLS(port)
+        stalled = await silent.connected
+        await defer.gatherResults([client.closed, stalled.closed])
+        assert reactor.seconds() - started < 5
+        await stop(service, listening)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    (record,) = records
+    assert "TLS handshake took longer than 0.3s" in record["ended"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_aborts_the_pending_reencrypt_handshake(tmp_path):
+    silent = Backend(echo=False)
+    listening = await listen(silent)
+    service, port = await reencryptTo(
+        HostPort("127.0.0.1", listening.getHost().port), tmp_path, 60
+    )
+    client = await connectTLS(port)
+    stalled = await silent.connected
+    client.transport.abortConnection()
+    await stalled.closed.addTimeout(5, reactor)
+    await stop(service, listening)
