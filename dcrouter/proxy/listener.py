@@ -13,13 +13,16 @@ the byte path pays nothing for it.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Optional
 
 from attrs import define
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
+    IHandshakeListener,
     IProtocol,
     IReactorTime,
 )
@@ -32,7 +35,7 @@ from dcrouter.interfaces import IRoutedConnection
 from dcrouter.ops.accesslog import ConnectionRecord, formatAddress
 from dcrouter.proxy.clienthello import ClientHelloReader, MalformedHello, NotTLS
 from dcrouter.proxy.gate import Gate, IPAddress, clientIP
-from dcrouter.proxy.proxyprotocol import ProxyHeaderError, ProxyHeaderReader, looksLikeProxyHeader
+from dcrouter.proxy.proxyprotocol import ProxyHeaderError, ProxyHeaderReader, proxyHeaderVerdict
 from dcrouter.proxy.routetable import PortTable
 from dcrouter.proxy.tls import wrapServer
 
@@ -114,14 +117,40 @@ class RoutedConnection:
     record: ConnectionRecord
 
 
-def _isProxyHeader(data: bytes) -> bool:
+@implementer(IHandshakeListener)
+class _AfterHandshake(Protocol):
     """
-    Do these first bytes of a plain connection start a PROXY header?
+    Stands in for the action until the client's TLS handshake is done.
 
-    Judged on six bytes or more, so that a slow client whose first segment
-    is C{b"P"} is not refused; a header cut that short is passed on as data.
+    The action (and with it any upstream connection) starts only for a
+    client that completed the handshake, within the hello timeout; then the
+    TLS layer is pointed straight at the action's protocol.
     """
-    return len(data) >= 6 and looksLikeProxyHeader(data)
+
+    def __init__(self, routing: RoutingProtocol, build: Callable[[], IProtocol]) -> None:
+        self.routing = routing
+        self.build = build
+
+    def handshakeCompleted(self) -> None:
+        routing = self.routing
+        routing.cancelTimer()
+        tls: Any = self.transport
+        if tls is None or tls.disconnecting:
+            return
+        try:
+            inner = self.build()
+        except Exception:
+            routing.actionFailed()
+            return
+        tls.wrappedProtocol = inner
+        inner.makeConnection(tls)
+        if IHandshakeListener.providedBy(inner):
+            inner.handshakeCompleted()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        record = self.routing.record
+        if record is not None and record.ended is None:
+            record.ended = f"TLS handshake failed: {reason.getErrorMessage()}"
 
 
 _ACCEPTED, _PROXY, _HELLO, _ROUTED, _CLOSED = range(5)
@@ -141,7 +170,8 @@ class RoutingProtocol(Protocol):
         self.state = state
         self.table = table
         self.phase = _ACCEPTED
-        self.buffer = b""
+        self.waitingFor = ""
+        self.received: list[bytes] = []
         self.inner: Optional[IProtocol] = None
         self.clientIP: Optional[IPAddress] = None
         self.admitted = False
@@ -168,11 +198,11 @@ class RoutingProtocol(Protocol):
         if self.state.trustedProxies and self.state.trusts(ip):
             self.phase = _PROXY
             self.proxyReader = ProxyHeaderReader()
-            self.startTimer()
+            self.startTimer("PROXY header")
         elif self.table.needsHello:
             self.phase = _HELLO
             self.helloReader = ClientHelloReader(_MAX_HELLO)
-            self.startTimer()
+            self.startTimer("ClientHello")
         else:
             self.route(None, (), isTLS=False)
 
@@ -185,13 +215,17 @@ class RoutingProtocol(Protocol):
         self.admitted = True
         return True
 
-    def startTimer(self) -> None:
+    def startTimer(self, waitingFor: str) -> None:
+        """Give the client C{hello_timeout} for C{waitingFor}; the clock restarts."""
+        self.cancelTimer()
+        self.waitingFor = waitingFor
         self.timer = self.router.reactor.callLater(self.state.helloTimeout, self.timedOut)
 
     def timedOut(self) -> None:
         self.timer = None
-        waiting = "PROXY header" if self.phase == _PROXY else "ClientHello"
-        self.refuse("timeout", f"no complete {waiting} within {self.state.helloTimeout:g}s")
+        self.refuse(
+            "timeout", f"no complete {self.waitingFor} within {self.state.helloTimeout:g}s"
+        )
 
     def dataReceived(self, data: bytes) -> None:
         if self.phase == _PROXY:
@@ -225,6 +259,7 @@ class RoutingProtocol(Protocol):
         if self.table.needsHello:
             self.phase = _HELLO
             self.helloReader = ClientHelloReader(_MAX_HELLO)
+            self.waitingFor = "ClientHello"
             if rest:
                 self.readHello(rest)
         else:
@@ -233,12 +268,12 @@ class RoutingProtocol(Protocol):
 
     def readHello(self, data: bytes) -> None:
         assert self.helloReader is not None
-        self.buffer += data
+        self.received.append(data)
         try:
             hello = self.helloReader.feed(data)
         except NotTLS:
             self.cancelTimer()
-            self.route(None, (), isTLS=False, pending=self.buffer)
+            self.route(None, (), isTLS=False, pending=b"".join(self.received))
             return
         except MalformedHello as e:
             self.refuse("bad_client_hello", str(e))
@@ -246,7 +281,7 @@ class RoutingProtocol(Protocol):
         if hello is None:
             return
         self.cancelTimer()
-        self.route(hello.serverName, hello.alpn, isTLS=True, pending=self.buffer)
+        self.route(hello.serverName, hello.alpn, isTLS=True, pending=b"".join(self.received))
 
     def route(
         self,
@@ -260,7 +295,7 @@ class RoutingProtocol(Protocol):
         assert record is not None and self.transport is not None
         record.sni = serverName
         self.helloReader = None
-        self.buffer = b""
+        self.received = []
         route = self.table.match(serverName, self.clientIP, isTLS)
         if route is None:
             self.refuse("no_route", self.describeMiss(serverName, isTLS))
@@ -278,45 +313,69 @@ class RoutingProtocol(Protocol):
         connection = RoutedConnection(
             self.router.reactor, config, self.client, self.server, serverName, alpn, record
         )
+        action, options = route.action, route.options
+        inner: IProtocol
         try:
-            inner = route.action.buildProtocol(connection, route.options)
             if route.serverTLS is not None and config.tls in (
                 "terminate", "terminate-and-reencrypt"
             ):
-                inner = wrapServer(route.serverTLS, inner, clock=self.router.reactor)
+                self.startTimer("TLS handshake")
+                waiter = _AfterHandshake(
+                    self, lambda: action.buildProtocol(connection, options)
+                )
+                inner = wrapServer(route.serverTLS, waiter, clock=self.router.reactor)
+            else:
+                inner = action.buildProtocol(connection, options)
             self.handOff(inner, pending, isTLS)
         except Exception:
-            log.failure("action {action!r} of [route:{route}] failed", action=config.action,
-                        route=config.name)
-            self.refuse("action_error", f"action {config.action!r} failed")
+            self.actionFailed()
+
+    def actionFailed(self) -> None:
+        """The route's action raised: log it with its traceback, refuse."""
+        record = self.record
+        assert record is not None
+        log.failure("action {action!r} of [route:{route}] failed", action=record.action,
+                    route=record.route)
+        self.refuse("action_error", f"action {record.action!r} failed")
 
     def handOff(self, inner: IProtocol, pending: bytes, isTLS: bool) -> None:
         """
         Connect C{inner} to the transport and deliver what routing read.
 
-        Plain connections get one look at their first bytes (here, or in
-        L{firstData} if routing read none), so that a PROXY header that no
-        trusted proxy sent is refused rather than passed on.
+        The first bytes of a plain connection pass through L{firstData}, so
+        that a PROXY header that no trusted proxy sent is refused rather than
+        passed on, however it is split.
         """
-        if not isTLS and _isProxyHeader(pending):
+        if not isTLS and proxyHeaderVerdict(pending):
             self.refuseProxyHeader()
             return
         self.phase = _ROUTED
         self.inner = inner
-        if pending or isTLS:
+        if isTLS:
             self.dataReceived = inner.dataReceived  # type: ignore[method-assign]
         else:
             self.dataReceived = self.firstData  # type: ignore[method-assign]
         assert self.transport is not None
         inner.makeConnection(self.transport)
         if pending and self.phase == _ROUTED:
-            inner.dataReceived(pending)
+            self.dataReceived(pending)
 
     def firstData(self, data: bytes) -> None:
         assert self.inner is not None
-        if _isProxyHeader(data):
+        if self.received:
+            self.received.append(data)
+            data = b"".join(self.received)
+        verdict = proxyHeaderVerdict(data)
+        if verdict:
             self.refuseProxyHeader()
             return
+        if verdict is None:
+            self.received = [data]
+            if self.timer is None:
+                self.startTimer("first bytes")
+            return
+        self.cancelTimer()
+        self.received = []
         self.dataReceived = self.inner.dataReceived  # type: ignore[method-assign]
         self.inner.dataReceived(data)
 

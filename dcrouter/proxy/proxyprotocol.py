@@ -71,22 +71,25 @@ class ProxyInfo:
     destination: Optional[TwistedIPAddress]
 
 
-def looksLikeProxyHeader(data: bytes) -> bool:
+def proxyHeaderVerdict(data: bytes) -> Optional[bool]:
     """
-    Could C{data}, the first bytes of a connection, be a PROXY header?
+    Do these first bytes of a connection start a PROXY header?
 
-    True when C{data} starts with C{"PROXY "} or the v2 signature, and also
-    when C{data} is shorter than these and is a prefix of one (C{b"PRO"},
-    C{b"\\r\\n"}): a header split across segments is still caught, at the
-    price of refusing a client whose whole first segment is such a prefix.
-    False for empty C{data}: there is nothing to judge yet.
+    C{True} when C{data} starts with C{"PROXY "} or the v2 signature;
+    C{None} while it is a strict prefix of one (C{b"PROX"}, C{b"\\r\\n"}), so
+    that a caller holds such bytes until the next ones decide and a header
+    split across segments cannot slip past it; C{False} otherwise.
     """
     first = data[:1]
     if first == b"P":
-        return data[:6] == V1_PREFIX[: len(data)]
-    if first == b"\r":
-        return data[:12] == V2_SIGNATURE[: len(data)]
-    return False
+        signature = V1_PREFIX
+    elif first == b"\r":
+        signature = V2_SIGNATURE
+    else:
+        return False
+    if data[: len(signature)] != signature[: len(data)]:
+        return False
+    return True if len(data) >= len(signature) else None
 
 
 class ProxyHeaderReader:

@@ -198,3 +198,114 @@ def test_an_action_that_raises_is_refused_and_releases_the_gate():
     assert transport.disconnecting and router.refused["action_error"] == 1
     protocol.connectionLost(None)
     assert router.state.gate.active == 0
+
+
+def test_an_untrusted_proxy_header_split_after_four_bytes_is_still_refused():
+    action = CaptureAction()
+    _, router = makeRouter([route(action, tls=None)])
+    protocol, transport = accept(router)
+    header = encodeV1(IPv4Address("TCP", "203.0.113.5", 1234), IPv4Address("TCP", "198.51.100.1", 443))
+    protocol.dataReceived(header[:4])
+    (captured,) = action.built
+    assert captured.data == b"" and not transport.disconnecting
+    protocol.dataReceived(header[4:] + b"GET / HTTP/1.1\r\n")
+    assert transport.disconnecting and router.refused["untrusted_proxy_header"] == 1
+    assert captured.data == b""
+
+
+def test_first_bytes_that_only_start_like_a_proxy_header_are_delivered_whole():
+    action = CaptureAction()
+    _, router = makeRouter([route(action, tls=None)])
+    protocol, transport = accept(router)
+    protocol.dataReceived(b"P")
+    protocol.dataReceived(b"OST / HTTP/1.1\r\n")
+    (captured,) = action.built
+    assert captured.data == b"POST / HTTP/1.1\r\n" and not transport.disconnecting
+    assert protocol.dataReceived == captured.dataReceived
+
+
+def test_a_proxy_prefix_that_stalls_times_out():
+    action = CaptureAction()
+    reactor, router = makeRouter([route(action, tls=None)])
+    protocol, transport = accept(router)
+    protocol.dataReceived(b"PROX")
+    reactor.advance(5.1)
+    assert transport.disconnecting and router.refused["timeout"] == 1
+    assert protocol.record.ended == "refused: no complete first bytes within 5s"
+
+
+def terminatingRoute(action, tmp_path):
+    from dcrouter.config.model import TlsSettings
+    from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
+
+    serverTLS = ServerTLS(ensureSelfSigned(str(tmp_path)), TlsSettings())
+    config = RouteConfig(name="t", ports=(443,), tls="terminate", action=action.name)
+    return CompiledRoute(config, action, None, serverTLS)
+
+
+def tlsClient():
+    connection = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    connection.set_connect_state()
+    connection.set_tlsext_host_name(b"localhost")
+    return connection
+
+
+def readOut(client):
+    try:
+        return client.bio_read(65536)
+    except SSL.WantReadError:
+        return b""
+
+
+def pump(client, protocol, transport):
+    """Run the TLS handshake between an in-memory client and the router."""
+    for _ in range(10):
+        try:
+            client.do_handshake()
+            done = True
+        except SSL.WantReadError:
+            done = False
+        out = readOut(client)
+        if out:
+            protocol.dataReceived(out)
+        answer = transport.value()
+        transport.clear()
+        if answer:
+            client.bio_write(answer)
+        if done and not out and not answer:
+            return
+
+
+def test_a_terminating_route_starts_its_action_only_after_the_handshake(tmp_path):
+    action = CaptureAction()
+    _, router = makeRouter([terminatingRoute(action, tmp_path)])
+    protocol, transport = accept(router)
+    client = tlsClient()
+    try:
+        client.do_handshake()
+    except SSL.WantReadError:
+        pass
+    protocol.dataReceived(client.bio_read(65536))
+    assert action.built == []
+    client.bio_write(transport.value())
+    transport.clear()
+    pump(client, protocol, transport)
+    (captured,) = action.built
+    client.write(b"hello")
+    protocol.dataReceived(client.bio_read(65536))
+    assert captured.data == b"hello"
+
+
+def test_a_stalled_client_handshake_times_out_without_starting_the_action(tmp_path):
+    action = CaptureAction()
+    reactor, router = makeRouter([terminatingRoute(action, tmp_path)])
+    protocol, transport = accept(router)
+    client = tlsClient()
+    try:
+        client.do_handshake()
+    except SSL.WantReadError:
+        pass
+    protocol.dataReceived(client.bio_read(65536))
+    reactor.advance(5.1)
+    assert transport.disconnecting and action.built == []
+    assert protocol.record.ended == "refused: no complete TLS handshake within 5s"

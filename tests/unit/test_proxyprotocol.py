@@ -17,7 +17,7 @@ from dcrouter.proxy.proxyprotocol import (
     ProxyHeaderReader,
     encodeV1,
     encodeV2,
-    looksLikeProxyHeader,
+    proxyHeaderVerdict,
 )
 
 SRC4 = address.IPv4Address("TCP", "192.0.2.1", 51000)
@@ -267,19 +267,21 @@ def test_v2BadVersionFailsBeforeTheLength() -> None:
     refused(V2_SIGNATURE + b"\x10")
 
 
-# looksLikeProxyHeader
+# proxyHeaderVerdict
 
 
-@pytest.mark.parametrize(
-    "data",
-    [b"PROXY TCP4 ", b"PROXY ", b"PRO", b"P", V2_SIGNATURE + b"\x21", b"\r\n\r\n", b"\r"],
-)
-def test_looksLikeProxyHeader(data) -> None:
-    assert looksLikeProxyHeader(data)
+@pytest.mark.parametrize("data", [b"PROXY TCP4 ", b"PROXY ", V2_SIGNATURE + b"\x21", V2_SIGNATURE])
+def test_aProxyHeader(data) -> None:
+    assert proxyHeaderVerdict(data) is True
+
+
+@pytest.mark.parametrize("data", [b"PROX", b"P", b"\r\n\r\n", b"\r", V2_SIGNATURE[:-1]])
+def test_aStrictPrefixIsUndecided(data) -> None:
+    assert proxyHeaderVerdict(data) is None
 
 
 @pytest.mark.parametrize(
     "data", [b"", b"PROXYTCP4", b"POST / HTTP/1.1", b"\r\n\r\nx", b"\x16\x03\x01", b"EHLO x\r\n"]
 )
-def test_doesNotLookLikeProxyHeader(data) -> None:
-    assert not looksLikeProxyHeader(data)
+def test_notAProxyHeader(data) -> None:
+    assert proxyHeaderVerdict(data) is False
