@@ -255,6 +255,7 @@ class DcRouter(MultiService):
         self.router: Optional[Router] = None
         self.listeners: dict[ListenKey, IListeningPort] = {}
         self.previousHangup: Any = None
+        self.stopping = False
 
     # Starting
 
@@ -337,6 +338,9 @@ class DcRouter(MultiService):
         as it was, and every reason is logged.
         """
         assert self.configPath is not None and self.router is not None
+        if self.stopping:
+            log.info("dcrouter is stopping; reload of {path} ignored", path=self.configPath)
+            return False
         try:
             compiled = loadAndCompile(
                 self.configPath, self.actions, self.reactor, self.defaultCertificate, self.compiled
@@ -344,6 +348,11 @@ class DcRouter(MultiService):
             config = compiled.config
         except ConfigErrors as e:
             self.logRejectedReload(e.errors)
+            return False
+        except Exception:
+            # A plugin's bug, or the state directory unwritable: the running
+            # configuration stays, and the traceback says why.
+            log.failure("dcrouter reload of {path} failed", path=self.configPath)
             return False
         assert self.compiled is not None
         oldKeys, newKeys = self.compiled.listenKeys(), compiled.listenKeys()
@@ -373,13 +382,20 @@ class DcRouter(MultiService):
     def stopService(self) -> Deferred[None]:
         """Stop accepting, let connections finish for C{drain_timeout}, then close them."""
         super().stopService()
-        if self.previousHangup is not None:
-            signal.signal(signal.SIGHUP, self.previousHangup)
-            self.previousHangup = None
+        # SIGHUP stays ours until the drain is over: the default action
+        # would kill the process and cut the connections being drained.
+        self.stopping = True
         done: Deferred[None] = Deferred()
+        done.addCallback(self.restoreHangup)
         closing = self.closeListeners(list(self.listeners))
         closing.addCallback(lambda _: self.drain(done))
         return done
+
+    def restoreHangup(self, result: None) -> None:
+        if self.previousHangup is not None:
+            signal.signal(signal.SIGHUP, self.previousHangup)
+            self.previousHangup = None
+        self.stopping = False
 
     def drain(self, done: Deferred[None]) -> None:
         router = self.router

@@ -129,3 +129,67 @@ def test_one_run_reports_loader_and_plugin_errors_together(tmp_path):
     assert f"{path}:2: [route:web] ports: 'eighty' is not a port or range" in report
     assert f"{path}:4: [route:web] status: 9 is out of range" in report
     assert f"{path}:7: [route:api] action: unknown action 'foward'" in report
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_while_draining_is_ignored_and_sighup_stays_handled(tmp_path):
+    import signal
+
+    from twisted.internet.error import ConnectionRefusedError
+
+    backend = Backend(greeting=b"1")
+    backendPort = await listen(backend)
+    p1, p2 = freePort(), freePort()
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(
+        "[dcrouter]\ndrain_timeout = 10\n[defaults]\nbind = 127.0.0.1\n"
+        + forward("a", p1, backendPort.getHost().port)
+    )
+    service = DcRouter(loadConfig(str(path)), configPath=str(path))
+    service.startService()
+    live = await connect(p1)
+    await live.waitFor(1)
+    stopped = service.stopService()
+    assert signal.getsignal(signal.SIGHUP) == service.onHangup
+    writeConfig(path, forward("b", p2, backendPort.getHost().port))
+    assert not service.reload()
+    assert service.listeners == {}
+    with pytest.raises(ConnectionRefusedError):
+        await connect(p2)
+    live.transport.loseConnection()
+    await stopped
+    assert signal.getsignal(signal.SIGHUP) != service.onHangup
+    await backendPort.stopListening()
+
+
+class ExplodingAction:
+    name = "exploding"
+
+    def parseOptions(self, options):
+        raise RuntimeError("plugin bug")
+
+    def buildProtocol(self, connection, options):
+        raise AssertionError("never built")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_that_raises_keeps_the_running_configuration(tmp_path):
+    from dcrouter.service import loadActions
+
+    backend = Backend(greeting=b"1")
+    backendPort = await listen(backend)
+    p1 = freePort()
+    path = tmp_path / "dcrouter.ini"
+    writeConfig(path, forward("a", p1, backendPort.getHost().port))
+    actions = {**loadActions(), "exploding": ExplodingAction()}
+    service = DcRouter(loadConfig(str(path)), actions=actions, configPath=str(path))
+    service.startService()
+    try:
+        writeConfig(path, f"[route:x]\nports = {p1}\naction = exploding\n")
+        assert not service.reload()
+        client = await connect(p1)
+        assert await client.waitFor(1) == b"1"
+        client.transport.loseConnection()
+    finally:
+        await service.stopService()
+        await backendPort.stopListening()
