@@ -31,6 +31,7 @@ from dcrouter.config import loadConfig
 from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
 from dcrouter.config.model import CertificatePair, RouteConfig, RouterConfig
 from dcrouter.config.options import RouteOptions
+from dcrouter.config.validate import checkModel
 from dcrouter.interfaces import IRouteAction
 from dcrouter.proxy.gate import Gate
 from dcrouter.proxy.listener import Router, RoutingState
@@ -138,6 +139,8 @@ def compileConfig(
         their counts of live connections) carry over where limits are equal.
     """
     errors = ErrorCollector()
+    config, modelErrors = checkModel(config)
+    errors.extend(modelErrors)
     previousGates = {} if previous is None else _gatesByRoute(previous)
     compiled: list[CompiledRoute] = []
     for route in config.routes:

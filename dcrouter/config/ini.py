@@ -42,6 +42,7 @@ from dcrouter.config.model import (
     TlsMode,
     TlsSettings,
 )
+from dcrouter.config.validate import checkModel
 
 T = TypeVar("T")
 
@@ -274,17 +275,6 @@ def _word(text: str) -> str:
     return word
 
 
-def _portList(ports: Sequence[int]) -> str:
-    """C{[80, 8000, 8001, 8002]} -> C{"80, 8000-8002"}."""
-    runs: list[list[int]] = []
-    for port in sorted(ports):
-        if runs and port == runs[-1][-1] + 1:
-            runs[-1].append(port)
-        else:
-            runs.append([port])
-    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
-
-
 class _Loader:
     """Turns the sections of one file into a L{RouterConfig}."""
 
@@ -320,14 +310,18 @@ class _Loader:
             self.errors.add(
                 "no [route:...] section: nothing to listen on", Source(self.path, 0)
             )
-        self.checkBinds(routes, defaults)
-        return RouterConfig(
+        config = RouterConfig(
             routes=tuple(route for route, _ in routes),
             daemon=daemon,
             defaults=defaults,
             tls=tls,
             path=os.path.abspath(self.path),
         )
+        config, errors = checkModel(config)
+        # A key the loader already found wrong is not reported twice.
+        reported = {(error.section, error.key) for error in self.errors.errors}
+        self.errors.extend(e for e in errors if (e.section, e.key) not in reported)
+        return config
 
     def daemon(self, keys: _Keys) -> DaemonSettings:
         keys.rejectUnknown(_DAEMON_KEYS)
@@ -445,29 +439,6 @@ class _Loader:
             keys.error("cert", problem)
             return None
         return pair
-
-    def checkBinds(self, routes: Sequence[tuple[RouteConfig, _Keys]], defaults: Defaults) -> None:
-        """
-        Routes that share a port must listen on the same addresses: a port
-        has one listener per address, and it serves every route on it.
-        """
-        binds = [set(route.bind or defaults.bind) for route, _ in routes]
-        owners: dict[int, int] = {}
-        clashes: dict[tuple[int, int], list[int]] = {}
-        for index, (route, _) in enumerate(routes):
-            for port in route.ports:
-                owner = owners.setdefault(port, index)
-                if binds[owner] != binds[index]:
-                    clashes.setdefault((owner, index), []).append(port)
-        for (owner, index), ports in clashes.items():
-            (first, firstKeys), (second, secondKeys) = routes[owner], routes[index]
-            what = f"port {ports[0]} is" if len(ports) == 1 else f"ports {_portList(ports)} are"
-            secondKeys.error(
-                "ports",
-                f"{what} bound to {', '.join(first.bind or defaults.bind)} by "
-                f"[route:{first.name}] ({firstKeys.source('ports')}) and to "
-                f"{', '.join(second.bind or defaults.bind)} by [route:{second.name}]",
-            )
 
 
 def parseConfig(text: str, path: str) -> RouterConfig:
