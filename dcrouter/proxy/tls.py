@@ -368,6 +368,14 @@ def _wrapTLS(
     return factory.buildProtocol(None)
 
 
+def clientFactory(
+    creator: IOpenSSLClientConnectionCreator, wrapped: Factory, clock: IReactorTime
+) -> TLSMemoryBIOFactory:
+    """A factory that speaks TLS as a client over C{wrapped}'s protocols."""
+    extra = {"clock": clock} if _FACTORY_TAKES_CLOCK else {}
+    return TLSMemoryBIOFactory(creator, True, wrapped, **extra)
+
+
 def wrapServer(
     serverTLS: ServerTLS, protocol: IProtocol, clock: Optional[IReactorTime] = None
 ) -> TLSMemoryBIOProtocol:

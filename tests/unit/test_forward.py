@@ -1,0 +1,45 @@
+"""The forward protocol's timers, on a memory reactor."""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from dcrouter.config.model import HostPort, RouteConfig
+from dcrouter.ops.accesslog import ConnectionRecord
+from dcrouter.proxy.forward import ForwardOptions, ForwardProtocol, RoundRobin
+from dcrouter.proxy.listener import RoutedConnection
+
+
+def forwarder(idleTimeout=10.0):
+    reactor = MemoryReactorClock()
+    client = IPv4Address("TCP", "192.0.2.1", 5000)
+    record = ConnectionRecord(0.0, client, 443)
+    connection = RoutedConnection(
+        reactor, RouteConfig(name="r", ports=(443,)), client, None, None, (), record
+    )
+    target = HostPort("127.0.0.1", 9)
+    options = ForwardOptions(targets=(target,), connectTimeout=5.0, idleTimeout=idleTimeout)
+    protocol = ForwardProtocol(connection, options, RoundRobin([target]))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return reactor, protocol, transport
+
+
+def test_idle_timeout_closes_between_one_and_a_quarter_more_after_the_last_byte():
+    reactor, protocol, transport = forwarder(idleTimeout=10.0)
+    reactor.advance(5.0)
+    protocol.dataReceived(b"x")
+    reactor.advance(9.9)  # t = 14.9: 9.9 s after the last byte
+    assert not transport.disconnecting
+    reactor.advance(2.65)  # t = 17.55: 12.55 s after it
+    assert transport.disconnecting
+    assert protocol.record.ended == "idle timeout (10s)"
+
+
+def test_a_busy_connection_is_never_idle():
+    reactor, protocol, transport = forwarder(idleTimeout=10.0)
+    for _ in range(20):
+        reactor.advance(2.0)
+        protocol.dataReceived(b"x")
+    assert not transport.disconnecting
