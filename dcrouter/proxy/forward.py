@@ -198,6 +198,7 @@ class ForwardProtocol(Protocol):
         self.active = False
         self.idleTimer: Optional[IDelayedCall] = None
         self.idleTicks = 0
+        self.pumping = False
         self.lastError: Optional[str] = None
         self.connector: Optional[IConnector] = None
 
@@ -246,6 +247,7 @@ class ForwardProtocol(Protocol):
             self.clientPaused = False
         self.transport.registerProducer(out, True)  # type: ignore[attr-defined]
         out.registerProducer(self.transport, True)  # type: ignore[attr-defined]
+        self.pumping = True
         if self.clientHalfClosed:
             halfClose(out)
 
@@ -323,7 +325,8 @@ class ForwardProtocol(Protocol):
             return
         # Twisted's TLS transport will not shut down while a producer is
         # registered on it: the client would wait for the idle timeout.
-        transport.unregisterProducer()  # type: ignore[attr-defined]
+        if self.pumping:
+            transport.unregisterProducer()  # type: ignore[attr-defined]
         if abort:
             transport.abortConnection()  # type: ignore[attr-defined]
         else:
@@ -331,7 +334,8 @@ class ForwardProtocol(Protocol):
 
     def closeUpstream(self) -> None:
         if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.unregisterProducer()  # type: ignore[attr-defined]
+            if self.pumping:
+                self.upstream.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.upstream.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
