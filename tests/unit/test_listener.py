@@ -250,6 +250,14 @@ def tlsClient():
     return connection
 
 
+def sendClientHello(client, protocol):
+    try:
+        client.do_handshake()
+    except SSL.WantReadError:
+        pass
+    protocol.dataReceived(client.bio_read(65536))
+
+
 def readOut(client):
     try:
         return client.bio_read(65536)
@@ -281,11 +289,7 @@ def test_a_terminating_route_starts_its_action_only_after_the_handshake(tmp_path
     _, router = makeRouter([terminatingRoute(action, tmp_path)])
     protocol, transport = accept(router)
     client = tlsClient()
-    try:
-        client.do_handshake()
-    except SSL.WantReadError:
-        pass
-    protocol.dataReceived(client.bio_read(65536))
+    sendClientHello(client, protocol)
     assert action.built == []
     client.bio_write(transport.value())
     transport.clear()
@@ -301,11 +305,7 @@ def test_a_stalled_client_handshake_times_out_without_starting_the_action(tmp_pa
     reactor, router = makeRouter([terminatingRoute(action, tmp_path)])
     protocol, transport = accept(router)
     client = tlsClient()
-    try:
-        client.do_handshake()
-    except SSL.WantReadError:
-        pass
-    protocol.dataReceived(client.bio_read(65536))
+    sendClientHello(client, protocol)
     reactor.advance(5.1)
     assert transport.disconnecting and action.built == []
     assert protocol.record.ended == "refused: no complete TLS handshake within 5s"
