@@ -1,0 +1,1 @@
+"""HTTP/1.1 reverse proxy: wire format, server side, backend pool, L7 actions."""
