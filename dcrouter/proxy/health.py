@@ -1,0 +1,416 @@
+"""
+Active health checks of a pool's targets.
+
+A L{HealthChecker} probes each target of a L{TargetPool} every C{interval}
+seconds and tells the pool its verdict (L{TargetPool.setActiveState}), with
+HAProxy's semantics: targets start up, C{fall} consecutive failed checks
+mark an up target down, C{rise} consecutive passed checks mark a down
+target up again.
+
+Two kinds of probe, both on a plain C{connectTCP} with a small protocol
+(no HTTP client library: a check needs one line of the answer):
+
+  - C{tcp}: the connect must succeed within C{timeout}; it is then closed.
+  - C{http}: connect, send C{GET path HTTP/1.1} with C{Connection: close},
+    read the status line and compare its code with C{expectStatus}. At most
+    4 KiB may arrive before the line's end (a bare LF is accepted as one);
+    what follows the line is not read.
+
+The whole probe, connect included, must finish within C{timeout}, or it is
+aborted and counts as failed ("timeout after 2s").
+
+Checks are spread over the interval (target C{i} of C{n} is first checked
+C{i * interval / n} seconds after L{HealthChecker.start}), so a large pool
+does not probe everything at once. Each target keeps its own cadence of one
+check every C{interval} seconds, measured from the start of the previous
+check; a check that takes longer is followed by the next at once, never
+overlapped by it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from typing import Literal, Optional, cast
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionRefusedError,
+    DNSLookupError,
+    NotConnectingError,
+    TimeoutError,
+    UserError,
+)
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IDelayedCall,
+    IReactorTCP,
+    IReactorTime,
+)
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dcrouter.proxy.pool import Target, TargetPool
+
+log = Logger(namespace="dcrouter.health")
+
+CheckKind = Literal["tcp", "http"]
+CHECK_KINDS: tuple[str, ...] = ("tcp", "http")
+
+# Bytes an HTTP check reads looking for the end of the status line.
+STATUS_LINE_LIMIT = 4096
+
+USER_AGENT = b"dcrouter-health"
+
+
+class _Check:
+    """One target's check state: its timer, its probe, its run of results."""
+
+    def __init__(self, target: Target, offset: float) -> None:
+        self.target = target
+        self.offset = offset
+        self.timer: Optional[IDelayedCall] = None
+        self.probe: Optional[_Probe] = None
+        self.passes = 0  # consecutive
+        self.fails = 0  # consecutive
+        self.lastResult = ""
+
+
+class _Probe:
+    """
+    One check of one target, from connect to closed socket.
+
+    The result is reported once (L{finish}); the probe is gone, for
+    L{HealthChecker.stop}, only when its connection is closed or failed.
+    """
+
+    def __init__(self, checker: HealthChecker, check: _Check) -> None:
+        self.checker = checker
+        self.check = check
+        self.started = checker._reactor.seconds()
+        self.connector: Optional[IConnector] = None
+        self.protocol: Optional[_ProbeProtocol] = None
+        self.timer: Optional[IDelayedCall] = None
+        self.finished = False
+        self.gone = False
+
+    def timedOut(self) -> None:
+        self.timer = None
+        self.finish(False, f"timeout after {self.checker.timeout:g}s")
+        self.abort()
+
+    def finish(self, ok: bool, reason: str) -> None:
+        """Report the result, the first time only."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.checker._result(self, ok, reason)
+
+    def abort(self) -> None:
+        """Drop the connection or the attempt; the probe is gone after this or soon."""
+        protocol = self.protocol
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        if self.connector is not None:
+            try:
+                self.connector.stopConnecting()
+            except NotConnectingError:
+                pass
+        # A real connector reports the stopped attempt at once, a fake one
+        # never: the attempt is over either way.
+        self.ended()
+
+    def cancel(self) -> None:
+        """Abort without a result: the checker is stopping."""
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.abort()
+
+    def connectFailed(self, reason: Failure) -> None:
+        self.finish(False, _connectReason(reason, self.checker.timeout))
+        self.ended()
+
+    def ended(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.gone:
+            self.gone = True
+            self.checker._probeGone(self)
+
+
+def _connectReason(reason: Failure, timeout: float) -> str:
+    """A short reason for a failed connect."""
+    if reason.check(ConnectionRefusedError):
+        return "connect refused"
+    if reason.check(TimeoutError, UserError):
+        return f"timeout after {timeout:g}s"
+    if reason.check(DNSLookupError):
+        return "DNS lookup failed"
+    if reason.check(ConnectError):
+        message = reason.value.osError or reason.getErrorMessage()  # type: ignore[union-attr]
+        return f"connect failed: {message}"
+    return f"connect failed: {reason.getErrorMessage()}"
+
+
+class _ProbeProtocol(Protocol):
+    def __init__(self, probe: _Probe) -> None:
+        self.probe = probe
+
+    def connectionLost(self, reason: Failure = Failure(Exception("connection lost"))) -> None:
+        self.probe.finish(False, self.lostReason())
+        self.probe.ended()
+
+    def lostReason(self) -> str:
+        return "connection closed"
+
+
+class _TCPProbe(_ProbeProtocol):
+    """Passes as soon as the connect succeeds."""
+
+    def connectionMade(self) -> None:
+        self.probe.finish(True, "connected")
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class _HTTPProbe(_ProbeProtocol):
+    """Sends the request, judges the status line, hangs up."""
+
+    def __init__(self, probe: _Probe, request: bytes, expect: Container[int]) -> None:
+        super().__init__(probe)
+        self.request = request
+        self.expect = expect
+        self.buffer = b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.probe.finished:
+            return
+        self.buffer += data
+        end = self.buffer.find(b"\n", 0, STATUS_LINE_LIMIT + 2)
+        if end < 0:
+            if len(self.buffer) > STATUS_LINE_LIMIT + 1:
+                self.done(False, f"no status line in the first {STATUS_LINE_LIMIT} bytes")
+            return
+        line = self.buffer[:end]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > STATUS_LINE_LIMIT:
+            self.done(False, f"no status line in the first {STATUS_LINE_LIMIT} bytes")
+            return
+        status = _statusCode(line)
+        if status is None:
+            self.done(False, "not an HTTP status line")
+        else:
+            self.done(status in self.expect, f"HTTP {status}")
+
+    def done(self, ok: bool, reason: str) -> None:
+        self.buffer = b""
+        self.probe.finish(ok, reason)
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def lostReason(self) -> str:
+        return "connection closed before the status line"
+
+
+def _statusCode(line: bytes) -> Optional[int]:
+    """The code of C{HTTP/x.y NNN reason}, or C{None} if it is not one."""
+    version, _, rest = line.partition(b" ")
+    code = rest[:3]
+    if (
+        not version.startswith(b"HTTP/")
+        or len(code) != 3
+        or not code.isdigit()
+        or rest[3:4] not in (b"", b" ")
+    ):
+        return None
+    return int(code)
+
+
+class _ProbeFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, probe: _Probe, request: bytes) -> None:
+        self.probe = probe
+        self.request = request
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> Protocol:
+        checker = self.probe.checker
+        protocol: _ProbeProtocol
+        if checker.kind == "http":
+            protocol = _HTTPProbe(self.probe, self.request, checker.expectStatus)
+        else:
+            protocol = _TCPProbe(self.probe)
+        self.probe.protocol = protocol
+        return protocol
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self.probe.connectFailed(reason)
+
+
+class HealthChecker(Service):
+    """
+    Probes every target of a pool and reports rises and falls to it.
+
+    Usable as a Twisted service (C{startService}/C{stopService}) or on its
+    own with L{start} and L{stop}.
+
+    @ivar checks: per target, its check state (C{lastResult}, the runs of
+        C{passes} and C{fails}), for a status page.
+    """
+
+    def __init__(
+        self,
+        pool: TargetPool,
+        reactor: IReactorTime,
+        interval: float,
+        timeout: float,
+        kind: CheckKind,
+        path: bytes = b"/",
+        expectStatus: Container[int] = range(200, 400),
+        hostHeader: Optional[bytes] = None,
+        rise: int = 2,
+        fall: int = 3,
+    ) -> None:
+        """
+        @param reactor: must also provide C{IReactorTCP}.
+        @param expectStatus: the status codes that pass an C{http} check.
+        @param hostHeader: the C{Host} header; by default the target's
+            C{host:port}.
+        @raise ValueError: a setting out of range, or a path or host header
+            that would break the request.
+        """
+        if kind not in CHECK_KINDS:
+            raise ValueError(f"unknown health check kind {kind!r}; choose from tcp, http")
+        if not interval > 0 or not timeout > 0:
+            raise ValueError("health check interval and timeout must be above 0")
+        if rise < 1 or fall < 1:
+            raise ValueError("health check rise and fall must be 1 or more")
+        if not path.startswith(b"/") or any(c in path for c in b" \t\r\n\0"):
+            raise ValueError(f"health check path must start with / and hold no space: {path!r}")
+        if hostHeader is not None and any(c in hostHeader for c in b" \t\r\n\0"):
+            raise ValueError(f"health check host header holds a space: {hostHeader!r}")
+        self.pool = pool
+        self._reactor = reactor
+        self.interval = interval
+        self.timeout = timeout
+        self.kind = kind
+        self.path = path
+        self.expectStatus = expectStatus
+        self.hostHeader = hostHeader
+        self.rise = rise
+        self.fall = fall
+        count = len(pool.targets)
+        self.checks: dict[Target, _Check] = {
+            target: _Check(target, interval * index / count)
+            for index, target in enumerate(pool.targets)
+        }
+        self._probes: set[_Probe] = set()
+        self._stopping: list[Deferred[None]] = []
+        self._checking = False
+
+    def startService(self) -> None:
+        super().startService()
+        self.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.stop()
+
+    def start(self) -> None:
+        """Schedule every target's first check; a no-op if already started."""
+        if self._checking:
+            return
+        self._checking = True
+        for check in self.checks.values():
+            check.timer = self._reactor.callLater(check.offset, self._probe, check)
+
+    def stop(self) -> Deferred[None]:
+        """
+        Cancel every scheduled check and abort every probe under way.
+
+        @return: fires once every probe's connection is gone.
+        """
+        self._checking = False
+        for check in self.checks.values():
+            if check.timer is not None and check.timer.active():
+                check.timer.cancel()
+            check.timer = None
+        for probe in list(self._probes):
+            probe.cancel()
+        if not self._probes:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+        self._stopping.append(waiting)
+        return waiting
+
+    # Probes
+
+    def request(self, target: Target) -> bytes:
+        """The HTTP check's request to C{target}."""
+        host = self.hostHeader if self.hostHeader is not None else str(target.address).encode()
+        return (
+            b"GET " + self.path + b" HTTP/1.1\r\n"
+            b"Host: " + host + b"\r\n"
+            b"Connection: close\r\n"
+            b"User-Agent: " + USER_AGENT + b"\r\n\r\n"
+        )
+
+    def _probe(self, check: _Check) -> None:
+        check.timer = None
+        if not self._checking:
+            return
+        probe = _Probe(self, check)
+        check.probe = probe
+        self._probes.add(probe)
+        request = self.request(check.target) if self.kind == "http" else b""
+        factory = _ProbeFactory(probe, request)
+        probe.timer = self._reactor.callLater(self.timeout, probe.timedOut)
+        address = check.target.address
+        tcp = cast(IReactorTCP, self._reactor)
+        probe.connector = tcp.connectTCP(address.host, address.port, factory, timeout=self.timeout)
+
+    def _result(self, probe: _Probe, ok: bool, reason: str) -> None:
+        """Count a probe's result; tell the pool on a rise or a fall; schedule the next."""
+        check = probe.check
+        if check.probe is probe:
+            check.probe = None
+        check.lastResult = reason
+        target = check.target
+        if ok:
+            check.fails = 0
+            check.passes += 1
+            if not target.activeUp and check.passes >= self.rise:
+                self.pool.setActiveState(target, True, reason)
+        else:
+            check.passes = 0
+            check.fails += 1
+            log.debug(
+                "pool {pool}: check of {target} failed: {reason}",
+                pool=self.pool.name,
+                target=str(target.address),
+                reason=reason,
+            )
+            if target.activeUp and check.fails >= self.fall:
+                self.pool.setActiveState(target, False, reason)
+        if self._checking:
+            delay = max(0.0, probe.started + self.interval - self._reactor.seconds())
+            check.timer = self._reactor.callLater(delay, self._probe, check)
+
+    def _probeGone(self, probe: _Probe) -> None:
+        self._probes.discard(probe)
+        if not self._probes and self._stopping:
+            waiting, self._stopping = self._stopping, []
+            for d in waiting:
+                d.callback(None)
