@@ -10,7 +10,7 @@ from setuptools import setup
 
 setup(
     packages=["dcrouter", *(f"dcrouter.{sub}" for sub in (
-        "config", "proxy", "actions", "plugins", "ops",
+        "config", "proxy", "http", "actions", "plugins", "ops",
     )), "twisted.plugins"],
     package_data={"twisted.plugins": ["dcrouter_plugin.py"]},
 )

@@ -89,3 +89,123 @@ class IRouteAction(IPlugin):
             transport at once, and any bytes the router read while routing
             (a ClientHello, say) are delivered to it first.
         """
+
+
+class IHTTPExchange(Interface):
+    """
+    One HTTP request on a client connection, and the way to answer it.
+
+    The router has parsed and checked the request head (framing, limits,
+    Host) and matched the route; the body, if any, is still on the wire and
+    is read through L{readBody}. Exactly one response must be given: with
+    L{respond}, or L{startResponse} then L{write} and L{finish}; or the
+    connection is handed over with L{takeOver} (a C{101 Switching
+    Protocols} tunnel).
+    """
+
+    request = Attribute("The L{dcrouter.http.wire.RequestHead}.")
+    connection = Attribute("The L{IRoutedConnection} the request came on.")
+    route = Attribute("The L{dcrouter.config.model.RouteConfig} that matched.")
+    scheme = Attribute("C{'http'} or C{'https'}, as the client connected.")
+    trustedClient = Attribute(
+        "C{bool}: the TCP peer is one of C{[defaults] trusted_proxies}, so its"
+        " X-Forwarded-* headers may be kept and extended."
+    )
+    record = Attribute("The L{IRequestRecord} of this request, for the access log.")
+    started = Attribute("C{bool}: the response head has been sent.")
+
+    def readBody(consumer: Any) -> None:
+        """
+        Deliver the request body to C{consumer}, decoded from its framing.
+
+        C{consumer.bodyReceived(data)} for each piece, then
+        C{consumer.bodyFinished()} once, or C{consumer.bodyFailed(reason)}
+        if the client broke off. A request without a body finishes at once.
+        """
+
+    def pauseBody() -> None:
+        """Stop reading the body from the client until L{resumeBody}."""
+
+    def resumeBody() -> None:
+        """Read the body again after L{pauseBody}."""
+
+    def respond(status: int, headers: Any = (), body: bytes = b"") -> None:
+        """
+        Send a whole response at once; C{Content-Length} is added.
+
+        @param headers: (name, value) C{bytes} pairs.
+        """
+
+    def informational(status: int, headers: Any) -> None:
+        """Send a 1xx response (C{100 Continue}) ahead of the final one."""
+
+    def startResponse(status: int, reason: bytes, headers: Any, framing: Any) -> None:
+        """
+        Send the response head; the body follows with L{write}.
+
+        @param framing: a L{dcrouter.http.wire.BodyFraming}; C{length},
+            C{chunked}, C{none}, or C{close} (the router picks chunked or
+            close for the client).
+        """
+
+    def write(data: bytes) -> None:
+        """Send a piece of the response body."""
+
+    def finish() -> None:
+        """The response is complete; the connection may take the next request."""
+
+    def abort(reason: str) -> None:
+        """Give up on this response half-way: close the client connection."""
+
+    def registerProducer(producer: Any, streaming: bool) -> None:
+        """Let C{producer} be paused while the client reads slowly."""
+
+    def unregisterProducer() -> None:
+        """Undo L{registerProducer}."""
+
+    def takeOver() -> tuple[Any, bytes]:
+        """
+        Leave HTTP: return the client transport and the bytes read past the
+        request head, for a protocol that owns the connection from now on.
+        The caller must then route the transport's events with
+        L{setTunnel}.
+        """
+
+    def setTunnel(protocol: Any) -> None:
+        """After L{takeOver}: the protocol that gets the client's bytes and close."""
+
+    def whenGone(callback: Any) -> None:
+        """Call C{callback(reason)} if the client connection closes before the end."""
+
+
+class IRequestRecord(Interface):
+    """The access-log record of one HTTP request, filled in as it goes."""
+
+    status = Attribute("C{int} the status sent to the client, or C{None}.")
+    target = Attribute("C{str} the backend chosen, or C{None}.")
+    bytesOut = Attribute("C{int} response body bytes sent to the client.")
+    note = Attribute("C{str} why it ended so, when it did not end well.")
+
+
+class IHTTPAction(Interface):
+    """
+    A route action that works on HTTP requests rather than connections.
+
+    A provider is published as a plugin like an L{IRouteAction} (and found
+    with C{getPlugins(IHTTPAction, dcrouter.plugins)}). A route whose action
+    provides it is served at layer 7: the router terminates TLS if asked,
+    parses requests, matches each by Host, path, method and headers, applies
+    the route's auth and rate limits, and hands the request here.
+    """
+
+    name = Attribute("C{str}: the word written as C{action = NAME}.")
+
+    def parseOptions(options: RouteOptions) -> Any:
+        """Read this action's keys of one route, as L{IRouteAction.parseOptions}."""
+
+    def handleRequest(exchange: IHTTPExchange, options: Any) -> None:
+        """
+        Answer one request (see L{IHTTPExchange}).
+
+        @param options: what C{parseOptions} returned for this route.
+        """

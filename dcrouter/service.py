@@ -32,7 +32,9 @@ from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
 from dcrouter.config.model import CertificatePair, RouteConfig, RouterConfig
 from dcrouter.config.options import RouteOptions
 from dcrouter.config.validate import checkModel
-from dcrouter.interfaces import IRouteAction
+from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
+from dcrouter.http.server import HTTPLayer
+from dcrouter.interfaces import IHTTPAction, IRouteAction
 from dcrouter.proxy.gate import Gate
 from dcrouter.proxy.listener import Router, RoutingState
 from dcrouter.proxy.routetable import CompiledRoute, PortTable
@@ -43,21 +45,32 @@ log = Logger()
 ListenKey = tuple[int, str]
 
 
-def loadActions() -> dict[str, IRouteAction]:
+_ACTION_INTERFACES = (IRouteAction, IHTTPAction)
+
+
+def loadActions() -> dict[str, Any]:
     """
     Every route action installed, by name, each checked with C{verifyObject}.
 
-    A plugin that does not provide L{IRouteAction} correctly, or reuses a
-    name, is left out with a logged reason rather than breaking the others.
+    An action provides L{IRouteAction} (it serves connections),
+    L{IHTTPAction} (it serves HTTP requests), or both. A plugin that does
+    not provide what it claims correctly, or reuses a name, is left out with
+    a logged reason rather than breaking the others.
     """
-    actions: dict[str, IRouteAction] = {}
-    for plugin in getPlugins(IRouteAction, dcrouter.plugins):
+    actions: dict[str, Any] = {}
+    found: dict[int, Any] = {}
+    for interface in _ACTION_INTERFACES:
+        for plugin in getPlugins(interface, dcrouter.plugins):
+            found.setdefault(id(plugin), plugin)
+    for plugin in found.values():
         try:
-            verifyObject(IRouteAction, plugin)
+            for interface in _ACTION_INTERFACES:
+                if interface.providedBy(plugin):
+                    verifyObject(interface, plugin)
         except Invalid as e:
             log.error("route action plugin {plugin!r} is broken: {why}", plugin=plugin, why=e)
             continue
-        if plugin.name in actions:
+        if plugin.name in actions and actions[plugin.name] is not plugin:
             log.error(
                 "two route action plugins are named {name!r}: {a!r} and {b!r}; using the first",
                 name=plugin.name, a=actions[plugin.name], b=plugin,
@@ -69,37 +82,84 @@ def loadActions() -> dict[str, IRouteAction]:
 
 @frozen(eq=False)
 class CompiledConfig:
-    """A configuration checked and ready to serve: its tables, ports and gates."""
+    """
+    A configuration checked and ready to serve: its tables, ports and gates.
+
+    @ivar resources: what the routes' actions provisioned that runs on its
+        own (health checkers, connection pools): each has C{start()} and
+        C{stop()}, called when the configuration goes live and is retired.
+    """
 
     config: RouterConfig
     tables: dict[int, PortTable]
     gate: Gate
+    resources: tuple[Any, ...] = ()
 
     def listenKeys(self) -> set[ListenKey]:
         return {(port, address) for port, table in self.tables.items() for address in table.bind}
 
 
-def _compileRoute(
+def _isHTTPOnly(action: Any) -> bool:
+    return IHTTPAction.providedBy(action) and not IRouteAction.providedBy(action)
+
+
+@frozen(eq=False)
+class _Parsed:
+    """One route after its action parsed its keys."""
+
+    route: RouteConfig
+    action: Any
+    options: Any
+    serverTLS: Optional[ServerTLS]
+    gate: Optional[Gate]
+
+    @property
+    def wantsHTTP(self) -> bool:
+        """Does this route by itself make its ports HTTP ports?"""
+        config = self.route
+        return _isHTTPOnly(self.action) or bool(
+            config.paths or config.methods or config.headers
+            or (config.domains and config.tls is None)
+        )
+
+
+def _parseRoute(
     route: RouteConfig,
     config: RouterConfig,
-    actions: dict[str, IRouteAction],
+    actions: dict[str, Any],
     defaultCert: Optional[CertificatePair],
     clock: IReactorTime,
     errors: ErrorCollector,
     previousGates: dict[str, Gate],
-) -> Optional[CompiledRoute]:
+) -> Optional[_Parsed]:
+    section = f"route:{route.name}"
     action = actions.get(route.action)
     if action is None:
         known = ", ".join(sorted(actions)) or "none installed"
         errors.add(
             f"unknown action {route.action!r} (known: {known})",
-            route.sourceOf("action"), f"route:{route.name}", "action",
+            route.sourceOf("action"), section, "action",
         )
         return None
-    options = RouteOptions(route, config.defaults)
+    options = RouteOptions(route, config.defaults, clock, config.http)
     parsed = action.parseOptions(options)
     found = options.finish()
     errors.extend(found)
+    httpCapable = IHTTPAction.providedBy(action)
+    l7Keys = [key for key, value in (("path", route.paths), ("method", route.methods),
+                                     ("headers", route.headers)) if value]
+    if l7Keys and not httpCapable:
+        errors.add(f"action {route.action!r} does not serve HTTP requests",
+                   route.sourceOf(l7Keys[0]), section, l7Keys[0])
+    elif (l7Keys or _isHTTPOnly(action)) and route.tls == "passthrough":
+        errors.add(f"action {route.action!r} reads HTTP, which tls = passthrough hides",
+                   route.sourceOf("tls"), section, "tls")
+    elif route.domains and route.tls is None and not httpCapable:
+        errors.add(
+            "domains of a plain route are HTTP Host names: they need tls (routes are "
+            f"told apart by SNI) or an action that serves HTTP, not {route.action!r}",
+            route.sourceOf("domains"), section, "domains",
+        )
     serverTLS = None
     if route.tls in ("terminate", "terminate-and-reencrypt"):
         pair = route.cert or config.tls.cert or defaultCert
@@ -107,10 +167,7 @@ def _compileRoute(
             try:
                 serverTLS = ServerTLS(pair, config.tls)
             except Exception as e:
-                errors.add(
-                    f"cannot use certificate: {e}",
-                    route.sourceOf("cert"), f"route:{route.name}", "cert",
-                )
+                errors.add(f"cannot use certificate: {e}", route.sourceOf("cert"), section, "cert")
     limits = route.limits
     gate = None
     if limits != type(limits)():
@@ -119,12 +176,54 @@ def _compileRoute(
         gate = previous if reusable else Gate(limits, clock)
     if found:
         return None
-    return CompiledRoute(route, action, parsed, serverTLS, gate)
+    return _Parsed(route, action, parsed, serverTLS, gate)
+
+
+def _portTables(
+    parsed: list[_Parsed],
+    config: RouterConfig,
+    clock: IReactorTime,
+    fallback: Optional[CompiledRoute],
+) -> dict[int, PortTable]:
+    """
+    One table per port; a port with an HTTP route gets an HTTP layer.
+
+    On such a port every route whose action serves HTTP (and does not pass
+    TLS through) is served at layer 7; routes with connection-only actions
+    are still told apart at layer 4, by SNI.
+    """
+    tables = {}
+    for port in dict.fromkeys(port for item in parsed for port in item.route.ports):
+        items = [item for item in parsed if port in item.route.ports]
+        httpPort = any(item.wantsHTTP for item in items)
+        layer7 = [
+            item for item in items
+            if httpPort and IHTTPAction.providedBy(item.action) and item.route.tls != "passthrough"
+        ]
+        layer: Any = None
+        if layer7:
+            plain = [HTTPRoute(i.route, i.action, i.options) for i in layer7 if i.route.tls is None]
+            secure = [
+                HTTPRoute(i.route, i.action, i.options) for i in layer7 if i.route.tls is not None
+            ]
+            layer = HTTPLayer(
+                clock, HTTPRouteTable.build(plain), HTTPRouteTable.build(secure),
+                config.http, config.defaults.trusted_proxies,
+            )
+        routes = [
+            CompiledRoute(item.route, layer, None, item.serverTLS, item.gate, layer7=True)
+            if item in layer7
+            else CompiledRoute(item.route, item.action, item.options, item.serverTLS, item.gate)
+            for item in items
+        ]
+        bind = items[0].route.bind or config.defaults.bind
+        tables[port] = PortTable.build(port, bind, routes, fallback)
+    return tables
 
 
 def compileConfig(
     config: RouterConfig,
-    actions: dict[str, IRouteAction],
+    actions: dict[str, Any],
     clock: IReactorTime,
     defaultCert: Optional[CertificatePair] = None,
     previous: Optional[CompiledConfig] = None,
@@ -142,30 +241,34 @@ def compileConfig(
     config, modelErrors = checkModel(config)
     errors.extend(modelErrors)
     previousGates = {} if previous is None else _gatesByRoute(previous)
-    compiled: list[CompiledRoute] = []
+    parsed: list[_Parsed] = []
     for route in config.routes:
-        result = _compileRoute(route, config, actions, defaultCert, clock, errors, previousGates)
+        result = _parseRoute(route, config, actions, defaultCert, clock, errors, previousGates)
         if result is not None:
-            compiled.append(result)
+            parsed.append(result)
     fallback = None
     if config.defaults.target is not None and "forward" in actions:
         fallbackConfig = RouteConfig(name="defaults", ports=(), action="forward")
-        fallback = _compileRoute(
+        item = _parseRoute(
             fallbackConfig, config, actions, defaultCert, clock, errors, previousGates
         )
+        if item is not None:
+            fallback = CompiledRoute(item.route, item.action, item.options)
+            parsed.append(item)
     errors.raiseIfAny()
-    tables = {}
-    for port in dict.fromkeys(port for route in compiled for port in route.config.ports):
-        routes = [route for route in compiled if port in route.config.ports]
-        bind = routes[0].config.bind or config.defaults.bind
-        tables[port] = PortTable.build(port, bind, routes, fallback)
+    tables = _portTables([item for item in parsed if item.route.ports], config, clock, fallback)
     globalLimits = config.defaults.limits
     gate = (
         previous.gate
         if previous is not None and previous.gate.limits == globalLimits
         else Gate(globalLimits, clock)
     )
-    return CompiledConfig(config, tables, gate)
+    resources = tuple(
+        item.options for item in parsed
+        if callable(getattr(item.options, "start", None))
+        and callable(getattr(item.options, "stop", None))
+    )
+    return CompiledConfig(config, tables, gate, resources)
 
 
 def _gatesByRoute(compiled: CompiledConfig) -> dict[str, Gate]:
@@ -186,7 +289,7 @@ def needsDefaultCertificate(config: RouterConfig) -> bool:
 
 def loadAndCompile(
     path: str,
-    actions: dict[str, IRouteAction],
+    actions: dict[str, Any],
     clock: IReactorTime,
     defaultCertFor: Callable[[RouterConfig], Optional[CertificatePair]] = lambda config: None,
     previous: Optional[CompiledConfig] = None,
@@ -216,11 +319,34 @@ def loadAndCompile(
     return compiled
 
 
-def checkConfigFile(path: str, actions: Optional[dict[str, IRouteAction]] = None) -> CompiledConfig:
+def checkConfigFile(path: str, actions: Optional[dict[str, Any]] = None) -> CompiledConfig:
     """Load and check C{path} as C{checkconfig} does; raise L{ConfigErrors}."""
     from twisted.internet.task import Clock
 
     return loadAndCompile(path, actions if actions is not None else loadActions(), Clock())
+
+
+def startResources(compiled: CompiledConfig) -> None:
+    """Start what the routes' actions provisioned (health checks, say)."""
+    for resource in compiled.resources:
+        try:
+            resource.start()
+        except Exception:
+            log.failure("starting {resource!r} failed", resource=resource)
+
+
+def stopResources(compiled: Optional[CompiledConfig]) -> Deferred[Any]:
+    """Stop them again; fires when every one has stopped."""
+    waits = []
+    for resource in compiled.resources if compiled is not None else ():
+        try:
+            result = resource.stop()
+        except Exception:
+            log.failure("stopping {resource!r} failed", resource=resource)
+            continue
+        if isinstance(result, Deferred):
+            waits.append(result)
+    return DeferredList(waits, consumeErrors=True)
 
 
 def endpointString(port: int, address: str) -> str:
@@ -242,7 +368,7 @@ class DcRouter(MultiService):
         self,
         config: RouterConfig,
         reactor: Any = None,
-        actions: Optional[dict[str, IRouteAction]] = None,
+        actions: Optional[dict[str, Any]] = None,
         configPath: Optional[str] = None,
     ) -> None:
         super().__init__()
@@ -279,6 +405,8 @@ class DcRouter(MultiService):
         if self.router is None:
             self.privilegedStartService()
         super().startService()
+        assert self.compiled is not None
+        startResources(self.compiled)
         if self.configPath is not None and threading.current_thread() is threading.main_thread():
             self.previousHangup = signal.signal(signal.SIGHUP, self.onHangup)
         assert self.compiled is not None
@@ -367,6 +495,8 @@ class DcRouter(MultiService):
             self.logRejectedReload([ConfigError(failure) for failure in failures])
             return False
         self.closeListeners(oldKeys - newKeys)
+        startResources(compiled)
+        stopResources(self.compiled)
         self.config, self.compiled = config, compiled
         log.info(
             "dcrouter reloaded {path}: {routes} routes on {ports} ports",
@@ -390,6 +520,8 @@ class DcRouter(MultiService):
         self.stopping = True
         done: Deferred[None] = Deferred()
         done.addCallback(self.restoreHangup)
+        if self.compiled is not None:
+            done.addCallback(lambda _: stopResources(self.compiled))
         closing = self.closeListeners(list(self.listeners))
         closing.addCallback(lambda _: self.drain(done))
         return done

@@ -11,18 +11,19 @@ and C{backend_server_name} unless C{backend_verify = no} says otherwise.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 from attrs import frozen
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocol
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from dcrouter.actions.targets import Targets, parseTargets
 from dcrouter.config.model import HostPort
 from dcrouter.config.options import RouteOptions
 from dcrouter.config.values import parseChoice
 from dcrouter.interfaces import IRouteAction, IRoutedConnection
-from dcrouter.proxy.forward import ForwardOptions, ForwardProtocol, RoundRobin
+from dcrouter.proxy.forward import ForwardOptions, ForwardProtocol
 from dcrouter.proxy.tls import clientTLS
 
 _BACKEND_KEYS = ("backend_ca", "backend_verify", "backend_server_name")
@@ -33,10 +34,16 @@ class ForwardRoute:
     """A route's parsed options and its target pool."""
 
     options: ForwardOptions
-    pool: RoundRobin
+    targets: Targets
+
+    def start(self) -> None:
+        self.targets.start()
+
+    def stop(self) -> Any:
+        return self.targets.stop()
 
 
-def _upstreamCreators(options: RouteOptions, targets: tuple[HostPort, ...]) -> Optional[
+def upstreamCreators(options: RouteOptions, targets: tuple[HostPort, ...]) -> Optional[
     dict[HostPort, IOpenSSLClientConnectionCreator]
 ]:
     """One TLS client creator per target, built once per configuration."""
@@ -64,32 +71,29 @@ def _upstreamCreators(options: RouteOptions, targets: tuple[HostPort, ...]) -> O
 
 @implementer(IPlugin, IRouteAction)
 class ForwardAction:
-    """Forward to a target (or a round-robin list of targets)."""
+    """Forward to a target, or to one of a pool of targets."""
 
     name = "forward"
 
     def parseOptions(self, options: RouteOptions) -> Optional[ForwardRoute]:
         defaults = options.defaults
-        targets = options.targets()
-        if not targets and "target" not in options.route.options:
-            options.error(None, "action 'forward' needs a target (or [defaults] target)")
+        targets = parseTargets(options, options.route.name)
         connectTimeout = options.duration("connect_timeout", defaults.connect_timeout)
         idleTimeout = options.duration("idle_timeout", defaults.idle_timeout)
         proxyProtocol = options.get(
             "proxy_protocol", lambda text: parseChoice(text, ("v1", "v2")), None
         )
-        options.choice("balance", ("roundrobin",), "roundrobin")
-        creators = _upstreamCreators(options, targets)
-        if not targets:
+        addresses = tuple(t.address for t in targets.pool.targets) if targets else ()
+        creators = upstreamCreators(options, addresses)
+        if targets is None:
             return None
         forwardOptions = ForwardOptions(
-            targets=targets,
             connectTimeout=connectTimeout,
             idleTimeout=idleTimeout,
             proxyProtocol=proxyProtocol,
             upstreamTLS=creators.__getitem__ if creators is not None else None,
         )
-        return ForwardRoute(forwardOptions, RoundRobin(targets))
+        return ForwardRoute(forwardOptions, targets)
 
     def buildProtocol(self, connection: IRoutedConnection, options: ForwardRoute) -> IProtocol:
-        return ForwardProtocol(connection, options.options, options.pool)
+        return ForwardProtocol(connection, options.options, options.targets.pool)

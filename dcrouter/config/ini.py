@@ -33,6 +33,7 @@ from dcrouter.config.model import (
     CertificatePair,
     DaemonSettings,
     Defaults,
+    HttpSettings,
     Limits,
     LogFormat,
     RawValue,
@@ -68,6 +69,16 @@ _DEFAULTS_KEYS = (
     "trusted_proxies",
 )
 _TLS_KEYS = ("cert", "key", "min_version", "ciphers")
+_HTTP_KEYS = (
+    "max_header_size",
+    "max_headers",
+    "max_uri_length",
+    "max_body_size",
+    "header_timeout",
+    "keepalive_timeout",
+    "body_timeout",
+    "response_timeout",
+)
 # A route's keys that config checks; every other key is its action's.
 _ROUTE_KEYS = (
     "ports",
@@ -79,9 +90,12 @@ _ROUTE_KEYS = (
     "tls",
     "cert",
     "key",
+    "path",
+    "method",
+    "headers",
     *_LIMIT_KEYS,
 )
-_KNOWN_SECTIONS = "[dcrouter], [defaults], [tls], [route:NAME]"
+_KNOWN_SECTIONS = "[dcrouter], [defaults], [tls], [http], [route:NAME]"
 _TERMINATING = ("terminate", "terminate-and-reencrypt")
 _PRIORITY_BOUND = 1_000_000
 
@@ -292,6 +306,7 @@ class _Loader:
         daemon = DaemonSettings(state_dir=self.resolve("state"))
         defaults = Defaults()
         tls = TlsSettings()
+        http = HttpSettings()
         routes: list[tuple[RouteConfig, _Keys]] = []
         for section in sections:
             keys = _Keys(section, self.errors)
@@ -302,6 +317,8 @@ class _Loader:
                 defaults = self.defaults(keys)
             elif section.name == "tls":
                 tls = self.tls(keys)
+            elif section.name == "http":
+                http = self.http(keys)
             elif kind == "route" and colon:
                 routes.append((self.route(keys, name), keys))
             else:
@@ -315,6 +332,7 @@ class _Loader:
             daemon=daemon,
             defaults=defaults,
             tls=tls,
+            http=http,
             path=os.path.abspath(self.path),
         )
         config, errors = checkModel(config)
@@ -366,6 +384,37 @@ class _Loader:
             ciphers=keys.optional("ciphers", lambda text: " ".join(text.split())),
         )
 
+    def http(self, keys: _Keys) -> HttpSettings:
+        keys.rejectUnknown(_HTTP_KEYS)
+        default = HttpSettings()
+
+        def size(key: str, minimum: int) -> int:
+            value: int = keys.get(
+                key, lambda text: values.parseSize(text, minimum), getattr(default, key)
+            )
+            return value
+
+        def count(key: str, minimum: int) -> int:
+            value: int = keys.get(
+                key, lambda text: values.parseInt(text, minimum), getattr(default, key)
+            )
+            return value
+
+        def timeout(key: str) -> float:
+            value: float = keys.get(key, _positiveDuration, getattr(default, key))
+            return value
+
+        return HttpSettings(
+            max_header_size=size("max_header_size", 1024),
+            max_headers=count("max_headers", 8),
+            max_uri_length=size("max_uri_length", 256),
+            max_body_size=size("max_body_size", 0),
+            header_timeout=timeout("header_timeout"),
+            keepalive_timeout=timeout("keepalive_timeout"),
+            body_timeout=timeout("body_timeout"),
+            response_timeout=timeout("response_timeout"),
+        )
+
     def route(self, keys: _Keys, name: str) -> RouteConfig:
         if not _WORD.fullmatch(name):
             keys.error(None, f"bad route name {name!r}: use letters, digits, _ . and -")
@@ -374,12 +423,6 @@ class _Loader:
         tls = keys.optional("tls", _tlsMode)
         tlsKnown = tls is not None or not keys.has("tls")
         domains: tuple[str, ...] = keys.get("domains", values.parseDomains, ())
-        if domains and tls is None and tlsKnown:
-            keys.error(
-                "domains",
-                "domains need tls (routes are told apart by SNI); "
-                "routing plain connections by HTTP Host is not supported yet",
-            )
         cert = self.certificate(keys, tls in _TERMINATING if tlsKnown else None)
         section = keys.section
         return RouteConfig(
@@ -393,6 +436,9 @@ class _Loader:
             tls=tls,
             cert=cert,
             limits=self.limits(keys),
+            paths=keys.get("path", values.parsePaths, ()),
+            methods=keys.get("method", values.parseMethods, ()),
+            headers=keys.get("headers", values.parseHeaderMatches, ()),
             options={
                 key: RawValue(value.text, value.source)
                 for key, value in section.values.items()

@@ -115,6 +115,29 @@ class Defaults:
 
 
 @frozen
+class HttpSettings:
+    """
+    C{[http]}: limits and timeouts of the HTTP layer, for every HTTP route.
+
+    Sizes are bytes; C{max_body_size} 0 means no limit. Timeouts: a request
+    head must arrive within C{header_timeout} of its first byte (of the
+    connection, for the first request); a keep-alive connection may wait
+    C{keepalive_timeout} for its next request; a request body may pause
+    C{body_timeout}; a backend must start its response within
+    C{response_timeout}.
+    """
+
+    max_header_size: int = 32768
+    max_headers: int = 100
+    max_uri_length: int = 8192
+    max_body_size: int = 0
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 60.0
+    body_timeout: float = 60.0
+    response_timeout: float = 60.0
+
+
+@frozen
 class TlsSettings:
     """
     C{[tls]}: the default certificate and protocol floor.
@@ -138,6 +161,10 @@ class RouteConfig:
     @ivar domains: lower-case names without trailing dot, exact or
         C{*.suffix}; empty matches any name (and no name).
     @ivar tls: C{None} for plain TCP.
+    @ivar paths: HTTP only: path prefixes (C{/api/}) or globs (C{/img/*.png}).
+    @ivar methods: HTTP only: request methods, upper case.
+    @ivar headers: HTTP only: (lower-case name, glob of the value) pairs,
+        all of which must match.
     @ivar options: the action plugin's own keys, unparsed.
     @ivar keySources: where each common key was written, for errors found
         above the loader (an unknown action, an unusable certificate).
@@ -153,6 +180,9 @@ class RouteConfig:
     tls: Optional[TlsMode] = None
     cert: Optional[CertificatePair] = None
     limits: Limits = Limits()
+    paths: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
     options: Mapping[str, RawValue] = field(factory=dict, converter=_rawOptions)
     source: Source = PYTHON
     keySources: Mapping[str, Source] = field(factory=dict, eq=False)
@@ -170,4 +200,5 @@ class RouterConfig:
     daemon: DaemonSettings = DaemonSettings()
     defaults: Defaults = Defaults()
     tls: TlsSettings = TlsSettings()
+    http: HttpSettings = HttpSettings()
     path: Optional[str] = None

@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 from dcrouter.config import values
 from dcrouter.config.errors import ConfigError
-from dcrouter.config.model import PYTHON, Defaults, HostPort, RawValue, RouteConfig
+from dcrouter.config.model import (
+    PYTHON,
+    Defaults,
+    HostPort,
+    HttpSettings,
+    RawValue,
+    RouteConfig,
+)
 
 T = TypeVar("T")
 
@@ -24,9 +31,19 @@ T = TypeVar("T")
 class RouteOptions:
     """The action-specific keys of one route, with typed getters."""
 
-    def __init__(self, route: RouteConfig, defaults: Defaults) -> None:
+    def __init__(
+        self,
+        route: RouteConfig,
+        defaults: Defaults,
+        reactor: Any = None,
+        http: HttpSettings = HttpSettings(),
+    ) -> None:
         self.route = route
         self.defaults = defaults
+        #: C{[http]}: the HTTP layer's settings, for actions that serve HTTP.
+        self.http = http
+        #: The reactor the route's pools and timers will run on.
+        self.reactor = reactor
         self.errors: list[ConfigError] = []
         self._unread = set(route.options)
 

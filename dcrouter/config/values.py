@@ -150,6 +150,25 @@ def parseHostPorts(text: str) -> tuple[HostPort, ...]:
     return tuple(parseHostPort(item) for item in items)
 
 
+def parseWeightedTargets(text: str) -> tuple[tuple[HostPort, int], ...]:
+    """C{10.0.0.1:80 weight=3, 10.0.0.2:80}: targets with weights (default 1)."""
+    items = splitList(text)
+    if not items:
+        raise ValueError("no target given")
+    targets = []
+    for item in items:
+        address, _, rest = item.partition(" ")
+        weight = 1
+        rest = rest.strip()
+        if rest:
+            key, equals, value = rest.partition("=")
+            if key.strip() != "weight" or not equals:
+                raise ValueError(f"{item!r}: write 'host:port' or 'host:port weight=N'")
+            weight = parseInt(value, 0, 1000)
+        targets.append((parseHostPort(address), weight))
+    return tuple(targets)
+
+
 def _isHostName(host: str) -> bool:
     """A normalized DNS name (see L{normalizeDomain}) or an IPv4 literal."""
     return len(host) <= 253 and all(_LABEL.match(label) for label in host.split("."))
@@ -205,3 +224,68 @@ def parseChoice(text: str, choices: tuple[str, ...]) -> str:
     if word not in choices:
         raise ValueError(f"{text.strip()!r} is not one of {', '.join(choices)}")
     return word
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def parsePaths(text: str) -> tuple[str, ...]:
+    """URL path prefixes (C{/api/}) or globs (C{/img/*.png}), one per item."""
+    paths = []
+    for item in splitList(text):
+        if not item.startswith("/") or any(c.isspace() or ord(c) < 0x20 for c in item):
+            raise ValueError(f"{item!r} is not a path (it starts with / and has no spaces)")
+        paths.append(item)
+    if not paths:
+        raise ValueError("no path given")
+    return tuple(dict.fromkeys(paths))
+
+
+def parseMethods(text: str) -> tuple[str, ...]:
+    """HTTP methods (C{GET, POST}); upper-cased, as methods are case-sensitive tokens."""
+    methods = []
+    for item in splitList(text):
+        if not _TOKEN.fullmatch(item):
+            raise ValueError(f"{item!r} is not an HTTP method")
+        methods.append(item.upper())
+    if not methods:
+        raise ValueError("no method given")
+    return tuple(dict.fromkeys(methods))
+
+
+def parseHeaderMatches(text: str) -> tuple[tuple[str, str], ...]:
+    """
+    C{Name: glob} lines, one per line; every one must match a request.
+
+    The name is matched without regard to case; the value is a glob
+    (C{*} and C{?}), case-sensitive; C{Name: *} asks only that it be present.
+    """
+    matches = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        name, colon, value = line.partition(":")
+        name, value = name.strip(), value.strip()
+        if not colon or not _TOKEN.fullmatch(name) or not value:
+            raise ValueError(f"{line!r} is not 'Name: value' (a glob; * for any value)")
+        matches.append((name.lower(), value))
+    if not matches:
+        raise ValueError("no header given")
+    return tuple(matches)
+
+
+_SIZE = re.compile(r"(\d{1,15})\s*([kmg]?)i?b?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parseSize(text: str, minimum: int = 0) -> int:
+    """A size in bytes: C{512}, C{16k}, C{10M}, C{1g} (binary units)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text.strip()!r} is not a size (like 512, 16k, 10m, 1g)")
+    size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if size < minimum:
+        raise ValueError(f"{text.strip()} is less than the minimum, {minimum} bytes")
+    return size
+

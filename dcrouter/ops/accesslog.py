@@ -8,13 +8,13 @@ JSON observer one object with the same fields.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from dcrouter.interfaces import IConnectionRecord
+from dcrouter.interfaces import IConnectionRecord, IRequestRecord, IRoutedConnection
 
 accessLog = Logger(namespace="dcrouter.access")
 
@@ -80,3 +80,47 @@ class ConnectionRecord:
             duration=max(0.0, now - self.started),
             ended=self.ended or defaultEnding,
         )
+
+
+REQUEST_FORMAT = (
+    '{client} :{port} "{method} {host}{target} {version}" {status} {bytesOut}'
+    " route={route} target={backend} {duration:.3f}s{note}"
+)
+
+
+@implementer(IRequestRecord)
+class RequestRecord:
+    """What is known of one HTTP request, written when its response ends."""
+
+    __slots__ = ("bytesOut", "connection", "head", "note", "route", "started", "status", "target")
+
+    def __init__(self, started: float, connection: IRoutedConnection, head: Any) -> None:
+        self.started = started
+        self.connection = connection
+        self.head = head
+        self.route: Optional[str] = None
+        self.status: Optional[int] = None
+        self.target: Optional[str] = None
+        self.bytesOut = 0
+        self.note: Optional[str] = None
+
+    def emit(self, now: float) -> None:
+        head = self.head
+        connection = self.connection
+        accessLog.info(
+            REQUEST_FORMAT,
+            kind="request",
+            client=formatAddress(connection.client),
+            port=connection.record.port,
+            method=head.method.decode("latin-1"),
+            host=head.host.decode("latin-1"),
+            target=head.target[:512].decode("latin-1"),
+            version=head.version.decode("latin-1"),
+            status=self.status or 0,
+            bytesOut=self.bytesOut,
+            route=self.route or "-",
+            backend=self.target or "-",
+            duration=max(0.0, now - self.started),
+            note=f" {self.note}" if self.note else "",
+        )
+

@@ -2,8 +2,12 @@
 
 from dcrouter.actions.block import BlockAction
 from dcrouter.actions.forward import ForwardAction
+from dcrouter.actions.http import HTTPAction
+from dcrouter.actions.redirect import RedirectAction
 from dcrouter.actions.static import StaticAction
 
 forward = ForwardAction()
 block = BlockAction()
 static = StaticAction()
+http = HTTPAction()
+redirect = RedirectAction()

@@ -15,7 +15,7 @@ byte.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Optional
 
 from attrs import frozen
@@ -38,6 +38,8 @@ from zope.interface import implementer
 
 from dcrouter.config.model import HostPort
 from dcrouter.interfaces import IRoutedConnection
+from dcrouter.proxy.gate import clientIP
+from dcrouter.proxy.pool import Target, TargetPool
 from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2
 from dcrouter.proxy.tls import clientFactory
 
@@ -71,25 +73,10 @@ class ForwardOptions:
         connection creator for a target; C{None} to forward plain bytes.
     """
 
-    targets: tuple[HostPort, ...]
     connectTimeout: float
     idleTimeout: float
     proxyProtocol: Optional[str] = None
     upstreamTLS: Optional[Callable[[HostPort], IOpenSSLClientConnectionCreator]] = None
-
-
-class RoundRobin:
-    """Hands out targets in turn; a failed connect moves on to the next."""
-
-    def __init__(self, targets: Sequence[HostPort]) -> None:
-        self.targets = tuple(targets)
-        self.next = 0
-
-    def order(self) -> list[HostPort]:
-        """Every target once, starting with the next one's turn."""
-        start = self.next
-        self.next = (start + 1) % len(self.targets)
-        return [*self.targets[start:], *self.targets[:start]]
 
 
 class _UpstreamFactory(ClientFactory):
@@ -180,13 +167,16 @@ class ForwardProtocol(Protocol):
         self,
         connection: IRoutedConnection,
         options: ForwardOptions,
-        pool: RoundRobin,
+        pool: TargetPool,
     ) -> None:
         self.connection = connection
         self.options = options
         self.record = connection.record
         self.reactor: IReactorTime = connection.reactor
-        self.candidates = pool.order()
+        self.pool = pool
+        ip = clientIP(connection.client)
+        self.candidates: list[Target] = pool.candidates(ip.packed if ip is not None else None)
+        self.target: Optional[Target] = None
         self.upstream: Optional[_Upstream] = None
         self.handshaking: Optional[_Upstream] = None
         self.upstreamDone = False
@@ -213,18 +203,21 @@ class ForwardProtocol(Protocol):
             self.record.ended = f"upstream failed: {self.lastError or 'no target'}"
             self.closeClient(abort=False)
             return
-        target = self.candidates.pop(0)
-        self.record.target = str(target)
+        self.target = target = self.candidates.pop(0)
+        address = target.address
+        self.record.target = str(address)
         factory: Any = _UpstreamFactory(self)
         if self.options.upstreamTLS is not None:
-            factory = clientFactory(self.options.upstreamTLS(target), factory, self.reactor)
+            factory = clientFactory(self.options.upstreamTLS(address), factory, self.reactor)
         reactor: IReactorTCP = self.connection.reactor
         self.connector = reactor.connectTCP(
-            target.host, target.port, factory, timeout=self.options.connectTimeout
+            address.host, address.port, factory, timeout=self.options.connectTimeout
         )
 
     def upstreamFailed(self, reason: Failure) -> None:
         self.lastError = f"{self.record.target}: {reason.getErrorMessage()}"
+        assert self.target is not None
+        self.pool.reportFailure(self.target, reason.getErrorMessage())
         if self.clientGone:
             return
         self.connectNext()
@@ -234,6 +227,9 @@ class ForwardProtocol(Protocol):
             upstream.transport.abortConnection()  # type: ignore[union-attr]
             return
         self.upstream = upstream
+        assert self.target is not None
+        self.pool.reportSuccess(self.target)
+        self.pool.acquire(self.target)
         out = upstream.transport
         assert out is not None and self.transport is not None
         header = self.proxyHeader()
@@ -298,6 +294,8 @@ class ForwardProtocol(Protocol):
             self.upstreamFailed(reason)
             return
         self.upstream = None
+        assert self.target is not None
+        self.pool.release(self.target)
         if not self.clientGone:
             if self.record.ended is None:
                 self.record.ended = "upstream closed"

@@ -31,6 +31,9 @@ class CompiledRoute:
         C{None}.
     @ivar gate: the route's own L{dcrouter.proxy.gate.Gate}, or C{None}
         when the route sets no limits.
+    @ivar layer7: an HTTP route: its connections go to the port's HTTP
+        layer, which matches each request; on a plain port its domains are
+        Host names, matched there, not here.
     """
 
     config: RouteConfig
@@ -38,6 +41,7 @@ class CompiledRoute:
     options: Any
     serverTLS: Any = None
     gate: Any = None
+    layer7: bool = False
 
     @property
     def name(self) -> str:
@@ -46,7 +50,7 @@ class CompiledRoute:
     @property
     def needsHello(self) -> bool:
         """Whether routing to this route needs the ClientHello read first."""
-        return self.config.tls is not None or bool(self.config.domains)
+        return self.config.tls is not None or (bool(self.config.domains) and not self.layer7)
 
 
 @frozen(eq=False)
@@ -78,17 +82,18 @@ class _Entry:
 
 def _entries(route: CompiledRoute, order: int) -> Iterable[_Entry]:
     config = route.config
-    exact = frozenset(name for name in config.domains if not name.startswith("*."))
+    domains = () if route.layer7 and config.tls is None else config.domains
+    exact = frozenset(name for name in domains if not name.startswith("*."))
     priority = -config.priority
     if exact:
         yield _Entry((priority, -_EXACT, 0, order), route, exact, None, config.client_ip)
-    for name in config.domains:
+    for name in domains:
         if name.startswith("*."):
             suffix = name[1:]
             yield _Entry(
                 (priority, -_WILDCARD, -len(suffix), order), route, None, suffix, config.client_ip
             )
-    if not config.domains:
+    if not domains:
         yield _Entry((priority, -_ANY, 0, order), route, None, None, config.client_ip)
 
 

@@ -55,8 +55,13 @@ def test_json_log_has_access_records_with_fields(tmp_path: Path, router) -> None
     records = json_records(dcrouter.output())
     assert all(isinstance(record, dict) for record in records)
     access = [r for r in records if r.get("log_namespace") == "dcrouter.access"]
-    assert len(access) == 1, access
-    record = access[0]
+    requests = [r for r in access if r.get("kind") == "request"]
+    connections = [r for r in access if "kind" not in r]
+    assert len(requests) == 1 and len(connections) == 1, access
+    request = requests[0]
+    assert (request["method"], request["target"], request["status"]) == ("GET", "/health", 200)
+    assert request["route"] == "health" and request["bytesOut"] == len("healthy\n")
+    record = connections[0]
     assert record["client"].startswith("127.0.0.1:")
     assert record["port"] == port
     assert record["sni"] == "-"
@@ -66,7 +71,7 @@ def test_json_log_has_access_records_with_fields(tmp_path: Path, router) -> None
     assert record["bytesIn"] > 0
     assert record["bytesOut"] > len("healthy\n")
     assert isinstance(record["duration"], float) and record["duration"] >= 0
-    assert record["ended"] == "answered"
+    assert record["ended"] in ("client closed", "closed after 1 request(s)")
     # Nothing is written as text beside the JSON.
     assert "[dcrouter.access#info]" not in dcrouter.output()
 

@@ -370,7 +370,7 @@ class TestSections:
         path = write(ROUTE + "[acme]\nenabled = yes\n")
         assert oneError(path) == (
             f"{path}:3: [acme] unknown section (known: [dcrouter], [defaults], [tls], "
-            "[route:NAME])"
+            "[http], [route:NAME])"
         )
 
     def test_routeWithoutColon(self, write: Write) -> None:
@@ -583,12 +583,37 @@ class TestCertificates:
 
 
 class TestCrossChecks:
-    def test_domainsNeedTls(self, write: Write) -> None:
-        path = write(ROUTE + "domains = a.example\n")
-        assert oneError(path) == (
-            f"{path}:3: [route:web] domains: domains need tls (routes are told apart by SNI); "
-            "routing plain connections by HTTP Host is not supported yet"
+    def test_httpMatchers(self, write: Write) -> None:
+        path = write(
+            ROUTE + "domains = A.example\npath = /api/, /img/*.png\nmethod = get, POST\n"
+            "headers =\n  X-Api-Version: v2*\n  Cookie: *\n"
         )
+        (route,) = loadConfig(path).routes
+        assert route.domains == ("a.example",)
+        assert route.paths == ("/api/", "/img/*.png")
+        assert route.methods == ("GET", "POST")
+        assert route.headers == (("x-api-version", "v2*"), ("cookie", "*"))
+
+    @pytest.mark.parametrize(
+        ("key", "value", "message"),
+        [
+            ("path", "api/", "'api/' is not a path"),
+            ("method", "GE T", "'GE T' is not an HTTP method"),
+            ("headers", "X-A", "'X-A' is not 'Name: value'"),
+        ],
+    )
+    def test_badHttpMatchers(self, write: Write, key: str, value: str, message: str) -> None:
+        path = write(ROUTE + f"{key} = {value}\n")
+        assert oneError(path).startswith(f"{path}:3: [route:web] {key}: {message}")
+
+    def test_httpSection(self, write: Write) -> None:
+        path = write("[http]\nmax_header_size = 16k\nheader_timeout = 5s\n" + ROUTE)
+        config = loadConfig(path)
+        assert config.http.header_timeout == 5.0
+
+    def test_httpSectionErrors(self, write: Write) -> None:
+        path = write("[http]\nmax_headers = 2\nbody_timeout = 0\nsize = 1\n" + ROUTE)
+        assert len(errorsOf(path)) == 3
 
     @pytest.mark.parametrize("tls", ["passthrough", "terminate"])
     def test_domainsWithTls(self, write: Write, tls: str) -> None:

@@ -7,8 +7,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from dcrouter.config.model import HostPort, RouteConfig
 from dcrouter.ops.accesslog import ConnectionRecord
-from dcrouter.proxy.forward import ForwardOptions, ForwardProtocol, RoundRobin
+from dcrouter.proxy.forward import ForwardOptions, ForwardProtocol
 from dcrouter.proxy.listener import RoutedConnection
+from dcrouter.proxy.pool import Target, TargetPool
 
 
 class Transport(StringTransport):
@@ -26,8 +27,9 @@ def forwarder(idleTimeout=10.0):
         reactor, RouteConfig(name="r", ports=(443,)), client, None, None, (), record
     )
     target = HostPort("127.0.0.1", 9)
-    options = ForwardOptions(targets=(target,), connectTimeout=5.0, idleTimeout=idleTimeout)
-    protocol = ForwardProtocol(connection, options, RoundRobin([target]))
+    options = ForwardOptions(connectTimeout=5.0, idleTimeout=idleTimeout)
+    pool = TargetPool([Target(target)], "roundrobin", reactor, "r")
+    protocol = ForwardProtocol(connection, options, pool)
     transport = Transport()
     protocol.makeConnection(transport)
     return reactor, protocol, transport

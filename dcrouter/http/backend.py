@@ -1,0 +1,213 @@
+"""
+Connections to HTTP backends, kept alive and reused between requests.
+
+A L{BackendPool} holds idle connections per target; a request takes one
+(or a new one) with L{BackendPool.acquire} and gives it back with
+L{BackendPool.release} when its response was complete and both sides agreed
+to keep it alive. An idle connection is closed after C{idleTimeout}, or as
+soon as the backend closes it or sends anything unasked. A connection in
+use belongs to its request alone; tunnels (WebSocket) never come back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IReactorTCP,
+)
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dcrouter.config.model import HostPort
+from dcrouter.proxy.tls import clientFactory
+
+
+class BackendUser:
+    """What a connection in use reports to (the request relaying over it)."""
+
+    def backendData(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def backendLost(self, reason: Failure) -> None:
+        raise NotImplementedError
+
+
+@implementer(IHandshakeListener)
+class BackendConnection(Protocol):
+    """One connection to a backend; idle in its pool or used by one request."""
+
+    def __init__(
+        self, pool: BackendPool, target: HostPort, ready: Deferred[BackendConnection]
+    ) -> None:
+        self.pool = pool
+        self.target = target
+        self.user: Optional[BackendUser] = None
+        self.idleTimer: Optional[IDelayedCall] = None
+        self.ready: Optional[Deferred[BackendConnection]] = ready
+
+    def connectionMade(self) -> None:
+        if self.pool.tls is None:
+            self.becameReady()
+
+    def handshakeCompleted(self) -> None:
+        # Twisted 22.4 reports completion even when the name check failed.
+        transport: Any = self.transport
+        if transport is not None and not transport.disconnecting:
+            self.becameReady()
+
+    def becameReady(self) -> None:
+        ready, self.ready = self.ready, None
+        if ready is not None and not ready.called:
+            ready.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        user = self.user
+        if user is not None:
+            user.backendData(data)
+        elif self.transport is not None:
+            # An idle backend has nothing to say; if it does, it is not
+            # speaking HTTP/1.1 keep-alive as we think it is.
+            self.pool.discard(self)
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.pool.discard(self)
+        ready, self.ready = self.ready, None
+        if ready is not None:
+            if not ready.called:
+                ready.errback(reason)
+            return
+        user, self.user = self.user, None
+        if user is not None:
+            user.backendLost(reason)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class _Factory(ClientFactory):
+    noisy = False
+
+    def __init__(
+        self, pool: BackendPool, target: HostPort, ready: Deferred[BackendConnection]
+    ) -> None:
+        self.pool = pool
+        self.target = target
+        self.ready = ready
+        self.built: Optional[BackendConnection] = None
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> BackendConnection:
+        self.built = BackendConnection(self.pool, self.target, self.ready)
+        return self.built
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        if not self.ready.called:
+            self.ready.errback(reason)
+
+
+class BackendPool:
+    """
+    Idle keep-alive connections to the targets of one route.
+
+    @param tls: for C{terminate-and-reencrypt}: the TLS client creator for a
+        target; C{None} for plain HTTP to backends.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        connectTimeout: float,
+        idleTimeout: float = 30.0,
+        maxIdlePerTarget: int = 32,
+        tls: Optional[Callable[[HostPort], IOpenSSLClientConnectionCreator]] = None,
+    ) -> None:
+        self.reactor = reactor
+        self.connectTimeout = connectTimeout
+        self.idleTimeout = idleTimeout
+        self.maxIdlePerTarget = maxIdlePerTarget
+        self.tls = tls
+        self.idle: dict[HostPort, list[BackendConnection]] = {}
+
+    def takeIdle(self, target: HostPort) -> Optional[BackendConnection]:
+        """The most recently used idle connection to C{target}, if any."""
+        idle = self.idle.get(target)
+        while idle:
+            connection = idle.pop()
+            if connection.idleTimer is not None and connection.idleTimer.active():
+                connection.idleTimer.cancel()
+            connection.idleTimer = None
+            transport: Any = connection.transport
+            if transport is not None and not transport.disconnecting:
+                return connection
+        return None
+
+    def connect(self, target: HostPort) -> Deferred[BackendConnection]:
+        """A new connection to C{target}; fires once it can carry a request."""
+        connector: Any = None
+
+        def cancel(result: Deferred[BackendConnection]) -> None:
+            if factory.built is not None:
+                factory.built.abort()
+            else:
+                connector.disconnect()
+
+        ready: Deferred[BackendConnection] = Deferred(cancel)
+        factory = _Factory(self, target, ready)
+        wrapped: Any = factory
+        if self.tls is not None:
+            wrapped = clientFactory(self.tls(target), factory, self.reactor)
+        reactor: IReactorTCP = self.reactor
+        connector = reactor.connectTCP(
+            target.host, target.port, wrapped, timeout=self.connectTimeout
+        )
+        if self.tls is not None:
+            # connectTCP's timeout ends at the TCP connect; the TLS handshake
+            # must fit in the same time.
+            ready.addTimeout(self.connectTimeout, self.reactor)
+        return ready
+
+    def release(self, connection: BackendConnection) -> None:
+        """A response is done and the connection may carry another request."""
+        connection.user = None
+        idle = self.idle.setdefault(connection.target, [])
+        if len(idle) >= self.maxIdlePerTarget:
+            connection.close()
+            return
+        idle.append(connection)
+        connection.idleTimer = self.reactor.callLater(self.idleTimeout, self._expire, connection)
+
+    def _expire(self, connection: BackendConnection) -> None:
+        connection.idleTimer = None
+        self.discard(connection)
+        connection.close()
+
+    def discard(self, connection: BackendConnection) -> None:
+        """Forget C{connection} (closed, or no longer reusable)."""
+        idle = self.idle.get(connection.target)
+        if idle and connection in idle:
+            idle.remove(connection)
+        if connection.idleTimer is not None and connection.idleTimer.active():
+            connection.idleTimer.cancel()
+        connection.idleTimer = None
+
+    def closeIdle(self) -> None:
+        """Close every idle connection (the configuration was replaced)."""
+        for idle in list(self.idle.values()):
+            for connection in list(idle):
+                self.discard(connection)
+                connection.close()
+        self.idle.clear()

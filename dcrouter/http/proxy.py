@@ -1,0 +1,535 @@
+"""
+The reverse proxy: one request relayed to a backend and its response back.
+
+Bodies stream both ways under flow control, never buffered whole: request
+body pieces go to the backend as they are read (the client is paused while
+the backend's socket is full), response pieces go to the client likewise.
+The request sent on is rebuilt from the parsed head: hop-by-hop headers
+dropped, framing set by dcrouter, and X-Forwarded-For / -Proto / -Host,
+X-Real-IP and Forwarded written by dcrouter (a client's own values are kept
+and extended only when it is a trusted proxy).
+
+Failures map to clear answers: no target available 503, a backend that
+cannot be reached or answers garbage 502, one that does not answer within
+C{response_timeout} 504. A failed connect moves on to the next target; so
+does a bodiless idempotent request whose backend closed before answering
+(a reused keep-alive connection the backend had closed meanwhile is first
+retried once on a fresh connection to the same target).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from attrs import frozen
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dcrouter.config.model import HostPort
+from dcrouter.http.backend import BackendConnection, BackendPool, BackendUser
+from dcrouter.http.wire import (
+    LAST_CHUNK,
+    BodyFraming,
+    BodyReader,
+    HTTPError,
+    ResponseHead,
+    ResponseHeadParser,
+    bodyReader,
+    encodeChunk,
+    endToEndHeaders,
+    serializeHead,
+)
+from dcrouter.interfaces import IHTTPExchange
+from dcrouter.ops.accesslog import formatAddress
+from dcrouter.proxy.gate import clientIP
+
+log = Logger()
+
+_FORWARDING = frozenset(
+    (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip", b"forwarded")
+)
+_FRAMING = frozenset((b"content-length", b"transfer-encoding"))
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+
+
+@frozen(eq=False)
+class ProxyRoute:
+    """
+    What the C{http} action needs for one route.
+
+    @ivar targets: a L{dcrouter.proxy.pool.TargetPool}.
+    @ivar backends: the route's pool of keep-alive connections.
+    """
+
+    targets: Any
+    backends: BackendPool
+    responseTimeout: float
+    idleTimeout: float
+    hostHeader: Optional[bytes] = None
+
+
+def forwardedHeaders(exchange: IHTTPExchange) -> list[tuple[bytes, bytes]]:
+    """The request's end-to-end headers with dcrouter's forwarding headers."""
+    request = exchange.request
+    headers = [
+        (name, value)
+        for name, value in endToEndHeaders(request.headers, request.connectionTokens, _FORWARDING)
+        if name.lower() not in _FRAMING
+    ]
+    client = exchange.connection.client
+    address = getattr(client, "host", None) or formatAddress(client)
+    ip = address.encode("ascii", "replace")
+    scheme = exchange.scheme.encode("ascii")
+    kept: dict[bytes, bytes] = {}
+    if exchange.trustedClient:
+        for name, _ in headers:
+            lower = name.lower()
+            if lower in _FORWARDING and lower not in kept:
+                kept[lower] = b", ".join(request.getAll(lower))
+    headers = [(name, value) for name, value in headers if name.lower() not in _FORWARDING]
+    forwardedFor = kept.get(b"x-forwarded-for")
+    headers.append((b"X-Forwarded-For", forwardedFor + b", " + ip if forwardedFor else ip))
+    headers.append((b"X-Forwarded-Proto", kept.get(b"x-forwarded-proto", scheme)))
+    if request.host:
+        headers.append((b"X-Forwarded-Host", kept.get(b"x-forwarded-host", request.host)))
+    headers.append((b"X-Real-IP", kept.get(b"x-real-ip", ip)))
+    node = b'"[' + ip + b']"' if b":" in ip else ip
+    element = b"for=" + node + b";proto=" + scheme
+    if request.host:
+        element += b';host="' + request.host + b'"'
+    previous = kept.get(b"forwarded")
+    headers.append((b"Forwarded", previous + b", " + element if previous else element))
+    return headers
+
+
+def originForm(target: bytes) -> bytes:
+    """The request target as a backend expects it: C{/path?query}."""
+    if target.startswith(b"/") or target == b"*":
+        return target
+    _, _, rest = target.partition(b"://")
+    slash = rest.find(b"/")
+    query = rest.find(b"?")
+    if slash < 0 or (0 <= query < slash):
+        return b"/" + (rest[query:] if query >= 0 else b"")
+    return rest[slash:]
+
+
+@implementer(IPushProducer)
+class _RequestBodyProducer:
+    """Pauses the client's body while the backend's socket is full."""
+
+    def __init__(self, exchange: IHTTPExchange) -> None:
+        self.exchange = exchange
+
+    def pauseProducing(self) -> None:
+        self.exchange.pauseBody()
+
+    def resumeProducing(self) -> None:
+        self.exchange.resumeBody()
+
+    def stopProducing(self) -> None:
+        """The backend connection is going; the relay deals with that."""
+
+
+class Relay(BackendUser):
+    """One request through one backend (trying the next on connect failure)."""
+
+    def __init__(self, exchange: IHTTPExchange, route: ProxyRoute) -> None:
+        self.exchange = exchange
+        self.route = route
+        self.reactor = route.backends.reactor
+        request = exchange.request
+        self.request = request
+        self.candidates: list[Any] = []
+        self.target: Any = None
+        self.backend: Optional[BackendConnection] = None
+        self.reused = False
+        self.retried = False
+        self.pending: Any = None
+        self.sentBody = False
+        self.requestSent = False
+        self.bodyChunked = request.body.kind == "chunked"
+        self.parser: Optional[ResponseHeadParser] = None
+        self.response: Optional[ResponseHead] = None
+        self.reader: Optional[BodyReader] = None
+        self.timer: Optional[IDelayedCall] = None
+        self.active = False
+        self.done = False
+        self.tunnel: Optional[_Tunnel] = None
+        self.lastError = "no target"
+        self.allDown = False
+
+    # Choosing and reaching a backend
+
+    def start(self) -> None:
+        key = None
+        ip = clientIP(self.exchange.connection.client)
+        if ip is not None:
+            key = ip.packed
+        self.candidates = list(self.route.targets.candidates(key))
+        self.allDown = self.route.targets.fallback
+        if not self.candidates:
+            self.fail(503, "no target is available")
+            return
+        self.exchange.whenGone(self.clientGone)
+        self.tryNext()
+
+    def tryNext(self) -> None:
+        if self.done:
+            return
+        if not self.candidates:
+            if self.allDown:
+                # Every target was already marked down before this request.
+                self.fail(503, f"no target is up ({self.lastError})")
+            else:
+                self.fail(502, f"no target reachable ({self.lastError})")
+            return
+        target = self.candidates.pop(0)
+        self.target = target
+        address: HostPort = target.address
+        self.exchange.record.target = str(address)
+        connection = self.route.backends.takeIdle(address)
+        if connection is not None:
+            self.reused = True
+            self.connected(connection)
+            return
+        self.reused = False
+        self.pending = self.route.backends.connect(address)
+        self.pending.addCallbacks(self.connected, self.connectFailed)
+
+    def connectFailed(self, reason: Failure) -> None:
+        self.pending = None
+        if self.done:
+            return
+        self.lastError = f"{self.target.address}: {reason.getErrorMessage()}"
+        self.route.targets.reportFailure(self.target, reason.getErrorMessage())
+        self.tryNext()
+
+    def connected(self, backend: BackendConnection) -> None:
+        self.pending = None
+        if self.done:
+            self.route.backends.release(backend)
+            return
+        self.backend = backend
+        backend.user = self
+        self.route.targets.acquire(self.target)
+        self.parser = ResponseHeadParser(self.request.method)
+        self.sendHead()
+        self.timer = self.reactor.callLater(self.route.responseTimeout, self.responseTimedOut)
+        if self.request.body.kind == "none":
+            self.requestSent = True
+        elif not self.sentBody:
+            self.sentBody = True
+            transport: Any = backend.transport
+            transport.registerProducer(_RequestBodyProducer(self.exchange), True)
+            self.exchange.readBody(self)
+
+    def sendHead(self) -> None:
+        request = self.request
+        headers = forwardedHeaders(self.exchange)
+        # The Host the request was routed by, also for an absolute-form
+        # target (whose authority overrides the client's Host header).
+        host = self.route.hostHeader if self.route.hostHeader is not None else request.host
+        headers = [(n, v) for n, v in headers if n.lower() != b"host"]
+        if host:
+            headers.insert(0, (b"Host", host))
+        kind = request.body.kind
+        if kind == "length":
+            headers.append((b"Content-Length", b"%d" % request.body.length))
+        elif kind == "chunked":
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        if request.upgrade is not None:
+            headers.append((b"Connection", b"upgrade"))
+            headers.append((b"Upgrade", request.upgrade))
+        line = request.method + b" " + originForm(request.target) + b" HTTP/1.1"
+        self.writeBackend(serializeHead(line, headers))
+
+    def writeBackend(self, data: bytes) -> None:
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.write(data)
+
+    # The request body (the exchange calls these)
+
+    def bodyReceived(self, data: bytes) -> None:
+        self.writeBackend(encodeChunk(data) if self.bodyChunked else data)
+
+    def bodyFinished(self) -> None:
+        self.requestSent = True
+        if self.bodyChunked:
+            self.writeBackend(LAST_CHUNK)
+        self.unregisterBody()
+
+    def bodyFailed(self, reason: Failure) -> None:
+        self.unregisterBody()
+        self.closeBackend(abort=True)
+
+    def unregisterBody(self) -> None:
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            transport: Any = backend.transport
+            if transport.producer is not None:
+                transport.unregisterProducer()
+
+    # The response
+
+    def backendData(self, data: bytes) -> None:
+        self.active = True
+        if self.tunnel is not None:
+            self.tunnel.fromBackend(data)
+            return
+        if self.response is None:
+            assert self.parser is not None
+            try:
+                head = self.parser.feed(data)
+            except HTTPError as e:
+                self.backendFailed(f"bad response: {e.reason}")
+                return
+            if head is None:
+                return
+            data = self.parser.leftover
+            if head.status < 200 and head.status != 101:
+                self.parser = ResponseHeadParser(self.request.method)
+                self.exchange.informational(head.status, self.responseHeaders(head))
+                if data:
+                    self.backendData(data)
+                return
+            self.startResponse(head)
+            if self.done or self.tunnel is not None:
+                if data and self.tunnel is not None:
+                    self.tunnel.fromBackend(data)
+                return
+        assert self.reader is not None
+        try:
+            pieces = self.reader.feed(data)
+        except HTTPError as e:
+            self.abortResponse(f"bad response body: {e.reason}")
+            return
+        for piece in pieces:
+            self.exchange.write(piece)
+        if self.reader.done:
+            self.responseDone(reusable=not self.reader.leftover)
+
+    def responseHeaders(self, head: ResponseHead) -> list[tuple[bytes, bytes]]:
+        return endToEndHeaders(head.headers, head.connectionTokens)
+
+    def startResponse(self, head: ResponseHead) -> None:
+        self.response = head
+        self.route.targets.reportSuccess(self.target)
+        if head.status == 101:
+            self.startTunnel(head)
+            return
+        headers = self.responseHeaders(head)
+        framing = head.body
+        if framing.kind != "none":
+            headers = [(n, v) for n, v in headers if n.lower() not in _FRAMING]
+        self.reader = bodyReader(framing)
+        self.exchange.startResponse(head.status, head.reason, headers, framing)
+        backend = self.backend
+        if backend is not None and backend.transport is not None and not self.reader.done:
+            self.exchange.registerProducer(backend.transport, True)
+            self.producing = True
+        if self.reader.done:
+            self.responseDone(reusable=True)
+
+    producing = False
+
+    def responseDone(self, reusable: bool) -> None:
+        self.cancelTimer()
+        if self.producing:
+            self.producing = False
+            self.exchange.unregisterProducer()
+        self.finish()
+        self.exchange.finish()
+        backend, self.backend = self.backend, None
+        if backend is None:
+            return
+        response = self.response
+        keep = (
+            reusable
+            and self.requestSent
+            and response is not None
+            and response.keepAlive
+            and response.body.kind != "close"
+        )
+        if keep:
+            self.unregisterBody()
+            self.route.backends.release(backend)
+        else:
+            backend.user = None
+            backend.close()
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            if self.target is not None and self.backend is not None:
+                self.route.targets.release(self.target)
+
+    # Failures
+
+    def responseTimedOut(self) -> None:
+        self.timer = None
+        if self.active:
+            # Bytes flowed: from here on the route's idle timeout applies.
+            self.active = False
+            self.timer = self.reactor.callLater(self.route.idleTimeout, self.responseTimedOut)
+            return
+        if self.response is None:
+            self.route.targets.reportFailure(self.target, "response timeout")
+            self.closeBackend(abort=True)
+            self.fail(504, f"{self.target.address} did not answer in time")
+        else:
+            self.abortResponse("backend idle")
+
+    def backendLost(self, reason: Failure) -> None:
+        self.backend = None
+        if self.done:
+            return
+        if self.tunnel is not None:
+            self.tunnel.backendLost()
+            return
+        if self.response is None:
+            if self.retryable():
+                if self.reused and not self.retried:
+                    # The backend closed an idle keep-alive connection as we
+                    # reused it: try the same target on a fresh connection.
+                    self.retried = True
+                    self.candidates.insert(0, self.target)
+                else:
+                    self.lastError = f"{self.target.address}: closed before answering"
+                    self.route.targets.reportFailure(self.target, "closed before answering")
+                self.route.targets.release(self.target)
+                self.tryNext()
+                return
+            self.backendFailed(f"closed before answering ({reason.getErrorMessage()})")
+            return
+        if self.reader is not None:
+            try:
+                self.reader.finish()
+            except HTTPError as e:
+                self.abortResponse(f"response cut short: {e.reason}")
+                return
+            self.responseDone(reusable=False)
+
+    def retryable(self) -> bool:
+        """
+        May this request go to another backend after one closed on it?
+
+        Only before any response byte, only without a body (it is streamed,
+        not kept), and only for methods that are safe to repeat, as nginx's
+        C{proxy_next_upstream} does.
+        """
+        return self.request.body.kind == "none" and self.request.method in _IDEMPOTENT
+
+    def backendFailed(self, why: str) -> None:
+        self.route.targets.reportFailure(self.target, why)
+        self.closeBackend(abort=True)
+        if self.response is None:
+            self.fail(502, f"{self.target.address}: {why}")
+        else:
+            self.abortResponse(why)
+
+    def fail(self, status: int, why: str) -> None:
+        self.cancelTimer()
+        self.finish()
+        self.exchange.record.note = why
+        if not self.exchange.started:
+            self.exchange.respond(status, body=f"{why}\n".encode())
+        else:
+            self.exchange.abort(why)
+
+    def abortResponse(self, why: str) -> None:
+        self.cancelTimer()
+        self.finish()
+        self.closeBackend(abort=True)
+        self.exchange.abort(why)
+
+    def clientGone(self, reason: Failure) -> None:
+        self.cancelTimer()
+        self.finish()
+        if self.pending is not None:
+            self.pending.cancel()
+        if self.tunnel is not None:
+            self.tunnel.clientLost()
+        self.closeBackend(abort=True)
+
+    def closeBackend(self, abort: bool) -> None:
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            backend.user = None
+            backend.abort() if abort else backend.close()
+
+    def cancelTimer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    # Upgrade tunnels (WebSocket)
+
+    def startTunnel(self, head: ResponseHead) -> None:
+        if self.request.upgrade is None:
+            self.backendFailed("101 to a request that asked for no upgrade")
+            return
+        self.cancelTimer()
+        headers = [
+            (n, v)
+            for n, v in head.headers
+            if n.lower() not in (b"connection", b"upgrade", b"keep-alive")
+        ]
+        headers += [(b"Connection", b"upgrade"), (b"Upgrade", head.get(b"upgrade") or b"")]
+        self.exchange.startResponse(101, head.reason, headers, BodyFraming("none"))
+        transport, held = self.exchange.takeOver()
+        backend = self.backend
+        assert backend is not None and backend.transport is not None
+        self.tunnel = _Tunnel(self, transport, backend)
+        self.exchange.setTunnel(self.tunnel)
+        self.done = True
+        if held:
+            self.tunnel.dataReceived(held)
+
+
+class _Tunnel(Protocol):
+    """After a 101: bytes both ways, with flow control, until either side closes."""
+
+    def __init__(self, relay: Relay, client: Any, backend: BackendConnection) -> None:
+        self.relay = relay
+        self.client = client
+        self.backend = backend
+        self.record = relay.exchange.connection.record
+        client.registerProducer(backend.transport, True)
+        backend.transport.registerProducer(client, True)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.backend.transport is not None:
+            self.backend.transport.write(data)
+
+    def fromBackend(self, data: bytes) -> None:
+        self.record.bytesOut += len(data)
+        self.client.write(data)
+
+    def backendLost(self) -> None:
+        self.client.unregisterProducer()
+        self.client.loseConnection()
+
+    def clientLost(self) -> None:
+        transport: Any = self.backend.transport
+        if transport is not None:
+            transport.unregisterProducer()
+            transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.clientLost()
+
+
+def relay(exchange: IHTTPExchange, route: ProxyRoute) -> Relay:
+    """Start relaying C{exchange} to one of C{route}'s targets."""
+    result = Relay(exchange, route)
+    result.start()
+    return result
+
+
+__all__: Sequence[str] = ("ProxyRoute", "Relay", "forwardedHeaders", "originForm", "relay")

@@ -1,0 +1,184 @@
+"""
+Which HTTP route serves a request: Host, path, method, headers, client.
+
+Order, as for connections: C{priority} (higher first), then the Host
+(exact name > longer wildcard > any), then the path (longer prefix or glob
+first), then routes with more conditions (method, each header, client
+address), then the order routes were written in. Matching is a scan of a short pre-sorted list; each
+entry checks its cheapest condition first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from fnmatch import translate
+from typing import Any, Optional
+
+from attrs import frozen
+
+from dcrouter.config.model import RouteConfig
+from dcrouter.proxy.gate import IPAddress
+
+
+def hostName(host: bytes) -> str:
+    """The name of a Host value: lower case, no port, no trailing dot."""
+    text = host.decode("latin-1").lower()
+    if text.startswith("["):
+        end = text.find("]")
+        return text[: end + 1] if end > 0 else text
+    name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    return name.rstrip(".")
+
+
+def domainMatches(domains: tuple[str, ...], name: Optional[str]) -> bool:
+    """Does C{name} match one of C{domains} (exact or C{*.suffix}, any depth)?"""
+    if not domains:
+        return True
+    if name is None:
+        return False
+    for domain in domains:
+        if domain.startswith("*."):
+            if name.endswith(domain[1:]):
+                return True
+        elif name == domain:
+            return True
+    return False
+
+
+@frozen(eq=False)
+class _PathMatcher:
+    """A path prefix, or a glob compiled to a regular expression."""
+
+    text: str
+    regex: Optional[re.Pattern[str]]
+
+    @classmethod
+    def of(cls, text: str) -> _PathMatcher:
+        if any(c in text for c in "*?["):
+            return cls(text, re.compile(translate(text), re.DOTALL))
+        return cls(text, None)
+
+    def matches(self, path: str) -> bool:
+        if self.regex is None:
+            return path.startswith(self.text)
+        return self.regex.match(path) is not None
+
+
+@frozen(eq=False)
+class HTTPRoute:
+    """
+    A route ready to serve requests.
+
+    @ivar action: the L{dcrouter.interfaces.IHTTPAction} provider.
+    @ivar options: what the action's C{parseOptions} returned.
+    @ivar guard: the route's auth and rate limits (L{dcrouter.http.guard.Guard}),
+        or C{None}.
+    """
+
+    config: RouteConfig
+    action: Any
+    options: Any
+    guard: Any = None
+
+
+@frozen(eq=False)
+class _Entry:
+    rank: tuple[int, int, int, int, int, int]
+    route: HTTPRoute
+    names: Optional[frozenset[str]]
+    suffix: Optional[str]
+    paths: tuple[_PathMatcher, ...]
+    methods: frozenset[str]
+    headers: tuple[tuple[bytes, re.Pattern[bytes]], ...]
+
+    def matches(
+        self,
+        name: str,
+        path: str,
+        method: str,
+        headers: Any,
+        client: Optional[IPAddress],
+    ) -> bool:
+        if self.names is not None:
+            if name not in self.names:
+                return False
+        elif self.suffix is not None and not name.endswith(self.suffix):
+            return False
+        if self.methods and method not in self.methods:
+            return False
+        if self.paths and not any(matcher.matches(path) for matcher in self.paths):
+            return False
+        config = self.route.config
+        if config.client_ip and (
+            client is None or not any(client in network for network in config.client_ip)
+        ):
+            return False
+        for header, pattern in self.headers:
+            if not any(pattern.match(value) for value in headers.getAll(header)):
+                return False
+        return True
+
+
+def _entries(route: HTTPRoute, order: int) -> Iterable[_Entry]:
+    config = route.config
+    priority = -config.priority
+    paths = tuple(_PathMatcher.of(path) for path in config.paths)
+    pathRank = -max((len(path) for path in config.paths), default=0)
+    conditions = -(len(config.methods) > 0) - len(config.headers) - (len(config.client_ip) > 0)
+    methods = frozenset(config.methods)
+    headers = tuple(
+        (name.encode("ascii"), re.compile(translate(value).encode("latin-1"), re.DOTALL))
+        for name, value in config.headers
+    )
+
+    def entry(kind: int, length: int, names: Any, suffix: Any) -> _Entry:
+        rank = (priority, -kind, -length, pathRank, conditions, order)
+        return _Entry(rank, route, names, suffix, paths, methods, headers)
+
+    exact = frozenset(name for name in config.domains if not name.startswith("*."))
+    if exact:
+        yield entry(2, 0, exact, None)
+    for name in config.domains:
+        if name.startswith("*."):
+            yield entry(1, len(name) - 1, None, name[1:])
+    if not config.domains:
+        yield entry(0, 0, None, None)
+
+
+@frozen(eq=False)
+class HTTPRouteTable:
+    """The HTTP routes of one port (plain or TLS), sorted for matching."""
+
+    routes: tuple[HTTPRoute, ...]
+    entries: tuple[_Entry, ...]
+
+    @classmethod
+    def build(cls, routes: Iterable[HTTPRoute]) -> HTTPRouteTable:
+        """Sort C{routes} (given in file order) into a table."""
+        routes = tuple(routes)
+        entries = sorted(
+            (entry for order, route in enumerate(routes) for entry in _entries(route, order)),
+            key=lambda entry: entry.rank,
+        )
+        return cls(routes, tuple(entries))
+
+    def match(
+        self,
+        host: str,
+        path: str,
+        method: str,
+        headers: Any,
+        client: Optional[IPAddress],
+    ) -> Optional[HTTPRoute]:
+        """
+        The route for a request, or C{None}.
+
+        @param host: the Host's name (see L{hostName}).
+        @param path: the request path, without the query.
+        @param headers: anything with C{getAll(lowercase name) -> [bytes]}.
+        """
+        for entry in self.entries:
+            if entry.matches(host, path, method, headers, client):
+                return entry.route
+        return None

@@ -1,0 +1,639 @@
+"""
+The client side of the HTTP layer: one protocol per client connection.
+
+It reads request heads with the strict parser (L{dcrouter.http.wire}),
+matches each request to an HTTP route, lets the route's guard (auth, rate
+limits) judge it, and hands it to the route's action as an L{Exchange}.
+Requests are served one at a time: bytes of a pipelined next request wait
+(and the client is paused) until the response in flight is finished, so a
+response can never overtake another.
+
+Bounded everywhere: head size, header count and URI length by the parser;
+time by three timers (the head, an idle keep-alive connection, a stalled
+request body).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from typing import Any, Optional
+from urllib.parse import unquote_to_bytes
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dcrouter.config.model import HttpSettings, IPNetwork
+from dcrouter.http.routes import HTTPRoute, HTTPRouteTable, domainMatches, hostName
+from dcrouter.http.wire import (
+    LAST_CHUNK,
+    BodyFraming,
+    BodyReader,
+    HTTPError,
+    RequestHead,
+    RequestHeadParser,
+    bodyReader,
+    encodeChunk,
+    errorResponse,
+    serializeHead,
+)
+from dcrouter.interfaces import IHTTPExchange, IRouteAction, IRoutedConnection
+from dcrouter.ops.accesslog import RequestRecord
+from dcrouter.proxy.gate import IPAddress, clientIP
+
+log = Logger()
+
+# Body bytes read ahead of the action (or pipelined bytes held back) before
+# the client is paused.
+_READ_AHEAD = 64 * 1024
+
+_NO_BODY = BodyFraming("none")
+
+
+def requestPath(target: bytes) -> str:
+    """
+    The path that routes match, normalized as nginx does before matching.
+
+    Percent-escapes are decoded and dot-segments resolved, so that
+    C{/%61dmin} and C{/x/../admin} are C{/admin} to a C{path = /admin} route
+    (and to its auth). Backends still get the target exactly as sent.
+
+    @raise HTTPError: 400 for a target that is not a path, or that decodes
+        to NUL or to a path that climbs above the root.
+    """
+    if target.startswith(b"/"):
+        path = target.split(b"?", 1)[0].split(b"#", 1)[0]
+    elif target == b"*":
+        return "*"
+    else:
+        # absolute-form: scheme://authority/path?query
+        _scheme, sep, rest = target.partition(b"://")
+        if not sep:
+            raise HTTPError(400, "request target is not a path")
+        slash = rest.find(b"/")
+        path = rest[slash:].split(b"?", 1)[0] if slash >= 0 else b"/"
+    decoded = unquote_to_bytes(path)
+    if b"\x00" in decoded:
+        raise HTTPError(400, "NUL in the path")
+    segments: list[bytes] = []
+    parts = decoded.split(b"/")
+    for index, segment in enumerate(parts[1:], 1):
+        last = index == len(parts) - 1
+        if segment == b"..":
+            if not segments:
+                raise HTTPError(400, "path climbs above the root")
+            segments.pop()
+            if last:
+                segments.append(b"")
+        elif segment == b".":
+            if last:
+                segments.append(b"")
+        elif segment == b"" and not last:
+            continue
+        else:
+            segments.append(segment)
+    return "/" + b"/".join(segments).decode("utf-8", "surrogateescape")
+
+
+@frozen(eq=False)
+class HTTPLayer:
+    """
+    Everything the HTTP side of one port needs, for one configuration.
+
+    The router hands connections of HTTP routes to L{buildProtocol}, as if
+    this were the routes' action.
+    """
+
+    reactor: IReactorTime
+    plain: HTTPRouteTable
+    secure: HTTPRouteTable
+    settings: HttpSettings
+    trustedProxies: tuple[IPNetwork, ...] = ()
+
+    name = "http layer"
+
+    def parseOptions(self, options: Any) -> None:
+        return None
+
+    def buildProtocol(self, connection: IRoutedConnection, options: Any) -> IProtocol:
+        return HTTPServerProtocol(self, connection)
+
+
+implementer(IRouteAction)(HTTPLayer)
+
+
+class _Phase:
+    HEAD, EXCHANGE, TUNNEL, CLOSED = range(4)
+
+
+class HTTPServerProtocol(Protocol):
+    """One client connection speaking HTTP/1.1 (or 1.0) to the router."""
+
+    def __init__(self, layer: HTTPLayer, connection: IRoutedConnection) -> None:
+        self.layer = layer
+        self.settings = layer.settings
+        self.connection = connection
+        self.reactor = layer.reactor
+        self.clientIP: Optional[IPAddress] = clientIP(connection.client)
+        self.secure = connection.route.tls in ("terminate", "terminate-and-reencrypt")
+        self.table = layer.secure if self.secure else layer.plain
+        self.phase = _Phase.HEAD
+        self.parser = self.newParser()
+        self.headStarted = False
+        self.exchange: Optional[Exchange] = None
+        self.held: list[bytes] = []
+        self.heldSize = 0
+        self.paused = False
+        self.timer: Optional[IDelayedCall] = None
+        self.tunnel: Optional[IProtocol] = None
+        self.requests = 0
+        self.trusted = self.clientIP is not None and any(
+            self.clientIP in network for network in layer.trustedProxies
+        )
+
+    def newParser(self) -> RequestHeadParser:
+        settings = self.settings
+        return RequestHeadParser(
+            maxLine=settings.max_uri_length,
+            maxHeaderBytes=settings.max_header_size,
+            maxHeaders=settings.max_headers,
+        )
+
+    # Timers
+
+    def setTimer(self, seconds: float, expired: Any) -> None:
+        self.cancelTimer()
+        self.timer = self.reactor.callLater(seconds, expired)
+
+    def cancelTimer(self) -> None:
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    def headTimedOut(self) -> None:
+        self.timer = None
+        if self.headStarted:
+            self.sendError(408, "request head not complete in time")
+        else:
+            self.connection.record.ended = (
+                "idle keep-alive" if self.requests else "no request in time"
+            )
+            self.closeNow()
+
+    # Reading
+
+    def connectionMade(self) -> None:
+        self.setTimer(self.settings.header_timeout, self.headTimedOut)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.connection.record.bytesIn += len(data)
+        phase = self.phase
+        if phase == _Phase.EXCHANGE:
+            assert self.exchange is not None
+            self.exchange.clientData(data)
+        elif phase == _Phase.HEAD:
+            self.readHead(data)
+        elif phase == _Phase.TUNNEL:
+            assert self.tunnel is not None
+            self.tunnel.dataReceived(data)
+
+    def readHead(self, data: bytes) -> None:
+        if not self.headStarted:
+            self.headStarted = True
+            if self.requests:
+                self.setTimer(self.settings.header_timeout, self.headTimedOut)
+        try:
+            head = self.parser.feed(data)
+        except HTTPError as e:
+            self.sendError(e.status, e.reason)
+            return
+        if head is not None:
+            self.cancelTimer()
+            self.startExchange(head, self.parser.leftover)
+
+    def startExchange(self, head: RequestHead, rest: bytes) -> None:
+        self.requests += 1
+        record = RequestRecord(self.reactor.seconds(), self.connection, head)
+        try:
+            path = requestPath(head.target)
+        except HTTPError as e:
+            self.sendError(e.status, e.reason, record)
+            return
+        host = hostName(head.host)
+        route = self.table.match(host, path, head.method.decode("latin-1"), head, self.clientIP)
+        if route is None:
+            self.sendError(404, f"no route for {host or '-'}{path}", record)
+            return
+        record.route = route.config.name
+        serverName = self.connection.serverName
+        if self.secure and serverName and not domainMatches(route.config.domains, serverName):
+            self.sendError(421, f"{host} is not served on a connection for {serverName}", record)
+            return
+        try:
+            reader = bodyReader(head.body, maxBody=self.settings.max_body_size or None)
+        except HTTPError as e:
+            self.sendError(e.status, e.reason, record)
+            return
+        exchange = Exchange(self, head, route, reader, record, path)
+        self.exchange = exchange
+        self.phase = _Phase.EXCHANGE
+        if rest:
+            exchange.clientData(rest)
+        if self.exchange is exchange and self.phase == _Phase.EXCHANGE:
+            exchange.start()
+
+    # Holding pipelined bytes
+
+    def hold(self, data: bytes) -> None:
+        """Keep bytes of the next request until the current one is answered."""
+        self.held.append(data)
+        self.heldSize += len(data)
+        if self.heldSize > _READ_AHEAD:
+            self.pauseClient()
+
+    def pauseClient(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeClient(self) -> None:
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def exchangeDone(self, exchange: Exchange, keepAlive: bool) -> None:
+        """The response is sent: close, or wait for the next request."""
+        if exchange is not self.exchange:
+            return
+        self.exchange = None
+        if not keepAlive:
+            self.phase = _Phase.CLOSED
+            self.connection.record.ended = f"closed after {self.requests} request(s)"
+            self.cancelTimer()
+            if self.transport is not None:
+                self.transport.loseConnection()
+            return
+        self.phase = _Phase.HEAD
+        self.parser = self.newParser()
+        self.headStarted = False
+        self.setTimer(self.settings.keepalive_timeout, self.headTimedOut)
+        held, self.held, self.heldSize = b"".join(self.held), [], 0
+        self.resumeClient()
+        if held:
+            # On the next turn, so that a long pipeline does not recurse.
+            self.reactor.callLater(0, self.readHeld, held)
+
+    def readHeld(self, data: bytes) -> None:
+        if self.phase == _Phase.HEAD:
+            self.readHead(data)
+        elif self.phase == _Phase.EXCHANGE and self.exchange is not None:
+            self.exchange.clientData(data)
+
+    # Answering without an action
+
+    def sendError(self, status: int, reason: str, record: Optional[RequestRecord] = None) -> None:
+        """Answer C{status} with C{Connection: close} and close."""
+        if self.transport is None or self.phase == _Phase.CLOSED:
+            return
+        response = errorResponse(status, reason)
+        self.transport.write(response)
+        self.connection.record.bytesOut += len(response)
+        if record is not None:
+            record.status = status
+            record.note = reason
+            record.emit(self.reactor.seconds())
+        else:
+            self.connection.record.ended = f"HTTP {status}: {reason}"
+        self.phase = _Phase.CLOSED
+        self.cancelTimer()
+        self.transport.loseConnection()
+
+    def closeNow(self) -> None:
+        self.phase = _Phase.CLOSED
+        self.cancelTimer()
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.phase = _Phase.CLOSED
+        self.cancelTimer()
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.clientLost(reason)
+        tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None:
+            tunnel.connectionLost(reason)
+
+
+@implementer(IHTTPExchange)
+class Exchange:
+    """One request and its response, as an action sees them."""
+
+    def __init__(
+        self,
+        server: HTTPServerProtocol,
+        request: RequestHead,
+        route: HTTPRoute,
+        reader: BodyReader,
+        record: RequestRecord,
+        path: str,
+    ) -> None:
+        self.server = server
+        self.request = request
+        self.httpRoute = route
+        self.route = route.config
+        self.connection = server.connection
+        self.scheme = "https" if server.secure else "http"
+        self.trustedClient = server.trusted
+        self.record = record
+        self.path = path
+        self.reader = reader
+        self.consumer: Any = None
+        self.early: list[bytes] = []
+        self.earlySize = 0
+        self.bodyDone = reader.done
+        self.bodyError: Optional[Failure] = None
+        self.bodyPaused = False
+        self.bodyActive = False
+        self.bodyTimer: Optional[IDelayedCall] = None
+        self.started = False
+        self.chunked = False
+        self.keepAlive = request.keepAlive
+        self.finished = False
+        self.gone = False
+        self.goneCallbacks: list[Callable[[Failure], None]] = []
+
+    # Start: the guard, then the action
+
+    def start(self) -> None:
+        guard = self.httpRoute.guard
+        if not self.bodyDone:
+            self.startBodyTimer()
+        if guard is None:
+            self.runAction()
+            return
+        verdict = guard.check(self)
+        if isinstance(verdict, Deferred):
+            verdict.addCallbacks(self.guardSaid, self.guardFailed)
+        else:
+            self.guardSaid(verdict)
+
+    def guardSaid(self, allowed: bool) -> None:
+        if self.gone or self.finished:
+            return
+        if allowed:
+            self.runAction()
+
+    def guardFailed(self, failure: Failure) -> None:
+        log.failure("the guard of [route:{route}] failed", failure, route=self.route.name)
+        if not self.gone and not self.started:
+            self.respond(503, body=b"authentication unavailable\n")
+
+    def runAction(self) -> None:
+        try:
+            self.httpRoute.action.handleRequest(self, self.httpRoute.options)
+        except Exception:
+            log.failure(
+                "action {action!r} of [route:{route}] failed",
+                action=self.route.action,
+                route=self.route.name,
+            )
+            if self.started:
+                self.abort("action failed")
+            else:
+                self.respond(500, body=b"internal error\n")
+
+    # The request body
+
+    def clientData(self, data: bytes) -> None:
+        """Bytes from the client while this exchange is current."""
+        if self.bodyDone:
+            self.server.hold(data)
+            return
+        try:
+            pieces = self.reader.feed(data)
+        except HTTPError as e:
+            self.bodyFailedWith(e.status, e.reason)
+            return
+        self.bodyActive = True
+        for piece in pieces:
+            self.deliver(piece)
+        if self.reader.done:
+            self.bodyDone = True
+            self.cancelBodyTimer()
+            if self.reader.leftover:
+                self.server.hold(self.reader.leftover)
+            if self.consumer is not None:
+                self.consumer.bodyFinished()
+
+    def deliver(self, piece: bytes) -> None:
+        if self.consumer is not None:
+            self.consumer.bodyReceived(piece)
+            return
+        self.early.append(piece)
+        self.earlySize += len(piece)
+        if self.earlySize > _READ_AHEAD:
+            self.server.pauseClient()
+
+    def bodyFailedWith(self, status: int, reason: str) -> None:
+        self.bodyDone = True
+        self.cancelBodyTimer()
+        self.bodyError = Failure(HTTPError(status, reason))
+        if self.consumer is not None:
+            self.consumer.bodyFailed(self.bodyError)
+        if not self.started:
+            self.record.note = reason
+            self.keepAlive = False
+            self.respond(status, body=f"{reason}\n".encode())
+        else:
+            self.abort(reason)
+
+    def readBody(self, consumer: Any) -> None:
+        self.consumer = consumer
+        early, self.early, self.earlySize = self.early, [], 0
+        for piece in early:
+            consumer.bodyReceived(piece)
+        if self.bodyError is not None:
+            consumer.bodyFailed(self.bodyError)
+        elif self.bodyDone:
+            consumer.bodyFinished()
+        elif not self.bodyPaused:
+            self.server.resumeClient()
+
+    def pauseBody(self) -> None:
+        self.bodyPaused = True
+        self.server.pauseClient()
+
+    def resumeBody(self) -> None:
+        self.bodyPaused = False
+        self.server.resumeClient()
+
+    def startBodyTimer(self) -> None:
+        self.bodyTimer = self.server.reactor.callLater(
+            self.server.settings.body_timeout, self.checkBody
+        )
+
+    def checkBody(self) -> None:
+        self.bodyTimer = None
+        if self.bodyDone:
+            return
+        if self.bodyActive or self.bodyPaused:
+            self.bodyActive = False
+            self.startBodyTimer()
+            return
+        self.bodyFailedWith(408, "request body stalled")
+
+    def cancelBodyTimer(self) -> None:
+        if self.bodyTimer is not None and self.bodyTimer.active():
+            self.bodyTimer.cancel()
+        self.bodyTimer = None
+
+    # The response
+
+    def respond(
+        self, status: int, headers: Iterable[tuple[bytes, bytes]] = (), body: bytes = b""
+    ) -> None:
+        framing = BodyFraming("length", len(body))
+        if status in (204, 304) or status < 200:
+            framing = _NO_BODY
+        elif self.request.method == b"HEAD":
+            headers = [*headers, (b"Content-Length", b"%d" % len(body))]
+            framing = _NO_BODY
+        self.startResponse(status, b"", headers, framing)
+        if framing.kind != "none" and body:
+            self.write(body)
+        self.finish()
+
+    def informational(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """Relay a 1xx (100 Continue, 103 Early Hints) to an HTTP/1.1 client."""
+        if self.started or self.gone or self.request.version == b"HTTP/1.0":
+            return
+        self.send(serializeHead(b"HTTP/1.1 %d %s" % (status, _reasonPhrase(status)), headers))
+
+    def startResponse(
+        self,
+        status: int,
+        reason: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        framing: BodyFraming,
+    ) -> None:
+        if self.gone:
+            return
+        assert not self.started, "one response per request"
+        self.started = True
+        self.record.status = status
+        if not self.bodyDone:
+            # Answered before the body was read (an error, a redirect): the
+            # rest of the body cannot be told from a next request.
+            self.keepAlive = False
+        lines = list(headers)
+        http10 = self.request.version == b"HTTP/1.0"
+        if framing.kind == "length":
+            lines.append((b"Content-Length", b"%d" % framing.length))
+        elif framing.kind in ("chunked", "close"):
+            if http10:
+                self.keepAlive = False
+            else:
+                self.chunked = True
+                lines.append((b"Transfer-Encoding", b"chunked"))
+        if self.server.phase == _Phase.CLOSED:
+            self.keepAlive = False
+        if not self.keepAlive:
+            lines.append((b"Connection", b"close"))
+        elif http10:
+            lines.append((b"Connection", b"keep-alive"))
+        phrase = reason or _reasonPhrase(status)
+        head = serializeHead(b"HTTP/1.1 %d %s" % (status, phrase), lines)
+        self.send(head)
+
+    def send(self, data: bytes) -> None:
+        transport = self.server.transport
+        if transport is not None and not self.gone:
+            self.server.connection.record.bytesOut += len(data)
+            transport.write(data)
+
+    def write(self, data: bytes) -> None:
+        if not data or self.gone:
+            return
+        self.record.bytesOut += len(data)
+        self.send(encodeChunk(data) if self.chunked else data)
+
+    def finish(self) -> None:
+        if self.finished or self.gone:
+            return
+        self.finished = True
+        if self.chunked:
+            self.send(LAST_CHUNK)
+        self.cancelBodyTimer()
+        self.record.emit(self.server.reactor.seconds())
+        self.server.exchangeDone(self, self.keepAlive and self.bodyDone)
+
+    def abort(self, reason: str) -> None:
+        if self.gone:
+            return
+        self.record.note = reason
+        if not self.finished:
+            self.finished = True
+            self.record.emit(self.server.reactor.seconds())
+        self.server.connection.record.ended = f"aborted: {reason}"
+        self.server.closeNow()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        transport = self.server.transport
+        if transport is not None and not self.gone:
+            transport.registerProducer(producer, streaming)  # type: ignore[attr-defined]
+
+    def unregisterProducer(self) -> None:
+        transport = self.server.transport
+        if transport is not None and not self.gone:
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+
+    # Leaving HTTP
+
+    def takeOver(self) -> tuple[Any, bytes]:
+        server = self.server
+        self.finished = True
+        self.cancelBodyTimer()
+        server.cancelTimer()
+        server.exchange = None
+        server.phase = _Phase.TUNNEL
+        held, server.held, server.heldSize = b"".join(server.held), [], 0
+        self.record.emit(server.reactor.seconds())
+        return server.transport, held
+
+    def setTunnel(self, protocol: IProtocol) -> None:
+        self.server.tunnel = protocol
+        self.server.resumeClient()
+
+    def clientLost(self, reason: Failure) -> None:
+        """The client connection closed while this exchange was current."""
+        self.gone = True
+        self.cancelBodyTimer()
+        if not self.bodyDone:
+            self.bodyDone = True
+            self.bodyError = reason
+            if self.consumer is not None:
+                self.consumer.bodyFailed(reason)
+        if not self.finished:
+            self.finished = True
+            self.record.note = self.record.note or "client closed"
+            self.record.emit(self.server.reactor.seconds())
+        callbacks, self.goneCallbacks = self.goneCallbacks, []
+        for callback in callbacks:
+            callback(reason)
+
+    def whenGone(self, callback: Callable[[Failure], None]) -> None:
+        self.goneCallbacks.append(callback)
+
+
+def _reasonPhrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Status"

@@ -1,0 +1,400 @@
+"""The HTTP layer on the real reactor: routes, the reverse proxy, its failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor, task
+from twisted.web import resource, server
+
+from dcrouter.config.model import DaemonSettings, Defaults, RouteConfig, RouterConfig
+from dcrouter.service import DcRouter
+from tests.helpers import Backend, Recorder, connect, freePort, listen
+
+
+class Echo(resource.Resource):
+    """Answers with what it was asked, as JSON; counts its connections."""
+
+    isLeaf = True
+
+    def __init__(self, name=b"backend"):
+        super().__init__()
+        self.name = name
+        self.requests = []
+
+    def render(self, request):
+        body = request.content.read()
+        seen = {
+            "name": self.name.decode(),
+            "method": request.method.decode(),
+            "uri": request.uri.decode(),
+            "headers": {k.decode().lower(): [v.decode() for v in vs]
+                        for k, vs in request.requestHeaders.getAllRawHeaders()},
+            "body": body.decode("latin-1"),
+            "peer": request.transport.getPeer().port,
+        }
+        self.requests.append(seen)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(seen).encode()
+
+
+class Site(server.Site):
+    noisy = False
+
+
+async def echoBackend(name=b"backend"):
+    echo = Echo(name)
+    port = await listen(Site(echo))
+    return echo, port
+
+
+async def startRouter(*routes, http=None):
+    settings = {"http": http} if http is not None else {}
+    config = RouterConfig(
+        routes=routes,
+        daemon=DaemonSettings(drain_timeout=0.0, hello_timeout=2.0),
+        defaults=Defaults(bind=("127.0.0.1",)),
+        **settings,
+    )
+    service = DcRouter(config)
+    service.startService()
+    ports = {key[0] for key in service.listeners}
+    return service, ports
+
+
+def httpRoute(name, port, target=None, **kwargs):
+    options = kwargs.pop("options", {})
+    if target is not None:
+        options["target"] = target
+    return RouteConfig(name=name, ports=(port,), action=kwargs.pop("action", "http"),
+                       options=options, **kwargs)
+
+
+def responses(data):
+    """Split raw HTTP/1.1 responses (Content-Length framed) into (status, headers, body)."""
+    out = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if not sep:
+            break
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        if b"content-length" in headers:
+            length = int(headers[b"content-length"])
+            body, data = rest[:length], rest[length:]
+        elif headers.get(b"transfer-encoding") == b"chunked":
+            body = b""
+            while True:
+                size, _, rest = rest.partition(b"\r\n")
+                size = int(size, 16)
+                if size == 0:
+                    data = rest[2:]
+                    break
+                body += rest[:size]
+                rest = rest[size + 2:]
+        else:
+            body, data = rest, b""
+        out.append((status, headers, body))
+    return out
+
+
+async def ask(port, raw, count=1):
+    """Send raw bytes; wait until C{count} responses are in (or the close)."""
+    client = await connect(port)
+    client.transport.write(raw)
+    for _ in range(200):
+        if len(responses(client.received)) >= count or client.closed.called:
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    client.transport.loseConnection()
+    return responses(client.received), client
+
+
+def get(path=b"/", host=b"app.test", extra=b""):
+    return b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n" + extra + b"\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_forwards_and_writes_forwarding_headers():
+    echo, backend = await echoBackend()
+    port = freePort()
+    service, _ = await startRouter(httpRoute("web", port, f"127.0.0.1:{backend.getHost().port}"))
+    try:
+        (answer,), _ = await ask(port, get(extra=b"X-Forwarded-For: 6.6.6.6\r\n"
+                                           b"Connection: close, X-Forwarded-For\r\n"))
+        status, headers, body = answer
+        seen = json.loads(body)
+        assert status == 200
+        assert seen["uri"] == "/"
+        assert seen["headers"]["x-forwarded-for"] == ["127.0.0.1"]
+        assert seen["headers"]["x-forwarded-proto"] == ["http"]
+        assert seen["headers"]["x-forwarded-host"] == ["app.test"]
+        assert seen["headers"]["forwarded"] == ['for=127.0.0.1;proto=http;host="app.test"']
+        assert "connection" not in seen["headers"] or seen["headers"]["connection"] != ["close"]
+    finally:
+        await service.stopService()
+        await backend.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_alive_reuses_one_backend_connection():
+    echo, backend = await echoBackend()
+    port = freePort()
+    service, _ = await startRouter(httpRoute("web", port, f"127.0.0.1:{backend.getHost().port}"))
+    try:
+        answers, _ = await ask(port, get(b"/1") + get(b"/2") + get(b"/3"), count=3)
+        assert [a[0] for a in answers] == [200, 200, 200]
+        assert [json.loads(a[2])["uri"] for a in answers] == ["/1", "/2", "/3"]
+        assert len({r["peer"] for r in echo.requests}) == 1
+    finally:
+        await service.stopService()
+        await backend.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_bodies_stream_through_length_and_chunked():
+    echo, backend = await echoBackend()
+    port = freePort()
+    service, _ = await startRouter(httpRoute("web", port, f"127.0.0.1:{backend.getHost().port}"))
+    try:
+        chunked = (b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        length = b"POST /l HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+        answers, _ = await ask(port, chunked + length, count=2)
+        assert [json.loads(a[2])["body"] for a in answers] == ["hello world", "abc"]
+    finally:
+        await service.stopService()
+        await backend.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_routes_by_host_path_and_method():
+    one, b1 = await echoBackend(b"one")
+    two, b2 = await echoBackend(b"two")
+    three, b3 = await echoBackend(b"three")
+    port = freePort()
+    service, _ = await startRouter(
+        httpRoute("one", port, f"127.0.0.1:{b1.getHost().port}", domains=("a.test",)),
+        httpRoute("two", port, f"127.0.0.1:{b2.getHost().port}", domains=("*.b.test",)),
+        httpRoute("api", port, f"127.0.0.1:{b3.getHost().port}", domains=("a.test",),
+                  paths=("/api/",), methods=("POST",)),
+        httpRoute("static", port, action="static", paths=("/img/*.png",),
+                  options={"body": "png"}),
+    )
+    try:
+        answers, _ = await ask(
+            port,
+            get(b"/x", b"A.TEST:80") + get(b"/y", b"x.b.test")
+            + b"POST /api/v1 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n"
+            + get(b"/api/v1", b"a.test") + get(b"/img/cat.png", b"other.test")
+            + get(b"/%61pi/v1", b"a.test"),
+            count=6,
+        )
+        names = [json.loads(a[2])["name"] if a[0] == 200 and a[2] != b"png\n" else a[2]
+                 for a in answers]
+        assert names == ["one", "two", "three", "one", b"png\n", "one"]
+        (missing,), _ = await ask(port, get(b"/", b"nowhere.test"))
+        assert missing[0] == 404
+    finally:
+        await service.stopService()
+        for b in (b1, b2, b3):
+            await b.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redirect_template():
+    port = freePort()
+    service, _ = await startRouter(
+        httpRoute("tohttps", port, action="redirect",
+                  options={"location": "https://{host}{path}", "status": "308"}),
+    )
+    try:
+        (answer,), _ = await ask(port, get(b"/a/b?c=d", b"Site.test:8080"))
+        assert answer[0] == 308
+        assert answer[1][b"location"] == b"https://site.test/a/b?c=d"
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_failures_are_502_503_504():
+    silent = Backend(echo=False)
+    silentPort = await listen(silent)
+    port = freePort()
+    service, _ = await startRouter(
+        httpRoute("down", port, f"127.0.0.1:{freePort()}", paths=("/down",)),
+        httpRoute("slow", port, f"127.0.0.1:{silentPort.getHost().port}", paths=("/slow",),
+                  options={"response_timeout": "0.3s"}),
+    )
+    try:
+        (refused,), _ = await ask(port, get(b"/down"))
+        # The refused connect marked the only target down (max_fails = 1).
+        (down,), _ = await ask(port, get(b"/down"))
+        (slow,), _ = await ask(port, get(b"/slow"))
+        assert (refused[0], down[0], slow[0]) == (502, 503, 504)
+    finally:
+        await service.stopService()
+        await silentPort.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_smuggling_attempt_is_refused_before_the_backend():
+    echo, backend = await echoBackend()
+    port = freePort()
+    service, _ = await startRouter(httpRoute("web", port, f"127.0.0.1:{backend.getHost().port}"))
+    try:
+        raw = (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGPOST / HTTP/1.1\r\nHost: a\r\n\r\n")
+        (answer,), client = await ask(port, raw)
+        assert answer[0] == 400
+        assert echo.requests == []
+    finally:
+        await service.stopService()
+        await backend.stopListening()
+
+
+class Upgraded(protocol.Protocol):
+    """A backend that accepts any upgrade and then echoes, upper-cased."""
+
+    def connectionMade(self):
+        self.buffer = b""
+        self.tunnel = False
+
+    def dataReceived(self, data):
+        if self.tunnel:
+            self.transport.write(data.upper())
+            return
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            self.tunnel = True
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                                 b"Upgrade: websocket\r\n\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_upgrade_becomes_a_tunnel():
+    factory = protocol.Factory.forProtocol(Upgraded)
+    backend = await listen(factory)
+    port = freePort()
+    service, _ = await startRouter(httpRoute("ws", port, f"127.0.0.1:{backend.getHost().port}"))
+    try:
+        client = await connect(port, Recorder())
+        client.transport.write(get(b"/ws", extra=b"Connection: Upgrade\r\nUpgrade: websocket\r\n"))
+        head = await client.waitFor(len(b"HTTP/1.1 101"))
+        assert head.startswith(b"HTTP/1.1 101")
+        for _ in range(100):
+            if client.received.endswith(b"\r\n\r\n"):
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        before = len(client.received)
+        client.transport.write(b"ping")
+        assert (await client.waitFor(before + 4))[before:] == b"PING"
+        client.transport.loseConnection()
+    finally:
+        await service.stopService()
+        await backend.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_static_keeps_the_connection_alive():
+    port = freePort()
+    service, _ = await startRouter(
+        httpRoute("s", port, action="static", options={"body": "hi"})
+    )
+    try:
+        answers, client = await ask(port, get() + get(), count=2)
+        assert [a[0] for a in answers] == [200, 200]
+        assert answers[0][2] == b"hi\n"
+        (head,), _ = await ask(port, b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert head[1][b"content-length"] == b"3" and head[2] == b""
+    finally:
+        await service.stopService()
+
+
+
+class SlowEcho(Echo):
+    """An L{Echo} that takes a while, so that a crash finds requests in flight."""
+
+    def render(self, request):
+        answer = Echo.render(self, request)
+
+        def finish():
+            if not request._disconnected:
+                request.write(answer)
+                request.finish()
+
+        reactor.callLater(0.03, finish)
+        return server.NOT_DONE_YET
+
+
+class TrackingSite(Site):
+    """A site that can drop every connection it has, as a crashing backend would."""
+
+    def __init__(self, resource_):
+        super().__init__(resource_)
+        self.live = set()
+
+    def buildProtocol(self, addr):
+        protocol_ = super().buildProtocol(addr)
+        original = protocol_.connectionLost
+        self.live.add(protocol_)
+
+        def connectionLost(reason, protocol_=protocol_):
+            self.live.discard(protocol_)
+            return original(reason)
+
+        protocol_.connectionLost = connectionLost
+        return protocol_
+
+    def crash(self):
+        for protocol_ in list(self.live):
+            channel = getattr(protocol_, "_channel", protocol_)
+            channel.transport.abortConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_going_down_and_up_under_load_fails_no_request():
+    first, second = SlowEcho(b"first"), SlowEcho(b"second")
+    firstSite = TrackingSite(first)
+    firstPort = await listen(firstSite)
+    secondPort = await listen(Site(second))
+    firstAddress = firstPort.getHost().port
+    port = freePort()
+    service, _ = await startRouter(httpRoute(
+        "pool", port,
+        f"127.0.0.1:{firstAddress}, 127.0.0.1:{secondPort.getHost().port}",
+        options={"fail_timeout": "0.2s"},
+    ))
+    statuses = []
+
+    async def client(n):
+        for i in range(15):
+            answers, _ = await ask(port, get(b"/%d/%d" % (n, i)))
+            statuses.extend(a[0] for a in answers)
+            await task.deferLater(reactor, 0.005, lambda: None)
+
+    async def chaos():
+        nonlocal firstPort
+        for _ in range(3):
+            await task.deferLater(reactor, 0.05, lambda: None)
+            await firstPort.stopListening()
+            firstSite.crash()
+            await task.deferLater(reactor, 0.1, lambda: None)
+            firstPort = await listen(firstSite, firstAddress)
+
+    try:
+        await defer.gatherResults(
+            [defer.ensureDeferred(client(n)) for n in range(10)] + [defer.ensureDeferred(chaos())]
+        )
+        assert len(statuses) == 150
+        assert set(statuses) == {200}, statuses
+        assert first.requests and second.requests
+    finally:
+        await service.stopService()
+        await defer.maybeDeferred(firstPort.stopListening)
+        await secondPort.stopListening()

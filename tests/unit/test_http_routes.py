@@ -1,0 +1,110 @@
+"""Matching requests to HTTP routes, and the path routes see."""
+
+from __future__ import annotations
+
+from ipaddress import ip_address, ip_network
+
+import pytest
+
+from dcrouter.config.model import RouteConfig
+from dcrouter.http.routes import HTTPRoute, HTTPRouteTable, domainMatches, hostName
+from dcrouter.http.server import requestPath
+from dcrouter.http.wire import HTTPError
+
+
+class Headers:
+    def __init__(self, **values):
+        self.values = {k.replace("_", "-").encode(): [v.encode()] for k, v in values.items()}
+
+    def getAll(self, name):
+        return self.values.get(name, [])
+
+
+def table(*configs):
+    return HTTPRouteTable.build(HTTPRoute(config, None, None) for config in configs)
+
+
+def route(name, **kwargs):
+    return RouteConfig(name=name, ports=(80,), action="http", **kwargs)
+
+
+def match(t, host="a.test", path="/", method="GET", headers=None, client=None):
+    found = t.match(host, path, method, headers or Headers(), client and ip_address(client))
+    return found.config.name if found else None
+
+
+def test_exact_host_beats_wildcard_beats_any():
+    t = table(route("any"), route("wild", domains=("*.a.test",)), route("exact", domains=("x.a.test",)))
+    assert match(t, "x.a.test") == "exact"
+    assert match(t, "y.x.a.test") == "wild"
+    assert match(t, "b.test") == "any"
+
+
+def test_longer_path_first_and_globs():
+    t = table(route("root", paths=("/",)), route("api", paths=("/api/",)),
+              route("v2", paths=("/api/v2/",)), route("png", paths=("/img/*.png",)))
+    assert match(t, path="/api/v2/users") == "v2"
+    assert match(t, path="/api/v1") == "api"
+    assert match(t, path="/img/a/b.png") == "png"
+    assert match(t, path="/img/a.jpg") == "root"
+
+
+def test_method_header_and_client_conditions():
+    t = table(
+        route("plain"),
+        route("v2", headers=(("x-api-version", "v2*"),)),
+        route("posts", methods=("POST",)),
+        route("office", client_ip=(ip_network("10.0.0.0/8"),)),
+    )
+    assert match(t, headers=Headers(x_api_version="v2.1")) == "v2"
+    assert match(t, headers=Headers(x_api_version="v1")) == "plain"
+    assert match(t, method="POST") == "posts"
+    assert match(t, client="10.1.2.3") == "office"
+    assert match(t, client="192.0.2.1") == "plain"
+
+
+def test_priority_wins_over_specificity_and_file_order_breaks_ties():
+    t = table(route("first"), route("second"), route("low", domains=("a.test",), priority=-1))
+    assert match(t) == "first"
+
+
+def test_no_route():
+    assert match(table(route("x", domains=("x.test",)))) is None
+
+
+@pytest.mark.parametrize(("host", "name"), [
+    (b"A.Test", "a.test"), (b"a.test:8080", "a.test"), (b"a.test.", "a.test"),
+    (b"[::1]:80", "[::1]"), (b"", ""),
+])
+def test_hostName(host, name):
+    assert hostName(host) == name
+
+
+def test_domainMatches():
+    assert domainMatches(("*.a.test",), "x.y.a.test")
+    assert not domainMatches(("*.a.test",), "a.test")
+    assert not domainMatches(("a.test",), None)
+    assert domainMatches((), None)
+
+
+@pytest.mark.parametrize(("target", "path"), [
+    (b"/a/b?x=1", "/a/b"),
+    (b"/%61dmin", "/admin"),
+    (b"/x/../admin", "/admin"),
+    (b"/x/%2e%2e/admin", "/admin"),
+    (b"//admin//", "/admin/"),
+    (b"/a/./b/.", "/a/b/"),
+    (b"/a/b/..", "/a/"),
+    (b"http://h.test/p?q", "/p"),
+    (b"http://h.test", "/"),
+    (b"*", "*"),
+])
+def test_requestPath(target, path):
+    assert requestPath(target) == path
+
+
+@pytest.mark.parametrize("target", [b"/../etc/passwd", b"/a/%00", b"h.test:443"])
+def test_requestPath_refuses(target):
+    with pytest.raises(HTTPError) as caught:
+        requestPath(target)
+    assert caught.value.status == 400

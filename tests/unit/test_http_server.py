@@ -1,0 +1,139 @@
+"""The HTTP layer's client side, on a memory reactor and transport."""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from dcrouter.config.model import HttpSettings, RouteConfig
+from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
+from dcrouter.http.server import HTTPLayer, HTTPServerProtocol
+from dcrouter.ops.accesslog import ConnectionRecord
+from dcrouter.proxy.listener import RoutedConnection
+
+
+class Held:
+    """An action that answers only when the test says so."""
+
+    def __init__(self):
+        self.exchanges = []
+
+    def handleRequest(self, exchange, options):
+        self.exchanges.append(exchange)
+
+
+class Transport(StringTransport):
+    aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+        self.disconnecting = True
+
+
+def serve(action=None, settings=HttpSettings(), tls=None, serverName=None, domains=()):
+    action = action or Held()
+    reactor = MemoryReactorClock()
+    config = RouteConfig(name="r", ports=(80,), action="test", tls=tls, domains=domains)
+    other = RouteConfig(name="other", ports=(80,), action="test", tls=tls, domains=("other.test",))
+    table = HTTPRouteTable.build([HTTPRoute(config, action, None), HTTPRoute(other, action, None)])
+    layer = HTTPLayer(reactor, table, table, settings)
+    client = IPv4Address("TCP", "192.0.2.1", 5000)
+    connection = RoutedConnection(
+        reactor, config, client, None, serverName, (), ConnectionRecord(0.0, client, 80)
+    )
+    protocol = HTTPServerProtocol(layer, connection)
+    transport = Transport()
+    protocol.makeConnection(transport)
+    return reactor, protocol, transport, action
+
+
+def run(reactor, seconds):
+    """Let time pass as a real reactor would: in steps, timers on time."""
+    for _ in range(int(seconds * 10)):
+        reactor.advance(0.1)
+
+
+GET = b"GET /%d HTTP/1.1\r\nHost: a.test\r\n\r\n"
+
+
+def test_pipelined_requests_are_answered_in_order_one_at_a_time():
+    reactor, protocol, transport, action = serve()
+    protocol.dataReceived(GET % 1 + GET % 2)
+    assert len(action.exchanges) == 1
+    action.exchanges[0].respond(200, body=b"one")
+    reactor.advance(0)
+    assert len(action.exchanges) == 2
+    assert action.exchanges[1].request.target == b"/2"
+    action.exchanges[1].respond(200, body=b"two")
+    answer = transport.value()
+    assert answer.index(b"one") < answer.index(b"two")
+    assert not transport.disconnecting
+
+
+def test_a_head_not_finished_in_time_is_408():
+    reactor, protocol, transport, action = serve(settings=HttpSettings(header_timeout=5.0))
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: a")
+    reactor.advance(4.9)
+    assert transport.value() == b""
+    reactor.advance(0.2)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert transport.disconnecting
+
+
+def test_an_idle_keep_alive_connection_is_closed_silently():
+    reactor, protocol, transport, action = serve(settings=HttpSettings(keepalive_timeout=30.0))
+    protocol.dataReceived(GET % 1)
+    action.exchanges[0].respond(204)
+    reactor.advance(29)
+    assert not transport.aborted
+    reactor.advance(2)
+    assert transport.aborted
+    assert protocol.connection.record.ended == "idle keep-alive"
+
+
+def test_a_stalled_body_is_408():
+    reactor, protocol, transport, action = serve(settings=HttpSettings(body_timeout=10.0))
+    protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+    for _ in range(5):
+        run(reactor, 9)
+        protocol.dataReceived(b"x")
+    assert transport.value() == b""
+    run(reactor, 21)
+    assert b"HTTP/1.1 408 " in transport.value()
+    assert transport.disconnecting
+
+
+def test_http10_without_keep_alive_closes_after_the_answer():
+    reactor, protocol, transport, action = serve()
+    protocol.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
+    action.exchanges[0].respond(200, body=b"x")
+    assert b"Connection: close" in transport.value()
+    assert transport.disconnecting
+
+
+def test_streamed_response_to_http11_is_chunked():
+    from dcrouter.http.wire import BodyFraming
+
+    reactor, protocol, transport, action = serve()
+    protocol.dataReceived(GET % 1)
+    exchange = action.exchanges[0]
+    exchange.startResponse(200, b"OK", [(b"X-A", b"1")], BodyFraming("close"))
+    exchange.write(b"hello")
+    exchange.finish()
+    assert transport.value().endswith(b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+
+
+def test_a_host_of_another_route_on_this_tls_connection_is_421():
+    reactor, protocol, transport, action = serve(tls="terminate", serverName="a.test",
+                                                 domains=("a.test",))
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 421 ")
+    assert action.exchanges == []
+
+
+def test_an_answer_before_the_body_is_read_closes_the_connection():
+    reactor, protocol, transport, action = serve()
+    protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nabc")
+    action.exchanges[0].respond(413, body=b"too big")
+    assert b"Connection: close" in transport.value()
+    assert transport.disconnecting
