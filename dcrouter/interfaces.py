@@ -209,3 +209,26 @@ class IHTTPAction(Interface):
 
         @param options: what C{parseOptions} returned for this route.
         """
+
+
+class ITargetSelector(IPlugin):
+    """
+    Chooses the target of an HTTP request in Python, when the INI cannot.
+
+    A route says C{target_selector = NAME}; for each request the pool asks
+    the selector first and falls back to its C{balance} when it returns
+    C{None} (or a target that is down). Found with C{getPlugins(ITargetSelector,
+    dcrouter.plugins)}, like route actions.
+    """
+
+    name = Attribute("C{str}: the word written as C{target_selector = NAME}.")
+
+    def select(targets: Any, exchange: Any) -> Any:
+        """
+        Pick one of C{targets} for this request, or C{None}.
+
+        @param targets: the usable L{dcrouter.proxy.pool.Target}s (each has
+            C{address}, C{weight}, C{active}); do not keep or change the list.
+        @param exchange: the L{IHTTPExchange} (its C{request} head, its
+            C{connection}).
+        """

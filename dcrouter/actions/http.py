@@ -47,13 +47,18 @@ class HTTPAction:
 
     def parseOptions(self, options: RouteOptions) -> Optional[HTTPProxyOptions]:
         defaults = options.defaults
-        targets = parseTargets(options, options.route.name)
+        targets = parseTargets(options, options.route.name, http=True)
         connectTimeout = options.duration("connect_timeout", defaults.connect_timeout)
         idleTimeout = options.duration("idle_timeout", defaults.idle_timeout)
         responseTimeout = options.duration("response_timeout", options.http.response_timeout)
         keepalive = options.duration("backend_keepalive", 30.0)
         hostHeader = options.raw("backend_host")
-        addresses = tuple(t.address for t in targets.pool.targets) if targets else ()
+        addresses = tuple(
+            target.address
+            for pool in ([targets.pool, *(rule.targets.pool for rule in targets.rules)]
+                         if targets else [])
+            for target in pool.targets
+        )
         creators = upstreamCreators(options, addresses)
         if targets is None:
             return None
@@ -64,7 +69,7 @@ class HTTPAction:
             tls=creators.__getitem__ if creators is not None else None,
         )
         proxy = ProxyRoute(
-            targets=targets.pool,
+            targets=targets,
             backends=backends,
             responseTimeout=responseTimeout,
             idleTimeout=idleTimeout,

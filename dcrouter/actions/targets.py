@@ -4,17 +4,25 @@ The route keys of a target pool, shared by the C{forward} and C{http} actions.
 C{target} lists the targets (C{host:port weight=N}); C{balance} picks the
 algorithm; C{max_fails} within C{fail_timeout} takes a target out
 (passively); C{health_check = tcp | http} adds active checks, tuned by the
-other C{health_*} keys.
+other C{health_*} keys. For HTTP, C{target_rules} send requests with a
+header, cookie or path to pools of their own, and C{target_selector} names
+an L{ITargetSelector} plugin that picks in Python.
 """
 
 from __future__ import annotations
 
+import re
+from fnmatch import translate
 from typing import Any, Optional
 
 from attrs import frozen
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.plugin import getPlugins
 
+import dcrouter.plugins
 from dcrouter.config import values
 from dcrouter.config.options import RouteOptions
+from dcrouter.interfaces import ITargetSelector
 from dcrouter.proxy.health import HealthChecker
 from dcrouter.proxy.pool import BALANCE_CHOICES, Target, TargetPool
 
@@ -25,15 +33,123 @@ class Targets:
 
     pool: TargetPool
     checker: Optional[HealthChecker] = None
+    rules: tuple[TargetRule, ...] = ()
+
+    def poolFor(self, request: Any) -> TargetPool:
+        """The pool of the first rule C{request} matches, else the route's."""
+        for rule in self.rules:
+            if rule.matches(request):
+                return rule.targets.pool
+        return self.pool
 
     def start(self) -> None:
         if self.checker is not None:
             self.checker.start()
+        for rule in self.rules:
+            rule.targets.start()
 
     def stop(self) -> Any:
+        waits = [rule.targets.stop() for rule in self.rules]
         if self.checker is not None:
-            return self.checker.stop()
+            waits.append(self.checker.stop())
+        return DeferredList([d for d in waits if isinstance(d, Deferred)])
+
+
+@frozen(eq=False)
+class TargetRule:
+    """Requests this rule matches go to its own pool."""
+
+    kind: str
+    name: bytes
+    pattern: re.Pattern[bytes]
+    text: str
+    targets: Targets
+
+    def matches(self, request: Any) -> bool:
+        if self.kind == "path":
+            path = request.target.split(b"?", 1)[0]
+            return self.pattern.match(path) is not None
+        if self.kind == "header":
+            return any(self.pattern.match(value) for value in request.getAll(self.name))
+        for header in request.getAll(b"cookie"):
+            for pair in header.split(b";"):
+                key, equals, value = pair.strip().partition(b"=")
+                if equals and key == self.name and self.pattern.match(value):
+                    return True
+        return False
+
+
+_RULE = re.compile(r"(header|cookie|path)\s+(.+?)\s*->\s*(.+)")
+
+
+def _glob(text: str) -> re.Pattern[bytes]:
+    return re.compile(translate(text).encode("latin-1"), re.DOTALL)
+
+
+def parseRules(options: RouteOptions, makePool: Any) -> tuple[TargetRule, ...]:
+    """
+    C{target_rules}: one rule per line, the first match wins::
+
+        header X-Api-Version: v2* -> 10.0.0.5:8080, 10.0.0.6:8080
+        cookie canary=1 -> 10.0.0.7:8080
+        path /beta/* -> 10.0.0.8:8080 weight=2
+    """
+    raw = options.raw("target_rules")
+    if raw is None:
+        return ()
+    rules: list[TargetRule] = []
+    for line in raw.text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        match = _RULE.fullmatch(line)
+        if match is None:
+            options.error(
+                "target_rules", f"{line!r} is not 'header|cookie|path CONDITION -> targets'"
+            )
+            continue
+        kind, condition, targets = match.groups()
+        if kind == "header":
+            name, colon, value = condition.partition(":")
+            if not colon or not name.strip() or not value.strip():
+                options.error("target_rules", f"{line!r}: write 'header Name: glob'")
+                continue
+        elif kind == "cookie":
+            name, equals, value = condition.partition("=")
+            if not equals or not name.strip():
+                options.error("target_rules", f"{line!r}: write 'cookie name=glob'")
+                continue
+        else:
+            name, value = "", condition
+            if not value.startswith("/"):
+                options.error("target_rules", f"{line!r}: a path starts with /")
+                continue
+        try:
+            weighted = values.parseWeightedTargets(targets)
+        except ValueError as e:
+            options.error("target_rules", f"{line!r}: {e}")
+            continue
+        pool = makePool(weighted, f"{options.route.name}[{len(rules) + 1}]")
+        if pool is None:
+            continue
+        key = name.strip().lower() if kind == "header" else name.strip()
+        rules.append(TargetRule(
+            kind, key.encode("latin-1"), _glob(value.strip()), line, pool
+        ))
+    return tuple(rules)
+
+
+def findSelector(options: RouteOptions) -> Optional[Any]:
+    """The L{ITargetSelector} plugin C{target_selector} names, if any."""
+    name = options.text("target_selector", "")
+    if not name:
         return None
+    selectors = {plugin.name: plugin for plugin in getPlugins(ITargetSelector, dcrouter.plugins)}
+    selector = selectors.get(name)
+    if selector is None:
+        known = ", ".join(sorted(selectors)) or "none installed"
+        options.error("target_selector", f"unknown target selector {name!r} (known: {known})")
+    return selector
 
 
 def _statusRange(text: str) -> range:
@@ -45,8 +161,13 @@ def _statusRange(text: str) -> range:
     return range(first, last + 1)
 
 
-def parseTargets(options: RouteOptions, name: str) -> Optional[Targets]:
-    """Read the pool keys of a route; C{None} (with errors recorded) if unusable."""
+def parseTargets(options: RouteOptions, name: str, http: bool = False) -> Optional[Targets]:
+    """
+    Read the pool keys of a route; C{None} (with errors recorded) if unusable.
+
+    @param http: also read C{target_rules} and C{target_selector}, which
+        choose by request.
+    """
     defaults = options.defaults
     weighted: tuple[Any, ...] = options.get("target", values.parseWeightedTargets, ())
     if not weighted and "target" not in options.route.options and defaults.target:
@@ -66,36 +187,47 @@ def parseTargets(options: RouteOptions, name: str) -> Optional[Targets]:
         for key in ("health_path", "health_expect", "health_host"):
             if key in options.route.options:
                 options.error(key, "only applies to health_check = http")
+    if failTimeout <= 0:
+        options.error("fail_timeout", "must be more than 0")
+        return None
+    selector = findSelector(options) if http else None
+
+    def makePool(weighted: tuple[Any, ...], name: str) -> Optional[Targets]:
+        if all(weight == 0 for _, weight in weighted):
+            options.error("target", f"every target of {name} has weight 0")
+            return None
+        pool = TargetPool(
+            [Target(address, weight) for address, weight in weighted],
+            balance,
+            options.reactor,
+            name,
+            maxFails=maxFails,
+            failTimeout=failTimeout,
+            selector=selector.select if selector is not None else None,
+        )
+        checker = None
+        if kind != "none":
+            try:
+                checker = HealthChecker(
+                    pool, options.reactor, interval, timeout,
+                    "http" if kind == "http" else "tcp",
+                    path=path.encode("latin-1"), expectStatus=expect,
+                    hostHeader=host.text.strip().encode("latin-1") if host else None,
+                    rise=rise, fall=fall,
+                )
+            except ValueError as e:
+                options.error("health_check", str(e))
+                return None
+        return Targets(pool, checker)
+
+    rules = parseRules(options, makePool) if http else ()
     if not weighted:
         if "target" not in options.route.options:
             options.error(
                 None, f"action {options.route.action!r} needs a target (or [defaults] target)"
             )
         return None
-    if failTimeout <= 0:
-        options.error("fail_timeout", "must be more than 0")
+    main = makePool(weighted, name)
+    if main is None:
         return None
-    if all(weight == 0 for _, weight in weighted):
-        options.error("target", "every target has weight 0")
-        return None
-    pool = TargetPool(
-        [Target(address, weight) for address, weight in weighted],
-        balance,
-        options.reactor,
-        name,
-        maxFails=maxFails,
-        failTimeout=failTimeout,
-    )
-    checker = None
-    if kind != "none":
-        try:
-            checker = HealthChecker(
-                pool, options.reactor, interval, timeout, "http" if kind == "http" else "tcp",
-                path=path.encode("latin-1"), expectStatus=expect,
-                hostHeader=host.text.strip().encode("latin-1") if host else None,
-                rise=rise, fall=fall,
-            )
-        except ValueError as e:
-            options.error("health_check", str(e))
-            return None
-    return Targets(pool, checker)
+    return Targets(main.pool, main.checker, rules)

@@ -61,7 +61,8 @@ class ProxyRoute:
     """
     What the C{http} action needs for one route.
 
-    @ivar targets: a L{dcrouter.proxy.pool.TargetPool}.
+    @ivar targets: the route's L{dcrouter.actions.targets.Targets}: its
+        pool, and the pools of its C{target_rules}.
     @ivar backends: the route's pool of keep-alive connections.
     """
 
@@ -144,6 +145,7 @@ class Relay(BackendUser):
         self.reactor = route.backends.reactor
         request = exchange.request
         self.request = request
+        self.pool = route.targets.poolFor(request)
         self.candidates: list[Any] = []
         self.target: Any = None
         self.backend: Optional[BackendConnection] = None
@@ -170,8 +172,8 @@ class Relay(BackendUser):
         ip = clientIP(self.exchange.connection.client)
         if ip is not None:
             key = ip.packed
-        self.candidates = list(self.route.targets.candidates(key))
-        self.allDown = self.route.targets.fallback
+        self.candidates = list(self.pool.candidates(key, self.exchange))
+        self.allDown = self.pool.fallback
         if not self.candidates:
             self.fail(503, "no target is available")
             return
@@ -206,7 +208,7 @@ class Relay(BackendUser):
         if self.done:
             return
         self.lastError = f"{self.target.address}: {reason.getErrorMessage()}"
-        self.route.targets.reportFailure(self.target, reason.getErrorMessage())
+        self.pool.reportFailure(self.target, reason.getErrorMessage())
         self.tryNext()
 
     def connected(self, backend: BackendConnection) -> None:
@@ -216,7 +218,7 @@ class Relay(BackendUser):
             return
         self.backend = backend
         backend.user = self
-        self.route.targets.acquire(self.target)
+        self.pool.acquire(self.target)
         self.parser = ResponseHeadParser(self.request.method)
         self.sendHead()
         self.timer = self.reactor.callLater(self.route.responseTimeout, self.responseTimedOut)
@@ -319,7 +321,7 @@ class Relay(BackendUser):
 
     def startResponse(self, head: ResponseHead) -> None:
         self.response = head
-        self.route.targets.reportSuccess(self.target)
+        self.pool.reportSuccess(self.target)
         if head.status == 101:
             self.startTunnel(head)
             return
@@ -367,7 +369,7 @@ class Relay(BackendUser):
         if not self.done:
             self.done = True
             if self.target is not None and self.backend is not None:
-                self.route.targets.release(self.target)
+                self.pool.release(self.target)
 
     # Failures
 
@@ -379,7 +381,7 @@ class Relay(BackendUser):
             self.timer = self.reactor.callLater(self.route.idleTimeout, self.responseTimedOut)
             return
         if self.response is None:
-            self.route.targets.reportFailure(self.target, "response timeout")
+            self.pool.reportFailure(self.target, "response timeout")
             self.closeBackend(abort=True)
             self.fail(504, f"{self.target.address} did not answer in time")
         else:
@@ -401,8 +403,8 @@ class Relay(BackendUser):
                     self.candidates.insert(0, self.target)
                 else:
                     self.lastError = f"{self.target.address}: closed before answering"
-                    self.route.targets.reportFailure(self.target, "closed before answering")
-                self.route.targets.release(self.target)
+                    self.pool.reportFailure(self.target, "closed before answering")
+                self.pool.release(self.target)
                 self.tryNext()
                 return
             self.backendFailed(f"closed before answering ({reason.getErrorMessage()})")
@@ -426,7 +428,7 @@ class Relay(BackendUser):
         return self.request.body.kind == "none" and self.request.method in _IDEMPOTENT
 
     def backendFailed(self, why: str) -> None:
-        self.route.targets.reportFailure(self.target, why)
+        self.pool.reportFailure(self.target, why)
         self.closeBackend(abort=True)
         if self.response is None:
             self.fail(502, f"{self.target.address}: {why}")

@@ -398,3 +398,70 @@ async def test_a_backend_going_down_and_up_under_load_fails_no_request():
         await service.stopService()
         await defer.maybeDeferred(firstPort.stopListening)
         await secondPort.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_target_rules_send_matching_requests_to_their_own_pool():
+    main, b1 = await echoBackend(b"main")
+    beta, b2 = await echoBackend(b"beta")
+    port = freePort()
+    rules = (f"header X-Api-Version: v2* -> 127.0.0.1:{b2.getHost().port}\n"
+             f"cookie canary=yes -> 127.0.0.1:{b2.getHost().port}\n"
+             f"path /beta/* -> 127.0.0.1:{b2.getHost().port}")
+    service, _ = await startRouter(httpRoute(
+        "rules", port, f"127.0.0.1:{b1.getHost().port}", options={"target_rules": rules}
+    ))
+    try:
+        answers, _ = await ask(
+            port,
+            get(b"/a", extra=b"X-Api-Version: v2.1\r\n") + get(b"/b", extra=b"X-Api-Version: v1\r\n")
+            + get(b"/c", extra=b"Cookie: a=b; canary=yes\r\n") + get(b"/beta/x") + get(b"/alpha"),
+            count=5,
+        )
+        assert [json.loads(a[2])["name"] for a in answers] == ["beta", "main", "beta", "beta", "main"]
+    finally:
+        await service.stopService()
+        await b1.stopListening()
+        await b2.stopListening()
+
+
+PICK_LAST = '''
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+from dcrouter.interfaces import ITargetSelector
+
+@implementer(IPlugin, ITargetSelector)
+class PickLast:
+    name = "pick-last"
+
+    def select(self, targets, exchange):
+        if exchange.request.get(b"x-pick") == b"last":
+            return targets[-1]
+        return None
+
+pickLast = PickLast()
+'''
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_target_selector_plugin_picks_the_target(tmp_path, monkeypatch):
+    import dcrouter.plugins
+
+    plugins = tmp_path / "dcrouter" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "test_pick_last.py").write_text(PICK_LAST)
+    monkeypatch.setattr(dcrouter.plugins, "__path__", [*dcrouter.plugins.__path__, str(plugins)])
+    first, b1 = await echoBackend(b"first")
+    last, b2 = await echoBackend(b"last")
+    port = freePort()
+    service, _ = await startRouter(httpRoute(
+        "sel", port, f"127.0.0.1:{b1.getHost().port}, 127.0.0.1:{b2.getHost().port}",
+        options={"target_selector": "pick-last", "balance": "iphash"},
+    ))
+    try:
+        answers, _ = await ask(port, get(extra=b"X-Pick: last\r\n") * 3, count=3)
+        assert [json.loads(a[2])["name"] for a in answers] == ["last"] * 3
+    finally:
+        await service.stopService()
+        await b1.stopListening()
+        await b2.stopListening()
