@@ -1,0 +1,1 @@
+"""Credential checkers shared by HTTP auth and SMTP AUTH."""
