@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
@@ -32,6 +33,7 @@ from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
 from dcrouter.config.model import CertificatePair, RouteConfig, RouterConfig
 from dcrouter.config.options import RouteOptions
 from dcrouter.config.validate import checkModel
+from dcrouter.http.guard import Guard, parseGuard
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
 from dcrouter.http.server import HTTPLayer
 from dcrouter.interfaces import IHTTPAction, IRouteAction
@@ -112,6 +114,7 @@ class _Parsed:
     options: Any
     serverTLS: Optional[ServerTLS]
     gate: Optional[Gate]
+    guard: Optional[Guard] = None
 
     @property
     def wantsHTTP(self) -> bool:
@@ -131,6 +134,7 @@ def _parseRoute(
     clock: IReactorTime,
     errors: ErrorCollector,
     previousGates: dict[str, Gate],
+    threadpool: ThreadPool,
 ) -> Optional[_Parsed]:
     section = f"route:{route.name}"
     action = actions.get(route.action)
@@ -143,6 +147,9 @@ def _parseRoute(
         return None
     options = RouteOptions(route, config.defaults, clock, config.http)
     parsed = action.parseOptions(options)
+    guard = None
+    if IHTTPAction.providedBy(action):
+        guard = parseGuard(options, threadpool, config.ldap)
     found = options.finish()
     errors.extend(found)
     httpCapable = IHTTPAction.providedBy(action)
@@ -176,7 +183,7 @@ def _parseRoute(
         gate = previous if reusable else Gate(limits, clock)
     if found:
         return None
-    return _Parsed(route, action, parsed, serverTLS, gate)
+    return _Parsed(route, action, parsed, serverTLS, gate, guard)
 
 
 def _portTables(
@@ -202,9 +209,13 @@ def _portTables(
         ]
         layer: Any = None
         if layer7:
-            plain = [HTTPRoute(i.route, i.action, i.options) for i in layer7 if i.route.tls is None]
+            plain = [
+                HTTPRoute(i.route, i.action, i.options, i.guard)
+                for i in layer7 if i.route.tls is None
+            ]
             secure = [
-                HTTPRoute(i.route, i.action, i.options) for i in layer7 if i.route.tls is not None
+                HTTPRoute(i.route, i.action, i.options, i.guard)
+                for i in layer7 if i.route.tls is not None
             ]
             layer = HTTPLayer(
                 clock, HTTPRouteTable.build(plain), HTTPRouteTable.build(secure),
@@ -227,6 +238,7 @@ def compileConfig(
     clock: IReactorTime,
     defaultCert: Optional[CertificatePair] = None,
     previous: Optional[CompiledConfig] = None,
+    threadpool: Optional[ThreadPool] = None,
 ) -> CompiledConfig:
     """
     Check everything a start needs short of binding ports; raise L{ConfigErrors}.
@@ -236,21 +248,27 @@ def compileConfig(
         C{checkconfig} does.
     @param previous: the configuration being replaced, whose gates (and
         their counts of live connections) carry over where limits are equal.
+    @param threadpool: where blocking credential checks (bcrypt, LDAP) run;
+        by default the reactor's.
     """
+    if threadpool is None:
+        threadpool = _threadPoolOf(clock)
     errors = ErrorCollector()
     config, modelErrors = checkModel(config)
     errors.extend(modelErrors)
     previousGates = {} if previous is None else _gatesByRoute(previous)
     parsed: list[_Parsed] = []
     for route in config.routes:
-        result = _parseRoute(route, config, actions, defaultCert, clock, errors, previousGates)
+        result = _parseRoute(
+            route, config, actions, defaultCert, clock, errors, previousGates, threadpool
+        )
         if result is not None:
             parsed.append(result)
     fallback = None
     if config.defaults.target is not None and "forward" in actions:
         fallbackConfig = RouteConfig(name="defaults", ports=(), action="forward")
         item = _parseRoute(
-            fallbackConfig, config, actions, defaultCert, clock, errors, previousGates
+            fallbackConfig, config, actions, defaultCert, clock, errors, previousGates, threadpool
         )
         if item is not None:
             fallback = CompiledRoute(item.route, item.action, item.options)
@@ -269,6 +287,15 @@ def compileConfig(
         and callable(getattr(item.options, "stop", None))
     )
     return CompiledConfig(config, tables, gate, resources)
+
+
+def _threadPoolOf(clock: Any) -> ThreadPool:
+    """The reactor's thread pool; a pool of its own for a clock that has none."""
+    getThreadPool = getattr(clock, "getThreadPool", None)
+    if getThreadPool is not None:
+        pool: ThreadPool = getThreadPool()
+        return pool
+    return ThreadPool(0, 4, "dcrouter-checks")
 
 
 def _gatesByRoute(compiled: CompiledConfig) -> dict[str, Gate]:

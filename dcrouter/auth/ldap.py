@@ -44,7 +44,6 @@ import ssl
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from attrs import frozen
 from ldap3 import ANONYMOUS, BASE, NONE, SIMPLE, SUBTREE, SYNC, Connection, Server, Tls
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
@@ -65,6 +64,7 @@ from dcrouter.auth.passwords import (
     credentialBytes,
     credentialText,
 )
+from dcrouter.config.model import LDAPSettings
 
 __all__ = ["AuthUnavailable", "LDAPChecker", "LDAPSettings", "readSecretFile"]
 
@@ -79,38 +79,6 @@ MAX_USER_LENGTH = 256
 # result is the directory failing, not the user.
 _REFUSED_BIND = frozenset({49, 48, 50, 53, 19})
 _SIZE_LIMIT_EXCEEDED = 4
-
-
-@frozen
-class LDAPSettings:
-    """
-    The C{[ldap]} section (field names are the INI keys).
-
-    @ivar url: C{ldap://host[:port]} or C{ldaps://host[:port]}.
-    @ivar base: where users are searched (subtree).
-    @ivar user_filter: a search filter with C{{user}} where the escaped user
-        name goes, e.g. C{(uid={user})} or C{(mail={user})}.
-    @ivar bind_dn: the service account; C{None} searches anonymously.
-    @ivar bind_password_file: a file holding the service account's password
-        (one trailing line break is ignored); required with C{bind_dn}.
-    @ivar start_tls: upgrade an C{ldap://} connection with StartTLS.
-    @ivar ca_file: PEM CA certificates to verify the server with; C{None}
-        uses the system's. The certificate must name the URL's host.
-    @ivar require_group: a group DN the user must be a member of.
-    @ivar connect_timeout: seconds to open a connection.
-    @ivar timeout: seconds for each read, and for the whole check.
-    """
-
-    url: str
-    base: str
-    user_filter: str = "(uid={user})"
-    bind_dn: Optional[str] = None
-    bind_password_file: Optional[str] = None
-    start_tls: bool = False
-    ca_file: Optional[str] = None
-    require_group: Optional[str] = None
-    connect_timeout: float = 5.0
-    timeout: float = 10.0
 
 
 def readSecretFile(path: str) -> str:

@@ -34,6 +34,7 @@ from dcrouter.config.model import (
     DaemonSettings,
     Defaults,
     HttpSettings,
+    LDAPSettings,
     Limits,
     LogFormat,
     RawValue,
@@ -69,6 +70,18 @@ _DEFAULTS_KEYS = (
     "trusted_proxies",
 )
 _TLS_KEYS = ("cert", "key", "min_version", "ciphers")
+_LDAP_KEYS = (
+    "url",
+    "base",
+    "user_filter",
+    "bind_dn",
+    "bind_password_file",
+    "start_tls",
+    "ca_file",
+    "require_group",
+    "connect_timeout",
+    "timeout",
+)
 _HTTP_KEYS = (
     "max_header_size",
     "max_headers",
@@ -95,7 +108,7 @@ _ROUTE_KEYS = (
     "headers",
     *_LIMIT_KEYS,
 )
-_KNOWN_SECTIONS = "[dcrouter], [defaults], [tls], [http], [route:NAME]"
+_KNOWN_SECTIONS = "[dcrouter], [defaults], [tls], [http], [ldap], [route:NAME]"
 _TERMINATING = ("terminate", "terminate-and-reencrypt")
 _PRIORITY_BOUND = 1_000_000
 
@@ -281,6 +294,20 @@ def _tlsMode(text: str) -> TlsMode:
     return cast(TlsMode, values.parseChoice(text, TLS_MODES))
 
 
+def _ldapURL(text: str) -> str:
+    url = text.strip()
+    if not url.lower().startswith(("ldap://", "ldaps://")) or len(url.split("://", 1)[1]) == 0:
+        raise ValueError(f"{url!r} is not an ldap:// or ldaps:// URL")
+    return url
+
+
+def _userFilter(text: str) -> str:
+    value = text.strip()
+    if "{user}" not in value or not (value.startswith("(") and value.endswith(")")):
+        raise ValueError(f"{value!r} is not a filter with {{user}} in it, like (uid={{user}})")
+    return value
+
+
 def _word(text: str) -> str:
     """An action name; which actions exist is known only one floor up."""
     word = text.strip()
@@ -307,6 +334,7 @@ class _Loader:
         defaults = Defaults()
         tls = TlsSettings()
         http = HttpSettings()
+        ldap: Optional[LDAPSettings] = None
         routes: list[tuple[RouteConfig, _Keys]] = []
         for section in sections:
             keys = _Keys(section, self.errors)
@@ -319,6 +347,8 @@ class _Loader:
                 tls = self.tls(keys)
             elif section.name == "http":
                 http = self.http(keys)
+            elif section.name == "ldap":
+                ldap = self.ldap(keys)
             elif kind == "route" and colon:
                 routes.append((self.route(keys, name), keys))
             else:
@@ -333,6 +363,7 @@ class _Loader:
             defaults=defaults,
             tls=tls,
             http=http,
+            ldap=ldap,
             path=os.path.abspath(self.path),
         )
         config, errors = checkModel(config)
@@ -413,6 +444,37 @@ class _Loader:
             keepalive_timeout=timeout("keepalive_timeout"),
             body_timeout=timeout("body_timeout"),
             response_timeout=timeout("response_timeout"),
+        )
+
+    def ldap(self, keys: _Keys) -> Optional[LDAPSettings]:
+        """C{[ldap]}: the directory that basic auth (and SMTP AUTH) can check against."""
+        keys.rejectUnknown(_LDAP_KEYS)
+        default = LDAPSettings(url="", base="")
+        for key in ("url", "base"):
+            if not keys.has(key):
+                keys.error(key, "required key is missing")
+        url = keys.get("url", _ldapURL, "")
+        userFilter = keys.get("user_filter", _userFilter, default.user_filter)
+        bindDN = keys.optional("bind_dn", str.strip)
+        passwordFile = keys.optional("bind_password_file", lambda text: self.resolve(text.strip()))
+        if bindDN and not passwordFile:
+            keys.error("bind_dn", "needs bind_password_file (the password is never in this file)")
+        if passwordFile and not os.access(passwordFile, os.R_OK):
+            keys.error("bind_password_file", f"cannot read {passwordFile}")
+        caFile = keys.optional("ca_file", lambda text: self.resolve(text.strip()))
+        if caFile and not os.access(caFile, os.R_OK):
+            keys.error("ca_file", f"cannot read {caFile}")
+        return LDAPSettings(
+            url=url,
+            base=keys.get("base", str.strip, ""),
+            user_filter=userFilter,
+            bind_dn=bindDN,
+            bind_password_file=passwordFile,
+            start_tls=keys.get("start_tls", values.parseBool, False),
+            ca_file=caFile,
+            require_group=keys.optional("require_group", str.strip),
+            connect_timeout=keys.get("connect_timeout", _positiveDuration, default.connect_timeout),
+            timeout=keys.get("timeout", _positiveDuration, default.timeout),
         )
 
     def route(self, keys: _Keys, name: str) -> RouteConfig:

@@ -138,6 +138,38 @@ class HttpSettings:
 
 
 @frozen
+class LDAPSettings:
+    """
+    The C{[ldap]} section (field names are the INI keys).
+
+    @ivar url: C{ldap://host[:port]} or C{ldaps://host[:port]}.
+    @ivar base: where users are searched (subtree).
+    @ivar user_filter: a search filter with C{{user}} where the escaped user
+        name goes, e.g. C{(uid={user})} or C{(mail={user})}.
+    @ivar bind_dn: the service account; C{None} searches anonymously.
+    @ivar bind_password_file: a file holding the service account's password
+        (one trailing line break is ignored); required with C{bind_dn}.
+    @ivar start_tls: upgrade an C{ldap://} connection with StartTLS.
+    @ivar ca_file: PEM CA certificates to verify the server with; C{None}
+        uses the system's. The certificate must name the URL's host.
+    @ivar require_group: a group DN the user must be a member of.
+    @ivar connect_timeout: seconds to open a connection.
+    @ivar timeout: seconds for each read, and for the whole check.
+    """
+
+    url: str
+    base: str
+    user_filter: str = "(uid={user})"
+    bind_dn: Optional[str] = None
+    bind_password_file: Optional[str] = None
+    start_tls: bool = False
+    ca_file: Optional[str] = None
+    require_group: Optional[str] = None
+    connect_timeout: float = 5.0
+    timeout: float = 10.0
+
+
+@frozen
 class TlsSettings:
     """
     C{[tls]}: the default certificate and protocol floor.
@@ -201,4 +233,5 @@ class RouterConfig:
     defaults: Defaults = Defaults()
     tls: TlsSettings = TlsSettings()
     http: HttpSettings = HttpSettings()
+    ldap: Optional[LDAPSettings] = None
     path: Optional[str] = None

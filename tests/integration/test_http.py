@@ -465,3 +465,71 @@ async def test_a_target_selector_plugin_picks_the_target(tmp_path, monkeypatch):
         await service.stopService()
         await b1.stopListening()
         await b2.stopListening()
+
+
+def authorization(user, password):
+    import base64
+
+    return b"Authorization: Basic " + base64.b64encode(user + b":" + password) + b"\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_basic_auth_against_hashed_users():
+    from dcrouter.auth.passwords import hashPassword
+
+    port = freePort()
+    users = f"alice:{hashPassword('wonderland', cost=4)}"
+    service, _ = await startRouter(httpRoute(
+        "admin", port, action="static",
+        options={"body": "secret", "auth": "basic", "auth_users": users, "auth_realm": "admin"},
+    ))
+    try:
+        (none,), _ = await ask(port, get())
+        (wrong,), _ = await ask(port, get(extra=authorization(b"alice", b"rabbit")))
+        (right,), _ = await ask(port, get(extra=authorization(b"alice", b"wonderland")))
+        assert none[0] == wrong[0] == 401
+        assert none[1][b"www-authenticate"] == b'Basic realm="admin", charset="UTF-8"'
+        assert (right[0], right[2]) == (200, b"secret\n")
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_jwt_auth(tmp_path):
+    import jwt
+
+    secret = b"s" * 32
+    (tmp_path / "jwt.key").write_bytes(secret)
+    port = freePort()
+    service, _ = await startRouter(httpRoute(
+        "api", port, action="static",
+        options={"body": "ok", "auth": "jwt", "jwt_key": str(tmp_path / "jwt.key"),
+                 "jwt_algorithms": "HS256", "jwt_issuer": "idp.test"},
+    ))
+    now = reactor.seconds()
+    good = jwt.encode({"iss": "idp.test", "exp": now + 60}, secret, algorithm="HS256")
+    expired = jwt.encode({"iss": "idp.test", "exp": now - 60}, secret, algorithm="HS256")
+    other = jwt.encode({"iss": "evil.test", "exp": now + 60}, secret, algorithm="HS256")
+    try:
+        codes = []
+        for token in (good, expired, other, "garbage"):
+            (answer,), _ = await ask(port, get(extra=b"Authorization: Bearer " + token.encode() + b"\r\n"))
+            codes.append(answer[0])
+        assert codes == [200, 401, 401, 401]
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rate_limit_answers_429_with_retry_after():
+    port = freePort()
+    service, _ = await startRouter(httpRoute(
+        "limited", port, action="static",
+        options={"body": "ok", "rate_limit_per_minute": "3"},
+    ))
+    try:
+        answers, _ = await ask(port, get() * 5, count=5)
+        assert [a[0] for a in answers] == [200, 200, 200, 429, 429]
+        assert int(answers[3][1][b"retry-after"]) >= 1
+    finally:
+        await service.stopService()

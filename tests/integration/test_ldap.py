@@ -526,3 +526,61 @@ async def test_success_cache_spares_the_directory(slapd, threadpool, passwordFil
     assert d.called  # from the cache, no thread
     assert await d == b"alice"
     assert await login(checker, b"alice", b"wrong") is UnauthorizedLogin
+
+
+# Basic auth at layer 7, against this directory
+
+
+async def routerWithLDAP(settings):
+    from dcrouter.config.model import DaemonSettings, Defaults, RouteConfig, RouterConfig
+    from dcrouter.service import DcRouter
+    from tests.helpers import freePort
+
+    port = freePort()
+    route = RouteConfig(name="admin", ports=(port,), action="static",
+                        options={"body": "welcome", "auth": "ldap"})
+    config = RouterConfig(routes=(route,), ldap=settings,
+                          daemon=DaemonSettings(drain_timeout=0.0),
+                          defaults=Defaults(bind=("127.0.0.1",)))
+    service = DcRouter(config)
+    service.startService()
+    return service, port
+
+
+async def statusOf(port, user, password):
+    import base64
+
+    from tests.helpers import connect
+
+    client = await connect(port)
+    token = base64.b64encode(user + b":" + password)
+    client.transport.write(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+                           b"Authorization: Basic " + token + b"\r\n\r\n")
+    answer = await client.closed
+    return int(answer.split(b" ", 2)[1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_basic_auth_against_ldap(slapd, passwordFile):
+    settings = LDAPSettings(url=slapd.url, base=PEOPLE, bind_dn=READER_DN,
+                            bind_password_file=passwordFile, timeout=5.0, connect_timeout=2.0)
+    service, port = await routerWithLDAP(settings)
+    try:
+        assert await statusOf(port, b"alice", b"alicepw") == 200
+        assert await statusOf(port, b"alice", b"wrong") == 401
+        assert await statusOf(port, b"*", b"alicepw") == 401
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_basic_auth_with_ldap_down_is_503(passwordFile):
+    from tests.helpers import freePort
+
+    settings = LDAPSettings(url=f"ldap://127.0.0.1:{freePort()}", base=PEOPLE, bind_dn=READER_DN,
+                            bind_password_file=passwordFile, timeout=2.0, connect_timeout=1.0)
+    service, port = await routerWithLDAP(settings)
+    try:
+        assert await statusOf(port, b"alice", b"alicepw") == 503
+    finally:
+        await service.stopService()

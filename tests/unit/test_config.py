@@ -370,7 +370,7 @@ class TestSections:
         path = write(ROUTE + "[acme]\nenabled = yes\n")
         assert oneError(path) == (
             f"{path}:3: [acme] unknown section (known: [dcrouter], [defaults], [tls], "
-            "[http], [route:NAME])"
+            "[http], [ldap], [route:NAME])"
         )
 
     def test_routeWithoutColon(self, write: Write) -> None:
@@ -610,6 +610,27 @@ class TestCrossChecks:
         path = write("[http]\nmax_header_size = 16k\nheader_timeout = 5s\n" + ROUTE)
         config = loadConfig(path)
         assert config.http.header_timeout == 5.0
+
+    def test_ldapSection(self, write: Write, tmp_path: Path) -> None:
+        secret = tmp_path / "ldap.secret"
+        secret.write_text("s3cret\n")
+        path = write(
+            "[ldap]\nurl = ldaps://ldap.example:636\nbase = ou=people,dc=example\n"
+            f"bind_dn = cn=svc,dc=example\nbind_password_file = {secret}\n" + ROUTE
+        )
+        ldap = loadConfig(path).ldap
+        assert ldap is not None and ldap.url == "ldaps://ldap.example:636"
+        assert ldap.user_filter == "(uid={user})" and ldap.bind_password_file == str(secret)
+
+    def test_ldapSectionErrors(self, write: Write) -> None:
+        path = write(
+            "[ldap]\nurl = http://x\nuser_filter = uid=x\nbind_dn = cn=svc\n" + ROUTE
+        )
+        errors = "\n".join(errorsOf(path))
+        assert "[ldap] url: 'http://x' is not an ldap:// or ldaps:// URL" in errors
+        assert "[ldap] base: required key is missing" in errors
+        assert "[ldap] user_filter:" in errors
+        assert "[ldap] bind_dn: needs bind_password_file" in errors
 
     def test_httpSectionErrors(self, write: Write) -> None:
         path = write("[http]\nmax_headers = 2\nbody_timeout = 0\nsize = 1\n" + ROUTE)
