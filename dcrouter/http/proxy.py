@@ -495,29 +495,62 @@ class Relay(BackendUser):
 
 
 class _Tunnel(Protocol):
-    """After a 101: bytes both ways, with flow control, until either side closes."""
+    """
+    After a 101: bytes both ways, with flow control, until either side closes.
+
+    Only the route's C{idle_timeout} ends a quiet tunnel (checked four times
+    per timeout, as L{dcrouter.proxy.forward} does); the HTTP layer's
+    keep-alive and header timers are gone once the connection left HTTP.
+    """
 
     def __init__(self, relay: Relay, client: Any, backend: BackendConnection) -> None:
         self.relay = relay
         self.client = client
         self.backend = backend
         self.record = relay.exchange.connection.record
+        self.reactor = relay.reactor
+        self.tick = relay.route.idleTimeout / 4
+        self.active = False
+        self.idleTicks = 0
+        self.timer: Optional[IDelayedCall] = self.reactor.callLater(self.tick, self.checkIdle)
         client.registerProducer(backend.transport, True)
         backend.transport.registerProducer(client, True)  # type: ignore[union-attr]
 
+    def checkIdle(self) -> None:
+        if self.active:
+            self.active, self.idleTicks = False, 0
+        else:
+            self.idleTicks += 1
+        if self.idleTicks < 4:
+            self.timer = self.reactor.callLater(self.tick, self.checkIdle)
+            return
+        self.timer = None
+        self.record.ended = f"tunnel idle ({self.relay.route.idleTimeout:g}s)"
+        self.clientLost()
+        self.client.abortConnection()
+
     def dataReceived(self, data: bytes) -> None:
+        self.active = True
         if self.backend.transport is not None:
             self.backend.transport.write(data)
 
     def fromBackend(self, data: bytes) -> None:
+        self.active = True
         self.record.bytesOut += len(data)
         self.client.write(data)
 
+    def stopTimer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
     def backendLost(self) -> None:
+        self.stopTimer()
         self.client.unregisterProducer()
         self.client.loseConnection()
 
     def clientLost(self) -> None:
+        self.stopTimer()
         transport: Any = self.backend.transport
         if transport is not None:
             transport.unregisterProducer()

@@ -533,3 +533,22 @@ async def test_rate_limit_answers_429_with_retry_after():
         assert int(answers[3][1][b"retry-after"]) >= 1
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_quiet_tunnel_ends_at_the_routes_idle_timeout():
+    backend = await listen(protocol.Factory.forProtocol(Upgraded))
+    port = freePort()
+    service, _ = await startRouter(httpRoute(
+        "ws", port, f"127.0.0.1:{backend.getHost().port}", options={"idle_timeout": "0.2s"}
+    ))
+    try:
+        client = await connect(port, Recorder())
+        client.transport.write(get(b"/ws", extra=b"Connection: Upgrade\r\nUpgrade: websocket\r\n"))
+        await client.waitFor(len(b"HTTP/1.1 101"))
+        started = reactor.seconds()
+        await client.closed.addTimeout(5, reactor)
+        assert 0.15 < reactor.seconds() - started < 2
+    finally:
+        await service.stopService()
+        await backend.stopListening()
