@@ -552,3 +552,55 @@ async def test_a_quiet_tunnel_ends_at_the_routes_idle_timeout():
     finally:
         await service.stopService()
         await backend.stopListening()
+
+
+class Health(Echo):
+    """An L{Echo} whose /healthz says what the test sets."""
+
+    healthy = True
+
+    def render(self, request):
+        if request.path == b"/healthz":
+            request.setResponseCode(200 if self.healthy else 503)
+            return b"ok" if self.healthy else b"sick"
+        return Echo.render(self, request)
+
+
+@pytest_twisted.ensureDeferred
+async def test_active_health_checks_take_a_sick_target_out_and_back():
+    sick, well = Health(b"sick"), Health(b"well")
+    b1, b2 = await listen(Site(sick)), await listen(Site(well))
+    port = freePort()
+    service, _ = await startRouter(httpRoute(
+        "checked", port, f"127.0.0.1:{b1.getHost().port}, 127.0.0.1:{b2.getHost().port}",
+        options={"health_check": "http", "health_path": "/healthz", "health_interval": "0.05s",
+                 "health_timeout": "1s", "health_fall": "2", "health_rise": "2"},
+    ))
+
+    async def names(count):
+        answers, _ = await ask(port, get(b"/x") * count, count=count)
+        return [json.loads(a[2])["name"] for a in answers]
+
+    (options,) = service.compiled.resources
+    first = options.targets.pool.targets[0]
+
+    async def until(up):
+        for _ in range(500):
+            if first.up == up:
+                return
+            await task.deferLater(reactor, 0.01, lambda: None)
+        raise AssertionError(f"the target never went {'up' if up else 'down'}")
+
+    try:
+        assert set(await names(4)) == {"sick", "well"}
+        sick.healthy = False
+        await until(False)
+        assert first.lastReason == "HTTP 503"
+        assert set(await names(6)) == {"well"}
+        sick.healthy = True
+        await until(True)
+        assert set(await names(6)) == {"sick", "well"}
+    finally:
+        await service.stopService()
+        await b1.stopListening()
+        await b2.stopListening()
