@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable, Iterable
+from ipaddress import ip_address
 from typing import Any, Optional
 
 from attrs import frozen
@@ -20,7 +21,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -28,15 +29,18 @@ from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
 import dcrouter.plugins
+from dcrouter.auth.passwords import StaticPasswordChecker, parseUsers
 from dcrouter.config import loadConfig
 from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
-from dcrouter.config.model import CertificatePair, RouteConfig, RouterConfig
+from dcrouter.config.model import PYTHON, CertificatePair, RouteConfig, RouterConfig
 from dcrouter.config.options import RouteOptions
 from dcrouter.config.validate import checkModel
 from dcrouter.http.guard import Guard, parseGuard
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
 from dcrouter.http.server import HTTPLayer
 from dcrouter.interfaces import IHTTPAction, IRouteAction
+from dcrouter.ops.admin import RecentErrors, adminSite
+from dcrouter.ops.metrics import AccessCounter, RouterCollector, pools, registryFor
 from dcrouter.proxy.gate import Gate
 from dcrouter.proxy.listener import Router, RoutingState
 from dcrouter.proxy.routetable import CompiledRoute, PortTable
@@ -256,6 +260,7 @@ def compileConfig(
     errors = ErrorCollector()
     config, modelErrors = checkModel(config)
     errors.extend(modelErrors)
+    errors.extend(_checkAdmin(config))
     previousGates = {} if previous is None else _gatesByRoute(previous)
     parsed: list[_Parsed] = []
     for route in config.routes:
@@ -287,6 +292,30 @@ def compileConfig(
         and callable(getattr(item.options, "stop", None))
     )
     return CompiledConfig(config, tables, gate, resources)
+
+
+def _checkAdmin(config: RouterConfig) -> list[ConfigError]:
+    """An admin listener off loopback must ask for a password; hashes must be hashes."""
+    admin = config.admin
+    errors = []
+    if admin.users is not None:
+        try:
+            parseUsers(admin.users.text)
+        except ValueError as e:
+            errors.append(ConfigError(str(e), admin.users.source, "admin", "users"))
+    elif admin.listen is not None and not _isLoopback(admin.listen.host):
+        errors.append(ConfigError(
+            f"the admin listener on {admin.listen} is not on loopback: set users",
+            PYTHON, "admin", "listen",
+        ))
+    return errors
+
+
+def _isLoopback(host: str) -> bool:
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _threadPoolOf(clock: Any) -> ThreadPool:
@@ -412,6 +441,11 @@ class DcRouter(MultiService):
         self.listeners: dict[ListenKey, IListeningPort] = {}
         self.previousHangup: Any = None
         self.stopping = False
+        self.adminPort: Optional[IListeningPort] = None
+        self.accessCounter = AccessCounter()
+        self.recentErrors = RecentErrors(self.reactor)
+        self.startedAt = 0.0
+        self.reloads = 0
 
     # Starting
 
@@ -423,8 +457,11 @@ class DcRouter(MultiService):
             )
             self.router = Router(self.reactor, self.routingState(self.compiled))
             failures = self.listen(self.compiled.listenKeys())
+            failures += self.listenAdmin()
             if failures:
                 self.closeListeners(list(self.listeners))
+                if self.adminPort is not None:
+                    self.adminPort.stopListening()
                 raise SystemExit("dcrouter: cannot start:\n" + "\n".join(failures))
         super().privilegedStartService()
 
@@ -433,6 +470,9 @@ class DcRouter(MultiService):
             self.privilegedStartService()
         super().startService()
         assert self.compiled is not None
+        self.startedAt = self.reactor.seconds()
+        globalLogPublisher.addObserver(self.accessCounter)
+        globalLogPublisher.addObserver(self.recentErrors)
         startResources(self.compiled)
         if self.configPath is not None and threading.current_thread() is threading.main_thread():
             self.previousHangup = signal.signal(signal.SIGHUP, self.onHangup)
@@ -441,6 +481,60 @@ class DcRouter(MultiService):
             "dcrouter listening on {listeners}",
             listeners=", ".join(f"{a}:{p}" for p, a in sorted(self.listeners)),
         )
+
+    def listenAdmin(self) -> list[str]:
+        """Open the admin listener, if configured; return what failed."""
+        admin = self.config.admin
+        if admin.listen is None:
+            return []
+        checker = None
+        if admin.users is not None:
+            checker = StaticPasswordChecker(
+                parseUsers(admin.users.text), self.reactor, _threadPoolOf(self.reactor),
+                self.reactor,
+            )
+        registry = registryFor(RouterCollector(self.accessCounter, self.live))
+        site = adminSite(registry, self.status, checker)
+        address = admin.listen
+        endpoint = serverFromString(self.reactor, endpointString(address.port, address.host))
+        results: list[Any] = []
+        endpoint.listen(site).addBoth(results.append)
+        result = results[0] if results else None
+        if isinstance(result, Failure):
+            return [f"cannot listen on {address} (admin): {result.getErrorMessage()}"]
+        self.adminPort = result
+        return []
+
+    def live(self) -> tuple[Any, Any]:
+        return self.router, self.compiled
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's state as plain data, for the status page."""
+        router, compiled = self.router, self.compiled
+        routes = []
+        if compiled is not None:
+            for port, table in sorted(compiled.tables.items()):
+                for route in table.routes:
+                    config = route.config
+                    routes.append({
+                        "port": port, "route": config.name, "action": config.action,
+                        "tls": config.tls, "domains": list(config.domains),
+                        "paths": list(config.paths),
+                    })
+        return {
+            "config": self.configPath,
+            "uptime": self.reactor.seconds() - self.startedAt,
+            "reloads": self.reloads,
+            "listeners": [f"{address}:{port}" for port, address in sorted(self.listeners)],
+            "connections": {
+                "active": len(router.connections) if router else 0,
+                "accepted": router.accepted if router else 0,
+                "refused": dict(router.refused) if router else {},
+            },
+            "routes": routes,
+            "targets": [state for pool in pools(compiled) for state in pool.snapshot()],
+            "errors": list(self.recentErrors.events),
+        }
 
     def defaultCertificate(self, config: RouterConfig) -> Optional[CertificatePair]:
         """The self-signed certificate, made on first need, if any route needs it."""
@@ -525,6 +619,7 @@ class DcRouter(MultiService):
         startResources(compiled)
         stopResources(self.compiled)
         self.config, self.compiled = config, compiled
+        self.reloads += 1
         log.info(
             "dcrouter reloaded {path}: {routes} routes on {ports} ports",
             path=self.configPath, routes=len(config.routes), ports=len(compiled.tables),
@@ -551,7 +646,18 @@ class DcRouter(MultiService):
             done.addCallback(lambda _: stopResources(self.compiled))
         closing = self.closeListeners(list(self.listeners))
         closing.addCallback(lambda _: self.drain(done))
+        if self.adminPort is not None:
+            port, self.adminPort = self.adminPort, None
+            done.addCallback(lambda _: port.stopListening())
+        done.addCallback(self.removeObservers)
         return done
+
+    def removeObservers(self, result: object) -> None:
+        for observer in (self.accessCounter, self.recentErrors):
+            try:
+                globalLogPublisher.removeObserver(observer)
+            except ValueError:
+                pass
 
     def restoreHangup(self, result: None) -> None:
         if self.previousHangup is not None:

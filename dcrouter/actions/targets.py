@@ -35,6 +35,10 @@ class Targets:
     checker: Optional[HealthChecker] = None
     rules: tuple[TargetRule, ...] = ()
 
+    def pools(self) -> list[TargetPool]:
+        """The route's pool and its rules' pools."""
+        return [self.pool, *(rule.targets.pool for rule in self.rules)]
+
     def poolFor(self, request: Any) -> TargetPool:
         """The pool of the first rule C{request} matches, else the route's."""
         for rule in self.rules:

@@ -500,3 +500,20 @@ class BlockingCalls:
     def _timedOut(self, failure: Failure) -> None:
         failure.trap(TimeoutError)
         raise AuthUnavailable(f"no answer within {self._timeout:g} s")
+
+
+def basicCredentials(header: Optional[bytes]) -> Optional[tuple[bytes, bytes]]:
+    """User and password of an C{Authorization: Basic ...} value, or C{None}."""
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, colon, password = decoded.partition(b":")
+    if not colon:
+        return None
+    return user, password

@@ -30,6 +30,7 @@ from dcrouter.config.certcheck import checkCertificatePair
 from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
 from dcrouter.config.model import (
     TLS_MODES,
+    AdminSettings,
     CertificatePair,
     DaemonSettings,
     Defaults,
@@ -108,7 +109,7 @@ _ROUTE_KEYS = (
     "headers",
     *_LIMIT_KEYS,
 )
-_KNOWN_SECTIONS = "[dcrouter], [defaults], [tls], [http], [ldap], [route:NAME]"
+_KNOWN_SECTIONS = "[dcrouter], [defaults], [tls], [http], [ldap], [admin], [route:NAME]"
 _TERMINATING = ("terminate", "terminate-and-reencrypt")
 _PRIORITY_BOUND = 1_000_000
 
@@ -335,6 +336,7 @@ class _Loader:
         tls = TlsSettings()
         http = HttpSettings()
         ldap: Optional[LDAPSettings] = None
+        admin = AdminSettings()
         routes: list[tuple[RouteConfig, _Keys]] = []
         for section in sections:
             keys = _Keys(section, self.errors)
@@ -349,6 +351,8 @@ class _Loader:
                 http = self.http(keys)
             elif section.name == "ldap":
                 ldap = self.ldap(keys)
+            elif section.name == "admin":
+                admin = self.admin(keys)
             elif kind == "route" and colon:
                 routes.append((self.route(keys, name), keys))
             else:
@@ -364,6 +368,7 @@ class _Loader:
             tls=tls,
             http=http,
             ldap=ldap,
+            admin=admin,
             path=os.path.abspath(self.path),
         )
         config, errors = checkModel(config)
@@ -444,6 +449,15 @@ class _Loader:
             keepalive_timeout=timeout("keepalive_timeout"),
             body_timeout=timeout("body_timeout"),
             response_timeout=timeout("response_timeout"),
+        )
+
+    def admin(self, keys: _Keys) -> AdminSettings:
+        """C{[admin]}: where metrics and the status page are served."""
+        keys.rejectUnknown(("listen", "users"))
+        users = keys.section.values.get("users")
+        return AdminSettings(
+            listen=keys.optional("listen", values.parseHostPort),
+            users=RawValue(users.text, users.source) if users is not None else None,
         )
 
     def ldap(self, keys: _Keys) -> Optional[LDAPSettings]:

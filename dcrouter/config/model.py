@@ -170,6 +170,20 @@ class LDAPSettings:
 
 
 @frozen
+class AdminSettings:
+    """
+    C{[admin]}: the listener of metrics and the status page.
+
+    @ivar listen: its address; C{None}: no admin listener.
+    @ivar users: C{name:hash} entries (as for C{auth_users}); required when
+        C{listen} is not a loopback address.
+    """
+
+    listen: Optional[HostPort] = None
+    users: Optional[RawValue] = None
+
+
+@frozen
 class TlsSettings:
     """
     C{[tls]}: the default certificate and protocol floor.
@@ -234,4 +248,5 @@ class RouterConfig:
     tls: TlsSettings = TlsSettings()
     http: HttpSettings = HttpSettings()
     ldap: Optional[LDAPSettings] = None
+    admin: AdminSettings = AdminSettings()
     path: Optional[str] = None

@@ -16,8 +16,6 @@ Route keys (read for routes served at layer 7):
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any, Optional, Union
 
 from attrs import frozen
@@ -30,7 +28,12 @@ from twisted.python.threadpool import ThreadPool
 
 from dcrouter.auth.jwtauth import ALGORITHMS, InvalidToken, JWTVerifier, bearerToken
 from dcrouter.auth.ldap import LDAPChecker
-from dcrouter.auth.passwords import AuthUnavailable, StaticPasswordChecker, parseUsers
+from dcrouter.auth.passwords import (
+    AuthUnavailable,
+    StaticPasswordChecker,
+    basicCredentials,
+    parseUsers,
+)
 from dcrouter.config import values
 from dcrouter.config.model import LDAPSettings
 from dcrouter.config.options import RouteOptions
@@ -41,23 +44,6 @@ from dcrouter.proxy.gate import clientIP
 log = Logger()
 
 _TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
-
-
-def basicCredentials(header: Optional[bytes]) -> Optional[tuple[bytes, bytes]]:
-    """User and password of an C{Authorization: Basic ...} value, or C{None}."""
-    if header is None:
-        return None
-    scheme, _, token = header.strip().partition(b" ")
-    if scheme.lower() != b"basic":
-        return None
-    try:
-        decoded = base64.b64decode(token.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    user, colon, password = decoded.partition(b":")
-    if not colon:
-        return None
-    return user, password
 
 
 @frozen(eq=False)

@@ -370,7 +370,7 @@ class TestSections:
         path = write(ROUTE + "[acme]\nenabled = yes\n")
         assert oneError(path) == (
             f"{path}:3: [acme] unknown section (known: [dcrouter], [defaults], [tls], "
-            "[http], [ldap], [route:NAME])"
+            "[http], [ldap], [admin], [route:NAME])"
         )
 
     def test_routeWithoutColon(self, write: Write) -> None:
@@ -631,6 +631,11 @@ class TestCrossChecks:
         assert "[ldap] base: required key is missing" in errors
         assert "[ldap] user_filter:" in errors
         assert "[ldap] bind_dn: needs bind_password_file" in errors
+
+    def test_adminSection(self, write: Write) -> None:
+        path = write("[admin]\nlisten = 127.0.0.1:9900\n" + ROUTE)
+        admin = loadConfig(path).admin
+        assert admin.listen is not None and admin.listen.port == 9900 and admin.users is None
 
     def test_httpSectionErrors(self, write: Write) -> None:
         path = write("[http]\nmax_headers = 2\nbody_timeout = 0\nsize = 1\n" + ROUTE)

@@ -1,0 +1,183 @@
+"""
+The admin listener: Prometheus metrics and a live status page.
+
+C{/metrics} is the Prometheus exposition; C{/status.json} the state as
+plain data; C{/} a page that shows it and refreshes itself, with no outside
+assets. On loopback it is open; anywhere else C{[admin] users} must be set
+and every request needs basic auth.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Optional
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
+from twisted.cred.credentials import UsernamePassword
+from twisted.logger import ILogObserver, formatEvent
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from dcrouter.auth.passwords import basicCredentials
+
+
+@implementer(ILogObserver)
+class RecentErrors:
+    """A log observer keeping the last warnings and errors, for the status page."""
+
+    def __init__(self, clock: Any, size: int = 50) -> None:
+        self.clock = clock
+        self.events: deque[dict[str, Any]] = deque(maxlen=size)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level")
+        name = getattr(level, "name", "")
+        if name not in ("warn", "error", "critical") and "log_failure" not in event:
+            return
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += f": {failure.getErrorMessage()}"
+        self.events.append({
+            "time": event.get("log_time", self.clock.seconds()),
+            "namespace": event.get("log_namespace", "-"),
+            "level": name or "error",
+            "text": text[:500],
+        })
+
+
+class _Metrics(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self.registry)
+
+
+class _StatusJSON(Resource):
+    isLeaf = True
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self.status = status
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(self.status(), default=str).encode("utf-8")
+
+
+_PAGE = b"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>dcrouter</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.3em} h2{font-size:1.05em;margin-top:1.5em}
+table{border-collapse:collapse} td,th{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:left}
+.up{color:#080;font-weight:bold} .down{color:#b00;font-weight:bold} .muted{color:#777}
+</style></head><body>
+<h1>dcrouter <span id="summary" class="muted"></span></h1>
+<h2>Listeners and routes</h2><table id="routes"></table>
+<h2>Targets</h2><table id="targets"></table>
+<h2>Refused</h2><table id="refused"></table>
+<h2>Recent warnings and errors</h2><table id="errors"></table>
+<script>
+function cell(row, text, cls){const td=row.insertCell();td.textContent=text;if(cls)td.className=cls;}
+function fill(id, head, rows){
+  const t=document.getElementById(id);t.textContent="";
+  const h=t.createTHead().insertRow();head.forEach(x=>{const th=document.createElement("th");th.textContent=x;h.appendChild(th);});
+  const b=t.createTBody();
+  if(!rows.length){const r=b.insertRow();cell(r,"none","muted");return;}
+  rows.forEach(cols=>{const r=b.insertRow();cols.forEach(c=>Array.isArray(c)?cell(r,c[0],c[1]):cell(r,c));});
+}
+async function refresh(){
+  try{
+    const s=await (await fetch("status.json",{cache:"no-store"})).json();
+    document.getElementById("summary").textContent=
+      `${s.connections.active} open, ${s.connections.accepted} accepted, up ${Math.round(s.uptime)} s`;
+    fill("routes",["port","route","action","tls","domains"],
+      s.routes.map(r=>[r.port,r.route,r.action,r.tls||"-",r.domains.join(", ")||"-"]));
+    fill("targets",["pool","target","state","in flight","last change"],
+      s.targets.map(t=>[t.pool,t.address,t.up?["up","up"]:["down","down"],t.active,t.lastReason||"-"]));
+    fill("refused",["reason","count"],Object.entries(s.connections.refused));
+    fill("errors",["time","where","what"],
+      s.errors.slice().reverse().map(e=>[new Date(e.time*1000).toISOString(),e.namespace,e.text]));
+  }catch(e){document.getElementById("summary").textContent="(status unavailable)";}
+}
+refresh();setInterval(refresh,2000);
+</script></body></html>
+"""
+
+
+class _Page(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy",
+                          b"default-src 'self'; script-src 'unsafe-inline' 'self'; "
+                          b"style-src 'unsafe-inline'")
+        return _PAGE
+
+
+class _Guarded(Resource):
+    """Asks for basic auth before any child resource when a checker is set."""
+
+    def __init__(self, children: dict[bytes, Resource], checker: Optional[Any]) -> None:
+        super().__init__()
+        self.children_ = children
+        self.checker = checker
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return self
+
+    def render(self, request: Request) -> Any:
+        child = self.children_.get(b"/".join(request.prepath))
+        if child is None:
+            request.setResponseCode(404)
+            return b"not found\n"
+        if self.checker is None:
+            return child.render(request)
+        credentials = basicCredentials(request.getHeader(b"authorization"))
+        if credentials is None:
+            return self.challenge(request)
+        checking = self.checker.requestAvatarId(UsernamePassword(*credentials))
+
+        def allowed(_: object) -> None:
+            body = child.render(request)
+            request.write(body)
+            request.finish()
+
+        def refused(_: object) -> None:
+            request.write(self.challenge(request))
+            request.finish()
+
+        checking.addCallbacks(allowed, refused)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def challenge(request: Request) -> bytes:
+        request.setResponseCode(401)
+        request.setHeader(b"www-authenticate", b'Basic realm="dcrouter admin"')
+        return b"unauthorized\n"
+
+
+def adminSite(
+    registry: CollectorRegistry, status: Callable[[], dict[str, Any]], checker: Optional[Any]
+) -> Site:
+    """The admin listener's site."""
+    root = _Guarded(
+        {b"": _Page(), b"metrics": _Metrics(registry), b"status.json": _StatusJSON(status)},
+        checker,
+    )
+    site = Site(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site

@@ -1,0 +1,161 @@
+"""
+Prometheus metrics, gathered without touching the byte path.
+
+Two sources: the access records the router already writes (a log observer
+counts them: connections by route and how they ended, bytes, HTTP requests
+by status, TLS handshake failures), and the live state read at scrape time
+(open connections, refusals by reason, targets' health). Nothing is counted
+twice and the hot paths pay nothing more than the access record they
+already emit.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Optional
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+from twisted.logger import ILogObserver
+from zope.interface import implementer
+
+_ACCESS = "dcrouter.access"
+
+
+def endingKind(ended: str) -> str:
+    """A small, fixed set of labels for how a connection ended."""
+    if ended.startswith("refused"):
+        return "refused"
+    if ended.startswith("TLS handshake failed"):
+        return "tls_failed"
+    if ended.startswith("upstream failed"):
+        return "upstream_failed"
+    if "timeout" in ended or "idle" in ended:
+        return "timeout"
+    if ended.startswith("aborted"):
+        return "aborted"
+    return "closed"
+
+
+@implementer(ILogObserver)
+class AccessCounter:
+    """A log observer that counts the access records as they are written."""
+
+    def __init__(self) -> None:
+        self.connections: Counter[tuple[str, str, str]] = Counter()
+        self.bytesIn: Counter[str] = Counter()
+        self.bytesOut: Counter[str] = Counter()
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.requestBytes: Counter[str] = Counter()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("log_namespace") != _ACCESS:
+            return
+        route = str(event.get("route", "-"))
+        if event.get("kind") == "request":
+            self.requests[(route, str(event.get("status", 0)))] += 1
+            self.requestBytes[route] += int(event.get("bytesOut", 0))
+            return
+        ended = endingKind(str(event.get("ended", "")))
+        self.connections[(str(event.get("port", "")), route, ended)] += 1
+        self.bytesIn[route] += int(event.get("bytesIn", 0))
+        self.bytesOut[route] += int(event.get("bytesOut", 0))
+
+
+class RouterCollector(Collector):
+    """
+    Metrics of a running L{dcrouter.service.DcRouter}, read at scrape time.
+
+    @param live: returns the router (L{dcrouter.proxy.listener.Router}) and
+        the compiled configuration in force, or C{(None, None)} before start.
+    """
+
+    def __init__(self, counter: AccessCounter, live: Callable[[], tuple[Any, Any]]) -> None:
+        self.counter = counter
+        self.live = live
+
+    def collect(self) -> Iterator[Metric]:
+        counter = self.counter
+        router, compiled = self.live()
+        active = GaugeMetricFamily(
+            "dcrouter_connections_active", "Client connections open now."
+        )
+        accepted = CounterMetricFamily(
+            "dcrouter_connections_accepted", "Client connections accepted."
+        )
+        refused = CounterMetricFamily(
+            "dcrouter_connections_refused", "Connections refused, by reason.", labels=["reason"]
+        )
+        if router is not None:
+            active.add_metric([], len(router.connections))
+            accepted.add_metric([], router.accepted)
+            for reason, count in sorted(router.refused.items()):
+                refused.add_metric([reason], count)
+        yield from (active, accepted, refused)
+        closed = CounterMetricFamily(
+            "dcrouter_connections_closed",
+            "Connections closed, by listener port, route and how they ended.",
+            labels=["port", "route", "ended"],
+        )
+        for (port, route, ended), count in sorted(counter.connections.items()):
+            closed.add_metric([port, route, ended], count)
+        yield closed
+        yield _perRoute("dcrouter_bytes_received", "Bytes from clients.", counter.bytesIn)
+        yield _perRoute("dcrouter_bytes_sent", "Bytes to clients.", counter.bytesOut)
+        requests = CounterMetricFamily(
+            "dcrouter_http_requests", "HTTP requests, by route and status.",
+            labels=["route", "status"],
+        )
+        for (route, status), count in sorted(counter.requests.items()):
+            requests.add_metric([route, status], count)
+        yield requests
+        yield _perRoute(
+            "dcrouter_http_response_bytes", "HTTP response body bytes.", counter.requestBytes
+        )
+        yield from _health(pools(compiled))
+
+
+def _perRoute(name: str, help: str, values: Counter[str]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, help, labels=["route"])
+    for route, value in sorted(values.items()):
+        family.add_metric([route], value)
+    return family
+
+
+def pools(compiled: Optional[Any]) -> list[Any]:
+    """Every target pool of a compiled configuration."""
+    found = []
+    for resource in compiled.resources if compiled is not None else ():
+        targets = getattr(resource, "targets", None)
+        if targets is not None:
+            found.extend(targets.pools())
+    return found
+
+
+def _health(allPools: Iterable[Any]) -> Iterator[Metric]:
+    up = GaugeMetricFamily(
+        "dcrouter_target_up", "1 if the target is in rotation.", labels=["pool", "target"]
+    )
+    inFlight = GaugeMetricFamily(
+        "dcrouter_target_active", "Connections or requests in flight to the target.",
+        labels=["pool", "target"],
+    )
+    transitions = CounterMetricFamily(
+        "dcrouter_target_transitions", "Health state changes of the target.",
+        labels=["pool", "target"],
+    )
+    for pool in allPools:
+        for state in pool.snapshot():
+            labels = [state["pool"], state["address"]]
+            up.add_metric(labels, 1 if state["up"] else 0)
+            inFlight.add_metric(labels, state["active"])
+            transitions.add_metric(labels, state["transitions"])
+    yield from (up, inFlight, transitions)
+
+
+def registryFor(collector: RouterCollector) -> CollectorRegistry:
+    """A registry of dcrouter's own (not the process-global default one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
