@@ -3,7 +3,9 @@ The C{dcrouter} command: operator tools beside the daemon.
 
 C{dcrouter checkconfig FILE} checks a configuration exactly as a start or a
 reload would (without binding ports), prints every error and exits 1, or
-prints a one-line summary and exits 0.
+prints a one-line summary and exits 0. C{dcrouter routes FILE} prints the
+route table in match order; with C{--explain HOST PORT [PATH]} it says which
+route a connection (and an HTTP request) for HOST on PORT would get, and why.
 """
 
 from __future__ import annotations
@@ -46,6 +48,75 @@ def routes(path: str) -> int:
     return 0
 
 
+def explain(
+    path: str, host: str, port: int, target: str, method: str, client: Optional[str],
+    plain: bool,
+) -> int:
+    """Say which route would serve HOST on PORT (and PATH, over HTTP), and why."""
+    from ipaddress import ip_address
+
+    from dcrouter.http.routes import hostName
+    from dcrouter.http.server import HTTPLayer, requestPath
+
+    try:
+        compiled = checkConfigFile(path)
+    except ConfigErrors as e:
+        print(e.report(), file=sys.stderr)
+        return 1
+    table = compiled.tables.get(port)
+    if table is None:
+        ports = ", ".join(map(str, sorted(compiled.tables)))
+        print(f"nothing listens on port {port} (ports: {ports})")
+        return 1
+    isTLS = not plain and any(route.config.tls for route in table.routes)
+    ip = ip_address(client) if client else None
+    name = hostName(host.encode("idna"))
+    route = table.match(name if isTLS else None, ip, isTLS)
+    how = f"TLS with SNI {name}" if isTLS else "plain TCP"
+    if route is None:
+        print(f"port {port}, {how}: no route; the connection is closed")
+        return 1
+    config = route.config
+    if route is table.fallback:
+        print(f"port {port}, {how}: no route matches; [defaults] target takes it")
+        return 0
+    why = ", ".join(filter(None, (
+        f"priority {config.priority}",
+        f"domains {', '.join(config.domains)}" if config.domains and isTLS else "any name",
+        f"client_ip {', '.join(map(str, config.client_ip))}" if config.client_ip else "",
+        f"tls {config.tls}" if config.tls else "",
+    )))
+    if not isinstance(route.action, HTTPLayer):
+        print(f"port {port}, {how}: [route:{config.name}] action {config.action} ({why})")
+        return 0
+    layer = route.action
+    httpTable = layer.secure if isTLS else layer.plain
+    requestTarget = target.encode("latin-1")
+    found = httpTable.match(name, requestPath(requestTarget), method.upper(), _NoHeaders(), ip)
+    print(f"port {port}, {how}: the HTTP layer ({why})")
+    if found is None:
+        print(f"  {method.upper()} {target} Host {name}: no route; the answer is 404")
+        return 1
+    found_ = found.config
+    detail = ", ".join(filter(None, (
+        f"priority {found_.priority}",
+        f"domains {', '.join(found_.domains)}" if found_.domains else "any host",
+        f"path {', '.join(found_.paths)}" if found_.paths else "",
+        f"method {', '.join(found_.methods)}" if found_.methods else "",
+        "headers " + ", ".join(f"{n}: {v}" for n, v in found_.headers) if found_.headers else "",
+    )))
+    print(f"  {method.upper()} {target} Host {name}: [route:{found_.name}] "
+          f"action {found_.action} ({detail})")
+    if found_.headers:
+        print("  (header conditions are assumed unmet by --explain unless no other route matches)")
+    return 0
+
+
+class _NoHeaders:
+    def getAll(self, name: bytes) -> list[bytes]:
+        return []
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="dcrouter", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -53,9 +124,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check.add_argument("file")
     table = commands.add_parser("routes", help="print the route table in match order")
     table.add_argument("file")
+    table.add_argument("--explain", nargs="+", metavar=("HOST", "PORT"),
+                       help="HOST PORT [PATH]: which route would serve it, and why")
+    table.add_argument("--method", default="GET", help="with --explain: the HTTP method")
+    table.add_argument("--client", help="with --explain: the client's address")
+    table.add_argument("--plain", action="store_true",
+                       help="with --explain: a plain (not TLS) connection on a TLS port")
     args = parser.parse_args(argv)
     if args.command == "checkconfig":
         return checkconfig(args.file)
+    if args.explain:
+        if len(args.explain) not in (2, 3) or not args.explain[1].isdigit():
+            parser.error("--explain takes HOST PORT [PATH]")
+        host, port = args.explain[0], int(args.explain[1])
+        target = args.explain[2] if len(args.explain) == 3 else "/"
+        return explain(args.file, host, port, target, args.method, args.client, args.plain)
     return routes(args.file)
 
 

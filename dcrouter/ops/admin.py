@@ -139,7 +139,7 @@ class _Guarded(Resource):
         return self
 
     def render(self, request: Request) -> Any:
-        child = self.children_.get(b"/".join(request.prepath))
+        child = self.children_.get(b"/".join(request.prepath or []))
         if child is None:
             request.setResponseCode(404)
             return b"not found\n"

@@ -1,0 +1,30 @@
+"""The dcrouter command's route explanations, on the annotated example."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dcrouter.cli import main
+
+EXAMPLE = str(Path(__file__).parents[2] / "conf" / "dcrouter.ini")
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["example.com", "80", "/api/v1"], "[route:example-api] action http"),
+    (["example.com", "80", "/admin/x"], "[route:example-admin]"),
+    (["www.example.com", "80"], "[route:example-web]"),
+    (["old.example.com", "80"], "[route:example-to-https] action redirect"),
+    (["a.example.com", "443"], "[route:example-passthrough] action forward"),
+    (["nowhere.test", "80"], "no route; the answer is 404"),
+    (["x", "1"], "nothing listens on port 1"),
+])
+def test_explain(capsys, args, says):
+    main(["routes", EXAMPLE, "--explain", *args])
+    assert says in capsys.readouterr().out
+
+
+def test_explain_by_client_address(capsys):
+    main(["routes", EXAMPLE, "--explain", "h.test", "8080", "--client", "192.0.2.9"])
+    assert "[route:example-block]" in capsys.readouterr().out
