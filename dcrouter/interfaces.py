@@ -51,6 +51,10 @@ class IRoutedConnection(Interface):
     serverName = Attribute("C{str} SNI from the ClientHello, or C{None}.")
     alpn = Attribute("C{tuple} of C{bytes}: ALPN protocols the client offered.")
     record = Attribute("The L{IConnectionRecord} of this connection.")
+    negotiatedProtocol = Attribute(
+        "C{bytes} the ALPN protocol the router's TLS termination agreed on"
+        " (C{b'h2'}, C{b'http/1.1'}), or C{None}."
+    )
 
 
 class IRouteAction(IPlugin):

@@ -204,6 +204,7 @@ def _portTables(
     are still told apart at layer 4, by SNI.
     """
     tables = {}
+    httpTLS: dict[str, Optional[ServerTLS]] = {}
     for port in dict.fromkeys(port for item in parsed for port in item.route.ports):
         items = [item for item in parsed if port in item.route.ports]
         httpPort = any(item.wantsHTTP for item in items)
@@ -226,7 +227,7 @@ def _portTables(
                 config.http, config.defaults.trusted_proxies,
             )
         routes = [
-            CompiledRoute(item.route, layer, None, item.serverTLS, item.gate, layer7=True)
+            CompiledRoute(item.route, layer, None, _httpTLS(item, httpTLS), item.gate, layer7=True)
             if item in layer7
             else CompiledRoute(item.route, item.action, item.options, item.serverTLS, item.gate)
             for item in items
@@ -234,6 +235,27 @@ def _portTables(
         bind = items[0].route.bind or config.defaults.bind
         tables[port] = PortTable.build(port, bind, routes, fallback)
     return tables
+
+
+#: ALPN of terminating routes served by the HTTP layer, in order of preference.
+HTTP_ALPN = (b"h2", b"http/1.1")
+
+
+def _httpTLS(item: _Parsed, made: dict[str, Optional[ServerTLS]]) -> Optional[ServerTLS]:
+    """
+    The route's TLS for the HTTP layer: offering h2 by ALPN, made once per
+    route. If the files cannot be read again, the route's own (no ALPN).
+    """
+    if item.serverTLS is None:
+        return None
+    name = item.route.name
+    if name not in made:
+        try:
+            made[name] = item.serverTLS.withALPN(HTTP_ALPN)
+        except Exception:
+            log.failure("[route:{route}]: cannot offer h2", route=name)
+            made[name] = item.serverTLS
+    return made[name]
 
 
 def compileConfig(

@@ -183,6 +183,11 @@ class BackendPool:
     def release(self, connection: BackendConnection) -> None:
         """A response is done and the connection may carry another request."""
         connection.user = None
+        transport: Any = connection.transport
+        if transport is not None:
+            # A slow client may have paused it; idle, it must read again to
+            # see the backend close it.
+            transport.resumeProducing()
         idle = self.idle.setdefault(connection.target, [])
         if len(idle) >= self.maxIdlePerTarget:
             connection.close()

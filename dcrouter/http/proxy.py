@@ -163,6 +163,7 @@ class Relay(BackendUser):
         self.done = False
         self.tunnel: Optional[_Tunnel] = None
         self.lastError = "no target"
+        self.acquired: Any = None
         self.allDown = False
 
     # Choosing and reaching a backend
@@ -219,6 +220,7 @@ class Relay(BackendUser):
         self.backend = backend
         backend.user = self
         self.pool.acquire(self.target)
+        self.acquired = self.target
         self.parser = ResponseHeadParser(self.request.method)
         self.sendHead()
         self.timer = self.reactor.callLater(self.route.responseTimeout, self.responseTimedOut)
@@ -267,7 +269,11 @@ class Relay(BackendUser):
         self.unregisterBody()
 
     def bodyFailed(self, reason: Failure) -> None:
+        # The client's fault (a bad or stalled body): the exchange answers
+        # it; the backend is not to blame and its timer must not fire.
         self.unregisterBody()
+        self.cancelTimer()
+        self.finish()
         self.closeBackend(abort=True)
 
     def unregisterBody(self) -> None:
@@ -368,8 +374,13 @@ class Relay(BackendUser):
     def finish(self) -> None:
         if not self.done:
             self.done = True
-            if self.target is not None and self.backend is not None:
-                self.pool.release(self.target)
+            self.releaseTarget()
+
+    def releaseTarget(self) -> None:
+        """Count the target's in-flight use down again (once per acquire)."""
+        acquired, self.acquired = self.acquired, None
+        if acquired is not None:
+            self.pool.release(acquired)
 
     # Failures
 
@@ -404,7 +415,8 @@ class Relay(BackendUser):
                 else:
                     self.lastError = f"{self.target.address}: closed before answering"
                     self.pool.reportFailure(self.target, "closed before answering")
-                self.pool.release(self.target)
+                self.releaseTarget()
+                self.cancelTimer()
                 self.tryNext()
                 return
             self.backendFailed(f"closed before answering ({reason.getErrorMessage()})")

@@ -121,6 +121,10 @@ class HTTPLayer:
         return None
 
     def buildProtocol(self, connection: IRoutedConnection, options: Any) -> IProtocol:
+        if getattr(connection, "negotiatedProtocol", None) == b"h2":
+            from dcrouter.http.h2 import H2ServerProtocol
+
+            return H2ServerProtocol(self, connection)
         return HTTPServerProtocol(self, connection)
 
 

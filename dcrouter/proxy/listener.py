@@ -115,6 +115,7 @@ class RoutedConnection:
     serverName: Optional[str]
     alpn: tuple[bytes, ...]
     record: ConnectionRecord
+    negotiatedProtocol: Optional[bytes] = None
 
 
 @implementer(IHandshakeListener)
@@ -127,7 +128,7 @@ class _AfterHandshake(Protocol):
     TLS layer is pointed straight at the action's protocol.
     """
 
-    def __init__(self, routing: RoutingProtocol, build: Callable[[], IProtocol]) -> None:
+    def __init__(self, routing: RoutingProtocol, build: Callable[[Any], IProtocol]) -> None:
         self.routing = routing
         self.build = build
 
@@ -138,7 +139,7 @@ class _AfterHandshake(Protocol):
         if tls is None or tls.disconnecting:
             return
         try:
-            inner = self.build()
+            inner = self.build(tls)
         except Exception:
             routing.actionFailed()
             return
@@ -320,9 +321,12 @@ class RoutingProtocol(Protocol):
                 "terminate", "terminate-and-reencrypt"
             ):
                 self.startTimer("TLS handshake")
-                waiter = _AfterHandshake(
-                    self, lambda: action.buildProtocol(connection, options)
-                )
+
+                def afterHandshake(tls: Any) -> IProtocol:
+                    connection.negotiatedProtocol = getattr(tls, "negotiatedProtocol", None)
+                    return action.buildProtocol(connection, options)
+
+                waiter = _AfterHandshake(self, afterHandshake)
                 inner = wrapServer(route.serverTLS, waiter, clock=self.router.reactor)
             else:
                 inner = action.buildProtocol(connection, options)

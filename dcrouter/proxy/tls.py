@@ -335,8 +335,13 @@ class ServerTLS:
             match, or the cipher string selects nothing.
         """
         self.pair = pair
+        self.settings = settings
         self.alpn = tuple(alpn)
         self._context = _serverContext(pair, settings, self.alpn)
+
+    def withALPN(self, alpn: Sequence[bytes]) -> ServerTLS:
+        """The same certificate and policy, selecting C{alpn} (files read again)."""
+        return ServerTLS(self.pair, self.settings, alpn)
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         """A new server-side connection for L{TLSMemoryBIOFactory}."""
