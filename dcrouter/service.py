@@ -664,8 +664,9 @@ class DcRouter(MultiService):
         self.stopping = True
         done: Deferred[None] = Deferred()
         done.addCallback(self.restoreHangup)
-        if self.compiled is not None:
-            done.addCallback(lambda _: stopResources(self.compiled))
+        # Health checks and idle backend connections go now; requests in
+        # flight keep their backend connections until they finish.
+        stopResources(self.compiled)
         closing = self.closeListeners(list(self.listeners))
         closing.addCallback(lambda _: self.drain(done))
         if self.adminPort is not None:
@@ -691,6 +692,8 @@ class DcRouter(MultiService):
         router = self.router
         assert router is not None
         deadline = self.reactor.seconds() + self.config.daemon.drain_timeout
+        for connection in list(router.connections):
+            connection.drain()
         if router.connections:
             log.info(
                 "dcrouter draining {count} connections for up to {timeout:g}s",

@@ -353,6 +353,7 @@ class H2ServerProtocol(Protocol):
         self.writePaused = False
         self.pausedBytes = 0
         self.closing = False
+        self.draining = False
         self.lost = False
         self.resets = 0
         self.resetsSince = 0.0
@@ -368,6 +369,13 @@ class H2ServerProtocol(Protocol):
             if self.timer.active():
                 self.timer.cancel()
             self.timer = None
+
+    def drain(self) -> None:
+        """The router is stopping: finish the open streams, then GOAWAY."""
+        self.draining = True
+        if not self.streams:
+            self.connection.record.ended = "closed for the drain"
+            self.goAway(ErrorCodes.NO_ERROR)
 
     def idleTimedOut(self) -> None:
         """No stream open for C{keepalive_timeout} (or no request at all)."""
@@ -684,6 +692,9 @@ class H2ServerProtocol(Protocol):
         if self.streams.get(exchange.streamId) is exchange:
             del self.streams[exchange.streamId]
             if not self.streams and not self.closing:
+                if self.draining:
+                    self.goAway(ErrorCodes.NO_ERROR)
+                    return
                 self.setTimer(self.settings.keepalive_timeout, self.idleTimedOut)
 
     def streamReset(self, event: StreamReset) -> None:

@@ -155,6 +155,7 @@ class HTTPServerProtocol(Protocol):
         self.paused = False
         self.timer: Optional[IDelayedCall] = None
         self.tunnel: Optional[IProtocol] = None
+        self.draining = False
         self.requests = 0
         self.trusted = self.clientIP is not None and any(
             self.clientIP in network for network in layer.trustedProxies
@@ -189,6 +190,18 @@ class HTTPServerProtocol(Protocol):
                 "idle keep-alive" if self.requests else "no request in time"
             )
             self.closeNow()
+
+    def drain(self) -> None:
+        """
+        The router is stopping: close now if idle between requests, else
+        answer the request under way with C{Connection: close}.
+        """
+        self.draining = True
+        if self.phase == _Phase.HEAD and not self.headStarted and self.transport is not None:
+            self.connection.record.ended = "closed for the drain"
+            self.phase = _Phase.CLOSED
+            self.cancelTimer()
+            self.transport.loseConnection()
 
     # Reading
 
@@ -546,7 +559,7 @@ class Exchange:
             else:
                 self.chunked = True
                 lines.append((b"Transfer-Encoding", b"chunked"))
-        if self.server.phase == _Phase.CLOSED:
+        if self.server.phase == _Phase.CLOSED or self.server.draining:
             self.keepAlive = False
         if not self.keepAlive:
             lines.append((b"Connection", b"close"))

@@ -383,6 +383,23 @@ class RoutingProtocol(Protocol):
         self.dataReceived = self.inner.dataReceived  # type: ignore[method-assign]
         self.inner.dataReceived(data)
 
+    def drain(self) -> None:
+        """
+        The router is stopping: let the action finish gracefully, if it can.
+
+        An action protocol (beneath TLS, if any) with a C{drain()} method is
+        told; HTTP closes idle keep-alive connections at once and the others
+        after their current response. Others just run until the drain ends.
+        """
+        inner = getattr(self.inner, "wrappedProtocol", self.inner)
+        drain = getattr(inner, "drain", None)
+        if drain is not None:
+            try:
+                drain()
+            except Exception:
+                log.failure("drain of [route:{route}] failed",
+                            route=self.record.route if self.record else None)
+
     def refuseProxyHeader(self) -> None:
         self.refuse("untrusted_proxy_header", "PROXY header from an untrusted address")
 

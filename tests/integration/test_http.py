@@ -604,3 +604,22 @@ async def test_active_health_checks_take_a_sick_target_out_and_back():
         await service.stopService()
         await b1.stopListening()
         await b2.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_closes_idle_keep_alive_connections_without_waiting_for_the_drain():
+    port = freePort()
+    config = RouterConfig(
+        routes=(httpRoute("s", port, action="static", options={"body": "hi"}),),
+        daemon=DaemonSettings(drain_timeout=10.0),
+        defaults=Defaults(bind=("127.0.0.1",)),
+    )
+    service = DcRouter(config)
+    service.startService()
+    client = await connect(port)
+    client.transport.write(get())
+    await client.waitFor(10)
+    started = reactor.seconds()
+    await service.stopService()
+    await client.closed
+    assert reactor.seconds() - started < 2

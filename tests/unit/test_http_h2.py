@@ -948,3 +948,16 @@ def test_a_bad_client_body_does_not_blame_the_target():
     reactor.advance(31)
     target = pool.targets[0]
     assert (target.failures, target.up, target.active) == (0, True, 0)
+
+
+def test_drain_sends_goaway_once_the_open_streams_are_done():
+    reactor, protocol, transport, action, client = serve(Held())
+    stream = client.request()
+    protocol.drain()
+    assert not transport.disconnecting
+    (exchange,) = action.exchanges
+    exchange.respond(200, body=b"last")
+    assert client.response(stream).status == 200
+    client.read()
+    assert transport.disconnecting
+    assert client.terminated is not None and client.terminated.error_code == ErrorCodes.NO_ERROR

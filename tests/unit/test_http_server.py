@@ -137,3 +137,23 @@ def test_an_answer_before_the_body_is_read_closes_the_connection():
     action.exchanges[0].respond(413, body=b"too big")
     assert b"Connection: close" in transport.value()
     assert transport.disconnecting
+
+
+def test_drain_closes_an_idle_keep_alive_connection_at_once():
+    reactor, protocol, transport, action = serve()
+    protocol.dataReceived(GET % 1)
+    action.exchanges[0].respond(204)
+    assert not transport.disconnecting
+    protocol.drain()
+    assert transport.disconnecting
+    assert protocol.connection.record.ended == "closed for the drain"
+
+
+def test_drain_lets_the_request_under_way_finish_then_closes():
+    reactor, protocol, transport, action = serve()
+    protocol.dataReceived(GET % 1)
+    protocol.drain()
+    assert not transport.disconnecting
+    action.exchanges[0].respond(200, body=b"done")
+    assert b"Connection: close" in transport.value() and transport.value().endswith(b"done")
+    assert transport.disconnecting
