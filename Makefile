@@ -14,7 +14,7 @@ VBIN   := $(VENV)/bin
 
 # Debian packages the tests need (system tests drive real peers).
 DEBIAN_PACKAGES := openssl curl python3-venv haproxy nginx-light \
-                   libnginx-mod-stream procps iproute2 slapd ldap-utils
+                   libnginx-mod-stream procps iproute2 slapd ldap-utils pebble
 # Extra Debian packages only the benchmark needs.
 BENCH_DEBIAN_PACKAGES := wrk
 

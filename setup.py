@@ -10,7 +10,7 @@ from setuptools import setup
 
 setup(
     packages=["dcrouter", *(f"dcrouter.{sub}" for sub in (
-        "config", "proxy", "http", "auth", "actions", "plugins", "ops",
+        "config", "proxy", "http", "auth", "certs", "actions", "plugins", "ops",
     )), "twisted.plugins"],
     package_data={"twisted.plugins": ["dcrouter_plugin.py"]},
 )

@@ -1,0 +1,1 @@
+"""Certificates: the store, the ACME issuing service and the challenge responders."""
