@@ -1,0 +1,1 @@
+"""The authoritative DNS server: zones, hardened twisted.names protocols, ACME/DKIM records."""
