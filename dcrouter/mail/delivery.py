@@ -1,0 +1,602 @@
+"""
+Delivery by domain rule: which mode takes a recipient, and the built-in modes.
+
+L{DomainRules} maps a recipient to a L{DomainRule}: an exact address beats
+C{*@domain} (that domain only), which beats C{*.domain} (any subdomain, at
+any depth, longer suffixes first), which beats the default rule. Domains
+compare case-insensitively; so do exact addresses (as Postfix's tables do).
+
+L{Deliverer} is what the queue calls for one message: it groups the pending
+recipients by rule (and, for modes that say so, by recipient domain), at
+most C{maxRecipients} to a group, hands each group to its mode, and merges
+the results. A mode that fails or is unknown gives 4xx results: the mail
+waits in the queue until the configuration is fixed.
+
+Built-in modes (each an L{IDeliveryMode}):
+
+  - C{forward}: SMTP to the rule's server, STARTTLS C{required},
+    C{opportunistic} or C{off}, optional AUTH.
+  - C{mta}: SMTP to the recipient domain's MX hosts (or its A/AAAA),
+    opportunistic STARTTLS.
+  - C{local}: Maildir under the state directory, fsynced.
+  - C{reject}: 550 with the rule's text (the SMTP server normally refuses
+    such recipients at RCPT time; the mode catches mail queued before a
+    rule changed).
+
+C{forward} and C{mta} sign with DKIM when the rule has a key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import re
+import socket
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any, Optional
+
+from attrs import field, frozen
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Attribute, Interface, implementer
+
+from dcrouter.mail.deliveryclient import (
+    TLS_CHOICES,
+    TLS_OPPORTUNISTIC,
+    SetupFailed,
+    SMTPConnectionPool,
+    SMTPTarget,
+)
+from dcrouter.mail.dkimsign import DkimError, DkimKey
+from dcrouter.mail.dkimsign import sign as dkimSign
+from dcrouter.mail.mxresolver import DNSFailure, MXResolver
+from dcrouter.mail.queue import DeliveryResult, Envelope, QueuedMessage
+
+log = Logger(namespace="dcrouter.mail.delivery")
+
+__all__ = [
+    "Deliverer",
+    "DeliveryResult",
+    "DomainRule",
+    "DomainRules",
+    "ForwardMode",
+    "IDeliveryMode",
+    "LocalMode",
+    "MtaMode",
+    "RejectMode",
+    "splitAddress",
+]
+
+_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+class IDeliveryMode(Interface):
+    """
+    One way of delivering mail: the C{mode} of an C{[email.rule:...]}.
+
+    The queue's L{Deliverer} calls L{deliver} with the recipients of one
+    message that share a rule (and, if C{perDomain}, a domain).
+    """
+
+    name = Attribute("C{str}: the word written as C{mode = NAME}.")
+    perDomain = Attribute(
+        "C{bool}: deliver each recipient domain separately (C{mta}: each has its own MX hosts)."
+    )
+
+    def deliver(
+        envelope: Envelope,  # noqa: N805 (an interface's methods have no self)
+        message: QueuedMessage,
+        recipients: Sequence[bytes],
+        rule: DomainRule,
+    ) -> Deferred[Sequence[DeliveryResult]]:
+        """
+        Deliver C{message} to C{recipients}.
+
+        @param message: the queued message; C{message.read()} fires with its
+            bytes (from C{message.path} at C{message.offset}).
+        @return: fires with one L{DeliveryResult} (a C{(code, text)} tuple
+            with an optional remote host) per recipient, in order: 2xx
+            delivered, 5xx failed for good, anything else tried later. It
+            must honour cancellation (the queue's attempt timeout).
+        """
+
+
+@frozen
+class DomainRule:
+    """
+    How mail for some recipients is delivered.
+
+    @ivar pattern: C{*@example.com}, C{*.example.com}, C{user@example.com},
+        C{example.com} (same as C{*@example.com}), or C{*} (the default).
+    @ivar mode: the L{IDeliveryMode} name.
+    @ivar server: C{forward}: the host to relay to.
+    @ivar port: C{forward}: its port; C{mta}: the port of MX hosts (25).
+    @ivar tls: C{required}, C{opportunistic} or C{off}.
+    @ivar tlsVerify: with TLS, check the server's certificate (C{forward}
+        with C{required}; opportunistic TLS never checks).
+    @ivar auth: C{forward}: (user, password) for SMTP AUTH.
+    @ivar dkim: sign outgoing mail with this key.
+    @ivar text: C{reject}: the reply text.
+    @ivar options: keys a plugin mode defines.
+    """
+
+    pattern: str
+    mode: str
+    server: Optional[str] = None
+    port: int = 25
+    tls: str = TLS_OPPORTUNISTIC
+    tlsVerify: bool = True
+    auth: Optional[tuple[str, str]] = field(default=None, repr=False)
+    dkim: Optional[DkimKey] = None
+    text: str = ""
+    options: Mapping[str, str] = field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if self.tls not in TLS_CHOICES:
+            raise ValueError(f"tls must be one of {', '.join(TLS_CHOICES)}, not {self.tls!r}")
+
+
+def splitAddress(address: bytes) -> tuple[str, str]:
+    """
+    (local part, lower-case domain) of an address; the domain is C{""} if
+    there is none (C{postmaster}).
+    """
+    text = address.decode("utf-8", "surrogateescape")
+    local, at, domain = text.rpartition("@")
+    if not at:
+        return text, ""
+    return local, domain.rstrip(".").lower()
+
+
+def _normalizeDomain(domain: str, pattern: str) -> str:
+    """A pattern's domain, lower-case, checked label by label."""
+    domain = domain.rstrip(".").lower()
+    try:
+        ascii = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"{pattern!r}: {domain!r} is not a domain name") from None
+    if not domain or not all(_LABEL.match(label) for label in ascii.split(".")):
+        raise ValueError(f"{pattern!r}: {domain!r} is not a domain name")
+    return domain
+
+
+class DomainRules:
+    """The rules, compiled for lookup; the most specific match wins."""
+
+    def __init__(self, rules: Iterable[DomainRule], default: DomainRule) -> None:
+        """
+        @raise ValueError: a malformed pattern, or two rules with the same one.
+        """
+        self.default = default
+        self.rules = tuple(rules)
+        self._exact: dict[str, DomainRule] = {}
+        self._domain: dict[str, DomainRule] = {}
+        self._suffix: dict[str, DomainRule] = {}
+        for rule in self.rules:
+            table, key = self._key(rule.pattern)
+            if key in table:
+                raise ValueError(f"{rule.pattern!r}: a rule for this pattern is already defined")
+            table[key] = rule
+
+    def _key(self, pattern: str) -> tuple[dict[str, DomainRule], str]:
+        """Which table a pattern goes to, under which key."""
+        text = pattern.strip()
+        if text.startswith("*."):
+            return self._suffix, _normalizeDomain(text[2:], pattern)
+        if text.startswith("*@"):
+            return self._domain, _normalizeDomain(text[2:], pattern)
+        if "*" in text:
+            raise ValueError(f"{pattern!r}: '*' may only start '*@domain' or '*.domain'")
+        if "@" in text:
+            local, _, domain = text.rpartition("@")
+            if not local:
+                raise ValueError(f"{pattern!r}: empty local part")
+            return self._exact, f"{local.lower()}@{_normalizeDomain(domain, pattern)}"
+        return self._domain, _normalizeDomain(text, pattern)
+
+    def match(self, recipient: bytes) -> DomainRule:
+        """The rule for C{recipient}."""
+        local, domain = splitAddress(recipient)
+        if self._exact:
+            rule = self._exact.get(f"{local.lower()}@{domain}")
+            if rule is not None:
+                return rule
+        rule = self._domain.get(domain)
+        if rule is not None:
+            return rule
+        if self._suffix:
+            labels = domain.split(".")
+            for start in range(1, len(labels)):
+                rule = self._suffix.get(".".join(labels[start:]))
+                if rule is not None:
+                    return rule
+        return self.default
+
+
+class Deliverer:
+    """
+    Delivers one queued message by rule; what L{MailQueue} calls.
+
+    @ivar modes: the L{IDeliveryMode}s by name.
+    """
+
+    def __init__(
+        self, rules: DomainRules, modes: Iterable[IDeliveryMode], *, maxRecipients: int = 100
+    ) -> None:
+        self.rules = rules
+        self.modes: dict[str, IDeliveryMode] = {mode.name: mode for mode in modes}
+        self.maxRecipients = maxRecipients
+
+    def groups(self, recipients: Sequence[bytes]) -> list[tuple[DomainRule, list[bytes]]]:
+        """The recipients grouped by rule and destination, in first-seen order."""
+        grouped: dict[tuple[int, Hashable], tuple[DomainRule, list[bytes]]] = {}
+        for recipient in recipients:
+            rule = self.rules.match(recipient)
+            mode = self.modes.get(rule.mode)
+            destination: Hashable = None
+            if mode is not None and mode.perDomain:
+                destination = splitAddress(recipient)[1]
+            key = (id(rule), destination)
+            if key not in grouped:
+                grouped[key] = (rule, [])
+            grouped[key][1].append(recipient)
+        result = []
+        for rule, members in grouped.values():
+            for start in range(0, len(members), self.maxRecipients):
+                result.append((rule, members[start : start + self.maxRecipients]))
+        return result
+
+    def deliver(
+        self, message: QueuedMessage, recipients: Sequence[bytes]
+    ) -> Deferred[Mapping[bytes, DeliveryResult]]:
+        """Deliver C{message} to C{recipients}; a result for each."""
+        groups = self.groups(recipients)
+        attempts = [self._deliverGroup(message, rule, members) for rule, members in groups]
+
+        def merge(lists: list[dict[bytes, DeliveryResult]]) -> Mapping[bytes, DeliveryResult]:
+            merged: dict[bytes, DeliveryResult] = {}
+            for results in lists:
+                merged.update(results)
+            return merged
+
+        gathered = defer.gatherResults(attempts, consumeErrors=True)
+        return gathered.addCallback(merge)
+
+    def _deliverGroup(
+        self, message: QueuedMessage, rule: DomainRule, recipients: list[bytes]
+    ) -> Deferred[dict[bytes, DeliveryResult]]:
+        mode = self.modes.get(rule.mode)
+        if mode is None:
+            text = f"4.3.5 no delivery mode {rule.mode!r} (rule {rule.pattern})"
+            result = DeliveryResult(451, text)
+            return defer.succeed(dict.fromkeys(recipients, result))
+        d = defer.maybeDeferred(mode.deliver, message.envelope, message, tuple(recipients), rule)
+
+        def collect(results: Sequence[DeliveryResult]) -> dict[bytes, DeliveryResult]:
+            collected = {}
+            for recipient, result in itertools.zip_longest(recipients, results):
+                if recipient is None:
+                    break
+                if result is None:
+                    result = DeliveryResult(451, f"4.3.0 mode {rule.mode} gave no result")
+                elif not isinstance(result, DeliveryResult):
+                    result = DeliveryResult(*result)
+                collected[recipient] = result
+            return collected
+
+        def failed(reason: Any) -> dict[bytes, DeliveryResult]:
+            if reason.check(defer.CancelledError):
+                return reason
+            log.failure(
+                "mode {mode} failed on {queueId}", reason, mode=rule.mode, queueId=message.queueId
+            )
+            text = f"4.3.0 mode {rule.mode} failed: {reason.getErrorMessage()}"
+            return dict.fromkeys(recipients, DeliveryResult(451, text))
+
+        return d.addCallbacks(collect, failed)
+
+
+# -- helpers the SMTP modes share ------------------------------------------------
+
+
+class _Signer:
+    """Reads a message and DKIM-signs it in the thread pool when the rule says so."""
+
+    def __init__(self, reactor: IReactorFromThreads, threadpool: ThreadPool) -> None:
+        self._reactor = reactor
+        self._threadpool = threadpool
+
+    async def data(self, message: QueuedMessage, rule: DomainRule) -> bytes:
+        data = await message.read()
+        if rule.dkim is None:
+            return data
+        try:
+            signed: bytes = await deferToThreadPool(
+                self._reactor, self._threadpool, dkimSign, data, rule.dkim
+            )
+        except DkimError as e:
+            # Unsigned mail would fail DMARC at the other end: hold it, loudly.
+            log.error("DKIM: {queueId}: {error}", queueId=message.queueId, error=str(e))
+            raise
+        return signed
+
+
+def _allResults(recipients: Sequence[bytes], result: DeliveryResult) -> list[DeliveryResult]:
+    return [result] * len(recipients)
+
+
+# -- the modes --------------------------------------------------------------------
+
+
+@implementer(IDeliveryMode)
+class ForwardMode:
+    """Relay to the rule's server (a smarthost), over reused connections."""
+
+    name = "forward"
+    perDomain = False
+
+    def __init__(
+        self, pool: SMTPConnectionPool, reactor: IReactorFromThreads, threadpool: ThreadPool
+    ) -> None:
+        self._pool = pool
+        self._signer = _Signer(reactor, threadpool)
+
+    def deliver(
+        self,
+        envelope: Envelope,
+        message: QueuedMessage,
+        recipients: Sequence[bytes],
+        rule: DomainRule,
+    ) -> Deferred[Sequence[DeliveryResult]]:
+        return Deferred.fromCoroutine(self._deliver(envelope, message, recipients, rule))
+
+    async def _deliver(
+        self,
+        envelope: Envelope,
+        message: QueuedMessage,
+        recipients: Sequence[bytes],
+        rule: DomainRule,
+    ) -> Sequence[DeliveryResult]:
+        if not rule.server:
+            text = f"4.3.5 rule {rule.pattern}: forward without a server"
+            return _allResults(recipients, DeliveryResult(451, text))
+        target = SMTPTarget(
+            host=rule.server,
+            port=rule.port,
+            tls=rule.tls,
+            verify=rule.tlsVerify,
+            serverName=rule.server,
+            auth=rule.auth,
+        )
+        data = await self._signer.data(message, rule)
+        try:
+            results = await self._pool.send(target, envelope.mailFrom, recipients, data)
+        except SetupFailed as e:
+            return _allResults(recipients, e.result)
+        return [results[r] for r in recipients]
+
+
+@implementer(IDeliveryMode)
+class MtaMode:
+    """Deliver to each recipient domain's MX hosts, trying them in order."""
+
+    name = "mta"
+    perDomain = True
+
+    def __init__(
+        self,
+        pool: SMTPConnectionPool,
+        resolver: MXResolver,
+        reactor: IReactorFromThreads,
+        threadpool: ThreadPool,
+        *,
+        port: int = 25,
+        maxAddresses: int = 5,
+    ) -> None:
+        """
+        @param port: the port of MX hosts (25; another only in tests).
+        @param maxAddresses: addresses tried per attempt (Postfix's
+            C{smtp_mx_address_limit}).
+        """
+        self._pool = pool
+        self._resolver = resolver
+        self._signer = _Signer(reactor, threadpool)
+        self.port = port
+        self.maxAddresses = maxAddresses
+
+    def deliver(
+        self,
+        envelope: Envelope,
+        message: QueuedMessage,
+        recipients: Sequence[bytes],
+        rule: DomainRule,
+    ) -> Deferred[Sequence[DeliveryResult]]:
+        return Deferred.fromCoroutine(self._deliver(envelope, message, recipients, rule))
+
+    async def _deliver(
+        self,
+        envelope: Envelope,
+        message: QueuedMessage,
+        recipients: Sequence[bytes],
+        rule: DomainRule,
+    ) -> Sequence[DeliveryResult]:
+        domain = splitAddress(recipients[0])[1]
+        if not domain:
+            return _allResults(recipients, DeliveryResult(550, "5.1.3 the address has no domain"))
+        try:
+            hosts = await self._resolver.resolve(domain)
+        except DNSFailure as e:
+            code = 550 if e.permanent else 451
+            return _allResults(recipients, DeliveryResult(code, str(e)))
+        data = await self._signer.data(message, rule)
+        port = rule.port if rule.port != 25 else self.port
+        last: Optional[DeliveryResult] = None
+        tried = 0
+        for host in hosts:
+            for address in host.addresses:
+                if tried >= self.maxAddresses:
+                    break
+                tried += 1
+                target = SMTPTarget(
+                    host=address,
+                    port=port,
+                    tls=rule.tls,
+                    verify=False,
+                    serverName=host.name,
+                )
+                try:
+                    results = await self._pool.send(target, envelope.mailFrom, recipients, data)
+                except SetupFailed as e:
+                    last = e.result
+                    continue
+                return [results[r] for r in recipients]
+        if last is None:
+            last = DeliveryResult(451, f"4.4.3 no address to try for {domain}")
+        return _allResults(recipients, last)
+
+
+@implementer(IDeliveryMode)
+class LocalMode:
+    """
+    Maildir delivery: C{<directory>/<domain>/<local part>/{tmp,new,cur}}.
+
+    Each copy is written in C{tmp/}, fsynced, linked into C{new/} and
+    C{new/} fsynced, in the thread pool; only then is it reported delivered
+    (250). A C{Return-Path} and a C{Delivered-To} header go first, as local
+    delivery agents add them.
+    """
+
+    name = "local"
+    perDomain = False
+
+    def __init__(
+        self,
+        directory: str,
+        reactor: IReactorFromThreads,
+        threadpool: ThreadPool,
+        clock: IReactorTime,
+        hostname: str = "localhost",
+    ) -> None:
+        self.directory = directory
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._clock = clock
+        self.hostname = hostname.replace("/", "\\057").replace(":", "\\072")
+        self._counter = itertools.count(1)
+
+    def deliver(
+        self,
+        envelope: Envelope,
+        message: QueuedMessage,
+        recipients: Sequence[bytes],
+        rule: DomainRule,
+    ) -> Deferred[Sequence[DeliveryResult]]:
+        return Deferred.fromCoroutine(self._deliver(envelope, message, recipients))
+
+    async def _deliver(
+        self, envelope: Envelope, message: QueuedMessage, recipients: Sequence[bytes]
+    ) -> Sequence[DeliveryResult]:
+        data = await message.read()
+        now = self._clock.seconds()
+        jobs: list[Optional[tuple[str, str, bytes]]] = []
+        for recipient in recipients:
+            mailbox = self.mailbox(recipient)
+            if mailbox is None:
+                jobs.append(None)
+                continue
+            name = (
+                f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(self._counter)}"
+                f".{self.hostname}"
+            )
+            prefix = (
+                b"Return-Path: <" + envelope.mailFrom + b">\r\nDelivered-To: " + recipient + b"\r\n"
+            )
+            jobs.append((mailbox, name, prefix))
+        results = await deferToThreadPool(
+            self._reactor, self._threadpool, self._writeAll, jobs, data
+        )
+        return results
+
+    def mailbox(self, recipient: bytes) -> Optional[str]:
+        """The Maildir of C{recipient}, or C{None} if its name is not safe as a path."""
+        local, domain = splitAddress(recipient)
+        local = local.lower()
+        for part in (local, domain):
+            if not part or part.startswith(".") or "/" in part or "\x00" in part:
+                return None
+        return os.path.join(self.directory, domain, local)
+
+    def _writeAll(
+        self, jobs: Sequence[Optional[tuple[str, str, bytes]]], data: bytes
+    ) -> list[DeliveryResult]:
+        results = []
+        for job in jobs:
+            if job is None:
+                results.append(DeliveryResult(550, "5.1.3 no such local mailbox name"))
+                continue
+            try:
+                self._writeOne(*job, data)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    results.append(DeliveryResult(452, f"4.3.1 mailbox full: {e.strerror}"))
+                else:
+                    results.append(DeliveryResult(451, f"4.3.0 maildir delivery failed: {e}"))
+            else:
+                results.append(DeliveryResult(250, "2.0.0 delivered to maildir"))
+        return results
+
+    @staticmethod
+    def _writeOne(mailbox: str, name: str, prefix: bytes, data: bytes) -> None:
+        for sub in ("tmp", "new", "cur"):
+            os.makedirs(os.path.join(mailbox, sub), mode=0o700, exist_ok=True)
+        tmp = os.path.join(mailbox, "tmp", name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(prefix + data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        try:
+            os.link(tmp, os.path.join(mailbox, "new", name))
+        finally:
+            os.unlink(tmp)
+        newDir = os.open(os.path.join(mailbox, "new"), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(newDir)
+        finally:
+            os.close(newDir)
+
+
+@implementer(IDeliveryMode)
+class RejectMode:
+    """Refuse the recipients for good: 550 with the rule's text."""
+
+    name = "reject"
+    perDomain = False
+
+    def deliver(
+        self,
+        envelope: Envelope,
+        message: QueuedMessage,
+        recipients: Sequence[bytes],
+        rule: DomainRule,
+    ) -> Deferred[Sequence[DeliveryResult]]:
+        text = rule.text or "5.7.1 delivery to this address is not allowed"
+        return defer.succeed(_allResults(recipients, DeliveryResult(550, text)))
+
+
+def localHostname() -> str:
+    """This host's name, for EHLO and Maildir file names when none is configured."""
+    return socket.getfqdn()

@@ -1,0 +1,220 @@
+"""
+Delivery status notifications (bounces), RFC 3464.
+
+A bounce is a C{multipart/report; report-type=delivery-status} message of
+three parts: a human-readable explanation, the machine-readable
+C{message/delivery-status} (one per-message block, one block per failed
+recipient), and the original message (C{message/rfc822}) or, when it is
+larger than C{returnLimit}, its header only (C{text/rfc822-headers}), as
+Postfix returns it.
+
+The text is written by hand rather than with the C{email} package's
+generator: the fields are few and fixed, and the original message must be
+returned byte for byte, never re-folded or re-encoded.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Sequence
+from email.utils import formatdate
+from typing import Optional
+
+from attrs import frozen
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
+
+MAILER_DAEMON = "MAILER-DAEMON"
+
+
+@frozen
+class FailedRecipient:
+    """
+    One recipient a bounce reports.
+
+    @ivar address: the envelope recipient, as it was given in RCPT TO.
+    @ivar code: the last reply code (0 if there was none, e.g. expiry before
+        any answer).
+    @ivar text: the last reply's text, or what went wrong (connection refused).
+    @ivar remote: the host that gave the reply; C{""} if dcrouter decided.
+    @ivar lastAttempt: when it was last tried (seconds since the epoch).
+    @ivar expired: given up because the message grew too old, not because
+        of a permanent reply.
+    """
+
+    address: bytes
+    code: int
+    text: str
+    remote: str = ""
+    lastAttempt: Optional[float] = None
+    expired: bool = False
+
+
+def statusCode(code: int, text: str, expired: bool = False) -> str:
+    """
+    The RFC 3463 status of a reply: the enhanced code at the start of
+    C{text} if there is one, else derived from the reply code's class.
+
+    An expired message without any reply is C{4.4.7} (delivery time expired).
+    """
+    match = _ENHANCED.match(text)
+    if match is not None and (code == 0 or match.group(1) == str(code)[0]):
+        return match.group(0)
+    if 500 <= code < 600:
+        return "5.0.0"
+    if expired and code == 0:
+        return "4.4.7"
+    return "4.0.0"
+
+
+def _clean(text: str) -> str:
+    """One line, no control characters: remote text must not break the header."""
+    return _UNSAFE.sub(" ", text).strip()
+
+
+def _addressField(address: bytes) -> str:
+    """C{rfc822; addr} for ASCII addresses, C{utf-8; addr} (RFC 6533) otherwise."""
+    try:
+        return "rfc822; " + _clean(address.decode("ascii"))
+    except UnicodeDecodeError:
+        return "utf-8; " + _clean(address.decode("utf-8", "replace"))
+
+
+def _display(address: bytes) -> str:
+    """An address for the human-readable part."""
+    return _clean(address.decode("utf-8", "replace")) or "<>"
+
+
+def splitHeader(message: bytes) -> bytes:
+    """The header of C{message}, without the blank line that ends it."""
+    match = _HEADER_END.search(message)
+    return message if match is None else message[: match.start()]
+
+
+def buildBounce(
+    *,
+    hostname: str,
+    sender: bytes,
+    queueId: str,
+    arrival: float,
+    now: float,
+    failures: Sequence[FailedRecipient],
+    original: bytes,
+    returnLimit: int = 50_000,
+    boundary: Optional[str] = None,
+) -> bytes:
+    """
+    The bounce for C{failures}, addressed to C{sender}, as message bytes.
+
+    @param hostname: the reporting MTA's name (C{Reporting-MTA}, C{From}).
+    @param sender: the original envelope sender, who gets the bounce.
+    @param queueId: the original message's queue id, for the postmaster.
+    @param arrival: when the original message was accepted.
+    @param now: the bounce's C{Date}.
+    @param original: the original message; returned whole if it is at most
+        C{returnLimit} bytes, else only its header.
+    @param boundary: the MIME boundary; random unless given (tests).
+    """
+    if boundary is None:
+        boundary = f"{queueId}.{secrets.token_hex(8)}/{hostname}"
+    date = formatdate(now, localtime=False)
+    expired = any(failure.expired for failure in failures)
+    human = [
+        f"This is the mail system at host {hostname}.",
+        "",
+        "I'm sorry to have to inform you that your message could not",
+        "be delivered to one or more recipients. It's attached below.",
+        "",
+    ]
+    if expired:
+        human += [
+            "The message could not be delivered in the time the mail system",
+            "keeps trying, and has been given up.",
+            "",
+        ]
+    human.append(f"For further assistance, please contact the postmaster of {hostname}.")
+    human.append("")
+    for failure in failures:
+        where = f"host {failure.remote} said: " if failure.remote else ""
+        reply = f"{failure.code} {failure.text}" if failure.code else failure.text
+        human.append(f"<{_display(failure.address)}>: {where}{_clean(reply)}")
+    perMessage = [
+        f"Reporting-MTA: dns; {hostname}",
+        f"X-Dcrouter-Queue-ID: {queueId}",
+        f"X-Dcrouter-Sender: {_addressField(sender)}",
+        f"Arrival-Date: {formatdate(arrival, localtime=False)}",
+    ]
+    blocks = ["\r\n".join(perMessage)]
+    for failure in failures:
+        fields = [
+            f"Final-Recipient: {_addressField(failure.address)}",
+            f"Original-Recipient: {_addressField(failure.address)}",
+            "Action: failed",
+            f"Status: {statusCode(failure.code, failure.text, failure.expired)}",
+        ]
+        if failure.remote:
+            fields.append(f"Remote-MTA: dns; {_clean(failure.remote)}")
+            fields.append(f"Diagnostic-Code: smtp; {failure.code} {_clean(failure.text)}")
+        elif failure.text:
+            fields.append(f"Diagnostic-Code: X-dcrouter; {_clean(failure.text)}")
+        if failure.lastAttempt is not None:
+            fields.append(f"Last-Attempt-Date: {formatdate(failure.lastAttempt, localtime=False)}")
+        blocks.append("\r\n".join(fields))
+    if len(original) <= returnLimit:
+        returnedType = "message/rfc822"
+        returned = original
+    else:
+        returnedType = "text/rfc822-headers"
+        returned = splitHeader(original) + b"\r\n"
+    if not returned.endswith(b"\n"):
+        returned += b"\r\n"
+    eightBit = not returned.isascii()
+    subject = (
+        "Undelivered Mail Returned to Sender"
+        if not expired
+        else "Undelivered Mail Returned to Sender (delivery time expired)"
+    )
+    head = [
+        f"From: Mail Delivery System <{MAILER_DAEMON}@{hostname}>",
+        f"To: <{_clean(sender.decode('utf-8', 'replace'))}>",
+        f"Subject: {subject}",
+        f"Date: {date}",
+        f"Message-ID: <{queueId}.{secrets.token_hex(6)}@{hostname}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
+        f"Content-Transfer-Encoding: {'8bit' if eightBit else '7bit'}",
+    ]
+    text = "\r\n".join(
+        [
+            *head,
+            "",
+            "This is a MIME-encapsulated message.",
+            "",
+            f"--{boundary}",
+            "Content-Description: Notification",
+            'Content-Type: text/plain; charset="utf-8"',
+            "Content-Transfer-Encoding: 8bit",
+            "",
+            *human,
+            "",
+            f"--{boundary}",
+            "Content-Description: Delivery report",
+            "Content-Type: message/delivery-status",
+            "",
+            "\r\n\r\n".join(blocks),
+            "",
+            f"--{boundary}",
+            "Content-Description: Undelivered Message"
+            if returnedType == "message/rfc822"
+            else "Content-Description: Undelivered Message Headers",
+            f"Content-Type: {returnedType}",
+            f"Content-Transfer-Encoding: {'8bit' if eightBit else '7bit'}",
+            "",
+            "",
+        ]
+    ).encode("utf-8")
+    return text + returned + f"\r\n--{boundary}--\r\n".encode()

@@ -1,0 +1,174 @@
+"""
+Where to deliver a domain's mail: MX records (RFC 5321 section 5.1).
+
+The MX hosts in order of preference (equal preferences shuffled, to spread
+the load), each with its IPv4 then IPv6 addresses. A domain without MX
+records is its own mail host (the implicit MX: its A/AAAA records). A null
+MX (RFC 7505, C{0 .}) and a domain that does not exist fail for good; a DNS
+server that fails or times out fails for now.
+
+The resolver is any C{IResolver} (twisted.names), injected: the daemon
+passes C{twisted.names.client.createResolver()}, tests a fake.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from attrs import frozen
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.names import dns
+from twisted.names import error as dnserror
+from twisted.names.error import AuthoritativeDomainError, DomainError
+from twisted.python.failure import Failure
+
+
+class DNSFailure(Exception):
+    """
+    The lookup failed.
+
+    @ivar permanent: the answer is final (no such domain, null MX): bounce.
+    """
+
+    def __init__(self, message: str, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@frozen
+class MXHost:
+    """One mail host of a domain: its name, preference and addresses (v4 first)."""
+
+    name: str
+    preference: int
+    addresses: tuple[str, ...]
+
+
+def _notFound(reason: Failure) -> bool:
+    """Is C{reason} "this name does not exist" (NXDOMAIN)?"""
+    # DomainError is also the base of SERVFAIL, REFUSED, ...: only itself
+    # (the hosts file's and authorities' "no such name") means NXDOMAIN.
+    if reason.check(dnserror.DNSNameError, AuthoritativeDomainError):
+        return True
+    return type(reason.value) is DomainError
+
+
+def domainLiteral(domain: str) -> Optional[str]:
+    """The address in an address literal (C{[192.0.2.1]}, C{[IPv6:2001:db8::1]}), else C{None}."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    literal = domain[1:-1]
+    if literal[:5].lower() == "ipv6:":
+        literal = literal[5:]
+        family = socket.AF_INET6
+    else:
+        family = socket.AF_INET
+    try:
+        socket.inet_pton(family, literal)
+    except OSError:
+        return None
+    return literal
+
+
+class MXResolver:
+    """Looks up a domain's mail hosts through an injected C{IResolver}."""
+
+    def __init__(
+        self, resolver: Any, *, rng: Optional[random.Random] = None, maxHosts: int = 10
+    ) -> None:
+        """
+        @param resolver: provides C{lookupMailExchange}, C{lookupAddress},
+            C{lookupIPV6Address} (twisted.names' C{IResolver}).
+        @param rng: shuffles equal preferences; seeded in tests.
+        @param maxHosts: MX hosts looked at, at most.
+        """
+        self._resolver = resolver
+        self._rng = rng if rng is not None else random.Random()
+        self.maxHosts = maxHosts
+
+    def resolve(self, domain: str) -> Deferred[list[MXHost]]:
+        """
+        The mail hosts of C{domain}, most preferred first; none without addresses.
+
+        @return: fails with L{DNSFailure}.
+        """
+        return Deferred.fromCoroutine(self._resolve(domain))
+
+    async def _resolve(self, domain: str) -> list[MXHost]:
+        literal = domainLiteral(domain)
+        if literal is not None:
+            return [MXHost(literal, 0, (literal,))]
+        try:
+            name = domain.rstrip(".").lower().encode("idna").decode("ascii")
+        except UnicodeError:
+            raise DNSFailure(f"5.1.2 bad domain name {domain!r}", True) from None
+        try:
+            answers, _, _ = await self._resolver.lookupMailExchange(name)
+        except Exception:
+            reason = Failure()
+            if _notFound(reason):
+                raise DNSFailure(f"5.1.2 domain {name} not found", True) from None
+            raise DNSFailure(
+                f"4.4.3 MX lookup for {name} failed: {reason.getErrorMessage()}", False
+            ) from None
+        exchanges = [
+            (record.payload.preference, str(record.payload.name).rstrip("."))
+            for record in answers
+            if record.type == dns.MX
+        ]
+        if len(exchanges) == 1 and exchanges[0][1] == "":
+            raise DNSFailure(f"5.1.10 domain {name} accepts no mail (null MX)", True)
+        exchanges = [(p, host) for p, host in exchanges if host]
+        if not exchanges:
+            exchanges = [(0, name)]
+            implicit = True
+        else:
+            implicit = False
+        self._rng.shuffle(exchanges)
+        exchanges.sort(key=lambda pair: pair[0])
+        hosts = []
+        failures = []
+        for preference, host in exchanges[: self.maxHosts]:
+            try:
+                addresses = await self._addresses(host)
+            except DNSFailure as e:
+                failures.append(e)
+                continue
+            if addresses:
+                hosts.append(MXHost(host, preference, addresses))
+        if hosts:
+            return hosts
+        if implicit and failures and all(f.permanent for f in failures):
+            raise DNSFailure(f"5.1.2 domain {name} has no mail host", True)
+        why = f": {failures[-1]}" if failures else ""
+        raise DNSFailure(f"4.4.3 no address for any mail host of {name}{why}", False)
+
+    async def _addresses(self, host: str) -> tuple[str, ...]:
+        """The IPv4 then IPv6 addresses of C{host}."""
+        results = await defer.DeferredList(
+            [
+                defer.maybeDeferred(self._resolver.lookupAddress, host),
+                defer.maybeDeferred(self._resolver.lookupIPV6Address, host),
+            ],
+            consumeErrors=True,
+        )
+        addresses: list[str] = []
+        errors: list[Failure] = []
+        for success, result in results:
+            if not success:
+                errors.append(result)
+                continue
+            answers: Sequence[Any] = result[0]
+            for record in answers:
+                if record.type == dns.A:
+                    addresses.append(record.payload.dottedQuad())
+                elif record.type == dns.AAAA:
+                    addresses.append(socket.inet_ntop(socket.AF_INET6, record.payload.address))
+        if not addresses and errors:
+            permanent = all(_notFound(e) for e in errors)
+            raise DNSFailure(f"{host}: {errors[0].getErrorMessage()}", permanent)
+        return tuple(addresses)

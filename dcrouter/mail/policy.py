@@ -1,0 +1,90 @@
+"""
+L{DomainPolicy}: accept mail for the domains served, relay only for users.
+
+The smallest policy that is not an open relay, and the building block for
+the C{[email.rule:PATTERN]} sections: a recipient in a served domain is
+accepted from anyone; any other recipient (another domain, an address
+literal) only from a client that authenticated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Optional
+
+from attrs import field, frozen
+from zope.interface import implementer
+
+from dcrouter.mail.envelope import Envelope, MailAddress, SMTPReply, idnaDomain
+from dcrouter.mail.interfaces import IMailPolicy
+
+__all__ = ["DomainPolicy", "domainPattern", "relayDenied"]
+
+
+def relayDenied() -> SMTPReply:
+    """The refusal of a recipient the client may not send to."""
+    return SMTPReply(550, "5.7.1", "Relay access denied")
+
+
+def domainPattern(text: str) -> str:
+    """
+    A domain pattern in the form L{DomainPolicy} matches: lower case,
+    A-labels, no trailing dot; C{*.example.com} stays a wildcard.
+
+    @raise ValueError: not a domain or a C{*.} wildcard of one.
+    """
+    text = text.strip().rstrip(".")
+    wildcard = text.startswith("*.")
+    name = text[2:] if wildcard else text
+    if not name or "*" in name:
+        raise ValueError(f"not a domain or *.domain: {text!r}")
+    name = name.lower() if name.isascii() else idnaDomain(name)
+    return f"*.{name}" if wildcard else name
+
+
+def _patterns(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(domainPattern(v) for v in values)
+
+
+@implementer(IMailPolicy)
+@frozen
+class DomainPolicy:
+    """
+    Accepts recipients in C{domains} from anyone, others from users only.
+
+    @ivar domains: exact names (C{example.com}) and wildcards
+        (C{*.example.com}: any name below it, at any depth, not the name
+        itself), as L{domainPattern} writes them.
+    @ivar relayForAuthenticated: an authenticated client may send to any
+        domain (submission); C{False} makes users local-only too.
+    """
+
+    domains: frozenset[str] = field(converter=_patterns)
+    relayForAuthenticated: bool = True
+
+    def serves(self, domain: str) -> bool:
+        """Is C{domain} (lower case, A-labels) one of ours?"""
+        if domain in self.domains:
+            return True
+        parts = domain.split(".")
+        return any("*." + ".".join(parts[i:]) in self.domains for i in range(1, len(parts)))
+
+    def checkSender(self, envelope: Envelope, address: Optional[MailAddress]) -> None:
+        """Any sender: SPF and friends belong to other policies."""
+        return None
+
+    def checkRecipient(
+        self, envelope: Envelope, address: MailAddress, authenticated: bool
+    ) -> None:
+        """Ours, or an authenticated client's; else 550 5.7.1."""
+        if authenticated and self.relayForAuthenticated:
+            return None
+        if address.isLiteral:
+            raise relayDenied()
+        try:
+            domain = address.asciiDomain
+        except ValueError:
+            raise relayDenied() from None
+        if self.serves(domain):
+            return None
+        raise relayDenied()

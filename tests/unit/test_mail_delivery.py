@@ -1,0 +1,670 @@
+"""Domain rules, the deliverer, the SMTP client, MX lookups, DKIM and Maildir."""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from twisted.internet import defer, error, task
+from twisted.internet.testing import StringTransport
+from twisted.names import dns
+from twisted.names import error as dnserror
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from dcrouter.mail.delivery import (
+    Deliverer,
+    DomainRule,
+    DomainRules,
+    ForwardMode,
+    IDeliveryMode,
+    LocalMode,
+    MtaMode,
+    RejectMode,
+)
+from dcrouter.mail.deliveryclient import SetupFailed, SMTPConnectionPool, SMTPTarget, encodeData
+from dcrouter.mail.dkimsign import DkimError, fromDomain, loadKey, publicRecord, sign
+from dcrouter.mail.mxresolver import DNSFailure, MXResolver
+from dcrouter.mail.queue import DeliveryResult, Envelope, QueuedMessage, RecipientState
+from tests.unit.test_mail_queue import SyncPool, SyncReactor, failure, fired
+
+MESSAGE = (
+    b"From: Alice <alice@sender.example>\r\nTo: bob@rcpt.example\r\nSubject: hi\r\n\r\nHello.\r\n"
+)
+
+
+def queued(data=MESSAGE, sender=b"alice@sender.example", recipients=(b"bob@rcpt.example",)):
+    message = QueuedMessage(
+        queueId="0000000001ABCDEF01",
+        envelope=Envelope(sender, tuple(recipients)),
+        arrival=0.0,
+        path="/nonexistent",
+        offset=0,
+        size=len(data),
+        recipients={r: RecipientState() for r in recipients},
+    )
+    message._cached = data
+    return message
+
+
+# -- rules -------------------------------------------------------------------------
+
+
+def rule(pattern, mode="forward", **kwargs):
+    return DomainRule(pattern=pattern, mode=mode, **kwargs)
+
+
+def test_the_most_specific_rule_wins():
+    rules = DomainRules(
+        [
+            rule("*.example.com", "mta"),
+            rule("*.deep.example.com", "local"),
+            rule("*@example.com", "forward"),
+            rule("boss@example.com", "reject"),
+            rule("other.example", "local"),
+        ],
+        default=rule("*", "mta"),
+    )
+    assert rules.match(b"boss@example.com").mode == "reject"
+    assert rules.match(b"BOSS@Example.COM").mode == "reject"
+    assert rules.match(b"staff@example.com").mode == "forward"
+    assert rules.match(b"x@a.example.com").mode == "mta"
+    assert rules.match(b"x@a.b.example.com").mode == "mta"  # any depth
+    assert rules.match(b"x@a.deep.example.com").mode == "local"  # longer suffix
+    assert rules.match(b"x@deep.example.com").mode == "mta"  # *.deep... is not deep... itself
+    assert rules.match(b"x@other.example").mode == "local"
+    assert rules.match(b"x@example.com.").mode == "forward"
+    assert rules.match(b"x@notexample.com").pattern == "*"
+    assert rules.match(b"postmaster").pattern == "*"
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["*example.com", "a*@example.com", "*@", "*@exa mple.com", "@example.com", "*.-x.com"],
+)
+def test_bad_patterns_are_refused(pattern):
+    with pytest.raises(ValueError):
+        DomainRules([rule(pattern)], default=rule("*"))
+
+
+def test_duplicate_patterns_are_refused():
+    with pytest.raises(ValueError, match="already defined"):
+        DomainRules([rule("*@a.example"), rule("A.example")], default=rule("*"))
+
+
+def test_a_rule_checks_its_tls_value():
+    with pytest.raises(ValueError):
+        rule("*@a.example", tls="sometimes")
+
+
+# -- the deliverer ---------------------------------------------------------------------
+
+
+class RecordingMode:
+    def __init__(self, name, perDomain=False, answer=None):
+        self.name = name
+        self.perDomain = perDomain
+        self.calls = []
+        self.answer = answer or (lambda recipients: [(250, "2.0.0 ok")] * len(recipients))
+
+    def deliver(self, envelope, message, recipients, rule):
+        self.calls.append((recipients, rule.pattern))
+        return defer.succeed(self.answer(recipients))
+
+
+def test_the_deliverer_groups_by_rule_and_domain():
+    mta = RecordingMode("mta", perDomain=True)
+    forward = RecordingMode("forward")
+    rules = DomainRules([rule("*@relay.example", "forward")], default=rule("*", "mta"))
+    deliverer = Deliverer(rules, [mta, forward], maxRecipients=2)
+    recipients = (
+        b"a@x.example",
+        b"b@relay.example",
+        b"c@y.example",
+        b"d@x.example",
+        b"e@x.example",
+    )
+    results = fired(deliverer.deliver(queued(recipients=recipients), recipients))
+    assert set(results) == set(recipients)
+    assert all(r == DeliveryResult(250, "2.0.0 ok") for r in results.values())
+    assert sorted(mta.calls) == sorted(
+        [
+            ((b"a@x.example", b"d@x.example"), "*"),
+            ((b"e@x.example",), "*"),
+            ((b"c@y.example",), "*"),
+        ]
+    )
+    assert forward.calls == [((b"b@relay.example",), "*@relay.example")]
+
+
+def test_an_unknown_or_broken_mode_defers():
+    def broken(recipients):
+        raise RuntimeError("oops")
+
+    rules = DomainRules([rule("*@broken.example", "broken")], default=rule("*", "nosuchmode"))
+    deliverer = Deliverer(rules, [RecordingMode("broken", answer=broken)])
+    results = fired(deliverer.deliver(queued(), (b"a@x.example", b"b@broken.example")))
+    assert results[b"a@x.example"].code == 451 and "nosuchmode" in results[b"a@x.example"].text
+    assert results[b"b@broken.example"].code == 451 and "oops" in results[b"b@broken.example"].text
+
+
+def test_a_short_answer_defers_the_rest():
+    mode = RecordingMode("m", answer=lambda recipients: [(250, "ok")])
+    deliverer = Deliverer(DomainRules([], default=rule("*", "m")), [mode])
+    results = fired(deliverer.deliver(queued(), (b"a@x.example", b"b@x.example")))
+    assert results[b"a@x.example"].code == 250 and results[b"b@x.example"].code == 451
+
+
+def test_reject_mode_fails_with_the_rules_text():
+    mode = RejectMode()
+    verifyObject(IDeliveryMode, mode)
+    results = fired(
+        mode.deliver(
+            Envelope(b"a@b", (b"c@d",)),
+            queued(),
+            (b"c@d",),
+            rule("*", "reject", text="5.7.1 go away"),
+        )
+    )
+    assert results == [DeliveryResult(550, "5.7.1 go away")]
+
+
+# -- the SMTP client on a scripted server ------------------------------------------------
+
+
+class ScriptedServer:
+    """A tiny ESMTP server answering each command the client writes, at once."""
+
+    def __init__(
+        self, extensions=("PIPELINING", "SIZE 100000", "8BITMIME"), greeting=b"220 fake ESMTP"
+    ):
+        self.extensions = list(extensions)
+        self.greeting = greeting
+        self.commands = []
+        self.messages = []
+        self.connections = 0
+        self.rcptReply = lambda address: b"250 2.1.5 ok"
+        self.dataReply = b"250 2.0.0 queued"
+        self.mailReply = b"250 2.1.0 ok"
+        self.silent = False
+
+
+class ScriptedTransport(StringTransport):
+    def __init__(self, server):
+        super().__init__()
+        self.server = server
+        self.pending = b""
+        self.inData = False
+        self.mailOk = self.rcptOk = False
+        self.data = b""
+        self.closed = False
+
+    def write(self, data):
+        super().write(data)
+        self.pending += data
+        while not self.closed:
+            if self.inData:
+                end = self.pending.find(b"\r\n.\r\n")
+                if end < 0 and self.pending != b".\r\n":
+                    return
+                if self.pending.startswith(b".\r\n"):
+                    body, self.pending = b"", self.pending[3:]
+                else:
+                    body, self.pending = self.pending[: end + 2], self.pending[end + 5 :]
+                self.inData = False
+                self.server.messages.append(body)
+                self.reply(self.server.dataReply)
+                continue
+            line, sep, rest = self.pending.partition(b"\r\n")
+            if not sep:
+                return
+            self.pending = rest
+            self.command(line)
+
+    def command(self, line):
+        server = self.server
+        server.commands.append(line)
+        verb = line.split(b" ")[0].upper().split(b":")[0]
+        if server.silent:
+            return
+        if verb == b"EHLO":
+            lines = [b"fake.example"] + [e.encode() for e in server.extensions]
+            self.reply(b"\r\n".join(b"250-" + e for e in lines[:-1]) + b"\r\n250 " + lines[-1])
+        elif verb == b"MAIL":
+            self.mailOk = server.mailReply.startswith(b"250")
+            self.rcptOk = False
+            self.reply(server.mailReply)
+        elif verb == b"RCPT":
+            reply = server.rcptReply(line[8:]) if self.mailOk else b"503 need MAIL"
+            self.rcptOk = self.rcptOk or reply.startswith(b"250")
+            self.reply(reply)
+        elif verb == b"DATA":
+            accepted = self.mailOk and self.rcptOk
+            self.reply(b"354 go ahead" if accepted else b"554 no valid recipients")
+            self.inData = accepted
+            self.mailOk = self.rcptOk = False
+        elif verb in (b"RSET", b"NOOP"):
+            self.mailOk = self.rcptOk = False
+            self.reply(b"250 ok")
+        elif verb == b"AUTH":
+            self.reply(b"235 2.7.0 ok")
+        elif verb == b"QUIT":
+            self.reply(b"221 bye")
+        else:
+            self.reply(b"502 unknown")
+
+    def reply(self, data):
+        self.protocol.dataReceived(data + b"\r\n")
+
+    def loseConnection(self):
+        self.abortConnection()
+
+    def abortConnection(self):
+        if not self.closed:
+            self.closed = True
+            self.protocol.connectionLost(Failure(error.ConnectionDone()))
+
+
+class ScriptedEndpoint:
+    def __init__(self, server, refuse=False):
+        self.server = server
+        self.refuse = refuse
+
+    def connect(self, factory):
+        if self.refuse:
+            return defer.fail(error.ConnectionRefusedError())
+        protocol = factory.buildProtocol(None)
+        transport = ScriptedTransport(self.server)
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        self.server.connections += 1
+        protocol.dataReceived(self.server.greeting + b"\r\n")
+        return defer.succeed(protocol)
+
+
+def makePool(server, clock=None, refuse=False, **kwargs):
+    clock = clock or task.Clock()
+    pool = SMTPConnectionPool(
+        None,
+        "client.test",
+        clock=clock,
+        endpointFactory=lambda target: ScriptedEndpoint(server, refuse),
+        **kwargs,
+    )
+    return pool, clock
+
+
+TARGET = SMTPTarget("192.0.2.1", 25, tls="opportunistic", serverName="relay.test")
+
+
+def test_encode_data_stuffs_dots_and_canonicalizes_line_ends():
+    assert encodeData(b".a\r\nb\r\n.\r\n..c") == b"..a\r\nb\r\n..\r\n...c\r\n.\r\n"
+    assert encodeData(b"a\nb\rc\r\n") == b"a\r\nb\r\nc\r\n.\r\n"
+    assert encodeData(b"") == b".\r\n"
+    assert encodeData(b"x\n.\n") == b"x\r\n..\r\n.\r\n"
+
+
+def test_a_pipelined_transaction_gives_per_recipient_results():
+    server = ScriptedServer()
+    server.rcptReply = lambda a: (
+        b"550 5.1.1 no such user" if a.startswith(b"<nobody") else b"250 ok"
+    )
+    pool, clock = makePool(server)
+    results = fired(
+        pool.send(TARGET, b"a@s.example", [b"bob@r.example", b"nobody@r.example"], b".dot\r\n")
+    )
+    assert results == {
+        b"bob@r.example": DeliveryResult(250, "2.0.0 queued", "relay.test"),
+        b"nobody@r.example": DeliveryResult(550, "5.1.1 no such user", "relay.test"),
+    }
+    assert server.messages == [b"..dot\r\n"]
+    mail = next(c for c in server.commands if c.startswith(b"MAIL"))
+    assert mail == b"MAIL FROM:<a@s.example> SIZE=7"
+
+
+def test_without_pipelining_commands_go_one_by_one():
+    server = ScriptedServer(extensions=("SIZE",))
+    pool, clock = makePool(server)
+    results = fired(pool.send(TARGET, b"", [b"bob@r.example"], MESSAGE))
+    assert results[b"bob@r.example"].code == 250
+    assert b"MAIL FROM:<> SIZE=%d" % len(MESSAGE) in server.commands
+    assert server.messages == [MESSAGE]
+
+
+def test_connections_are_reused_and_closed_when_idle():
+    server = ScriptedServer()
+    pool, clock = makePool(server, idleTimeout=5)
+    for _ in range(3):
+        fired(pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE))
+    assert server.connections == 1
+    assert pool.stats == {"connections": 1, "transactions": 3, "reused": 2}
+    assert server.commands.count(b"EHLO client.test") == 1
+    clock.advance(5)
+    assert server.commands[-1] == b"QUIT"
+    fired(pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE))
+    assert server.connections == 2
+
+
+def test_a_refused_sender_gives_everyone_its_reply_and_resets():
+    server = ScriptedServer()
+    server.mailReply = b"553 5.7.1 sender rejected"
+    pool, clock = makePool(server)
+    results = fired(pool.send(TARGET, b"a@s.example", [b"b@r.example", b"c@r.example"], MESSAGE))
+    assert {r.code for r in results.values()} == {553}
+    assert server.messages == []
+    assert b"RSET" in server.commands
+
+
+def test_all_recipients_refused_sends_no_message():
+    server = ScriptedServer()
+    server.rcptReply = lambda a: b"450 4.2.1 mailbox busy"
+    pool, clock = makePool(server)
+    results = fired(pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE))
+    assert results[b"b@r.example"] == DeliveryResult(450, "4.2.1 mailbox busy", "relay.test")
+    assert server.messages == []
+
+
+def test_a_refused_connection_is_a_setup_failure():
+    pool, clock = makePool(ScriptedServer(), refuse=True)
+    reason = failure(pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE))
+    reason.trap(SetupFailed)
+    assert reason.value.result.code == 421
+    assert reason.value.result.text.startswith("4.4.1 connect to relay.test[192.0.2.1]:25")
+
+
+def test_a_bad_greeting_is_a_setup_failure():
+    pool, clock = makePool(ScriptedServer(greeting=b"554 go away"))
+    reason = failure(pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE))
+    reason.trap(SetupFailed)
+    assert reason.value.result.code == 421 and "554 go away" in reason.value.result.text
+
+
+def test_required_tls_without_starttls_is_refused():
+    server = ScriptedServer()
+    pool, clock = makePool(server)
+    target = SMTPTarget("192.0.2.1", 25, tls="required")
+    reason = failure(pool.send(target, b"a@s.example", [b"b@r.example"], MESSAGE))
+    reason.trap(SetupFailed)
+    assert (
+        reason.value.result.text.startswith("4.7.4")
+        and "TLS is required" in reason.value.result.text
+    )
+    assert not any(c.startswith(b"MAIL") for c in server.commands)
+
+
+def test_no_password_goes_out_in_plain_text_unless_tls_is_off():
+    server = ScriptedServer(extensions=("AUTH PLAIN LOGIN",))
+    pool, clock = makePool(server)
+    target = SMTPTarget("192.0.2.1", 25, tls="opportunistic", auth=("user", "secret"))
+    failure(pool.send(target, b"a@s.example", [b"b@r.example"], MESSAGE)).trap(SetupFailed)
+    assert not any(c.startswith(b"AUTH") for c in server.commands)
+    target = SMTPTarget("192.0.2.1", 25, tls="off", auth=("user", "secret"))
+    results = fired(pool.send(target, b"a@s.example", [b"b@r.example"], MESSAGE))
+    assert results[b"b@r.example"].code == 250
+    token = base64.b64encode(b"\0user\0secret")
+    assert b"AUTH PLAIN " + token in server.commands
+
+
+def test_a_silent_server_times_out():
+    server = ScriptedServer()
+    pool, clock = makePool(server, commandTimeout=30)
+    d = pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE)
+    fired(d)  # prime a connection first
+    server.silent = True
+    d = pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE)
+    assert not d.called
+    clock.advance(30)
+    result = fired(d)[b"b@r.example"]
+    assert result.code == 421 and "timed out" in result.text
+
+
+def test_connections_per_target_are_capped():
+    server = ScriptedServer()
+    server.silent = True
+    pool, clock = makePool(server, maxPerTarget=2, commandTimeout=10)
+    sends = [pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE) for _ in range(3)]
+    assert server.connections == 2
+    server.silent = False
+    clock.advance(10)  # the two time out; the third gets a fresh connection
+    assert server.connections == 3
+    assert all(d.called for d in sends)
+
+
+def test_an_oversized_message_fails_for_good():
+    server = ScriptedServer(extensions=("SIZE 10",))
+    pool, clock = makePool(server)
+    results = fired(pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE))
+    assert results[b"b@r.example"].code == 552
+    assert server.messages == []
+
+
+def test_forward_mode_uses_the_rules_server():
+    server = ScriptedServer()
+    targets = []
+    pool = SMTPConnectionPool(
+        None,
+        "client.test",
+        clock=task.Clock(),
+        endpointFactory=lambda target: targets.append(target) or ScriptedEndpoint(server),
+    )
+    mode = ForwardMode(pool, SyncReactor(), SyncPool())
+    verifyObject(IDeliveryMode, mode)
+    forwardRule = rule("*", "forward", server="smarthost.test", port=2525, tls="off")
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    results = fired(mode.deliver(envelope, queued(), (b"b@r.example",), forwardRule))
+    assert results == [DeliveryResult(250, "2.0.0 queued", "smarthost.test")]
+    assert targets[0].host == "smarthost.test" and targets[0].port == 2525
+    noServer = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "forward")))
+    assert noServer[0].code == 451
+
+
+# -- MX lookups -------------------------------------------------------------------------
+
+
+class FakeResolver:
+    def __init__(self, mx=None, a=None, aaaa=None, mxError=None):
+        self.mx = mx or {}
+        self.a = a or {}
+        self.aaaa = aaaa or {}
+        self.mxError = mxError
+
+    @staticmethod
+    def _answer(records):
+        return defer.succeed((records, [], []))
+
+    def lookupMailExchange(self, name):
+        if self.mxError is not None:
+            return defer.fail(self.mxError)
+        records = [
+            dns.RRHeader(name, dns.MX, payload=dns.Record_MX(preference, host))
+            for preference, host in self.mx.get(name, [])
+        ]
+        return self._answer(records)
+
+    def lookupAddress(self, name):
+        if name not in self.a and name not in self.aaaa:
+            return defer.fail(dnserror.DNSNameError(name))
+        return self._answer(
+            [dns.RRHeader(name, dns.A, payload=dns.Record_A(a)) for a in self.a.get(name, [])]
+        )
+
+    def lookupIPV6Address(self, name):
+        if name not in self.a and name not in self.aaaa:
+            return defer.fail(dnserror.DNSNameError(name))
+        return self._answer(
+            [
+                dns.RRHeader(name, dns.AAAA, payload=dns.Record_AAAA(a))
+                for a in self.aaaa.get(name, [])
+            ]
+        )
+
+
+def test_mx_hosts_come_in_preference_order():
+    resolver = FakeResolver(
+        mx={"r.example": [(20, "b.r.example"), (10, "a.r.example"), (30, "gone.r.example")]},
+        a={"a.r.example": ["192.0.2.1"], "b.r.example": ["192.0.2.2"]},
+        aaaa={"a.r.example": ["2001:db8::1"]},
+    )
+    hosts = fired(MXResolver(resolver, rng=random.Random(1)).resolve("R.example"))
+    assert [(h.name, h.addresses) for h in hosts] == [
+        ("a.r.example", ("192.0.2.1", "2001:db8::1")),
+        ("b.r.example", ("192.0.2.2",)),
+    ]
+
+
+def test_without_mx_the_domain_is_its_own_mail_host():
+    resolver = FakeResolver(a={"r.example": ["192.0.2.9"]})
+    [host] = fired(MXResolver(resolver).resolve("r.example"))
+    assert host.name == "r.example" and host.addresses == ("192.0.2.9",)
+
+
+def test_null_mx_and_missing_domains_fail_for_good():
+    reason = failure(MXResolver(FakeResolver(mx={"r.example": [(0, "")]})).resolve("r.example"))
+    assert reason.check(DNSFailure) and reason.value.permanent and "null MX" in str(reason.value)
+    reason = failure(MXResolver(FakeResolver(mxError=dnserror.DNSNameError())).resolve("r.example"))
+    assert reason.value.permanent
+    reason = failure(MXResolver(FakeResolver()).resolve("r.example"))
+    assert reason.value.permanent
+
+
+def test_a_dns_server_failure_is_temporary():
+    reason = failure(
+        MXResolver(FakeResolver(mxError=dnserror.DNSServerError())).resolve("r.example")
+    )
+    assert not reason.value.permanent and str(reason.value).startswith("4.4.3")
+
+
+def test_address_literals_need_no_dns():
+    [host] = fired(MXResolver(FakeResolver()).resolve("[192.0.2.5]"))
+    assert host.addresses == ("192.0.2.5",)
+    [host] = fired(MXResolver(FakeResolver()).resolve("[IPv6:2001:db8::5]"))
+    assert host.addresses == ("2001:db8::5",)
+
+
+def test_mta_mode_tries_the_next_host_when_one_is_down():
+    resolver = FakeResolver(
+        mx={"r.example": [(10, "a.r.example"), (20, "b.r.example")]},
+        a={"a.r.example": ["192.0.2.1"], "b.r.example": ["192.0.2.2"]},
+    )
+    server = ScriptedServer()
+    tried = []
+
+    def endpoint(target):
+        tried.append((target.host, target.port, target.serverName))
+        return ScriptedEndpoint(server, refuse=target.host == "192.0.2.1")
+
+    pool = SMTPConnectionPool(None, "client.test", clock=task.Clock(), endpointFactory=endpoint)
+    mode = MtaMode(pool, MXResolver(resolver), SyncReactor(), SyncPool(), port=2525)
+    verifyObject(IDeliveryMode, mode)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    results = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert results == [DeliveryResult(250, "2.0.0 queued", "b.r.example")]
+    assert tried == [("192.0.2.1", 2525, "a.r.example"), ("192.0.2.2", 2525, "b.r.example")]
+
+
+def test_mta_mode_bounces_a_domain_that_does_not_exist():
+    pool = SMTPConnectionPool(None, "client.test", clock=task.Clock())
+    mode = MtaMode(
+        pool, MXResolver(FakeResolver(mxError=dnserror.DNSNameError())), SyncReactor(), SyncPool()
+    )
+    envelope = Envelope(b"a@s.example", (b"b@nowhere.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@nowhere.example",), rule("*", "mta")))
+    assert result.code == 550 and result.text.startswith("5.1.2")
+
+
+# -- DKIM -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rsaPEM():
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def test_dkim_signatures_verify_against_the_published_key(rsaPEM):
+    key = loadKey(rsaPEM, "sel1")
+    record = publicRecord(key).encode()
+    looked = []
+
+    def dnsfunc(name, timeout=5):
+        looked.append(name)
+        return record if name == b"sel1._domainkey.sender.example." else None
+
+    signed = sign(MESSAGE, key)
+    assert signed.startswith(b"DKIM-Signature: ")
+    assert signed.endswith(MESSAGE)
+    assert dkim.verify(signed, dnsfunc=dnsfunc)
+    assert looked == [b"sel1._domainkey.sender.example."]
+    assert not dkim.verify(signed.replace(b"Hello.", b"Hullo."), dnsfunc=dnsfunc)
+
+
+def test_dkim_uses_the_configured_domain(rsaPEM):
+    key = loadKey(rsaPEM, "s", domain="signer.example")
+    signed = sign(MESSAGE, key)
+    assert b"d=signer.example" in signed
+    record = publicRecord(key).encode()
+    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: record)
+
+
+def test_dkim_needs_a_domain_and_an_rsa_key(rsaPEM):
+    with pytest.raises(DkimError):
+        sign(b"Subject: no from\r\n\r\nx\r\n", loadKey(rsaPEM, "s"))
+    with pytest.raises(DkimError):
+        loadKey(b"not a key", "s")
+    ecKey = ec.generate_private_key(ec.SECP256R1())
+    pem = ecKey.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with pytest.raises(DkimError, match="RSA"):
+        loadKey(pem, "s")
+
+
+def test_from_domain_reads_folded_headers():
+    assert (
+        fromDomain(b'Subject: x\r\nFrom: "A, B"\r\n <a@Example.ORG>\r\n\r\nFrom: x@y\r\n')
+        == "example.org"
+    )
+    assert fromDomain(b"Subject: x\r\n\r\n") is None
+
+
+def test_forward_mode_signs_when_the_rule_has_a_key(rsaPEM):
+    server = ScriptedServer()
+    pool, clock = makePool(server)
+    mode = ForwardMode(pool, SyncReactor(), SyncPool())
+    key = loadKey(rsaPEM, "sel1")
+    signing = rule("*", "forward", server="smarthost.test", tls="off", dkim=key)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    fired(mode.deliver(envelope, queued(), (b"b@r.example",), signing))
+    [sent] = server.messages
+    record = publicRecord(key).encode()
+    assert dkim.verify(sent, dnsfunc=lambda name, timeout=5: record)
+
+
+# -- Maildir ---------------------------------------------------------------------------------
+
+
+def test_local_mode_writes_maildir_files(tmp_path):
+    clock = task.Clock()
+    clock.advance(1_700_000_000.25)
+    mode = LocalMode(str(tmp_path / "maildir"), SyncReactor(), SyncPool(), clock, "mx.test")
+    verifyObject(IDeliveryMode, mode)
+    recipients = (b"Bob@R.example", b"../etc@r.example", b"carol@r.example")
+    envelope = Envelope(b"a@s.example", recipients)
+    results = fired(
+        mode.deliver(envelope, queued(recipients=recipients), recipients, rule("*", "local"))
+    )
+    assert [r.code for r in results] == [250, 550, 250]
+    bob = tmp_path / "maildir" / "r.example" / "bob"
+    assert os.listdir(bob / "tmp") == [] and os.listdir(bob / "cur") == []
+    [name] = os.listdir(bob / "new")
+    assert name.startswith("1700000000.M250000P")
+    data = (bob / "new" / name).read_bytes()
+    assert data == b"Return-Path: <a@s.example>\r\nDelivered-To: Bob@R.example\r\n" + MESSAGE
+    assert not (tmp_path / "maildir" / "etc").exists()
