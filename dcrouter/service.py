@@ -30,11 +30,13 @@ from zope.interface.verify import verifyObject
 
 import dcrouter.plugins
 from dcrouter.auth.passwords import StaticPasswordChecker, parseUsers
+from dcrouter.certs.manager import CertManager
 from dcrouter.config import loadConfig
 from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
 from dcrouter.config.model import PYTHON, CertificatePair, RouteConfig, RouterConfig
 from dcrouter.config.options import RouteOptions
 from dcrouter.config.validate import checkModel
+from dcrouter.dns.service import DNSService
 from dcrouter.http.guard import Guard, parseGuard
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
 from dcrouter.http.server import HTTPLayer
@@ -116,7 +118,7 @@ class _Parsed:
     route: RouteConfig
     action: Any
     options: Any
-    serverTLS: Optional[ServerTLS]
+    serverTLS: Any
     gate: Optional[Gate]
     guard: Optional[Guard] = None
 
@@ -139,6 +141,7 @@ def _parseRoute(
     errors: ErrorCollector,
     previousGates: dict[str, Gate],
     threadpool: ThreadPool,
+    certs: Optional[CertManager] = None,
 ) -> Optional[_Parsed]:
     section = f"route:{route.name}"
     action = actions.get(route.action)
@@ -171,7 +174,7 @@ def _parseRoute(
             f"told apart by SNI) or an action that serves HTTP, not {route.action!r}",
             route.sourceOf("domains"), section, "domains",
         )
-    serverTLS = None
+    serverTLS: Any = None
     if route.tls in ("terminate", "terminate-and-reencrypt"):
         pair = route.cert or config.tls.cert or defaultCert
         if pair is not None:
@@ -179,6 +182,16 @@ def _parseRoute(
                 serverTLS = ServerTLS(pair, config.tls)
             except Exception as e:
                 errors.add(f"cannot use certificate: {e}", route.sourceOf("cert"), section, "cert")
+        if route.certificate == "auto":
+            wildcards = [name for name in route.domains if name.startswith("*.")]
+            if wildcards:
+                errors.add(
+                    f"{wildcards[0]}: a wildcard needs dns-01 through dcrouter's DNS server,"
+                    " which ACME cannot use yet; list the names instead",
+                    route.sourceOf("certificate"), section, "certificate",
+                )
+            if serverTLS is not None and certs is not None:
+                serverTLS = certs.autoTLS(serverTLS, config.tls)
     limits = route.limits
     gate = None
     if limits != type(limits)():
@@ -195,6 +208,7 @@ def _portTables(
     config: RouterConfig,
     clock: IReactorTime,
     fallback: Optional[CompiledRoute],
+    certs: Optional[CertManager] = None,
 ) -> dict[int, PortTable]:
     """
     One table per port; a port with an HTTP route gets an HTTP layer.
@@ -225,6 +239,7 @@ def _portTables(
             layer = HTTPLayer(
                 clock, HTTPRouteTable.build(plain), HTTPRouteTable.build(secure),
                 config.http, config.defaults.trusted_proxies,
+                acmeHTTP=certs.http01.response if certs is not None else None,
             )
         routes = [
             CompiledRoute(item.route, layer, None, _httpTLS(item, httpTLS), item.gate, layer7=True)
@@ -265,6 +280,7 @@ def compileConfig(
     defaultCert: Optional[CertificatePair] = None,
     previous: Optional[CompiledConfig] = None,
     threadpool: Optional[ThreadPool] = None,
+    certs: Optional[CertManager] = None,
 ) -> CompiledConfig:
     """
     Check everything a start needs short of binding ports; raise L{ConfigErrors}.
@@ -287,7 +303,7 @@ def compileConfig(
     parsed: list[_Parsed] = []
     for route in config.routes:
         result = _parseRoute(
-            route, config, actions, defaultCert, clock, errors, previousGates, threadpool
+            route, config, actions, defaultCert, clock, errors, previousGates, threadpool, certs
         )
         if result is not None:
             parsed.append(result)
@@ -301,7 +317,9 @@ def compileConfig(
             fallback = CompiledRoute(item.route, item.action, item.options)
             parsed.append(item)
     errors.raiseIfAny()
-    tables = _portTables([item for item in parsed if item.route.ports], config, clock, fallback)
+    tables = _portTables(
+        [item for item in parsed if item.route.ports], config, clock, fallback, certs
+    )
     globalLimits = config.defaults.limits
     gate = (
         previous.gate
@@ -371,6 +389,7 @@ def loadAndCompile(
     clock: IReactorTime,
     defaultCertFor: Callable[[RouterConfig], Optional[CertificatePair]] = lambda config: None,
     previous: Optional[CompiledConfig] = None,
+    certs: Optional[CertManager] = None,
 ) -> CompiledConfig:
     """
     Load C{path} and compile it; raise L{ConfigErrors} with the errors of both.
@@ -387,7 +406,9 @@ def loadAndCompile(
             raise
         config, loadErrors = e.partial, e.errors
     try:
-        compiled = compileConfig(config, actions, clock, defaultCertFor(config), previous)
+        compiled = compileConfig(
+            config, actions, clock, defaultCertFor(config), previous, certs=certs
+        )
     except ConfigErrors as e:
         reported = {(error.section, error.key) for error in loadErrors}
         more = [error for error in e.errors if (error.section, error.key) not in reported]
@@ -463,11 +484,19 @@ class DcRouter(MultiService):
         self.listeners: dict[ListenKey, IListeningPort] = {}
         self.previousHangup: Any = None
         self.stopping = False
+        self.certs: Optional[CertManager] = None
+        if config.acme.enabled:
+            self.certs = CertManager(config, self.reactor, _threadPoolOf(self.reactor))
+            self.certs.setServiceParent(self)
         self.adminPort: Optional[IListeningPort] = None
         self.accessCounter = AccessCounter()
         self.recentErrors = RecentErrors(self.reactor)
         self.startedAt = 0.0
         self.reloads = 0
+        #: The authoritative DNS server (serves nothing without [dns] listen);
+        #: also the record API of ACME dns-01 and DKIM (IDNSRecords).
+        self.dns = DNSService(config.dns, reactor, config.daemon.state_dir)
+        self.dns.setServiceParent(self)
 
     # Starting
 
@@ -475,13 +504,19 @@ class DcRouter(MultiService):
         """Bind every listener now (as root, if started so), or fail the start."""
         if self.router is None:
             self.compiled = compileConfig(
-                self.config, self.actions, self.reactor, self.defaultCertificate(self.config)
+                self.config, self.actions, self.reactor, self.defaultCertificate(self.config),
+                certs=self.certs,
             )
+            if self.certs is not None:
+                for problem in self.certs.sync(self.compiled.config):
+                    log.error("ACME: {problem}", problem=problem)
             self.router = Router(self.reactor, self.routingState(self.compiled))
             failures = self.listen(self.compiled.listenKeys())
             failures += self.listenAdmin()
+            failures += self.dns.bind()
             if failures:
                 self.closeListeners(list(self.listeners))
+                self.dns.unbind()
                 if self.adminPort is not None:
                     self.adminPort.stopListening()
                 raise SystemExit("dcrouter: cannot start:\n" + "\n".join(failures))
@@ -556,6 +591,7 @@ class DcRouter(MultiService):
             "routes": routes,
             "targets": [state for pool in pools(compiled) for state in pool.snapshot()],
             "errors": list(self.recentErrors.events),
+            "certificates": self.certs.status() if self.certs is not None else [],
         }
 
     def defaultCertificate(self, config: RouterConfig) -> Optional[CertificatePair]:
@@ -571,6 +607,7 @@ class DcRouter(MultiService):
             gate=compiled.gate,
             trustedProxies=compiled.config.defaults.trusted_proxies,
             helloTimeout=daemon.hello_timeout,
+            acmeTLS=self.certs.challengeTLS if self.certs is not None else None,
         )
 
     def listen(self, keys: Iterable[ListenKey]) -> list[str]:
@@ -617,7 +654,8 @@ class DcRouter(MultiService):
             return False
         try:
             compiled = loadAndCompile(
-                self.configPath, self.actions, self.reactor, self.defaultCertificate, self.compiled
+                self.configPath, self.actions, self.reactor, self.defaultCertificate,
+                self.compiled, certs=self.certs,
             )
             config = compiled.config
         except ConfigErrors as e:
@@ -637,11 +675,23 @@ class DcRouter(MultiService):
             self.closeListeners(newKeys - oldKeys)
             self.logRejectedReload([ConfigError(failure) for failure in failures])
             return False
+        # DNS last: it opens its new listeners or changes nothing.
+        dnsFailures = self.dns.reconfigure(config.dns)
+        if dnsFailures:
+            self.router.state = self.routingState(self.compiled)
+            self.closeListeners(newKeys - oldKeys)
+            self.logRejectedReload([ConfigError(failure) for failure in dnsFailures])
+            return False
         self.closeListeners(oldKeys - newKeys)
         startResources(compiled)
         stopResources(self.compiled)
         self.config, self.compiled = config, compiled
         self.reloads += 1
+        if self.certs is not None:
+            for problem in self.certs.sync(config):
+                log.error("ACME: {problem}", problem=problem)
+        elif config.acme.enabled:
+            log.warn("[acme] was enabled by a reload: it takes effect at the next restart")
         log.info(
             "dcrouter reloaded {path}: {routes} routes on {ports} ports",
             path=self.configPath, routes=len(config.routes), ports=len(compiled.tables),

@@ -23,13 +23,16 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, Optional, TypeVar, cast
 
-from attrs import evolve, frozen
+from attrs import evolve, field, frozen
 
 from dcrouter.config import values
 from dcrouter.config.certcheck import checkCertificatePair
+from dcrouter.config.dns import SECTION as DNS_SECTION
+from dcrouter.config.dns import ZONE_PREFIX, parseDnsSections
 from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
 from dcrouter.config.model import (
     TLS_MODES,
+    AcmeConfig,
     AdminSettings,
     CertificatePair,
     DaemonSettings,
@@ -104,22 +107,32 @@ _ROUTE_KEYS = (
     "tls",
     "cert",
     "key",
+    "certificate",
     "path",
     "method",
     "headers",
     *_LIMIT_KEYS,
 )
-_KNOWN_SECTIONS = "[dcrouter], [defaults], [tls], [http], [ldap], [admin], [route:NAME]"
+_KNOWN_SECTIONS = (
+    "[dcrouter], [defaults], [tls], [http], [ldap], [admin], [acme], [dns], "
+    "[dns.zone:NAME], [route:NAME]"
+)
 _TERMINATING = ("terminate", "terminate-and-reencrypt")
 _PRIORITY_BOUND = 1_000_000
 
 
 @frozen
 class IniValue:
-    """The text of one key, continuation lines joined with newlines."""
+    """
+    The text of one key, continuation lines joined with newlines.
+
+    @ivar lines: the file line of each line of C{text}, so that an error in
+        one line of a multi-line value (a DNS record) can name its own.
+    """
 
     text: str
     source: Source
+    lines: tuple[int, ...] = field(default=(), eq=False)
 
 
 @frozen
@@ -167,7 +180,7 @@ def readIni(text: str, path: str, errors: ErrorCollector) -> list[IniSection]:
                 target, key = continued
                 old = target[key]
                 joined = f"{old.text}\n{stripped}" if old.text else stripped
-                target[key] = evolve(old, text=joined)
+                target[key] = evolve(old, text=joined, lines=(*old.lines, number))
             continue
         header = _HEADER.fullmatch(line.rstrip())
         keyLine = _KEY_LINE.fullmatch(line.rstrip())
@@ -185,7 +198,8 @@ def readIni(text: str, path: str, errors: ErrorCollector) -> list[IniSection]:
                 seen[sectionName] = section
                 sections.append(section)
         elif keyLine and _KEY.fullmatch(keyLine.group(1)):
-            key, value = keyLine.group(1), IniValue(keyLine.group(2).strip(), source)
+            text = keyLine.group(2).strip()
+            key, value = keyLine.group(1), IniValue(text, source, (number,) if text else ())
             if keys is None:
                 errors.add(
                     "key outside any section; put a [section] header above it", source, None, key
@@ -295,6 +309,19 @@ def _tlsMode(text: str) -> TlsMode:
     return cast(TlsMode, values.parseChoice(text, TLS_MODES))
 
 
+def _auto(text: str) -> str:
+    if text.strip().lower() != "auto":
+        raise ValueError(f"{text.strip()!r}: the only value is auto (or give cert and key)")
+    return "auto"
+
+
+def _acmeDirectory(text: str) -> str:
+    value = text.strip()
+    if value not in ("production", "staging") and not value.startswith("https://"):
+        raise ValueError(f"{value!r} is not production, staging or an https:// URL")
+    return value
+
+
 def _ldapURL(text: str) -> str:
     url = text.strip()
     if not url.lower().startswith(("ldap://", "ldaps://")) or len(url.split("://", 1)[1]) == 0:
@@ -337,7 +364,9 @@ class _Loader:
         http = HttpSettings()
         ldap: Optional[LDAPSettings] = None
         admin = AdminSettings()
+        acme = AcmeConfig()
         routes: list[tuple[RouteConfig, _Keys]] = []
+        dnsSections: list[IniSection] = []
         for section in sections:
             keys = _Keys(section, self.errors)
             kind, colon, name = section.name.partition(":")
@@ -353,11 +382,16 @@ class _Loader:
                 ldap = self.ldap(keys)
             elif section.name == "admin":
                 admin = self.admin(keys)
+            elif section.name == "acme":
+                acme = self.acme(keys)
             elif kind == "route" and colon:
                 routes.append((self.route(keys, name), keys))
+            elif section.name == DNS_SECTION or section.name.startswith(ZONE_PREFIX):
+                dnsSections.append(section)
             else:
                 keys.error(None, f"unknown section (known: {_KNOWN_SECTIONS})")
-        if not routes:
+        dns = parseDnsSections(dnsSections, self.errors)
+        if not routes and (dns is None or not dns.listen):
             self.errors.add(
                 "no [route:...] section: nothing to listen on", Source(self.path, 0)
             )
@@ -369,6 +403,8 @@ class _Loader:
             http=http,
             ldap=ldap,
             admin=admin,
+            acme=acme,
+            dns=dns,
             path=os.path.abspath(self.path),
         )
         config, errors = checkModel(config)
@@ -451,6 +487,28 @@ class _Loader:
             response_timeout=timeout("response_timeout"),
         )
 
+    def acme(self, keys: _Keys) -> AcmeConfig:
+        """C{[acme]}: where certificates come from for C{certificate = auto}."""
+        keys.rejectUnknown(
+            ("enabled", "directory", "ca_bundle", "account_email", "challenge", "renew_days")
+        )
+        default = AcmeConfig()
+        caBundle = keys.optional("ca_bundle", lambda text: self.resolve(text.strip()))
+        if caBundle and not os.access(caBundle, os.R_OK):
+            keys.error("ca_bundle", f"cannot read {caBundle}")
+        return AcmeConfig(
+            enabled=keys.get("enabled", values.parseBool, False),
+            directory=keys.get("directory", _acmeDirectory, default.directory),
+            ca_bundle=caBundle,
+            account_email=keys.optional("account_email", str.strip),
+            challenge=keys.get(
+                "challenge",
+                lambda text: values.parseChoice(text, ("http-01", "tls-alpn-01", "dns-01")),
+                default.challenge,
+            ),
+            renew_days=keys.get("renew_days", _positiveDuration, default.renew_days),
+        )
+
     def admin(self, keys: _Keys) -> AdminSettings:
         """C{[admin]}: where metrics and the status page are served."""
         keys.rejectUnknown(("listen", "users"))
@@ -500,6 +558,15 @@ class _Loader:
         tlsKnown = tls is not None or not keys.has("tls")
         domains: tuple[str, ...] = keys.get("domains", values.parseDomains, ())
         cert = self.certificate(keys, tls in _TERMINATING if tlsKnown else None)
+        certificate = keys.optional("certificate", _auto)
+        if certificate and cert is not None:
+            keys.error("certificate", "certificate = auto, or cert and key: not both")
+        elif certificate and tlsKnown and tls not in _TERMINATING:
+            keys.error(
+                "certificate", "certificate = auto needs tls = terminate (or -and-reencrypt)"
+            )
+        elif certificate and not domains:
+            keys.error("certificate", "certificate = auto needs domains (the names to certify)")
         section = keys.section
         return RouteConfig(
             name=name,
@@ -512,6 +579,7 @@ class _Loader:
             tls=tls,
             cert=cert,
             limits=self.limits(keys),
+            certificate=certificate,
             paths=keys.get("path", values.parsePaths, ()),
             methods=keys.get("method", values.parseMethods, ()),
             headers=keys.get("headers", values.parseHeaderMatches, ()),

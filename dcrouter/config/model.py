@@ -17,9 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
-from typing import Literal, Optional, Union
+from typing import TYPE_CHECKING, Literal, Optional, Union
 
 from attrs import field, frozen
+
+if TYPE_CHECKING:
+    # config/dns.py imports this module: the name is for annotations only.
+    from dcrouter.config.dns import DnsSettings
 
 IPNetwork = Union[IPv4Network, IPv6Network]
 TlsMode = Literal["passthrough", "terminate", "terminate-and-reencrypt"]
@@ -170,6 +174,26 @@ class LDAPSettings:
 
 
 @frozen
+class AcmeConfig:
+    """
+    C{[acme]}: certificates for routes that say C{certificate = auto}.
+
+    @ivar directory: C{production}, C{staging} or an ACME directory URL.
+    @ivar ca_bundle: the CA of the ACME server's own HTTPS (a private CA,
+        Pebble); C{None}: the system's.
+    @ivar challenge: C{http-01}, C{tls-alpn-01} or C{dns-01} (wildcards
+        always use dns-01).
+    """
+
+    enabled: bool = False
+    directory: str = "production"
+    ca_bundle: Optional[str] = None
+    account_email: Optional[str] = None
+    challenge: str = "http-01"
+    renew_days: float = 30.0
+
+
+@frozen
 class AdminSettings:
     """
     C{[admin]}: the listener of metrics and the status page.
@@ -207,6 +231,8 @@ class RouteConfig:
     @ivar domains: lower-case names without trailing dot, exact or
         C{*.suffix}; empty matches any name (and no name).
     @ivar tls: C{None} for plain TCP.
+    @ivar certificate: C{"auto"}: the route's certificate comes from ACME
+        for its domains.
     @ivar paths: HTTP only: path prefixes (C{/api/}) or globs (C{/img/*.png}).
     @ivar methods: HTTP only: request methods, upper case.
     @ivar headers: HTTP only: (lower-case name, glob of the value) pairs,
@@ -226,6 +252,7 @@ class RouteConfig:
     tls: Optional[TlsMode] = None
     cert: Optional[CertificatePair] = None
     limits: Limits = Limits()
+    certificate: Optional[str] = None
     paths: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
     headers: tuple[tuple[str, str], ...] = ()
@@ -249,4 +276,6 @@ class RouterConfig:
     http: HttpSettings = HttpSettings()
     ldap: Optional[LDAPSettings] = None
     admin: AdminSettings = AdminSettings()
+    acme: AcmeConfig = AcmeConfig()
+    dns: Optional[DnsSettings] = None
     path: Optional[str] = None

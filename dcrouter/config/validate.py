@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from attrs import evolve
 
 from dcrouter.config import values
+from dcrouter.config.dns import checkDnsSettings
 from dcrouter.config.errors import ConfigError
 from dcrouter.config.model import TLS_MODES, Defaults, RouteConfig, RouterConfig
 
@@ -51,6 +52,15 @@ def checkModel(config: RouterConfig) -> tuple[RouterConfig, list[ConfigError]]:
         normal = tuple(dict.fromkeys(domains))
         routes.append(route if normal == route.domains else evolve(route, domains=normal))
     errors.extend(_checkBinds(routes, config.defaults))
+    if not config.acme.enabled:
+        errors.extend(
+            ConfigError("certificate = auto needs [acme] enabled = yes",
+                        route.sourceOf("certificate"), f"route:{route.name}", "certificate")
+            for route in routes
+            if route.certificate == "auto"
+        )
+    if config.dns is not None:
+        errors.extend(checkDnsSettings(config.dns))
     return evolve(config, routes=tuple(routes)), errors
 
 

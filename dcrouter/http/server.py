@@ -54,6 +54,8 @@ _READ_AHEAD = 64 * 1024
 
 _NO_BODY = BodyFraming("none")
 
+ACME_CHALLENGE_PATH = b"/.well-known/acme-challenge/"
+
 
 def requestPath(target: bytes) -> str:
     """
@@ -114,6 +116,8 @@ class HTTPLayer:
     secure: HTTPRouteTable
     settings: HttpSettings
     trustedProxies: tuple[IPNetwork, ...] = ()
+    acmeHTTP: Optional[Callable[[bytes], Optional[bytes]]] = None
+    """For http-01: the key authorization for a challenge path, or C{None}."""
 
     name = "http layer"
 
@@ -237,6 +241,14 @@ class HTTPServerProtocol(Protocol):
     def startExchange(self, head: RequestHead, rest: bytes) -> None:
         self.requests += 1
         record = RequestRecord(self.reactor.seconds(), self.connection, head)
+        acme = self.layer.acmeHTTP
+        if acme is not None and not self.secure:
+            target = head.target
+            if not target.startswith(b"/"):
+                target = b"/" + target.split(b"://", 1)[-1].partition(b"/")[2]
+            if target.startswith(ACME_CHALLENGE_PATH):
+                self.answerChallenge(acme(target.split(b"?", 1)[0]), record)
+                return
         try:
             path = requestPath(head.target)
         except HTTPError as e:
@@ -264,6 +276,26 @@ class HTTPServerProtocol(Protocol):
             exchange.clientData(rest)
         if self.exchange is exchange and self.phase == _Phase.EXCHANGE:
             exchange.start()
+
+    def answerChallenge(self, keyAuthorization: Optional[bytes], record: RequestRecord) -> None:
+        """ACME http-01, before any route: the key authorization, or 404."""
+        record.route = "acme http-01"
+        if keyAuthorization is None:
+            self.sendError(404, "no such ACME challenge", record)
+            return
+        assert self.transport is not None
+        response = serializeHead(
+            b"HTTP/1.1 200 OK",
+            [(b"Content-Type", b"text/plain"), (b"Content-Length", b"%d" % len(keyAuthorization)),
+             (b"Connection", b"close")],
+        ) + keyAuthorization
+        self.transport.write(response)
+        record.status = 200
+        record.bytesOut = len(keyAuthorization)
+        record.emit(self.reactor.seconds())
+        self.phase = _Phase.CLOSED
+        self.cancelTimer()
+        self.transport.loseConnection()
 
     # Holding pipelined bytes
 

@@ -60,6 +60,8 @@ class RoutingState:
     gate: Gate
     trustedProxies: tuple[IPNetwork, ...]
     helloTimeout: float
+    acmeTLS: Optional[Callable[[Optional[str]], Any]] = None
+    """For tls-alpn-01: the challenge's TLS creator for a name, if one is pending."""
 
     def trusts(self, ip: Optional[IPAddress]) -> bool:
         return ip is not None and any(ip in network for network in self.trustedProxies)
@@ -153,6 +155,21 @@ class _AfterHandshake(Protocol):
         if record is not None and record.ended is None:
             record.ended = f"TLS handshake failed: {reason.getErrorMessage()}"
 
+
+@implementer(IHandshakeListener)
+class _CloseAfterHandshake(Protocol):
+    """The protocol of an ACME tls-alpn-01 validation: nothing to say."""
+
+    def __init__(self, routing: RoutingProtocol) -> None:
+        self.routing = routing
+
+    def handshakeCompleted(self) -> None:
+        self.routing.cancelTimer()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+ACME_TLS_ALPN = b"acme-tls/1"
 
 _ACCEPTED, _PROXY, _HELLO, _ROUTED, _CLOSED = range(5)
 
@@ -282,7 +299,30 @@ class RoutingProtocol(Protocol):
         if hello is None:
             return
         self.cancelTimer()
-        self.route(hello.serverName, hello.alpn, isTLS=True, pending=b"".join(self.received))
+        pending = b"".join(self.received)
+        if hello.alpn == (ACME_TLS_ALPN,) and self.state.acmeTLS is not None:
+            creator = self.state.acmeTLS(hello.serverName)
+            if creator is not None:
+                self.answerChallenge(creator, hello.serverName, pending)
+                return
+        self.route(hello.serverName, hello.alpn, isTLS=True, pending=pending)
+
+    def answerChallenge(self, creator: Any, serverName: Optional[str], pending: bytes) -> None:
+        """
+        A CA validating tls-alpn-01: the handshake itself is the answer.
+
+        Taken before any route sees the connection, so it works in front of
+        passthrough routes too; closed once the handshake is done.
+        """
+        assert self.record is not None
+        self.record.sni = serverName
+        self.record.route = "acme tls-alpn-01"
+        self.record.ended = "ACME tls-alpn-01 challenge answered"
+        self.startTimer("TLS handshake")
+        inner = wrapServer(creator, _CloseAfterHandshake(self), clock=self.router.reactor)
+        self.helloReader = None
+        self.received = []
+        self.handOff(inner, pending, True)
 
     def route(
         self,
@@ -327,7 +367,9 @@ class RoutingProtocol(Protocol):
                     return action.buildProtocol(connection, options)
 
                 waiter = _AfterHandshake(self, afterHandshake)
-                inner = wrapServer(route.serverTLS, waiter, clock=self.router.reactor)
+                inner = wrapServer(
+                    route.serverTLS.forName(serverName), waiter, clock=self.router.reactor
+                )
             else:
                 inner = action.buildProtocol(connection, options)
             self.handOff(inner, pending, isTLS)

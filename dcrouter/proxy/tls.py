@@ -259,10 +259,6 @@ def _serverContext(
 ) -> SSL.Context:
     """Build the one C{SSL.Context} that every connection of a L{ServerTLS} shares."""
     try:
-        minimum = _MIN_VERSIONS[settings.min_version]
-    except KeyError:
-        raise TLSSetupError(f"min_version {settings.min_version!r} is not 1.2 or 1.3") from None
-    try:
         chain = [x509.load_pem_x509_certificate(block) for block in _pemCertificates(pair.cert)]
     except ValueError as e:
         raise TLSSetupError(f"{pair.cert}: {e}") from e
@@ -275,7 +271,27 @@ def _serverContext(
         raise TLSSetupError(f"{pair.key}: {e}") from e
     if _publicKeyBytes(key.public_key()) != _publicKeyBytes(chain[0].public_key()):
         raise TLSSetupError(f"{pair.key} is not the key of {pair.cert}")
+    return contextFor(chain, key, settings, alpn, f"{pair.cert}, {pair.key}")
 
+
+def contextFor(
+    chain: Sequence[x509.Certificate],
+    key: Any,
+    settings: TlsSettings,
+    alpn: tuple[bytes, ...],
+    where: str = "the certificate",
+) -> SSL.Context:
+    """
+    A server context serving C{chain} with C{key} under dcrouter's policy:
+    C{settings.min_version} and C{ciphers}, no compression or
+    renegotiation, and ALPN selecting from C{alpn} in its order.
+
+    @raise TLSSetupError: OpenSSL refuses them, or the policy is unusable.
+    """
+    try:
+        minimum = _MIN_VERSIONS[settings.min_version]
+    except KeyError:
+        raise TLSSetupError(f"min_version {settings.min_version!r} is not 1.2 or 1.3") from None
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(minimum)
     # Session tickets and the server session cache stay on (OpenSSL's
@@ -289,7 +305,7 @@ def _serverContext(
         _load(context.use_privatekey, key, crypto.PKey.from_cryptography_key)
         context.check_privatekey()
     except SSL.Error as e:
-        raise TLSSetupError(f"{pair.cert}, {pair.key}: OpenSSL refuses them: {e}") from e
+        raise TLSSetupError(f"{where}: OpenSSL refuses them: {e}") from e
     ciphers = settings.ciphers or DEFAULT_CIPHERS
     try:
         context.set_cipher_list(ciphers.encode("ascii"))
@@ -342,6 +358,15 @@ class ServerTLS:
     def withALPN(self, alpn: Sequence[bytes]) -> ServerTLS:
         """The same certificate and policy, selecting C{alpn} (files read again)."""
         return ServerTLS(self.pair, self.settings, alpn)
+
+    def forName(self, serverName: Optional[str]) -> ServerTLS:
+        """
+        The connection creator for a client that asked for C{serverName}.
+
+        One certificate serves every name here; a certificate source that
+        picks by name (ACME's store) answers differently.
+        """
+        return self
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         """A new server-side connection for L{TLSMemoryBIOFactory}."""

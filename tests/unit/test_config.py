@@ -367,10 +367,10 @@ class TestFile:
 
 class TestSections:
     def test_unknownSection(self, write: Write) -> None:
-        path = write(ROUTE + "[acme]\nenabled = yes\n")
+        path = write(ROUTE + "[frobnicate]\nenabled = yes\n")
         assert oneError(path) == (
-            f"{path}:3: [acme] unknown section (known: [dcrouter], [defaults], [tls], "
-            "[http], [ldap], [admin], [route:NAME])"
+            f"{path}:3: [frobnicate] unknown section (known: [dcrouter], [defaults], [tls], "
+            "[http], [ldap], [admin], [acme], [dns], [dns.zone:NAME], [route:NAME])"
         )
 
     def test_routeWithoutColon(self, write: Write) -> None:
@@ -631,6 +631,29 @@ class TestCrossChecks:
         assert "[ldap] base: required key is missing" in errors
         assert "[ldap] user_filter:" in errors
         assert "[ldap] bind_dn: needs bind_password_file" in errors
+
+    def test_acmeSectionAndCertificateAuto(self, write: Write) -> None:
+        path = write(
+            "[acme]\nenabled = yes\ndirectory = staging\nchallenge = tls-alpn-01\n"
+            "[route:web]\nports = 443\ndomains = a.example\ntls = terminate\n"
+            "certificate = auto\n"
+        )
+        config = loadConfig(path)
+        assert config.acme.enabled and config.acme.challenge == "tls-alpn-01"
+        assert config.routes[0].certificate == "auto"
+
+    def test_certificateAutoErrors(self, write: Write) -> None:
+        path = write(
+            "[acme]\ndirectory = http://insecure\n"
+            "[route:a]\nports = 443\ntls = passthrough\ndomains = a.example\ncertificate = auto\n"
+            "[route:b]\nports = 8443\ntls = terminate\ncertificate = yes\n"
+            "[route:c]\nports = 9443\ntls = terminate\ndomains = c.example\ncertificate = auto\n"
+        )
+        errors = "\n".join(errorsOf(path))
+        assert "[acme] directory: 'http://insecure' is not production, staging or an https:// URL" in errors
+        assert "[route:a] certificate: certificate = auto needs tls = terminate" in errors
+        assert "[route:b] certificate: 'yes': the only value is auto" in errors
+        assert "[route:c] certificate: certificate = auto needs [acme] enabled = yes" in errors
 
     def test_adminSection(self, write: Write) -> None:
         path = write("[admin]\nlisten = 127.0.0.1:9900\n" + ROUTE)

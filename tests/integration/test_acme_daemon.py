@@ -1,0 +1,110 @@
+"""
+The whole chain under one DcRouter, against a real Pebble: a route says
+C{certificate = auto}; the issuer orders it, the router answers the
+challenge (http-01 on the plain HTTP port, or tls-alpn-01 on the TLS port,
+before routing), Pebble resolves the name through dcrouter's own DNS
+server, and the route serves the issued certificate at the next handshake.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+
+from dcrouter.config import loadConfig
+from dcrouter.proxy.tls import clientTLS
+from dcrouter.service import DcRouter
+from tests.helpers import Recorder, freePort
+from tests.integration.test_acme_pebble import PEBBLE, Pebble
+
+pytestmark = pytest.mark.skipif(PEBBLE is None, reason="pebble is not installed")
+
+
+@pytest.fixture
+def pebble(tmp_path):
+    ports = freePort(), freePort(), freePort()
+    directory = tmp_path / "pebble"
+    directory.mkdir()
+    server = Pebble(directory, *ports)
+    server.start()
+    yield server
+    server.stop()
+
+
+def writeConfig(tmp_path, pebble, challenge):
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(f"""
+[dcrouter]
+state_dir = {tmp_path}/state
+drain_timeout = 0
+
+[defaults]
+bind = 127.0.0.1
+
+[acme]
+enabled = yes
+directory = {pebble.url}
+ca_bundle = {pebble.caPath}
+challenge = {challenge}
+
+[dns]
+listen = 127.0.0.1:{pebble.dnsPort}
+
+[dns.zone:app.test]
+records =
+    @ A 127.0.0.1
+
+[route:plain]
+ports = {pebble.httpPort}
+action = static
+body = plain
+
+[route:secure]
+ports = {pebble.tlsPort}
+domains = app.test
+tls = terminate
+certificate = auto
+action = static
+body = secure
+""")
+    return str(path)
+
+
+async def fetchOverTLS(port, caFile):
+    endpoint = wrapClientTLS(
+        clientTLS("app.test", caFile), TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    )
+    client = Recorder()
+    await connectProtocol(endpoint, client)
+    client.transport.write(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+    return await client.closed
+
+
+@pytest.mark.parametrize("challenge", ["http-01", "tls-alpn-01"])
+@pytest_twisted.ensureDeferred
+async def test_certificate_auto_is_issued_and_served(tmp_path, pebble, challenge):
+    service = DcRouter(loadConfig(writeConfig(tmp_path, pebble, challenge)))
+    service.startService()
+    try:
+        for _ in range(600):
+            if service.certs.store.get("app.test") is not None:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        else:
+            raise AssertionError(f"no certificate: {service.certs.status()}\n{pebble.log()}")
+        root = tmp_path / "root.pem"
+        root.write_bytes(await defer.ensureDeferred(_root(pebble)))
+        answer = await fetchOverTLS(pebble.tlsPort, str(root))
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"secure\n")
+        (status,) = service.certs.status()
+        assert status["names"] == ["app.test"] and status["state"] in ("valid", "issued", "ok")
+    finally:
+        await service.stopService()
+
+
+async def _root(pebble):
+    from twisted.internet.threads import deferToThread
+
+    return await deferToThread(pebble.rootPEM)
