@@ -39,7 +39,7 @@ PYTEST_TIME_LIMIT ?= 35m
 # mypy: with `files = ...` in setup.cfg's [mypy], plain `mypy`; else these.
 MYPY_ARGS := $(if $(shell sed -n '/^\[mypy\]/,/^\[/p' setup.cfg 2>/dev/null | grep -E '^files[[:space:]]*='),,dcrouter)
 
-.PHONY: help run deps-debian deps-bench venv lint test bench clean
+.PHONY: help run deps-debian deps-bench venv lint test package-test bench clean
 
 help:
 	@echo "make run          venv, then twistd -n dcrouter --config $(DEV_CONFIG)"
@@ -47,6 +47,7 @@ help:
 	@echo "make venv         $(VENV) with 'pip install -e .[test]' (stamp on setup.cfg)"
 	@echo "make lint         ruff check + mypy"
 	@echo "make test         deps-debian + venv + lint + pytest (what CI runs)"
+	@echo "make package-test bin/test-package.sh: build the .deb, lintian, install, smoke, suite on Debian's python3, purge (root)"
 	@echo "make bench        bench/run.sh: dcrouter vs HAProxy vs nginx, TCP forwarding"
 	@echo "make clean        remove $(VENV), caches, build output, state/"
 
@@ -87,6 +88,9 @@ run: venv
 
 # The bench runs HAProxy and nginx even when the venv cannot be built; the
 # dcrouter column is then skipped with a message. BENCH_ARGS="--duration 2" etc.
+package-test:
+	bin/test-package.sh
+
 bench: deps-bench
 	@$(MAKE) --no-print-directory venv || echo "make bench: venv failed; dcrouter will be skipped"
 	bench/run.sh $(BENCH_ARGS)
