@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from ipaddress import ip_address
 from typing import Any, Optional
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
@@ -32,6 +32,7 @@ import dcrouter.plugins
 from dcrouter.auth.passwords import StaticPasswordChecker, parseUsers
 from dcrouter.certs.manager import CertManager
 from dcrouter.config import loadConfig
+from dcrouter.config.email import emailRoutes
 from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
 from dcrouter.config.model import PYTHON, CertificatePair, RouteConfig, RouterConfig
 from dcrouter.config.options import RouteOptions
@@ -41,6 +42,7 @@ from dcrouter.http.guard import Guard, parseGuard
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
 from dcrouter.http.server import HTTPLayer
 from dcrouter.interfaces import IHTTPAction, IRouteAction
+from dcrouter.mail.service import MailService
 from dcrouter.ops.admin import RecentErrors, adminSite
 from dcrouter.ops.metrics import AccessCounter, RouterCollector, pools, registryFor
 from dcrouter.proxy.gate import Gate
@@ -296,6 +298,8 @@ def compileConfig(
     if threadpool is None:
         threadpool = _threadPoolOf(clock)
     errors = ErrorCollector()
+    if config.email is not None:
+        config = evolve(config, routes=config.routes + emailRoutes(config.email))
     config, modelErrors = checkModel(config)
     errors.extend(modelErrors)
     errors.extend(_checkAdmin(config))
@@ -488,6 +492,16 @@ class DcRouter(MultiService):
         if config.acme.enabled:
             self.certs = CertManager(config, self.reactor, _threadPoolOf(self.reactor))
             self.certs.setServiceParent(self)
+        self.mail: Optional[MailService] = None
+        if config.email is not None:
+            pair = config.tls.cert or ensureSelfSigned(
+                config.daemon.state_dir, config.email.hostname
+            )
+            self.mail = MailService(
+                config.email, config.daemon.state_dir, ServerTLS(pair, config.tls),
+                self.reactor, _threadPoolOf(self.reactor), config.ldap,
+            )
+            self.mail.setServiceParent(self)
         self.adminPort: Optional[IListeningPort] = None
         self.accessCounter = AccessCounter()
         self.recentErrors = RecentErrors(self.reactor)
@@ -513,6 +527,8 @@ class DcRouter(MultiService):
             self.router = Router(self.reactor, self.routingState(self.compiled))
             failures = self.listen(self.compiled.listenKeys())
             failures += self.listenAdmin()
+            if self.mail is not None:
+                failures += self.mail.bind()
             failures += self.dns.bind()
             if failures:
                 self.closeListeners(list(self.listeners))
@@ -692,6 +708,8 @@ class DcRouter(MultiService):
                 log.error("ACME: {problem}", problem=problem)
         elif config.acme.enabled:
             log.warn("[acme] was enabled by a reload: it takes effect at the next restart")
+        if config.email != (self.mail.settings if self.mail is not None else None):
+            log.warn("[email] changed: the mail server takes it at the next restart")
         log.info(
             "dcrouter reloaded {path}: {routes} routes on {ports} ports",
             path=self.configPath, routes=len(config.routes), ports=len(compiled.tables),

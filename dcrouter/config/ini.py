@@ -29,6 +29,9 @@ from dcrouter.config import values
 from dcrouter.config.certcheck import checkCertificatePair
 from dcrouter.config.dns import SECTION as DNS_SECTION
 from dcrouter.config.dns import ZONE_PREFIX, parseDnsSections
+from dcrouter.config.email import RULE_PREFIX as EMAIL_RULE_PREFIX
+from dcrouter.config.email import SECTION as EMAIL_SECTION
+from dcrouter.config.email import parseEmailSections
 from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
 from dcrouter.config.model import (
     TLS_MODES,
@@ -115,7 +118,7 @@ _ROUTE_KEYS = (
 )
 _KNOWN_SECTIONS = (
     "[dcrouter], [defaults], [tls], [http], [ldap], [admin], [acme], [dns], "
-    "[dns.zone:NAME], [route:NAME]"
+    "[dns.zone:NAME], [email], [email.rule:PATTERN], [route:NAME]"
 )
 _TERMINATING = ("terminate", "terminate-and-reencrypt")
 _PRIORITY_BOUND = 1_000_000
@@ -367,6 +370,7 @@ class _Loader:
         acme = AcmeConfig()
         routes: list[tuple[RouteConfig, _Keys]] = []
         dnsSections: list[IniSection] = []
+        emailSections: list[IniSection] = []
         for section in sections:
             keys = _Keys(section, self.errors)
             kind, colon, name = section.name.partition(":")
@@ -388,10 +392,13 @@ class _Loader:
                 routes.append((self.route(keys, name), keys))
             elif section.name == DNS_SECTION or section.name.startswith(ZONE_PREFIX):
                 dnsSections.append(section)
+            elif section.name == EMAIL_SECTION or section.name.startswith(EMAIL_RULE_PREFIX):
+                emailSections.append(section)
             else:
                 keys.error(None, f"unknown section (known: {_KNOWN_SECTIONS})")
         dns = parseDnsSections(dnsSections, self.errors)
-        if not routes and (dns is None or not dns.listen):
+        email = parseEmailSections(emailSections, self.errors)
+        if not routes and (dns is None or not dns.listen) and email is None:
             self.errors.add(
                 "no [route:...] section: nothing to listen on", Source(self.path, 0)
             )
@@ -405,6 +412,7 @@ class _Loader:
             admin=admin,
             acme=acme,
             dns=dns,
+            email=email,
             path=os.path.abspath(self.path),
         )
         config, errors = checkModel(config)

@@ -24,6 +24,7 @@ from attrs import field, frozen
 if TYPE_CHECKING:
     # config/dns.py imports this module: the name is for annotations only.
     from dcrouter.config.dns import DnsSettings
+    from dcrouter.config.email import EmailSettings
 
 IPNetwork = Union[IPv4Network, IPv6Network]
 TlsMode = Literal["passthrough", "terminate", "terminate-and-reencrypt"]
@@ -278,4 +279,5 @@ class RouterConfig:
     admin: AdminSettings = AdminSettings()
     acme: AcmeConfig = AcmeConfig()
     dns: Optional[DnsSettings] = None
+    email: Optional[EmailSettings] = None
     path: Optional[str] = None

@@ -370,7 +370,8 @@ class TestSections:
         path = write(ROUTE + "[frobnicate]\nenabled = yes\n")
         assert oneError(path) == (
             f"{path}:3: [frobnicate] unknown section (known: [dcrouter], [defaults], [tls], "
-            "[http], [ldap], [admin], [acme], [dns], [dns.zone:NAME], [route:NAME])"
+            "[http], [ldap], [admin], [acme], [dns], [dns.zone:NAME], [email], "
+            "[email.rule:PATTERN], [route:NAME])"
         )
 
     def test_routeWithoutColon(self, write: Write) -> None:

@@ -1,0 +1,230 @@
+"""
+C{[email]} and C{[email.rule:PATTERN]}: the mail edge, as configuration.
+
+C{[email] ports} become ordinary routes (L{emailRoutes}): each public port
+forwards, with a PROXY v2 header so the mail server sees the real client,
+to an internal listener on 127.0.0.1 (25 -> 10025, 587 -> 10587,
+465 -> 10465 unless C{internal_ports} says otherwise). Each rule says how
+mail for some recipients is delivered; the most specific pattern wins.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Optional
+
+from attrs import field, frozen
+
+from dcrouter.config import values
+from dcrouter.config.errors import ErrorCollector
+from dcrouter.config.model import PYTHON, HostPort, RawValue, RouteConfig, Source
+
+if TYPE_CHECKING:
+    from dcrouter.config.ini import IniSection
+
+SECTION = "email"
+RULE_PREFIX = "email.rule:"
+MODES = ("forward", "mta", "local", "reject")
+TLS_CHOICES = ("required", "opportunistic", "off")
+_MODES_BY_PORT = {25: "mx", 587: "submission", 465: "submissions"}
+_INTERNAL = {25: 10025, 587: 10587, 465: 10465}
+_EMAIL_KEYS = (
+    "hostname", "ports", "internal_ports", "submission_ports", "submissions_ports",
+    "max_size", "max_recipients", "auth", "users",
+    "default_mode", "default_server", "default_tls", "domains",
+)
+_RULE_KEYS = ("mode", "target", "tls", "dkim_selector", "dkim_key", "text")
+
+
+@frozen
+class EmailRule:
+    """C{[email.rule:PATTERN]}: how mail for matching recipients is delivered."""
+
+    pattern: str
+    mode: str
+    target: Optional[HostPort] = None
+    tls: str = "opportunistic"
+    dkim_selector: Optional[str] = None
+    dkim_key: Optional[str] = None
+    text: str = "mailbox unavailable"
+    source: Source = field(default=PYTHON, eq=False)
+
+
+@frozen
+class EmailSettings:
+    """
+    C{[email]}: the mail server behind the router.
+
+    @ivar ports: public ports; each is 25-style (mx), 587-style (submission,
+        STARTTLS then AUTH) or 465-style (implicit TLS, AUTH), by number.
+    @ivar internal: public port -> internal port on 127.0.0.1.
+    @ivar roles: public port -> its kind, for ports other than 25, 587 and
+        465 (C{submission_ports}, C{submissions_ports}).
+    @ivar domains: the domains mail is accepted for from anyone (besides
+        the rules' own domains); others only from authenticated users.
+    @ivar users: C{name:hash} entries for C{auth = static}.
+    """
+
+    hostname: str
+    ports: tuple[int, ...] = (25,)
+    internal: tuple[tuple[int, int], ...] = ()
+    roles: tuple[tuple[int, str], ...] = ()
+    max_size: int = 25 << 20
+    max_recipients: int = 100
+    auth: str = "none"
+    users: Optional[RawValue] = None
+    default_mode: str = "mta"
+    default_server: Optional[HostPort] = None
+    default_tls: str = "opportunistic"
+    domains: tuple[str, ...] = ()
+    rules: tuple[EmailRule, ...] = ()
+
+    def internalPort(self, port: int) -> int:
+        return dict(self.internal).get(port, _INTERNAL.get(port, 10000 + port))
+
+    def modeOf(self, port: int) -> str:
+        """mx, submission (STARTTLS, AUTH) or submissions (implicit TLS, AUTH)."""
+        return dict(self.roles).get(port, _MODES_BY_PORT.get(port, "mx"))
+
+
+def emailRoutes(settings: Optional[EmailSettings]) -> tuple[RouteConfig, ...]:
+    """The router's routes for the mail ports: forward with PROXY v2, inside."""
+    if settings is None:
+        return ()
+    return tuple(
+        RouteConfig(
+            name=f"email-{port}",
+            ports=(port,),
+            action="forward",
+            options={
+                "target": f"127.0.0.1:{settings.internalPort(port)}",
+                "proxy_protocol": "v2",
+                "idle_timeout": "600s",
+            },
+        )
+        for port in settings.ports
+    )
+
+
+def parseEmailSections(
+    sections: Iterable[IniSection], errors: ErrorCollector
+) -> Optional[EmailSettings]:
+    """C{[email]} and its rules, or C{None} when there is no C{[email]}."""
+    main: Any = None
+    rules = []
+    for section in sections:
+        if section.name == SECTION:
+            main = section
+        else:
+            rule = _rule(section, errors)
+            if rule is not None:
+                rules.append(rule)
+    if main is None:
+        if rules:
+            errors.add("[email.rule:...] without [email]", rules[0].source, "email")
+        return None
+    return _email(main, tuple(rules), errors)
+
+
+class _Reader:
+    def __init__(self, section: Any, errors: ErrorCollector, known: Sequence[str]) -> None:
+        self.section = section
+        self.errors = errors
+        for key, value in section.values.items():
+            if key not in known:
+                errors.add(f"unknown key (known: {', '.join(known)})", value.source,
+                           section.name, key)
+
+    def get(self, key: str, parse: Any, default: Any) -> Any:
+        value = self.section.values.get(key)
+        if value is None:
+            return default
+        try:
+            return parse(value.text)
+        except ValueError as e:
+            self.errors.add(str(e), value.source, self.section.name, key)
+            return default
+
+    def error(self, key: Optional[str], message: str) -> None:
+        value = self.section.values.get(key) if key else None
+        source = value.source if value is not None else self.section.source
+        self.errors.add(message, source, self.section.name, key)
+
+
+def _email(section: Any, rules: tuple[EmailRule, ...], errors: ErrorCollector) -> EmailSettings:
+    keys = _Reader(section, errors, _EMAIL_KEYS)
+    hostname = keys.get("hostname", values.parseDomain, "")
+    if not hostname:
+        keys.error("hostname", "required: the name this server greets with")
+    ports = keys.get("ports", values.parsePorts, (25,))
+    internal = keys.get("internal_ports", values.parsePorts, ())
+    if internal and len(internal) != len(ports):
+        keys.error("internal_ports", f"give one internal port per public port ({len(ports)})")
+        internal = ()
+    roles = []
+    for key, role in (("submission_ports", "submission"), ("submissions_ports", "submissions")):
+        for port in keys.get(key, values.parsePorts, ()):
+            if port not in ports:
+                keys.error(key, f"{port} is not one of ports")
+            roles.append((port, role))
+    auth = keys.get("auth", lambda t: values.parseChoice(t, ("none", "static", "ldap")), "none")
+    users = section.values.get("users")
+    if auth == "static" and users is None:
+        keys.error("auth", "auth = static needs users (name:hash, ...)")
+    kinds = {**_MODES_BY_PORT, **dict(roles)}
+    if any(kinds.get(port, "mx") != "mx" for port in ports) and auth == "none":
+        keys.error("auth", "submission ports (587, 465) need auth (static or ldap)")
+    mode = keys.get("default_mode", lambda t: values.parseChoice(t, MODES), "mta")
+    server = keys.get("default_server", lambda t: values.parseHostPort(t, 25), None)
+    if mode == "forward" and server is None:
+        keys.error("default_mode", "default_mode = forward needs default_server")
+    return EmailSettings(
+        hostname=hostname,
+        ports=ports,
+        internal=tuple(zip(ports, internal, strict=True)) if internal else (),
+        roles=tuple(roles),
+        max_size=keys.get("max_size", lambda t: values.parseSize(t, 1024), 25 << 20),
+        max_recipients=keys.get(
+            "max_recipients", lambda t: values.parseInt(t, 1, 10_000), 100
+        ),
+        auth=auth,
+        users=RawValue(users.text, users.source) if users is not None else None,
+        default_mode=mode,
+        default_server=server,
+        default_tls=keys.get("default_tls", lambda t: values.parseChoice(t, TLS_CHOICES),
+                             "opportunistic"),
+        domains=keys.get("domains", values.parseDomains, ()),
+        rules=rules,
+    )
+
+
+def _rule(section: Any, errors: ErrorCollector) -> Optional[EmailRule]:
+    keys = _Reader(section, errors, _RULE_KEYS)
+    pattern = section.name[len(RULE_PREFIX):].strip().lower()
+    if not pattern or " " in pattern:
+        keys.error(None, f"{pattern!r} is not a pattern (*@example.com, *.example.com, a@b)")
+        return None
+    mode = keys.get("mode", lambda t: values.parseChoice(t, MODES), None)
+    if mode is None:
+        keys.error("mode", f"required: one of {', '.join(MODES)}")
+        return None
+    target = keys.get("target", lambda t: values.parseHostPort(t, 25), None)
+    if mode == "forward" and target is None:
+        keys.error("target", "mode = forward needs target (host:port)")
+    selector = keys.get("dkim_selector", str.strip, None)
+    keyFile = keys.get("dkim_key", str.strip, None)
+    if keyFile is not None and not os.path.isabs(keyFile):
+        keyFile = os.path.join(os.path.dirname(os.path.abspath(section.source.file)), keyFile)
+    if (selector is None) != (keyFile is None):
+        keys.error("dkim_key", "give dkim_selector and dkim_key together")
+    return EmailRule(
+        pattern=pattern,
+        mode=mode,
+        target=target,
+        tls=keys.get("tls", lambda t: values.parseChoice(t, TLS_CHOICES), "opportunistic"),
+        dkim_selector=selector,
+        dkim_key=keyFile,
+        text=keys.get("text", str.strip, "mailbox unavailable"),
+        source=section.source,
+    )

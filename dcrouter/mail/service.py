@@ -1,0 +1,175 @@
+"""
+The mail edge as one service: internal SMTP listeners, the queue, delivery.
+
+The router's email routes (L{dcrouter.config.email.emailRoutes}) forward
+each public port, with a PROXY v2 header, to a listener here on 127.0.0.1
+that trusts only loopback to send one: the SMTP server sees the real client
+in its policy, its limits, its log and the C{Received:} header. Accepted
+mail goes to the durable queue (250 only once it is on disk); the
+deliverer sends it on by the rules.
+"""
+
+from __future__ import annotations
+
+import os
+from ipaddress import ip_network
+from typing import Any, Optional, cast
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.names.client import Resolver
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from dcrouter.auth.ldap import LDAPChecker
+from dcrouter.auth.passwords import StaticPasswordChecker, parseUsers
+from dcrouter.config.email import EmailSettings
+from dcrouter.config.model import LDAPSettings
+from dcrouter.mail.delivery import (
+    Deliverer,
+    DomainRule,
+    DomainRules,
+    ForwardMode,
+    LocalMode,
+    MtaMode,
+    RejectMode,
+)
+from dcrouter.mail.deliveryclient import SMTPConnectionPool
+from dcrouter.mail.dkimsign import loadKeyFile
+from dcrouter.mail.mxresolver import MXResolver
+from dcrouter.mail.policy import DomainPolicy
+from dcrouter.mail.queue import MailQueue
+from dcrouter.mail.sinks import QueueSink
+from dcrouter.mail.smtp import Mode, SMTPFactory, SMTPSettings
+from dcrouter.proxy.tls import ServerTLS, clientTLS
+
+log = Logger()
+
+LOOPBACK = (ip_network("127.0.0.0/8"), ip_network("::1/128"))
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+def domainRules(settings: EmailSettings) -> DomainRules:
+    """The delivery rules of C{[email.rule:*]} and the C{default_*} keys."""
+    rules = []
+    for rule in settings.rules:
+        dkim = None
+        if rule.dkim_key is not None and rule.dkim_selector is not None:
+            domain = rule.pattern.split("@")[-1].lstrip("*.")
+            dkim = loadKeyFile(rule.dkim_key, rule.dkim_selector, domain)
+        rules.append(DomainRule(
+            pattern=rule.pattern,
+            mode=rule.mode,
+            server=rule.target.host if rule.target else None,
+            port=rule.target.port if rule.target else 25,
+            tls=rule.tls,
+            dkim=dkim,
+            text=rule.text,
+        ))
+    server = settings.default_server
+    default = DomainRule(
+        pattern="*",
+        mode=settings.default_mode,
+        server=server.host if server else None,
+        port=server.port if server else 25,
+        tls=settings.default_tls,
+    )
+    return DomainRules(rules, default)
+
+
+def acceptedDomains(settings: EmailSettings) -> frozenset[str]:
+    """Domains anyone may send to: C{domains}, the rules' own, and the hostname."""
+    names = {settings.hostname, *settings.domains}
+    for rule in settings.rules:
+        if rule.mode == "reject":
+            continue
+        domain = rule.pattern.split("@")[-1]
+        names.add(domain)
+    return frozenset(name for name in names if name and name != "*")
+
+
+class MailService(MultiService):
+    """The internal listeners, the queue and the deliverer of C{[email]}."""
+
+    def __init__(
+        self,
+        settings: EmailSettings,
+        stateDir: str,
+        serverTLS: ServerTLS,
+        reactor: Any,
+        threadpool: ThreadPool,
+        ldap: Optional[LDAPSettings] = None,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.reactor = reactor
+        self.pool = SMTPConnectionPool(
+            reactor, settings.hostname, clock=reactor,
+            tlsFactory=lambda name, verify: clientTLS(name, verify=verify),
+        )
+        modes = [
+            ForwardMode(self.pool, reactor, threadpool),
+            MtaMode(self.pool, MXResolver(Resolver(resolv=RESOLV_CONF, reactor=reactor)),
+                    reactor, threadpool),
+            LocalMode(os.path.join(stateDir, "mail", "maildir"), reactor, threadpool, reactor,
+                      settings.hostname),
+            RejectMode(),
+        ]
+        self.deliverer = Deliverer(domainRules(settings), modes)
+        self.queue = MailQueue(
+            os.path.join(stateDir, "mail", "queue"), reactor, threadpool, reactor,
+            self.deliverer.deliver, hostname=settings.hostname,
+        )
+        self.queue.setServiceParent(self)
+        checker: Any = None
+        if settings.auth == "static" and settings.users is not None:
+            checker = StaticPasswordChecker(
+                parseUsers(settings.users.text), reactor, threadpool, reactor
+            )
+        elif settings.auth == "ldap" and ldap is not None:
+            checker = LDAPChecker(ldap, reactor, threadpool, reactor)
+        policy = DomainPolicy(acceptedDomains(settings))
+        sink = QueueSink(self.queue)
+        self.factories = {}
+        for port in settings.ports:
+            mode = cast(Mode, settings.modeOf(port))
+            smtp = SMTPSettings(
+                hostname=settings.hostname,
+                mode=mode,
+                implicitTLS=mode == "submissions",
+                maxMessageSize=settings.max_size,
+                maxRecipients=settings.max_recipients,
+            )
+            self.factories[port] = SMTPFactory(
+                smtp, policy, sink, reactor, serverTLS,
+                checker if (mode != "mx" or checker is not None) else None, LOOPBACK,
+            )
+        self.listeners: list[IListeningPort] = []
+
+    def bind(self) -> list[str]:
+        """Open the internal listeners; return what failed."""
+        failures = []
+        for port, factory in self.factories.items():
+            internal = self.settings.internalPort(port)
+            endpoint = serverFromString(self.reactor, f"tcp:port={internal}:interface=127.0.0.1")
+            results: list[Any] = []
+            endpoint.listen(factory).addBoth(results.append)
+            result = results[0] if results else None
+            if isinstance(result, Failure):
+                failures.append(
+                    f"cannot listen on 127.0.0.1:{internal} (mail for port {port}):"
+                    f" {result.getErrorMessage()}"
+                )
+            elif result is not None:
+                self.listeners.append(result)
+        return failures
+
+    def stopService(self) -> Deferred[Any]:
+        listeners, self.listeners = self.listeners, []
+        waits = [port.stopListening() for port in listeners]
+        stopped = super().stopService()
+        self.pool.closeIdle()
+        return DeferredList([d for d in [*waits, stopped] if isinstance(d, Deferred)])

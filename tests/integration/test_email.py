@@ -1,0 +1,140 @@
+"""
+The mail edge under one DcRouter: public ports routed (with PROXY v2) to the
+internal SMTP listeners, the queue, and a forward rule to a sink server.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+
+import pytest_twisted
+from twisted.internet import protocol, reactor, task
+from twisted.internet.threads import deferToThread
+from twisted.protocols.basic import LineReceiver
+
+from dcrouter.auth.passwords import hashPassword
+from dcrouter.config import loadConfig
+from dcrouter.service import DcRouter
+from tests.helpers import freePort, listen
+
+
+class Sink(LineReceiver):
+    """A minimal SMTP server that keeps every message it is given."""
+
+    delimiter = b"\r\n"
+
+    def connectionMade(self):
+        self.data = None
+        self.sendLine(b"220 sink ESMTP")
+
+    def lineReceived(self, line):
+        if self.data is not None:
+            if line == b".":
+                self.factory.messages.append(b"\r\n".join(self.data))
+                self.data = None
+                self.sendLine(b"250 2.0.0 kept")
+            else:
+                self.data.append(line[1:] if line.startswith(b"..") else line)
+            return
+        verb = line[:4].upper()
+        if verb in (b"EHLO", b"HELO"):
+            self.sendLine(b"250 sink")
+        elif verb == b"DATA":
+            self.data = []
+            self.sendLine(b"354 go on")
+        elif verb == b"QUIT":
+            self.sendLine(b"221 bye")
+            self.transport.loseConnection()
+        else:
+            self.sendLine(b"250 ok")
+
+
+async def startMailEdge(tmp_path):
+    factory = protocol.ServerFactory.forProtocol(Sink)
+    factory.messages = []
+    sink = await listen(factory)
+    mx, submission = freePort(), freePort()
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(f"""
+[dcrouter]
+state_dir = {tmp_path}/state
+drain_timeout = 0
+
+[defaults]
+bind = 127.0.0.1
+
+[email]
+hostname = mx.example.test
+ports = {mx}, {submission}
+internal_ports = {freePort()}, {freePort()}
+submission_ports = {submission}
+domains = example.test
+auth = static
+users = alice:{hashPassword("alicepw", cost=4)}
+default_mode = forward
+default_server = 127.0.0.1:{sink.getHost().port}
+default_tls = off
+""")
+    service = DcRouter(loadConfig(str(path)))
+    service.startService()
+    return service, sink, factory.messages, mx, submission
+
+
+async def waitFor(messages, count):
+    for _ in range(400):
+        if len(messages) >= count:
+            return
+        await task.deferLater(reactor, 0.025, lambda: None)
+    raise AssertionError(f"{len(messages)} of {count} messages arrived")
+
+
+def sendFrom(source, port, recipient, login=None):
+    with smtplib.SMTP("127.0.0.1", port, source_address=(source, 0), timeout=10) as client:
+        client.ehlo("client.test")
+        if login:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            client.starttls(context=context)
+            client.ehlo("client.test")
+            client.login(*login)
+        return client.sendmail("sender@client.test", [recipient], b"Subject: hi\r\n\r\nhello\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_mail_reaches_the_rule_with_the_real_client_address(tmp_path):
+    service, sink, messages, mx, submission = await startMailEdge(tmp_path)
+    try:
+        await deferToThread(sendFrom, "127.0.0.2", mx, "bob@example.test")
+        await waitFor(messages, 1)
+        (message,) = messages
+        assert b"hello" in message
+        received = [line for line in message.split(b"\r\n") if line.startswith(b"Received:")]
+        assert received and b"127.0.0.2" in received[0], received
+    finally:
+        await service.stopService()
+        await sink.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_open_relay_but_users_may_relay(tmp_path):
+    service, sink, messages, mx, submission = await startMailEdge(tmp_path)
+    try:
+        refused = await deferToThread(_refused, mx, "carol@elsewhere.test")
+        assert refused.startswith("55"), refused
+        await deferToThread(sendFrom, "127.0.0.1", submission, "carol@elsewhere.test",
+                            ("alice", "alicepw"))
+        await waitFor(messages, 1)
+    finally:
+        await service.stopService()
+        await sink.stopListening()
+
+
+def _refused(port, recipient):
+    try:
+        sendFrom("127.0.0.1", port, recipient)
+    except smtplib.SMTPRecipientsRefused as e:
+        code, text = e.recipients[recipient]
+        return f"{code} {text.decode()}"
+    return "accepted"
