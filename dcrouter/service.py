@@ -186,10 +186,10 @@ def _parseRoute(
                 errors.add(f"cannot use certificate: {e}", route.sourceOf("cert"), section, "cert")
         if route.certificate == "auto":
             wildcards = [name for name in route.domains if name.startswith("*.")]
-            if wildcards:
+            if wildcards and (config.dns is None or not config.dns.listen):
                 errors.add(
-                    f"{wildcards[0]}: a wildcard needs dns-01 through dcrouter's DNS server,"
-                    " which ACME cannot use yet; list the names instead",
+                    f"{wildcards[0]}: a wildcard needs dns-01, answered by dcrouter's own"
+                    " DNS server: configure [dns] listen and the zone",
                     route.sourceOf("certificate"), section, "certificate",
                 )
             if serverTLS is not None and certs is not None:
@@ -488,9 +488,16 @@ class DcRouter(MultiService):
         self.listeners: dict[ListenKey, IListeningPort] = {}
         self.previousHangup: Any = None
         self.stopping = False
+        #: The authoritative DNS server (serves nothing without [dns] listen);
+        #: also the record API of ACME dns-01 and DKIM (IDNSRecords).
+        self.dns = DNSService(config.dns, self.reactor, config.daemon.state_dir)
+        self.dns.setServiceParent(self)
         self.certs: Optional[CertManager] = None
         if config.acme.enabled:
-            self.certs = CertManager(config, self.reactor, _threadPoolOf(self.reactor))
+            self.certs = CertManager(
+                config, self.reactor, _threadPoolOf(self.reactor),
+                self.dns if config.dns is not None and config.dns.listen else None,
+            )
             self.certs.setServiceParent(self)
         self.mail: Optional[MailService] = None
         if config.email is not None:
@@ -507,10 +514,6 @@ class DcRouter(MultiService):
         self.recentErrors = RecentErrors(self.reactor)
         self.startedAt = 0.0
         self.reloads = 0
-        #: The authoritative DNS server (serves nothing without [dns] listen);
-        #: also the record API of ACME dns-01 and DKIM (IDNSRecords).
-        self.dns = DNSService(config.dns, reactor, config.daemon.state_dir)
-        self.dns.setServiceParent(self)
 
     # Starting
 

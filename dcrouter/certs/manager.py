@@ -26,7 +26,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from dcrouter.certs.acme import AcmeIssuer, AcmeSettings
-from dcrouter.certs.challenges import HTTP01Responder, TLSALPN01Responder
+from dcrouter.certs.challenges import DNS01Responder, HTTP01Responder, TLSALPN01Responder
 from dcrouter.certs.material import CertificateEntry, splitPEM
 from dcrouter.certs.store import DirectoryStore
 from dcrouter.config.model import RouterConfig, TlsSettings
@@ -101,7 +101,18 @@ class AutoTLS:
 class CertManager(MultiService):
     """The certificate side of one daemon: store, issuer, responders."""
 
-    def __init__(self, config: RouterConfig, reactor: Any, threadpool: ThreadPool) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        reactor: Any,
+        threadpool: ThreadPool,
+        dnsRecords: Optional[Any] = None,
+    ) -> None:
+        """
+        @param dnsRecords: dcrouter's DNS server (C{setRecord},
+            C{removeRecord}, C{zoneFor}), to answer dns-01; C{None}: no
+            dns-01, so no wildcards.
+        """
         super().__init__()
         stateDir = config.daemon.state_dir
         self.store = DirectoryStore(os.path.join(stateDir, "certs"), reactor, threadpool, reactor)
@@ -115,9 +126,10 @@ class CertManager(MultiService):
             renewDays=acme.renew_days,
             challenge=acme.challenge,
         )
-        self.issuer = AcmeIssuer(
-            settings, stateDir, self.store, [self.http01, self.tlsalpn01], reactor, threadpool
-        )
+        responders: list[Any] = [self.http01, self.tlsalpn01]
+        if dnsRecords is not None:
+            responders.append(DNS01Responder(dnsRecords, zoneFor=dnsRecords.zoneFor))
+        self.issuer = AcmeIssuer(settings, stateDir, self.store, responders, reactor, threadpool)
         self.issuer.setServiceParent(self)
 
     def startService(self) -> None:

@@ -33,7 +33,7 @@ def pebble(tmp_path):
     server.stop()
 
 
-def writeConfig(tmp_path, pebble, challenge):
+def writeConfig(tmp_path, pebble, challenge, domains="app.test"):
     path = tmp_path / "dcrouter.ini"
     path.write_text(f"""
 [dcrouter]
@@ -63,7 +63,7 @@ body = plain
 
 [route:secure]
 ports = {pebble.tlsPort}
-domains = app.test
+domains = {domains}
 tls = terminate
 certificate = auto
 action = static
@@ -72,9 +72,9 @@ body = secure
     return str(path)
 
 
-async def fetchOverTLS(port, caFile):
+async def fetchOverTLS(port, caFile, name="app.test"):
     endpoint = wrapClientTLS(
-        clientTLS("app.test", caFile), TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        clientTLS(name, caFile), TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     )
     client = Recorder()
     await connectProtocol(endpoint, client)
@@ -100,6 +100,26 @@ async def test_certificate_auto_is_issued_and_served(tmp_path, pebble, challenge
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"secure\n")
         (status,) = service.certs.status()
         assert status["names"] == ["app.test"] and status["state"] in ("valid", "issued", "ok")
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wildcard_is_issued_through_dcrouters_own_dns(tmp_path, pebble):
+    config = writeConfig(tmp_path, pebble, "http-01", domains="app.test, *.app.test")
+    service = DcRouter(loadConfig(config))
+    service.startService()
+    try:
+        for _ in range(600):
+            if service.certs.store.get("x.app.test") is not None:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        else:
+            raise AssertionError(f"no certificate: {service.certs.status()}\n{pebble.log()}")
+        root = tmp_path / "root.pem"
+        root.write_bytes(await defer.ensureDeferred(_root(pebble)))
+        answer = await fetchOverTLS(pebble.tlsPort, str(root), "x.app.test")
+        assert answer.endswith(b"secure\n")
     finally:
         await service.stopService()
 
