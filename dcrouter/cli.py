@@ -112,6 +112,59 @@ def explain(
     return 0
 
 
+def certs(path: str, renew: Optional[str], user: Optional[str]) -> int:
+    """List the ACME certificates of the running daemon, or renew one, over [admin]."""
+    import base64
+    import json
+    import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from dcrouter.config import loadConfig
+
+    try:
+        config = loadConfig(path)
+    except ConfigErrors as e:
+        print(e.report(), file=sys.stderr)
+        return 1
+    listen = config.admin.listen
+    if listen is None:
+        print(f"{path}: no [admin] listen: the daemon cannot be asked", file=sys.stderr)
+        return 1
+    host = f"[{listen.host}]" if ":" in listen.host else listen.host
+    base = f"http://{host}:{listen.port}/"
+    headers = {}
+    if user:
+        password = os.environ.get("DCROUTER_ADMIN_PASSWORD", "")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    try:
+        if renew:
+            data = urllib.parse.urlencode({"name": renew}).encode()
+            request = urllib.request.Request(base + "certs/renew", data, headers, method="POST")
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                print(answer.read().decode().strip())
+            return 0
+        request = urllib.request.Request(base + "certs.json", headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            entries = json.load(answer)
+    except urllib.error.HTTPError as e:
+        print(f"{e.code}: {e.read().decode().strip()}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"cannot reach the daemon at {base}: {e}", file=sys.stderr)
+        return 1
+    if not entries:
+        print("no certificate = auto routes")
+    for entry in entries:
+        print(f"[route:{entry.get('route')}] {', '.join(entry.get('names', []))}")
+        for key in ("state", "issuer", "notAfter", "nextRenewal", "failures", "lastError"):
+            if entry.get(key) not in (None, "", 0):
+                print(f"    {key}: {entry[key]}")
+    return 0
+
+
 class _NoHeaders:
     def getAll(self, name: bytes) -> list[bytes]:
         return []
@@ -130,7 +183,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table.add_argument("--client", help="with --explain: the client's address")
     table.add_argument("--plain", action="store_true",
                        help="with --explain: a plain (not TLS) connection on a TLS port")
+    certificates = commands.add_parser(
+        "certs", help="the running daemon's ACME certificates (over [admin]), or renew one"
+    )
+    certificates.add_argument("file")
+    certificates.add_argument("action", nargs="?", choices=["renew"])
+    certificates.add_argument("name", nargs="?")
+    certificates.add_argument("--user", help="[admin] user (password in DCROUTER_ADMIN_PASSWORD)")
     args = parser.parse_args(argv)
+    if args.command == "certs":
+        if args.action == "renew" and not args.name:
+            parser.error("certs FILE renew NAME")
+        return certs(args.file, args.name if args.action else None, args.user)
     if args.command == "checkconfig":
         return checkconfig(args.file)
     if args.explain:

@@ -570,7 +570,7 @@ class DcRouter(MultiService):
                 self.reactor,
             )
         registry = registryFor(RouterCollector(self.accessCounter, self.live))
-        site = adminSite(registry, self.status, checker)
+        site = adminSite(registry, self.status, checker, self.certificates, self.renewCertificate)
         address = admin.listen
         endpoint = serverFromString(self.reactor, endpointString(address.port, address.host))
         results: list[Any] = []
@@ -580,6 +580,26 @@ class DcRouter(MultiService):
             return [f"cannot listen on {address} (admin): {result.getErrorMessage()}"]
         self.adminPort = result
         return []
+
+    def certificates(self) -> list[dict[str, Any]]:
+        """Every ACME certificate's state, for C{dcrouter certs}."""
+        return self.certs.status() if self.certs is not None else []
+
+    def renewCertificate(self, name: str) -> None:
+        """Issue the certificate of C{name} now; C{KeyError} if none is wanted."""
+        if self.certs is None:
+            raise KeyError(name)
+        unknown: list[Failure] = []
+
+        def failed(failure: Failure) -> None:
+            if failure.check(KeyError):
+                unknown.append(failure)
+            else:
+                log.failure("renewal of {name} failed", failure, name=name)
+
+        self.certs.issuer.renewNow(name).addErrback(failed)
+        if unknown:
+            raise KeyError(name)
 
     def live(self) -> tuple[Any, Any]:
         return self.router, self.compiled

@@ -54,6 +54,7 @@ from twisted.internet.defer import (
     Deferred,
     DeferredLock,
     DeferredSemaphore,
+    fail,
     gatherResults,
     maybeDeferred,
     succeed,
@@ -776,6 +777,22 @@ class AcmeIssuer(Service):
     def _nextAttempt(self, want: _Want, entry: Optional[CertificateEntry]) -> float:
         due = 0.0 if entry is None else self.renewAt(entry)
         return max(due, self.blockedUntil(want.names))
+
+    def renewNow(self, name: str) -> Deferred[None]:
+        """
+        Issue the certificate that covers C{name} now, due or not, backoff
+        or not (an operator's order, from C{dcrouter certs renew NAME}).
+
+        @return: fires when the job is done, whatever its outcome; fails
+            with C{KeyError} if no route wants C{name}.
+        """
+        for route, want in sorted(self._wanted.items()):
+            if name in want.names:
+                job = self._running.get(want.names)
+                if job is None:
+                    job = self._startJob(route, want, self._store.find(want.names))
+                return job.whenDone()
+        return fail(KeyError(name))
 
     def checkNow(self) -> Deferred[None]:
         """

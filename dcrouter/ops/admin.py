@@ -116,6 +116,34 @@ refresh();setInterval(refresh,2000);
 """
 
 
+class _RenewCertificate(Resource):
+    """C{POST certs/renew} with C{name=...}: issue that certificate now."""
+
+    isLeaf = True
+
+    def __init__(self, renew: Optional[Callable[[str], Any]]) -> None:
+        super().__init__()
+        self.renew = renew
+
+    def render_POST(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        names = (request.args or {}).get(b"name") or []
+        if self.renew is None:
+            request.setResponseCode(404)
+            return b"no ACME here ([acme] enabled = no)\n"
+        if len(names) != 1:
+            request.setResponseCode(400)
+            return b"give one name=\n"
+        name = names[0].decode("utf-8", "replace")
+        try:
+            self.renew(name)
+        except KeyError:
+            request.setResponseCode(404)
+            return f"no route wants a certificate for {name}\n".encode()
+        request.setResponseCode(202)
+        return f"renewing the certificate of {name}; see certs.json\n".encode()
+
+
 class _Page(Resource):
     isLeaf = True
 
@@ -170,11 +198,21 @@ class _Guarded(Resource):
 
 
 def adminSite(
-    registry: CollectorRegistry, status: Callable[[], dict[str, Any]], checker: Optional[Any]
+    registry: CollectorRegistry,
+    status: Callable[[], dict[str, Any]],
+    checker: Optional[Any],
+    certificates: Callable[[], Any] = list,
+    renew: Optional[Callable[[str], Any]] = None,
 ) -> Site:
     """The admin listener's site."""
     root = _Guarded(
-        {b"": _Page(), b"metrics": _Metrics(registry), b"status.json": _StatusJSON(status)},
+        {
+            b"": _Page(),
+            b"metrics": _Metrics(registry),
+            b"status.json": _StatusJSON(status),
+            b"certs.json": _StatusJSON(certificates),
+            b"certs/renew": _RenewCertificate(renew),
+        },
         checker,
     )
     site = Site(root)
