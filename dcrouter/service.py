@@ -550,6 +550,7 @@ class DcRouter(MultiService):
         globalLogPublisher.addObserver(self.accessCounter)
         globalLogPublisher.addObserver(self.recentErrors)
         startResources(self.compiled)
+        self.publishDkim()
         if self.configPath is not None and threading.current_thread() is threading.main_thread():
             self.previousHangup = signal.signal(signal.SIGHUP, self.onHangup)
         assert self.compiled is not None
@@ -557,6 +558,16 @@ class DcRouter(MultiService):
             "dcrouter listening on {listeners}",
             listeners=", ".join(f"{a}:{p}" for p, a in sorted(self.listeners)),
         )
+
+    def publishDkim(self) -> None:
+        """Put the mail rules' DKIM keys in dcrouter's own zones, where it has them."""
+        if self.mail is None:
+            return
+        for name, text in self.mail.dkimRecords():
+            if self.dns.zoneFor(name) is None:
+                log.info("DKIM: publish TXT {name} yourself (not in dcrouter's zones)", name=name)
+                continue
+            self.dns.replaceRecords(None, name, "TXT", [text])
 
     def listenAdmin(self) -> list[str]:
         """Open the admin listener, if configured; return what failed."""

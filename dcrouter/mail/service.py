@@ -38,7 +38,7 @@ from dcrouter.mail.delivery import (
     RejectMode,
 )
 from dcrouter.mail.deliveryclient import SMTPConnectionPool
-from dcrouter.mail.dkimsign import loadKeyFile
+from dcrouter.mail.dkimsign import loadKeyFile, publicRecord
 from dcrouter.mail.mxresolver import MXResolver
 from dcrouter.mail.policy import DomainPolicy
 from dcrouter.mail.queue import MailQueue
@@ -148,6 +148,15 @@ class MailService(MultiService):
                 checker if (mode != "mx" or checker is not None) else None, LOOPBACK,
             )
         self.listeners: list[IListeningPort] = []
+
+    def dkimRecords(self) -> list[tuple[str, str]]:
+        """(C{selector._domainkey.domain}, TXT value) of every rule that signs."""
+        records = []
+        for rule in self.deliverer.rules.rules:
+            key = rule.dkim
+            if key is not None and key.domain:
+                records.append((f"{key.selector}._domainkey.{key.domain}", publicRecord(key)))
+        return records
 
     def bind(self) -> list[str]:
         """Open the internal listeners; return what failed."""

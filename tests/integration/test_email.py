@@ -138,3 +138,47 @@ def _refused(port, recipient):
         code, text = e.recipients[recipient]
         return f"{code} {text.decode()}"
     return "accepted"
+
+
+@pytest_twisted.ensureDeferred
+async def test_dkim_keys_are_published_in_dcrouters_own_zone(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from twisted.names import client, dns
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "dkim.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ))
+    dnsPort = freePort()
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(f"""
+[dcrouter]
+state_dir = {tmp_path}/state
+[defaults]
+bind = 127.0.0.1
+[dns]
+listen = 127.0.0.1:{dnsPort}
+[dns.zone:example.test]
+records =
+    @ A 127.0.0.1
+[email]
+hostname = mx.example.test
+ports = {freePort()}
+internal_ports = {freePort()}
+default_mode = reject
+[email.rule:*@example.test]
+mode = local
+dkim_selector = s1
+dkim_key = dkim.key
+""")
+    service = DcRouter(loadConfig(str(path)))
+    service.startService()
+    try:
+        resolver = client.Resolver(servers=[("127.0.0.1", dnsPort)], reactor=reactor)
+        answers, _, _ = await resolver.lookupText("s1._domainkey.example.test", timeout=(2,))
+        (record,) = [a.payload for a in answers if a.type == dns.TXT]
+        assert b"".join(record.data).startswith(b"v=DKIM1; k=rsa; p=")
+    finally:
+        await service.stopService()
