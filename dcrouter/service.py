@@ -44,7 +44,13 @@ from dcrouter.http.server import HTTPLayer
 from dcrouter.interfaces import IHTTPAction, IRouteAction
 from dcrouter.mail.service import MailService
 from dcrouter.ops.admin import RecentErrors, adminSite
-from dcrouter.ops.metrics import AccessCounter, RouterCollector, pools, registryFor
+from dcrouter.ops.metrics import (
+    AccessCounter,
+    RouterCollector,
+    ServicesCollector,
+    pools,
+    registryFor,
+)
 from dcrouter.proxy.gate import Gate
 from dcrouter.proxy.listener import Router, RoutingState
 from dcrouter.proxy.routetable import CompiledRoute, PortTable
@@ -580,7 +586,9 @@ class DcRouter(MultiService):
                 parseUsers(admin.users.text), self.reactor, _threadPoolOf(self.reactor),
                 self.reactor,
             )
-        registry = registryFor(RouterCollector(self.accessCounter, self.live))
+        registry = registryFor(
+            RouterCollector(self.accessCounter, self.live), ServicesCollector(self.serviceMetrics)
+        )
         site = adminSite(registry, self.status, checker, self.certificates, self.renewCertificate)
         address = admin.listen
         endpoint = serverFromString(self.reactor, endpointString(address.port, address.host))
@@ -611,6 +619,15 @@ class DcRouter(MultiService):
         self.certs.issuer.renewNow(name).addErrback(failed)
         if unknown:
             raise KeyError(name)
+
+    def serviceMetrics(self) -> tuple[Any, Any, list[dict[str, Any]], float]:
+        """What the metrics read of mail, DNS and certificates."""
+        return (
+            self.mail.queue if self.mail is not None else None,
+            self.dns.factory.counters if self.config.dns is not None else None,
+            self.certificates(),
+            self.reactor.seconds(),
+        )
 
     def live(self) -> tuple[Any, Any]:
         return self.router, self.compiled

@@ -154,8 +154,60 @@ def _health(allPools: Iterable[Any]) -> Iterator[Metric]:
     yield from (up, inFlight, transitions)
 
 
-def registryFor(collector: RouterCollector) -> CollectorRegistry:
+class ServicesCollector(Collector):
+    """
+    The mail queue, the DNS server and the certificates, read at scrape time.
+
+    @param live: returns C{(mailQueue or None, dnsCounters or None,
+        certificate statuses, now)}.
+    """
+
+    def __init__(self, live: Callable[[], tuple[Any, Any, list[dict[str, Any]], float]]) -> None:
+        self.live = live
+
+    def collect(self) -> Iterator[Metric]:
+        queue, dnsCounters, certificates, now = self.live()
+        if queue is not None:
+            depth = GaugeMetricFamily("dcrouter_mail_queue_messages", "Messages in the queue.")
+            depth.add_metric([], len(queue.messages))
+            yield depth
+            events = CounterMetricFamily(
+                "dcrouter_mail_events", "Mail queue events (accepted, delivered, ...).",
+                labels=["event"],
+            )
+            for event, count in sorted(queue.stats.items()):
+                events.add_metric([event], count)
+            yield events
+        if dnsCounters is not None:
+            dns = CounterMetricFamily(
+                "dcrouter_dns_events", "DNS server events (refused, malformed, ...).",
+                labels=["event"],
+            )
+            for event, count in sorted(dnsCounters.items()):
+                dns.add_metric([event], count)
+            yield dns
+        expiry = GaugeMetricFamily(
+            "dcrouter_certificate_expiry_seconds", "Seconds until the certificate expires.",
+            labels=["route"],
+        )
+        failures = GaugeMetricFamily(
+            "dcrouter_certificate_failures", "Failed issuance attempts in a row.",
+            labels=["route"],
+        )
+        for status in certificates:
+            route = str(status.get("route"))
+            notAfter = status.get("notAfter")
+            if notAfter:
+                from datetime import datetime
+
+                expiry.add_metric([route], datetime.fromisoformat(notAfter).timestamp() - now)
+            failures.add_metric([route], int(status.get("failures") or 0))
+        yield from (expiry, failures)
+
+
+def registryFor(*collectors: Collector) -> CollectorRegistry:
     """A registry of dcrouter's own (not the process-global default one)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
+    for collector in collectors:
+        registry.register(collector)
     return registry

@@ -50,7 +50,7 @@ class Sink(LineReceiver):
             self.sendLine(b"250 ok")
 
 
-async def startMailEdge(tmp_path):
+async def startMailEdge(tmp_path, extra=""):
     factory = protocol.ServerFactory.forProtocol(Sink)
     factory.messages = []
     sink = await listen(factory)
@@ -75,7 +75,7 @@ users = alice:{hashPassword("alicepw", cost=4)}
 default_mode = forward
 default_server = 127.0.0.1:{sink.getHost().port}
 default_tls = off
-""")
+""" + extra)
     service = DcRouter(loadConfig(str(path)))
     service.startService()
     return service, sink, factory.messages, mx, submission
@@ -182,3 +182,23 @@ dkim_key = dkim.key
         assert b"".join(record.data).startswith(b"v=DKIM1; k=rsa; p=")
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_mail_and_dns_metrics(tmp_path):
+    from tests.integration.test_admin import fetch
+
+    admin = freePort()
+    service, sink, messages, mx, submission = await startMailEdge(
+        tmp_path, f"[admin]\nlisten = 127.0.0.1:{admin}\n"
+    )
+    try:
+        await deferToThread(sendFrom, "127.0.0.1", mx, "bob@example.test")
+        await waitFor(messages, 1)
+        status, body = await fetch(admin, b"/metrics")
+        text = body.decode()
+        assert 'dcrouter_mail_events_total{event="accepted"} 1.0' in text
+        assert "dcrouter_mail_queue_messages" in text
+    finally:
+        await service.stopService()
+        await sink.stopListening()
