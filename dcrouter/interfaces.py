@@ -236,3 +236,33 @@ class ITargetSelector(IPlugin):
         @param exchange: the L{IHTTPExchange} (its C{request} head, its
             C{connection}).
         """
+
+
+class IDeliveryMode(IPlugin):
+    """
+    One way of delivering mail: the C{mode} of an C{[email.rule:...]}.
+
+    The built-in modes are C{forward}, C{mta}, C{local} and C{reject}; a
+    plugin (found with C{getPlugins(IDeliveryMode, dcrouter.plugins)}) adds
+    another by name, and rules may then say C{mode = NAME}. The queue's
+    deliverer calls L{deliver} with the recipients of one message that
+    share a rule (and, if C{perDomain}, a domain).
+    """
+
+    name = Attribute("C{str}: the word written as C{mode = NAME}.")
+    perDomain = Attribute(
+        "C{bool}: deliver each recipient domain separately (C{mta}: each has its own MX hosts)."
+    )
+
+    def deliver(envelope: Any, message: Any, recipients: Any, rule: Any) -> Any:
+        """
+        Deliver C{message} (a L{dcrouter.mail.queue.QueuedMessage}: its
+        C{read()} fires with the bytes) to C{recipients} (C{bytes}
+        addresses) of a L{dcrouter.mail.delivery.DomainRule}.
+
+        @return: a Deferred firing with one
+            L{dcrouter.mail.queue.DeliveryResult} (C{(code, text)}) per
+            recipient, in order: 2xx delivered, 5xx failed for good,
+            anything else tried later. It must honour cancellation (the
+            queue's attempt timeout).
+        """

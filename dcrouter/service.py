@@ -42,7 +42,7 @@ from dcrouter.http.guard import Guard, parseGuard
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
 from dcrouter.http.server import HTTPLayer
 from dcrouter.interfaces import IHTTPAction, IRouteAction
-from dcrouter.mail.service import MailService
+from dcrouter.mail.service import BUILT_IN_MODES, MailService, unknownModes
 from dcrouter.ops.admin import RecentErrors, adminSite
 from dcrouter.ops.metrics import (
     AccessCounter,
@@ -304,8 +304,16 @@ def compileConfig(
     if threadpool is None:
         threadpool = _threadPoolOf(clock)
     errors = ErrorCollector()
-    if config.email is not None:
-        config = evolve(config, routes=config.routes + emailRoutes(config.email))
+    email = config.email
+    if email is not None:
+        config = evolve(config, routes=config.routes + emailRoutes(email))
+        known = ", ".join(BUILT_IN_MODES)
+        for rule, mode in unknownModes(email):
+            where = rule.source if rule is not None else PYTHON
+            section = f"email.rule:{rule.pattern}" if rule is not None else "email"
+            key = "mode" if rule is not None else "default_mode"
+            errors.add(f"unknown delivery mode {mode!r} (known: {known}, and plugins')",
+                       where, section, key)
     config, modelErrors = checkModel(config)
     errors.extend(modelErrors)
     errors.extend(_checkAdmin(config))

@@ -175,7 +175,7 @@ def _email(section: Any, rules: tuple[EmailRule, ...], errors: ErrorCollector) -
     kinds = {**_MODES_BY_PORT, **dict(roles)}
     if any(kinds.get(port, "mx") != "mx" for port in ports) and auth == "none":
         keys.error("auth", "submission ports (587, 465) need auth (static or ldap)")
-    mode = keys.get("default_mode", lambda t: values.parseChoice(t, MODES), "mta")
+    mode = keys.get("default_mode", _modeName, "mta")
     server = keys.get("default_server", lambda t: values.parseHostPort(t, 25), None)
     if mode == "forward" and server is None:
         keys.error("default_mode", "default_mode = forward needs default_server")
@@ -199,15 +199,24 @@ def _email(section: Any, rules: tuple[EmailRule, ...], errors: ErrorCollector) -
     )
 
 
+def _modeName(text: str) -> str:
+    """A delivery mode's name; which exist is known one floor up (plugins)."""
+    word = text.strip().lower()
+    if not word or not all(c.isalnum() or c in "-_." for c in word):
+        raise ValueError(f"{text.strip()!r} is not a mode name")
+    return word
+
+
 def _rule(section: Any, errors: ErrorCollector) -> Optional[EmailRule]:
     keys = _Reader(section, errors, _RULE_KEYS)
     pattern = section.name[len(RULE_PREFIX):].strip().lower()
     if not pattern or " " in pattern:
         keys.error(None, f"{pattern!r} is not a pattern (*@example.com, *.example.com, a@b)")
         return None
-    mode = keys.get("mode", lambda t: values.parseChoice(t, MODES), None)
+    mode = keys.get("mode", _modeName, None)
     if mode is None:
-        keys.error("mode", f"required: one of {', '.join(MODES)}")
+        if "mode" not in section.values:
+            keys.error("mode", f"required: {', '.join(MODES)}, or a plugin's mode")
         return None
     target = keys.get("target", lambda t: values.parseHostPort(t, 25), None)
     if mode == "forward" and target is None:

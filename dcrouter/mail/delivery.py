@@ -44,8 +44,9 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
+from dcrouter.interfaces import IDeliveryMode
 from dcrouter.mail.deliveryclient import (
     TLS_CHOICES,
     TLS_OPPORTUNISTIC,
@@ -74,37 +75,6 @@ __all__ = [
 ]
 
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
-
-
-class IDeliveryMode(Interface):
-    """
-    One way of delivering mail: the C{mode} of an C{[email.rule:...]}.
-
-    The queue's L{Deliverer} calls L{deliver} with the recipients of one
-    message that share a rule (and, if C{perDomain}, a domain).
-    """
-
-    name = Attribute("C{str}: the word written as C{mode = NAME}.")
-    perDomain = Attribute(
-        "C{bool}: deliver each recipient domain separately (C{mta}: each has its own MX hosts)."
-    )
-
-    def deliver(
-        envelope: Envelope,  # noqa: N805 (an interface's methods have no self)
-        message: QueuedMessage,
-        recipients: Sequence[bytes],
-        rule: DomainRule,
-    ) -> Deferred[Sequence[DeliveryResult]]:
-        """
-        Deliver C{message} to C{recipients}.
-
-        @param message: the queued message; C{message.read()} fires with its
-            bytes (from C{message.path} at C{message.offset}).
-        @return: fires with one L{DeliveryResult} (a C{(code, text)} tuple
-            with an optional remote host) per recipient, in order: 2xx
-            delivered, 5xx failed for good, anything else tried later. It
-            must honour cancellation (the queue's attempt timeout).
-        """
 
 
 @frozen

@@ -21,13 +21,19 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.names.client import Resolver
+from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface.exceptions import Invalid
+from zope.interface.verify import verifyObject
 
+import dcrouter.plugins
 from dcrouter.auth.ldap import LDAPChecker
 from dcrouter.auth.passwords import StaticPasswordChecker, parseUsers
+from dcrouter.config.email import MODES as BUILT_IN_MODES
 from dcrouter.config.email import EmailSettings
 from dcrouter.config.model import LDAPSettings
+from dcrouter.interfaces import IDeliveryMode
 from dcrouter.mail.delivery import (
     Deliverer,
     DomainRule,
@@ -50,6 +56,33 @@ log = Logger()
 
 LOOPBACK = (ip_network("127.0.0.0/8"), ip_network("::1/128"))
 RESOLV_CONF = "/etc/resolv.conf"
+
+
+def pluginModes() -> list[IDeliveryMode]:
+    """Delivery modes that plugins add, each checked with C{verifyObject}."""
+    found = []
+    for plugin in getPlugins(IDeliveryMode, dcrouter.plugins):
+        try:
+            verifyObject(IDeliveryMode, plugin)
+        except Invalid as e:
+            log.error("delivery mode plugin {plugin!r} is broken: {why}", plugin=plugin, why=e)
+            continue
+        if plugin.name in BUILT_IN_MODES:
+            log.error("delivery mode plugin {plugin!r} reuses the name {name!r}",
+                      plugin=plugin, name=plugin.name)
+            continue
+        found.append(plugin)
+    return found
+
+
+def unknownModes(settings: EmailSettings) -> list[tuple[Any, str]]:
+    """(rule or None for the default, mode) of every mode no one provides."""
+    known = {*BUILT_IN_MODES, *(mode.name for mode in pluginModes())}
+    missing: list[tuple[Any, str]] = []
+    if settings.default_mode not in known:
+        missing.append((None, settings.default_mode))
+    missing.extend((rule, rule.mode) for rule in settings.rules if rule.mode not in known)
+    return missing
 
 
 def domainRules(settings: EmailSettings) -> DomainRules:
@@ -117,6 +150,7 @@ class MailService(MultiService):
             LocalMode(os.path.join(stateDir, "mail", "maildir"), reactor, threadpool, reactor,
                       settings.hostname),
             RejectMode(),
+            *pluginModes(),
         ]
         self.deliverer = Deliverer(domainRules(settings), modes)
         self.queue = MailQueue(

@@ -202,3 +202,65 @@ async def test_mail_and_dns_metrics(tmp_path):
     finally:
         await service.stopService()
         await sink.stopListening()
+
+
+CAPTURE_MODE = '''
+from twisted.internet.defer import succeed
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+from dcrouter.interfaces import IDeliveryMode
+from dcrouter.mail.queue import DeliveryResult
+
+DELIVERED = []
+
+@implementer(IPlugin, IDeliveryMode)
+class Capture:
+    name = "capture"
+    perDomain = False
+
+    def deliver(self, envelope, message, recipients, rule):
+        DELIVERED.extend(recipients)
+        return succeed([DeliveryResult(250, "captured") for _ in recipients])
+
+capture = Capture()
+'''
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delivery_mode_plugin_delivers_by_rule(tmp_path, monkeypatch):
+    import importlib
+
+    import dcrouter.plugins
+
+    plugins = tmp_path / "plugins" / "dcrouter" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "test_capture_mode.py").write_text(CAPTURE_MODE)
+    monkeypatch.setattr(dcrouter.plugins, "__path__", [*dcrouter.plugins.__path__, str(plugins)])
+    service, sink, messages, mx, submission = await startMailEdge(
+        tmp_path, "[email.rule:*@captured.test]\nmode = capture\n"
+    )
+    try:
+        await deferToThread(sendFrom, "127.0.0.1", mx, "eve@captured.test")
+        module = importlib.import_module("dcrouter.plugins.test_capture_mode")
+        for _ in range(200):
+            if module.DELIVERED:
+                break
+            await task.deferLater(reactor, 0.025, lambda: None)
+        assert module.DELIVERED == [b"eve@captured.test"]
+    finally:
+        await service.stopService()
+        await sink.stopListening()
+
+
+def test_an_unknown_delivery_mode_is_a_config_error(tmp_path):
+    import pytest
+
+    from dcrouter.config import ConfigErrors
+    from dcrouter.service import checkConfigFile
+
+    path = tmp_path / "dcrouter.ini"
+    path.write_text("[email]\nhostname = mx.example.test\nports = 2525\n"
+                    "[email.rule:*@a.test]\nmode = pigeon\n")
+    with pytest.raises(ConfigErrors) as caught:
+        checkConfigFile(str(path))
+    assert "[email.rule:*@a.test] mode: unknown delivery mode 'pigeon'" in caught.value.report()
