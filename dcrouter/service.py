@@ -10,6 +10,7 @@ exactly what a start would.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterable
@@ -21,6 +22,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
@@ -306,7 +308,9 @@ def compileConfig(
     errors = ErrorCollector()
     email = config.email
     if email is not None:
-        config = evolve(config, routes=config.routes + emailRoutes(email))
+        present = {route.name for route in config.routes}
+        extra = tuple(r for r in emailRoutes(email) if r.name not in present)
+        config = evolve(config, routes=config.routes + extra)
         known = ", ".join(BUILT_IN_MODES)
         for rule, mode in unknownModes(email):
             where = rule.source if rule is not None else PYTHON
@@ -443,6 +447,28 @@ def checkConfigFile(path: str, actions: Optional[dict[str, Any]] = None) -> Comp
     return loadAndCompile(path, actions if actions is not None else loadActions(), Clock())
 
 
+#: How often certificate and key files are checked for changes, in seconds.
+CERTIFICATE_WATCH_INTERVAL = 30.0
+
+
+def certificateFiles(config: RouterConfig) -> list[str]:
+    """Every certificate and key file the configuration serves from."""
+    pairs = [route.cert for route in config.routes] + [config.tls.cert]
+    return sorted({path for pair in pairs if pair is not None for path in (pair.cert, pair.key)})
+
+
+def fileStamps(paths: list[str]) -> tuple[tuple[str, Optional[tuple[int, int, int]]], ...]:
+    """(path, (mtime, size, inode) or None) of each file; cheap enough every few seconds."""
+    stamps: list[tuple[str, Optional[tuple[int, int, int]]]] = []
+    for path in paths:
+        try:
+            info = os.stat(path)
+            stamps.append((path, (info.st_mtime_ns, info.st_size, info.st_ino)))
+        except OSError:
+            stamps.append((path, None))
+    return tuple(stamps)
+
+
 def startResources(compiled: CompiledConfig) -> None:
     """Start what the routes' actions provisioned (health checks, say)."""
     for resource in compiled.resources:
@@ -528,6 +554,8 @@ class DcRouter(MultiService):
         self.recentErrors = RecentErrors(self.reactor)
         self.startedAt = 0.0
         self.reloads = 0
+        self.certificateWatch: Optional[LoopingCall] = None
+        self.certificateStamps: tuple[Any, ...] = ()
 
     # Starting
 
@@ -565,6 +593,10 @@ class DcRouter(MultiService):
         globalLogPublisher.addObserver(self.recentErrors)
         startResources(self.compiled)
         self.publishDkim()
+        self.certificateStamps = fileStamps(certificateFiles(self.config))
+        self.certificateWatch = LoopingCall(self.checkCertificateFiles)
+        self.certificateWatch.clock = self.reactor
+        self.certificateWatch.start(CERTIFICATE_WATCH_INTERVAL, now=False)
         if self.configPath is not None and threading.current_thread() is threading.main_thread():
             self.previousHangup = signal.signal(signal.SIGHUP, self.onHangup)
         assert self.compiled is not None
@@ -572,6 +604,34 @@ class DcRouter(MultiService):
             "dcrouter listening on {listeners}",
             listeners=", ".join(f"{a}:{p}" for p, a in sorted(self.listeners)),
         )
+
+    def checkCertificateFiles(self) -> None:
+        """
+        Certificate or key files changed on disk (a renewal by certbot, a
+        deploy): rebuild the TLS contexts from them, as a reload would.
+        New connections get the new certificate; open ones keep theirs.
+        """
+        stamps = fileStamps(certificateFiles(self.config))
+        if stamps == self.certificateStamps or self.stopping or self.router is None:
+            return
+        self.certificateStamps = stamps
+        try:
+            compiled = compileConfig(
+                self.config, self.actions, self.reactor, self.defaultCertificate(self.config),
+                self.compiled, certs=self.certs,
+            )
+        except ConfigErrors as e:
+            log.error("certificate files changed but cannot be used; the old ones stay:\n{errors}",
+                      errors=e.report())
+            return
+        except Exception:
+            log.failure("certificate files changed but cannot be used; the old ones stay")
+            return
+        self.router.state = self.routingState(compiled)
+        startResources(compiled)
+        stopResources(self.compiled)
+        self.compiled = compiled
+        log.info("certificate files changed: TLS contexts rebuilt")
 
     def publishDkim(self) -> None:
         """Put the mail rules' DKIM keys in dcrouter's own zones, where it has them."""
@@ -789,6 +849,8 @@ class DcRouter(MultiService):
         # SIGHUP stays ours until the drain is over: the default action
         # would kill the process and cut the connections being drained.
         self.stopping = True
+        if self.certificateWatch is not None and self.certificateWatch.running:
+            self.certificateWatch.stop()
         done: Deferred[None] = Deferred()
         done.addCallback(self.restoreHangup)
         # Health checks and idle backend connections go now; requests in

@@ -193,3 +193,51 @@ async def test_a_reload_that_raises_keeps_the_running_configuration(tmp_path):
     finally:
         await service.stopService()
         await backendPort.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_changed_certificate_files_are_served_without_a_restart(tmp_path):
+    import shutil
+
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+
+    from dcrouter.config.model import CertificatePair, DaemonSettings, Defaults
+    from dcrouter.proxy.tls import clientTLS, ensureSelfSigned
+    from tests.helpers import Recorder
+
+    first = ensureSelfSigned(str(tmp_path / "first"), "first.test")
+    second = ensureSelfSigned(str(tmp_path / "second"), "second.test")
+    served = CertificatePair(str(tmp_path / "served.pem"), str(tmp_path / "served.key"))
+    shutil.copy(first.cert, served.cert)
+    shutil.copy(first.key, served.key)
+    port = freePort()
+    config = RouterConfig(
+        routes=(RouteConfig(name="tls", ports=(port,), action="static", tls="terminate",
+                            cert=served, options={"body": "hi"}),),
+        daemon=DaemonSettings(drain_timeout=0.0, state_dir=str(tmp_path / "state")),
+        defaults=Defaults(bind=("127.0.0.1",)),
+    )
+    service = DcRouter(config)
+    service.startService()
+
+    async def servedName():
+        client = Recorder()
+        endpoint = wrapClientTLS(clientTLS("x", verify=False),
+                                 TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+        await connectProtocol(endpoint, client)
+        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await client.closed
+        from cryptography.x509.oid import NameOID
+
+        certificate = client.transport.getPeerCertificate().to_cryptography()
+        return certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+    try:
+        assert await servedName() == "first.test"
+        shutil.copy(second.cert, served.cert)
+        shutil.copy(second.key, served.key)
+        service.checkCertificateFiles()
+        assert await servedName() == "second.test"
+    finally:
+        await service.stopService()
