@@ -87,12 +87,18 @@ class RouterCollector(Collector):
         refused = CounterMetricFamily(
             "dcrouter_connections_refused", "Connections refused, by reason.", labels=["reason"]
         )
+        handshakes = CounterMetricFamily(
+            "dcrouter_tls_handshakes", "TLS handshakes of terminating routes, by outcome.",
+            labels=["outcome"],
+        )
         if router is not None:
+            handshakes.add_metric(["completed"], router.handshakes)
+            handshakes.add_metric(["failed"], router.handshakeFailures)
             active.add_metric([], len(router.connections))
             accepted.add_metric([], router.accepted)
             for reason, count in sorted(router.refused.items()):
                 refused.add_metric([reason], count)
-        yield from (active, accepted, refused)
+        yield from (active, accepted, refused, handshakes)
         closed = CounterMetricFamily(
             "dcrouter_connections_closed",
             "Connections closed, by listener port, route and how they ended.",

@@ -81,6 +81,8 @@ class Router:
         self.connections: set[RoutingProtocol] = set()
         self.refused: Counter[str] = Counter()
         self.accepted = 0
+        self.handshakes = 0
+        self.handshakeFailures = 0
 
     def factoryFor(self, port: int) -> ListenerFactory:
         return ListenerFactory(self, port)
@@ -133,10 +135,13 @@ class _AfterHandshake(Protocol):
     def __init__(self, routing: RoutingProtocol, build: Callable[[Any], IProtocol]) -> None:
         self.routing = routing
         self.build = build
+        self.done = False
 
     def handshakeCompleted(self) -> None:
         routing = self.routing
         routing.cancelTimer()
+        routing.router.handshakes += 1
+        self.done = True
         tls: Any = self.transport
         if tls is None or tls.disconnecting:
             return
@@ -151,6 +156,8 @@ class _AfterHandshake(Protocol):
             inner.handshakeCompleted()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if not self.done:
+            self.routing.router.handshakeFailures += 1
         record = self.routing.record
         if record is not None and record.ended is None:
             record.ended = f"TLS handshake failed: {reason.getErrorMessage()}"

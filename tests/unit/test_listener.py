@@ -298,6 +298,7 @@ def test_a_terminating_route_starts_its_action_only_after_the_handshake(tmp_path
     client.write(b"hello")
     protocol.dataReceived(client.bio_read(65536))
     assert captured.data == b"hello"
+    assert (router.handshakes, router.handshakeFailures) == (1, 0)
 
 
 def test_a_stalled_client_handshake_times_out_without_starting_the_action(tmp_path):
@@ -309,3 +310,5 @@ def test_a_stalled_client_handshake_times_out_without_starting_the_action(tmp_pa
     reactor.advance(5.1)
     assert transport.disconnecting and action.built == []
     assert protocol.record.ended == "refused: no complete TLS handshake within 5s"
+    protocol.connectionLost(None)
+    assert (router.handshakes, router.handshakeFailures) == (0, 1)
