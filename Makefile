@@ -15,7 +15,8 @@ VBIN   := $(VENV)/bin
 # Debian packages the tests need (system tests drive real peers).
 DEBIAN_PACKAGES := openssl curl python3-venv haproxy nginx-light \
                    libnginx-mod-stream procps iproute2 slapd ldap-utils pebble \
-                   bind9-dnsutils postfix swaks libnet-ssleay-perl libio-socket-ssl-perl
+                   bind9-dnsutils postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
+                   chromium
 # Extra Debian packages only the benchmark needs.
 BENCH_DEBIAN_PACKAGES := wrk
 

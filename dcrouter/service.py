@@ -726,7 +726,11 @@ class DcRouter(MultiService):
             "routes": routes,
             "targets": [state for pool in pools(compiled) for state in pool.snapshot()],
             "errors": list(self.recentErrors.events),
-            "certificates": self.certs.status() if self.certs is not None else [],
+            "certificates": self.certificates(),
+            "mail": (
+                {"queued": len(self.mail.queue.messages), **self.mail.queue.stats}
+                if self.mail is not None else None
+            ),
         }
 
     def defaultCertificate(self, config: RouterConfig) -> Optional[CertificatePair]:

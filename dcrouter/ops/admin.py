@@ -86,6 +86,8 @@ table{border-collapse:collapse} td,th{padding:.2em .8em;border-bottom:1px solid 
 <h1>dcrouter <span id="summary" class="muted"></span></h1>
 <h2>Listeners and routes</h2><table id="routes"></table>
 <h2>Targets</h2><table id="targets"></table>
+<h2>Certificates</h2><table id="certs"></table>
+<h2>Mail queue</h2><table id="mail"></table>
 <h2>Refused</h2><table id="refused"></table>
 <h2>Recent warnings and errors</h2><table id="errors"></table>
 <script>
@@ -106,6 +108,9 @@ async function refresh(){
       s.routes.map(r=>[r.port,r.route,r.action,r.tls||"-",r.domains.join(", ")||"-"]));
     fill("targets",["pool","target","state","in flight","last change"],
       s.targets.map(t=>[t.pool,t.address,t.up?["up","up"]:["down","down"],t.active,t.lastReason||"-"]));
+    fill("certs",["route","names","expires","next renewal","last error"],
+      (s.certificates||[]).map(c=>[c.route,(c.names||[]).join(", "),c.notAfter||"-",c.nextRenewal||"-",c.lastError||"-"]));
+    fill("mail",["what","count"],s.mail?Object.entries(s.mail):[]);
     fill("refused",["reason","count"],Object.entries(s.connections.refused));
     fill("errors",["time","where","what"],
       s.errors.slice().reverse().map(e=>[new Date(e.time*1000).toISOString(),e.namespace,e.text]));
