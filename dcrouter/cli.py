@@ -11,9 +11,10 @@ route a connection (and an HTTP request) for HOST on PORT would get, and why.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 from dcrouter.config.errors import ConfigErrors
 from dcrouter.service import checkConfigFile
@@ -112,8 +113,16 @@ def explain(
     return 0
 
 
-def certs(path: str, renew: Optional[str], user: Optional[str]) -> int:
-    """List the ACME certificates of the running daemon, or renew one, over [admin]."""
+def askDaemon(
+    path: str, user: Optional[str], what: str, form: Optional[list[tuple[str, str]]] = None
+) -> Any:
+    """
+    GET (or, with C{form}, POST) C{what} on the running daemon's [admin]
+    listener; the password of C{user} comes from C{DCROUTER_ADMIN_PASSWORD}.
+
+    @return: the JSON (GET) or text (POST) answer.
+    @raise SystemExit: with a message, when the daemon cannot be asked.
+    """
     import base64
     import json
     import os
@@ -126,35 +135,36 @@ def certs(path: str, renew: Optional[str], user: Optional[str]) -> int:
     try:
         config = loadConfig(path)
     except ConfigErrors as e:
-        print(e.report(), file=sys.stderr)
-        return 1
+        raise SystemExit(e.report()) from None
     listen = config.admin.listen
     if listen is None:
-        print(f"{path}: no [admin] listen: the daemon cannot be asked", file=sys.stderr)
-        return 1
+        raise SystemExit(f"{path}: no [admin] listen: the daemon cannot be asked")
     host = f"[{listen.host}]" if ":" in listen.host else listen.host
-    base = f"http://{host}:{listen.port}/"
+    url = f"http://{host}:{listen.port}/{what}"
     headers = {}
     if user:
         password = os.environ.get("DCROUTER_ADMIN_PASSWORD", "")
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         headers["Authorization"] = f"Basic {token}"
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    method = "POST" if form is not None else "GET"
+    request = urllib.request.Request(url, data, headers, method=method)
     try:
-        if renew:
-            data = urllib.parse.urlencode({"name": renew}).encode()
-            request = urllib.request.Request(base + "certs/renew", data, headers, method="POST")
-            with urllib.request.urlopen(request, timeout=10) as answer:
-                print(answer.read().decode().strip())
-            return 0
-        request = urllib.request.Request(base + "certs.json", headers=headers)
         with urllib.request.urlopen(request, timeout=10) as answer:
-            entries = json.load(answer)
+            body = answer.read()
     except urllib.error.HTTPError as e:
-        print(f"{e.code}: {e.read().decode().strip()}", file=sys.stderr)
-        return 1
+        raise SystemExit(f"{e.code}: {e.read().decode().strip()}") from None
     except OSError as e:
-        print(f"cannot reach the daemon at {base}: {e}", file=sys.stderr)
-        return 1
+        raise SystemExit(f"cannot reach the daemon at {url}: {e}") from None
+    return body.decode().strip() if form is not None else json.loads(body)
+
+
+def certs(path: str, renew: Optional[str], user: Optional[str]) -> int:
+    """List the ACME certificates of the running daemon, or renew one, over [admin]."""
+    if renew:
+        print(askDaemon(path, user, "certs/renew", [("name", renew)]))
+        return 0
+    entries = askDaemon(path, user, "certs.json")
     if not entries:
         print("no certificate = auto routes")
     for entry in entries:
@@ -162,6 +172,22 @@ def certs(path: str, renew: Optional[str], user: Optional[str]) -> int:
         for key in ("state", "issuer", "notAfter", "nextRenewal", "failures", "lastError"):
             if entry.get(key) not in (None, "", 0):
                 print(f"    {key}: {entry[key]}")
+    return 0
+
+
+def queue(path: str, action: Optional[str], ids: list[str], user: Optional[str]) -> int:
+    """The running daemon's mail queue: list it, flush it (or some), delete messages."""
+    if action == "flush":
+        print(askDaemon(path, user, "queue/flush", [("id", i) for i in ids]))
+        return 0
+    if action == "delete":
+        print(askDaemon(path, user, "queue/delete", [("id", i) for i in ids]))
+        return 0
+    messages = askDaemon(path, user, "queue.json")
+    if not messages:
+        print("the queue is empty")
+    for message in messages:
+        print(json.dumps(message, default=str))
     return 0
 
 
@@ -190,7 +216,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     certificates.add_argument("action", nargs="?", choices=["renew"])
     certificates.add_argument("name", nargs="?")
     certificates.add_argument("--user", help="[admin] user (password in DCROUTER_ADMIN_PASSWORD)")
+    mail = commands.add_parser("queue", help="the running daemon's mail queue (over [admin])")
+    mail.add_argument("file")
+    mail.add_argument("action", nargs="?", choices=["flush", "delete"])
+    mail.add_argument("ids", nargs="*", metavar="ID")
+    mail.add_argument("--user", help="[admin] user (password in DCROUTER_ADMIN_PASSWORD)")
     args = parser.parse_args(argv)
+    if args.command == "queue":
+        if args.action == "delete" and not args.ids:
+            parser.error("queue FILE delete ID...")
+        return queue(args.file, args.action, args.ids, args.user)
     if args.command == "certs":
         if args.action == "renew" and not args.name:
             parser.error("certs FILE renew NAME")

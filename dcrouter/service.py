@@ -657,7 +657,10 @@ class DcRouter(MultiService):
         registry = registryFor(
             RouterCollector(self.accessCounter, self.live), ServicesCollector(self.serviceMetrics)
         )
-        site = adminSite(registry, self.status, checker, self.certificates, self.renewCertificate)
+        site = adminSite(
+            registry, self.status, checker, self.certificates, self.renewCertificate,
+            self.mail.queue if self.mail is not None else None,
+        )
         address = admin.listen
         endpoint = serverFromString(self.reactor, endpointString(address.port, address.host))
         results: list[Any] = []

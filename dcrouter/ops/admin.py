@@ -17,6 +17,7 @@ from typing import Any, Optional
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 from twisted.cred.credentials import UsernamePassword
+from twisted.internet.defer import gatherResults, maybeDeferred
 from twisted.logger import ILogObserver, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -65,7 +66,7 @@ class _Metrics(Resource):
 class _StatusJSON(Resource):
     isLeaf = True
 
-    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, status: Callable[[], Any]) -> None:
         super().__init__()
         self.status = status
 
@@ -149,6 +150,40 @@ class _RenewCertificate(Resource):
         return f"renewing the certificate of {name}; see certs.json\n".encode()
 
 
+class _QueueAction(Resource):
+    """C{POST queue/flush} (optional C{id=...}) and C{POST queue/delete} (C{id=...})."""
+
+    isLeaf = True
+
+    def __init__(self, act: Optional[Callable[[list[str]], Any]], needsIds: bool) -> None:
+        super().__init__()
+        self.act = act
+        self.needsIds = needsIds
+
+    def render_POST(self, request: Request) -> Any:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if self.act is None:
+            request.setResponseCode(404)
+            return b"no mail queue here ([email] is not configured)\n"
+        ids = [v.decode("ascii", "replace") for v in (request.args or {}).get(b"id", [])]
+        if self.needsIds and not ids:
+            request.setResponseCode(400)
+            return b"give id=...\n"
+        result = maybeDeferred(self.act, ids)
+
+        def done(text: str) -> None:
+            request.write(f"{text}\n".encode())
+            request.finish()
+
+        def failed(failure: Any) -> None:
+            request.setResponseCode(500)
+            request.write(f"{failure.getErrorMessage()}\n".encode())
+            request.finish()
+
+        result.addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+
 class _Page(Resource):
     isLeaf = True
 
@@ -202,12 +237,18 @@ class _Guarded(Resource):
         return b"unauthorized\n"
 
 
+def _deleteAll(queue: Any, ids: list[str]) -> Any:
+    d = gatherResults([queue.delete(queueId) for queueId in ids])
+    return d.addCallback(lambda found: f"{sum(found)} of {len(ids)} message(s) deleted")
+
+
 def adminSite(
     registry: CollectorRegistry,
     status: Callable[[], dict[str, Any]],
     checker: Optional[Any],
     certificates: Callable[[], Any] = list,
     renew: Optional[Callable[[str], Any]] = None,
+    queue: Optional[Any] = None,
 ) -> Site:
     """The admin listener's site."""
     root = _Guarded(
@@ -217,6 +258,16 @@ def adminSite(
             b"status.json": _StatusJSON(status),
             b"certs.json": _StatusJSON(certificates),
             b"certs/renew": _RenewCertificate(renew),
+            b"queue.json": _StatusJSON(queue.list if queue is not None else list),
+            b"queue/flush": _QueueAction(
+                (lambda ids: f"{queue.flush(ids or None)} message(s) to be tried now")
+                if queue is not None else None,
+                needsIds=False,
+            ),
+            b"queue/delete": _QueueAction(
+                (lambda ids: _deleteAll(queue, ids)) if queue is not None else None,
+                needsIds=True,
+            ),
         },
         checker,
     )

@@ -264,3 +264,34 @@ def test_an_unknown_delivery_mode_is_a_config_error(tmp_path):
     with pytest.raises(ConfigErrors) as caught:
         checkConfigFile(str(path))
     assert "[email.rule:*@a.test] mode: unknown delivery mode 'pigeon'" in caught.value.report()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dcrouter_queue_lists_and_deletes(tmp_path):
+    import json as jsonlib
+    import subprocess
+    import sys
+
+    admin = freePort()
+    service, sink, messages, mx, submission = await startMailEdge(
+        tmp_path, f"[admin]\nlisten = 127.0.0.1:{admin}\n"
+    )
+    await sink.stopListening()  # the forward target is down: the mail waits
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "dcrouter", "queue", str(tmp_path / "dcrouter.ini"), *args],
+            capture_output=True, text=True, timeout=30,
+        )
+
+    try:
+        await deferToThread(sendFrom, "127.0.0.1", mx, "bob@example.test")
+        listing = await deferToThread(run)
+        assert listing.returncode == 0, listing.stderr
+        (line,) = listing.stdout.splitlines()
+        queueId = jsonlib.loads(line)["id"]
+        deleted = await deferToThread(run, "delete", queueId)
+        assert "1 of 1 message(s) deleted" in deleted.stdout, deleted.stderr
+        assert (await deferToThread(run)).stdout.strip() == "the queue is empty"
+    finally:
+        await service.stopService()
