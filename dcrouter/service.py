@@ -399,9 +399,11 @@ def _gatesByRoute(compiled: CompiledConfig) -> dict[str, Gate]:
 
 
 def needsDefaultCertificate(config: RouterConfig) -> bool:
+    """Does a terminating route (the email ones too) lack a certificate of its own?"""
+    routes = config.routes + emailRoutes(config.email)
     return config.tls.cert is None and any(
         route.tls in ("terminate", "terminate-and-reencrypt") and route.cert is None
-        for route in config.routes
+        for route in routes
     )
 
 

@@ -97,6 +97,9 @@ def emailRoutes(settings: Optional[EmailSettings]) -> tuple[RouteConfig, ...]:
             name=f"email-{port}",
             ports=(port,),
             action="forward",
+            # 465-style: the router terminates TLS and says so in the
+            # PROXY v2 header (PP2_TYPE_SSL).
+            tls="terminate" if settings.modeOf(port) == "submissions" else None,
             options={
                 "target": f"127.0.0.1:{settings.internalPort(port)}",
                 "proxy_protocol": "v2",

@@ -173,7 +173,8 @@ class MailService(MultiService):
             smtp = SMTPSettings(
                 hostname=settings.hostname,
                 mode=mode,
-                implicitTLS=mode == "submissions",
+                # 465-style: the router terminated TLS (PROXY v2 says so).
+                implicitTLS=False,
                 maxMessageSize=settings.max_size,
                 maxRecipients=settings.max_recipients,
             )

@@ -40,7 +40,7 @@ from dcrouter.config.model import HostPort
 from dcrouter.interfaces import IRoutedConnection
 from dcrouter.proxy.gate import clientIP
 from dcrouter.proxy.pool import Target, TargetPool
-from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2
+from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2, sslTLV
 from dcrouter.proxy.tls import clientFactory
 
 # Bytes a client may send before the upstream is connected; past this the
@@ -251,8 +251,20 @@ class ForwardProtocol(Protocol):
         version = self.options.proxyProtocol
         if version is None:
             return b""
-        encode = encodeV2 if version == "v2" else encodeV1
-        return encode(self.connection.client, self.connection.server)
+        if version == "v1":
+            return encodeV1(self.connection.client, self.connection.server)
+        return encodeV2(self.connection.client, self.connection.server, self.tlsTLV())
+
+    def tlsTLV(self) -> bytes:
+        """For v2: the TLS the router terminated for this client, if any."""
+        if not ISSLTransport.providedBy(self.transport):
+            return b""
+        transport: Any = self.transport
+        handle = transport.getHandle()
+        try:
+            return sslTLV(handle.get_protocol_version_name(), handle.get_cipher_name() or "")
+        except Exception:
+            return b""
 
     def dataReceived(self, data: bytes) -> None:
         self.active = True

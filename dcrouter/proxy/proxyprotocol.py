@@ -238,10 +238,31 @@ def encodeV1(source: IAddress, destination: IAddress) -> bytes:
     return line.encode("ascii")
 
 
-def encodeV2(source: IAddress, destination: IAddress) -> bytes:
+# PROXY v2 TLV of the TLS the proxy terminated (the HAProxy spec, 2.2.5).
+PP2_TYPE_SSL = 0x20
+PP2_CLIENT_SSL = 0x01
+PP2_SUBTYPE_SSL_VERSION = 0x21
+PP2_SUBTYPE_SSL_CIPHER = 0x23
+
+
+def _tlv(kind: int, value: bytes) -> bytes:
+    return struct.pack("!BH", kind, len(value)) + value
+
+
+def sslTLV(version: str, cipher: str) -> bytes:
+    """C{PP2_TYPE_SSL}: the client spoke TLS (this version and cipher) to the proxy."""
+    return _tlv(
+        PP2_TYPE_SSL,
+        bytes([PP2_CLIENT_SSL]) + struct.pack("!I", 0)
+        + _tlv(PP2_SUBTYPE_SSL_VERSION, version.encode("ascii", "replace"))
+        + _tlv(PP2_SUBTYPE_SSL_CIPHER, cipher.encode("ascii", "replace")),
+    )
+
+
+def encodeV2(source: IAddress, destination: IAddress, tlvs: bytes = b"") -> bytes:
     """
     A v2 header (PROXY command, STREAM) for a connection from C{source} to
-    C{destination}, without TLVs.
+    C{destination}, with C{tlvs} (e.g. L{sslTLV}) after the addresses.
 
     Families are chosen as in L{encodeV1}: INET, else INET6 with IPv4
     v4-mapped; UNSPEC (the receiver keeps the real peer) when either is
@@ -255,7 +276,7 @@ def encodeV2(source: IAddress, destination: IAddress) -> bytes:
         family, addresses = b"\x11", sourceIP.packed + destinationIP.packed
     else:
         family, addresses = b"\x21", _v6Packed(sourceIP) + _v6Packed(destinationIP)
-    body = addresses + struct.pack("!HH", sourcePort, destinationPort)
+    body = addresses + struct.pack("!HH", sourcePort, destinationPort) + tlvs
     return V2_SIGNATURE + b"\x21" + family + struct.pack("!H", len(body)) + body
 
 

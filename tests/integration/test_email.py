@@ -54,7 +54,7 @@ async def startMailEdge(tmp_path, extra=""):
     factory = protocol.ServerFactory.forProtocol(Sink)
     factory.messages = []
     sink = await listen(factory)
-    mx, submission = freePort(), freePort()
+    mx, submission, submissions = freePort(), freePort(), freePort()
     path = tmp_path / "dcrouter.ini"
     path.write_text(f"""
 [dcrouter]
@@ -66,9 +66,10 @@ bind = 127.0.0.1
 
 [email]
 hostname = mx.example.test
-ports = {mx}, {submission}
-internal_ports = {freePort()}, {freePort()}
+ports = {mx}, {submission}, {submissions}
+internal_ports = {freePort()}, {freePort()}, {freePort()}
 submission_ports = {submission}
+submissions_ports = {submissions}
 domains = example.test
 auth = static
 users = alice:{hashPassword("alicepw", cost=4)}
@@ -78,6 +79,7 @@ default_tls = off
 """ + extra)
     service = DcRouter(loadConfig(str(path)))
     service.startService()
+    service.submissions = submissions
     return service, sink, factory.messages, mx, submission
 
 
@@ -295,3 +297,30 @@ async def test_dcrouter_queue_lists_and_deletes(tmp_path):
         assert (await deferToThread(run)).stdout.strip() == "the queue is empty"
     finally:
         await service.stopService()
+
+
+def sendOverImplicitTLS(port, recipient, login):
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP_SSL("127.0.0.1", port, context=context, timeout=10) as client:
+        client.ehlo("client.test")
+        client.login(*login)
+        return client.sendmail("alice@client.test", [recipient], b"Subject: tls\r\n\r\nover 465\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_port_465_tls_is_terminated_by_the_router(tmp_path):
+    service, sink, messages, mx, submission = await startMailEdge(tmp_path)
+    try:
+        route = service.compiled.tables[service.submissions].routes[0].config
+        assert (route.name, route.tls) == (f"email-{service.submissions}", "terminate")
+        await deferToThread(sendOverImplicitTLS, service.submissions, "carol@elsewhere.test",
+                            ("alice", "alicepw"))
+        await waitFor(messages, 1)
+        (message,) = messages
+        head = message.split(b"\r\n\r\n", 1)[0]
+        assert b"ESMTPSA" in head and b"TLS" in head, head
+    finally:
+        await service.stopService()
+        await sink.stopListening()

@@ -285,3 +285,18 @@ def test_aStrictPrefixIsUndecided(data) -> None:
 )
 def test_notAProxyHeader(data) -> None:
     assert proxyHeaderVerdict(data) is False
+
+
+def test_v2_carries_the_tls_the_proxy_terminated() -> None:
+    from dcrouter.mail.smtp import proxyTLSInfo
+    from dcrouter.proxy.proxyprotocol import sslTLV
+
+    header = encodeV2(
+        address.IPv4Address("TCP", "203.0.113.9", 4711),
+        address.IPv4Address("TCP", "198.51.100.1", 465),
+        sslTLV("TLSv1.3", "TLS_AES_256_GCM_SHA384"),
+    )
+    info, rest = ProxyHeaderReader().feed(header + b"EHLO x\r\n")
+    assert (info.source.host, rest) == ("203.0.113.9", b"EHLO x\r\n")
+    tls = proxyTLSInfo(header)
+    assert (tls.version, tls.cipher) == ("TLSv1.3", "TLS_AES_256_GCM_SHA384")
