@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """
-Side-by-side TCP passthrough benchmark: dcrouter vs HAProxy vs nginx.
+Side-by-side proxy benchmark: dcrouter vs HAProxy vs nginx.
 
 Standard library only. Normally started by bench/run.sh (see bench/README.md).
 
@@ -9,18 +9,29 @@ Everything runs on 127.0.0.1 with free ports, in a fresh temporary folder:
   client (curl / wrk) -> proxy under test -> backend (nginx, http)
   client (curl / wrk) -> backend directly ("direct", the reference)
 
-Proxies: HAProxy (mode tcp, nbthread 1), nginx (stream module,
-worker_processes 1), dcrouter (twistd -n dcrouter, action = forward).
-Each is started from a generated config and stopped by its PID (its
-process group, which this script created), never by name.
+Three suites, each with its own proxy processes (started before it, stopped
+after it), selected with --only (or BENCH_ONLY):
+
+  l4     TCP passthrough: HAProxy mode tcp, nginx stream, dcrouter
+         action = forward
+  http   HTTP reverse proxy, keep-alive to the backend: HAProxy mode http
+         (http-reuse always), nginx http proxy_pass (upstream keepalive),
+         dcrouter action = http
+  https  the same, terminating TLS (a self-signed certificate made with
+         openssl); "direct" is the backend serving TLS itself
+
+Proxies run one thread / worker each. Each is started from a generated
+config and stopped by its PID (its process group, which this script
+created), never by name.
 
 Figures, per target, the median over the rounds:
-  bulk       MB/s (10^6 bytes/s) in one connection: curl downloads a 1 GiB
-             file again and again over one kept-alive connection for
+  bulk       (l4) MB/s (10^6 bytes/s) in one connection: curl downloads a
+             1 GiB file again and again over one kept-alive connection for
              --duration seconds
-  cps        short connections per second: wrk, --connections in flight,
-             'Connection: close' on every request of a small file
-  keepalive  requests/s over --connections kept-alive connections (wrk)
+  cps        (l4) short connections per second: wrk, --connections in
+             flight, 'Connection: close' on every request of a small file
+  keepalive  (every suite) requests/s over --connections kept-alive
+             connections (wrk)
 Also the CPU time the proxy (its whole process group) and the client used
 per unit of work, read from /proc and getrusage.
 """
@@ -37,6 +48,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -52,6 +64,14 @@ SMALL_BODY = b"dcrouter bench: small response\n" * 4  # 128 bytes
 PROXIES = ("haproxy", "nginx", "dcrouter")
 TARGETS = ("direct", *PROXIES)
 METRICS = ("bulk", "cps", "keepalive")
+SUITES = ("l4", "http", "https")
+# What each suite measures (of those --metrics selects).
+SUITE_METRICS = {"l4": METRICS, "http": ("keepalive",), "https": ("keepalive",)}
+SUITE_TITLES = {
+    "l4": "TCP passthrough (L4)",
+    "http": "HTTP reverse proxy, plain",
+    "https": "HTTP reverse proxy, TLS-terminating",
+}
 # A run during which other work used more than this share of a core is
 # "disturbed": retried (--retries), else kept and counted in the report.
 DISTURBED = 0.2
@@ -207,10 +227,16 @@ def wait_port(port: int, proc: Proc, timeout: float) -> bool:
     return False
 
 
-def fetch(port: int, path: str, timeout: float = 5.0) -> bytes | None:
-    """A plain HTTP/1.0 GET, the body or None."""
+def fetch(port: int, path: str, timeout: float = 5.0, tls: bool = False) -> bytes | None:
+    """An HTTP/1.0 GET (over TLS, unverified, if `tls`), the body or None."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with contextlib.ExitStack() as stack:
+            s = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=timeout))
+            if tls:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                s = stack.enter_context(ctx.wrap_socket(s, server_hostname="bench.local"))
             s.sendall(f"GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n".encode())
             data = b""
             while True:
@@ -229,8 +255,27 @@ def fetch(port: int, path: str, timeout: float = 5.0) -> bytes | None:
 # ------------------------------------------------------------------ configs
 
 
-def nginx_backend_conf(d: Path, ports: list[int], workers: int) -> str:
+@dataclass
+class TlsFiles:
+    cert: Path  # PEM certificate
+    key: Path  # PEM private key
+    pem: Path  # both in one file (HAProxy's crt)
+
+
+def nginx_backend_conf(
+    d: Path,
+    ports: list[int],
+    workers: int,
+    tls_port: int | None = None,
+    tls: TlsFiles | None = None,
+) -> str:
     listens = "\n".join(f"        listen 127.0.0.1:{p} backlog=4096;" for p in ports)
+    if tls_port is not None and tls is not None:
+        # The https suite's "direct": the backend terminating TLS itself.
+        listens += f"""
+        listen 127.0.0.1:{tls_port} ssl backlog=4096;
+        ssl_certificate {tls.cert};
+        ssl_certificate_key {tls.key};"""
     return f"""\
 worker_processes {workers};
 daemon off;
@@ -291,6 +336,117 @@ listen bench
     bind 127.0.0.1:{port}
     server backend 127.0.0.1:{backend}
 """
+
+
+# The headers a reverse proxy usually adds: dcrouter always writes
+# X-Forwarded-For/-Proto/-Host, X-Real-IP and Forwarded, so HAProxy and nginx
+# are given the common three rather than none.
+def haproxy_http_conf(port: int, backend: int, tls: TlsFiles | None) -> str:
+    ssl_bind = f" ssl crt {tls.pem}" if tls else ""
+    proto = "https" if tls else "http"
+    return f"""\
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout http-request 10s
+    timeout http-keep-alive 120s
+    http-reuse always
+
+listen bench
+    bind 127.0.0.1:{port}{ssl_bind}
+    option forwardfor
+    http-request set-header X-Forwarded-Proto {proto}
+    http-request set-header X-Real-IP %[src]
+    server backend 127.0.0.1:{backend}
+"""
+
+
+def nginx_http_proxy_conf(d: Path, port: int, backend: int, tls: TlsFiles | None) -> str:
+    name = "nginx-https" if tls else "nginx-http"
+    ssl_lines = (
+        f"""
+        ssl_certificate {tls.cert};
+        ssl_certificate_key {tls.key};"""
+        if tls
+        else ""
+    )
+    return f"""\
+worker_processes 1;
+daemon off;
+pid {d}/{name}.pid;
+error_log {d}/{name}.error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    client_body_temp_path {d}/tmp;
+    proxy_temp_path {d}/tmp;
+    fastcgi_temp_path {d}/tmp;
+    uwsgi_temp_path {d}/tmp;
+    scgi_temp_path {d}/tmp;
+    upstream origin {{
+        server 127.0.0.1:{backend};
+        keepalive 64;
+        keepalive_requests 10000000;
+        keepalive_timeout 120s;
+    }}
+    server {{
+        listen 127.0.0.1:{port}{" ssl" if tls else ""} backlog=4096;{ssl_lines}
+        location / {{
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Real-IP $remote_addr;
+        }}
+    }}
+}}
+"""
+
+
+def dcrouter_http_ini(d: Path, port: int, backend: int, tls: TlsFiles | None) -> str:
+    tls_lines = f"tls = terminate\ncert = {tls.cert}\nkey = {tls.key}\n" if tls else ""
+    return f"""\
+[dcrouter]
+state_dir = {d}/dcrouter-state
+
+[route:bench]
+ports = {port}
+bind = 127.0.0.1
+{tls_lines}action = http
+target = 127.0.0.1:{backend}
+"""
+
+
+def make_cert(d: Path) -> TlsFiles:
+    """A self-signed ECDSA P-256 certificate for 127.0.0.1 / bench.local."""
+    tls = TlsFiles(d / "bench.crt", d / "bench.key", d / "bench.pem")
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "30", "-subj", "/CN=bench.local",
+            "-addext", "subjectAltName=DNS:bench.local,IP:127.0.0.1",
+            "-keyout", str(tls.key), "-out", str(tls.cert),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )  # fmt: skip
+    tls.pem.write_bytes(tls.cert.read_bytes() + tls.key.read_bytes())
+    for path in (tls.cert, tls.key, tls.pem):
+        path.chmod(0o644)  # a throwaway key in a private temporary folder
+    return tls
 
 
 def dcrouter_ini(d: Path, port: int, backend: int) -> str:
@@ -415,7 +571,7 @@ WRK_ERRS = re.compile(r"Socket errors:.*|Non-2xx or 3xx responses:.*")
 
 
 def measure_wrk(
-    port: int, duration: float, conns: int, threads: int, close: bool
+    port: int, duration: float, conns: int, threads: int, close: bool, tls: bool = False
 ) -> tuple[float, float, float, str]:
     argv = [
         "wrk",
@@ -430,13 +586,63 @@ def measure_wrk(
     ]
     if close:
         argv += ["-H", "Connection: close"]
-    argv.append(f"http://127.0.0.1:{port}/small.txt")
+    argv.append(f"{'https' if tls else 'http'}://127.0.0.1:{port}/small.txt")
     out, rc, cpu = run_client(argv, timeout=duration + 30)
     rps, total = WRK_RPS.search(out), WRK_TOTAL.search(out)
     if rc != 0 or not rps or not total:
         return 0.0, 0.0, cpu, f"wrk exit {rc}: {out.strip()[-200:]}"
     errs = "; ".join(m.group(0).strip() for m in WRK_ERRS.finditer(out))
     return float(rps.group(1)), float(total.group(1)), cpu, errs
+
+
+def dcrouter_source(venv: Path) -> str:
+    """Which dcrouter the venv runs: its folder, the commit there (and
+    whether dcrouter/ has uncommitted changes), Python and Twisted."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        return f"{python} not found"
+    probe = (
+        "import os, sys, twisted, dcrouter; "
+        "print(os.path.dirname(os.path.dirname(os.path.abspath(dcrouter.__file__)))); "
+        "print('Python', sys.version.split()[0] + ', Twisted', twisted.__version__)"
+    )
+    try:
+        done = subprocess.run(
+            [str(python), "-c", probe],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd="/",  # not the work tree: import what the venv imports
+        )
+    except subprocess.TimeoutExpired:
+        return "unknown (timed out)"
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        return "does not import: " + (lines[-1] if lines else f"exit {done.returncode}")
+    src, runtime = done.stdout.strip().splitlines()[:2]
+    commit = ""
+    try:
+        head = subprocess.run(
+            ["git", "-C", src, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if head.returncode == 0:
+            commit = f" at commit {head.stdout.strip()}"
+            dirty = subprocess.run(
+                ["git", "-C", src, "status", "--porcelain", "--", "dcrouter", "twisted"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            if dirty.stdout.strip():
+                commit += " (dcrouter/ has uncommitted changes)"
+        else:
+            commit = " (not a git checkout)"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return f"{src}{commit}; {runtime}"
 
 
 # ---------------------------------------------------------------- the bench
@@ -447,6 +653,7 @@ class Target:
     name: str
     port: int
     proc: Proc | None  # None for direct
+    tls: bool = False  # the client speaks TLS to it (the https suite)
     results: dict[str, list[Sample]] = field(default_factory=dict)
 
 
@@ -456,10 +663,15 @@ def start_proxies(
     procs: Procs,
     backend_ports: dict[str, int],
     wanted: list[str],
+    suite: str,
+    tls_files: TlsFiles | None,
 ) -> tuple[list[Target], dict[str, str]]:
+    """Start the suite's proxies, each on a free port; check that a GET
+    through each returns the backend's small file."""
     targets: list[Target] = []
     skipped: dict[str, str] = {}
     ports = dict(zip(PROXIES, free_ports(len(PROXIES)), strict=True))
+    tls = tls_files if suite == "https" else None
 
     for name in wanted:
         # Each target reaches the backend on a port of its own, so that the
@@ -468,41 +680,54 @@ def start_proxies(
         backend_port = backend_ports[name]
         port = ports.get(name, backend_port)
         if name == "direct":
-            targets.append(Target("direct", backend_port, None))
+            # https: the backend itself terminates TLS on a port of its own
+            direct = backend_ports["direct-tls"] if tls else backend_port
+            targets.append(Target("direct", direct, None, tls=tls is not None))
             continue
+        tag = f"{name}-{suite}"  # file names: haproxy-l4.cfg, nginx-https.log, ...
         if name == "haproxy":
             if not shutil.which("haproxy"):
                 skipped[name] = "haproxy not installed (make deps-bench)"
                 continue
-            cfg = d / "haproxy.cfg"
-            cfg.write_text(haproxy_conf(port, backend_port, args.haproxy_splice))
-            proc = procs.start(name, ["haproxy", "-db", "-f", str(cfg)], d / "haproxy.log")
+            cfg = d / f"{tag}.cfg"
+            if suite == "l4":
+                cfg.write_text(haproxy_conf(port, backend_port, args.haproxy_splice))
+            else:
+                cfg.write_text(haproxy_http_conf(port, backend_port, tls))
+            proc = procs.start(tag, ["haproxy", "-db", "-f", str(cfg)], d / f"{tag}.log")
         elif name == "nginx":
-            if not shutil.which("nginx") or not os.path.exists(NGINX_STREAM_MODULE):
-                skipped[name] = (
-                    "nginx or its stream module missing (nginx-light, libnginx-mod-stream)"
-                )
+            if suite == "l4" and not os.path.exists(NGINX_STREAM_MODULE):
+                skipped[name] = "nginx's stream module missing (libnginx-mod-stream)"
                 continue
-            cfg = d / "nginx-proxy.conf"
-            cfg.write_text(nginx_proxy_conf(d, port, backend_port))
+            if not shutil.which("nginx"):
+                skipped[name] = "nginx not installed (nginx-light)"
+                continue
+            cfg = d / f"{tag}.conf"
+            if suite == "l4":
+                cfg.write_text(nginx_proxy_conf(d, port, backend_port))
+            else:
+                cfg.write_text(nginx_http_proxy_conf(d, port, backend_port, tls))
             proc = procs.start(
-                name,
-                ["nginx", "-p", str(d), "-e", str(d / "nginx-proxy.error.log"), "-c", str(cfg)],
-                d / "nginx-proxy.log",
+                tag,
+                ["nginx", "-p", str(d), "-e", str(d / f"{tag}.error.log"), "-c", str(cfg)],
+                d / f"{tag}.log",
             )
         else:  # dcrouter
             twistd = Path(args.venv) / "bin" / "twistd"
             if not twistd.exists():
                 skipped[name] = f"{twistd} not found: run `make venv` first"
                 continue
-            ini = d / "dcrouter.ini"
-            ini.write_text(dcrouter_ini(d, port, backend_port))
+            ini = d / f"{tag}.ini"
+            if suite == "l4":
+                ini.write_text(dcrouter_ini(d, port, backend_port))
+            else:
+                ini.write_text(dcrouter_http_ini(d, port, backend_port, tls))
             (d / "dcrouter-state").mkdir(exist_ok=True)
             proc = procs.start(
-                name,
+                tag,
                 [str(twistd), "-n", "--pidfile=", "dcrouter", "--config", str(ini)],
-                d / "dcrouter.log",
-                cwd=REPO,
+                d / f"{tag}.log",
+                cwd=d,
             )
 
         if not wait_port(port, proc, args.start_timeout):
@@ -516,14 +741,14 @@ def start_proxies(
             )
             proc.stop()
             continue
-        if fetch(port, "/small.txt") != SMALL_BODY:
+        if fetch(port, "/small.txt", tls=tls is not None) != SMALL_BODY:
             skipped[name] = (
                 f"{name} listens on {port} but a GET through it "
                 "did not return the backend's small file"
             )
             proc.stop()
             continue
-        targets.append(Target(name, port, proc))
+        targets.append(Target(name, port, proc, tls=tls is not None))
     return targets, skipped
 
 
@@ -554,7 +779,12 @@ def run_metric(metric: str, t: Target, args: argparse.Namespace, backend: Proc) 
         value, work, ccpu, errs = measure_bulk(t.port, args.duration, args.big_mb)
     else:
         value, work, ccpu, errs = measure_wrk(
-            t.port, args.duration, args.connections, args.threads, close=(metric == "cps")
+            t.port,
+            args.duration,
+            args.connections,
+            args.threads,
+            close=(metric == "cps"),
+            tls=t.tls,
         )
     pcpu = (t.proc.cpu_seconds() - cpu0) if t.proc else None
     wall = time.monotonic() - wall0
@@ -569,13 +799,23 @@ def fmt_value(metric: str, v: float) -> str:
     return f"{v:,.0f}" if metric != "bulk" or v >= 100 else f"{v:,.1f}"
 
 
+def report_header(args: argparse.Namespace) -> None:
+    print()
+    print(f"dcrouter bench: {args.rounds} round(s) x {args.duration:g} s per figure, median shown")
+    print("vs haproxy: median over rounds of figure / HAProxy's figure in the same round")
+    print("CPU eff.: HAProxy's CPU per unit of work / this proxy's (1.00 = as frugal)")
+    print(f"(CPUs {args.busy:.0%} busy with other work before the start)")
+
+
 def report(
+    suite: str,
     targets: list[Target],
     skipped: dict[str, str],
     metrics: list[str],
     args: argparse.Namespace,
     wanted: list[str],
 ) -> dict[str, object]:
+    """Print one suite's tables; its results, for the JSON."""
     units = {"bulk": "MB/s", "cps": "conn/s", "keepalive": "req/s"}
     titles = {
         "bulk": "bulk, 1 connection",
@@ -608,24 +848,15 @@ def report(
             return None
         return sum(s.proxy_cpu or 0 for s in samples) / work
 
-    out: dict[str, object] = {
-        "busy_before_start": args.busy,
-        "duration_s": args.duration,
-        "rounds": args.rounds,
-        "connections": args.connections,
-        "wrk_threads": args.threads,
-        "haproxy_splice": args.haproxy_splice,
-        "results": {},
-    }
+    out: dict[str, object] = {"results": {}}
     print()
-    print(f"dcrouter bench: {args.rounds} round(s) x {args.duration:g} s per figure, median shown")
-    print("vs haproxy: median over rounds of figure / HAProxy's figure in the same round")
-    print("CPU eff.: HAProxy's CPU per unit of work / this proxy's (1.00 = as frugal)")
-    print(f"(CPUs {args.busy:.0%} busy with other work before the start)")
+    print(f"== {suite}: {SUITE_TITLES[suite]} ==")
+    if suite == "https":
+        print("(direct: the backend nginx terminating TLS itself)")
     for m in metrics:
         unit, scale = per[m]
         print()
-        print(f"{titles[m]} ({units[m]})")
+        print(f"{suite} {titles[m]} ({units[m]})")
         print(
             f"  {'target':<10} {units[m]:>12} {'vs haproxy':>10} "
             f"{'spread':>15} {'proxy CPU-s/' + unit:>18} {'CPU eff.':>8} "
@@ -685,9 +916,68 @@ def report(
     if skipped:
         print()
         for name, why in skipped.items():
-            print(f"skipped {name}: {why}")
+            print(f"skipped {name} ({suite}): {why}")
     out["skipped"] = skipped
     return out
+
+
+def run_suite(
+    suite: str,
+    targets: list[Target],
+    skipped: dict[str, str],
+    metrics: list[str],
+    args: argparse.Namespace,
+    backend: Proc,
+) -> None:
+    """A warm-up on each target, then the rounds, targets interleaved."""
+    for name, why in skipped.items():
+        log(f"SKIP {name} ({suite}): {why}")
+    for t in targets:
+        log(
+            f"  {t.name:<9} on 127.0.0.1:{t.port}"
+            + (" (TLS)" if t.tls else "")
+            + (f" (pid {t.proc.pid})" if t.proc else "")
+        )
+    if args.warmup > 0:
+        for t in targets:
+            rps, _, _, errs = measure_wrk(
+                t.port, args.warmup, args.connections, args.threads, close=False, tls=t.tls
+            )
+            log(f"  warm-up   {t.name:<9} {rps:>10,.0f} req/s" + (f"  ({errs})" if errs else ""))
+            time.sleep(0.5)
+
+    total = len(targets) * len(metrics) * args.rounds
+    log(f"{total} runs of {args.duration:g} s (~{total * (args.duration + 1.5) / 60:.1f} min)")
+    for r in range(args.rounds):
+        for m in metrics:
+            # rotate the order each round so no target is always first
+            order = targets[r % len(targets) :] + targets[: r % len(targets)] if targets else []
+            for t in order:
+                if t.proc and not t.proc.alive():
+                    log(f"  {t.name} died; see {t.proc.logfile}")
+                    continue
+                for attempt in range(1 + args.retries):
+                    tw = tcp_time_wait()
+                    s = run_metric(m, t, args, backend)
+                    s.round = r
+                    other = s.other_cpu / max(s.wall, 0.001)
+                    steal = s.steal / max(s.wall, 0.001)
+                    s.disturbed = other > DISTURBED
+                    log(
+                        f"  round {r + 1} {suite:<5} {m:<9} {t.name:<9}"
+                        f" {fmt_value(m, s.value):>10}"
+                        f"   other CPU {other:4.0%}, steal {steal:4.0%} of a core,"
+                        f" {tw} TIME_WAIT before" + (f"  ({s.errors})" if s.errors else "")
+                    )
+                    time.sleep(1.0)  # let TIME_WAIT and queues settle
+                    if not s.disturbed:
+                        break
+                    if attempt < args.retries:
+                        log("    something else used the CPUs meanwhile; waiting, then again")
+                        wait_quiet(30)
+                    else:
+                        log("    something else used the CPUs meanwhile; kept, marked")
+                t.results.setdefault(m, []).append(s)
 
 
 def main() -> int:
@@ -708,13 +998,23 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="wrk threads")
     p.add_argument(
         "--only",
-        default=os.environ.get("BENCH_ONLY", ",".join(TARGETS)),
-        help="comma list of " + ",".join(TARGETS),
+        default=os.environ.get("BENCH_ONLY", ""),
+        help=f"comma list of suites ({','.join(SUITES)}) and/or targets "
+        f"({','.join(TARGETS)}); naming none of a kind means all of that kind "
+        "(e.g. 'http,https' or 'l4,haproxy,dcrouter'); default: everything",
     )
     p.add_argument(
         "--metrics",
         default=os.environ.get("BENCH_METRICS", ",".join(METRICS)),
-        help="comma list of " + ",".join(METRICS),
+        help="comma list of " + ",".join(METRICS) + " (bulk and cps are l4 only; "
+        "the http and https suites measure keepalive)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=float(os.environ.get("BENCH_WARMUP", 2)),
+        help="seconds of wrk keep-alive load on each target before a suite's "
+        "rounds, not counted (default 2; 0: none)",
     )
     p.add_argument(
         "--big-mb",
@@ -744,22 +1044,36 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (configs, logs)")
     args = p.parse_args()
 
-    wanted = [t for t in args.only.split(",") if t]
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    for x in only:
+        if x not in TARGETS and x not in SUITES:
+            p.error(f"unknown suite or target {x!r}")
+    wanted = [t for t in TARGETS if t in only] or list(TARGETS)
     metrics = [m for m in args.metrics.split(",") if m]
-    for t in wanted:
-        if t not in TARGETS:
-            p.error(f"unknown target {t!r}")
     for m in metrics:
         if m not in METRICS:
             p.error(f"unknown metric {m!r}")
+    suites = [
+        (suite, [m for m in SUITE_METRICS[suite] if m in metrics])
+        for suite in SUITES
+        if suite in only or not any(x in SUITES for x in only)
+    ]
+    suites = [(suite, ms) for suite, ms in suites if ms]
+    if not suites:
+        p.error("nothing to measure: the http and https suites measure only keepalive")
     if args.duration <= 0 or args.duration > 600 or not 1 <= args.rounds <= 20:
         p.error("--duration must be in (0, 600] and --rounds in [1, 20]")
+    if not 0 <= args.warmup <= 60:
+        p.error("--warmup must be in [0, 60]")
+    all_metrics = {m for _, ms in suites for m in ms}
+    names = {suite for suite, _ in suites}
     missing = [
         tool
         for tool, need in (
-            ("curl", "bulk" in metrics),
-            ("wrk", {"cps", "keepalive"} & set(metrics)),
+            ("curl", "bulk" in all_metrics),
+            ("wrk", bool({"cps", "keepalive"} & all_metrics) or args.warmup > 0),
             ("nginx", True),
+            ("openssl", "https" in names),
         )
         if need and not shutil.which(tool)
     ]
@@ -767,6 +1081,8 @@ def main() -> int:
         log(f"missing tools: {', '.join(missing)} (run `make deps-bench`)")
         return 2
 
+    if "dcrouter" in wanted:
+        print(f"bench: dcrouter from {dcrouter_source(Path(args.venv))}", flush=True)
     busy = args.busy = cpu_busy()
     log(f"machine busy before start: {busy:.0%} of all CPUs")
     if busy > 0.15:
@@ -792,19 +1108,27 @@ def main() -> int:
         # Real data, not a sparse file: reading holes costs the kernel a
         # zeroed page per 4 KiB and made the backend the bottleneck. Once
         # written, the file sits in the page cache.
-        block = os.urandom(1024 * 1024)
-        with open(www / "big.bin", "wb") as f:
-            for _ in range(args.big_mb):
-                f.write(block)
+        if any(suite == "l4" and "bulk" in ms for suite, ms in suites):
+            block = os.urandom(1024 * 1024)
+            with open(www / "big.bin", "wb") as f:
+                for _ in range(args.big_mb):
+                    f.write(block)
+            (www / "big.bin").chmod(0o644)
         for path in (www, d / "tmp"):
             path.chmod(0o755)
         (www / "small.txt").chmod(0o644)
-        (www / "big.bin").chmod(0o644)
 
+        tls_files = make_cert(d) if "https" in names else None
         backend_ports = dict(zip(TARGETS, free_ports(len(TARGETS)), strict=True))
         backend_port = backend_ports["direct"]
+        tls_port = free_ports(1)[0] if tls_files else None
+        if tls_port is not None:
+            backend_ports["direct-tls"] = tls_port
         conf = d / "backend.conf"
-        conf.write_text(nginx_backend_conf(d, list(backend_ports.values()), args.backend_workers))
+        plain_ports = [backend_ports[t] for t in TARGETS]
+        conf.write_text(
+            nginx_backend_conf(d, plain_ports, args.backend_workers, tls_port, tls_files)
+        )
         backend = procs.start(
             "backend",
             ["nginx", "-p", str(d), "-e", str(d / "backend.error.log"), "-c", str(conf)],
@@ -824,47 +1148,39 @@ def main() -> int:
             return 1
         log(f"work dir {d}; backend nginx on 127.0.0.1:{sorted(backend_ports.values())}")
 
-        targets, skipped = start_proxies(args, d, procs, backend_ports, wanted)
-        for name, why in skipped.items():
-            log(f"SKIP {name}: {why}")
-        for t in targets:
-            log(f"  {t.name:<9} on 127.0.0.1:{t.port}" + (f" (pid {t.proc.pid})" if t.proc else ""))
+        done: list[tuple[str, list[Target], dict[str, str], list[str]]] = []
+        for suite, ms in suites:
+            log(f"== {suite}: {SUITE_TITLES[suite]}")
+            targets, skipped = start_proxies(
+                args, d, procs, backend_ports, wanted, suite, tls_files
+            )
+            try:
+                run_suite(suite, targets, skipped, ms, args, backend)
+            finally:
+                for t in targets:
+                    if t.proc:
+                        t.proc.stop()
+            done.append((suite, targets, skipped, ms))
 
-        total = len(targets) * len(metrics) * args.rounds
-        log(f"{total} runs of {args.duration:g} s (~{total * (args.duration + 1.5) / 60:.1f} min)")
-        for r in range(args.rounds):
-            for m in metrics:
-                # rotate the order each round so no target is always first
-                order = targets[r % len(targets) :] + targets[: r % len(targets)] if targets else []
-                for t in order:
-                    if t.proc and not t.proc.alive():
-                        log(f"  {t.name} died; see {t.proc.logfile}")
-                        continue
-                    for attempt in range(1 + args.retries):
-                        tw = tcp_time_wait()
-                        s = run_metric(m, t, args, backend)
-                        s.round = r
-                        other = s.other_cpu / max(s.wall, 0.001)
-                        steal = s.steal / max(s.wall, 0.001)
-                        s.disturbed = other > DISTURBED
-                        log(
-                            f"  round {r + 1} {m:<9} {t.name:<9} {fmt_value(m, s.value):>10}"
-                            f"   other CPU {other:4.0%}, steal {steal:4.0%} of a core,"
-                            f" {tw} TIME_WAIT before" + (f"  ({s.errors})" if s.errors else "")
-                        )
-                        time.sleep(1.0)  # let TIME_WAIT and queues settle
-                        if not s.disturbed:
-                            break
-                        if attempt < args.retries:
-                            log("    something else used the CPUs meanwhile; waiting, then again")
-                            wait_quiet(30)
-                        else:
-                            log("    something else used the CPUs meanwhile; kept, marked")
-                    t.results.setdefault(m, []).append(s)
-
-        result = report(targets, skipped, metrics, args, wanted)
+        report_header(args)
+        results: dict[str, object] = {}
+        skips: dict[str, object] = {}
+        out: dict[str, object] = {
+            "busy_before_start": args.busy,
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "warmup_s": args.warmup,
+            "connections": args.connections,
+            "wrk_threads": args.threads,
+            "haproxy_splice": args.haproxy_splice,
+            "results": results,
+            "skipped": skips,
+        }
+        for suite, targets, skipped, ms in done:
+            r = report(suite, targets, skipped, ms, args, wanted)
+            results[suite], skips[suite] = r["results"], r["skipped"]
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         return 0
     except KeyboardInterrupt as e:
         log(f"interrupted ({e}); stopping everything")
