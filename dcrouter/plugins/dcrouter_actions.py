@@ -4,6 +4,7 @@ from dcrouter.actions.block import BlockAction
 from dcrouter.actions.forward import ForwardAction
 from dcrouter.actions.http import HTTPAction
 from dcrouter.actions.redirect import RedirectAction
+from dcrouter.actions.smtp_starttls import SMTPStartTLSAction
 from dcrouter.actions.static import StaticAction
 
 forward = ForwardAction()
@@ -11,3 +12,4 @@ block = BlockAction()
 static = StaticAction()
 http = HTTPAction()
 redirect = RedirectAction()
+smtpStarttls = SMTPStartTLSAction()

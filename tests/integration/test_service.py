@@ -24,7 +24,7 @@ def test_builtin_actions_are_found_as_plugins():
 
 def test_unknown_action_lists_the_known_ones():
     (error,) = errorsOf(RouteConfig(name="x", ports=(1,), action="foward"))
-    assert "[route:x] action: unknown action 'foward' (known: block, forward, http, redirect, static)" in error
+    assert "[route:x] action: unknown action 'foward' (known: block, forward, http, redirect, smtp-starttls, static)" in error
 
 
 def test_forward_without_a_target_is_an_error():

@@ -107,7 +107,7 @@ EXPECTED = [
     ("missing-cert", "route:missing-cert", "cert", r"no-such-cert\.pem"),
     ("mismatch", "route:mismatch", "cert", r"does not match"),
     ("bind-clash", "route:elsewhere", "ports", r"bound to"),
-    ("action", "route:typo", "action", r"unknown action 'foward' \(known: block, forward, http, redirect, static\)"),
+    ("action", "route:typo", "action", r"unknown action 'foward' \(known: block, forward, http, redirect, smtp-starttls, static\)"),
 ]
 
 
@@ -153,7 +153,7 @@ def test_checkconfig_reports_action_errors(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert_reports(output, path, c, [
-        ("action", "route:api", "action", r"unknown action 'foward' \(known: block, forward, http, redirect, static\)"),
+        ("action", "route:api", "action", r"unknown action 'foward' \(known: block, forward, http, redirect, smtp-starttls, static\)"),
         ("unknown", "route:web", "colour", r"unknown key for action 'forward'"),
     ])
 

@@ -65,7 +65,7 @@ def test_checkconfig_knows_the_plugin_and_its_keys(tmp_path: Path) -> None:
     assert f"{config}:5: [route:echo] colour: unknown key for action 'echo'" in output
     assert (
         f"{config}:9: [route:typo] action: unknown action 'ecko' "
-        "(known: block, echo, forward, http, redirect, static)"
+        "(known: block, echo, forward, http, redirect, smtp-starttls, static)"
     ) in output
     # greeting is the plugin's own key: not reported.
     assert "greeting" not in output
@@ -76,5 +76,5 @@ def test_checkconfig_knows_the_plugin_and_its_keys(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert (
-        f"{config}:3: [route:echo] action: unknown action 'echo' (known: block, forward, http, redirect, static)"
+        f"{config}:3: [route:echo] action: unknown action 'echo' (known: block, forward, http, redirect, smtp-starttls, static)"
     ) in output

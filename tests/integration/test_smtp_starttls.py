@@ -1,0 +1,313 @@
+"""The smtp-starttls action on the real reactor, over loopback, driven by smtplib."""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+
+import pytest
+import pytest_twisted
+from twisted.internet import protocol, threads
+from twisted.logger import globalLogPublisher
+from twisted.protocols.basic import LineReceiver
+
+from dcrouter.actions.smtp_starttls import filterCapabilities
+from dcrouter.config.model import RouteConfig
+from dcrouter.proxy.tls import ensureSelfSigned
+from tests.helpers import freePort, listen, startRouter
+
+
+class SMTPBackend(LineReceiver):
+    """A plaintext SMTP server that records what it is told."""
+
+    delimiter = b"\r\n"
+
+    def connectionMade(self):
+        self.inData = False
+        self.factory.sessions.append(self)
+        if not self.factory.proxy:
+            self.sendLine(b"220 backend.test ESMTP")
+
+    def lineReceived(self, line):
+        factory = self.factory
+        if self.inData:
+            if line == b".":
+                self.inData = False
+                factory.messages.append(b"\r\n".join(self.message))
+                self.sendLine(b"250 2.0.0 queued")
+            else:
+                self.message.append(line)
+            return
+        factory.commands.append(line)
+        verb = line.split(b" ", 1)[0].upper()
+        if verb == b"PROXY":
+            self.sendLine(b"220 backend.test ESMTP")
+        elif verb == b"EHLO":
+            self.sendLine(b"250-backend.test")
+            for capability in factory.capabilities:
+                self.sendLine(b"250-" + capability)
+            self.sendLine(b"250 8BITMIME")
+        elif verb == b"HELO":
+            self.sendLine(b"250 backend.test")
+        elif verb == b"XCLIENT":
+            self.sendLine(b"220 backend.test ESMTP")
+        elif verb == b"STARTTLS":
+            self.sendLine(b"454 4.7.0 broken")
+        elif verb == b"DATA":
+            self.inData = True
+            self.message = []
+            self.sendLine(b"354 go ahead")
+        elif verb == b"QUIT":
+            self.sendLine(b"221 bye")
+            self.transport.loseConnection()
+        elif verb == b"AUTH":
+            self.sendLine(b"235 2.7.0 ok")
+        else:
+            self.sendLine(b"250 2.0.0 ok")
+
+
+class SMTPBackendFactory(protocol.Factory):
+    protocol = SMTPBackend
+
+    def __init__(self, capabilities=(), proxy=False):
+        self.capabilities = [
+            b"PIPELINING",
+            b"SIZE 10240000",
+            b"AUTH PLAIN",
+            b"STARTTLS",
+            *capabilities,
+        ]
+        self.proxy = proxy
+        self.commands = []
+        self.messages = []
+        self.sessions = []
+
+
+def noVerify():
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def setUp(tmp_path, backend=None, **options):
+    backend = backend or SMTPBackendFactory()
+    listening = await listen(backend)
+    pair = ensureSelfSigned(str(tmp_path))
+    route = RouteConfig(
+        name="smtp",
+        ports=(0,),
+        action="smtp-starttls",
+        options={
+            "target": f"127.0.0.1:{listening.getHost().port}",
+            "cert": pair.cert,
+            "key": pair.key,
+            "hostname": "mx.dcrouter.test",
+            **options,
+        },
+    )
+    service, port = await startRouter(route)
+    return backend, listening, service, port
+
+
+async def tearDown(service, listening=None):
+    await service.stopService()
+    if listening is not None:
+        await listening.stopListening()
+
+
+def test_filter_capabilities_sets_continuation_marks_right():
+    reply = [b"250-host", b"250-PIPELINING", b"250-AUTH PLAIN", b"250 STARTTLS"]
+    assert filterCapabilities(reply, (b"STARTTLS", b"AUTH")) == [b"250-host", b"250 PIPELINING"]
+    assert filterCapabilities([b"250 host"], (b"STARTTLS",)) == [b"250 host"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_then_mail_reaches_the_backend(tmp_path):
+    backend, listening, service, port = await setUp(tmp_path)
+
+    def session():
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=10) as smtp:
+            code, banner = smtp.ehlo()
+            before = dict(smtp.esmtp_features)
+            refused = smtp.docmd("MAIL FROM:<a@b.test>")
+            smtp.starttls(context=noVerify())
+            smtp.ehlo()
+            after = dict(smtp.esmtp_features)
+            smtp.sendmail("c@d.test", ["a@b.test"], b"Subject: hi\r\n\r\nbody\r\n")
+            return code, banner, before, refused, after
+
+    code, banner, before, refused, after = await threads.deferToThread(session)
+    assert code == 250 and banner.startswith(b"mx.dcrouter.test")
+    assert "starttls" in before and "auth" not in before
+    assert "pipelining" in before and "8bitmime" in before and "size" in before
+    assert refused[0] == 530 and b"STARTTLS" in refused[1]
+    assert "starttls" not in after and after.get("auth") == " PLAIN"
+    assert "8bitmime" in after
+    assert [m for m in backend.messages if b"body" in m]
+    commands = [c.upper() for c in backend.commands]
+    assert commands[0] == b"EHLO MX.DCROUTER.TEST"
+    assert b"EHLO CLIENT.TEST" in commands
+    assert not any(b"A@B.TEST" in c and c.startswith(b"MAIL") for c in commands)
+    assert b"MAIL FROM:<C@D.TEST>" in [c.split(b" SIZE")[0] for c in commands]
+    await tearDown(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_commands_pipelined_after_starttls_are_discarded(tmp_path):
+    backend, listening, service, port = await setUp(tmp_path)
+
+    def session():
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        reader = sock.makefile("rb")
+        greeting = reader.readline()
+        sock.sendall(b"EHLO raw.test\r\n")
+        while reader.readline()[3:4] == b"-":
+            pass
+        sock.sendall(b"STARTTLS\r\nMAIL FROM:<x@y>\r\n")
+        ready = reader.readline()
+        tls = noVerify().wrap_socket(sock, server_hostname="localhost")
+        tlsReader = tls.makefile("rb")
+        tls.sendall(b"EHLO raw.test\r\n")
+        lines = [tlsReader.readline()]
+        while lines[-1][3:4] == b"-":
+            lines.append(tlsReader.readline())
+        tls.sendall(b"QUIT\r\n")
+        bye = tlsReader.readline()
+        tls.close()
+        return greeting, ready, lines, bye
+
+    greeting, ready, lines, bye = await threads.deferToThread(session)
+    assert greeting == b"220 mx.dcrouter.test ESMTP\r\n"
+    assert ready == b"220 2.0.0 Ready to start TLS\r\n"
+    assert lines[-1] == b"250 8BITMIME\r\n"
+    assert not any(b"STARTTLS" in line for line in lines)
+    assert bye.startswith(b"221")
+    assert not any(b"MAIL" in c for c in backend.commands)
+    assert backend.commands == [b"EHLO mx.dcrouter.test", b"EHLO raw.test", b"QUIT"]
+    await tearDown(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_xclient_is_hidden_and_never_sent(tmp_path):
+    backend = SMTPBackendFactory(capabilities=[b"XCLIENT NAME ADDR PROTO HELO"])
+    backend, listening, service, port = await setUp(tmp_path, backend)
+
+    def session():
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.ehlo()
+            before = dict(smtp.esmtp_features)
+            smtp.starttls(context=noVerify())
+            smtp.ehlo()
+            return before, dict(smtp.esmtp_features)
+
+    before, after = await threads.deferToThread(session)
+    assert "xclient" not in before and "xclient" not in after
+    assert not any(command.startswith(b"XCLIENT") for command in backend.commands)
+    await tearDown(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_protocol_header_comes_first(tmp_path):
+    backend = SMTPBackendFactory(proxy=True)
+    backend, listening, service, port = await setUp(tmp_path, backend, proxy_protocol="v1")
+
+    def session():
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.starttls(context=noVerify())
+            return smtp.noop()
+
+    assert (await threads.deferToThread(session))[0] == 250
+    assert backend.commands[0].startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 ")
+    assert backend.commands[1] == b"EHLO mx.dcrouter.test"
+    await tearDown(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_down_gets_421_and_the_record_says_why(tmp_path):
+    records = []
+
+    def observer(event):
+        if event.get("log_namespace") == "dcrouter.access":
+            records.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        pair = ensureSelfSigned(str(tmp_path))
+        route = RouteConfig(
+            name="smtp",
+            ports=(0,),
+            action="smtp-starttls",
+            options={"target": f"127.0.0.1:{freePort()}", "cert": pair.cert, "key": pair.key},
+        )
+        service, port = await startRouter(route)
+
+        def session():
+            with pytest.raises(smtplib.SMTPConnectError) as error:
+                smtplib.SMTP("127.0.0.1", port, timeout=10)
+            return error.value
+
+        error = await threads.deferToThread(session)
+        await tearDown(service)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert error.smtp_code == 421 and b"service unavailable" in error.smtp_error
+    (record,) = records
+    assert record["ended"].startswith("upstream failed:")
+    assert record["action"] == "smtp-starttls"
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+@pytest_twisted.ensureDeferred
+async def test_swaks_sends_a_message_over_starttls(tmp_path):
+    backend, listening, service, port = await setUp(tmp_path)
+
+    def run():
+        return subprocess.run(
+            [
+                "swaks",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--tls",
+                "--to",
+                "a@b.test",
+                "--from",
+                "c@d.test",
+                "--timeout",
+                "10",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    result = await threads.deferToThread(run)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(backend.messages) == 1
+    await tearDown(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_lines_and_slow_clients_are_cut_before_tls(tmp_path):
+    backend, listening, service, port = await setUp(tmp_path, starttls_timeout="0.5s")
+
+    def session():
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(b"NOOP " + b"x" * 5000 + b"\r\n")
+            tooLong = reader.readline()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            timedOut = reader.readline()
+            closed = reader.readline()
+        return tooLong, timedOut, closed
+
+    tooLong, timedOut, closed = await threads.deferToThread(session)
+    assert tooLong.startswith(b"500 ")
+    assert timedOut.startswith(b"421 ") and closed == b""
+    await tearDown(service, listening)
