@@ -69,7 +69,6 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
@@ -78,6 +77,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.http import server as _server
+from dcrouter.http.exchange import ExchangeBase
 from dcrouter.http.routes import HTTPRoute, domainMatches, hostName
 from dcrouter.http.wire import BodyFraming, HTTPError, RequestHead, splitAuthority
 from dcrouter.interfaces import IHTTPExchange, IRoutedConnection
@@ -724,8 +724,10 @@ class H2ServerProtocol(Protocol):
 
 
 @implementer(IHTTPExchange)
-class H2Exchange:
+class H2Exchange(ExchangeBase):
     """One request on one HTTP/2 stream and its response, as an action sees them."""
+
+    contentLength = b"content-length"
 
     def __init__(
         self,
@@ -779,49 +781,6 @@ class H2Exchange:
         self.gone = False
         self.goneCallbacks: list[Callable[[Failure], None]] = []
 
-    # Start: the guard, then the action (as L{dcrouter.http.server.Exchange})
-
-    def start(self) -> None:
-        assert self.httpRoute is not None
-        guard = self.httpRoute.guard
-        if not self.clientEnded:
-            self.startBodyTimer()
-        if guard is None:
-            self.runAction()
-            return
-        verdict = guard.check(self)
-        if isinstance(verdict, Deferred):
-            verdict.addCallbacks(self.guardSaid, self.guardFailed)
-        else:
-            self.guardSaid(verdict)
-
-    def guardSaid(self, allowed: bool) -> None:
-        if self.gone or self.finished:
-            return
-        if allowed:
-            self.runAction()
-
-    def guardFailed(self, failure: Failure) -> None:
-        assert self.route is not None
-        log.failure("the guard of [route:{route}] failed", failure, route=self.route.name)
-        if not self.gone and not self.started:
-            self.respond(503, body=b"authentication unavailable\n")
-
-    def runAction(self) -> None:
-        assert self.httpRoute is not None and self.route is not None
-        try:
-            self.httpRoute.action.handleRequest(self, self.httpRoute.options)
-        except Exception:
-            log.failure(
-                "action {action!r} of [route:{route}] failed",
-                action=self.route.action,
-                route=self.route.name,
-            )
-            if self.started:
-                self.abort("action failed")
-            else:
-                self.respond(500, body=b"internal error\n")
-        self.server.flush()
 
     # The request body
 
@@ -938,26 +897,13 @@ class H2Exchange:
         self.bodyFailedWith(408, "request body stalled")
         self.server.flush()
 
-    def cancelBodyTimer(self) -> None:
-        if self.bodyTimer is not None and self.bodyTimer.active():
-            self.bodyTimer.cancel()
-        self.bodyTimer = None
+    def bodyPending(self) -> bool:
+        return not self.clientEnded
+
+    def afterAction(self) -> None:
+        self.server.flush()
 
     # The response
-
-    def respond(
-        self, status: int, headers: Iterable[tuple[bytes, bytes]] = (), body: bytes = b""
-    ) -> None:
-        framing = BodyFraming("length", len(body))
-        if status in (204, 304) or status < 200:
-            framing = _NO_BODY
-        elif self.request.method == b"HEAD":
-            headers = [*headers, (b"content-length", b"%d" % len(body))]
-            framing = _NO_BODY
-        self.startResponse(status, b"", headers, framing)
-        if framing.kind != "none" and body:
-            self.write(body)
-        self.finish()
 
     def informational(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
         """Relay a 1xx (100 Continue, 103 Early Hints); never 101."""
@@ -1104,5 +1050,3 @@ class H2Exchange:
         for callback in callbacks:
             callback(reason)
 
-    def whenGone(self, callback: Callable[[Failure], None]) -> None:
-        self.goneCallbacks.append(callback)

@@ -21,7 +21,6 @@ from typing import Any, Optional
 from urllib.parse import unquote_to_bytes
 
 from attrs import frozen
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -29,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.model import HttpSettings, IPNetwork
+from dcrouter.http.exchange import ExchangeBase
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable, domainMatches, hostName
 from dcrouter.http.wire import (
     LAST_CHUNK,
@@ -52,7 +52,6 @@ log = Logger()
 # the client is paused.
 _READ_AHEAD = 64 * 1024
 
-_NO_BODY = BodyFraming("none")
 
 ACME_CHALLENGE_PATH = b"/.well-known/acme-challenge/"
 
@@ -381,7 +380,7 @@ class HTTPServerProtocol(Protocol):
 
 
 @implementer(IHTTPExchange)
-class Exchange:
+class Exchange(ExchangeBase):
     """One request and its response, as an action sees them."""
 
     def __init__(
@@ -418,45 +417,8 @@ class Exchange:
         self.gone = False
         self.goneCallbacks: list[Callable[[Failure], None]] = []
 
-    # Start: the guard, then the action
-
-    def start(self) -> None:
-        guard = self.httpRoute.guard
-        if not self.bodyDone:
-            self.startBodyTimer()
-        if guard is None:
-            self.runAction()
-            return
-        verdict = guard.check(self)
-        if isinstance(verdict, Deferred):
-            verdict.addCallbacks(self.guardSaid, self.guardFailed)
-        else:
-            self.guardSaid(verdict)
-
-    def guardSaid(self, allowed: bool) -> None:
-        if self.gone or self.finished:
-            return
-        if allowed:
-            self.runAction()
-
-    def guardFailed(self, failure: Failure) -> None:
-        log.failure("the guard of [route:{route}] failed", failure, route=self.route.name)
-        if not self.gone and not self.started:
-            self.respond(503, body=b"authentication unavailable\n")
-
-    def runAction(self) -> None:
-        try:
-            self.httpRoute.action.handleRequest(self, self.httpRoute.options)
-        except Exception:
-            log.failure(
-                "action {action!r} of [route:{route}] failed",
-                action=self.route.action,
-                route=self.route.name,
-            )
-            if self.started:
-                self.abort("action failed")
-            else:
-                self.respond(500, body=b"internal error\n")
+    def bodyPending(self) -> bool:
+        return not self.bodyDone
 
     # The request body
 
@@ -538,26 +500,7 @@ class Exchange:
             return
         self.bodyFailedWith(408, "request body stalled")
 
-    def cancelBodyTimer(self) -> None:
-        if self.bodyTimer is not None and self.bodyTimer.active():
-            self.bodyTimer.cancel()
-        self.bodyTimer = None
-
     # The response
-
-    def respond(
-        self, status: int, headers: Iterable[tuple[bytes, bytes]] = (), body: bytes = b""
-    ) -> None:
-        framing = BodyFraming("length", len(body))
-        if status in (204, 304) or status < 200:
-            framing = _NO_BODY
-        elif self.request.method == b"HEAD":
-            headers = [*headers, (b"Content-Length", b"%d" % len(body))]
-            framing = _NO_BODY
-        self.startResponse(status, b"", headers, framing)
-        if framing.kind != "none" and body:
-            self.write(body)
-        self.finish()
 
     def informational(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
         """Relay a 1xx (100 Continue, 103 Early Hints) to an HTTP/1.1 client."""
@@ -677,8 +620,6 @@ class Exchange:
         for callback in callbacks:
             callback(reason)
 
-    def whenGone(self, callback: Callable[[Failure], None]) -> None:
-        self.goneCallbacks.append(callback)
 
 
 def _reasonPhrase(status: int) -> bytes:
