@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.threads import deferToThread
 
 from dcrouter.config import loadConfig
 from dcrouter.proxy.tls import clientTLS
@@ -101,6 +102,8 @@ async def test_certificate_auto_is_issued_and_served(tmp_path, pebble, challenge
         root.write_bytes(await defer.ensureDeferred(_root(pebble)))
         answer = await fetchOverTLS(pebble.tlsPort, str(root))
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"secure\n")
+        verified = await deferToThread(sClient, pebble.tlsPort, str(root))
+        assert "Verify return code: 0 (ok)" in verified, verified
         (status,) = service.certs.status()
         assert status["names"] == ["app.test"]
         if challenge == "http-01":
@@ -127,6 +130,17 @@ async def test_a_wildcard_is_issued_through_dcrouters_own_dns(tmp_path, pebble):
         assert answer.endswith(b"secure\n")
     finally:
         await service.stopService()
+
+
+def sClient(port, caFile):
+    """openssl s_client's view of the route: the issued chain, verified."""
+    import subprocess
+
+    return subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "app.test",
+         "-CAfile", caFile, "-verify_return_error", "-showcerts"],
+        input="", capture_output=True, text=True, timeout=20,
+    ).stdout
 
 
 async def operatorCommands(service, tmp_path):
