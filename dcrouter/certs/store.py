@@ -112,6 +112,7 @@ class DirectoryStore:
         *,
         contextBuilder: ContextBuilder = defaultContext,
         timeout: float = FILE_TIMEOUT,
+        readOnly: bool = False,
     ) -> None:
         """
         @param directory: C{<state_dir>/certs}; created (0700) if missing.
@@ -120,6 +121,8 @@ class DirectoryStore:
             and stops it.
         @param clock: for the timeouts of those calls.
         @param contextBuilder: builds each certificate's TLS context.
+        @param readOnly: only read (a router worker following the
+            supervisor's store): no directory made, no leftovers removed.
         """
         self.directory = directory
         self._calls = ThreadCalls(reactor, threadpool, clock, timeout=timeout)
@@ -128,6 +131,7 @@ class DirectoryStore:
         self._index: dict[str, CertificateEntry] = {}
         self._subscribers = _Subscribers()
         self._writing = DeferredLock()
+        self._readOnly = readOnly
 
     # -- reading, from memory -------------------------------------------------
 
@@ -182,11 +186,16 @@ class DirectoryStore:
         return d.addCallback(loaded)
 
     def _readAll(self) -> tuple[dict[str, CertificateEntry], builtins.list[str]]:
-        files.ensureDirectory(self.directory)
-        problems = [
-            f"removed {n}, left by an interrupted write"
-            for n in files.removeTemporaries(self.directory)
-        ]
+        problems: builtins.list[str] = []
+        if self._readOnly:
+            if not os.path.isdir(self.directory):
+                return {}, problems
+        else:
+            files.ensureDirectory(self.directory)
+            problems = [
+                f"removed {n}, left by an interrupted write"
+                for n in files.removeTemporaries(self.directory)
+            ]
         entries: dict[str, CertificateEntry] = {}
         for name in sorted(os.listdir(self.directory)):
             if not name.endswith(".pem"):
@@ -308,6 +317,7 @@ class StaticCertificates(Service):
         interval: float = 60.0,
         contextBuilder: ContextBuilder = defaultContext,
         timeout: float = FILE_TIMEOUT,
+        readOnly: bool = False,
     ) -> None:
         self._clock = clock
         self._calls = ThreadCalls(reactor, threadpool, clock, timeout=timeout)
