@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from ipaddress import ip_address
-from typing import Any, Optional
+from math import ceil
+from typing import Any, Literal, Optional
 
 from attrs import evolve, frozen
+from prometheus_client import generate_latest
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -32,11 +35,11 @@ from zope.interface.verify import verifyObject
 
 import dcrouter.plugins
 from dcrouter.auth.passwords import StaticPasswordChecker, parseUsers
-from dcrouter.certs.manager import CertManager
+from dcrouter.certs.manager import CertificateSource, CertManager, FollowedCerts
 from dcrouter.config import loadConfig
 from dcrouter.config.email import emailRoutes
 from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
-from dcrouter.config.model import PYTHON, CertificatePair, RouteConfig, RouterConfig
+from dcrouter.config.model import PYTHON, CertificatePair, Limits, RouteConfig, RouterConfig
 from dcrouter.config.options import RouteOptions
 from dcrouter.config.validate import checkModel
 from dcrouter.dns.service import DNSService
@@ -57,6 +60,9 @@ from dcrouter.proxy.gate import Gate
 from dcrouter.proxy.listener import Router, RoutingState
 from dcrouter.proxy.routetable import CompiledRoute, PortTable
 from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
+from dcrouter.workers.pool import WorkerPool
+from dcrouter.workers.reports import WorkerMetrics, mergeStatus
+from dcrouter.workers.sockets import openGroup
 
 log = Logger()
 
@@ -151,7 +157,7 @@ def _parseRoute(
     errors: ErrorCollector,
     previousGates: dict[str, Gate],
     threadpool: ThreadPool,
-    certs: Optional[CertManager] = None,
+    certs: Optional[CertificateSource] = None,
 ) -> Optional[_Parsed]:
     section = f"route:{route.name}"
     action = actions.get(route.action)
@@ -218,7 +224,7 @@ def _portTables(
     config: RouterConfig,
     clock: IReactorTime,
     fallback: Optional[CompiledRoute],
-    certs: Optional[CertManager] = None,
+    certs: Optional[CertificateSource] = None,
 ) -> dict[int, PortTable]:
     """
     One table per port; a port with an HTTP route gets an HTTP layer.
@@ -290,7 +296,7 @@ def compileConfig(
     defaultCert: Optional[CertificatePair] = None,
     previous: Optional[CompiledConfig] = None,
     threadpool: Optional[ThreadPool] = None,
-    certs: Optional[CertManager] = None,
+    certs: Optional[CertificateSource] = None,
 ) -> CompiledConfig:
     """
     Check everything a start needs short of binding ports; raise L{ConfigErrors}.
@@ -413,10 +419,14 @@ def loadAndCompile(
     clock: IReactorTime,
     defaultCertFor: Callable[[RouterConfig], Optional[CertificatePair]] = lambda config: None,
     previous: Optional[CompiledConfig] = None,
-    certs: Optional[CertManager] = None,
+    certs: Optional[CertificateSource] = None,
+    adjust: Callable[[RouterConfig], RouterConfig] = lambda config: config,
 ) -> CompiledConfig:
     """
     Load C{path} and compile it; raise L{ConfigErrors} with the errors of both.
+
+    C{adjust} turns the file's configuration into what this process applies
+    (a worker's share of the connection caps).
 
     When the file has errors, the routes the loader could still make out are
     compiled anyway, so that one run reports an unknown action beside a bad
@@ -429,6 +439,7 @@ def loadAndCompile(
         if not isinstance(e.partial, RouterConfig):
             raise
         config, loadErrors = e.partial, e.errors
+    config = adjust(config)
     try:
         compiled = compileConfig(
             config, actions, clock, defaultCertFor(config), previous, certs=certs
@@ -501,6 +512,47 @@ def endpointString(port: int, address: str) -> str:
     return f"tcp:port={port}:interface={address}"
 
 
+@frozen
+class ProcessRole:
+    """
+    What this process is: the whole daemon (C{single}), the C{supervisor}
+    of C{count} router processes (it binds the listeners and runs what must
+    run once: mail, ACME, DNS, the admin listener), or router C{worker}
+    C{index} of C{count}, serving the C{inherited} listener descriptors.
+    """
+
+    kind: Literal["single", "supervisor", "worker"] = "single"
+    index: int = 0
+    count: int = 1
+    inherited: Mapping[ListenKey, int] = {}
+
+    @classmethod
+    def forWorkers(cls, count: int) -> ProcessRole:
+        """The role of twistd's process when C{count} routers are wanted."""
+        return cls("supervisor", count=count) if count > 1 else cls()
+
+
+def shareLimits(config: RouterConfig, workers: int) -> RouterConfig:
+    """
+    Each worker's part of the global connection caps (rounded up).
+
+    Caps per client address need no share: the kernel steers one address to
+    one worker (L{dcrouter.workers.sockets}).
+    """
+    if workers <= 1:
+        return config
+
+    def share(limits: Limits) -> Limits:
+        total = limits.max_connections
+        return limits if total is None else evolve(limits, max_connections=ceil(total / workers))
+
+    return evolve(
+        config,
+        defaults=evolve(config.defaults, limits=share(config.defaults.limits)),
+        routes=tuple(evolve(route, limits=share(route.limits)) for route in config.routes),
+    )
+
+
 class DcRouter(MultiService):
     """
     The daemon: listeners, the live route table, reload and graceful stop.
@@ -515,6 +567,7 @@ class DcRouter(MultiService):
         reactor: Any = None,
         actions: Optional[dict[str, Any]] = None,
         configPath: Optional[str] = None,
+        role: ProcessRole = ProcessRole(),
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -522,27 +575,49 @@ class DcRouter(MultiService):
 
             reactor = globalReactor
         self.reactor = reactor
+        self.role = role
+        self.isWorker = role.kind == "worker"
+        config = self.adjust(config)
         self.config = config
         self.configPath = configPath
         self.actions = actions if actions is not None else loadActions()
         self.compiled: Optional[CompiledConfig] = None
         self.router: Optional[Router] = None
         self.listeners: dict[ListenKey, IListeningPort] = {}
+        #: A supervisor's listeners: one socket per worker, by (port, address).
+        self.groups: dict[ListenKey, list[socket.socket]] = {}
+        self.workers: Optional[WorkerPool] = None
+        if role.kind == "supervisor":
+            assert configPath is not None, "workers read the configuration file"
+            self.workers = WorkerPool(
+                self.reactor, configPath, role.count, self.groups, config.daemon.drain_timeout
+            )
         self.previousHangup: Any = None
         self.stopping = False
         #: The authoritative DNS server (serves nothing without [dns] listen);
-        #: also the record API of ACME dns-01 and DKIM (IDNSRecords).
-        self.dns = DNSService(config.dns, self.reactor, config.daemon.state_dir)
+        #: also the record API of ACME dns-01 and DKIM (IDNSRecords). Run once:
+        #: a worker's serves nothing.
+        self.dns = DNSService(self.dnsSettings(config), self.reactor, config.daemon.state_dir)
         self.dns.setServiceParent(self)
         self.certs: Optional[CertManager] = None
-        if config.acme.enabled:
+        #: What the routes serve ACME certificates and answers from.
+        self.certSource: Optional[CertificateSource] = None
+        if config.acme.enabled and self.isWorker:
+            followed = FollowedCerts(
+                config.daemon.state_dir, self.reactor, _threadPoolOf(self.reactor)
+            )
+            followed.setServiceParent(self)
+            self.certSource = followed
+        elif config.acme.enabled:
             self.certs = CertManager(
                 config, self.reactor, _threadPoolOf(self.reactor),
                 self.dns if config.dns is not None and config.dns.listen else None,
+                publish=role.kind == "supervisor",
             )
             self.certs.setServiceParent(self)
+            self.certSource = self.certs
         self.mail: Optional[MailService] = None
-        if config.email is not None:
+        if config.email is not None and not self.isWorker:
             pair = config.tls.cert or ensureSelfSigned(
                 config.daemon.state_dir, config.email.hostname
             )
@@ -558,6 +633,15 @@ class DcRouter(MultiService):
         self.reloads = 0
         self.certificateWatch: Optional[LoopingCall] = None
         self.certificateStamps: tuple[Any, ...] = ()
+        if self.workers is not None:
+            self.workers.setServiceParent(self)
+
+    def adjust(self, config: RouterConfig) -> RouterConfig:
+        """The configuration as this process applies it: a worker's share of the caps."""
+        return shareLimits(config, self.role.count) if self.isWorker else config
+
+    def dnsSettings(self, config: RouterConfig) -> Any:
+        return None if self.isWorker else config.dns
 
     # Starting
 
@@ -566,7 +650,7 @@ class DcRouter(MultiService):
         if self.router is None:
             self.compiled = compileConfig(
                 self.config, self.actions, self.reactor, self.defaultCertificate(self.config),
-                certs=self.certs,
+                certs=self.certSource,
             )
             if self.certs is not None:
                 for problem in self.certs.sync(self.compiled.config):
@@ -603,9 +687,14 @@ class DcRouter(MultiService):
             self.previousHangup = signal.signal(signal.SIGHUP, self.onHangup)
         assert self.compiled is not None
         log.info(
-            "dcrouter listening on {listeners}",
-            listeners=", ".join(f"{a}:{p}" for p, a in sorted(self.listeners)),
+            "dcrouter listening on {listeners}{workers}",
+            listeners=", ".join(f"{a}:{p}" for p, a in self.listenKeys()),
+            workers=f" with {self.role.count} workers" if self.workers is not None else "",
         )
+
+    def listenKeys(self) -> list[ListenKey]:
+        """Every (port, address) listened on, by this process or its workers."""
+        return sorted({*self.listeners, *self.groups})
 
     def checkCertificateFiles(self) -> None:
         """
@@ -620,7 +709,7 @@ class DcRouter(MultiService):
         try:
             compiled = compileConfig(
                 self.config, self.actions, self.reactor, self.defaultCertificate(self.config),
-                self.compiled, certs=self.certs,
+                self.compiled, certs=self.certSource,
             )
         except ConfigErrors as e:
             log.error("certificate files changed but cannot be used; the old ones stay:\n{errors}",
@@ -648,7 +737,7 @@ class DcRouter(MultiService):
     def listenAdmin(self) -> list[str]:
         """Open the admin listener, if configured; return what failed."""
         admin = self.config.admin
-        if admin.listen is None:
+        if admin.listen is None or self.isWorker:
             return []
         checker = None
         if admin.users is not None:
@@ -656,9 +745,7 @@ class DcRouter(MultiService):
                 parseUsers(admin.users.text), self.reactor, _threadPoolOf(self.reactor),
                 self.reactor,
             )
-        registry = registryFor(
-            RouterCollector(self.accessCounter, self.live), ServicesCollector(self.serviceMetrics)
-        )
+        registry = registryFor(self.routerCollector(), ServicesCollector(self.serviceMetrics))
         site = adminSite(
             registry, self.status, checker, self.certificates, self.renewCertificate,
             self.mail.queue if self.mail is not None else None,
@@ -705,9 +792,36 @@ class DcRouter(MultiService):
     def live(self) -> tuple[Any, Any]:
         return self.router, self.compiled
 
+    def routerCollector(self) -> Any:
+        """This process's router metrics, or the merged ones of its workers."""
+        if self.workers is not None:
+            return WorkerMetrics(self.workers.reports)
+        return RouterCollector(self.accessCounter, self.live)
+
+    def report(self) -> dict[str, Any]:
+        """A worker's report to its supervisor: metrics and its part of the status."""
+        status = self.status()
+        return {
+            "metrics": generate_latest(registryFor(self.routerCollector())).decode("utf-8"),
+            "status": {key: status[key] for key in ("connections", "targets", "errors")},
+        }
+
     def status(self) -> dict[str, Any]:
         """The daemon's state as plain data, for the status page."""
         router, compiled = self.router, self.compiled
+        connections: dict[str, Any] = {
+            "active": len(router.connections) if router else 0,
+            "accepted": router.accepted if router else 0,
+            "refused": dict(router.refused) if router else {},
+        }
+        targets = [state for pool in pools(compiled) for state in pool.snapshot()]
+        errors = list(self.recentErrors.events)
+        if self.workers is not None:
+            merged = mergeStatus(self.workers.reports())
+            connections, targets = merged["connections"], merged["targets"]
+            for report in self.workers.reports():
+                errors.extend(report.get("status", {}).get("errors", []))
+            errors.sort(key=lambda event: event.get("time", 0))
         routes = []
         if compiled is not None:
             for port, table in sorted(compiled.tables.items()):
@@ -722,15 +836,12 @@ class DcRouter(MultiService):
             "config": self.configPath,
             "uptime": self.reactor.seconds() - self.startedAt,
             "reloads": self.reloads,
-            "listeners": [f"{address}:{port}" for port, address in sorted(self.listeners)],
-            "connections": {
-                "active": len(router.connections) if router else 0,
-                "accepted": router.accepted if router else 0,
-                "refused": dict(router.refused) if router else {},
-            },
+            "listeners": [f"{address}:{port}" for port, address in self.listenKeys()],
+            "workers": self.role.count,
+            "connections": connections,
             "routes": routes,
-            "targets": [state for pool in pools(compiled) for state in pool.snapshot()],
-            "errors": list(self.recentErrors.events),
+            "targets": targets,
+            "errors": errors[-50:],
             "certificates": self.certificates(),
             "mail": (
                 {"queued": len(self.mail.queue.messages), **self.mail.queue.stats}
@@ -751,12 +862,16 @@ class DcRouter(MultiService):
             gate=compiled.gate,
             trustedProxies=compiled.config.defaults.trusted_proxies,
             helloTimeout=daemon.hello_timeout,
-            acmeTLS=self.certs.challengeTLS if self.certs is not None else None,
+            acmeTLS=self.certSource.challengeTLS if self.certSource is not None else None,
         )
 
     def listen(self, keys: Iterable[ListenKey]) -> list[str]:
         """Open a listener for each (port, address); return what failed."""
         assert self.router is not None
+        if self.role.kind == "supervisor":
+            return self.openGroups(keys)
+        if self.isWorker:
+            return self.adoptInherited(keys)
         failures = []
         for key in sorted(keys):
             port, address = key
@@ -770,7 +885,48 @@ class DcRouter(MultiService):
                 self.listeners[key] = result
         return failures
 
+    def openGroups(self, keys: Iterable[ListenKey]) -> list[str]:
+        """The supervisor's listeners: a socket per worker on each (port, address)."""
+        failures = []
+        for key in sorted(keys):
+            port, address = key
+            try:
+                group, problem = openGroup(port, address, self.role.count)
+            except OSError as e:
+                failures.append(f"cannot listen on {address}:{port}: {e.strerror or e}")
+                continue
+            if problem is not None:
+                log.warn(
+                    "{address}:{port}: clients are not steered to one worker by address "
+                    "({problem}): per-address limits hold per worker",
+                    address=address, port=port, problem=problem,
+                )
+            self.groups[key] = group
+        return failures
+
+    def adoptInherited(self, keys: Iterable[ListenKey]) -> list[str]:
+        """A worker's listeners: the descriptors the supervisor handed down."""
+        assert self.router is not None
+        failures = []
+        for key in sorted(keys):
+            port, address = key
+            fd = self.role.inherited.get(key)
+            if fd is None:
+                failures.append(
+                    f"{address}:{port} is not among the listeners the supervisor opened"
+                )
+                continue
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            self.listeners[key] = self.reactor.adoptStreamPort(
+                fd, family, self.router.factoryFor(port)
+            )
+        return failures
+
     def closeListeners(self, keys: Iterable[ListenKey]) -> Deferred[Any]:
+        keys = list(keys)
+        for key in keys:
+            for sock in self.groups.pop(key, ()):
+                sock.close()
         waits = []
         for key in keys:
             port = self.listeners.pop(key, None)
@@ -799,7 +955,7 @@ class DcRouter(MultiService):
         try:
             compiled = loadAndCompile(
                 self.configPath, self.actions, self.reactor, self.defaultCertificate,
-                self.compiled, certs=self.certs,
+                self.compiled, certs=self.certSource, adjust=self.adjust,
             )
             config = compiled.config
         except ConfigErrors as e:
@@ -820,7 +976,7 @@ class DcRouter(MultiService):
             self.logRejectedReload([ConfigError(failure) for failure in failures])
             return False
         # DNS last: it opens its new listeners or changes nothing.
-        dnsFailures = self.dns.reconfigure(config.dns)
+        dnsFailures = self.dns.reconfigure(self.dnsSettings(config))
         if dnsFailures:
             self.router.state = self.routingState(self.compiled)
             self.closeListeners(newKeys - oldKeys)
@@ -834,10 +990,16 @@ class DcRouter(MultiService):
         if self.certs is not None:
             for problem in self.certs.sync(config):
                 log.error("ACME: {problem}", problem=problem)
-        elif config.acme.enabled:
+        elif config.acme.enabled and self.certSource is None:
             log.warn("[acme] was enabled by a reload: it takes effect at the next restart")
         if config.email != (self.mail.settings if self.mail is not None else None):
             log.warn("[email] changed: the mail server takes it at the next restart")
+        if self.workers is not None:
+            if newKeys == oldKeys:
+                self.workers.signalAll(signal.SIGHUP)
+            else:
+                log.info("listeners changed: new workers start, the old ones drain")
+                self.workers.replace(self.groups)
         log.info(
             "dcrouter reloaded {path}: {routes} routes on {ports} ports",
             path=self.configPath, routes=len(config.routes), ports=len(compiled.tables),
@@ -854,7 +1016,8 @@ class DcRouter(MultiService):
 
     def stopService(self) -> Deferred[None]:
         """Stop accepting, let connections finish for C{drain_timeout}, then close them."""
-        super().stopService()
+        # Workers (in a supervisor) drain their own connections.
+        children = super().stopService()
         # SIGHUP stays ours until the drain is over: the default action
         # would kill the process and cut the connections being drained.
         self.stopping = True
@@ -865,13 +1028,14 @@ class DcRouter(MultiService):
         # Health checks and idle backend connections go now; requests in
         # flight keep their backend connections until they finish.
         stopResources(self.compiled)
-        closing = self.closeListeners(list(self.listeners))
+        closing = self.closeListeners([*self.listeners, *self.groups])
         closing.addCallback(lambda _: self.drain(done))
         if self.adminPort is not None:
             port, self.adminPort = self.adminPort, None
             done.addCallback(lambda _: port.stopListening())
         done.addCallback(self.removeObservers)
-        return done
+        stopped: Deferred[Any] = gatherResults([done, children])
+        return stopped.addCallback(lambda _: None)
 
     def removeObservers(self, result: object) -> None:
         for observer in (self.accessCounter, self.recentErrors):

@@ -19,7 +19,7 @@ from twisted.python.components import Componentized
 
 from dcrouter.config.errors import ConfigErrors
 from dcrouter.config.model import RouterConfig
-from dcrouter.service import DcRouter, checkConfigFile
+from dcrouter.service import DcRouter, ProcessRole, checkConfigFile
 
 
 class Options(usage.Options):
@@ -64,7 +64,8 @@ class _JsonLogging(MultiService):
 def makeService(options: Options) -> IService:
     config = options.routerConfig
     assert config is not None
-    router = DcRouter(config, configPath=options["config"])
+    role = ProcessRole.forWorkers(config.daemon.workerCount())
+    router = DcRouter(config, configPath=options["config"], role=role)
     if config.daemon.log_format != "json":
         return router
     root = _JsonLogging()

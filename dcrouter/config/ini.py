@@ -67,7 +67,7 @@ _LIMIT_KEYS = (
     "max_connections_per_ip",
     "connection_rate_per_minute",
 )
-_DAEMON_KEYS = ("state_dir", "log_format", "hello_timeout", "drain_timeout")
+_DAEMON_KEYS = ("state_dir", "log_format", "hello_timeout", "drain_timeout", "workers")
 _DEFAULTS_KEYS = (
     "target",
     "bind",
@@ -304,6 +304,20 @@ def _logFormat(text: str) -> LogFormat:
     return cast(LogFormat, values.parseChoice(text, ("text", "json")))
 
 
+#: The most router processes C{workers} may ask for.
+MAX_WORKERS = 64
+
+
+def _workers(text: str) -> int:
+    """C{auto} (0: one per core) or a count from 1 to L{MAX_WORKERS}."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        return values.parseInt(text, 1, MAX_WORKERS)
+    except ValueError as e:
+        raise ValueError(f"{e}: use auto or a count from 1 to {MAX_WORKERS}") from None
+
+
 def _minVersion(text: str) -> Literal["1.2", "1.3"]:
     return cast(Literal["1.2", "1.3"], values.parseChoice(text, ("1.2", "1.3")))
 
@@ -429,6 +443,7 @@ class _Loader:
             log_format=keys.get("log_format", _logFormat, default.log_format),
             hello_timeout=keys.get("hello_timeout", _positiveDuration, default.hello_timeout),
             drain_timeout=keys.get("drain_timeout", values.parseDuration, default.drain_timeout),
+            workers=keys.get("workers", _workers, default.workers),
         )
 
     def defaults(self, keys: _Keys) -> Defaults:

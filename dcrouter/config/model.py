@@ -15,6 +15,7 @@ parses them one floor up (see L{dcrouter.config.options}).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING, Literal, Optional, Union
@@ -105,6 +106,16 @@ class DaemonSettings:
     log_format: LogFormat = "text"
     hello_timeout: float = 10.0
     drain_timeout: float = 30.0
+    #: Router processes sharing the listeners; 0 means one per core.
+    workers: int = 0
+
+    def workerCount(self) -> int:
+        """How many router processes run: C{workers}, or the number of cores."""
+        if self.workers:
+            return self.workers
+        if hasattr(os, "sched_getaffinity"):  # the cores this process may use
+            return len(os.sched_getaffinity(0)) or 1
+        return os.cpu_count() or 1
 
 
 @frozen

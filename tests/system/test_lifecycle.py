@@ -31,11 +31,13 @@ def test_reload_under_traffic(tmp_path: Path, router, backends) -> None:
     two = backends(b"two:")
     p1, p2 = free_ports(2)
     state = tmp_path / "state"
+    # One process: its log shows each listener opened once (workers = 2 is
+    # tests/system/test_workers.py's).
     dcrouter = router(make_config(state, f"""
         [route:a]
         ports = {p1}
         target = 127.0.0.1:{one.port}
-    """))
+    """, workers="1"))
     assert connection_refused(p2)
 
     with connect(p1) as old:
@@ -50,7 +52,7 @@ def test_reload_under_traffic(tmp_path: Path, router, backends) -> None:
             [route:b]
             ports = {p2}
             target = 127.0.0.1:{two.port}
-        """))
+        """, workers="1"))
         mark = dcrouter.mark()
         dcrouter.signal(signal.SIGHUP)
         dcrouter.wait_output(r"dcrouter reloaded .*: 2 routes on 2 ports", start=mark)
@@ -72,7 +74,7 @@ def test_reload_under_traffic(tmp_path: Path, router, backends) -> None:
             [route:b]
             ports = eighty
             target = 127.0.0.1:{two.port}
-        """))
+        """, workers="1"))
         mark = dcrouter.mark()
         dcrouter.signal(signal.SIGHUP)
         dcrouter.wait_output(r"reload of .* rejected", start=mark)
@@ -94,7 +96,7 @@ def test_reload_under_traffic(tmp_path: Path, router, backends) -> None:
         [route:a]
         ports = {p1}
         target = 127.0.0.1:{one.port}
-    """))
+    """, workers="1"))
     mark = dcrouter.mark()
     dcrouter.signal(signal.SIGHUP)
     dcrouter.wait_output(r"dcrouter reloaded .*: 1 routes on 1 ports", start=mark)

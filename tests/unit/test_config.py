@@ -381,7 +381,7 @@ class TestSections:
     @pytest.mark.parametrize(
         ("section", "keys"),
         [
-            ("dcrouter", "state_dir, log_format, hello_timeout, drain_timeout"),
+            ("dcrouter", "state_dir, log_format, hello_timeout, drain_timeout, workers"),
             (
                 "defaults",
                 "target, bind, ip_allow, ip_block, max_connections, max_connections_per_ip, "
@@ -391,8 +391,8 @@ class TestSections:
         ],
     )
     def test_unknownKey(self, write: Write, section: str, keys: str) -> None:
-        path = write(inSection(section, "workers = 4\n"))
-        assert oneError(path) == f"{path}:4: [{section}] workers: unknown key (known: {keys})"
+        path = write(inSection(section, "threads = 4\n"))
+        assert oneError(path) == f"{path}:4: [{section}] threads: unknown key (known: {keys})"
 
     @pytest.mark.parametrize("name", ["", "bad name", "web/1", "wéb"])
     def test_badRouteName(self, write: Write, name: str) -> None:
@@ -463,6 +463,8 @@ class TestValues:
             ("dcrouter", "hello_timeout", "soon", f"'soon' {NOT_DURATION}"),
             ("dcrouter", "hello_timeout", "0s", "'0s' is not longer than 0"),
             ("dcrouter", "drain_timeout", "-1", f"'-1' {NOT_DURATION}"),
+            ("dcrouter", "workers", "0", "0 is out of range (1..64): use auto or a count from 1 to 64"),
+            ("dcrouter", "workers", "all", "'all' is not a whole number: use auto or a count from 1 to 64"),
             ("defaults", "connect_timeout", "0", "'0' is not longer than 0"),
             ("defaults", "idle_timeout", "1 week", f"'1 week' {NOT_DURATION}"),
             ("defaults", "target", "backend", "'backend' has no port (write host:port)"),
@@ -489,6 +491,10 @@ class TestValues:
     def test_drainTimeoutMayBeZero(self, write: Write) -> None:
         path = write(ROUTE + "[dcrouter]\ndrain_timeout = 0\n")
         assert loadConfig(path).daemon.drain_timeout == 0.0
+
+    def test_workers(self, write: Write) -> None:
+        assert loadConfig(write(ROUTE + "[dcrouter]\nworkers = auto\n")).daemon.workers == 0
+        assert loadConfig(write(ROUTE + "[dcrouter]\nworkers = 4\n")).daemon.workers == 4
 
     def test_ciphersContinued(self, write: Write) -> None:
         path = write(ROUTE + "[tls]\nciphers = ECDHE+AESGCM:\n    ECDHE+CHACHA20\n")

@@ -1,0 +1,253 @@
+"""
+The supervisor's side of the router processes: start them, restart one
+that dies, pass signals on, and replace them all when the listeners change.
+
+Each worker is C{python -m dcrouter.workers} on the same configuration file,
+given its share of every listener group as an inherited descriptor (see
+L{dcrouter.workers.sockets}). Its standard input is a pipe from the
+supervisor, which asks for a report on it now and then, answered on
+L{REPORT_FD} (see L{dcrouter.workers.reports}); when the supervisor is
+gone, the worker sees end of file and stops, so no worker outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dcrouter.workers.reports import REPORT_INTERVAL
+
+log = Logger()
+
+ListenKey = tuple[int, str]
+SocketGroups = Mapping[ListenKey, Sequence[socket.socket]]
+
+#: The descriptor a worker writes its reports to (a pipe to the supervisor).
+REPORT_FD = 3
+#: The first descriptor number a worker's listeners get.
+FIRST_LISTENER_FD = 4
+#: The longest report line a worker may send; a longer one is dropped.
+MAX_REPORT = 4 << 20
+#: A worker that ran this long before it died is restarted at once.
+STABLE_AFTER = 10.0
+#: The longest wait before restarting a worker that keeps dying.
+MAX_RESTART_DELAY = 5.0
+#: After the drain timeout, how long stopping workers get before SIGKILL.
+KILL_GRACE = 5.0
+
+
+def listenSpec(groups: SocketGroups, index: int) -> tuple[str, dict[int, int]]:
+    """
+    The C{--listen} argument of worker C{index} and its descriptor map
+    (child fd to supervisor fd): C{3=80@0.0.0.0,4=443@::}.
+    """
+    parts, childFDs = [], {}
+    for number, key in enumerate(sorted(groups), FIRST_LISTENER_FD):
+        port, address = key
+        parts.append(f"{number}={port}@{address}")
+        childFDs[number] = groups[key][index].fileno()
+    return ",".join(parts), childFDs
+
+
+def parseListenSpec(text: str) -> dict[ListenKey, int]:
+    """The worker's side of L{listenSpec}: (port, address) to descriptor."""
+    inherited = {}
+    for part in filter(None, text.split(",")):
+        fd, _, where = part.partition("=")
+        port, _, address = where.partition("@")
+        inherited[(int(port), address)] = int(fd)
+    return inherited
+
+
+class _Worker(ProcessProtocol):
+    """One worker process, as the supervisor sees it."""
+
+    def __init__(self, pool: WorkerPool, index: int, startedAt: float) -> None:
+        self.pool = pool
+        self.index = index
+        self.startedAt = startedAt
+        self.retired = False
+        self.ended: Deferred[None] = Deferred()
+        self.pid: Optional[int] = None
+        #: The last report, and the partial line of the next one.
+        self.report: dict[str, Any] = {}
+        self.received = b""
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid  # type: ignore[union-attr]
+
+    def askForReport(self) -> None:
+        try:
+            self.transport.writeToChild(0, b"report\n")  # type: ignore[union-attr]
+        except (KeyError, OSError):
+            pass
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD != REPORT_FD:
+            return
+        self.received += data
+        while b"\n" in self.received:
+            line, self.received = self.received.split(b"\n", 1)
+            try:
+                self.report = json.loads(line)
+            except ValueError:
+                log.warn("worker {index} sent a report that is not JSON", index=self.index)
+        if len(self.received) > MAX_REPORT:
+            log.warn("worker {index} sent an over-long report; dropped", index=self.index)
+            self.received = b""
+
+    def signal(self, signum: int) -> None:
+        try:
+            self.transport.signalProcess(signum)  # type: ignore[union-attr]
+        except (ProcessExitedAlready, OSError):
+            pass
+
+    def processEnded(self, reason: Failure) -> None:
+        self.pool.workerEnded(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerPool(Service):
+    """
+    Runs C{count} router processes on shared listeners and keeps them running.
+
+    @ivar groups: the listener groups the workers serve, by (port, address).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        configPath: str,
+        count: int,
+        groups: SocketGroups,
+        drainTimeout: float,
+        python: str = sys.executable,
+    ) -> None:
+        self.reactor = reactor
+        self.configPath = configPath
+        self.count = count
+        self.groups = groups
+        self.drainTimeout = drainTimeout
+        self.python = python
+        self.workers: dict[int, _Worker] = {}
+        self.restartDelay: dict[int, float] = {}
+        self.restarts = 0
+        self.reporting = LoopingCall(self.askForReports)
+        self.reporting.clock = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(self.count):
+            self.spawn(index)
+        self.reporting.start(REPORT_INTERVAL, now=False)
+
+    def askForReports(self) -> None:
+        for worker in self.workers.values():
+            worker.askForReport()
+
+    def reports(self) -> list[dict[str, Any]]:
+        """The last report of every running worker."""
+        return [worker.report for worker in self.workers.values() if worker.report]
+
+    def spawn(self, index: int) -> None:
+        """Start worker C{index} on the current listener groups."""
+        if not self.running:
+            return
+        spec, childFDs = listenSpec(self.groups, index)
+        worker = _Worker(self, index, self.reactor.seconds())
+        argv = [
+            self.python, "-m", "dcrouter.workers",
+            "--config", self.configPath,
+            "--index", str(index),
+            "--count", str(self.count),
+            "--listen", spec,
+        ]
+        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, REPORT_FD: "r", **childFDs}
+        self.reactor.spawnProcess(worker, self.python, argv, env=os.environ, childFDs=fds)
+        self.workers[index] = worker
+        log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    def workerEnded(self, worker: _Worker, reason: Failure) -> None:
+        """A worker exited: restart it, unless it was asked to go."""
+        if worker.retired or not self.running:
+            return
+        lived = self.reactor.seconds() - worker.startedAt
+        delay = 0.0 if lived >= STABLE_AFTER else min(
+            MAX_RESTART_DELAY, max(0.5, 2 * self.restartDelay.get(worker.index, 0.0))
+        )
+        self.restartDelay[worker.index] = delay
+        how = "exited" if reason.check(ProcessDone) else reason.getErrorMessage()
+        log.warn(
+            "worker {index} (pid {pid}) {how} after {lived:.1f}s; restarting in {delay:g}s",
+            index=worker.index, pid=worker.pid, how=how, lived=lived, delay=delay,
+        )
+        self.restarts += 1
+        self.reactor.callLater(delay, self.respawn, worker)
+
+    def respawn(self, worker: _Worker) -> None:
+        if self.workers.get(worker.index) is worker:
+            self.spawn(worker.index)
+
+    def signalAll(self, signum: int) -> None:
+        """Pass C{signum} (SIGHUP: reload) to every worker."""
+        for worker in list(self.workers.values()):
+            worker.signal(signum)
+
+    def replace(self, groups: SocketGroups) -> Deferred[Any]:
+        """
+        Serve C{groups} from now on: start new workers on them and let the
+        old ones drain (SIGTERM). Fires when the old ones have exited.
+        """
+        self.groups = groups
+        old = list(self.workers.values())
+        for worker in old:
+            worker.retired = True
+        for index in range(self.count):
+            self.spawn(index)
+        return self._stop(old)
+
+    def _stop(self, workers: list[_Worker]) -> Deferred[Any]:
+        for worker in workers:
+            worker.retired = True
+            worker.signal(signal.SIGTERM)
+        pending = [worker for worker in workers if not worker.ended.called]
+        if not pending:
+            return DeferredList([])
+
+        def kill() -> None:
+            for worker in pending:
+                if not worker.ended.called:
+                    log.warn("worker {index} (pid {pid}) did not stop; killing it",
+                             index=worker.index, pid=worker.pid)
+                    worker.signal(signal.SIGKILL)
+
+        timer = self.reactor.callLater(self.drainTimeout + KILL_GRACE, kill)
+        done = DeferredList([worker.ended for worker in pending])
+
+        def finished(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return done.addBoth(finished)
+
+    def stopService(self) -> Deferred[Any]:
+        """SIGTERM to every worker (each drains); fires when all have exited."""
+        super().stopService()
+        if self.reporting.running:
+            self.reporting.stop()
+        workers, self.workers = list(self.workers.values()), {}
+        return self._stop(workers)

@@ -1,0 +1,86 @@
+"""
+What the supervisor shows of its workers: their metrics and status, merged.
+
+Every L{REPORT_INTERVAL} seconds the supervisor asks each worker for a
+report (L{dcrouter.workers.pool}); a worker answers with one JSON line: its
+Prometheus exposition and its part of the status page. Metrics are merged
+by adding up samples with the same name and labels (counters and gauges of
+connections, bytes, requests), except target health, where a target is up
+if any worker has it up. The admin listener thus shows one daemon, at most
+one interval old.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+#: Seconds between two reports of a worker.
+REPORT_INTERVAL = 2.0
+
+#: Families merged by maximum rather than sum: 1 if any worker has the target up.
+_BY_MAXIMUM = frozenset({"dcrouter_target_up"})
+
+Report = dict[str, Any]
+
+
+def mergeMetrics(texts: Sequence[str]) -> list[Metric]:
+    """The families of several expositions, samples with the same labels combined."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(
+                family.name, Metric(family.name, family.documentation, family.type)
+            )
+            samples = values.setdefault(merged.name, {})
+            combine = max if family.name in _BY_MAXIMUM else (lambda a, b: a + b)
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                held = samples.get(key)
+                samples[key] = sample.value if held is None else combine(held, sample.value)
+    for name, family in families.items():
+        for (sampleName, labels), value in values[name].items():
+            family.add_sample(sampleName, dict(labels), value)
+    return list(families.values())
+
+
+class WorkerMetrics(Collector):
+    """The workers' router metrics, merged, for the supervisor's registry."""
+
+    def __init__(self, reports: Callable[[], list[Report]]) -> None:
+        self.reports = reports
+
+    def collect(self) -> Iterator[Metric]:
+        yield from mergeMetrics([report.get("metrics", "") for report in self.reports()])
+
+
+def mergeStatus(reports: Sequence[Report]) -> Report:
+    """The workers' part of the status page: connections summed, targets joined."""
+    active = accepted = 0
+    refused: dict[str, int] = {}
+    targets: dict[tuple[str, str], dict[str, Any]] = {}
+    for report in reports:
+        status = report.get("status", {})
+        connections = status.get("connections", {})
+        active += connections.get("active", 0)
+        accepted += connections.get("accepted", 0)
+        for reason, count in connections.get("refused", {}).items():
+            refused[reason] = refused.get(reason, 0) + count
+        for target in status.get("targets", []):
+            key = (target.get("pool", ""), target.get("address", ""))
+            held = targets.get(key)
+            if held is None:
+                targets[key] = dict(target)
+            else:
+                held["up"] = held.get("up") or target.get("up")
+                held["active"] = held.get("active", 0) + target.get("active", 0)
+    return {
+        "connections": {"active": active, "accepted": accepted, "refused": refused},
+        "targets": list(targets.values()),
+        "workers": len(reports),
+    }

@@ -1,0 +1,126 @@
+"""
+The program a router process runs: C{python -m dcrouter.workers --config
+FILE --index I --count N --listen 3=80@0.0.0.0,...}.
+
+It serves the listener descriptors it inherited, with the routes of the
+configuration file, and nothing that must run once (mail, ACME, DNS, the
+admin listener stay with the supervisor). SIGHUP reloads the routes, SIGTERM
+drains; standard input brings the supervisor's requests for a report, and
+its end means the supervisor is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.protocol import connectionDone
+from twisted.internet.stdio import StandardIO
+from twisted.logger import (
+    Logger,
+    globalLogBeginner,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+from dcrouter.config.errors import ConfigErrors
+from dcrouter.workers.pool import REPORT_FD, parseListenSpec
+
+log = Logger()
+
+
+class _SupervisorLink(LineOnlyReceiver):
+    """
+    The pipes to and from the supervisor: answers each C{report} request
+    with one JSON line; end of file means the supervisor is gone.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 64
+
+    def __init__(self, reactor: Any, report: Callable[[], dict[str, Any]]) -> None:
+        self.reactor = reactor
+        self.report = report
+
+    def lineReceived(self, line: bytes) -> None:
+        if line == b"report" and self.transport is not None:
+            self.transport.write(json.dumps(self.report(), default=str).encode() + b"\n")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.reactor.running:
+            log.warn("the supervisor is gone; stopping")
+            self.reactor.stop()
+
+
+def _arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dcrouter.workers")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--listen", default="")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    """Run router worker C{--index}; the exit status."""
+    args = _arguments(argv)
+    # A reload asked for while starting is done once started, not lost
+    # (nor fatal, as SIGHUP's default action would be).
+    hangups: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: hangups.append(signum))
+    from twisted.internet import reactor
+
+    from dcrouter.service import DcRouter, ProcessRole, checkConfigFile
+
+    # One write per line: the workers share the supervisor's standard output.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    try:
+        config = checkConfigFile(args.config).config
+    except ConfigErrors as e:
+        print(f"dcrouter worker {args.index}: {args.config} is invalid:\n{e.report()}",
+              file=sys.stderr)
+        return 1
+    if config.daemon.log_format == "json":
+        observer = jsonFileLogObserver(sys.stdout, recordSeparator="")
+    else:
+        observer = textFileLogObserver(sys.stdout)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    role = ProcessRole(
+        "worker", index=args.index, count=args.count, inherited=parseListenSpec(args.listen)
+    )
+    router = DcRouter(config, reactor, configPath=args.config, role=role)
+    # (mypy sees the Windows StandardIO, which has no stdin and stdout.)
+    StandardIO(  # type: ignore[call-arg]
+        _SupervisorLink(reactor, router.report), stdin=0, stdout=REPORT_FD
+    )
+
+    failed: list[bool] = []
+
+    def start() -> None:
+        try:
+            router.privilegedStartService()
+            router.startService()
+        except BaseException:
+            log.failure("worker {index} cannot start", index=args.index)
+            failed.append(True)
+            reactor.stop()
+            return
+        # The listeners hold their own copies; the supervisor keeps its own.
+        for fd in role.inherited.values():
+            os.close(fd)
+        if hangups:
+            router.reload()
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: router.stopService() if router.running else None
+    )
+    reactor.run()
+    return 1 if failed else 0

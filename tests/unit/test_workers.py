@@ -1,0 +1,345 @@
+"""Router workers: shared listener groups, steering, the supervisor's pool."""
+
+from __future__ import annotations
+
+import select
+import signal
+import socket
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import CollectorRegistry
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+
+from dcrouter.config.model import DaemonSettings, Defaults, Limits, RouteConfig, RouterConfig
+from dcrouter.service import ProcessRole, shareLimits
+from dcrouter.workers.pool import (
+    FIRST_LISTENER_FD,
+    KILL_GRACE,
+    MAX_RESTART_DELAY,
+    REPORT_FD,
+    WorkerPool,
+    listenSpec,
+    parseListenSpec,
+)
+from dcrouter.workers.reports import REPORT_INTERVAL, WorkerMetrics, mergeMetrics, mergeStatus
+from dcrouter.workers.sockets import openGroup, steeringProgram
+from tests.helpers import freePort
+
+
+class FakeProcess:
+    """What spawnProcess returns: a pid and the signals it was sent."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+
+    def signalProcess(self, signum):
+        self.signals.append(signum)
+
+
+class ProcessReactor(MemoryReactorClock):
+    """A memory reactor that records the processes it is asked to start."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+
+    def spawnProcess(self, protocol, executable, args, env=None, childFDs=None, **kw):
+        process = FakeProcess(1000 + len(self.spawned))
+        self.spawned.append((protocol, args, childFDs))
+        protocol.makeConnection(process)
+        return process
+
+
+def end(protocol, reason=ProcessDone(0)):
+    protocol.processEnded(Failure(reason))
+
+
+class FakeSocket:
+    def __init__(self, fd):
+        self.fd = fd
+
+    def fileno(self):
+        return self.fd
+
+
+def groups():
+    return {
+        (443, "0.0.0.0"): [FakeSocket(10), FakeSocket(11)],
+        (80, "::"): [FakeSocket(20), FakeSocket(21)],
+    }
+
+
+def test_listenSpecRoundTrip():
+    spec, fds = listenSpec(groups(), 1)
+    assert spec == f"{FIRST_LISTENER_FD}=80@::,{FIRST_LISTENER_FD + 1}=443@0.0.0.0"
+    assert fds == {FIRST_LISTENER_FD: 21, FIRST_LISTENER_FD + 1: 11}
+    assert parseListenSpec(spec) == {
+        (80, "::"): FIRST_LISTENER_FD, (443, "0.0.0.0"): FIRST_LISTENER_FD + 1,
+    }
+
+
+def makePool(count=2):
+    reactor = ProcessReactor()
+    pool = WorkerPool(reactor, "/etc/dcrouter.ini", count, groups(), drainTimeout=30.0,
+                      python="/usr/bin/python3")
+    pool.startService()
+    return reactor, pool
+
+
+def test_startsEveryWorkerOnItsShare():
+    reactor, pool = makePool()
+    assert len(reactor.spawned) == 2
+    for index, (_, args, fds) in enumerate(reactor.spawned):
+        assert args[:3] == ["/usr/bin/python3", "-m", "dcrouter.workers"]
+        assert args[args.index("--index") + 1] == str(index)
+        assert args[args.index("--count") + 1] == "2"
+        assert fds[0] == "w" and fds[1] == 1 and fds[2] == 2 and fds[REPORT_FD] == "r"
+        assert sorted(v for k, v in fds.items() if k >= FIRST_LISTENER_FD) == [
+            10 + index, 20 + index,
+        ]
+
+
+def test_aCrashedWorkerIsRestartedWithBackoff():
+    reactor, pool = makePool()
+    crashed = reactor.spawned[0][0]
+    end(crashed, ProcessTerminated(signal=9))
+    assert len(reactor.spawned) == 2, "not restarted at once after dying young"
+    reactor.advance(0.5)
+    assert len(reactor.spawned) == 3
+    assert pool.workers[0] is reactor.spawned[2][0]
+    # It keeps dying young: the delay doubles, up to a bound.
+    delays = []
+    for _ in range(6):
+        end(pool.workers[0], ProcessTerminated(exitCode=1))
+        before = len(reactor.spawned)
+        waited = 0.0
+        while len(reactor.spawned) == before:
+            reactor.advance(0.25)
+            waited += 0.25
+        delays.append(waited)
+    assert delays == [1.0, 2.0, 4.0, MAX_RESTART_DELAY, MAX_RESTART_DELAY, MAX_RESTART_DELAY]
+    assert pool.restarts == 7
+
+
+def test_aWorkerThatRanLongIsRestartedAtOnce():
+    reactor, pool = makePool()
+    reactor.advance(60)
+    end(reactor.spawned[1][0], ProcessTerminated(exitCode=1))
+    reactor.advance(0)
+    assert len(reactor.spawned) == 3
+    assert pool.workers[1] is reactor.spawned[2][0]
+
+
+def test_signalsReachEveryWorker():
+    reactor, pool = makePool()
+    pool.signalAll(signal.SIGHUP)
+    assert [p.transport.signals for p, _, _ in reactor.spawned] == [
+        [signal.SIGHUP], [signal.SIGHUP],
+    ]
+
+
+def test_stopDrainsThenKills():
+    reactor, pool = makePool()
+    stopped = pool.stopService()
+    workers = [p for p, _, _ in reactor.spawned]
+    assert [w.transport.signals for w in workers] == [[signal.SIGTERM], [signal.SIGTERM]]
+    end(workers[0])
+    assert not stopped.called
+    reactor.advance(30 + KILL_GRACE)
+    assert workers[1].transport.signals == [signal.SIGTERM, signal.SIGKILL]
+    end(workers[1], ProcessTerminated(signal=9))
+    assert stopped.called
+    reactor.advance(60)
+    assert len(reactor.spawned) == 2, "a stopped pool restarts nothing"
+
+
+def test_replaceStartsNewWorkersAndRetiresTheOld():
+    reactor, pool = makePool()
+    old = [p for p, _, _ in reactor.spawned]
+    fresh = {(8080, "127.0.0.1"): [FakeSocket(30), FakeSocket(31)]}
+    done = pool.replace(fresh)
+    assert len(reactor.spawned) == 4
+    assert [w.transport.signals for w in old] == [[signal.SIGTERM], [signal.SIGTERM]]
+    assert reactor.spawned[2][1][-1] == f"{FIRST_LISTENER_FD}=8080@127.0.0.1"
+    for worker in old:
+        end(worker)
+    assert done.called
+    reactor.advance(60)
+    assert len(reactor.spawned) == 4, "retired workers are not restarted"
+
+
+def test_steeringProgramIsValidBPF():
+    program = steeringProgram(3)
+    assert len(program) == 7
+    assert program[-2] == (0x94, 0, 0, 3)  # A %= workers
+    assert program[-1] == (0x16, 0, 0, 0)  # return A
+
+
+def test_oneClientAddressReachesOneSocket():
+    """The kernel steers each client address to the same socket of the group."""
+    port = freePort()
+    group, problem = openGroup(port, "127.0.0.1", 3)
+    try:
+        if problem is not None:
+            pytest.skip(f"BPF steering unavailable here: {problem}")
+        seen: dict[str, set[int]] = {}
+        for last in (1, 2, 3, 4, 1, 2, 3, 4):
+            client = socket.socket()
+            client.bind((f"127.0.0.{last}", 0))
+            client.connect(("127.0.0.1", port))
+            ready, _, _ = select.select(group, [], [], 5)
+            assert len(ready) == 1
+            accepted, (address, _) = ready[0].accept()
+            accepted.close()
+            client.close()
+            seen.setdefault(address, set()).add(group.index(ready[0]))
+        assert all(len(indexes) == 1 for indexes in seen.values()), seen
+        # address mod 3: 127.0.0.1 -> 2, .2 -> 0, .3 -> 1, .4 -> 2
+        assert seen == {"127.0.0.1": {2}, "127.0.0.2": {0}, "127.0.0.3": {1}, "127.0.0.4": {2}}
+    finally:
+        for sock in group:
+            sock.close()
+
+
+def test_openGroupClosesWhatItOpenedOnFailure():
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    try:
+        with pytest.raises(OSError):
+            openGroup(blocker.getsockname()[1], "127.0.0.1", 2)
+    finally:
+        blocker.close()
+
+
+def test_workersShareTheGlobalCapsNotThePerAddressOnes():
+    limits = Limits(max_connections=101, max_connections_per_ip=5)
+    config = RouterConfig(
+        daemon=DaemonSettings(workers=2),
+        defaults=Defaults(limits=limits),
+        routes=(RouteConfig(name="a", ports=(80,), limits=Limits(max_connections=10)),),
+    )
+    shared = shareLimits(config, 2)
+    assert shared.defaults.limits.max_connections == 51
+    assert shared.defaults.limits.max_connections_per_ip == 5
+    assert shared.routes[0].limits.max_connections == 5
+    assert shareLimits(config, 1) is config
+
+
+def test_oneWorkerMeansOneProcess():
+    assert ProcessRole.forWorkers(1).kind == "single"
+    assert ProcessRole.forWorkers(4) == ProcessRole("supervisor", count=4)
+    assert DaemonSettings(workers=3).workerCount() == 3
+    assert DaemonSettings().workerCount() >= 1
+
+
+def test_reportsAreAskedForAndKept():
+    reactor, pool = makePool()
+    asked = []
+    for worker, _, _ in reactor.spawned:
+        worker.transport.writeToChild = lambda fd, data, asked=asked: asked.append((fd, data))
+    reactor.advance(REPORT_INTERVAL)
+    assert asked == [(0, b"report\n")] * 2
+    first = reactor.spawned[0][0]
+    first.childDataReceived(REPORT_FD, b'{"metrics": "", "sta')
+    assert pool.reports() == []
+    first.childDataReceived(REPORT_FD, b'tus": {}}\n')
+    first.childDataReceived(1, b"not a report\n")
+    assert pool.reports() == [{"metrics": "", "status": {}}]
+
+
+def exposition(accepted, up):
+    """A worker's /metrics text, as prometheus_client writes it."""
+
+    class Collector:
+        def collect(self):
+            family = CounterMetricFamily("dcrouter_connections_accepted", "Accepted.")
+            family.add_metric([], accepted)
+            yield family
+            health = GaugeMetricFamily("dcrouter_target_up", "Up.", labels=["target"])
+            for target, value in up.items():
+                health.add_metric([target], value)
+            yield health
+
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    return generate_latest(registry).decode()
+
+
+def test_workersMetricsAddUpButHealthDoesNot():
+    one = exposition(3, {"a:1": 1, "b:1": 0})
+    two = exposition(4, {"a:1": 0, "b:1": 0})
+    registry = CollectorRegistry()
+    registry.register(WorkerMetrics(lambda: [{"metrics": one}, {"metrics": two}]))
+    merged = {family.name: family for family in mergeMetrics([one, two])}
+    assert [s.value for s in merged["dcrouter_connections_accepted"].samples] == [7.0]
+    up = {s.labels["target"]: s.value for s in merged["dcrouter_target_up"].samples}
+    assert up == {"a:1": 1.0, "b:1": 0.0}
+    assert "dcrouter_connections_accepted_total 7.0" in generate_latest(registry).decode()
+
+
+def test_workersStatusAddsUp():
+    def report(active, refused, up):
+        return {"status": {
+            "connections": {"active": active, "accepted": active, "refused": refused},
+            "targets": [{"pool": "p", "address": "a:1", "up": up, "active": active}],
+        }}
+
+    merged = mergeStatus([report(2, {"cap": 1}, False), report(3, {"cap": 2, "ip": 1}, True)])
+    assert merged["connections"] == {
+        "active": 5, "accepted": 5, "refused": {"cap": 3, "ip": 1},
+    }
+    assert merged["targets"] == [{"pool": "p", "address": "a:1", "up": True, "active": 5}]
+
+
+def test_aWorkerRunsOnlyTheRouter(tmp_path):
+    """Mail, ACME issuance, DNS and the admin listener run once, in the supervisor."""
+    from dcrouter.certs.manager import FollowedCerts
+    from dcrouter.config import loadConfig
+    from dcrouter.service import DcRouter
+
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(f"""
+[dcrouter]
+state_dir = {tmp_path / "state"}
+workers = 2
+[admin]
+listen = 127.0.0.1:{freePort()}
+[acme]
+enabled = yes
+directory = https://127.0.0.1:1/dir
+account_email = ops@example.test
+[dns]
+listen = 127.0.0.1:{freePort()}
+[dns.zone:example.test]
+records =
+    @ A 127.0.0.1
+[email]
+hostname = mx.example.test
+ports = {freePort()}
+internal_ports = {freePort()}
+default_mode = reject
+[route:web]
+ports = {freePort()}
+tls = terminate
+certificate = auto
+domains = www.example.test
+action = static
+""")
+    config = loadConfig(str(path))
+    worker = DcRouter(config, MemoryReactorClock(), configPath=str(path),
+                      role=ProcessRole("worker", index=1, count=2))
+    assert worker.mail is None and worker.certs is None and worker.workers is None
+    assert isinstance(worker.certSource, FollowedCerts)
+    assert worker.dns.settings.listen == ()
+    assert worker.listenAdmin() == []
+    supervisor = DcRouter(config, MemoryReactorClock(), configPath=str(path),
+                          role=ProcessRole.forWorkers(2))
+    assert supervisor.mail is not None and supervisor.certs is not None
+    assert supervisor.certSource is supervisor.certs
+    assert supervisor.workers is not None and supervisor.workers.count == 2
