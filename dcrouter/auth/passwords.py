@@ -44,11 +44,13 @@ from attrs import frozen
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
+
+from dcrouter.threads import CallTimedOut, ThreadCalls, TooBusy
 
 __all__ = [
     "AuthUnavailable",
@@ -432,74 +434,21 @@ class SuccessCache:
             self._entries.popitem(last=False)
 
 
-class BlockingCalls:
+class BlockingCalls(ThreadCalls):
     """
-    Runs blocking calls in a thread pool on behalf of the reactor thread.
-
-    The pool bounds how many calls run at once; C{maxPending} bounds how
-    many may run or wait for a thread (the pool's own queue has no bound),
-    so a flood of logins fails fast with L{AuthUnavailable} instead of
-    queueing minutes of hashing ahead of everyone else. With C{timeout}, a
-    call not done in time fails with L{AuthUnavailable}; its thread runs on
-    (a thread cannot be stopped) and still counts as pending until it ends,
-    so the blocking code needs timeouts of its own.
+    L{ThreadCalls} for credential checks: a check refused for load or time
+    fails with L{AuthUnavailable} (a 503 or 454, never a login let through).
     """
 
-    def __init__(
-        self,
-        reactor: IReactorFromThreads,
-        threadpool: ThreadPool,
-        clock: IReactorTime,
-        *,
-        maxPending: int = 64,
-        timeout: Optional[float] = None,
-    ) -> None:
-        self._reactor = reactor
-        self._threadpool = threadpool
-        self._clock = clock
-        self._maxPending = maxPending
-        self._timeout = timeout
-        self._pending = 0
+    def run(
+        self, f: Callable[..., T], *args: Any, timeout: Optional[float] = None
+    ) -> Deferred[T]:
+        return super().run(f, *args, timeout=timeout).addErrback(_unavailable)
 
-    @property
-    def pending(self) -> int:
-        """Calls running or waiting for a thread."""
-        return self._pending
 
-    def run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
-        """
-        Call C{f(*args)} in the thread pool.
-
-        @return: a L{Deferred} firing (in the reactor thread) with its
-            result or exception, or failing with L{AuthUnavailable} if too
-            many calls are pending or C{timeout} passes first.
-        """
-        if self._pending >= self._maxPending:
-            return fail(AuthUnavailable("too many credential checks in progress"))
-        self._pending += 1
-        d: Deferred[T] = Deferred()
-
-        def inReactor(success: bool, result: Any) -> None:
-            self._pending -= 1
-            if d.called:  # timed out or cancelled meanwhile
-                return
-            if success:
-                d.callback(result)
-            else:
-                d.errback(result)
-
-        def inThread(success: bool, result: Any) -> None:
-            self._reactor.callFromThread(inReactor, success, result)
-
-        self._threadpool.callInThreadWithCallback(inThread, f, *args)
-        if self._timeout is not None:
-            d.addTimeout(self._timeout, self._clock)
-            d.addErrback(self._timedOut)
-        return d
-
-    def _timedOut(self, failure: Failure) -> None:
-        failure.trap(TimeoutError)
-        raise AuthUnavailable(f"no answer within {self._timeout:g} s")
+def _unavailable(failure: Failure) -> Failure:
+    failure.trap(CallTimedOut, TooBusy)
+    raise AuthUnavailable(failure.getErrorMessage())
 
 
 def basicCredentials(header: Optional[bytes]) -> Optional[tuple[bytes, bytes]]:

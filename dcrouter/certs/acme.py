@@ -70,7 +70,7 @@ from dcrouter.certs import files
 from dcrouter.certs.interfaces import IAcmeSession, ICertificateStore, IChallengeResponder
 from dcrouter.certs.material import CertificateEntry
 from dcrouter.certs.names import isWildcard, normalizeNames
-from dcrouter.certs.threads import CallTimedOut, ThreadCalls
+from dcrouter.threads import CallTimedOut, ThreadCalls
 
 __all__ = [
     "CHALLENGE_TYPES",

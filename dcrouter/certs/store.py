@@ -42,8 +42,8 @@ from dcrouter.certs.material import (
     defaultContext,
 )
 from dcrouter.certs.names import lookupCandidates, normalizeNames
-from dcrouter.certs.threads import ThreadCalls
 from dcrouter.config.model import CertificatePair
+from dcrouter.threads import ThreadCalls
 
 __all__ = ["DirectoryStore", "StaticCertificates", "certificateFileName"]
 

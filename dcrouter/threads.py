@@ -1,8 +1,6 @@
 """
-Blocking calls (the ACME client, disk writes) in a bounded thread pool.
-
-The same idea as L{dcrouter.auth.passwords.BlockingCalls}, with errors that
-speak of certificates rather than logins.
+Blocking calls (password hashing, LDAP binds, the ACME client, certificate
+files) in a bounded thread pool, so the reactor thread never waits for them.
 """
 
 from __future__ import annotations
@@ -31,9 +29,11 @@ class ThreadCalls:
     Runs blocking calls in a thread pool on behalf of the reactor thread.
 
     The pool bounds how many run at once, C{maxPending} how many may run
-    or wait. A call not done within its timeout fails with L{CallTimedOut};
-    its thread runs on (a thread cannot be stopped) and still counts as
-    pending, so the blocking code must bound itself too (socket timeouts).
+    or wait (the pool's own queue has no bound), so a flood fails fast with
+    L{TooBusy} instead of queueing minutes of work ahead of everyone else. A
+    call not done within its timeout fails with L{CallTimedOut}; its thread
+    runs on (a thread cannot be stopped) and still counts as pending, so the
+    blocking code must bound itself too (socket timeouts).
     """
 
     def __init__(
@@ -42,7 +42,7 @@ class ThreadCalls:
         threadpool: ThreadPool,
         clock: IReactorTime,
         *,
-        timeout: float = 60.0,
+        timeout: Optional[float] = 60.0,
         maxPending: int = 32,
     ) -> None:
         self._reactor = reactor
@@ -61,7 +61,8 @@ class ThreadCalls:
         """
         Call C{f(*args)} in the thread pool.
 
-        @param timeout: seconds, instead of the default given at creation.
+        @param timeout: seconds, instead of the default given at creation
+            (C{None} there: no timeout).
         @return: fires in the reactor thread with the result or exception of
             C{f}, or fails with L{CallTimedOut} or L{TooBusy}.
         """
@@ -84,7 +85,7 @@ class ThreadCalls:
             self._reactor.callFromThread(inReactor, success, result)
 
         self._threadpool.callInThreadWithCallback(inThread, f, *args)
-        if d.called:
+        if d.called or limit is None:
             return d
         d.addTimeout(limit, self._clock)
 
