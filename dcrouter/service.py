@@ -636,6 +636,11 @@ class DcRouter(MultiService):
         if self.workers is not None:
             self.workers.setServiceParent(self)
 
+    def startResources(self, compiled: CompiledConfig) -> None:
+        """Start the routes' health checks and pools, where routes are served."""
+        if self.workers is None:
+            startResources(compiled)
+
     def adjust(self, config: RouterConfig) -> RouterConfig:
         """The configuration as this process applies it: a worker's share of the caps."""
         return shareLimits(config, self.role.count) if self.isWorker else config
@@ -677,7 +682,7 @@ class DcRouter(MultiService):
         self.startedAt = self.reactor.seconds()
         globalLogPublisher.addObserver(self.accessCounter)
         globalLogPublisher.addObserver(self.recentErrors)
-        startResources(self.compiled)
+        self.startResources(self.compiled)
         self.publishDkim()
         self.certificateStamps = fileStamps(certificateFiles(self.config))
         self.certificateWatch = LoopingCall(self.checkCertificateFiles)
@@ -719,7 +724,7 @@ class DcRouter(MultiService):
             log.failure("certificate files changed but cannot be used; the old ones stay")
             return
         self.router.state = self.routingState(compiled)
-        startResources(compiled)
+        self.startResources(compiled)
         stopResources(self.compiled)
         self.compiled = compiled
         log.info("certificate files changed: TLS contexts rebuilt")
@@ -983,7 +988,7 @@ class DcRouter(MultiService):
             self.logRejectedReload([ConfigError(failure) for failure in dnsFailures])
             return False
         self.closeListeners(oldKeys - newKeys)
-        startResources(compiled)
+        self.startResources(compiled)
         stopResources(self.compiled)
         self.config, self.compiled = config, compiled
         self.reloads += 1

@@ -343,3 +343,18 @@ action = static
     assert supervisor.mail is not None and supervisor.certs is not None
     assert supervisor.certSource is supervisor.certs
     assert supervisor.workers is not None and supervisor.workers.count == 2
+
+
+def test_theSupervisorRunsNoHealthChecks(monkeypatch):
+    """Health checks and backend pools run where routes are served: in the workers."""
+    import dcrouter.service as service
+
+    started = []
+    monkeypatch.setattr(service, "startResources", started.append)
+    config = RouterConfig(routes=(RouteConfig(name="a", ports=(80,)),))
+    supervisor = service.DcRouter(config, MemoryReactorClock(), configPath="/x.ini",
+                                  role=ProcessRole.forWorkers(2))
+    supervisor.startResources("compiled")
+    single = service.DcRouter(config, MemoryReactorClock())
+    single.startResources("compiled")
+    assert started == ["compiled"]
