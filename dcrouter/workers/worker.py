@@ -50,7 +50,11 @@ class _SupervisorLink(LineOnlyReceiver):
         self.report = report
 
     def lineReceived(self, line: bytes) -> None:
-        if line == b"report" and self.transport is not None:
+        if line == b"report":
+            self.sendReport()
+
+    def sendReport(self) -> None:
+        if self.transport is not None:
             self.transport.write(json.dumps(self.report(), default=str).encode() + b"\n")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -97,9 +101,8 @@ def main(argv: list[str]) -> int:
     )
     router = DcRouter(config, reactor, configPath=args.config, role=role)
     # (mypy sees the Windows StandardIO, which has no stdin and stdout.)
-    StandardIO(  # type: ignore[call-arg]
-        _SupervisorLink(reactor, router.report), stdin=0, stdout=REPORT_FD
-    )
+    link = _SupervisorLink(reactor, router.report)
+    StandardIO(link, stdin=0, stdout=REPORT_FD)  # type: ignore[call-arg]
 
     failed: list[bool] = []
 
@@ -117,6 +120,8 @@ def main(argv: list[str]) -> int:
             os.close(fd)
         if hangups:
             router.reload()
+        # The supervisor knows this worker's routes and targets at once.
+        link.sendReport()
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger(
