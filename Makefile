@@ -16,7 +16,7 @@ VBIN   := $(VENV)/bin
 DEBIAN_PACKAGES := openssl curl python3-venv haproxy nginx-light \
                    libnginx-mod-stream procps iproute2 slapd ldap-utils pebble \
                    bind9-dnsutils postfix swaks libnet-ssleay-perl libio-socket-ssl-perl \
-                   chromium
+                   chromium testssl.sh
 # Extra Debian packages only the benchmark needs.
 BENCH_DEBIAN_PACKAGES := wrk
 

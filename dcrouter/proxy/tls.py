@@ -72,8 +72,9 @@ __all__ = [
 ]
 
 #: TLS 1.2 suites when C{[tls] ciphers} is unset: Mozilla's "intermediate"
-#: list less its DHE suites (no DH parameters are configured). TLS 1.3 suites
-#: are OpenSSL's defaults, all of them AEAD; a cipher string does not touch them.
+#: list less its DHE suites (no DH parameters are configured), in the order the
+#: server prefers them. TLS 1.3 suites are OpenSSL's defaults, all of them
+#: AEAD; a cipher string does not touch them.
 DEFAULT_CIPHERS = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
@@ -84,6 +85,11 @@ DEFAULT_CIPHERS = (
 SELF_SIGNED_DAYS = 365
 
 _MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+#: SSL_OP_PRIORITIZE_CHACHA (OpenSSL >= 1.1.1), which pyOpenSSL does not name:
+#: under server preference, ChaCha20 still wins for a client that lists it
+#: first (one without AES hardware).
+_OP_PRIORITIZE_CHACHA = 0x00200000
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
@@ -283,8 +289,9 @@ def contextFor(
 ) -> SSL.Context:
     """
     A server context serving C{chain} with C{key} under dcrouter's policy:
-    C{settings.min_version} and C{ciphers}, no compression or
-    renegotiation, and ALPN selecting from C{alpn} in its order.
+    C{settings.min_version} and C{ciphers} in the server's order of
+    preference, no compression or renegotiation, and ALPN selecting from
+    C{alpn} in its order.
 
     @raise TLSSetupError: OpenSSL refuses them, or the policy is unusable.
     """
@@ -296,7 +303,14 @@ def contextFor(
     context.set_min_proto_version(minimum)
     # Session tickets and the server session cache stay on (OpenSSL's
     # defaults); ECDH groups are chosen automatically by OpenSSL >= 1.1.0.
-    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    # The server's cipher order decides, not the client's (a client listing
+    # a weaker suite first does not get it), except for ChaCha20 first.
+    context.set_options(
+        SSL.OP_NO_COMPRESSION
+        | SSL.OP_NO_RENEGOTIATION
+        | SSL.OP_CIPHER_SERVER_PREFERENCE
+        | _OP_PRIORITIZE_CHACHA
+    )
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     try:
         _load(context.use_certificate, chain[0], crypto.X509.from_cryptography)
@@ -331,7 +345,8 @@ class ServerTLS:
     The chain file (leaf first, then intermediates, PEM) and the unencrypted
     PEM key are read once, here; every connection shares one OpenSSL context.
     Compression and renegotiation are off; the floor is C{settings.min_version}
-    and C{settings.ciphers} (or L{DEFAULT_CIPHERS}) selects the TLS 1.2 suites.
+    and C{settings.ciphers} (or L{DEFAULT_CIPHERS}) selects the TLS 1.2 suites,
+    in the server's order of preference.
     To serve a renewed certificate build a new L{ServerTLS}; connections
     already open keep the old one.
 

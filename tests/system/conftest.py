@@ -267,11 +267,20 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 class CertificateAuthority:
-    """A throwaway CA that issues leaf certificates into a directory."""
+    """
+    A throwaway CA that issues leaf certificates into a directory.
 
-    def __init__(self, directory: Path, name: str) -> None:
+    C{days}: how long it and its leaves stay valid. C{crl}: a CRL URL written
+    into its leaves, as public CAs do (nothing fetches it).
+    """
+
+    def __init__(
+        self, directory: Path, name: str, days: int = 2, crl: Optional[str] = None
+    ) -> None:
         self.directory = directory
         self.name = name
+        self.days = days
+        self.crl = crl
         self.key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"dcrouter test CA {name}")])
         now = _now()
@@ -282,7 +291,7 @@ class CertificateAuthority:
             .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
+            .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -307,14 +316,14 @@ class CertificateAuthority:
             return self._issued[hostname]
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
-        cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
+            .not_valid_after(now + datetime.timedelta(days=self.days))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
@@ -327,8 +336,12 @@ class CertificateAuthority:
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
             )
-            .sign(self.key, hashes.SHA256())
         )
+        if self.crl is not None:
+            url = x509.UniformResourceIdentifier(self.crl)
+            point = x509.DistributionPoint([url], None, None, None)
+            builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
         certPath = self.directory / f"{hostname}.{self.name}.pem"
         keyPath = self.directory / f"{hostname}.{self.name}.key"
         certPath.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -422,6 +422,29 @@ def test_cipherString(pki: PKI) -> None:
 
 
 @pytest.mark.parametrize(
+    ("clientOrder", "chosen"),
+    [
+        # The server's order (DEFAULT_CIPHERS), not the client's, decides...
+        (
+            "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256",
+            "ECDHE-ECDSA-AES128-GCM-SHA256",
+        ),
+        # ...except that a client listing ChaCha20 first gets it.
+        (
+            "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256",
+            "ECDHE-ECDSA-CHACHA20-POLY1305",
+        ),
+    ],
+)
+def test_serverCipherPreference(pki: PKI, clientOrder: str, chosen: str) -> None:
+    client = RawClient(SSL.TLS1_2_VERSION)
+    client.context.set_cipher_list(clientOrder.encode("ascii"))
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), client)
+    assertConnected(serverPeer, clientPeer)
+    assert w.server.getHandle().get_cipher_name() == chosen
+
+
+@pytest.mark.parametrize(
     ("serverALPN", "clientALPN", "chosen"),
     [
         ((b"http/1.1",), (b"h2", b"http/1.1"), b"http/1.1"),
