@@ -95,6 +95,18 @@ class IRouteAction(IPlugin):
         """
 
 
+class IStartTLSAction(IRouteAction):
+    """
+    A route action that terminates TLS itself, inside its protocol (SMTP's
+    C{STARTTLS}, say), rather than before it as C{tls = terminate} does.
+
+    Its route takes C{cert} and C{key} with no C{tls} mode; before
+    C{parseOptions}, dcrouter puts on C{options.serverTLS} the server TLS
+    made from them (else from C{[tls] cert}) under the C{[tls]} policy, or
+    C{None} when neither is configured.
+    """
+
+
 class IHTTPExchange(Interface):
     """
     One HTTP request on a client connection, and the way to answer it.

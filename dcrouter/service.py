@@ -39,6 +39,7 @@ from dcrouter.certs.manager import CertificateSource, CertManager, FollowedCerts
 from dcrouter.config import loadConfig
 from dcrouter.config.email import emailRoutes
 from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
+from dcrouter.config.ini import NOT_TERMINATING
 from dcrouter.config.model import PYTHON, CertificatePair, Limits, RouteConfig, RouterConfig
 from dcrouter.config.options import RouteOptions
 from dcrouter.config.validate import checkModel
@@ -46,7 +47,7 @@ from dcrouter.dns.service import DNSService
 from dcrouter.http.guard import Guard, parseGuard
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
 from dcrouter.http.server import HTTPLayer
-from dcrouter.interfaces import IHTTPAction, IRouteAction
+from dcrouter.interfaces import IHTTPAction, IRouteAction, IStartTLSAction
 from dcrouter.mail.service import BUILT_IN_MODES, MailService, unknownModes
 from dcrouter.ops.admin import RecentErrors, adminSite
 from dcrouter.ops.metrics import (
@@ -169,6 +170,14 @@ def _parseRoute(
         )
         return None
     options = RouteOptions(route, config.defaults, clock, config.http)
+    startTLSPair = route.cert or config.tls.cert
+    if IStartTLSAction.providedBy(action) and route.tls is None and startTLSPair is not None:
+        try:
+            options.serverTLS = ServerTLS(startTLSPair, config.tls)
+        except Exception as e:
+            errors.add(f"cannot use certificate: {e}", route.sourceOf("cert"), section, "cert")
+    elif route.cert is not None and route.tls is None:
+        errors.add(NOT_TERMINATING, route.sourceOf("cert"), section, "cert")
     parsed = action.parseOptions(options)
     guard = None
     if IHTTPAction.providedBy(action):

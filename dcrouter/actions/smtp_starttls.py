@@ -8,7 +8,7 @@ capabilities less C{STARTTLS}, C{AUTH}, C{XCLIENT} and C{XFORWARD}, plus
 C{STARTTLS}), C{NOOP}, C{RSET}, C{QUIT} and C{STARTTLS}; anything else is
 refused with 530. On C{STARTTLS} every byte the client pipelined after the
 command is discarded (the CVE-2011-0411 injection), TLS is terminated with
-the action's own C{cert} and C{key}, and after the handshake the two
+the route's C{cert} and C{key} under the C{[tls]} policy, and after the handshake the two
 sessions are joined: the client's bytes go to the backend untouched; the
 backend's replies are passed on with C{STARTTLS} taken out of them.
 
@@ -18,10 +18,11 @@ XCLIENT from dcrouter's address would honour one the client sends after the
 join too, since the joined session is not filtered; XCLIENT and XFORWARD are
 only hidden from the capabilities the client sees.
 
-Keys: C{target} (one or more host:port, tried in order), C{cert}, C{key}
-(required), C{hostname}, C{connect_timeout}, C{idle_timeout} (after TLS,
-600 s by default, so long C{DATA} transfers are not cut), C{starttls_timeout}
-(from connect to the end of the TLS handshake, 60 s), C{proxy_protocol},
+Keys: C{target} (one or more host:port, tried in order), the route's
+C{cert} and C{key} (else C{[tls] cert}; it is an L{IStartTLSAction}),
+C{hostname}, C{connect_timeout}, C{idle_timeout} (after TLS, 600 s by
+default, so long C{DATA} transfers are not cut), C{starttls_timeout} (from
+connect to the end of the TLS handshake, 60 s), C{proxy_protocol},
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dcrouter.config.model import CertificatePair, HostPort, TlsSettings
+from dcrouter.config.model import HostPort
 from dcrouter.config.options import RouteOptions
 from dcrouter.config.values import parseChoice
-from dcrouter.interfaces import IRouteAction, IRoutedConnection
+from dcrouter.interfaces import IRoutedConnection, IStartTLSAction
 from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2
-from dcrouter.proxy.tls import ServerTLS, TLSSetupError, wrapServer
+from dcrouter.proxy.tls import ServerTLS, wrapServer
 
 #: Longest command or reply line accepted (RFC 5321 says 512/1000; be lenient).
 MAX_LINE = 2048
@@ -468,7 +469,7 @@ class SMTPStartTLSProtocol(Protocol):
             self.closeBackend()
 
 
-@implementer(IPlugin, IRouteAction)
+@implementer(IPlugin, IStartTLSAction)
 class SMTPStartTLSAction:
     """STARTTLS in front of a plaintext SMTP backend."""
 
@@ -479,13 +480,11 @@ class SMTPStartTLSAction:
         targets = options.targets()
         if not targets:
             options.error("target", "action 'smtp-starttls' needs a target")
+        serverTLS = options.serverTLS
         if options.route.tls is not None:
             options.error(None, "smtp-starttls does STARTTLS itself: leave out tls")
-        cert = options.path("cert")
-        key = options.path("key")
-        for name, value in (("cert", cert), ("key", key)):
-            if value is None:
-                options.error(None, f"action 'smtp-starttls' needs the key {name!r}")
+        elif serverTLS is None:
+            options.error(None, "action 'smtp-starttls' needs cert and key (or [tls] cert)")
         hostname = options.text("hostname", socket.getfqdn() or "localhost")
         connectTimeout = options.duration("connect_timeout", defaults.connect_timeout)
         idleTimeout = options.duration("idle_timeout", 600.0)
@@ -495,12 +494,6 @@ class SMTPStartTLSAction:
         )
         if not hostname or any(c.isspace() for c in hostname):
             options.error("hostname", "must be one word")
-        serverTLS = None
-        if cert is not None and key is not None:
-            try:
-                serverTLS = ServerTLS(CertificatePair(cert, key), TlsSettings())
-            except TLSSetupError as e:
-                options.error("cert", str(e))
         if not targets or serverTLS is None:
             return None
         return SMTPStartTLSOptions(

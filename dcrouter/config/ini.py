@@ -580,7 +580,10 @@ class _Loader:
         tls = keys.optional("tls", _tlsMode)
         tlsKnown = tls is not None or not keys.has("tls")
         domains: tuple[str, ...] = keys.get("domains", values.parseDomains, ())
-        cert = self.certificate(keys, tls in _TERMINATING if tlsKnown else None)
+        # cert and key without a tls mode: only for an action that does TLS
+        # itself (IStartTLSAction), which compiling checks.
+        terminating = tls is None or tls in _TERMINATING
+        cert = self.certificate(keys, terminating if tlsKnown else None)
         certificate = keys.optional("certificate", _auto)
         if certificate and cert is not None:
             keys.error("certificate", "certificate = auto, or cert and key: not both")
@@ -632,11 +635,7 @@ class _Loader:
         if given is None or terminating is None:
             return None
         if not terminating:
-            keys.error(
-                given,
-                "cert and key only apply to terminating routes "
-                "(tls = terminate or terminate-and-reencrypt)",
-            )
+            keys.error(given, NOT_TERMINATING)
             return None
         if not (keys.has("cert") and keys.has("key")):
             missing = "key" if given == "cert" else "cert"
@@ -652,6 +651,13 @@ class _Loader:
             keys.error("cert", problem)
             return None
         return pair
+
+
+#: Why a route cannot take cert and key.
+NOT_TERMINATING = (
+    "cert and key only apply to terminating routes (tls = terminate or "
+    "terminate-and-reencrypt) and to actions that do STARTTLS themselves (smtp-starttls)"
+)
 
 
 def parseConfig(text: str, path: str) -> RouterConfig:

@@ -44,6 +44,8 @@ class RouteOptions:
         self.http = http
         #: The reactor the route's pools and timers will run on.
         self.reactor = reactor
+        #: For an C{IStartTLSAction}: the route's server TLS, or C{None}.
+        self.serverTLS: Any = None
         self.errors: list[ConfigError] = []
         self._unread = set(route.options)
 

@@ -7,7 +7,8 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from dcrouter.config import ConfigErrors, loadConfig
-from dcrouter.config.model import RouteConfig, RouterConfig
+from dcrouter.config.model import RouteConfig, RouterConfig, TlsSettings
+from dcrouter.proxy.tls import ensureSelfSigned
 from dcrouter.service import DcRouter, compileConfig, endpointString, loadActions
 from tests.helpers import Backend, connect, freePort, listen
 
@@ -46,6 +47,28 @@ def test_backend_keys_need_reencrypt():
         RouteConfig(name="x", ports=(1,), options={"target": "h:1", "backend_verify": "no"})
     )
     assert "backend_verify: only applies to tls = terminate-and-reencrypt" in error
+
+
+def test_cert_without_tls_is_only_for_startls_actions(tmp_path):
+    pair = ensureSelfSigned(str(tmp_path))
+    (error,) = errorsOf(RouteConfig(name="x", ports=(1,), cert=pair, options={"target": "h:1"}))
+    assert "[route:x] cert: cert and key only apply to terminating routes" in error
+    (error,) = errorsOf(
+        RouteConfig(name="x", ports=(1,), action="smtp-starttls", options={"target": "h:1"})
+    )
+    assert "needs cert and key (or [tls] cert)" in error
+
+
+def test_smtp_starttls_serves_the_routes_cert_under_the_tls_policy(tmp_path):
+    pair = ensureSelfSigned(str(tmp_path))
+    route = RouteConfig(name="mx", ports=(25,), action="smtp-starttls", cert=pair,
+                        options={"target": "127.0.0.1:2525"})
+    compiled = compileConfig(
+        RouterConfig(routes=(route,), tls=TlsSettings(min_version="1.3")), loadActions(), Clock()
+    )
+    (compiledRoute,) = compiled.tables[25].routes
+    serverTLS = compiledRoute.options.serverTLS
+    assert serverTLS.pair == pair and serverTLS.settings.min_version == "1.3"
 
 
 def test_endpoint_strings_escape_ipv6():

@@ -101,10 +101,9 @@ async def setUp(tmp_path, backend=None, **options):
         name="smtp",
         ports=(0,),
         action="smtp-starttls",
+        cert=pair,
         options={
             "target": f"127.0.0.1:{listening.getHost().port}",
-            "cert": pair.cert,
-            "key": pair.key,
             "hostname": "mx.dcrouter.test",
             **options,
         },
@@ -241,7 +240,8 @@ async def test_backend_down_gets_421_and_the_record_says_why(tmp_path):
             name="smtp",
             ports=(0,),
             action="smtp-starttls",
-            options={"target": f"127.0.0.1:{freePort()}", "cert": pair.cert, "key": pair.key},
+            cert=pair,
+            options={"target": f"127.0.0.1:{freePort()}"},
         )
         service, port = await startRouter(route)
 

@@ -5,10 +5,8 @@ CRITICAL or HIGH.
 Three listeners: a 25-style port (the router forwards to the internal ESMTP
 server, which offers STARTTLS) and a 465-style port (the router terminates
 TLS), both from twistd dcrouter's C{[email]} section; and an C{smtp-starttls}
-route (STARTTLS offload in front of postfix's smtp-sink), run by DcRouter in
-a process of its own (this module is its entry point: C{python -m
-tests.system.test_testssl offload CONFIG}), because the INI file cannot give
-that action its cert and key yet.
+route (STARTTLS offload in front of postfix's smtp-sink), from its own INI
+file.
 
 testssl runs the checks that can rate CRITICAL or HIGH: protocols (-p),
 cipher categories (-s), forward secrecy (-f), server preference (-P), server
@@ -28,10 +26,8 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -44,7 +40,6 @@ from tests.system.conftest import (
     free_ports,
     make_config,
     port_accepts,
-    python_env,
     wait_until,
 )
 
@@ -115,7 +110,7 @@ default_mode = reject
 @pytest.fixture(scope="module")
 def offload(
     tmp_path_factory: pytest.TempPathFactory, certificate: tuple[Path, Path, Path]
-) -> Iterator[tuple[Process, int]]:
+) -> Iterator[tuple[Router, int]]:
     """An smtp-starttls route in front of smtp-sink, and its port."""
     if SINK is None:
         pytest.skip("postfix's smtp-sink is not installed (apt-get install postfix)")
@@ -129,12 +124,17 @@ def offload(
                        directory, dict(os.environ))
         started.append(sink)
         wait_until(lambda: port_accepts(sinkPort), "smtp-sink to listen", detail=sink.describe)
-        config = {"state": str(directory / "state"), "port": port,
-                  "target": f"{LOCALHOST}:{sinkPort}", "cert": str(cert), "key": str(key)}
-        router = Process([sys.executable, "-m", "tests.system.test_testssl", "offload",
-                          json.dumps(config)], directory / "router.log", directory, python_env())
+        router = Router(directory, make_config(directory / "state", f"""
+            [route:offload]
+            ports = {port}
+            action = smtp-starttls
+            target = {LOCALHOST}:{sinkPort}
+            cert = {cert}
+            key = {key}
+            hostname = {HOSTNAME}
+        """))
         started.append(router)
-        router.wait_output(r"dcrouter listening on")
+        router.wait_started()
         yield router, port
     finally:
         for process in reversed(started):
@@ -188,41 +188,8 @@ def test_email_listener_has_no_critical_or_high_finding(
 
 
 def test_smtp_starttls_offload_has_no_critical_or_high_finding(
-    offload: tuple[Process, int], certificate: tuple[Path, Path, Path], tmp_path: Path
+    offload: tuple[Router, int], certificate: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     router, port = offload
     findings = scan(port, True, certificate[0], tmp_path)
     assertNothingCriticalOrHigh(findings, f"\n{router.describe()}")
-
-
-def serveOffload(config: dict[str, Any]) -> None:
-    """Run DcRouter with one smtp-starttls route, as C{config} says, until SIGTERM."""
-    from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    from dcrouter.config.model import DaemonSettings, Defaults, RouteConfig, RouterConfig
-    from dcrouter.service import DcRouter
-
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    route = RouteConfig(
-        name="offload",
-        ports=(config["port"],),
-        action="smtp-starttls",
-        options={"target": config["target"], "cert": config["cert"], "key": config["key"],
-                 "hostname": HOSTNAME},
-    )
-    service = DcRouter(RouterConfig(
-        routes=(route,),
-        daemon=DaemonSettings(state_dir=config["state"], drain_timeout=0.0),
-        defaults=Defaults(bind=(LOCALHOST,)),
-    ))
-    service.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["offload"] and len(sys.argv) == 3:
-        serveOffload(json.loads(sys.argv[2]))
-    else:
-        sys.exit("usage: python -m tests.system.test_testssl offload CONFIG_JSON")

@@ -573,12 +573,13 @@ class TestCertificates:
             f"{path}:4: [tls] key: cert is missing: give both cert and key, or neither"
         )
 
-    @pytest.mark.parametrize("tls", ["tls = passthrough\n", ""])
-    def test_onlyForTerminatingRoutes(self, write: Write, pairs: Pairs, tls: str) -> None:
-        path = write(f"{ROUTE}cert = {pairs.cert}\nkey = {pairs.key}\n{tls}")
+    def test_notForPassthroughRoutes(self, write: Write, pairs: Pairs) -> None:
+        """(With no tls mode, the action decides: see tests/integration/test_service.py.)"""
+        path = write(f"{ROUTE}cert = {pairs.cert}\nkey = {pairs.key}\ntls = passthrough\n")
         assert oneError(path) == (
             f"{path}:3: [route:web] cert: cert and key only apply to terminating routes "
-            "(tls = terminate or terminate-and-reencrypt)"
+            "(tls = terminate or terminate-and-reencrypt) and to actions that do STARTTLS "
+            "themselves (smtp-starttls)"
         )
 
     def test_badTlsModeHidesFollowOnErrors(self, write: Write, pairs: Pairs) -> None:
