@@ -22,7 +22,7 @@ Keys: C{target} (one or more host:port, tried in order), the route's
 C{cert} and C{key} (else C{[tls] cert}; it is an L{IStartTLSAction}),
 C{hostname}, C{connect_timeout}, C{idle_timeout} (after TLS, 600 s by
 default, so long C{DATA} transfers are not cut), C{starttls_timeout} (from
-connect to the end of the TLS handshake, 60 s), C{proxy_protocol},
+connect to the end of the TLS handshake, 60 s), C{proxy_protocol}.
 """
 
 from __future__ import annotations
