@@ -269,15 +269,14 @@ def test_an_unknown_delivery_mode_is_a_config_error(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_dcrouter_queue_lists_and_deletes(tmp_path):
+async def test_dcrouter_queue_lists_flushes_and_deletes_over_the_admin_socket(tmp_path):
     import json as jsonlib
+    import os
+    import stat
     import subprocess
     import sys
 
-    admin = freePort()
-    service, sink, messages, mx, submission = await startMailEdge(
-        tmp_path, f"[admin]\nlisten = 127.0.0.1:{admin}\n"
-    )
+    service, sink, messages, mx, submission = await startMailEdge(tmp_path)
     await sink.stopListening()  # the forward target is down: the mail waits
 
     def run(*args):
@@ -287,16 +286,24 @@ async def test_dcrouter_queue_lists_and_deletes(tmp_path):
         )
 
     try:
+        socketPath = tmp_path / "state" / "admin.sock"
+        assert stat.S_ISSOCK(os.stat(socketPath).st_mode)
+        assert stat.S_IMODE(os.stat(socketPath).st_mode) == 0o600
         await deferToThread(sendFrom, "127.0.0.1", mx, "bob@example.test")
         listing = await deferToThread(run)
         assert listing.returncode == 0, listing.stderr
         (line,) = listing.stdout.splitlines()
         queueId = jsonlib.loads(line)["id"]
+        flushed = await deferToThread(run, "flush", queueId)
+        assert "message(s) to be tried now" in flushed.stdout, flushed.stderr
         deleted = await deferToThread(run, "delete", queueId)
         assert "1 of 1 message(s) deleted" in deleted.stdout, deleted.stderr
         assert (await deferToThread(run)).stdout.strip() == "the queue is empty"
+        overTCP = await deferToThread(run, "--user", "ops")
+        assert overTCP.returncode == 1 and "no [admin] listen" in overTCP.stderr
     finally:
         await service.stopService()
+    assert not socketPath.exists()
 
 
 def sendOverImplicitTLS(port, recipient, login):
