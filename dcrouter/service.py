@@ -707,8 +707,8 @@ class DcRouter(MultiService):
     def serviceMetrics(self) -> tuple[Any, Any, list[dict[str, Any]], float]:
         """What the metrics read of mail, DNS and certificates."""
         return (
-            self.mail.queue if self.mail is not None else None,
-            self.dns.factory.counters if self.config.dns is not None else None,
+            self.mail,
+            self.dns.factory if self.config.dns is not None else None,
             self.certificates(),
             self.reactor.seconds(),
         )

@@ -201,6 +201,11 @@ async def test_mail_and_dns_metrics(tmp_path):
         text = body.decode()
         assert 'dcrouter_mail_events_total{event="accepted"} 1.0' in text
         assert "dcrouter_mail_queue_messages" in text
+        assert f'dcrouter_smtp_sessions_total{{mode="mx",port="{mx}"}} 1.0' in text
+        assert f'dcrouter_smtp_sessions_total{{mode="submission",port="{submission}"}} 0.0' in text
+        assert (f'dcrouter_smtp_messages_total{{mode="mx",port="{mx}",result="accepted"}} 1.0'
+                in text)
+        assert f'dcrouter_smtp_sessions_active{{mode="mx",port="{mx}"}}' in text
     finally:
         await service.stopService()
         await sink.stopListening()
