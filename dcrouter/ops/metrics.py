@@ -198,6 +198,13 @@ class ServicesCollector(Collector):
             for event, count in sorted(dns.counters.items()):
                 events.add_metric([event], count)
             yield events
+            responses = CounterMetricFamily(
+                "dcrouter_dns_responses", "DNS responses sent, by protocol and response code.",
+                labels=["protocol", "rcode"],
+            )
+            for (protocol, rcode), count in sorted(dns.responses.items()):
+                responses.add_metric([protocol, rcode], count)
+            yield responses
         expiry = GaugeMetricFamily(
             "dcrouter_certificate_expiry_seconds", "Seconds until the certificate expires.",
             labels=["route"],
