@@ -387,6 +387,19 @@ found=$(find "$SMOKE/state" -type f ! -user dcrouter)
 [ -n "$(find "$SMOKE/state" -type f -name '*.key' -perm 0600)" ] \
     || fail "no private key (0600) in the state directory: $(ls -lR "$SMOKE/state")"
 echo "ok: self-signed certificate in the state directory: $(cd "$SMOKE/state" && find . -type f | tr '\n' ' ')"
+# The admin socket: root and the dcrouter user may ask the daemon; nobody else.
+[ "$(stat -c '%U %a %F' "$SMOKE/state/admin.sock")" = "dcrouter 600 socket" ] \
+    || fail "the admin socket: $(ls -l "$SMOKE/state/admin.sock" 2>&1)"
+dcrouter certs "$SMOKE/dcrouter.ini" | grep -qx "no certificate = auto routes" \
+    || fail "dcrouter certs as root"
+setpriv --reuid=dcrouter --regid=dcrouter --init-groups dcrouter queue "$SMOKE/dcrouter.ini" \
+    | grep -qx "the queue is empty" || fail "dcrouter queue as the dcrouter user"
+if setpriv --reuid=nobody --regid=nogroup --clear-groups dcrouter queue "$SMOKE/dcrouter.ini" \
+    2> "$OUT/nobody.err"; then
+    fail "dcrouter queue as nobody reached the daemon"
+fi
+grep -q "permission denied" "$OUT/nobody.err" || fail "dcrouter queue as nobody: $(cat "$OUT/nobody.err")"
+echo "ok: dcrouter certs|queue over the admin socket as root and dcrouter, refused to nobody"
 
 # Reload (the unit's ExecReload): a new body is served, then a bad file is
 # refused and the running configuration stays.

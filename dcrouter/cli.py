@@ -6,12 +6,17 @@ reload would (without binding ports), prints every error and exits 1, or
 prints a one-line summary and exits 0. C{dcrouter routes FILE} prints the
 route table in match order; with C{--explain HOST PORT [PATH]} it says which
 route a connection (and an HTTP request) for HOST on PORT would get, and why.
+C{dcrouter certs FILE} and C{dcrouter queue FILE} ask the running daemon,
+over its admin socket (root or the daemon's user), or with C{--user} over
+its C{[admin]} listener.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -117,50 +122,80 @@ def askDaemon(
     path: str, user: Optional[str], what: str, form: Optional[list[tuple[str, str]]] = None
 ) -> Any:
     """
-    GET (or, with C{form}, POST) C{what} on the running daemon's [admin]
-    listener; the password of C{user} comes from C{DCROUTER_ADMIN_PASSWORD}.
+    GET (or, with C{form}, POST) C{what} on the running daemon: over its
+    admin socket, or, with C{user}, over its C{[admin]} listener with basic
+    auth, the password coming from C{DCROUTER_ADMIN_PASSWORD}.
 
     @return: the JSON (GET) or text (POST) answer.
     @raise SystemExit: with a message, when the daemon cannot be asked.
     """
     import base64
-    import json
     import os
-    import urllib.error
     import urllib.parse
-    import urllib.request
 
     from dcrouter.config import loadConfig
 
     try:
-        config = loadConfig(path)
+        admin = loadConfig(path).admin
     except ConfigErrors as e:
         raise SystemExit(e.report()) from None
-    listen = config.admin.listen
-    if listen is None:
-        raise SystemExit(f"{path}: no [admin] listen: the daemon cannot be asked")
-    host = f"[{listen.host}]" if ":" in listen.host else listen.host
-    url = f"http://{host}:{listen.port}/{what}"
-    headers = {}
+    headers = {"Host": "localhost"}
+    connection: http.client.HTTPConnection
     if user:
+        listen = admin.listen
+        if listen is None:
+            raise SystemExit(f"{path}: no [admin] listen: --user has nothing to talk to")
+        where = str(listen)
+        connection = http.client.HTTPConnection(listen.host, listen.port, timeout=10)
         password = os.environ.get("DCROUTER_ADMIN_PASSWORD", "")
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         headers["Authorization"] = f"Basic {token}"
-    data = urllib.parse.urlencode(form).encode() if form is not None else None
-    method = "POST" if form is not None else "GET"
-    request = urllib.request.Request(url, data, headers, method=method)
+    else:
+        if admin.socket is None:
+            raise SystemExit(f"{path}: [admin] socket = off: ask over [admin] listen with --user")
+        where = admin.socket
+        connection = _UnixHTTPConnection(admin.socket, timeout=10)
+    body = None
+    if form is not None:
+        body = urllib.parse.urlencode(form).encode()
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
     try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            body = answer.read()
-    except urllib.error.HTTPError as e:
-        raise SystemExit(f"{e.code}: {e.read().decode().strip()}") from None
-    except OSError as e:
-        raise SystemExit(f"cannot reach the daemon at {url}: {e}") from None
-    return body.decode().strip() if form is not None else json.loads(body)
+        connection.request("POST" if form is not None else "GET", f"/{what}", body, headers)
+        answer = connection.getresponse()
+        data = answer.read()
+    except PermissionError:
+        raise SystemExit(
+            f"cannot use {where}: permission denied (run as root or as the daemon's user)"
+        ) from None
+    except (OSError, http.client.HTTPException) as e:
+        raise SystemExit(f"cannot reach the daemon at {where}: {e}") from None
+    finally:
+        connection.close()
+    if answer.status >= 400:
+        raise SystemExit(f"{answer.status}: {data.decode(errors='replace').strip()}")
+    return data.decode().strip() if form is not None else json.loads(data)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over the daemon's admin UNIX socket."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 def certs(path: str, renew: Optional[str], user: Optional[str]) -> int:
-    """List the ACME certificates of the running daemon, or renew one, over [admin]."""
+    """List the ACME certificates of the running daemon, or renew one."""
     if renew:
         print(askDaemon(path, user, "certs/renew", [("name", renew)]))
         return 0
@@ -191,6 +226,12 @@ def queue(path: str, action: Optional[str], ids: list[str], user: Optional[str])
     return 0
 
 
+USER_HELP = (
+    "ask over [admin] listen as this [admin] user (password in DCROUTER_ADMIN_PASSWORD)"
+    " instead of over the admin socket"
+)
+
+
 class _NoHeaders:
     def getAll(self, name: bytes) -> list[bytes]:
         return []
@@ -210,17 +251,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table.add_argument("--plain", action="store_true",
                        help="with --explain: a plain (not TLS) connection on a TLS port")
     certificates = commands.add_parser(
-        "certs", help="the running daemon's ACME certificates (over [admin]), or renew one"
+        "certs", help="the running daemon's ACME certificates, or renew one"
     )
     certificates.add_argument("file")
     certificates.add_argument("action", nargs="?", choices=["renew"])
     certificates.add_argument("name", nargs="?")
-    certificates.add_argument("--user", help="[admin] user (password in DCROUTER_ADMIN_PASSWORD)")
-    mail = commands.add_parser("queue", help="the running daemon's mail queue (over [admin])")
+    certificates.add_argument("--user", help=USER_HELP)
+    mail = commands.add_parser("queue", help="the running daemon's mail queue")
     mail.add_argument("file")
     mail.add_argument("action", nargs="?", choices=["flush", "delete"])
     mail.add_argument("ids", nargs="*", metavar="ID")
-    mail.add_argument("--user", help="[admin] user (password in DCROUTER_ADMIN_PASSWORD)")
+    mail.add_argument("--user", help=USER_HELP)
     args = parser.parse_args(argv)
     if args.command == "queue":
         if args.action == "delete" and not args.ids:

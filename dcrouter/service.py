@@ -22,8 +22,9 @@ from typing import Any, Literal, Optional
 from attrs import evolve, frozen
 from prometheus_client import generate_latest
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogPublisher
@@ -49,7 +50,7 @@ from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
 from dcrouter.http.server import HTTPLayer
 from dcrouter.interfaces import IHTTPAction, IRouteAction, IStartTLSAction
 from dcrouter.mail.service import BUILT_IN_MODES, MailService, unknownModes
-from dcrouter.ops.admin import RecentErrors, adminSite
+from dcrouter.ops.admin import RecentErrors, adminSite, listenAdminSocket
 from dcrouter.ops.metrics import (
     AccessCounter,
     RouterCollector,
@@ -635,7 +636,7 @@ class DcRouter(MultiService):
                 self.reactor, _threadPoolOf(self.reactor), config.ldap,
             )
             self.mail.setServiceParent(self)
-        self.adminPort: Optional[IListeningPort] = None
+        self.adminPorts: list[IListeningPort] = []
         self.accessCounter = AccessCounter()
         self.recentErrors = RecentErrors(self.reactor)
         self.startedAt = 0.0
@@ -678,8 +679,8 @@ class DcRouter(MultiService):
             if failures:
                 self.closeListeners(list(self.listeners))
                 self.dns.unbind()
-                if self.adminPort is not None:
-                    self.adminPort.stopListening()
+                for port in self.adminPorts:
+                    port.stopListening()
                 raise SystemExit("dcrouter: cannot start:\n" + "\n".join(failures))
         super().privilegedStartService()
 
@@ -749,9 +750,9 @@ class DcRouter(MultiService):
             self.dns.replaceRecords(None, name, "TXT", [text])
 
     def listenAdmin(self) -> list[str]:
-        """Open the admin listener, if configured; return what failed."""
+        """Open the admin socket and the admin listener, if configured; return what failed."""
         admin = self.config.admin
-        if admin.listen is None or self.isWorker:
+        if (admin.listen is None and admin.socket is None) or self.isWorker:
             return []
         checker = None
         if admin.users is not None:
@@ -760,9 +761,18 @@ class DcRouter(MultiService):
                 self.reactor,
             )
         registry = registryFor(self.routerCollector(), ServicesCollector(self.serviceMetrics))
+        queue = self.mail.queue if self.mail is not None else None
+        if admin.socket is not None:
+            local = adminSite(registry, self.status, None, self.certificates,
+                              self.renewCertificate, queue, local=True)
+            try:
+                self.adminPorts.append(listenAdminSocket(self.reactor, admin.socket, local))
+            except CannotListenError as e:
+                return [f"cannot listen on {admin.socket} (admin socket): {e.socketError}"]
+        if admin.listen is None:
+            return []
         site = adminSite(
-            registry, self.status, checker, self.certificates, self.renewCertificate,
-            self.mail.queue if self.mail is not None else None,
+            registry, self.status, checker, self.certificates, self.renewCertificate, queue,
         )
         address = admin.listen
         endpoint = serverFromString(self.reactor, endpointString(address.port, address.host))
@@ -771,7 +781,8 @@ class DcRouter(MultiService):
         result = results[0] if results else None
         if isinstance(result, Failure):
             return [f"cannot listen on {address} (admin): {result.getErrorMessage()}"]
-        self.adminPort = result
+        if result is not None:
+            self.adminPorts.append(result)
         return []
 
     def certificates(self) -> list[dict[str, Any]]:
@@ -797,8 +808,8 @@ class DcRouter(MultiService):
     def serviceMetrics(self) -> tuple[Any, Any, list[dict[str, Any]], float]:
         """What the metrics read of mail, DNS and certificates."""
         return (
-            self.mail.queue if self.mail is not None else None,
-            self.dns.factory.counters if self.config.dns is not None else None,
+            self.mail,
+            self.dns.factory if self.config.dns is not None else None,
             self.certificates(),
             self.reactor.seconds(),
         )
@@ -1044,9 +1055,8 @@ class DcRouter(MultiService):
         stopResources(self.compiled)
         closing = self.closeListeners([*self.listeners, *self.groups])
         closing.addCallback(lambda _: self.drain(done))
-        if self.adminPort is not None:
-            port, self.adminPort = self.adminPort, None
-            done.addCallback(lambda _: port.stopListening())
+        ports, self.adminPorts = self.adminPorts, []
+        done.addCallback(lambda _: DeferredList([maybeDeferred(p.stopListening) for p in ports]))
         done.addCallback(self.removeObservers)
         stopped: Deferred[Any] = gatherResults([done, children])
         return stopped.addCallback(lambda _: None)

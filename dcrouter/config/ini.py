@@ -339,6 +339,14 @@ def _acmeDirectory(text: str) -> str:
     return value
 
 
+def _socketPathProblem(path: str) -> Optional[str]:
+    """Why C{path} cannot name a UNIX socket (the kernel's limit is 107 bytes), or C{None}."""
+    size = len(os.fsencode(path))
+    if size > 107:
+        return f"{path} is {size} bytes, longer than a UNIX socket's path may be (107)"
+    return None
+
+
 def _ldapURL(text: str) -> str:
     url = text.strip()
     if not url.lower().startswith(("ldap://", "ldaps://")) or len(url.split("://", 1)[1]) == 0:
@@ -380,7 +388,7 @@ class _Loader:
         tls = TlsSettings()
         http = HttpSettings()
         ldap: Optional[LDAPSettings] = None
-        admin = AdminSettings()
+        adminKeys: Optional[_Keys] = None
         acme = AcmeConfig()
         routes: list[tuple[RouteConfig, _Keys]] = []
         dnsSections: list[IniSection] = []
@@ -399,7 +407,7 @@ class _Loader:
             elif section.name == "ldap":
                 ldap = self.ldap(keys)
             elif section.name == "admin":
-                admin = self.admin(keys)
+                adminKeys = keys
             elif section.name == "acme":
                 acme = self.acme(keys)
             elif kind == "route" and colon:
@@ -410,6 +418,7 @@ class _Loader:
                 emailSections.append(section)
             else:
                 keys.error(None, f"unknown section (known: {_KNOWN_SECTIONS})")
+        admin = self.admin(adminKeys, daemon.state_dir)
         dns = parseDnsSections(dnsSections, self.errors)
         email = parseEmailSections(emailSections, self.errors)
         if not routes and (dns is None or not dns.listen) and email is None:
@@ -532,14 +541,39 @@ class _Loader:
             renew_days=keys.get("renew_days", _positiveDuration, default.renew_days),
         )
 
-    def admin(self, keys: _Keys) -> AdminSettings:
-        """C{[admin]}: where metrics and the status page are served."""
-        keys.rejectUnknown(("listen", "users"))
-        users = keys.section.values.get("users")
-        return AdminSettings(
-            listen=keys.optional("listen", values.parseHostPort),
-            users=RawValue(users.text, users.source) if users is not None else None,
-        )
+    def admin(self, keys: Optional[_Keys], stateDir: str) -> AdminSettings:
+        """
+        C{[admin]} (C{None}: no such section): where metrics and the status
+        page are served, and the admin socket, by default in C{stateDir}.
+        """
+        default = os.path.join(stateDir, "admin.sock")
+        settings = AdminSettings(socket=default)
+        if keys is not None:
+            keys.rejectUnknown(("listen", "users", "socket"))
+            users = keys.section.values.get("users")
+            settings = AdminSettings(
+                listen=keys.optional("listen", values.parseHostPort),
+                users=RawValue(users.text, users.source) if users is not None else None,
+                socket=keys.optional("socket", self.adminSocket) if keys.has("socket") else default,
+            )
+        problem = _socketPathProblem(default) if settings.socket == default else None
+        if problem:
+            message = f"{problem} (the default, in state_dir): set socket to a shorter path, or off"
+            if keys is not None:
+                keys.error("socket", message)
+            else:
+                self.errors.add(message, Source(self.path, 0), "admin", "socket")
+        return settings
+
+    def adminSocket(self, text: str) -> Optional[str]:
+        """C{[admin] socket}: C{off}, or a path (relative to this file's directory)."""
+        if text.strip().lower() in ("off", "no", "none"):
+            return None
+        path = self.resolve(text.strip())
+        problem = _socketPathProblem(path)
+        if problem:
+            raise ValueError(problem)
+        return path
 
     def ldap(self, keys: _Keys) -> Optional[LDAPSettings]:
         """C{[ldap]}: the directory that basic auth (and SMTP AUTH) can check against."""

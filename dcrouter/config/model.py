@@ -208,15 +208,21 @@ class AcmeConfig:
 @frozen
 class AdminSettings:
     """
-    C{[admin]}: the listener of metrics and the status page.
+    C{[admin]}: the listener of metrics and the status page, and the
+    operator's socket.
 
     @ivar listen: its address; C{None}: no admin listener.
     @ivar users: C{name:hash} entries (as for C{auth_users}); required when
-        C{listen} is not a loopback address.
+        C{listen} is not a loopback address, and for the operator's
+        commands over C{listen} at all.
+    @ivar socket: the path of the admin UNIX socket (mode 0600), which
+        C{dcrouter certs|queue} use; C{None}: none. (The INI loader's
+        default is C{admin.sock} in the state directory.)
     """
 
     listen: Optional[HostPort] = None
     users: Optional[RawValue] = None
+    socket: Optional[str] = None
 
 
 @frozen

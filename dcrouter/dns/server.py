@@ -27,6 +27,7 @@ answer in the middle of a record. Here:
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Optional, Union
@@ -57,6 +58,16 @@ TRANSFER_CHUNK = 16000  # bytes of records in one AXFR message
 _META_TYPES = range(128, 255)  # TKEY, TSIG, MAILA, MAILB, ...: not ours to answer
 
 SEND, DROP, SLIP = 0, 1, 2
+
+RCODE_NAMES = {
+    dns.OK: "NOERROR", dns.EFORMAT: "FORMERR", dns.ESERVER: "SERVFAIL", dns.ENAME: "NXDOMAIN",
+    dns.ENOTIMP: "NOTIMP", dns.EREFUSED: "REFUSED", NOTAUTH: "NOTAUTH", BADVERS: "BADVERS",
+}
+
+
+def rcodeName(rcode: int) -> str:
+    """The mnemonic of a response code (RFC 6895), or its number."""
+    return RCODE_NAMES.get(rcode, str(rcode))
 
 
 def clientAddress(host: str) -> Optional[IPAddress]:
@@ -268,6 +279,9 @@ class DNSServerFactory(server.DNSServerFactory):
 
     @ivar settings: the live L{DnsSettings} (L{configure} swaps them).
     @ivar counters: events worth a metric (dropped responses, FORMERR, ...).
+    @ivar responses: responses sent, by protocol (C{udp}, C{tcp}) and
+        response code name (C{NOERROR}, C{NXDOMAIN}, C{REFUSED}, ...); each
+        message of a zone transfer counts.
     """
 
     protocol = TCPServerProtocol  # type: ignore[assignment]
@@ -277,6 +291,7 @@ class DNSServerFactory(server.DNSServerFactory):
         self.zones = zones
         self.reactor = reactor
         self.counters: dict[str, int] = {}
+        self.responses: Counter[tuple[str, str]] = Counter()
         self.problems = LogLimiter(reactor)
         self.rateLimiter: Optional[ResponseRateLimiter] = None
         self.settings = settings
@@ -337,7 +352,7 @@ class DNSServerFactory(server.DNSServerFactory):
                 problem = f"undecodable: {e.__class__.__name__}: {e}"
         if problem is not None:
             self.malformed(proto, address, problem)
-            self.send(proto, errorReply(data, dns.EFORMAT), address)
+            self.send(proto, errorReply(data, dns.EFORMAT), address, dns.EFORMAT)
             return
         self.messageReceived(message, proto, address)
 
@@ -492,12 +507,12 @@ class DNSServerFactory(server.DNSServerFactory):
             limit = min(max(UDP_DEFAULT, message.maxSize), self.settings.max_udp_size)
         else:
             limit = UDP_DEFAULT
-        self.send(protocol, self.encode(response, limit), address)
+        self.send(protocol, self.encode(response, limit), address, rcode)
 
     def sendReply(self, protocol: Any, message: Any, address: Address) -> None:
         """twisted.names' entry point, for a ready response message."""
         limit = TCP_LIMIT if address is None else UDP_DEFAULT
-        self.send(protocol, self.encode(message, limit), address)
+        self.send(protocol, self.encode(message, limit), address, message.rCode)
 
     def encode(self, response: Any, limit: int) -> bytes:
         """
@@ -515,8 +530,10 @@ class DNSServerFactory(server.DNSServerFactory):
             data = _toBytes(response)
         return data
 
-    def send(self, protocol: Any, data: bytes, address: Address) -> None:
+    def send(self, protocol: Any, data: bytes, address: Address, rcode: int) -> None:
+        """Send a response (UDP ones through the rate limiter) and count it by C{rcode}."""
         if address is None:
+            self.responses[("tcp", rcodeName(rcode))] += 1
             protocol.sendBytes(data)
             return
         if self.rateLimiter is not None:
@@ -527,6 +544,7 @@ class DNSServerFactory(server.DNSServerFactory):
             if verdict == SLIP:
                 self.count("rate_limited_slipped")
                 data = _slipped(data)
+        self.responses[("udp", rcodeName(rcode))] += 1
         protocol.sendBytes(data, address)
 
 

@@ -70,6 +70,7 @@ import math
 import re
 import secrets
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -497,6 +498,7 @@ class SMTPServer(Protocol):
         settings = self._settings
         refused = self.factory.gate.admit(self._ip)
         if refused is not None:
+            self.factory.refusedSessions += 1
             log.info(
                 "SMTP {session}: refused {client} ({why})",
                 session=self.sessionId,
@@ -507,6 +509,7 @@ class SMTPServer(Protocol):
             self._close()
             return
         self._admitted = True
+        self.factory.sessions += 1
         self._secure = self._upstreamTLS is not None or _tlsHandle(transport) is not None
         self._canStartTLS = (
             not self._secure
@@ -1019,6 +1022,7 @@ class SMTPServer(Protocol):
         except Exception:
             log.failure("SMTP {session}: the sink cannot take a message", session=self.sessionId)
             self._resetTransaction()
+            self.factory.countMessage(451)
             self._reply(451, "4.3.0", "Temporary failure, try again later")
             return
         self._message = _Message(writer=writer, headerSize=len(header))
@@ -1310,11 +1314,13 @@ class SMTPServer(Protocol):
         assert message is not None and envelope is not None
         if message.problem is not None:
             self._logRefused(envelope, message.problem)
+            self.factory.countMessage(message.problem.code)
             self._reply(message.problem.code, message.problem.enhanced, message.problem.text)
             return
         if message.tooBig:
             reply = SMTPReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
             self._logRefused(envelope, reply)
+            self.factory.countMessage(reply.code)
             self._replyWith(reply)
             return
         envelope.size = message.size + message.headerSize
@@ -1332,6 +1338,7 @@ class SMTPServer(Protocol):
                 size=envelope.size,
                 queueId=queueId,
             )
+            self.factory.countMessage(250)
             self._reply(250, "2.0.0", f"Ok: queued as {queueId or envelope.id}")
 
         def failed(reason: Failure) -> None:
@@ -1341,6 +1348,7 @@ class SMTPServer(Protocol):
             elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 reply = SMTPReply(452, "4.3.1", "Insufficient system storage")
             elif isinstance(e, SMTPServerError):
+                self.factory.countMessage(e.code if 400 <= e.code <= 599 else 451)
                 self._checkFailed(reason, "sink")
                 return
             else:
@@ -1350,6 +1358,7 @@ class SMTPServer(Protocol):
                     log.failure("SMTP {session}: the sink failed", reason, session=self.sessionId)
                 reply = SMTPReply(451, "4.3.0", "Temporary failure storing the message")
             self._logRefused(envelope, reply)
+            self.factory.countMessage(reply.code)
             self._reply(reply.code, reply.enhanced, reply.text)
 
         try:
@@ -1497,6 +1506,10 @@ class SMTPFactory(ServerFactory):
     @ivar trustedProxies: peers whose connections start with a PROXY header
         (v1 or v2) naming the real client; it is required from them.
     @ivar gate: the connection caps, shared by every session of this factory.
+    @ivar sessions: sessions admitted so far; C{refusedSessions}: turned
+        away by the caps (metrics).
+    @ivar messages: messages sent (DATA), by the reply they got: C{accepted}
+        (250), C{deferred} (4xx), C{rejected} (5xx) (metrics).
     """
 
     noisy = False
@@ -1509,6 +1522,9 @@ class SMTPFactory(ServerFactory):
     checker: Optional[ICredentialsChecker] = None
     trustedProxies: tuple[IPNetwork, ...] = ()
     gate: Gate = field(init=False)
+    sessions: int = field(init=False, default=0)
+    refusedSessions: int = field(init=False, default=0)
+    messages: Counter[str] = field(init=False, factory=Counter)
 
     def __attrs_post_init__(self) -> None:
         """
@@ -1540,6 +1556,10 @@ class SMTPFactory(ServerFactory):
     def active(self) -> int:
         """Sessions open now, for metrics."""
         return self.gate.active
+
+    def countMessage(self, code: int) -> None:
+        """Count one message's outcome by the reply it got after DATA."""
+        self.messages["accepted" if code < 400 else "deferred" if code < 500 else "rejected"] += 1
 
     def buildProtocol(self, addr: Optional[IAddress]) -> Optional[Protocol]:
         """

@@ -1,15 +1,31 @@
 """
-The admin listener: Prometheus metrics and a live status page.
+The admin listener and the admin socket: metrics, status, operator commands.
 
 C{/metrics} is the Prometheus exposition; C{/status.json} the state as
 plain data; C{/} a page that shows it and refreshes itself, with no outside
-assets. On loopback it is open; anywhere else C{[admin] users} must be set
-and every request needs basic auth.
+assets. The operator's endpoints (L{OPERATOR_PATHS}: the certificates, the
+mail queue, and the POSTs that renew, flush and delete) are what
+C{dcrouter certs|queue} use.
+
+Both serve the same resources, under different rules:
+  - the admin socket (a UNIX socket, mode 0600, in the state directory):
+    everything, without a password: only root and the daemon's user can
+    connect, and the file's mode is the authorisation;
+  - the TCP listener: the page, status and metrics are open on loopback
+    (anywhere else C{[admin] users} must be set, and they need basic auth);
+    the operator's endpoints always need C{[admin] users}' basic auth, even
+    on loopback, where any local user could connect; without users they
+    are refused (403), pointing to the socket.
+A POST that carries an C{Origin} header (a browser page's) is refused on
+both, so a web page cannot use an operator's cached credentials.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import stat
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Optional
@@ -18,12 +34,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet.defer import gatherResults, maybeDeferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from dcrouter.auth.passwords import basicCredentials
+
+#: What only an operator may ask for: on TCP, with C{[admin] users}' basic auth.
+OPERATOR_PATHS = frozenset(
+    {b"certs.json", b"certs/renew", b"queue.json", b"queue/flush", b"queue/delete"}
+)
 
 
 @implementer(ILogObserver)
@@ -196,22 +219,40 @@ class _Page(Resource):
 
 
 class _Guarded(Resource):
-    """Asks for basic auth before any child resource when a checker is set."""
+    """
+    Serves the children by path, under the listener's rules (see the module
+    docstring): C{local}, the admin socket's, or else the TCP listener's,
+    where C{checker} (C{[admin] users}, or C{None}) guards.
+    """
 
-    def __init__(self, children: dict[bytes, Resource], checker: Optional[Any]) -> None:
+    def __init__(
+        self, children: dict[bytes, Resource], checker: Optional[Any], local: bool
+    ) -> None:
         super().__init__()
         self.children_ = children
         self.checker = checker
+        self.local = local
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return self
 
     def render(self, request: Request) -> Any:
-        child = self.children_.get(b"/".join(request.prepath or []))
+        path = b"/".join(request.prepath or [])
+        child = self.children_.get(path)
         if child is None:
             request.setResponseCode(404)
             return b"not found\n"
+        if request.method == b"POST" and request.getHeader(b"origin") is not None:
+            return _refuse(request, b"refused: a web page may not send operator commands\n")
+        if self.local:
+            return child.render(request)
         if self.checker is None:
+            if path in OPERATOR_PATHS:
+                return _refuse(
+                    request,
+                    b"refused: operator commands are served on the admin socket (run dcrouter"
+                    b" certs|queue as root or the daemon's user), or here to [admin] users\n",
+                )
             return child.render(request)
         credentials = basicCredentials(request.getHeader(b"authorization"))
         if credentials is None:
@@ -220,8 +261,9 @@ class _Guarded(Resource):
 
         def allowed(_: object) -> None:
             body = child.render(request)
-            request.write(body)
-            request.finish()
+            if body is not NOT_DONE_YET:
+                request.write(body)
+                request.finish()
 
         def refused(_: object) -> None:
             request.write(self.challenge(request))
@@ -237,6 +279,12 @@ class _Guarded(Resource):
         return b"unauthorized\n"
 
 
+def _refuse(request: Request, text: bytes) -> bytes:
+    request.setResponseCode(403)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    return text
+
+
 def _deleteAll(queue: Any, ids: list[str]) -> Any:
     d = gatherResults([queue.delete(queueId) for queueId in ids])
     return d.addCallback(lambda found: f"{sum(found)} of {len(ids)} message(s) deleted")
@@ -249,8 +297,13 @@ def adminSite(
     certificates: Callable[[], Any] = list,
     renew: Optional[Callable[[str], Any]] = None,
     queue: Optional[Any] = None,
+    local: bool = False,
 ) -> Site:
-    """The admin listener's site."""
+    """
+    The site of the admin listener or, with C{local}, of the admin socket.
+
+    @param checker: C{[admin] users}, for the TCP listener; C{None}: none.
+    """
     root = _Guarded(
         {
             b"": _Page(),
@@ -270,8 +323,50 @@ def adminSite(
             ),
         },
         checker,
+        local,
     )
     site = Site(root)
     site.displayTracebacks = False
     site.noisy = False
     return site
+
+
+def listenAdminSocket(reactor: Any, path: str, site: Site) -> IListeningPort:
+    """
+    Serve C{site} on the UNIX socket C{path}, mode 0600 from its creation on,
+    in a directory made (0700) if missing. A socket file that no process
+    answers on (a daemon that died) is replaced; one that answers is not.
+
+    @param reactor: an C{IReactorUNIX}.
+    @raise CannotListenError: the socket cannot be made.
+    """
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        _removeStale(path)
+    except OSError as e:
+        raise CannotListenError(None, path, e) from None
+    previous = os.umask(0o177)
+    try:
+        return reactor.listenUNIX(path, site, mode=0o600)
+    finally:
+        os.umask(previous)
+
+
+def _removeStale(path: str) -> None:
+    """Remove C{path} if it is a socket no one listens on; refuse anything else there."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise CannotListenError(None, path, "the path exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise CannotListenError(None, path, "another process answers on it (a dcrouter running?)")

@@ -162,36 +162,49 @@ def _health(allPools: Iterable[Any]) -> Iterator[Metric]:
 
 class ServicesCollector(Collector):
     """
-    The mail queue, the DNS server and the certificates, read at scrape time.
+    The mail service, the DNS server and the certificates, read at scrape time.
 
-    @param live: returns C{(mailQueue or None, dnsCounters or None,
-        certificate statuses, now)}.
+    @param live: returns C{(mail service or None, DNS server factory or
+        None, certificate statuses, now)}: a
+        L{dcrouter.mail.service.MailService} and a
+        L{dcrouter.dns.server.DNSServerFactory}.
     """
 
     def __init__(self, live: Callable[[], tuple[Any, Any, list[dict[str, Any]], float]]) -> None:
         self.live = live
 
     def collect(self) -> Iterator[Metric]:
-        queue, dnsCounters, certificates, now = self.live()
-        if queue is not None:
+        mail, dns, certificates, now = self.live()
+        if mail is not None:
+            yield from _smtp(mail.factories)
+            queue = mail.queue
             depth = GaugeMetricFamily("dcrouter_mail_queue_messages", "Messages in the queue.")
             depth.add_metric([], len(queue.messages))
             yield depth
             events = CounterMetricFamily(
-                "dcrouter_mail_events", "Mail queue events (accepted, delivered, ...).",
+                "dcrouter_mail_events",
+                "Mail queue events: accepted (bounces too), delivered, deferred and failed"
+                " (per recipient), bounces, dropped, attempts, batches, batchedOps.",
                 labels=["event"],
             )
             for event, count in sorted(queue.stats.items()):
                 events.add_metric([event], count)
             yield events
-        if dnsCounters is not None:
-            dns = CounterMetricFamily(
+        if dns is not None:
+            events = CounterMetricFamily(
                 "dcrouter_dns_events", "DNS server events (refused, malformed, ...).",
                 labels=["event"],
             )
-            for event, count in sorted(dnsCounters.items()):
-                dns.add_metric([event], count)
-            yield dns
+            for event, count in sorted(dns.counters.items()):
+                events.add_metric([event], count)
+            yield events
+            responses = CounterMetricFamily(
+                "dcrouter_dns_responses", "DNS responses sent, by protocol and response code.",
+                labels=["protocol", "rcode"],
+            )
+            for (protocol, rcode), count in sorted(dns.responses.items()):
+                responses.add_metric([protocol, rcode], count)
+            yield responses
         expiry = GaugeMetricFamily(
             "dcrouter_certificate_expiry_seconds", "Seconds until the certificate expires.",
             labels=["route"],
@@ -209,6 +222,33 @@ class ServicesCollector(Collector):
                 expiry.add_metric([route], datetime.fromisoformat(notAfter).timestamp() - now)
             failures.add_metric([route], int(status.get("failures") or 0))
         yield from (expiry, failures)
+
+
+def _smtp(factories: dict[int, Any]) -> Iterator[Metric]:
+    """The SMTP server's sessions and messages, per public port (and its mode)."""
+    labels = ["port", "mode"]
+    active = GaugeMetricFamily("dcrouter_smtp_sessions_active", "SMTP sessions open now.",
+                               labels=labels)
+    sessions = CounterMetricFamily("dcrouter_smtp_sessions", "SMTP sessions admitted.",
+                                   labels=labels)
+    refused = CounterMetricFamily(
+        "dcrouter_smtp_sessions_refused", "SMTP sessions refused by the connection caps (421).",
+        labels=labels,
+    )
+    messages = CounterMetricFamily(
+        "dcrouter_smtp_messages",
+        "Messages sent to the SMTP server, by its answer: accepted (250, queued), deferred"
+        " (4xx), rejected (5xx).",
+        labels=[*labels, "result"],
+    )
+    for port, factory in sorted(factories.items()):
+        where = [str(port), factory.settings.mode]
+        active.add_metric(where, factory.active)
+        sessions.add_metric(where, factory.sessions)
+        refused.add_metric(where, factory.refusedSessions)
+        for result in ("accepted", "deferred", "rejected"):
+            messages.add_metric([*where, result], factory.messages[result])
+    yield from (active, sessions, refused, messages)
 
 
 def registryFor(*collectors: Collector) -> CollectorRegistry:

@@ -1,12 +1,18 @@
-"""The admin listener: Prometheus metrics and the status page's data."""
+"""The admin listener and socket: metrics, the status page's data, operator commands."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import socket
+import stat
 
+import pytest
 import pytest_twisted
-from twisted.internet import task
+from twisted.internet import reactor, task
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.error import CannotListenError
 
 from dcrouter.auth.passwords import hashPassword
 from dcrouter.config.model import (
@@ -18,26 +24,42 @@ from dcrouter.config.model import (
     RouteConfig,
     RouterConfig,
 )
+from dcrouter.ops.admin import adminSite, listenAdminSocket
+from dcrouter.ops.metrics import registryFor
 from dcrouter.service import DcRouter
-from tests.helpers import connect, freePort
+from tests.helpers import Recorder, connect, freePort, listen
+
+OPERATOR_POSTS = (b"/queue/flush", b"/queue/delete?id=x", b"/certs/renew?name=a.test")
 
 
-async def fetch(port, path, extra=b""):
-    client = await connect(port)
-    client.transport.write(b"GET " + path + b" HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n"
-                           + extra + b"\r\n")
+async def fetch(port, path, extra=b"", method=b"GET"):
+    """One request on the admin listener (C{port}) or socket (a path)."""
+    if isinstance(port, str):
+        client = await connectProtocol(UNIXClientEndpoint(reactor, port), Recorder())
+    else:
+        client = await connect(port)
+    client.transport.write(method + b" " + path + b" HTTP/1.1\r\nHost: admin\r\n"
+                           b"Connection: close\r\nContent-Length: 0\r\n" + extra + b"\r\n")
     answer = await client.closed
     head, _, body = answer.partition(b"\r\n\r\n")
+    if b"\r\ntransfer-encoding: chunked" in head.lower():
+        chunks = b""
+        while True:
+            size, _, body = body.partition(b"\r\n")
+            if not int(size, 16):
+                break
+            chunks, body = chunks + body[: int(size, 16)], body[int(size, 16) + 2 :]
+        body = chunks
     return int(head.split(b" ", 2)[1]), body
 
 
-async def startWithAdmin(users=None):
+async def startWithAdmin(users=None, socket=None):
     web, admin = freePort(), freePort()
     config = RouterConfig(
         routes=(RouteConfig(name="hello", ports=(web,), action="static", options={"body": "hi"}),),
         daemon=DaemonSettings(drain_timeout=0.0),
         defaults=Defaults(bind=("127.0.0.1",)),
-        admin=AdminSettings(listen=HostPort("127.0.0.1", admin), users=users),
+        admin=AdminSettings(listen=HostPort("127.0.0.1", admin), users=users, socket=socket),
     )
     service = DcRouter(config)
     service.startService()
@@ -95,3 +117,98 @@ def test_an_admin_listener_off_loopback_needs_users():
     with pytest.raises(ConfigErrors) as caught:
         compileConfig(config, loadActions(), task.Clock())
     assert "is not on loopback: set users" in caught.value.report()
+
+
+@pytest_twisted.ensureDeferred
+async def test_operator_commands_are_served_on_the_socket_and_refused_on_open_tcp(tmp_path):
+    path = str(tmp_path / "run" / "admin.sock")
+    service, web, admin = await startWithAdmin(socket=path)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o700
+        assert await fetch(path, b"/queue.json") == (200, b"[]")
+        assert await fetch(path, b"/certs.json") == (200, b"[]")
+        status, body = await fetch(path, b"/queue/flush", method=b"POST")
+        assert (status, body) == (404, b"no mail queue here ([email] is not configured)\n")
+        assert (await fetch(path, b"/metrics"))[0] == 200
+        # On loopback TCP without [admin] users: status and metrics, not commands.
+        assert (await fetch(admin, b"/metrics"))[0] == 200
+        assert (await fetch(admin, b"/status.json"))[0] == 200
+        for what in OPERATOR_POSTS:
+            status, body = await fetch(admin, what, method=b"POST")
+            assert status == 403 and b"admin socket" in body, (what, body)
+        for what in (b"/queue.json", b"/certs.json"):
+            assert (await fetch(admin, what))[0] == 403
+    finally:
+        await service.stopService()
+    assert not os.path.exists(path)
+
+
+class FakeQueue:
+    """The mail queue's operator API, recording what it is asked."""
+
+    def __init__(self):
+        self.flushed, self.deleted = [], []
+
+    def list(self):
+        return [{"id": "q1"}]
+
+    def flush(self, ids):
+        self.flushed.append(ids)
+        return 1
+
+    def delete(self, queueId):
+        """Fires later, as the real one does once the files are gone."""
+        self.deleted.append(queueId)
+        return task.deferLater(reactor, 0, lambda: True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_operator_commands_over_tcp_need_admin_users():
+    from dcrouter.auth.passwords import StaticPasswordChecker, parseUsers
+
+    checker = StaticPasswordChecker(
+        parseUsers(f"ops:{hashPassword('opspw', cost=4)}"), reactor,
+        reactor.getThreadPool(), reactor,
+    )
+    queue = FakeQueue()
+    site = adminSite(registryFor(), dict, checker, queue=queue)
+    port = await listen(site)
+    admin = port.getHost().port
+    good = b"Authorization: Basic " + base64.b64encode(b"ops:opspw") + b"\r\n"
+    bad = b"Authorization: Basic " + base64.b64encode(b"ops:nope") + b"\r\n"
+    try:
+        for what in OPERATOR_POSTS:
+            assert (await fetch(admin, what, method=b"POST"))[0] == 401
+            assert (await fetch(admin, what, bad, method=b"POST"))[0] == 401
+        assert queue.flushed == queue.deleted == []
+        flushed = await fetch(admin, b"/queue/flush?id=q1", good, method=b"POST")
+        assert flushed == (200, b"1 message(s) to be tried now\n")
+        deleted = await fetch(admin, b"/queue/delete?id=q1", good, method=b"POST")
+        assert deleted == (200, b"1 of 1 message(s) deleted\n")
+        assert await fetch(admin, b"/queue.json", good) == (200, b'[{"id": "q1"}]')
+        # A browser page cannot borrow the operator's cached credentials.
+        fromPage = good + b"Origin: http://evil.test\r\n"
+        assert (await fetch(admin, b"/queue/flush", fromPage, method=b"POST"))[0] == 403
+        assert queue.flushed == [["q1"]] and queue.deleted == ["q1"]
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_admin_socket_replaces_a_stale_one_and_no_live_one(tmp_path):
+    path = str(tmp_path / "admin.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)  # bound, never listening: what a killed daemon leaves
+    stale.close()
+    port = listenAdminSocket(reactor, path, adminSite(registryFor(), dict, None, local=True))
+    try:
+        assert (await fetch(path, b"/status.json"))[0] == 200
+        with pytest.raises(CannotListenError, match="another process answers"):
+            listenAdminSocket(reactor, path, adminSite(registryFor(), dict, None, local=True))
+    finally:
+        await port.stopListening()
+    (tmp_path / "file").write_text("not a socket")
+    with pytest.raises(CannotListenError, match="not a socket"):
+        listenAdminSocket(reactor, str(tmp_path / "file"), adminSite(registryFor(), dict, None))
+    assert (tmp_path / "file").read_text() == "not a socket"

@@ -165,3 +165,26 @@ async def test_the_daemon_serves_reloads_and_stops_dns(tmp_path):
         probe.bind(("127.0.0.1", port))  # the port is free again
     finally:
         probe.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dns_responses_by_rcode_are_on_metrics(tmp_path):
+    from dcrouter.service import DcRouter
+    from tests.integration.test_admin import fetch
+
+    port = freeDnsPort()
+    path = tmp_path / "dcrouter.ini"
+    writeConfig(path, port)
+    service = DcRouter(loadConfig(str(path)), configPath=str(path))
+    service.startService()
+    try:
+        await ask(port, "www.example.test")
+        await ask(port, "nope.example.test")
+        await ask(port, "www.example.com")
+        status, body = await fetch(str(tmp_path / "state" / "admin.sock"), b"/metrics")
+        text = body.decode()
+        assert status == 200
+        for rcode in ("NOERROR", "NXDOMAIN", "REFUSED"):
+            assert f'dcrouter_dns_responses_total{{protocol="udp",rcode="{rcode}"}} 1.0' in text
+    finally:
+        await service.stopService()

@@ -201,6 +201,11 @@ async def test_mail_and_dns_metrics(tmp_path):
         text = body.decode()
         assert 'dcrouter_mail_events_total{event="accepted"} 1.0' in text
         assert "dcrouter_mail_queue_messages" in text
+        assert f'dcrouter_smtp_sessions_total{{mode="mx",port="{mx}"}} 1.0' in text
+        assert f'dcrouter_smtp_sessions_total{{mode="submission",port="{submission}"}} 0.0' in text
+        assert (f'dcrouter_smtp_messages_total{{mode="mx",port="{mx}",result="accepted"}} 1.0'
+                in text)
+        assert f'dcrouter_smtp_sessions_active{{mode="mx",port="{mx}"}}' in text
     finally:
         await service.stopService()
         await sink.stopListening()
@@ -269,15 +274,14 @@ def test_an_unknown_delivery_mode_is_a_config_error(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_dcrouter_queue_lists_and_deletes(tmp_path):
+async def test_dcrouter_queue_lists_flushes_and_deletes_over_the_admin_socket(tmp_path):
     import json as jsonlib
+    import os
+    import stat
     import subprocess
     import sys
 
-    admin = freePort()
-    service, sink, messages, mx, submission = await startMailEdge(
-        tmp_path, f"[admin]\nlisten = 127.0.0.1:{admin}\n"
-    )
+    service, sink, messages, mx, submission = await startMailEdge(tmp_path)
     await sink.stopListening()  # the forward target is down: the mail waits
 
     def run(*args):
@@ -287,16 +291,24 @@ async def test_dcrouter_queue_lists_and_deletes(tmp_path):
         )
 
     try:
+        socketPath = tmp_path / "state" / "admin.sock"
+        assert stat.S_ISSOCK(os.stat(socketPath).st_mode)
+        assert stat.S_IMODE(os.stat(socketPath).st_mode) == 0o600
         await deferToThread(sendFrom, "127.0.0.1", mx, "bob@example.test")
         listing = await deferToThread(run)
         assert listing.returncode == 0, listing.stderr
         (line,) = listing.stdout.splitlines()
         queueId = jsonlib.loads(line)["id"]
+        flushed = await deferToThread(run, "flush", queueId)
+        assert "message(s) to be tried now" in flushed.stdout, flushed.stderr
         deleted = await deferToThread(run, "delete", queueId)
         assert "1 of 1 message(s) deleted" in deleted.stdout, deleted.stderr
         assert (await deferToThread(run)).stdout.strip() == "the queue is empty"
+        overTCP = await deferToThread(run, "--user", "ops")
+        assert overTCP.returncode == 1 and "no [admin] listen" in overTCP.stderr
     finally:
         await service.stopService()
+    assert not socketPath.exists()
 
 
 def sendOverImplicitTLS(port, recipient, login):

@@ -28,3 +28,19 @@ def test_explain(capsys, args, says):
 def test_explain_by_client_address(capsys):
     main(["routes", EXAMPLE, "--explain", "h.test", "8080", "--client", "192.0.2.9"])
     assert "[route:example-block]" in capsys.readouterr().out
+
+
+def test_queue_without_a_running_daemon_names_the_socket(tmp_path):
+    path = tmp_path / "dcrouter.ini"
+    path.write_text("[route:web]\nports = 80\n")
+    with pytest.raises(SystemExit) as caught:
+        main(["queue", str(path)])
+    assert str(caught.value).startswith(f"cannot reach the daemon at {tmp_path}/state/admin.sock:")
+
+
+def test_certs_with_the_socket_off_needs_user(tmp_path):
+    path = tmp_path / "dcrouter.ini"
+    path.write_text("[admin]\nsocket = off\n[route:web]\nports = 80\n")
+    with pytest.raises(SystemExit) as caught:
+        main(["certs", str(path)])
+    assert "[admin] socket = off: ask over [admin] listen with --user" in str(caught.value)

@@ -42,6 +42,7 @@ from dcrouter.config import (
 from dcrouter.config.certcheck import checkCertificatePair
 from dcrouter.config.errors import ErrorCollector
 from dcrouter.config.ini import IniValue, readIni
+from dcrouter.config.model import AdminSettings
 
 Write = Callable[..., str]
 
@@ -668,6 +669,27 @@ class TestCrossChecks:
         admin = loadConfig(path).admin
         assert admin.listen is not None and admin.listen.port == 9900 and admin.users is None
 
+    def test_adminSocket(self, write: Write) -> None:
+        """On by default, in the state directory; a path is relative to the file; off is off."""
+        here = os.path.dirname(write(ROUTE))
+        assert loadConfig(write(ROUTE)).admin.socket == os.path.join(here, "state", "admin.sock")
+        state = "[dcrouter]\nstate_dir = /var/lib/x\n"
+        assert loadConfig(write(ROUTE + state)).admin.socket == "/var/lib/x/admin.sock"
+        path = write("[admin]\nsocket = run/admin.sock\n" + ROUTE)
+        assert loadConfig(path).admin.socket == os.path.join(here, "run", "admin.sock")
+        assert loadConfig(write("[admin]\nsocket = off\n" + ROUTE)).admin.socket is None
+
+    def test_adminSocketTooLong(self, write: Write) -> None:
+        long = "/" + "d" * 120
+        path = write(f"[admin]\nsocket = {long}/admin.sock\n" + ROUTE)
+        assert oneError(path) == (
+            f"{path}:2: [admin] socket: {long}/admin.sock is 132 bytes, longer than a UNIX"
+            " socket's path may be (107)"
+        )
+        path = write(ROUTE + f"[dcrouter]\nstate_dir = {long}\n")
+        assert oneError(path).startswith(f"{path}:0: [admin] socket: {long}/admin.sock is 132")
+        assert "(the default, in state_dir): set socket to a shorter path, or off" in oneError(path)
+
     def test_httpSectionErrors(self, write: Write) -> None:
         path = write("[http]\nmax_headers = 2\nbody_timeout = 0\nsize = 1\n" + ROUTE)
         assert len(errorsOf(path)) == 3
@@ -895,6 +917,7 @@ class TestValidConfig:
                 min_version="1.3",
                 ciphers="ECDHE+AESGCM",
             ),
+            admin=AdminSettings(socket=os.path.join(directory, "var", "state", "admin.sock")),
             path=path,
         )
         assert loadConfig(path) == expected
@@ -904,6 +927,7 @@ class TestValidConfig:
         assert loadConfig(path) == RouterConfig(
             routes=(RouteConfig(name="web", ports=(80,), source=Source(path, 1)),),
             daemon=DaemonSettings(state_dir=str(tmp_path / "state")),
+            admin=AdminSettings(socket=str(tmp_path / "state" / "admin.sock")),
             path=path,
         )
 

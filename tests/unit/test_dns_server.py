@@ -617,6 +617,33 @@ def test_rate_limiter_counts_networks_not_addresses():
     assert len(limiter._buckets) <= 3
 
 
+def test_responses_are_counted_by_protocol_and_rcode(server):
+    server.ask(query("www.example.com"))
+    server.ask(query("nope.example.com"))
+    server.ask(query("www.example.net"))
+    server.ask(query("example.com", opcode=2))
+    server.ask(query("example.com", edns=(1, 1232)))
+    server.send(b"\x00\x01" + b"\x00" * 10 + b"junk")
+    server.send(query("www.example.com", flags=0x8000))  # QR=1: no answer, not counted
+    protocol, transport = server.connect()
+    tcpAsk(protocol, query("www.example.com"))
+    tcpAsk(protocol, query("www.example.com", qclass=dns.CH))
+    assert server.factory.responses == {
+        ("udp", "NOERROR"): 1, ("udp", "NXDOMAIN"): 1, ("udp", "REFUSED"): 1,
+        ("udp", "NOTIMP"): 1, ("udp", "BADVERS"): 1, ("udp", "FORMERR"): 1,
+        ("tcp", "NOERROR"): 1, ("tcp", "REFUSED"): 1,
+    }
+
+
+def test_rate_limited_responses_are_counted_only_when_sent():
+    server = Server(rate_limit=1)
+    for _ in range(3):
+        server.send(query("www.example.com"))
+    # One answered, one dropped, one slipped (TC=1, still NOERROR).
+    assert server.factory.responses == {("udp", "NOERROR"): 2}
+    assert server.factory.counters["rate_limited"] == 1
+
+
 def test_log_limiter_period():
     clock = MemoryReactorClock()
     limiter = LogLimiter(clock, period=10, perPeriod=2)

@@ -935,6 +935,29 @@ def test_connection_caps():
     assert again.replies()[0].startswith("220")
 
 
+def test_sessions_and_messages_are_counted():
+    factory = makeFactory(maxConnectionsPerIP=1, maxMessageSize=100)
+    s = Session(factory)
+    refused = Session(factory)
+    refused.protocol.connectionLost(None)
+    assert (factory.sessions, factory.refusedSessions, factory.active) == (1, 1, 1)
+    s.replies()
+    for body, code in [
+        ("Subject: x\r\n\r\nok\r\n.\r\n", 250),
+        ("Subject: x\r\n\r\nbare\nLF\r\n.\r\n", 554),
+        ("x" * 200 + "\r\n.\r\n", 552),
+    ]:
+        transaction(s, body=body)
+        assert s.codes() == [code]
+    s.protocol.connectionLost(None)
+    assert factory.active == 0 and factory.sessions == 1
+    assert factory.messages == {"accepted": 1, "rejected": 2}
+    failing = session(sink=MemorySink(failure=OSError(errno.ENOSPC, "full")))
+    transaction(failing, body="Subject: x\r\n\r\nbody\r\n.\r\n")
+    assert failing.codes() == [452]
+    assert failing.factory.messages == {"deferred": 1}
+
+
 # -- PROXY protocol ------------------------------------------------------------------
 
 
