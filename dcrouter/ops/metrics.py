@@ -79,13 +79,18 @@ class RouterCollector(Collector):
         counter = self.counter
         router, compiled = self.live()
         active = GaugeMetricFamily(
-            "dcrouter_connections_active", "Client connections open now."
+            "dcrouter_connections_active",
+            "Client connections open now, by listener port and route (- before routing).",
+            labels=["port", "route"],
         )
         accepted = CounterMetricFamily(
-            "dcrouter_connections_accepted", "Client connections accepted."
+            "dcrouter_connections_accepted", "Client connections accepted, by listener port.",
+            labels=["port"],
         )
         refused = CounterMetricFamily(
-            "dcrouter_connections_refused", "Connections refused, by reason.", labels=["reason"]
+            "dcrouter_connections_refused",
+            "Connections refused, by listener port, route (- before routing) and reason.",
+            labels=["port", "route", "reason"],
         )
         handshakes = CounterMetricFamily(
             "dcrouter_tls_handshakes", "TLS handshakes of terminating routes, by outcome.",
@@ -94,10 +99,13 @@ class RouterCollector(Collector):
         if router is not None:
             handshakes.add_metric(["completed"], router.handshakes)
             handshakes.add_metric(["failed"], router.handshakeFailures)
-            active.add_metric([], len(router.connections))
-            accepted.add_metric([], router.accepted)
-            for reason, count in sorted(router.refused.items()):
-                refused.add_metric([reason], count)
+            opened = Counter((str(c.table.port), c.routeName()) for c in router.connections)
+            for (port, route), count in sorted(opened.items()):
+                active.add_metric([port, route], count)
+            for port, count in sorted(router.acceptedAt.items()):
+                accepted.add_metric([str(port)], count)
+            for (port, route, reason), count in sorted(router.refusedAt.items()):
+                refused.add_metric([str(port), route, reason], count)
         yield from (active, accepted, refused, handshakes)
         closed = CounterMetricFamily(
             "dcrouter_connections_closed",

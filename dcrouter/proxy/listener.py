@@ -80,6 +80,10 @@ class Router:
         self.state = state
         self.connections: set[RoutingProtocol] = set()
         self.refused: Counter[str] = Counter()
+        #: The same, by listener port, route (C{-} before routing) and reason.
+        self.refusedAt: Counter[tuple[int, str, str]] = Counter()
+        #: Connections accepted, by listener port.
+        self.acceptedAt: Counter[int] = Counter()
         self.accepted = 0
         self.handshakes = 0
         self.handshakeFailures = 0
@@ -217,6 +221,7 @@ class RoutingProtocol(Protocol):
         self.record = ConnectionRecord(router.reactor.seconds(), self.client, self.table.port)
         router.connections.add(self)
         router.accepted += 1
+        router.acceptedAt[self.table.port] += 1
         ip = self.clientIP = clientIP(self.client)
         if not self.admit():
             return
@@ -460,11 +465,16 @@ class RoutingProtocol(Protocol):
         """Close at once, count the reason and say it in the access record."""
         self.cancelTimer()
         self.router.refused[reason] += 1
+        self.router.refusedAt[(self.table.port, self.routeName(), reason)] += 1
         if self.record is not None:
             self.record.ended = f"refused: {detail or reason.replace('_', ' ')}"
         self.phase = _CLOSED
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def routeName(self) -> str:
+        """The route this connection took, or C{-} before routing."""
+        return (self.record.route if self.record is not None else None) or "-"
 
     def cancelTimer(self) -> None:
         if self.timer is not None:

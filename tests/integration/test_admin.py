@@ -77,7 +77,7 @@ async def test_metrics_count_connections_requests_and_refusals():
         text = body.decode()
         assert status == 200
         assert 'dcrouter_http_requests_total{route="hello",status="200"} 3.0' in text
-        assert "dcrouter_connections_accepted_total" in text
+        assert f'dcrouter_connections_accepted_total{{port="{web}"}} 3.0' in text
         assert f'dcrouter_connections_closed_total{{ended="closed",port="{web}",route="hello"}}' in text
         assert "dcrouter_certificate_expiry_seconds" in text
         status, body = await fetch(admin, b"/status.json")

@@ -66,11 +66,11 @@ def site(state: Path, port: int, body: str, extra: str = "", **daemon: str) -> s
 
 
 def metric(port: int, name: str) -> float:
-    """One sample of the admin listener's /metrics (0 if absent)."""
+    """The sum of a metric's samples on the admin listener's /metrics (0 if absent)."""
     with urllib.request.urlopen(f"http://{LOCALHOST}:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return sum(float(value) for value in
+               re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
 
 
 def test_two_workers_serve_one_listener_and_restart(tmp_path: Path, router) -> None:

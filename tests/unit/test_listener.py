@@ -145,6 +145,8 @@ def test_no_route_closes_and_counts():
     protocol, transport = accept(router)
     protocol.dataReceived(clientHello(b"b.example.com"))
     assert transport.disconnecting and router.refused["no_route"] == 1
+    assert router.refusedAt == {(443, "-", "no_route"): 1}
+    assert router.acceptedAt == {443: 1}
 
 
 def test_trusted_proxy_header_sets_the_client_address_seen_by_the_action():
@@ -196,6 +198,7 @@ def test_an_action_that_raises_is_refused_and_releases_the_gate():
     _, router = makeRouter([route(BrokenAction(), tls=None)], limits=Limits(max_connections=1))
     protocol, transport = accept(router)
     assert transport.disconnecting and router.refused["action_error"] == 1
+    assert router.refusedAt == {(443, "r", "action_error"): 1}
     protocol.connectionLost(None)
     assert router.state.gate.active == 0
 
