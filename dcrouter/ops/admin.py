@@ -28,6 +28,7 @@ import socket
 import stat
 from collections import deque
 from collections.abc import Callable
+from ipaddress import ip_address
 from typing import Any, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -218,6 +219,29 @@ class _Page(Resource):
         return _PAGE
 
 
+def _addressedByAddress(host: Optional[bytes]) -> bool:
+    """
+    Does the C{Host} header name an IP address or C{localhost}?
+
+    The open loopback listener answers nothing else: a web page whose name
+    an attacker re-points at 127.0.0.1 (DNS rebinding) sends its own name.
+    """
+    if not host:
+        return False
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    if text == "localhost":
+        return True
+    try:
+        ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 class _Guarded(Resource):
     """
     Serves the children by path, under the listener's rules (see the module
@@ -247,6 +271,12 @@ class _Guarded(Resource):
         if self.local:
             return child.render(request)
         if self.checker is None:
+            if not _addressedByAddress(request.getHeader(b"host")):
+                return _refuse(
+                    request,
+                    b"refused: ask by address (http://127.0.0.1:PORT/) or localhost, not by"
+                    b" another name (a DNS rebinding guard)\n",
+                )
             if path in OPERATOR_PATHS:
                 return _refuse(
                     request,

@@ -38,7 +38,8 @@ async def fetch(port, path, extra=b"", method=b"GET"):
         client = await connectProtocol(UNIXClientEndpoint(reactor, port), Recorder())
     else:
         client = await connect(port)
-    client.transport.write(method + b" " + path + b" HTTP/1.1\r\nHost: admin\r\n"
+    host = b"" if b"host:" in extra.lower() else b"Host: 127.0.0.1\r\n"
+    client.transport.write(method + b" " + path + b" HTTP/1.1\r\n" + host +
                            b"Connection: close\r\nContent-Length: 0\r\n" + extra + b"\r\n")
     answer = await client.closed
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -212,3 +213,18 @@ async def test_the_admin_socket_replaces_a_stale_one_and_no_live_one(tmp_path):
     with pytest.raises(CannotListenError, match="not a socket"):
         listenAdminSocket(reactor, str(tmp_path / "file"), adminSite(registryFor(), dict, None))
     assert (tmp_path / "file").read_text() == "not a socket"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_open_loopback_listener_answers_addresses_not_names():
+    """A page re-pointed at 127.0.0.1 by DNS rebinding sends its own name: refused."""
+    service, web, admin = await startWithAdmin()
+    try:
+        for host in (b"127.0.0.1", b"127.0.0.1:9", b"localhost:9", b"[::1]:9"):
+            status, _ = await fetch(admin, b"/status.json", b"Host: " + host + b"\r\n")
+            assert status == 200, host
+        for host in (b"evil.example", b"evil.example:9", b"127.0.0.1.evil.example"):
+            status, body = await fetch(admin, b"/status.json", b"Host: " + host + b"\r\n")
+            assert status == 403 and b"DNS rebinding" in body, host
+    finally:
+        await service.stopService()
