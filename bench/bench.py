@@ -302,10 +302,10 @@ http {{
 """
 
 
-def nginx_proxy_conf(d: Path, port: int, backend: int) -> str:
+def nginx_proxy_conf(d: Path, port: int, backend: int, workers: int) -> str:
     return f"""\
 load_module {NGINX_STREAM_MODULE};
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {d}/nginx-proxy.pid;
 error_log {d}/nginx-proxy.error.log warn;
@@ -319,11 +319,11 @@ stream {{
 """
 
 
-def haproxy_conf(port: int, backend: int, splice: bool) -> str:
+def haproxy_conf(port: int, backend: int, splice: bool, workers: int) -> str:
     extra = "    option splice-auto\n" if splice else ""
     return f"""\
 global
-    nbthread 1
+    nbthread {workers}
     maxconn 4096
 
 defaults
@@ -341,12 +341,12 @@ listen bench
 # The headers a reverse proxy usually adds: dcrouter always writes
 # X-Forwarded-For/-Proto/-Host, X-Real-IP and Forwarded, so HAProxy and nginx
 # are given the common three rather than none.
-def haproxy_http_conf(port: int, backend: int, tls: TlsFiles | None) -> str:
+def haproxy_http_conf(port: int, backend: int, tls: TlsFiles | None, workers: int) -> str:
     ssl_bind = f" ssl crt {tls.pem}" if tls else ""
     proto = "https" if tls else "http"
     return f"""\
 global
-    nbthread 1
+    nbthread {workers}
     maxconn 4096
 
 defaults
@@ -368,7 +368,9 @@ listen bench
 """
 
 
-def nginx_http_proxy_conf(d: Path, port: int, backend: int, tls: TlsFiles | None) -> str:
+def nginx_http_proxy_conf(
+    d: Path, port: int, backend: int, tls: TlsFiles | None, workers: int
+) -> str:
     name = "nginx-https" if tls else "nginx-http"
     ssl_lines = (
         f"""
@@ -378,7 +380,7 @@ def nginx_http_proxy_conf(d: Path, port: int, backend: int, tls: TlsFiles | None
         else ""
     )
     return f"""\
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {d}/{name}.pid;
 error_log {d}/{name}.error.log warn;
@@ -414,12 +416,20 @@ http {{
 """
 
 
-def dcrouter_http_ini(d: Path, port: int, backend: int, tls: TlsFiles | None) -> str:
+def dcrouter_workers_line(workers: int | None) -> str:
+    """`workers = N` for [dcrouter], or nothing: None when this dcrouter
+    does not know the key (see dcrouter_workers), and 1 is its default."""
+    return f"workers = {workers}\n" if workers and workers > 1 else ""
+
+
+def dcrouter_http_ini(
+    d: Path, port: int, backend: int, tls: TlsFiles | None, workers: int | None
+) -> str:
     tls_lines = f"tls = terminate\ncert = {tls.cert}\nkey = {tls.key}\n" if tls else ""
     return f"""\
 [dcrouter]
 state_dir = {d}/dcrouter-state
-
+{dcrouter_workers_line(workers)}
 [route:bench]
 ports = {port}
 bind = 127.0.0.1
@@ -449,11 +459,11 @@ def make_cert(d: Path) -> TlsFiles:
     return tls
 
 
-def dcrouter_ini(d: Path, port: int, backend: int) -> str:
+def dcrouter_ini(d: Path, port: int, backend: int, workers: int | None) -> str:
     return f"""\
 [dcrouter]
 state_dir = {d}/dcrouter-state
-
+{dcrouter_workers_line(workers)}
 [route:bench]
 ports = {port}
 bind = 127.0.0.1
@@ -645,6 +655,42 @@ def dcrouter_source(venv: Path) -> str:
     return f"{src}{commit}; {runtime}"
 
 
+def dcrouter_workers(venv: Path, d: Path, workers: int) -> tuple[int | None, str]:
+    """What to write as [dcrouter] workers: `workers` if this dcrouter's
+    `checkconfig` takes the key, else None (the key is dropped and dcrouter
+    runs one process); and a line saying which."""
+    if workers <= 1:
+        return None, "dcrouter: 1 process (workers = 1, its default)"
+    checker = venv / "bin" / "dcrouter"
+    if not checker.exists():
+        return workers, f"dcrouter: workers = {workers} (not checked: {checker} not found)"
+    probe = d / "dcrouter-workers-probe.ini"
+    probe.write_text(
+        f"[dcrouter]\nstate_dir = {d}/dcrouter-state\nworkers = {workers}\n\n"
+        "[route:probe]\nports = 9\nbind = 127.0.0.1\naction = forward\ntarget = 127.0.0.1:9\n"
+    )
+    try:
+        done = subprocess.run(
+            [str(checker), "checkconfig", str(probe)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=d,
+        )
+    except subprocess.TimeoutExpired:
+        return workers, f"dcrouter: workers = {workers} (checkconfig timed out; kept)"
+    if done.returncode == 0:
+        return workers, f"dcrouter: workers = {workers}"
+    said = [line for line in (done.stdout + done.stderr).splitlines() if "workers" in line]
+    if said:
+        # "<file>:3: [dcrouter] workers: unknown key (known: ...)": from "["
+        why = said[0][said[0].find("[") :].strip()
+        return None, f"dcrouter: workers unsupported, ran 1 process (checkconfig: {why})"
+    # Rejected for another reason: keep the key; the start will tell.
+    return workers, f"dcrouter: workers = {workers} (checkconfig exit {done.returncode})"
+
+
 # ---------------------------------------------------------------- the bench
 
 
@@ -655,6 +701,100 @@ class Target:
     proc: Proc | None  # None for direct
     tls: bool = False  # the client speaks TLS to it (the https suite)
     results: dict[str, list[Sample]] = field(default_factory=dict)
+
+
+def launch(
+    args: argparse.Namespace,
+    d: Path,
+    procs: Procs,
+    name: str,
+    suite: str,
+    port: int,
+    backend_port: int,
+    tls: TlsFiles | None,
+) -> Proc | str:
+    """Write `name`'s config for `suite` and start it, listening on `port`
+    and forwarding to `backend_port`; the process, or why it was skipped."""
+    tag = f"{name}-{suite}"  # file names: haproxy-l4.cfg, nginx-https.log, ...
+    if name == "haproxy":
+        if not shutil.which("haproxy"):
+            return "haproxy not installed (make deps-bench)"
+        cfg = d / f"{tag}.cfg"
+        if suite == "l4":
+            cfg.write_text(haproxy_conf(port, backend_port, args.haproxy_splice, args.workers))
+        else:
+            cfg.write_text(haproxy_http_conf(port, backend_port, tls, args.workers))
+        return procs.start(tag, ["haproxy", "-db", "-f", str(cfg)], d / f"{tag}.log")
+    if name == "nginx":
+        if suite == "l4" and not os.path.exists(NGINX_STREAM_MODULE):
+            return "nginx's stream module missing (libnginx-mod-stream)"
+        if not shutil.which("nginx"):
+            return "nginx not installed (nginx-light)"
+        cfg = d / f"{tag}.conf"
+        if suite == "l4":
+            cfg.write_text(nginx_proxy_conf(d, port, backend_port, args.workers))
+        else:
+            cfg.write_text(nginx_http_proxy_conf(d, port, backend_port, tls, args.workers))
+        return procs.start(
+            tag,
+            ["nginx", "-p", str(d), "-e", str(d / f"{tag}.error.log"), "-c", str(cfg)],
+            d / f"{tag}.log",
+        )
+    # dcrouter
+    twistd = Path(args.venv) / "bin" / "twistd"
+    if not twistd.exists():
+        return f"{twistd} not found: run `make venv` first"
+    ini = d / f"{tag}.ini"
+    if suite == "l4":
+        ini.write_text(dcrouter_ini(d, port, backend_port, args.dcrouter_workers))
+    else:
+        ini.write_text(dcrouter_http_ini(d, port, backend_port, tls, args.dcrouter_workers))
+    (d / "dcrouter-state").mkdir(exist_ok=True)
+    return procs.start(
+        tag,
+        [str(twistd), "-n", "--pidfile=", "dcrouter", "--config", str(ini)],
+        d / f"{tag}.log",
+        cwd=d,
+    )
+
+
+def start_target(
+    args: argparse.Namespace,
+    d: Path,
+    procs: Procs,
+    name: str,
+    suite: str,
+    port: int,
+    backend_port: int,
+    tls: TlsFiles | None,
+) -> Proc | str:
+    """launch(), then wait for the port and check that a GET through the
+    proxy returns the backend's small file; the process, or why not. A
+    dcrouter that refuses `workers` at startup is started again without it
+    (and the report says so)."""
+    for _ in range(2):
+        proc = launch(args, d, procs, name, suite, port, backend_port, tls)
+        if isinstance(proc, str):
+            return proc
+        if wait_port(port, proc, args.start_timeout):
+            break
+        why = "exited" if not proc.alive() else f"did not listen within {args.start_timeout:.0f} s"
+        tail = proc.tail()
+        proc.stop()
+        if name == "dcrouter" and args.dcrouter_workers and "workers" in tail:
+            args.dcrouter_workers = None
+            args.workers_note = "dcrouter: workers unsupported, ran 1 process (refused at startup)"
+            log(f"  {args.workers_note}; starting it again without")
+            continue
+        return f"{name} {why}; last lines of its log:\n" + "\n".join(
+            "      " + line for line in tail.splitlines()
+        )
+    else:
+        return f"{name} did not start"
+    if fetch(port, "/small.txt", tls=tls is not None) != SMALL_BODY:
+        proc.stop()
+        return f"{name} listens on {port} but a GET through it did not return the small file"
+    return proc
 
 
 def start_proxies(
@@ -678,75 +818,15 @@ def start_proxies(
         # TIME_WAIT sockets one target's short connections leave behind do
         # not slow the next target's connect() (ephemeral port search).
         backend_port = backend_ports[name]
-        port = ports.get(name, backend_port)
         if name == "direct":
             # https: the backend itself terminates TLS on a port of its own
             direct = backend_ports["direct-tls"] if tls else backend_port
             targets.append(Target("direct", direct, None, tls=tls is not None))
             continue
-        tag = f"{name}-{suite}"  # file names: haproxy-l4.cfg, nginx-https.log, ...
-        if name == "haproxy":
-            if not shutil.which("haproxy"):
-                skipped[name] = "haproxy not installed (make deps-bench)"
-                continue
-            cfg = d / f"{tag}.cfg"
-            if suite == "l4":
-                cfg.write_text(haproxy_conf(port, backend_port, args.haproxy_splice))
-            else:
-                cfg.write_text(haproxy_http_conf(port, backend_port, tls))
-            proc = procs.start(tag, ["haproxy", "-db", "-f", str(cfg)], d / f"{tag}.log")
-        elif name == "nginx":
-            if suite == "l4" and not os.path.exists(NGINX_STREAM_MODULE):
-                skipped[name] = "nginx's stream module missing (libnginx-mod-stream)"
-                continue
-            if not shutil.which("nginx"):
-                skipped[name] = "nginx not installed (nginx-light)"
-                continue
-            cfg = d / f"{tag}.conf"
-            if suite == "l4":
-                cfg.write_text(nginx_proxy_conf(d, port, backend_port))
-            else:
-                cfg.write_text(nginx_http_proxy_conf(d, port, backend_port, tls))
-            proc = procs.start(
-                tag,
-                ["nginx", "-p", str(d), "-e", str(d / f"{tag}.error.log"), "-c", str(cfg)],
-                d / f"{tag}.log",
-            )
-        else:  # dcrouter
-            twistd = Path(args.venv) / "bin" / "twistd"
-            if not twistd.exists():
-                skipped[name] = f"{twistd} not found: run `make venv` first"
-                continue
-            ini = d / f"{tag}.ini"
-            if suite == "l4":
-                ini.write_text(dcrouter_ini(d, port, backend_port))
-            else:
-                ini.write_text(dcrouter_http_ini(d, port, backend_port, tls))
-            (d / "dcrouter-state").mkdir(exist_ok=True)
-            proc = procs.start(
-                tag,
-                [str(twistd), "-n", "--pidfile=", "dcrouter", "--config", str(ini)],
-                d / f"{tag}.log",
-                cwd=d,
-            )
-
-        if not wait_port(port, proc, args.start_timeout):
-            why = (
-                "exited"
-                if not proc.alive()
-                else f"did not listen within {args.start_timeout:.0f} s"
-            )
-            skipped[name] = f"{name} {why}; last lines of its log:\n" + "\n".join(
-                "      " + line for line in proc.tail().splitlines()
-            )
-            proc.stop()
-            continue
-        if fetch(port, "/small.txt", tls=tls is not None) != SMALL_BODY:
-            skipped[name] = (
-                f"{name} listens on {port} but a GET through it "
-                "did not return the backend's small file"
-            )
-            proc.stop()
+        port = ports[name]
+        proc = start_target(args, d, procs, name, suite, port, backend_port, tls)
+        if isinstance(proc, str):
+            skipped[name] = proc
             continue
         targets.append(Target(name, port, proc, tls=tls is not None))
     return targets, skipped
@@ -804,6 +884,12 @@ def report_header(args: argparse.Namespace) -> None:
     print(f"dcrouter bench: {args.rounds} round(s) x {args.duration:g} s per figure, median shown")
     print("vs haproxy: median over rounds of figure / HAProxy's figure in the same round")
     print("CPU eff.: HAProxy's CPU per unit of work / this proxy's (1.00 = as frugal)")
+    print(
+        f"workers: {args.workers} (HAProxy nbthread {args.workers}, nginx worker_processes "
+        f"{args.workers}, dcrouter workers = {args.dcrouter_workers or 1})"
+    )
+    if args.workers_note:
+        print(args.workers_note)
     print(f"(CPUs {args.busy:.0%} busy with other work before the start)")
 
 
@@ -1024,6 +1110,14 @@ def main() -> int:
         "fetched repeatedly in one connection",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("BENCH_WORKERS", 0)) or len(os.sched_getaffinity(0)),
+        help="threads / worker processes of every proxy: HAProxy nbthread, nginx "
+        "worker_processes, dcrouter [dcrouter] workers (dropped, with a note, if this "
+        "dcrouter does not know the key) (default: the CPUs this process may use, nproc)",
+    )
+    p.add_argument(
         "--backend-workers", type=int, default=1, help="nginx backend worker_processes (default 1)"
     )
     p.add_argument(
@@ -1065,6 +1159,8 @@ def main() -> int:
         p.error("--duration must be in (0, 600] and --rounds in [1, 20]")
     if not 0 <= args.warmup <= 60:
         p.error("--warmup must be in [0, 60]")
+    if not 1 <= args.workers <= 256:
+        p.error("--workers must be in [1, 256]")
     all_metrics = {m for _, ms in suites for m in ms}
     names = {suite for suite, _ in suites}
     missing = [
@@ -1101,6 +1197,15 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     try:
+        args.dcrouter_workers, args.workers_note = (
+            dcrouter_workers(Path(args.venv), d, args.workers)
+            if "dcrouter" in wanted
+            else (None, "")
+        )
+        log(
+            f"workers: {args.workers} (HAProxy nbthread, nginx worker_processes, "
+            "dcrouter workers)" + (f"; {args.workers_note}" if args.workers_note else "")
+        )
         (d / "tmp").mkdir()
         www = d / "www"
         www.mkdir()
@@ -1173,6 +1278,9 @@ def main() -> int:
             "connections": args.connections,
             "wrk_threads": args.threads,
             "haproxy_splice": args.haproxy_splice,
+            "workers": args.workers,
+            "dcrouter_workers": args.dcrouter_workers or 1,
+            "dcrouter_workers_note": args.workers_note,
             "results": results,
             "skipped": skips,
         }
