@@ -252,6 +252,22 @@ def fetch(port: int, path: str, timeout: float = 5.0, tls: bool = False) -> byte
     return body
 
 
+def tls_info(port: int, timeout: float = 5.0) -> str:
+    """The TLS version and cipher a handshake with `port` negotiates."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw,
+            ctx.wrap_socket(raw, server_hostname="bench.local") as s,
+        ):
+            cipher = s.cipher()
+            return f"{s.version()} {cipher[0] if cipher else '?'}"
+    except OSError as e:
+        return f"no handshake ({e})"
+
+
 # ------------------------------------------------------------------ configs
 
 
@@ -274,6 +290,7 @@ def nginx_backend_conf(
         # The https suite's "direct": the backend terminating TLS itself.
         listens += f"""
         listen 127.0.0.1:{tls_port} ssl backlog=4096;
+        ssl_protocols TLSv1.2 TLSv1.3;
         ssl_certificate {tls.cert};
         ssl_certificate_key {tls.key};"""
     return f"""\
@@ -372,8 +389,11 @@ def nginx_http_proxy_conf(
     d: Path, port: int, backend: int, tls: TlsFiles | None, workers: int
 ) -> str:
     name = "nginx-https" if tls else "nginx-http"
+    # nginx 1.22 leaves TLS 1.3 out of its default ssl_protocols; HAProxy
+    # and dcrouter offer it: the same protocol for all.
     ssl_lines = (
         f"""
+        ssl_protocols TLSv1.2 TLSv1.3;
         ssl_certificate {tls.cert};
         ssl_certificate_key {tls.key};"""
         if tls
@@ -700,6 +720,7 @@ class Target:
     port: int
     proc: Proc | None  # None for direct
     tls: bool = False  # the client speaks TLS to it (the https suite)
+    tls_version: str = ""  # what a handshake with it negotiates
     results: dict[str, list[Sample]] = field(default_factory=dict)
 
 
@@ -939,6 +960,8 @@ def report(
     print(f"== {suite}: {SUITE_TITLES[suite]} ==")
     if suite == "https":
         print("(direct: the backend nginx terminating TLS itself)")
+        for t in targets:
+            print(f"  {t.name}: {t.tls_version}")
     for m in metrics:
         unit, scale = per[m]
         print()
@@ -1004,6 +1027,8 @@ def report(
         for name, why in skipped.items():
             print(f"skipped {name} ({suite}): {why}")
     out["skipped"] = skipped
+    if suite == "https":
+        out["tls"] = {t.name: t.tls_version for t in targets}
     return out
 
 
@@ -1024,6 +1049,10 @@ def run_suite(
             + (" (TLS)" if t.tls else "")
             + (f" (pid {t.proc.pid})" if t.proc else "")
         )
+    for t in targets:
+        if t.tls:
+            t.tls_version = tls_info(t.port)
+            log(f"  {t.name:<9} negotiates {t.tls_version}")
     if args.warmup > 0:
         for t in targets:
             rps, _, _, errs = measure_wrk(
@@ -1287,6 +1316,8 @@ def main() -> int:
         for suite, targets, skipped, ms in done:
             r = report(suite, targets, skipped, ms, args, wanted)
             results[suite], skips[suite] = r["results"], r["skipped"]
+            if "tls" in r:
+                out["tls"] = r["tls"]
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         return 0
