@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,10 +64,14 @@ NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 SMALL_BODY = b"dcrouter bench: small response\n" * 4  # 128 bytes
 PROXIES = ("haproxy", "nginx", "dcrouter")
 TARGETS = ("direct", *PROXIES)
-METRICS = ("bulk", "cps", "keepalive")
+METRICS = ("bulk", "cps", "keepalive", "handshakes")
 SUITES = ("l4", "http", "https")
 # What each suite measures (of those --metrics selects).
-SUITE_METRICS = {"l4": METRICS, "http": ("keepalive",), "https": ("keepalive",)}
+SUITE_METRICS = {
+    "l4": ("bulk", "cps", "keepalive"),
+    "http": ("keepalive",),
+    "https": ("keepalive", "handshakes"),
+}
 SUITE_TITLES = {
     "l4": "TCP passthrough (L4)",
     "http": "HTTP reverse proxy, plain",
@@ -625,6 +630,63 @@ def measure_wrk(
     return float(rps.group(1)), float(total.group(1)), cpu, errs
 
 
+S_TIME_CONNS = re.compile(r"^(\d+) connections in [\d.]+s;", re.M)
+S_TIME_BYTES = re.compile(r"(\d+) bytes read per connection")
+
+
+def measure_handshakes(port: int, duration: float, conns: int) -> tuple[float, float, float, str]:
+    """`conns` `openssl s_time -new` processes side by side, each a loop of:
+    a new TCP connection, a full TLS handshake (-new: no session is ever
+    offered for resumption), GET /small.txt (HTTP/1.0), the response read
+    to the server's close. Handshakes/s is the sum over the processes of
+    their connections over their run time (s_time runs whole seconds, and
+    ends up to a second late: each process's own time is measured)."""
+    secs = max(1, round(duration))
+    argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time", str(secs)]
+    argv += ["-www", "/small.txt"]
+    before = child_cpu()
+    runs: list[tuple[subprocess.Popen[bytes], typing.IO[bytes], float]] = []
+    ends: dict[int, float] = {}
+    rate, total, errs = 0.0, 0, set()
+    with contextlib.ExitStack() as files:
+        try:
+            for _ in range(conns):
+                out = files.enter_context(tempfile.TemporaryFile())
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+                runs.append((popen, out, time.monotonic()))
+            hard = time.monotonic() + secs + 30
+            while len(ends) < len(runs) and time.monotonic() < hard:
+                time.sleep(0.01)
+                for i, (popen, _, _) in enumerate(runs):
+                    if i not in ends and popen.poll() is not None:
+                        ends[i] = time.monotonic()
+        finally:
+            for popen, _, _ in runs:  # only stragglers past the deadline
+                if popen.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(popen.pid, signal.SIGKILL)
+                    popen.wait(timeout=5)
+        for i, (popen, result, start) in enumerate(runs):
+            result.seek(0)
+            text = result.read().decode(errors="replace")
+            n, got = S_TIME_CONNS.search(text), S_TIME_BYTES.search(text)
+            if popen.returncode != 0 or not n or i not in ends:
+                last = [line for line in text.splitlines() if line.strip(" *")]
+                errs.add(f"s_time exit {popen.returncode}: " + (last[-1][:120] if last else ""))
+            if n and i in ends:
+                total += int(n.group(1))
+                rate += int(n.group(1)) / max(0.001, ends[i] - start)
+                if got and int(got.group(1)) < len(SMALL_BODY):
+                    errs.add(f"only {got.group(1)} bytes read per connection")
+    return rate, float(total), child_cpu() - before, "; ".join(sorted(errs))
+
+
 def dcrouter_source(venv: Path) -> str:
     """Which dcrouter the venv runs: its folder, the commit there (and
     whether dcrouter/ has uncommitted changes), Python and Twisted."""
@@ -878,6 +940,8 @@ def run_metric(metric: str, t: Target, args: argparse.Namespace, backend: Proc) 
     wall0 = time.monotonic()
     if metric == "bulk":
         value, work, ccpu, errs = measure_bulk(t.port, args.duration, args.big_mb)
+    elif metric == "handshakes":
+        value, work, ccpu, errs = measure_handshakes(t.port, args.duration, args.connections)
     else:
         value, work, ccpu, errs = measure_wrk(
             t.port,
@@ -923,13 +987,19 @@ def report(
     wanted: list[str],
 ) -> dict[str, object]:
     """Print one suite's tables; its results, for the JSON."""
-    units = {"bulk": "MB/s", "cps": "conn/s", "keepalive": "req/s"}
+    units = {"bulk": "MB/s", "cps": "conn/s", "keepalive": "req/s", "handshakes": "hs/s"}
     titles = {
         "bulk": "bulk, 1 connection",
         "cps": f"short connections, {args.connections} in flight",
         "keepalive": f"keep-alive requests, {args.connections} conns",
+        "handshakes": f"new TLS handshakes, {args.connections} in flight",
     }
-    per = {"bulk": ("GB", 1.0), "cps": ("10k conn", 1e4), "keepalive": ("10k req", 1e4)}
+    per = {
+        "bulk": ("GB", 1.0),
+        "cps": ("10k conn", 1e4),
+        "keepalive": ("10k req", 1e4),
+        "handshakes": ("10k hs", 1e4),
+    }
     by_name = {t.name: t for t in targets}
     medians: dict[str, dict[str, float]] = {}
     for t in targets:
@@ -1122,7 +1192,7 @@ def main() -> int:
         "--metrics",
         default=os.environ.get("BENCH_METRICS", ",".join(METRICS)),
         help="comma list of " + ",".join(METRICS) + " (bulk and cps are l4 only; "
-        "the http and https suites measure keepalive)",
+        "the http and https suites measure keepalive, https also handshakes)",
     )
     p.add_argument(
         "--warmup",
@@ -1183,7 +1253,7 @@ def main() -> int:
     ]
     suites = [(suite, ms) for suite, ms in suites if ms]
     if not suites:
-        p.error("nothing to measure: the http and https suites measure only keepalive")
+        p.error("nothing to measure: see --help for which suite measures which metric")
     if args.duration <= 0 or args.duration > 600 or not 1 <= args.rounds <= 20:
         p.error("--duration must be in (0, 600] and --rounds in [1, 20]")
     if not 0 <= args.warmup <= 60:
