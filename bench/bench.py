@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import functools
 import json
 import os
 import re
@@ -50,6 +52,7 @@ import signal
 import socket
 import ssl
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -64,18 +67,24 @@ NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 SMALL_BODY = b"dcrouter bench: small response\n" * 4  # 128 bytes
 PROXIES = ("haproxy", "nginx", "dcrouter")
 TARGETS = ("direct", *PROXIES)
-METRICS = ("bulk", "cps", "keepalive", "handshakes")
-SUITES = ("l4", "http", "https")
+METRICS = ("bulk", "cps", "keepalive", "handshakes", "idle")
+SUITES = ("l4", "http", "https", "idle")
 # What each suite measures (of those --metrics selects).
 SUITE_METRICS = {
     "l4": ("bulk", "cps", "keepalive"),
     "http": ("keepalive",),
     "https": ("keepalive", "handshakes"),
+    "idle": ("idle",),
 }
+# Suites whose targets are the proxies only (no "direct").
+PROXY_ONLY_SUITES = ("idle",)
+# Figures that are not work done per CPU-second: no CPU columns.
+NO_CPU_METRICS = ("idle",)
 SUITE_TITLES = {
     "l4": "TCP passthrough (L4)",
     "http": "HTTP reverse proxy, plain",
     "https": "HTTP reverse proxy, TLS-terminating",
+    "idle": "idle TCP connections through an L4 forward route",
 }
 # A run during which other work used more than this share of a core is
 # "disturbed": retried (--retries), else kept and counted in the report.
@@ -118,6 +127,26 @@ class Proc:
             if int(fields[2]) == self.pid:
                 ticks += int(fields[11]) + int(fields[12])
         return ticks / CLK_TCK
+
+    def rss_bytes(self) -> int:
+        """VmRSS summed over every process in this process's group."""
+        total = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+                if int(fields[2]) != self.pid:
+                    continue
+                with open(f"/proc/{entry}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) * 1024
+                            break
+            except (OSError, ValueError, IndexError):
+                continue
+        return total
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -287,6 +316,7 @@ def nginx_backend_conf(
     d: Path,
     ports: list[int],
     workers: int,
+    nofile: int,
     tls_port: int | None = None,
     tls: TlsFiles | None = None,
 ) -> str:
@@ -298,14 +328,19 @@ def nginx_backend_conf(
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_certificate {tls.cert};
         ssl_certificate_key {tls.key};"""
+    # Room for the idle suite's connections (one per idle client, from the
+    # proxy), which send no request: nginx would close them after
+    # client_header_timeout (60 s by default).
     return f"""\
 worker_processes {workers};
+worker_rlimit_nofile {nofile};
 daemon off;
 pid {d}/backend.pid;
 error_log {d}/backend.error.log warn;
-events {{ worker_connections 8192; }}
+events {{ worker_connections {max(8192, nofile - 64)}; }}
 http {{
     access_log off;
+    client_header_timeout 600s;
     sendfile on;
     tcp_nopush on;
     keepalive_requests 10000000;
@@ -324,14 +359,24 @@ http {{
 """
 
 
-def nginx_proxy_conf(d: Path, port: int, backend: int, workers: int) -> str:
+def nginx_proxy_conf(
+    d: Path,
+    port: int,
+    backend: int,
+    workers: int,
+    nofile: int | None = None,
+    tag: str = "nginx-proxy",
+) -> str:
+    """nginx stream, forwarding TCP; with `nofile`, each worker may hold
+    that many descriptors (two per proxied connection)."""
+    limits = f"worker_rlimit_nofile {nofile};\n" if nofile else ""
     return f"""\
 load_module {NGINX_STREAM_MODULE};
 worker_processes {workers};
-daemon off;
-pid {d}/nginx-proxy.pid;
-error_log {d}/nginx-proxy.error.log warn;
-events {{ worker_connections 8192; }}
+{limits}daemon off;
+pid {d}/{tag}.pid;
+error_log {d}/{tag}.error.log warn;
+events {{ worker_connections {nofile - 64 if nofile else 8192}; }}
 stream {{
     server {{
         listen 127.0.0.1:{port} backlog=4096;
@@ -341,18 +386,20 @@ stream {{
 """
 
 
-def haproxy_conf(port: int, backend: int, splice: bool, workers: int) -> str:
+def haproxy_conf(
+    port: int, backend: int, splice: bool, workers: int, maxconn: int = 4096, idle: str = "120s"
+) -> str:
     extra = "    option splice-auto\n" if splice else ""
     return f"""\
 global
     nbthread {workers}
-    maxconn 4096
+    maxconn {maxconn}
 
 defaults
     mode tcp
     timeout connect 5s
-    timeout client 120s
-    timeout server 120s
+    timeout client {idle}
+    timeout server {idle}
 {extra}
 listen bench
     bind 127.0.0.1:{port}
@@ -517,6 +564,7 @@ class Sample:
     round: int = 0  # which round (0-based) it belongs to
     steal: float = 0.0  # CPU-s the hypervisor gave to someone else
     wall: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)  # figure-specific, for the JSON
 
 
 def run_client(argv: list[str], timeout: float) -> tuple[str, int, float]:
@@ -783,6 +831,8 @@ class Target:
     proc: Proc | None  # None for direct
     tls: bool = False  # the client speaks TLS to it (the https suite)
     tls_version: str = ""  # what a handshake with it negotiates
+    # starts the proxy again, from the same config on the same port
+    relaunch: typing.Callable[[], Proc | str] | None = None
     results: dict[str, list[Sample]] = field(default_factory=dict)
 
 
@@ -805,17 +855,33 @@ def launch(
         cfg = d / f"{tag}.cfg"
         if suite == "l4":
             cfg.write_text(haproxy_conf(port, backend_port, args.haproxy_splice, args.workers))
+        elif suite == "idle":
+            # two descriptors per proxied connection; idle for up to 600 s
+            cfg.write_text(
+                haproxy_conf(
+                    port,
+                    backend_port,
+                    args.haproxy_splice,
+                    args.workers,
+                    maxconn=(args.nofile - 64) // 2,
+                    idle="600s",
+                )
+            )
         else:
             cfg.write_text(haproxy_http_conf(port, backend_port, tls, args.workers))
         return procs.start(tag, ["haproxy", "-db", "-f", str(cfg)], d / f"{tag}.log")
     if name == "nginx":
-        if suite == "l4" and not os.path.exists(NGINX_STREAM_MODULE):
+        if suite in ("l4", "idle") and not os.path.exists(NGINX_STREAM_MODULE):
             return "nginx's stream module missing (libnginx-mod-stream)"
         if not shutil.which("nginx"):
             return "nginx not installed (nginx-light)"
         cfg = d / f"{tag}.conf"
         if suite == "l4":
-            cfg.write_text(nginx_proxy_conf(d, port, backend_port, args.workers))
+            cfg.write_text(nginx_proxy_conf(d, port, backend_port, args.workers, tag=tag))
+        elif suite == "idle":
+            cfg.write_text(
+                nginx_proxy_conf(d, port, backend_port, args.workers, nofile=args.nofile, tag=tag)
+            )
         else:
             cfg.write_text(nginx_http_proxy_conf(d, port, backend_port, tls, args.workers))
         return procs.start(
@@ -828,7 +894,7 @@ def launch(
     if not twistd.exists():
         return f"{twistd} not found: run `make venv` first"
     ini = d / f"{tag}.ini"
-    if suite == "l4":
+    if suite in ("l4", "idle"):
         ini.write_text(dcrouter_ini(d, port, backend_port, args.dcrouter_workers))
     else:
         ini.write_text(dcrouter_http_ini(d, port, backend_port, tls, args.dcrouter_workers))
@@ -902,16 +968,21 @@ def start_proxies(
         # not slow the next target's connect() (ephemeral port search).
         backend_port = backend_ports[name]
         if name == "direct":
+            if suite in PROXY_ONLY_SUITES:
+                continue
             # https: the backend itself terminates TLS on a port of its own
             direct = backend_ports["direct-tls"] if tls else backend_port
             targets.append(Target("direct", direct, None, tls=tls is not None))
             continue
         port = ports[name]
-        proc = start_target(args, d, procs, name, suite, port, backend_port, tls)
+        again = functools.partial(
+            start_target, args, d, procs, name, suite, port, backend_port, tls
+        )
+        proc = again()
         if isinstance(proc, str):
             skipped[name] = proc
             continue
-        targets.append(Target(name, port, proc, tls=tls is not None))
+        targets.append(Target(name, port, proc, tls=tls is not None, relaunch=again))
     return targets, skipped
 
 
@@ -935,6 +1006,8 @@ def tcp_time_wait() -> int:
 
 
 def run_metric(metric: str, t: Target, args: argparse.Namespace, backend: Proc) -> Sample:
+    if metric == "idle":
+        return measure_idle(t, args)
     cpu0 = t.proc.cpu_seconds() if t.proc else 0.0
     (busy0, steal0), back0 = machine_cpu_seconds(), backend.cpu_seconds()
     wall0 = time.monotonic()
@@ -958,6 +1031,182 @@ def run_metric(metric: str, t: Target, args: argparse.Namespace, backend: Proc) 
     busy1, steal1 = machine_cpu_seconds()
     other = busy1 - busy0 - (backend.cpu_seconds() - back0) - (pcpu or 0.0) - ccpu
     return Sample(value, work, ccpu, pcpu, errs, max(0.0, other), steal=steal1 - steal0, wall=wall)
+
+
+def tcp_established_to(port: int) -> int:
+    """ESTABLISHED IPv4 sockets whose remote port is `port`, from
+    /proc/net/tcp: on 127.0.0.1, the connections that clients (here: one
+    proxy) have open to that port, as the clients see them."""
+    suffix = f":{port:04X}"
+    n = 0
+    with open("/proc/net/tcp") as f:
+        next(f, None)
+        for line in f:
+            fields = line.split(None, 4)
+            if len(fields) > 3 and fields[3] == "01" and fields[2].endswith(suffix):
+                n += 1
+    return n
+
+
+def open_idle(
+    port: int, n: int, upstream: int, up0: int, deadline: float, ahead: int = 32
+) -> tuple[list[socket.socket], str]:
+    """Open `n` TCP connections to 127.0.0.1:`port`, never more than `ahead`
+    beyond those the proxy has connected to `upstream` (counted in
+    /proc/net/tcp, less the `up0` there before): a proxy whose accept queue
+    is short (Twisted listens with a backlog of 50) would otherwise drop
+    SYNs, and the client wait 1, 3, 7 s... to retry. The sockets, and what
+    went wrong if not all opened by `deadline`."""
+    socks: list[socket.socket] = []
+    failures, why = 0, ""
+    up, moved = 0, time.monotonic()
+    try:
+        while len(socks) < n and time.monotonic() < deadline:
+            room = min(ahead - (len(socks) - up), n - len(socks))
+            if room <= 0:
+                if time.monotonic() - moved > 15:
+                    why = f"the proxy stopped at {up:,} backend connections"
+                    break
+                time.sleep(0.005)
+                seen = tcp_established_to(upstream) - up0
+                if seen != up:
+                    up, moved = seen, time.monotonic()
+                continue
+            batch: dict[int, socket.socket] = {}
+            poller = select.poll()
+            for _ in range(room):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setblocking(False)
+                rc = s.connect_ex(("127.0.0.1", port))
+                if rc not in (0, errno.EINPROGRESS):
+                    s.close()
+                    failures += 1
+                    why = os.strerror(rc)
+                    continue
+                batch[s.fileno()] = s
+                poller.register(s, select.POLLOUT)
+            while batch and time.monotonic() < deadline:
+                for fd, _ in poller.poll(100):
+                    s = batch.pop(fd)
+                    poller.unregister(fd)
+                    rc = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if rc:
+                        s.close()
+                        failures += 1
+                        why = os.strerror(rc)
+                    else:
+                        socks.append(s)
+            for s in batch.values():
+                s.close()
+            if failures > 100:
+                break
+            seen = tcp_established_to(upstream) - up0
+            if seen != up:
+                up, moved = seen, time.monotonic()
+    except BaseException:
+        close_idle(socks)
+        raise
+    if len(socks) < n:
+        why = why or "time is up"
+        return socks, f"opened {len(socks):,} of {n:,} ({failures} connects failed; {why})"
+    return socks, ""
+
+
+def listen_overflows() -> int:
+    """TcpExt ListenOverflows (machine-wide): SYNs dropped, accept queue full."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(table.get("ListenOverflows", 0))
+    return 0
+
+
+def close_idle(socks: list[socket.socket]) -> None:
+    """Close with a reset (SO_LINGER 0): no TIME_WAIT left on our side."""
+    linger = struct.pack("ii", 1, 0)
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        s.close()
+    socks.clear()
+
+
+def wait_upstream(upstream: int, cond: typing.Callable[[int], bool], timeout: float) -> int:
+    """Poll tcp_established_to(upstream) until `cond` holds, or it has not
+    moved for 5 s, or `timeout`."""
+    deadline = time.monotonic() + timeout
+    last, moved = -1, time.monotonic()
+    while True:
+        n = tcp_established_to(upstream)
+        now = time.monotonic()
+        if n != last:
+            last, moved = n, now
+        if cond(n) or now >= deadline or now - moved > 5:
+            return n
+        time.sleep(0.1)
+
+
+def measure_idle(t: Target, args: argparse.Namespace) -> Sample:
+    """Memory per idle connection: the proxy is started afresh (so that no
+    earlier round's freed memory is reused), 100 connections are opened
+    and closed through it (first-use allocations), then its RSS (all its
+    processes) is read; `args.idle_n` connections are opened through it and
+    left silent; once the proxy has opened as many connections to the
+    backend (counted in /proc/net/tcp) and a second has passed, its RSS is
+    read again. The figure: the growth over the connections open."""
+    backend_port = args.backend_ports[t.name]
+    if t.proc is not None and t.relaunch is not None:
+        t.proc.stop()
+        again = t.relaunch()
+        if isinstance(again, str):
+            return Sample(0.0, 0.0, 0.0, None, f"restart failed: {again.splitlines()[0]}")
+        t.proc = again
+    proc = t.proc
+    assert proc is not None
+    # the start's check (a GET) may still hold a backend connection
+    up0 = wait_upstream(backend_port, lambda n: n == 0, 10)
+    wall0 = time.monotonic()
+    deadline = wall0 + 300
+    socks, _ = open_idle(t.port, 100, backend_port, up0, deadline)
+    close_idle(socks)
+    up0 = wait_upstream(backend_port, lambda n: n <= up0, 30)
+    time.sleep(0.5)
+    rss0 = proc.rss_bytes()
+    drops0, t0 = listen_overflows(), time.monotonic()
+    socks, errs = open_idle(t.port, args.idle_n, backend_port, up0, deadline)
+    try:
+        opened, took = len(socks), time.monotonic() - t0
+        wait_upstream(backend_port, lambda n: n - up0 >= opened, 30)
+        time.sleep(1.0)
+        rss1 = proc.rss_bytes()
+        up = tcp_established_to(backend_port) - up0
+    finally:
+        close_idle(socks)
+    drops = listen_overflows() - drops0
+    wait_upstream(backend_port, lambda n: n <= up0, 30)
+    counted = min(opened, up)
+    notes = [errs] if errs else []
+    if up < opened:
+        notes.append(f"the proxy had {up:,} backend connections for {opened:,} client ones")
+    if not proc.alive():
+        notes.append("the proxy exited")
+    value = (rss1 - rss0) / counted if counted else 0.0
+    extra = {"connections": float(opened), "upstream": float(up), "open_seconds": took}
+    extra |= {"rss_before": float(rss0), "rss_after": float(rss1), "listen_overflows": drops}
+    return Sample(
+        value,
+        float(counted),
+        0.0,
+        None,
+        "; ".join(notes),
+        wall=time.monotonic() - wall0,
+        extra=extra,
+    )
 
 
 def fmt_value(metric: str, v: float) -> str:
@@ -987,18 +1236,26 @@ def report(
     wanted: list[str],
 ) -> dict[str, object]:
     """Print one suite's tables; its results, for the JSON."""
-    units = {"bulk": "MB/s", "cps": "conn/s", "keepalive": "req/s", "handshakes": "hs/s"}
+    units = {
+        "bulk": "MB/s",
+        "cps": "conn/s",
+        "keepalive": "req/s",
+        "handshakes": "hs/s",
+        "idle": "B/conn",
+    }
     titles = {
         "bulk": "bulk, 1 connection",
         "cps": f"short connections, {args.connections} in flight",
         "keepalive": f"keep-alive requests, {args.connections} conns",
         "handshakes": f"new TLS handshakes, {args.connections} in flight",
+        "idle": f"memory per idle connection, {args.idle_n:,} connections, RSS growth",
     }
     per = {
         "bulk": ("GB", 1.0),
         "cps": ("10k conn", 1e4),
         "keepalive": ("10k req", 1e4),
         "handshakes": ("10k hs", 1e4),
+        "idle": ("conn", 1.0),
     }
     by_name = {t.name: t for t in targets}
     medians: dict[str, dict[str, float]] = {}
@@ -1036,12 +1293,19 @@ def report(
         unit, scale = per[m]
         print()
         print(f"{suite} {titles[m]} ({units[m]})")
+        if m == "idle":
+            print(
+                "  (lower is better; vs haproxy > 1: more memory per connection than HAProxy."
+                " User-space RSS only: the kernel's socket memory is the same for all)"
+            )
         print(
             f"  {'target':<10} {units[m]:>12} {'vs haproxy':>10} "
             f"{'spread':>15} {'proxy CPU-s/' + unit:>18} {'CPU eff.':>8} "
             f"{'client CPU-s/' + unit:>19}"
         )
         for name in wanted:
+            if name == "direct" and suite in PROXY_ONLY_SUITES:
+                continue
             found = by_name.get(name)
             if found is None:
                 msg = "skipped" if name in skipped else "-"
@@ -1068,11 +1332,24 @@ def report(
                 else f"{sum(s.proxy_cpu or 0 for s in samples) / work * scale:.3f}"
             )
             ccpu = "-" if not work else f"{sum(s.client_cpu for s in samples) / work * scale:.3f}"
+            if m in NO_CPU_METRICS:
+                pcpu = eff = ccpu = "-"
+                eff_v = None
             print(
                 f"  {name:<10} {fmt_value(m, med):>12} {ratio:>10} "
                 f"{spread:>15} {pcpu:>18} {eff:>8} {ccpu:>19}"
             )
             errs = sorted({s.errors for s in samples if s.errors})
+            if m == "idle":
+                x = min(samples, key=lambda s: abs(s.value - med)).extra
+                if x:
+                    errs.append(
+                        f"RSS {x['rss_before'] / 2**20:,.1f} MiB before, "
+                        f"{x['rss_after'] / 2**20:,.1f} MiB with {x['connections']:,.0f} "
+                        f"client and {x['upstream']:,.0f} backend connections open "
+                        f"(opened in {x['open_seconds']:.1f} s; machine-wide listen queue "
+                        f"overflows meanwhile: {x['listen_overflows']:,.0f})"
+                    )
             nd = sum(s.disturbed for s in samples)
             if nd:
                 errs.append(f"{nd} of {len(samples)} runs disturbed by other work")
@@ -1091,6 +1368,7 @@ def report(
                 "unit": units[m],
                 "per": unit,
                 "notes": errs,
+                "extra": [s.extra for s in samples],
             }
     if skipped:
         print()
@@ -1123,7 +1401,7 @@ def run_suite(
         if t.tls:
             t.tls_version = tls_info(t.port)
             log(f"  {t.name:<9} negotiates {t.tls_version}")
-    if args.warmup > 0:
+    if args.warmup > 0 and suite in ("l4", "http", "https"):
         for t in targets:
             rps, _, _, errs = measure_wrk(
                 t.port, args.warmup, args.connections, args.threads, close=False, tls=t.tls
@@ -1132,7 +1410,10 @@ def run_suite(
             time.sleep(0.5)
 
     total = len(targets) * len(metrics) * args.rounds
-    log(f"{total} runs of {args.duration:g} s (~{total * (args.duration + 1.5) / 60:.1f} min)")
+    if suite == "idle":
+        log(f"{total} runs: restart, open and close {args.idle_n:,} connections (< 6 min each)")
+    else:
+        log(f"{total} runs of {args.duration:g} s (~{total * (args.duration + 1.5) / 60:.1f} min)")
     for r in range(args.rounds):
         for m in metrics:
             # rotate the order each round so no target is always first
@@ -1217,6 +1498,14 @@ def main() -> int:
         "dcrouter does not know the key) (default: the CPUs this process may use, nproc)",
     )
     p.add_argument(
+        "--idle-conns",
+        type=int,
+        default=int(os.environ.get("BENCH_IDLE_CONNS", 10000)),
+        help="idle connections held open through each proxy in the idle suite (default "
+        "10000; fewer, with a note, if the open-files hard limit leaves no room for two "
+        "descriptors per connection in the proxy)",
+    )
+    p.add_argument(
         "--backend-workers", type=int, default=1, help="nginx backend worker_processes (default 1)"
     )
     p.add_argument(
@@ -1260,6 +1549,8 @@ def main() -> int:
         p.error("--warmup must be in [0, 60]")
     if not 1 <= args.workers <= 256:
         p.error("--workers must be in [1, 256]")
+    if not 100 <= args.idle_conns <= 100_000:
+        p.error("--idle-conns must be in [100, 100000]")
     all_metrics = {m for _, ms in suites for m in ms}
     names = {suite for suite, _ in suites}
     missing = [
@@ -1285,6 +1576,30 @@ def main() -> int:
             "WARNING: something else is using the CPUs; figures will be low "
             "and noisy (ratios measured side by side suffer less)"
         )
+
+    # Descriptors: the idle suite holds --idle-conns sockets here, and each
+    # proxy (which inherits this limit) two per connection. Raise the soft
+    # limit to the hard one (or higher, where allowed).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * args.idle_conns + 1024
+    if hard != resource.RLIM_INFINITY and hard < want:
+        # a higher hard limit needs CAP_SYS_RESOURCE; without it, stay below
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+    cur, top = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = want if top == resource.RLIM_INFINITY else min(want, top)
+    if raised > cur:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, top))
+    args.nofile = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1 << 20)
+    args.idle_n = min(args.idle_conns, (args.nofile - 256) // 2 // 100 * 100)
+    if "idle" in names:
+        log(f"open files limit {args.nofile:,} (was {soft:,}, hard {hard:,})")
+        if args.idle_n < args.idle_conns:
+            log(
+                f"idle: {args.idle_n:,} connections, not {args.idle_conns:,}: the open-files "
+                f"limit ({args.nofile:,}) leaves no more room for two descriptors per "
+                "connection in one proxy process (raise the hard limit to allow more)"
+            )
 
     d = Path(tempfile.mkdtemp(prefix="dcrouter-bench-"))
     d.chmod(0o755)  # nginx's workers run as nobody
@@ -1324,6 +1639,7 @@ def main() -> int:
 
         tls_files = make_cert(d) if "https" in names else None
         backend_ports = dict(zip(TARGETS, free_ports(len(TARGETS)), strict=True))
+        args.backend_ports = backend_ports
         backend_port = backend_ports["direct"]
         tls_port = free_ports(1)[0] if tls_files else None
         if tls_port is not None:
@@ -1331,7 +1647,9 @@ def main() -> int:
         conf = d / "backend.conf"
         plain_ports = [backend_ports[t] for t in TARGETS]
         conf.write_text(
-            nginx_backend_conf(d, plain_ports, args.backend_workers, tls_port, tls_files)
+            nginx_backend_conf(
+                d, plain_ports, args.backend_workers, args.nofile, tls_port, tls_files
+            )
         )
         backend = procs.start(
             "backend",
