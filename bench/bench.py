@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import functools
 import json
@@ -67,14 +68,15 @@ NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 SMALL_BODY = b"dcrouter bench: small response\n" * 4  # 128 bytes
 PROXIES = ("haproxy", "nginx", "dcrouter")
 TARGETS = ("direct", *PROXIES)
-METRICS = ("bulk", "cps", "keepalive", "handshakes", "idle")
-SUITES = ("l4", "http", "https", "idle")
+METRICS = ("bulk", "cps", "keepalive", "handshakes", "idle", "smtp")
+SUITES = ("l4", "http", "https", "idle", "smtp")
 # What each suite measures (of those --metrics selects).
 SUITE_METRICS = {
     "l4": ("bulk", "cps", "keepalive"),
     "http": ("keepalive",),
     "https": ("keepalive", "handshakes"),
     "idle": ("idle",),
+    "smtp": ("smtp",),
 }
 # Suites whose targets are the proxies only (no "direct").
 PROXY_ONLY_SUITES = ("idle",)
@@ -85,7 +87,10 @@ SUITE_TITLES = {
     "http": "HTTP reverse proxy, plain",
     "https": "HTTP reverse proxy, TLS-terminating",
     "idle": "idle TCP connections through an L4 forward route",
+    "smtp": "SMTP, smtp-source to smtp-sink (dcrouter: a forward rule, queued)",
 }
+SMTP_TO = "to@bench.test"
+SMTP_FROM = "bench@client.test"
 # A run during which other work used more than this share of a core is
 # "disturbed": retried (--retries), else kept and counted in the report.
 DISTURBED = 0.2
@@ -544,6 +549,32 @@ target = 127.0.0.1:{backend}
 """
 
 
+def dcrouter_smtp_ini(d: Path, port: int, internal: int, sink: int, workers: int | None) -> str:
+    """dcrouter's mail edge: the public port forwards (PROXY v2) to its SMTP
+    server on `internal`, which queues (on disk, fsynced) before its 250;
+    a forward rule for *@bench.test delivers to smtp-sink, no STARTTLS."""
+    return f"""\
+[dcrouter]
+state_dir = {d}/dcrouter-smtp-state
+{dcrouter_workers_line(workers)}
+[defaults]
+bind = 127.0.0.1
+
+[email]
+hostname = mx.bench.test
+ports = {port}
+internal_ports = {internal}
+domains = bench.test
+default_mode = reject
+default_tls = off
+
+[email.rule:*@bench.test]
+mode = forward
+target = 127.0.0.1:{sink}
+tls = off
+"""
+
+
 # ------------------------------------------------------------------ clients
 
 
@@ -821,6 +852,123 @@ def dcrouter_workers(venv: Path, d: Path, workers: int) -> tuple[int | None, str
     return workers, f"dcrouter: workers = {workers} (checkconfig exit {done.returncode})"
 
 
+# ---------------------------------------------------------------------- smtp
+
+
+def postfix_tool(name: str) -> str | None:
+    """smtp-source / smtp-sink: in /usr/sbin, often not on a user's PATH."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+
+
+SINK_COUNT = re.compile(rb"mesg=(\d+)\r")
+
+
+@dataclass
+class Sink:
+    """An smtp-sink, started with -c: its output is a running counter,
+    `\\rsess=N quit=N mesg=N`, updated as each message's "." arrives."""
+
+    port: int
+    proc: Proc
+
+    def count(self) -> int:
+        try:
+            with open(self.proc.logfile, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 256))
+                found = SINK_COUNT.findall(f.read())
+        except OSError:
+            return 0
+        return int(found[-1]) if found else 0
+
+    def wait_for(self, n: int, timeout: float) -> int:
+        """Poll the counter until it reaches `n`, or has not moved for 10 s,
+        or `timeout`; the last count."""
+        deadline = time.monotonic() + timeout
+        last, moved = -1, time.monotonic()
+        while True:
+            c = self.count()
+            now = time.monotonic()
+            if c != last:
+                last, moved = c, now
+            if c >= n or now >= deadline or now - moved > 10:
+                return c
+            time.sleep(0.01)
+
+
+def start_sink(args: argparse.Namespace, d: Path, procs: Procs, name: str) -> Sink | str:
+    """An smtp-sink on a free port for target `name` (no dump files)."""
+    sink_bin = postfix_tool("smtp-sink")
+    if sink_bin is None:
+        return "smtp-sink not installed (postfix)"
+    port = free_ports(1)[0]
+    # as root it must be told whose privileges to drop to
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    argv = [sink_bin, *user, "-c", f"127.0.0.1:{port}", "1024"]
+    proc = procs.start(f"smtp-sink-{name}", argv, d / f"smtp-sink-{name}.out")
+    if not wait_port(port, proc, 10):
+        tail = proc.tail()
+        proc.stop()
+        return f"smtp-sink did not listen: {tail[-200:]}"
+    return Sink(port, proc)
+
+
+def smtp_source(
+    port: int, messages: int, sessions: int, size: int, timeout: float
+) -> tuple[float, int, str, float]:
+    """smtp-source: `messages` messages of `size` bytes, `sessions` sessions
+    in parallel, a new session per message; (seconds it took, exit status,
+    its output, CPU-s it used). smtp-source stops with an error at the first
+    reply that is not 2xx (or 3xx to DATA): exit 0 means every message was
+    accepted with a 250."""
+    source = postfix_tool("smtp-source") or "smtp-source"
+    argv = [source, "-s", str(sessions), "-m", str(messages), "-l", str(size)]
+    argv += ["-f", SMTP_FROM, "-t", SMTP_TO, f"127.0.0.1:{port}"]
+    start = time.monotonic()
+    out, rc, cpu = run_client(argv, timeout)
+    return time.monotonic() - start, rc, out, cpu
+
+
+def smtp_check(port: int, sink: Sink) -> str | None:
+    """One message through `port` reaches `sink` (within 20 s); else why not."""
+    before = sink.count()
+    _, rc, out, _ = smtp_source(port, 1, 1, 1000, timeout=30)
+    if rc != 0:
+        return f"smtp-source failed (exit {rc}): {out.strip()[-200:]}"
+    got = sink.wait_for(before + 1, 20)
+    if got < before + 1:
+        return "a message sent through it did not reach smtp-sink within 20 s"
+    return None
+
+
+def measure_smtp(
+    port: int, sink: Sink, messages: int, args: argparse.Namespace
+) -> tuple[float, float, float, str, dict[str, float]]:
+    """smtp-source sends `messages`; the figure is messages accepted (250)
+    per second of smtp-source's run. Then the sink's counter is watched
+    until it has them all: messages per second end to end (the same for a
+    TCP proxy; dcrouter queues, and delivers after its 250)."""
+    timeout = args.duration * 10 + 60
+    before = sink.count()
+    start = time.monotonic()
+    took, rc, out, cpu = smtp_source(
+        port, messages, args.smtp_sessions, args.smtp_size, timeout=timeout
+    )
+    notes = []
+    if rc != 0:
+        lines = out.strip().splitlines()
+        notes.append(f"smtp-source exit {rc}: " + (lines[-1][:160] if lines else ""))
+    got = sink.wait_for(before + messages, timeout) - before
+    e2e = time.monotonic() - start
+    if got != messages:
+        notes.append(f"smtp-sink counted {got:,} of {messages:,} messages")
+    if rc != 0:
+        return 0.0, 0.0, cpu, "; ".join(notes), {}
+    extra = {"messages": float(messages), "accept_seconds": took, "sink_seconds": e2e}
+    extra["e2e_rate"] = messages / e2e if got >= messages else 0.0
+    return messages / took, float(messages), cpu, "; ".join(notes), extra
+
+
 # ---------------------------------------------------------------- the bench
 
 
@@ -833,6 +981,8 @@ class Target:
     tls_version: str = ""  # what a handshake with it negotiates
     # starts the proxy again, from the same config on the same port
     relaunch: typing.Callable[[], Proc | str] | None = None
+    sink: Sink | None = None  # smtp: its own smtp-sink, the backend
+    smtp_messages: int = 0  # smtp: messages per run, sized by a first run
     results: dict[str, list[Sample]] = field(default_factory=dict)
 
 
@@ -853,7 +1003,7 @@ def launch(
         if not shutil.which("haproxy"):
             return "haproxy not installed (make deps-bench)"
         cfg = d / f"{tag}.cfg"
-        if suite == "l4":
+        if suite in ("l4", "smtp"):
             cfg.write_text(haproxy_conf(port, backend_port, args.haproxy_splice, args.workers))
         elif suite == "idle":
             # two descriptors per proxied connection; idle for up to 600 s
@@ -871,12 +1021,12 @@ def launch(
             cfg.write_text(haproxy_http_conf(port, backend_port, tls, args.workers))
         return procs.start(tag, ["haproxy", "-db", "-f", str(cfg)], d / f"{tag}.log")
     if name == "nginx":
-        if suite in ("l4", "idle") and not os.path.exists(NGINX_STREAM_MODULE):
+        if suite in ("l4", "idle", "smtp") and not os.path.exists(NGINX_STREAM_MODULE):
             return "nginx's stream module missing (libnginx-mod-stream)"
         if not shutil.which("nginx"):
             return "nginx not installed (nginx-light)"
         cfg = d / f"{tag}.conf"
-        if suite == "l4":
+        if suite in ("l4", "smtp"):
             cfg.write_text(nginx_proxy_conf(d, port, backend_port, args.workers, tag=tag))
         elif suite == "idle":
             cfg.write_text(
@@ -896,6 +1046,10 @@ def launch(
     ini = d / f"{tag}.ini"
     if suite in ("l4", "idle"):
         ini.write_text(dcrouter_ini(d, port, backend_port, args.dcrouter_workers))
+    elif suite == "smtp":
+        internal = free_ports(1)[0]
+        ini.write_text(dcrouter_smtp_ini(d, port, internal, backend_port, args.dcrouter_workers))
+        (d / "dcrouter-smtp-state").mkdir(exist_ok=True)
     else:
         ini.write_text(dcrouter_http_ini(d, port, backend_port, tls, args.dcrouter_workers))
     (d / "dcrouter-state").mkdir(exist_ok=True)
@@ -916,9 +1070,11 @@ def start_target(
     port: int,
     backend_port: int,
     tls: TlsFiles | None,
+    sink: Sink | None = None,
 ) -> Proc | str:
     """launch(), then wait for the port and check that a GET through the
-    proxy returns the backend's small file; the process, or why not. A
+    proxy returns the backend's small file (smtp: that a message sent
+    through it reaches `sink`); the process, or why not. A
     dcrouter that refuses `workers` at startup is started again without it
     (and the report says so)."""
     for _ in range(2):
@@ -940,7 +1096,13 @@ def start_target(
         )
     else:
         return f"{name} did not start"
-    if fetch(port, "/small.txt", tls=tls is not None) != SMALL_BODY:
+    if sink is not None:
+        failed = smtp_check(port, sink)
+        if failed:
+            tail = "\n".join("      " + line for line in proc.tail().splitlines())
+            proc.stop()
+            return f"{name} listens on {port} but {failed}; last lines of its log:\n{tail}"
+    elif fetch(port, "/small.txt", tls=tls is not None) != SMALL_BODY:
         proc.stop()
         return f"{name} listens on {port} but a GET through it did not return the small file"
     return proc
@@ -967,6 +1129,23 @@ def start_proxies(
         # TIME_WAIT sockets one target's short connections leave behind do
         # not slow the next target's connect() (ephemeral port search).
         backend_port = backend_ports[name]
+        sink: Sink | None = None
+        if suite == "smtp":
+            # ... and in smtp, an smtp-sink of its own
+            started = start_sink(args, d, procs, name)
+            if isinstance(started, str):
+                skipped[name] = started
+                continue
+            sink = started
+            if name == "direct":
+                why = smtp_check(sink.port, sink)
+                if why:
+                    sink.proc.stop()
+                    skipped[name] = f"smtp-sink: {why}"
+                    continue
+                targets.append(Target("direct", sink.port, None, sink=sink))
+                continue
+            backend_port = sink.port
         if name == "direct":
             if suite in PROXY_ONLY_SUITES:
                 continue
@@ -976,13 +1155,15 @@ def start_proxies(
             continue
         port = ports[name]
         again = functools.partial(
-            start_target, args, d, procs, name, suite, port, backend_port, tls
+            start_target, args, d, procs, name, suite, port, backend_port, tls, sink
         )
         proc = again()
         if isinstance(proc, str):
             skipped[name] = proc
+            if sink is not None:
+                sink.proc.stop()
             continue
-        targets.append(Target(name, port, proc, tls=tls is not None, relaunch=again))
+        targets.append(Target(name, port, proc, tls=tls is not None, relaunch=again, sink=sink))
     return targets, skipped
 
 
@@ -1008,6 +1189,9 @@ def tcp_time_wait() -> int:
 def run_metric(metric: str, t: Target, args: argparse.Namespace, backend: Proc) -> Sample:
     if metric == "idle":
         return measure_idle(t, args)
+    extra: dict[str, float] = {}
+    if t.sink is not None:
+        backend = t.sink.proc
     cpu0 = t.proc.cpu_seconds() if t.proc else 0.0
     (busy0, steal0), back0 = machine_cpu_seconds(), backend.cpu_seconds()
     wall0 = time.monotonic()
@@ -1015,6 +1199,9 @@ def run_metric(metric: str, t: Target, args: argparse.Namespace, backend: Proc) 
         value, work, ccpu, errs = measure_bulk(t.port, args.duration, args.big_mb)
     elif metric == "handshakes":
         value, work, ccpu, errs = measure_handshakes(t.port, args.duration, args.connections)
+    elif metric == "smtp":
+        assert t.sink is not None
+        value, work, ccpu, errs, extra = measure_smtp(t.port, t.sink, t.smtp_messages, args)
     else:
         value, work, ccpu, errs = measure_wrk(
             t.port,
@@ -1030,7 +1217,17 @@ def run_metric(metric: str, t: Target, args: argparse.Namespace, backend: Proc) 
     # the client: other work on the machine (and this script, a little).
     busy1, steal1 = machine_cpu_seconds()
     other = busy1 - busy0 - (backend.cpu_seconds() - back0) - (pcpu or 0.0) - ccpu
-    return Sample(value, work, ccpu, pcpu, errs, max(0.0, other), steal=steal1 - steal0, wall=wall)
+    return Sample(
+        value,
+        work,
+        ccpu,
+        pcpu,
+        errs,
+        max(0.0, other),
+        steal=steal1 - steal0,
+        wall=wall,
+        extra=extra,
+    )
 
 
 def tcp_established_to(port: int) -> int:
@@ -1242,6 +1439,8 @@ def report(
         "keepalive": "req/s",
         "handshakes": "hs/s",
         "idle": "B/conn",
+        "smtp": "msg/s",
+        "smtp_e2e": "msg/s",
     }
     titles = {
         "bulk": "bulk, 1 connection",
@@ -1249,6 +1448,9 @@ def report(
         "keepalive": f"keep-alive requests, {args.connections} conns",
         "handshakes": f"new TLS handshakes, {args.connections} in flight",
         "idle": f"memory per idle connection, {args.idle_n:,} connections, RSS growth",
+        "smtp": f"messages accepted (250), {args.smtp_sessions} sessions, {args.smtp_size:,} B, "
+        "a session per message",
+        "smtp_e2e": "the same runs end to end: messages at smtp-sink per second",
     }
     per = {
         "bulk": ("GB", 1.0),
@@ -1256,7 +1458,11 @@ def report(
         "keepalive": ("10k req", 1e4),
         "handshakes": ("10k hs", 1e4),
         "idle": ("conn", 1.0),
+        "smtp": ("10k msg", 1e4),
+        "smtp_e2e": ("10k msg", 1e4),
     }
+    if suite == "smtp" and "smtp" in metrics:
+        metrics = [*metrics, "smtp_e2e"]  # derived from the smtp runs
     by_name = {t.name: t for t in targets}
     medians: dict[str, dict[str, float]] = {}
     for t in targets:
@@ -1289,6 +1495,9 @@ def report(
         print("(direct: the backend nginx terminating TLS itself)")
         for t in targets:
             print(f"  {t.name}: {t.tls_version}")
+    if suite == "smtp":
+        print("(direct: smtp-source to smtp-sink; HAProxy and nginx forward TCP to it; dcrouter")
+        print(" accepts, queues on disk (fsync), answers 250, then delivers by its forward rule)")
     for m in metrics:
         unit, scale = per[m]
         print()
@@ -1409,6 +1618,18 @@ def run_suite(
             log(f"  warm-up   {t.name:<9} {rps:>10,.0f} req/s" + (f"  ({errs})" if errs else ""))
             time.sleep(0.5)
 
+    if suite == "smtp":
+        # A first run of 200 messages on each target (a warm-up too) sizes
+        # the measured runs to about --duration seconds each.
+        for t in targets:
+            assert t.sink is not None
+            value, _, _, errs, _ = measure_smtp(t.port, t.sink, 200, args)
+            t.smtp_messages = max(200, min(200_000, round(value * args.duration / 100) * 100))
+            log(
+                f"  sizing    {t.name:<9} {value:>10,.0f} msg/s: {t.smtp_messages:,} messages a run"
+                + (f"  ({errs})" if errs else "")
+            )
+            time.sleep(0.5)
     total = len(targets) * len(metrics) * args.rounds
     if suite == "idle":
         log(f"{total} runs: restart, open and close {args.idle_n:,} connections (< 6 min each)")
@@ -1444,6 +1665,10 @@ def run_suite(
                     else:
                         log("    something else used the CPUs meanwhile; kept, marked")
                 t.results.setdefault(m, []).append(s)
+                if m == "smtp":
+                    # the same runs, counted at the sink
+                    e2e = dataclasses.replace(s, value=s.extra.get("e2e_rate", 0.0))
+                    t.results.setdefault("smtp_e2e", []).append(e2e)
 
 
 def main() -> int:
@@ -1506,6 +1731,18 @@ def main() -> int:
         "descriptors per connection in the proxy)",
     )
     p.add_argument(
+        "--smtp-sessions",
+        type=int,
+        default=50,
+        help="smtp suite: smtp-source's parallel sessions (-s, default 50)",
+    )
+    p.add_argument(
+        "--smtp-size",
+        type=int,
+        default=10240,
+        help="smtp suite: message size in bytes (smtp-source -l, default 10240)",
+    )
+    p.add_argument(
         "--backend-workers", type=int, default=1, help="nginx backend worker_processes (default 1)"
     )
     p.add_argument(
@@ -1551,6 +1788,8 @@ def main() -> int:
         p.error("--workers must be in [1, 256]")
     if not 100 <= args.idle_conns <= 100_000:
         p.error("--idle-conns must be in [100, 100000]")
+    if not 1 <= args.smtp_sessions <= 200 or not 100 <= args.smtp_size <= 10_000_000:
+        p.error("--smtp-sessions must be in [1, 200] and --smtp-size in [100, 10000000]")
     all_metrics = {m for _, ms in suites for m in ms}
     names = {suite for suite, _ in suites}
     missing = [
@@ -1563,6 +1802,8 @@ def main() -> int:
         )
         if need and not shutil.which(tool)
     ]
+    if "smtp" in names:
+        missing += [t for t in ("smtp-source", "smtp-sink") if not postfix_tool(t)]
     if missing:
         log(f"missing tools: {', '.join(missing)} (run `make deps-bench`)")
         return 2
@@ -1682,6 +1923,8 @@ def main() -> int:
                 for t in targets:
                     if t.proc:
                         t.proc.stop()
+                    if t.sink:
+                        t.sink.proc.stop()
             done.append((suite, targets, skipped, ms))
 
         report_header(args)
