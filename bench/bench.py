@@ -6,10 +6,11 @@ Standard library only. Normally started by bench/run.sh (see bench/README.md).
 
 Everything runs on 127.0.0.1 with free ports, in a fresh temporary folder:
 
-  client (curl / wrk) -> proxy under test -> backend (nginx, http)
-  client (curl / wrk) -> backend directly ("direct", the reference)
+  client (curl / wrk / s_time) -> proxy under test -> backend (nginx, http)
+  client -> backend directly ("direct", the reference)
+  smtp-source -> proxy under test -> smtp-sink (the smtp suite)
 
-Three suites, each with its own proxy processes (started before it, stopped
+Five suites, each with its own proxy processes (started before it, stopped
 after it), selected with --only (or BENCH_ONLY):
 
   l4     TCP passthrough: HAProxy mode tcp, nginx stream, dcrouter
@@ -19,19 +20,34 @@ after it), selected with --only (or BENCH_ONLY):
          dcrouter action = http
   https  the same, terminating TLS (a self-signed certificate made with
          openssl); "direct" is the backend serving TLS itself
+  idle   l4's forwarding, holding --idle-conns silent connections
+  smtp   smtp-source to smtp-sink: directly, through HAProxy and nginx
+         forwarding TCP, and through dcrouter's [email] edge with a forward
+         rule (its queue: on disk before the 250, delivered after)
 
-Proxies run one thread / worker each. Each is started from a generated
-config and stopped by its PID (its process group, which this script
-created), never by name.
+Proxies run --workers threads / workers each (default: nproc): HAProxy
+nbthread, nginx worker_processes, dcrouter [dcrouter] workers (left out,
+and said so, when this dcrouter does not know the key). Each is started
+from a generated config and stopped by its PID (its process group, which
+this script created), never by name.
 
 Figures, per target, the median over the rounds:
-  bulk       (l4) MB/s (10^6 bytes/s) in one connection: curl downloads a
-             1 GiB file again and again over one kept-alive connection for
-             --duration seconds
-  cps        (l4) short connections per second: wrk, --connections in
-             flight, 'Connection: close' on every request of a small file
-  keepalive  (every suite) requests/s over --connections kept-alive
-             connections (wrk)
+  bulk        (l4) MB/s (10^6 bytes/s) in one connection: curl downloads a
+              1 GiB file again and again over one kept-alive connection for
+              --duration seconds
+  cps         (l4) short connections per second: wrk, --connections in
+              flight, 'Connection: close' on every request of a small file
+  keepalive   (l4, http, https) requests/s over --connections kept-alive
+              connections (wrk)
+  handshakes  (https) new TLS handshakes/s, --connections in flight:
+              openssl s_time -new processes (never a resumed session), a
+              GET of the small file on each connection
+  idle        (idle) bytes of RSS per idle connection: RSS growth of the
+              proxy's processes over --idle-conns connections held open
+              (and connected by the proxy to the backend), per connection
+  smtp        (smtp) messages/s accepted (250), smtp-source with
+              --smtp-sessions sessions; and, from the same runs, messages/s
+              until smtp-sink has them all (end to end)
 Also the CPU time the proxy (its whole process group) and the client used
 per unit of work, read from /proc and getrusage.
 """
@@ -1939,6 +1955,10 @@ def main() -> int:
             "wrk_threads": args.threads,
             "haproxy_splice": args.haproxy_splice,
             "workers": args.workers,
+            "open_files_limit": args.nofile,
+            "idle_connections": args.idle_n,
+            "smtp_sessions": args.smtp_sessions,
+            "smtp_size": args.smtp_size,
             "dcrouter_workers": args.dcrouter_workers or 1,
             "dcrouter_workers_note": args.workers_note,
             "results": results,
