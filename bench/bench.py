@@ -1575,6 +1575,19 @@ def report(
                         f"(opened in {x['open_seconds']:.1f} s; machine-wide listen queue "
                         f"overflows meanwhile: {x['listen_overflows']:,.0f})"
                     )
+            if m == "smtp_e2e":
+                x = min(samples, key=lambda s: abs(s.value - med)).extra
+                if x:
+                    lag = x["sink_seconds"] - x["accept_seconds"]
+                    when = (
+                        f"{lag * 1000:,.0f} ms after"
+                        if lag >= 0.01
+                        else "within 10 ms (the polling interval) of"
+                    )
+                    errs.append(
+                        f"smtp-sink had all {x['messages']:,.0f} messages {when} "
+                        f"smtp-source's end ({x['accept_seconds']:.2f} s)"
+                    )
             nd = sum(s.disturbed for s in samples)
             if nd:
                 errs.append(f"{nd} of {len(samples)} runs disturbed by other work")
@@ -1635,11 +1648,13 @@ def run_suite(
             time.sleep(0.5)
 
     if suite == "smtp":
-        # A first run of 200 messages on each target (a warm-up too) sizes
-        # the measured runs to about --duration seconds each.
+        # Two first runs of 200 messages on each target (a warm-up too; the
+        # faster counts) size the measured runs to about --duration s each.
         for t in targets:
             assert t.sink is not None
-            value, _, _, errs, _ = measure_smtp(t.port, t.sink, 200, args)
+            first, _, _, errs, _ = measure_smtp(t.port, t.sink, 200, args)
+            value, _, _, errs2, _ = measure_smtp(t.port, t.sink, 200, args)
+            value, errs = max(first, value), errs or errs2
             t.smtp_messages = max(200, min(200_000, round(value * args.duration / 100) * 100))
             log(
                 f"  sizing    {t.name:<9} {value:>10,.0f} msg/s: {t.smtp_messages:,} messages a run"
