@@ -6,10 +6,11 @@ Standard library only. Normally started by bench/run.sh (see bench/README.md).
 
 Everything runs on 127.0.0.1 with free ports, in a fresh temporary folder:
 
-  client (curl / wrk) -> proxy under test -> backend (nginx, http)
-  client (curl / wrk) -> backend directly ("direct", the reference)
+  client (curl / wrk / s_time) -> proxy under test -> backend (nginx, http)
+  client -> backend directly ("direct", the reference)
+  smtp-source -> proxy under test -> smtp-sink (the smtp suite)
 
-Three suites, each with its own proxy processes (started before it, stopped
+Five suites, each with its own proxy processes (started before it, stopped
 after it), selected with --only (or BENCH_ONLY):
 
   l4     TCP passthrough: HAProxy mode tcp, nginx stream, dcrouter
@@ -19,19 +20,34 @@ after it), selected with --only (or BENCH_ONLY):
          dcrouter action = http
   https  the same, terminating TLS (a self-signed certificate made with
          openssl); "direct" is the backend serving TLS itself
+  idle   l4's forwarding, holding --idle-conns silent connections
+  smtp   smtp-source to smtp-sink: directly, through HAProxy and nginx
+         forwarding TCP, and through dcrouter's [email] edge with a forward
+         rule (its queue: on disk before the 250, delivered after)
 
-Proxies run one thread / worker each. Each is started from a generated
-config and stopped by its PID (its process group, which this script
-created), never by name.
+Proxies run --workers threads / workers each (default: nproc): HAProxy
+nbthread, nginx worker_processes, dcrouter [dcrouter] workers (left out,
+and said so, when this dcrouter does not know the key). Each is started
+from a generated config and stopped by its PID (its process group, which
+this script created), never by name.
 
 Figures, per target, the median over the rounds:
-  bulk       (l4) MB/s (10^6 bytes/s) in one connection: curl downloads a
-             1 GiB file again and again over one kept-alive connection for
-             --duration seconds
-  cps        (l4) short connections per second: wrk, --connections in
-             flight, 'Connection: close' on every request of a small file
-  keepalive  (every suite) requests/s over --connections kept-alive
-             connections (wrk)
+  bulk        (l4) MB/s (10^6 bytes/s) in one connection: curl downloads a
+              1 GiB file again and again over one kept-alive connection for
+              --duration seconds
+  cps         (l4) short connections per second: wrk, --connections in
+              flight, 'Connection: close' on every request of a small file
+  keepalive   (l4, http, https) requests/s over --connections kept-alive
+              connections (wrk)
+  handshakes  (https) new TLS handshakes/s, --connections in flight:
+              openssl s_time -new processes (never a resumed session), a
+              GET of the small file on each connection
+  idle        (idle) bytes of RSS per idle connection: RSS growth of the
+              proxy's processes over --idle-conns connections held open
+              (and connected by the proxy to the backend), per connection
+  smtp        (smtp) messages/s accepted (250), smtp-source with
+              --smtp-sessions sessions; and, from the same runs, messages/s
+              until smtp-sink has them all (end to end)
 Also the CPU time the proxy (its whole process group) and the client used
 per unit of work, read from /proc and getrusage.
 """
@@ -40,6 +56,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import errno
+import functools
 import json
 import os
 import re
@@ -50,10 +69,12 @@ import signal
 import socket
 import ssl
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,15 +84,29 @@ NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 SMALL_BODY = b"dcrouter bench: small response\n" * 4  # 128 bytes
 PROXIES = ("haproxy", "nginx", "dcrouter")
 TARGETS = ("direct", *PROXIES)
-METRICS = ("bulk", "cps", "keepalive")
-SUITES = ("l4", "http", "https")
+METRICS = ("bulk", "cps", "keepalive", "handshakes", "idle", "smtp")
+SUITES = ("l4", "http", "https", "idle", "smtp")
 # What each suite measures (of those --metrics selects).
-SUITE_METRICS = {"l4": METRICS, "http": ("keepalive",), "https": ("keepalive",)}
+SUITE_METRICS = {
+    "l4": ("bulk", "cps", "keepalive"),
+    "http": ("keepalive",),
+    "https": ("keepalive", "handshakes"),
+    "idle": ("idle",),
+    "smtp": ("smtp",),
+}
+# Suites whose targets are the proxies only (no "direct").
+PROXY_ONLY_SUITES = ("idle",)
+# Figures that are not work done per CPU-second: no CPU columns.
+NO_CPU_METRICS = ("idle",)
 SUITE_TITLES = {
     "l4": "TCP passthrough (L4)",
     "http": "HTTP reverse proxy, plain",
     "https": "HTTP reverse proxy, TLS-terminating",
+    "idle": "idle TCP connections through an L4 forward route",
+    "smtp": "SMTP, smtp-source to smtp-sink (dcrouter: a forward rule, queued)",
 }
+SMTP_TO = "to@bench.test"
+SMTP_FROM = "bench@client.test"
 # A run during which other work used more than this share of a core is
 # "disturbed": retried (--retries), else kept and counted in the report.
 DISTURBED = 0.2
@@ -113,6 +148,26 @@ class Proc:
             if int(fields[2]) == self.pid:
                 ticks += int(fields[11]) + int(fields[12])
         return ticks / CLK_TCK
+
+    def rss_bytes(self) -> int:
+        """VmRSS summed over every process in this process's group."""
+        total = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+                if int(fields[2]) != self.pid:
+                    continue
+                with open(f"/proc/{entry}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) * 1024
+                            break
+            except (OSError, ValueError, IndexError):
+                continue
+        return total
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -252,6 +307,22 @@ def fetch(port: int, path: str, timeout: float = 5.0, tls: bool = False) -> byte
     return body
 
 
+def tls_info(port: int, timeout: float = 5.0) -> str:
+    """The TLS version and cipher a handshake with `port` negotiates."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw,
+            ctx.wrap_socket(raw, server_hostname="bench.local") as s,
+        ):
+            cipher = s.cipher()
+            return f"{s.version()} {cipher[0] if cipher else '?'}"
+    except OSError as e:
+        return f"no handshake ({e})"
+
+
 # ------------------------------------------------------------------ configs
 
 
@@ -266,6 +337,7 @@ def nginx_backend_conf(
     d: Path,
     ports: list[int],
     workers: int,
+    nofile: int,
     tls_port: int | None = None,
     tls: TlsFiles | None = None,
 ) -> str:
@@ -274,16 +346,22 @@ def nginx_backend_conf(
         # The https suite's "direct": the backend terminating TLS itself.
         listens += f"""
         listen 127.0.0.1:{tls_port} ssl backlog=4096;
+        ssl_protocols TLSv1.2 TLSv1.3;
         ssl_certificate {tls.cert};
         ssl_certificate_key {tls.key};"""
+    # Room for the idle suite's connections (one per idle client, from the
+    # proxy), which send no request: nginx would close them after
+    # client_header_timeout (60 s by default).
     return f"""\
 worker_processes {workers};
+worker_rlimit_nofile {nofile};
 daemon off;
 pid {d}/backend.pid;
 error_log {d}/backend.error.log warn;
-events {{ worker_connections 8192; }}
+events {{ worker_connections {max(8192, nofile - 64)}; }}
 http {{
     access_log off;
+    client_header_timeout 600s;
     sendfile on;
     tcp_nopush on;
     keepalive_requests 10000000;
@@ -302,14 +380,24 @@ http {{
 """
 
 
-def nginx_proxy_conf(d: Path, port: int, backend: int) -> str:
+def nginx_proxy_conf(
+    d: Path,
+    port: int,
+    backend: int,
+    workers: int,
+    nofile: int | None = None,
+    tag: str = "nginx-proxy",
+) -> str:
+    """nginx stream, forwarding TCP; with `nofile`, each worker may hold
+    that many descriptors (two per proxied connection)."""
+    limits = f"worker_rlimit_nofile {nofile};\n" if nofile else ""
     return f"""\
 load_module {NGINX_STREAM_MODULE};
-worker_processes 1;
-daemon off;
-pid {d}/nginx-proxy.pid;
-error_log {d}/nginx-proxy.error.log warn;
-events {{ worker_connections 8192; }}
+worker_processes {workers};
+{limits}daemon off;
+pid {d}/{tag}.pid;
+error_log {d}/{tag}.error.log warn;
+events {{ worker_connections {nofile - 64 if nofile else 8192}; }}
 stream {{
     server {{
         listen 127.0.0.1:{port} backlog=4096;
@@ -319,18 +407,20 @@ stream {{
 """
 
 
-def haproxy_conf(port: int, backend: int, splice: bool) -> str:
+def haproxy_conf(
+    port: int, backend: int, splice: bool, workers: int, maxconn: int = 4096, idle: str = "120s"
+) -> str:
     extra = "    option splice-auto\n" if splice else ""
     return f"""\
 global
-    nbthread 1
-    maxconn 4096
+    nbthread {workers}
+    maxconn {maxconn}
 
 defaults
     mode tcp
     timeout connect 5s
-    timeout client 120s
-    timeout server 120s
+    timeout client {idle}
+    timeout server {idle}
 {extra}
 listen bench
     bind 127.0.0.1:{port}
@@ -341,12 +431,12 @@ listen bench
 # The headers a reverse proxy usually adds: dcrouter always writes
 # X-Forwarded-For/-Proto/-Host, X-Real-IP and Forwarded, so HAProxy and nginx
 # are given the common three rather than none.
-def haproxy_http_conf(port: int, backend: int, tls: TlsFiles | None) -> str:
+def haproxy_http_conf(port: int, backend: int, tls: TlsFiles | None, workers: int) -> str:
     ssl_bind = f" ssl crt {tls.pem}" if tls else ""
     proto = "https" if tls else "http"
     return f"""\
 global
-    nbthread 1
+    nbthread {workers}
     maxconn 4096
 
 defaults
@@ -368,17 +458,22 @@ listen bench
 """
 
 
-def nginx_http_proxy_conf(d: Path, port: int, backend: int, tls: TlsFiles | None) -> str:
+def nginx_http_proxy_conf(
+    d: Path, port: int, backend: int, tls: TlsFiles | None, workers: int
+) -> str:
     name = "nginx-https" if tls else "nginx-http"
+    # nginx 1.22 leaves TLS 1.3 out of its default ssl_protocols; HAProxy
+    # and dcrouter offer it: the same protocol for all.
     ssl_lines = (
         f"""
+        ssl_protocols TLSv1.2 TLSv1.3;
         ssl_certificate {tls.cert};
         ssl_certificate_key {tls.key};"""
         if tls
         else ""
     )
     return f"""\
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {d}/{name}.pid;
 error_log {d}/{name}.error.log warn;
@@ -414,12 +509,20 @@ http {{
 """
 
 
-def dcrouter_http_ini(d: Path, port: int, backend: int, tls: TlsFiles | None) -> str:
+def dcrouter_workers_line(workers: int | None) -> str:
+    """`workers = N` for [dcrouter], or nothing: None when this dcrouter
+    does not know the key (see dcrouter_workers), and 1 is its default."""
+    return f"workers = {workers}\n" if workers and workers > 1 else ""
+
+
+def dcrouter_http_ini(
+    d: Path, port: int, backend: int, tls: TlsFiles | None, workers: int | None
+) -> str:
     tls_lines = f"tls = terminate\ncert = {tls.cert}\nkey = {tls.key}\n" if tls else ""
     return f"""\
 [dcrouter]
 state_dir = {d}/dcrouter-state
-
+{dcrouter_workers_line(workers)}
 [route:bench]
 ports = {port}
 bind = 127.0.0.1
@@ -449,16 +552,42 @@ def make_cert(d: Path) -> TlsFiles:
     return tls
 
 
-def dcrouter_ini(d: Path, port: int, backend: int) -> str:
+def dcrouter_ini(d: Path, port: int, backend: int, workers: int | None) -> str:
     return f"""\
 [dcrouter]
 state_dir = {d}/dcrouter-state
-
+{dcrouter_workers_line(workers)}
 [route:bench]
 ports = {port}
 bind = 127.0.0.1
 action = forward
 target = 127.0.0.1:{backend}
+"""
+
+
+def dcrouter_smtp_ini(d: Path, port: int, internal: int, sink: int, workers: int | None) -> str:
+    """dcrouter's mail edge: the public port forwards (PROXY v2) to its SMTP
+    server on `internal`, which queues (on disk, fsynced) before its 250;
+    a forward rule for *@bench.test delivers to smtp-sink, no STARTTLS."""
+    return f"""\
+[dcrouter]
+state_dir = {d}/dcrouter-smtp-state
+{dcrouter_workers_line(workers)}
+[defaults]
+bind = 127.0.0.1
+
+[email]
+hostname = mx.bench.test
+ports = {port}
+internal_ports = {internal}
+domains = bench.test
+default_mode = reject
+default_tls = off
+
+[email.rule:*@bench.test]
+mode = forward
+target = 127.0.0.1:{sink}
+tls = off
 """
 
 
@@ -482,6 +611,7 @@ class Sample:
     round: int = 0  # which round (0-based) it belongs to
     steal: float = 0.0  # CPU-s the hypervisor gave to someone else
     wall: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)  # figure-specific, for the JSON
 
 
 def run_client(argv: list[str], timeout: float) -> tuple[str, int, float]:
@@ -595,6 +725,63 @@ def measure_wrk(
     return float(rps.group(1)), float(total.group(1)), cpu, errs
 
 
+S_TIME_CONNS = re.compile(r"^(\d+) connections in [\d.]+s;", re.M)
+S_TIME_BYTES = re.compile(r"(\d+) bytes read per connection")
+
+
+def measure_handshakes(port: int, duration: float, conns: int) -> tuple[float, float, float, str]:
+    """`conns` `openssl s_time -new` processes side by side, each a loop of:
+    a new TCP connection, a full TLS handshake (-new: no session is ever
+    offered for resumption), GET /small.txt (HTTP/1.0), the response read
+    to the server's close. Handshakes/s is the sum over the processes of
+    their connections over their run time (s_time runs whole seconds, and
+    ends up to a second late: each process's own time is measured)."""
+    secs = max(1, round(duration))
+    argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time", str(secs)]
+    argv += ["-www", "/small.txt"]
+    before = child_cpu()
+    runs: list[tuple[subprocess.Popen[bytes], typing.IO[bytes], float]] = []
+    ends: dict[int, float] = {}
+    rate, total, errs = 0.0, 0, set()
+    with contextlib.ExitStack() as files:
+        try:
+            for _ in range(conns):
+                out = files.enter_context(tempfile.TemporaryFile())
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+                runs.append((popen, out, time.monotonic()))
+            hard = time.monotonic() + secs + 30
+            while len(ends) < len(runs) and time.monotonic() < hard:
+                time.sleep(0.01)
+                for i, (popen, _, _) in enumerate(runs):
+                    if i not in ends and popen.poll() is not None:
+                        ends[i] = time.monotonic()
+        finally:
+            for popen, _, _ in runs:  # only stragglers past the deadline
+                if popen.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(popen.pid, signal.SIGKILL)
+                    popen.wait(timeout=5)
+        for i, (popen, result, start) in enumerate(runs):
+            result.seek(0)
+            text = result.read().decode(errors="replace")
+            n, got = S_TIME_CONNS.search(text), S_TIME_BYTES.search(text)
+            if popen.returncode != 0 or not n or i not in ends:
+                last = [line for line in text.splitlines() if line.strip(" *")]
+                errs.add(f"s_time exit {popen.returncode}: " + (last[-1][:120] if last else ""))
+            if n and i in ends:
+                total += int(n.group(1))
+                rate += int(n.group(1)) / max(0.001, ends[i] - start)
+                if got and int(got.group(1)) < len(SMALL_BODY):
+                    errs.add(f"only {got.group(1)} bytes read per connection")
+    return rate, float(total), child_cpu() - before, "; ".join(sorted(errs))
+
+
 def dcrouter_source(venv: Path) -> str:
     """Which dcrouter the venv runs: its folder, the commit there (and
     whether dcrouter/ has uncommitted changes), Python and Twisted."""
@@ -645,6 +832,159 @@ def dcrouter_source(venv: Path) -> str:
     return f"{src}{commit}; {runtime}"
 
 
+def dcrouter_workers(venv: Path, d: Path, workers: int) -> tuple[int | None, str]:
+    """What to write as [dcrouter] workers: `workers` if this dcrouter's
+    `checkconfig` takes the key, else None (the key is dropped and dcrouter
+    runs one process); and a line saying which."""
+    if workers <= 1:
+        return None, "dcrouter: 1 process (workers = 1, its default)"
+    checker = venv / "bin" / "dcrouter"
+    if not checker.exists():
+        return workers, f"dcrouter: workers = {workers} (not checked: {checker} not found)"
+    probe = d / "dcrouter-workers-probe.ini"
+    probe.write_text(
+        f"[dcrouter]\nstate_dir = {d}/dcrouter-state\nworkers = {workers}\n\n"
+        "[route:probe]\nports = 9\nbind = 127.0.0.1\naction = forward\ntarget = 127.0.0.1:9\n"
+    )
+    try:
+        done = subprocess.run(
+            [str(checker), "checkconfig", str(probe)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=d,
+        )
+    except subprocess.TimeoutExpired:
+        return workers, f"dcrouter: workers = {workers} (checkconfig timed out; kept)"
+    if done.returncode == 0:
+        return workers, f"dcrouter: workers = {workers}"
+    said = [line for line in (done.stdout + done.stderr).splitlines() if "workers" in line]
+    if said:
+        # "<file>:3: [dcrouter] workers: unknown key (known: ...)": from "["
+        why = said[0][said[0].find("[") :].strip()
+        return None, f"dcrouter: workers unsupported, ran 1 process (checkconfig: {why})"
+    # Rejected for another reason: keep the key; the start will tell.
+    return workers, f"dcrouter: workers = {workers} (checkconfig exit {done.returncode})"
+
+
+# ---------------------------------------------------------------------- smtp
+
+
+def postfix_tool(name: str) -> str | None:
+    """smtp-source / smtp-sink: in /usr/sbin, often not on a user's PATH."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+
+
+SINK_COUNT = re.compile(rb"mesg=(\d+)\r")
+
+
+@dataclass
+class Sink:
+    """An smtp-sink, started with -c: its output is a running counter,
+    `\\rsess=N quit=N mesg=N`, updated as each message's "." arrives."""
+
+    port: int
+    proc: Proc
+
+    def count(self) -> int:
+        try:
+            with open(self.proc.logfile, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 256))
+                found = SINK_COUNT.findall(f.read())
+        except OSError:
+            return 0
+        return int(found[-1]) if found else 0
+
+    def wait_for(self, n: int, timeout: float) -> int:
+        """Poll the counter until it reaches `n`, or has not moved for 10 s,
+        or `timeout`; the last count."""
+        deadline = time.monotonic() + timeout
+        last, moved = -1, time.monotonic()
+        while True:
+            c = self.count()
+            now = time.monotonic()
+            if c != last:
+                last, moved = c, now
+            if c >= n or now >= deadline or now - moved > 10:
+                return c
+            time.sleep(0.01)
+
+
+def start_sink(args: argparse.Namespace, d: Path, procs: Procs, name: str) -> Sink | str:
+    """An smtp-sink on a free port for target `name` (no dump files)."""
+    sink_bin = postfix_tool("smtp-sink")
+    if sink_bin is None:
+        return "smtp-sink not installed (postfix)"
+    port = free_ports(1)[0]
+    # as root it must be told whose privileges to drop to
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    argv = [sink_bin, *user, "-c", f"127.0.0.1:{port}", "1024"]
+    proc = procs.start(f"smtp-sink-{name}", argv, d / f"smtp-sink-{name}.out")
+    if not wait_port(port, proc, 10):
+        tail = proc.tail()
+        proc.stop()
+        return f"smtp-sink did not listen: {tail[-200:]}"
+    return Sink(port, proc)
+
+
+def smtp_source(
+    port: int, messages: int, sessions: int, size: int, timeout: float
+) -> tuple[float, int, str, float]:
+    """smtp-source: `messages` messages of `size` bytes, `sessions` sessions
+    in parallel, a new session per message; (seconds it took, exit status,
+    its output, CPU-s it used). smtp-source stops with an error at the first
+    reply that is not 2xx (or 3xx to DATA): exit 0 means every message was
+    accepted with a 250."""
+    source = postfix_tool("smtp-source") or "smtp-source"
+    argv = [source, "-s", str(sessions), "-m", str(messages), "-l", str(size)]
+    argv += ["-f", SMTP_FROM, "-t", SMTP_TO, f"127.0.0.1:{port}"]
+    start = time.monotonic()
+    out, rc, cpu = run_client(argv, timeout)
+    return time.monotonic() - start, rc, out, cpu
+
+
+def smtp_check(port: int, sink: Sink) -> str | None:
+    """One message through `port` reaches `sink` (within 20 s); else why not."""
+    before = sink.count()
+    _, rc, out, _ = smtp_source(port, 1, 1, 1000, timeout=30)
+    if rc != 0:
+        return f"smtp-source failed (exit {rc}): {out.strip()[-200:]}"
+    got = sink.wait_for(before + 1, 20)
+    if got < before + 1:
+        return "a message sent through it did not reach smtp-sink within 20 s"
+    return None
+
+
+def measure_smtp(
+    port: int, sink: Sink, messages: int, args: argparse.Namespace
+) -> tuple[float, float, float, str, dict[str, float]]:
+    """smtp-source sends `messages`; the figure is messages accepted (250)
+    per second of smtp-source's run. Then the sink's counter is watched
+    until it has them all: messages per second end to end (the same for a
+    TCP proxy; dcrouter queues, and delivers after its 250)."""
+    timeout = args.duration * 10 + 60
+    before = sink.count()
+    start = time.monotonic()
+    took, rc, out, cpu = smtp_source(
+        port, messages, args.smtp_sessions, args.smtp_size, timeout=timeout
+    )
+    notes = []
+    if rc != 0:
+        lines = out.strip().splitlines()
+        notes.append(f"smtp-source exit {rc}: " + (lines[-1][:160] if lines else ""))
+    got = sink.wait_for(before + messages, timeout) - before
+    e2e = time.monotonic() - start
+    if got != messages:
+        notes.append(f"smtp-sink counted {got:,} of {messages:,} messages")
+    if rc != 0:
+        return 0.0, 0.0, cpu, "; ".join(notes), {}
+    extra = {"messages": float(messages), "accept_seconds": took, "sink_seconds": e2e}
+    extra["e2e_rate"] = messages / e2e if got >= messages else 0.0
+    return messages / took, float(messages), cpu, "; ".join(notes), extra
+
+
 # ---------------------------------------------------------------- the bench
 
 
@@ -654,7 +994,134 @@ class Target:
     port: int
     proc: Proc | None  # None for direct
     tls: bool = False  # the client speaks TLS to it (the https suite)
+    tls_version: str = ""  # what a handshake with it negotiates
+    # starts the proxy again, from the same config on the same port
+    relaunch: typing.Callable[[], Proc | str] | None = None
+    sink: Sink | None = None  # smtp: its own smtp-sink, the backend
+    smtp_messages: int = 0  # smtp: messages per run, sized by a first run
     results: dict[str, list[Sample]] = field(default_factory=dict)
+
+
+def launch(
+    args: argparse.Namespace,
+    d: Path,
+    procs: Procs,
+    name: str,
+    suite: str,
+    port: int,
+    backend_port: int,
+    tls: TlsFiles | None,
+) -> Proc | str:
+    """Write `name`'s config for `suite` and start it, listening on `port`
+    and forwarding to `backend_port`; the process, or why it was skipped."""
+    tag = f"{name}-{suite}"  # file names: haproxy-l4.cfg, nginx-https.log, ...
+    if name == "haproxy":
+        if not shutil.which("haproxy"):
+            return "haproxy not installed (make deps-bench)"
+        cfg = d / f"{tag}.cfg"
+        if suite in ("l4", "smtp"):
+            cfg.write_text(haproxy_conf(port, backend_port, args.haproxy_splice, args.workers))
+        elif suite == "idle":
+            # two descriptors per proxied connection; idle for up to 600 s
+            cfg.write_text(
+                haproxy_conf(
+                    port,
+                    backend_port,
+                    args.haproxy_splice,
+                    args.workers,
+                    maxconn=(args.nofile - 64) // 2,
+                    idle="600s",
+                )
+            )
+        else:
+            cfg.write_text(haproxy_http_conf(port, backend_port, tls, args.workers))
+        return procs.start(tag, ["haproxy", "-db", "-f", str(cfg)], d / f"{tag}.log")
+    if name == "nginx":
+        if suite in ("l4", "idle", "smtp") and not os.path.exists(NGINX_STREAM_MODULE):
+            return "nginx's stream module missing (libnginx-mod-stream)"
+        if not shutil.which("nginx"):
+            return "nginx not installed (nginx-light)"
+        cfg = d / f"{tag}.conf"
+        if suite in ("l4", "smtp"):
+            cfg.write_text(nginx_proxy_conf(d, port, backend_port, args.workers, tag=tag))
+        elif suite == "idle":
+            cfg.write_text(
+                nginx_proxy_conf(d, port, backend_port, args.workers, nofile=args.nofile, tag=tag)
+            )
+        else:
+            cfg.write_text(nginx_http_proxy_conf(d, port, backend_port, tls, args.workers))
+        return procs.start(
+            tag,
+            ["nginx", "-p", str(d), "-e", str(d / f"{tag}.error.log"), "-c", str(cfg)],
+            d / f"{tag}.log",
+        )
+    # dcrouter
+    twistd = Path(args.venv) / "bin" / "twistd"
+    if not twistd.exists():
+        return f"{twistd} not found: run `make venv` first"
+    ini = d / f"{tag}.ini"
+    if suite in ("l4", "idle"):
+        ini.write_text(dcrouter_ini(d, port, backend_port, args.dcrouter_workers))
+    elif suite == "smtp":
+        internal = free_ports(1)[0]
+        ini.write_text(dcrouter_smtp_ini(d, port, internal, backend_port, args.dcrouter_workers))
+        (d / "dcrouter-smtp-state").mkdir(exist_ok=True)
+    else:
+        ini.write_text(dcrouter_http_ini(d, port, backend_port, tls, args.dcrouter_workers))
+    (d / "dcrouter-state").mkdir(exist_ok=True)
+    return procs.start(
+        tag,
+        [str(twistd), "-n", "--pidfile=", "dcrouter", "--config", str(ini)],
+        d / f"{tag}.log",
+        cwd=d,
+    )
+
+
+def start_target(
+    args: argparse.Namespace,
+    d: Path,
+    procs: Procs,
+    name: str,
+    suite: str,
+    port: int,
+    backend_port: int,
+    tls: TlsFiles | None,
+    sink: Sink | None = None,
+) -> Proc | str:
+    """launch(), then wait for the port and check that a GET through the
+    proxy returns the backend's small file (smtp: that a message sent
+    through it reaches `sink`); the process, or why not. A
+    dcrouter that refuses `workers` at startup is started again without it
+    (and the report says so)."""
+    for _ in range(2):
+        proc = launch(args, d, procs, name, suite, port, backend_port, tls)
+        if isinstance(proc, str):
+            return proc
+        if wait_port(port, proc, args.start_timeout):
+            break
+        why = "exited" if not proc.alive() else f"did not listen within {args.start_timeout:.0f} s"
+        tail = proc.tail()
+        proc.stop()
+        if name == "dcrouter" and args.dcrouter_workers and "workers" in tail:
+            args.dcrouter_workers = None
+            args.workers_note = "dcrouter: workers unsupported, ran 1 process (refused at startup)"
+            log(f"  {args.workers_note}; starting it again without")
+            continue
+        return f"{name} {why}; last lines of its log:\n" + "\n".join(
+            "      " + line for line in tail.splitlines()
+        )
+    else:
+        return f"{name} did not start"
+    if sink is not None:
+        failed = smtp_check(port, sink)
+        if failed:
+            tail = "\n".join("      " + line for line in proc.tail().splitlines())
+            proc.stop()
+            return f"{name} listens on {port} but {failed}; last lines of its log:\n{tail}"
+    elif fetch(port, "/small.txt", tls=tls is not None) != SMALL_BODY:
+        proc.stop()
+        return f"{name} listens on {port} but a GET through it did not return the small file"
+    return proc
 
 
 def start_proxies(
@@ -678,77 +1145,41 @@ def start_proxies(
         # TIME_WAIT sockets one target's short connections leave behind do
         # not slow the next target's connect() (ephemeral port search).
         backend_port = backend_ports[name]
-        port = ports.get(name, backend_port)
+        sink: Sink | None = None
+        if suite == "smtp":
+            # ... and in smtp, an smtp-sink of its own
+            started = start_sink(args, d, procs, name)
+            if isinstance(started, str):
+                skipped[name] = started
+                continue
+            sink = started
+            if name == "direct":
+                why = smtp_check(sink.port, sink)
+                if why:
+                    sink.proc.stop()
+                    skipped[name] = f"smtp-sink: {why}"
+                    continue
+                targets.append(Target("direct", sink.port, None, sink=sink))
+                continue
+            backend_port = sink.port
         if name == "direct":
+            if suite in PROXY_ONLY_SUITES:
+                continue
             # https: the backend itself terminates TLS on a port of its own
             direct = backend_ports["direct-tls"] if tls else backend_port
             targets.append(Target("direct", direct, None, tls=tls is not None))
             continue
-        tag = f"{name}-{suite}"  # file names: haproxy-l4.cfg, nginx-https.log, ...
-        if name == "haproxy":
-            if not shutil.which("haproxy"):
-                skipped[name] = "haproxy not installed (make deps-bench)"
-                continue
-            cfg = d / f"{tag}.cfg"
-            if suite == "l4":
-                cfg.write_text(haproxy_conf(port, backend_port, args.haproxy_splice))
-            else:
-                cfg.write_text(haproxy_http_conf(port, backend_port, tls))
-            proc = procs.start(tag, ["haproxy", "-db", "-f", str(cfg)], d / f"{tag}.log")
-        elif name == "nginx":
-            if suite == "l4" and not os.path.exists(NGINX_STREAM_MODULE):
-                skipped[name] = "nginx's stream module missing (libnginx-mod-stream)"
-                continue
-            if not shutil.which("nginx"):
-                skipped[name] = "nginx not installed (nginx-light)"
-                continue
-            cfg = d / f"{tag}.conf"
-            if suite == "l4":
-                cfg.write_text(nginx_proxy_conf(d, port, backend_port))
-            else:
-                cfg.write_text(nginx_http_proxy_conf(d, port, backend_port, tls))
-            proc = procs.start(
-                tag,
-                ["nginx", "-p", str(d), "-e", str(d / f"{tag}.error.log"), "-c", str(cfg)],
-                d / f"{tag}.log",
-            )
-        else:  # dcrouter
-            twistd = Path(args.venv) / "bin" / "twistd"
-            if not twistd.exists():
-                skipped[name] = f"{twistd} not found: run `make venv` first"
-                continue
-            ini = d / f"{tag}.ini"
-            if suite == "l4":
-                ini.write_text(dcrouter_ini(d, port, backend_port))
-            else:
-                ini.write_text(dcrouter_http_ini(d, port, backend_port, tls))
-            (d / "dcrouter-state").mkdir(exist_ok=True)
-            proc = procs.start(
-                tag,
-                [str(twistd), "-n", "--pidfile=", "dcrouter", "--config", str(ini)],
-                d / f"{tag}.log",
-                cwd=d,
-            )
-
-        if not wait_port(port, proc, args.start_timeout):
-            why = (
-                "exited"
-                if not proc.alive()
-                else f"did not listen within {args.start_timeout:.0f} s"
-            )
-            skipped[name] = f"{name} {why}; last lines of its log:\n" + "\n".join(
-                "      " + line for line in proc.tail().splitlines()
-            )
-            proc.stop()
+        port = ports[name]
+        again = functools.partial(
+            start_target, args, d, procs, name, suite, port, backend_port, tls, sink
+        )
+        proc = again()
+        if isinstance(proc, str):
+            skipped[name] = proc
+            if sink is not None:
+                sink.proc.stop()
             continue
-        if fetch(port, "/small.txt", tls=tls is not None) != SMALL_BODY:
-            skipped[name] = (
-                f"{name} listens on {port} but a GET through it "
-                "did not return the backend's small file"
-            )
-            proc.stop()
-            continue
-        targets.append(Target(name, port, proc, tls=tls is not None))
+        targets.append(Target(name, port, proc, tls=tls is not None, relaunch=again, sink=sink))
     return targets, skipped
 
 
@@ -772,11 +1203,21 @@ def tcp_time_wait() -> int:
 
 
 def run_metric(metric: str, t: Target, args: argparse.Namespace, backend: Proc) -> Sample:
+    if metric == "idle":
+        return measure_idle(t, args)
+    extra: dict[str, float] = {}
+    if t.sink is not None:
+        backend = t.sink.proc
     cpu0 = t.proc.cpu_seconds() if t.proc else 0.0
     (busy0, steal0), back0 = machine_cpu_seconds(), backend.cpu_seconds()
     wall0 = time.monotonic()
     if metric == "bulk":
         value, work, ccpu, errs = measure_bulk(t.port, args.duration, args.big_mb)
+    elif metric == "handshakes":
+        value, work, ccpu, errs = measure_handshakes(t.port, args.duration, args.connections)
+    elif metric == "smtp":
+        assert t.sink is not None
+        value, work, ccpu, errs, extra = measure_smtp(t.port, t.sink, t.smtp_messages, args)
     else:
         value, work, ccpu, errs = measure_wrk(
             t.port,
@@ -792,7 +1233,193 @@ def run_metric(metric: str, t: Target, args: argparse.Namespace, backend: Proc) 
     # the client: other work on the machine (and this script, a little).
     busy1, steal1 = machine_cpu_seconds()
     other = busy1 - busy0 - (backend.cpu_seconds() - back0) - (pcpu or 0.0) - ccpu
-    return Sample(value, work, ccpu, pcpu, errs, max(0.0, other), steal=steal1 - steal0, wall=wall)
+    return Sample(
+        value,
+        work,
+        ccpu,
+        pcpu,
+        errs,
+        max(0.0, other),
+        steal=steal1 - steal0,
+        wall=wall,
+        extra=extra,
+    )
+
+
+def tcp_established_to(port: int) -> int:
+    """ESTABLISHED IPv4 sockets whose remote port is `port`, from
+    /proc/net/tcp: on 127.0.0.1, the connections that clients (here: one
+    proxy) have open to that port, as the clients see them."""
+    suffix = f":{port:04X}"
+    n = 0
+    with open("/proc/net/tcp") as f:
+        next(f, None)
+        for line in f:
+            fields = line.split(None, 4)
+            if len(fields) > 3 and fields[3] == "01" and fields[2].endswith(suffix):
+                n += 1
+    return n
+
+
+def open_idle(
+    port: int, n: int, upstream: int, up0: int, deadline: float, ahead: int = 32
+) -> tuple[list[socket.socket], str]:
+    """Open `n` TCP connections to 127.0.0.1:`port`, never more than `ahead`
+    beyond those the proxy has connected to `upstream` (counted in
+    /proc/net/tcp, less the `up0` there before): a proxy whose accept queue
+    is short (Twisted listens with a backlog of 50) would otherwise drop
+    SYNs, and the client wait 1, 3, 7 s... to retry. The sockets, and what
+    went wrong if not all opened by `deadline`."""
+    socks: list[socket.socket] = []
+    failures, why = 0, ""
+    up, moved = 0, time.monotonic()
+    try:
+        while len(socks) < n and time.monotonic() < deadline:
+            room = min(ahead - (len(socks) - up), n - len(socks))
+            if room <= 0:
+                if time.monotonic() - moved > 15:
+                    why = f"the proxy stopped at {up:,} backend connections"
+                    break
+                time.sleep(0.005)
+                seen = tcp_established_to(upstream) - up0
+                if seen != up:
+                    up, moved = seen, time.monotonic()
+                continue
+            batch: dict[int, socket.socket] = {}
+            poller = select.poll()
+            for _ in range(room):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setblocking(False)
+                rc = s.connect_ex(("127.0.0.1", port))
+                if rc not in (0, errno.EINPROGRESS):
+                    s.close()
+                    failures += 1
+                    why = os.strerror(rc)
+                    continue
+                batch[s.fileno()] = s
+                poller.register(s, select.POLLOUT)
+            while batch and time.monotonic() < deadline:
+                for fd, _ in poller.poll(100):
+                    s = batch.pop(fd)
+                    poller.unregister(fd)
+                    rc = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if rc:
+                        s.close()
+                        failures += 1
+                        why = os.strerror(rc)
+                    else:
+                        socks.append(s)
+            for s in batch.values():
+                s.close()
+            if failures > 100:
+                break
+            seen = tcp_established_to(upstream) - up0
+            if seen != up:
+                up, moved = seen, time.monotonic()
+    except BaseException:
+        close_idle(socks)
+        raise
+    if len(socks) < n:
+        why = why or "time is up"
+        return socks, f"opened {len(socks):,} of {n:,} ({failures} connects failed; {why})"
+    return socks, ""
+
+
+def listen_overflows() -> int:
+    """TcpExt ListenOverflows (machine-wide): SYNs dropped, accept queue full."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(table.get("ListenOverflows", 0))
+    return 0
+
+
+def close_idle(socks: list[socket.socket]) -> None:
+    """Close with a reset (SO_LINGER 0): no TIME_WAIT left on our side."""
+    linger = struct.pack("ii", 1, 0)
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        s.close()
+    socks.clear()
+
+
+def wait_upstream(upstream: int, cond: typing.Callable[[int], bool], timeout: float) -> int:
+    """Poll tcp_established_to(upstream) until `cond` holds, or it has not
+    moved for 5 s, or `timeout`."""
+    deadline = time.monotonic() + timeout
+    last, moved = -1, time.monotonic()
+    while True:
+        n = tcp_established_to(upstream)
+        now = time.monotonic()
+        if n != last:
+            last, moved = n, now
+        if cond(n) or now >= deadline or now - moved > 5:
+            return n
+        time.sleep(0.1)
+
+
+def measure_idle(t: Target, args: argparse.Namespace) -> Sample:
+    """Memory per idle connection: the proxy is started afresh (so that no
+    earlier round's freed memory is reused), 100 connections are opened
+    and closed through it (first-use allocations), then its RSS (all its
+    processes) is read; `args.idle_n` connections are opened through it and
+    left silent; once the proxy has opened as many connections to the
+    backend (counted in /proc/net/tcp) and a second has passed, its RSS is
+    read again. The figure: the growth over the connections open."""
+    backend_port = args.backend_ports[t.name]
+    if t.proc is not None and t.relaunch is not None:
+        t.proc.stop()
+        again = t.relaunch()
+        if isinstance(again, str):
+            return Sample(0.0, 0.0, 0.0, None, f"restart failed: {again.splitlines()[0]}")
+        t.proc = again
+    proc = t.proc
+    assert proc is not None
+    # the start's check (a GET) may still hold a backend connection
+    up0 = wait_upstream(backend_port, lambda n: n == 0, 10)
+    wall0 = time.monotonic()
+    deadline = wall0 + 300
+    socks, _ = open_idle(t.port, 100, backend_port, up0, deadline)
+    close_idle(socks)
+    up0 = wait_upstream(backend_port, lambda n: n <= up0, 30)
+    time.sleep(0.5)
+    rss0 = proc.rss_bytes()
+    drops0, t0 = listen_overflows(), time.monotonic()
+    socks, errs = open_idle(t.port, args.idle_n, backend_port, up0, deadline)
+    try:
+        opened, took = len(socks), time.monotonic() - t0
+        wait_upstream(backend_port, lambda n: n - up0 >= opened, 30)
+        time.sleep(1.0)
+        rss1 = proc.rss_bytes()
+        up = tcp_established_to(backend_port) - up0
+    finally:
+        close_idle(socks)
+    drops = listen_overflows() - drops0
+    wait_upstream(backend_port, lambda n: n <= up0, 30)
+    counted = min(opened, up)
+    notes = [errs] if errs else []
+    if up < opened:
+        notes.append(f"the proxy had {up:,} backend connections for {opened:,} client ones")
+    if not proc.alive():
+        notes.append("the proxy exited")
+    value = (rss1 - rss0) / counted if counted else 0.0
+    extra = {"connections": float(opened), "upstream": float(up), "open_seconds": took}
+    extra |= {"rss_before": float(rss0), "rss_after": float(rss1), "listen_overflows": drops}
+    return Sample(
+        value,
+        float(counted),
+        0.0,
+        None,
+        "; ".join(notes),
+        wall=time.monotonic() - wall0,
+        extra=extra,
+    )
 
 
 def fmt_value(metric: str, v: float) -> str:
@@ -804,6 +1431,12 @@ def report_header(args: argparse.Namespace) -> None:
     print(f"dcrouter bench: {args.rounds} round(s) x {args.duration:g} s per figure, median shown")
     print("vs haproxy: median over rounds of figure / HAProxy's figure in the same round")
     print("CPU eff.: HAProxy's CPU per unit of work / this proxy's (1.00 = as frugal)")
+    print(
+        f"workers: {args.workers} (HAProxy nbthread {args.workers}, nginx worker_processes "
+        f"{args.workers}, dcrouter workers = {args.dcrouter_workers or 1})"
+    )
+    if args.workers_note:
+        print(args.workers_note)
     print(f"(CPUs {args.busy:.0%} busy with other work before the start)")
 
 
@@ -816,13 +1449,36 @@ def report(
     wanted: list[str],
 ) -> dict[str, object]:
     """Print one suite's tables; its results, for the JSON."""
-    units = {"bulk": "MB/s", "cps": "conn/s", "keepalive": "req/s"}
+    units = {
+        "bulk": "MB/s",
+        "cps": "conn/s",
+        "keepalive": "req/s",
+        "handshakes": "hs/s",
+        "idle": "B/conn",
+        "smtp": "msg/s",
+        "smtp_e2e": "msg/s",
+    }
     titles = {
         "bulk": "bulk, 1 connection",
         "cps": f"short connections, {args.connections} in flight",
         "keepalive": f"keep-alive requests, {args.connections} conns",
+        "handshakes": f"new TLS handshakes, {args.connections} in flight",
+        "idle": f"memory per idle connection, {args.idle_n:,} connections, RSS growth",
+        "smtp": f"messages accepted (250), {args.smtp_sessions} sessions, {args.smtp_size:,} B, "
+        "a session per message",
+        "smtp_e2e": "the same runs end to end: messages at smtp-sink per second",
     }
-    per = {"bulk": ("GB", 1.0), "cps": ("10k conn", 1e4), "keepalive": ("10k req", 1e4)}
+    per = {
+        "bulk": ("GB", 1.0),
+        "cps": ("10k conn", 1e4),
+        "keepalive": ("10k req", 1e4),
+        "handshakes": ("10k hs", 1e4),
+        "idle": ("conn", 1.0),
+        "smtp": ("10k msg", 1e4),
+        "smtp_e2e": ("10k msg", 1e4),
+    }
+    if suite == "smtp" and "smtp" in metrics:
+        metrics = [*metrics, "smtp_e2e"]  # derived from the smtp runs
     by_name = {t.name: t for t in targets}
     medians: dict[str, dict[str, float]] = {}
     for t in targets:
@@ -853,16 +1509,28 @@ def report(
     print(f"== {suite}: {SUITE_TITLES[suite]} ==")
     if suite == "https":
         print("(direct: the backend nginx terminating TLS itself)")
+        for t in targets:
+            print(f"  {t.name}: {t.tls_version}")
+    if suite == "smtp":
+        print("(direct: smtp-source to smtp-sink; HAProxy and nginx forward TCP to it; dcrouter")
+        print(" accepts, queues on disk (fsync), answers 250, then delivers by its forward rule)")
     for m in metrics:
         unit, scale = per[m]
         print()
         print(f"{suite} {titles[m]} ({units[m]})")
+        if m == "idle":
+            print(
+                "  (lower is better; vs haproxy > 1: more memory per connection than HAProxy."
+                " User-space RSS only: the kernel's socket memory is the same for all)"
+            )
         print(
             f"  {'target':<10} {units[m]:>12} {'vs haproxy':>10} "
             f"{'spread':>15} {'proxy CPU-s/' + unit:>18} {'CPU eff.':>8} "
             f"{'client CPU-s/' + unit:>19}"
         )
         for name in wanted:
+            if name == "direct" and suite in PROXY_ONLY_SUITES:
+                continue
             found = by_name.get(name)
             if found is None:
                 msg = "skipped" if name in skipped else "-"
@@ -889,11 +1557,37 @@ def report(
                 else f"{sum(s.proxy_cpu or 0 for s in samples) / work * scale:.3f}"
             )
             ccpu = "-" if not work else f"{sum(s.client_cpu for s in samples) / work * scale:.3f}"
+            if m in NO_CPU_METRICS:
+                pcpu = eff = ccpu = "-"
+                eff_v = None
             print(
                 f"  {name:<10} {fmt_value(m, med):>12} {ratio:>10} "
                 f"{spread:>15} {pcpu:>18} {eff:>8} {ccpu:>19}"
             )
             errs = sorted({s.errors for s in samples if s.errors})
+            if m == "idle":
+                x = min(samples, key=lambda s: abs(s.value - med)).extra
+                if x:
+                    errs.append(
+                        f"RSS {x['rss_before'] / 2**20:,.1f} MiB before, "
+                        f"{x['rss_after'] / 2**20:,.1f} MiB with {x['connections']:,.0f} "
+                        f"client and {x['upstream']:,.0f} backend connections open "
+                        f"(opened in {x['open_seconds']:.1f} s; machine-wide listen queue "
+                        f"overflows meanwhile: {x['listen_overflows']:,.0f})"
+                    )
+            if m == "smtp_e2e":
+                x = min(samples, key=lambda s: abs(s.value - med)).extra
+                if x:
+                    lag = x["sink_seconds"] - x["accept_seconds"]
+                    when = (
+                        f"{lag * 1000:,.0f} ms after"
+                        if lag >= 0.01
+                        else "within 10 ms (the polling interval) of"
+                    )
+                    errs.append(
+                        f"smtp-sink had all {x['messages']:,.0f} messages {when} "
+                        f"smtp-source's end ({x['accept_seconds']:.2f} s)"
+                    )
             nd = sum(s.disturbed for s in samples)
             if nd:
                 errs.append(f"{nd} of {len(samples)} runs disturbed by other work")
@@ -912,12 +1606,15 @@ def report(
                 "unit": units[m],
                 "per": unit,
                 "notes": errs,
+                "extra": [s.extra for s in samples],
             }
     if skipped:
         print()
         for name, why in skipped.items():
             print(f"skipped {name} ({suite}): {why}")
     out["skipped"] = skipped
+    if suite == "https":
+        out["tls"] = {t.name: t.tls_version for t in targets}
     return out
 
 
@@ -938,7 +1635,11 @@ def run_suite(
             + (" (TLS)" if t.tls else "")
             + (f" (pid {t.proc.pid})" if t.proc else "")
         )
-    if args.warmup > 0:
+    for t in targets:
+        if t.tls:
+            t.tls_version = tls_info(t.port)
+            log(f"  {t.name:<9} negotiates {t.tls_version}")
+    if args.warmup > 0 and suite in ("l4", "http", "https"):
         for t in targets:
             rps, _, _, errs = measure_wrk(
                 t.port, args.warmup, args.connections, args.threads, close=False, tls=t.tls
@@ -946,8 +1647,25 @@ def run_suite(
             log(f"  warm-up   {t.name:<9} {rps:>10,.0f} req/s" + (f"  ({errs})" if errs else ""))
             time.sleep(0.5)
 
+    if suite == "smtp":
+        # Two first runs of 200 messages on each target (a warm-up too; the
+        # faster counts) size the measured runs to about --duration s each.
+        for t in targets:
+            assert t.sink is not None
+            first, _, _, errs, _ = measure_smtp(t.port, t.sink, 200, args)
+            value, _, _, errs2, _ = measure_smtp(t.port, t.sink, 200, args)
+            value, errs = max(first, value), errs or errs2
+            t.smtp_messages = max(200, min(200_000, round(value * args.duration / 100) * 100))
+            log(
+                f"  sizing    {t.name:<9} {value:>10,.0f} msg/s: {t.smtp_messages:,} messages a run"
+                + (f"  ({errs})" if errs else "")
+            )
+            time.sleep(0.5)
     total = len(targets) * len(metrics) * args.rounds
-    log(f"{total} runs of {args.duration:g} s (~{total * (args.duration + 1.5) / 60:.1f} min)")
+    if suite == "idle":
+        log(f"{total} runs: restart, open and close {args.idle_n:,} connections (< 6 min each)")
+    else:
+        log(f"{total} runs of {args.duration:g} s (~{total * (args.duration + 1.5) / 60:.1f} min)")
     for r in range(args.rounds):
         for m in metrics:
             # rotate the order each round so no target is always first
@@ -978,6 +1696,10 @@ def run_suite(
                     else:
                         log("    something else used the CPUs meanwhile; kept, marked")
                 t.results.setdefault(m, []).append(s)
+                if m == "smtp":
+                    # the same runs, counted at the sink
+                    e2e = dataclasses.replace(s, value=s.extra.get("e2e_rate", 0.0))
+                    t.results.setdefault("smtp_e2e", []).append(e2e)
 
 
 def main() -> int:
@@ -1007,7 +1729,7 @@ def main() -> int:
         "--metrics",
         default=os.environ.get("BENCH_METRICS", ",".join(METRICS)),
         help="comma list of " + ",".join(METRICS) + " (bulk and cps are l4 only; "
-        "the http and https suites measure keepalive)",
+        "the http and https suites measure keepalive, https also handshakes)",
     )
     p.add_argument(
         "--warmup",
@@ -1022,6 +1744,34 @@ def main() -> int:
         default=1024,
         help="size of the bulk file in MiB (default 1024); it is "
         "fetched repeatedly in one connection",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("BENCH_WORKERS", 0)) or len(os.sched_getaffinity(0)),
+        help="threads / worker processes of every proxy: HAProxy nbthread, nginx "
+        "worker_processes, dcrouter [dcrouter] workers (dropped, with a note, if this "
+        "dcrouter does not know the key) (default: the CPUs this process may use, nproc)",
+    )
+    p.add_argument(
+        "--idle-conns",
+        type=int,
+        default=int(os.environ.get("BENCH_IDLE_CONNS", 10000)),
+        help="idle connections held open through each proxy in the idle suite (default "
+        "10000; fewer, with a note, if the open-files hard limit leaves no room for two "
+        "descriptors per connection in the proxy)",
+    )
+    p.add_argument(
+        "--smtp-sessions",
+        type=int,
+        default=50,
+        help="smtp suite: smtp-source's parallel sessions (-s, default 50)",
+    )
+    p.add_argument(
+        "--smtp-size",
+        type=int,
+        default=10240,
+        help="smtp suite: message size in bytes (smtp-source -l, default 10240)",
     )
     p.add_argument(
         "--backend-workers", type=int, default=1, help="nginx backend worker_processes (default 1)"
@@ -1060,11 +1810,17 @@ def main() -> int:
     ]
     suites = [(suite, ms) for suite, ms in suites if ms]
     if not suites:
-        p.error("nothing to measure: the http and https suites measure only keepalive")
+        p.error("nothing to measure: see --help for which suite measures which metric")
     if args.duration <= 0 or args.duration > 600 or not 1 <= args.rounds <= 20:
         p.error("--duration must be in (0, 600] and --rounds in [1, 20]")
     if not 0 <= args.warmup <= 60:
         p.error("--warmup must be in [0, 60]")
+    if not 1 <= args.workers <= 256:
+        p.error("--workers must be in [1, 256]")
+    if not 100 <= args.idle_conns <= 100_000:
+        p.error("--idle-conns must be in [100, 100000]")
+    if not 1 <= args.smtp_sessions <= 200 or not 100 <= args.smtp_size <= 10_000_000:
+        p.error("--smtp-sessions must be in [1, 200] and --smtp-size in [100, 10000000]")
     all_metrics = {m for _, ms in suites for m in ms}
     names = {suite for suite, _ in suites}
     missing = [
@@ -1077,6 +1833,8 @@ def main() -> int:
         )
         if need and not shutil.which(tool)
     ]
+    if "smtp" in names:
+        missing += [t for t in ("smtp-source", "smtp-sink") if not postfix_tool(t)]
     if missing:
         log(f"missing tools: {', '.join(missing)} (run `make deps-bench`)")
         return 2
@@ -1091,6 +1849,30 @@ def main() -> int:
             "and noisy (ratios measured side by side suffer less)"
         )
 
+    # Descriptors: the idle suite holds --idle-conns sockets here, and each
+    # proxy (which inherits this limit) two per connection. Raise the soft
+    # limit to the hard one (or higher, where allowed).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * args.idle_conns + 1024
+    if hard != resource.RLIM_INFINITY and hard < want:
+        # a higher hard limit needs CAP_SYS_RESOURCE; without it, stay below
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+    cur, top = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = want if top == resource.RLIM_INFINITY else min(want, top)
+    if raised > cur:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, top))
+    args.nofile = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1 << 20)
+    args.idle_n = min(args.idle_conns, (args.nofile - 256) // 2 // 100 * 100)
+    if "idle" in names:
+        log(f"open files limit {args.nofile:,} (was {soft:,}, hard {hard:,})")
+        if args.idle_n < args.idle_conns:
+            log(
+                f"idle: {args.idle_n:,} connections, not {args.idle_conns:,}: the open-files "
+                f"limit ({args.nofile:,}) leaves no more room for two descriptors per "
+                "connection in one proxy process (raise the hard limit to allow more)"
+            )
+
     d = Path(tempfile.mkdtemp(prefix="dcrouter-bench-"))
     d.chmod(0o755)  # nginx's workers run as nobody
     procs = Procs()
@@ -1101,6 +1883,15 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     try:
+        args.dcrouter_workers, args.workers_note = (
+            dcrouter_workers(Path(args.venv), d, args.workers)
+            if "dcrouter" in wanted
+            else (None, "")
+        )
+        log(
+            f"workers: {args.workers} (HAProxy nbthread, nginx worker_processes, "
+            "dcrouter workers)" + (f"; {args.workers_note}" if args.workers_note else "")
+        )
         (d / "tmp").mkdir()
         www = d / "www"
         www.mkdir()
@@ -1120,6 +1911,7 @@ def main() -> int:
 
         tls_files = make_cert(d) if "https" in names else None
         backend_ports = dict(zip(TARGETS, free_ports(len(TARGETS)), strict=True))
+        args.backend_ports = backend_ports
         backend_port = backend_ports["direct"]
         tls_port = free_ports(1)[0] if tls_files else None
         if tls_port is not None:
@@ -1127,7 +1919,9 @@ def main() -> int:
         conf = d / "backend.conf"
         plain_ports = [backend_ports[t] for t in TARGETS]
         conf.write_text(
-            nginx_backend_conf(d, plain_ports, args.backend_workers, tls_port, tls_files)
+            nginx_backend_conf(
+                d, plain_ports, args.backend_workers, args.nofile, tls_port, tls_files
+            )
         )
         backend = procs.start(
             "backend",
@@ -1160,6 +1954,8 @@ def main() -> int:
                 for t in targets:
                     if t.proc:
                         t.proc.stop()
+                    if t.sink:
+                        t.sink.proc.stop()
             done.append((suite, targets, skipped, ms))
 
         report_header(args)
@@ -1173,12 +1969,21 @@ def main() -> int:
             "connections": args.connections,
             "wrk_threads": args.threads,
             "haproxy_splice": args.haproxy_splice,
+            "workers": args.workers,
+            "open_files_limit": args.nofile,
+            "idle_connections": args.idle_n,
+            "smtp_sessions": args.smtp_sessions,
+            "smtp_size": args.smtp_size,
+            "dcrouter_workers": args.dcrouter_workers or 1,
+            "dcrouter_workers_note": args.workers_note,
             "results": results,
             "skipped": skips,
         }
         for suite, targets, skipped, ms in done:
             r = report(suite, targets, skipped, ms, args, wanted)
             results[suite], skips[suite] = r["results"], r["skipped"]
+            if "tls" in r:
+                out["tls"] = r["tls"]
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         return 0

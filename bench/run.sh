@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Proxy benchmark: dcrouter vs HAProxy vs nginx vs direct, in three suites:
+# Proxy benchmark: dcrouter vs HAProxy vs nginx vs direct, in five suites:
 # l4 (TCP passthrough), http (HTTP reverse proxy), https (the same,
-# terminating TLS). See bench/README.md. Options go to bench/bench.py (--help
-# lists them); BENCH_DURATION, BENCH_ROUNDS, BENCH_ONLY (suites and/or
-# targets, e.g. BENCH_ONLY=http,https), BENCH_METRICS, BENCH_WARMUP,
-# BENCH_HAPROXY_SPLICE set the same from the environment.
+# terminating TLS; keep-alive and new handshakes), idle (memory per idle
+# connection), smtp (smtp-source -> smtp-sink, dcrouter with a forward rule).
+# See bench/README.md. Options go to bench/bench.py (--help lists them);
+# BENCH_DURATION, BENCH_ROUNDS, BENCH_ONLY (suites and/or targets, e.g.
+# BENCH_ONLY=http,https), BENCH_METRICS, BENCH_WARMUP, BENCH_WORKERS,
+# BENCH_IDLE_CONNS, BENCH_HAPROXY_SPLICE set the same from the environment.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
@@ -19,6 +21,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 if [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then
     echo "bench: libnginx-mod-stream missing (make deps-bench); nginx will be skipped in l4" >&2
+fi
+if ! command -v smtp-source >/dev/null 2>&1 && [ ! -x /usr/sbin/smtp-source ]; then
+    echo "bench: smtp-source/smtp-sink missing (postfix; make deps-bench): the smtp suite cannot run" >&2
 fi
 if [ ! -x "$repo/.venv/bin/twistd" ]; then
     echo "bench: $repo/.venv/bin/twistd not found (make venv); dcrouter will be skipped" >&2
