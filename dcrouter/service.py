@@ -64,7 +64,7 @@ from dcrouter.proxy.routetable import CompiledRoute, PortTable
 from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
 from dcrouter.workers.pool import WorkerPool
 from dcrouter.workers.reports import WorkerMetrics, mergeStatus
-from dcrouter.workers.sockets import openGroup
+from dcrouter.workers.sockets import LISTEN_BACKLOG, openGroup
 
 log = Logger()
 
@@ -518,8 +518,9 @@ def stopResources(compiled: Optional[CompiledConfig]) -> Deferred[Any]:
 def endpointString(port: int, address: str) -> str:
     """The Twisted endpoint string a listener is made from."""
     if ":" in address:
-        return f"tcp6:port={port}:interface={address.replace(':', chr(92) + ':')}"
-    return f"tcp:port={port}:interface={address}"
+        address = address.replace(":", chr(92) + ":")
+        return f"tcp6:port={port}:interface={address}:backlog={LISTEN_BACKLOG}"
+    return f"tcp:port={port}:interface={address}:backlog={LISTEN_BACKLOG}"
 
 
 @frozen

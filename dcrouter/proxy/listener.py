@@ -218,6 +218,11 @@ class RoutingProtocol(Protocol):
         assert transport is not None
         self.client = transport.getPeer()
         self.server = transport.getHost()
+        # A proxy writes whole messages: Nagle would hold the last segment of
+        # one until the peer's delayed ACK (40 ms), for nothing.
+        setNoDelay = getattr(transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
         self.record = ConnectionRecord(router.reactor.seconds(), self.client, self.table.port)
         router.connections.add(self)
         router.accepted += 1

@@ -21,6 +21,11 @@ import socket
 import struct
 from typing import Optional
 
+#: Connections the kernel may queue for accept() (clamped to
+#: net.core.somaxconn): a burst of new connections must not see SYNs dropped
+#: (Twisted's default is 50).
+LISTEN_BACKLOG = 4096
+
 #: From <asm-generic/socket.h>; Linux 4.5 and later.
 SO_ATTACH_REUSEPORT_CBPF = 51
 
@@ -70,7 +75,7 @@ def attachSteering(sock: socket.socket, workers: int) -> Optional[str]:
     return None
 
 
-def openGroup(port: int, address: str, workers: int, backlog: int = 511) -> tuple[
+def openGroup(port: int, address: str, workers: int, backlog: int = LISTEN_BACKLOG) -> tuple[
     list[socket.socket], Optional[str]
 ]:
     """

@@ -72,8 +72,8 @@ def test_smtp_starttls_serves_the_routes_cert_under_the_tls_policy(tmp_path):
 
 
 def test_endpoint_strings_escape_ipv6():
-    assert endpointString(443, "0.0.0.0") == "tcp:port=443:interface=0.0.0.0"
-    assert endpointString(443, "::1") == "tcp6:port=443:interface=\\:\\:1"
+    assert endpointString(443, "0.0.0.0") == "tcp:port=443:interface=0.0.0.0:backlog=4096"
+    assert endpointString(443, "::1") == "tcp6:port=443:interface=\\:\\:1:backlog=4096"
 
 
 def writeConfig(path, *routes, extra=""):

@@ -97,6 +97,23 @@ def test_hello_split_into_single_bytes_is_routed_by_sni_and_replayed_whole():
     assert not transport.disconnecting
 
 
+def test_client_connections_send_without_delay():
+    """TCP_NODELAY: no reply waits 40 ms for the client's delayed ACK."""
+
+    class TCPTransport(StringTransport):
+        noDelay = False
+
+        def setTcpNoDelay(self, enabled):
+            self.noDelay = enabled
+
+    _, router = makeRouter([route(CaptureAction())])
+    transport = TCPTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 443), peerAddress=IPv4Address("TCP", "192.0.2.7", 5555)
+    )
+    router.factoryFor(443).buildProtocol(None).makeConnection(transport)
+    assert transport.noDelay
+
+
 def test_after_hand_off_the_transport_calls_the_action_directly():
     action = CaptureAction()
     _, router = makeRouter([route(action)])
