@@ -49,6 +49,7 @@ from dcrouter.config.options import RouteOptions
 from dcrouter.config.values import parseChoice
 from dcrouter.interfaces import IRoutedConnection, IStartTLSAction
 from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2
+from dcrouter.proxy.tcp import sendWithoutDelay
 from dcrouter.proxy.tls import ServerTLS, wrapServer
 
 #: Longest command or reply line accepted (RFC 5321 says 512/1000; be lenient).
@@ -130,6 +131,7 @@ class _Backend(Protocol):
         self.capabilities: list[bytes] = []
 
     def connectionMade(self) -> None:
+        sendWithoutDelay(self.transport)
         self.session.backendConnected(self)
 
     def send(self, data: bytes) -> None:

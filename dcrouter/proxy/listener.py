@@ -37,6 +37,7 @@ from dcrouter.proxy.clienthello import ClientHelloReader, MalformedHello, NotTLS
 from dcrouter.proxy.gate import Gate, IPAddress, clientIP
 from dcrouter.proxy.proxyprotocol import ProxyHeaderError, ProxyHeaderReader, proxyHeaderVerdict
 from dcrouter.proxy.routetable import PortTable
+from dcrouter.proxy.tcp import sendWithoutDelay
 from dcrouter.proxy.tls import wrapServer
 
 if TYPE_CHECKING:
@@ -218,11 +219,7 @@ class RoutingProtocol(Protocol):
         assert transport is not None
         self.client = transport.getPeer()
         self.server = transport.getHost()
-        # A proxy writes whole messages: Nagle would hold the last segment of
-        # one until the peer's delayed ACK (40 ms), for nothing.
-        setNoDelay = getattr(transport, "setTcpNoDelay", None)
-        if setNoDelay is not None:
-            setNoDelay(True)
+        sendWithoutDelay(transport)
         self.record = ConnectionRecord(router.reactor.seconds(), self.client, self.table.port)
         router.connections.add(self)
         router.accepted += 1
