@@ -564,6 +564,9 @@ class Exchange(ExchangeBase):
             self.send(LAST_CHUNK)
         self.cancelBodyTimer()
         self.record.emit(self.server.reactor.seconds())
+        # A finished exchange is never told the client is gone; dropping the
+        # callbacks (the relay's) lets reference counting free the request.
+        self.goneCallbacks = []
         self.server.exchangeDone(self, self.keepAlive and self.bodyDone)
 
     def abort(self, reason: str) -> None:

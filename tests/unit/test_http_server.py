@@ -70,6 +70,26 @@ def test_pipelined_requests_are_answered_in_order_one_at_a_time():
     assert not transport.disconnecting
 
 
+def test_a_finished_exchange_is_freed_without_the_cycle_collector():
+    """The action's whenGone callback refers back to the exchange (the relay's
+    does): finishing drops it, so the exchange goes with its last reference."""
+    import gc
+    import weakref
+
+    reactor, protocol, transport, action = serve()
+    protocol.dataReceived(GET % 1)
+    exchange = action.exchanges.pop()
+    exchange.whenGone(lambda reason, exchange=exchange: None)
+    exchange.respond(200, body=b"one")
+    gone = weakref.ref(exchange)
+    gc.disable()
+    try:
+        del exchange
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
 def test_a_head_not_finished_in_time_is_408():
     reactor, protocol, transport, action = serve(settings=HttpSettings(header_timeout=5.0))
     protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: a")
