@@ -15,6 +15,7 @@ request body).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any, Optional
@@ -55,6 +56,10 @@ _READ_AHEAD = 64 * 1024
 
 ACME_CHALLENGE_PATH = b"/.well-known/acme-challenge/"
 
+# What a path needs normalizing for: a percent-escape, a dot-segment (or a
+# segment starting with a dot), an empty segment, NUL.
+_NOT_NORMAL = re.compile(rb"%|/\.|//|\x00")
+
 
 def requestPath(target: bytes) -> str:
     """
@@ -78,6 +83,17 @@ def requestPath(target: bytes) -> str:
             raise HTTPError(400, "request target is not a path")
         slash = rest.find(b"/")
         path = rest[slash:].split(b"?", 1)[0] if slash >= 0 else b"/"
+    if _NOT_NORMAL.search(path) is None:
+        # Nothing to decode, no dot-segment, no empty one: already normal.
+        return path.decode("utf-8", "surrogateescape")
+    return normalizedPath(path)
+
+
+def normalizedPath(path: bytes) -> str:
+    """
+    C{path} (starting with C{/}) with percent-escapes decoded, dot-segments
+    resolved and empty segments dropped; see L{requestPath}.
+    """
     decoded = unquote_to_bytes(path)
     if b"\x00" in decoded:
         raise HTTPError(400, "NUL in the path")

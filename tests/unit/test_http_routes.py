@@ -5,10 +5,12 @@ from __future__ import annotations
 from ipaddress import ip_address, ip_network
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dcrouter.config.model import RouteConfig
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable, domainMatches, hostName
-from dcrouter.http.server import requestPath
+from dcrouter.http.server import normalizedPath, requestPath
 from dcrouter.http.wire import HTTPError
 
 
@@ -108,6 +110,21 @@ def test_requestPath_refuses(target):
     with pytest.raises(HTTPError) as caught:
         requestPath(target)
     assert caught.value.status == 400
+
+
+@given(st.lists(st.sampled_from(["a", "%", "%2e", "%2f", "%00", ".", "..", "", "\x00", "é"]),
+                max_size=8))
+def test_requestPath_is_the_full_normalization(segments):
+    """The fast path for paths with nothing to normalize agrees with the full one."""
+    path = ("/" + "/".join(segments)).encode("utf-8")
+    try:
+        expected = normalizedPath(path)
+    except HTTPError as e:
+        with pytest.raises(HTTPError) as caught:
+            requestPath(path)
+        assert caught.value.status == e.status
+    else:
+        assert requestPath(path) == expected
 
 
 def test_a_long_table_is_indexed_and_matches_as_the_scan_does():
