@@ -179,10 +179,11 @@ class Relay(BackendUser):
 
     def start(self) -> None:
         key = None
-        ip = clientIP(self.exchange.connection.client)
-        if ip is not None:
-            key = ip.packed
-        self.candidates = list(self.pool.candidates(key, self.exchange))
+        if self.pool.usesClientKey:
+            ip = clientIP(self.exchange.connection.client)
+            if ip is not None:
+                key = ip.packed
+        self.candidates = self.pool.candidates(key, self.exchange)
         self.allDown = self.pool.fallback
         if not self.candidates:
             self.fail(503, "no target is available")

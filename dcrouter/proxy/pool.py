@@ -176,6 +176,8 @@ class TargetPool:
             raise ValueError(f"failTimeout must be above 0, not {failTimeout}")
         self.targets: tuple[Target, ...] = tuple(targets)
         self.balance = balance
+        self.usesClientKey = balance == "iphash"
+        """Whether L{candidates} reads its C{clientKey} (only C{iphash} does)."""
         self.name = name
         self.maxFails = maxFails
         self.failTimeout = failTimeout

@@ -203,6 +203,12 @@ def test_ipHashHonoursWeights() -> None:
     assert 2800 < shares[a] < 3200, shares
 
 
+def test_onlyIpHashUsesTheClientKey() -> None:
+    assert [makePool(balance).usesClientKey for balance in BALANCE_CHOICES] == [
+        balance == "iphash" for balance in BALANCE_CHOICES
+    ]
+
+
 def test_ipHashWithoutKeyIsRoundRobin() -> None:
     pool = makePool("iphash", weights=(5, 1, 1))
     assert firsts(pool, 7) == "aabacaa"
