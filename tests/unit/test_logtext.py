@@ -120,3 +120,28 @@ def test_accessRecordsWrittenAsTwistedWrites(monkeypatch: pytest.MonkeyPatch) ->
     assert ours.getvalue() == theirs.getvalue()
     assert len(ours.getvalue().splitlines()) == 4
     assert "[dcrouter.access#info] [::1]:4000 :443 sni=a.example route=r" in ours.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("flags", "ours"),
+    [
+        ({"nodaemon": True}, True),
+        ({"nodaemon": True, "logfile": "-"}, True),
+        ({"nodaemon": True, "logfile": "dcrouter.log"}, False),
+        ({"nodaemon": False}, False),
+        ({"nodaemon": True, "syslog": True}, False),
+        ({"nodaemon": True, "logger": lambda: None}, False),
+    ],
+)
+def test_the_text_observer_replaces_twistds_only_for_standard_output(
+    flags: dict[str, Any], ours: bool
+) -> None:
+    """twistd -n without --logfile/--syslog/--logger logs text to stdout: that, and only that."""
+    from twisted.scripts.twistd import ServerOptions
+
+    from dcrouter.tap import textToStandardOutput
+
+    options = ServerOptions()
+    options.update(flags)
+    assert textToStandardOutput(options) is ours
+    assert textToStandardOutput(None) is False
