@@ -19,6 +19,7 @@ from twisted.python.components import Componentized
 
 from dcrouter.config.errors import ConfigErrors
 from dcrouter.config.model import RouterConfig
+from dcrouter.ops.logtext import textLogObserver
 from dcrouter.service import DcRouter, ProcessRole, checkConfigFile
 
 
@@ -44,21 +45,35 @@ class Options(usage.Options):
             raise SystemExit(1) from None
 
 
-class _JsonLogging(MultiService):
+class _Logging(MultiService):
     """
-    Asks twistd to log JSON lines to standard output.
+    Gives twistd the log observer to use.
 
     twistd uses the L{ILogObserver} component of its application when one is
     set, as documented for .tac files; a plugin reaches the application only
     when its service is attached to it, so this is done here.
     """
 
+    def __init__(self, observer: ILogObserver) -> None:
+        super().__init__()
+        self.observer = observer
+
     def setServiceParent(self, parent: object) -> None:
         if isinstance(parent, Componentized):
-            parent.setComponent(
-                ILogObserver, jsonFileLogObserver(sys.stdout, recordSeparator="")
-            )
+            parent.setComponent(ILogObserver, self.observer)
         super().setServiceParent(parent)
+
+
+def textToStandardOutput(twistdOptions: Optional[usage.Options]) -> bool:
+    """
+    Would twistd log text to standard output (C{--nodaemon} without
+    C{--syslog}, C{--logger} or a C{--logfile} other than C{-})?
+    """
+    if twistdOptions is None:
+        return False
+    if twistdOptions.get("syslog") or twistdOptions.get("logger"):
+        return False
+    return bool(twistdOptions.get("nodaemon")) and twistdOptions.get("logfile") in (None, "-")
 
 
 def makeService(options: Options) -> IService:
@@ -66,8 +81,14 @@ def makeService(options: Options) -> IService:
     assert config is not None
     role = ProcessRole.forWorkers(config.daemon.workerCount())
     router = DcRouter(config, configPath=options["config"], role=role)
-    if config.daemon.log_format != "json":
+    observer: ILogObserver
+    if config.daemon.log_format == "json":
+        observer = jsonFileLogObserver(sys.stdout, recordSeparator="")
+    elif textToStandardOutput(getattr(options, "parent", None)):
+        # The same lines as twistd's own observer, made faster (access records).
+        observer = textLogObserver(sys.stdout)
+    else:
         return router
-    root = _JsonLogging()
+    root = _Logging(observer)
     router.setServiceParent(root)
     return root

@@ -2,11 +2,17 @@
 Connections to HTTP backends, kept alive and reused between requests.
 
 A L{BackendPool} holds idle connections per target; a request takes one
-(or a new one) with L{BackendPool.acquire} and gives it back with
-L{BackendPool.release} when its response was complete and both sides agreed
-to keep it alive. An idle connection is closed after C{idleTimeout}, or as
-soon as the backend closes it or sends anything unasked. A connection in
-use belongs to its request alone; tunnels (WebSocket) never come back.
+(or a new one) with L{BackendPool.takeIdle} or L{BackendPool.connect} and
+gives it back with L{BackendPool.release} when its response was complete and
+both sides agreed to keep it alive. An idle connection is closed after
+C{idleTimeout}, or as soon as the backend closes it or sends anything unasked.
+A connection in use belongs to its request alone; tunnels (WebSocket) never
+come back.
+
+Each connection has one delayed call watching its idle time, made when it
+first goes idle and kept while it is reused: when it fires, it closes the
+connection if it has been idle long enough, else waits for the rest. So a
+request over a pooled connection sets and cancels no timer.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class BackendConnection(Protocol):
         self.target = target
         self.user: Optional[BackendUser] = None
         self.idleTimer: Optional[IDelayedCall] = None
+        self.idleSince: Optional[float] = None  # when it was released; None in use
         self.ready: Optional[Deferred[BackendConnection]] = ready
 
     def connectionMade(self) -> None:
@@ -147,9 +154,7 @@ class BackendPool:
         idle = self.idle.get(target)
         while idle:
             connection = idle.pop()
-            if connection.idleTimer is not None and connection.idleTimer.active():
-                connection.idleTimer.cancel()
-            connection.idleTimer = None
+            connection.idleSince = None
             transport: Any = connection.transport
             if transport is not None and not transport.disconnecting:
                 return connection
@@ -193,15 +198,27 @@ class BackendPool:
             connection.close()
             return
         idle.append(connection)
-        connection.idleTimer = self.reactor.callLater(self.idleTimeout, self._expire, connection)
+        connection.idleSince = self.reactor.seconds()
+        if connection.idleTimer is None:
+            connection.idleTimer = self.reactor.callLater(
+                self.idleTimeout, self._checkIdle, connection
+            )
 
-    def _expire(self, connection: BackendConnection) -> None:
+    def _checkIdle(self, connection: BackendConnection) -> None:
+        """Close C{connection} if idle for C{idleTimeout}; else look again then."""
         connection.idleTimer = None
+        if connection.idleSince is None:
+            return  # in use; released again, it is watched again
+        left = connection.idleSince + self.idleTimeout - self.reactor.seconds()
+        if left > 0:
+            connection.idleTimer = self.reactor.callLater(left, self._checkIdle, connection)
+            return
         self.discard(connection)
         connection.close()
 
     def discard(self, connection: BackendConnection) -> None:
         """Forget C{connection} (closed, or no longer reusable)."""
+        connection.idleSince = None
         idle = self.idle.get(connection.target)
         if idle and connection in idle:
             idle.remove(connection)

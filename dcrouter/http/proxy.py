@@ -32,6 +32,7 @@ from zope.interface import implementer
 from dcrouter.config.model import HostPort
 from dcrouter.http.backend import BackendConnection, BackendPool, BackendUser
 from dcrouter.http.wire import (
+    HOP_BY_HOP,
     LAST_CHUNK,
     BodyFraming,
     BodyReader,
@@ -53,6 +54,11 @@ _FORWARDING = frozenset(
     (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip", b"forwarded")
 )
 _FRAMING = frozenset((b"content-length", b"transfer-encoding"))
+# What is dropped from the client's headers in one pass: dcrouter sets these.
+_NOT_FORWARDED = HOP_BY_HOP | _FRAMING | _FORWARDING
+_NOT_FORWARDED_NOR_HOST = _NOT_FORWARDED | {b"host"}
+# What is dropped from a response with a body: dcrouter frames it.
+_NOT_RELAYED = HOP_BY_HOP | _FRAMING
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
 
@@ -73,25 +79,28 @@ class ProxyRoute:
     hostHeader: Optional[bytes] = None
 
 
-def forwardedHeaders(exchange: IHTTPExchange) -> list[tuple[bytes, bytes]]:
-    """The request's end-to-end headers with dcrouter's forwarding headers."""
+def forwardedHeaders(exchange: IHTTPExchange, host: bool = True) -> list[tuple[bytes, bytes]]:
+    """
+    The request's end-to-end headers, without framing ones (and without
+    C{Host} if not C{host}), with dcrouter's forwarding headers.
+    """
     request = exchange.request
-    headers = [
-        (name, value)
-        for name, value in endToEndHeaders(request.headers, request.connectionTokens, _FORWARDING)
-        if name.lower() not in _FRAMING
-    ]
+    headers = endToEndHeaders(
+        request.headers,
+        request.connectionTokens,
+        _FORWARDING,
+        _NOT_FORWARDED if host else _NOT_FORWARDED_NOR_HOST,
+    )
     client = exchange.connection.client
     address = getattr(client, "host", None) or formatAddress(client)
     ip = address.encode("ascii", "replace")
     scheme = exchange.scheme.encode("ascii")
     kept: dict[bytes, bytes] = {}
     if exchange.trustedClient:
-        for name, _ in headers:
+        for name, _ in request.headers:
             lower = name.lower()
             if lower in _FORWARDING and lower not in kept:
                 kept[lower] = b", ".join(request.getAll(lower))
-    headers = [(name, value) for name, value in headers if name.lower() not in _FORWARDING]
     forwardedFor = kept.get(b"x-forwarded-for")
     headers.append((b"X-Forwarded-For", forwardedFor + b", " + ip if forwardedFor else ip))
     headers.append((b"X-Forwarded-Proto", kept.get(b"x-forwarded-proto", scheme)))
@@ -170,10 +179,11 @@ class Relay(BackendUser):
 
     def start(self) -> None:
         key = None
-        ip = clientIP(self.exchange.connection.client)
-        if ip is not None:
-            key = ip.packed
-        self.candidates = list(self.pool.candidates(key, self.exchange))
+        if self.pool.usesClientKey:
+            ip = clientIP(self.exchange.connection.client)
+            if ip is not None:
+                key = ip.packed
+        self.candidates = self.pool.candidates(key, self.exchange)
         self.allDown = self.pool.fallback
         if not self.candidates:
             self.fail(503, "no target is available")
@@ -234,11 +244,10 @@ class Relay(BackendUser):
 
     def sendHead(self) -> None:
         request = self.request
-        headers = forwardedHeaders(self.exchange)
+        headers = forwardedHeaders(self.exchange, host=False)
         # The Host the request was routed by, also for an absolute-form
         # target (whose authority overrides the client's Host header).
         host = self.route.hostHeader if self.route.hostHeader is not None else request.host
-        headers = [(n, v) for n, v in headers if n.lower() != b"host"]
         if host:
             headers.insert(0, (b"Host", host))
         kind = request.body.kind
@@ -331,10 +340,11 @@ class Relay(BackendUser):
         if head.status == 101:
             self.startTunnel(head)
             return
-        headers = self.responseHeaders(head)
         framing = head.body
-        if framing.kind != "none":
-            headers = [(n, v) for n, v in headers if n.lower() not in _FRAMING]
+        headers = endToEndHeaders(
+            head.headers, head.connectionTokens,
+            drop=HOP_BY_HOP if framing.kind == "none" else _NOT_RELAYED,
+        )
         self.reader = bodyReader(framing)
         self.exchange.startResponse(head.status, head.reason, headers, framing)
         backend = self.backend

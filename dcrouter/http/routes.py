@@ -4,8 +4,9 @@ Which HTTP route serves a request: Host, path, method, headers, client.
 Order, as for connections: C{priority} (higher first), then the Host
 (exact name > longer wildcard > any), then the path (longer prefix or glob
 first), then routes with more conditions (method, each header, client
-address), then the order routes were written in. Matching is a scan of a short pre-sorted list; each
-entry checks its cheapest condition first.
+address), then the order routes were written in. Matching is a scan of a
+pre-sorted list; each entry checks its cheapest condition first, and in a
+long list a L{NameIndex} picks out the entries the Host can match.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from attrs import frozen
 
 from dcrouter.config.model import RouteConfig
 from dcrouter.proxy.gate import IPAddress
+from dcrouter.proxy.routetable import SCAN_LIMIT, NameIndex
 
 
 def hostName(host: bytes) -> str:
@@ -152,6 +154,7 @@ class HTTPRouteTable:
 
     routes: tuple[HTTPRoute, ...]
     entries: tuple[_Entry, ...]
+    index: Optional[NameIndex] = None
 
     @classmethod
     def build(cls, routes: Iterable[HTTPRoute]) -> HTTPRouteTable:
@@ -161,7 +164,8 @@ class HTTPRouteTable:
             (entry for order, route in enumerate(routes) for entry in _entries(route, order)),
             key=lambda entry: entry.rank,
         )
-        return cls(routes, tuple(entries))
+        index = NameIndex(entries) if len(entries) > SCAN_LIMIT else None
+        return cls(routes, tuple(entries), index)
 
     def match(
         self,
@@ -178,7 +182,14 @@ class HTTPRouteTable:
         @param path: the request path, without the query.
         @param headers: anything with C{getAll(lowercase name) -> [bytes]}.
         """
-        for entry in self.entries:
-            if entry.matches(host, path, method, headers, client):
-                return entry.route
+        entries = self.entries
+        if self.index is None:
+            for entry in entries:
+                if entry.matches(host, path, method, headers, client):
+                    return entry.route
+        else:
+            for position in self.index.positions(host):
+                entry = entries[position]
+                if entry.matches(host, path, method, headers, client):
+                    return entry.route
         return None

@@ -15,6 +15,7 @@ request body).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any, Optional
@@ -55,6 +56,10 @@ _READ_AHEAD = 64 * 1024
 
 ACME_CHALLENGE_PATH = b"/.well-known/acme-challenge/"
 
+# What a path needs normalizing for: a percent-escape, a dot-segment (or a
+# segment starting with a dot), an empty segment, NUL.
+_NOT_NORMAL = re.compile(rb"%|/\.|//|\x00")
+
 
 def requestPath(target: bytes) -> str:
     """
@@ -78,6 +83,17 @@ def requestPath(target: bytes) -> str:
             raise HTTPError(400, "request target is not a path")
         slash = rest.find(b"/")
         path = rest[slash:].split(b"?", 1)[0] if slash >= 0 else b"/"
+    if _NOT_NORMAL.search(path) is None:
+        # Nothing to decode, no dot-segment, no empty one: already normal.
+        return path.decode("utf-8", "surrogateescape")
+    return normalizedPath(path)
+
+
+def normalizedPath(path: bytes) -> str:
+    """
+    C{path} (starting with C{/}) with percent-escapes decoded, dot-segments
+    resolved and empty segments dropped; see L{requestPath}.
+    """
     decoded = unquote_to_bytes(path)
     if b"\x00" in decoded:
         raise HTTPError(400, "NUL in the path")
@@ -157,6 +173,8 @@ class HTTPServerProtocol(Protocol):
         self.heldSize = 0
         self.paused = False
         self.timer: Optional[IDelayedCall] = None
+        self.deadline: Optional[float] = None
+        self.expired: Callable[[], None] = self.headTimedOut
         self.tunnel: Optional[IProtocol] = None
         self.draining = False
         self.requests = 0
@@ -172,20 +190,48 @@ class HTTPServerProtocol(Protocol):
             maxHeaders=settings.max_headers,
         )
 
-    # Timers
+    # Timers: one deadline at a time (the head's, or the keep-alive wait's),
+    # watched by one delayed call. Clearing the deadline when a head is in,
+    # or moving it later, leaves that call be: it re-arms for the rest when
+    # it fires early. So a keep-alive request sets and cancels no timer.
 
-    def setTimer(self, seconds: float, expired: Any) -> None:
-        self.cancelTimer()
-        self.timer = self.reactor.callLater(seconds, expired)
+    def setTimer(self, seconds: float, expired: Callable[[], None]) -> None:
+        """Call C{expired} in C{seconds}, instead of any deadline before."""
+        deadline = self.reactor.seconds() + seconds
+        self.deadline = deadline
+        self.expired = expired
+        timer = self.timer
+        if timer is not None:
+            if timer.getTime() <= deadline:
+                return
+            timer.cancel()
+        self.timer = self.reactor.callLater(seconds, self.checkDeadline)
+
+    def clearDeadline(self) -> None:
+        """No deadline for now; the call watching for it stays, to be reused."""
+        self.deadline = None
 
     def cancelTimer(self) -> None:
+        """No deadline and no call (the connection is closing)."""
+        self.deadline = None
         if self.timer is not None:
             if self.timer.active():
                 self.timer.cancel()
             self.timer = None
 
-    def headTimedOut(self) -> None:
+    def checkDeadline(self) -> None:
         self.timer = None
+        deadline = self.deadline
+        if deadline is None:
+            return
+        now = self.reactor.seconds()
+        if now < deadline:
+            self.timer = self.reactor.callLater(deadline - now, self.checkDeadline)
+            return
+        self.deadline = None
+        self.expired()
+
+    def headTimedOut(self) -> None:
         if self.headStarted:
             self.sendError(408, "request head not complete in time")
         else:
@@ -224,18 +270,21 @@ class HTTPServerProtocol(Protocol):
             self.tunnel.dataReceived(data)
 
     def readHead(self, data: bytes) -> None:
-        if not self.headStarted:
-            self.headStarted = True
-            if self.requests:
-                self.setTimer(self.settings.header_timeout, self.headTimedOut)
+        first = not self.headStarted
+        self.headStarted = True
         try:
             head = self.parser.feed(data)
         except HTTPError as e:
             self.sendError(e.status, e.reason)
             return
         if head is not None:
-            self.cancelTimer()
+            self.clearDeadline()
             self.startExchange(head, self.parser.leftover)
+        elif first and self.requests:
+            # The head's time runs from its first byte (the connection's
+            # first head: from the connection's start). A head that comes
+            # whole, as most do, needs no timer of its own.
+            self.setTimer(self.settings.header_timeout, self.headTimedOut)
 
     def startExchange(self, head: RequestHead, rest: bytes) -> None:
         self.requests += 1
@@ -564,6 +613,9 @@ class Exchange(ExchangeBase):
             self.send(LAST_CHUNK)
         self.cancelBodyTimer()
         self.record.emit(self.server.reactor.seconds())
+        # A finished exchange is never told the client is gone; dropping the
+        # callbacks (the relay's) lets reference counting free the request.
+        self.goneCallbacks = []
         self.server.exchangeDone(self, self.keepAlive and self.bodyDone)
 
     def abort(self, reason: str) -> None:

@@ -1081,6 +1081,7 @@ def endToEndHeaders(
     headers: Iterable[tuple[bytes, bytes]],
     connectionTokens: Set[bytes],
     protect: Set[bytes] = frozenset(),
+    drop: frozenset[bytes] = HOP_BY_HOP,
 ) -> list[tuple[bytes, bytes]]:
     """
     The headers a proxy forwards: without the hop-by-hop ones (L{HOP_BY_HOP})
@@ -1092,8 +1093,12 @@ def endToEndHeaders(
     the caller removes and sets those itself. Headers whose name differs from
     a protected or hop-by-hop one only by C{_} for C{-} (C{X_Forwarded_For})
     are dropped too: CGI-style backends read both under one name.
+
+    @param drop: the names (lower-case) always dropped: L{HOP_BY_HOP}, or a
+        superset of it for a caller that drops more names in the same pass.
     """
-    drop = HOP_BY_HOP | (connectionTokens - protect) if connectionTokens else HOP_BY_HOP
+    if connectionTokens:
+        drop = drop | (connectionTokens - protect)
     out = []
     for name, value in headers:
         lname = name.lower()

@@ -56,7 +56,7 @@ from hashlib import blake2b
 from operator import attrgetter
 from typing import Any, Optional
 
-from attrs import define, field, validators
+from attrs import define, field, setters, validators
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -87,13 +87,14 @@ def _mix64(x: int) -> int:
     return x
 
 
-@define(eq=False)
+@define(eq=False, on_setattr=setters.NO_OP)
 class Target:
     """
     One upstream target and its live state.
 
     A target belongs to one pool; the pool changes its state. Compared and
-    hashed by identity.
+    hashed by identity. The weight is validated when the target is made;
+    setting attributes runs no hooks (the pool sets some on every use).
 
     @ivar weight: share of the traffic relative to the others; 0 is never chosen.
     @ivar active: connections or requests in flight (L{TargetPool.acquire}).
@@ -175,6 +176,8 @@ class TargetPool:
             raise ValueError(f"failTimeout must be above 0, not {failTimeout}")
         self.targets: tuple[Target, ...] = tuple(targets)
         self.balance = balance
+        self.usesClientKey = balance == "iphash"
+        """Whether L{candidates} reads its C{clientKey} (only C{iphash} does)."""
         self.name = name
         self.maxFails = maxFails
         self.failTimeout = failTimeout
@@ -330,6 +333,9 @@ class TargetPool:
 
     def _roundRobin(self, clientKey: Optional[bytes]) -> list[Target]:
         """nginx's smooth weighted round robin over the usable targets."""
+        if len(self._usable) == 1:
+            # The pick is the one target, and its current weight stays as is.
+            return self._rotated(0)
         best = -1
         bestWeight = 0
         for index, target in enumerate(self._usable):

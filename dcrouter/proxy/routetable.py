@@ -4,13 +4,14 @@ The compiled route table: which route serves a connection on a port.
 Order, as the design says: C{priority} (higher first), then specificity (an
 exact domain beats a wildcard, a longer wildcard a shorter one, any domain
 beats none), then the order routes were written in. Matching is a scan of a
-short, pre-sorted list per port with set look-ups for exact names; it runs
-once per connection.
+pre-sorted list per port; it runs once per connection. In a long list a
+L{NameIndex} picks out the few entries that can match the name, so a port
+with a thousand domains costs a few dictionary look-ups, not a thousand tries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 from attrs import frozen
@@ -20,6 +21,49 @@ from dcrouter.interfaces import IRouteAction
 from dcrouter.proxy.gate import IPAddress
 
 _EXACT, _WILDCARD, _ANY = 2, 1, 0
+
+# Up to this many entries a plain scan is faster than the index.
+SCAN_LIMIT = 16
+
+
+class NameIndex:
+    """
+    Which entries of a list sorted for matching can match a name.
+
+    Each entry has C{names} (a set of exact names, or C{None}) and C{suffix}
+    (a wildcard's C{.example.com}, or C{None}); one with neither matches any
+    name. Exact names are looked up whole, suffixes at each dot of the name,
+    so the entries returned are exactly those whose name test can pass, in
+    list order.
+    """
+
+    __slots__ = ("anyName", "exact", "suffixes")
+
+    def __init__(self, entries: Sequence[Any]) -> None:
+        self.exact: dict[str, list[int]] = {}
+        self.suffixes: dict[str, list[int]] = {}
+        self.anyName: list[int] = []
+        for position, entry in enumerate(entries):
+            if entry.names is not None:
+                for name in entry.names:
+                    self.exact.setdefault(name, []).append(position)
+            elif entry.suffix is not None:
+                self.suffixes.setdefault(entry.suffix, []).append(position)
+            else:
+                self.anyName.append(position)
+
+    def positions(self, name: Optional[str]) -> list[int]:
+        """The positions of the entries whose name test C{name} can pass, ascending."""
+        found = self.anyName[:]
+        if name is not None:
+            found.extend(self.exact.get(name, ()))
+            suffixes = self.suffixes
+            dot = name.find(".")
+            while dot >= 0:
+                found.extend(suffixes.get(name[dot:], ()))
+                dot = name.find(".", dot + 1)
+            found.sort()
+        return found
 
 
 @frozen(eq=False)
@@ -114,6 +158,7 @@ class PortTable:
     fallback: Optional[CompiledRoute] = None
     needsHello: bool = False
     entries: tuple[_Entry, ...] = ()
+    index: Optional[NameIndex] = None
 
     @classmethod
     def build(
@@ -136,15 +181,23 @@ class PortTable:
             fallback=fallback,
             needsHello=any(route.needsHello for route in routes),
             entries=tuple(entries),
+            index=NameIndex(entries) if len(entries) > SCAN_LIMIT else None,
         )
 
     def match(
         self, serverName: Optional[str], client: Optional[IPAddress], isTLS: bool = False
     ) -> Optional[CompiledRoute]:
         """The route that serves this connection, or the fallback, or C{None}."""
-        for entry in self.entries:
-            if entry.matches(serverName, client, isTLS):
-                return entry.route
+        entries = self.entries
+        if self.index is None:
+            for entry in entries:
+                if entry.matches(serverName, client, isTLS):
+                    return entry.route
+        else:
+            for position in self.index.positions(serverName):
+                entry = entries[position]
+                if entry.matches(serverName, client, isTLS):
+                    return entry.route
         return self.fallback
 
     def explain(self) -> list[str]:

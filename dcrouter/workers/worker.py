@@ -21,16 +21,12 @@ from typing import Any
 
 from twisted.internet.protocol import connectionDone
 from twisted.internet.stdio import StandardIO
-from twisted.logger import (
-    Logger,
-    globalLogBeginner,
-    jsonFileLogObserver,
-    textFileLogObserver,
-)
+from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 from dcrouter.config.errors import ConfigErrors
+from dcrouter.ops.logtext import textLogObserver
 from dcrouter.workers.pool import REPORT_FD, parseListenSpec
 
 log = Logger()
@@ -94,7 +90,7 @@ def main(argv: list[str]) -> int:
     if config.daemon.log_format == "json":
         observer = jsonFileLogObserver(sys.stdout, recordSeparator="")
     else:
-        observer = textFileLogObserver(sys.stdout)
+        observer = textLogObserver(sys.stdout)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     role = ProcessRole(
         "worker", index=args.index, count=args.count, inherited=parseListenSpec(args.listen)

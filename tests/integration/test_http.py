@@ -467,6 +467,24 @@ async def test_a_target_selector_plugin_picks_the_target(tmp_path, monkeypatch):
         await b2.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_iphash_keeps_a_client_on_one_target():
+    """The relay hands iphash the client's address (without it, it is round robin)."""
+    first, b1 = await echoBackend(b"first")
+    second, b2 = await echoBackend(b"second")
+    port = freePort()
+    targets = f"127.0.0.1:{b1.getHost().port}, 127.0.0.1:{b2.getHost().port}"
+    service, _ = await startRouter(httpRoute("hash", port, targets, options={"balance": "iphash"}))
+    try:
+        answers, _ = await ask(port, get() * 4, count=4)
+        names = {json.loads(a[2])["name"] for a in answers}
+        assert len(answers) == 4 and len(names) == 1
+    finally:
+        await service.stopService()
+        await b1.stopListening()
+        await b2.stopListening()
+
+
 def authorization(user, password):
     import base64
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from ipaddress import ip_address, ip_network
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dcrouter.config.model import RouteConfig
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable, domainMatches, hostName
-from dcrouter.http.server import requestPath
+from dcrouter.http.server import normalizedPath, requestPath
 from dcrouter.http.wire import HTTPError
 
 
@@ -108,3 +110,56 @@ def test_requestPath_refuses(target):
     with pytest.raises(HTTPError) as caught:
         requestPath(target)
     assert caught.value.status == 400
+
+
+@given(st.lists(st.sampled_from(["a", "%", "%2e", "%2f", "%00", ".", "..", "", "\x00", "é"]),
+                max_size=8))
+def test_requestPath_is_the_full_normalization(segments):
+    """The fast path for paths with nothing to normalize agrees with the full one."""
+    path = ("/" + "/".join(segments)).encode("utf-8")
+    try:
+        expected = normalizedPath(path)
+    except HTTPError as e:
+        with pytest.raises(HTTPError) as caught:
+            requestPath(path)
+        assert caught.value.status == e.status
+    else:
+        assert requestPath(path) == expected
+
+
+def test_a_long_table_is_indexed_and_matches_as_the_scan_does():
+    """Past SCAN_LIMIT entries the index picks candidates; the answer is the scan's."""
+    import random
+
+    from attrs import evolve
+
+    from dcrouter.proxy.routetable import SCAN_LIMIT
+
+    rng = random.Random(7)
+    labels = ["a", "b", "test", "com", "x-y"]
+
+    def name(depth):
+        return ".".join(rng.choice(labels) for _ in range(depth))
+
+    for _ in range(30):
+        configs = []
+        for number in range(rng.randrange(SCAN_LIMIT + 1, 40)):
+            kind = rng.random()
+            domains = (
+                () if kind < 0.15
+                else (f"*.{name(rng.randrange(1, 3))}",) if kind < 0.45
+                else tuple(name(rng.randrange(1, 4)) for _ in range(rng.randrange(1, 3)))
+            )
+            configs.append(route(
+                f"r{number}", domains=domains, priority=rng.choice([0, 0, 3]),
+                paths=rng.choice([(), ("/api",), ("/a*",)]),
+                methods=rng.choice([(), ("GET",)]),
+            ))
+        indexed = table(*configs)
+        assert indexed.index is not None
+        scanned = evolve(indexed, index=None)
+        for _ in range(200):
+            host = name(rng.randrange(1, 5))
+            path = rng.choice(["/", "/api/x", "/ab"])
+            method = rng.choice(["GET", "POST"])
+            assert match(indexed, host, path, method) == match(scanned, host, path, method)

@@ -70,6 +70,26 @@ def test_pipelined_requests_are_answered_in_order_one_at_a_time():
     assert not transport.disconnecting
 
 
+def test_a_finished_exchange_is_freed_without_the_cycle_collector():
+    """The action's whenGone callback refers back to the exchange (the relay's
+    does): finishing drops it, so the exchange goes with its last reference."""
+    import gc
+    import weakref
+
+    reactor, protocol, transport, action = serve()
+    protocol.dataReceived(GET % 1)
+    exchange = action.exchanges.pop()
+    exchange.whenGone(lambda reason, exchange=exchange: None)
+    exchange.respond(200, body=b"one")
+    gone = weakref.ref(exchange)
+    gc.disable()
+    try:
+        del exchange
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
 def test_a_head_not_finished_in_time_is_408():
     reactor, protocol, transport, action = serve(settings=HttpSettings(header_timeout=5.0))
     protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: a")
@@ -89,6 +109,50 @@ def test_an_idle_keep_alive_connection_is_closed_silently():
     reactor.advance(2)
     assert transport.aborted
     assert protocol.connection.record.ended == "idle keep-alive"
+
+
+def test_keep_alive_requests_reuse_one_timer():
+    """The idle wait's delayed call outlives the requests; it is not made anew."""
+    reactor, protocol, transport, action = serve(settings=HttpSettings(keepalive_timeout=30.0))
+    protocol.dataReceived(GET % 1)
+    action.exchanges[0].respond(204)
+    (timer,) = reactor.getDelayedCalls()
+    for number in range(2, 6):
+        reactor.advance(1)
+        protocol.dataReceived(GET % number)
+        action.exchanges[-1].respond(204)
+        assert reactor.getDelayedCalls() == [timer]
+    assert len(action.exchanges) == 5
+
+
+def test_the_idle_wait_starts_again_after_each_response():
+    reactor, protocol, transport, action = serve(settings=HttpSettings(keepalive_timeout=30.0))
+    protocol.dataReceived(GET % 1)
+    action.exchanges[0].respond(204)
+    reactor.advance(20)
+    protocol.dataReceived(GET % 2)
+    action.exchanges[1].respond(204)
+    reactor.advance(29)
+    assert not transport.aborted
+    reactor.advance(2)
+    assert transport.aborted
+    assert protocol.connection.record.ended == "idle keep-alive"
+
+
+def test_a_next_head_not_finished_in_time_is_408():
+    """On a kept-alive connection the head's time runs from its first byte."""
+    settings = HttpSettings(keepalive_timeout=60.0, header_timeout=5.0)
+    reactor, protocol, transport, action = serve(settings=settings)
+    protocol.dataReceived(GET % 1)
+    action.exchanges[0].respond(204)
+    reactor.advance(10)
+    protocol.dataReceived(b"GET /2 HTTP/1.1\r\nHo")
+    reactor.advance(4.9)
+    protocol.dataReceived(b"st: a")
+    assert b"408" not in transport.value()
+    reactor.advance(0.2)
+    assert b"HTTP/1.1 408 " in transport.value()
+    assert transport.disconnecting
 
 
 def test_a_stalled_body_is_408():

@@ -1365,6 +1365,28 @@ def test_endToEndHeaders() -> None:
     assert endToEndHeaders(head.headers, head.connectionTokens) == [(b"X-Kept", b"2")]
 
 
+def test_endToEndHeadersDropsMoreInOnePass() -> None:
+    """A superset of HOP_BY_HOP as C{drop}: those names go too; tokens and aliases as before."""
+    head = parse(
+        request(
+            b"Host: a",
+            b"Connection: X-Hop",
+            b"Content-Length: 0",
+            b"X-Hop: 1",
+            b"X-Forwarded-For: 6.6.6.6",
+            b"Content_Length: 5",
+            b"Keep_Alive: 1",
+            b"X-Kept: 2",
+        )
+    )
+    drop = HOP_BY_HOP | {b"content-length", b"host"}
+    assert endToEndHeaders(head.headers, head.connectionTokens, drop=drop) == [
+        (b"X-Forwarded-For", b"6.6.6.6"),
+        (b"Content_Length", b"5"),
+        (b"X-Kept", b"2"),
+    ]
+
+
 def test_endToEndUnderscoreAliases() -> None:
     """X_Forwarded_For reads as X-Forwarded-For in CGI-style backends: dropped with the real one."""
     headers = [

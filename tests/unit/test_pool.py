@@ -71,6 +71,24 @@ def test_roundRobinRestFollowsInPoolOrder() -> None:
     assert [names(pool, pool.candidates()) for _ in range(4)] == ["abc", "bca", "cab", "abc"]
 
 
+def test_oneUsableTargetKeepsTheSmoothSequence() -> None:
+    """While one target is usable it is every pick; the others' turns resume after."""
+    pool = makePool(weights=(2, 1))
+    a, b = pool.targets
+    seen = firsts(pool, 1)
+    pool.setActiveState(b, False, "down")
+    seen += firsts(pool, 3)
+    pool.setActiveState(b, True, "up")
+    seen += firsts(pool, 6)
+    assert seen == "a" + "aaa" + "baabaa"
+    assert (a.currentWeight, b.currentWeight) == (-1, 1)
+
+
+def test_targetAttributesSetWithoutHooks() -> None:
+    """The pool sets a target's counters on every use: plain attribute sets."""
+    assert Target.__setattr__ is object.__setattr__
+
+
 def test_weightZeroIsNeverChosen() -> None:
     pool = makePool(weights=(1, 0, 2))
     seen = [names(pool, pool.candidates()) for _ in range(6)]
@@ -183,6 +201,12 @@ def test_ipHashHonoursWeights() -> None:
     shares = Counter(t for t in owners(pool, keys(4000)).values())
     a, b = pool.targets
     assert 2800 < shares[a] < 3200, shares
+
+
+def test_onlyIpHashUsesTheClientKey() -> None:
+    assert [makePool(balance).usesClientKey for balance in BALANCE_CHOICES] == [
+        balance == "iphash" for balance in BALANCE_CHOICES
+    ]
 
 
 def test_ipHashWithoutKeyIsRoundRobin() -> None:

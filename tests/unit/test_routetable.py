@@ -88,3 +88,43 @@ def test_explain_lists_routes_in_match_order():
     t = table(route("any"), route("exact", ["a.example.com"]))
     lines = t.explain()
     assert "[route:exact]" in lines[0] and "[route:any]" in lines[1]
+
+
+def test_a_long_table_is_indexed_and_matches_as_the_scan_does():
+    """Past SCAN_LIMIT entries the index picks candidates; the answer is the scan's."""
+    import random
+
+    from attrs import evolve
+
+    from dcrouter.proxy.routetable import SCAN_LIMIT
+
+    rng = random.Random(5)
+    labels = ["a", "b", "example", "com", "org", "x-y"]
+
+    def name(depth):
+        return ".".join(rng.choice(labels) for _ in range(depth))
+
+    for _ in range(30):
+        routes = []
+        for number in range(rng.randrange(SCAN_LIMIT + 1, 40)):
+            kind = rng.random()
+            domains = (
+                [] if kind < 0.1
+                else [f"*.{name(rng.randrange(1, 3))}"] if kind < 0.4
+                else [name(rng.randrange(1, 4)) for _ in range(rng.randrange(1, 4))]
+            )
+            routes.append(route(
+                f"r{number}", domains, priority=rng.choice([0, 0, 0, 5]),
+                client_ip=["10.0.0.0/8"] if rng.random() < 0.1 else (),
+                tls=rng.choice(["passthrough", "passthrough", None]),
+            ))
+        indexed = table(*routes)
+        assert indexed.index is not None
+        scanned = evolve(indexed, index=None)
+        for _ in range(200):
+            serverName = rng.choice([None, "", name(rng.randrange(1, 5))])
+            client = rng.choice(["10.1.2.3", "192.0.2.1", None])
+            isTLS = rng.random() < 0.8
+            assert matched(indexed, serverName, client, isTLS) == matched(
+                scanned, serverName, client, isTLS
+            )

@@ -1,0 +1,73 @@
+"""Tests for L{dcrouter.http.proxy}'s request headers (the relay runs in tests/integration)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+
+from dcrouter.http.proxy import forwardedHeaders
+from dcrouter.http.wire import RequestHeadParser
+
+
+class Exchange:
+    """What forwardedHeaders reads of an exchange."""
+
+    def __init__(self, head: bytes, trusted: bool = False, scheme: str = "http") -> None:
+        self.request = RequestHeadParser().feed(head)
+        self.trustedClient = trusted
+        self.scheme = scheme
+
+        class Connection:
+            client = IPv4Address("TCP", "192.0.2.7", 4000)
+
+        self.connection: Any = Connection()
+
+
+HEAD = (
+    b"GET / HTTP/1.1\r\n"
+    b"Host: a.test\r\n"
+    b"Connection: keep-alive, X-Gone, X-Forwarded-For\r\n"
+    b"X-Gone: 1\r\n"
+    b"Content-Length: 3\r\n"
+    b"X-Forwarded-For: 6.6.6.6\r\n"
+    b"X_Real_IP: 6.6.6.6\r\n"
+    b"x-forwarded-for: 7.7.7.7\r\n"
+    b"Forwarded: for=6.6.6.6\r\n"
+    b"X-Kept: 2\r\n"
+    b"\r\n"
+)
+OURS = [
+    (b"X-Forwarded-Proto", b"http"),
+    (b"X-Forwarded-Host", b"a.test"),
+    (b"X-Real-IP", b"192.0.2.7"),
+    (b"Forwarded", b'for=192.0.2.7;proto=http;host="a.test"'),
+]
+
+
+def test_forwardedHeadersFromAnUntrustedClient() -> None:
+    """Hop-by-hop, framing and the client's forwarding headers go; dcrouter's are added."""
+    assert forwardedHeaders(Exchange(HEAD)) == [
+        (b"Host", b"a.test"),
+        (b"X-Kept", b"2"),
+        (b"X-Forwarded-For", b"192.0.2.7"),
+        *OURS,
+    ]
+
+
+def test_forwardedHeadersWithoutHost() -> None:
+    assert forwardedHeaders(Exchange(HEAD), host=False) == [
+        (b"X-Kept", b"2"),
+        (b"X-Forwarded-For", b"192.0.2.7"),
+        *OURS,
+    ]
+
+
+def test_forwardedHeadersFromATrustedProxyExtendTheirs() -> None:
+    """Every value of a forwarding header a trusted proxy sent is kept, in order."""
+    headers = forwardedHeaders(Exchange(HEAD, trusted=True), host=False)
+    assert headers[:2] == [
+        (b"X-Kept", b"2"),
+        (b"X-Forwarded-For", b"6.6.6.6, 7.7.7.7, 192.0.2.7"),
+    ]
+    assert headers[-1] == (b"Forwarded", b'for=6.6.6.6, for=192.0.2.7;proto=http;host="a.test"')
