@@ -1,0 +1,305 @@
+"""
+Zero-copy forwarding: splice(2) moves bytes socket -> pipe -> socket.
+
+Once a forwarded connection has nothing left to inspect (both sides are
+plain TCP sockets, the router has checked the client's first bytes, and
+Twisted's write buffers are empty), L{SplicePump} takes the two sockets out
+of Twisted's hands: one pipe per direction, and for each socket one small
+descriptor that the reactor calls when the socket is readable (splice it into
+its pipe, then on to the other socket) or writable (drain the pipe into it).
+The bytes never enter Python.
+
+Flow control is the pipe: when the receiving socket's send buffer is full the
+sending socket is no longer read until the pipe has drained, so a slow reader
+never makes memory grow past one pipe per direction. An end of file on one
+socket is passed on as C{shutdown(SHUT_WR)} of the other once the pipe is
+empty (half-close), and the pump ends when both directions have; an error on
+either socket ends it at once. Its owner then closes both connections through
+their transports, so that everything Twisted does on close still happens.
+
+The pump works on duplicates of the sockets' descriptors: if a transport is
+closed under it (an abort on stop, say), the descriptors the reactor watches
+stay valid until the pump is stopped, and are never confused with a new
+connection that got the old number.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Optional
+
+from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor, IWriteDescriptor
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+def spliceAvailable() -> bool:
+    """Can this system splice between sockets? (Asked per connection.)"""
+    return sys.platform.startswith("linux") and hasattr(os, "splice")
+
+
+#: The size asked for each direction's pipe: the most bytes in flight inside
+#: the router per direction. The kernel may refuse it (pipe-max-size, the
+#: user's pipe-user-pages-soft); the pipe then keeps what it was given.
+PIPE_SIZE = 256 * 1024
+
+_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 0) | getattr(os, "SPLICE_F_MOVE", 0)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", None)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", None)
+
+# One readable event moves at most this many pipefuls before the reactor
+# serves other connections.
+_ROUNDS = 4
+
+
+def _pipe(size: int) -> tuple[int, int, int]:
+    """A non-blocking pipe of (at best) C{size} bytes: read end, write end, size."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    capacity = 65536
+    try:
+        if _F_SETPIPE_SZ is not None:
+            try:
+                fcntl.fcntl(w, _F_SETPIPE_SZ, size)
+            except OSError:
+                pass
+        if _F_GETPIPE_SZ is not None:
+            capacity = fcntl.fcntl(w, _F_GETPIPE_SZ)
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+    return r, w, capacity
+
+
+class _Direction:
+    """One way through the pump: C{src} -> pipe -> C{dst}."""
+
+    __slots__ = ("buffered", "capacity", "done", "dst", "eof", "pipeR", "pipeW", "received", "src")
+
+    def __init__(self, src: _End, dst: _End, pipe: tuple[int, int, int]) -> None:
+        self.src = src
+        self.dst = dst
+        self.pipeR, self.pipeW, self.capacity = pipe
+        #: Bytes in the pipe, not yet written to C{dst}.
+        self.buffered = 0
+        #: Bytes read from C{src} so far.
+        self.received = 0
+        #: C{src} has reached its end of file.
+        self.eof = False
+        #: End of file seen and passed on: C{dst} is shut for writing.
+        self.done = False
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _End:
+    """
+    One socket of the pump, as the reactor sees it.
+
+    Readable: its outgoing direction moves on. Writable: the pipe of its
+    incoming direction, which found its send buffer full, drains into it.
+    """
+
+    __slots__ = ("fd", "incoming", "name", "outgoing", "pump", "reading", "sock", "writing")
+
+    def __init__(self, pump: SplicePump, sock: socket.socket, name: str) -> None:
+        self.pump = pump
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.name = name
+        self.reading = False
+        self.writing = False
+        self.outgoing: _Direction
+        self.incoming: _Direction
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def doRead(self) -> None:
+        self.pump.pull(self.outgoing)
+
+    def doWrite(self) -> None:
+        self.pump.push(self.incoming)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor saw a hang-up or an error (or is shutting down)."""
+        self.pump.fail(self)
+
+    def logPrefix(self) -> str:
+        return f"splice:{self.name}"
+
+
+class SplicePump:
+    """
+    Moves bytes both ways between two connected non-blocking TCP sockets.
+
+    @param ended: called once, when the pump has stopped by itself (it has
+        already given the reactor back the sockets and closed its
+        descriptors): with C{None} when both directions reached their end
+        of file, or with the index (0: C{left}, 1: C{right}) of the socket
+        that failed (reset, broken pipe, ...).
+    @raise OSError: no pipe or descriptor could be had; nothing is left open.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        left: socket.socket,
+        right: socket.socket,
+        ended: Callable[[Optional[int]], None],
+        pipeSize: int = PIPE_SIZE,
+    ) -> None:
+        self.reactor = reactor
+        self.ended = ended
+        self.stopped = False
+        opened: list[socket.socket] = []
+        pipes: list[tuple[int, int, int]] = []
+        try:
+            for sock in (left, right):
+                opened.append(sock.dup())
+            for _ in range(2):
+                pipes.append(_pipe(pipeSize))
+        except BaseException:
+            for sock in opened:
+                sock.close()
+            for r, w, _ in pipes:
+                os.close(r)
+                os.close(w)
+            raise
+        first, second = _End(self, opened[0], "left"), _End(self, opened[1], "right")
+        self.ends = (first, second)
+        forward, backward = _Direction(first, second, pipes[0]), _Direction(second, first, pipes[1])
+        #: C{left} -> C{right} and C{right} -> C{left}.
+        self.directions = (forward, backward)
+        first.outgoing = second.incoming = forward
+        second.outgoing = first.incoming = backward
+
+    @property
+    def received(self) -> tuple[int, int]:
+        """Bytes read so far from C{left} and from C{right}."""
+        forward, backward = self.directions
+        return forward.received, backward.received
+
+    @property
+    def moved(self) -> int:
+        """Bytes read so far, both ways: a change means the connection is not idle."""
+        forward, backward = self.directions
+        return forward.received + backward.received
+
+    def start(self) -> None:
+        """Watch both sockets; bytes already waiting in them are read at once."""
+        for end in self.ends:
+            self.resumeReading(end)
+
+    def pull(self, direction: _Direction) -> None:
+        """C{src} is readable: splice into the pipe, then push it on to C{dst}."""
+        if self.stopped:
+            return
+        src = direction.src
+        for _ in range(_ROUNDS):
+            room = direction.capacity - direction.buffered
+            if room <= 0 or direction.eof:
+                return
+            try:
+                count = os.splice(src.fd, direction.pipeW, room, flags=_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.fail(src)
+                return
+            if count == 0:
+                direction.eof = True
+                self.pauseReading(src)
+                if not direction.buffered:
+                    self.finish(direction)
+                return
+            direction.buffered += count
+            direction.received += count
+            if not self.push(direction) or count < room:
+                return
+
+    def push(self, direction: _Direction) -> bool:
+        """
+        Drain the pipe into C{dst}; C{True} if it is empty and C{src} is read.
+
+        A full C{dst} stops the reading of C{src} and watches C{dst} for
+        writability instead: that is the backpressure.
+        """
+        if self.stopped:
+            return False
+        dst = direction.dst
+        try:
+            while direction.buffered:
+                count = os.splice(direction.pipeR, dst.fd, direction.buffered, flags=_FLAGS)
+                if count <= 0:
+                    break
+                direction.buffered -= count
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.fail(dst)
+            return False
+        if direction.buffered:
+            self.pauseReading(direction.src)
+            if not dst.writing:
+                dst.writing = True
+                self.reactor.addWriter(dst)
+            return False
+        if dst.writing:
+            dst.writing = False
+            self.reactor.removeWriter(dst)
+        if direction.eof:
+            self.finish(direction)
+            return False
+        self.resumeReading(direction.src)
+        return True
+
+    def finish(self, direction: _Direction) -> None:
+        """C{src} ended and everything it sent is out: pass the end of file on."""
+        direction.done = True
+        try:
+            direction.dst.sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                self.fail(direction.dst)
+                return
+        forward, backward = self.directions
+        if forward.done and backward.done:
+            self.stop()
+            self.ended(None)
+
+    def fail(self, end: _End) -> None:
+        """C{end}'s socket failed: stop, and say which one."""
+        if self.stopped:
+            return
+        self.stop()
+        self.ended(self.ends.index(end))
+
+    def resumeReading(self, end: _End) -> None:
+        if not end.reading and not end.outgoing.eof and not self.stopped:
+            end.reading = True
+            self.reactor.addReader(end)
+
+    def pauseReading(self, end: _End) -> None:
+        if end.reading:
+            end.reading = False
+            self.reactor.removeReader(end)
+
+    def stop(self) -> None:
+        """Let go of the sockets and close the pipes; what is in them is dropped."""
+        if self.stopped:
+            return
+        self.stopped = True
+        for end in self.ends:
+            self.pauseReading(end)
+            if end.writing:
+                end.writing = False
+                self.reactor.removeWriter(end)
+            end.sock.close()
+        for direction in self.directions:
+            os.close(direction.pipeR)
+            os.close(direction.pipeW)
