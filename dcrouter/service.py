@@ -162,7 +162,7 @@ def _parseRoute(
             route.sourceOf("action"), section, "action",
         )
         return None
-    options = RouteOptions(route, config.defaults, clock, config.http)
+    options = RouteOptions(route, config.defaults, clock, config.http, config.daemon)
     parsed = action.parseOptions(options)
     guard = None
     if IHTTPAction.providedBy(action):

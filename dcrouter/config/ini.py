@@ -67,7 +67,7 @@ _LIMIT_KEYS = (
     "max_connections_per_ip",
     "connection_rate_per_minute",
 )
-_DAEMON_KEYS = ("state_dir", "log_format", "hello_timeout", "drain_timeout")
+_DAEMON_KEYS = ("state_dir", "log_format", "hello_timeout", "drain_timeout", "splice")
 _DEFAULTS_KEYS = (
     "target",
     "bind",
@@ -429,6 +429,7 @@ class _Loader:
             log_format=keys.get("log_format", _logFormat, default.log_format),
             hello_timeout=keys.get("hello_timeout", _positiveDuration, default.hello_timeout),
             drain_timeout=keys.get("drain_timeout", values.parseDuration, default.drain_timeout),
+            splice=keys.get("splice", values.parseBool, default.splice),
         )
 
     def defaults(self, keys: _Keys) -> Defaults:

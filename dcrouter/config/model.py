@@ -99,12 +99,18 @@ class Limits:
 
 @frozen
 class DaemonSettings:
-    """C{[dcrouter]}: process-wide settings."""
+    """
+    C{[dcrouter]}: process-wide settings.
+
+    @ivar splice: let C{forward} move the bytes of connections it does not
+        inspect with splice(2) (Linux), rather than through Python.
+    """
 
     state_dir: str = "state"
     log_format: LogFormat = "text"
     hello_timeout: float = 10.0
     drain_timeout: float = 30.0
+    splice: bool = True
 
 
 @frozen

@@ -381,7 +381,7 @@ class TestSections:
     @pytest.mark.parametrize(
         ("section", "keys"),
         [
-            ("dcrouter", "state_dir, log_format, hello_timeout, drain_timeout"),
+            ("dcrouter", "state_dir, log_format, hello_timeout, drain_timeout, splice"),
             (
                 "defaults",
                 "target, bind, ip_allow, ip_block, max_connections, max_connections_per_ip, "
@@ -463,6 +463,7 @@ class TestValues:
             ("dcrouter", "hello_timeout", "soon", f"'soon' {NOT_DURATION}"),
             ("dcrouter", "hello_timeout", "0s", "'0s' is not longer than 0"),
             ("dcrouter", "drain_timeout", "-1", f"'-1' {NOT_DURATION}"),
+            ("dcrouter", "splice", "maybe", "'maybe' is not yes or no"),
             ("defaults", "connect_timeout", "0", "'0' is not longer than 0"),
             ("defaults", "idle_timeout", "1 week", f"'1 week' {NOT_DURATION}"),
             ("defaults", "target", "backend", "'backend' has no port (write host:port)"),
@@ -489,6 +490,11 @@ class TestValues:
     def test_drainTimeoutMayBeZero(self, write: Write) -> None:
         path = write(ROUTE + "[dcrouter]\ndrain_timeout = 0\n")
         assert loadConfig(path).daemon.drain_timeout == 0.0
+
+    def test_spliceIsOnUnlessSwitchedOff(self, write: Write) -> None:
+        assert loadConfig(write(ROUTE)).daemon.splice is True
+        path = write(ROUTE + "[dcrouter]\nsplice = no\n")
+        assert loadConfig(path).daemon.splice is False
 
     def test_ciphersContinued(self, write: Write) -> None:
         path = write(ROUTE + "[tls]\nciphers = ECDHE+AESGCM:\n    ECDHE+CHACHA20\n")
