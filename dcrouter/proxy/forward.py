@@ -375,8 +375,10 @@ class ForwardProtocol(Protocol):
         self.clientPaused = False
         client.stopReading()
         out.stopReading()
-        self.unflushed = 2
-        self.flushing = [_WhenFlushed(client, self.flushed), _WhenFlushed(out, self.flushed)]
+        self.flushing = [_WhenFlushed(t, self.flushed) for t in (client, out) if unsent(t)]
+        self.unflushed = len(self.flushing)
+        if not self.flushing:
+            self.beginSplice()
         for waiter in self.flushing:
             waiter.start()
         return True
@@ -384,9 +386,12 @@ class ForwardProtocol(Protocol):
     def flushed(self) -> None:
         """One transport's buffer is empty; with both, the pump starts."""
         self.unflushed -= 1
-        if self.unflushed:
-            return
-        self.flushing = []
+        if not self.unflushed:
+            self.flushing = []
+            self.beginSplice()
+
+    def beginSplice(self) -> None:
+        """Nothing left in Twisted's hands: the pump takes the sockets."""
         client: Any = self.transport
         assert self.upstream is not None
         out: Any = self.upstream.transport

@@ -20,7 +20,8 @@ their transports, so that everything Twisted does on close still happens.
 The pump works on duplicates of the sockets' descriptors: if a transport is
 closed under it (an abort on stop, say), the descriptors the reactor watches
 stay valid until the pump is stopped, and are never confused with a new
-connection that got the old number.
+connection that got the old number. Pipes that a pump leaves empty are kept
+(L{PipePool}) for the next one: short connections then cost no pipe(2).
 """
 
 from __future__ import annotations
@@ -51,39 +52,83 @@ PIPE_SIZE = 256 * 1024
 _FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 0) | getattr(os, "SPLICE_F_MOVE", 0)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", None)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", None)
+_DEFAULT_PIPE = 65536
 
 # One readable event moves at most this many pipefuls before the reactor
 # serves other connections.
 _ROUNDS = 4
 
 
-def _pipe(size: int) -> tuple[int, int, int]:
-    """A non-blocking pipe of (at best) C{size} bytes: read end, write end, size."""
+Pipe = tuple[int, int, int]
+"""A pipe: read end, write end, capacity in bytes."""
+
+
+def _pipe(size: int) -> Pipe:
+    """A non-blocking pipe of (at best) C{size} bytes."""
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    capacity = 65536
     try:
-        if _F_SETPIPE_SZ is not None:
-            try:
-                fcntl.fcntl(w, _F_SETPIPE_SZ, size)
-            except OSError:
-                pass
-        if _F_GETPIPE_SZ is not None:
-            capacity = fcntl.fcntl(w, _F_GETPIPE_SZ)
+        if size == _DEFAULT_PIPE or _F_SETPIPE_SZ is None:
+            return r, w, _DEFAULT_PIPE
+        try:
+            return r, w, fcntl.fcntl(w, _F_SETPIPE_SZ, size)
+        except OSError:
+            pass
+        if _F_GETPIPE_SZ is None:
+            return r, w, _DEFAULT_PIPE
+        return r, w, fcntl.fcntl(w, _F_GETPIPE_SZ)
     except BaseException:
         os.close(r)
         os.close(w)
         raise
-    return r, w, capacity
+
+
+class PipePool:
+    """
+    Empty pipes kept for the next pumps, up to C{keep} of them.
+
+    A pipe is given back only if it is empty; one that still holds bytes
+    (its pump failed or was stopped midway) is closed.
+    """
+
+    def __init__(self, size: int = PIPE_SIZE, keep: int = 64) -> None:
+        self.size = size
+        self.keep = keep
+        self.free: list[Pipe] = []
+
+    def take(self) -> Pipe:
+        """A pipe from the pool, or a new one. @raise OSError: none can be had."""
+        if self.free:
+            return self.free.pop()
+        return _pipe(self.size)
+
+    def give(self, pipe: Pipe, empty: bool) -> None:
+        if empty and len(self.free) < self.keep:
+            self.free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        """Close every pipe kept."""
+        while self.free:
+            self.give(self.free.pop(), empty=False)
+
+
+#: The pipes every pump shares unless told otherwise.
+PIPES = PipePool()
 
 
 class _Direction:
     """One way through the pump: C{src} -> pipe -> C{dst}."""
 
-    __slots__ = ("buffered", "capacity", "done", "dst", "eof", "pipeR", "pipeW", "received", "src")
+    __slots__ = (
+        "buffered", "capacity", "done", "dst", "eof", "pipe", "pipeR", "pipeW", "received", "src",
+    )
 
-    def __init__(self, src: _End, dst: _End, pipe: tuple[int, int, int]) -> None:
+    def __init__(self, src: _End, dst: _End, pipe: Pipe) -> None:
         self.src = src
         self.dst = dst
+        self.pipe = pipe
         self.pipeR, self.pipeW, self.capacity = pipe
         #: Bytes in the pipe, not yet written to C{dst}.
         self.buffered = 0
@@ -106,10 +151,11 @@ class _End:
 
     __slots__ = ("fd", "incoming", "name", "outgoing", "pump", "reading", "sock", "writing")
 
-    def __init__(self, pump: SplicePump, sock: socket.socket, name: str) -> None:
+    def __init__(self, pump: SplicePump, sock: socket.socket, fd: int, name: str) -> None:
         self.pump = pump
+        #: The transport's socket, to shut down; C{fd} is the pump's own duplicate.
         self.sock = sock
-        self.fd = sock.fileno()
+        self.fd = fd
         self.name = name
         self.reading = False
         self.writing = False
@@ -117,7 +163,7 @@ class _End:
         self.incoming: _Direction
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return self.fd
 
     def doRead(self) -> None:
         self.pump.pull(self.outgoing)
@@ -151,28 +197,28 @@ class SplicePump:
         left: socket.socket,
         right: socket.socket,
         ended: Callable[[Optional[int]], None],
-        pipeSize: int = PIPE_SIZE,
+        pipes: PipePool = PIPES,
     ) -> None:
         self.reactor = reactor
         self.ended = ended
+        self.pipes = pipes
         self.stopped = False
-        opened: list[socket.socket] = []
-        pipes: list[tuple[int, int, int]] = []
+        fds: list[int] = []
+        taken: list[Pipe] = []
         try:
             for sock in (left, right):
-                opened.append(sock.dup())
+                fds.append(os.dup(sock.fileno()))
             for _ in range(2):
-                pipes.append(_pipe(pipeSize))
+                taken.append(pipes.take())
         except BaseException:
-            for sock in opened:
-                sock.close()
-            for r, w, _ in pipes:
-                os.close(r)
-                os.close(w)
+            for fd in fds:
+                os.close(fd)
+            for pipe in taken:
+                pipes.give(pipe, empty=True)
             raise
-        first, second = _End(self, opened[0], "left"), _End(self, opened[1], "right")
+        first, second = _End(self, left, fds[0], "left"), _End(self, right, fds[1], "right")
         self.ends = (first, second)
-        forward, backward = _Direction(first, second, pipes[0]), _Direction(second, first, pipes[1])
+        forward, backward = _Direction(first, second, taken[0]), _Direction(second, first, taken[1])
         #: C{left} -> C{right} and C{right} -> C{left}.
         self.directions = (forward, backward)
         first.outgoing = second.incoming = forward
@@ -209,6 +255,8 @@ class SplicePump:
             except BlockingIOError:
                 return
             except OSError:
+                count = -1
+            if count < 0:
                 self.fail(src)
                 return
             if count == 0:
@@ -232,6 +280,7 @@ class SplicePump:
         if self.stopped:
             return False
         dst = direction.dst
+        failed = False
         try:
             while direction.buffered:
                 count = os.splice(direction.pipeR, dst.fd, direction.buffered, flags=_FLAGS)
@@ -241,6 +290,8 @@ class SplicePump:
         except BlockingIOError:
             pass
         except OSError:
+            failed = True
+        if failed:
             self.fail(dst)
             return False
         if direction.buffered:
@@ -263,10 +314,12 @@ class SplicePump:
         direction.done = True
         try:
             direction.dst.sock.shutdown(socket.SHUT_WR)
+            failed = False
         except OSError as e:
-            if e.errno != errno.ENOTCONN:
-                self.fail(direction.dst)
-                return
+            failed = e.errno != errno.ENOTCONN
+        if failed:
+            self.fail(direction.dst)
+            return
         forward, backward = self.directions
         if forward.done and backward.done:
             self.stop()
@@ -290,7 +343,7 @@ class SplicePump:
             self.reactor.removeReader(end)
 
     def stop(self) -> None:
-        """Let go of the sockets and close the pipes; what is in them is dropped."""
+        """Let go of the sockets; a pipe still holding bytes is closed, they are dropped."""
         if self.stopped:
             return
         self.stopped = True
@@ -299,7 +352,7 @@ class SplicePump:
             if end.writing:
                 end.writing = False
                 self.reactor.removeWriter(end)
-            end.sock.close()
+            os.close(end.fd)
+            end.fd = -1
         for direction in self.directions:
-            os.close(direction.pipeR)
-            os.close(direction.pipeW)
+            self.pipes.give(direction.pipe, empty=not direction.buffered)

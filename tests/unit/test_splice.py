@@ -17,7 +17,7 @@ from twisted.internet import defer, task
 from twisted.internet.protocol import Factory
 from twisted.logger import globalLogPublisher
 
-from dcrouter.proxy.splice import SplicePump, spliceAvailable
+from dcrouter.proxy.splice import PipePool, SplicePump, spliceAvailable
 from tests.streams import Flood, MiB, Peer, payload, reactor, until
 
 pytestmark = pytest.mark.skipif(not spliceAvailable(), reason="no splice(2) here")
@@ -44,17 +44,21 @@ class Pumping:
         self.ended: defer.Deferred[Optional[int]] = defer.Deferred()
         self.pump: SplicePump
         self.sockets: list[socket.socket] = []
+        self.pipes = PipePool()
 
     async def start(self) -> Pumping:
         self.sockets = [await pumped(self.left), await pumped(self.right)]
         #: Descriptors open before the pump took its own.
         self.descriptors = openDescriptors()
-        self.pump = SplicePump(reactor, self.sockets[0], self.sockets[1], self.ended.callback)
+        self.pump = SplicePump(
+            reactor, self.sockets[0], self.sockets[1], self.ended.callback, self.pipes
+        )
         self.pump.start()
         return self
 
     def close(self) -> None:
         self.pump.stop()
+        self.pipes.close()
         for sock in self.sockets:
             sock.close()
 
@@ -98,7 +102,11 @@ async def test_32_mib_each_way_arrive_intact_and_are_counted(errors: Any) -> Non
     assert left.digest.digest() == hashlib.sha256(toLeft).digest()
     assert pumping.pump.received == (len(toRight), len(toLeft))
     assert pumping.pump.moved == len(toRight) + len(toLeft)
-    # The pump's two duplicated sockets and two pipes are closed.
+    # The pump's two duplicated sockets are closed; its two pipes, empty,
+    # wait in the pool for the next pump.
+    assert len(pumping.pipes.free) == 2
+    assert openDescriptors() == pumping.descriptors + 4
+    pumping.pipes.close()
     assert openDescriptors() == pumping.descriptors
     pumping.close()
     transport(left).loseConnection()
@@ -197,6 +205,7 @@ async def test_stop_lets_go_of_everything_and_ends_nothing() -> None:
     pumping = await Pumping(*peers).start()
     pumping.pump.stop()
     pumping.pump.stop()
+    pumping.pipes.close()
     assert openDescriptors() == pumping.descriptors
     assert not pumping.ended.called
     # The sockets are the test's again: the pump reads them no more.
@@ -216,3 +225,34 @@ async def test_stop_lets_go_of_everything_and_ends_nothing() -> None:
     for peer in peers:
         transport(peer).loseConnection()
         await peer.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pipe_that_still_holds_bytes_is_not_kept() -> None:
+    flood, slow = Flood(limit=1024 * MiB), Peer()
+    pumping = await Pumping(flood, slow).start()
+    transport(slow).pauseProducing()
+    pump = pumping.pump
+    await until(lambda: pump.ends[1].writing, "the pipe towards the slow reader to fill")
+    # The reader resets with bytes still in the pipe towards it.
+    transport(slow).abortConnection()
+    assert await pumping.ended == 1
+    # The backward pipe was empty and is kept; the forward one is closed.
+    assert pumping.pipes.free == [pump.directions[1].pipe]
+    pumping.close()
+    transport(flood).loseConnection()
+    await defer.gatherResults([flood.closed, slow.closed])
+
+
+def test_a_pool_keeps_no_more_than_it_is_told() -> None:
+    pool = PipePool(size=65536, keep=1)
+    before = openDescriptors()
+    first, second = pool.take(), pool.take()
+    assert first[2] == second[2] == 65536
+    pool.give(first, empty=True)
+    pool.give(second, empty=True)
+    assert pool.free == [first]
+    assert pool.take() == first and pool.free == []
+    pool.give(first, empty=True)
+    pool.close()
+    assert openDescriptors() == before
