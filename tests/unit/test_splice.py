@@ -228,17 +228,41 @@ async def test_stop_lets_go_of_everything_and_ends_nothing() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_idle_connection_holds_no_pipe() -> None:
+    peers = [Peer(), Peer()]
+    pumping = await Pumping(*peers).start()
+    pump = pumping.pump
+    transport(peers[0]).write(b"question")
+    await peers[1].waitFor(8)
+    transport(peers[1]).write(b"answer")
+    await peers[0].waitFor(6)
+    # Both pipes went back to the pool once empty; the next bytes take one.
+    assert [direction.pipe for direction in pump.directions] == [None, None]
+    assert len(pumping.pipes.free) == 2
+    transport(peers[0]).write(b"again")
+    assert await peers[1].waitFor(8 + 5) == 13
+    assert peers[1].text == b"questionagain"
+    assert len(pumping.pipes.free) == 2
+    pumping.close()
+    for peer in peers:
+        transport(peer).loseConnection()
+        await peer.closed
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_pipe_that_still_holds_bytes_is_not_kept() -> None:
     flood, slow = Flood(limit=1024 * MiB), Peer()
     pumping = await Pumping(flood, slow).start()
     transport(slow).pauseProducing()
     pump = pumping.pump
     await until(lambda: pump.ends[1].writing, "the pipe towards the slow reader to fill")
+    empty = pump.directions[1].pipe
+    assert empty is not None and pumping.pipes.free == []
     # The reader resets with bytes still in the pipe towards it.
     transport(slow).abortConnection()
     assert await pumping.ended == 1
-    # The backward pipe was empty and is kept; the forward one is closed.
-    assert pumping.pipes.free == [pump.directions[1].pipe]
+    # The other direction's pipe was empty and is kept; the full one is closed.
+    assert pumping.pipes.free == [empty]
     pumping.close()
     transport(flood).loseConnection()
     await defer.gatherResults([flood.closed, slow.closed])
