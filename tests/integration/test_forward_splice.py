@@ -145,7 +145,16 @@ async def test_without_splice_twisted_pumps_the_same_bytes(
     backend = Backends(Echo)
     listening, service, port = await router(backend, daemon)
     client = await connect(port, Peer())
-    data = await echoThrough(client, 4 * MiB)
+    data = payload(4 * MiB, b"client")
+    client.transport.write(data)
+    await client.waitFor(1)
+    # Twisted's pump reads 256 KiB at once from both sockets.
+    (connection,) = service.router.connections
+    forwarder = connection.inner
+    sizes = [forwarder.transport.bufferSize, forwarder.upstream.transport.bufferSize]
+    assert sizes == [256 * 1024] * 2
+    client.transport.loseWriteConnection()
+    await client.eof
     assert client.digest.digest() == hashlib.sha256(data).digest()
     record = await closedRecord(records, client)
     assert record["spliced"] is False
