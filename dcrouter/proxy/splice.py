@@ -132,12 +132,12 @@ class _Direction:
         "buffered", "capacity", "done", "dst", "eof", "pipe", "pipeR", "pipeW", "received", "src",
     )
 
-    def __init__(self, src: _End, dst: _End, pipe: Pipe) -> None:
+    def __init__(self, src: _End, dst: _End) -> None:
         self.src = src
         self.dst = dst
-        #: The pipe, while this direction holds one.
-        self.pipe: Optional[Pipe] = pipe
-        self.pipeR, self.pipeW, self.capacity = pipe
+        #: The pipe, while this direction holds one (and its ends and size).
+        self.pipe: Optional[Pipe] = None
+        self.pipeR, self.pipeW, self.capacity = -1, -1, 0
         #: Bytes in the pipe, not yet written to C{dst}.
         self.buffered = 0
         #: Bytes read from C{src} so far.
@@ -203,9 +203,7 @@ class SplicePump:
         of file, or with the index (0: C{left}, 1: C{right}) of the socket
         that failed (reset, broken pipe, ...; or no pipe could be had for
         the bytes it sent).
-    @raise OSError: no pipe or descriptor could be had; nothing is left open.
-        (Each direction starts with a pipe, so that a pump that starts can
-        move its first bytes.)
+    @raise OSError: the sockets' descriptors could not be duplicated.
     """
 
     def __init__(
@@ -220,22 +218,15 @@ class SplicePump:
         self.ended = ended
         self.pipes = pipes
         self.stopped = False
-        fds: list[int] = []
-        taken: list[Pipe] = []
+        leftFD = os.dup(left.fileno())
         try:
-            for sock in (left, right):
-                fds.append(os.dup(sock.fileno()))
-            for _ in range(2):
-                taken.append(pipes.take())
+            rightFD = os.dup(right.fileno())
         except BaseException:
-            for fd in fds:
-                os.close(fd)
-            for pipe in taken:
-                pipes.give(pipe, empty=True)
+            os.close(leftFD)
             raise
-        first, second = _End(self, left, fds[0], "left"), _End(self, right, fds[1], "right")
+        first, second = _End(self, left, leftFD, "left"), _End(self, right, rightFD, "right")
         self.ends = (first, second)
-        forward, backward = _Direction(first, second, taken[0]), _Direction(second, first, taken[1])
+        forward, backward = _Direction(first, second), _Direction(second, first)
         #: C{left} -> C{right} and C{right} -> C{left}.
         self.directions = (forward, backward)
         first.outgoing = second.incoming = forward
