@@ -40,14 +40,9 @@ from collections.abc import Callable
 from typing import Optional
 
 from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor, IWriteDescriptor
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
-
-
-def spliceAvailable() -> bool:
-    """Can this system splice between sockets? (Asked per connection.)"""
-    return sys.platform.startswith("linux") and hasattr(os, "splice")
-
 
 #: The size asked for each pipe: the most bytes in flight inside the router
 #: per direction, and per splice(2). Measured on loopback: 64 KiB (the
@@ -64,6 +59,47 @@ _DEFAULT_PIPE = 65536
 # One readable event moves at most this many pipefuls before the reactor
 # serves other connections.
 _ROUNDS = 4
+
+log = Logger()
+
+# Whether splice(2) between sockets worked when first tried.
+_works: Optional[bool] = None
+
+
+def spliceAvailable() -> bool:
+    """
+    Can this system splice between sockets?
+
+    Asked per connection; tried once, on a socket pair, because a seccomp
+    filter or a kernel may refuse what os.splice offers.
+    """
+    global _works
+    if not sys.platform.startswith("linux") or not hasattr(os, "splice"):
+        return False
+    if _works is None:
+        _works = _trySplice()
+    return _works
+
+
+def _trySplice() -> bool:
+    """Splice a byte from one socket through a pipe into another; say if it came."""
+    one, other = socket.socketpair()
+    one.setblocking(False)
+    other.setblocking(False)
+    r, w = os.pipe()
+    try:
+        one.send(b"x")
+        os.splice(other.fileno(), w, 1, flags=_FLAGS)
+        os.splice(r, one.fileno(), 1, flags=_FLAGS)
+        return other.recv(1) == b"x"
+    except OSError as e:
+        log.warn("splice(2) fails here ({error}): forwarding through Twisted", error=e)
+        return False
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        one.close()
+        other.close()
 
 
 Pipe = tuple[int, int, int]

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from dcrouter.config.model import CertificatePair, DaemonSettings, HostPort, RouteConfig
 from dcrouter.ops.metrics import pools
-from dcrouter.proxy import forward
+from dcrouter.proxy import forward, splice
 from dcrouter.proxy.splice import spliceAvailable
 from dcrouter.proxy.tls import clientTLS, ensureSelfSigned
 from tests.helpers import connect, listen, startRouter
@@ -134,7 +134,12 @@ async def test_a_plain_forward_is_spliced_intact_and_counted(records: Any) -> No
     await stop(service, listening)
 
 
-@pytest.mark.parametrize("how", ["switched off", "os.splice missing"])
+def refused(*args: Any, **kwargs: Any) -> int:
+    """os.splice under a seccomp filter that says no."""
+    raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+
+@pytest.mark.parametrize("how", ["switched off", "os.splice missing", "os.splice refused"])
 @pytest_twisted.ensureDeferred
 async def test_without_splice_twisted_pumps_the_same_bytes(
     how: str, records: Any, monkeypatch: Any
@@ -142,6 +147,10 @@ async def test_without_splice_twisted_pumps_the_same_bytes(
     daemon = DaemonSettings(drain_timeout=0.0, hello_timeout=2.0, splice=how != "switched off")
     if how == "os.splice missing":
         monkeypatch.delattr(os, "splice", raising=False)
+    elif how == "os.splice refused":
+        # Tried once per process: forget that it worked before the test.
+        monkeypatch.setattr(splice, "_works", None)
+        monkeypatch.setattr(os, "splice", refused)
     backend = Backends(Echo)
     listening, service, port = await router(backend, daemon)
     client = await connect(port, Peer())
