@@ -29,6 +29,10 @@ class IConnectionRecord(Interface):
     target = Attribute("C{str} the upstream chosen, or C{None}.")
     bytesIn = Attribute("C{int} bytes received from the client.")
     bytesOut = Attribute("C{int} bytes sent to the client.")
+    spliced = Attribute(
+        "C{bool} the bytes moved socket to socket with splice(2), never"
+        " through Python (a field of the JSON record, not of the text line)."
+    )
     ended = Attribute(
         "C{str} how the connection ended, e.g. C{'client closed'}, "
         "C{'upstream refused'}, C{'idle timeout'}; the router fills in a "

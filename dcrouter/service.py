@@ -170,7 +170,7 @@ def _parseRoute(
             route.sourceOf("action"), section, "action",
         )
         return None
-    options = RouteOptions(route, config.defaults, clock, config.http)
+    options = RouteOptions(route, config.defaults, clock, config.http, config.daemon)
     startTLSPair = route.cert or config.tls.cert
     if IStartTLSAction.providedBy(action) and route.tls is None and startTLSPair is not None:
         try:

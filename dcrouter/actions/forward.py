@@ -1,7 +1,8 @@
 """
 C{action = forward}: pass the connection on to a target, as bytes.
 
-With C{tls = passthrough} (or no TLS) the bytes are untouched; with
+With C{tls = passthrough} (or no TLS) the bytes are untouched, and move
+with splice(2) unless C{[dcrouter] splice = no}; with
 C{terminate} the router has already decrypted them; with
 C{terminate-and-reencrypt} they are encrypted again towards the target, whose
 certificate is verified against C{backend_ca} (or the system's trust store)
@@ -92,6 +93,7 @@ class ForwardAction:
             idleTimeout=idleTimeout,
             proxyProtocol=proxyProtocol,
             upstreamTLS=creators.__getitem__ if creators is not None else None,
+            splice=options.daemon.splice,
         )
         return ForwardRoute(forwardOptions, targets)
 

@@ -67,7 +67,9 @@ _LIMIT_KEYS = (
     "max_connections_per_ip",
     "connection_rate_per_minute",
 )
-_DAEMON_KEYS = ("state_dir", "log_format", "hello_timeout", "drain_timeout", "workers")
+_DAEMON_KEYS = (
+    "state_dir", "log_format", "hello_timeout", "drain_timeout", "workers", "splice",
+)
 _DEFAULTS_KEYS = (
     "target",
     "bind",
@@ -453,6 +455,7 @@ class _Loader:
             hello_timeout=keys.get("hello_timeout", _positiveDuration, default.hello_timeout),
             drain_timeout=keys.get("drain_timeout", values.parseDuration, default.drain_timeout),
             workers=keys.get("workers", _workers, default.workers),
+            splice=keys.get("splice", values.parseBool, default.splice),
         )
 
     def defaults(self, keys: _Keys) -> Defaults:

@@ -100,7 +100,12 @@ class Limits:
 
 @frozen
 class DaemonSettings:
-    """C{[dcrouter]}: process-wide settings."""
+    """
+    C{[dcrouter]}: process-wide settings.
+
+    @ivar splice: let C{forward} move the bytes of connections it does not
+        inspect with splice(2) (Linux), rather than through Python.
+    """
 
     state_dir: str = "state"
     log_format: LogFormat = "text"
@@ -116,6 +121,7 @@ class DaemonSettings:
         if hasattr(os, "sched_getaffinity"):  # the cores this process may use
             return len(os.sched_getaffinity(0)) or 1
         return os.cpu_count() or 1
+    splice: bool = True
 
 
 @frozen

@@ -18,6 +18,7 @@ from dcrouter.config import values
 from dcrouter.config.errors import ConfigError
 from dcrouter.config.model import (
     PYTHON,
+    DaemonSettings,
     Defaults,
     HostPort,
     HttpSettings,
@@ -37,11 +38,14 @@ class RouteOptions:
         defaults: Defaults,
         reactor: Any = None,
         http: HttpSettings = HttpSettings(),
+        daemon: DaemonSettings = DaemonSettings(),
     ) -> None:
         self.route = route
         self.defaults = defaults
         #: C{[http]}: the HTTP layer's settings, for actions that serve HTTP.
         self.http = http
+        #: C{[dcrouter]}: process-wide switches (C{splice}).
+        self.daemon = daemon
         #: The reactor the route's pools and timers will run on.
         self.reactor = reactor
         #: For an C{IStartTLSAction}: the route's server TLS, or C{None}.

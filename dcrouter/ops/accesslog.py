@@ -65,6 +65,7 @@ class ConnectionRecord:
         "port",
         "route",
         "sni",
+        "spliced",
         "started",
         "target",
         "tls",
@@ -82,6 +83,7 @@ class ConnectionRecord:
         self.bytesIn = 0
         self.bytesOut = 0
         self.ended: Optional[str] = None
+        self.spliced = False
 
     def emit(self, now: float, defaultEnding: str) -> None:
         """Write the record; C{defaultEnding} if nobody said how it ended."""
@@ -98,6 +100,7 @@ class ConnectionRecord:
                 "bytesOut": self.bytesOut,
                 "duration": max(0.0, now - self.started),
                 "ended": self.ended or defaultEnding,
+                "spliced": self.spliced,
             },
             ACCESS_FORMAT,
         )

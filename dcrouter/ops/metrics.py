@@ -2,11 +2,11 @@
 Prometheus metrics, gathered without touching the byte path.
 
 Two sources: the access records the router already writes (a log observer
-counts them: connections by route and how they ended, bytes, HTTP requests
-by status, TLS handshake failures), and the live state read at scrape time
-(open connections, refusals by reason, targets' health). Nothing is counted
-twice and the hot paths pay nothing more than the access record they
-already emit.
+counts them: connections by route and how they ended, bytes, spliced
+connections, HTTP requests by status, TLS handshake failures), and the live
+state read at scrape time (open connections, refusals by reason, targets'
+health). Nothing is counted twice and the hot paths pay nothing more than
+the access record they already emit.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class AccessCounter:
         self.connections: Counter[tuple[str, str, str]] = Counter()
         self.bytesIn: Counter[str] = Counter()
         self.bytesOut: Counter[str] = Counter()
+        self.spliced: Counter[str] = Counter()
         self.requests: Counter[tuple[str, str]] = Counter()
         self.requestBytes: Counter[str] = Counter()
 
@@ -61,6 +62,8 @@ class AccessCounter:
         self.connections[(str(event.get("port", "")), route, ended)] += 1
         self.bytesIn[route] += int(event.get("bytesIn", 0))
         self.bytesOut[route] += int(event.get("bytesOut", 0))
+        if event.get("spliced"):
+            self.spliced[route] += 1
 
 
 class RouterCollector(Collector):
@@ -117,6 +120,11 @@ class RouterCollector(Collector):
         yield closed
         yield _perRoute("dcrouter_bytes_received", "Bytes from clients.", counter.bytesIn)
         yield _perRoute("dcrouter_bytes_sent", "Bytes to clients.", counter.bytesOut)
+        yield _perRoute(
+            "dcrouter_connections_spliced",
+            "Connections whose bytes moved by splice(2), zero-copy, by route.",
+            counter.spliced,
+        )
         requests = CounterMetricFamily(
             "dcrouter_http_requests", "HTTP requests, by route and status.",
             labels=["route", "status"],

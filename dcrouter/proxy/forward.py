@@ -7,19 +7,33 @@ pauses the fast writer instead of growing a buffer. Half-close is passed on
 (a client that shuts its write side lets the upstream's answer still come
 back), and one side's close closes the other after its pending bytes.
 
+Where nothing is inspected (plain TCP or TLS passthrough on both sides) the
+bytes move by splice(2) instead, once there is nothing left for Python to do:
+the target is connected, the router has checked the client's first bytes
+(it refuses a PROXY header nobody trusted, so the first bytes always come
+through L{ForwardProtocol.dataReceived}), and what Twisted buffered (the
+ClientHello, early data, a PROXY header for the target, a server's
+greeting) is written. Then both transports stop reading, and a
+L{SplicePump} moves the bytes until both directions are done or one socket
+fails; the connections are closed through their transports as before. A
+route with TLS terminated by the router or re-encrypted towards the target,
+a system without splice, or C{[dcrouter] splice = no} keep Twisted's pump.
+
 The idle timeout costs one attribute store per chunk: a single timer per
 connection checks a flag four times per timeout, rather than being reset per
 chunk, so a connection is closed between 1 and 1.25 timeouts after its last
-byte.
+byte. A spliced connection is active when the pump's byte count moved.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any, Optional
 
 from attrs import frozen
-from twisted.internet.error import ConnectionDone, NotConnectingError
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone, ConnectionLost, NotConnectingError
 from twisted.internet.interfaces import (
     IAddress,
     IConnector,
@@ -27,12 +41,15 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
+    IPullProducer,
+    IReactorFDSet,
     IReactorTCP,
     IReactorTime,
     ISSLTransport,
     ITransport,
 )
 from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -41,11 +58,19 @@ from dcrouter.interfaces import IRoutedConnection
 from dcrouter.proxy.gate import clientIP
 from dcrouter.proxy.pool import Target, TargetPool
 from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2, sslTLV
+from dcrouter.proxy.splice import SplicePump, spliceAvailable
 from dcrouter.proxy.tls import clientFactory
+
+log = Logger()
 
 # Bytes a client may send before the upstream is connected; past this the
 # client is paused rather than buffered further.
 _EARLY_DATA_LIMIT = 256 * 1024
+
+# What Twisted's pump reads at once from a plain TCP socket (and holds for a
+# slow reader before pausing the other side), instead of Twisted's 64 KiB:
+# measured on loopback, bulk transfers cost 13% less CPU per GB.
+_READ_SIZE = 256 * 1024
 
 # The idle timer looks this many times per idle timeout.
 _IDLE_TICKS = 4
@@ -64,6 +89,65 @@ def halfClose(transport: ITransport) -> bool:
     return True
 
 
+def plainSocket(transport: object) -> Optional[socket.socket]:
+    """
+    The socket beneath a plain TCP transport, or C{None}.
+
+    C{None} for anything that is not Twisted's own TCP connection or that
+    runs TLS over it: splice would move ciphertext past the TLS layer.
+    """
+    if (
+        not isinstance(transport, tcp.Connection)
+        or ISSLTransport.providedBy(transport)
+        or transport.TLS
+    ):
+        return None
+    return transport.socket
+
+
+def unsent(transport: Any) -> int:
+    """
+    Bytes a Twisted TCP transport still holds to send.
+
+    Read from C{FileDescriptor}'s buffer (C{dataBuffer} from C{offset} on,
+    plus C{_tempDataLen}), the same from Twisted 22.4 to now.
+    """
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+@implementer(IPullProducer)
+class _WhenFlushed:
+    """
+    Calls C{flushed} once a transport's write buffer is empty.
+
+    Registered as a pull producer: Twisted asks it for more at once, and
+    again whenever the buffer has drained.
+    """
+
+    def __init__(self, transport: Any, flushed: Callable[[], None]) -> None:
+        self.transport = transport
+        self.flushed = flushed
+        self.waiting = False
+
+    def start(self) -> None:
+        self.waiting = True
+        self.transport.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        if self.waiting and not unsent(self.transport):
+            self.cancel()
+            self.flushed()
+
+    def cancel(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            if self.transport.producer is self:
+                self.transport.unregisterProducer()
+
+    def stopProducing(self) -> None:
+        self.waiting = False
+
+
 @frozen
 class ForwardOptions:
     """
@@ -71,12 +155,14 @@ class ForwardOptions:
 
     @ivar upstreamTLS: for C{terminate-and-reencrypt}, makes the client
         connection creator for a target; C{None} to forward plain bytes.
+    @ivar splice: move the bytes with splice(2) where nothing inspects them.
     """
 
     connectTimeout: float
     idleTimeout: float
     proxyProtocol: Optional[str] = None
     upstreamTLS: Optional[Callable[[HostPort], IOpenSSLClientConnectionCreator]] = None
+    splice: bool = True
 
 
 class _UpstreamFactory(ClientFactory):
@@ -191,6 +277,14 @@ class ForwardProtocol(Protocol):
         self.pumping = False
         self.lastError: Optional[str] = None
         self.connector: Optional[IConnector] = None
+        # The router has delivered the client's first bytes: it reads no
+        # more of them itself, and the sockets may be spliced.
+        self.heard = False
+        self.flushing: list[_WhenFlushed] = []
+        self.unflushed = 0
+        self.pump: Optional[SplicePump] = None
+        self.pumpMark = 0
+        self.shutBothWays = False
 
     def connectionMade(self) -> None:
         tick = self.options.idleTimeout / _IDLE_TICKS
@@ -238,14 +332,120 @@ class ForwardProtocol(Protocol):
         if self.early:
             out.writeSequence(self.early)
             self.early = []
+        if self.heard and self.startSplice():
+            return
         if self.clientPaused:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
             self.clientPaused = False
-        self.transport.registerProducer(out, True)  # type: ignore[attr-defined]
-        out.registerProducer(self.transport, True)  # type: ignore[attr-defined]
-        self.pumping = True
+        self.startPumping()
         if self.clientHalfClosed:
             halfClose(out)
+
+    def startPumping(self) -> None:
+        """Twisted's pump: each transport is the other's streaming producer, reading big."""
+        client: Any = self.transport
+        assert self.upstream is not None
+        out: Any = self.upstream.transport
+        for transport in (client, out):
+            if isinstance(transport, tcp.Connection):
+                transport.bufferSize = _READ_SIZE
+        client.registerProducer(out, True)
+        out.registerProducer(client, True)
+        self.pumping = True
+
+    def startSplice(self) -> bool:
+        """
+        Hand the sockets to a splice pump, if nothing needs to see the bytes.
+
+        Both transports stop reading at once; the pump starts when Twisted
+        has sent what they hold. C{False}: not possible, Twisted pumps on.
+        """
+        client: Any = self.transport
+        upstream = self.upstream
+        if (
+            not self.options.splice
+            or not spliceAvailable()
+            or upstream is None
+            or self.clientHalfClosed
+            or self.upstreamDone
+            or not IReactorFDSet.providedBy(self.reactor)
+            or plainSocket(client) is None
+            or plainSocket(upstream.transport) is None
+            or client.disconnecting
+            or upstream.transport.disconnecting  # type: ignore[union-attr]
+        ):
+            return False
+        out: Any = upstream.transport
+        if self.pumping:
+            client.unregisterProducer()
+            out.unregisterProducer()
+            self.pumping = False
+        self.clientPaused = False
+        client.stopReading()
+        out.stopReading()
+        self.flushing = [_WhenFlushed(t, self.flushed) for t in (client, out) if unsent(t)]
+        self.unflushed = len(self.flushing)
+        if not self.flushing:
+            self.beginSplice()
+        for waiter in self.flushing:
+            waiter.start()
+        return True
+
+    def flushed(self) -> None:
+        """One transport's buffer is empty; with both, the pump starts."""
+        self.unflushed -= 1
+        if not self.unflushed:
+            self.flushing = []
+            self.beginSplice()
+
+    def beginSplice(self) -> None:
+        """Nothing left in Twisted's hands: the pump takes the sockets."""
+        client: Any = self.transport
+        assert self.upstream is not None
+        out: Any = self.upstream.transport
+        reactor: Any = self.reactor
+        try:
+            pump = SplicePump(reactor, client.socket, out.socket, self.spliceEnded)
+        except OSError as e:
+            log.warn("cannot splice, forwarding through Twisted: {error}", error=e)
+            client.resumeProducing()
+            out.resumeProducing()
+            self.startPumping()
+            return
+        self.pump = pump
+        self.record.spliced = True
+        pump.start()
+
+    def spliceEnded(self, failed: Optional[int]) -> None:
+        """
+        The pump stopped: tell the transports what it saw, as their reactor would.
+
+        Both directions done: both sockets are shut both ways, and close at
+        once, as Twisted closes a connection whose halves it closed itself
+        (the gates are free before the client can connect again). A failed
+        socket: its connection is lost, and the other one closes after it.
+        """
+        self.stopSplice()
+        assert self.upstream is not None
+        client: Any = self.transport
+        out: Any = self.upstream.transport
+        if failed is None:
+            self.shutBothWays = True
+            client.connectionLost(Failure(ConnectionDone()))
+        else:
+            (client, out)[failed].connectionLost(Failure(ConnectionLost()))
+
+    def stopSplice(self) -> None:
+        """Take the sockets back (before Twisted closes them) and count the bytes."""
+        for waiter in self.flushing:
+            waiter.cancel()
+        self.flushing = []
+        pump, self.pump = self.pump, None
+        if pump is not None:
+            pump.stop()
+            fromClient, fromUpstream = pump.received
+            self.record.bytesIn += fromClient
+            self.record.bytesOut += fromUpstream
 
     def proxyHeader(self) -> bytes:
         version = self.options.proxyProtocol
@@ -272,7 +472,11 @@ class ForwardProtocol(Protocol):
         upstream = self.upstream
         if upstream is not None:
             upstream.transport.write(data)  # type: ignore[union-attr]
+            if not self.heard:
+                self.heard = True
+                self.startSplice()
             return
+        self.heard = True
         self.early.append(data)
         self.earlySize += len(data)
         if self.earlySize > _EARLY_DATA_LIMIT and not self.clientPaused:
@@ -314,6 +518,10 @@ class ForwardProtocol(Protocol):
             self.closeClient(abort=False)
 
     def checkIdle(self) -> None:
+        pump = self.pump
+        if pump is not None and pump.moved != self.pumpMark:
+            self.pumpMark = pump.moved
+            self.active = True
         if self.active:
             self.active = False
             self.idleTicks = 0
@@ -330,6 +538,7 @@ class ForwardProtocol(Protocol):
         self.closeClient(abort=True)
 
     def closeClient(self, abort: bool) -> None:
+        self.stopSplice()
         transport = self.transport
         if transport is None or self.clientGone:
             return
@@ -343,10 +552,15 @@ class ForwardProtocol(Protocol):
             transport.loseConnection()
 
     def closeUpstream(self) -> None:
+        self.stopSplice()
         if self.upstream is not None and self.upstream.transport is not None:
+            transport: Any = self.upstream.transport
             if self.pumping:
-                self.upstream.transport.unregisterProducer()  # type: ignore[attr-defined]
-            self.upstream.transport.loseConnection()
+                transport.unregisterProducer()
+            if self.shutBothWays:
+                transport.connectionLost(Failure(ConnectionDone()))
+            else:
+                transport.loseConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.clientGone = True

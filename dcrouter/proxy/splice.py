@@ -1,0 +1,419 @@
+"""
+Zero-copy forwarding: splice(2) moves bytes socket -> pipe -> socket.
+
+Once a forwarded connection has nothing left to inspect (both sides are
+plain TCP sockets, the router has checked the client's first bytes, and
+Twisted's write buffers are empty), L{SplicePump} takes the two sockets out
+of Twisted's hands: for each socket one small descriptor that the reactor
+calls when the socket is readable (splice it into a pipe, then on to the
+other socket) or writable (drain that pipe into it). The bytes never enter
+Python.
+
+Flow control is the pipe: when the receiving socket's send buffer is full the
+sending socket is no longer read until the pipe has drained, so a slow reader
+never makes memory grow past one pipe per direction. An end of file on one
+socket is passed on as C{shutdown(SHUT_WR)} of the other once the pipe is
+empty (half-close), and the pump ends when both directions have; an error on
+either socket ends it at once. Its owner then closes both connections through
+their transports, so that everything Twisted does on close still happens.
+
+A direction holds a pipe only while bytes are in it; an emptied pipe goes
+back to a L{PipePool} for the next transfer of any connection (as HAProxy's
+pipe pool does). Idle connections hold none, so the pipes (two descriptors
+each, and pages counted against the user's C{fs.pipe-user-pages-soft}) are
+bounded by the transfers in flight, not by the connections open.
+
+The pump works on duplicates of the sockets' descriptors: if a transport is
+closed under it (an abort on stop, say), the descriptors the reactor watches
+stay valid until the pump is stopped, and are never confused with a new
+connection that got the old number.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Optional
+
+from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor, IWriteDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+#: The size asked for each pipe: the most bytes in flight inside the router
+#: per direction, and per splice(2). Measured on loopback: 64 KiB (the
+#: default) costs twice the CPU per GB of 256 KiB, 1 MiB only 15% less. The
+#: kernel may refuse it (pipe-max-size, the user's pipe-user-pages-soft);
+#: the pipe then keeps what it was given.
+PIPE_SIZE = 256 * 1024
+
+_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 0) | getattr(os, "SPLICE_F_MOVE", 0)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", None)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", None)
+_DEFAULT_PIPE = 65536
+
+# One readable event moves at most this many pipefuls before the reactor
+# serves other connections.
+_ROUNDS = 4
+
+log = Logger()
+
+# Whether splice(2) between sockets worked when first tried.
+_works: Optional[bool] = None
+
+
+def spliceAvailable() -> bool:
+    """
+    Can this system splice between sockets?
+
+    Asked per connection; tried once, on a socket pair, because a seccomp
+    filter or a kernel may refuse what os.splice offers.
+    """
+    global _works
+    if not sys.platform.startswith("linux") or not hasattr(os, "splice"):
+        return False
+    if _works is None:
+        _works = _trySplice()
+    return _works
+
+
+def _trySplice() -> bool:
+    """Splice a byte from one socket through a pipe into another; say if it came."""
+    one, other = socket.socketpair()
+    one.setblocking(False)
+    other.setblocking(False)
+    r, w = os.pipe()
+    try:
+        one.send(b"x")
+        os.splice(other.fileno(), w, 1, flags=_FLAGS)
+        os.splice(r, one.fileno(), 1, flags=_FLAGS)
+        return other.recv(1) == b"x"
+    except OSError as e:
+        log.warn("splice(2) fails here ({error}): forwarding through Twisted", error=e)
+        return False
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        one.close()
+        other.close()
+
+
+Pipe = tuple[int, int, int]
+"""A pipe: read end, write end, capacity in bytes."""
+
+
+def _pipe(size: int) -> Pipe:
+    """A non-blocking pipe of (at best) C{size} bytes."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if size == _DEFAULT_PIPE or _F_SETPIPE_SZ is None:
+            return r, w, _DEFAULT_PIPE
+        try:
+            return r, w, fcntl.fcntl(w, _F_SETPIPE_SZ, size)
+        except OSError:
+            pass
+        if _F_GETPIPE_SZ is None:
+            return r, w, _DEFAULT_PIPE
+        return r, w, fcntl.fcntl(w, _F_GETPIPE_SZ)
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+
+
+class PipePool:
+    """
+    Empty pipes kept for the next pumps, up to C{keep} of them.
+
+    A pipe is given back only if it is empty; one that still holds bytes
+    (its pump failed or was stopped midway) is closed.
+    """
+
+    def __init__(self, size: int = PIPE_SIZE, keep: int = 32) -> None:
+        self.size = size
+        self.keep = keep
+        self.free: list[Pipe] = []
+
+    def take(self) -> Pipe:
+        """A pipe from the pool, or a new one. @raise OSError: none can be had."""
+        if self.free:
+            return self.free.pop()
+        return _pipe(self.size)
+
+    def give(self, pipe: Pipe, empty: bool) -> None:
+        if empty and len(self.free) < self.keep:
+            self.free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        """Close every pipe kept."""
+        while self.free:
+            self.give(self.free.pop(), empty=False)
+
+
+#: The pipes every pump shares unless told otherwise.
+PIPES = PipePool()
+
+
+class _Direction:
+    """One way through the pump: C{src} -> pipe -> C{dst}."""
+
+    __slots__ = (
+        "buffered", "capacity", "done", "dst", "eof", "pipe", "pipeR", "pipeW", "received", "src",
+    )
+
+    def __init__(self, src: _End, dst: _End) -> None:
+        self.src = src
+        self.dst = dst
+        #: The pipe, while this direction holds one (and its ends and size).
+        self.pipe: Optional[Pipe] = None
+        self.pipeR, self.pipeW, self.capacity = -1, -1, 0
+        #: Bytes in the pipe, not yet written to C{dst}.
+        self.buffered = 0
+        #: Bytes read from C{src} so far.
+        self.received = 0
+        #: C{src} has reached its end of file.
+        self.eof = False
+        #: End of file seen and passed on: C{dst} is shut for writing.
+        self.done = False
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _End:
+    """
+    One socket of the pump, as the reactor sees it.
+
+    Readable: its outgoing direction moves on. Writable: the pipe of its
+    incoming direction, which found its send buffer full, drains into it.
+    """
+
+    __slots__ = ("fd", "incoming", "name", "outgoing", "pump", "reading", "sock", "writing")
+
+    def __init__(self, pump: SplicePump, sock: socket.socket, fd: int, name: str) -> None:
+        self.pump = pump
+        #: The transport's socket, to shut down; C{fd} is the pump's own duplicate.
+        self.sock = sock
+        self.fd = fd
+        self.name = name
+        self.reading = False
+        self.writing = False
+        self.outgoing: _Direction
+        self.incoming: _Direction
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> None:
+        pump, direction = self.pump, self.outgoing
+        pump.pull(direction)
+        if not direction.buffered and direction.pipe is not None:
+            pump.release(direction)
+
+    def doWrite(self) -> None:
+        pump, direction = self.pump, self.incoming
+        pump.push(direction)
+        if not direction.buffered and direction.pipe is not None:
+            pump.release(direction)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor saw a hang-up or an error (or is shutting down)."""
+        self.pump.fail(self)
+
+    def logPrefix(self) -> str:
+        return f"splice:{self.name}"
+
+
+class SplicePump:
+    """
+    Moves bytes both ways between two connected non-blocking TCP sockets.
+
+    @param ended: called once, when the pump has stopped by itself (it has
+        already given the reactor back the sockets and closed its
+        descriptors): with C{None} when both directions reached their end
+        of file, or with the index (0: C{left}, 1: C{right}) of the socket
+        that failed (reset, broken pipe, ...; or no pipe could be had for
+        the bytes it sent).
+    @raise OSError: the sockets' descriptors could not be duplicated.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        left: socket.socket,
+        right: socket.socket,
+        ended: Callable[[Optional[int]], None],
+        pipes: PipePool = PIPES,
+    ) -> None:
+        self.reactor = reactor
+        self.ended = ended
+        self.pipes = pipes
+        self.stopped = False
+        leftFD = os.dup(left.fileno())
+        try:
+            rightFD = os.dup(right.fileno())
+        except BaseException:
+            os.close(leftFD)
+            raise
+        first, second = _End(self, left, leftFD, "left"), _End(self, right, rightFD, "right")
+        self.ends = (first, second)
+        forward, backward = _Direction(first, second), _Direction(second, first)
+        #: C{left} -> C{right} and C{right} -> C{left}.
+        self.directions = (forward, backward)
+        first.outgoing = second.incoming = forward
+        second.outgoing = first.incoming = backward
+
+    @property
+    def received(self) -> tuple[int, int]:
+        """Bytes read so far from C{left} and from C{right}."""
+        forward, backward = self.directions
+        return forward.received, backward.received
+
+    @property
+    def moved(self) -> int:
+        """Bytes read so far, both ways: a change means the connection is not idle."""
+        forward, backward = self.directions
+        return forward.received + backward.received
+
+    def start(self) -> None:
+        """Watch both sockets; bytes already waiting in them are read at once."""
+        for end in self.ends:
+            self.resumeReading(end)
+
+    def release(self, direction: _Direction) -> None:
+        """The pipe is empty: back to the pool until this direction has bytes again."""
+        pipe, direction.pipe = direction.pipe, None
+        assert pipe is not None
+        self.pipes.give(pipe, empty=True)
+
+    def pull(self, direction: _Direction) -> None:
+        """C{src} is readable: splice into the pipe, then push it on to C{dst}."""
+        if self.stopped or direction.eof:
+            return
+        src = direction.src
+        if direction.pipe is None:
+            try:
+                pipe = direction.pipe = self.pipes.take()
+            except OSError:
+                pipe = None
+            if pipe is None:
+                self.fail(src)
+                return
+            direction.pipeR, direction.pipeW, direction.capacity = pipe
+        for _ in range(_ROUNDS):
+            room = direction.capacity - direction.buffered
+            if room <= 0:
+                return
+            try:
+                count = os.splice(src.fd, direction.pipeW, room, flags=_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError:
+                count = -1
+            if count < 0:
+                self.fail(src)
+                return
+            if count == 0:
+                direction.eof = True
+                self.pauseReading(src)
+                if not direction.buffered:
+                    self.finish(direction)
+                return
+            direction.buffered += count
+            direction.received += count
+            if not self.push(direction) or count < room:
+                return
+
+    def push(self, direction: _Direction) -> bool:
+        """
+        Drain the pipe into C{dst}; C{True} if it is empty and C{src} is read.
+
+        A full C{dst} stops the reading of C{src} and watches C{dst} for
+        writability instead: that is the backpressure.
+        """
+        if self.stopped:
+            return False
+        dst = direction.dst
+        failed = False
+        try:
+            while direction.buffered:
+                count = os.splice(direction.pipeR, dst.fd, direction.buffered, flags=_FLAGS)
+                if count <= 0:
+                    break
+                direction.buffered -= count
+        except BlockingIOError:
+            pass
+        except OSError:
+            failed = True
+        if failed:
+            self.fail(dst)
+            return False
+        if direction.buffered:
+            self.pauseReading(direction.src)
+            if not dst.writing:
+                dst.writing = True
+                self.reactor.addWriter(dst)
+            return False
+        if dst.writing:
+            dst.writing = False
+            self.reactor.removeWriter(dst)
+        if direction.eof:
+            self.finish(direction)
+            return False
+        self.resumeReading(direction.src)
+        return True
+
+    def finish(self, direction: _Direction) -> None:
+        """C{src} ended and everything it sent is out: pass the end of file on."""
+        direction.done = True
+        try:
+            direction.dst.sock.shutdown(socket.SHUT_WR)
+            failed = False
+        except OSError as e:
+            failed = e.errno != errno.ENOTCONN
+        if failed:
+            self.fail(direction.dst)
+            return
+        forward, backward = self.directions
+        if forward.done and backward.done:
+            self.stop()
+            self.ended(None)
+
+    def fail(self, end: _End) -> None:
+        """C{end}'s socket failed: stop, and say which one."""
+        if self.stopped:
+            return
+        self.stop()
+        self.ended(self.ends.index(end))
+
+    def resumeReading(self, end: _End) -> None:
+        if not end.reading and not end.outgoing.eof and not self.stopped:
+            end.reading = True
+            self.reactor.addReader(end)
+
+    def pauseReading(self, end: _End) -> None:
+        if end.reading:
+            end.reading = False
+            self.reactor.removeReader(end)
+
+    def stop(self) -> None:
+        """Let go of the sockets; a pipe still holding bytes is closed, they are dropped."""
+        if self.stopped:
+            return
+        self.stopped = True
+        for end in self.ends:
+            self.pauseReading(end)
+            if end.writing:
+                end.writing = False
+                self.reactor.removeWriter(end)
+            os.close(end.fd)
+            end.fd = -1
+        for direction in self.directions:
+            pipe, direction.pipe = direction.pipe, None
+            if pipe is not None:
+                self.pipes.give(pipe, empty=not direction.buffered)

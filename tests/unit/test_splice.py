@@ -1,0 +1,283 @@
+"""
+L{dcrouter.proxy.splice.SplicePump} on the real reactor, between loopback
+TCP sockets: each pumped socket's peer is a Twisted protocol that sends,
+hashes what it receives and sees half-closes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from typing import Any, Optional
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+from twisted.internet.protocol import Factory
+from twisted.logger import globalLogPublisher
+
+from dcrouter.proxy.splice import PipePool, SplicePump, spliceAvailable
+from tests.streams import Flood, MiB, Peer, payload, reactor, until
+
+pytestmark = pytest.mark.skipif(not spliceAvailable(), reason="no splice(2) here")
+
+
+async def pumped(peer: Peer) -> socket.socket:
+    """A non-blocking TCP socket on 127.0.0.1 whose other end is C{peer}."""
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: peer), interface="127.0.0.1")
+    try:
+        sock = socket.create_connection(("127.0.0.1", port.getHost().port))
+        sock.setblocking(False)
+        await peer.made
+    finally:
+        await port.stopListening()
+    return sock
+
+
+class Pumping:
+    """A pump between two sockets, and what it reported when it ended."""
+
+    def __init__(self, left: Peer, right: Peer) -> None:
+        self.left = left
+        self.right = right
+        self.ended: defer.Deferred[Optional[int]] = defer.Deferred()
+        self.pump: SplicePump
+        self.sockets: list[socket.socket] = []
+        self.pipes = PipePool()
+
+    async def start(self) -> Pumping:
+        self.sockets = [await pumped(self.left), await pumped(self.right)]
+        #: Descriptors open before the pump took its own.
+        self.descriptors = openDescriptors()
+        self.pump = SplicePump(
+            reactor, self.sockets[0], self.sockets[1], self.ended.callback, self.pipes
+        )
+        self.pump.start()
+        return self
+
+    def close(self) -> None:
+        self.pump.stop()
+        self.pipes.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def transport(peer: Peer) -> Any:
+    return peer.transport
+
+
+@pytest.fixture
+def errors() -> Any:
+    """Every error or failure logged during the test (there should be none)."""
+    seen: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        level = getattr(event.get("log_level"), "name", "")
+        if "log_failure" in event or level in ("error", "critical"):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield seen
+    globalLogPublisher.removeObserver(observer)
+
+
+def openDescriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_32_mib_each_way_arrive_intact_and_are_counted(errors: Any) -> None:
+    left, right = Peer(), Peer()
+    pumping = await Pumping(left, right).start()
+    toRight, toLeft = payload(32 * MiB, b"right"), payload(32 * MiB, b"left")
+    transport(left).write(toRight)
+    transport(right).write(toLeft)
+    transport(left).loseWriteConnection()
+    transport(right).loseWriteConnection()
+    assert await right.eof == len(toRight)
+    assert await left.eof == len(toLeft)
+    assert await pumping.ended is None
+    assert right.digest.digest() == hashlib.sha256(toRight).digest()
+    assert left.digest.digest() == hashlib.sha256(toLeft).digest()
+    assert pumping.pump.received == (len(toRight), len(toLeft))
+    assert pumping.pump.moved == len(toRight) + len(toLeft)
+    # The pump's two duplicated sockets are closed; its pipes (one per
+    # direction at most), empty, wait in the pool for the next pump.
+    assert len(pumping.pipes.free) in (1, 2)
+    assert openDescriptors() == pumping.descriptors + 2 * len(pumping.pipes.free)
+    pumping.pipes.close()
+    assert openDescriptors() == pumping.descriptors
+    pumping.close()
+    transport(left).loseConnection()
+    transport(right).loseConnection()
+    await defer.gatherResults([left.closed, right.closed])
+    assert errors == []
+
+
+@pytest.mark.parametrize("first", [0, 1])
+@pytest_twisted.ensureDeferred
+async def test_a_half_close_is_passed_on_and_the_other_way_still_flows(first: int) -> None:
+    peers = [Peer(), Peer()]
+    pumping = await Pumping(*peers).start()
+    closer, other = peers[first], peers[1 - first]
+    transport(closer).write(b"request")
+    transport(closer).loseWriteConnection()
+    assert await other.eof == len(b"request")
+    assert other.text == b"request"
+    assert not pumping.ended.called
+    # The half that is still open carries the answer back, then ends too.
+    transport(other).write(b"late answer")
+    transport(other).loseWriteConnection()
+    assert await closer.eof == len(b"late answer")
+    assert closer.text == b"late answer"
+    assert await pumping.ended is None
+    received = [len(b"request"), len(b"late answer")]
+    assert list(pumping.pump.received) == (received if first == 0 else received[::-1])
+    pumping.close()
+    for peer in peers:
+        transport(peer).loseConnection()
+        await peer.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_reader_stops_the_reading_and_nothing_grows() -> None:
+    flood, slow = Flood(limit=1024 * MiB), Peer()
+    pumping = await Pumping(flood, slow).start()
+    transport(slow).pauseProducing()
+    pump = pumping.pump
+    forward = pump.directions[0]
+    await until(lambda: flood.paused and not pump.ends[0].reading and pump.ends[1].writing,
+                "the pump to stop reading the flood")
+    stalled = pump.received[0]
+    await task.deferLater(reactor, 0.2, lambda: None)
+    # Nothing more was read; the pipe holds at most its capacity.
+    assert pump.received[0] == stalled
+    assert 0 < forward.buffered <= forward.capacity
+    # Socket buffers and one pipe, not the gigabyte the flood wanted to send.
+    assert flood.written < 64 * MiB
+    transport(slow).resumeProducing()
+    await slow.waitFor(stalled + 4 * MiB)
+    assert pump.received[0] > stalled
+    transport(flood).abortConnection()
+    assert await pumping.ended == 0
+    pumping.close()
+    transport(slow).loseConnection()
+    await slow.closed
+
+
+@pytest.mark.parametrize("reset", [0, 1])
+@pytest_twisted.ensureDeferred
+async def test_a_reset_ends_the_pump_and_names_the_socket(reset: int, errors: Any) -> None:
+    peers = [Peer(), Peer()]
+    pumping = await Pumping(*peers).start()
+    transport(peers[0]).write(b"a" * 100_000)
+    transport(peers[1]).write(b"b" * 100_000)
+    await defer.gatherResults([peers[0].waitFor(100_000), peers[1].waitFor(100_000)])
+    # abortConnection closes with SO_LINGER 0: the pumped socket gets a RST.
+    transport(peers[reset]).abortConnection()
+    assert await pumping.ended == reset
+    assert pumping.pump.received == (100_000, 100_000)
+    pumping.close()
+    transport(peers[1 - reset]).loseConnection()
+    await defer.gatherResults([peer.closed for peer in peers])
+    assert errors == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_writing_to_a_reset_socket_ends_the_pump() -> None:
+    peers = [Peer(), Peer()]
+    pumping = await Pumping(*peers).start()
+    # The left peer resets while the right keeps sending towards it: the
+    # pump's write (EPIPE/ECONNRESET) or its read ends it.
+    transport(peers[0]).abortConnection()
+    await peers[0].closed
+    transport(peers[1]).write(b"x" * (4 * MiB))
+    assert await pumping.ended == 0
+    pumping.close()
+    transport(peers[1]).loseConnection()
+    await peers[1].closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_lets_go_of_everything_and_ends_nothing() -> None:
+    peers = [Peer(), Peer()]
+    pumping = await Pumping(*peers).start()
+    pumping.pump.stop()
+    pumping.pump.stop()
+    pumping.pipes.close()
+    assert openDescriptors() == pumping.descriptors
+    assert not pumping.ended.called
+    # The sockets are the test's again: the pump reads them no more.
+    transport(peers[0]).write(b"still here")
+    received = []
+
+    def arrived() -> bool:
+        try:
+            received.append(pumping.sockets[0].recv(100))
+        except BlockingIOError:
+            return False
+        return True
+
+    await until(arrived, "the bytes to wait in the socket")
+    assert received == [b"still here"]
+    pumping.close()
+    for peer in peers:
+        transport(peer).loseConnection()
+        await peer.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_connection_holds_no_pipe() -> None:
+    peers = [Peer(), Peer()]
+    pumping = await Pumping(*peers).start()
+    pump = pumping.pump
+    transport(peers[0]).write(b"question")
+    await peers[1].waitFor(8)
+    transport(peers[1]).write(b"answer")
+    await peers[0].waitFor(6)
+    # A pipe is taken for the bytes in flight and given back once empty:
+    # one pipe served the question, then the answer.
+    assert [direction.pipe for direction in pump.directions] == [None, None]
+    assert len(pumping.pipes.free) == 1
+    transport(peers[0]).write(b"again")
+    assert await peers[1].waitFor(8 + 5) == 13
+    assert peers[1].text == b"questionagain"
+    assert len(pumping.pipes.free) == 1
+    pumping.close()
+    for peer in peers:
+        transport(peer).loseConnection()
+        await peer.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pipe_that_still_holds_bytes_is_not_kept() -> None:
+    flood, slow = Flood(limit=1024 * MiB), Peer()
+    pumping = await Pumping(flood, slow).start()
+    transport(slow).pauseProducing()
+    pump = pumping.pump
+    await until(lambda: pump.ends[1].writing, "the pipe towards the slow reader to fill")
+    held = pump.directions[0].pipe
+    assert held is not None and pump.directions[0].buffered > 0
+    # The reader resets with bytes still in the pipe towards it.
+    transport(slow).abortConnection()
+    assert await pumping.ended == 1
+    # That pipe is closed, not kept for another connection.
+    assert held not in pumping.pipes.free
+    pumping.close()
+    transport(flood).loseConnection()
+    await defer.gatherResults([flood.closed, slow.closed])
+
+
+def test_a_pool_keeps_no_more_than_it_is_told() -> None:
+    pool = PipePool(size=65536, keep=1)
+    before = openDescriptors()
+    first, second = pool.take(), pool.take()
+    assert first[2] == second[2] == 65536
+    pool.give(first, empty=True)
+    pool.give(second, empty=True)
+    assert pool.free == [first]
+    assert pool.take() == first and pool.free == []
+    pool.give(first, empty=True)
+    pool.close()
+    assert openDescriptors() == before
