@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.model import HostPort
+from dcrouter.proxy.tcp import sendWithoutDelay
 from dcrouter.proxy.tls import clientFactory
 
 
@@ -62,6 +63,7 @@ class BackendConnection(Protocol):
         self.ready: Optional[Deferred[BackendConnection]] = ready
 
     def connectionMade(self) -> None:
+        sendWithoutDelay(self.transport)
         if self.pool.tls is None:
             self.becameReady()
 

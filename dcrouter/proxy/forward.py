@@ -59,6 +59,7 @@ from dcrouter.proxy.gate import clientIP
 from dcrouter.proxy.pool import Target, TargetPool
 from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2, sslTLV
 from dcrouter.proxy.splice import SplicePump, spliceAvailable
+from dcrouter.proxy.tcp import sendWithoutDelay
 from dcrouter.proxy.tls import clientFactory
 
 log = Logger()
@@ -194,6 +195,7 @@ class _Upstream(Protocol):
         self.handshakeTimedOut = False
 
     def connectionMade(self) -> None:
+        sendWithoutDelay(self.transport)
         forwarder = self.forwarder
         if forwarder.options.upstreamTLS is None:
             forwarder.upstreamConnected(self)
