@@ -31,7 +31,7 @@ def payload(size: int, seed: bytes) -> bytes:
 
 @implementer(IHalfCloseableProtocol)
 class Peer(Protocol):
-    """The far side of a pumped socket: counts and hashes what it receives."""
+    """The far side of a pumped socket: counts and hashes what it receives, keeps 4 KiB."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -40,7 +40,6 @@ class Peer(Protocol):
         self.made: defer.Deferred[Peer] = defer.Deferred()
         self.eof: defer.Deferred[int] = defer.Deferred()
         self.closed: defer.Deferred[None] = defer.Deferred()
-        self.reason: Failure | None = None
         self.waiting: list[tuple[int, defer.Deferred[int]]] = []
 
     def connectionMade(self) -> None:
@@ -72,7 +71,6 @@ class Peer(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.eof.called:
             self.eof.callback(self.count)
-        self.reason = reason
         self.closed.callback(None)
 
 
