@@ -38,6 +38,7 @@ import dcrouter.plugins
 from dcrouter.auth.passwords import StaticPasswordChecker, parseUsers
 from dcrouter.certs.manager import CertificateSource, CertManager, FollowedCerts
 from dcrouter.config import loadConfig
+from dcrouter.config.dns import DnsSettings
 from dcrouter.config.email import emailRoutes
 from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
 from dcrouter.config.ini import NOT_TERMINATING
@@ -656,7 +657,8 @@ class DcRouter(MultiService):
         """The configuration as this process applies it: a worker's share of the caps."""
         return shareLimits(config, self.role.count) if self.isWorker else config
 
-    def dnsSettings(self, config: RouterConfig) -> Any:
+    def dnsSettings(self, config: RouterConfig) -> Optional[DnsSettings]:
+        """What this process's DNS server serves: nothing in a worker."""
         return None if self.isWorker else config.dns
 
     # Starting
@@ -826,28 +828,39 @@ class DcRouter(MultiService):
 
     def report(self) -> dict[str, Any]:
         """A worker's report to its supervisor: metrics and its part of the status."""
-        status = self.status()
         return {
             "metrics": generate_latest(registryFor(self.routerCollector())).decode("utf-8"),
-            "status": {key: status[key] for key in ("connections", "targets", "errors")},
+            "status": self.routingStatus(),
+        }
+
+    def routingStatus(self) -> dict[str, Any]:
+        """Connections, targets and recent errors: this process's, or its workers' merged."""
+        errors = list(self.recentErrors.events)
+        if self.workers is not None:
+            reports = self.workers.reports()
+            merged = mergeStatus(reports)
+            for report in reports:
+                errors.extend(report.get("status", {}).get("errors", []))
+            errors.sort(key=lambda event: event.get("time", 0))
+            return {
+                "connections": merged["connections"],
+                "targets": merged["targets"],
+                "errors": errors[-50:],
+            }
+        router, compiled = self.router, self.compiled
+        return {
+            "connections": {
+                "active": len(router.connections) if router else 0,
+                "accepted": router.accepted if router else 0,
+                "refused": dict(router.refused) if router else {},
+            },
+            "targets": [state for pool in pools(compiled) for state in pool.snapshot()],
+            "errors": errors,
         }
 
     def status(self) -> dict[str, Any]:
         """The daemon's state as plain data, for the status page."""
-        router, compiled = self.router, self.compiled
-        connections: dict[str, Any] = {
-            "active": len(router.connections) if router else 0,
-            "accepted": router.accepted if router else 0,
-            "refused": dict(router.refused) if router else {},
-        }
-        targets = [state for pool in pools(compiled) for state in pool.snapshot()]
-        errors = list(self.recentErrors.events)
-        if self.workers is not None:
-            merged = mergeStatus(self.workers.reports())
-            connections, targets = merged["connections"], merged["targets"]
-            for report in self.workers.reports():
-                errors.extend(report.get("status", {}).get("errors", []))
-            errors.sort(key=lambda event: event.get("time", 0))
+        compiled = self.compiled
         routes = []
         if compiled is not None:
             for port, table in sorted(compiled.tables.items()):
@@ -864,10 +877,8 @@ class DcRouter(MultiService):
             "reloads": self.reloads,
             "listeners": [f"{address}:{port}" for port, address in self.listenKeys()],
             "workers": self.role.count,
-            "connections": connections,
             "routes": routes,
-            "targets": targets,
-            "errors": errors[-50:],
+            **self.routingStatus(),
             "certificates": self.certificates(),
             "mail": (
                 {"queued": len(self.mail.queue.messages), **self.mail.queue.stats}

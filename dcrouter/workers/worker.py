@@ -77,12 +77,14 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGHUP, lambda signum, frame: hangups.append(signum))
     from twisted.internet import reactor
 
-    from dcrouter.service import DcRouter, ProcessRole, checkConfigFile
+    from dcrouter.config import loadConfig
+    from dcrouter.service import DcRouter, ProcessRole
 
     # One write per line: the workers share the supervisor's standard output.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     try:
-        config = checkConfigFile(args.config).config
+        # (Compiling is the router's start: its errors end the worker there.)
+        config = loadConfig(args.config)
     except ConfigErrors as e:
         print(f"dcrouter worker {args.index}: {args.config} is invalid:\n{e.report()}",
               file=sys.stderr)
