@@ -9,7 +9,8 @@ C{STARTTLS}), C{NOOP}, C{RSET}, C{QUIT} and C{STARTTLS}; anything else is
 refused with 530. On C{STARTTLS} every byte the client pipelined after the
 command is discarded (the CVE-2011-0411 injection), TLS is terminated with
 the route's C{cert} and C{key} under the C{[tls]} policy, and after the handshake the two
-sessions are joined: the client's bytes go to the backend untouched; the
+sessions are joined once the client has said EHLO (or HELO) again, as
+RFC 3207 wants: the client's bytes go to the backend untouched; the
 backend's replies are passed on with C{STARTTLS} taken out of them.
 
 The client's address reaches the backend as a PROXY header
@@ -287,7 +288,7 @@ class SMTPStartTLSProtocol(Protocol):
     def backendLost(self) -> None:
         if self.state == "closed":
             return
-        if self.state != "joined":
+        if self.state not in ("joined", "rehello"):
             self.backendFailed("connection lost")
             return
         self.backend = None
@@ -310,6 +311,10 @@ class SMTPStartTLSProtocol(Protocol):
         if self.state == "joined":
             assert self.backend is not None and self.backend.transport is not None
             self.backend.transport.write(data)
+            return
+        if self.state == "rehello":
+            self.buffer += data
+            self.untilHello()
             return
         if self.state not in ("connecting", "plain"):
             return  # in the TLS handshake, or closing: nothing to read
@@ -358,6 +363,37 @@ class SMTPStartTLSProtocol(Protocol):
         else:
             self.reply(b"530 5.7.0 Must issue a STARTTLS command first")
 
+    def untilHello(self) -> None:
+        """
+        After TLS, before the client's new EHLO or HELO (RFC 3207 4.2: what
+        was said before TLS is forgotten, and the backend's session, greeted
+        by dcrouter, would not know): only QUIT, NOOP and RSET are answered
+        here, anything else with 503; the hello and all after it go to the
+        backend.
+        """
+        while self.state == "rehello":
+            end = self.buffer.find(b"\n")
+            if end < 0:
+                if len(self.buffer) > MAX_LINE:
+                    self.record.ended = "client line too long"
+                    self.closeWith(b"500 5.5.2 line too long\r\n")
+                return
+            verb = self.buffer[:end].partition(b" ")[0].strip().upper()
+            if verb in (b"EHLO", b"HELO"):
+                self.state = "joined"
+                data, self.buffer = self.buffer, b""
+                assert self.backend is not None and self.backend.transport is not None
+                self.backend.transport.write(data)
+                return
+            self.buffer = self.buffer[end + 1 :]
+            if verb == b"QUIT":
+                self.record.ended = "client quit before EHLO over TLS"
+                self.closeWith(b"221 2.0.0 Bye\r\n")
+            elif verb in (b"NOOP", b"RSET"):
+                self.reply(b"250 2.0.0 OK")
+            else:
+                self.reply(b"503 5.5.1 Send EHLO first: TLS started a new session")
+
     def ehloReply(self) -> list[bytes]:
         hostname = self.options.hostname.encode()
         capabilities = self.capabilities or [b"250 " + hostname]
@@ -384,7 +420,7 @@ class SMTPStartTLSProtocol(Protocol):
         if self.state != "handshake" or self.backend is None:
             return
         self.cancelTimer()
-        self.state = "joined"
+        self.state = "rehello"
         self.backend.join()
         clientSide: Any = self.tlsClient.transport if self.tlsClient is not None else None
         backendSide: Any = self.backend.transport

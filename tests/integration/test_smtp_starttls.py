@@ -191,6 +191,37 @@ async def test_commands_pipelined_after_starttls_are_discarded(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_after_tls_the_client_must_say_ehlo_again(tmp_path):
+    """RFC 3207 4.2: the session starts over; the backend was greeted by dcrouter."""
+    backend, listening, service, port = await setUp(tmp_path)
+
+    def session():
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"EHLO raw.test\r\n")
+        while reader.readline()[3:4] == b"-":
+            pass
+        sock.sendall(b"STARTTLS\r\n")
+        reader.readline()
+        tls = noVerify().wrap_socket(sock, server_hostname="localhost")
+        tlsReader = tls.makefile("rb")
+        tls.sendall(b"MAIL FROM:<x@y.test>\r\nNOOP\r\nHELO raw.test\r\nMAIL FROM:<x@y.test>\r\n")
+        replies = [tlsReader.readline() for _ in range(4)]
+        tls.sendall(b"QUIT\r\n")
+        tlsReader.readline()
+        tls.close()
+        return replies
+
+    replies = await threads.deferToThread(session)
+    assert replies[0].startswith(b"503 5.5.1") and replies[1].startswith(b"250 2.0.0")
+    assert replies[2].startswith(b"250") and replies[3].startswith(b"250")
+    assert backend.commands[:3] == [b"EHLO mx.dcrouter.test", b"HELO raw.test",
+                                    b"MAIL FROM:<x@y.test>"]
+    await tearDown(service, listening)
+
+
+@pytest_twisted.ensureDeferred
 async def test_xclient_is_hidden_and_never_sent(tmp_path):
     backend = SMTPBackendFactory(capabilities=[b"XCLIENT NAME ADDR PROTO HELO"])
     backend, listening, service, port = await setUp(tmp_path, backend)
