@@ -49,6 +49,7 @@ from dcrouter.config.model import HostPort
 from dcrouter.config.options import RouteOptions
 from dcrouter.config.values import parseChoice
 from dcrouter.interfaces import IRoutedConnection, IStartTLSAction
+from dcrouter.proxy.idle import IdleSweep
 from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2
 from dcrouter.proxy.tcp import sendWithoutDelay
 from dcrouter.proxy.tls import ServerTLS, wrapServer
@@ -60,8 +61,6 @@ MAX_LINE = 2048
 MAX_BUFFER = 16 * 1024
 #: Most lines in one multi-line reply.
 MAX_REPLY_LINES = 200
-
-_IDLE_TICKS = 4
 
 # Capabilities never offered before TLS: STARTTLS is ours; AUTH is never
 # offered in plaintext; XCLIENT and XFORWARD are for dcrouter, not clients.
@@ -229,7 +228,7 @@ class SMTPStartTLSProtocol(Protocol):
         self.tls: Any = None
         self.tlsClient: Optional[_TLSClient] = None
         self.timer: Optional[IDelayedCall] = None
-        self.idleTicks = 0
+        self.idle: Optional[IdleSweep] = None
         self.active = False
         self.pumping = False
         self.lastError = "no target"
@@ -427,14 +426,19 @@ class SMTPStartTLSProtocol(Protocol):
         clientSide.registerProducer(backendSide, True)
         backendSide.registerProducer(clientSide, True)
         self.pumping = True
-        self.timer = self.reactor.callLater(self.options.idleTimeout / _IDLE_TICKS, self.checkIdle)
+        self.idle = IdleSweep.of(self.reactor, self.options.idleTimeout)
+        self.idle.watch(self)
 
     # -- timers and closing ---------------------------------------------------
 
     def cancelTimer(self) -> None:
+        """Stop the STARTTLS timer, or the idle sweep's looks once joined."""
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
+        if self.idle is not None:
+            self.idle.unwatch(self)
+            self.idle = None
 
     def starttlsTimedOut(self) -> None:
         self.timer = None
@@ -445,18 +449,13 @@ class SMTPStartTLSProtocol(Protocol):
             self.closeBackend()
             self.closeClient(abort=True)
 
-    def checkIdle(self) -> None:
-        if self.active:
-            self.active = False
-            self.idleTicks = 0
-        else:
-            self.idleTicks += 1
-        if self.idleTicks < _IDLE_TICKS:
-            self.timer = self.reactor.callLater(
-                self.options.idleTimeout / _IDLE_TICKS, self.checkIdle
-            )
-            return
-        self.timer = None
+    def wasActive(self) -> bool:
+        """For the idle sweep: did bytes move since it looked last?"""
+        active, self.active = self.active, False
+        return active
+
+    def idleTimedOut(self) -> None:
+        self.idle = None
         self.record.ended = f"idle timeout ({self.options.idleTimeout:g}s)"
         self.closeBackend()
         self.closeClient(abort=True)

@@ -47,6 +47,7 @@ from dcrouter.http.wire import (
 from dcrouter.interfaces import IHTTPExchange
 from dcrouter.ops.accesslog import formatAddress
 from dcrouter.proxy.gate import clientIP
+from dcrouter.proxy.idle import IdleSweep
 
 log = Logger()
 
@@ -520,9 +521,10 @@ class _Tunnel(Protocol):
     """
     After a 101: bytes both ways, with flow control, until either side closes.
 
-    Only the route's C{idle_timeout} ends a quiet tunnel (checked four times
-    per timeout, as L{dcrouter.proxy.forward} does); the HTTP layer's
-    keep-alive and header timers are gone once the connection left HTTP.
+    Only the route's C{idle_timeout} ends a quiet tunnel (its L{IdleSweep}
+    looks four times per timeout, as for forwarded connections); the HTTP
+    layer's keep-alive and header timers are gone once the connection left
+    HTTP.
     """
 
     def __init__(self, relay: Relay, client: Any, backend: BackendConnection) -> None:
@@ -531,22 +533,19 @@ class _Tunnel(Protocol):
         self.backend = backend
         self.record = relay.exchange.connection.record
         self.reactor = relay.reactor
-        self.tick = relay.route.idleTimeout / 4
         self.active = False
-        self.idleTicks = 0
-        self.timer: Optional[IDelayedCall] = self.reactor.callLater(self.tick, self.checkIdle)
+        self.idle: Optional[IdleSweep] = IdleSweep.of(self.reactor, relay.route.idleTimeout)
+        self.idle.watch(self)
         client.registerProducer(backend.transport, True)
         backend.transport.registerProducer(client, True)  # type: ignore[union-attr]
 
-    def checkIdle(self) -> None:
-        if self.active:
-            self.active, self.idleTicks = False, 0
-        else:
-            self.idleTicks += 1
-        if self.idleTicks < 4:
-            self.timer = self.reactor.callLater(self.tick, self.checkIdle)
-            return
-        self.timer = None
+    def wasActive(self) -> bool:
+        """For the idle sweep: did bytes move since it looked last?"""
+        active, self.active = self.active, False
+        return active
+
+    def idleTimedOut(self) -> None:
+        self.idle = None
         self.record.ended = f"tunnel idle ({self.relay.route.idleTimeout:g}s)"
         self.clientLost()
         self.client.abortConnection()
@@ -562,9 +561,9 @@ class _Tunnel(Protocol):
         self.client.write(data)
 
     def stopTimer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        if self.idle is not None:
+            self.idle.unwatch(self)
+            self.idle = None
 
     def backendLost(self) -> None:
         self.stopTimer()

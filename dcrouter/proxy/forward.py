@@ -19,10 +19,11 @@ fails; the connections are closed through their transports as before. A
 route with TLS terminated by the router or re-encrypted towards the target,
 a system without splice, or C{[dcrouter] splice = no} keep Twisted's pump.
 
-The idle timeout costs one attribute store per chunk: a single timer per
-connection checks a flag four times per timeout, rather than being reset per
-chunk, so a connection is closed between 1 and 1.25 timeouts after its last
-byte. A spliced connection is active when the pump's byte count moved.
+The idle timeout costs one attribute store per chunk: the connection's
+L{IdleSweep} (one timer for all connections with that timeout) looks at the
+flag four times per timeout, so a connection is closed between 1 and 1.25
+timeouts after its last byte. A spliced connection is active when the
+pump's byte count moved.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from zope.interface import implementer
 from dcrouter.config.model import HostPort
 from dcrouter.interfaces import IRoutedConnection
 from dcrouter.proxy.gate import clientIP
+from dcrouter.proxy.idle import IdleSweep
 from dcrouter.proxy.pool import Target, TargetPool
 from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2, sslTLV
 from dcrouter.proxy.splice import SplicePump, spliceAvailable
@@ -72,9 +74,6 @@ _EARLY_DATA_LIMIT = 256 * 1024
 # slow reader before pausing the other side), instead of Twisted's 64 KiB:
 # measured on loopback, bulk transfers cost 13% less CPU per GB.
 _READ_SIZE = 256 * 1024
-
-# The idle timer looks this many times per idle timeout.
-_IDLE_TICKS = 4
 
 
 def halfClose(transport: ITransport) -> bool:
@@ -274,8 +273,7 @@ class ForwardProtocol(Protocol):
         self.clientGone = False
         self.clientHalfClosed = False
         self.active = False
-        self.idleTimer: Optional[IDelayedCall] = None
-        self.idleTicks = 0
+        self.idle = IdleSweep.of(self.reactor, options.idleTimeout)
         self.pumping = False
         self.lastError: Optional[str] = None
         self.connector: Optional[IConnector] = None
@@ -289,8 +287,7 @@ class ForwardProtocol(Protocol):
         self.shutBothWays = False
 
     def connectionMade(self) -> None:
-        tick = self.options.idleTimeout / _IDLE_TICKS
-        self.idleTimer = self.reactor.callLater(tick, self.checkIdle)
+        self.idle.watch(self)
         self.connectNext()
 
     def connectNext(self) -> None:
@@ -519,22 +516,16 @@ class ForwardProtocol(Protocol):
                 self.record.ended = "upstream closed"
             self.closeClient(abort=False)
 
-    def checkIdle(self) -> None:
+    def wasActive(self) -> bool:
+        """For the idle sweep: did bytes move since it looked last?"""
         pump = self.pump
         if pump is not None and pump.moved != self.pumpMark:
             self.pumpMark = pump.moved
             self.active = True
-        if self.active:
-            self.active = False
-            self.idleTicks = 0
-        else:
-            self.idleTicks += 1
-        if self.idleTicks < _IDLE_TICKS:
-            self.idleTimer = self.reactor.callLater(
-                self.options.idleTimeout / _IDLE_TICKS, self.checkIdle
-            )
-            return
-        self.idleTimer = None
+        active, self.active = self.active, False
+        return active
+
+    def idleTimedOut(self) -> None:
         self.record.ended = f"idle timeout ({self.options.idleTimeout:g}s)"
         self.closeUpstream()
         self.closeClient(abort=True)
@@ -566,9 +557,7 @@ class ForwardProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.clientGone = True
-        if self.idleTimer is not None and self.idleTimer.active():
-            self.idleTimer.cancel()
-        self.idleTimer = None
+        self.idle.unwatch(self)
         if self.record.ended is None:
             self.record.ended = "client closed"
         if self.upstream is None and self.connector is not None:

@@ -342,3 +342,40 @@ async def test_long_lines_and_slow_clients_are_cut_before_tls(tmp_path):
     assert tooLong.startswith(b"500 ")
     assert timedOut.startswith(b"421 ") and closed == b""
     await tearDown(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_quiet_joined_session_ends_at_the_idle_timeout(tmp_path):
+    """Once joined, the route's idle_timeout closes both sides of a silent session."""
+    backend, listening, service, port = await setUp(tmp_path, idle_timeout="0.4s")
+
+    def session():
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"EHLO raw.test\r\nSTARTTLS\r\n")
+        while reader.readline()[3:4] == b"-":
+            pass
+        reader.readline()
+        tls = noVerify().wrap_socket(sock, server_hostname="localhost")
+        tlsReader = tls.makefile("rb")
+        tls.sendall(b"EHLO raw.test\r\n")
+        while tlsReader.readline()[3:4] == b"-":
+            pass
+        try:
+            rest = tlsReader.read()
+        except (ConnectionError, ssl.SSLError):
+            rest = b""
+        tls.close()
+        return rest
+
+    records = []
+    globalLogPublisher.addObserver(records.append)
+    try:
+        rest = await threads.deferToThread(session)
+    finally:
+        globalLogPublisher.removeObserver(records.append)
+    assert rest == b""
+    endings = [r.get("ended") for r in records if r.get("log_namespace") == "dcrouter.access"]
+    assert "idle timeout (0.4s)" in endings
+    await tearDown(service, listening)
