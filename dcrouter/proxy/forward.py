@@ -42,6 +42,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
+    IProtocolFactory,
     IPullProducer,
     IReactorFDSet,
     IReactorTCP,
@@ -49,7 +50,7 @@ from twisted.internet.interfaces import (
     ISSLTransport,
     ITransport,
 )
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -165,19 +166,6 @@ class ForwardOptions:
     splice: bool = True
 
 
-class _UpstreamFactory(ClientFactory):
-    noisy = False
-
-    def __init__(self, forwarder: ForwardProtocol) -> None:
-        self.forwarder = forwarder
-
-    def buildProtocol(self, addr: Optional[IAddress]) -> Protocol:
-        return _Upstream(self.forwarder)
-
-    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        self.forwarder.upstreamFailed(reason)
-
-
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
 class _Upstream(Protocol):
     """
@@ -246,9 +234,16 @@ class _Upstream(Protocol):
         self.forwarder.upstreamLost(reason)
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IProtocolFactory)
 class ForwardProtocol(Protocol):
-    """The client's side: connects upstream, then pumps bytes both ways."""
+    """
+    The client's side: connects upstream, then pumps bytes both ways.
+
+    It is also the factory of its upstream connection attempts (one object
+    fewer per connection than a factory of its own).
+    """
+
+    noisy = False
 
     def __init__(
         self,
@@ -267,7 +262,7 @@ class ForwardProtocol(Protocol):
         self.upstream: Optional[_Upstream] = None
         self.handshaking: Optional[_Upstream] = None
         self.upstreamDone = False
-        self.early: list[bytes] = []
+        self.early: Optional[list[bytes]] = None
         self.earlySize = 0
         self.clientPaused = False
         self.clientGone = False
@@ -280,7 +275,7 @@ class ForwardProtocol(Protocol):
         # The router has delivered the client's first bytes: it reads no
         # more of them itself, and the sockets may be spliced.
         self.heard = False
-        self.flushing: list[_WhenFlushed] = []
+        self.flushing: tuple[_WhenFlushed, ...] = ()
         self.unflushed = 0
         self.pump: Optional[SplicePump] = None
         self.pumpMark = 0
@@ -299,13 +294,33 @@ class ForwardProtocol(Protocol):
         self.target = target = self.candidates.pop(0)
         address = target.address
         self.record.target = str(address)
-        factory: Any = _UpstreamFactory(self)
+        factory: Any = self
         if self.options.upstreamTLS is not None:
             factory = clientFactory(self.options.upstreamTLS(address), factory, self.reactor)
         reactor: IReactorTCP = self.connection.reactor
         self.connector = reactor.connectTCP(
             address.host, address.port, factory, timeout=self.options.connectTimeout
         )
+
+    # The upstream connector's factory
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+    def startedConnecting(self, connector: IConnector) -> None:
+        pass
+
+    def buildProtocol(self, addr: IAddress) -> Optional[Protocol]:
+        return _Upstream(self)
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self.upstreamFailed(reason)
+
+    def clientConnectionLost(self, connector: IConnector, reason: Failure) -> None:
+        pass
 
     def upstreamFailed(self, reason: Failure) -> None:
         self.lastError = f"{self.record.target}: {reason.getErrorMessage()}"
@@ -330,7 +345,7 @@ class ForwardProtocol(Protocol):
             out.write(header)
         if self.early:
             out.writeSequence(self.early)
-            self.early = []
+            self.early = None
         if self.heard and self.startSplice():
             return
         if self.clientPaused:
@@ -382,7 +397,7 @@ class ForwardProtocol(Protocol):
         self.clientPaused = False
         client.stopReading()
         out.stopReading()
-        self.flushing = [_WhenFlushed(t, self.flushed) for t in (client, out) if unsent(t)]
+        self.flushing = tuple(_WhenFlushed(t, self.flushed) for t in (client, out) if unsent(t))
         self.unflushed = len(self.flushing)
         if not self.flushing:
             self.beginSplice()
@@ -394,7 +409,7 @@ class ForwardProtocol(Protocol):
         """One transport's buffer is empty; with both, the pump starts."""
         self.unflushed -= 1
         if not self.unflushed:
-            self.flushing = []
+            self.flushing = ()
             self.beginSplice()
 
     def beginSplice(self) -> None:
@@ -438,7 +453,7 @@ class ForwardProtocol(Protocol):
         """Take the sockets back (before Twisted closes them) and count the bytes."""
         for waiter in self.flushing:
             waiter.cancel()
-        self.flushing = []
+        self.flushing = ()
         pump, self.pump = self.pump, None
         if pump is not None:
             pump.stop()
@@ -476,6 +491,8 @@ class ForwardProtocol(Protocol):
                 self.startSplice()
             return
         self.heard = True
+        if self.early is None:
+            self.early = []
         self.early.append(data)
         self.earlySize += len(data)
         if self.earlySize > _EARLY_DATA_LIMIT and not self.clientPaused:
