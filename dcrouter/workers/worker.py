@@ -75,7 +75,9 @@ def main(argv: list[str]) -> int:
     # (nor fatal, as SIGHUP's default action would be).
     hangups: list[int] = []
     signal.signal(signal.SIGHUP, lambda signum, frame: hangups.append(signum))
-    from twisted.internet import reactor
+    from dcrouter.workers.reactor import install
+
+    reactor = install()
 
     from dcrouter.config import loadConfig
     from dcrouter.service import DcRouter, ProcessRole
