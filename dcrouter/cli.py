@@ -21,8 +21,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from dcrouter.compile import checkConfigFile
 from dcrouter.config.errors import ConfigErrors
-from dcrouter.service import checkConfigFile
 
 
 def checkconfig(path: str) -> int:

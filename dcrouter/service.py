@@ -1,11 +1,10 @@
 """
-DcRouter: builds the router from a configuration, runs it, reloads it.
+DcRouter: runs the router, reloads it, stops it.
 
-The floor above config/: here each route's action is looked up among the
-plugins and parses its own keys (parse, validate, provision, as Caddy's
-modules do); errors from every floor join one list. L{compileConfig} does all
-of it without binding a port, so C{dcrouter checkconfig} and a reload check
-exactly what a start would.
+It compiles its configuration with L{dcrouter.compile}, binds the listeners
+(or, as a supervisor, the workers' socket groups), runs the services beside
+the router (mail, DNS, ACME, the admin listener) and swaps in a new compiled
+configuration on reload.
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from ipaddress import ip_address
+from collections.abc import Iterable, Mapping
 from math import ceil
 from typing import Any, Literal, Optional
 
@@ -25,32 +23,26 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogPublisher
-from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
-from zope.interface.exceptions import Invalid
-from zope.interface.verify import verifyObject
 
-import dcrouter.plugins
 from dcrouter.auth.passwords import StaticPasswordChecker, parseUsers
 from dcrouter.certs.manager import CertificateSource, CertManager, FollowedCerts
-from dcrouter.config import loadConfig
+from dcrouter.compile import (
+    CompiledConfig,
+    ListenKey,
+    compileConfig,
+    loadActions,
+    loadAndCompile,
+    needsDefaultCertificate,
+)
 from dcrouter.config.dns import DnsSettings
-from dcrouter.config.email import emailRoutes
-from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
-from dcrouter.config.ini import NOT_TERMINATING
-from dcrouter.config.model import PYTHON, CertificatePair, Limits, RouteConfig, RouterConfig
-from dcrouter.config.options import RouteOptions
-from dcrouter.config.validate import checkModel
+from dcrouter.config.errors import ConfigError, ConfigErrors
+from dcrouter.config.model import CertificatePair, Limits, RouterConfig
 from dcrouter.dns.service import DNSService
-from dcrouter.http.guard import Guard, parseGuard
-from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
-from dcrouter.http.server import HTTPLayer
-from dcrouter.interfaces import IHTTPAction, IRouteAction, IStartTLSAction
-from dcrouter.mail.service import BUILT_IN_MODES, MailService, unknownModes
+from dcrouter.mail.service import MailService
 from dcrouter.ops.admin import RecentErrors, adminSite, listenAdminSocket
 from dcrouter.ops.metrics import (
     AccessCounter,
@@ -59,419 +51,16 @@ from dcrouter.ops.metrics import (
     pools,
     registryFor,
 )
-from dcrouter.proxy.gate import Gate
 from dcrouter.proxy.listener import Router, RoutingState
-from dcrouter.proxy.routetable import CompiledRoute, PortTable
 from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
+from dcrouter.threads import threadPoolOf
 from dcrouter.workers.pool import WorkerPool
 from dcrouter.workers.reports import WorkerMetrics, mergeStatus
 from dcrouter.workers.sockets import LISTEN_BACKLOG, openGroup
 
 log = Logger()
 
-ListenKey = tuple[int, str]
 
-
-_ACTION_INTERFACES = (IRouteAction, IHTTPAction)
-
-
-def loadActions() -> dict[str, Any]:
-    """
-    Every route action installed, by name, each checked with C{verifyObject}.
-
-    An action provides L{IRouteAction} (it serves connections),
-    L{IHTTPAction} (it serves HTTP requests), or both. A plugin that does
-    not provide what it claims correctly, or reuses a name, is left out with
-    a logged reason rather than breaking the others.
-    """
-    actions: dict[str, Any] = {}
-    found: dict[int, Any] = {}
-    for interface in _ACTION_INTERFACES:
-        for plugin in getPlugins(interface, dcrouter.plugins):
-            found.setdefault(id(plugin), plugin)
-    for plugin in found.values():
-        try:
-            for interface in _ACTION_INTERFACES:
-                if interface.providedBy(plugin):
-                    verifyObject(interface, plugin)
-        except Invalid as e:
-            log.error("route action plugin {plugin!r} is broken: {why}", plugin=plugin, why=e)
-            continue
-        if plugin.name in actions and actions[plugin.name] is not plugin:
-            log.error(
-                "two route action plugins are named {name!r}: {a!r} and {b!r}; using the first",
-                name=plugin.name, a=actions[plugin.name], b=plugin,
-            )
-            continue
-        actions[plugin.name] = plugin
-    return actions
-
-
-@frozen(eq=False)
-class CompiledConfig:
-    """
-    A configuration checked and ready to serve: its tables, ports and gates.
-
-    @ivar resources: what the routes' actions provisioned that runs on its
-        own (health checkers, connection pools): each has C{start()} and
-        C{stop()}, called when the configuration goes live and is retired.
-    """
-
-    config: RouterConfig
-    tables: dict[int, PortTable]
-    gate: Gate
-    resources: tuple[Any, ...] = ()
-
-    def listenKeys(self) -> set[ListenKey]:
-        return {(port, address) for port, table in self.tables.items() for address in table.bind}
-
-
-def _isHTTPOnly(action: Any) -> bool:
-    return IHTTPAction.providedBy(action) and not IRouteAction.providedBy(action)
-
-
-@frozen(eq=False)
-class _Parsed:
-    """One route after its action parsed its keys."""
-
-    route: RouteConfig
-    action: Any
-    options: Any
-    serverTLS: Any
-    gate: Optional[Gate]
-    guard: Optional[Guard] = None
-
-    @property
-    def wantsHTTP(self) -> bool:
-        """Does this route by itself make its ports HTTP ports?"""
-        config = self.route
-        return _isHTTPOnly(self.action) or bool(
-            config.paths or config.methods or config.headers
-            or (config.domains and config.tls is None)
-        )
-
-
-def _parseRoute(
-    route: RouteConfig,
-    config: RouterConfig,
-    actions: dict[str, Any],
-    defaultCert: Optional[CertificatePair],
-    clock: IReactorTime,
-    errors: ErrorCollector,
-    previousGates: dict[str, Gate],
-    threadpool: ThreadPool,
-    certs: Optional[CertificateSource] = None,
-) -> Optional[_Parsed]:
-    section = f"route:{route.name}"
-    action = actions.get(route.action)
-    if action is None:
-        known = ", ".join(sorted(actions)) or "none installed"
-        errors.add(
-            f"unknown action {route.action!r} (known: {known})",
-            route.sourceOf("action"), section, "action",
-        )
-        return None
-    options = RouteOptions(route, config.defaults, clock, config.http, config.daemon)
-    startTLSPair = route.cert or config.tls.cert
-    if IStartTLSAction.providedBy(action) and route.tls is None and startTLSPair is not None:
-        try:
-            options.serverTLS = ServerTLS(startTLSPair, config.tls)
-        except Exception as e:
-            errors.add(f"cannot use certificate: {e}", route.sourceOf("cert"), section, "cert")
-    elif route.cert is not None and route.tls is None:
-        errors.add(NOT_TERMINATING, route.sourceOf("cert"), section, "cert")
-    parsed = action.parseOptions(options)
-    guard = None
-    if IHTTPAction.providedBy(action):
-        guard = parseGuard(options, threadpool, config.ldap)
-    found = options.finish()
-    errors.extend(found)
-    httpCapable = IHTTPAction.providedBy(action)
-    l7Keys = [key for key, value in (("path", route.paths), ("method", route.methods),
-                                     ("headers", route.headers)) if value]
-    if l7Keys and not httpCapable:
-        errors.add(f"action {route.action!r} does not serve HTTP requests",
-                   route.sourceOf(l7Keys[0]), section, l7Keys[0])
-    elif (l7Keys or _isHTTPOnly(action)) and route.tls == "passthrough":
-        errors.add(f"action {route.action!r} reads HTTP, which tls = passthrough hides",
-                   route.sourceOf("tls"), section, "tls")
-    elif route.domains and route.tls is None and not httpCapable:
-        errors.add(
-            "domains of a plain route are HTTP Host names: they need tls (routes are "
-            f"told apart by SNI) or an action that serves HTTP, not {route.action!r}",
-            route.sourceOf("domains"), section, "domains",
-        )
-    serverTLS: Any = None
-    if route.tls in ("terminate", "terminate-and-reencrypt"):
-        pair = route.cert or config.tls.cert or defaultCert
-        if pair is not None:
-            try:
-                serverTLS = ServerTLS(pair, config.tls)
-            except Exception as e:
-                errors.add(f"cannot use certificate: {e}", route.sourceOf("cert"), section, "cert")
-        if route.certificate == "auto":
-            wildcards = [name for name in route.domains if name.startswith("*.")]
-            if wildcards and (config.dns is None or not config.dns.listen):
-                errors.add(
-                    f"{wildcards[0]}: a wildcard needs dns-01, answered by dcrouter's own"
-                    " DNS server: configure [dns] listen and the zone",
-                    route.sourceOf("certificate"), section, "certificate",
-                )
-            if serverTLS is not None and certs is not None:
-                serverTLS = certs.autoTLS(serverTLS, config.tls)
-    limits = route.limits
-    gate = None
-    if limits != type(limits)():
-        previous = previousGates.get(route.name)
-        reusable = previous is not None and previous.limits == limits
-        gate = previous if reusable else Gate(limits, clock)
-    if found:
-        return None
-    return _Parsed(route, action, parsed, serverTLS, gate, guard)
-
-
-def _portTables(
-    parsed: list[_Parsed],
-    config: RouterConfig,
-    clock: IReactorTime,
-    fallback: Optional[CompiledRoute],
-    certs: Optional[CertificateSource] = None,
-) -> dict[int, PortTable]:
-    """
-    One table per port; a port with an HTTP route gets an HTTP layer.
-
-    On such a port every route whose action serves HTTP (and does not pass
-    TLS through) is served at layer 7; routes with connection-only actions
-    are still told apart at layer 4, by SNI.
-    """
-    tables = {}
-    httpTLS: dict[str, Optional[ServerTLS]] = {}
-    for port in dict.fromkeys(port for item in parsed for port in item.route.ports):
-        items = [item for item in parsed if port in item.route.ports]
-        httpPort = any(item.wantsHTTP for item in items)
-        layer7 = [
-            item for item in items
-            if httpPort and IHTTPAction.providedBy(item.action) and item.route.tls != "passthrough"
-        ]
-        layer: Any = None
-        if layer7:
-            plain = [
-                HTTPRoute(i.route, i.action, i.options, i.guard)
-                for i in layer7 if i.route.tls is None
-            ]
-            secure = [
-                HTTPRoute(i.route, i.action, i.options, i.guard)
-                for i in layer7 if i.route.tls is not None
-            ]
-            layer = HTTPLayer(
-                clock, HTTPRouteTable.build(plain), HTTPRouteTable.build(secure),
-                config.http, config.defaults.trusted_proxies,
-                acmeHTTP=certs.http01.response if certs is not None else None,
-            )
-        routes = [
-            CompiledRoute(item.route, layer, None, _httpTLS(item, httpTLS), item.gate, layer7=True)
-            if item in layer7
-            else CompiledRoute(item.route, item.action, item.options, item.serverTLS, item.gate)
-            for item in items
-        ]
-        bind = items[0].route.bind or config.defaults.bind
-        tables[port] = PortTable.build(port, bind, routes, fallback)
-    return tables
-
-
-#: ALPN of terminating routes served by the HTTP layer, in order of preference.
-HTTP_ALPN = (b"h2", b"http/1.1")
-
-
-def _httpTLS(item: _Parsed, made: dict[str, Optional[ServerTLS]]) -> Optional[ServerTLS]:
-    """
-    The route's TLS for the HTTP layer: offering h2 by ALPN, made once per
-    route. If the files cannot be read again, the route's own (no ALPN).
-    """
-    if item.serverTLS is None:
-        return None
-    name = item.route.name
-    if name not in made:
-        try:
-            made[name] = item.serverTLS.withALPN(HTTP_ALPN)
-        except Exception:
-            log.failure("[route:{route}]: cannot offer h2", route=name)
-            made[name] = item.serverTLS
-    return made[name]
-
-
-def compileConfig(
-    config: RouterConfig,
-    actions: dict[str, Any],
-    clock: IReactorTime,
-    defaultCert: Optional[CertificatePair] = None,
-    previous: Optional[CompiledConfig] = None,
-    threadpool: Optional[ThreadPool] = None,
-    certs: Optional[CertificateSource] = None,
-) -> CompiledConfig:
-    """
-    Check everything a start needs short of binding ports; raise L{ConfigErrors}.
-
-    @param defaultCert: the certificate of terminating routes that name none
-        (the self-signed one); C{None} skips building their TLS contexts, as
-        C{checkconfig} does.
-    @param previous: the configuration being replaced, whose gates (and
-        their counts of live connections) carry over where limits are equal.
-    @param threadpool: where blocking credential checks (bcrypt, LDAP) run;
-        by default the reactor's.
-    """
-    if threadpool is None:
-        threadpool = _threadPoolOf(clock)
-    errors = ErrorCollector()
-    email = config.email
-    if email is not None:
-        present = {route.name for route in config.routes}
-        extra = tuple(r for r in emailRoutes(email) if r.name not in present)
-        config = evolve(config, routes=config.routes + extra)
-        known = ", ".join(BUILT_IN_MODES)
-        for rule, mode in unknownModes(email):
-            where = rule.source if rule is not None else PYTHON
-            section = f"email.rule:{rule.pattern}" if rule is not None else "email"
-            key = "mode" if rule is not None else "default_mode"
-            errors.add(f"unknown delivery mode {mode!r} (known: {known}, and plugins')",
-                       where, section, key)
-    config, modelErrors = checkModel(config)
-    errors.extend(modelErrors)
-    errors.extend(_checkAdmin(config))
-    previousGates = {} if previous is None else _gatesByRoute(previous)
-    parsed: list[_Parsed] = []
-    for route in config.routes:
-        result = _parseRoute(
-            route, config, actions, defaultCert, clock, errors, previousGates, threadpool, certs
-        )
-        if result is not None:
-            parsed.append(result)
-    fallback = None
-    if config.defaults.target is not None and "forward" in actions:
-        fallbackConfig = RouteConfig(name="defaults", ports=(), action="forward")
-        item = _parseRoute(
-            fallbackConfig, config, actions, defaultCert, clock, errors, previousGates, threadpool
-        )
-        if item is not None:
-            fallback = CompiledRoute(item.route, item.action, item.options)
-            parsed.append(item)
-    errors.raiseIfAny()
-    tables = _portTables(
-        [item for item in parsed if item.route.ports], config, clock, fallback, certs
-    )
-    globalLimits = config.defaults.limits
-    gate = (
-        previous.gate
-        if previous is not None and previous.gate.limits == globalLimits
-        else Gate(globalLimits, clock)
-    )
-    resources = tuple(
-        item.options for item in parsed
-        if callable(getattr(item.options, "start", None))
-        and callable(getattr(item.options, "stop", None))
-    )
-    return CompiledConfig(config, tables, gate, resources)
-
-
-def _checkAdmin(config: RouterConfig) -> list[ConfigError]:
-    """An admin listener off loopback must ask for a password; hashes must be hashes."""
-    admin = config.admin
-    errors = []
-    if admin.users is not None:
-        try:
-            parseUsers(admin.users.text)
-        except ValueError as e:
-            errors.append(ConfigError(str(e), admin.users.source, "admin", "users"))
-    elif admin.listen is not None and not _isLoopback(admin.listen.host):
-        errors.append(ConfigError(
-            f"the admin listener on {admin.listen} is not on loopback: set users",
-            PYTHON, "admin", "listen",
-        ))
-    return errors
-
-
-def _isLoopback(host: str) -> bool:
-    try:
-        return ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def _threadPoolOf(clock: Any) -> ThreadPool:
-    """The reactor's thread pool; a pool of its own for a clock that has none."""
-    getThreadPool = getattr(clock, "getThreadPool", None)
-    if getThreadPool is not None:
-        pool: ThreadPool = getThreadPool()
-        return pool
-    return ThreadPool(0, 4, "dcrouter-checks")
-
-
-def _gatesByRoute(compiled: CompiledConfig) -> dict[str, Gate]:
-    return {
-        route.name: route.gate
-        for table in compiled.tables.values()
-        for route in table.routes
-        if route.gate is not None
-    }
-
-
-def needsDefaultCertificate(config: RouterConfig) -> bool:
-    """Does a terminating route (the email ones too) lack a certificate of its own?"""
-    routes = config.routes + emailRoutes(config.email)
-    return config.tls.cert is None and any(
-        route.tls in ("terminate", "terminate-and-reencrypt") and route.cert is None
-        for route in routes
-    )
-
-
-def loadAndCompile(
-    path: str,
-    actions: dict[str, Any],
-    clock: IReactorTime,
-    defaultCertFor: Callable[[RouterConfig], Optional[CertificatePair]] = lambda config: None,
-    previous: Optional[CompiledConfig] = None,
-    certs: Optional[CertificateSource] = None,
-    adjust: Callable[[RouterConfig], RouterConfig] = lambda config: config,
-) -> CompiledConfig:
-    """
-    Load C{path} and compile it; raise L{ConfigErrors} with the errors of both.
-
-    C{adjust} turns the file's configuration into what this process applies
-    (a worker's share of the connection caps).
-
-    When the file has errors, the routes the loader could still make out are
-    compiled anyway, so that one run reports an unknown action beside a bad
-    port; an error on a key the loader already reported is not repeated.
-    """
-    try:
-        config = loadConfig(path)
-        loadErrors: list[ConfigError] = []
-    except ConfigErrors as e:
-        if not isinstance(e.partial, RouterConfig):
-            raise
-        config, loadErrors = e.partial, e.errors
-    config = adjust(config)
-    try:
-        compiled = compileConfig(
-            config, actions, clock, defaultCertFor(config), previous, certs=certs
-        )
-    except ConfigErrors as e:
-        reported = {(error.section, error.key) for error in loadErrors}
-        more = [error for error in e.errors if (error.section, error.key) not in reported]
-        raise ConfigErrors([*loadErrors, *more]) from None
-    if loadErrors:
-        raise ConfigErrors(loadErrors)
-    return compiled
-
-
-def checkConfigFile(path: str, actions: Optional[dict[str, Any]] = None) -> CompiledConfig:
-    """Load and check C{path} as C{checkconfig} does; raise L{ConfigErrors}."""
-    from twisted.internet.task import Clock
-
-    return loadAndCompile(path, actions if actions is not None else loadActions(), Clock())
-
-
-#: How often certificate and key files are checked for changes, in seconds.
 CERTIFICATE_WATCH_INTERVAL = 30.0
 
 
@@ -616,13 +205,13 @@ class DcRouter(MultiService):
         self.certSource: Optional[CertificateSource] = None
         if config.acme.enabled and self.isWorker:
             followed = FollowedCerts(
-                config.daemon.state_dir, self.reactor, _threadPoolOf(self.reactor)
+                config.daemon.state_dir, self.reactor, threadPoolOf(self.reactor)
             )
             followed.setServiceParent(self)
             self.certSource = followed
         elif config.acme.enabled:
             self.certs = CertManager(
-                config, self.reactor, _threadPoolOf(self.reactor),
+                config, self.reactor, threadPoolOf(self.reactor),
                 self.dns if config.dns is not None and config.dns.listen else None,
                 publish=role.kind == "supervisor",
             )
@@ -635,7 +224,7 @@ class DcRouter(MultiService):
             )
             self.mail = MailService(
                 config.email, config.daemon.state_dir, ServerTLS(pair, config.tls),
-                self.reactor, _threadPoolOf(self.reactor), config.ldap,
+                self.reactor, threadPoolOf(self.reactor), config.ldap,
             )
             self.mail.setServiceParent(self)
         self.adminPorts: list[IListeningPort] = []
@@ -760,7 +349,7 @@ class DcRouter(MultiService):
         checker = None
         if admin.users is not None:
             checker = StaticPasswordChecker(
-                parseUsers(admin.users.text), self.reactor, _threadPoolOf(self.reactor),
+                parseUsers(admin.users.text), self.reactor, threadPoolOf(self.reactor),
                 self.reactor,
             )
         registry = registryFor(self.routerCollector(), ServicesCollector(self.serviceMetrics))

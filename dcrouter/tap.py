@@ -17,10 +17,11 @@ from twisted.logger import ILogObserver, jsonFileLogObserver
 from twisted.python import usage
 from twisted.python.components import Componentized
 
+from dcrouter.compile import checkConfigFile
 from dcrouter.config.errors import ConfigErrors
 from dcrouter.config.model import RouterConfig
 from dcrouter.ops.logtext import textLogObserver
-from dcrouter.service import DcRouter, ProcessRole, checkConfigFile
+from dcrouter.service import DcRouter, ProcessRole
 
 
 class Options(usage.Options):

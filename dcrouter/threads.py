@@ -94,3 +94,12 @@ class ThreadCalls:
             raise CallTimedOut(f"no answer within {limit:g} s")
 
         return d.addErrback(timedOut)
+
+
+def threadPoolOf(clock: Any) -> ThreadPool:
+    """The reactor's thread pool; a pool of its own for a clock that has none."""
+    getThreadPool = getattr(clock, "getThreadPool", None)
+    if getThreadPool is not None:
+        pool: ThreadPool = getThreadPool()
+        return pool
+    return ThreadPool(0, 4, "dcrouter-checks")

@@ -4,8 +4,7 @@ the ready-to-serve L{CertificateEntry}.
 
 Works on cryptography 38 / pyOpenSSL 23 (Debian bookworm) up to the newest:
 cryptography 38 cannot load a PEM bundle in one call, so chains are split
-here, and pyOpenSSL before 24.3 takes only its own key and certificate
-wrappers.
+here.
 """
 
 from __future__ import annotations
@@ -20,9 +19,10 @@ from attrs import field, frozen
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 from dcrouter.certs.names import lookupCandidates, normalizedOrNone
+from dcrouter.tlspolicy import serverContext
 
 __all__ = [
     "CertificateEntry",
@@ -122,34 +122,18 @@ def loadPair(keyPEM: bytes, chainPEM: bytes, origin: str) -> tuple[Any, list[x50
     return key, chain
 
 
-def _load(method: Callable[[Any], None], native: Any, wrap: Callable[[Any], Any]) -> None:
-    """Give a cryptography object to pyOpenSSL (>= 24.3 takes it, 23 wants a wrapper)."""
-    try:
-        method(native)
-    except TypeError:
-        method(wrap(native))
-
-
 def defaultContext(chain: Sequence[x509.Certificate], key: Any) -> SSL.Context:
     """
-    A server C{SSL.Context} serving C{chain} with C{key}: TLS 1.2 and up,
-    no compression, no renegotiation, OpenSSL's default ciphers.
+    A server C{SSL.Context} serving C{chain} with C{key} under the routes'
+    default policy (L{dcrouter.tlspolicy}): TLS 1.2 and up, the default
+    cipher suites in the server's order, no compression, no renegotiation.
 
     @raise CertificateError: OpenSSL refuses the pair.
     """
-    context = SSL.Context(SSL.TLS_SERVER_METHOD)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
-    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
-    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     try:
-        _load(context.use_certificate, chain[0], crypto.X509.from_cryptography)
-        for intermediate in chain[1:]:
-            _load(context.add_extra_chain_cert, intermediate, crypto.X509.from_cryptography)
-        _load(context.use_privatekey, key, crypto.PKey.from_cryptography_key)
-        context.check_privatekey()
+        return serverContext(chain, key)
     except SSL.Error as e:
         raise CertificateError(f"OpenSSL refuses the certificate: {e}") from e
-    return context
 
 
 @frozen

@@ -1,7 +1,7 @@
 """
 Checks of a whole model that no single key can make, for every front end.
 
-The INI loader runs them on what it read; L{dcrouter.service.compileConfig}
+The INI loader runs them on what it read; L{dcrouter.compile.compileConfig}
 runs them again on whatever it is given, so that a configuration built in
 Python meets the same rules as one read from a file.
 """

@@ -108,8 +108,8 @@ async def test_admin_users_require_basic_auth():
 def test_an_admin_listener_off_loopback_needs_users():
     import pytest
 
+    from dcrouter.compile import compileConfig, loadActions
     from dcrouter.config import ConfigErrors
-    from dcrouter.service import compileConfig, loadActions
 
     config = RouterConfig(
         routes=(RouteConfig(name="x", ports=(8080,), action="block"),),

@@ -107,7 +107,7 @@ def test_dns_errors_join_the_rest_with_their_lines(tmp_path):
 
 
 def test_a_python_built_dns_model_is_checked_by_compile():
-    from dcrouter.service import compileConfig, loadActions
+    from dcrouter.compile import compileConfig, loadActions
 
     zone = DnsZone("example.test", (DnsRecord("www.example.test", "A", ("not an address",)),))
     config = RouterConfig(

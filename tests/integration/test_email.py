@@ -262,8 +262,8 @@ async def test_a_delivery_mode_plugin_delivers_by_rule(tmp_path, monkeypatch):
 def test_an_unknown_delivery_mode_is_a_config_error(tmp_path):
     import pytest
 
+    from dcrouter.compile import checkConfigFile
     from dcrouter.config import ConfigErrors
-    from dcrouter.service import checkConfigFile
 
     path = tmp_path / "dcrouter.ini"
     path.write_text("[email]\nhostname = mx.example.test\nports = 2525\n"

@@ -6,10 +6,11 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
+from dcrouter.compile import compileConfig, loadActions
 from dcrouter.config import ConfigErrors, loadConfig
 from dcrouter.config.model import RouteConfig, RouterConfig, TlsSettings
 from dcrouter.proxy.tls import ensureSelfSigned
-from dcrouter.service import DcRouter, compileConfig, endpointString, loadActions
+from dcrouter.service import DcRouter, endpointString
 from tests.helpers import Backend, connect, freePort, listen
 
 
@@ -139,7 +140,7 @@ async def test_a_port_in_use_stops_the_start_with_a_clear_message():
 
 
 def test_one_run_reports_loader_and_plugin_errors_together(tmp_path):
-    from dcrouter.service import checkConfigFile
+    from dcrouter.compile import checkConfigFile
 
     path = tmp_path / "bad.ini"
     path.write_text(
@@ -197,7 +198,7 @@ class ExplodingAction:
 
 @pytest_twisted.ensureDeferred
 async def test_a_reload_that_raises_keeps_the_running_configuration(tmp_path):
-    from dcrouter.service import loadActions
+    from dcrouter.compile import loadActions
 
     backend = Backend(greeting=b"1")
     backendPort = await listen(backend)

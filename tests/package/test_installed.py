@@ -155,7 +155,7 @@ def dcrouter_version() -> str:
 
 def test_config_is_a_conffile_with_a_safe_default() -> None:
     assert str(CONFIG) in dpkg_query("Conffiles")
-    from dcrouter.service import checkConfigFile
+    from dcrouter.compile import checkConfigFile
 
     config = checkConfigFile(str(CONFIG)).config
     assert config.daemon.state_dir == str(STATE)

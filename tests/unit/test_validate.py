@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
+from dcrouter.compile import compileConfig, loadActions
 from dcrouter.config import ConfigErrors
 from dcrouter.config.model import RouteConfig, RouterConfig
 from dcrouter.config.validate import checkModel, portList
-from dcrouter.service import compileConfig, loadActions
 
 
 def route(name="r", ports=(8080,), **kwargs):
