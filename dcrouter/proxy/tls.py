@@ -56,6 +56,7 @@ from twisted.internet.ssl import (
     platformTrust,
     trustRootFromCertificates,
 )
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
@@ -337,6 +338,61 @@ def contextFor(
     return context
 
 
+#: Twisted's TLS protocol class: BufferingTLSTransport (small writes batched
+#: until the next reactor turn) after 22.4, TLSMemoryBIOProtocol on 22.4.
+_TLSProtocol: Any = TLSMemoryBIOFactory.protocol
+
+
+class _ServerTLSProtocol(_TLSProtocol):
+    """
+    Twisted's TLS protocol, less two pieces of per-connection set-up that do
+    nothing for the server side of L{wrapServer}.
+
+    Twisted's C{makeConnection} first calls C{directlyProvides(self, i)} for
+    each interface the transport provides (each call replacing the one
+    before, each building a new zope.interface declaration) and then, through
+    C{ProtocolWrapper.makeConnection}, provides all of them at once: only that
+    last step is kept, so the transport ends up providing the same interfaces.
+    It then calls C{do_handshake()}, which for a server that has read nothing
+    yet can only fail with C{WantReadError} and leave nothing to send; the
+    first C{dataReceived} starts the handshake instead.
+    Everything after C{makeConnection} is Twisted's own code.
+    """
+
+    factory: _ServerTLSFactory
+
+    def makeConnection(self, transport: Any) -> None:
+        if not self._connectWrapped:
+            super().makeConnection(transport)
+            return
+        connection = self.factory.serverCreator.serverConnectionForTLS(self)
+        connection.set_accept_state()
+        connection.set_app_data(self)
+        self._tlsConnection = connection
+        self._appSendBuffer: list[bytes] = []
+        # Provides the transport's interfaces, connects self, then the wrapped protocol.
+        ProtocolWrapper.makeConnection(self, transport)
+
+
+class _ServerTLSFactory(TLSMemoryBIOFactory):
+    """The factory of one L{_ServerTLSProtocol}: its creator and clock, no registry."""
+
+    protocol = _ServerTLSProtocol
+
+    def __init__(
+        self, creator: IOpenSSLServerConnectionCreator, clock: Optional[IReactorTime]
+    ) -> None:
+        extra = {"clock": clock} if clock is not None and _FACTORY_TAKES_CLOCK else {}
+        super().__init__(creator, False, Factory(), **extra)
+        self.serverCreator = creator
+
+    def registerProtocol(self, p: Any) -> None:
+        pass
+
+    def unregisterProtocol(self, p: Any) -> None:
+        pass
+
+
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
 class ServerTLS:
     """
@@ -436,10 +492,13 @@ def wrapServer(
     C{getHandle()} (for SNI: C{getHandle().get_servername()}); a C{protocol}
     that provides C{IHandshakeListener} is told of it.
 
+    @param serverTLS: a L{ServerTLS}, or any other C{IOpenSSLServerConnectionCreator}.
     @param clock: the reactor; Twisted after 22.4 uses it to batch small
         writes (22.4 does not batch). Without it Twisted takes the global reactor.
     """
-    return _wrapTLS(serverTLS, False, protocol, clock)
+    if not IOpenSSLServerConnectionCreator.providedBy(serverTLS):
+        return _wrapTLS(serverTLS, False, protocol, clock)
+    return _ServerTLSProtocol(_ServerTLSFactory(serverTLS, clock), protocol)
 
 
 # -- re-encrypting towards a backend --------------------------------------------
