@@ -65,6 +65,7 @@ from dcrouter.config.model import CertificatePair, TlsSettings
 __all__ = [
     "DEFAULT_CIPHERS",
     "SELF_SIGNED_DAYS",
+    "ServerFactories",
     "ServerTLS",
     "TLSSetupError",
     "clientTLS",
@@ -375,7 +376,10 @@ class _ServerTLSProtocol(_TLSProtocol):
 
 
 class _ServerTLSFactory(TLSMemoryBIOFactory):
-    """The factory of one L{_ServerTLSProtocol}: its creator and clock, no registry."""
+    """
+    Makes the L{_ServerTLSProtocol}s of one server connection creator and
+    clock; shared by all of their connections, so it keeps no registry of them.
+    """
 
     protocol = _ServerTLSProtocol
 
@@ -393,8 +397,26 @@ class _ServerTLSFactory(TLSMemoryBIOFactory):
         pass
 
 
+class ServerFactories:
+    """
+    A mix-in for server connection creators: the L{_ServerTLSFactory} of each
+    clock, made once, for L{wrapServer} to share between connections.
+    """
+
+    _tlsFactories: Optional[dict[Any, _ServerTLSFactory]] = None
+
+    def tlsFactory(self, clock: Optional[IReactorTime]) -> _ServerTLSFactory:
+        factories = self._tlsFactories
+        if factories is None:
+            factories = self._tlsFactories = {}
+        factory = factories.get(clock)
+        if factory is None:
+            factory = factories[clock] = _ServerTLSFactory(self, clock)  # type: ignore[arg-type]
+        return factory
+
+
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
-class ServerTLS:
+class ServerTLS(ServerFactories):
     """
     The server side of TLS termination for one certificate.
 
@@ -492,13 +514,19 @@ def wrapServer(
     C{getHandle()} (for SNI: C{getHandle().get_servername()}); a C{protocol}
     that provides C{IHandshakeListener} is told of it.
 
-    @param serverTLS: a L{ServerTLS}, or any other C{IOpenSSLServerConnectionCreator}.
+    @param serverTLS: a L{ServerTLS}, or any other
+        C{IOpenSSLServerConnectionCreator} (one that is also L{ServerFactories}
+        shares its Twisted factory between connections).
     @param clock: the reactor; Twisted after 22.4 uses it to batch small
         writes (22.4 does not batch). Without it Twisted takes the global reactor.
     """
-    if not IOpenSSLServerConnectionCreator.providedBy(serverTLS):
+    if isinstance(serverTLS, ServerFactories):
+        factory = serverTLS.tlsFactory(clock)
+    elif IOpenSSLServerConnectionCreator.providedBy(serverTLS):
+        factory = _ServerTLSFactory(serverTLS, clock)
+    else:
         return _wrapTLS(serverTLS, False, protocol, clock)
-    return _ServerTLSProtocol(_ServerTLSFactory(serverTLS, clock), protocol)
+    return _ServerTLSProtocol(factory, protocol)
 
 
 # -- re-encrypting towards a backend --------------------------------------------

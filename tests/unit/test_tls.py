@@ -6,8 +6,10 @@ cryptography (a root CA, an intermediate, leaves; another CA nobody trusts).
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
+import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
@@ -446,6 +448,30 @@ def test_wrapServerAbortedBeforeTheHello(pki: PKI) -> None:
     assert transport.disconnecting and transport.value() == b""
     server.connectionLost(Failure(ConnectionDone()))
     assert serverPeer.lostReason is not None and not serverPeer.handshakeDone
+
+
+def test_wrapServerSharesOneFactoryPerClock(pki: PKI) -> None:
+    """
+    The connections of one L{ServerTLS} share Twisted's factory (one per
+    clock), which holds no reference to them once they are gone.
+    """
+    serverTLS = ServerTLS(pki.backend, TlsSettings())
+    clock, otherClock = Clock(), Clock()
+    first = wrapServer(serverTLS, Peer(), clock=clock)
+    second = wrapServer(serverTLS, Peer(), clock=clock)
+    assert first is not second and first.factory is second.factory
+    assert wrapServer(serverTLS, Peer(), clock=otherClock).factory is not first.factory
+    assert wrapServer(serverTLS.withALPN([b"h2"]), Peer(), clock=clock).factory is not first.factory
+
+    w, serverPeer, clientPeer = handshake(serverTLS, trusting(pki.root))
+    assertConnected(serverPeer, clientPeer)
+    w.server.loseConnection()
+    w.pump()
+    assert not w.server.connected
+    gone = weakref.ref(w.server)
+    del w, serverPeer, clientPeer
+    gc.collect()
+    assert gone() is None
 
 
 @implementer(IOpenSSLServerConnectionCreator)
