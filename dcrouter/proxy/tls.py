@@ -58,6 +58,7 @@ from twisted.internet.ssl import (
 )
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.model import CertificatePair, TlsSettings
@@ -357,7 +358,9 @@ class _ServerTLSProtocol(_TLSProtocol):
     It then calls C{do_handshake()}, which for a server that has read nothing
     yet can only fail with C{WantReadError} and leave nothing to send; the
     first C{dataReceived} starts the handshake instead.
-    Everything after C{makeConnection} is Twisted's own code.
+    Everything after C{makeConnection} is Twisted's own code, except that the
+    error of a TLS connection ended by an unexpected EOF, which Twisted does
+    not pass on, is freed at once (L{_tlsShutdownFinished}).
     """
 
     factory: _ServerTLSFactory
@@ -373,6 +376,18 @@ class _ServerTLSProtocol(_TLSProtocol):
         self._appSendBuffer: list[bytes] = []
         # Provides the transport's interfaces, connects self, then the wrapped protocol.
         ProtocolWrapper.makeConnection(self, transport)
+
+    def _tlsShutdownFinished(self, reason: Optional[Failure]) -> None:
+        super()._tlsShutdownFinished(reason)
+        if reason is not None and self._reason is not reason:
+            # Not passed on: Twisted reports an unexpected EOF (a client that
+            # closed TCP without close_notify, as most do) as ConnectionLost.
+            # Its traceback's frames hold this protocol and its OpenSSL
+            # connection in a reference cycle that only the garbage
+            # collector would free; drop it.
+            reason.tb = None
+            if reason.value is not None:
+                reason.value.__traceback__ = None
 
 
 class _ServerTLSFactory(TLSMemoryBIOFactory):

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
@@ -472,6 +472,30 @@ def test_wrapServerSharesOneFactoryPerClock(pki: PKI) -> None:
     del w, serverPeer, clientPeer
     gc.collect()
     assert gone() is None
+
+
+def test_clientGoneWithoutCloseNotifyLeavesNoGarbage(pki: PKI) -> None:
+    """
+    A client that closes TCP without a TLS close_notify (most do): the
+    application is told C{ConnectionLost}, as Twisted does, and the TLS
+    protocol and its OpenSSL connection are freed at once, not left in a
+    reference cycle (through the error's traceback) for the garbage collector.
+    """
+    serverTLS = ServerTLS(pki.backend, TlsSettings())
+    w, serverPeer, clientPeer = handshake(serverTLS, trusting(pki.root))
+    assertConnected(serverPeer, clientPeer)
+    gc.collect()
+    gc.disable()
+    try:
+        server = weakref.ref(w.server)
+        connection = weakref.ref(w.server.getHandle())
+        w.server.connectionLost(Failure(ConnectionDone()))
+        assert serverPeer.lostReason is not None
+        assert serverPeer.lostReason.check(ConnectionLost)
+        del w, serverPeer, clientPeer
+        assert server() is None and connection() is None
+    finally:
+        gc.enable()
 
 
 @implementer(IOpenSSLServerConnectionCreator)
