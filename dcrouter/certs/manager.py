@@ -37,7 +37,7 @@ from dcrouter.certs.material import CertificateEntry, splitPEM
 from dcrouter.certs.shared import ChallengeFiles, Published
 from dcrouter.certs.store import DirectoryStore
 from dcrouter.config.model import RouterConfig, TlsSettings
-from dcrouter.proxy.tls import ServerTLS, contextFor
+from dcrouter.proxy.tls import ServerFactories, ServerTLS, contextFor
 
 log = Logger()
 
@@ -46,8 +46,8 @@ FOLLOW_INTERVAL = 2.0
 
 
 @implementer(IOpenSSLServerConnectionCreator)
-class _Creator:
-    """Server connections on one prepared context."""
+class _Creator(ServerFactories):
+    """Server connections on one prepared context (one Twisted factory for all, per clock)."""
 
     def __init__(self, context: SSL.Context) -> None:
         self.context = context

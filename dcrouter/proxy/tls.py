@@ -56,7 +56,9 @@ from twisted.internet.ssl import (
     platformTrust,
     trustRootFromCertificates,
 )
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.model import CertificatePair, TlsSettings
@@ -64,6 +66,7 @@ from dcrouter.config.model import CertificatePair, TlsSettings
 __all__ = [
     "DEFAULT_CIPHERS",
     "SELF_SIGNED_DAYS",
+    "ServerFactories",
     "ServerTLS",
     "TLSSetupError",
     "clientTLS",
@@ -337,8 +340,98 @@ def contextFor(
     return context
 
 
+#: Twisted's TLS protocol class: BufferingTLSTransport (small writes batched
+#: until the next reactor turn) after 22.4, TLSMemoryBIOProtocol on 22.4.
+_TLSProtocol: Any = TLSMemoryBIOFactory.protocol
+
+
+class _ServerTLSProtocol(_TLSProtocol):
+    """
+    Twisted's TLS protocol, less two pieces of per-connection set-up that do
+    nothing for the server side of L{wrapServer}.
+
+    Twisted's C{makeConnection} first calls C{directlyProvides(self, i)} for
+    each interface the transport provides (each call replacing the one
+    before, each building a new zope.interface declaration) and then, through
+    C{ProtocolWrapper.makeConnection}, provides all of them at once: only that
+    last step is kept, so the transport ends up providing the same interfaces.
+    It then calls C{do_handshake()}, which for a server that has read nothing
+    yet can only fail with C{WantReadError} and leave nothing to send; the
+    first C{dataReceived} starts the handshake instead.
+    Everything after C{makeConnection} is Twisted's own code, except that the
+    error of a TLS connection ended by an unexpected EOF, which Twisted does
+    not pass on, is freed at once (L{_tlsShutdownFinished}).
+    """
+
+    factory: _ServerTLSFactory
+
+    def makeConnection(self, transport: Any) -> None:
+        if not self._connectWrapped:
+            super().makeConnection(transport)
+            return
+        connection = self.factory.serverCreator.serverConnectionForTLS(self)
+        connection.set_accept_state()
+        connection.set_app_data(self)
+        self._tlsConnection = connection
+        self._appSendBuffer: list[bytes] = []
+        # Provides the transport's interfaces, connects self, then the wrapped protocol.
+        ProtocolWrapper.makeConnection(self, transport)
+
+    def _tlsShutdownFinished(self, reason: Optional[Failure]) -> None:
+        super()._tlsShutdownFinished(reason)
+        if reason is not None and self._reason is not reason:
+            # Not passed on: Twisted reports an unexpected EOF (a client that
+            # closed TCP without close_notify, as most do) as ConnectionLost.
+            # Its traceback's frames hold this protocol and its OpenSSL
+            # connection in a reference cycle that only the garbage
+            # collector would free; drop it.
+            reason.tb = None
+            if reason.value is not None:
+                reason.value.__traceback__ = None
+
+
+class _ServerTLSFactory(TLSMemoryBIOFactory):
+    """
+    Makes the L{_ServerTLSProtocol}s of one server connection creator and
+    clock; shared by all of their connections, so it keeps no registry of them.
+    """
+
+    protocol = _ServerTLSProtocol
+
+    def __init__(
+        self, creator: IOpenSSLServerConnectionCreator, clock: Optional[IReactorTime]
+    ) -> None:
+        extra = {"clock": clock} if clock is not None and _FACTORY_TAKES_CLOCK else {}
+        super().__init__(creator, False, Factory(), **extra)
+        self.serverCreator = creator
+
+    def registerProtocol(self, p: Any) -> None:
+        pass
+
+    def unregisterProtocol(self, p: Any) -> None:
+        pass
+
+
+class ServerFactories:
+    """
+    A mix-in for server connection creators: the L{_ServerTLSFactory} of each
+    clock, made once, for L{wrapServer} to share between connections.
+    """
+
+    _tlsFactories: Optional[dict[Any, _ServerTLSFactory]] = None
+
+    def tlsFactory(self, clock: Optional[IReactorTime]) -> _ServerTLSFactory:
+        factories = self._tlsFactories
+        if factories is None:
+            factories = self._tlsFactories = {}
+        factory = factories.get(clock)
+        if factory is None:
+            factory = factories[clock] = _ServerTLSFactory(self, clock)  # type: ignore[arg-type]
+        return factory
+
+
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
-class ServerTLS:
+class ServerTLS(ServerFactories):
     """
     The server side of TLS termination for one certificate.
 
@@ -436,10 +529,19 @@ def wrapServer(
     C{getHandle()} (for SNI: C{getHandle().get_servername()}); a C{protocol}
     that provides C{IHandshakeListener} is told of it.
 
+    @param serverTLS: a L{ServerTLS}, or any other
+        C{IOpenSSLServerConnectionCreator} (one that is also L{ServerFactories}
+        shares its Twisted factory between connections).
     @param clock: the reactor; Twisted after 22.4 uses it to batch small
         writes (22.4 does not batch). Without it Twisted takes the global reactor.
     """
-    return _wrapTLS(serverTLS, False, protocol, clock)
+    if isinstance(serverTLS, ServerFactories):
+        factory = serverTLS.tlsFactory(clock)
+    elif IOpenSSLServerConnectionCreator.providedBy(serverTLS):
+        factory = _ServerTLSFactory(serverTLS, clock)
+    else:
+        return _wrapTLS(serverTLS, False, protocol, clock)
+    return _ServerTLSProtocol(factory, protocol)
 
 
 # -- re-encrypting towards a backend --------------------------------------------

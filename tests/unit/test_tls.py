@@ -6,8 +6,10 @@ cryptography (a root CA, an intermediate, leaves; another CA nobody trusts).
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
+import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
@@ -20,11 +22,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
+    ISSLTransport,
+    ISystemHandle,
+    ITCPTransport,
+    ITransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import (
@@ -36,7 +43,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementer, providedBy
 from zope.interface.verify import verifyObject
 
 from dcrouter.config.model import CertificatePair, TlsSettings
@@ -390,6 +397,135 @@ def test_handOffAfterClientHelloWasRead(pki: PKI) -> None:
     w.server.dataReceived(hello[7:])
     w.pump()
     assertConnected(serverPeer, clientPeer)
+
+
+@implementer(ITCPTransport, ISystemHandle)
+class TCPLikeTransport(StringTransport):
+    """A StringTransport that also declares what a TCP transport does."""
+
+    def abortConnection(self) -> None:
+        self.disconnecting = True
+
+
+def test_wrapServerProvidesTheTransportsInterfaces(pki: PKI) -> None:
+    """What the wrapped protocol's transport provides: Twisted's TLS layer's, plus the TCP's."""
+    serverPeer = Peer()
+    server = wrapServer(ServerTLS(pki.backend, TlsSettings()), serverPeer, clock=Clock())
+    transport = TCPLikeTransport()
+    server.makeConnection(transport)
+    assert serverPeer.transport is server
+    for interface in (ITCPTransport, ISystemHandle, ISSLTransport, ITransport):
+        assert interface.providedBy(server), interface
+    assert set(providedBy(transport)) <= set(providedBy(server))
+
+
+def test_wrapServerSendsNothingUntilTheHello(pki: PKI) -> None:
+    """A server has nothing to say before the ClientHello; the handshake starts with it."""
+    serverPeer, clientPeer = Peer(b"pong"), Peer(b"ping")
+    w = wire(
+        ServerTLS(pki.backend, TlsSettings()), trusting(pki.root), serverPeer, clientPeer,
+        connect=False,
+    )
+    w.server.makeConnection(w.serverTransport)
+    assert w.serverTransport.value() == b"" and not serverPeer.handshakeDone
+    w.client.makeConnection(w.clientTransport)
+    w.pump()
+    assertConnected(serverPeer, clientPeer)
+
+
+def test_wrapServerAbortedBeforeTheHello(pki: PKI) -> None:
+    """A protocol that aborts at once: nothing is sent, the connection goes."""
+
+    class Refuser(Peer):
+        def connectionMade(self) -> None:
+            assert self.transport is not None
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    serverPeer = Refuser()
+    server = wrapServer(ServerTLS(pki.backend, TlsSettings()), serverPeer, clock=Clock())
+    transport = TCPLikeTransport()
+    server.makeConnection(transport)
+    assert transport.disconnecting and transport.value() == b""
+    server.connectionLost(Failure(ConnectionDone()))
+    assert serverPeer.lostReason is not None and not serverPeer.handshakeDone
+
+
+def test_wrapServerSharesOneFactoryPerClock(pki: PKI) -> None:
+    """
+    The connections of one L{ServerTLS} share Twisted's factory (one per
+    clock), which holds no reference to them once they are gone.
+    """
+    serverTLS = ServerTLS(pki.backend, TlsSettings())
+    clock, otherClock = Clock(), Clock()
+    first = wrapServer(serverTLS, Peer(), clock=clock)
+    second = wrapServer(serverTLS, Peer(), clock=clock)
+    assert first is not second and first.factory is second.factory
+    assert wrapServer(serverTLS, Peer(), clock=otherClock).factory is not first.factory
+    assert wrapServer(serverTLS.withALPN([b"h2"]), Peer(), clock=clock).factory is not first.factory
+
+    w, serverPeer, clientPeer = handshake(serverTLS, trusting(pki.root))
+    assertConnected(serverPeer, clientPeer)
+    w.server.loseConnection()
+    w.pump()
+    assert not w.server.connected
+    gone = weakref.ref(w.server)
+    del w, serverPeer, clientPeer
+    gc.collect()
+    assert gone() is None
+
+
+def test_clientGoneWithoutCloseNotifyLeavesNoGarbage(pki: PKI) -> None:
+    """
+    A client that closes TCP without a TLS close_notify (most do): the
+    application is told C{ConnectionLost}, as Twisted does, and the TLS
+    protocol and its OpenSSL connection are freed at once, not left in a
+    reference cycle (through the error's traceback) for the garbage collector.
+    """
+    serverTLS = ServerTLS(pki.backend, TlsSettings())
+    w, serverPeer, clientPeer = handshake(serverTLS, trusting(pki.root))
+    assertConnected(serverPeer, clientPeer)
+    gc.collect()
+    gc.disable()
+    try:
+        server = weakref.ref(w.server)
+        connection = weakref.ref(w.server.getHandle())
+        w.server.connectionLost(Failure(ConnectionDone()))
+        assert serverPeer.lostReason is not None
+        assert serverPeer.lostReason.check(ConnectionLost)
+        del w, serverPeer, clientPeer
+        assert server() is None and connection() is None
+    finally:
+        gc.enable()
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class OtherCreator:
+    """A server connection creator that is not dcrouter's own."""
+
+    def __init__(self, serverTLS: ServerTLS) -> None:
+        self.context = serverTLS.getContext()
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self.context, None)
+
+
+@implementer(IOpenSSLContextFactory)
+class ContextOnly:
+    """The oldest kind: only C{getContext}."""
+
+    def __init__(self, serverTLS: ServerTLS) -> None:
+        self.context = serverTLS.getContext()
+
+    def getContext(self) -> SSL.Context:
+        return self.context
+
+
+@pytest.mark.parametrize("kind", [OtherCreator, ContextOnly])
+def test_wrapServerTakesOtherCreators(pki: PKI, kind: Any) -> None:
+    creator = kind(ServerTLS(pki.backend, TlsSettings()))
+    w, serverPeer, clientPeer = handshake(creator, trusting(pki.root))
+    assertConnected(serverPeer, clientPeer)
+    assert w.server.getHandle().get_servername() == b"backend.test"
 
 
 def test_minimumVersion13RefusesTLS12Client(pki: PKI) -> None:
