@@ -30,7 +30,7 @@ import inspect
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
 from typing import Any, Optional
@@ -62,6 +62,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.model import CertificatePair, TlsSettings
+from dcrouter.tlspolicy import DEFAULT_CIPHERS, TLSPolicyError, serverContext
 
 __all__ = [
     "DEFAULT_CIPHERS",
@@ -74,25 +75,8 @@ __all__ = [
     "wrapServer",
 ]
 
-#: TLS 1.2 suites when C{[tls] ciphers} is unset: Mozilla's "intermediate"
-#: list less its DHE suites (no DH parameters are configured), in the order the
-#: server prefers them. TLS 1.3 suites are OpenSSL's defaults, all of them
-#: AEAD; a cipher string does not touch them.
-DEFAULT_CIPHERS = (
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
-)
-
 #: How long a generated self-signed certificate is valid.
 SELF_SIGNED_DAYS = 365
-
-_MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
-
-#: SSL_OP_PRIORITIZE_CHACHA (OpenSSL >= 1.1.1), which pyOpenSSL does not name:
-#: under server preference, ChaCha20 still wins for a client that lists it
-#: first (one without AES hardware).
-_OP_PRIORITIZE_CHACHA = 0x00200000
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
@@ -250,19 +234,6 @@ def _pemCertificates(path: str) -> list[bytes]:
     return blocks
 
 
-def _load(method: Callable[[Any], None], native: Any, wrap: Callable[[Any], Any]) -> None:
-    """
-    Give a cryptography object to a pyOpenSSL C{Context} method.
-
-    pyOpenSSL >= 24.3 takes cryptography's objects and deprecates its own
-    wrappers; pyOpenSSL 23 accepts only the wrappers.
-    """
-    try:
-        method(native)
-    except TypeError:
-        method(wrap(native))
-
-
 def _serverContext(
     pair: CertificatePair, settings: TlsSettings, alpn: tuple[bytes, ...]
 ) -> SSL.Context:
@@ -299,35 +270,11 @@ def contextFor(
     @raise TLSSetupError: OpenSSL refuses them, or the policy is unusable.
     """
     try:
-        minimum = _MIN_VERSIONS[settings.min_version]
-    except KeyError:
-        raise TLSSetupError(f"min_version {settings.min_version!r} is not 1.2 or 1.3") from None
-    context = SSL.Context(SSL.TLS_SERVER_METHOD)
-    context.set_min_proto_version(minimum)
-    # Session tickets and the server session cache stay on (OpenSSL's
-    # defaults); ECDH groups are chosen automatically by OpenSSL >= 1.1.0.
-    # The server's cipher order decides, not the client's (a client listing
-    # a weaker suite first does not get it), except for ChaCha20 first.
-    context.set_options(
-        SSL.OP_NO_COMPRESSION
-        | SSL.OP_NO_RENEGOTIATION
-        | SSL.OP_CIPHER_SERVER_PREFERENCE
-        | _OP_PRIORITIZE_CHACHA
-    )
-    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    try:
-        _load(context.use_certificate, chain[0], crypto.X509.from_cryptography)
-        for intermediate in chain[1:]:
-            _load(context.add_extra_chain_cert, intermediate, crypto.X509.from_cryptography)
-        _load(context.use_privatekey, key, crypto.PKey.from_cryptography_key)
-        context.check_privatekey()
+        context = serverContext(chain, key, settings.min_version, settings.ciphers)
+    except TLSPolicyError as e:
+        raise TLSSetupError(str(e)) from e
     except SSL.Error as e:
         raise TLSSetupError(f"{where}: OpenSSL refuses them: {e}") from e
-    ciphers = settings.ciphers or DEFAULT_CIPHERS
-    try:
-        context.set_cipher_list(ciphers.encode("ascii"))
-    except (SSL.Error, UnicodeEncodeError) as e:
-        raise TLSSetupError(f"ciphers {ciphers!r} selects no usable cipher") from e
     if alpn:
 
         def selectProtocol(connection: SSL.Connection, offered: list[bytes]) -> Any:
