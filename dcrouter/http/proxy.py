@@ -80,6 +80,14 @@ class ProxyRoute:
     hostHeader: Optional[bytes] = None
 
 
+def authority(address: HostPort) -> bytes:
+    """C{host:port} of a target, for a Host header (C{[v6]:port}, IDNA names)."""
+    host = address.host
+    if ":" in host:
+        return b"[%s]:%d" % (host.encode("ascii"), address.port)
+    return b"%s:%d" % (host.encode("idna"), address.port)
+
+
 def forwardedHeaders(exchange: IHTTPExchange, host: bool = True) -> list[tuple[bytes, bytes]]:
     """
     The request's end-to-end headers, without framing ones (and without
@@ -249,8 +257,9 @@ class Relay(BackendUser):
         # The Host the request was routed by, also for an absolute-form
         # target (whose authority overrides the client's Host header).
         host = self.route.hostHeader if self.route.hostHeader is not None else request.host
-        if host:
-            headers.insert(0, (b"Host", host))
+        # HTTP/1.1 needs a Host (RFC 9112 3.2): an HTTP/1.0 request without
+        # one gets the target's authority, as nginx's $proxy_host does.
+        headers.insert(0, (b"Host", host or authority(self.target.address)))
         kind = request.body.kind
         if kind == "length":
             headers.append((b"Content-Length", b"%d" % request.body.length))

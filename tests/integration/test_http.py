@@ -641,3 +641,20 @@ async def test_stop_closes_idle_keep_alive_connections_without_waiting_for_the_d
     await service.stopService()
     await client.closed
     assert reactor.seconds() - started < 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http10_request_without_host_gets_the_targets_authority():
+    """The backend is spoken to in HTTP/1.1, which requires a Host header."""
+    echo, backend = await echoBackend()
+    port = freePort()
+    target = f"127.0.0.1:{backend.getHost().port}"
+    service, _ = await startRouter(httpRoute("web", port, target))
+    try:
+        (answer,), _ = await ask(port, b"GET /small HTTP/1.0\r\n\r\n")
+        status, headers, body = answer
+        assert status == 200
+        assert json.loads(body)["headers"]["host"] == [target]
+    finally:
+        await service.stopService()
+        await backend.stopListening()
