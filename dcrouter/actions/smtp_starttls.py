@@ -51,7 +51,7 @@ from dcrouter.config.values import parseChoice
 from dcrouter.interfaces import IRoutedConnection, IStartTLSAction
 from dcrouter.proxy.idle import IdleSweep
 from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2
-from dcrouter.proxy.tcp import sendWithoutDelay
+from dcrouter.proxy.tcp import connectTCP, sendWithoutDelay
 from dcrouter.proxy.tls import ServerTLS, wrapServer
 
 #: Longest command or reply line accepted (RFC 5321 says 512/1000; be lenient).
@@ -247,8 +247,8 @@ class SMTPStartTLSProtocol(Protocol):
         target = self.candidates.pop(0)
         self.record.target = str(target)
         reactor: IReactorTCP = self.reactor
-        self.connector = reactor.connectTCP(
-            target.host, target.port, _BackendFactory(self), timeout=self.options.connectTimeout
+        self.connector = connectTCP(
+            reactor, target.host, target.port, _BackendFactory(self), self.options.connectTimeout
         )
 
     def backendConnected(self, backend: _Backend) -> None:

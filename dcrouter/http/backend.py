@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.model import HostPort
-from dcrouter.proxy.tcp import sendWithoutDelay
+from dcrouter.proxy.tcp import connectTCP, sendWithoutDelay
 from dcrouter.proxy.tls import clientFactory
 
 
@@ -178,9 +178,7 @@ class BackendPool:
         if self.tls is not None:
             wrapped = clientFactory(self.tls(target), factory, self.reactor)
         reactor: IReactorTCP = self.reactor
-        connector = reactor.connectTCP(
-            target.host, target.port, wrapped, timeout=self.connectTimeout
-        )
+        connector = connectTCP(reactor, target.host, target.port, wrapped, self.connectTimeout)
         if self.tls is not None:
             # connectTCP's timeout ends at the TCP connect; the TLS handshake
             # must fit in the same time.

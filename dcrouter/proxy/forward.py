@@ -62,7 +62,7 @@ from dcrouter.proxy.idle import IdleSweep
 from dcrouter.proxy.pool import Target, TargetPool
 from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2, sslTLV
 from dcrouter.proxy.splice import SplicePump, spliceAvailable
-from dcrouter.proxy.tcp import sendWithoutDelay
+from dcrouter.proxy.tcp import connectTCP, sendWithoutDelay
 from dcrouter.proxy.tls import clientFactory
 
 log = Logger()
@@ -298,8 +298,8 @@ class ForwardProtocol(Protocol):
         if self.options.upstreamTLS is not None:
             factory = clientFactory(self.options.upstreamTLS(address), factory, self.reactor)
         reactor: IReactorTCP = self.connection.reactor
-        self.connector = reactor.connectTCP(
-            address.host, address.port, factory, timeout=self.options.connectTimeout
+        self.connector = connectTCP(
+            reactor, address.host, address.port, factory, self.options.connectTimeout
         )
 
     # The upstream connector's factory
