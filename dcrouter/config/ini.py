@@ -48,6 +48,7 @@ from dcrouter.config.model import (
     RouteConfig,
     RouterConfig,
     Source,
+    SpliceMode,
     TlsMode,
     TlsSettings,
 )
@@ -306,6 +307,16 @@ def _logFormat(text: str) -> LogFormat:
     return cast(LogFormat, values.parseChoice(text, ("text", "json")))
 
 
+def _spliceMode(text: str) -> SpliceMode:
+    """C{auto}, or yes/no (and their synonyms)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return "yes" if values.parseBool(text) else "no"
+    except ValueError:
+        raise ValueError(f"{text.strip()!r} is not auto, yes or no") from None
+
+
 #: The most router processes C{workers} may ask for.
 MAX_WORKERS = 64
 
@@ -455,7 +466,7 @@ class _Loader:
             hello_timeout=keys.get("hello_timeout", _positiveDuration, default.hello_timeout),
             drain_timeout=keys.get("drain_timeout", values.parseDuration, default.drain_timeout),
             workers=keys.get("workers", _workers, default.workers),
-            splice=keys.get("splice", values.parseBool, default.splice),
+            splice=keys.get("splice", _spliceMode, default.splice),
         )
 
     def defaults(self, keys: _Keys) -> Defaults:

@@ -31,6 +31,7 @@ IPNetwork = Union[IPv4Network, IPv6Network]
 TlsMode = Literal["passthrough", "terminate", "terminate-and-reencrypt"]
 TLS_MODES: tuple[str, ...] = ("passthrough", "terminate", "terminate-and-reencrypt")
 LogFormat = Literal["text", "json"]
+SpliceMode = Literal["auto", "yes", "no"]
 
 
 @frozen
@@ -103,8 +104,10 @@ class DaemonSettings:
     """
     C{[dcrouter]}: process-wide settings.
 
-    @ivar splice: let C{forward} move the bytes of connections it does not
-        inspect with splice(2) (Linux), rather than through Python.
+    @ivar splice: when C{forward} moves the bytes of connections it does not
+        inspect with splice(2) (Linux) rather than through Python: C{auto}
+        once a connection carries more than one exchange or a bulk chunk,
+        C{yes} from its first bytes, C{no} never.
     """
 
     state_dir: str = "state"
@@ -121,7 +124,7 @@ class DaemonSettings:
         if hasattr(os, "sched_getaffinity"):  # the cores this process may use
             return len(os.sched_getaffinity(0)) or 1
         return os.cpu_count() or 1
-    splice: bool = True
+    splice: SpliceMode = "auto"
 
 
 @frozen

@@ -19,6 +19,13 @@ fails; the connections are closed through their transports as before. A
 route with TLS terminated by the router or re-encrypted towards the target,
 a system without splice, or C{[dcrouter] splice = no} keep Twisted's pump.
 
+When: with C{splice = auto} (the default, as HAProxy's splice-auto) once
+the connection shows it carries more than one exchange, at its fourth chunk
+either way (a kept-alive connection's second answer), or at a chunk of 64
+KiB or more (a bulk transfer); a short connection never pays the hand-over
+(two descriptors duplicated, four epoll changes, a pipe), which costs more
+than its few bytes through Python. With C{splice = yes}, at its first bytes.
+
 The idle timeout costs one attribute store per chunk: the connection's
 L{IdleSweep} (one timer for all connections with that timeout) looks at the
 flag four times per timeout, so a connection is closed between 1 and 1.25
@@ -55,7 +62,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dcrouter.config.model import HostPort
+from dcrouter.config.model import HostPort, SpliceMode
 from dcrouter.interfaces import IRoutedConnection
 from dcrouter.proxy.gate import clientIP
 from dcrouter.proxy.idle import IdleSweep
@@ -70,6 +77,13 @@ log = Logger()
 # Bytes a client may send before the upstream is connected; past this the
 # client is paused rather than buffered further.
 _EARLY_DATA_LIMIT = 256 * 1024
+
+# splice = auto: the chunk (either way, counted once the client has spoken)
+# at which a connection is spliced, unless a chunk of _BULK_CHUNK bytes or
+# more comes first.
+_AUTO_CHUNKS = 4
+_BULK_CHUNK = 64 * 1024
+_SPLICE_AFTER: dict[SpliceMode, int] = {"auto": _AUTO_CHUNKS, "yes": 1, "no": 0}
 
 # What Twisted's pump reads at once from a plain TCP socket (and holds for a
 # slow reader before pausing the other side), instead of Twisted's 64 KiB:
@@ -156,14 +170,15 @@ class ForwardOptions:
 
     @ivar upstreamTLS: for C{terminate-and-reencrypt}, makes the client
         connection creator for a target; C{None} to forward plain bytes.
-    @ivar splice: move the bytes with splice(2) where nothing inspects them.
+    @ivar splice: when to move the bytes with splice(2), where nothing
+        inspects them: C{auto}, C{yes} (at the first bytes) or C{no}.
     """
 
     connectTimeout: float
     idleTimeout: float
     proxyProtocol: Optional[str] = None
     upstreamTLS: Optional[Callable[[HostPort], IOpenSSLClientConnectionCreator]] = None
-    splice: bool = True
+    splice: SpliceMode = "auto"
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
@@ -217,6 +232,8 @@ class _Upstream(Protocol):
         forwarder.active = True
         forwarder.record.bytesOut += len(data)
         forwarder.transport.write(data)  # type: ignore[union-attr]
+        if forwarder.untilSplice and forwarder.heard:
+            forwarder.chunkMoved(len(data))
 
     def readConnectionLost(self) -> None:
         self.forwarder.upstreamHalfClosed()
@@ -275,6 +292,9 @@ class ForwardProtocol(Protocol):
         # The router has delivered the client's first bytes: it reads no
         # more of them itself, and the sockets may be spliced.
         self.heard = False
+        #: Chunks left before the splice pump takes over (see chunkMoved);
+        #: 0: never, or no longer.
+        self.untilSplice = _SPLICE_AFTER[options.splice]
         self.flushing: tuple[_WhenFlushed, ...] = ()
         self.unflushed = 0
         self.pump: Optional[SplicePump] = None
@@ -346,8 +366,10 @@ class ForwardProtocol(Protocol):
         if self.early:
             out.writeSequence(self.early)
             self.early = None
-        if self.heard and self.startSplice():
-            return
+        if self.heard and self.untilSplice == 1:
+            self.untilSplice = 0
+            if self.startSplice():
+                return
         if self.clientPaused:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
             self.clientPaused = False
@@ -367,6 +389,21 @@ class ForwardProtocol(Protocol):
         out.registerProducer(client, True)
         self.pumping = True
 
+    def chunkMoved(self, size: int) -> None:
+        """
+        A chunk went through Twisted's pump (or waits for the target): at
+        the due one, or a bulk one, the splice pump takes over (at the
+        connect, if it is still to come). Tried once.
+        """
+        left = self.untilSplice - 1
+        if left > 0 and size < _BULK_CHUNK:
+            self.untilSplice = left
+        elif self.upstream is None:
+            self.untilSplice = 1
+        else:
+            self.untilSplice = 0
+            self.startSplice()
+
     def startSplice(self) -> bool:
         """
         Hand the sockets to a splice pump, if nothing needs to see the bytes.
@@ -377,8 +414,7 @@ class ForwardProtocol(Protocol):
         client: Any = self.transport
         upstream = self.upstream
         if (
-            not self.options.splice
-            or not spliceAvailable()
+            not spliceAvailable()
             or upstream is None
             or self.clientHalfClosed
             or self.upstreamDone
@@ -484,13 +520,14 @@ class ForwardProtocol(Protocol):
         self.active = True
         self.record.bytesIn += len(data)
         upstream = self.upstream
+        self.heard = True
         if upstream is not None:
             upstream.transport.write(data)  # type: ignore[union-attr]
-            if not self.heard:
-                self.heard = True
-                self.startSplice()
+            if self.untilSplice:
+                self.chunkMoved(len(data))
             return
-        self.heard = True
+        if self.untilSplice:
+            self.chunkMoved(len(data))
         if self.early is None:
             self.early = []
         self.early.append(data)

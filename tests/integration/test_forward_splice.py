@@ -83,7 +83,8 @@ async def router(backend: Backends, daemon: DaemonSettings | None = None, **rout
     target = HostPort("127.0.0.1", listening.getHost().port)
     options = {"target": str(target), **route.pop("options", {})}
     config = RouteConfig(name="fwd", ports=(0,), action="forward", options=options, **route)
-    daemon = daemon or DaemonSettings(drain_timeout=0.0, hello_timeout=2.0)
+    # splice = yes: these tests are about the pump, from the first bytes on.
+    daemon = daemon or DaemonSettings(drain_timeout=0.0, hello_timeout=2.0, splice="yes")
     service, port = await startRouter(config, daemon=daemon)
     return listening, service, port
 
@@ -144,7 +145,7 @@ def refused(*args: Any, **kwargs: Any) -> int:
 async def test_without_splice_twisted_pumps_the_same_bytes(
     how: str, records: Any, monkeypatch: Any
 ) -> None:
-    daemon = DaemonSettings(drain_timeout=0.0, hello_timeout=2.0, splice=how != "switched off")
+    daemon = DaemonSettings(drain_timeout=0.0, hello_timeout=2.0, splice="yes" if how != "switched off" else "no")
     if how == "os.splice missing":
         monkeypatch.delattr(os, "splice", raising=False)
     elif how == "os.splice refused":
@@ -198,6 +199,63 @@ async def test_no_descriptor_for_the_pump_leaves_the_connection_to_twisted(
     assert record["spliced"] is False
     assert (record["bytesIn"], record["bytesOut"]) == (4 * MiB, 4 * MiB)
     assert warnings == ["cannot splice, forwarding through Twisted: [Errno 24] Too many open files"]
+    await stop(service, listening)
+
+
+def auto() -> DaemonSettings:
+    return DaemonSettings(drain_timeout=0.0, hello_timeout=2.0, splice="auto")
+
+
+async def pingPong(client: Peer) -> None:
+    """One exchange: four bytes there, their echo back."""
+    expected = client.count + 4
+    client.transport.write(b"ping")  # type: ignore[union-attr]
+    await client.waitFor(expected)
+
+
+@needsSplice
+@pytest_twisted.ensureDeferred
+async def test_auto_leaves_a_one_exchange_connection_to_twisted(records: Any) -> None:
+    listening, service, port = await router(Backends(Echo), auto())
+    client = await connect(port, Peer())
+    await pingPong(client)
+    record = await closedRecord(records, client)
+    assert record["spliced"] is False
+    assert (record["bytesIn"], record["bytesOut"]) == (4, 4)
+    await stop(service, listening)
+
+
+@needsSplice
+@pytest_twisted.ensureDeferred
+async def test_auto_splices_a_kept_alive_connection_at_its_second_answer(
+    records: Any,
+) -> None:
+    listening, service, port = await router(Backends(Echo), auto())
+    client = await connect(port, Peer())
+    await pingPong(client)
+    (connection,) = service.router.connections
+    assert connection.inner.pump is None
+    await pingPong(client)
+    await until(lambda: connection.inner.pump is not None, "the pump to start")
+    client.transport.write(b"pong" * 1000)
+    await client.waitFor(2 * 4 + 4000)
+    assert client.text == b"ping" * 2 + b"pong" * 1000
+    record = await closedRecord(records, client)
+    assert record["spliced"] is True
+    assert (record["bytesIn"], record["bytesOut"]) == (4008, 4008)
+    await stop(service, listening)
+
+
+@needsSplice
+@pytest_twisted.ensureDeferred
+async def test_auto_splices_a_bulk_transfer_at_once(records: Any) -> None:
+    listening, service, port = await router(Backends(Echo), auto())
+    client = await connect(port, Peer())
+    data = await echoThrough(client, 8 * MiB)
+    assert client.digest.digest() == hashlib.sha256(data).digest()
+    record = await closedRecord(records, client)
+    assert record["spliced"] is True
+    assert (record["bytesIn"], record["bytesOut"]) == (8 * MiB, 8 * MiB)
     await stop(service, listening)
 
 

@@ -466,7 +466,7 @@ class TestValues:
             ("dcrouter", "drain_timeout", "-1", f"'-1' {NOT_DURATION}"),
             ("dcrouter", "workers", "0", "0 is out of range (1..64): use auto or a count from 1 to 64"),
             ("dcrouter", "workers", "all", "'all' is not a whole number: use auto or a count from 1 to 64"),
-            ("dcrouter", "splice", "maybe", "'maybe' is not yes or no"),
+            ("dcrouter", "splice", "maybe", "'maybe' is not auto, yes or no"),
             ("defaults", "connect_timeout", "0", "'0' is not longer than 0"),
             ("defaults", "idle_timeout", "1 week", f"'1 week' {NOT_DURATION}"),
             ("defaults", "target", "backend", "'backend' has no port (write host:port)"),
@@ -497,10 +497,11 @@ class TestValues:
     def test_workers(self, write: Write) -> None:
         assert loadConfig(write(ROUTE + "[dcrouter]\nworkers = auto\n")).daemon.workers == 0
         assert loadConfig(write(ROUTE + "[dcrouter]\nworkers = 4\n")).daemon.workers == 4
-    def test_spliceIsOnUnlessSwitchedOff(self, write: Write) -> None:
-        assert loadConfig(write(ROUTE)).daemon.splice is True
-        path = write(ROUTE + "[dcrouter]\nsplice = no\n")
-        assert loadConfig(path).daemon.splice is False
+    def test_spliceIsAutoUnlessSaidOtherwise(self, write: Write) -> None:
+        assert loadConfig(write(ROUTE)).daemon.splice == "auto"
+        for text, mode in (("no", "no"), ("off", "no"), ("yes", "yes"), ("Auto", "auto")):
+            path = write(ROUTE + f"[dcrouter]\nsplice = {text}\n")
+            assert loadConfig(path).daemon.splice == mode
 
     def test_ciphersContinued(self, write: Write) -> None:
         path = write(ROUTE + "[tls]\nciphers = ECDHE+AESGCM:\n    ECDHE+CHACHA20\n")
