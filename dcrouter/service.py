@@ -56,7 +56,7 @@ from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
 from dcrouter.threads import threadPoolOf
 from dcrouter.workers.pool import WorkerPool
 from dcrouter.workers.reports import WorkerMetrics, mergeStatus
-from dcrouter.workers.sockets import LISTEN_BACKLOG, openGroup
+from dcrouter.workers.sockets import LISTEN_BACKLOG, attachSteering, openGroup
 
 log = Logger()
 
@@ -137,8 +137,8 @@ def shareLimits(config: RouterConfig, workers: int) -> RouterConfig:
     """
     Each worker's part of the global connection caps (rounded up).
 
-    Caps per client address need no share: the kernel steers one address to
-    one worker (L{dcrouter.workers.sockets}).
+    Caps per client address need no share: where there are any, the kernel
+    steers one address to one worker (L{steersByAddress}).
     """
     if workers <= 1:
         return config
@@ -151,6 +151,34 @@ def shareLimits(config: RouterConfig, workers: int) -> RouterConfig:
         config,
         defaults=evolve(config.defaults, limits=share(config.defaults.limits)),
         routes=tuple(evolve(route, limits=share(route.limits)) for route in config.routes),
+    )
+
+
+#: Route options (the HTTP guard's) that keep a state per client address.
+_PER_ADDRESS_OPTIONS = ("rate_limit_per_second", "rate_limit_per_minute")
+
+
+def steersByAddress(config: RouterConfig, port: int) -> bool:
+    """
+    Must the connections to C{port} reach the workers by client address?
+
+    Only where a per-address limit applies: the gate's
+    C{max_connections_per_ip} or C{connection_rate_per_minute} (in
+    C{[defaults]} or a route on the port) or an HTTP route's rate limit.
+    Elsewhere the kernel's hash of address and port spreads them, so one
+    client, or one load balancer in front of dcrouter, uses every worker.
+    """
+
+    def perAddress(limits: Limits) -> bool:
+        return (
+            limits.max_connections_per_ip is not None
+            or limits.connection_rate_per_minute is not None
+        )
+
+    return perAddress(config.defaults.limits) or any(
+        perAddress(route.limits) or any(key in route.options for key in _PER_ADDRESS_OPTIONS)
+        for route in config.routes
+        if port in route.ports
     )
 
 
@@ -187,6 +215,8 @@ class DcRouter(MultiService):
         self.listeners: dict[ListenKey, IListeningPort] = {}
         #: A supervisor's listeners: one socket per worker, by (port, address).
         self.groups: dict[ListenKey, list[socket.socket]] = {}
+        #: The groups whose clients are steered to a worker by address.
+        self.steered: set[ListenKey] = set()
         self.workers: Optional[WorkerPool] = None
         if role.kind == "supervisor":
             assert configPath is not None, "workers read the configuration file"
@@ -263,7 +293,7 @@ class DcRouter(MultiService):
                 for problem in self.certs.sync(self.compiled.config):
                     log.error("ACME: {problem}", problem=problem)
             self.router = Router(self.reactor, self.routingState(self.compiled))
-            failures = self.listen(self.compiled.listenKeys())
+            failures = self.listen(self.compiled.listenKeys(), self.compiled.config)
             failures += self.listenAdmin()
             if self.mail is not None:
                 failures += self.mail.bind()
@@ -491,11 +521,11 @@ class DcRouter(MultiService):
             acmeTLS=self.certSource.challengeTLS if self.certSource is not None else None,
         )
 
-    def listen(self, keys: Iterable[ListenKey]) -> list[str]:
-        """Open a listener for each (port, address); return what failed."""
+    def listen(self, keys: Iterable[ListenKey], config: RouterConfig) -> list[str]:
+        """Open a listener for each (port, address) of C{config}; return what failed."""
         assert self.router is not None
         if self.role.kind == "supervisor":
-            return self.openGroups(keys)
+            return self.openGroups(keys, config)
         if self.isWorker:
             return self.adoptInherited(keys)
         failures = []
@@ -511,24 +541,41 @@ class DcRouter(MultiService):
                 self.listeners[key] = result
         return failures
 
-    def openGroups(self, keys: Iterable[ListenKey]) -> list[str]:
+    def openGroups(self, keys: Iterable[ListenKey], config: RouterConfig) -> list[str]:
         """The supervisor's listeners: a socket per worker on each (port, address)."""
         failures = []
         for key in sorted(keys):
             port, address = key
+            steer = steersByAddress(config, port)
             try:
-                group, problem = openGroup(port, address, self.role.count)
+                group, problem = openGroup(port, address, self.role.count, steer)
             except OSError as e:
                 failures.append(f"cannot listen on {address}:{port}: {e.strerror or e}")
                 continue
-            if problem is not None:
-                log.warn(
-                    "{address}:{port}: clients are not steered to one worker by address "
-                    "({problem}): per-address limits hold per worker",
-                    address=address, port=port, problem=problem,
-                )
             self.groups[key] = group
+            self.steeringStarted(key, steer, problem)
         return failures
+
+    def steerWhereNeeded(self, config: RouterConfig) -> None:
+        """
+        After a reload: steer the groups that have per-address limits now.
+
+        (Steering, once on, stays on: it only costs balance.)
+        """
+        for key, group in self.groups.items():
+            if key not in self.steered and steersByAddress(config, key[0]):
+                self.steeringStarted(key, True, attachSteering(group[0], self.role.count))
+
+    def steeringStarted(self, key: ListenKey, steer: bool, problem: Optional[str]) -> None:
+        if problem is not None:
+            port, address = key
+            log.warn(
+                "{address}:{port}: clients are not steered to one worker by address "
+                "({problem}): per-address limits hold per worker",
+                address=address, port=port, problem=problem,
+            )
+        elif steer:
+            self.steered.add(key)
 
     def adoptInherited(self, keys: Iterable[ListenKey]) -> list[str]:
         """A worker's listeners: the descriptors the supervisor handed down."""
@@ -553,6 +600,7 @@ class DcRouter(MultiService):
         for key in keys:
             for sock in self.groups.pop(key, ()):
                 sock.close()
+            self.steered.discard(key)
         waits = []
         for key in keys:
             port = self.listeners.pop(key, None)
@@ -595,7 +643,7 @@ class DcRouter(MultiService):
         assert self.compiled is not None
         oldKeys, newKeys = self.compiled.listenKeys(), compiled.listenKeys()
         self.router.state = self.routingState(compiled)
-        failures = self.listen(newKeys - oldKeys)
+        failures = self.listen(newKeys - oldKeys, config)
         if failures:
             self.router.state = self.routingState(self.compiled)
             self.closeListeners(newKeys - oldKeys)
@@ -621,6 +669,7 @@ class DcRouter(MultiService):
         if config.email != (self.mail.settings if self.mail is not None else None):
             log.warn("[email] changed: the mail server takes it at the next restart")
         if self.workers is not None:
+            self.steerWhereNeeded(config)
             if newKeys == oldKeys:
                 self.workers.signalAll(signal.SIGHUP)
             else:

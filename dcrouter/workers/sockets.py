@@ -6,13 +6,15 @@ one C{SO_REUSEPORT} group, in worker order, and keeps them open for its
 whole life: a worker that dies leaves its socket's queue waiting for the
 worker that replaces it, and a reload never closes a listener that stays.
 
-A classic BPF program attached to the group (C{SO_ATTACH_REUSEPORT_CBPF})
-picks the socket from the client's address, so one client address always
-reaches the same worker, on every port: per-address connection caps and
-rate limits, kept in each worker's memory, stay exact. Where the program
-cannot be attached (not Linux, an old kernel), the kernel's own hash of
-address and port spreads connections instead, and those limits hold per
-worker; L{openGroup} says which.
+Where a per-address limit applies on the port, a classic BPF program
+attached to the group (C{SO_ATTACH_REUSEPORT_CBPF}) picks the socket from
+the client's address, so one client address always reaches the same
+worker, on every port: per-address connection caps and rate limits, kept in
+each worker's memory, stay exact. Where the program cannot be attached (not
+Linux, an old kernel), and on ports without such limits, the kernel's own
+hash of address and port spreads connections instead (so that one client,
+or one load balancer in front, still uses every worker); L{openGroup} says
+when steering was wanted and failed.
 """
 
 from __future__ import annotations
@@ -75,14 +77,16 @@ def attachSteering(sock: socket.socket, workers: int) -> Optional[str]:
     return None
 
 
-def openGroup(port: int, address: str, workers: int, backlog: int = LISTEN_BACKLOG) -> tuple[
-    list[socket.socket], Optional[str]
-]:
+def openGroup(
+    port: int, address: str, workers: int, steer: bool = True, backlog: int = LISTEN_BACKLOG
+) -> tuple[list[socket.socket], Optional[str]]:
     """
     Open C{workers} listening sockets on C{address}:C{port} in one group,
-    in worker order, steered by client address when C{workers} > 1.
+    in worker order, steered by client address if C{steer} (and C{workers}
+    > 1).
 
-    @return: the sockets, and why steering is off (C{None} when it is on).
+    @return: the sockets, and why steering failed (C{None}: it is on, or
+        was not wanted).
     @raise OSError: the address cannot be listened on; nothing stays open.
     """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -101,5 +105,5 @@ def openGroup(port: int, address: str, workers: int, backlog: int = LISTEN_BACKL
         for sock in opened:
             sock.close()
         raise
-    problem = attachSteering(opened[0], workers) if workers > 1 else None
+    problem = attachSteering(opened[0], workers) if steer and workers > 1 else None
     return opened, problem

@@ -105,16 +105,35 @@ def test_two_workers_serve_one_listener_and_restart(tmp_path: Path, router) -> N
     assert dcrouter.output().count("Main loop terminated") == 3
 
 
-def test_per_address_caps_hold_across_workers(tmp_path: Path, router, backends) -> None:
+@pytest.mark.parametrize("when", ["from the start", "from a reload"])
+def test_per_address_caps_hold_across_workers(
+    tmp_path: Path, router, backends, when: str
+) -> None:
     """One client address always reaches one worker, so its cap is exact."""
     backend = backends(b"x:")
     (port,) = free_ports(1)
-    router(make_config(tmp_path / "state", f"""
-        [route:capped]
-        ports = {port}
-        target = 127.0.0.1:{backend.port}
-        max_connections_per_ip = 2
-    """, workers="2"))
+
+    def config(cap: str) -> str:
+        return make_config(tmp_path / "state", f"""
+            [route:capped]
+            ports = {port}
+            target = 127.0.0.1:{backend.port}
+            {cap}
+        """, workers="2")
+
+    capped = config("max_connections_per_ip = 2")
+    if when == "from the start":
+        router(capped)
+    else:
+        # No per-address limit: not steered; the reload that adds one steers.
+        dcrouter = router(config(""))
+        wait_until(lambda: dcrouter.output().count("dcrouter listening on") == 3,
+                   "both workers up")
+        mark = dcrouter.mark()
+        dcrouter.write_config(capped)
+        dcrouter.signal(signal.SIGHUP)
+        wait_until(lambda: dcrouter.output()[mark:].count("dcrouter reloaded") == 3,
+                   "the supervisor and both workers reloaded")
     # Without steering, each address's third connection would get in three
     # times out of four (the two held ones split, or it lands elsewhere).
     for last in range(1, 7):
@@ -146,7 +165,7 @@ def test_reload_reaches_every_worker_and_keeps_the_listeners(tmp_path: Path, rou
     dcrouter.signal(signal.SIGHUP)
     wait_until(lambda: dcrouter.output()[mark:].count("dcrouter reloaded") == 3,
                "the supervisor and both workers reloaded")
-    for source in ("127.0.0.1", "127.0.0.2"):  # one per worker (address mod 2)
+    for source in ("127.0.0.1", "127.0.0.2"):
         assert get(port, source).endswith(b"two")
 
     # A new listener: new workers start on both, the old ones drain; the

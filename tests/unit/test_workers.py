@@ -15,7 +15,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from dcrouter.config.model import DaemonSettings, Defaults, Limits, RouteConfig, RouterConfig
-from dcrouter.service import ProcessRole, shareLimits
+from dcrouter.service import ProcessRole, shareLimits, steersByAddress
 from dcrouter.workers.pool import (
     FIRST_LISTENER_FD,
     KILL_GRACE,
@@ -204,6 +204,47 @@ def test_oneClientAddressReachesOneSocket():
     finally:
         for sock in group:
             sock.close()
+
+
+def test_withoutSteeringOneAddressSpreadsOverTheGroup():
+    """No per-address limit: the kernel's hash of address and port spreads one client."""
+    port = freePort()
+    group, problem = openGroup(port, "127.0.0.1", 3, steer=False)
+    try:
+        assert problem is None
+        reached = set()
+        for _ in range(24):
+            client = socket.create_connection(("127.0.0.1", port), 5)
+            ready, _, _ = select.select(group, [], [], 5)
+            accepted, _ = ready[0].accept()
+            accepted.close()
+            client.close()
+            reached.add(group.index(ready[0]))
+        # All 24 on one socket: about 1 chance in 10**11.
+        assert len(reached) > 1
+    finally:
+        for sock in group:
+            sock.close()
+
+
+def test_onlyPortsWithPerAddressLimitsAreSteered():
+    def config(defaults=Limits(), **route):
+        routes = (
+            RouteConfig(name="a", ports=(80, 81), **route),
+            RouteConfig(name="b", ports=(82,)),
+        )
+        return RouterConfig(defaults=Defaults(limits=defaults), routes=routes)
+
+    assert not steersByAddress(config(), 80)
+    assert not steersByAddress(config(limits=Limits(max_connections=5)), 80)
+    capped = config(limits=Limits(max_connections_per_ip=5))
+    assert steersByAddress(capped, 81) and not steersByAddress(capped, 82)
+    rated = config(limits=Limits(connection_rate_per_minute=60))
+    assert steersByAddress(rated, 80) and not steersByAddress(rated, 82)
+    http = config(action="http", options={"target": "127.0.0.1:1", "rate_limit_per_minute": "5"})
+    assert steersByAddress(http, 80) and not steersByAddress(http, 82)
+    everywhere = config(defaults=Limits(max_connections_per_ip=5))
+    assert all(steersByAddress(everywhere, port) for port in (80, 81, 82))
 
 
 def test_openGroupClosesWhatItOpenedOnFailure():
