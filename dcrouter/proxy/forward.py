@@ -36,7 +36,7 @@ pump's byte count moved.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from attrs import frozen
@@ -191,10 +191,12 @@ class _Upstream(Protocol):
     failed attempt, like a refused connect.
     """
 
+    # Set only on a TLS target's instance (class defaults for the rest).
+    handshakeTimer: Optional[IDelayedCall] = None
+    handshakeTimedOut = False
+
     def __init__(self, forwarder: ForwardProtocol) -> None:
         self.forwarder = forwarder
-        self.handshakeTimer: Optional[IDelayedCall] = None
-        self.handshakeTimedOut = False
 
     def connectionMade(self) -> None:
         sendWithoutDelay(self.transport)
@@ -274,7 +276,10 @@ class ForwardProtocol(Protocol):
         self.reactor: IReactorTime = connection.reactor
         self.pool = pool
         ip = clientIP(connection.client)
-        self.candidates: list[Target] = pool.candidates(ip.packed if ip is not None else None)
+        #: The targets still to try; emptied once one is connected.
+        self.candidates: Sequence[Target] = pool.candidates(
+            ip.packed if ip is not None else None
+        )
         self.target: Optional[Target] = None
         self.upstream: Optional[_Upstream] = None
         self.handshaking: Optional[_Upstream] = None
@@ -311,7 +316,8 @@ class ForwardProtocol(Protocol):
             self.record.ended = f"upstream failed: {self.lastError or 'no target'}"
             self.closeClient(abort=False)
             return
-        self.target = target = self.candidates.pop(0)
+        target, *rest = self.candidates
+        self.target, self.candidates = target, rest
         address = target.address
         self.record.target = str(address)
         factory: Any = self
@@ -355,6 +361,7 @@ class ForwardProtocol(Protocol):
             upstream.transport.abortConnection()  # type: ignore[union-attr]
             return
         self.upstream = upstream
+        self.candidates = ()
         assert self.target is not None
         self.pool.reportSuccess(self.target)
         self.pool.acquire(self.target)

@@ -183,7 +183,7 @@ class _CloseAfterHandshake(Protocol):
 
 ACME_TLS_ALPN = b"acme-tls/1"
 
-_ACCEPTED, _PROXY, _HELLO, _ROUTED, _CLOSED = range(5)
+_ACCEPTED, _PROXY, _HELLO, _FIRST, _ROUTED, _CLOSED = range(6)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -201,7 +201,9 @@ class RoutingProtocol(Protocol):
         self.table = table
         self.phase = _ACCEPTED
         self.waitingFor = ""
-        self.received: list[bytes] = []
+        #: What was read of a ClientHello or of the first bytes (a list
+        #: only while there is something: an idle connection holds none).
+        self.received: list[bytes] | tuple[()] = ()
         self.inner: Optional[IProtocol] = None
         self.clientIP: Optional[IPAddress] = None
         self.admitted = False
@@ -260,9 +262,12 @@ class RoutingProtocol(Protocol):
         )
 
     def dataReceived(self, data: bytes) -> None:
-        if self.phase == _PROXY:
+        phase = self.phase
+        if phase == _FIRST:
+            self.firstData(data)
+        elif phase == _PROXY:
             self.readProxyHeader(data)
-        elif self.phase == _HELLO:
+        elif phase == _HELLO:
             self.readHello(data)
 
     def readProxyHeader(self, data: bytes) -> None:
@@ -300,7 +305,10 @@ class RoutingProtocol(Protocol):
 
     def readHello(self, data: bytes) -> None:
         assert self.helloReader is not None
-        self.received.append(data)
+        if self.received:
+            self.received.append(data)
+        else:
+            self.received = [data]
         try:
             hello = self.helloReader.feed(data)
         except NotTLS:
@@ -335,7 +343,7 @@ class RoutingProtocol(Protocol):
         self.startTimer("TLS handshake")
         inner = wrapServer(creator, _CloseAfterHandshake(self), clock=self.router.reactor)
         self.helloReader = None
-        self.received = []
+        self.received = ()
         self.handOff(inner, pending, True)
 
     def route(
@@ -350,7 +358,7 @@ class RoutingProtocol(Protocol):
         assert record is not None and self.transport is not None
         record.sni = serverName
         self.helloReader = None
-        self.received = []
+        self.received = ()
         route = self.table.match(serverName, self.clientIP, isTLS)
         if route is None:
             self.refuse("no_route", self.describeMiss(serverName, isTLS))
@@ -404,27 +412,27 @@ class RoutingProtocol(Protocol):
 
         The first bytes of a plain connection pass through L{firstData}, so
         that a PROXY header that no trusted proxy sent is refused rather than
-        passed on, however it is split.
+        passed on, however it is split. (Until then nothing is bound on the
+        instance: an idle connection holds no bound method.)
         """
         if not isTLS and proxyHeaderVerdict(pending):
             self.refuseProxyHeader()
             return
-        self.phase = _ROUTED
         self.inner = inner
         if isTLS:
+            self.phase = _ROUTED
             self.dataReceived = inner.dataReceived  # type: ignore[method-assign]
         else:
-            self.dataReceived = self.firstData  # type: ignore[method-assign]
+            self.phase = _FIRST
         assert self.transport is not None
         inner.makeConnection(self.transport)
-        if pending and self.phase == _ROUTED:
+        if pending and self.phase in (_FIRST, _ROUTED):
             self.dataReceived(pending)
 
     def firstData(self, data: bytes) -> None:
         assert self.inner is not None
         if self.received:
-            self.received.append(data)
-            data = b"".join(self.received)
+            data = b"".join((*self.received, data))
         verdict = proxyHeaderVerdict(data)
         if verdict:
             self.refuseProxyHeader()
@@ -435,7 +443,8 @@ class RoutingProtocol(Protocol):
                 self.startTimer("first bytes")
             return
         self.cancelTimer()
-        self.received = []
+        self.received = ()
+        self.phase = _ROUTED
         self.dataReceived = self.inner.dataReceived  # type: ignore[method-assign]
         self.inner.dataReceived(data)
 
@@ -513,5 +522,5 @@ class RoutingProtocol(Protocol):
             self.routeGate.release(self.clientIP)
         self.router.connections.discard(self)
         if self.record is not None:
-            ending = "client closed" if phase == _ROUTED else "client left before routing"
+            ending = "client closed" if phase in (_FIRST, _ROUTED) else "client left before routing"
             self.record.emit(self.router.reactor.seconds(), ending)
