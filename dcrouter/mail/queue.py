@@ -741,6 +741,10 @@ class MailQueue(Service):
         self._stopping = False
         self._started: Optional[Deferred[None]] = None
         self._recovered = False
+        #: Ids this process made before its recovery pass ended: a file the
+        #: pass finds under one of them was taken in now (and may be
+        #: delivered and gone already), not left by an earlier run.
+        self._madeBeforeRecovery: set[str] = set()
         self.stats: dict[str, int] = dict.fromkeys(
             (
                 "accepted",
@@ -803,11 +807,12 @@ class MailQueue(Service):
             log.error("mail queue: moved aside a corrupt message file: {problem}", problem=problem)
         now = self._clock.seconds()
         for header, offset, size, state in recovered.messages:
-            if header.get("id") in self.messages:
-                continue  # accepted before the recovery pass, already registered
+            if header.get("id") in self._madeBeforeRecovery:
+                continue  # accepted while starting: registered (or done) already
             message = self._restore(header, offset, size, state, now)
             self._register(message)
         self._recovered = True
+        self._madeBeforeRecovery = set()
         if recovered.messages:
             log.info("mail queue: resumed {count} messages", count=len(recovered.messages))
 
@@ -890,6 +895,8 @@ class MailQueue(Service):
             queueId = f"{second:010X}{self._sequence:08X}"
             if queueId not in self._ids:
                 self._ids.add(queueId)
+                if not self._recovered:
+                    self._madeBeforeRecovery.add(queueId)
                 return queueId
 
     def _commitNew(

@@ -695,3 +695,21 @@ def test_stop_cancels_attempts_after_the_grace_and_keeps_them_pending(tmp_path):
     fired(stopped)
     assert deliver.cancelled == [queueId]
     assert files(q, "active") == [queueId] and files(q, "state") == []
+
+
+def test_a_message_taken_in_while_starting_is_delivered_once(tmp_path):
+    """
+    Accepted (and delivered, and removed) before the recovery pass read the
+    directory's last state: the pass must not resume it as a message of an
+    earlier run.
+    """
+    pool = ManualPool()
+    deliver = FakeDeliver(everyone(250, "2.0.0 ok"))
+    q, clock = makeQueue(tmp_path, deliver=deliver, pool=pool)
+    starting = q.start()
+    accepted = q.accept(envelope(), MESSAGE)
+    pool.runAll()
+    assert starting.called and q._recovered
+    queueId = fired(accepted)
+    assert [message.queueId for message, _, _ in deliver.calls] == [queueId]
+    assert q.messages == {}
