@@ -1,0 +1,69 @@
+"""proxy.tcp.connectTCP on the real reactor: literal addresses, names, refusals."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.error import ConnectionRefusedError
+
+from dcrouter.proxy.tcp import _Connector, connectTCP
+from tests.helpers import freePort, listen
+
+
+class Factory(protocol.ClientFactory):
+    def __init__(self) -> None:
+        self.result: defer.Deferred[object] = defer.Deferred()
+
+    def buildProtocol(self, addr):
+        factory = self
+
+        class Connected(protocol.Protocol):
+            def connectionMade(self):
+                factory.result.callback(self.transport.getPeer())
+                self.transport.loseConnection()
+
+        return Connected()
+
+    def clientConnectionFailed(self, connector, reason):
+        self.result.errback(reason)
+
+
+async def server():
+    return await listen(protocol.Factory.forProtocol(protocol.Protocol))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ip_literal_connects_through_the_lean_client():
+    listening = await server()
+    factory = Factory()
+    try:
+        connector = connectTCP(reactor, "127.0.0.1", listening.getHost().port, factory, 5)
+        assert isinstance(connector, _Connector)
+        peer = await factory.result
+        assert peer.port == listening.getHost().port
+    finally:
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_name_is_still_resolved():
+    listening = await server()
+    factory = Factory()
+    try:
+        connectTCP(reactor, "localhost", listening.getHost().port, factory, 5)
+        peer = await factory.result
+        assert peer.host in ("127.0.0.1", "::1")
+    finally:
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_connect_fails_the_attempt():
+    factory = Factory()
+    connectTCP(reactor, "127.0.0.1", freePort(), factory, 5)
+    try:
+        await factory.result
+    except ConnectionRefusedError:
+        pass
+    else:
+        raise AssertionError("connected to a port nobody listens on")
