@@ -81,3 +81,23 @@ def test_discard_stops_watching() -> None:
     pool.discard(connection)
     assert reactor.getDelayedCalls() == []
     assert pool.takeIdle(TARGET) is None
+
+
+def test_the_pool_keeps_more_idle_connections_than_a_busy_moment_uses() -> None:
+    """
+    Fifty requests in flight at once give back fifty connections, all kept
+    for the next fifty; only those beyond maxIdlePerTarget are closed.
+    """
+    reactor = MemoryReactorClock()
+    pool = BackendPool(reactor, 5.0, idleTimeout=30.0)
+    connections = [pooled(pool) for _ in range(50)]
+    for connection in connections:
+        pool.release(connection)
+    assert not any(c.transport.disconnecting for c in connections)
+    assert {id(pool.takeIdle(TARGET)) for _ in range(50)} == {id(c) for c in connections}
+
+    small = BackendPool(reactor, 5.0, idleTimeout=30.0, maxIdlePerTarget=2)
+    three = [pooled(small) for _ in range(3)]
+    for connection in three:
+        small.release(connection)
+    assert [c.transport.disconnecting for c in three] == [False, False, True]
