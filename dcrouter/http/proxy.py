@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from attrs import frozen
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -176,7 +176,6 @@ class Relay(BackendUser):
         self.parser: Optional[ResponseHeadParser] = None
         self.response: Optional[ResponseHead] = None
         self.reader: Optional[BodyReader] = None
-        self.timer: Optional[IDelayedCall] = None
         self.active = False
         self.done = False
         self.tunnel: Optional[_Tunnel] = None
@@ -242,7 +241,7 @@ class Relay(BackendUser):
         self.acquired = self.target
         self.parser = ResponseHeadParser(self.request.method)
         self.sendHead()
-        self.timer = self.reactor.callLater(self.route.responseTimeout, self.responseTimedOut)
+        backend.setDeadline(self.route.responseTimeout)
         if self.request.body.kind == "none":
             self.requestSent = True
         elif not self.sentBody:
@@ -404,12 +403,13 @@ class Relay(BackendUser):
 
     # Failures
 
-    def responseTimedOut(self) -> None:
-        self.timer = None
+    def deadlinePassed(self) -> None:
+        """The backend's deadline: no response in time, or no bytes for the idle timeout."""
         if self.active:
             # Bytes flowed: from here on the route's idle timeout applies.
             self.active = False
-            self.timer = self.reactor.callLater(self.route.idleTimeout, self.responseTimedOut)
+            if self.backend is not None:
+                self.backend.setDeadline(self.route.idleTimeout)
             return
         if self.response is None:
             self.pool.reportFailure(self.target, "response timeout")
@@ -495,12 +495,12 @@ class Relay(BackendUser):
         backend, self.backend = self.backend, None
         if backend is not None:
             backend.user = None
+            backend.clearDeadline()
             backend.abort() if abort else backend.close()
 
     def cancelTimer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        if self.backend is not None:
+            self.backend.clearDeadline()
 
     # Upgrade tunnels (WebSocket)
 
