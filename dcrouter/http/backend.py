@@ -166,16 +166,36 @@ class _Factory(ClientFactory):
     ) -> None:
         self.pool = pool
         self.target = target
-        self.ready = ready
+        self.ready: Optional[Deferred[BackendConnection]] = ready
         self.built: Optional[BackendConnection] = None
 
     def buildProtocol(self, addr: Optional[IAddress]) -> BackendConnection:
+        assert self.ready is not None
         self.built = BackendConnection(self.pool, self.target, self.ready)
         return self.built
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        if not self.ready.called:
-            self.ready.errback(reason)
+        ready = self.ready
+        if ready is not None and not ready.called:
+            ready.errback(reason)
+        self.forget(connector)
+
+    def clientConnectionLost(self, connector: object, reason: Failure) -> None:
+        self.forget(connector)
+
+    def forget(self, connector: Any) -> None:
+        """
+        The connection is over: let go of it, so that reference counting
+        frees it at once instead of the cyclic garbage collector, later. The
+        connection's transport, its connector, this factory and the ready
+        Deferred (whose canceller holds this factory and the connector) refer
+        to each other in a loop; Twisted's connector also keeps its transport
+        after a connection was lost (only a failed one is let go).
+        """
+        self.built = None
+        self.ready = None
+        if getattr(connector, "transport", None) is not None:
+            connector.transport = None
 
 
 class BackendPool:

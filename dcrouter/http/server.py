@@ -174,7 +174,6 @@ class HTTPServerProtocol(Protocol):
         self.paused = False
         self.timer: Optional[IDelayedCall] = None
         self.deadline: Optional[float] = None
-        self.expired: Callable[[], None] = self.headTimedOut
         self.tunnel: Optional[IProtocol] = None
         self.draining = False
         self.requests = 0
@@ -195,11 +194,10 @@ class HTTPServerProtocol(Protocol):
     # or moving it later, leaves that call be: it re-arms for the rest when
     # it fires early. So a keep-alive request sets and cancels no timer.
 
-    def setTimer(self, seconds: float, expired: Callable[[], None]) -> None:
-        """Call C{expired} in C{seconds}, instead of any deadline before."""
+    def setTimer(self, seconds: float) -> None:
+        """Call L{headTimedOut} in C{seconds}, instead of any deadline before."""
         deadline = self.reactor.seconds() + seconds
         self.deadline = deadline
-        self.expired = expired
         timer = self.timer
         if timer is not None:
             if timer.getTime() <= deadline:
@@ -229,7 +227,7 @@ class HTTPServerProtocol(Protocol):
             self.timer = self.reactor.callLater(deadline - now, self.checkDeadline)
             return
         self.deadline = None
-        self.expired()
+        self.headTimedOut()
 
     def headTimedOut(self) -> None:
         if self.headStarted:
@@ -255,7 +253,7 @@ class HTTPServerProtocol(Protocol):
     # Reading
 
     def connectionMade(self) -> None:
-        self.setTimer(self.settings.header_timeout, self.headTimedOut)
+        self.setTimer(self.settings.header_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         self.connection.record.bytesIn += len(data)
@@ -284,7 +282,7 @@ class HTTPServerProtocol(Protocol):
             # The head's time runs from its first byte (the connection's
             # first head: from the connection's start). A head that comes
             # whole, as most do, needs no timer of its own.
-            self.setTimer(self.settings.header_timeout, self.headTimedOut)
+            self.setTimer(self.settings.header_timeout)
 
     def startExchange(self, head: RequestHead, rest: bytes) -> None:
         self.requests += 1
@@ -379,7 +377,7 @@ class HTTPServerProtocol(Protocol):
         self.phase = _Phase.HEAD
         self.parser = self.newParser()
         self.headStarted = False
-        self.setTimer(self.settings.keepalive_timeout, self.headTimedOut)
+        self.setTimer(self.settings.keepalive_timeout)
         held, self.held, self.heldSize = b"".join(self.held), [], 0
         self.resumeClient()
         if held:
