@@ -31,6 +31,8 @@ from zope.interface import implementer
 
 from dcrouter.config.model import HostPort
 from dcrouter.http.backend import BackendConnection, BackendPool, BackendUser
+from dcrouter.http.exchange import ExchangeBase
+from dcrouter.http.sending import Flusher
 from dcrouter.http.wire import (
     HOP_BY_HOP,
     LAST_CHUNK,
@@ -268,7 +270,15 @@ class Relay(BackendUser):
             headers.append((b"Connection", b"upgrade"))
             headers.append((b"Upgrade", request.upgrade))
         line = request.method + b" " + originForm(request.target) + b" HTTP/1.1"
-        self.writeBackend(serializeHead(line, headers))
+        head = serializeHead(line, headers)
+        backend = self.backend
+        if kind == "none" and backend is not None and backend.transport is not None:
+            # The request's only write: out with this turn's others, without
+            # Twisted's writability round trip. Nothing else is written to
+            # the connection before its response has come.
+            Flusher.of(self.reactor).write(backend.transport, head)
+        else:
+            self.writeBackend(head)
 
     def writeBackend(self, data: bytes) -> None:
         backend = self.backend
@@ -308,6 +318,19 @@ class Relay(BackendUser):
         if self.tunnel is not None:
             self.tunnel.fromBackend(data)
             return
+        # What this data makes the exchange write (head, body, last chunk)
+        # goes to the client in one piece.
+        exchange = self.exchange
+        if isinstance(exchange, ExchangeBase):
+            exchange.cork()
+            try:
+                self.relayResponse(data)
+            finally:
+                exchange.uncork()
+        else:
+            self.relayResponse(data)
+
+    def relayResponse(self, data: bytes) -> None:
         if self.response is None:
             assert self.parser is not None
             try:
@@ -322,7 +345,7 @@ class Relay(BackendUser):
                 self.parser = ResponseHeadParser(self.request.method)
                 self.exchange.informational(head.status, self.responseHeaders(head))
                 if data:
-                    self.backendData(data)
+                    self.relayResponse(data)
                 return
             self.startResponse(head)
             if self.done or self.tunnel is not None:
@@ -496,6 +519,13 @@ class Relay(BackendUser):
         if backend is not None:
             backend.user = None
             backend.clearDeadline()
+            # An abandoned request's head is not sent (an abort drops it, as
+            # it drops what Twisted holds); a closed connection's goes first.
+            flusher = Flusher.of(self.reactor)
+            if abort:
+                flusher.held.pop(backend.transport, None)
+            else:
+                flusher.flushNow(backend.transport)
             backend.abort() if abort else backend.close()
 
     def cancelTimer(self) -> None:
