@@ -47,6 +47,16 @@ class ExchangeBase:
     def afterAction(self) -> None:
         """Hook: the action has been called (HTTP/2 flushes its frames)."""
 
+    def cork(self) -> None:
+        """
+        Hold what is written from now on, to write it in one piece at
+        L{uncork} (or when the response finishes). The caller must uncork
+        before its turn of the reactor ends.
+        """
+
+    def uncork(self) -> None:
+        """Write what was held since L{cork}, and write as it comes again."""
+
     def startBodyTimer(self) -> None:
         raise NotImplementedError
 
@@ -117,10 +127,14 @@ class ExchangeBase:
         elif self.request.method == b"HEAD":
             headers = [*headers, (self.contentLength, b"%d" % len(body))]
             framing = NO_BODY
-        self.startResponse(status, b"", headers, framing)
-        if framing.kind != "none" and body:
-            self.write(body)
-        self.finish()
+        self.cork()
+        try:
+            self.startResponse(status, b"", headers, framing)
+            if framing.kind != "none" and body:
+                self.write(body)
+            self.finish()
+        finally:
+            self.uncork()
 
     def cancelBodyTimer(self) -> None:
         if self.bodyTimer is not None and self.bodyTimer.active():

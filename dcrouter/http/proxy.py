@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from attrs import frozen
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,6 +31,8 @@ from zope.interface import implementer
 
 from dcrouter.config.model import HostPort
 from dcrouter.http.backend import BackendConnection, BackendPool, BackendUser
+from dcrouter.http.exchange import ExchangeBase
+from dcrouter.http.sending import Flusher
 from dcrouter.http.wire import (
     HOP_BY_HOP,
     LAST_CHUNK,
@@ -176,7 +178,6 @@ class Relay(BackendUser):
         self.parser: Optional[ResponseHeadParser] = None
         self.response: Optional[ResponseHead] = None
         self.reader: Optional[BodyReader] = None
-        self.timer: Optional[IDelayedCall] = None
         self.active = False
         self.done = False
         self.tunnel: Optional[_Tunnel] = None
@@ -242,7 +243,7 @@ class Relay(BackendUser):
         self.acquired = self.target
         self.parser = ResponseHeadParser(self.request.method)
         self.sendHead()
-        self.timer = self.reactor.callLater(self.route.responseTimeout, self.responseTimedOut)
+        backend.setDeadline(self.route.responseTimeout)
         if self.request.body.kind == "none":
             self.requestSent = True
         elif not self.sentBody:
@@ -269,7 +270,15 @@ class Relay(BackendUser):
             headers.append((b"Connection", b"upgrade"))
             headers.append((b"Upgrade", request.upgrade))
         line = request.method + b" " + originForm(request.target) + b" HTTP/1.1"
-        self.writeBackend(serializeHead(line, headers))
+        head = serializeHead(line, headers)
+        backend = self.backend
+        if kind == "none" and backend is not None and backend.transport is not None:
+            # The request's only write: out with this turn's others, without
+            # Twisted's writability round trip. Nothing else is written to
+            # the connection before its response has come.
+            Flusher.of(self.reactor).write(backend.transport, head)
+        else:
+            self.writeBackend(head)
 
     def writeBackend(self, data: bytes) -> None:
         backend = self.backend
@@ -309,6 +318,19 @@ class Relay(BackendUser):
         if self.tunnel is not None:
             self.tunnel.fromBackend(data)
             return
+        # What this data makes the exchange write (head, body, last chunk)
+        # goes to the client in one piece.
+        exchange = self.exchange
+        if isinstance(exchange, ExchangeBase):
+            exchange.cork()
+            try:
+                self.relayResponse(data)
+            finally:
+                exchange.uncork()
+        else:
+            self.relayResponse(data)
+
+    def relayResponse(self, data: bytes) -> None:
         if self.response is None:
             assert self.parser is not None
             try:
@@ -323,7 +345,7 @@ class Relay(BackendUser):
                 self.parser = ResponseHeadParser(self.request.method)
                 self.exchange.informational(head.status, self.responseHeaders(head))
                 if data:
-                    self.backendData(data)
+                    self.relayResponse(data)
                 return
             self.startResponse(head)
             if self.done or self.tunnel is not None:
@@ -404,12 +426,13 @@ class Relay(BackendUser):
 
     # Failures
 
-    def responseTimedOut(self) -> None:
-        self.timer = None
+    def deadlinePassed(self) -> None:
+        """The backend's deadline: no response in time, or no bytes for the idle timeout."""
         if self.active:
             # Bytes flowed: from here on the route's idle timeout applies.
             self.active = False
-            self.timer = self.reactor.callLater(self.route.idleTimeout, self.responseTimedOut)
+            if self.backend is not None:
+                self.backend.setDeadline(self.route.idleTimeout)
             return
         if self.response is None:
             self.pool.reportFailure(self.target, "response timeout")
@@ -495,12 +518,19 @@ class Relay(BackendUser):
         backend, self.backend = self.backend, None
         if backend is not None:
             backend.user = None
+            backend.clearDeadline()
+            # An abandoned request's head is not sent (an abort drops it, as
+            # it drops what Twisted holds); a closed connection's goes first.
+            flusher = Flusher.of(self.reactor)
+            if abort:
+                flusher.held.pop(backend.transport, None)
+            else:
+                flusher.flushNow(backend.transport)
             backend.abort() if abort else backend.close()
 
     def cancelTimer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        if self.backend is not None:
+            self.backend.clearDeadline()
 
     # Upgrade tunnels (WebSocket)
 

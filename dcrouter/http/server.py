@@ -31,6 +31,7 @@ from zope.interface import implementer
 from dcrouter.config.model import HttpSettings, IPNetwork
 from dcrouter.http.exchange import ExchangeBase
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable, domainMatches, hostName
+from dcrouter.http.sending import Flusher
 from dcrouter.http.wire import (
     LAST_CHUNK,
     BodyFraming,
@@ -168,13 +169,13 @@ class HTTPServerProtocol(Protocol):
         self.phase = _Phase.HEAD
         self.parser = self.newParser()
         self.headStarted = False
+        self.flusher = Flusher.of(layer.reactor)
         self.exchange: Optional[Exchange] = None
         self.held: list[bytes] = []
         self.heldSize = 0
         self.paused = False
         self.timer: Optional[IDelayedCall] = None
         self.deadline: Optional[float] = None
-        self.expired: Callable[[], None] = self.headTimedOut
         self.tunnel: Optional[IProtocol] = None
         self.draining = False
         self.requests = 0
@@ -195,11 +196,10 @@ class HTTPServerProtocol(Protocol):
     # or moving it later, leaves that call be: it re-arms for the rest when
     # it fires early. So a keep-alive request sets and cancels no timer.
 
-    def setTimer(self, seconds: float, expired: Callable[[], None]) -> None:
-        """Call C{expired} in C{seconds}, instead of any deadline before."""
+    def setTimer(self, seconds: float) -> None:
+        """Call L{headTimedOut} in C{seconds}, instead of any deadline before."""
         deadline = self.reactor.seconds() + seconds
         self.deadline = deadline
-        self.expired = expired
         timer = self.timer
         if timer is not None:
             if timer.getTime() <= deadline:
@@ -229,7 +229,7 @@ class HTTPServerProtocol(Protocol):
             self.timer = self.reactor.callLater(deadline - now, self.checkDeadline)
             return
         self.deadline = None
-        self.expired()
+        self.headTimedOut()
 
     def headTimedOut(self) -> None:
         if self.headStarted:
@@ -250,12 +250,23 @@ class HTTPServerProtocol(Protocol):
             self.connection.record.ended = "closed for the drain"
             self.phase = _Phase.CLOSED
             self.cancelTimer()
+            self.flushOut()
             self.transport.loseConnection()
+
+    # Writing: through the reactor's Flusher, so that a response goes out
+    # with the others of this turn, without Twisted's writability round trip.
+
+    def write(self, data: bytes) -> None:
+        self.flusher.write(self.transport, data)
+
+    def flushOut(self) -> None:
+        """Send what is held for this connection before it closes or changes hands."""
+        self.flusher.flushNow(self.transport)
 
     # Reading
 
     def connectionMade(self) -> None:
-        self.setTimer(self.settings.header_timeout, self.headTimedOut)
+        self.setTimer(self.settings.header_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         self.connection.record.bytesIn += len(data)
@@ -284,7 +295,7 @@ class HTTPServerProtocol(Protocol):
             # The head's time runs from its first byte (the connection's
             # first head: from the connection's start). A head that comes
             # whole, as most do, needs no timer of its own.
-            self.setTimer(self.settings.header_timeout, self.headTimedOut)
+            self.setTimer(self.settings.header_timeout)
 
     def startExchange(self, head: RequestHead, rest: bytes) -> None:
         self.requests += 1
@@ -337,6 +348,7 @@ class HTTPServerProtocol(Protocol):
             [(b"Content-Type", b"text/plain"), (b"Content-Length", b"%d" % len(keyAuthorization)),
              (b"Connection", b"close")],
         ) + keyAuthorization
+        self.flushOut()
         self.transport.write(response)
         record.status = 200
         record.bytesOut = len(keyAuthorization)
@@ -374,12 +386,13 @@ class HTTPServerProtocol(Protocol):
             self.connection.record.ended = f"closed after {self.requests} request(s)"
             self.cancelTimer()
             if self.transport is not None:
+                self.flushOut()
                 self.transport.loseConnection()
             return
         self.phase = _Phase.HEAD
         self.parser = self.newParser()
         self.headStarted = False
-        self.setTimer(self.settings.keepalive_timeout, self.headTimedOut)
+        self.setTimer(self.settings.keepalive_timeout)
         held, self.held, self.heldSize = b"".join(self.held), [], 0
         self.resumeClient()
         if held:
@@ -399,6 +412,7 @@ class HTTPServerProtocol(Protocol):
         if self.transport is None or self.phase == _Phase.CLOSED:
             return
         response = errorResponse(status, reason)
+        self.flushOut()
         self.transport.write(response)
         self.connection.record.bytesOut += len(response)
         if record is not None:
@@ -415,9 +429,11 @@ class HTTPServerProtocol(Protocol):
         self.phase = _Phase.CLOSED
         self.cancelTimer()
         if self.transport is not None:
+            self.flushOut()
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.flusher.held.pop(self.transport, None)
         self.phase = _Phase.CLOSED
         self.cancelTimer()
         exchange, self.exchange = self.exchange, None
@@ -465,6 +481,7 @@ class Exchange(ExchangeBase):
         self.finished = False
         self.gone = False
         self.goneCallbacks: list[Callable[[Failure], None]] = []
+        self.unsent: Optional[list[bytes]] = None
 
     def bodyPending(self) -> bool:
         return not self.bodyDone
@@ -597,7 +614,21 @@ class Exchange(ExchangeBase):
         transport = self.server.transport
         if transport is not None and not self.gone:
             self.server.connection.record.bytesOut += len(data)
-            transport.write(data)
+            unsent = self.unsent
+            if unsent is not None:
+                unsent.append(data)
+            else:
+                self.server.write(data)
+
+    def cork(self) -> None:
+        if self.unsent is None:
+            self.unsent = []
+
+    def uncork(self) -> None:
+        """Write what was held since L{cork} in one piece (one TLS record)."""
+        unsent, self.unsent = self.unsent, None
+        if unsent and self.server.transport is not None and not self.gone:
+            self.server.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
 
     def write(self, data: bytes) -> None:
         if not data or self.gone:
@@ -611,6 +642,8 @@ class Exchange(ExchangeBase):
         self.finished = True
         if self.chunked:
             self.send(LAST_CHUNK)
+        # Out before the connection may close or take the next request.
+        self.uncork()
         self.cancelBodyTimer()
         self.record.emit(self.server.reactor.seconds())
         # A finished exchange is never told the client is gone; dropping the
@@ -621,6 +654,8 @@ class Exchange(ExchangeBase):
     def abort(self, reason: str) -> None:
         if self.gone:
             return
+        # Aborting drops what the transport has not sent: unsent bytes too.
+        self.unsent = None
         self.record.note = reason
         if not self.finished:
             self.finished = True
@@ -642,6 +677,9 @@ class Exchange(ExchangeBase):
 
     def takeOver(self) -> tuple[Any, bytes]:
         server = self.server
+        # The 101 goes before any byte of the tunnel.
+        self.uncork()
+        server.flushOut()
         self.finished = True
         self.cancelBodyTimer()
         server.cancelTimer()
@@ -658,6 +696,7 @@ class Exchange(ExchangeBase):
     def clientLost(self, reason: Failure) -> None:
         """The client connection closed while this exchange was current."""
         self.gone = True
+        self.unsent = None
         self.cancelBodyTimer()
         if not self.bodyDone:
             self.bodyDone = True

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
 from dcrouter.config.model import HostPort
-from dcrouter.http.backend import BackendConnection, BackendPool
+from dcrouter.http.backend import BackendConnection, BackendPool, BackendUser
 
 TARGET = HostPort("127.0.0.1", 8080)
 
@@ -81,3 +83,103 @@ def test_discard_stops_watching() -> None:
     pool.discard(connection)
     assert reactor.getDelayedCalls() == []
     assert pool.takeIdle(TARGET) is None
+
+
+def test_the_pool_keeps_more_idle_connections_than_a_busy_moment_uses() -> None:
+    """
+    Fifty requests in flight at once give back fifty connections, all kept
+    for the next fifty; only those beyond maxIdlePerTarget are closed.
+    """
+    reactor = MemoryReactorClock()
+    pool = BackendPool(reactor, 5.0, idleTimeout=30.0)
+    connections = [pooled(pool) for _ in range(50)]
+    for connection in connections:
+        pool.release(connection)
+    assert not any(c.transport.disconnecting for c in connections)
+    assert {id(pool.takeIdle(TARGET)) for _ in range(50)} == {id(c) for c in connections}
+
+    small = BackendPool(reactor, 5.0, idleTimeout=30.0, maxIdlePerTarget=2)
+    three = [pooled(small) for _ in range(3)]
+    for connection in three:
+        small.release(connection)
+    assert [c.transport.disconnecting for c in three] == [False, False, True]
+
+
+class User(BackendUser):
+    def __init__(self, clock: MemoryReactorClock) -> None:
+        self.clock = clock
+        self.passed: list[float] = []
+
+    def deadlinePassed(self) -> None:
+        self.passed.append(self.clock.seconds())
+
+
+def test_a_deadline_passes_at_its_time() -> None:
+    reactor = MemoryReactorClock()
+    pool = BackendPool(reactor, 5.0)
+    connection = pooled(pool)
+    user = connection.user = User(reactor)
+    connection.setDeadline(60)
+    reactor.advance(59.9)
+    assert user.passed == []
+    reactor.advance(0.1)
+    assert user.passed == [60]
+
+
+def test_a_deadline_moved_later_passes_at_the_later_time() -> None:
+    """Each request sets its own deadline on the same call, which waits for the rest."""
+    reactor = MemoryReactorClock()
+    pool = BackendPool(reactor, 5.0)
+    connection = pooled(pool)
+    user = connection.user = User(reactor)
+    connection.setDeadline(60)
+    (timer,) = reactor.getDelayedCalls()
+    for _ in range(10):
+        reactor.advance(5)
+        connection.clearDeadline()
+        connection.setDeadline(60)
+    assert reactor.getDelayedCalls() == [timer]  # no timer per request
+    reactor.advance(59.9)
+    assert user.passed == []
+    reactor.advance(0.1)
+    assert user.passed == [110]
+
+
+def test_a_deadline_moved_earlier_passes_at_the_earlier_time() -> None:
+    reactor = MemoryReactorClock()
+    pool = BackendPool(reactor, 5.0)
+    connection = pooled(pool)
+    user = connection.user = User(reactor)
+    connection.setDeadline(60)
+    connection.setDeadline(5)
+    reactor.advance(5)
+    assert user.passed == [5]
+    reactor.advance(100)
+    assert user.passed == [5]
+
+
+def test_a_cleared_deadline_or_a_released_connection_tells_nobody() -> None:
+    reactor = MemoryReactorClock()
+    pool = BackendPool(reactor, 5.0, idleTimeout=300.0)
+    connection = pooled(pool)
+    user = connection.user = User(reactor)
+    connection.setDeadline(60)
+    connection.clearDeadline()
+    reactor.advance(61)
+    assert user.passed == []
+    connection.user = user
+    connection.setDeadline(60)
+    pool.release(connection)
+    reactor.advance(61)
+    assert user.passed == []
+
+
+def test_a_lost_connection_stops_its_deadline() -> None:
+    reactor = MemoryReactorClock()
+    pool = BackendPool(reactor, 5.0)
+    connection = pooled(pool)
+    connection.user = User(reactor)
+    connection.setDeadline(60)
+    connection.user = None
+    connection.connectionLost(Failure(ConnectionDone()))
+    assert reactor.getDelayedCalls() == []
