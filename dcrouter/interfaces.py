@@ -26,7 +26,11 @@ class IConnectionRecord(Interface):
     how the connection ended).
     """
 
-    target = Attribute("C{str} the upstream chosen, or C{None}.")
+    target = Attribute(
+        "The upstream chosen: a C{str}, or what C{str()} makes one of (a"
+        " L{dcrouter.config.model.HostPort}: formatted only when the record"
+        " is written); or C{None}."
+    )
     bytesIn = Attribute("C{int} bytes received from the client.")
     bytesOut = Attribute("C{int} bytes sent to the client.")
     spliced = Attribute(

@@ -79,7 +79,8 @@ class ConnectionRecord:
         self.route: Optional[str] = None
         self.action: Optional[str] = None
         self.tls: Optional[str] = None
-        self.target: Optional[str] = None
+        #: A C{str}, or what C{str()} names (formatted only when written).
+        self.target: Optional[object] = None
         self.bytesIn = 0
         self.bytesOut = 0
         self.ended: Optional[str] = None
@@ -95,7 +96,7 @@ class ConnectionRecord:
                 "route": self.route or "-",
                 "action": self.action or "-",
                 "tls": self.tls or "none",
-                "target": self.target or "-",
+                "target": "-" if self.target is None else str(self.target),
                 "bytesIn": self.bytesIn,
                 "bytesOut": self.bytesOut,
                 "duration": max(0.0, now - self.started),

@@ -319,7 +319,7 @@ class ForwardProtocol(Protocol):
         target, *rest = self.candidates
         self.target, self.candidates = target, rest
         address = target.address
-        self.record.target = str(address)
+        self.record.target = address
         factory: Any = self
         if self.options.upstreamTLS is not None:
             factory = clientFactory(self.options.upstreamTLS(address), factory, self.reactor)

@@ -222,6 +222,7 @@ async def test_auto_leaves_a_one_exchange_connection_to_twisted(records: Any) ->
     record = await closedRecord(records, client)
     assert record["spliced"] is False
     assert (record["bytesIn"], record["bytesOut"]) == (4, 4)
+    assert record["target"] == f"127.0.0.1:{listening.getHost().port}"
     await stop(service, listening)
 
 
