@@ -121,13 +121,14 @@ class TestCA:
         return (pem(key) if key is not None else b""), chain
 
 
-def handshake(serverContext, serverName=None, alpn=None):
+def handshake(serverContext, serverName=None, alpn=None, clientContext=None):
     """
-    A TLS handshake in memory against C{serverContext}.
+    A TLS handshake in memory against C{serverContext} (from
+    C{clientContext}, or a default client).
 
     @return: C{(client, server)} connections, the handshake done.
     """
-    clientContext = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    clientContext = clientContext or SSL.Context(SSL.TLS_CLIENT_METHOD)
     client = SSL.Connection(clientContext, None)
     client.set_connect_state()
     if serverName:

@@ -8,7 +8,7 @@ from OpenSSL import SSL
 from dcrouter.certs.challenges import ACME_TLS_ALPN, TLSALPN01Responder
 from dcrouter.certs.material import CertificateError, buildEntry, defaultContext, loadPair
 from dcrouter.tlspolicy import SERVER_OPTIONS, TLSPolicyError, serverContext
-from tests.unit.test_certs_support import TestCA
+from tests.unit.test_certs_support import TestCA, handshake
 
 CA = TestCA()
 KEY_PEM, CHAIN_PEM = CA.issue(["a.example"])
@@ -23,30 +23,7 @@ def handshakeTLS12(serverContext, ciphers, alpn=None):
     clientContext = SSL.Context(SSL.TLS_CLIENT_METHOD)
     clientContext.set_max_proto_version(SSL.TLS1_2_VERSION)
     clientContext.set_cipher_list(ciphers.encode("ascii"))
-    client = SSL.Connection(clientContext, None)
-    client.set_connect_state()
-    client.set_tlsext_host_name(b"a.example")
-    if alpn:
-        client.set_alpn_protos(alpn)
-    server = SSL.Connection(serverContext, None)
-    server.set_accept_state()
-    for _ in range(20):
-        progressed = False
-        for conn in (client, server):
-            try:
-                conn.do_handshake()
-            except SSL.WantReadError:
-                pass
-        for a, b in ((client, server), (server, client)):
-            try:
-                data = a.bio_read(65536)
-            except SSL.WantReadError:
-                continue
-            if data:
-                b.bio_write(data)
-                progressed = True
-        if not progressed:
-            break
+    _, server = handshake(serverContext, b"a.example", alpn, clientContext)
     return server.get_cipher_name()
 
 
