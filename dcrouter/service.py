@@ -52,6 +52,7 @@ from dcrouter.ops.metrics import (
     registryFor,
 )
 from dcrouter.proxy.listener import Router, RoutingState
+from dcrouter.proxy.tcp import adoptStreamPort, listenTCP
 from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
 from dcrouter.threads import threadPoolOf
 from dcrouter.workers.pool import WorkerPool
@@ -531,14 +532,12 @@ class DcRouter(MultiService):
         failures = []
         for key in sorted(keys):
             port, address = key
-            endpoint = serverFromString(self.reactor, endpointString(port, address))
-            results: list[Any] = []
-            endpoint.listen(self.router.factoryFor(port)).addBoth(results.append)
-            result = results[0] if results else None
-            if isinstance(result, Failure):
-                failures.append(f"cannot listen on {address}:{port}: {result.getErrorMessage()}")
-            elif result is not None:
-                self.listeners[key] = result
+            try:
+                self.listeners[key] = listenTCP(
+                    self.reactor, port, self.router.factoryFor(port), LISTEN_BACKLOG, address
+                )
+            except CannotListenError as e:
+                failures.append(f"cannot listen on {address}:{port}: {e}")
         return failures
 
     def openGroups(self, keys: Iterable[ListenKey], config: RouterConfig) -> list[str]:
@@ -590,8 +589,8 @@ class DcRouter(MultiService):
                 )
                 continue
             family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            self.listeners[key] = self.reactor.adoptStreamPort(
-                fd, family, self.router.factoryFor(port)
+            self.listeners[key] = adoptStreamPort(
+                self.reactor, fd, family, self.router.factoryFor(port)
             )
         return failures
 

@@ -26,7 +26,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IReactorTime,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -93,7 +93,7 @@ class Router:
         return ListenerFactory(self, port)
 
 
-class ListenerFactory(Factory):
+class ListenerFactory(ServerFactory):
     """Builds a L{RoutingProtocol} for each connection accepted on one port."""
 
     noisy = False

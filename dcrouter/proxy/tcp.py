@@ -1,12 +1,17 @@
-"""TCP as dcrouter opens and tunes its connections: no Nagle, a lean connect."""
+"""
+TCP as dcrouter opens and tunes its connections: no Nagle, a lean connect,
+lean accepted connections.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Optional
 
 from twisted.internet import posixbase, tcp
-from twisted.internet.interfaces import IConnector, IReactorTCP
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IConnector, IListeningPort, IReactorTCP
+from twisted.internet.protocol import ClientFactory, Factory, ServerFactory
 from twisted.python.failure import Failure
 
 
@@ -21,6 +26,104 @@ def sendWithoutDelay(transport: Any) -> None:
         setNoDelay(True)
 
 
+class _MadeWhenRead:
+    """
+    A string Twisted's transports assign for every connection (C{logstr},
+    C{repstr}) and read only to log or print it: the assignment is dropped
+    and the string is made when read. Twisted's strings are about 80 bytes
+    each, per connection, kept for as long as it is open.
+    """
+
+    def __init__(self, make: Callable[[Any], str]) -> None:
+        self.make = make
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        return self if instance is None else self.make(instance)
+
+    def __set__(self, instance: Any, value: str) -> None:
+        pass
+
+
+def _keepProducerInline(transport: Any) -> None:
+    """
+    Give C{transport} its producer attributes from the start. CPython 3.11
+    keeps an object's attributes in a compact array shared with its class
+    while they are the ones it was made with; the first new one, here
+    C{registerProducer} on a connection that is already open (as forwarding
+    does for flow control), turns them into a dictionary of its own, about
+    400 bytes more per transport.
+    """
+    transport.producer = None
+    transport.streamingProducer = False
+
+
+def _protocolName(transport: Any) -> str:
+    return type(transport.protocol).__name__
+
+
+class _Server(tcp.Server):
+    """
+    Twisted's accepted connection, without its per-connection log strings
+    and, on a port bound to one address, without a C{getsockname} and a new
+    address object for each C{getHost()}.
+    """
+
+    server: _Port
+    logstr = _MadeWhenRead(
+        lambda self: f"{self._getLogPrefix(self.protocol)},{self.sessionno},{self.hostname}"
+    )
+    repstr = _MadeWhenRead(
+        lambda self: f"<{_protocolName(self)} #{self.sessionno} on {self.server._realPortNumber}>"
+    )
+
+    def __init__(self, *args: Any) -> None:
+        _keepProducerInline(self)
+        super().__init__(*args)
+
+    def getHost(self) -> Any:
+        host = self.server.boundHost
+        return host if host is not None else super().getHost()
+
+
+class _Port(tcp.Port):
+    """Twisted's TCP port, accepting L{_Server}s."""
+
+    transport = _Server
+    #: The address every accepted connection has as its own, if the port is
+    #: bound to one (not to C{0.0.0.0} or C{::}).
+    boundHost: Optional[IPv4Address | IPv6Address] = None
+
+    def startListening(self) -> None:
+        super().startListening()
+        host = super().getHost()
+        if host.host not in ("0.0.0.0", "::"):
+            self.boundHost = host
+
+
+def listenTCP(
+    reactor: IReactorTCP, port: int, factory: ServerFactory, backlog: int, interface: str
+) -> IListeningPort:
+    """
+    C{reactor.listenTCP}, with L{_Server}s on Twisted's own reactors.
+
+    Other reactors (the tests' memory reactors) get the call as it is.
+    """
+    if not isinstance(reactor, posixbase.PosixReactorBase):
+        return reactor.listenTCP(port, factory, backlog, interface)
+    listening = _Port(port, factory, backlog, interface, reactor)
+    listening.startListening()
+    return listening
+
+
+def adoptStreamPort(reactor: Any, fd: int, family: int, factory: Factory) -> IListeningPort:
+    """C{reactor.adoptStreamPort} for TCP, with L{_Server}s on Twisted's own reactors."""
+    if not isinstance(reactor, posixbase.PosixReactorBase):
+        return reactor.adoptStreamPort(fd, family, factory)
+    listening = _Port._fromListeningDescriptor(reactor, fd, family, factory)
+    listening.startListening()
+    return listening
+
+
 class _Client(tcp.Client):
     """
     Twisted's TCP client, connecting to an IP literal without a Deferred.
@@ -28,8 +131,14 @@ class _Client(tcp.Client):
     Recent Twisted passes even a literal address through a fired Deferred
     and two callbacks before connecting (a tenth of a short connection's
     CPU, measured); here it goes straight on, as Twisted 22.4 did, and a
-    failure still ends the attempt as one.
+    failure still ends the attempt as one. Its log string is made when read.
     """
+
+    logstr = _MadeWhenRead(
+        lambda self: f"{self._getLogPrefix(self.protocol)},client"
+        if hasattr(self, "protocol")
+        else "Uninitialized"
+    )
 
     def resolveAddress(self) -> None:
         if self._requiresResolution:

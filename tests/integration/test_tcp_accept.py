@@ -1,0 +1,138 @@
+"""proxy.tcp's accepting side on the real reactor: lean connections, one address per port."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactor
+
+from dcrouter.proxy.tcp import _Port, _Server, adoptStreamPort, listenTCP
+from tests.helpers import connect
+
+
+class Accepting(protocol.ServerFactory):
+    """Fires C{accepted} with the transport of the first connection."""
+
+    def __init__(self) -> None:
+        self.accepted: defer.Deferred[_Server] = defer.Deferred()
+
+    def buildProtocol(self, addr):
+        factory = self
+
+        class Accepted(protocol.Protocol):
+            def connectionMade(self):
+                factory.accepted.callback(self.transport)
+
+        return Accepted()
+
+
+async def acceptOne(listening, factory: Accepting):
+    client = await connect(listening.getHost().port)
+    transport = await factory.accepted
+    return client, transport
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_on_a_port_bound_to_one_address_shares_the_ports_host():
+    factory = Accepting()
+    listening = listenTCP(reactor, 0, factory, 50, "127.0.0.1")
+    try:
+        client, transport = await acceptOne(listening, factory)
+        assert isinstance(transport, _Server)
+        port = listening.getHost().port
+        assert transport.getHost() == IPv4Address("TCP", "127.0.0.1", port)
+        assert transport.getHost() is listening.boundHost
+        assert transport.socket.getsockname() == ("127.0.0.1", port)
+        client.transport.loseConnection()
+    finally:
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_bound_address_the_host_is_asked_of_the_socket():
+    # A port on 0.0.0.0 or :: has no boundHost; binding one here would
+    # leave loopback, so the attribute is cleared on a loopback port.
+    factory = Accepting()
+    listening = listenTCP(reactor, 0, factory, 50, "127.0.0.1")
+    listening.boundHost = None
+    try:
+        client, transport = await acceptOne(listening, factory)
+        host = transport.getHost()
+        assert host == IPv4Address("TCP", "127.0.0.1", listening.getHost().port)
+        assert host is not transport.getHost()  # made anew each time
+        client.transport.loseConnection()
+    finally:
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_strings_are_made_when_read_and_not_kept():
+    factory = Accepting()
+    listening = listenTCP(reactor, 0, factory, 50, "127.0.0.1")
+    try:
+        client, transport = await acceptOne(listening, factory)
+        assert transport.logstr == f"Accepted,{transport.sessionno},127.0.0.1"
+        assert transport.logPrefix() == transport.logstr
+        port = listening.getHost().port
+        assert repr(transport) == f"<Accepted #{transport.sessionno} on {port}>"
+        assert "logstr" not in vars(transport) and "repstr" not in vars(transport)
+        client.transport.loseConnection()
+    finally:
+        await listening.stopListening()
+
+
+class Producer:
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_producer_registers_and_unregisters_as_before():
+    factory = Accepting()
+    listening = listenTCP(reactor, 0, factory, 50, "127.0.0.1")
+    try:
+        client, transport = await acceptOne(listening, factory)
+        assert transport.producer is None and transport.streamingProducer is False
+        producer = Producer()
+        transport.registerProducer(producer, True)
+        assert transport.producer is producer and transport.streamingProducer is True
+        transport.unregisterProducer()
+        assert transport.producer is None
+        client.transport.loseConnection()
+    finally:
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_inherited_listening_socket_is_adopted_with_lean_connections():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(50)
+    listener.setblocking(False)
+    factory = Accepting()
+    listening = adoptStreamPort(reactor, listener.fileno(), socket.AF_INET, factory)
+    listener.close()  # the port holds its own duplicate
+    try:
+        assert isinstance(listening, _Port)
+        client, transport = await acceptOne(listening, factory)
+        assert isinstance(transport, _Server)
+        assert transport.getHost() is listening.boundHost
+        client.transport.loseConnection()
+    finally:
+        await listening.stopListening()
+
+
+def test_other_reactors_get_the_call_as_it_is():
+    memory = MemoryReactor()
+    factory = Accepting()
+    listenTCP(memory, 8443, factory, 50, "127.0.0.1")
+    assert memory.tcpServers == [(8443, factory, 50, "127.0.0.1")]
