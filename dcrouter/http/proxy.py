@@ -32,7 +32,6 @@ from zope.interface import implementer
 from dcrouter.config.model import HostPort
 from dcrouter.http.backend import BackendConnection, BackendPool, BackendUser
 from dcrouter.http.exchange import ExchangeBase
-from dcrouter.http.sending import Flusher
 from dcrouter.http.wire import (
     HOP_BY_HOP,
     LAST_CHUNK,
@@ -50,6 +49,7 @@ from dcrouter.interfaces import IHTTPExchange
 from dcrouter.ops.accesslog import formatAddress
 from dcrouter.proxy.gate import clientIP
 from dcrouter.proxy.idle import IdleSweep
+from dcrouter.proxy.sending import Flusher
 
 log = Logger()
 

@@ -31,7 +31,6 @@ from zope.interface import implementer
 from dcrouter.config.model import HttpSettings, IPNetwork
 from dcrouter.http.exchange import ExchangeBase
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable, domainMatches, hostName
-from dcrouter.http.sending import Flusher
 from dcrouter.http.wire import (
     LAST_CHUNK,
     BodyFraming,
@@ -47,6 +46,7 @@ from dcrouter.http.wire import (
 from dcrouter.interfaces import IHTTPExchange, IRouteAction, IRoutedConnection
 from dcrouter.ops.accesslog import RequestRecord
 from dcrouter.proxy.gate import IPAddress, clientIP
+from dcrouter.proxy.sending import Flusher
 
 log = Logger()
 

@@ -88,7 +88,7 @@ class _Server(tcp.Server):
 class _Port(tcp.Port):
     """Twisted's TCP port, accepting L{_Server}s."""
 
-    transport = _Server
+    transport: type[tcp.Server] = _Server
     #: The address every accepted connection has as its own, if the port is
     #: bound to one (not to C{0.0.0.0} or C{::}).
     boundHost: Optional[IPv4Address | IPv6Address] = None

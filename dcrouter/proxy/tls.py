@@ -62,6 +62,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.model import CertificatePair, TlsSettings
+from dcrouter.proxy.sending import Flusher
 from dcrouter.tlspolicy import DEFAULT_CIPHERS, TLSPolicyError, serverContext
 
 __all__ = [
@@ -307,7 +308,9 @@ class _ServerTLSProtocol(_TLSProtocol):
     first C{dataReceived} starts the handshake instead.
     Everything after C{makeConnection} is Twisted's own code, except that the
     error of a TLS connection ended by an unexpected EOF, which Twisted does
-    not pass on, is freed at once (L{_tlsShutdownFinished}).
+    not pass on, is freed at once (L{_tlsShutdownFinished}), and that what
+    OpenSSL has to send goes out through the reactor's L{Flusher}
+    (L{_flushSendBIO}).
     """
 
     factory: _ServerTLSFactory
@@ -323,6 +326,29 @@ class _ServerTLSProtocol(_TLSProtocol):
         self._appSendBuffer: list[bytes] = []
         # Provides the transport's interfaces, connects self, then the wrapped protocol.
         ProtocolWrapper.makeConnection(self, transport)
+
+    def _flushSendBIO(self) -> None:
+        """
+        Send what OpenSSL wrote (a handshake flight, session tickets, records)
+        through the reactor's L{Flusher}: held for the rest of the turn and
+        sent with one C{send()} at the start of the next, without Twisted's
+        two C{epoll_ctl} calls per flight. Once the connection is closing
+        (a close_notify or an alert, followed by the TCP transport's
+        C{loseConnection}) the bytes go to the transport directly, after
+        anything held.
+        """
+        try:
+            data = self._tlsConnection.bio_read(2**15)
+        except SSL.WantReadError:
+            return
+        flusher = self.factory.flusher
+        if flusher is None:
+            self.transport.write(data)
+        elif self.disconnecting or self._lostTLSConnection or self._tlsConnection.get_shutdown():
+            flusher.flushNow(self.transport)
+            self.transport.write(data)
+        else:
+            flusher.write(self.transport, data)
 
     def _tlsShutdownFinished(self, reason: Optional[Failure]) -> None:
         super()._tlsShutdownFinished(reason)
@@ -351,6 +377,9 @@ class _ServerTLSFactory(TLSMemoryBIOFactory):
         extra = {"clock": clock} if clock is not None and _FACTORY_TAKES_CLOCK else {}
         super().__init__(creator, False, Factory(), **extra)
         self.serverCreator = creator
+        #: Where the connections' bytes go out (L{_ServerTLSProtocol._flushSendBIO});
+        #: without a clock, through Twisted's own writes.
+        self.flusher = Flusher.of(clock) if clock is not None else None
 
     def registerProtocol(self, p: Any) -> None:
         pass
