@@ -3,9 +3,10 @@ dcrouter's TLS server policy, in one place: the protocol floor, the TLS 1.2
 cipher suites and their order, and the options every server context gets.
 
 L{serverContext} builds a context under it. It sits below both floors that
-serve TLS, so that the routes' certificates (L{dcrouter.proxy.tls}) and
-ACME's (L{dcrouter.certs}: the store, the tls-alpn-01 answers) are served
-alike, without C{certs/} and C{proxy/} importing each other for it.
+serve TLS, so that the routes' certificates (L{dcrouter.proxy.tls}, which
+also serves ACME's certificates for C{certificate = auto} routes) and the
+tls-alpn-01 answers (L{dcrouter.certs.challenges}) are served alike, without
+C{certs/} and C{proxy/} importing each other for it.
 
 Works on pyOpenSSL 23 (Debian bookworm) up to the newest: pyOpenSSL before
 24.3 takes only its own key and certificate wrappers.

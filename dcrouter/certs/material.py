@@ -1,6 +1,8 @@
 """
 Certificates in memory: parsing PEM, checking a key against its chain, and
-the ready-to-serve L{CertificateEntry}.
+L{CertificateEntry}, what the store holds of one. The entry holds no TLS
+context: what serves it builds its own under its own policy and ALPN
+(L{dcrouter.certs.manager.AutoTLS}).
 
 Works on cryptography 38 / pyOpenSSL 23 (Debian bookworm) up to the newest:
 cryptography 38 cannot load a PEM bundle in one call, so chains are split
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Optional
 
@@ -27,7 +29,6 @@ from dcrouter.tlspolicy import serverContext
 __all__ = [
     "CertificateEntry",
     "CertificateError",
-    "ContextBuilder",
     "buildEntry",
     "defaultContext",
     "splitPEM",
@@ -39,12 +40,6 @@ _PEM_CERTIFICATE = re.compile(
 _PEM_KEY = re.compile(
     rb"-----BEGIN ((?:RSA |EC )?PRIVATE KEY)-----\r?\n.+?\r?\n-----END \1-----", re.DOTALL
 )
-
-#: What builds the object a handshake uses from a chain (leaf first) and its
-#: key. The TLS layer gives its own (protocol floor, ciphers, ALPN); the
-#: default is L{defaultContext}.
-ContextBuilder = Callable[[Sequence[x509.Certificate], Any], Any]
-
 
 class CertificateError(ValueError):
     """A certificate or key that cannot be served; says where it came from."""
@@ -139,13 +134,13 @@ def defaultContext(chain: Sequence[x509.Certificate], key: Any) -> SSL.Context:
 @frozen
 class CertificateEntry:
     """
-    One certificate, parsed and ready to serve.
+    One certificate, parsed, its key checked against it.
 
     @ivar names: the DNS names it covers (its SANs), normalized and sorted.
     @ivar requested: the names it was stored under (L{ICertificateStore.store}).
-    @ivar context: what the TLS layer serves it with (an C{SSL.Context}
-        unless the store was given another L{ContextBuilder}), built once.
     @ivar source: the file it was read from.
+    @ivar chainPEM: the chain, leaf first, as served.
+    @ivar keyPEM: its private key.
     """
 
     names: tuple[str, ...]
@@ -158,7 +153,6 @@ class CertificateEntry:
     source: str
     chainPEM: bytes = field(repr=False)
     keyPEM: bytes = field(repr=False)
-    context: Any = field(repr=False, eq=False)
 
     def covers(self, serverName: str) -> bool:
         """Does this certificate serve C{serverName} (wildcards one label deep)?"""
@@ -173,22 +167,15 @@ def buildEntry(
     keyPEM: bytes,
     chainPEM: bytes,
     source: str,
-    contextBuilder: ContextBuilder = defaultContext,
     requested: Sequence[str] = (),
 ) -> CertificateEntry:
     """
     Parse, check and make a L{CertificateEntry}; blocking only for the CPU.
 
-    @raise CertificateError: see L{loadPair}; also when the context builder
-        refuses the pair.
+    @raise CertificateError: see L{loadPair} (a key that is not the
+        certificate's among others).
     """
-    key, chain = loadPair(keyPEM, chainPEM, source)
-    try:
-        context = contextBuilder(chain, key)
-    except CertificateError as e:
-        raise CertificateError(f"{source}: {e}") from e
-    except (SSL.Error, ValueError, TypeError) as e:
-        raise CertificateError(f"{source}: cannot serve it: {e}") from e
+    _, chain = loadPair(keyPEM, chainPEM, source)
     leaf = chain[0]
     names = certificateNames(leaf)
     return CertificateEntry(
@@ -202,5 +189,4 @@ def buildEntry(
         source=source,
         chainPEM=b"\n".join(splitPEM(chainPEM)) + b"\n",
         keyPEM=privateKeyBlock(keyPEM) or b"",
-        context=context,
     )

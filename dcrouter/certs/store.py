@@ -2,9 +2,10 @@
 Where certificates live: L{DirectoryStore} for the ones dcrouter obtains
 (ACME), L{StaticCertificates} for the files a route names.
 
-Both hold every certificate in memory, parsed, with its TLS context built
-once per change, so that a handshake never reads the disk; all file I/O
-runs in the thread pool.
+Both hold every certificate in memory, parsed and its key checked, so that
+a handshake never reads the disk; all file I/O runs in the thread pool. No
+TLS context is built here: what serves a certificate builds its own, under
+the route's C{[tls]} policy and ALPN (L{dcrouter.certs.manager.AutoTLS}).
 
 Layout of a L{DirectoryStore} (C{<state_dir>/certs}, mode 0700): one file
 per certificate, C{<first name>-<hash of the names>.pem}, holding the chain
@@ -34,13 +35,7 @@ from zope.interface import implementer
 
 from dcrouter.certs import files
 from dcrouter.certs.interfaces import ICertificateStore
-from dcrouter.certs.material import (
-    CertificateEntry,
-    CertificateError,
-    ContextBuilder,
-    buildEntry,
-    defaultContext,
-)
+from dcrouter.certs.material import CertificateEntry, CertificateError, buildEntry
 from dcrouter.certs.names import lookupCandidates, normalizeNames
 from dcrouter.config.model import CertificatePair
 from dcrouter.threads import ThreadCalls
@@ -110,7 +105,6 @@ class DirectoryStore:
         threadpool: ThreadPool,
         clock: IReactorTime,
         *,
-        contextBuilder: ContextBuilder = defaultContext,
         timeout: float = FILE_TIMEOUT,
         readOnly: bool = False,
     ) -> None:
@@ -120,13 +114,11 @@ class DirectoryStore:
         @param threadpool: where file I/O and parsing run; its owner starts
             and stops it.
         @param clock: for the timeouts of those calls.
-        @param contextBuilder: builds each certificate's TLS context.
         @param readOnly: only read (a router worker following the
             supervisor's store): no directory made, no leftovers removed.
         """
         self.directory = directory
         self._calls = ThreadCalls(reactor, threadpool, clock, timeout=timeout)
-        self._contextBuilder = contextBuilder
         self._byFile: dict[str, CertificateEntry] = {}
         self._index: dict[str, CertificateEntry] = {}
         self._subscribers = _Subscribers()
@@ -203,7 +195,7 @@ class DirectoryStore:
             path = os.path.join(self.directory, name)
             try:
                 data = files.readFile(path)
-                entries[name] = buildEntry(data, data, path, self._contextBuilder)
+                entries[name] = buildEntry(data, data, path)
             except OSError as e:
                 problems.append(f"{path}: {e.strerror}")
             except CertificateError as e:
@@ -222,7 +214,7 @@ class DirectoryStore:
         path = os.path.join(self.directory, fileName)
 
         def write() -> CertificateEntry:
-            entry = buildEntry(keyPEM, chainPEM, path, self._contextBuilder, key)
+            entry = buildEntry(keyPEM, chainPEM, path, requested=key)
             files.ensureDirectory(self.directory)
             files.writeAtomically(path, entry.chainPEM + entry.keyPEM, 0o600)
             return entry
@@ -301,9 +293,8 @@ class StaticCertificates(Service):
     is read again, and L{reload} (SIGHUP) reads every pair whatever the
     mtimes say. A new pair that is unusable (a key written before its
     certificate, say) is logged and the old one keeps serving; it is
-    tried again when a file changes again. The TLS layer takes
-    C{get(pair).context} at each handshake, so a change is served from the
-    next handshake on; connections already open keep theirs.
+    tried again when a file changes again. Subscribers (L{subscribe}) are
+    told of each new certificate.
     """
 
     log = Logger()
@@ -315,14 +306,12 @@ class StaticCertificates(Service):
         clock: IReactorTime,
         *,
         interval: float = 60.0,
-        contextBuilder: ContextBuilder = defaultContext,
         timeout: float = FILE_TIMEOUT,
         readOnly: bool = False,
     ) -> None:
         self._clock = clock
         self._calls = ThreadCalls(reactor, threadpool, clock, timeout=timeout)
         self._interval = interval
-        self._contextBuilder = contextBuilder
         self._watched: dict[CertificatePair, _Watched] = {}
         self._subscribers = _Subscribers()
         self._loop: Optional[LoopingCall] = None
@@ -465,7 +454,7 @@ class StaticCertificates(Service):
             keyPEM = files.readFile(pair.key)
         except OSError as e:
             raise CertificateError(f"{pair.key}: {e.strerror}") from e
-        entry = buildEntry(keyPEM, chainPEM, f"{pair.cert}, {pair.key}", self._contextBuilder)
+        entry = buildEntry(keyPEM, chainPEM, f"{pair.cert}, {pair.key}")
         return signatures, entry
 
     def _accept(self, watched: _Watched, signatures: Any, entry: CertificateEntry) -> bool:

@@ -108,7 +108,7 @@ from dcrouter.mail.interfaces import (
     IStreamingSink,
 )
 from dcrouter.proxy.gate import Gate, IPAddress, clientIP
-from dcrouter.proxy.proxyprotocol import V2_SIGNATURE, ProxyHeaderError, ProxyHeaderReader
+from dcrouter.proxy.proxyprotocol import ProxyHeaderError, ProxyHeaderReader, clientSSL
 from dcrouter.proxy.tls import ServerTLS, wrapServer
 
 __all__ = [
@@ -310,48 +310,15 @@ def _tlsInfo(handle: SSL.Connection) -> TLSInfo:
     )
 
 
-# PROXY v2 TLVs (the PROXY protocol spec, section 2.2).
-_PP2_TYPE_SSL = 0x20
-_PP2_SUBTYPE_SSL_VERSION = 0x21
-_PP2_SUBTYPE_SSL_CIPHER = 0x23
-_PP2_CLIENT_SSL = 0x01
-_V2_ADDRESS_LENGTHS = {0x0: 0, 0x1: 12, 0x2: 36, 0x3: 216}
-
-
-def _tlvs(data: bytes) -> list[tuple[int, bytes]]:
-    """Type-length-value records; a truncated last one ends the list."""
-    out = []
-    i = 0
-    while i + 3 <= len(data):
-        kind, length = data[i], int.from_bytes(data[i + 1 : i + 3], "big")
-        value = data[i + 3 : i + 3 + length]
-        if len(value) < length:
-            break
-        out.append((kind, value))
-        i += 3 + length
-    return out
-
-
 def proxyTLSInfo(header: bytes) -> Optional[TLSInfo]:
     """
-    The TLS a PROXY v2 header says its proxy terminated: its C{PP2_TYPE_SSL}
-    TLV with the C{PP2_CLIENT_SSL} bit, or C{None} (v1 has no TLVs).
+    The TLS a PROXY v2 header says its proxy terminated (see
+    L{dcrouter.proxy.proxyprotocol.clientSSL}), or C{None}.
     """
-    if len(header) < 16 or header[:12] != V2_SIGNATURE or header[12] & 0x0F != 0x1:
+    ssl = clientSSL(header)
+    if ssl is None:
         return None
-    offset = 16 + _V2_ADDRESS_LENGTHS.get(header[13] >> 4, 0)
-    for kind, value in _tlvs(header[offset:]):
-        if kind != _PP2_TYPE_SSL or len(value) < 5 or not value[0] & _PP2_CLIENT_SSL:
-            continue
-        found = dict(_tlvs(value[5:]))
-        version = found.get(_PP2_SUBTYPE_SSL_VERSION)
-        cipher = found.get(_PP2_SUBTYPE_SSL_CIPHER)
-        return TLSInfo(
-            version=version.decode("ascii", "replace") if version else None,
-            cipher=cipher.decode("ascii", "replace") if cipher else None,
-            upstream=True,
-        )
-    return None
+    return TLSInfo(version=ssl.version, cipher=ssl.cipher, upstream=True)
 
 
 def _ipIn(ip: Optional[IPAddress], networks: tuple[IPNetwork, ...]) -> bool:

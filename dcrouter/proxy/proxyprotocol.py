@@ -59,7 +59,7 @@ class ProxyInfo:
     What a PROXY header said.
 
     @ivar header: the header as received, without its v1 CRLF (v2 TLVs are
-        in it, unparsed).
+        in it, unparsed: see L{clientSSL}).
     @ivar source: the client, or C{None} (v1 C{UNKNOWN}, v2 C{LOCAL} or
         C{UNSPEC}): then the connection's real peer stands.
     @ivar destination: the address the client connected to, or C{None}
@@ -243,10 +243,71 @@ PP2_TYPE_SSL = 0x20
 PP2_CLIENT_SSL = 0x01
 PP2_SUBTYPE_SSL_VERSION = 0x21
 PP2_SUBTYPE_SSL_CIPHER = 0x23
+_PP2_SSL_FIXED = 5  # client bits (1 byte), verify result (4 bytes)
+# v2 address block length by family (high nibble of byte 13): UNSPEC,
+# INET, INET6, UNIX. The TLVs follow it.
+_V2_ADDRESS_LENGTHS = {0x0: 0, 0x1: 12, 0x2: 36, 0x3: 216}
+_V2_COMMAND_PROXY = 0x1
 
 
 def _tlv(kind: int, value: bytes) -> bytes:
     return struct.pack("!BH", kind, len(value)) + value
+
+
+def _tlvs(data: bytes) -> list[tuple[int, bytes]]:
+    """Type-length-value records; a truncated last one ends the list."""
+    out = []
+    i = 0
+    while i + 3 <= len(data):
+        kind, length = data[i], int.from_bytes(data[i + 1 : i + 3], "big")
+        value = data[i + 3 : i + 3 + length]
+        if len(value) < length:
+            break
+        out.append((kind, value))
+        i += 3 + length
+    return out
+
+
+@frozen
+class ClientSSL:
+    """
+    What a C{PP2_TYPE_SSL} TLV says of the TLS the client spoke to the proxy.
+
+    @ivar version: e.g. C{"TLSv1.3"}, or C{None} if the TLV has none.
+    @ivar cipher: e.g. C{"TLS_AES_256_GCM_SHA384"}, or C{None}.
+    """
+
+    version: Optional[str]
+    cipher: Optional[str]
+
+
+def clientSSL(header: bytes) -> Optional[ClientSSL]:
+    """
+    The TLS a PROXY v2 header (L{ProxyInfo.header}) says its proxy
+    terminated: its first C{PP2_TYPE_SSL} TLV with the C{PP2_CLIENT_SSL}
+    bit, or C{None} (none such, a C{LOCAL} header, or v1, which has no
+    TLVs). Decoded on demand, not by L{ProxyHeaderReader}, so that
+    connections nobody asks this of do not pay for it. A truncated TLV ends
+    the list: what follows it is ignored, not an error.
+    """
+    if (
+        len(header) < _V2_FIXED
+        or header[:12] != V2_SIGNATURE
+        or header[12] & 0x0F != _V2_COMMAND_PROXY
+    ):
+        return None
+    offset = _V2_FIXED + _V2_ADDRESS_LENGTHS.get(header[13] >> 4, 0)
+    for kind, value in _tlvs(header[offset:]):
+        if kind != PP2_TYPE_SSL or len(value) < _PP2_SSL_FIXED or not value[0] & PP2_CLIENT_SSL:
+            continue
+        found = dict(_tlvs(value[_PP2_SSL_FIXED:]))
+        version = found.get(PP2_SUBTYPE_SSL_VERSION)
+        cipher = found.get(PP2_SUBTYPE_SSL_CIPHER)
+        return ClientSSL(
+            version=version.decode("ascii", "replace") if version else None,
+            cipher=cipher.decode("ascii", "replace") if cipher else None,
+        )
+    return None
 
 
 def sslTLV(version: str, cipher: str) -> bytes:

@@ -58,7 +58,7 @@ from dcrouter.certs.material import buildEntry
 from dcrouter.certs.store import DirectoryStore
 from tests.helpers import freePort
 from tests.unit.test_certs_challenges import FakeRecords
-from tests.unit.test_certs_support import TestCA, pem
+from tests.unit.test_certs_support import TestCA, pem, servedContext
 
 PEBBLE = shutil.which("pebble", path=os.environ.get("PATH", "") + ":/usr/bin:/usr/sbin")
 
@@ -296,13 +296,13 @@ class Servers:
         self.ports.append(reactor.listenTCP(0, site, interface="127.0.0.1"))
         self.httpPort = self.ports[-1].getHost().port
         # The default certificate of the tls-alpn-01 port, as any route's would be.
-        default = buildEntry(*TestCA().issue(["localhost"]), "default")
-        default.context.set_alpn_select_callback(
+        default = servedContext(buildEntry(*TestCA().issue(["localhost"]), "default"))
+        default.set_alpn_select_callback(
             alpnSelector(self.tlsALPN01.responder, [b"http/1.1"])
         )
         factory = protocol.Factory.forProtocol(Echo)
         self.ports.append(
-            reactor.listenSSL(0, factory, ContextFactory(default.context), interface="127.0.0.1")
+            reactor.listenSSL(0, factory, ContextFactory(default), interface="127.0.0.1")
         )
         self.tlsPort = self.ports[-1].getHost().port
         dnsFactory = server.DNSServerFactory(authorities=[self.authority])
@@ -427,9 +427,9 @@ async def test_http01(makeIssuer, servers, pebble, threadpool):
     assert any(b"/.well-known/acme-challenge/" in uri for uri in servers.httpSeen)
     assert len(servers.http01.responder) == 0  # tokens dropped once final
     assert issuer.account.uri and issuer.account.uri.startswith("https://127.0.0.1:")
-    # The stored context serves a chain a client trusting Pebble's root accepts.
+    # The stored certificate is served as a chain a client trusting Pebble's root accepts.
     rootPEM = await deferToThreadPool(reactor, threadpool, pebble.rootPEM)
-    assert await handshakeWith(entry.context, "www.http.dcrouter.test", rootPEM) == b"ping"
+    assert await handshakeWith(servedContext(entry), "www.http.dcrouter.test", rootPEM) == b"ping"
 
 
 @pytest_twisted.ensureDeferred

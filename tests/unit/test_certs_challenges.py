@@ -23,7 +23,7 @@ from dcrouter.certs.challenges import (
 )
 from dcrouter.certs.interfaces import IChallengeResponder
 from dcrouter.certs.material import buildEntry
-from tests.unit.test_certs_support import TestCA, handshake, peerLeaf
+from tests.unit.test_certs_support import TestCA, handshake, peerLeaf, servedContext
 
 TOKEN = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
 THUMB = "9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
@@ -175,37 +175,38 @@ def served():
     """A server context for a.example and b.example whose ALPN goes through a responder."""
     ca = TestCA()
     entry = buildEntry(*ca.issue(["a.example", "b.example"]), "test")
+    context = servedContext(entry)
     responder = TLSALPN01Responder()
-    entry.context.set_alpn_select_callback(alpnSelector(responder, [b"h2", b"http/1.1"]))
+    context.set_alpn_select_callback(alpnSelector(responder, [b"h2", b"http/1.1"]))
     responder.start("a.example", TOKEN, KEYAUTH)
-    return entry, responder
+    return entry, context, responder
 
 
 def test_alpnSwitchesOnlyForACMEValidations(served):
-    entry, responder = served
-    client, _ = handshake(entry.context, b"a.example", [ACME_TLS_ALPN])
+    entry, context, responder = served
+    client, _ = handshake(context, b"a.example", [ACME_TLS_ALPN])
     assert client.get_alpn_proto_negotiated() == ACME_TLS_ALPN
     assert peerLeaf(client).extensions.get_extension_for_oid(ACME_IDENTIFIER_OID)
 
     # An ordinary client of the same name gets the real certificate.
-    client, _ = handshake(entry.context, b"a.example", [b"http/1.1"])
+    client, _ = handshake(context, b"a.example", [b"http/1.1"])
     assert client.get_alpn_proto_negotiated() == b"http/1.1"
     assert peerLeaf(client).serial_number == entry.serial
 
     # acme-tls/1 for a name not being validated: the real certificate, no acme-tls/1.
-    client, _ = handshake(entry.context, b"b.example", [ACME_TLS_ALPN, b"h2"])
+    client, _ = handshake(context, b"b.example", [ACME_TLS_ALPN, b"h2"])
     assert client.get_alpn_proto_negotiated() == b"h2"
     assert peerLeaf(client).serial_number == entry.serial
-    client, _ = handshake(entry.context, b"b.example", [ACME_TLS_ALPN])
+    client, _ = handshake(context, b"b.example", [ACME_TLS_ALPN])
     assert client.get_alpn_proto_negotiated() in (b"", None)
     assert peerLeaf(client).serial_number == entry.serial
 
 
 def test_alpnSelectorWithoutResponder():
     ca = TestCA()
-    entry = buildEntry(*ca.issue(["a.example"]), "test")
-    entry.context.set_alpn_select_callback(alpnSelector(None, [b"http/1.1", ACME_TLS_ALPN]))
-    client, _ = handshake(entry.context, b"a.example", [ACME_TLS_ALPN])
+    context = servedContext(buildEntry(*ca.issue(["a.example"]), "test"))
+    context.set_alpn_select_callback(alpnSelector(None, [b"http/1.1", ACME_TLS_ALPN]))
+    client, _ = handshake(context, b"a.example", [ACME_TLS_ALPN])
     assert client.get_alpn_proto_negotiated() in (b"", None)
 
 

@@ -16,7 +16,14 @@ from dcrouter.certs.material import CertificateError, buildEntry, splitPEM
 from dcrouter.certs.names import lookupCandidates, normalizeName, normalizeNames
 from dcrouter.certs.store import DirectoryStore, StaticCertificates, certificateFileName
 from dcrouter.config.model import CertificatePair
-from tests.unit.test_certs_support import SyncPool, SyncReactor, TestCA, handshake, peerLeaf
+from tests.unit.test_certs_support import (
+    SyncPool,
+    SyncReactor,
+    TestCA,
+    handshake,
+    peerLeaf,
+    servedContext,
+)
 
 
 def result(d):
@@ -179,7 +186,7 @@ def test_loadServesFromMemoryWithoutTheDisk(tmp_path, reactor, store, ca):
     entry = again.get("www.a.example")
     assert entry is not None and entry.fingerprint == stored.fingerprint
     assert entry.requested == ("a.example", "www.a.example")
-    client, _ = handshake(entry.context, b"www.a.example")
+    client, _ = handshake(servedContext(entry), b"www.a.example")
     assert peerLeaf(client).serial_number == stored.serial
 
 
@@ -297,7 +304,7 @@ def test_staticReadsAndPollsByMtime(tmp_path, reactor, static, ca):
     second = static.get(pair)
     assert second.names == ("a.example", "b.example")
     assert changes == [(pair, second)]
-    client, _ = handshake(second.context, b"b.example")
+    client, _ = handshake(servedContext(second), b"b.example")
     assert peerLeaf(client).serial_number == second.serial
 
 

@@ -157,6 +157,17 @@ def handshake(serverContext, serverName=None, alpn=None, clientContext=None):
     return client, server
 
 
+def servedContext(entry, settings=None, alpn=()):
+    """
+    The context a C{certificate = auto} route serves a store entry with
+    (L{AutoTLS.contextOf}): the store itself builds none.
+    """
+    from dcrouter.certs.manager import AutoTLS
+    from dcrouter.config.model import TlsSettings
+
+    return AutoTLS(None, None, settings or TlsSettings(), alpn).contextOf(entry)
+
+
 def peerLeaf(client):
     """The server's leaf certificate as a cryptography object."""
     cert = client.get_peer_certificate()

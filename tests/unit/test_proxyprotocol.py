@@ -13,11 +13,14 @@ from twisted.internet import address
 
 from dcrouter.proxy.proxyprotocol import (
     V2_SIGNATURE,
+    ClientSSL,
     ProxyHeaderError,
     ProxyHeaderReader,
+    clientSSL,
     encodeV1,
     encodeV2,
     proxyHeaderVerdict,
+    sslTLV,
 )
 
 SRC4 = address.IPv4Address("TCP", "192.0.2.1", 51000)
@@ -288,9 +291,6 @@ def test_notAProxyHeader(data) -> None:
 
 
 def test_v2_carries_the_tls_the_proxy_terminated() -> None:
-    from dcrouter.mail.smtp import proxyTLSInfo
-    from dcrouter.proxy.proxyprotocol import sslTLV
-
     header = encodeV2(
         address.IPv4Address("TCP", "203.0.113.9", 4711),
         address.IPv4Address("TCP", "198.51.100.1", 465),
@@ -298,5 +298,79 @@ def test_v2_carries_the_tls_the_proxy_terminated() -> None:
     )
     info, rest = ProxyHeaderReader().feed(header + b"EHLO x\r\n")
     assert (info.source.host, rest) == ("203.0.113.9", b"EHLO x\r\n")
-    tls = proxyTLSInfo(header)
-    assert (tls.version, tls.cipher) == ("TLSv1.3", "TLS_AES_256_GCM_SHA384")
+    assert clientSSL(info.header) == ClientSSL("TLSv1.3", "TLS_AES_256_GCM_SHA384")
+
+
+_ascii = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=40)
+
+
+@given(
+    st.sampled_from([(SRC4, DST4), (SRC6, DST6), (SRC6, DST4)]),
+    _ascii,
+    _ascii,
+)
+def test_sslTLV_round_trip(ends, version, cipher) -> None:
+    """What L{sslTLV} encodes, L{clientSSL} decodes, after either address family."""
+    header = encodeV2(*ends, sslTLV(version, cipher))
+    assert clientSSL(header) == ClientSSL(version, cipher)
+    info, rest = read(header)
+    assert (info.header, rest) == (header, b"")
+
+
+def withTLVs(tlvs: bytes) -> bytes:
+    """A v2 INET header from SRC4 to DST4 with C{tlvs}, its length field matching."""
+    return v2(0x21, 0x11, V4_BODY + tlvs)
+
+
+def tlv(kind: int, value: bytes) -> bytes:
+    return bytes([kind]) + struct.pack("!H", len(value)) + value
+
+
+SSL = sslTLV("TLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256")
+
+
+@pytest.mark.parametrize(
+    "tlvs",
+    [
+        SSL[:-1],  # its value one byte short
+        SSL[:2],  # not even a whole type and length
+        tlv(0x01, b"h2")[:-1] + SSL,  # a truncated TLV ends the list
+    ],
+)
+def test_a_truncated_tlv_is_ignored(tlvs) -> None:
+    header = withTLVs(tlvs)
+    assert clientSSL(header) is None
+    assert read(header)[0].source == SRC4  # the header itself is still good
+
+
+def test_a_truncated_tlv_after_the_ssl_one_does_not_matter() -> None:
+    assert clientSSL(withTLVs(SSL + tlv(0x04, b"x")[:-1])) == ClientSSL(
+        "TLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256"
+    )
+
+
+def test_a_truncated_ssl_sub_tlv_is_ignored() -> None:
+    value = bytes([0x01]) + bytes(4) + tlv(0x21, b"TLSv1.3") + tlv(0x23, b"TLS_AES")[:-1]
+    assert clientSSL(withTLVs(tlv(0x20, value))) == ClientSSL("TLSv1.3", None)
+
+
+def test_other_tlvs_before_the_ssl_one_are_skipped() -> None:
+    tlvs = tlv(0x01, b"h2") + tlv(0x02, b"mail.example") + SSL
+    assert clientSSL(withTLVs(tlvs)) == ClientSSL("TLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        encodeV2(SRC4, DST4),  # no TLV
+        encodeV1(SRC4, DST4),  # v1 has none
+        V2_SIGNATURE + b"\x20\x00\x00\x00",  # LOCAL
+        v2(0x20, 0x11, V4_BODY + SSL),  # LOCAL, even with one
+        withTLVs(tlv(0x20, bytes(5) + tlv(0x21, b"TLSv1.3"))),  # no PP2_CLIENT_SSL bit
+        withTLVs(tlv(0x20, b"\x01\x00")),  # shorter than client and verify
+        V2_SIGNATURE[:8],
+        b"",
+    ],
+)
+def test_no_client_ssl(header) -> None:
+    assert clientSSL(header) is None

@@ -1,4 +1,4 @@
-"""One TLS server policy: ACME's contexts (store, tls-alpn-01) get the routes' ciphers and order."""
+"""One TLS server policy: ACME's contexts (auto routes, tls-alpn-01) get the routes' ciphers and order."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ import pytest
 from OpenSSL import SSL
 
 from dcrouter.certs.challenges import ACME_TLS_ALPN, TLSALPN01Responder
+from dcrouter.certs.manager import AutoTLS
 from dcrouter.certs.material import CertificateError, buildEntry, defaultContext, loadPair
+from dcrouter.certs.store import DirectoryStore
+from dcrouter.config.model import TlsSettings
+from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
 from dcrouter.tlspolicy import SERVER_OPTIONS, TLSPolicyError, serverContext
-from tests.unit.test_certs_support import TestCA, handshake
+from tests.unit.test_certs_store import result
+from tests.unit.test_certs_support import SyncPool, SyncReactor, TestCA, handshake, servedContext
 
 CA = TestCA()
 KEY_PEM, CHAIN_PEM = CA.issue(["a.example"])
@@ -42,7 +47,7 @@ def challengeContext():
 
 CONTEXTS = {
     "defaultContext": lambda: defaultContext(CHAIN, KEY),
-    "store entry": lambda: buildEntry(KEY_PEM, CHAIN_PEM, "test").context,
+    "auto route": lambda: servedContext(buildEntry(KEY_PEM, CHAIN_PEM, "test")),
     "tls-alpn-01": challengeContext,
 }
 
@@ -102,3 +107,29 @@ def test_serverContextErrors():
         serverContext(CHAIN, otherKey)
     with pytest.raises(CertificateError, match="OpenSSL refuses the certificate"):
         defaultContext(CHAIN, otherKey)
+
+
+def test_autoRoutesServeTheStoreUnderTheirTLSPolicy(tmp_path):
+    """
+    The store builds no context; an auto route serves its certificates under
+    the route's C{[tls]} min_version and ciphers.
+    """
+    reactor = SyncReactor()
+    store = DirectoryStore(str(tmp_path / "certs"), reactor, SyncPool(), reactor)
+    result(store.load())
+    entry = result(store.store(["a.example"], KEY_PEM, CHAIN_PEM))
+    assert not hasattr(entry, "context")
+    fallback = ServerTLS(ensureSelfSigned(str(tmp_path)), TlsSettings())
+
+    strict = AutoTLS(store, fallback, TlsSettings(min_version="1.3")).forName("a.example")
+    assert strict is not fallback
+    with pytest.raises(SSL.Error):
+        handshakeTLS12(strict.context, "ECDHE-ECDSA-AES128-GCM-SHA256")
+    client, _ = handshake(strict.context, b"a.example")
+    assert client.get_protocol_version_name() == "TLSv1.3"
+    assert client.get_peer_certificate().get_serial_number() == entry.serial
+
+    onlyOne = TlsSettings(ciphers="ECDHE-ECDSA-AES256-GCM-SHA384")
+    creator = AutoTLS(store, fallback, onlyOne).forName("a.example")
+    clientOrder = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384"
+    assert handshakeTLS12(creator.context, clientOrder) == "ECDHE-ECDSA-AES256-GCM-SHA384"
