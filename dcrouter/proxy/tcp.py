@@ -44,17 +44,30 @@ class _MadeWhenRead:
         pass
 
 
-def _keepProducerInline(transport: Any) -> None:
+def _learnAttributes(cls: type, names: tuple[str, ...]) -> None:
     """
-    Give C{transport} its producer attributes from the start. CPython 3.11
-    keeps an object's attributes in a compact array shared with its class
-    while they are the ones it was made with; the first new one, here
-    C{registerProducer} on a connection that is already open (as forwarding
-    does for flow control), turns them into a dictionary of its own, about
-    400 bytes more per transport.
+    Teach CPython the names of the attributes C{cls}'s instances get over
+    their lives, once, on a specimen.
+
+    CPython 3.11 keeps an object's attributes in a compact array indexed by
+    keys shared with its class, but a class learns new names only from its
+    first few dozen instances. A transport gets some attributes only once
+    connected or once writing (C{protocol}, C{producer}, C{dataBuffer}...),
+    which with many connections opened at once happens after those first
+    instances: each connection then builds a dictionary of its own, about
+    400 bytes more per transport. Elsewhere this costs a throwaway object.
     """
-    transport.producer = None
-    transport.streamingProducer = False
+    specimen: Any = object.__new__(cls)
+    for name in names:
+        setattr(specimen, name, None)
+
+
+#: What every TCP transport of Twisted's is given while it is open.
+_TRANSPORT_ATTRIBUTES = (
+    "reactor", "_tempDataBuffer", "_tempDataLen", "socket", "fileno", "protocol",
+    "connected", "dataBuffer", "offset", "producer", "streamingProducer", "producerPaused",
+    "disconnecting", "_writeDisconnecting", "_writeDisconnected",
+)  # fmt: skip
 
 
 def _protocolName(transport: Any) -> str:
@@ -76,13 +89,12 @@ class _Server(tcp.Server):
         lambda self: f"<{_protocolName(self)} #{self.sessionno} on {self.server._realPortNumber}>"
     )
 
-    def __init__(self, *args: Any) -> None:
-        _keepProducerInline(self)
-        super().__init__(*args)
-
     def getHost(self) -> Any:
         host = self.server.boundHost
         return host if host is not None else super().getHost()
+
+
+_learnAttributes(_Server, (*_TRANSPORT_ATTRIBUTES, "server", "client", "sessionno", "hostname"))
 
 
 class _Port(tcp.Port):
@@ -148,6 +160,13 @@ class _Client(tcp.Client):
             self._setRealAddress(self.addr)
         except Exception:
             self.failIfNotConnected(Failure())
+
+
+_learnAttributes(
+    _Client,
+    (*_TRANSPORT_ATTRIBUTES, "connector", "addr", "_requiresResolution", "realAddress",
+     "doWrite", "doRead"),
+)  # fmt: skip
 
 
 class _Connector(tcp.Connector):
