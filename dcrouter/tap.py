@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import IO, Optional
 
 from twisted.application.service import IService, MultiService
 from twisted.logger import ILogObserver, jsonFileLogObserver
@@ -21,6 +21,7 @@ from dcrouter.compile import checkConfigFile
 from dcrouter.config.errors import ConfigErrors
 from dcrouter.config.model import RouterConfig
 from dcrouter.ops.logtext import textLogObserver
+from dcrouter.ops.logwriter import turnWriter
 from dcrouter.service import DcRouter, ProcessRole
 
 
@@ -77,6 +78,13 @@ def textToStandardOutput(twistdOptions: Optional[usage.Options]) -> bool:
     return bool(twistdOptions.get("nodaemon")) and twistdOptions.get("logfile") in (None, "-")
 
 
+def _turnWriter() -> IO[str]:
+    """Standard output, written once per turn of the reactor twistd installed."""
+    from twisted.internet import reactor
+
+    return turnWriter(sys.stdout, reactor)
+
+
 def makeService(options: Options) -> IService:
     config = options.routerConfig
     assert config is not None
@@ -84,10 +92,10 @@ def makeService(options: Options) -> IService:
     router = DcRouter(config, configPath=options["config"], role=role)
     observer: ILogObserver
     if config.daemon.log_format == "json":
-        observer = jsonFileLogObserver(sys.stdout, recordSeparator="")
+        observer = jsonFileLogObserver(_turnWriter(), recordSeparator="")
     elif textToStandardOutput(getattr(options, "parent", None)):
         # The same lines as twistd's own observer, made faster (access records).
-        observer = textLogObserver(sys.stdout)
+        observer = textLogObserver(_turnWriter())
     else:
         return router
     root = _Logging(observer)

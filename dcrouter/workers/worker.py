@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from dcrouter.config.errors import ConfigErrors
 from dcrouter.ops.logtext import textLogObserver
+from dcrouter.ops.logwriter import turnWriter
 from dcrouter.workers.pool import REPORT_FD, parseListenSpec
 
 log = Logger()
@@ -91,10 +92,11 @@ def main(argv: list[str]) -> int:
         print(f"dcrouter worker {args.index}: {args.config} is invalid:\n{e.report()}",
               file=sys.stderr)
         return 1
+    out = turnWriter(sys.stdout, reactor)
     if config.daemon.log_format == "json":
-        observer = jsonFileLogObserver(sys.stdout, recordSeparator="")
+        observer = jsonFileLogObserver(out, recordSeparator="")
     else:
-        observer = textLogObserver(sys.stdout)
+        observer = textLogObserver(out)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     role = ProcessRole(
         "worker", index=args.index, count=args.count, inherited=parseListenSpec(args.listen)
