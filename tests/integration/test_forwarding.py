@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from dcrouter.config.model import Defaults, HostPort, Limits, RouteConfig
 from dcrouter.proxy.proxyprotocol import encodeV1
+from dcrouter.proxy.tcp import _Client, _Server
 from tests.helpers import (
     Backend,
     HalfCloseRecorder,
@@ -48,6 +49,34 @@ async def test_bytes_flow_both_ways_untouched():
     payload = bytes(range(256)) * 64
     client.transport.write(payload)
     assert await client.waitFor(len(payload)) == payload
+    client.transport.loseConnection()
+    await client.closed
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_forwarded_bytes_leave_without_watching_for_writability(monkeypatch):
+    """
+    Each chunk goes out through the reactor's flusher (a send() at the next
+    turn), not through Twisted's wait for writability (epoll_ctl each way).
+    """
+    watched = []
+    startWriting = tcp.Connection.startWriting
+
+    def counted(self):
+        if isinstance(self, (_Server, _Client)):  # the router's own transports
+            watched.append(self)
+        startWriting(self)
+
+    monkeypatch.setattr(tcp.Connection, "startWriting", counted)
+    backend, listening, service, port = await backendAndRouter()
+    client = await connect(port)
+    client.transport.write(b"one")
+    assert await client.waitFor(3) == b"one"  # both connections are up now
+    del watched[:]
+    client.transport.write(b"two")
+    assert await client.waitFor(6) == b"onetwo"
+    assert watched == []
     client.transport.loseConnection()
     await client.closed
     await stop(service, listening)
