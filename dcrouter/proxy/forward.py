@@ -149,10 +149,10 @@ class _WhenFlushed:
     def __init__(self, transport: Any, flushed: Callable[[], None]) -> None:
         self.transport = transport
         self.flushed = flushed
-        self.waiting = False
+        #: Made to wait: waiting until flushed or cancelled, started or not.
+        self.waiting = True
 
     def start(self) -> None:
-        self.waiting = True
         self.transport.registerProducer(self, False)
 
     def resumeProducing(self) -> None:
@@ -204,6 +204,8 @@ class _Upstream(Protocol):
 
     def __init__(self, forwarder: ForwardProtocol) -> None:
         self.forwarder = forwarder
+        #: Where both directions' chunks are written (see the module's docstring).
+        self.flusher = Flusher.of(forwarder.reactor)
 
     def connectionMade(self) -> None:
         sendWithoutDelay(self.transport)
@@ -240,7 +242,7 @@ class _Upstream(Protocol):
         forwarder = self.forwarder
         forwarder.active = True
         forwarder.record.bytesOut += len(data)
-        forwarder.flusher.write(forwarder.transport, data)
+        self.flusher.write(forwarder.transport, data)
         if forwarder.untilSplice and forwarder.heard:
             forwarder.chunkMoved(len(data))
 
@@ -267,6 +269,11 @@ class ForwardProtocol(Protocol):
 
     It is also the factory of its upstream connection attempts (one object
     fewer per connection than a factory of its own).
+
+    One of these lives as long as each forwarded connection: keep its
+    instance attributes (with C{transport} and C{connected}) under the 30
+    that CPython 3.11 shares with the class, or every instance gets a
+    dictionary of its own (over 700 bytes; measured when a 31st came).
     """
 
     noisy = False
@@ -281,8 +288,6 @@ class ForwardProtocol(Protocol):
         self.options = options
         self.record = connection.record
         self.reactor: IReactorTime = connection.reactor
-        #: Every write to either transport goes through it (see send).
-        self.flusher = Flusher.of(self.reactor)
         self.pool = pool
         ip = clientIP(connection.client)
         #: The targets still to try; emptied once one is connected.
@@ -294,7 +299,6 @@ class ForwardProtocol(Protocol):
         self.handshaking: Optional[_Upstream] = None
         self.upstreamDone = False
         self.early: Optional[list[bytes]] = None
-        self.earlySize = 0
         self.clientPaused = False
         self.clientGone = False
         self.clientHalfClosed = False
@@ -310,7 +314,6 @@ class ForwardProtocol(Protocol):
         #: 0: never, or no longer.
         self.untilSplice = _SPLICE_AFTER[options.splice]
         self.flushing: tuple[_WhenFlushed, ...] = ()
-        self.unflushed = 0
         self.pump: Optional[SplicePump] = None
         self.pumpMark = 0
         self.shutBothWays = False
@@ -378,9 +381,9 @@ class ForwardProtocol(Protocol):
         assert out is not None and self.transport is not None
         header = self.proxyHeader()
         if header:
-            self.flusher.write(out, header)
+            upstream.flusher.write(out, header)
         if self.early:
-            self.flusher.write(out, b"".join(self.early))
+            upstream.flusher.write(out, b"".join(self.early))
             self.early = None
         if self.heard and self.untilSplice == 1:
             self.untilSplice = 0
@@ -442,8 +445,9 @@ class ForwardProtocol(Protocol):
         ):
             return False
         out: Any = upstream.transport
-        self.flusher.flushNow(client)
-        self.flusher.flushNow(out)
+        flusher = upstream.flusher
+        flusher.flushNow(client)
+        flusher.flushNow(out)
         if self.pumping:
             client.unregisterProducer()
             out.unregisterProducer()
@@ -452,7 +456,6 @@ class ForwardProtocol(Protocol):
         client.stopReading()
         out.stopReading()
         self.flushing = tuple(_WhenFlushed(t, self.flushed) for t in (client, out) if unsent(t))
-        self.unflushed = len(self.flushing)
         if not self.flushing:
             self.beginSplice()
         for waiter in self.flushing:
@@ -461,8 +464,7 @@ class ForwardProtocol(Protocol):
 
     def flushed(self) -> None:
         """One transport's buffer is empty; with both, the pump starts."""
-        self.unflushed -= 1
-        if not self.unflushed:
+        if not any(waiter.waiting for waiter in self.flushing):
             self.flushing = ()
             self.beginSplice()
 
@@ -517,7 +519,7 @@ class ForwardProtocol(Protocol):
 
     def shutWrite(self, transport: Any) -> bool:
         """L{halfClose}, after what the flusher holds for C{transport}."""
-        self.flusher.flushNow(transport)
+        Flusher.of(self.reactor).flushNow(transport)
         return halfClose(transport)
 
     def proxyHeader(self) -> bytes:
@@ -545,7 +547,7 @@ class ForwardProtocol(Protocol):
         upstream = self.upstream
         self.heard = True
         if upstream is not None:
-            self.flusher.write(upstream.transport, data)
+            upstream.flusher.write(upstream.transport, data)
             if self.untilSplice:
                 self.chunkMoved(len(data))
             return
@@ -554,8 +556,7 @@ class ForwardProtocol(Protocol):
         if self.early is None:
             self.early = []
         self.early.append(data)
-        self.earlySize += len(data)
-        if self.earlySize > _EARLY_DATA_LIMIT and not self.clientPaused:
+        if not self.clientPaused and sum(map(len, self.early)) > _EARLY_DATA_LIMIT:
             self.clientPaused = True
             self.transport.pauseProducing()  # type: ignore[union-attr]
 
@@ -619,7 +620,7 @@ class ForwardProtocol(Protocol):
         if abort:
             transport.abortConnection()  # type: ignore[attr-defined]
         else:
-            self.flusher.flushNow(transport)
+            Flusher.of(self.reactor).flushNow(transport)
             transport.loseConnection()
 
     def closeUpstream(self) -> None:
@@ -631,7 +632,7 @@ class ForwardProtocol(Protocol):
             if self.shutBothWays:
                 transport.connectionLost(Failure(ConnectionDone()))
             else:
-                self.flusher.flushNow(transport)
+                Flusher.of(self.reactor).flushNow(transport)
                 transport.loseConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
