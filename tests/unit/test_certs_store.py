@@ -14,8 +14,7 @@ from dcrouter.certs import files
 from dcrouter.certs.interfaces import ICertificateStore
 from dcrouter.certs.material import CertificateError, buildEntry, splitPEM
 from dcrouter.certs.names import lookupCandidates, normalizeName, normalizeNames
-from dcrouter.certs.store import DirectoryStore, StaticCertificates, certificateFileName
-from dcrouter.config.model import CertificatePair
+from dcrouter.certs.store import DirectoryStore, certificateFileName
 from tests.unit.test_certs_support import (
     SyncPool,
     SyncReactor,
@@ -264,89 +263,3 @@ def test_fileTimeoutFailsTheCall(tmp_path, reactor, ca):
     assert "no answer within 5 s" in failures[0].getErrorMessage()
     pool.release()  # the thread finishes later: its result is dropped
     assert s.get("a.example") is None
-
-
-# -- StaticCertificates -----------------------------------------------------------------
-
-
-def writePair(tmp_path, keyPEM, chainPEM, mtime):
-    pair = CertificatePair(cert=str(tmp_path / "site.pem"), key=str(tmp_path / "site.key"))
-    for path, data in ((pair.cert, chainPEM), (pair.key, keyPEM)):
-        with open(path, "wb") as f:
-            f.write(data)
-        os.utime(path, ns=(mtime, mtime))
-    return pair
-
-
-@pytest.fixture
-def static(reactor):
-    s = StaticCertificates(reactor, SyncPool(), reactor, interval=30)
-    s.startService()
-    yield s
-    s.stopService()
-
-
-def test_staticReadsAndPollsByMtime(tmp_path, reactor, static, ca):
-    pair = writePair(tmp_path, *ca.issue(["a.example"]), mtime=10**18)
-    first = result(static.add(pair))
-    assert static.get(pair) is first
-    changes = []
-    static.subscribe(lambda p, e: changes.append((p, e)))
-
-    reactor.advance(30)  # nothing changed: nothing read again
-    assert static.get(pair) is first and changes == []
-
-    newKey, newChain = ca.issue(["a.example", "b.example"])
-    writePair(tmp_path, newKey, newChain, mtime=10**18 + 1)
-    reactor.advance(29)
-    assert static.get(pair) is first  # not yet polled
-    reactor.advance(1)
-    second = static.get(pair)
-    assert second.names == ("a.example", "b.example")
-    assert changes == [(pair, second)]
-    client, _ = handshake(servedContext(second), b"b.example")
-    assert peerLeaf(client).serial_number == second.serial
-
-
-def test_staticKeepsTheOldPairWhileTheNewIsHalfWritten(tmp_path, reactor, static, ca):
-    oldKey, oldChain = ca.issue(["a.example"])
-    pair = writePair(tmp_path, oldKey, oldChain, mtime=10**18)
-    first = result(static.add(pair))
-    newKey, newChain = ca.issue(["a.example"])
-    writePair(tmp_path, oldKey, newChain, mtime=10**18 + 1)  # the key not written yet
-    reactor.advance(30)
-    assert static.get(pair) is first
-    assert "not the certificate's" in static.error(pair)
-    reactor.advance(30)  # unchanged since: not read (nor logged) again
-    writePair(tmp_path, newKey, newChain, mtime=10**18 + 2)
-    reactor.advance(30)
-    assert static.get(pair).serial != first.serial
-    assert static.error(pair) is None
-
-
-def test_staticReloadReadsEvenWithTheSameMtime(tmp_path, reactor, static, ca, monkeypatch):
-    # Files replaced with the same mtime, size and inode (cp -p onto
-    # equally long files): a poll cannot tell, a reload (SIGHUP) reads.
-    from dcrouter.certs import store as storeModule
-
-    monkeypatch.setattr(storeModule, "_signature", lambda path: storeModule._Signature(1, 2, 3))
-    pair = writePair(tmp_path, *ca.issue(["a.example"]), mtime=10**18)
-    first = result(static.add(pair))
-    writePair(tmp_path, *ca.issue(["a.example"]), mtime=10**18)
-    reactor.advance(30)
-    assert static.get(pair) is first
-    assert result(static.reload()) == [pair]
-    assert static.get(pair).serial != first.serial
-    assert result(static.reload()) == []  # same files: nothing changes
-
-
-def test_staticAddFailsForMissingFilesAndRecovers(tmp_path, reactor, static, ca):
-    pair = CertificatePair(cert=str(tmp_path / "site.pem"), key=str(tmp_path / "site.key"))
-    with pytest.raises(CertificateError, match=r"site\.pem"):
-        result(static.add(pair))
-    assert static.get(pair) is None and pair in static.pairs()
-    writePair(tmp_path, *ca.issue(["a.example"]), mtime=10**18)
-    reactor.advance(30)
-    assert static.get(pair).names == ("a.example",)
-    static.discard(pair)
-    assert static.get(pair) is None
