@@ -172,10 +172,19 @@ def buildEntry(
     """
     Parse, check and make a L{CertificateEntry}; blocking only for the CPU.
 
+    OpenSSL must accept the pair under the default policy (a key too weak
+    for its security level, say, is refused here, so that the store keeps
+    the certificate it had rather than one no handshake could use); that
+    context is not kept: what serves builds its own, under the route's.
+
     @raise CertificateError: see L{loadPair} (a key that is not the
-        certificate's among others).
+        certificate's among others), or OpenSSL refuses the pair.
     """
-    _, chain = loadPair(keyPEM, chainPEM, source)
+    key, chain = loadPair(keyPEM, chainPEM, source)
+    try:
+        defaultContext(chain, key)
+    except CertificateError as e:
+        raise CertificateError(f"{source}: {e}") from e
     leaf = chain[0]
     names = certificateNames(leaf)
     return CertificateEntry(

@@ -114,6 +114,48 @@ def test_buildEntryRefusesAForeignKey(ca):
         buildEntry(otherKey, chainPEM, "test")
 
 
+# A matching pair OpenSSL will not serve: a 512-bit RSA key ("ee key too
+# small" at any security level), self-signed for weak.example until 2036.
+# (cryptography 42 and later no longer make such keys; they still load them.)
+WEAK_KEY = b"""\
+-----BEGIN PRIVATE KEY-----
+MIIBVgIBADANBgkqhkiG9w0BAQEFAASCAUAwggE8AgEAAkEAoQdyeJW2ng7AKtlH
+o5tP/O9y1gWztMkYQSJHxg+NGCeKEcPSRz0zOqTrxp+7YhAZJsD9nQbW6bTsLwJC
+ONBIEQIDAQABAkEAk4cJHuS6vC/zas5JzeBa9fZCFUaAD58082d+rjxNHdSXG/8x
+qWcC3QdaiiXXDnEjDPFqmxyu6SG8LaZkFbeAYQIhANZecCuGDNtBrlodFfswUGvE
+/Dz+v7G+FnygwPwgDfodAiEAwE0q6ulMdzvRF9NNsig23czI9VUKFtQBiQMyYtvr
+A4UCIQCswKJIkNifgQjOmg3yxXapwq87QFifFn7spGehRvu8iQIhAMALEKZC0Otu
+YFVj337hLFH7FmHzSD0eAl57Q9F4gM4lAiAkbBAMng3eRDKhuD7QI7xQxNFfh6vW
+CChwJI47nGY0Mg==
+-----END PRIVATE KEY-----
+"""
+WEAK_CERT = b"""\
+-----BEGIN CERTIFICATE-----
+MIIBnjCCAUigAwIBAgIUfpdRzhx5AxDwuWX84dM4CC+/otUwDQYJKoZIhvcNAQEL
+BQAwFzEVMBMGA1UEAwwMd2Vhay5leGFtcGxlMB4XDTI2MTIwNzAwNTYwOFoXDTM2
+MTIwNDAwNTYwOFowFzEVMBMGA1UEAwwMd2Vhay5leGFtcGxlMFwwDQYJKoZIhvcN
+AQEBBQADSwAwSAJBAKEHcniVtp4OwCrZR6ObT/zvctYFs7TJGEEiR8YPjRgnihHD
+0kc9Mzqk68afu2IQGSbA/Z0G1um07C8CQjjQSBECAwEAAaNsMGowHQYDVR0OBBYE
+FN/lDRKns1f1Gc5ILpvT5y2tyUOLMB8GA1UdIwQYMBaAFN/lDRKns1f1Gc5ILpvT
+5y2tyUOLMA8GA1UdEwEB/wQFMAMBAf8wFwYDVR0RBBAwDoIMd2Vhay5leGFtcGxl
+MA0GCSqGSIb3DQEBCwUAA0EAB+v1fSfQ6qcpn0jshhpBoFzR51Rf5rO/N2F8VAb6
+5RLv6iTHUs64OAignVBuJ93R5xs695EYOHcEOBr3eNHMdQ==
+-----END CERTIFICATE-----
+"""
+
+
+def test_buildEntryRefusesAPairOpenSSLWillNotServe():
+    with pytest.raises(CertificateError, match=r"weak\.pem: OpenSSL refuses the certificate"):
+        buildEntry(WEAK_KEY, WEAK_CERT, "weak.pem")
+
+
+def test_storeRefusesAPairOpenSSLWillNotServeAndKeepsTheOld(store, ca):
+    old = result(store.store(["weak.example"], *ca.issue(["weak.example"])))
+    with pytest.raises(CertificateError, match="OpenSSL refuses"):
+        result(store.store(["weak.example"], WEAK_KEY, WEAK_CERT))
+    assert store.get("weak.example") is old
+
+
 @pytest.mark.parametrize(
     "chain", [b"", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----"]
 )
