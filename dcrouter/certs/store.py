@@ -1,10 +1,11 @@
 """
 Where the certificates dcrouter obtains (ACME) live: L{DirectoryStore}.
 
-It holds every certificate in memory, parsed and its key checked, so that
-a handshake never reads the disk; all file I/O runs in the thread pool. No
-TLS context is built here: what serves a certificate builds its own, under
-the route's C{[tls]} policy and ALPN (L{dcrouter.certs.manager.AutoTLS}).
+It holds every certificate in memory, parsed and checked (its key, and
+that OpenSSL accepts the pair), so that a handshake never reads the disk;
+all file I/O runs in the thread pool. No TLS context is kept here: what
+serves a certificate builds its own, under the route's C{[tls]} policy and
+ALPN (L{dcrouter.certs.manager.AutoTLS}).
 
 Layout of a L{DirectoryStore} (C{<state_dir>/certs}, mode 0700): one file
 per certificate, C{<first name>-<hash of the names>.pem}, holding the chain
