@@ -323,19 +323,26 @@ class SMTPStartTLSProtocol(Protocol):
             self.closeWith(b"421 4.7.0 too much pipelined before STARTTLS\r\n")
             return
         while self.state == "plain":
-            end = self.buffer.find(b"\n")
-            if end < 0:
-                if len(self.buffer) > MAX_LINE:
-                    self.record.ended = "client line too long"
-                    self.closeWith(b"500 5.5.2 line too long\r\n")
-                return
-            line = self.buffer[: end + 1]
-            self.buffer = self.buffer[end + 1 :]
-            if end > MAX_LINE:
-                self.record.ended = "client line too long"
-                self.closeWith(b"500 5.5.2 line too long\r\n")
+            line = self.nextLine()
+            if line is None:
                 return
             self.command(line.rstrip(b"\r\n"))
+
+    def nextLine(self) -> Optional[bytes]:
+        """
+        The client's next whole line (with its line end), taken from the
+        buffer; C{None} while there is none yet, or once the client was
+        closed for a line longer than C{MAX_LINE}.
+        """
+        end = self.buffer.find(b"\n")
+        if end < 0 and len(self.buffer) <= MAX_LINE:
+            return None
+        if end < 0 or end > MAX_LINE:
+            self.record.ended = "client line too long"
+            self.closeWith(b"500 5.5.2 line too long\r\n")
+            return None
+        line, self.buffer = self.buffer[: end + 1], self.buffer[end + 1 :]
+        return line
 
     def command(self, line: bytes) -> None:
         verb, _, argument = line.partition(b" ")
@@ -371,20 +378,16 @@ class SMTPStartTLSProtocol(Protocol):
         backend.
         """
         while self.state == "rehello":
-            end = self.buffer.find(b"\n")
-            if end < 0:
-                if len(self.buffer) > MAX_LINE:
-                    self.record.ended = "client line too long"
-                    self.closeWith(b"500 5.5.2 line too long\r\n")
+            line = self.nextLine()
+            if line is None:
                 return
-            verb = self.buffer[:end].partition(b" ")[0].strip().upper()
+            verb = line.partition(b" ")[0].strip().upper()
             if verb in (b"EHLO", b"HELO"):
                 self.state = "joined"
-                data, self.buffer = self.buffer, b""
+                data, self.buffer = line + self.buffer, b""
                 assert self.backend is not None and self.backend.transport is not None
                 self.backend.transport.write(data)
                 return
-            self.buffer = self.buffer[end + 1 :]
             if verb == b"QUIT":
                 self.record.ended = "client quit before EHLO over TLS"
                 self.closeWith(b"221 2.0.0 Bye\r\n")

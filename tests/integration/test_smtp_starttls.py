@@ -345,6 +345,32 @@ async def test_long_lines_and_slow_clients_are_cut_before_tls(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_long_line_after_tls_before_ehlo_is_cut_as_before_tls(tmp_path):
+    backend, listening, service, port = await setUp(tmp_path)
+
+    def session():
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(b"EHLO raw.test\r\n")
+            while reader.readline()[3:4] == b"-":
+                pass
+            sock.sendall(b"STARTTLS\r\n")
+            reader.readline()
+            tls = noVerify().wrap_socket(sock, server_hostname="localhost")
+            tlsReader = tls.makefile("rb")
+            tls.sendall(b"NOOP " + b"x" * 5000 + b"\r\nEHLO raw.test\r\n")
+            tooLong = tlsReader.readline()
+            closed = tlsReader.readline()
+            return tooLong, closed
+
+    tooLong, closed = await threads.deferToThread(session)
+    assert tooLong.startswith(b"500 5.5.2") and closed == b""
+    assert b"EHLO raw.test" not in backend.commands  # nothing after it reached the backend
+    await tearDown(service, listening)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_quiet_joined_session_ends_at_the_idle_timeout(tmp_path):
     """Once joined, the route's idle_timeout closes both sides of a silent session."""
     backend, listening, service, port = await setUp(tmp_path, idle_timeout="0.4s")
