@@ -93,6 +93,23 @@ def noVerify():
     return context
 
 
+def startTLS(port):
+    """
+    A raw client (blocking; run it in a thread): greeting, EHLO, STARTTLS and
+    the TLS handshake; the TLS socket and a reader on it.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reader = sock.makefile("rb")
+    reader.readline()
+    sock.sendall(b"EHLO raw.test\r\n")
+    while reader.readline()[3:4] == b"-":
+        pass
+    sock.sendall(b"STARTTLS\r\n")
+    reader.readline()
+    tls = noVerify().wrap_socket(sock, server_hostname="localhost")
+    return tls, tls.makefile("rb")
+
+
 async def setUp(tmp_path, backend=None, **options):
     backend = backend or SMTPBackendFactory()
     listening = await listen(backend)
@@ -196,16 +213,7 @@ async def test_after_tls_the_client_must_say_ehlo_again(tmp_path):
     backend, listening, service, port = await setUp(tmp_path)
 
     def session():
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        reader = sock.makefile("rb")
-        reader.readline()
-        sock.sendall(b"EHLO raw.test\r\n")
-        while reader.readline()[3:4] == b"-":
-            pass
-        sock.sendall(b"STARTTLS\r\n")
-        reader.readline()
-        tls = noVerify().wrap_socket(sock, server_hostname="localhost")
-        tlsReader = tls.makefile("rb")
+        tls, tlsReader = startTLS(port)
         tls.sendall(b"MAIL FROM:<x@y.test>\r\nNOOP\r\nHELO raw.test\r\nMAIL FROM:<x@y.test>\r\n")
         replies = [tlsReader.readline() for _ in range(4)]
         tls.sendall(b"QUIT\r\n")
@@ -349,20 +357,10 @@ async def test_a_long_line_after_tls_before_ehlo_is_cut_as_before_tls(tmp_path):
     backend, listening, service, port = await setUp(tmp_path)
 
     def session():
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            reader = sock.makefile("rb")
-            reader.readline()
-            sock.sendall(b"EHLO raw.test\r\n")
-            while reader.readline()[3:4] == b"-":
-                pass
-            sock.sendall(b"STARTTLS\r\n")
-            reader.readline()
-            tls = noVerify().wrap_socket(sock, server_hostname="localhost")
-            tlsReader = tls.makefile("rb")
+        tls, tlsReader = startTLS(port)
+        with tls:
             tls.sendall(b"NOOP " + b"x" * 5000 + b"\r\nEHLO raw.test\r\n")
-            tooLong = tlsReader.readline()
-            closed = tlsReader.readline()
-            return tooLong, closed
+            return tlsReader.readline(), tlsReader.readline()
 
     tooLong, closed = await threads.deferToThread(session)
     assert tooLong.startswith(b"500 5.5.2") and closed == b""
