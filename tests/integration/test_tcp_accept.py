@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
@@ -18,6 +19,7 @@ class Accepting(protocol.ServerFactory):
 
     def __init__(self) -> None:
         self.accepted: defer.Deferred[_Server] = defer.Deferred()
+        self.clients: list = []  # the test's side, closed after the test
 
     def buildProtocol(self, addr):
         factory = self
@@ -31,57 +33,53 @@ class Accepting(protocol.ServerFactory):
 
 async def acceptOne(listening, factory: Accepting):
     client = await connect(listening.getHost().port)
-    transport = await factory.accepted
-    return client, transport
+    factory.clients.append(client)
+    return await factory.accepted
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_connection_on_a_port_bound_to_one_address_shares_the_ports_host():
+@pytest.fixture
+def accepting():
+    """A lean port on 127.0.0.1 and its factory; closed, with its clients, after the test."""
     factory = Accepting()
     listening = listenTCP(reactor, 0, factory, 50, "127.0.0.1")
-    try:
-        client, transport = await acceptOne(listening, factory)
-        assert isinstance(transport, _Server)
-        port = listening.getHost().port
-        assert transport.getHost() == IPv4Address("TCP", "127.0.0.1", port)
-        assert transport.getHost() is listening.boundHost
-        assert transport.socket.getsockname() == ("127.0.0.1", port)
+    yield listening, factory
+    for client in factory.clients:
         client.transport.loseConnection()
-    finally:
-        await listening.stopListening()
+    listening.stopListening()
 
 
 @pytest_twisted.ensureDeferred
-async def test_without_a_bound_address_the_host_is_asked_of_the_socket():
+async def test_a_connection_on_a_port_bound_to_one_address_shares_the_ports_host(accepting):
+    listening, factory = accepting
+    transport = await acceptOne(listening, factory)
+    assert isinstance(transport, _Server)
+    port = listening.getHost().port
+    assert transport.getHost() == IPv4Address("TCP", "127.0.0.1", port)
+    assert transport.getHost() is listening.boundHost
+    assert transport.socket.getsockname() == ("127.0.0.1", port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_bound_address_the_host_is_asked_of_the_socket(accepting):
     # A port on 0.0.0.0 or :: has no boundHost; binding one here would
     # leave loopback, so the attribute is cleared on a loopback port.
-    factory = Accepting()
-    listening = listenTCP(reactor, 0, factory, 50, "127.0.0.1")
+    listening, factory = accepting
     listening.boundHost = None
-    try:
-        client, transport = await acceptOne(listening, factory)
-        host = transport.getHost()
-        assert host == IPv4Address("TCP", "127.0.0.1", listening.getHost().port)
-        assert host is not transport.getHost()  # made anew each time
-        client.transport.loseConnection()
-    finally:
-        await listening.stopListening()
+    transport = await acceptOne(listening, factory)
+    host = transport.getHost()
+    assert host == IPv4Address("TCP", "127.0.0.1", listening.getHost().port)
+    assert host is not transport.getHost()  # made anew each time
 
 
 @pytest_twisted.ensureDeferred
-async def test_log_strings_are_made_when_read_and_not_kept():
-    factory = Accepting()
-    listening = listenTCP(reactor, 0, factory, 50, "127.0.0.1")
-    try:
-        client, transport = await acceptOne(listening, factory)
-        assert transport.logstr == f"Accepted,{transport.sessionno},127.0.0.1"
-        assert transport.logPrefix() == transport.logstr
-        port = listening.getHost().port
-        assert repr(transport) == f"<Accepted #{transport.sessionno} on {port}>"
-        assert "logstr" not in vars(transport) and "repstr" not in vars(transport)
-        client.transport.loseConnection()
-    finally:
-        await listening.stopListening()
+async def test_log_strings_are_made_when_read_and_not_kept(accepting):
+    listening, factory = accepting
+    transport = await acceptOne(listening, factory)
+    assert transport.logstr == f"Accepted,{transport.sessionno},127.0.0.1"
+    assert transport.logPrefix() == transport.logstr
+    port = listening.getHost().port
+    assert repr(transport) == f"<Accepted #{transport.sessionno} on {port}>"
+    assert "logstr" not in vars(transport) and "repstr" not in vars(transport)
 
 
 class Producer:
@@ -96,20 +94,15 @@ class Producer:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_producer_registers_and_unregisters_as_before():
-    factory = Accepting()
-    listening = listenTCP(reactor, 0, factory, 50, "127.0.0.1")
-    try:
-        client, transport = await acceptOne(listening, factory)
-        assert transport.producer is None and transport.streamingProducer is False
-        producer = Producer()
-        transport.registerProducer(producer, True)
-        assert transport.producer is producer and transport.streamingProducer is True
-        transport.unregisterProducer()
-        assert transport.producer is None
-        client.transport.loseConnection()
-    finally:
-        await listening.stopListening()
+async def test_a_producer_registers_and_unregisters_as_before(accepting):
+    listening, factory = accepting
+    transport = await acceptOne(listening, factory)
+    assert transport.producer is None and transport.streamingProducer is False
+    producer = Producer()
+    transport.registerProducer(producer, True)
+    assert transport.producer is producer and transport.streamingProducer is True
+    transport.unregisterProducer()
+    assert transport.producer is None
 
 
 @pytest_twisted.ensureDeferred
@@ -123,11 +116,12 @@ async def test_an_inherited_listening_socket_is_adopted_with_lean_connections():
     listener.close()  # the port holds its own duplicate
     try:
         assert isinstance(listening, _Port)
-        client, transport = await acceptOne(listening, factory)
+        transport = await acceptOne(listening, factory)
         assert isinstance(transport, _Server)
         assert transport.getHost() is listening.boundHost
-        client.transport.loseConnection()
     finally:
+        for client in factory.clients:
+            client.transport.loseConnection()
         await listening.stopListening()
 
 
