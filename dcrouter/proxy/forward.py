@@ -298,7 +298,8 @@ class ForwardProtocol(Protocol):
         self.upstream: Optional[_Upstream] = None
         self.handshaking: Optional[_Upstream] = None
         self.upstreamDone = False
-        self.early: Optional[list[bytes]] = None
+        #: What the client sent before the target was connected.
+        self.early: Optional[bytearray] = None
         self.clientPaused = False
         self.clientGone = False
         self.clientHalfClosed = False
@@ -383,7 +384,7 @@ class ForwardProtocol(Protocol):
         if header:
             upstream.flusher.write(out, header)
         if self.early:
-            upstream.flusher.write(out, b"".join(self.early))
+            upstream.flusher.write(out, bytes(self.early))
             self.early = None
         if self.heard and self.untilSplice == 1:
             self.untilSplice = 0
@@ -554,9 +555,9 @@ class ForwardProtocol(Protocol):
         if self.untilSplice:
             self.chunkMoved(len(data))
         if self.early is None:
-            self.early = []
-        self.early.append(data)
-        if not self.clientPaused and sum(map(len, self.early)) > _EARLY_DATA_LIMIT:
+            self.early = bytearray()
+        self.early += data
+        if not self.clientPaused and len(self.early) > _EARLY_DATA_LIMIT:
             self.clientPaused = True
             self.transport.pauseProducing()  # type: ignore[union-attr]
 

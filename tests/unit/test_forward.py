@@ -58,3 +58,18 @@ def test_a_busy_connection_is_never_idle():
         run(reactor, 2.0)
         protocol.dataReceived(b"x")
     assert not transport.aborted
+
+
+def test_bytes_before_the_target_connects_wait_in_order_and_pause_the_client_past_the_limit():
+    reactor, protocol, transport = forwarder()
+    sent = [bytes([65 + n % 26]) * 1000 for n in range(300)]
+    for n, chunk in enumerate(sent):
+        protocol.dataReceived(chunk)
+        # 256 KiB may wait; the chunk that goes past it pauses the client
+        assert transport.producerState == ("paused" if n >= 262 else "producing")
+    [(_, _, factory, _, _)] = reactor.tcpClients
+    upstream = factory.buildProtocol(None)
+    out = Transport()
+    upstream.makeConnection(out)
+    assert out.value() == b"".join(sent)
+    assert transport.producerState == "producing"
