@@ -114,11 +114,16 @@ class User(BackendUser):
         self.passed.append(self.clock.seconds())
 
 
-def test_a_deadline_passes_at_its_time() -> None:
+def inUse(**poolOptions: float) -> tuple[MemoryReactorClock, BackendConnection, User]:
+    """A pooled connection in use by a L{User} that notes when its deadlines pass."""
     reactor = MemoryReactorClock()
-    pool = BackendPool(reactor, 5.0)
-    connection = pooled(pool)
+    connection = pooled(BackendPool(reactor, 5.0, **poolOptions))
     user = connection.user = User(reactor)
+    return reactor, connection, user
+
+
+def test_a_deadline_passes_at_its_time() -> None:
+    reactor, connection, user = inUse()
     connection.setDeadline(60)
     reactor.advance(59.9)
     assert user.passed == []
@@ -128,10 +133,7 @@ def test_a_deadline_passes_at_its_time() -> None:
 
 def test_a_deadline_moved_later_passes_at_the_later_time() -> None:
     """Each request sets its own deadline on the same call, which waits for the rest."""
-    reactor = MemoryReactorClock()
-    pool = BackendPool(reactor, 5.0)
-    connection = pooled(pool)
-    user = connection.user = User(reactor)
+    reactor, connection, user = inUse()
     connection.setDeadline(60)
     (timer,) = reactor.getDelayedCalls()
     for _ in range(10):
@@ -146,10 +148,7 @@ def test_a_deadline_moved_later_passes_at_the_later_time() -> None:
 
 
 def test_a_deadline_moved_earlier_passes_at_the_earlier_time() -> None:
-    reactor = MemoryReactorClock()
-    pool = BackendPool(reactor, 5.0)
-    connection = pooled(pool)
-    user = connection.user = User(reactor)
+    reactor, connection, user = inUse()
     connection.setDeadline(60)
     connection.setDeadline(5)
     reactor.advance(5)
@@ -159,17 +158,14 @@ def test_a_deadline_moved_earlier_passes_at_the_earlier_time() -> None:
 
 
 def test_a_cleared_deadline_or_a_released_connection_tells_nobody() -> None:
-    reactor = MemoryReactorClock()
-    pool = BackendPool(reactor, 5.0, idleTimeout=300.0)
-    connection = pooled(pool)
-    user = connection.user = User(reactor)
+    reactor, connection, user = inUse(idleTimeout=300.0)
     connection.setDeadline(60)
     connection.clearDeadline()
     reactor.advance(61)
     assert user.passed == []
     connection.user = user
     connection.setDeadline(60)
-    pool.release(connection)
+    connection.pool.release(connection)
     reactor.advance(61)
     assert user.passed == []
 
