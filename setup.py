@@ -10,8 +10,8 @@ from setuptools import setup
 
 setup(
     packages=["dcrouter", *(f"dcrouter.{sub}" for sub in (
-        "config", "proxy", "http", "auth", "certs", "actions", "plugins", "ops", "dns", "mail",
-        "workers",
+        "config", "net", "proxy", "http", "auth", "certs", "actions", "plugins", "ops", "dns",
+        "mail", "workers",
     )), "twisted.plugins"],
     package_data={"twisted.plugins": ["dcrouter_plugin.py"]},
 )

@@ -38,9 +38,9 @@ from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
 from dcrouter.http.server import HTTPLayer
 from dcrouter.interfaces import IHTTPAction, IRouteAction, IStartTLSAction
 from dcrouter.mail.service import BUILT_IN_MODES, unknownModes
-from dcrouter.proxy.gate import Gate
+from dcrouter.net.gate import Gate
+from dcrouter.net.tls import ServerTLS
 from dcrouter.proxy.routetable import CompiledRoute, PortTable
-from dcrouter.proxy.tls import ServerTLS
 from dcrouter.threads import threadPoolOf
 
 log = Logger()

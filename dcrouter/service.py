@@ -43,6 +43,8 @@ from dcrouter.config.errors import ConfigError, ConfigErrors
 from dcrouter.config.model import CertificatePair, Limits, RouterConfig
 from dcrouter.dns.service import DNSService
 from dcrouter.mail.service import MailService
+from dcrouter.net.tcp import adoptStreamPort, listenTCP
+from dcrouter.net.tls import ServerTLS, ensureSelfSigned
 from dcrouter.ops.admin import RecentErrors, adminSite, listenAdminSocket
 from dcrouter.ops.metrics import (
     AccessCounter,
@@ -52,8 +54,6 @@ from dcrouter.ops.metrics import (
     registryFor,
 )
 from dcrouter.proxy.listener import Router, RoutingState
-from dcrouter.proxy.tcp import adoptStreamPort, listenTCP
-from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
 from dcrouter.threads import threadPoolOf
 from dcrouter.workers.pool import WorkerPool
 from dcrouter.workers.reports import WorkerMetrics, mergeStatus

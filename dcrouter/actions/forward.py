@@ -24,8 +24,8 @@ from dcrouter.config.model import HostPort
 from dcrouter.config.options import RouteOptions
 from dcrouter.config.values import parseChoice
 from dcrouter.interfaces import IRouteAction, IRoutedConnection
+from dcrouter.net.tls import clientTLS
 from dcrouter.proxy.forward import ForwardOptions, ForwardProtocol
-from dcrouter.proxy.tls import clientTLS
 
 _BACKEND_KEYS = ("backend_ca", "backend_verify", "backend_server_name")
 

@@ -49,10 +49,10 @@ from dcrouter.config.model import HostPort
 from dcrouter.config.options import RouteOptions
 from dcrouter.config.values import parseChoice
 from dcrouter.interfaces import IRoutedConnection, IStartTLSAction
-from dcrouter.proxy.idle import IdleSweep
-from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2
-from dcrouter.proxy.tcp import connectTCP, sendWithoutDelay
-from dcrouter.proxy.tls import ServerTLS, wrapServer
+from dcrouter.net.idle import IdleSweep
+from dcrouter.net.proxyprotocol import encodeV1, encodeV2
+from dcrouter.net.tcp import connectTCP, sendWithoutDelay
+from dcrouter.net.tls import ServerTLS, wrapServer
 
 #: Longest command or reply line accepted (RFC 5321 says 512/1000; be lenient).
 MAX_LINE = 2048

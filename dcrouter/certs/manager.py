@@ -37,7 +37,7 @@ from dcrouter.certs.material import CertificateEntry, splitPEM
 from dcrouter.certs.shared import ChallengeFiles, Published
 from dcrouter.certs.store import DirectoryStore
 from dcrouter.config.model import RouterConfig, TlsSettings
-from dcrouter.proxy.tls import ServerFactories, ServerTLS, contextFor
+from dcrouter.net.tls import ServerFactories, ServerTLS, contextFor
 
 log = Logger()
 

@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
 from dcrouter.certs.names import lookupCandidates, normalizedOrNone
-from dcrouter.tlspolicy import serverContext
+from dcrouter.net.tlspolicy import serverContext
 
 __all__ = [
     "CertificateEntry",
@@ -120,7 +120,7 @@ def loadPair(keyPEM: bytes, chainPEM: bytes, origin: str) -> tuple[Any, list[x50
 def defaultContext(chain: Sequence[x509.Certificate], key: Any) -> SSL.Context:
     """
     A server C{SSL.Context} serving C{chain} with C{key} under the routes'
-    default policy (L{dcrouter.tlspolicy}): TLS 1.2 and up, the default
+    default policy (L{dcrouter.net.tlspolicy}): TLS 1.2 and up, the default
     cipher suites in the server's order, no compression, no renegotiation.
 
     @raise CertificateError: OpenSSL refuses the pair.

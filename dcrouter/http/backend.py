@@ -34,8 +34,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.model import HostPort
-from dcrouter.proxy.tcp import connectTCP, sendWithoutDelay
-from dcrouter.proxy.tls import clientFactory
+from dcrouter.net.tcp import connectTCP, sendWithoutDelay
+from dcrouter.net.tls import clientFactory
 
 
 class BackendUser:

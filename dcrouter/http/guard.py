@@ -39,7 +39,7 @@ from dcrouter.config.model import LDAPSettings
 from dcrouter.config.options import RouteOptions
 from dcrouter.http.ratelimit import RateLimiter, retryAfter
 from dcrouter.interfaces import IHTTPExchange
-from dcrouter.proxy.gate import clientIP
+from dcrouter.net.gate import clientIP
 
 log = Logger()
 

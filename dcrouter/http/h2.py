@@ -81,8 +81,8 @@ from dcrouter.http.exchange import ExchangeBase
 from dcrouter.http.routes import HTTPRoute, domainMatches, hostName
 from dcrouter.http.wire import BodyFraming, HTTPError, RequestHead, splitAuthority
 from dcrouter.interfaces import IHTTPExchange, IRoutedConnection
+from dcrouter.net.gate import IPAddress, clientIP
 from dcrouter.ops.accesslog import RequestRecord
-from dcrouter.proxy.gate import IPAddress, clientIP
 
 if TYPE_CHECKING:
     from dcrouter.http.server import HTTPLayer

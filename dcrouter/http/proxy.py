@@ -46,10 +46,10 @@ from dcrouter.http.wire import (
     serializeHead,
 )
 from dcrouter.interfaces import IHTTPExchange
+from dcrouter.net.gate import clientIP
+from dcrouter.net.idle import IdleSweep
+from dcrouter.net.sending import Flusher
 from dcrouter.ops.accesslog import formatAddress
-from dcrouter.proxy.gate import clientIP
-from dcrouter.proxy.idle import IdleSweep
-from dcrouter.proxy.sending import Flusher
 
 log = Logger()
 

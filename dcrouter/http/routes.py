@@ -19,7 +19,7 @@ from typing import Any, Optional
 from attrs import frozen
 
 from dcrouter.config.model import RouteConfig
-from dcrouter.proxy.gate import IPAddress
+from dcrouter.net.gate import IPAddress
 from dcrouter.proxy.routetable import SCAN_LIMIT, NameIndex
 
 

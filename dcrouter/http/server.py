@@ -44,9 +44,9 @@ from dcrouter.http.wire import (
     serializeHead,
 )
 from dcrouter.interfaces import IHTTPExchange, IRouteAction, IRoutedConnection
+from dcrouter.net.gate import IPAddress, clientIP
+from dcrouter.net.sending import Flusher
 from dcrouter.ops.accesslog import RequestRecord
-from dcrouter.proxy.gate import IPAddress, clientIP
-from dcrouter.proxy.sending import Flusher
 
 log = Logger()
 

@@ -50,7 +50,7 @@ from dcrouter.mail.policy import DomainPolicy
 from dcrouter.mail.queue import MailQueue
 from dcrouter.mail.sinks import QueueSink
 from dcrouter.mail.smtp import Mode, SMTPFactory, SMTPSettings
-from dcrouter.proxy.tls import ServerTLS, clientTLS
+from dcrouter.net.tls import ServerTLS, clientTLS
 
 log = Logger()
 

@@ -107,9 +107,9 @@ from dcrouter.mail.interfaces import (
     IMessageSink,
     IStreamingSink,
 )
-from dcrouter.proxy.gate import Gate, IPAddress, clientIP
-from dcrouter.proxy.proxyprotocol import ProxyHeaderError, ProxyHeaderReader, clientSSL
-from dcrouter.proxy.tls import ServerTLS, wrapServer
+from dcrouter.net.gate import Gate, IPAddress, clientIP
+from dcrouter.net.proxyprotocol import ProxyHeaderError, ProxyHeaderReader, clientSSL
+from dcrouter.net.tls import ServerTLS, wrapServer
 
 __all__ = [
     "OperationTimeout",
@@ -313,7 +313,7 @@ def _tlsInfo(handle: SSL.Connection) -> TLSInfo:
 def proxyTLSInfo(header: bytes) -> Optional[TLSInfo]:
     """
     The TLS a PROXY v2 header says its proxy terminated (see
-    L{dcrouter.proxy.proxyprotocol.clientSSL}), or C{None}.
+    L{dcrouter.net.proxyprotocol.clientSSL}), or C{None}.
     """
     ssl = clientSSL(header)
     if ssl is None:

@@ -5,7 +5,7 @@ twisted.logger's file observers write and flush every event: with an access
 record per connection and per HTTP request that is a C{write()} system call
 each, a twentieth of an HTTP request's CPU (measured). L{TurnWriter} holds
 the lines of a turn and writes them together at the start of the next, as
-the proxies' sockets are written (L{dcrouter.proxy.sending}).
+the proxies' sockets are written (L{dcrouter.net.sending}).
 
 Several processes (the workers) share one standard output, so a write never
 splits a line and never exceeds L{BATCH_CHARACTERS} characters, which even

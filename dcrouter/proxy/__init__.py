@@ -1,1 +1,1 @@
-"""Listeners, ClientHello parsing, the route table, the gate, TLS and byte forwarding."""
+"""The L4 router: listeners, ClientHello parsing, route table, target pools, forwarding."""

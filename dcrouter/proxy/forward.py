@@ -70,14 +70,14 @@ from zope.interface import implementer
 
 from dcrouter.config.model import HostPort, SpliceMode
 from dcrouter.interfaces import IRoutedConnection
-from dcrouter.proxy.gate import clientIP
-from dcrouter.proxy.idle import IdleSweep
+from dcrouter.net.gate import clientIP
+from dcrouter.net.idle import IdleSweep
+from dcrouter.net.proxyprotocol import encodeV1, encodeV2, sslTLV
+from dcrouter.net.sending import Flusher
+from dcrouter.net.tcp import connectTCP, sendWithoutDelay
+from dcrouter.net.tls import clientFactory
 from dcrouter.proxy.pool import Target, TargetPool
-from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2, sslTLV
-from dcrouter.proxy.sending import Flusher
 from dcrouter.proxy.splice import SplicePump, spliceAvailable
-from dcrouter.proxy.tcp import connectTCP, sendWithoutDelay
-from dcrouter.proxy.tls import clientFactory
 
 log = Logger()
 

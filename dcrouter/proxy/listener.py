@@ -32,13 +32,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.interfaces import IRoutedConnection
+from dcrouter.net.gate import Gate, IPAddress, clientIP
+from dcrouter.net.proxyprotocol import ProxyHeaderError, ProxyHeaderReader, proxyHeaderVerdict
+from dcrouter.net.tcp import sendWithoutDelay
+from dcrouter.net.tls import wrapServer
 from dcrouter.ops.accesslog import ConnectionRecord, formatAddress
 from dcrouter.proxy.clienthello import ClientHelloReader, MalformedHello, NotTLS
-from dcrouter.proxy.gate import Gate, IPAddress, clientIP
-from dcrouter.proxy.proxyprotocol import ProxyHeaderError, ProxyHeaderReader, proxyHeaderVerdict
 from dcrouter.proxy.routetable import PortTable
-from dcrouter.proxy.tcp import sendWithoutDelay
-from dcrouter.proxy.tls import wrapServer
 
 if TYPE_CHECKING:
     from dcrouter.config.model import IPNetwork

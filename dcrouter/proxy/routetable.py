@@ -18,7 +18,7 @@ from attrs import frozen
 
 from dcrouter.config.model import IPNetwork, RouteConfig
 from dcrouter.interfaces import IRouteAction
-from dcrouter.proxy.gate import IPAddress
+from dcrouter.net.gate import IPAddress
 
 _EXACT, _WILDCARD, _ANY = 2, 1, 0
 
@@ -73,7 +73,7 @@ class CompiledRoute:
 
     @ivar serverTLS: the TLS server context for terminating routes, else
         C{None}.
-    @ivar gate: the route's own L{dcrouter.proxy.gate.Gate}, or C{None}
+    @ivar gate: the route's own L{dcrouter.net.gate.Gate}, or C{None}
         when the route sets no limits.
     @ivar layer7: an HTTP route: its connections go to the port's HTTP
         layer, which matches each request; on a plain port its domains are

@@ -15,7 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrap
 from twisted.internet.threads import deferToThread
 
 from dcrouter.config import loadConfig
-from dcrouter.proxy.tls import clientTLS
+from dcrouter.net.tls import clientTLS
 from dcrouter.service import DcRouter
 from tests.helpers import Recorder, freePort
 from tests.integration.test_acme_pebble import PEBBLE, Pebble

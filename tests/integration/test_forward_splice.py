@@ -23,10 +23,10 @@ from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from dcrouter.config.model import CertificatePair, DaemonSettings, HostPort, RouteConfig
+from dcrouter.net.tls import clientTLS, ensureSelfSigned
 from dcrouter.ops.metrics import pools
 from dcrouter.proxy import forward, splice
 from dcrouter.proxy.splice import spliceAvailable
-from dcrouter.proxy.tls import clientTLS, ensureSelfSigned
 from tests.helpers import connect, listen, startRouter
 from tests.streams import Flood, MiB, Peer, payload, until
 

@@ -9,8 +9,8 @@ from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from dcrouter.config.model import Defaults, HostPort, Limits, RouteConfig
-from dcrouter.proxy.proxyprotocol import encodeV1
-from dcrouter.proxy.tcp import _Client, _Server
+from dcrouter.net.proxyprotocol import encodeV1
+from dcrouter.net.tcp import _Client, _Server
 from tests.helpers import (
     Backend,
     HalfCloseRecorder,
@@ -205,7 +205,7 @@ async def test_proxy_protocol_from_a_trusted_proxy_reaches_the_target_as_v2():
 
     from twisted.internet.address import IPv4Address
 
-    from dcrouter.proxy.proxyprotocol import ProxyHeaderReader
+    from dcrouter.net.proxyprotocol import ProxyHeaderReader
 
     backend, listening, service, port = await backendAndRouter(
         routeOptions={"proxy_protocol": "v2"},
@@ -350,7 +350,7 @@ async def reencryptTo(target, tmp_path, connectTimeout):
 async def connectTLS(port):
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 
-    from dcrouter.proxy.tls import clientTLS
+    from dcrouter.net.tls import clientTLS
 
     endpoint = wrapClientTLS(
         clientTLS("localhost", verify=False), TCP4ClientEndpoint(reactor, "127.0.0.1", port)

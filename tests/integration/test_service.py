@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from dcrouter.compile import compileConfig, loadActions
 from dcrouter.config import ConfigErrors, loadConfig
 from dcrouter.config.model import RouteConfig, RouterConfig, TlsSettings
-from dcrouter.proxy.tls import ensureSelfSigned
+from dcrouter.net.tls import ensureSelfSigned
 from dcrouter.service import DcRouter, endpointString
 from tests.helpers import Backend, connect, freePort, listen
 
@@ -227,7 +227,7 @@ async def test_changed_certificate_files_are_served_without_a_restart(tmp_path):
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 
     from dcrouter.config.model import CertificatePair, DaemonSettings, Defaults
-    from dcrouter.proxy.tls import clientTLS, ensureSelfSigned
+    from dcrouter.net.tls import clientTLS, ensureSelfSigned
     from tests.helpers import Recorder
 
     first = ensureSelfSigned(str(tmp_path / "first"), "first.test")

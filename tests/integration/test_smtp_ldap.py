@@ -22,7 +22,7 @@ from dcrouter.config.model import TlsSettings
 from dcrouter.mail.policy import DomainPolicy
 from dcrouter.mail.smtp import SMTPFactory, SMTPSettings
 from dcrouter.mail.testing import MemorySink
-from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
+from dcrouter.net.tls import ServerTLS, ensureSelfSigned
 from tests.helpers import freePort
 from tests.integration import test_ldap
 from tests.integration.test_ldap import PEOPLE, READER_DN, READER_PW, Slapd

@@ -26,8 +26,8 @@ from dcrouter.config.model import TlsSettings
 from dcrouter.mail.policy import DomainPolicy
 from dcrouter.mail.smtp import SMTPFactory, SMTPSettings
 from dcrouter.mail.testing import DirectorySink, MemorySink
-from dcrouter.proxy.proxyprotocol import encodeV2
-from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
+from dcrouter.net.proxyprotocol import encodeV2
+from dcrouter.net.tls import ServerTLS, ensureSelfSigned
 
 HOST = "mx.example.test"
 USERS = {"alice": hashPassword("alicepw", cost=4)}

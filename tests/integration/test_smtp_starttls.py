@@ -16,7 +16,7 @@ from twisted.protocols.basic import LineReceiver
 
 from dcrouter.actions.smtp_starttls import filterCapabilities
 from dcrouter.config.model import RouteConfig
-from dcrouter.proxy.tls import ensureSelfSigned
+from dcrouter.net.tls import ensureSelfSigned
 from tests.helpers import freePort, listen, startRouter
 
 

@@ -1,4 +1,4 @@
-"""proxy.tcp's accepting side on the real reactor: lean connections, one address per port."""
+"""net.tcp's accepting side on the real reactor: lean connections, one address per port."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactor
 
-from dcrouter.proxy.tcp import _Port, _Server, adoptStreamPort, listenTCP
+from dcrouter.net.tcp import _Port, _Server, adoptStreamPort, listenTCP
 from tests.helpers import connect
 
 

@@ -1,4 +1,4 @@
-"""proxy.tcp.connectTCP on the real reactor: literal addresses, names, refusals."""
+"""net.tcp.connectTCP on the real reactor: literal addresses, names, refusals."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionRefusedError
 
-from dcrouter.proxy.tcp import _Connector, connectTCP
+from dcrouter.net.tcp import _Connector, connectTCP
 from tests.helpers import freePort, listen
 
 

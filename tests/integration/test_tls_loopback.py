@@ -1,5 +1,5 @@
 """
-L{dcrouter.proxy.tls} on the real reactor over 127.0.0.1: a listener that
+L{dcrouter.net.tls} on the real reactor over 127.0.0.1: a listener that
 reads the first TLS record before it wraps the connection (as the router
 does after reading a ClientHello), and a client made with
 C{wrapClientTLS(clientTLS(...), TCP4ClientEndpoint(...))}.
@@ -21,7 +21,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from dcrouter.config.model import TlsSettings
-from dcrouter.proxy.tls import ServerTLS, clientTLS, ensureSelfSigned, wrapServer
+from dcrouter.net.tls import ServerTLS, clientTLS, ensureSelfSigned, wrapServer
 
 reactor: Any = global_reactor  # pytest-twisted runs it
 

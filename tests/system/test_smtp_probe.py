@@ -59,7 +59,7 @@ def serve(config: dict[str, Any]) -> None:
     from dcrouter.mail.policy import DomainPolicy
     from dcrouter.mail.smtp import SMTPFactory, SMTPSettings
     from dcrouter.mail.testing import DirectorySink
-    from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
+    from dcrouter.net.tls import ServerTLS, ensureSelfSigned
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     pool = ThreadPool(minthreads=0, maxthreads=8, name="smtp-probe-server")

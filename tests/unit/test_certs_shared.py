@@ -13,7 +13,7 @@ from dcrouter.certs.manager import FOLLOW_INTERVAL, FollowedCerts
 from dcrouter.certs.shared import ChallengeFiles, Published, challengeDirectory
 from dcrouter.certs.store import DirectoryStore
 from dcrouter.config.model import TlsSettings
-from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
+from dcrouter.net.tls import ServerTLS, ensureSelfSigned
 from tests.unit.test_certs_challenges import KEYAUTH, THUMB, TOKEN
 from tests.unit.test_certs_store import result
 from tests.unit.test_certs_support import SyncPool, SyncReactor, TestCA, handshake, peerLeaf

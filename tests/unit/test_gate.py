@@ -1,4 +1,4 @@
-"""Tests for L{dcrouter.proxy.gate}."""
+"""Tests for L{dcrouter.net.gate}."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from twisted.internet import address
 from twisted.internet.task import Clock
 
 from dcrouter.config.model import Limits
-from dcrouter.proxy.gate import Gate, clientIP
+from dcrouter.net.gate import Gate, clientIP
 
 A = IPv4Address("192.0.2.1")
 B = IPv4Address("192.0.2.2")

@@ -6,7 +6,7 @@ from typing import Optional
 
 from twisted.internet.task import Clock
 
-from dcrouter.proxy.idle import IdleSweep
+from dcrouter.net.idle import IdleSweep
 
 
 class Connection:

@@ -10,9 +10,9 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from dcrouter.config.model import Limits, RouteConfig
-from dcrouter.proxy.gate import Gate
+from dcrouter.net.gate import Gate
+from dcrouter.net.proxyprotocol import encodeV1
 from dcrouter.proxy.listener import Router, RoutingState
-from dcrouter.proxy.proxyprotocol import encodeV1
 from dcrouter.proxy.routetable import CompiledRoute, PortTable
 
 
@@ -256,7 +256,7 @@ def test_a_proxy_prefix_that_stalls_times_out():
 
 def terminatingRoute(action, tmp_path):
     from dcrouter.config.model import TlsSettings
-    from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
+    from dcrouter.net.tls import ServerTLS, ensureSelfSigned
 
     serverTLS = ServerTLS(ensureSelfSigned(str(tmp_path)), TlsSettings())
     config = RouteConfig(name="t", ports=(443,), tls="terminate", action=action.name)

@@ -1,4 +1,4 @@
-"""Tests for L{dcrouter.proxy.proxyprotocol}."""
+"""Tests for L{dcrouter.net.proxyprotocol}."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import address
 
-from dcrouter.proxy.proxyprotocol import (
+from dcrouter.net.proxyprotocol import (
     V2_SIGNATURE,
     ClientSSL,
     ProxyHeaderError,

@@ -1,4 +1,4 @@
-"""Tests for L{dcrouter.proxy.sending}: writes held for a turn, sent without Twisted's round trip."""
+"""Tests for L{dcrouter.net.sending}: writes held for a turn, sent without Twisted's round trip."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from dcrouter.proxy.sending import Flusher, writeThrough
+from dcrouter.net.sending import Flusher, writeThrough
 
 
 @pytest.fixture

@@ -31,8 +31,8 @@ from dcrouter.mail.smtp import (
     proxyTLSInfo,
 )
 from dcrouter.mail.testing import MemorySink
-from dcrouter.proxy.proxyprotocol import encodeV1, encodeV2
-from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
+from dcrouter.net.proxyprotocol import encodeV1, encodeV2
+from dcrouter.net.tls import ServerTLS, ensureSelfSigned
 
 CLIENT = IPv4Address("TCP", "192.0.2.7", 40000)
 SERVER = IPv4Address("TCP", "192.0.2.1", 25)

@@ -1,5 +1,5 @@
 """
-Tests for L{dcrouter.proxy.tls}: real OpenSSL handshakes between two
+Tests for L{dcrouter.net.tls}: real OpenSSL handshakes between two
 TLSMemoryBIOProtocols joined in memory, certificates made here with
 cryptography (a root CA, an intermediate, leaves; another CA nobody trusts).
 """
@@ -47,7 +47,7 @@ from zope.interface import implementer, providedBy
 from zope.interface.verify import verifyObject
 
 from dcrouter.config.model import CertificatePair, TlsSettings
-from dcrouter.proxy.tls import (
+from dcrouter.net.tls import (
     SELF_SIGNED_DAYS,
     ServerTLS,
     TLSSetupError,

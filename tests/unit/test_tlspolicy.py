@@ -10,8 +10,8 @@ from dcrouter.certs.manager import AutoTLS
 from dcrouter.certs.material import CertificateError, buildEntry, defaultContext, loadPair
 from dcrouter.certs.store import DirectoryStore
 from dcrouter.config.model import TlsSettings
-from dcrouter.proxy.tls import ServerTLS, ensureSelfSigned
-from dcrouter.tlspolicy import SERVER_OPTIONS, TLSPolicyError, serverContext
+from dcrouter.net.tls import ServerTLS, ensureSelfSigned
+from dcrouter.net.tlspolicy import SERVER_OPTIONS, TLSPolicyError, serverContext
 from tests.unit.test_certs_store import result
 from tests.unit.test_certs_support import SyncPool, SyncReactor, TestCA, handshake, servedContext
 

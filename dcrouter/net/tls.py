@@ -62,8 +62,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.model import CertificatePair, TlsSettings
-from dcrouter.proxy.sending import Flusher
-from dcrouter.tlspolicy import DEFAULT_CIPHERS, TLSPolicyError, serverContext
+from dcrouter.net.sending import Flusher
+from dcrouter.net.tlspolicy import DEFAULT_CIPHERS, TLSPolicyError, serverContext
 
 __all__ = [
     "DEFAULT_CIPHERS",

@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IAddress
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v2parser import V2Parser
 
-from dcrouter.proxy.gate import V4_MAPPED_PREFIX, IPAddress, clientIP
+from dcrouter.net.gate import V4_MAPPED_PREFIX, IPAddress, clientIP
 
 V1_MAX_LENGTH = 107  # the longest v1 line the spec allows, CRLF included
 V1_PREFIX = b"PROXY "
