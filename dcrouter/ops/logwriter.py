@@ -8,10 +8,11 @@ the lines of a turn and writes them together at the start of the next, as
 the proxies' sockets are written (L{dcrouter.net.sending}).
 
 Several processes (the workers) share one standard output, so a write never
-splits a line and never exceeds L{BATCH_CHARACTERS} characters, which even
-as four-byte UTF-8 stays within the 4,096 bytes that a pipe writes at once:
-lines of different processes may interleave, their text does not. While the
-reactor is not running (start-up, shutdown) lines go out at once.
+splits a line and never exceeds L{BATCH_BYTES}, the 4,096 bytes that a pipe
+writes at once (a line that is not ASCII counts four bytes a character, the
+most UTF-8 takes): lines of different processes may interleave, their text
+does not. While the reactor is not running (start-up, shutdown) lines go
+out at once.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import IO, Any, Optional, cast
 
 from twisted.internet.interfaces import IDelayedCall
 
-#: The most characters one write carries, unless one line is longer.
-BATCH_CHARACTERS = 1024
+#: The most bytes one write carries, unless one line is longer (PIPE_BUF).
+BATCH_BYTES = 4096
 
 
 class TurnWriter:
@@ -40,25 +41,34 @@ class TurnWriter:
         reactor.addSystemEventTrigger("after", "shutdown", self.flushNow)
 
     def write(self, text: str) -> int:
-        if self.lines and self.size + len(text) > BATCH_CHARACTERS:
-            self.flushNow()
+        size = len(text) if text.isascii() else 4 * len(text)
+        if self.lines and self.size + size > BATCH_BYTES:
+            self.writeHeld()
         self.lines.append(text)
-        self.size += len(text)
+        self.size += size
         if not self.reactor.running:
             self.flushNow()
         elif self.call is None:
-            self.call = self.reactor.callLater(0, self.flushNow)
+            self.call = self.reactor.callLater(0, self.turnEnded)
         return len(text)
 
     def flush(self) -> None:
         """Observers flush after every event: the next turn does it instead."""
 
+    def turnEnded(self) -> None:
+        self.call = None
+        self.writeHeld()
+
     def flushNow(self) -> None:
-        """Write every line held, at once."""
+        """Write every line held, at once, and forget the turn's call."""
         if self.call is not None:
             if self.call.active():
                 self.call.cancel()
             self.call = None
+        self.writeHeld()
+
+    def writeHeld(self) -> None:
+        """Write the lines held so far, in one write."""
         if self.lines:
             text = self.lines[0] if len(self.lines) == 1 else "".join(self.lines)
             self.lines = []

@@ -6,7 +6,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, LogPublisher
 
 from dcrouter.ops.logtext import textLogObserver
-from dcrouter.ops.logwriter import BATCH_CHARACTERS, TurnWriter, turnWriter
+from dcrouter.ops.logwriter import BATCH_BYTES, TurnWriter, turnWriter
 
 
 class Out:
@@ -47,21 +47,46 @@ def test_the_lines_of_a_turn_leave_in_one_write_at_the_next():
 def test_a_batch_stays_under_the_limit_and_never_splits_a_line():
     reactor, out = running(), Out()
     writer = TurnWriter(out, reactor)
-    lines = [f"{n:03d} " + "x" * 95 + "\n" for n in range(40)]
+    lines = [f"{n:03d} " + "x" * 95 + "\n" for n in range(100)]
     for line in lines:
         writer.write(line)
     reactor.advance(0)
     assert "".join(out.writes) == "".join(lines)
     assert len(out.writes) > 1
     for text in out.writes:
-        assert len(text) <= BATCH_CHARACTERS
+        assert len(text) <= BATCH_BYTES
         assert text.endswith("\n") and len(text) % 100 == 0  # whole lines only
+
+
+def test_a_batch_of_lines_that_are_not_ascii_stays_under_the_limit_in_utf8():
+    reactor, out = running(), Out()
+    writer = TurnWriter(out, reactor)
+    lines = [f"{n:03d} " + "\U0001f600" * 95 + "\n" for n in range(40)]  # 4 bytes each
+    for line in lines:
+        writer.write(line)
+    reactor.advance(0)
+    assert "".join(out.writes) == "".join(lines)
+    for text in out.writes:
+        assert len(text.encode()) <= BATCH_BYTES
+        assert text.endswith("\n")
+
+
+def test_full_batches_leave_one_call_for_the_turn():
+    reactor, out = running(), Out()
+    writer = TurnWriter(out, reactor)
+    for n in range(200):
+        writer.write(f"{n:03d} " + "x" * 95 + "\n")
+    assert len(out.writes) > 1  # full batches went at once
+    assert len(reactor.getDelayedCalls()) == 1
+    reactor.advance(0)
+    assert sum(len(text) for text in out.writes) == 200 * 100
+    assert reactor.getDelayedCalls() == []
 
 
 def test_a_line_longer_than_a_batch_goes_alone_and_whole():
     reactor, out = running(), Out()
     writer = TurnWriter(out, reactor)
-    long = "y" * (BATCH_CHARACTERS * 2) + "\n"
+    long = "y" * (BATCH_BYTES * 2) + "\n"
     writer.write("before\n")
     writer.write(long)
     writer.write("after\n")
