@@ -76,6 +76,14 @@ EVENTS = [
     event("{a}", a=1, log_failure=Failure(ValueError("boom"))),
     event("{a}", a=1, log_time=1700000000.9999997),  # rounds into the next second
     event("{a}", a=1, log_time=1700000000),  # an int
+    event("it's \"quoted\" \\ {a!r} '{b}'", a="q'\"", b="\\"),  # quotes and backslashes
+    event("{a:,} {b:%} {c:_>8} {d:#x} {e:+.1e} {f:^7s}", a=1234567, b=0.5, c="r", d=255,
+          e=12345.678, f="mid"),
+    event("{a:'>5} {b:\\<4}", a=1, b=2),  # fill characters the fast path leaves alone
+    event("{a:>5", a=1),
+    event("{a} {a} {a!r}", a="twice"),
+    event("{a}", a=1, b=2),
+    event("{a:d}", a="not a number"),
 ]
 
 
