@@ -327,17 +327,18 @@ def encodeV2(source: IAddress, destination: IAddress, tlvs: bytes = b"") -> byte
 
     Families are chosen as in L{encodeV1}: INET, else INET6 with IPv4
     v4-mapped; UNSPEC (the receiver keeps the real peer) when either is
-    not IP.
+    not IP, the TLVs still following (an empty address block).
     """
     ends = _endpoints(source, destination)
     if ends is None:
-        return V2_SIGNATURE + b"\x21\x00\x00\x00"
-    sourceIP, sourcePort, destinationIP, destinationPort = ends
-    if sourceIP.version == destinationIP.version == 4:
-        family, addresses = b"\x11", sourceIP.packed + destinationIP.packed
+        family, body = b"\x00", tlvs
     else:
-        family, addresses = b"\x21", _v6Packed(sourceIP) + _v6Packed(destinationIP)
-    body = addresses + struct.pack("!HH", sourcePort, destinationPort) + tlvs
+        sourceIP, sourcePort, destinationIP, destinationPort = ends
+        if sourceIP.version == destinationIP.version == 4:
+            family, addresses = b"\x11", sourceIP.packed + destinationIP.packed
+        else:
+            family, addresses = b"\x21", _v6Packed(sourceIP) + _v6Packed(destinationIP)
+        body = addresses + struct.pack("!HH", sourcePort, destinationPort) + tlvs
     return V2_SIGNATURE + b"\x21" + family + struct.pack("!H", len(body)) + body
 
 

@@ -101,6 +101,16 @@ def test_encodeV2NotIP() -> None:
     assert encodeV2(SRC4, address.UNIXAddress(b"/s")) == v2(0x21, 0x00, b"")
 
 
+def test_encodeV2NotIPKeepsTheTLVs() -> None:
+    """UNSPEC has no addresses, but the TLS the proxy terminated still says so."""
+    tls = sslTLV("TLSv1.3", "TLS_AES_128_GCM_SHA256")
+    header = encodeV2(SRC4, address.UNIXAddress(b"/s"), tls)
+    assert header == v2(0x21, 0x00, tls)
+    info, rest = read(header + b"EHLO x\r\n")
+    assert (info.source, info.destination, rest) == (None, None, b"EHLO x\r\n")
+    assert clientSSL(info.header) == ClientSSL("TLSv1.3", "TLS_AES_128_GCM_SHA256")
+
+
 # Reading what we write, in any pieces
 
 ports = st.integers(0, 65535)
