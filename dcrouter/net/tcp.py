@@ -136,6 +136,10 @@ def adoptStreamPort(reactor: Any, fd: int, family: int, factory: Factory) -> ILi
     return listening
 
 
+def _noEvent() -> None:
+    """What a transport whose connect failed does with a late event: nothing."""
+
+
 class _Client(tcp.Client):
     """
     Twisted's TCP client, connecting to an IP literal without a Deferred.
@@ -143,7 +147,8 @@ class _Client(tcp.Client):
     Recent Twisted passes even a literal address through a fired Deferred
     and two callbacks before connecting (a tenth of a short connection's
     CPU, measured); here it goes straight on, as Twisted 22.4 did, and a
-    failure still ends the attempt as one. Its log string is made when read.
+    failure still ends the attempt as one. Its log string is made when read,
+    and a failed attempt leaves no reference cycle.
     """
 
     logstr = _MadeWhenRead(
@@ -151,6 +156,14 @@ class _Client(tcp.Client):
         if hasattr(self, "protocol")
         else "Uninitialized"
     )
+
+    def failIfNotConnected(self, err: Any) -> None:
+        super().failIfNotConnected(err)
+        # Twisted leaves doRead and doWrite bound to doConnect, a reference
+        # cycle that only the garbage collector would free. The reactor may
+        # still call one for an event of the same poll: it does nothing.
+        if self.__dict__.get("doWrite") == self.doConnect:
+            self.doRead = self.doWrite = _noEvent  # type: ignore[method-assign]
 
     def resolveAddress(self) -> None:
         if self._requiresResolution:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
+import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import deferLater
 
 from dcrouter.net.tcp import _Connector, connectTCP
 from tests.helpers import freePort, listen
@@ -67,3 +72,24 @@ async def test_a_refused_connect_fails_the_attempt():
         pass
     else:
         raise AssertionError("connected to a port nobody listens on")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_connect_is_freed_without_the_garbage_collector():
+    """
+    Twisted leaves the failed transport's C{doRead}/C{doWrite} bound to its
+    own C{doConnect}, a reference cycle per refused connect; L{_Client}
+    drops them, so reference counting frees the transport.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        factory = Factory()
+        connector = connectTCP(reactor, "127.0.0.1", freePort(), factory, 5)
+        transport = weakref.ref(connector.transport)
+        with pytest.raises(ConnectionRefusedError):
+            await factory.result
+        await deferLater(reactor, 0, lambda: None)
+        assert transport() is None
+    finally:
+        gc.enable()
