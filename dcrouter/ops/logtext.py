@@ -66,7 +66,7 @@ def _compile(template: str) -> Optional[_Fill]:
     lines += [f"    v{n} = e[{name!r}]" for n, name in enumerate(names)]
     lines.append(f"    return f{''.join(pieces)!r}")
     scope: dict[str, Any] = {}
-    exec("\n".join(lines), scope)
+    exec(compile("\n".join(lines), f"<log format {template[:40]!r}>", "exec"), scope)
     return cast(_Fill, scope["fill"])
 
 
