@@ -2,11 +2,10 @@
 dcrouter's TLS server policy, in one place: the protocol floor, the TLS 1.2
 cipher suites and their order, and the options every server context gets.
 
-L{serverContext} builds a context under it. It sits below both floors that
-serve TLS, so that the routes' certificates (L{dcrouter.net.tls}, which
-also serves ACME's certificates for C{certificate = auto} routes) and the
-tls-alpn-01 answers (L{dcrouter.certs.challenges}) are served alike, without
-C{certs/} and C{proxy/} importing each other for it.
+L{serverContext} builds a context under it, so that the routes' and the
+mail server's certificates (L{dcrouter.net.tls}, which also serves ACME's
+certificates for C{certificate = auto} routes) and the tls-alpn-01 answers
+(L{dcrouter.certs.challenges}) are served alike.
 
 Works on pyOpenSSL 23 (Debian bookworm) up to the newest: pyOpenSSL before
 24.3 takes only its own key and certificate wrappers.
