@@ -19,6 +19,7 @@ retried once on a fresh connection to the same target).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -63,6 +64,7 @@ _NOT_FORWARDED_NOR_HOST = _NOT_FORWARDED | {b"host"}
 # What is dropped from a response with a body: dcrouter frames it.
 _NOT_RELAYED = HOP_BY_HOP | _FRAMING
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+_AUTHORITY_END = re.compile(rb"[/?#]")
 
 
 @frozen(eq=False)
@@ -132,11 +134,13 @@ def originForm(target: bytes) -> bytes:
     if target.startswith(b"/") or target == b"*":
         return target
     _, _, rest = target.partition(b"://")
-    slash = rest.find(b"/")
-    query = rest.find(b"?")
-    if slash < 0 or (0 <= query < slash):
-        return b"/" + (rest[query:] if query >= 0 else b"")
-    return rest[slash:]
+    # The authority ends at the first "/", "?" or "#" (RFC 3986 section 3.2),
+    # as for the path routes match (server.requestPath).
+    match = _AUTHORITY_END.search(rest)
+    if match is None:
+        return b"/"
+    tail = rest[match.start() :]
+    return tail if match.group() == b"/" else b"/" + tail
 
 
 @implementer(IPushProducer)

@@ -513,6 +513,33 @@ async def test_basic_auth_against_hashed_users():
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_query_in_an_absolute_target_does_not_pick_an_open_route():
+    """
+    C{GET http://host?x=/public/} asks for C{/}: it must meet the auth of
+    the route for C{/}, not reach it through the open C{/public/} route.
+    """
+    from dcrouter.auth.passwords import hashPassword
+
+    echo, backend = await echoBackend()
+    target = f"127.0.0.1:{backend.getHost().port}"
+    port = freePort()
+    users = f"alice:{hashPassword('wonderland', cost=4)}"
+    service, _ = await startRouter(
+        httpRoute("app", port, target, options={"auth": "basic", "auth_users": users}),
+        httpRoute("public", port, target, paths=("/public/",)),
+    )
+    try:
+        (answer,), _ = await ask(
+            port, b"GET http://app.test?x=/public/ HTTP/1.1\r\nHost: app.test\r\n\r\n"
+        )
+        assert answer[0] == 401
+        assert echo.requests == []
+    finally:
+        await service.stopService()
+        await backend.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_jwt_auth(tmp_path):
     import jwt
 
