@@ -603,18 +603,23 @@ class _Tunnel(Protocol):
         self.record.bytesOut += len(data)
         self.client.write(data)
 
-    def stopTimer(self) -> None:
+    def ended(self) -> None:
+        """
+        The tunnel is over: stop watching it, and count down the target's
+        use, held since the relay acquired it (C{leastconn} reads it).
+        """
         if self.idle is not None:
             self.idle.unwatch(self)
             self.idle = None
+        self.relay.releaseTarget()
 
     def backendLost(self) -> None:
-        self.stopTimer()
+        self.ended()
         self.client.unregisterProducer()
         self.client.loseConnection()
 
     def clientLost(self) -> None:
-        self.stopTimer()
+        self.ended()
         transport: Any = self.backend.transport
         if transport is not None:
             transport.unregisterProducer()

@@ -300,6 +300,58 @@ async def test_upgrade_becomes_a_tunnel():
         await backend.stopListening()
 
 
+class ClosingUpgraded(Upgraded):
+    """An L{Upgraded} backend that closes the tunnel when told C{bye}."""
+
+    def dataReceived(self, data):
+        if self.tunnel and data == b"bye":
+            self.transport.loseConnection()
+            return
+        Upgraded.dataReceived(self, data)
+
+
+async def openTunnel(port):
+    client = await connect(port, Recorder())
+    client.transport.write(get(b"/ws", extra=b"Connection: Upgrade\r\nUpgrade: websocket\r\n"))
+    for _ in range(100):
+        if client.received.endswith(b"\r\n\r\n"):
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert client.received.startswith(b"HTTP/1.1 101")
+    return client
+
+
+async def targetsActive(service, expected):
+    """The targets' in-flight counts, once they are C{expected} (or after a second)."""
+    for _ in range(100):
+        active = [target["active"] for target in service.routingStatus()["targets"]]
+        if active == expected:
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    return active
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tunnel_counts_as_in_flight_until_it_ends_either_way():
+    """C{leastconn} counts an open tunnel, and no longer once either side closed it."""
+    backend = await listen(protocol.Factory.forProtocol(ClosingUpgraded))
+    port = freePort()
+    service, _ = await startRouter(httpRoute("ws", port, f"127.0.0.1:{backend.getHost().port}"))
+    try:
+        client = await openTunnel(port)
+        assert await targetsActive(service, [1]) == [1]
+        client.transport.loseConnection()
+        await client.closed
+        assert await targetsActive(service, [0]) == [0]
+        client = await openTunnel(port)
+        client.transport.write(b"bye")
+        await client.closed
+        assert await targetsActive(service, [0]) == [0]
+    finally:
+        await service.stopService()
+        await backend.stopListening()
+
+
 @pytest_twisted.ensureDeferred
 async def test_static_keeps_the_connection_alive():
     port = freePort()
