@@ -293,12 +293,25 @@ class Relay(BackendUser):
 
     def bodyReceived(self, data: bytes) -> None:
         self.writeBackend(encodeChunk(data) if self.bodyChunked else data)
+        self.bodySent()
 
     def bodyFinished(self) -> None:
         self.requestSent = True
         if self.bodyChunked:
             self.writeBackend(LAST_CHUNK)
         self.unregisterBody()
+        self.bodySent()
+
+    def bodySent(self) -> None:
+        """
+        Body bytes went to the backend: its time to answer runs from the
+        request's last byte (as nginx's C{proxy_read_timeout}), so an upload
+        slower than C{response_timeout} is no 504 and no failure of the
+        target; a backend that stops reading it still times out.
+        """
+        backend = self.backend
+        if backend is not None and self.response is None:
+            backend.setDeadline(self.route.responseTimeout)
 
     def bodyFailed(self, reason: Failure) -> None:
         # The client's fault (a bad or stalled body): the exchange answers
