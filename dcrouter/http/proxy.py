@@ -205,7 +205,8 @@ class Relay(BackendUser):
         self.exchange.whenGone(self.clientGone)
         self.tryNext()
 
-    def tryNext(self) -> None:
+    def tryNext(self, fresh: bool = False) -> None:
+        """Send the request to the next candidate; C{fresh}: on a new connection."""
         if self.done:
             return
         if not self.candidates:
@@ -219,7 +220,7 @@ class Relay(BackendUser):
         self.target = target
         address: HostPort = target.address
         self.exchange.record.target = str(address)
-        connection = self.route.backends.takeIdle(address)
+        connection = None if fresh else self.route.backends.takeIdle(address)
         if connection is not None:
             self.reused = True
             self.connected(connection)
@@ -467,9 +468,11 @@ class Relay(BackendUser):
             return
         if self.response is None:
             if self.retryable():
-                if self.reused and not self.retried:
+                fresh = self.reused and not self.retried
+                if fresh:
                     # The backend closed an idle keep-alive connection as we
-                    # reused it: try the same target on a fresh connection.
+                    # reused it: try the same target on a fresh connection
+                    # (its other idle ones may be closing at the same moment).
                     self.retried = True
                     self.candidates.insert(0, self.target)
                 else:
@@ -477,7 +480,7 @@ class Relay(BackendUser):
                     self.pool.reportFailure(self.target, "closed before answering")
                 self.releaseTarget()
                 self.cancelTimer()
-                self.tryNext()
+                self.tryNext(fresh)
                 return
             self.backendFailed(f"closed before answering ({reason.getErrorMessage()})")
             return

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
 from dcrouter.actions.targets import Target, TargetPool
 from dcrouter.config.model import HostPort, HttpSettings, RouteConfig
@@ -26,7 +28,9 @@ class Proxy:
 class Proxied:
     """A client connection to an C{http} route whose one backend connection is pooled."""
 
-    def __init__(self, responseTimeout: float = 60.0, idleTimeout: float = 600.0) -> None:
+    def __init__(
+        self, responseTimeout: float = 60.0, idleTimeout: float = 600.0, pooled: int = 1
+    ) -> None:
         self.reactor = reactor = MemoryReactorClock()
         self.pool = pool = TargetPool([Target(TARGET)], "roundrobin", reactor, "t")
 
@@ -35,9 +39,10 @@ class Proxied:
                 return pool
 
         backends = BackendPool(reactor, 5.0)
-        self.backend = BackendConnection(backends, TARGET, None)  # type: ignore[arg-type]
-        self.backend.makeConnection(Transport())
-        backends.release(self.backend)
+        for _ in range(pooled):
+            self.backend = BackendConnection(backends, TARGET, None)  # type: ignore[arg-type]
+            self.backend.makeConnection(Transport())
+            backends.release(self.backend)
         route = ProxyRoute(Targets(), backends, responseTimeout, idleTimeout)
         config = RouteConfig(name="app", ports=(80,), action="http")
         table = HTTPRouteTable.build([HTTPRoute(config, Proxy(), route)])
@@ -86,3 +91,22 @@ def test_a_backend_silent_after_the_upload_is_a_504():
     assert proxied.client.value() == b""
     run(proxied.reactor, 1)
     assert proxied.client.value().startswith(b"HTTP/1.1 504 ")
+
+
+def test_a_reused_connection_closed_under_a_request_is_retried_on_a_fresh_one():
+    """
+    Not on another pooled one, which the backend may have closed at the same
+    moment: its loss would fail the request and mark a healthy target down.
+    """
+    proxied = Proxied(pooled=2)
+    stale = list(proxied.backend.pool.idle[TARGET])
+    proxied.fromClient(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    taken = [c for c in stale if c.user is not None]
+    assert taken == [proxied.backend]
+    proxied.backend.connectionLost(Failure(ConnectionDone()))
+    proxied.reactor.advance(0)
+    assert all(c.user is None for c in stale)
+    (connect,) = proxied.reactor.tcpClients
+    assert connect[:2] == (TARGET.host, TARGET.port)
+    assert proxied.client.value() == b""
+    assert proxied.pool.targets[0].failures == 0
