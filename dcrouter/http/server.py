@@ -417,7 +417,8 @@ class HTTPServerProtocol(Protocol):
         """Answer C{status} with C{Connection: close} and close."""
         if self.transport is None or self.phase == _Phase.CLOSED:
             return
-        response = errorResponse(status, reason)
+        headOnly = record is not None and record.head.method == b"HEAD"
+        response = errorResponse(status, reason, headOnly=headOnly)
         self.flushOut()
         self.transport.write(response)
         self.connection.record.bytesOut += len(response)

@@ -1120,10 +1120,15 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
-def errorResponse(status: int, reason: str = "", close: bool = True) -> bytes:
+def errorResponse(
+    status: int, reason: str = "", close: bool = True, headOnly: bool = False
+) -> bytes:
     """
     A complete small C{text/plain} response for C{status}, saying C{reason}
     (printable ASCII only; anything else becomes C{?}).
+
+    @param headOnly: answering a C{HEAD}: the head alone, its
+        C{Content-Length} the page's (RFC 9110 section 9.3.2).
     """
     phrase = _phrase(status)
     text = f"{status} {phrase}"
@@ -1137,4 +1142,5 @@ def errorResponse(status: int, reason: str = "", close: bool = True) -> bytes:
     ]
     if close:
         headers.append((b"Connection", b"close"))
-    return serializeHead(b"HTTP/1.1 %d %s" % (status, phrase.encode("ascii")), headers) + body
+    head = serializeHead(b"HTTP/1.1 %d %s" % (status, phrase.encode("ascii")), headers)
+    return head if headOnly else head + body

@@ -1427,6 +1427,14 @@ def test_errorResponseKeepAlive() -> None:
     assert head.keepAlive is True
 
 
+def test_errorResponseToHead() -> None:
+    """A HEAD gets the page's head alone, with the page's length."""
+    whole = errorResponse(404, "no route")
+    raw = errorResponse(404, "no route", headOnly=True)
+    assert whole.startswith(raw) and raw.endswith(b"\r\n\r\n")
+    assert parseResponse(raw).get(b"content-length") == b"%d" % (len(whole) - len(raw))
+
+
 def test_httpError() -> None:
     e = HTTPError(431, "too many")
     assert (e.status, e.reason, str(e)) == (431, "too many", "431 too many")
