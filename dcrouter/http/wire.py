@@ -512,6 +512,24 @@ def _connectionTokens(values: list[bytes]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+def _upgradeOffer(values: list[bytes]) -> Optional[bytes]:
+    """
+    The protocols of the C{Upgrade} values a proxy may pass on, joined;
+    C{None} if none is left.
+
+    Never C{h2c}: a tunnel of HTTP/2 to the backend would carry requests
+    for any path past the routes and their auth ("h2c smuggling"), and
+    RFC 9113 section 3.1 deprecates that upgrade anyway.
+    """
+    offered = []
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t")
+            if item and item.split(b"/", 1)[0].lower() != b"h2c":
+                offered.append(item)
+    return b", ".join(offered) or None
+
+
 def _checkAuthority(authority: bytes) -> None:
     """Check an authority as L{splitAuthority} does, without splitting it."""
     m = _AUTHORITY.fullmatch(authority)
@@ -692,7 +710,7 @@ class RequestHeadParser(_HeadParser):
             keepAlive = b"keep-alive" in tokens and b"close" not in tokens
         upgrade: Optional[bytes] = None
         if http11 and upgrades and b"upgrade" in tokens:
-            upgrade = b", ".join(upgrades)
+            upgrade = _upgradeOffer(upgrades)
         return RequestHead(
             method, target, version, tuple(fields), host, body, keepAlive, upgrade, tokens
         )

@@ -352,6 +352,37 @@ async def test_a_tunnel_counts_as_in_flight_until_it_ends_either_way():
         await backend.stopListening()
 
 
+class RecordingUpgraded(Upgraded):
+    """An L{Upgraded} backend that keeps what it read in its factory's C{seen}."""
+
+    def dataReceived(self, data):
+        self.factory.seen.append(data)
+        Upgraded.dataReceived(self, data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_h2c_upgrade_is_not_passed_to_the_backend():
+    """
+    A tunnel of HTTP/2 to the backend would carry requests for any path,
+    past the routes and their auth (h2c smuggling): the backend is not
+    offered it, and a 101 it sends anyway opens no tunnel.
+    """
+    factory = protocol.Factory.forProtocol(RecordingUpgraded)
+    factory.seen = []
+    backend = await listen(factory)
+    port = freePort()
+    service, _ = await startRouter(httpRoute("ws", port, f"127.0.0.1:{backend.getHost().port}"))
+    try:
+        answers, client = await ask(port, get(
+            b"/public/", extra=b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                              b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"))
+        assert b" 101 " not in client.received
+        assert b"upgrade" not in b"".join(factory.seen).lower()
+    finally:
+        await service.stopService()
+        await backend.stopListening()
+
+
 @pytest_twisted.ensureDeferred
 async def test_static_keeps_the_connection_alive():
     port = freePort()
