@@ -385,6 +385,10 @@ class Relay(BackendUser):
         return endToEndHeaders(head.headers, head.connectionTokens)
 
     def startResponse(self, head: ResponseHead) -> None:
+        if head.status == 101 and self.request.upgrade is None:
+            # Before it counts as the response: what failed is the answer.
+            self.backendFailed("101 to a request that asked for no upgrade")
+            return
         self.response = head
         self.pool.reportSuccess(self.target)
         if head.status == 101:
@@ -555,9 +559,6 @@ class Relay(BackendUser):
     # Upgrade tunnels (WebSocket)
 
     def startTunnel(self, head: ResponseHead) -> None:
-        if self.request.upgrade is None:
-            self.backendFailed("101 to a request that asked for no upgrade")
-            return
         self.cancelTimer()
         headers = [
             (n, v)

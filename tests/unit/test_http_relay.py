@@ -110,3 +110,11 @@ def test_a_reused_connection_closed_under_a_request_is_retried_on_a_fresh_one():
     assert connect[:2] == (TARGET.host, TARGET.port)
     assert proxied.client.value() == b""
     assert proxied.pool.targets[0].failures == 0
+
+
+def test_a_101_to_a_request_without_upgrade_is_a_502():
+    proxied = Proxied()
+    proxied.fromClient(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    proxied.fromBackend(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n")
+    assert proxied.client.value().startswith(b"HTTP/1.1 502 ")
+    assert proxied.backend.transport.aborted
