@@ -19,6 +19,7 @@ retried once on a fresh connection to the same target).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -63,6 +64,7 @@ _NOT_FORWARDED_NOR_HOST = _NOT_FORWARDED | {b"host"}
 # What is dropped from a response with a body: dcrouter frames it.
 _NOT_RELAYED = HOP_BY_HOP | _FRAMING
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+_AUTHORITY_END = re.compile(rb"[/?#]")
 
 
 @frozen(eq=False)
@@ -132,11 +134,13 @@ def originForm(target: bytes) -> bytes:
     if target.startswith(b"/") or target == b"*":
         return target
     _, _, rest = target.partition(b"://")
-    slash = rest.find(b"/")
-    query = rest.find(b"?")
-    if slash < 0 or (0 <= query < slash):
-        return b"/" + (rest[query:] if query >= 0 else b"")
-    return rest[slash:]
+    # The authority ends at the first "/", "?" or "#" (RFC 3986 section 3.2),
+    # as for the path routes match (server.requestPath).
+    match = _AUTHORITY_END.search(rest)
+    if match is None:
+        return b"/"
+    tail = rest[match.start() :]
+    return tail if match.group() == b"/" else b"/" + tail
 
 
 @implementer(IPushProducer)
@@ -201,7 +205,8 @@ class Relay(BackendUser):
         self.exchange.whenGone(self.clientGone)
         self.tryNext()
 
-    def tryNext(self) -> None:
+    def tryNext(self, fresh: bool = False) -> None:
+        """Send the request to the next candidate; C{fresh}: on a new connection."""
         if self.done:
             return
         if not self.candidates:
@@ -215,7 +220,7 @@ class Relay(BackendUser):
         self.target = target
         address: HostPort = target.address
         self.exchange.record.target = str(address)
-        connection = self.route.backends.takeIdle(address)
+        connection = None if fresh else self.route.backends.takeIdle(address)
         if connection is not None:
             self.reused = True
             self.connected(connection)
@@ -289,12 +294,25 @@ class Relay(BackendUser):
 
     def bodyReceived(self, data: bytes) -> None:
         self.writeBackend(encodeChunk(data) if self.bodyChunked else data)
+        self.bodySent()
 
     def bodyFinished(self) -> None:
         self.requestSent = True
         if self.bodyChunked:
             self.writeBackend(LAST_CHUNK)
         self.unregisterBody()
+        self.bodySent()
+
+    def bodySent(self) -> None:
+        """
+        Body bytes went to the backend: its time to answer runs from the
+        request's last byte (as nginx's C{proxy_read_timeout}), so an upload
+        slower than C{response_timeout} is no 504 and no failure of the
+        target; a backend that stops reading it still times out.
+        """
+        backend = self.backend
+        if backend is not None and self.response is None:
+            backend.setDeadline(self.route.responseTimeout)
 
     def bodyFailed(self, reason: Failure) -> None:
         # The client's fault (a bad or stalled body): the exchange answers
@@ -367,6 +385,10 @@ class Relay(BackendUser):
         return endToEndHeaders(head.headers, head.connectionTokens)
 
     def startResponse(self, head: ResponseHead) -> None:
+        if head.status == 101 and self.request.upgrade is None:
+            # Before it counts as the response: what failed is the answer.
+            self.backendFailed("101 to a request that asked for no upgrade")
+            return
         self.response = head
         self.pool.reportSuccess(self.target)
         if head.status == 101:
@@ -450,9 +472,11 @@ class Relay(BackendUser):
             return
         if self.response is None:
             if self.retryable():
-                if self.reused and not self.retried:
+                fresh = self.reused and not self.retried
+                if fresh:
                     # The backend closed an idle keep-alive connection as we
-                    # reused it: try the same target on a fresh connection.
+                    # reused it: try the same target on a fresh connection
+                    # (its other idle ones may be closing at the same moment).
                     self.retried = True
                     self.candidates.insert(0, self.target)
                 else:
@@ -460,7 +484,7 @@ class Relay(BackendUser):
                     self.pool.reportFailure(self.target, "closed before answering")
                 self.releaseTarget()
                 self.cancelTimer()
-                self.tryNext()
+                self.tryNext(fresh)
                 return
             self.backendFailed(f"closed before answering ({reason.getErrorMessage()})")
             return
@@ -535,9 +559,6 @@ class Relay(BackendUser):
     # Upgrade tunnels (WebSocket)
 
     def startTunnel(self, head: ResponseHead) -> None:
-        if self.request.upgrade is None:
-            self.backendFailed("101 to a request that asked for no upgrade")
-            return
         self.cancelTimer()
         headers = [
             (n, v)
@@ -599,18 +620,23 @@ class _Tunnel(Protocol):
         self.record.bytesOut += len(data)
         self.client.write(data)
 
-    def stopTimer(self) -> None:
+    def ended(self) -> None:
+        """
+        The tunnel is over: stop watching it, and count down the target's
+        use, held since the relay acquired it (C{leastconn} reads it).
+        """
         if self.idle is not None:
             self.idle.unwatch(self)
             self.idle = None
+        self.relay.releaseTarget()
 
     def backendLost(self) -> None:
-        self.stopTimer()
+        self.ended()
         self.client.unregisterProducer()
         self.client.loseConnection()
 
     def clientLost(self) -> None:
-        self.stopTimer()
+        self.ended()
         transport: Any = self.backend.transport
         if transport is not None:
             transport.unregisterProducer()

@@ -60,6 +60,8 @@ ACME_CHALLENGE_PATH = b"/.well-known/acme-challenge/"
 # What a path needs normalizing for: a percent-escape, a dot-segment (or a
 # segment starting with a dot), an empty segment, NUL.
 _NOT_NORMAL = re.compile(rb"%|/\.|//|\x00")
+# Where the authority of an absolute-form target ends (RFC 3986 section 3.2).
+_AUTHORITY_END = re.compile(rb"[/?#]")
 
 
 def requestPath(target: bytes) -> str:
@@ -78,12 +80,16 @@ def requestPath(target: bytes) -> str:
     elif target == b"*":
         return "*"
     else:
-        # absolute-form: scheme://authority/path?query
+        # absolute-form: scheme://authority[/path][?query]; the authority
+        # ends at the first "/", "?" or "#", as for the backend's target
+        # (proxy.originForm): "http://h?x=/admin" is "/" to both.
         _scheme, sep, rest = target.partition(b"://")
         if not sep:
             raise HTTPError(400, "request target is not a path")
-        slash = rest.find(b"/")
-        path = rest[slash:].split(b"?", 1)[0] if slash >= 0 else b"/"
+        match = _AUTHORITY_END.search(rest)
+        if match is None or match.group() != b"/":
+            return "/"
+        path = rest[match.start() :].split(b"?", 1)[0].split(b"#", 1)[0]
     if _NOT_NORMAL.search(path) is None:
         # Nothing to decode, no dot-segment, no empty one: already normal.
         return path.decode("utf-8", "surrogateescape")
@@ -411,7 +417,8 @@ class HTTPServerProtocol(Protocol):
         """Answer C{status} with C{Connection: close} and close."""
         if self.transport is None or self.phase == _Phase.CLOSED:
             return
-        response = errorResponse(status, reason)
+        headOnly = record is not None and record.head.method == b"HEAD"
+        response = errorResponse(status, reason, headOnly=headOnly)
         self.flushOut()
         self.transport.write(response)
         self.connection.record.bytesOut += len(response)

@@ -512,6 +512,24 @@ def _connectionTokens(values: list[bytes]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+def _upgradeOffer(values: list[bytes]) -> Optional[bytes]:
+    """
+    The protocols of the C{Upgrade} values a proxy may pass on, joined;
+    C{None} if none is left.
+
+    Never C{h2c}: a tunnel of HTTP/2 to the backend would carry requests
+    for any path past the routes and their auth ("h2c smuggling"), and
+    RFC 9113 section 3.1 deprecates that upgrade anyway.
+    """
+    offered = []
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t")
+            if item and item.split(b"/", 1)[0].lower() != b"h2c":
+                offered.append(item)
+    return b", ".join(offered) or None
+
+
 def _checkAuthority(authority: bytes) -> None:
     """Check an authority as L{splitAuthority} does, without splitting it."""
     m = _AUTHORITY.fullmatch(authority)
@@ -692,7 +710,7 @@ class RequestHeadParser(_HeadParser):
             keepAlive = b"keep-alive" in tokens and b"close" not in tokens
         upgrade: Optional[bytes] = None
         if http11 and upgrades and b"upgrade" in tokens:
-            upgrade = b", ".join(upgrades)
+            upgrade = _upgradeOffer(upgrades)
         return RequestHead(
             method, target, version, tuple(fields), host, body, keepAlive, upgrade, tokens
         )
@@ -1120,10 +1138,15 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
-def errorResponse(status: int, reason: str = "", close: bool = True) -> bytes:
+def errorResponse(
+    status: int, reason: str = "", close: bool = True, headOnly: bool = False
+) -> bytes:
     """
     A complete small C{text/plain} response for C{status}, saying C{reason}
     (printable ASCII only; anything else becomes C{?}).
+
+    @param headOnly: answering a C{HEAD}: the head alone, its
+        C{Content-Length} the page's (RFC 9110 section 9.3.2).
     """
     phrase = _phrase(status)
     text = f"{status} {phrase}"
@@ -1137,4 +1160,5 @@ def errorResponse(status: int, reason: str = "", close: bool = True) -> bytes:
     ]
     if close:
         headers.append((b"Connection", b"close"))
-    return serializeHead(b"HTTP/1.1 %d %s" % (status, phrase.encode("ascii")), headers) + body
+    head = serializeHead(b"HTTP/1.1 %d %s" % (status, phrase.encode("ascii")), headers)
+    return head if headOnly else head + body

@@ -300,6 +300,89 @@ async def test_upgrade_becomes_a_tunnel():
         await backend.stopListening()
 
 
+class ClosingUpgraded(Upgraded):
+    """An L{Upgraded} backend that closes the tunnel when told C{bye}."""
+
+    def dataReceived(self, data):
+        if self.tunnel and data == b"bye":
+            self.transport.loseConnection()
+            return
+        Upgraded.dataReceived(self, data)
+
+
+async def openTunnel(port):
+    client = await connect(port, Recorder())
+    client.transport.write(get(b"/ws", extra=b"Connection: Upgrade\r\nUpgrade: websocket\r\n"))
+    for _ in range(100):
+        if client.received.endswith(b"\r\n\r\n"):
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert client.received.startswith(b"HTTP/1.1 101")
+    return client
+
+
+async def targetsActive(service, expected):
+    """The targets' in-flight counts, once they are C{expected} (or after a second)."""
+    for _ in range(100):
+        active = [target["active"] for target in service.routingStatus()["targets"]]
+        if active == expected:
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    return active
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tunnel_counts_as_in_flight_until_it_ends_either_way():
+    """C{leastconn} counts an open tunnel, and no longer once either side closed it."""
+    backend = await listen(protocol.Factory.forProtocol(ClosingUpgraded))
+    port = freePort()
+    service, _ = await startRouter(httpRoute("ws", port, f"127.0.0.1:{backend.getHost().port}"))
+    try:
+        client = await openTunnel(port)
+        assert await targetsActive(service, [1]) == [1]
+        client.transport.loseConnection()
+        await client.closed
+        assert await targetsActive(service, [0]) == [0]
+        client = await openTunnel(port)
+        client.transport.write(b"bye")
+        await client.closed
+        assert await targetsActive(service, [0]) == [0]
+    finally:
+        await service.stopService()
+        await backend.stopListening()
+
+
+class RecordingUpgraded(Upgraded):
+    """An L{Upgraded} backend that keeps what it read in its factory's C{seen}."""
+
+    def dataReceived(self, data):
+        self.factory.seen.append(data)
+        Upgraded.dataReceived(self, data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_h2c_upgrade_is_not_passed_to_the_backend():
+    """
+    A tunnel of HTTP/2 to the backend would carry requests for any path,
+    past the routes and their auth (h2c smuggling): the backend is not
+    offered it, and a 101 it sends anyway is a 502.
+    """
+    factory = protocol.Factory.forProtocol(RecordingUpgraded)
+    factory.seen = []
+    backend = await listen(factory)
+    port = freePort()
+    service, _ = await startRouter(httpRoute("ws", port, f"127.0.0.1:{backend.getHost().port}"))
+    try:
+        (answer,), _ = await ask(port, get(
+            b"/public/", extra=b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                              b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"))
+        assert answer[0] == 502
+        assert b"upgrade" not in b"".join(factory.seen).lower()
+    finally:
+        await service.stopService()
+        await backend.stopListening()
+
+
 @pytest_twisted.ensureDeferred
 async def test_static_keeps_the_connection_alive():
     port = freePort()
@@ -510,6 +593,33 @@ async def test_basic_auth_against_hashed_users():
         assert (right[0], right[2]) == (200, b"secret\n")
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_query_in_an_absolute_target_does_not_pick_an_open_route():
+    """
+    C{GET http://host?x=/public/} asks for C{/}: it must meet the auth of
+    the route for C{/}, not reach it through the open C{/public/} route.
+    """
+    from dcrouter.auth.passwords import hashPassword
+
+    echo, backend = await echoBackend()
+    target = f"127.0.0.1:{backend.getHost().port}"
+    port = freePort()
+    users = f"alice:{hashPassword('wonderland', cost=4)}"
+    service, _ = await startRouter(
+        httpRoute("app", port, target, options={"auth": "basic", "auth_users": users}),
+        httpRoute("public", port, target, paths=("/public/",)),
+    )
+    try:
+        (answer,), _ = await ask(
+            port, b"GET http://app.test?x=/public/ HTTP/1.1\r\nHost: app.test\r\n\r\n"
+        )
+        assert answer[0] == 401
+        assert echo.requests == []
+    finally:
+        await service.stopService()
+        await backend.stopListening()
 
 
 @pytest_twisted.ensureDeferred

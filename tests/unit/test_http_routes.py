@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dcrouter.config.model import RouteConfig
+from dcrouter.http.proxy import originForm
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable, domainMatches, hostName
 from dcrouter.http.server import normalizedPath, requestPath
 from dcrouter.http.wire import HTTPError
@@ -103,6 +104,23 @@ def test_domainMatches():
 ])
 def test_requestPath(target, path):
     assert requestPath(target) == path
+
+
+@pytest.mark.parametrize(("target", "path", "sent"), [
+    (b"http://h.test?x=/public/", "/", b"/?x=/public/"),
+    (b"http://h.test#/public/", "/", b"/#/public/"),
+    (b"http://h.test?/a/b", "/", b"/?/a/b"),
+    (b"http://h.test/p?q=/x", "/p", b"/p?q=/x"),
+    (b"http://h.test", "/", b"/"),
+])
+def test_an_absolute_target_routes_by_the_path_the_backend_gets(target, path, sent):
+    """
+    The authority ends at the first C{/}, C{?} or C{#}: a C{/} in the query
+    must not make routes (and their auth) see another path than the backend.
+    """
+    assert requestPath(target) == path
+    assert originForm(target) == sent
+    assert requestPath(originForm(target)) == path
 
 
 @pytest.mark.parametrize("target", [b"/../etc/passwd", b"/a/%00", b"h.test:443"])

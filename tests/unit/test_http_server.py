@@ -195,6 +195,17 @@ def test_a_host_of_another_route_on_this_tls_connection_is_421():
     assert action.exchanges == []
 
 
+def test_the_routers_own_error_to_a_head_request_has_no_body():
+    """RFC 9110 9.3.2: the length of the page it would have been, no content."""
+    reactor, protocol, transport, action = serve(tls="terminate", serverName="a.test",
+                                                 domains=("a.test",))
+    protocol.dataReceived(b"HEAD / HTTP/1.1\r\nHost: other.test\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 421 ") and b"\r\nContent-Length: " in head
+    assert body == b""
+    assert transport.disconnecting
+
+
 def test_an_answer_before_the_body_is_read_closes_the_connection():
     reactor, protocol, transport, action = serve()
     protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nabc")

@@ -278,10 +278,25 @@ def test_upgrade() -> None:
     assert parse(ws).upgrade == b"websocket"
     assert parse(request(b"Host: a", b"Upgrade: websocket")).upgrade is None
     assert parse(request(b"Host: a", b"Connection: upgrade")).upgrade is None
-    both = request(b"Host: a", b"Connection: keep-alive, upgrade", b"Upgrade: h2c", b"Upgrade: foo")
-    assert parse(both).upgrade == b"h2c, foo"
+    both = request(b"Host: a", b"Connection: keep-alive, upgrade", b"Upgrade: bar", b"Upgrade: foo")
+    assert parse(both).upgrade == b"bar, foo"
     old = request(b"Host: a", b"Connection: upgrade", b"Upgrade: websocket", version=b"HTTP/1.0")
     assert parse(old).upgrade is None
+
+
+@pytest.mark.parametrize(
+    ("offer", "upgrade"),
+    [
+        (b"h2c", None),
+        (b"H2C/2", None),
+        (b"h2c, websocket", b"websocket"),
+        (b"foo/1 ,, h2c,bar", b"foo/1, bar"),
+    ],
+)
+def test_upgradeNeverH2c(offer: bytes, upgrade: Optional[bytes]) -> None:
+    """h2c is never offered on (it would tunnel HTTP/2 past the routes)."""
+    head = parse(request(b"Host: a", b"Connection: upgrade", b"Upgrade: " + offer))
+    assert head.upgrade == upgrade
 
 
 # -- the request line --------------------------------------------------------------
@@ -1425,6 +1440,14 @@ def test_errorResponseKeepAlive() -> None:
     head = parseResponse(errorResponse(404, close=False))
     assert head.get(b"connection") is None
     assert head.keepAlive is True
+
+
+def test_errorResponseToHead() -> None:
+    """A HEAD gets the page's head alone, with the page's length."""
+    whole = errorResponse(404, "no route")
+    raw = errorResponse(404, "no route", headOnly=True)
+    assert whole.startswith(raw) and raw.endswith(b"\r\n\r\n")
+    assert parseResponse(raw).get(b"content-length") == b"%d" % (len(whole) - len(raw))
 
 
 def test_httpError() -> None:

@@ -1,0 +1,120 @@
+"""The relay (L{dcrouter.http.proxy.Relay}) on a memory reactor, client and backend."""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from dcrouter.actions.targets import Target, TargetPool
+from dcrouter.config.model import HostPort, HttpSettings, RouteConfig
+from dcrouter.http.backend import BackendConnection, BackendPool
+from dcrouter.http.proxy import ProxyRoute, relay
+from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
+from dcrouter.http.server import HTTPLayer, HTTPServerProtocol
+from dcrouter.ops.accesslog import ConnectionRecord
+from dcrouter.proxy.listener import RoutedConnection
+from tests.unit.test_http_server import Transport, run
+
+TARGET = HostPort("127.0.0.1", 8080)
+
+
+class Proxy:
+    def handleRequest(self, exchange, options):
+        relay(exchange, options)
+
+
+class Proxied:
+    """A client connection to an C{http} route whose one backend connection is pooled."""
+
+    def __init__(
+        self, responseTimeout: float = 60.0, idleTimeout: float = 600.0, pooled: int = 1
+    ) -> None:
+        self.reactor = reactor = MemoryReactorClock()
+        self.pool = pool = TargetPool([Target(TARGET)], "roundrobin", reactor, "t")
+
+        class Targets:
+            def poolFor(self, request):
+                return pool
+
+        backends = BackendPool(reactor, 5.0)
+        for _ in range(pooled):
+            self.backend = BackendConnection(backends, TARGET, None)  # type: ignore[arg-type]
+            self.backend.makeConnection(Transport())
+            backends.release(self.backend)
+        route = ProxyRoute(Targets(), backends, responseTimeout, idleTimeout)
+        config = RouteConfig(name="app", ports=(80,), action="http")
+        table = HTTPRouteTable.build([HTTPRoute(config, Proxy(), route)])
+        layer = HTTPLayer(reactor, table, table, HttpSettings())
+        client = IPv4Address("TCP", "192.0.2.1", 5000)
+        connection = RoutedConnection(
+            reactor, config, client, None, None, (), ConnectionRecord(0.0, client, 80)
+        )
+        self.server = HTTPServerProtocol(layer, connection)
+        self.client = Transport()
+        self.server.makeConnection(self.client)
+
+    def fromClient(self, data: bytes) -> None:
+        self.server.dataReceived(data)
+        self.reactor.advance(0)
+
+    def fromBackend(self, data: bytes) -> None:
+        self.backend.dataReceived(data)
+        self.reactor.advance(0)
+
+    def toBackend(self) -> bytes:
+        transport: StringTransport = self.backend.transport  # type: ignore[assignment]
+        return transport.value()
+
+
+def test_an_upload_slower_than_the_response_timeout_is_not_a_504():
+    """The backend's time to answer runs from the request's last byte, not its first."""
+    proxied = Proxied(responseTimeout=10.0)
+    proxied.fromClient(b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10\r\n\r\n")
+    for _ in range(10):
+        run(proxied.reactor, 5)
+        proxied.fromClient(b"x")
+    assert proxied.toBackend().endswith(b"\r\n\r\n" + b"x" * 10)
+    assert proxied.client.value() == b""
+    proxied.fromBackend(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    assert proxied.client.value().startswith(b"HTTP/1.1 201 Created\r\n")
+    assert proxied.pool.targets[0].failures == 0
+
+
+def test_a_backend_silent_after_the_upload_is_a_504():
+    proxied = Proxied(responseTimeout=10.0)
+    proxied.fromClient(b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\n")
+    run(proxied.reactor, 5)
+    proxied.fromClient(b"xx")
+    run(proxied.reactor, 9.5)
+    assert proxied.client.value() == b""
+    run(proxied.reactor, 1)
+    assert proxied.client.value().startswith(b"HTTP/1.1 504 ")
+
+
+def test_a_reused_connection_closed_under_a_request_is_retried_on_a_fresh_one():
+    """
+    Not on another pooled one, which the backend may have closed at the same
+    moment: its loss would fail the request and mark a healthy target down.
+    """
+    proxied = Proxied(pooled=2)
+    stale = list(proxied.backend.pool.idle[TARGET])
+    proxied.fromClient(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    taken = [c for c in stale if c.user is not None]
+    assert taken == [proxied.backend]
+    proxied.backend.connectionLost(Failure(ConnectionDone()))
+    proxied.reactor.advance(0)
+    assert all(c.user is None for c in stale)
+    (connect,) = proxied.reactor.tcpClients
+    assert connect[:2] == (TARGET.host, TARGET.port)
+    assert proxied.client.value() == b""
+    assert proxied.pool.targets[0].failures == 0
+
+
+def test_a_101_to_a_request_without_upgrade_is_a_502():
+    proxied = Proxied()
+    proxied.fromClient(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    proxied.fromBackend(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n")
+    assert proxied.client.value().startswith(b"HTTP/1.1 502 ")
+    assert proxied.backend.transport.aborted
