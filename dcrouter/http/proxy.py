@@ -465,10 +465,11 @@ class Relay(BackendUser):
 
     def backendLost(self, reason: Failure) -> None:
         self.backend = None
-        if self.done:
-            return
         if self.tunnel is not None:
+            # Before the done check: a tunnel's relay is done with HTTP.
             self.tunnel.backendLost()
+            return
+        if self.done:
             return
         if self.response is None:
             if self.retryable():

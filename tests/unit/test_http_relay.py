@@ -118,3 +118,22 @@ def test_a_101_to_a_request_without_upgrade_is_a_502():
     proxied.fromBackend(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n")
     assert proxied.client.value().startswith(b"HTTP/1.1 502 ")
     assert proxied.backend.transport.aborted
+
+
+def test_a_backend_closing_a_tunnel_closes_the_client():
+    """
+    Directly (the tunnel's own backendLost), not by way of the transport's
+    producer chain, and the target's use is counted down at once.
+    """
+    proxied = Proxied()
+    proxied.fromClient(
+        b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    proxied.fromBackend(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    assert proxied.client.value().startswith(b"HTTP/1.1 101 ")
+    assert proxied.pool.targets[0].active == 1
+    proxied.backend.connectionLost(Failure(ConnectionDone()))
+    assert proxied.client.disconnecting
+    assert proxied.pool.targets[0].active == 0
