@@ -11,10 +11,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet import defer, error, task
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from twisted.names import dns
 from twisted.names import error as dnserror
 from twisted.python.failure import Failure
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from dcrouter.mail.delivery import (
@@ -408,6 +410,62 @@ def test_no_password_goes_out_in_plain_text_unless_tls_is_off():
     assert results[b"b@r.example"].code == 250
     token = base64.b64encode(b"\0user\0secret")
     assert b"AUTH PLAIN " + token in server.commands
+
+
+@implementer(ITLSTransport)
+class ManualTLSTransport(StringTransport):
+    """A transport the test answers for by hand; STARTTLS is only recorded."""
+
+    tlsStarted = False
+
+    def startTLS(self, contextFactory, normal=True):
+        self.tlsStarted = True
+
+
+class ManualEndpoint:
+    def __init__(self):
+        self.transport = ManualTLSTransport()
+        self.protocol = None
+
+    def connect(self, factory):
+        self.protocol = factory.buildProtocol(None)
+        self.protocol.makeConnection(self.transport)
+        return defer.succeed(self.protocol)
+
+
+def test_replies_injected_before_tls_are_not_read_as_replies_under_tls():
+    """
+    A man in the middle appends replies to the plaintext 220 for STARTTLS
+    (STARTTLS response injection): they are thrown away, never taken as the
+    answers to EHLO or the transaction sent under TLS.
+    """
+    endpoint = ManualEndpoint()
+    pool = SMTPConnectionPool(
+        None,
+        "client.test",
+        clock=task.Clock(),
+        tlsFactory=lambda name, verify: None,
+        endpointFactory=lambda target: endpoint,
+    )
+    target = SMTPTarget("192.0.2.1", 25, tls="required")
+    d = pool.send(target, b"a@s.example", [b"b@r.example"], MESSAGE)
+    transport = endpoint.transport
+    endpoint.protocol.dataReceived(b"220 relay ESMTP\r\n")
+    endpoint.protocol.dataReceived(b"250-relay\r\n250 STARTTLS\r\n")
+    assert transport.value().endswith(b"STARTTLS\r\n")
+    transport.clear()
+    injected = b"250-relay\r\n250 PIPELINING\r\n250 ok\r\n250 ok\r\n354 go\r\n250 queued"
+    endpoint.protocol.dataReceived(b"220 2.0.0 ready\r\n" + injected + b"\r\n")
+    assert transport.tlsStarted
+    assert transport.value() == b"EHLO client.test\r\n"  # and waits for its real reply
+    assert not d.called
+    transport.clear()
+    endpoint.protocol.dataReceived(b"250-relay\r\n250 PIPELINING\r\n")
+    assert transport.value().startswith(b"MAIL FROM:<a@s.example>")
+    endpoint.protocol.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    assert not d.called
+    endpoint.protocol.dataReceived(b"451 4.3.0 try later\r\n")
+    assert fired(d)[b"b@r.example"].code == 451
 
 
 def test_a_silent_server_times_out():
