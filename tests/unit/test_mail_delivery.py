@@ -32,6 +32,7 @@ from dcrouter.mail.delivery import (
 from dcrouter.mail.deliveryclient import SetupFailed, SMTPConnectionPool, SMTPTarget, encodeData
 from dcrouter.mail.dkimsign import DkimError, fromDomain, loadKey, publicRecord, sign
 from dcrouter.mail.mxresolver import DNSFailure, MXResolver
+from dcrouter.mail.policy import DomainPolicy
 from dcrouter.mail.queue import DeliveryResult, Envelope, QueuedMessage, RecipientState
 from tests.unit.test_mail_queue import SyncPool, SyncReactor, failure, fired
 
@@ -83,6 +84,27 @@ def test_the_most_specific_rule_wins():
     assert rules.match(b"x@example.com.").mode == "forward"
     assert rules.match(b"x@notexample.com").pattern == "*"
     assert rules.match(b"postmaster").pattern == "*"
+
+
+def test_rules_match_an_idn_in_either_form_as_the_policy_does():
+    """
+    An internationalised domain is one name whether written in U-labels or
+    A-labels, in the rule or in the address; the SMTP policy accepts both
+    forms for a domain it serves, so the rule must take both as well.
+    """
+    rules = DomainRules(
+        [rule("*@b\u00fccher.example", "local"), rule("*.xn--mnchen-3ya.example", "forward")],
+        default=rule("*", "mta"),
+    )
+    assert rules.match("x@b\u00fccher.example".encode()).mode == "local"
+    assert rules.match(b"x@xn--bcher-kva.example").mode == "local"
+    assert rules.match("x@B\u00dcCHER.example".encode()).mode == "local"
+    assert rules.match("x@a.m\u00fcnchen.example".encode()).mode == "forward"
+    assert rules.match(b"x@a.xn--mnchen-3ya.example").mode == "forward"
+    policy = DomainPolicy(["b\u00fccher.example"])
+    assert policy.serves("xn--bcher-kva.example")
+    with pytest.raises(ValueError, match="already defined"):
+        DomainRules([rule("*@b\u00fccher.example"), rule("xn--bcher-kva.example")], rule("*"))
 
 
 @pytest.mark.parametrize(
