@@ -660,9 +660,13 @@ class SMTPConnectionPool:
             mail += b" SIZE=%d" % (len(body) - 3)  # without the final ".\r\n"
         if "8BITMIME" in extensions and not body.isascii():
             mail += b" BODY=8BITMIME"
-        if "SMTPUTF8" in extensions and not all(
-            address.isascii() for address in (mailFrom, *recipients)
-        ):
+        if not all(address.isascii() for address in (mailFrom, *recipients)):
+            if "SMTPUTF8" not in extensions:
+                # RFC 6531 3.4: no UTF-8 address to a server that did not
+                # offer it; it would be refused, or worse, mangled (Postfix
+                # bounces it the same way).
+                text = f"5.6.7 SMTPUTF8 is required, but was not offered by {remote}"
+                return dict.fromkeys(recipients, DeliveryResult(553, text, remote)), True
             mail += b" SMTPUTF8"
         commands = [mail] + [b"RCPT TO:" + _address(r) for r in recipients] + [b"DATA"]
         try:

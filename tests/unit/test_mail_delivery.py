@@ -515,6 +515,21 @@ def test_connections_per_target_are_capped():
     assert all(d.called for d in sends)
 
 
+def test_a_utf8_address_is_not_sent_to_a_server_without_smtputf8():
+    """RFC 6531 3.4: no UTF-8 in MAIL or RCPT unless the server offers SMTPUTF8."""
+    server = ScriptedServer()
+    pool, clock = makePool(server)
+    recipient = "j\u00f6rg@r.example".encode()
+    results = fired(pool.send(TARGET, b"a@s.example", [recipient], MESSAGE))
+    assert results[recipient].code == 553 and results[recipient].text.startswith("5.6.7")
+    assert not any(c.startswith((b"MAIL", b"RCPT")) for c in server.commands)
+    server.extensions.append("SMTPUTF8")
+    pool, clock = makePool(server)
+    results = fired(pool.send(TARGET, b"a@s.example", [recipient], MESSAGE))
+    assert results[recipient].code == 250
+    assert any(c.endswith(b" SMTPUTF8") for c in server.commands if c.startswith(b"MAIL"))
+
+
 def test_an_oversized_message_fails_for_good():
     server = ScriptedServer(extensions=("SIZE 10",))
     pool, clock = makePool(server)
