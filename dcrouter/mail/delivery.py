@@ -4,7 +4,8 @@ Delivery by domain rule: which mode takes a recipient, and the built-in modes.
 L{DomainRules} maps a recipient to a L{DomainRule}: an exact address beats
 C{*@domain} (that domain only), which beats C{*.domain} (any subdomain, at
 any depth, longer suffixes first), which beats the default rule. Domains
-compare case-insensitively; so do exact addresses (as Postfix's tables do).
+compare case-insensitively, an IDN in U-labels or A-labels alike (as the SMTP
+policy compares them); so do exact addresses (as Postfix's tables do).
 
 L{Deliverer} is what the queue calls for one message: it groups the pending
 recipients by rule (and, for modes that say so, by recipient domain), at
@@ -56,6 +57,7 @@ from dcrouter.mail.deliveryclient import (
 )
 from dcrouter.mail.dkimsign import DkimError, DkimKey
 from dcrouter.mail.dkimsign import sign as dkimSign
+from dcrouter.mail.envelope import idnaDomain
 from dcrouter.mail.mxresolver import DNSFailure, MXResolver
 from dcrouter.mail.queue import DeliveryResult, Envelope, QueuedMessage
 
@@ -124,16 +126,27 @@ def splitAddress(address: bytes) -> tuple[str, str]:
     return local, domain.rstrip(".").lower()
 
 
+def _asciiDomain(domain: str) -> str:
+    """
+    C{domain} as lower-case A-labels, as the SMTP policy compares it
+    (L{idnaDomain}), so that a rule and an address written in different
+    forms of one IDN meet.
+
+    @raise ValueError: not a valid internationalised domain name.
+    """
+    return domain.lower() if domain.isascii() else idnaDomain(domain)
+
+
 def _normalizeDomain(domain: str, pattern: str) -> str:
-    """A pattern's domain, lower-case, checked label by label."""
-    domain = domain.rstrip(".").lower()
+    """A pattern's domain as lower-case A-labels, checked label by label."""
+    domain = domain.rstrip(".")
     try:
-        ascii = domain.encode("idna").decode("ascii")
-    except UnicodeError:
+        ascii = _asciiDomain(domain)
+    except ValueError:
         raise ValueError(f"{pattern!r}: {domain!r} is not a domain name") from None
-    if not domain or not all(_LABEL.match(label) for label in ascii.split(".")):
+    if not ascii or not all(_LABEL.match(label) for label in ascii.split(".")):
         raise ValueError(f"{pattern!r}: {domain!r} is not a domain name")
-    return domain
+    return ascii
 
 
 class DomainRules:
@@ -173,6 +186,8 @@ class DomainRules:
     def match(self, recipient: bytes) -> DomainRule:
         """The rule for C{recipient}."""
         local, domain = splitAddress(recipient)
+        with contextlib.suppress(ValueError):  # not an IDN: no rule names it
+            domain = _asciiDomain(domain)
         if self._exact:
             rule = self._exact.get(f"{local.lower()}@{domain}")
             if rule is not None:

@@ -169,6 +169,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self._lines: list[str] = []
         self._code = 0
         self._timer: Optional[IDelayedCall] = None
+        self._plaintextEnded = False
         self.connected = False
         self.lost: Optional[Failure] = None
         self.madeDeferred: Deferred[SMTPClientProtocol] = Deferred()
@@ -197,6 +198,17 @@ class SMTPClientProtocol(LineOnlyReceiver):
         transport: Any = self.transport
         if transport is not None:
             transport.write(data)
+
+    def startTLS(self, creator: IOpenSSLClientConnectionCreator) -> None:
+        """
+        Start TLS after the server's 220 to STARTTLS. Whatever came in plain
+        text after that reply is dropped (in the buffer, and the rest of the
+        read being handled): a man in the middle could have put it there, and
+        it must never pass for a reply under TLS (STARTTLS response injection).
+        """
+        self._buffer = b""
+        self._plaintextEnded = True
+        ITLSTransport(self.transport).startTLS(creator)
 
     def abort(self) -> None:
         """Drop the connection at once."""
@@ -242,7 +254,13 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self.connected = True
         self.madeDeferred.callback(self)
 
+    def dataReceived(self, data: bytes) -> None:
+        self._plaintextEnded = False
+        super().dataReceived(data)
+
     def lineReceived(self, line: bytes) -> None:
+        if self._plaintextEnded:
+            return
         match = _REPLY.match(line)
         if match is None or (self._lines and int(match.group(1)) != self._code):
             self._protocolError(f"not an SMTP reply: {line[:80]!r}")
@@ -533,8 +551,7 @@ class SMTPConnectionPool:
                         protocol.quit()
                         raise SetupFailed(_setupReply(reply, target, "STARTTLS"))
                 else:
-                    creator = self._tlsFactory(target.name, target.verify)
-                    ITLSTransport(protocol.transport).startTLS(creator)
+                    protocol.startTLS(self._tlsFactory(target.name, target.verify))
                     tls = True
                     # The handshake runs before EHLO is sent; its failure loses
                     # the connection, which fails the EHLO below.
@@ -643,9 +660,13 @@ class SMTPConnectionPool:
             mail += b" SIZE=%d" % (len(body) - 3)  # without the final ".\r\n"
         if "8BITMIME" in extensions and not body.isascii():
             mail += b" BODY=8BITMIME"
-        if "SMTPUTF8" in extensions and not all(
-            address.isascii() for address in (mailFrom, *recipients)
-        ):
+        if not all(address.isascii() for address in (mailFrom, *recipients)):
+            if "SMTPUTF8" not in extensions:
+                # RFC 6531 3.4: no UTF-8 address to a server that did not
+                # offer it; it would be refused, or worse, mangled (Postfix
+                # bounces it the same way).
+                text = f"5.6.7 SMTPUTF8 is required, but was not offered by {remote}"
+                return dict.fromkeys(recipients, DeliveryResult(553, text, remote)), True
             mail += b" SMTPUTF8"
         commands = [mail] + [b"RCPT TO:" + _address(r) for r in recipients] + [b"DATA"]
         try:

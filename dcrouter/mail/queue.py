@@ -515,8 +515,12 @@ class _Disk:
             raise _queueError(e, f"state of {op.queueId}") from e
 
     def _remove(self, op: _Op) -> None:
-        """Remove a message's state file, then its message file."""
-        for path in (os.path.join(self.state, op.queueId), self.messagePath(op.queueId)):
+        """
+        Remove a message's file, then its state file: a crash in between
+        leaves an orphan state, which recovery deletes, never a message
+        without its state, which would go to every recipient again.
+        """
+        for path in (self.messagePath(op.queueId), os.path.join(self.state, op.queueId)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 

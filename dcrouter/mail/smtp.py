@@ -41,6 +41,8 @@ Hardening, each rule with its test in C{tests/unit/test_smtp_server.py}:
   - C{SIZE=} over the limit is 552 at MAIL; a body over it is counted,
     not stored, and refused with 552 after the final dot;
   - more than C{maxRecipients} recipients get 452 4.5.3;
+  - a message with more than C{maxHops} C{Received:} fields has gone round
+    a mail loop: it is refused with 554 5.4.6 after the final dot;
   - one pending reply at a time: while a policy, credential or sink check
     runs, input waits (and reading stops when 64 KiB are waiting), so
     pipelined commands are answered in order and 250 after DATA is sent
@@ -142,6 +144,7 @@ _CLOSED = "closed"
 _HELO_ARGUMENT = re.compile(r"[\x21-\x7e]{1,255}")
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 _HEADER_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _VERB = re.compile(r"[A-Z]{1,16}")
 # Web clients sent to the mail port by a confused or malicious page: drop them.
@@ -183,6 +186,8 @@ class SMTPSettings:
     @ivar maxRecipients: recipients per transaction; more get 452 4.5.3.
     @ivar maxLineLength: octets per line with its CRLF, for commands and
         DATA alike (RFC 5321 4.5.3.1.6 says 1000 for text lines).
+    @ivar maxHops: C{Received:} fields a message may already carry; more
+        is a mail loop (RFC 5321 6.3; Postfix's C{hopcount_limit}).
     @ivar greetingTimeout: seconds from the greeting to the first command.
     @ivar commandTimeout: seconds for each further command line.
     @ivar dataTimeout: seconds for each line of DATA.
@@ -210,6 +215,7 @@ class SMTPSettings:
     maxMessageSize: int = field(default=25 * MiB, validator=_above0)
     maxRecipients: int = field(default=100, validator=_above0)
     maxLineLength: int = field(default=1000, validator=validators.ge(512))
+    maxHops: int = field(default=50, validator=_above0)
     greetingTimeout: float = field(default=300.0, validator=_above0)
     commandTimeout: float = field(default=300.0, validator=_above0)
     dataTimeout: float = field(default=600.0, validator=_above0)
@@ -381,6 +387,8 @@ class _Message:
     headerSize: int
     size: int = 0
     problem: Optional[SMTPReply] = None
+    hops: int = 0
+    inHeader: bool = True
     tooBig: bool = False
     discarding: bool = False
     started: bool = False
@@ -1246,6 +1254,8 @@ class SMTPServer(Protocol):
                 self._refuse(message, SMTPReply(554, "5.6.0", "Message has a NUL, not accepted"))
             elif max(map(len, lines.split(b"\r\n"))) > self._settings.maxLineLength - 2:
                 self._refuse(message, self._longLineReply())
+            elif message.inHeader:
+                self._countHops(message, lines)
         if lines[:1] == b".":
             lines = lines[1:]
         if b"\r\n." in lines:
@@ -1261,6 +1271,16 @@ class SMTPServer(Protocol):
                 message.writer.write(b"\r\n")
                 message.headerSize += 2
         message.writer.write(lines)
+
+    def _countHops(self, message: _Message, lines: bytes) -> None:
+        """Count the C{Received:} fields of the header; too many is a mail loop."""
+        end = 0 if lines.startswith(b"\r\n") else lines.find(b"\r\n\r\n")
+        if end >= 0:
+            message.inHeader = False
+            lines = lines[:end]
+        message.hops += len(_RECEIVED.findall(lines))
+        if message.hops > self._settings.maxHops:
+            self._refuse(message, SMTPReply(554, "5.4.6", "Too many hops: a mail loop?"))
 
     def _count(self, message: _Message, octets: int) -> None:
         message.size += octets

@@ -11,10 +11,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet import defer, error, task
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from twisted.names import dns
 from twisted.names import error as dnserror
 from twisted.python.failure import Failure
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from dcrouter.mail.delivery import (
@@ -30,6 +32,7 @@ from dcrouter.mail.delivery import (
 from dcrouter.mail.deliveryclient import SetupFailed, SMTPConnectionPool, SMTPTarget, encodeData
 from dcrouter.mail.dkimsign import DkimError, fromDomain, loadKey, publicRecord, sign
 from dcrouter.mail.mxresolver import DNSFailure, MXResolver
+from dcrouter.mail.policy import DomainPolicy
 from dcrouter.mail.queue import DeliveryResult, Envelope, QueuedMessage, RecipientState
 from tests.unit.test_mail_queue import SyncPool, SyncReactor, failure, fired
 
@@ -81,6 +84,27 @@ def test_the_most_specific_rule_wins():
     assert rules.match(b"x@example.com.").mode == "forward"
     assert rules.match(b"x@notexample.com").pattern == "*"
     assert rules.match(b"postmaster").pattern == "*"
+
+
+def test_rules_match_an_idn_in_either_form_as_the_policy_does():
+    """
+    An internationalised domain is one name whether written in U-labels or
+    A-labels, in the rule or in the address; the SMTP policy accepts both
+    forms for a domain it serves, so the rule must take both as well.
+    """
+    rules = DomainRules(
+        [rule("*@b\u00fccher.example", "local"), rule("*.xn--mnchen-3ya.example", "forward")],
+        default=rule("*", "mta"),
+    )
+    assert rules.match("x@b\u00fccher.example".encode()).mode == "local"
+    assert rules.match(b"x@xn--bcher-kva.example").mode == "local"
+    assert rules.match("x@B\u00dcCHER.example".encode()).mode == "local"
+    assert rules.match("x@a.m\u00fcnchen.example".encode()).mode == "forward"
+    assert rules.match(b"x@a.xn--mnchen-3ya.example").mode == "forward"
+    policy = DomainPolicy(["b\u00fccher.example"])
+    assert policy.serves("xn--bcher-kva.example")
+    with pytest.raises(ValueError, match="already defined"):
+        DomainRules([rule("*@b\u00fccher.example"), rule("xn--bcher-kva.example")], rule("*"))
 
 
 @pytest.mark.parametrize(
@@ -410,6 +434,62 @@ def test_no_password_goes_out_in_plain_text_unless_tls_is_off():
     assert b"AUTH PLAIN " + token in server.commands
 
 
+@implementer(ITLSTransport)
+class ManualTLSTransport(StringTransport):
+    """A transport the test answers for by hand; STARTTLS is only recorded."""
+
+    tlsStarted = False
+
+    def startTLS(self, contextFactory, normal=True):
+        self.tlsStarted = True
+
+
+class ManualEndpoint:
+    def __init__(self):
+        self.transport = ManualTLSTransport()
+        self.protocol = None
+
+    def connect(self, factory):
+        self.protocol = factory.buildProtocol(None)
+        self.protocol.makeConnection(self.transport)
+        return defer.succeed(self.protocol)
+
+
+def test_replies_injected_before_tls_are_not_read_as_replies_under_tls():
+    """
+    A man in the middle appends replies to the plaintext 220 for STARTTLS
+    (STARTTLS response injection): they are thrown away, never taken as the
+    answers to EHLO or the transaction sent under TLS.
+    """
+    endpoint = ManualEndpoint()
+    pool = SMTPConnectionPool(
+        None,
+        "client.test",
+        clock=task.Clock(),
+        tlsFactory=lambda name, verify: None,
+        endpointFactory=lambda target: endpoint,
+    )
+    target = SMTPTarget("192.0.2.1", 25, tls="required")
+    d = pool.send(target, b"a@s.example", [b"b@r.example"], MESSAGE)
+    transport = endpoint.transport
+    endpoint.protocol.dataReceived(b"220 relay ESMTP\r\n")
+    endpoint.protocol.dataReceived(b"250-relay\r\n250 STARTTLS\r\n")
+    assert transport.value().endswith(b"STARTTLS\r\n")
+    transport.clear()
+    injected = b"250-relay\r\n250 PIPELINING\r\n250 ok\r\n250 ok\r\n354 go\r\n250 queued"
+    endpoint.protocol.dataReceived(b"220 2.0.0 ready\r\n" + injected + b"\r\n")
+    assert transport.tlsStarted
+    assert transport.value() == b"EHLO client.test\r\n"  # and waits for its real reply
+    assert not d.called
+    transport.clear()
+    endpoint.protocol.dataReceived(b"250-relay\r\n250 PIPELINING\r\n")
+    assert transport.value().startswith(b"MAIL FROM:<a@s.example>")
+    endpoint.protocol.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    assert not d.called
+    endpoint.protocol.dataReceived(b"451 4.3.0 try later\r\n")
+    assert fired(d)[b"b@r.example"].code == 451
+
+
 def test_a_silent_server_times_out():
     server = ScriptedServer()
     pool, clock = makePool(server, commandTimeout=30)
@@ -433,6 +513,21 @@ def test_connections_per_target_are_capped():
     clock.advance(10)  # the two time out; the third gets a fresh connection
     assert server.connections == 3
     assert all(d.called for d in sends)
+
+
+def test_a_utf8_address_is_not_sent_to_a_server_without_smtputf8():
+    """RFC 6531 3.4: no UTF-8 in MAIL or RCPT unless the server offers SMTPUTF8."""
+    server = ScriptedServer()
+    pool, clock = makePool(server)
+    recipient = "j\u00f6rg@r.example".encode()
+    results = fired(pool.send(TARGET, b"a@s.example", [recipient], MESSAGE))
+    assert results[recipient].code == 553 and results[recipient].text.startswith("5.6.7")
+    assert not any(c.startswith((b"MAIL", b"RCPT")) for c in server.commands)
+    server.extensions.append("SMTPUTF8")
+    pool, clock = makePool(server)
+    results = fired(pool.send(TARGET, b"a@s.example", [recipient], MESSAGE))
+    assert results[recipient].code == 250
+    assert any(c.endswith(b" SMTPUTF8") for c in server.commands if c.startswith(b"MAIL"))
 
 
 def test_an_oversized_message_fails_for_good():

@@ -574,6 +574,53 @@ def test_partly_delivered_mail_retries_only_the_rest_after_a_restart(tmp_path):
     assert q2.messages == {}
 
 
+def test_a_crash_while_removing_a_finished_message_delivers_nothing_again(
+    tmp_path, monkeypatch
+):
+    """
+    The message file goes first, then its state: killed in between, the
+    next start finds an orphan state (deleted), never a message without its
+    state, which would go to every recipient again.
+    """
+    deliver = FakeDeliver(
+        lambda message, recipients: {
+            r: DeliveryResult(250 if r.startswith(b"ok") else 450, "") for r in recipients
+        }
+    )
+    q, clock = makeQueue(tmp_path, deliver)
+    started(q)
+    queueId = fired(
+        q.accept(envelope(b"a@s.example", b"ok@r.example", b"later@r.example"), MESSAGE)
+    )
+    assert files(q, "state") == [queueId]
+
+    class Killed(BaseException):
+        pass
+
+    unlink = os.unlink
+
+    def killedAfterOne(path):
+        unlink(path)
+        monkeypatch.setattr(queuemodule.os, "unlink", unlink)
+        raise Killed()
+
+    monkeypatch.setattr(queuemodule.os, "unlink", killedAfterOne)
+    deliver.answer = everyone(250, "ok")
+    clock.advance(300)
+    assert [c[1] for c in deliver.calls] == [
+        (b"ok@r.example", b"later@r.example"),
+        (b"later@r.example",),
+    ]
+    fired(q.stop())
+
+    deliver2 = FakeDeliver(everyone(250, "ok"))
+    q2, clock2 = makeQueue(tmp_path, deliver2)
+    started(q2)
+    clock2.advance(3600)
+    assert deliver2.calls == [] and q2.messages == {}
+    assert files(q2, "active") == [] and files(q2, "state") == []
+
+
 def test_a_delivery_that_raises_is_retried(tmp_path):
     def broken(message, recipients):
         raise RuntimeError("bug")

@@ -527,6 +527,30 @@ def test_long_data_line_stays_in_data(split):
     assert s.cmd("MAIL FROM:<a@b.example>") == "250 2.1.0 Ok"  # no transaction survived
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_a_message_that_went_round_a_mail_loop_is_refused(split):
+    """Over C{maxHops} Received: fields (Postfix's hopcount_limit) is a loop: 554 5.4.6."""
+    sink = MemorySink()
+    s = session(sink=sink)
+
+    def send(hops):
+        transaction(s, body=b"")
+        data = b"".join(b"received: from hop%d\r\n\tby x; date\r\n" % i for i in range(hops))
+        data += b"Subject: loop\r\n\r\nReceived: in the body, not a hop\r\n.\r\n"
+        if split:
+            for i in range(0, len(data), 7):
+                s.send(data[i : i + 7])
+        else:
+            s.send(data)
+        (reply,) = s.replies()
+        return reply
+
+    assert send(50).startswith("250 ")
+    assert send(51) == "554 5.4.6 Too many hops: a mail loop?"
+    assert len(sink.committed) == 1
+    assert s.cmd("NOOP") == "250 2.0.0 Ok"
+
+
 def test_line_of_exactly_1000_octets_is_fine():
     sink = MemorySink()
     s = session(sink=sink)
