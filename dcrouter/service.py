@@ -222,7 +222,8 @@ class DcRouter(MultiService):
         if role.kind == "supervisor":
             assert configPath is not None, "workers read the configuration file"
             self.workers = WorkerPool(
-                self.reactor, configPath, role.count, self.groups, config.daemon.drain_timeout
+                self.reactor, configPath, config, role.count, self.groups,
+                config.daemon.drain_timeout,
             )
         self.previousHangup: Any = None
         self.stopping = False
@@ -668,6 +669,7 @@ class DcRouter(MultiService):
         if config.email != (self.mail.settings if self.mail is not None else None):
             log.warn("[email] changed: the mail server takes it at the next restart")
         if self.workers is not None:
+            self.workers.config = config
             self.steerWhereNeeded(config)
             if newKeys == oldKeys:
                 self.workers.signalAll(signal.SIGHUP)
