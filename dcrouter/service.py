@@ -221,10 +221,7 @@ class DcRouter(MultiService):
         self.workers: Optional[WorkerPool] = None
         if role.kind == "supervisor":
             assert configPath is not None, "workers read the configuration file"
-            self.workers = WorkerPool(
-                self.reactor, configPath, config, role.count, self.groups,
-                config.daemon.drain_timeout,
-            )
+            self.workers = WorkerPool(self.reactor, configPath, config, role.count, self.groups)
         self.previousHangup: Any = None
         self.stopping = False
         #: The authoritative DNS server (serves nothing without [dns] listen);

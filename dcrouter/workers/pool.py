@@ -170,7 +170,6 @@ class WorkerPool(Service):
         config: RouterConfig,
         count: int,
         groups: SocketGroups,
-        drainTimeout: float,
         python: str = sys.executable,
     ) -> None:
         self.reactor = reactor
@@ -178,7 +177,6 @@ class WorkerPool(Service):
         self.config = config
         self.count = count
         self.groups = groups
-        self.drainTimeout = drainTimeout
         self.python = python
         self.workers: dict[int, _Worker] = {}
         self.restartDelay: dict[int, float] = {}
@@ -275,7 +273,8 @@ class WorkerPool(Service):
                              index=worker.index, pid=worker.pid)
                     worker.signal(signal.SIGKILL)
 
-        timer = self.reactor.callLater(self.drainTimeout + KILL_GRACE, kill)
+        # The drain_timeout in force now: a reload may have changed it.
+        timer = self.reactor.callLater(self.config.daemon.drain_timeout + KILL_GRACE, kill)
         done = DeferredList([worker.ended for worker in pending])
 
         def finished(result: object) -> object:

@@ -96,7 +96,7 @@ def test_listenSpecRoundTrip():
 
 def makePool(count=2):
     reactor = ProcessReactor()
-    pool = WorkerPool(reactor, "/etc/dcrouter.ini", CONFIG, count, groups(), drainTimeout=30.0,
+    pool = WorkerPool(reactor, "/etc/dcrouter.ini", CONFIG, count, groups(),
                       python="/usr/bin/python3")
     pool.startService()
     return reactor, pool
@@ -191,6 +191,20 @@ def test_stopDrainsThenKills():
     assert stopped.called
     reactor.advance(60)
     assert len(reactor.spawned) == 2, "a stopped pool restarts nothing"
+
+
+def test_stopWaitsForTheDrainTimeoutOfTheLastReload():
+    """A reload that lengthens drain_timeout gives the workers that long before SIGKILL."""
+    from attrs import evolve
+
+    reactor, pool = makePool()
+    pool.config = evolve(CONFIG, daemon=DaemonSettings(drain_timeout=120.0))
+    pool.stopService()
+    workers = [p for p, _, _ in reactor.spawned]
+    reactor.advance(30 + KILL_GRACE)
+    assert [w.transport.signals for w in workers] == [[signal.SIGTERM], [signal.SIGTERM]]
+    reactor.advance(90)
+    assert [w.transport.signals for w in workers] == [[signal.SIGTERM, signal.SIGKILL]] * 2
 
 
 def test_replaceStartsNewWorkersAndRetiresTheOld():
