@@ -155,6 +155,23 @@ def shareLimits(config: RouterConfig, workers: int) -> RouterConfig:
     )
 
 
+def takenAtRestart(old: RouterConfig, new: RouterConfig) -> list[str]:
+    """
+    The settings that differ between C{old} and C{new} and only a restart
+    applies: the processes, their logging, their state directory and the
+    admin listener and socket are set up at start.
+    """
+    changed = []
+    if old.daemon.workerCount() != new.daemon.workerCount():
+        changed.append("[dcrouter] workers")
+    for key in ("state_dir", "log_format"):
+        if getattr(old.daemon, key) != getattr(new.daemon, key):
+            changed.append(f"[dcrouter] {key}")
+    if old.admin != new.admin:
+        changed.append("[admin]")
+    return changed
+
+
 #: Route options (the HTTP guard's) that keep a state per client address.
 _PER_ADDRESS_OPTIONS = ("rate_limit_per_second", "rate_limit_per_minute")
 
@@ -656,6 +673,7 @@ class DcRouter(MultiService):
         self.closeListeners(oldKeys - newKeys)
         self.startResources(compiled)
         stopResources(self.compiled)
+        unapplied = takenAtRestart(self.config, config)
         self.config, self.compiled = config, compiled
         self.reloads += 1
         if self.certs is not None:
@@ -665,6 +683,9 @@ class DcRouter(MultiService):
             log.warn("[acme] was enabled by a reload: it takes effect at the next restart")
         if config.email != (self.mail.settings if self.mail is not None else None):
             log.warn("[email] changed: the mail server takes it at the next restart")
+        if unapplied and not self.isWorker:
+            log.warn("changed, but taken only at the next restart: {what}",
+                     what=", ".join(unapplied))
         if self.workers is not None:
             self.workers.config = config
             self.steerWhereNeeded(config)

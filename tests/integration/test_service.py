@@ -265,3 +265,36 @@ async def test_changed_certificate_files_are_served_without_a_restart(tmp_path):
         assert await servedName() == "second.test"
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_says_which_changes_wait_for_a_restart(tmp_path):
+    """[admin] and the process-wide [dcrouter] settings are made at start only."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    p1 = freePort()
+    path = tmp_path / "dcrouter.ini"
+    route = f"[route:a]\nports = {p1}\naction = static\nbody = hi\n"
+    path.write_text(
+        f"[dcrouter]\ndrain_timeout = 0\nworkers = 1\n[defaults]\nbind = 127.0.0.1\n"
+        f"[admin]\nlisten = 127.0.0.1:{freePort()}\nsocket = off\n{route}"
+    )
+    service = DcRouter(loadConfig(str(path)), configPath=str(path))
+    service.startService()
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        path.write_text(
+            f"[dcrouter]\ndrain_timeout = 0\nlog_format = json\nworkers = 2\n"
+            f"state_dir = {tmp_path / 'elsewhere'}\n[defaults]\nbind = 127.0.0.1\n"
+            f"[admin]\nlisten = 127.0.0.1:{freePort()}\nsocket = off\n{route}"
+        )
+        assert service.reload()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await service.stopService()
+    warnings = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+    assert warnings == [
+        "changed, but taken only at the next restart: [dcrouter] workers, [dcrouter] state_dir,"
+        " [dcrouter] log_format, [admin]"
+    ]
