@@ -545,11 +545,17 @@ class DcRouter(MultiService):
         if self.isWorker:
             return self.adoptInherited(keys)
         failures = []
+        # IPv4 goes to a port's IPv4 listener: its IPv6 one (::) must not take it too.
+        ipv4 = {
+            port for route in config.routes for port in route.ports
+            if any(":" not in address for address in route.bind or config.defaults.bind)
+        }
         for key in sorted(keys):
             port, address = key
             try:
                 self.listeners[key] = listenTCP(
-                    self.reactor, port, self.router.factoryFor(port), LISTEN_BACKLOG, address
+                    self.reactor, port, self.router.factoryFor(port), LISTEN_BACKLOG, address,
+                    v6only=":" in address and port in ipv4,
                 )
             except CannotListenError as e:
                 failures.append(f"cannot listen on {address}:{port}: {e}")

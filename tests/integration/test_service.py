@@ -298,3 +298,34 @@ async def test_a_reload_says_which_changes_wait_for_a_restart(tmp_path):
         "changed, but taken only at the next restart: [dcrouter] workers, [dcrouter] state_dir,"
         " [dcrouter] log_format, [admin]"
     ]
+
+
+
+def test_an_ipv6_wildcard_leaves_ipv4_to_the_ipv4_listener_of_its_port(monkeypatch):
+    """
+    C{bind = 0.0.0.0, ::} must start: a dual-stack C{::} would take IPv4 as
+    well and collide with C{0.0.0.0} (EADDRINUSE). Nothing is bound here.
+    """
+    import socket
+
+    import dcrouter.service as service
+    from dcrouter.net.tcp import _Port
+
+    opened = {}
+
+    def listenTCP(reactor, port, factory, backlog, interface, v6only=False):
+        opened[(port, interface)] = v6only
+
+    monkeypatch.setattr(service, "listenTCP", listenTCP)
+    config = RouterConfig(routes=(
+        RouteConfig(name="both", ports=(1080,), bind=("0.0.0.0", "::"), action="block"),
+        RouteConfig(name="six", ports=(1081,), bind=("::",), action="block"),
+    ))
+    DcRouter(config, Clock()).privilegedStartService()
+    assert opened == {
+        (1080, "0.0.0.0"): False, (1080, "::"): True, (1081, "::"): False,
+    }, "alone on its port, :: stays dual-stack"
+    port = _Port(1080, None, interface="::", v6only=True)
+    sock = port.createInternetSocket()
+    with sock:
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
