@@ -237,6 +237,8 @@ class AdminSettings:
     listen: Optional[HostPort] = None
     users: Optional[RawValue] = None
     socket: Optional[str] = None
+    #: Where each key was written, for errors found on the floor above.
+    keySources: Mapping[str, Source] = field(factory=dict, eq=False)
 
 
 @frozen

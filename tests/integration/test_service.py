@@ -155,6 +155,21 @@ def test_one_run_reports_loader_and_plugin_errors_together(tmp_path):
     assert f"{path}:7: [route:api] action: unknown action 'foward'" in report
 
 
+def test_admin_and_email_errors_found_by_compiling_name_their_line(tmp_path):
+    from dcrouter.compile import checkConfigFile
+
+    path = tmp_path / "bad.ini"
+    path.write_text(
+        "[admin]\nlisten = 0.0.0.0:9900\n"
+        "[email]\nhostname = mx.example.test\nports = 2525\ndefault_mode = foo\n"
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        checkConfigFile(str(path))
+    report = caught.value.report()
+    assert f"{path}:2: [admin] listen: the admin listener on 0.0.0.0:9900" in report
+    assert f"{path}:6: [email] default_mode: unknown delivery mode 'foo'" in report
+
+
 @pytest_twisted.ensureDeferred
 async def test_reload_while_draining_is_ignored_and_sighup_stays_handled(tmp_path):
     import signal
