@@ -307,9 +307,9 @@ def compileConfig(
         config = evolve(config, routes=config.routes + extra)
         known = ", ".join(BUILT_IN_MODES)
         for rule, mode in unknownModes(email):
-            where = rule.source if rule is not None else PYTHON
             section = f"email.rule:{rule.pattern}" if rule is not None else "email"
             key = "mode" if rule is not None else "default_mode"
+            where = rule.source if rule is not None else email.keySources.get(key, PYTHON)
             errors.add(f"unknown delivery mode {mode!r} (known: {known}, and plugins')",
                        where, section, key)
     config, modelErrors = checkModel(config)
@@ -362,7 +362,7 @@ def _checkAdmin(config: RouterConfig) -> list[ConfigError]:
     elif admin.listen is not None and not _isLoopback(admin.listen.host):
         errors.append(ConfigError(
             f"the admin listener on {admin.listen} is not on loopback: set users",
-            PYTHON, "admin", "listen",
+            admin.keySources.get("listen", PYTHON), "admin", "listen",
         ))
     return errors
 

@@ -155,6 +155,23 @@ def shareLimits(config: RouterConfig, workers: int) -> RouterConfig:
     )
 
 
+def takenAtRestart(old: RouterConfig, new: RouterConfig) -> list[str]:
+    """
+    The settings that differ between C{old} and C{new} and only a restart
+    applies: the processes, their logging, their state directory and the
+    admin listener and socket are set up at start.
+    """
+    changed = []
+    if old.daemon.workerCount() != new.daemon.workerCount():
+        changed.append("[dcrouter] workers")
+    for key in ("state_dir", "log_format"):
+        if getattr(old.daemon, key) != getattr(new.daemon, key):
+            changed.append(f"[dcrouter] {key}")
+    if old.admin != new.admin:
+        changed.append("[admin]")
+    return changed
+
+
 #: Route options (the HTTP guard's) that keep a state per client address.
 _PER_ADDRESS_OPTIONS = ("rate_limit_per_second", "rate_limit_per_minute")
 
@@ -221,9 +238,7 @@ class DcRouter(MultiService):
         self.workers: Optional[WorkerPool] = None
         if role.kind == "supervisor":
             assert configPath is not None, "workers read the configuration file"
-            self.workers = WorkerPool(
-                self.reactor, configPath, role.count, self.groups, config.daemon.drain_timeout
-            )
+            self.workers = WorkerPool(self.reactor, configPath, config, role.count, self.groups)
         self.previousHangup: Any = None
         self.stopping = False
         #: The authoritative DNS server (serves nothing without [dns] listen);
@@ -530,11 +545,17 @@ class DcRouter(MultiService):
         if self.isWorker:
             return self.adoptInherited(keys)
         failures = []
+        # IPv4 goes to a port's IPv4 listener: its IPv6 one (::) must not take it too.
+        ipv4 = {
+            port for route in config.routes for port in route.ports
+            if any(":" not in address for address in route.bind or config.defaults.bind)
+        }
         for key in sorted(keys):
             port, address = key
             try:
                 self.listeners[key] = listenTCP(
-                    self.reactor, port, self.router.factoryFor(port), LISTEN_BACKLOG, address
+                    self.reactor, port, self.router.factoryFor(port), LISTEN_BACKLOG, address,
+                    v6only=":" in address and port in ipv4,
                 )
             except CannotListenError as e:
                 failures.append(f"cannot listen on {address}:{port}: {e}")
@@ -658,6 +679,7 @@ class DcRouter(MultiService):
         self.closeListeners(oldKeys - newKeys)
         self.startResources(compiled)
         stopResources(self.compiled)
+        unapplied = takenAtRestart(self.config, config)
         self.config, self.compiled = config, compiled
         self.reloads += 1
         if self.certs is not None:
@@ -667,7 +689,11 @@ class DcRouter(MultiService):
             log.warn("[acme] was enabled by a reload: it takes effect at the next restart")
         if config.email != (self.mail.settings if self.mail is not None else None):
             log.warn("[email] changed: the mail server takes it at the next restart")
+        if unapplied and not self.isWorker:
+            log.warn("changed, but taken only at the next restart: {what}",
+                     what=", ".join(unapplied))
         if self.workers is not None:
+            self.workers.config = config
             self.steerWhereNeeded(config)
             if newKeys == oldKeys:
                 self.workers.signalAll(signal.SIGHUP)

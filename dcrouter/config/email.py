@@ -11,7 +11,7 @@ mail for some recipients is delivered; the most specific pattern wins.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 from attrs import field, frozen
@@ -79,6 +79,8 @@ class EmailSettings:
     default_tls: str = "opportunistic"
     domains: tuple[str, ...] = ()
     rules: tuple[EmailRule, ...] = ()
+    #: Where each key was written, for errors found on the floor above.
+    keySources: Mapping[str, Source] = field(factory=dict, eq=False)
 
     def internalPort(self, port: int) -> int:
         return dict(self.internal).get(port, _INTERNAL.get(port, 10000 + port))
@@ -199,6 +201,7 @@ def _email(section: Any, rules: tuple[EmailRule, ...], errors: ErrorCollector) -
                              "opportunistic"),
         domains=keys.get("domains", values.parseDomains, ()),
         rules=rules,
+        keySources={key: value.source for key, value in section.values.items()},
     )
 
 

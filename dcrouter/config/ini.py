@@ -569,6 +569,7 @@ class _Loader:
                 listen=keys.optional("listen", values.parseHostPort),
                 users=RawValue(users.text, users.source) if users is not None else None,
                 socket=keys.optional("socket", self.adminSocket) if keys.has("socket") else default,
+                keySources={key: value.source for key, value in keys.section.values.items()},
             )
         problem = _socketPathProblem(default) if settings.socket == default else None
         if problem:

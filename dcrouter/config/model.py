@@ -50,10 +50,15 @@ PYTHON = Source()
 
 @frozen
 class RawValue:
-    """An option value as written, with its origin."""
+    """
+    An option value as written, with its origin.
+
+    Equal values are equal wherever they are written: a reload compares
+    settings, and a line moved down the file is no change.
+    """
 
     text: str
-    source: Source = PYTHON
+    source: Source = field(default=PYTHON, eq=False)
 
 
 def _rawOptions(value: Mapping[str, Union[str, RawValue]]) -> Mapping[str, RawValue]:
@@ -232,6 +237,8 @@ class AdminSettings:
     listen: Optional[HostPort] = None
     users: Optional[RawValue] = None
     socket: Optional[str] = None
+    #: Where each key was written, for errors found on the floor above.
+    keySources: Mapping[str, Source] = field(factory=dict, eq=False)
 
 
 @frozen

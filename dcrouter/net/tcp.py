@@ -5,6 +5,7 @@ lean accepted connections.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -105,6 +106,17 @@ class _Port(tcp.Port):
     #: bound to one (not to C{0.0.0.0} or C{::}).
     boundHost: Optional[IPv4Address | IPv6Address] = None
 
+    def __init__(self, *args: Any, v6only: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: IPv6 only (IPV6_V6ONLY): IPv4 clients of the port have a listener of their own.
+        self.v6only = v6only
+
+    def createInternetSocket(self) -> socket.socket:
+        sock: socket.socket = super().createInternetSocket()
+        if self.v6only:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return sock
+
     def startListening(self) -> None:
         super().startListening()
         host = super().getHost()
@@ -113,16 +125,20 @@ class _Port(tcp.Port):
 
 
 def listenTCP(
-    reactor: IReactorTCP, port: int, factory: ServerFactory, backlog: int, interface: str
+    reactor: IReactorTCP, port: int, factory: ServerFactory, backlog: int, interface: str,
+    v6only: bool = False,
 ) -> IListeningPort:
     """
     C{reactor.listenTCP}, with L{_Server}s on Twisted's own reactors.
 
     Other reactors (the tests' memory reactors) get the call as it is.
+
+    @param v6only: an IPv6 listener that takes no IPv4 clients (C{::} is
+        dual-stack otherwise, and collides with C{0.0.0.0} on its port).
     """
     if not isinstance(reactor, posixbase.PosixReactorBase):
         return reactor.listenTCP(port, factory, backlog, interface)
-    listening = _Port(port, factory, backlog, interface, reactor)
+    listening = _Port(port, factory, backlog, interface, reactor, v6only=v6only)
     listening.startListening()
     return listening
 

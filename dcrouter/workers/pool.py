@@ -5,8 +5,10 @@ that dies, pass signals on, and replace them all when the listeners change.
 Each worker is C{python -m dcrouter.workers} on the same configuration file,
 given its share of every listener group as an inherited descriptor (see
 L{dcrouter.workers.sockets}). Its standard input is a pipe from the
-supervisor, which asks for a report on it now and then, answered on
-L{REPORT_FD} (see L{dcrouter.workers.reports}); when the supervisor is
+supervisor, which first sends the configuration it runs (L{configMessage}:
+a worker restarted after a crash serves that, not the file as it is now,
+perhaps half edited), then asks for a report on it now and then, answered
+on L{REPORT_FD} (see L{dcrouter.workers.reports}); when the supervisor is
 gone, the worker sees end of file and stops, so no worker outlives it.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -28,6 +31,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dcrouter.config.model import RouterConfig
 from dcrouter.workers.reports import REPORT_INTERVAL
 
 log = Logger()
@@ -70,6 +74,36 @@ def parseListenSpec(text: str) -> dict[ListenKey, int]:
         port, _, address = where.partition("@")
         inherited[(int(port), address)] = int(fd)
     return inherited
+
+
+def configMessage(config: RouterConfig) -> bytes:
+    """The configuration a worker is to serve, as the supervisor sends it: size, newline, pickle."""
+    data = pickle.dumps(config)
+    return b"%d\n" % len(data) + data
+
+
+def readConfigMessage(fd: int) -> RouterConfig:
+    """
+    The worker's side of L{configMessage}, read from C{fd} byte for byte,
+    so that what follows (the requests for reports) stays unread.
+
+    @raise EOFError: the supervisor closed the pipe first.
+    """
+    header = b""
+    while not header.endswith(b"\n"):
+        byte = os.read(fd, 1)
+        if not byte:
+            raise EOFError("the supervisor sent no configuration")
+        header += byte
+    size = int(header)
+    data = bytearray()
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise EOFError("the supervisor sent part of a configuration")
+        data += chunk
+    config: RouterConfig = pickle.loads(data)
+    return config
 
 
 class _Worker(ProcessProtocol):
@@ -124,6 +158,8 @@ class WorkerPool(Service):
     """
     Runs C{count} router processes on shared listeners and keeps them running.
 
+    @ivar config: the configuration a worker started now serves (the
+        supervisor's, replaced at each reload it accepts).
     @ivar groups: the listener groups the workers serve, by (port, address).
     """
 
@@ -131,16 +167,16 @@ class WorkerPool(Service):
         self,
         reactor: Any,
         configPath: str,
+        config: RouterConfig,
         count: int,
         groups: SocketGroups,
-        drainTimeout: float,
         python: str = sys.executable,
     ) -> None:
         self.reactor = reactor
         self.configPath = configPath
+        self.config = config
         self.count = count
         self.groups = groups
-        self.drainTimeout = drainTimeout
         self.python = python
         self.workers: dict[int, _Worker] = {}
         self.restartDelay: dict[int, float] = {}
@@ -176,7 +212,10 @@ class WorkerPool(Service):
             "--listen", spec,
         ]
         fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, REPORT_FD: "r", **childFDs}
-        self.reactor.spawnProcess(worker, self.python, argv, env=os.environ, childFDs=fds)
+        process = self.reactor.spawnProcess(
+            worker, self.python, argv, env=os.environ, childFDs=fds
+        )
+        process.writeToChild(0, configMessage(self.config))
         self.workers[index] = worker
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
@@ -234,7 +273,8 @@ class WorkerPool(Service):
                              index=worker.index, pid=worker.pid)
                     worker.signal(signal.SIGKILL)
 
-        timer = self.reactor.callLater(self.drainTimeout + KILL_GRACE, kill)
+        # The drain_timeout in force now: a reload may have changed it.
+        timer = self.reactor.callLater(self.config.daemon.drain_timeout + KILL_GRACE, kill)
         done = DeferredList([worker.ended for worker in pending])
 
         def finished(result: object) -> object:

@@ -2,11 +2,12 @@
 The program a router process runs: C{python -m dcrouter.workers --config
 FILE --index I --count N --listen 3=80@0.0.0.0,...}.
 
-It serves the listener descriptors it inherited, with the routes of the
-configuration file, and nothing that must run once (mail, ACME, DNS, the
-admin listener stay with the supervisor). SIGHUP reloads the routes, SIGTERM
-drains; standard input brings the supervisor's requests for a report, and
-its end means the supervisor is gone.
+It serves the listener descriptors it inherited, with the configuration the
+supervisor runs (sent first on standard input), and nothing that must run
+once (mail, ACME, DNS, the admin listener stay with the supervisor). SIGHUP
+reloads the routes from the file, SIGTERM drains; standard input then brings
+the supervisor's requests for a report, and its end means the supervisor is
+gone.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
-from dcrouter.config.errors import ConfigErrors
 from dcrouter.ops.logtext import textLogObserver
 from dcrouter.ops.logwriter import turnWriter
-from dcrouter.workers.pool import REPORT_FD, parseListenSpec
+from dcrouter.workers.pool import REPORT_FD, parseListenSpec, readConfigMessage
 
 log = Logger()
 
@@ -80,17 +80,15 @@ def main(argv: list[str]) -> int:
 
     reactor = install()
 
-    from dcrouter.config import loadConfig
     from dcrouter.service import DcRouter, ProcessRole
 
     # One write per line: the workers share the supervisor's standard output.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     try:
         # (Compiling is the router's start: its errors end the worker there.)
-        config = loadConfig(args.config)
-    except ConfigErrors as e:
-        print(f"dcrouter worker {args.index}: {args.config} is invalid:\n{e.report()}",
-              file=sys.stderr)
+        config = readConfigMessage(0)
+    except EOFError as e:
+        print(f"dcrouter worker {args.index}: {e}", file=sys.stderr)
         return 1
     out = turnWriter(sys.stdout, reactor)
     if config.daemon.log_format == "json":

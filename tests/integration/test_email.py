@@ -336,3 +336,23 @@ async def test_port_465_tls_is_terminated_by_the_router(tmp_path):
     finally:
         await service.stopService()
         await sink.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_that_only_moves_email_keys_does_not_say_email_changed(tmp_path):
+    """Where a key is written (its line) is no change: the warning is for changes."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    service, sink, messages, mx, submission = await startMailEdge(tmp_path)
+    path = tmp_path / "dcrouter.ini"
+    service.configPath = str(path)
+    path.write_text("# a comment moves every line down\n" + path.read_text())
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert service.reload()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await service.stopService()
+        await sink.stopListening()
+    assert [formatEvent(e) for e in events if "changed" in formatEvent(e)] == []

@@ -155,6 +155,21 @@ def test_one_run_reports_loader_and_plugin_errors_together(tmp_path):
     assert f"{path}:7: [route:api] action: unknown action 'foward'" in report
 
 
+def test_admin_and_email_errors_found_by_compiling_name_their_line(tmp_path):
+    from dcrouter.compile import checkConfigFile
+
+    path = tmp_path / "bad.ini"
+    path.write_text(
+        "[admin]\nlisten = 0.0.0.0:9900\n"
+        "[email]\nhostname = mx.example.test\nports = 2525\ndefault_mode = foo\n"
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        checkConfigFile(str(path))
+    report = caught.value.report()
+    assert f"{path}:2: [admin] listen: the admin listener on 0.0.0.0:9900" in report
+    assert f"{path}:6: [email] default_mode: unknown delivery mode 'foo'" in report
+
+
 @pytest_twisted.ensureDeferred
 async def test_reload_while_draining_is_ignored_and_sighup_stays_handled(tmp_path):
     import signal
@@ -265,3 +280,67 @@ async def test_changed_certificate_files_are_served_without_a_restart(tmp_path):
         assert await servedName() == "second.test"
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_says_which_changes_wait_for_a_restart(tmp_path):
+    """[admin] and the process-wide [dcrouter] settings are made at start only."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    p1 = freePort()
+    path = tmp_path / "dcrouter.ini"
+    route = f"[route:a]\nports = {p1}\naction = static\nbody = hi\n"
+    path.write_text(
+        f"[dcrouter]\ndrain_timeout = 0\nworkers = 1\n[defaults]\nbind = 127.0.0.1\n"
+        f"[admin]\nlisten = 127.0.0.1:{freePort()}\nsocket = off\n{route}"
+    )
+    service = DcRouter(loadConfig(str(path)), configPath=str(path))
+    service.startService()
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        path.write_text(
+            f"[dcrouter]\ndrain_timeout = 0\nlog_format = json\nworkers = 2\n"
+            f"state_dir = {tmp_path / 'elsewhere'}\n[defaults]\nbind = 127.0.0.1\n"
+            f"[admin]\nlisten = 127.0.0.1:{freePort()}\nsocket = off\n{route}"
+        )
+        assert service.reload()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await service.stopService()
+    warnings = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+    assert warnings == [
+        "changed, but taken only at the next restart: [dcrouter] workers, [dcrouter] state_dir,"
+        " [dcrouter] log_format, [admin]"
+    ]
+
+
+
+def test_an_ipv6_wildcard_leaves_ipv4_to_the_ipv4_listener_of_its_port(monkeypatch):
+    """
+    C{bind = 0.0.0.0, ::} must start: a dual-stack C{::} would take IPv4 as
+    well and collide with C{0.0.0.0} (EADDRINUSE). Nothing is bound here.
+    """
+    import socket
+
+    import dcrouter.service as service
+    from dcrouter.net.tcp import _Port
+
+    opened = {}
+
+    def listenTCP(reactor, port, factory, backlog, interface, v6only=False):
+        opened[(port, interface)] = v6only
+
+    monkeypatch.setattr(service, "listenTCP", listenTCP)
+    config = RouterConfig(routes=(
+        RouteConfig(name="both", ports=(1080,), bind=("0.0.0.0", "::"), action="block"),
+        RouteConfig(name="six", ports=(1081,), bind=("::",), action="block"),
+    ))
+    DcRouter(config, Clock()).privilegedStartService()
+    assert opened == {
+        (1080, "0.0.0.0"): False, (1080, "::"): True, (1081, "::"): False,
+    }, "alone on its port, :: stays dual-stack"
+    port = _Port(1080, None, interface="::", v6only=True)
+    sock = port.createInternetSocket()
+    with sock:
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1

@@ -186,3 +186,23 @@ def test_reload_reaches_every_worker_and_keeps_the_listeners(tmp_path: Path, rou
     assert answers <= {b"two", b"three"} and b"three" in answers
     assert get(added).endswith(b"added")
     wait_until(lambda: len(workers_of(dcrouter.pid)) == 2, "the old workers gone")
+
+
+def test_a_restarted_worker_serves_the_running_configuration(tmp_path: Path, router) -> None:
+    """
+    A worker that dies is restarted on what the supervisor runs, not on the
+    file as it is now: a file being edited (broken here) must not keep it
+    down while its share of the listeners' clients waits.
+    """
+    (port,) = free_ports(1)
+    dcrouter = router(site(tmp_path / "state", port, "running"))
+    pids = wait_until(lambda: (w := workers_of(dcrouter.pid)) and len(w) == 2 and w,
+                      "two worker processes")
+    wait_until(lambda: dcrouter.output().count("dcrouter listening on") == 3, "both workers up")
+    dcrouter.write_config("[route:site]\nports = eighty\n")
+    mark = dcrouter.mark()
+    os.kill(pids[0], signal.SIGKILL)
+    dcrouter.wait_output(r"dcrouter listening on", mark)
+    assert "is invalid" not in dcrouter.output()[mark:]
+    for last in range(1, 9):
+        assert get(port, f"127.0.0.{last}").endswith(b"running")

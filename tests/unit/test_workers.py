@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import select
 import signal
 import socket
@@ -22,8 +23,10 @@ from dcrouter.workers.pool import (
     MAX_RESTART_DELAY,
     REPORT_FD,
     WorkerPool,
+    configMessage,
     listenSpec,
     parseListenSpec,
+    readConfigMessage,
 )
 from dcrouter.workers.reports import REPORT_INTERVAL, WorkerMetrics, mergeMetrics, mergeStatus
 from dcrouter.workers.sockets import openGroup, steeringProgram
@@ -36,9 +39,14 @@ class FakeProcess:
     def __init__(self, pid):
         self.pid = pid
         self.signals = []
+        self.written = b""
 
     def signalProcess(self, signum):
         self.signals.append(signum)
+
+    def writeToChild(self, fd, data):
+        assert fd == 0
+        self.written += data
 
 
 class ProcessReactor(MemoryReactorClock):
@@ -53,6 +61,9 @@ class ProcessReactor(MemoryReactorClock):
         self.spawned.append((protocol, args, childFDs))
         protocol.makeConnection(process)
         return process
+
+
+CONFIG = RouterConfig(routes=(RouteConfig(name="a", ports=(80,)),))
 
 
 def end(protocol, reason=ProcessDone(0)):
@@ -85,7 +96,7 @@ def test_listenSpecRoundTrip():
 
 def makePool(count=2):
     reactor = ProcessReactor()
-    pool = WorkerPool(reactor, "/etc/dcrouter.ini", count, groups(), drainTimeout=30.0,
+    pool = WorkerPool(reactor, "/etc/dcrouter.ini", CONFIG, count, groups(),
                       python="/usr/bin/python3")
     pool.startService()
     return reactor, pool
@@ -126,6 +137,30 @@ def test_aCrashedWorkerIsRestartedWithBackoff():
     assert pool.restarts == 7
 
 
+def test_aWorkerIsSentTheConfigurationTheSupervisorRuns():
+    """Not the file as it is now: a restarted worker serves what the others serve."""
+    reactor, pool = makePool()
+    reloaded = RouterConfig(routes=(RouteConfig(name="b", ports=(81,)),))
+    pool.config = reloaded
+    end(pool.workers[0], ProcessTerminated(signal=9))
+    reactor.advance(0.5)
+    sent = [p.transport.written for p, _, _ in reactor.spawned]
+    assert sent == [configMessage(CONFIG), configMessage(CONFIG), configMessage(reloaded)]
+    reader, writer = os.pipe()
+    try:
+        os.write(writer, sent[2] + b"report\n")
+        assert readConfigMessage(reader) == reloaded
+        assert os.read(reader, 100) == b"report\n", "what follows the configuration stays unread"
+        os.close(writer)
+        writer = -1
+        with pytest.raises(EOFError):
+            readConfigMessage(reader)
+    finally:
+        os.close(reader)
+        if writer >= 0:
+            os.close(writer)
+
+
 def test_aWorkerThatRanLongIsRestartedAtOnce():
     reactor, pool = makePool()
     reactor.advance(60)
@@ -156,6 +191,20 @@ def test_stopDrainsThenKills():
     assert stopped.called
     reactor.advance(60)
     assert len(reactor.spawned) == 2, "a stopped pool restarts nothing"
+
+
+def test_stopWaitsForTheDrainTimeoutOfTheLastReload():
+    """A reload that lengthens drain_timeout gives the workers that long before SIGKILL."""
+    from attrs import evolve
+
+    reactor, pool = makePool()
+    pool.config = evolve(CONFIG, daemon=DaemonSettings(drain_timeout=120.0))
+    pool.stopService()
+    workers = [p for p, _, _ in reactor.spawned]
+    reactor.advance(30 + KILL_GRACE)
+    assert [w.transport.signals for w in workers] == [[signal.SIGTERM], [signal.SIGTERM]]
+    reactor.advance(90)
+    assert [w.transport.signals for w in workers] == [[signal.SIGTERM, signal.SIGKILL]] * 2
 
 
 def test_replaceStartsNewWorkersAndRetiresTheOld():
