@@ -33,8 +33,24 @@ _EMAIL_KEYS = (
     "hostname", "ports", "internal_ports", "submission_ports", "submissions_ports",
     "max_size", "max_recipients", "auth", "users",
     "default_mode", "default_server", "default_tls", "domains",
+    "dkim_selector", "dkim_key", "dkim_domain",
 )
-_RULE_KEYS = ("mode", "target", "tls", "dkim_selector", "dkim_key", "text")
+_RULE_KEYS = ("mode", "target", "tls", "dkim_selector", "dkim_key", "dkim_domain", "text")
+
+
+@frozen
+class Dkim:
+    """
+    A DKIM key to sign with: the mail an authenticated user submitted that
+    leaves through the rule carrying it.
+
+    @ivar domain: the C{d=} domain the key is published under; C{None}: the
+        domain of each message's C{From:} address.
+    """
+
+    selector: str
+    key: str
+    domain: Optional[str] = None
 
 
 @frozen
@@ -45,8 +61,7 @@ class EmailRule:
     mode: str
     target: Optional[HostPort] = None
     tls: str = "opportunistic"
-    dkim_selector: Optional[str] = None
-    dkim_key: Optional[str] = None
+    dkim: Optional[Dkim] = None
     text: str = "mailbox unavailable"
     source: Source = field(default=PYTHON, eq=False)
 
@@ -64,6 +79,7 @@ class EmailSettings:
     @ivar domains: the domains mail is accepted for from anyone (besides
         the rules' own domains); others only from authenticated users.
     @ivar users: C{name:hash} entries for C{auth = static}.
+    @ivar dkim: the key of the default rule (mail no rule matches).
     """
 
     hostname: str
@@ -78,6 +94,7 @@ class EmailSettings:
     default_server: Optional[HostPort] = None
     default_tls: str = "opportunistic"
     domains: tuple[str, ...] = ()
+    dkim: Optional[Dkim] = None
     rules: tuple[EmailRule, ...] = ()
     #: Where each key was written, for errors found on the floor above.
     keySources: Mapping[str, Source] = field(factory=dict, eq=False)
@@ -200,6 +217,7 @@ def _email(section: Any, rules: tuple[EmailRule, ...], errors: ErrorCollector) -
         default_tls=keys.get("default_tls", lambda t: values.parseChoice(t, TLS_CHOICES),
                              "opportunistic"),
         domains=keys.get("domains", values.parseDomains, ()),
+        dkim=_dkim(keys),
         rules=rules,
         keySources={key: value.source for key, value in section.values.items()},
     )
@@ -211,6 +229,32 @@ def _modeName(text: str) -> str:
     if not word or not all(c.isalnum() or c in "-_." for c in word):
         raise ValueError(f"{text.strip()!r} is not a mode name")
     return word
+
+
+def _dkim(keys: _Reader) -> Optional[Dkim]:
+    """C{dkim_selector}, C{dkim_key} (relative to the file) and C{dkim_domain}, if given."""
+    selector = keys.get("dkim_selector", str.strip, None)
+    keyFile = keys.get("dkim_key", str.strip, None)
+    domain = keys.get("dkim_domain", _exactDomain, None)
+    if (selector is None) != (keyFile is None):
+        given = "dkim_key" if keyFile is not None else "dkim_selector"
+        keys.error(given, "give dkim_selector and dkim_key together")
+        return None
+    if selector is None or keyFile is None:
+        if domain is not None:
+            keys.error("dkim_domain", "dkim_domain needs dkim_selector and dkim_key")
+        return None
+    if not os.path.isabs(keyFile):
+        here = os.path.dirname(os.path.abspath(keys.section.source.file))
+        keyFile = os.path.join(here, keyFile)
+    return Dkim(selector, keyFile, domain)
+
+
+def _exactDomain(text: str) -> str:
+    name = values.parseDomain(text)
+    if name.startswith("*"):
+        raise ValueError(f"{text.strip()!r}: a domain, not a wildcard")
+    return name
 
 
 def _rule(section: Any, errors: ErrorCollector) -> Optional[EmailRule]:
@@ -227,19 +271,12 @@ def _rule(section: Any, errors: ErrorCollector) -> Optional[EmailRule]:
     target = keys.get("target", lambda t: values.parseHostPort(t, 25), None)
     if mode == "forward" and target is None:
         keys.error("target", "mode = forward needs target (host:port)")
-    selector = keys.get("dkim_selector", str.strip, None)
-    keyFile = keys.get("dkim_key", str.strip, None)
-    if keyFile is not None and not os.path.isabs(keyFile):
-        keyFile = os.path.join(os.path.dirname(os.path.abspath(section.source.file)), keyFile)
-    if (selector is None) != (keyFile is None):
-        keys.error("dkim_key", "give dkim_selector and dkim_key together")
     return EmailRule(
         pattern=pattern,
         mode=mode,
         target=target,
         tls=keys.get("tls", lambda t: values.parseChoice(t, TLS_CHOICES), "opportunistic"),
-        dkim_selector=selector,
-        dkim_key=keyFile,
+        dkim=_dkim(keys),
         text=keys.get("text", str.strip, "mailbox unavailable"),
         source=section.source,
     )

@@ -93,7 +93,7 @@ class DomainRule:
     @ivar tlsVerify: with TLS, check the server's certificate (C{forward}
         with C{required}; opportunistic TLS never checks).
     @ivar auth: C{forward}: (user, password) for SMTP AUTH.
-    @ivar dkim: sign outgoing mail with this key.
+    @ivar dkim: sign the mail users submitted (with AUTH) with this key.
     @ivar text: C{reject}: the reply text.
     @ivar options: keys a plugin mode defines.
     """
@@ -291,7 +291,12 @@ class Deliverer:
 
 
 class _Signer:
-    """Reads a message and DKIM-signs it in the thread pool when the rule says so."""
+    """
+    Reads a message and DKIM-signs it in the thread pool when the rule has a
+    key and an authenticated user submitted the message. Mail from anyone
+    else (to the served domains) goes on as it came: signing it would put
+    this server's signature on whatever C{From:} a stranger wrote.
+    """
 
     def __init__(self, reactor: IReactorFromThreads, threadpool: ThreadPool) -> None:
         self._reactor = reactor
@@ -299,7 +304,7 @@ class _Signer:
 
     async def data(self, message: QueuedMessage, rule: DomainRule) -> bytes:
         data = await message.read()
-        if rule.dkim is None:
+        if rule.dkim is None or message.envelope.authUser is None:
             return data
         try:
             signed: bytes = await deferToThreadPool(

@@ -1,6 +1,6 @@
 """
-DKIM signing (RFC 6376) with dkimpy, for mail leaving through C{mta} and
-C{forward} rules.
+DKIM signing (RFC 6376) with dkimpy, for the mail users submitted (with
+AUTH) that leaves through C{mta} and C{forward} rules.
 
 Keys are RSA, read from PEM in any form (PKCS#1 or PKCS#8) and handed to
 dkimpy as the PKCS#1 it wants. Signing is CPU work (dkimpy's RSA is big-int

@@ -31,7 +31,7 @@ import dcrouter.plugins
 from dcrouter.auth.ldap import LDAPChecker
 from dcrouter.auth.passwords import StaticPasswordChecker, parseUsers
 from dcrouter.config.email import MODES as BUILT_IN_MODES
-from dcrouter.config.email import EmailSettings
+from dcrouter.config.email import Dkim, EmailSettings
 from dcrouter.config.model import LDAPSettings
 from dcrouter.interfaces import IDeliveryMode
 from dcrouter.mail.delivery import (
@@ -44,7 +44,7 @@ from dcrouter.mail.delivery import (
     RejectMode,
 )
 from dcrouter.mail.deliveryclient import SMTPConnectionPool
-from dcrouter.mail.dkimsign import loadKeyFile, publicRecord
+from dcrouter.mail.dkimsign import DkimKey, loadKeyFile, publicRecord
 from dcrouter.mail.mxresolver import MXResolver
 from dcrouter.mail.policy import DomainPolicy
 from dcrouter.mail.queue import MailQueue
@@ -87,21 +87,18 @@ def unknownModes(settings: EmailSettings) -> list[tuple[Any, str]]:
 
 def domainRules(settings: EmailSettings) -> DomainRules:
     """The delivery rules of C{[email.rule:*]} and the C{default_*} keys."""
-    rules = []
-    for rule in settings.rules:
-        dkim = None
-        if rule.dkim_key is not None and rule.dkim_selector is not None:
-            domain = rule.pattern.split("@")[-1].lstrip("*.")
-            dkim = loadKeyFile(rule.dkim_key, rule.dkim_selector, domain)
-        rules.append(DomainRule(
+    rules = [
+        DomainRule(
             pattern=rule.pattern,
             mode=rule.mode,
             server=rule.target.host if rule.target else None,
             port=rule.target.port if rule.target else 25,
             tls=rule.tls,
-            dkim=dkim,
+            dkim=_dkimKey(rule.dkim),
             text=rule.text,
-        ))
+        )
+        for rule in settings.rules
+    ]
     server = settings.default_server
     default = DomainRule(
         pattern="*",
@@ -109,8 +106,14 @@ def domainRules(settings: EmailSettings) -> DomainRules:
         server=server.host if server else None,
         port=server.port if server else 25,
         tls=settings.default_tls,
+        dkim=_dkimKey(settings.dkim),
     )
     return DomainRules(rules, default)
+
+
+def _dkimKey(dkim: Optional[Dkim]) -> Optional[DkimKey]:
+    """The key a rule signs with; its domain the configured one, else each C{From:}'s."""
+    return None if dkim is None else loadKeyFile(dkim.key, dkim.selector, dkim.domain)
 
 
 def acceptedDomains(settings: EmailSettings) -> frozenset[str]:
@@ -185,9 +188,10 @@ class MailService(MultiService):
         self.listeners: list[IListeningPort] = []
 
     def dkimRecords(self) -> list[tuple[str, str]]:
-        """(C{selector._domainkey.domain}, TXT value) of every rule that signs."""
+        """(C{selector._domainkey.domain}, TXT value) of every rule that signs as a domain."""
         records = []
-        for rule in self.deliverer.rules.rules:
+        rules = self.deliverer.rules
+        for rule in (*rules.rules, rules.default):
             key = rule.dkim
             if key is not None and key.domain:
                 records.append((f"{key.selector}._domainkey.{key.domain}", publicRecord(key)))

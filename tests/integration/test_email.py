@@ -174,6 +174,7 @@ default_mode = reject
 mode = local
 dkim_selector = s1
 dkim_key = dkim.key
+dkim_domain = example.test
 """)
     service = DcRouter(loadConfig(str(path)))
     service.startService()

@@ -398,7 +398,10 @@ async def test_mta_mode_delivers_by_mx_and_signs_with_dkim(tmp_path, sink, threa
         str(tmp_path / "queue"), reactor, threadpool, reactor, Deliverer(rules, [mta]).deliver
     )
     await q.start()
-    await q.accept(Envelope(b"alice@sender.example", (b"bob@rcpt.example",)), message("dkim"))
+    await q.accept(
+        Envelope(b"alice@sender.example", (b"bob@rcpt.example",), authUser="alice"),
+        message("dkim"),
+    )
     await waitUntil(lambda: not q.messages, what="delivery")
     await waitUntil(lambda: sink.dumps(), what="the dump")
     [dump] = sink.dumps()

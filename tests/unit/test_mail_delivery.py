@@ -41,10 +41,12 @@ MESSAGE = (
 )
 
 
-def queued(data=MESSAGE, sender=b"alice@sender.example", recipients=(b"bob@rcpt.example",)):
+def queued(
+    data=MESSAGE, sender=b"alice@sender.example", recipients=(b"bob@rcpt.example",), user=None
+):
     message = QueuedMessage(
         queueId="0000000001ABCDEF01",
-        envelope=Envelope(sender, tuple(recipients)),
+        envelope=Envelope(sender, tuple(recipients), authUser=user),
         arrival=0.0,
         path="/nonexistent",
         offset=0,
@@ -729,17 +731,34 @@ def test_from_domain_reads_folded_headers():
     assert fromDomain(b"Subject: x\r\n\r\n") is None
 
 
-def test_forward_mode_signs_when_the_rule_has_a_key(rsaPEM):
+def test_forward_mode_signs_what_a_user_submitted_when_the_rule_has_a_key(rsaPEM):
     server = ScriptedServer()
     pool, clock = makePool(server)
     mode = ForwardMode(pool, SyncReactor(), SyncPool())
     key = loadKey(rsaPEM, "sel1")
     signing = rule("*", "forward", server="smarthost.test", tls="off", dkim=key)
-    envelope = Envelope(b"a@s.example", (b"b@r.example",))
-    fired(mode.deliver(envelope, queued(), (b"b@r.example",), signing))
+    envelope = Envelope(b"a@s.example", (b"b@r.example",), authUser="alice")
+    fired(mode.deliver(envelope, queued(user="alice"), (b"b@r.example",), signing))
     [sent] = server.messages
     record = publicRecord(key).encode()
     assert dkim.verify(sent, dnsfunc=lambda name, timeout=5: record)
+
+
+def test_mail_from_anyone_else_is_not_signed(rsaPEM):
+    """
+    A stranger's message to a served domain, relayed through a signing rule,
+    goes on as it came: signed, its forged C{From:} would pass DMARC.
+    """
+    server = ScriptedServer()
+    pool, clock = makePool(server)
+    mode = ForwardMode(pool, SyncReactor(), SyncPool())
+    signing = rule("*", "forward", server="smarthost.test", tls="off",
+                   dkim=loadKey(rsaPEM, "sel1", "example.org"))  # fmt: skip
+    forged = MESSAGE.replace(b"From: ", b"From: ceo@example.org\r\nX-Was: ", 1)
+    envelope = Envelope(b"x@stranger.example", (b"b@example.org",))
+    fired(mode.deliver(envelope, queued(forged), (b"b@example.org",), signing))
+    [sent] = server.messages
+    assert b"DKIM-Signature" not in sent
 
 
 # -- Maildir ---------------------------------------------------------------------------------

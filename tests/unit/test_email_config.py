@@ -1,0 +1,52 @@
+"""C{[email]} and C{[email.rule:*]} DKIM keys, as the INI file gives them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dcrouter.config import ConfigErrors, loadConfig
+from dcrouter.config.email import Dkim
+
+EMAIL = "[email]\nhostname = mx.example.test\nports = 2525\n"
+
+
+def load(tmp_path: Path, text: str):
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(text)
+    return loadConfig(str(path))
+
+
+def errors(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigErrors) as caught:
+        load(tmp_path, text)
+    return caught.value.report()
+
+
+def test_the_default_rule_and_a_rule_take_a_key_and_its_domain(tmp_path: Path) -> None:
+    config = load(tmp_path, EMAIL + (
+        "dkim_selector = s1\ndkim_key = keys/out.key\ndkim_domain = Example.ORG\n"
+        "[email.rule:*@partner.test]\nmode = mta\ndkim_selector = s2\ndkim_key = /k/p.key\n"
+    ))  # fmt: skip
+    assert config.email.dkim == Dkim("s1", str(tmp_path / "keys" / "out.key"), "example.org")
+    [rule] = config.email.rules
+    assert rule.dkim == Dkim("s2", "/k/p.key", None)  # each From: domain
+
+
+@pytest.mark.parametrize(
+    ("keys", "line", "error"),
+    [
+        ("dkim_selector = s1\n", 4, "dkim_selector: give dkim_selector and dkim_key together"),
+        ("dkim_key = /k\n", 4, "dkim_key: give dkim_selector and dkim_key together"),
+        ("dkim_domain = example.org\n", 4,
+         "dkim_domain: dkim_domain needs dkim_selector and dkim_key"),
+        ("dkim_selector = s1\ndkim_key = /k\ndkim_domain = *.example.org\n", 6,
+         "dkim_domain: '*.example.org': a domain, not a wildcard"),
+    ],
+)  # fmt: skip
+def test_an_incomplete_key_is_an_error_with_its_line(
+    tmp_path: Path, keys: str, line: int, error: str
+) -> None:
+    report = errors(tmp_path, EMAIL + keys)
+    assert f"dcrouter.ini:{line}: [email] {error}" in report
