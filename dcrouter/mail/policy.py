@@ -1,5 +1,6 @@
 """
-L{DomainPolicy}: accept mail for the domains served, relay only for users.
+L{DomainPolicy}: accept mail for the domains (and single addresses) served,
+relay only for users.
 
 The smallest policy that is not an open relay, and the building block for
 the C{[email.rule:PATTERN]} sections: a recipient in a served domain is
@@ -46,6 +47,17 @@ def _patterns(values: Iterable[str]) -> frozenset[str]:
     return frozenset(domainPattern(v) for v in values)
 
 
+def _addresses(values: Iterable[str]) -> frozenset[str]:
+    """C{local@domain}, the local part lower-case, the domain as L{domainPattern}."""
+    out = set()
+    for value in values:
+        local, _, domain = value.strip().rpartition("@")
+        if local in ("", "*") or domain.startswith("*"):
+            raise ValueError(f"not a single address: {value!r}")
+        out.add(f"{local.lower()}@{domainPattern(domain)}")
+    return frozenset(out)
+
+
 @implementer(IMailPolicy)
 @frozen
 class DomainPolicy:
@@ -57,10 +69,14 @@ class DomainPolicy:
         itself), as L{domainPattern} writes them.
     @ivar relayForAuthenticated: an authenticated client may send to any
         domain (submission); C{False} makes users local-only too.
+    @ivar addresses: single addresses accepted from anyone, their domains not
+        (a rule for C{alice@partner.example}); local parts compare
+        case-insensitively, as the delivery rules' do.
     """
 
     domains: frozenset[str] = field(converter=_patterns)
     relayForAuthenticated: bool = True
+    addresses: frozenset[str] = field(default=frozenset(), converter=_addresses)
 
     def serves(self, domain: str) -> bool:
         """Is C{domain} (lower case, A-labels) one of ours?"""
@@ -86,5 +102,7 @@ class DomainPolicy:
         except ValueError:
             raise relayDenied() from None
         if self.serves(domain):
+            return None
+        if self.addresses and f"{address.unquotedLocal.lower()}@{domain}" in self.addresses:
             return None
         raise relayDenied()

@@ -116,15 +116,25 @@ def _dkimKey(dkim: Optional[Dkim]) -> Optional[DkimKey]:
     return None if dkim is None else loadKeyFile(dkim.key, dkim.selector, dkim.domain)
 
 
-def acceptedDomains(settings: EmailSettings) -> frozenset[str]:
-    """Domains anyone may send to: C{domains}, the rules' own, and the hostname."""
+def acceptedRecipients(settings: EmailSettings) -> DomainPolicy:
+    """
+    The policy of who may be sent mail by anyone: C{domains}, the hostname,
+    and what the rules name (a rule for one address accepts that address,
+    not its whole domain); others only from users.
+    """
     names = {settings.hostname, *settings.domains}
+    addresses = set()
     for rule in settings.rules:
         if rule.mode == "reject":
             continue
-        domain = rule.pattern.split("@")[-1]
-        names.add(domain)
-    return frozenset(name for name in names if name and name != "*")
+        local, _, domain = rule.pattern.rpartition("@")
+        if local and local != "*":
+            addresses.add(rule.pattern)
+        else:
+            names.add(domain)
+    return DomainPolicy(
+        frozenset(name for name in names if name and name != "*"), addresses=addresses
+    )
 
 
 class MailService(MultiService):
@@ -168,7 +178,7 @@ class MailService(MultiService):
             )
         elif settings.auth == "ldap" and ldap is not None:
             checker = LDAPChecker(ldap, reactor, threadpool, reactor)
-        policy = DomainPolicy(acceptedDomains(settings))
+        policy = acceptedRecipients(settings)
         sink = QueueSink(self.queue)
         self.factories = {}
         for port in settings.ports:

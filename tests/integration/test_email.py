@@ -357,3 +357,18 @@ async def test_a_reload_that_only_moves_email_keys_does_not_say_email_changed(tm
         await service.stopService()
         await sink.stopListening()
     assert [formatEvent(e) for e in events if "changed" in formatEvent(e)] == []
+
+
+def test_a_rule_for_one_address_accepts_that_address_only():
+    from dcrouter.config.email import EmailRule, EmailSettings
+    from dcrouter.mail.service import acceptedRecipients
+
+    settings = EmailSettings(hostname="mx.example.test", rules=(
+        EmailRule("alice@partner.test", "forward"),
+        EmailRule("*@whole.test", "local"),
+        EmailRule("*.sub.test", "local"),
+        EmailRule("*@refused.test", "reject"),
+    ))  # fmt: skip
+    policy = acceptedRecipients(settings)
+    assert policy.domains == {"mx.example.test", "whole.test", "*.sub.test"}
+    assert policy.addresses == {"alice@partner.test"}

@@ -214,3 +214,15 @@ def test_domain_patterns():
     for bad in ["", "*", "a.*.example", "*."]:
         with pytest.raises(ValueError):
             domainPattern(bad)
+
+
+def test_a_single_address_is_accepted_without_its_domain():
+    """A rule for alice@partner.example takes her mail, not all of partner.example."""
+    policy = DomainPolicy(["example.test"], addresses=["Alice@Partner.Example"])
+    assert check(policy, "alice@partner.example") == 250
+    assert check(policy, "ALICE@partner.EXAMPLE") == 250
+    assert check(policy, '"alice"@partner.example') == 250
+    assert check(policy, "bob@partner.example") == 550
+    assert check(policy, "alice@sub.partner.example") == 550
+    with pytest.raises(ValueError):
+        DomainPolicy([], addresses=["*@partner.example"])
