@@ -9,13 +9,21 @@ Python meets the same rules as one read from a file.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from ipaddress import ip_address
 
 from attrs import evolve
 
 from dcrouter.config import values
 from dcrouter.config.dns import checkDnsSettings
 from dcrouter.config.errors import ConfigError
-from dcrouter.config.model import TLS_MODES, Defaults, RouteConfig, RouterConfig
+from dcrouter.config.model import (
+    PYTHON,
+    TLS_MODES,
+    Defaults,
+    RouteConfig,
+    RouterConfig,
+    Source,
+)
 
 
 def checkModel(config: RouterConfig) -> tuple[RouterConfig, list[ConfigError]]:
@@ -52,6 +60,7 @@ def checkModel(config: RouterConfig) -> tuple[RouterConfig, list[ConfigError]]:
         normal = tuple(dict.fromkeys(domains))
         routes.append(route if normal == route.domains else evolve(route, domains=normal))
     errors.extend(_checkBinds(routes, config.defaults))
+    errors.extend(_checkListeners(evolve(config, routes=tuple(routes))))
     if not config.acme.enabled:
         errors.extend(
             ConfigError("certificate = auto needs [acme] enabled = yes",
@@ -103,6 +112,68 @@ def _checkBinds(routes: Sequence[RouteConfig], defaults: Defaults) -> list[Confi
             )
         )
     return errors
+
+
+def _checkListeners(config: RouterConfig) -> list[ConfigError]:
+    """
+    TCP listeners of different owners (the routes of a port, the admin
+    listener, the DNS server, the mail server's internal ports) on one port
+    and overlapping addresses: the start would fail to bind the second.
+    """
+    # port -> (address, owner, source, section, key), the routes' first.
+    byPort: dict[int, list[tuple[str, str, Source, str, str]]] = {}
+    for route in config.routes:
+        for port in route.ports:
+            known = byPort.setdefault(port, [])
+            if not any(owner.startswith("[route:") for _, owner, *_ in known):
+                known.extend(
+                    (address, f"[route:{route.name}]", route.sourceOf("ports"),
+                     f"route:{route.name}", "ports")
+                    for address in route.bind or config.defaults.bind
+                )  # fmt: skip
+    admin = config.admin
+    if admin.listen is not None:
+        byPort.setdefault(admin.listen.port, []).append(
+            (admin.listen.host, "[admin]", admin.keySources.get("listen", PYTHON),
+             "admin", "listen")
+        )
+    if config.dns is not None:
+        for hostPort in config.dns.listen:
+            byPort.setdefault(hostPort.port, []).append(
+                (hostPort.host, "[dns]", config.dns.source, "dns", "listen")
+            )
+    email = config.email
+    if email is not None:
+        where = email.keySources.get("internal_ports", email.keySources.get("ports", PYTHON))
+        for port in email.ports:
+            byPort.setdefault(email.internalPort(port), []).append(
+                ("127.0.0.1", f"[email] internal port of {port}", where, "email", "internal_ports")
+            )
+    errors = []
+    for port, listeners in byPort.items():
+        for i, (address, owner, source, section, key) in enumerate(listeners):
+            for otherAddress, other, otherSource, _, _ in listeners[:i]:
+                if other != owner and _overlap(address, otherAddress):
+                    errors.append(ConfigError(
+                        f"{owner} listens on {address}:{port}, as {other} does on "
+                        f"{otherAddress}:{port} ({otherSource})",
+                        source, section, key,
+                    ))
+                    break
+    return errors
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Can listeners on these two addresses not both bind one port?"""
+    if one == other or "::" in (one, other):  # :: takes IPv4 too, unless told not to
+        return True
+    try:
+        first, second = ip_address(one), ip_address(other)
+    except ValueError:
+        return False  # a name: the start will tell
+    if first.version != second.version:
+        return False
+    return first.is_unspecified or second.is_unspecified
 
 
 def portList(ports: Sequence[int]) -> str:

@@ -50,3 +50,4 @@ def test_an_incomplete_key_is_an_error_with_its_line(
 ) -> None:
     report = errors(tmp_path, EMAIL + keys)
     assert f"dcrouter.ini:{line}: [email] {error}" in report
+

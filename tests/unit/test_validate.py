@@ -6,7 +6,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from dcrouter.compile import compileConfig, loadActions
-from dcrouter.config import ConfigErrors
+from dcrouter.config import ConfigErrors, loadConfig
 from dcrouter.config.model import RouteConfig, RouterConfig
 from dcrouter.config.validate import checkModel, portList
 
@@ -66,3 +66,54 @@ def test_compileConfig_matches_a_normalized_domain():
 
 def test_portList():
     assert portList([9000, 8001, 80, 8002]) == "80, 8001-8002, 9000"
+
+
+# -- listeners of different owners on one port ---------------------------------------------
+
+EMAIL = "[email]\nhostname = mx.example.test\nports = 25\n"
+
+
+def load(tmp_path, text):
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(text)
+    return loadConfig(str(path))
+
+
+def errors(tmp_path, text):
+    with pytest.raises(ConfigErrors) as caught:
+        load(tmp_path, text)
+    return caught.value.report()
+
+
+@pytest.mark.parametrize(
+    ("extra", "line", "error"),
+    [
+        ("[admin]\nlisten = 127.0.0.1:8080\n", 10,
+         "[admin] listen: [admin] listens on 127.0.0.1:8080, as [route:web] does on 0.0.0.0:8080"),
+        ("[dns]\nlisten = [::]:8080\n", 9,
+         "[dns] listen: [dns] listens on :::8080, as [route:web] does on 0.0.0.0:8080"),
+        (EMAIL + "internal_ports = 8080\n", 12,
+         "[email] internal_ports: [email] internal port of 25 listens on 127.0.0.1:8080"),
+    ],
+)  # fmt: skip
+def test_listeners_that_cannot_share_a_port_are_errors(
+    tmp_path, extra, line, error
+):
+    report = errors(tmp_path, ROUTE + extra)
+    assert f"dcrouter.ini:{line}: {error}" in report, report
+
+
+def test_listeners_on_other_addresses_share_a_port(tmp_path):
+    load(tmp_path, ROUTE.replace("0.0.0.0", "127.0.0.2") + "[admin]\nlisten = 127.0.0.1:8080\n")
+    load(tmp_path, ROUTE.replace("0.0.0.0", "::1") + "[admin]\nlisten = 127.0.0.1:8080\n")
+
+
+ROUTE = """[dcrouter]
+state_dir = /tmp/dcrouter-test-state
+[defaults]
+bind = 0.0.0.0
+[route:web]
+ports = 8080
+action = static
+body = hello
+"""
