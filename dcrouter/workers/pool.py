@@ -106,6 +106,19 @@ def readConfigMessage(fd: int) -> RouterConfig:
     return config
 
 
+def _howEnded(reason: Failure) -> str:
+    """C{exited}, C{exited with code 1}, C{killed by signal 9}: for the log."""
+    if reason.check(ProcessDone):
+        return "exited"
+    code = getattr(reason.value, "exitCode", None)
+    signum = getattr(reason.value, "signal", None)
+    if signum is not None:
+        return f"killed by signal {signum}"
+    if code is not None:
+        return f"exited with code {code}"
+    return reason.getErrorMessage()
+
+
 class _Worker(ProcessProtocol):
     """One worker process, as the supervisor sees it."""
 
@@ -228,7 +241,7 @@ class WorkerPool(Service):
             MAX_RESTART_DELAY, max(0.5, 2 * self.restartDelay.get(worker.index, 0.0))
         )
         self.restartDelay[worker.index] = delay
-        how = "exited" if reason.check(ProcessDone) else reason.getErrorMessage()
+        how = _howEnded(reason)
         log.warn(
             "worker {index} (pid {pid}) {how} after {lived:.1f}s; restarting in {delay:g}s",
             index=worker.index, pid=worker.pid, how=how, lived=lived, delay=delay,

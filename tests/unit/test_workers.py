@@ -448,3 +448,17 @@ def test_theSupervisorRunsNoHealthChecks(monkeypatch):
     single = service.DcRouter(config, MemoryReactorClock())
     single.startResources("compiled")
     assert started == ["compiled"]
+
+
+@pytest.mark.parametrize(
+    ("reason", "said"),
+    [
+        (ProcessDone(0), "exited"),
+        (ProcessTerminated(exitCode=1), "exited with code 1"),
+        (ProcessTerminated(signal=9), "killed by signal 9"),
+    ],
+)
+def test_the_log_says_how_a_worker_ended(reason, said):
+    from dcrouter.workers.pool import _howEnded
+
+    assert _howEnded(Failure(reason)) == said
