@@ -10,7 +10,8 @@ response can never overtake another.
 
 Bounded everywhere: head size, header count and URI length by the parser;
 time by three timers (the head, an idle keep-alive connection, a stalled
-request body).
+request body), and a lingering close by two (L{LINGERING_TIME},
+L{LINGERING_TIMEOUT}).
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from typing import Any, Optional
 from urllib.parse import unquote_to_bytes
 
 from attrs import frozen
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -53,6 +60,13 @@ log = Logger()
 # Body bytes read ahead of the action (or pipelined bytes held back) before
 # the client is paused.
 _READ_AHEAD = 64 * 1024
+
+# A lingering close, with nginx's defaults (lingering_time, lingering_timeout):
+# after a last response that leaves the client's request not fully read, what
+# it still sends is read and dropped for at most LINGERING_TIME in all, and
+# LINGERING_TIMEOUT without a byte ends it sooner.
+LINGERING_TIME = 30.0
+LINGERING_TIMEOUT = 5.0
 
 
 ACME_CHALLENGE_PATH = b"/.well-known/acme-challenge/"
@@ -158,9 +172,10 @@ implementer(IRouteAction)(HTTPLayer)
 
 
 class _Phase:
-    HEAD, EXCHANGE, TUNNEL, CLOSED = range(4)
+    HEAD, EXCHANGE, TUNNEL, LINGER, CLOSED = range(5)
 
 
+@implementer(IHalfCloseableProtocol)
 class HTTPServerProtocol(Protocol):
     """One client connection speaking HTTP/1.1 (or 1.0) to the router."""
 
@@ -182,6 +197,7 @@ class HTTPServerProtocol(Protocol):
         self.paused = False
         self.timer: Optional[IDelayedCall] = None
         self.deadline: Optional[float] = None
+        self.lingerEnd = 0.0
         self.tunnel: Optional[IProtocol] = None
         self.draining = False
         self.requests = 0
@@ -197,8 +213,8 @@ class HTTPServerProtocol(Protocol):
             maxHeaders=settings.max_headers,
         )
 
-    # Timers: one deadline at a time (the head's, or the keep-alive wait's),
-    # watched by one delayed call. Clearing the deadline when a head is in,
+    # Timers: one deadline at a time (the head's, the keep-alive wait's, or
+    # the lingering close's), watched by one delayed call. Clearing the deadline when a head is in,
     # or moving it later, leaves that call be: it re-arms for the rest when
     # it fires early. So a keep-alive request sets and cancels no timer.
 
@@ -235,7 +251,10 @@ class HTTPServerProtocol(Protocol):
             self.timer = self.reactor.callLater(deadline - now, self.checkDeadline)
             return
         self.deadline = None
-        self.headTimedOut()
+        if self.phase == _Phase.LINGER:
+            self.stopLingering()
+        else:
+            self.headTimedOut()
 
     def headTimedOut(self) -> None:
         if self.headStarted:
@@ -285,6 +304,10 @@ class HTTPServerProtocol(Protocol):
         elif phase == _Phase.TUNNEL:
             assert self.tunnel is not None
             self.tunnel.dataReceived(data)
+        elif phase == _Phase.LINGER:
+            # Dropped; only the silence that ends the linger starts again.
+            left = self.lingerEnd - self.reactor.seconds()
+            self.setTimer(max(0.0, min(LINGERING_TIMEOUT, left)))
 
     def readHead(self, data: bytes) -> None:
         first = not self.headStarted
@@ -292,7 +315,8 @@ class HTTPServerProtocol(Protocol):
         try:
             head = self.parser.feed(data)
         except HTTPError as e:
-            self.sendError(e.status, e.reason)
+            # What follows a bad head (its rest, a body) is not read.
+            self.sendError(e.status, e.reason, linger=True)
             return
         if head is not None:
             self.clearDeadline()
@@ -306,33 +330,38 @@ class HTTPServerProtocol(Protocol):
     def startExchange(self, head: RequestHead, rest: bytes) -> None:
         self.requests += 1
         record = RequestRecord(self.reactor.seconds(), self.connection, head)
+        # Answered from here, the request leaves its body, or what came after
+        # it, unread.
+        unread = bool(rest) or head.body.kind == "chunked" or head.body.length > 0
         acme = self.layer.acmeHTTP
         if acme is not None and not self.secure:
             target = head.target
             if not target.startswith(b"/"):
                 target = b"/" + target.split(b"://", 1)[-1].partition(b"/")[2]
             if target.startswith(ACME_CHALLENGE_PATH):
-                self.answerChallenge(acme(target.split(b"?", 1)[0]), record)
+                self.answerChallenge(acme(target.split(b"?", 1)[0]), record, unread)
                 return
         try:
             path = requestPath(head.target)
         except HTTPError as e:
-            self.sendError(e.status, e.reason, record)
+            self.sendError(e.status, e.reason, record, unread)
             return
         host = hostName(head.host)
         route = self.table.match(host, path, head.method.decode("latin-1"), head, self.clientIP)
         if route is None:
-            self.sendError(404, f"no route for {host or '-'}{path}", record)
+            self.sendError(404, f"no route for {host or '-'}{path}", record, unread)
             return
         record.route = route.config.name
         serverName = self.connection.serverName
         if self.secure and serverName and not domainMatches(route.config.domains, serverName):
-            self.sendError(421, f"{host} is not served on a connection for {serverName}", record)
+            self.sendError(
+                421, f"{host} is not served on a connection for {serverName}", record, unread
+            )
             return
         try:
             reader = bodyReader(head.body, maxBody=self.settings.max_body_size or None)
         except HTTPError as e:
-            self.sendError(e.status, e.reason, record)
+            self.sendError(e.status, e.reason, record, unread)
             return
         exchange = Exchange(self, head, route, reader, record, path)
         self.exchange = exchange
@@ -342,11 +371,13 @@ class HTTPServerProtocol(Protocol):
         if self.exchange is exchange and self.phase == _Phase.EXCHANGE:
             exchange.start()
 
-    def answerChallenge(self, keyAuthorization: Optional[bytes], record: RequestRecord) -> None:
+    def answerChallenge(
+        self, keyAuthorization: Optional[bytes], record: RequestRecord, unread: bool
+    ) -> None:
         """ACME http-01, before any route: the key authorization, or 404."""
         record.route = "acme http-01"
         if keyAuthorization is None:
-            self.sendError(404, "no such ACME challenge", record)
+            self.sendError(404, "no such ACME challenge", record, unread)
             return
         assert self.transport is not None
         response = serializeHead(
@@ -359,9 +390,7 @@ class HTTPServerProtocol(Protocol):
         record.status = 200
         record.bytesOut = len(keyAuthorization)
         record.emit(self.reactor.seconds())
-        self.phase = _Phase.CLOSED
-        self.cancelTimer()
-        self.transport.loseConnection()
+        self.closeAfterResponse(unread)
 
     # Holding pipelined bytes
 
@@ -388,12 +417,8 @@ class HTTPServerProtocol(Protocol):
             return
         self.exchange = None
         if not keepAlive:
-            self.phase = _Phase.CLOSED
             self.connection.record.ended = f"closed after {self.requests} request(s)"
-            self.cancelTimer()
-            if self.transport is not None:
-                self.flushOut()
-                self.transport.loseConnection()
+            self.closeAfterResponse(not exchange.reader.done or bool(self.held))
             return
         self.phase = _Phase.HEAD
         self.parser = self.newParser()
@@ -413,9 +438,18 @@ class HTTPServerProtocol(Protocol):
 
     # Answering without an action
 
-    def sendError(self, status: int, reason: str, record: Optional[RequestRecord] = None) -> None:
-        """Answer C{status} with C{Connection: close} and close."""
-        if self.transport is None or self.phase == _Phase.CLOSED:
+    def sendError(
+        self,
+        status: int,
+        reason: str,
+        record: Optional[RequestRecord] = None,
+        linger: bool = False,
+    ) -> None:
+        """
+        Answer C{status} with C{Connection: close} and close; C{linger} if
+        the client may still be sending (see L{closeAfterResponse}).
+        """
+        if self.transport is None or self.phase in (_Phase.LINGER, _Phase.CLOSED):
             return
         headOnly = record is not None and record.head.method == b"HEAD"
         response = errorResponse(status, reason, headOnly=headOnly)
@@ -428,9 +462,70 @@ class HTTPServerProtocol(Protocol):
             record.emit(self.reactor.seconds())
         else:
             self.connection.record.ended = f"HTTP {status}: {reason}"
+        self.closeAfterResponse(linger)
+
+    def closeAfterResponse(self, linger: bool) -> None:
+        """
+        The last response is written: close, or first linger if C{linger}.
+
+        Closing a socket that has unread bytes makes the kernel send a reset,
+        which can destroy the response before the client reads it: a 413 to
+        an upload ends as "connection reset". So when the client may still be
+        sending (its body not all read, bytes after the request), this shuts
+        only the write side (on TLS: sends close_notify; Twisted keeps the TCP
+        connection open and reading) and drops what still comes, until the
+        client closes, is silent for L{LINGERING_TIMEOUT}, or
+        L{LINGERING_TIME} has passed.
+        """
+        self.cancelTimer()
+        transport = self.transport
+        if transport is None:
+            self.phase = _Phase.CLOSED
+            return
+        self.flushOut()
+        if not linger:
+            self.phase = _Phase.CLOSED
+            transport.loseConnection()
+            return
+        self.phase = _Phase.LINGER
+        self.held, self.heldSize = [], 0
+        record = self.connection.record
+        record.ended = f"{record.ended or 'answered'}, lingered"
+        self.lingerEnd = self.reactor.seconds() + LINGERING_TIME
+        self.setTimer(LINGERING_TIMEOUT)
+        if ISSLTransport.providedBy(transport):
+            transport.loseConnection()
+        else:
+            transport.loseWriteConnection()  # type: ignore[attr-defined]
+        # A client paused for its read-ahead or its body must be read again.
+        self.resumeClient()
+
+    def stopLingering(self) -> None:
+        """The client was silent too long, or the linger's time is up: close."""
+        record = self.connection.record
+        if self.reactor.seconds() >= self.lingerEnd:
+            record.ended = f"{record.ended} for {LINGERING_TIME:g}s"
+        else:
+            record.ended = f"{record.ended} until {LINGERING_TIMEOUT:g}s without data"
         self.phase = _Phase.CLOSED
         self.cancelTimer()
-        self.transport.loseConnection()
+        transport = self.transport
+        assert transport is not None
+        if ISSLTransport.providedBy(transport):
+            # TLS's loseConnection is done (close_notify sent), and Twisted
+            # keeps the TCP connection until the client answers it: close
+            # that one, after what it holds (abortConnection would reset it).
+            transport.transport.loseConnection()  # type: ignore[attr-defined]
+        else:
+            transport.loseConnection()
+
+    def readConnectionLost(self) -> None:
+        """The client sent its FIN: close (as the router does when a protocol cannot half-close)."""
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """The lingering close's FIN is sent; reading goes on."""
 
     def closeNow(self) -> None:
         self.phase = _Phase.CLOSED
@@ -441,6 +536,8 @@ class HTTPServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.flusher.held.pop(self.transport, None)
+        if self.phase == _Phase.LINGER:
+            self.connection.record.ended = f"{self.connection.record.ended} until the client closed"
         self.phase = _Phase.CLOSED
         self.cancelTimer()
         exchange, self.exchange = self.exchange, None

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from zope.interface import implementer
 
 from dcrouter.config.model import HttpSettings, RouteConfig
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
-from dcrouter.http.server import HTTPLayer, HTTPServerProtocol
+from dcrouter.http.server import (
+    LINGERING_TIME,
+    LINGERING_TIMEOUT,
+    HTTPLayer,
+    HTTPServerProtocol,
+)
 from dcrouter.ops.accesslog import ConnectionRecord
 from dcrouter.proxy.listener import RoutedConnection
 
@@ -24,10 +31,14 @@ class Held:
 
 class Transport(StringTransport):
     aborted = False
+    writeClosed = False
 
     def abortConnection(self):
         self.aborted = True
         self.disconnecting = True
+
+    def loseWriteConnection(self):
+        self.writeClosed = True
 
 
 def serve(action=None, settings=HttpSettings(), tls=None, serverName=None, domains=()):
@@ -164,7 +175,8 @@ def test_a_stalled_body_is_408():
     assert transport.value() == b""
     run(reactor, 21)
     assert b"HTTP/1.1 408 " in transport.value()
-    assert transport.disconnecting
+    # The rest of the body may still come: a lingering close.
+    assert transport.writeClosed
 
 
 def test_http10_without_keep_alive_closes_after_the_answer():
@@ -206,12 +218,115 @@ def test_the_routers_own_error_to_a_head_request_has_no_body():
     assert transport.disconnecting
 
 
-def test_an_answer_before_the_body_is_read_closes_the_connection():
+def test_an_answer_before_the_body_is_read_lingers_until_the_client_closes():
+    """Closing with the body unread would reset the connection and could
+    destroy the answer: the write side is shut, the rest is read and dropped."""
     reactor, protocol, transport, action = serve()
     protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nabc")
     action.exchanges[0].respond(413, body=b"too big")
     assert b"Connection: close" in transport.value()
+    assert transport.writeClosed and not transport.disconnecting
+    answer = transport.value()
+    protocol.dataReceived(b"x" * 97 + GET % 2)
+    assert len(action.exchanges) == 1 and transport.value() == answer
+    protocol.writeConnectionLost()
+    protocol.readConnectionLost()
     assert transport.disconnecting
+    protocol.connectionLost()
+    assert protocol.connection.record.ended == (
+        "closed after 1 request(s), lingered until the client closed"
+    )
+
+
+def test_only_an_answer_that_leaves_bytes_unread_lingers():
+    def lingers(request, answer=None, settings=HttpSettings()):
+        reactor, protocol, transport, action = serve(settings=settings)
+        protocol.dataReceived(request)
+        if answer is not None:
+            answer(reactor, action)
+        assert transport.writeClosed or transport.disconnecting
+        return transport.writeClosed and not transport.disconnecting
+
+    def ok(reactor, action):
+        action.exchanges[0].respond(200, body=b"ok")
+
+    # Read whole: closed at once (a client may read until the close).
+    assert not lingers(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", ok)
+    assert not lingers(b"GET / HTTP/1.0\r\n\r\n", ok)
+    assert not lingers(b"GET /.. HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert not lingers(
+        b"GET / HTTP/1.1\r\nHost: a\r\n",
+        lambda reactor, action: reactor.advance(11),
+        HttpSettings(header_timeout=10.0),
+    )
+    # Body or next request unread, or a head that could not be read: linger.
+    assert lingers(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + GET % 2, ok)
+    assert lingers(b"POST /.. HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
+    assert lingers(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+                   settings=HttpSettings(max_body_size=4))
+    assert lingers(b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n")
+
+
+def test_a_lingering_close_ends_after_a_silence_of_the_lingering_timeout():
+    reactor, protocol, transport, action = serve()
+    protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n")
+    action.exchanges[0].respond(413)
+    run(reactor, LINGERING_TIMEOUT - 1)
+    protocol.dataReceived(b"more")
+    run(reactor, LINGERING_TIMEOUT - 0.5)
+    assert not transport.disconnecting
+    run(reactor, 1)
+    assert transport.disconnecting and not transport.aborted
+    assert protocol.connection.record.ended == (
+        f"closed after 1 request(s), lingered until {LINGERING_TIMEOUT:g}s without data"
+    )
+
+
+def test_a_lingering_close_ends_after_the_lingering_time_however_busy_the_client():
+    reactor, protocol, transport, action = serve()
+    protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n")
+    action.exchanges[0].respond(413)
+    for _ in range(int(LINGERING_TIME) - 1):
+        reactor.advance(1)
+        protocol.dataReceived(b"x" * 1000)
+    assert not transport.disconnecting
+    reactor.advance(1)
+    assert transport.disconnecting
+    assert protocol.connection.record.ended.endswith(f"lingered for {LINGERING_TIME:g}s")
+
+
+def test_a_lingering_close_reads_again_from_a_paused_client():
+    reactor, protocol, transport, action = serve()
+    protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n")
+    exchange = action.exchanges[0]
+    exchange.pauseBody()
+    assert transport.producerState == "paused"
+    exchange.respond(413)
+    assert transport.producerState == "producing"
+
+
+@implementer(ISSLTransport)
+class TLSTransport(Transport):
+    """Twisted's TLS protocol as the HTTP layer sees it, over a TCP transport."""
+
+    def __init__(self):
+        super().__init__()
+        self.transport = Transport()
+
+
+def test_a_lingering_close_over_tls_sends_close_notify_then_closes_the_tcp_connection():
+    """TLS's loseConnection sends close_notify and goes on reading (Twisted
+    waits for the client's close_notify): the linger's timers close the TCP
+    connection beneath."""
+    reactor, protocol, transport, action = serve()
+    transport = TLSTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n")
+    action.exchanges[-1].respond(413)
+    assert transport.disconnecting and not transport.writeClosed
+    protocol.dataReceived(b"more")
+    run(reactor, LINGERING_TIMEOUT + 0.5)
+    assert transport.transport.disconnecting and not transport.transport.aborted
 
 
 def test_drain_closes_an_idle_keep_alive_connection_at_once():
