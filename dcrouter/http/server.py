@@ -214,9 +214,10 @@ class HTTPServerProtocol(Protocol):
         )
 
     # Timers: one deadline at a time (the head's, the keep-alive wait's, or
-    # the lingering close's), watched by one delayed call. Clearing the deadline when a head is in,
-    # or moving it later, leaves that call be: it re-arms for the rest when
-    # it fires early. So a keep-alive request sets and cancels no timer.
+    # the lingering close's), watched by one delayed call. Clearing the
+    # deadline when a head is in, or moving it later, leaves that call be: it
+    # re-arms for the rest when it fires early. So a keep-alive request sets
+    # and cancels no timer.
 
     def setTimer(self, seconds: float) -> None:
         """Call L{headTimedOut} in C{seconds}, instead of any deadline before."""
