@@ -42,6 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
@@ -288,6 +289,10 @@ def contextFor(
     return context
 
 
+#: Seconds a closing TLS connection waits without a byte from the client
+#: (its close_notify, its FIN) before it closes TCP itself.
+CLOSE_NOTIFY_WAIT = 5.0
+
 #: Twisted's TLS protocol class: BufferingTLSTransport (small writes batched
 #: until the next reactor turn) after 22.4, TLSMemoryBIOProtocol on 22.4.
 _TLSProtocol: Any = TLSMemoryBIOFactory.protocol
@@ -308,12 +313,15 @@ class _ServerTLSProtocol(_TLSProtocol):
     first C{dataReceived} starts the handshake instead.
     Everything after C{makeConnection} is Twisted's own code, except that the
     error of a TLS connection ended by an unexpected EOF, which Twisted does
-    not pass on, is freed at once (L{_tlsShutdownFinished}), and that what
+    not pass on, is freed at once (L{_tlsShutdownFinished}), that what
     OpenSSL has to send goes out through the reactor's L{Flusher}
-    (L{_flushSendBIO}).
+    (L{_flushSendBIO}), and that a close waits for the client only so long
+    (L{loseConnection}).
     """
 
     factory: _ServerTLSFactory
+    #: Closing: the call that closes TCP if the client stays silent.
+    closeWait: Optional[IDelayedCall] = None
 
     def makeConnection(self, transport: Any) -> None:
         if not self._connectWrapped:
@@ -326,6 +334,41 @@ class _ServerTLSProtocol(_TLSProtocol):
         self._appSendBuffer: list[bytes] = []
         # Provides the transport's interfaces, connects self, then the wrapped protocol.
         ProtocolWrapper.makeConnection(self, transport)
+
+    def loseConnection(self) -> None:
+        """
+        Send close_notify, then close TCP once the client answers it or
+        closes, or after L{CLOSE_NOTIFY_WAIT} without a byte from it.
+
+        Twisted keeps the TCP connection until the client answers, with no
+        time limit: a client that never does (gone without a FIN, or on
+        purpose) would hold its connection, and its place under every
+        connection cap, for ever. Bytes that still come restart the wait, so
+        an HTTP lingering close (which reads on after close_notify) keeps its
+        own, longer, bounds.
+        """
+        super().loseConnection()
+        clock = self.factory.clock
+        if clock is not None and self.closeWait is None and self.transport is not None:
+            self.closeWait = clock.callLater(CLOSE_NOTIFY_WAIT, self.closeTCP)
+
+    def closeTCP(self) -> None:
+        """The client let the wait pass: close TCP, after what is still unsent."""
+        self.closeWait = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closeWait is not None and self.closeWait.active():
+            self.closeWait.reset(CLOSE_NOTIFY_WAIT)
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.closeWait is not None:
+            if self.closeWait.active():
+                self.closeWait.cancel()
+            self.closeWait = None
+        super().connectionLost(reason)
 
     def _flushSendBIO(self) -> None:
         """
@@ -377,6 +420,8 @@ class _ServerTLSFactory(TLSMemoryBIOFactory):
         extra = {"clock": clock} if clock is not None and _FACTORY_TAKES_CLOCK else {}
         super().__init__(creator, False, Factory(), **extra)
         self.serverCreator = creator
+        #: Bounds a closing connection's wait for its client (L{CLOSE_NOTIFY_WAIT}).
+        self.clock = clock
         #: Where the connections' bytes go out (L{_ServerTLSProtocol._flushSendBIO});
         #: without a clock, through Twisted's own writes.
         self.flusher = Flusher.of(clock) if clock is not None else None

@@ -48,6 +48,7 @@ from zope.interface.verify import verifyObject
 
 from dcrouter.config.model import CertificatePair, TlsSettings
 from dcrouter.net.tls import (
+    CLOSE_NOTIFY_WAIT,
     SELF_SIGNED_DAYS,
     ServerTLS,
     TLSSetupError,
@@ -710,3 +711,46 @@ def test_clientRefusesBelowTLS12(pki: PKI) -> None:
         _, _, clientPeer = handshake(OldServer(), creator)
         assert not clientPeer.handshakeDone
         assert clientPeer.lostReason is not None and clientPeer.lostReason.check(SSL.Error)
+
+
+# -- closing: how long the client may take to answer close_notify -------------------
+
+
+def closing(pki: PKI) -> Wire:
+    """A connection whose server sent close_notify, which never reached the client."""
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    assertConnected(serverPeer, clientPeer)
+    w.server.loseConnection()
+    w.clock.advance(0)
+    assert w.serverTransport.value()  # close_notify went out
+    w.serverTransport.clear()
+    assert not w.serverTransport.disconnecting  # Twisted waits for the answer
+    return w
+
+
+def test_a_silent_client_gets_its_tcp_closed_after_the_wait(pki: PKI) -> None:
+    w = closing(pki)
+    w.clock.advance(CLOSE_NOTIFY_WAIT - 0.1)
+    assert not w.serverTransport.disconnecting
+    w.clock.advance(0.1)
+    assert w.serverTransport.disconnecting
+
+
+def test_bytes_from_the_client_restart_the_wait(pki: PKI) -> None:
+    w = closing(pki)
+    w.clock.advance(CLOSE_NOTIFY_WAIT - 1)
+    w.client.write(b"still uploading")
+    w.clock.advance(0)
+    w.server.dataReceived(w.clientTransport.value())
+    w.clock.advance(1)
+    assert not w.serverTransport.disconnecting
+    w.clock.advance(CLOSE_NOTIFY_WAIT - 1)
+    assert w.serverTransport.disconnecting
+
+
+def test_a_client_that_answers_leaves_no_timer(pki: PKI) -> None:
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    w.server.loseConnection()
+    w.pump()
+    assert not w.server.connected
+    assert all(call.func != w.server.closeTCP for call in w.clock.getDelayedCalls())
