@@ -65,8 +65,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from dcrouter import __version__
-from dcrouter.certs import files
+from dcrouter import __version__, files
 from dcrouter.certs.interfaces import IAcmeSession, ICertificateStore, IChallengeResponder
 from dcrouter.certs.material import CertificateEntry
 from dcrouter.certs.names import isWildcard, normalizeNames

@@ -17,7 +17,7 @@ from typing import Optional, Union
 from OpenSSL import SSL
 from zope.interface import implementer
 
-from dcrouter.certs import files
+from dcrouter import files
 from dcrouter.certs.challenges import (
     ACME_CHALLENGE_PATH,
     HTTP01Responder,

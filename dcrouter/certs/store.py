@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from dcrouter.certs import files
+from dcrouter import files
 from dcrouter.certs.interfaces import ICertificateStore
 from dcrouter.certs.material import CertificateEntry, CertificateError, buildEntry
 from dcrouter.certs.names import lookupCandidates, normalizeNames

@@ -24,12 +24,10 @@ never during a handshake.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import inspect
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
@@ -62,6 +60,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dcrouter import files
 from dcrouter.config.model import CertificatePair, TlsSettings
 from dcrouter.net.sending import Flusher
 from dcrouter.net.tlspolicy import DEFAULT_CIPHERS, TLSPolicyError, serverContext
@@ -120,8 +119,8 @@ def ensureSelfSigned(stateDir: str, hostname: str = "localhost") -> CertificateP
         fcntl.flock(lockFD, fcntl.LOCK_EX)
         if not _selfSignedUsable(pair, hostname):
             keyPEM, certPEM = _makeSelfSigned(hostname)
-            _writeAtomically(pair.key, keyPEM, 0o600)
-            _writeAtomically(pair.cert, certPEM, 0o644)
+            files.writeAtomically(pair.key, keyPEM, 0o600)
+            files.writeAtomically(pair.cert, certPEM, 0o644)
     finally:
         os.close(lockFD)
     return pair
@@ -196,28 +195,6 @@ def _makeSelfSigned(hostname: str) -> tuple[bytes, bytes]:
         serialization.NoEncryption(),
     )
     return keyPEM, cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _writeAtomically(path: str, data: bytes, mode: int) -> None:
-    """Replace C{path} with C{data}: readers see the old file or the new one, whole."""
-    directory = os.path.dirname(path)
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    directoryFD = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directoryFD)
-    finally:
-        os.close(directoryFD)
 
 
 # -- terminating TLS -----------------------------------------------------------

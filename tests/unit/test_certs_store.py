@@ -10,7 +10,7 @@ import pytest
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from dcrouter.certs import files
+from dcrouter import files
 from dcrouter.certs.interfaces import ICertificateStore
 from dcrouter.certs.material import CertificateError, buildEntry, splitPEM
 from dcrouter.certs.names import lookupCandidates, normalizeName, normalizeNames

@@ -1,5 +1,6 @@
 """
-Durable file writes for the state directory: blocking, for the thread pool.
+Durable file writes for the state directory (certificates, keys, ACME's
+shared answers): blocking, for the thread pool or start-up.
 """
 
 from __future__ import annotations
