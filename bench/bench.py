@@ -509,15 +509,13 @@ http {{
 """
 
 
-def dcrouter_workers_line(workers: int | None) -> str:
-    """`workers = N` for [dcrouter], or nothing: None when this dcrouter
-    does not know the key (see dcrouter_workers), and 1 is its default."""
-    return f"workers = {workers}\n" if workers and workers > 1 else ""
+def dcrouter_workers_line(workers: int) -> str:
+    """`workers = N` for [dcrouter], always written: dcrouter's own default
+    is the number of cores, not the N the other proxies were given."""
+    return f"workers = {workers}\n"
 
 
-def dcrouter_http_ini(
-    d: Path, port: int, backend: int, tls: TlsFiles | None, workers: int | None
-) -> str:
+def dcrouter_http_ini(d: Path, port: int, backend: int, tls: TlsFiles | None, workers: int) -> str:
     tls_lines = f"tls = terminate\ncert = {tls.cert}\nkey = {tls.key}\n" if tls else ""
     return f"""\
 [dcrouter]
@@ -552,7 +550,7 @@ def make_cert(d: Path) -> TlsFiles:
     return tls
 
 
-def dcrouter_ini(d: Path, port: int, backend: int, workers: int | None) -> str:
+def dcrouter_ini(d: Path, port: int, backend: int, workers: int) -> str:
     return f"""\
 [dcrouter]
 state_dir = {d}/dcrouter-state
@@ -565,7 +563,7 @@ target = 127.0.0.1:{backend}
 """
 
 
-def dcrouter_smtp_ini(d: Path, port: int, internal: int, sink: int, workers: int | None) -> str:
+def dcrouter_smtp_ini(d: Path, port: int, internal: int, sink: int, workers: int) -> str:
     """dcrouter's mail edge: the public port forwards (PROXY v2) to its SMTP
     server on `internal`, which queues (on disk, fsynced) before its 250;
     a forward rule for *@bench.test delivers to smtp-sink, no STARTTLS."""
@@ -832,42 +830,6 @@ def dcrouter_source(venv: Path) -> str:
     return f"{src}{commit}; {runtime}"
 
 
-def dcrouter_workers(venv: Path, d: Path, workers: int) -> tuple[int | None, str]:
-    """What to write as [dcrouter] workers: `workers` if this dcrouter's
-    `checkconfig` takes the key, else None (the key is dropped and dcrouter
-    runs one process); and a line saying which."""
-    if workers <= 1:
-        return None, "dcrouter: 1 process (workers = 1, its default)"
-    checker = venv / "bin" / "dcrouter"
-    if not checker.exists():
-        return workers, f"dcrouter: workers = {workers} (not checked: {checker} not found)"
-    probe = d / "dcrouter-workers-probe.ini"
-    probe.write_text(
-        f"[dcrouter]\nstate_dir = {d}/dcrouter-state\nworkers = {workers}\n\n"
-        "[route:probe]\nports = 9\nbind = 127.0.0.1\naction = forward\ntarget = 127.0.0.1:9\n"
-    )
-    try:
-        done = subprocess.run(
-            [str(checker), "checkconfig", str(probe)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=d,
-        )
-    except subprocess.TimeoutExpired:
-        return workers, f"dcrouter: workers = {workers} (checkconfig timed out; kept)"
-    if done.returncode == 0:
-        return workers, f"dcrouter: workers = {workers}"
-    said = [line for line in (done.stdout + done.stderr).splitlines() if "workers" in line]
-    if said:
-        # "<file>:3: [dcrouter] workers: unknown key (known: ...)": from "["
-        why = said[0][said[0].find("[") :].strip()
-        return None, f"dcrouter: workers unsupported, ran 1 process (checkconfig: {why})"
-    # Rejected for another reason: keep the key; the start will tell.
-    return workers, f"dcrouter: workers = {workers} (checkconfig exit {done.returncode})"
-
-
 # ---------------------------------------------------------------------- smtp
 
 
@@ -1061,13 +1023,13 @@ def launch(
         return f"{twistd} not found: run `make venv` first"
     ini = d / f"{tag}.ini"
     if suite in ("l4", "idle"):
-        ini.write_text(dcrouter_ini(d, port, backend_port, args.dcrouter_workers))
+        ini.write_text(dcrouter_ini(d, port, backend_port, args.workers))
     elif suite == "smtp":
         internal = free_ports(1)[0]
-        ini.write_text(dcrouter_smtp_ini(d, port, internal, backend_port, args.dcrouter_workers))
+        ini.write_text(dcrouter_smtp_ini(d, port, internal, backend_port, args.workers))
         (d / "dcrouter-smtp-state").mkdir(exist_ok=True)
     else:
-        ini.write_text(dcrouter_http_ini(d, port, backend_port, tls, args.dcrouter_workers))
+        ini.write_text(dcrouter_http_ini(d, port, backend_port, tls, args.workers))
     (d / "dcrouter-state").mkdir(exist_ok=True)
     return procs.start(
         tag,
@@ -1090,28 +1052,17 @@ def start_target(
 ) -> Proc | str:
     """launch(), then wait for the port and check that a GET through the
     proxy returns the backend's small file (smtp: that a message sent
-    through it reaches `sink`); the process, or why not. A
-    dcrouter that refuses `workers` at startup is started again without it
-    (and the report says so)."""
-    for _ in range(2):
-        proc = launch(args, d, procs, name, suite, port, backend_port, tls)
-        if isinstance(proc, str):
-            return proc
-        if wait_port(port, proc, args.start_timeout):
-            break
+    through it reaches `sink`); the process, or why not."""
+    proc = launch(args, d, procs, name, suite, port, backend_port, tls)
+    if isinstance(proc, str):
+        return proc
+    if not wait_port(port, proc, args.start_timeout):
         why = "exited" if not proc.alive() else f"did not listen within {args.start_timeout:.0f} s"
         tail = proc.tail()
         proc.stop()
-        if name == "dcrouter" and args.dcrouter_workers and "workers" in tail:
-            args.dcrouter_workers = None
-            args.workers_note = "dcrouter: workers unsupported, ran 1 process (refused at startup)"
-            log(f"  {args.workers_note}; starting it again without")
-            continue
         return f"{name} {why}; last lines of its log:\n" + "\n".join(
             "      " + line for line in tail.splitlines()
         )
-    else:
-        return f"{name} did not start"
     if sink is not None:
         failed = smtp_check(port, sink)
         if failed:
@@ -1433,10 +1384,8 @@ def report_header(args: argparse.Namespace) -> None:
     print("CPU eff.: HAProxy's CPU per unit of work / this proxy's (1.00 = as frugal)")
     print(
         f"workers: {args.workers} (HAProxy nbthread {args.workers}, nginx worker_processes "
-        f"{args.workers}, dcrouter workers = {args.dcrouter_workers or 1})"
+        f"{args.workers}, dcrouter workers = {args.workers})"
     )
-    if args.workers_note:
-        print(args.workers_note)
     print(f"(CPUs {args.busy:.0%} busy with other work before the start)")
 
 
@@ -1883,15 +1832,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     try:
-        args.dcrouter_workers, args.workers_note = (
-            dcrouter_workers(Path(args.venv), d, args.workers)
-            if "dcrouter" in wanted
-            else (None, "")
-        )
-        log(
-            f"workers: {args.workers} (HAProxy nbthread, nginx worker_processes, "
-            "dcrouter workers)" + (f"; {args.workers_note}" if args.workers_note else "")
-        )
+        log(f"workers: {args.workers} (HAProxy nbthread, nginx worker_processes, dcrouter workers)")
         (d / "tmp").mkdir()
         www = d / "www"
         www.mkdir()
@@ -1974,8 +1915,6 @@ def main() -> int:
             "idle_connections": args.idle_n,
             "smtp_sessions": args.smtp_sessions,
             "smtp_size": args.smtp_size,
-            "dcrouter_workers": args.dcrouter_workers or 1,
-            "dcrouter_workers_note": args.workers_note,
             "results": results,
             "skipped": skips,
         }
