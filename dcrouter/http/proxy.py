@@ -160,8 +160,15 @@ class _RequestBodyProducer:
         """The backend connection is going; the relay deals with that."""
 
 
+@implementer(IPushProducer)
 class Relay(BackendUser):
-    """One request through one backend (trying the next on connect failure)."""
+    """
+    One request through one backend (trying the next on connect failure).
+
+    While the response is relayed, the relay is the client's producer in
+    front of the backend's transport, so it knows when the client's
+    backpressure has paused the backend (L{clientPaused}).
+    """
 
     def __init__(self, exchange: IHTTPExchange, route: ProxyRoute) -> None:
         self.exchange = exchange
@@ -183,6 +190,7 @@ class Relay(BackendUser):
         self.response: Optional[ResponseHead] = None
         self.reader: Optional[BodyReader] = None
         self.active = False
+        self.clientPaused = False
         self.done = False
         self.tunnel: Optional[_Tunnel] = None
         self.lastError = "no target"
@@ -403,12 +411,35 @@ class Relay(BackendUser):
         self.exchange.startResponse(head.status, head.reason, headers, framing)
         backend = self.backend
         if backend is not None and backend.transport is not None and not self.reader.done:
-            self.exchange.registerProducer(backend.transport, True)
+            self.exchange.registerProducer(self, True)
             self.producing = True
         if self.reader.done:
             self.responseDone(reusable=True)
 
     producing = False
+
+    # The client's producer while the response is relayed: the backend's
+    # transport, paused and resumed by the client's backpressure.
+
+    def pauseProducing(self) -> None:
+        self.clientPaused = True
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        # The client took what it was sent: that is movement, and the
+        # backend's silence counts from here, not from before the pause.
+        self.clientPaused = False
+        self.active = True
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.stopProducing()  # type: ignore[attr-defined]
 
     def responseDone(self, reusable: bool) -> None:
         self.cancelTimer()
@@ -449,7 +480,17 @@ class Relay(BackendUser):
     # Failures
 
     def deadlinePassed(self) -> None:
-        """The backend's deadline: no response in time, or no bytes for the idle timeout."""
+        """
+        The backend's deadline: no response in time, or nothing moved for the
+        idle timeout.
+
+        Once the response is relayed, a stall is the backend's when it is
+        read and sends nothing (nginx's C{proxy_read_timeout}), and the
+        client's when its backpressure keeps the backend paused (nginx's
+        C{send_timeout}): the client's transport resumes the backend only
+        once it has sent what it held, and a resume counts as movement, so
+        a backend let go after a long pause has a whole idle timeout again.
+        """
         if self.active:
             # Bytes flowed: from here on the route's idle timeout applies.
             self.active = False
@@ -460,6 +501,8 @@ class Relay(BackendUser):
             self.pool.reportFailure(self.target, "response timeout")
             self.closeBackend(abort=True)
             self.fail(504, f"{self.target.address} did not answer in time")
+        elif self.clientPaused:
+            self.abortResponse("client not reading")
         else:
             self.abortResponse("backend idle")
 
