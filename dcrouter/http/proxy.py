@@ -378,6 +378,8 @@ class Relay(BackendUser):
                 if data and self.tunnel is not None:
                     self.tunnel.fromBackend(data)
                 return
+        # A bodiless response (HEAD, 204, 304, Content-Length: 0) is done
+        # already: what came after its head is leftover, as after any body.
         assert self.reader is not None
         try:
             pieces = self.reader.feed(data)
@@ -387,6 +389,8 @@ class Relay(BackendUser):
         for piece in pieces:
             self.exchange.write(piece)
         if self.reader.done:
+            # Bytes after a complete response belong to no response we
+            # asked for: a connection that sent any is closed, not pooled.
             self.responseDone(reusable=not self.reader.leftover)
 
     def responseHeaders(self, head: ResponseHead) -> list[tuple[bytes, bytes]]:
@@ -413,8 +417,6 @@ class Relay(BackendUser):
         if backend is not None and backend.transport is not None and not self.reader.done:
             self.exchange.registerProducer(self, True)
             self.producing = True
-        if self.reader.done:
-            self.responseDone(reusable=True)
 
     producing = False
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -187,3 +188,33 @@ def test_a_backend_resumed_after_a_long_pause_has_a_whole_idle_timeout():
     run(proxied.reactor, 15)
     assert proxied.client.aborted
     assert record.note == "backend idle"
+
+
+@pytest.mark.parametrize(
+    "request_, response",
+    [
+        (b"HEAD / HTTP/1.1\r\nHost: a.test\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+        (b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        (b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", b"HTTP/1.1 304 Not Modified\r\n\r\n"),
+        (b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    ],
+)
+def test_bytes_after_a_bodiless_response_keep_its_connection_out_of_the_pool(request_, response):
+    """
+    They are no part of it, nor of the next request's response: the
+    connection is closed. The same response without them is pooled.
+    """
+    proxied = Proxied()
+    backend = proxied.backend
+    proxied.fromClient(request_)
+    proxied.fromBackend(response)
+    assert proxied.client.value().startswith(response.split(b"\r\n")[0])
+    assert backend.pool.idle[TARGET] == [backend]
+    proxied.fromClient(request_)
+    assert backend.user is not None
+    proxied.fromBackend(response + b"hello")
+    assert backend.transport.disconnecting
+    assert backend.pool.idle[TARGET] == []
+    assert proxied.client.value().count(b"hello") == 0
+    proxied.fromClient(request_)
+    assert len(proxied.reactor.tcpClients) == 1
