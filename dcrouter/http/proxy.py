@@ -160,8 +160,15 @@ class _RequestBodyProducer:
         """The backend connection is going; the relay deals with that."""
 
 
+@implementer(IPushProducer)
 class Relay(BackendUser):
-    """One request through one backend (trying the next on connect failure)."""
+    """
+    One request through one backend (trying the next on connect failure).
+
+    While the response is relayed, the relay is the client's producer in
+    front of the backend's transport, so it knows when the client's
+    backpressure has paused the backend (L{clientPaused}).
+    """
 
     def __init__(self, exchange: IHTTPExchange, route: ProxyRoute) -> None:
         self.exchange = exchange
@@ -183,6 +190,7 @@ class Relay(BackendUser):
         self.response: Optional[ResponseHead] = None
         self.reader: Optional[BodyReader] = None
         self.active = False
+        self.clientPaused = False
         self.done = False
         self.tunnel: Optional[_Tunnel] = None
         self.lastError = "no target"
@@ -370,6 +378,8 @@ class Relay(BackendUser):
                 if data and self.tunnel is not None:
                     self.tunnel.fromBackend(data)
                 return
+        # A bodiless response (HEAD, 204, 304, Content-Length: 0) is done
+        # already: what came after its head is leftover, as after any body.
         assert self.reader is not None
         try:
             pieces = self.reader.feed(data)
@@ -379,6 +389,8 @@ class Relay(BackendUser):
         for piece in pieces:
             self.exchange.write(piece)
         if self.reader.done:
+            # Bytes after a complete response belong to no response we
+            # asked for: a connection that sent any is closed, not pooled.
             self.responseDone(reusable=not self.reader.leftover)
 
     def responseHeaders(self, head: ResponseHead) -> list[tuple[bytes, bytes]]:
@@ -403,12 +415,33 @@ class Relay(BackendUser):
         self.exchange.startResponse(head.status, head.reason, headers, framing)
         backend = self.backend
         if backend is not None and backend.transport is not None and not self.reader.done:
-            self.exchange.registerProducer(backend.transport, True)
+            self.exchange.registerProducer(self, True)
             self.producing = True
-        if self.reader.done:
-            self.responseDone(reusable=True)
 
     producing = False
+
+    # The client's producer while the response is relayed: the backend's
+    # transport, paused and resumed by the client's backpressure.
+
+    def pauseProducing(self) -> None:
+        self.clientPaused = True
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        # The client took what it was sent: that is movement, and the
+        # backend's silence counts from here, not from before the pause.
+        self.clientPaused = False
+        self.active = True
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            backend.transport.stopProducing()  # type: ignore[attr-defined]
 
     def responseDone(self, reusable: bool) -> None:
         self.cancelTimer()
@@ -449,7 +482,17 @@ class Relay(BackendUser):
     # Failures
 
     def deadlinePassed(self) -> None:
-        """The backend's deadline: no response in time, or no bytes for the idle timeout."""
+        """
+        The backend's deadline: no response in time, or nothing moved for the
+        idle timeout.
+
+        Once the response is relayed, a stall is the backend's when it is
+        read and sends nothing (nginx's C{proxy_read_timeout}), and the
+        client's when its backpressure keeps the backend paused (nginx's
+        C{send_timeout}): the client's transport resumes the backend only
+        once it has sent what it held, and a resume counts as movement, so
+        a backend let go after a long pause has a whole idle timeout again.
+        """
         if self.active:
             # Bytes flowed: from here on the route's idle timeout applies.
             self.active = False
@@ -460,6 +503,8 @@ class Relay(BackendUser):
             self.pool.reportFailure(self.target, "response timeout")
             self.closeBackend(abort=True)
             self.fail(504, f"{self.target.address} did not answer in time")
+        elif self.clientPaused:
+            self.abortResponse("client not reading")
         else:
             self.abortResponse("backend idle")
 

@@ -473,8 +473,8 @@ class HTTPServerProtocol(Protocol):
         which can destroy the response before the client reads it: a 413 to
         an upload ends as "connection reset". So when the client may still be
         sending (its body not all read, bytes after the request), this shuts
-        only the write side (on TLS: sends close_notify; Twisted keeps the TCP
-        connection open and reading) and drops what still comes, until the
+        only the write side (on TLS: close_notify, then TCP's FIN, as nginx
+        does; see L{dcrouter.net.tls}) and drops what still comes, until the
         client closes, is silent for L{LINGERING_TIMEOUT}, or
         L{LINGERING_TIME} has passed.
         """
@@ -494,10 +494,7 @@ class HTTPServerProtocol(Protocol):
         record.ended = f"{record.ended or 'answered'}, lingered"
         self.lingerEnd = self.reactor.seconds() + LINGERING_TIME
         self.setTimer(LINGERING_TIMEOUT)
-        if ISSLTransport.providedBy(transport):
-            transport.loseConnection()
-        else:
-            transport.loseWriteConnection()  # type: ignore[attr-defined]
+        transport.loseWriteConnection()  # type: ignore[attr-defined]
         # A client paused for its read-ahead or its body must be read again.
         self.resumeClient()
 
@@ -513,7 +510,7 @@ class HTTPServerProtocol(Protocol):
         transport = self.transport
         assert transport is not None
         if ISSLTransport.providedBy(transport):
-            # TLS's loseConnection is done (close_notify sent), and Twisted
+            # TLS's side is closed (close_notify and FIN sent), and Twisted
             # keeps the TCP connection until the client answers it: close
             # that one, after what it holds (abortConnection would reset it).
             transport.transport.loseConnection()  # type: ignore[attr-defined]

@@ -41,6 +41,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHalfCloseableProtocol,
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
@@ -275,6 +276,7 @@ CLOSE_NOTIFY_WAIT = 5.0
 _TLSProtocol: Any = TLSMemoryBIOFactory.protocol
 
 
+@implementer(IHalfCloseableProtocol)
 class _ServerTLSProtocol(_TLSProtocol):
     """
     Twisted's TLS protocol, less two pieces of per-connection set-up that do
@@ -292,13 +294,16 @@ class _ServerTLSProtocol(_TLSProtocol):
     error of a TLS connection ended by an unexpected EOF, which Twisted does
     not pass on, is freed at once (L{_tlsShutdownFinished}), that what
     OpenSSL has to send goes out through the reactor's L{Flusher}
-    (L{_flushSendBIO}), and that a close waits for the client only so long
-    (L{loseConnection}).
+    (L{_flushSendBIO}), that a close waits for the client only so long
+    (L{loseConnection}), and that it can close its sending side alone, with
+    TCP's FIN after close_notify (L{loseWriteConnection}).
     """
 
     factory: _ServerTLSFactory
     #: Closing: the call that closes TCP if the client stays silent.
     closeWait: Optional[IDelayedCall] = None
+    #: Closing the sending side only: TCP's FIN follows close_notify.
+    halfClosing = False
 
     def makeConnection(self, transport: Any) -> None:
         if not self._connectWrapped:
@@ -320,14 +325,58 @@ class _ServerTLSProtocol(_TLSProtocol):
         Twisted keeps the TCP connection until the client answers, with no
         time limit: a client that never does (gone without a FIN, or on
         purpose) would hold its connection, and its place under every
-        connection cap, for ever. Bytes that still come restart the wait, so
-        an HTTP lingering close (which reads on after close_notify) keeps its
-        own, longer, bounds.
+        connection cap, for ever. Bytes that still come restart the wait.
+        (An HTTP lingering close uses L{loseWriteConnection}, with its own
+        bounds.)
         """
         super().loseConnection()
         clock = self.factory.clock
         if clock is not None and self.closeWait is None and self.transport is not None:
             self.closeWait = clock.callLater(CLOSE_NOTIFY_WAIT, self.closeTCP)
+
+    def loseWriteConnection(self) -> None:
+        """
+        Close the sending side only, as nginx's lingering close does on TLS:
+        close_notify, then, once the TCP transport has sent it, TCP's FIN
+        (C{shutdown(SHUT_WR)}), while what the client still sends is read
+        and passed up. A client that reads to the end of the stream rather
+        than to close_notify sees its end at once, not when the server stops
+        reading.
+
+        As with TCP's C{loseWriteConnection}, the caller ends the reading:
+        L{loseConnection}'s wait is not armed (it would race the HTTP
+        lingering close's own bounds, and with the FIN sent its close
+        would be at once).
+        """
+        self.halfClosing = True
+        super().loseConnection()
+
+    def _shutdownTLS(self) -> None:
+        super()._shutdownTLS()
+        transport = self.transport
+        if (
+            self.halfClosing
+            and not self._aborted
+            and transport is not None
+            and not transport.disconnecting
+            and self._tlsConnection.get_shutdown() == SSL.SENT_SHUTDOWN
+        ):
+            # close_notify is in the transport's buffer (_flushSendBIO writes
+            # it there directly); the FIN goes once that is sent. Called here,
+            # not in loseWriteConnection, because Twisted puts off close_notify
+            # while a producer is registered or writes wait for the handshake.
+            transport.loseWriteConnection()
+
+    def readConnectionLost(self) -> None:
+        """
+        The client's FIN: close TCP after what is unsent, as the router does
+        for a protocol that cannot half-close.
+        """
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """The FIN of L{loseWriteConnection} is sent; reading goes on."""
 
     def closeTCP(self) -> None:
         """The client let the wait pass: close TCP, after what is still unsent."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -125,14 +126,14 @@ def test_a_413_to_an_upload_under_way_is_read_whole_and_no_reset_follows(limited
     assert record.endswith(" closed after 1 request(s)")
 
 
-def test_a_413_over_tls_sends_close_notify_then_closes_after_the_clients_silence(
+def test_a_413_over_tls_sends_close_notify_and_fin_then_closes_after_the_clients_silence(
     limited,
 ) -> None:
     """
     TLS through a memory BIO over a socket of our own, to see the TCP level:
-    the answer, then close_notify while the router still reads the upload,
-    then, once the client has been silent for the lingering timeout, the
-    TCP connection's orderly close.
+    the answer, then close_notify and at once TCP's FIN (as nginx does),
+    while the router still reads the upload; then, once the client has
+    been silent for the lingering timeout, the router closes.
     """
     dcrouter, _, secure = limited
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -165,11 +166,13 @@ def test_a_413_over_tls_sends_close_notify_then_closes_after_the_clients_silence
                 break
             answer += data
         assert answer.startswith(b"HTTP/1.1 413 ")
+        closeNotify = time.monotonic()
+        assert read_to_end(raw) == b""
+        assert time.monotonic() - closeNotify < LINGERING_TIMEOUT / 2, "no FIN after close_notify"
         sender.join(WAIT)
         assert not sender.is_alive(), "the router stopped reading the upload"
-        # Silent now, without closing: the router ends the linger with a FIN.
-        assert read_to_end(raw) == b""
-    dcrouter.wait_access(
-        rf":{secure} sni=a.test route=secure .* answered, lingered until"
-        rf" {LINGERING_TIMEOUT:g}s without data"
-    )
+        # Silent now, without closing: the router ends the linger.
+        dcrouter.wait_access(
+            rf":{secure} sni=a.test route=secure .* answered, lingered until"
+            rf" {LINGERING_TIMEOUT:g}s without data"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -13,7 +14,7 @@ from dcrouter.http.backend import BackendConnection, BackendPool
 from dcrouter.http.proxy import ProxyRoute, relay
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
 from dcrouter.http.server import HTTPLayer, HTTPServerProtocol
-from dcrouter.ops.accesslog import ConnectionRecord
+from dcrouter.ops.accesslog import ConnectionRecord, RequestRecord
 from dcrouter.proxy.listener import RoutedConnection
 from tests.unit.test_http_server import Transport, run
 
@@ -137,3 +138,83 @@ def test_a_backend_closing_a_tunnel_closes_the_client():
     proxied.backend.connectionLost(Failure(ConnectionDone()))
     assert proxied.client.disconnecting
     assert proxied.pool.targets[0].active == 0
+
+
+def stalledResponse(clientReads: bool) -> tuple[Proxied, RequestRecord]:
+    """
+    A response relayed half-way, then nothing moves: either the client
+    stops reading (its transport pauses the backend) or the backend stops
+    sending. Returns the relayed request's access record.
+    """
+    proxied = Proxied(responseTimeout=10.0, idleTimeout=10.0)
+    proxied.fromClient(b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    record = proxied.server.exchange.record
+    proxied.fromBackend(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 100)
+    if not clientReads:
+        proxied.client.producer.pauseProducing()
+        assert proxied.backend.transport.producerState == "paused"
+    run(proxied.reactor, 25)
+    return proxied, record
+
+
+def test_a_stalled_response_blames_the_side_that_stalled():
+    """
+    Client backpressure that keeps the backend paused is the client's
+    stall (nginx's send_timeout), not an idle backend (proxy_read_timeout).
+    """
+    proxied, record = stalledResponse(clientReads=False)
+    assert proxied.client.aborted
+    assert record.note == "client not reading"
+    assert proxied.server.connection.record.ended == "aborted: client not reading"
+    proxied, record = stalledResponse(clientReads=True)
+    assert proxied.client.aborted
+    assert record.note == "backend idle"
+
+
+def test_a_backend_resumed_after_a_long_pause_has_a_whole_idle_timeout():
+    """Its silence counts from the client's resume, not from before the pause."""
+    proxied = Proxied(responseTimeout=10.0, idleTimeout=10.0)
+    proxied.fromClient(b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    record = proxied.server.exchange.record
+    proxied.fromBackend(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 100)
+    producer = proxied.client.producer
+    producer.pauseProducing()
+    run(proxied.reactor, 19)
+    assert not proxied.client.aborted
+    producer.resumeProducing()
+    assert proxied.backend.transport.producerState == "producing"
+    run(proxied.reactor, 6)
+    assert not proxied.client.aborted
+    run(proxied.reactor, 15)
+    assert proxied.client.aborted
+    assert record.note == "backend idle"
+
+
+@pytest.mark.parametrize(
+    "request_, response",
+    [
+        (b"HEAD / HTTP/1.1\r\nHost: a.test\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+        (b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        (b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", b"HTTP/1.1 304 Not Modified\r\n\r\n"),
+        (b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    ],
+)
+def test_bytes_after_a_bodiless_response_keep_its_connection_out_of_the_pool(request_, response):
+    """
+    They are no part of it, nor of the next request's response: the
+    connection is closed. The same response without them is pooled.
+    """
+    proxied = Proxied()
+    backend = proxied.backend
+    proxied.fromClient(request_)
+    proxied.fromBackend(response)
+    assert proxied.client.value().startswith(response.split(b"\r\n")[0])
+    assert backend.pool.idle[TARGET] == [backend]
+    proxied.fromClient(request_)
+    assert backend.user is not None
+    proxied.fromBackend(response + b"hello")
+    assert backend.transport.disconnecting
+    assert backend.pool.idle[TARGET] == []
+    assert proxied.client.value().count(b"hello") == 0
+    proxied.fromClient(request_)
+    assert len(proxied.reactor.tcpClients) == 1

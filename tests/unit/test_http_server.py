@@ -314,16 +314,15 @@ class TLSTransport(Transport):
         self.transport = Transport()
 
 
-def test_a_lingering_close_over_tls_sends_close_notify_then_closes_the_tcp_connection():
-    """TLS's loseConnection sends close_notify and goes on reading (Twisted
-    waits for the client's close_notify): the linger's timers close the TCP
-    connection beneath."""
+def test_a_lingering_close_over_tls_closes_the_sending_side_then_the_tcp_connection():
+    """The TLS transport's loseWriteConnection (close_notify, then TCP's FIN)
+    goes on reading: the linger's timers close the TCP connection beneath."""
     reactor, protocol, transport, action = serve()
     transport = TLSTransport()
     protocol.makeConnection(transport)
     protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n")
     action.exchanges[-1].respond(413)
-    assert transport.disconnecting and not transport.writeClosed
+    assert transport.writeClosed and not transport.disconnecting
     protocol.dataReceived(b"more")
     run(reactor, LINGERING_TIMEOUT + 0.5)
     assert transport.transport.disconnecting and not transport.transport.aborted

@@ -24,6 +24,7 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
@@ -754,3 +755,46 @@ def test_a_client_that_answers_leaves_no_timer(pki: PKI) -> None:
     w.pump()
     assert not w.server.connected
     assert all(call.func != w.server.closeTCP for call in w.clock.getDelayedCalls())
+
+
+class HalfClosingTransport(StringTransport):
+    """A TCP transport that records what it had been given when told to send its FIN."""
+
+    sentBeforeFIN: bytes | None = None
+
+    def loseWriteConnection(self) -> None:
+        self.sentBeforeFIN = self.value()
+
+
+def test_closing_the_sending_side_sends_close_notify_then_fin_and_reads_on(pki: PKI) -> None:
+    """
+    nginx's lingering close on TLS: close_notify, TCP's FIN after it, and
+    what the client still sends is read, for as long as the caller wants
+    (not only L{CLOSE_NOTIFY_WAIT}), or until the client's FIN closes TCP.
+    """
+    serverPeer, clientPeer = Peer(), Peer()
+    w = wire(
+        ServerTLS(pki.backend, TlsSettings()), trusting(pki.root), serverPeer, clientPeer,
+        connect=False,
+    )
+    w.serverTransport = transport = HalfClosingTransport()
+    w.client.makeConnection(w.clientTransport)
+    w.server.makeConnection(transport)
+    w.pump()
+    assert serverPeer.handshakeDone and clientPeer.handshakeDone
+    w.client.write(b"still uploading")
+    w.server.loseWriteConnection()
+    w.clock.advance(0)
+    assert transport.sentBeforeFIN is not None
+    assert transport.sentBeforeFIN == transport.value() != b""
+    assert not transport.disconnecting
+    w.server.dataReceived(w.clientTransport.value())
+    assert serverPeer.received == b"still uploading"
+    w.client.dataReceived(transport.value())
+    assert w.clientTransport.disconnecting  # the client saw close_notify
+    assert IHalfCloseableProtocol.providedBy(w.server)
+    w.server.writeConnectionLost()
+    w.clock.advance(CLOSE_NOTIFY_WAIT + 1)  # the caller, not the TLS layer, ends the reading
+    assert not transport.disconnecting
+    w.server.readConnectionLost()
+    assert transport.disconnecting
