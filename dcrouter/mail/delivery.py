@@ -366,7 +366,14 @@ class ForwardMode:
         )
         data = await self._signer.data(message, rule)
         try:
-            results = await self._pool.send(target, envelope.mailFrom, recipients, data)
+            results = await self._pool.send(
+                target,
+                envelope.mailFrom,
+                recipients,
+                data,
+                smtputf8=envelope.smtputf8,
+                body=envelope.body,
+            )
         except SetupFailed as e:
             return _allResults(recipients, e.result)
         return [results[r] for r in recipients]
@@ -441,7 +448,14 @@ class MtaMode:
                     serverName=host.name,
                 )
                 try:
-                    results = await self._pool.send(target, envelope.mailFrom, recipients, data)
+                    results = await self._pool.send(
+                        target,
+                        envelope.mailFrom,
+                        recipients,
+                        data,
+                        smtputf8=envelope.smtputf8,
+                        body=envelope.body,
+                    )
                 except SetupFailed as e:
                     last = e.result
                     continue

@@ -115,6 +115,11 @@ class Envelope:
     @ivar clientAddress: the real client's IP address (after PROXY).
     @ivar helo: what the client said in HELO/EHLO.
     @ivar authUser: the authenticated user, or C{None}.
+    @ivar smtputf8: MAIL carried SMTPUTF8 (RFC 6531): delivery asks the
+        next hop for it too, and refuses a hop that lacks it when the
+        message needs it.
+    @ivar body: MAIL's BODY parameter (C{"7BIT"}, C{"8BITMIME"}) or
+        C{None}, passed on to a next hop that offers 8BITMIME.
     """
 
     mailFrom: bytes
@@ -122,6 +127,8 @@ class Envelope:
     clientAddress: str = ""
     helo: str = ""
     authUser: Optional[str] = None
+    smtputf8: bool = False
+    body: Optional[str] = None
 
     def toJSON(self) -> dict[str, Any]:
         """A JSON-able form; bytes go through Latin-1, which maps every byte."""
@@ -131,17 +138,21 @@ class Envelope:
             "client": self.clientAddress,
             "helo": self.helo,
             "auth": self.authUser,
+            "smtputf8": self.smtputf8,
+            "body": self.body,
         }
 
     @classmethod
     def fromJSON(cls, data: Mapping[str, Any]) -> Envelope:
-        """The inverse of L{toJSON}."""
+        """The inverse of L{toJSON}; files written before a key existed get its default."""
         return cls(
             mailFrom=data["from"].encode("latin-1"),
             recipients=tuple(r.encode("latin-1") for r in data["rcpt"]),
             clientAddress=data.get("client", ""),
             helo=data.get("helo", ""),
             authUser=data.get("auth"),
+            smtputf8=bool(data.get("smtputf8", False)),
+            body=data.get("body"),
         )
 
 

@@ -532,6 +532,62 @@ def test_a_utf8_address_is_not_sent_to_a_server_without_smtputf8():
     assert any(c.endswith(b" SMTPUTF8") for c in server.commands if c.startswith(b"MAIL"))
 
 
+def mailCommand(server):
+    return next(c for c in server.commands if c.startswith(b"MAIL"))
+
+
+def test_smtputf8_and_body_from_mail_are_passed_on_where_offered():
+    """The MAIL parameters the message came with go to a next hop that offers them."""
+    server = ScriptedServer(extensions=("PIPELINING", "8BITMIME", "SMTPUTF8"))
+    pool, clock = makePool(server)
+    results = fired(
+        pool.send(
+            TARGET, b"a@s.example", [b"b@r.example"], MESSAGE, smtputf8=True, body="8BITMIME"
+        )
+    )
+    assert results[b"b@r.example"].code == 250
+    assert mailCommand(server) == b"MAIL FROM:<a@s.example> BODY=8BITMIME SMTPUTF8"
+    server = ScriptedServer(extensions=("PIPELINING", "8BITMIME"))
+    pool, clock = makePool(server)
+    fired(pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE, body="7BIT"))
+    assert mailCommand(server) == b"MAIL FROM:<a@s.example> BODY=7BIT"
+
+
+def test_8bit_mail_goes_as_it_is_to_a_hop_without_8bitmime():
+    """No BODY= to a server that did not offer 8BITMIME (RFC 6152), no conversion either."""
+    server = ScriptedServer(extensions=("PIPELINING",))
+    pool, clock = makePool(server)
+    data = MESSAGE + "gr\u00fc\u00dfe\r\n".encode()
+    results = fired(
+        pool.send(TARGET, b"a@s.example", [b"b@r.example"], data, smtputf8=True, body="8BITMIME")
+    )
+    assert results[b"b@r.example"].code == 250
+    assert mailCommand(server) == b"MAIL FROM:<a@s.example>"  # an ASCII header needs no SMTPUTF8
+    assert server.messages == [data]
+
+
+def test_a_message_that_needs_smtputf8_fails_for_good_at_a_hop_without_it():
+    """
+    Sent with SMTPUTF8 and a UTF-8 header: a server that does not offer
+    SMTPUTF8 must not get it (553 5.6.7, as Postfix bounces it); without
+    SMTPUTF8 in MAIL the same bytes go as they are, as Postfix sends them.
+    """
+    data = "From: J\u00f6rg <a@s.example>\r\n\r\nHi.\r\n".encode()
+    server = ScriptedServer()
+    pool = SMTPConnectionPool(
+        None, "client.test", clock=task.Clock(), endpointFactory=lambda t: ScriptedEndpoint(server)
+    )
+    mode = ForwardMode(pool, SyncReactor(), SyncPool())
+    forwardRule = rule("*", "forward", server="smarthost.test", tls="off")
+    envelope = Envelope(b"a@s.example", (b"b@r.example",), smtputf8=True)
+    [result] = fired(mode.deliver(envelope, queued(data), (b"b@r.example",), forwardRule))
+    assert result.code == 553 and result.text.startswith("5.6.7 SMTPUTF8 is required")
+    assert not any(c.startswith(b"MAIL") for c in server.commands)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(data), (b"b@r.example",), forwardRule))
+    assert result.code == 250 and server.messages == [data]
+
+
 def test_an_oversized_message_fails_for_good():
     server = ScriptedServer(extensions=("SIZE 10",))
     pool, clock = makePool(server)

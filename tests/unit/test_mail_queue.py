@@ -15,6 +15,8 @@ from twisted.python.failure import Failure
 
 from dcrouter.mail import queue as queuemodule
 from dcrouter.mail.dsn import FailedRecipient, buildBounce, statusCode
+from dcrouter.mail.envelope import Envelope as SMTPEnvelope
+from dcrouter.mail.envelope import MailAddress
 from dcrouter.mail.queue import (
     DELIVERED,
     FAILED,
@@ -26,6 +28,7 @@ from dcrouter.mail.queue import (
     QueueFull,
     RetrySchedule,
 )
+from dcrouter.mail.sinks import queueEnvelope
 
 MESSAGE = (
     b"From: Alice <alice@sender.example>\r\n"
@@ -189,6 +192,35 @@ def test_accept_needs_a_recipient(tmp_path):
 def test_envelope_round_trips_through_json():
     original = Envelope(b"\xc3\xa9@x.example", (b"a@b.example", b"\xff@c.example"), "::1", "h", "u")
     assert Envelope.fromJSON(json.loads(json.dumps(original.toJSON()))) == original
+
+
+def test_smtputf8_and_body_survive_a_queue_write_and_reload(tmp_path):
+    """
+    MAIL's SMTPUTF8 and BODY reach the queue file and come back after a
+    restart; a file written before they were stored loads as without them.
+    """
+    server = SMTPEnvelope(
+        id="T1",
+        mailFrom=MailAddress("j\u00f6rg", "s.example"),
+        client=None,
+        server=None,
+        helo="client.example",
+        smtputf8=True,
+        body="8BITMIME",
+        recipients=[MailAddress("bob", "r.example")],
+    )
+    q, clock = makeQueue(tmp_path)
+    started(q)
+    queueId = fired(q.accept(queueEnvelope(server), MESSAGE))
+    fired(q.stop())
+    q2, _ = makeQueue(tmp_path)
+    started(q2)
+    restored = q2.messages[queueId].envelope
+    assert restored.smtputf8 is True and restored.body == "8BITMIME"
+    assert restored.mailFrom == "j\u00f6rg@s.example".encode()
+    old = {"from": "a@s.example", "rcpt": ["b@r.example"], "client": "", "helo": "h", "auth": None}
+    assert Envelope.fromJSON(old) == Envelope(b"a@s.example", (b"b@r.example",), "", "h")
+    assert Envelope.fromJSON(old).smtputf8 is False and Envelope.fromJSON(old).body is None
 
 
 def test_group_commit_batches_what_arrives_during_an_fsync(tmp_path):
