@@ -172,6 +172,9 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self._timer: Optional[IDelayedCall] = None
         self._plaintextEnded = False
         self.connected = False
+        #: QUIT was sent (a refused RSET, a 421, the end): the connection is
+        #: closing and must not be reused.
+        self.closing = False
         self.lost: Optional[Failure] = None
         self.madeDeferred: Deferred[SMTPClientProtocol] = Deferred()
         self.greeting: Deferred[Reply] = self.expect()
@@ -218,7 +221,10 @@ class SMTPClientProtocol(LineOnlyReceiver):
             transport.abortConnection()
 
     def quit(self) -> None:
-        """Say QUIT and close, not waiting for the answer."""
+        """Say QUIT and close, not waiting for the answer (once)."""
+        if self.closing:
+            return
+        self.closing = True
         transport: Any = self.transport
         if transport is not None and self.connected:
             transport.write(b"QUIT\r\n")
@@ -282,6 +288,8 @@ class SMTPClientProtocol(LineOnlyReceiver):
             self._arm()
         else:
             self._disarm()
+        if reply.code == 421:
+            self.quit()  # RFC 5321 3.8: the server is closing the channel
         d.callback(reply)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -309,7 +317,13 @@ class _Connection:
 
     @property
     def usable(self) -> bool:
-        return bool(self.protocol.connected) and self.protocol.lost is None
+        """
+        Open, not failed and not closing: the transport stays connected
+        until what was written is flushed, but a connection told QUIT (an
+        RSET refused, a 421) would fail the next transaction with a 4xx.
+        """
+        protocol = self.protocol
+        return bool(protocol.connected) and protocol.lost is None and not protocol.closing
 
 
 @define(eq=False)
@@ -482,7 +496,7 @@ class SMTPConnectionPool:
         slots.count -= 1
         if reuse and connection.usable:
             connection.protocol.quit()
-        else:
+        elif not connection.protocol.closing:
             connection.protocol.abort()
         self._wakeWaiter(slots)
 
@@ -763,8 +777,8 @@ class SMTPConnectionPool:
         return results, protocol.lost is None
 
     async def _reset(self, protocol: SMTPClientProtocol) -> None:
-        """RSET after a transaction that did not end in DATA."""
-        if protocol.lost is not None:
+        """RSET after a transaction that did not end in DATA; QUIT if it is refused."""
+        if protocol.lost is not None or protocol.closing:
             return
         try:
             reply = await protocol.command(b"RSET")

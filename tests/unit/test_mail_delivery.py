@@ -217,6 +217,7 @@ class ScriptedServer:
         self.rcptReply = lambda address: b"250 2.1.5 ok"
         self.dataReply = b"250 2.0.0 queued"
         self.mailReply = b"250 2.1.0 ok"
+        self.rsetReply = b"250 2.0.0 ok"
         self.silent = False
 
 
@@ -276,7 +277,7 @@ class ScriptedTransport(StringTransport):
             self.mailOk = self.rcptOk = False
         elif verb in (b"RSET", b"NOOP"):
             self.mailOk = self.rcptOk = False
-            self.reply(b"250 ok")
+            self.reply(server.rsetReply if verb == b"RSET" else b"250 ok")
         elif verb == b"AUTH":
             self.reply(b"235 2.7.0 ok")
         elif verb == b"QUIT":
@@ -490,6 +491,98 @@ def test_replies_injected_before_tls_are_not_read_as_replies_under_tls():
     assert not d.called
     endpoint.protocol.dataReceived(b"451 4.3.0 try later\r\n")
     assert fired(d)[b"b@r.example"].code == 451
+
+
+class LingeringTransport(ScriptedTransport):
+    """
+    Closes as TCP does: after QUIT and loseConnection the connection stays
+    up until the test says (the server's 221 and FIN are still on the way),
+    and this connection's server answers nothing more.
+    """
+
+    quitting = False
+
+    def command(self, line):
+        if self.quitting or line == b"QUIT":
+            self.server.commands.append(line)
+            self.quitting = True
+            return
+        super().command(line)
+
+    def loseConnection(self):
+        self.quitting = True
+
+    def finishClose(self):
+        self.abortConnection()
+
+
+class HeldEndpoint:
+    """Connects when the test fires C{held}, with a L{LingeringTransport}."""
+
+    def __init__(self, server):
+        self.server = server
+        self.transports = []
+        self.held = []
+
+    def connect(self, factory):
+        protocol = factory.buildProtocol(None)
+        transport = LingeringTransport(self.server)
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        self.transports.append(transport)
+        self.server.connections += 1
+        protocol.dataReceived(self.server.greeting + b"\r\n")
+        d = defer.Deferred()
+        self.held.append(lambda: d.callback(protocol))
+        return d
+
+
+def test_a_connection_whose_rset_is_refused_is_never_handed_on():
+    """
+    The client QUITs a connection whose RSET is refused; a message waiting
+    for a connection to that target gets a new one, not the closing one
+    (which would give it a spurious 4xx and a retry).
+    """
+    server = ScriptedServer()
+    server.mailReply = b"553 5.7.1 sender rejected"
+    server.rsetReply = b"500 5.5.1 what?"
+    endpoint = HeldEndpoint(server)
+    pool = SMTPConnectionPool(
+        None,
+        "client.test",
+        clock=task.Clock(),
+        endpointFactory=lambda target: endpoint,
+        maxPerTarget=1,
+    )
+    first = pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE)
+    waiting = pool.send(TARGET, b"ok@s.example", [b"b@r.example"], MESSAGE)
+    endpoint.held.pop()()
+    assert fired(first)[b"b@r.example"].code == 553
+    assert server.commands[-2:] == [b"RSET", b"QUIT"]
+    assert not waiting.called and server.connections == 2  # a new connection for it
+    server.mailReply = b"250 2.1.0 ok"
+    endpoint.held.pop()()
+    endpoint.transports[0].finishClose()
+    assert fired(waiting)[b"b@r.example"] == DeliveryResult(250, "2.0.0 queued", "relay.test")
+
+
+def test_a_connection_the_server_closes_with_421_is_not_reused():
+    """RFC 5321 3.8: after a 421 the server closes; the next message gets a new connection."""
+    server = ScriptedServer()
+    server.dataReply = b"421 4.3.2 shutting down"
+    endpoint = HeldEndpoint(server)
+    pool = SMTPConnectionPool(
+        None, "client.test", clock=task.Clock(), endpointFactory=lambda target: endpoint
+    )
+    first = pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE)
+    endpoint.held.pop()()
+    assert fired(first)[b"b@r.example"].code == 421
+    assert server.commands[-1] == b"QUIT"
+    server.dataReply = b"250 2.0.0 queued"
+    second = pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE)
+    assert server.connections == 2 and pool.stats["reused"] == 0
+    endpoint.held.pop()()
+    assert fired(second)[b"b@r.example"].code == 250
 
 
 def test_a_silent_server_times_out():
