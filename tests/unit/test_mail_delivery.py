@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from dcrouter.config.email import EmailSettings
 from dcrouter.mail.delivery import (
     Deliverer,
     DomainRule,
@@ -31,9 +32,10 @@ from dcrouter.mail.delivery import (
 )
 from dcrouter.mail.deliveryclient import SetupFailed, SMTPConnectionPool, SMTPTarget, encodeData
 from dcrouter.mail.dkimsign import DkimError, fromDomain, loadKey, publicRecord, sign
-from dcrouter.mail.mxresolver import DNSFailure, MXResolver
+from dcrouter.mail.mxresolver import DNSFailure, MXHost, MXResolver, Myself
 from dcrouter.mail.policy import DomainPolicy
 from dcrouter.mail.queue import DeliveryResult, Envelope, QueuedMessage, RecipientState
+from dcrouter.mail.service import myself
 from tests.unit.test_mail_queue import SyncPool, SyncReactor, failure, fired
 
 MESSAGE = (
@@ -811,6 +813,73 @@ def test_mta_mode_tries_the_next_host_when_one_is_down():
     results = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
     assert results == [DeliveryResult(250, "2.0.0 queued", "b.r.example")]
     assert tried == [("192.0.2.1", 2525, "a.r.example"), ("192.0.2.2", 2525, "b.r.example")]
+
+
+def loopMode(resolver, tried, **myself):
+    def endpoint(target):
+        tried.append(target.serverName)
+        return ScriptedEndpoint(ScriptedServer(), refuse=target.host == "192.0.2.2")
+
+    pool = SMTPConnectionPool(None, "client.test", clock=task.Clock(), endpointFactory=endpoint)
+    me = Myself(**{"names": {"mx.me.example"}, "addresses": ("198.51.100.1",), **myself})
+    return MtaMode(pool, MXResolver(resolver), SyncReactor(), SyncPool(), myself=me)
+
+
+@pytest.mark.parametrize(
+    "mx, a",
+    [
+        ([(10, "mx.me.example")], {"mx.me.example": ["203.0.113.9"]}),  # my name
+        ([(10, "mx.r.example")], {"mx.r.example": ["198.51.100.1"]}),  # my address
+        ([(10, "mx.r.example")], {"mx.r.example": ["127.0.0.1"]}),  # loopback
+        ([], {"r.example": ["198.51.100.1"]}),  # no MX: the domain's own address
+    ],
+)
+def test_mail_whose_best_mx_is_this_server_loops_back_to_myself(mx, a):
+    """Postfix's check: fail for good at once, not after 50 hops round the loop."""
+    tried = []
+    mode = loopMode(FakeResolver(mx={"r.example": mx}, a=a), tried)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert result == DeliveryResult(554, "5.4.6 mail for r.example loops back to myself")
+    assert tried == []
+
+
+def test_a_backup_mx_sends_only_to_more_preferred_hosts():
+    resolver = FakeResolver(
+        mx={"r.example": [(10, "a.r.example"), (20, "mx.me.example"), (30, "c.r.example")]},
+        a={
+            "a.r.example": ["192.0.2.2"],
+            "mx.me.example": ["198.51.100.1"],
+            "c.r.example": ["192.0.2.3"],
+        },
+    )
+    tried = []
+    mode = loopMode(resolver, tried)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert result.code == 421  # the primary is down: wait for it, never a less preferred host
+    assert tried == ["a.r.example"]
+
+
+def test_this_server_on_another_port_is_another_server():
+    tried = []
+    resolver = FakeResolver(
+        mx={"r.example": [(10, "mx.r.example")]}, aaaa={"mx.r.example": ["::1"]}
+    )
+    mode = loopMode(resolver, tried, ports={587})
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert result.code == 250 and tried == ["mx.r.example"]
+
+
+def test_the_mail_service_knows_itself_by_hostname_bind_address_and_mail_ports():
+    settings = EmailSettings(hostname="mx.me.example", ports=(25, 587))
+    me = myself(settings, ("0.0.0.0", "198.51.100.1", "2001:db8::1"))
+    assert me.isMe(MXHost("MX.me.example.", 10, ("192.0.2.1",)), 25)
+    assert me.isMe(MXHost("other.example", 10, ("2001:db8::1",)), 25)
+    assert me.isMe(MXHost("other.example", 10, ("::ffff:198.51.100.1",)), 25)
+    assert not me.isMe(MXHost("other.example", 10, ("192.0.2.1",)), 25)
+    assert not me.isMe(MXHost("mx.me.example", 10, ("198.51.100.1",)), 2525)
 
 
 def test_mta_mode_bounces_a_domain_that_does_not_exist():
