@@ -486,6 +486,37 @@ def test_status_codes():
     assert statusCode(421, "4.4.1 connect to x: refused", expired=True) == "4.4.1"
 
 
+def test_a_long_diagnostic_is_folded_without_losing_text():
+    """
+    A remote server's long multi-line reply, joined into one line, is
+    folded (RFC 5322 2.2.3): no line over 998 octets, lines of words within
+    78, and unfolding gives the text back (a word over 998 is cut with a space).
+    """
+    words = " ".join(f"w\u00f6rd{i}" for i in range(400))
+    long = "x" * 1500
+    text = f"5.7.1 {words} {long} end"
+    bounce = buildBounce(
+        hostname="mx.test",
+        sender=b"a@b.example",
+        queueId="ABC",
+        arrival=0,
+        now=0,
+        failures=[FailedRecipient(b"c@d.example", 550, text, "mx.d.example")],
+        original=MESSAGE,
+    )
+    lines = bounce.split(b"\r\n")
+    assert max(len(line) for line in lines) <= 998
+    folded = [line for line in lines if b"w\xc3\xb6rd2" in line]
+    assert len(folded) > 10 and all(len(line) <= 78 for line in folded)
+    start = lines.index(next(line for line in lines if line.startswith(b"Diagnostic-Code:")))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith(b" "))
+    unfolded = b"".join(lines[start:end]).decode()
+    # The 1,500-octet word starts a line (after its space) and is cut after 998.
+    cut = f"{'x' * 997} {'x' * 503}"
+    assert unfolded == f"Diagnostic-Code: smtp; 550 5.7.1 {words} {cut} end"
+    assert f"{words} {cut} end".encode() in bounce.replace(b"\r\n", b"")  # the human part
+
+
 def test_a_bounce_carries_no_header_injection():
     bounce = buildBounce(
         hostname="mx.test",
