@@ -807,6 +807,40 @@ def test_stop_cancels_attempts_after_the_grace_and_keeps_them_pending(tmp_path):
     assert files(q, "active") == [queueId] and files(q, "state") == []
 
 
+def test_nothing_is_written_before_start_or_after_stop(tmp_path):
+    """Writes need the directory's lock, which start() takes: without it they fail."""
+    q, clock = makeQueue(tmp_path)
+    failure(q.accept(envelope(), MESSAGE)).trap(QueueError)
+    incoming = q.openMessage(envelope())
+    incoming.write(MESSAGE)
+    failure(incoming.commit()).trap(QueueError)
+    assert not os.path.exists(q.directory)
+    started(q)
+    fired(q.stop())
+    failure(q.accept(envelope(), MESSAGE)).trap(QueueError)
+    assert files(q, "active") == [] and files(q, "tmp") == []
+
+
+def test_a_message_taken_in_while_starting_waits_for_the_lock(tmp_path):
+    """
+    Accepted before start() has locked the directory: nothing is written
+    until it has; if another process holds the lock, the message fails
+    (451) instead of landing in that process's queue.
+    """
+    other, _ = makeQueue(tmp_path)
+    started(other)
+    pool = ManualPool()
+    q, clock = makeQueue(tmp_path, pool=pool)
+    starting = q.start()
+    accepted = q.accept(envelope(), MESSAGE)
+    assert len(pool.held) == 1  # the lock (prepare) only; the write waits for it
+    pool.runAll()
+    failure(starting).trap(QueueError)
+    failure(accepted).trap(QueueError)
+    assert files(other, "active") == [] and files(other, "tmp") == []
+    fired(other.stop())
+
+
 def test_a_message_taken_in_while_starting_is_delivered_once(tmp_path):
     """
     Accepted (and delivered, and removed) before the recovery pass read the
