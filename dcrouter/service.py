@@ -270,7 +270,7 @@ class DcRouter(MultiService):
             )
             self.mail = MailService(
                 config.email, config.daemon.state_dir, ServerTLS(pair, config.tls),
-                self.reactor, threadPoolOf(self.reactor), config.ldap,
+                self.reactor, threadPoolOf(self.reactor), config.ldap, config.defaults.bind,
             )
             self.mail.setServiceParent(self)
         self.adminPorts: list[IListeningPort] = []

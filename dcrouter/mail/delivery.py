@@ -58,7 +58,7 @@ from dcrouter.mail.deliveryclient import (
 from dcrouter.mail.dkimsign import DkimError, DkimKey
 from dcrouter.mail.dkimsign import sign as dkimSign
 from dcrouter.mail.envelope import idnaDomain
-from dcrouter.mail.mxresolver import DNSFailure, MXResolver
+from dcrouter.mail.mxresolver import DNSFailure, MXResolver, Myself
 from dcrouter.mail.queue import DeliveryResult, Envelope, QueuedMessage
 
 log = Logger(namespace="dcrouter.mail.delivery")
@@ -366,7 +366,14 @@ class ForwardMode:
         )
         data = await self._signer.data(message, rule)
         try:
-            results = await self._pool.send(target, envelope.mailFrom, recipients, data)
+            results = await self._pool.send(
+                target,
+                envelope.mailFrom,
+                recipients,
+                data,
+                smtputf8=envelope.smtputf8,
+                body=envelope.body,
+            )
         except SetupFailed as e:
             return _allResults(recipients, e.result)
         return [results[r] for r in recipients]
@@ -388,17 +395,23 @@ class MtaMode:
         *,
         port: int = 25,
         maxAddresses: int = 5,
+        myself: Optional[Myself] = None,
     ) -> None:
         """
         @param port: the port of MX hosts (25; another only in tests).
         @param maxAddresses: addresses tried per attempt (Postfix's
             C{smtp_mx_address_limit}).
+        @param myself: this server, whose MX hosts are not tried: mail for
+            a domain whose best MX is this server fails at once (5.4.6)
+            instead of going round until the C{Received:} limit; C{None}
+            checks nothing.
         """
         self._pool = pool
         self._resolver = resolver
         self._signer = _Signer(reactor, threadpool)
         self.port = port
         self.maxAddresses = maxAddresses
+        self.myself = myself
 
     def deliver(
         self,
@@ -424,8 +437,13 @@ class MtaMode:
         except DNSFailure as e:
             code = 550 if e.permanent else 451
             return _allResults(recipients, DeliveryResult(code, str(e)))
-        data = await self._signer.data(message, rule)
         port = rule.port if rule.port != 25 else self.port
+        if self.myself is not None:
+            hosts = self.myself.trim(hosts, port)
+            if not hosts:
+                text = f"5.4.6 mail for {domain} loops back to myself"
+                return _allResults(recipients, DeliveryResult(554, text))
+        data = await self._signer.data(message, rule)
         last: Optional[DeliveryResult] = None
         tried = 0
         for host in hosts:
@@ -441,7 +459,14 @@ class MtaMode:
                     serverName=host.name,
                 )
                 try:
-                    results = await self._pool.send(target, envelope.mailFrom, recipients, data)
+                    results = await self._pool.send(
+                        target,
+                        envelope.mailFrom,
+                        recipients,
+                        data,
+                        smtputf8=envelope.smtputf8,
+                        body=envelope.body,
+                    )
                 except SetupFailed as e:
                     last = e.result
                     continue

@@ -53,6 +53,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dcrouter.mail.dsn import splitHeader
 from dcrouter.mail.queue import DeliveryResult
 
 log = Logger(namespace="dcrouter.mail.client")
@@ -171,6 +172,9 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self._timer: Optional[IDelayedCall] = None
         self._plaintextEnded = False
         self.connected = False
+        #: QUIT was sent (a refused RSET, a 421, the end): the connection is
+        #: closing and must not be reused.
+        self.closing = False
         self.lost: Optional[Failure] = None
         self.madeDeferred: Deferred[SMTPClientProtocol] = Deferred()
         self.greeting: Deferred[Reply] = self.expect()
@@ -217,7 +221,10 @@ class SMTPClientProtocol(LineOnlyReceiver):
             transport.abortConnection()
 
     def quit(self) -> None:
-        """Say QUIT and close, not waiting for the answer."""
+        """Say QUIT and close, not waiting for the answer (once)."""
+        if self.closing:
+            return
+        self.closing = True
         transport: Any = self.transport
         if transport is not None and self.connected:
             transport.write(b"QUIT\r\n")
@@ -281,6 +288,8 @@ class SMTPClientProtocol(LineOnlyReceiver):
             self._arm()
         else:
             self._disarm()
+        if reply.code == 421:
+            self.quit()  # RFC 5321 3.8: the server is closing the channel
         d.callback(reply)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -308,7 +317,13 @@ class _Connection:
 
     @property
     def usable(self) -> bool:
-        return bool(self.protocol.connected) and self.protocol.lost is None
+        """
+        Open, not failed and not closing: the transport stays connected
+        until what was written is flushed, but a connection told QUIT (an
+        RSET refused, a 421) would fail the next transaction with a 4xx.
+        """
+        protocol = self.protocol
+        return bool(protocol.connected) and protocol.lost is None and not protocol.closing
 
 
 @define(eq=False)
@@ -387,15 +402,26 @@ class SMTPConnectionPool:
     # -- the public side
 
     def send(
-        self, target: SMTPTarget, mailFrom: bytes, recipients: Sequence[bytes], data: bytes
+        self,
+        target: SMTPTarget,
+        mailFrom: bytes,
+        recipients: Sequence[bytes],
+        data: bytes,
+        *,
+        smtputf8: bool = False,
+        body: Optional[str] = None,
     ) -> Deferred[dict[bytes, DeliveryResult]]:
         """
         Deliver one message to C{recipients} through C{target}.
 
+        @param smtputf8: the message came with SMTPUTF8 (RFC 6531).
+        @param body: the BODY it came with (C{"7BIT"}, C{"8BITMIME"}), or C{None}.
         @return: fires with a L{DeliveryResult} per recipient, or fails with
             L{SetupFailed} if no transaction could begin.
         """
-        return Deferred.fromCoroutine(self._send(target, mailFrom, tuple(recipients), data))
+        return Deferred.fromCoroutine(
+            self._send(target, mailFrom, tuple(recipients), data, smtputf8, body)
+        )
 
     def closeIdle(self) -> None:
         """Close every idle connection (on stop)."""
@@ -408,12 +434,20 @@ class SMTPConnectionPool:
     # -- connections
 
     async def _send(
-        self, target: SMTPTarget, mailFrom: bytes, recipients: tuple[bytes, ...], data: bytes
+        self,
+        target: SMTPTarget,
+        mailFrom: bytes,
+        recipients: tuple[bytes, ...],
+        data: bytes,
+        smtputf8: bool,
+        body: Optional[str],
     ) -> dict[bytes, DeliveryResult]:
         connection = await self._acquire(target)
         ok = False
         try:
-            results, ok = await self._transaction(connection, mailFrom, recipients, data)
+            results, ok = await self._transaction(
+                connection, mailFrom, recipients, data, smtputf8, body
+            )
         finally:
             self._release(connection, reuse=ok)
         return results
@@ -462,7 +496,7 @@ class SMTPConnectionPool:
         slots.count -= 1
         if reuse and connection.usable:
             connection.protocol.quit()
-        else:
+        elif not connection.protocol.closing:
             connection.protocol.abort()
         self._wakeWaiter(slots)
 
@@ -639,9 +673,21 @@ class SMTPConnectionPool:
         mailFrom: bytes,
         recipients: tuple[bytes, ...],
         data: bytes,
+        smtputf8: bool,
+        bodyType: Optional[str],
     ) -> tuple[dict[bytes, DeliveryResult], bool]:
         """
         MAIL, RCPT..., DATA, the message; per-recipient results.
+
+        BODY=8BITMIME goes to a server that offers 8BITMIME when the message
+        came with it or has 8-bit bytes (BODY=7BIT when it came with that);
+        to one that does not, the message goes as it is, without BODY.
+        SMTPUTF8 goes to a server that offers it when the message came with
+        it or needs it. A message needs it when an address is UTF-8, or it
+        came with SMTPUTF8 and its header has UTF-8 (Postfix's rule); one
+        that needs it fails for good (553 5.6.7, as Postfix bounces it) at
+        a server that does not offer it: RFC 6531 3.4 forbids sending it,
+        and it would be refused or mangled.
 
         @return: the results and whether the connection may be reused.
         """
@@ -658,16 +704,20 @@ class SMTPConnectionPool:
                 text = f"5.3.4 message size {len(body)} exceeds {remote}'s limit of {limit}"
                 return dict.fromkeys(recipients, DeliveryResult(552, text, remote)), True
             mail += b" SIZE=%d" % (len(body) - 3)  # without the final ".\r\n"
-        if "8BITMIME" in extensions and not body.isascii():
-            mail += b" BODY=8BITMIME"
-        if not all(address.isascii() for address in (mailFrom, *recipients)):
-            if "SMTPUTF8" not in extensions:
-                # RFC 6531 3.4: no UTF-8 address to a server that did not
-                # offer it; it would be refused, or worse, mangled (Postfix
-                # bounces it the same way).
-                text = f"5.6.7 SMTPUTF8 is required, but was not offered by {remote}"
-                return dict.fromkeys(recipients, DeliveryResult(553, text, remote)), True
-            mail += b" SMTPUTF8"
+        if "8BITMIME" in extensions:
+            if bodyType == "8BITMIME" or not body.isascii():
+                mail += b" BODY=8BITMIME"
+            elif bodyType == "7BIT":
+                mail += b" BODY=7BIT"
+        needsUTF8 = not all(address.isascii() for address in (mailFrom, *recipients)) or (
+            smtputf8 and not splitHeader(data).isascii()
+        )
+        if "SMTPUTF8" in extensions:
+            if smtputf8 or needsUTF8:
+                mail += b" SMTPUTF8"
+        elif needsUTF8:
+            text = f"5.6.7 SMTPUTF8 is required, but was not offered by {remote}"
+            return dict.fromkeys(recipients, DeliveryResult(553, text, remote)), True
         commands = [mail] + [b"RCPT TO:" + _address(r) for r in recipients] + [b"DATA"]
         try:
             if "PIPELINING" in extensions:
@@ -727,8 +777,8 @@ class SMTPConnectionPool:
         return results, protocol.lost is None
 
     async def _reset(self, protocol: SMTPClientProtocol) -> None:
-        """RSET after a transaction that did not end in DATA."""
-        if protocol.lost is not None:
+        """RSET after a transaction that did not end in DATA; QUIT if it is refused."""
+        if protocol.lost is not None or protocol.closing:
             return
         try:
             reply = await protocol.command(b"RSET")

@@ -26,6 +26,9 @@ from attrs import frozen
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
+_BEFORE_SPACE = re.compile(r"(?= )")
+_WIDTH = 78
+_LIMIT = 998
 
 MAILER_DAEMON = "MAILER-DAEMON"
 
@@ -73,6 +76,33 @@ def statusCode(code: int, text: str, expired: bool = False) -> str:
 def _clean(text: str) -> str:
     """One line, no control characters: remote text must not break the header."""
     return _UNSAFE.sub(" ", text).strip()
+
+
+def fold(line: str, width: int = _WIDTH, limit: int = _LIMIT) -> str:
+    """
+    C{line} folded (RFC 5322 2.2.3) before its spaces into lines of at most
+    C{width} octets where the words allow, and never more than C{limit}:
+    a remote server's reply, joined into one line, can be longer than any
+    line a message may have. Unfolding (removing each CRLF) gives C{line}
+    back, except that a word longer than C{limit} is cut with a space.
+    """
+    if len(line.encode()) <= width:
+        return line
+    lines: list[str] = []
+    current = ""
+    for piece in _BEFORE_SPACE.split(line):
+        if current.strip() and len((current + piece).encode()) > width:
+            lines.append(current)
+            current = ""
+        current += piece
+        while len(current.encode()) > limit:
+            cut = limit
+            while len(current[:cut].encode()) > limit:
+                cut -= 1
+            lines.append(current[:cut])
+            current = " " + current[cut:]
+    lines.append(current)
+    return "\r\n".join(lines)
 
 
 def _addressField(address: bytes) -> str:
@@ -140,7 +170,7 @@ def buildBounce(
     for failure in failures:
         where = f"host {failure.remote} said: " if failure.remote else ""
         reply = f"{failure.code} {failure.text}" if failure.code else failure.text
-        human.append(f"<{_display(failure.address)}>: {where}{_clean(reply)}")
+        human.append(fold(f"<{_display(failure.address)}>: {where}{_clean(reply)}"))
     perMessage = [
         f"Reporting-MTA: dns; {hostname}",
         f"X-Dcrouter-Queue-ID: {queueId}",
@@ -162,7 +192,7 @@ def buildBounce(
             fields.append(f"Diagnostic-Code: X-dcrouter; {_clean(failure.text)}")
         if failure.lastAttempt is not None:
             fields.append(f"Last-Attempt-Date: {formatdate(failure.lastAttempt, localtime=False)}")
-        blocks.append("\r\n".join(fields))
+        blocks.append("\r\n".join(fold(line) for line in fields))
     if len(original) <= returnLimit:
         returnedType = "message/rfc822"
         returned = original

@@ -9,16 +9,21 @@ server that fails or times out fails for now.
 
 The resolver is any C{IResolver} (twisted.names), injected: the daemon
 passes C{twisted.names.client.createResolver()}, tests a fake.
+
+L{Myself} tells which MX hosts are this server, so that mail for a domain
+whose best MX is this server fails at once (a loop) and a backup MX sends
+only to the hosts more preferred than itself, as Postfix does.
 """
 
 from __future__ import annotations
 
 import random
 import socket
-from collections.abc import Sequence
-from typing import Any, Optional
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any, Optional, Union
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.names import dns
@@ -46,6 +51,67 @@ class MXHost:
     name: str
     preference: int
     addresses: tuple[str, ...]
+
+
+IPAddress = Union[IPv4Address, IPv6Address]
+
+
+def _addresses(texts: Iterable[str]) -> frozenset[IPAddress]:
+    """IP addresses from text; a wildcard (C{0.0.0.0}, C{::}) is left out, not a host."""
+    parsed = (ip_address(text) for text in texts)
+    return frozenset(address for address in parsed if not address.is_unspecified)
+
+
+def _names(names: Iterable[str]) -> frozenset[str]:
+    """Host names as they are compared: lower case, no final dot."""
+    return frozenset(name.lower().rstrip(".") for name in names)
+
+
+def _ports(ports: Iterable[int]) -> frozenset[int]:
+    return frozenset(ports)
+
+
+@frozen
+class Myself:
+    """
+    This mail server, to tell an MX host that is itself: mail sent there
+    would come straight back (a loop).
+
+    @ivar names: its host names (lower-case A-labels, no final dot).
+    @ivar addresses: the addresses it takes mail on; loopback and
+        unspecified addresses are always its own.
+    @ivar ports: the ports it takes mail on: a host on another port is
+        another server (a test's sink, a second MTA on this machine).
+    """
+
+    names: frozenset[str] = field(converter=_names)
+    addresses: frozenset[IPAddress] = field(converter=_addresses, factory=frozenset)
+    ports: frozenset[int] = field(converter=_ports, default=frozenset({25}))
+
+    def isMe(self, host: MXHost, port: int) -> bool:
+        """Is C{host}, on C{port}, this server: by its name or one of its addresses?"""
+        if port not in self.ports:
+            return False
+        if host.name.lower().rstrip(".") in self.names:
+            return True
+        for text in host.addresses:
+            address = ip_address(text.partition("%")[0])
+            if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            if address.is_loopback or address.is_unspecified or address in self.addresses:
+                return True
+        return False
+
+    def trim(self, hosts: Sequence[MXHost], port: int) -> list[MXHost]:
+        """
+        The hosts to try: as Postfix does, those more preferred than the
+        best MX that is this server (a backup MX sends on to the primary);
+        all of them if none is; none if this server is the best MX.
+        """
+        mine = [host.preference for host in hosts if self.isMe(host, port)]
+        if not mine:
+            return list(hosts)
+        return [host for host in hosts if host.preference < min(mine)]
 
 
 def _notFound(reason: Failure) -> bool:

@@ -115,6 +115,11 @@ class Envelope:
     @ivar clientAddress: the real client's IP address (after PROXY).
     @ivar helo: what the client said in HELO/EHLO.
     @ivar authUser: the authenticated user, or C{None}.
+    @ivar smtputf8: MAIL carried SMTPUTF8 (RFC 6531): delivery asks the
+        next hop for it too, and refuses a hop that lacks it when the
+        message needs it.
+    @ivar body: MAIL's BODY parameter (C{"7BIT"}, C{"8BITMIME"}) or
+        C{None}, passed on to a next hop that offers 8BITMIME.
     """
 
     mailFrom: bytes
@@ -122,6 +127,8 @@ class Envelope:
     clientAddress: str = ""
     helo: str = ""
     authUser: Optional[str] = None
+    smtputf8: bool = False
+    body: Optional[str] = None
 
     def toJSON(self) -> dict[str, Any]:
         """A JSON-able form; bytes go through Latin-1, which maps every byte."""
@@ -131,17 +138,21 @@ class Envelope:
             "client": self.clientAddress,
             "helo": self.helo,
             "auth": self.authUser,
+            "smtputf8": self.smtputf8,
+            "body": self.body,
         }
 
     @classmethod
     def fromJSON(cls, data: Mapping[str, Any]) -> Envelope:
-        """The inverse of L{toJSON}."""
+        """The inverse of L{toJSON}; files written before a key existed get its default."""
         return cls(
             mailFrom=data["from"].encode("latin-1"),
             recipients=tuple(r.encode("latin-1") for r in data["rcpt"]),
             clientAddress=data.get("client", ""),
             helo=data.get("helo", ""),
             authUser=data.get("auth"),
+            smtputf8=bool(data.get("smtputf8", False)),
+            body=data.get("body"),
         )
 
 
@@ -672,8 +683,10 @@ class MailQueue(Service):
 
     Start it (C{startService}, or L{start}) before delivery begins: it locks
     the directory, deletes half-written files and resumes every queued
-    message. L{accept} may be called before recovery ends; the message is
-    written after it.
+    message. Nothing is written to the directory before it is locked: once
+    L{start} was called, L{accept} may be called before recovery ends (the
+    message is written after it); before L{start} or after L{stop}, every
+    write fails with L{QueueError}.
 
     @ivar stats: counters for metrics: C{accepted}, C{batches},
         C{batchedOps}, C{delivered}, C{deferred}, C{failed}, C{bounces},
@@ -793,10 +806,16 @@ class MailQueue(Service):
         return started
 
     def _startFailed(self, reason: Failure, started: Deferred[None]) -> Failure:
-        """A failed start leaves the queue stopped, and startable again."""
+        """
+        A failed start leaves the queue stopped, and startable again; what
+        was waiting for the lock fails (it may be another process's).
+        """
         self._running = False
         if self._started is started:
             self._started = None
+        waiting, self._ops = self._ops, deque()
+        for op in waiting:
+            self._refuse(op, f"the queue did not start: {reason.getErrorMessage()}")
         return reason
 
     async def _start(self) -> None:
@@ -860,6 +879,7 @@ class MailQueue(Service):
             os.close(self._lockFD)
             self._lockFD = None
         self._started = None
+        self._recovered = False  # no more spills into tmp/ either
 
     # -- accepting
 
@@ -907,8 +927,7 @@ class MailQueue(Service):
         self, op: _Op, envelope: Envelope, arrival: float, cache: Optional[bytes]
     ) -> Deferred[str]:
         """Commit a new message file; register it once durable."""
-        self._ops.append(op)
-        self._kick()
+        self._enqueue(op)
 
         def committed(total: int) -> str:
             offset = len(_preamble(op.header)) + len(op.header) + 1
@@ -938,9 +957,33 @@ class MailQueue(Service):
 
     # -- the committer
 
+    def _enqueue(self, op: _Op) -> Deferred[Any]:
+        """
+        Hand a disk change to the committer: at once if the directory is
+        locked, else when L{start} has locked it; refused if the queue is
+        not started (no write ever happens without the lock).
+        """
+        if self._started is None:
+            self._refuse(op, "the queue is not started")
+        else:
+            self._ops.append(op)
+            self._kick()
+        return op.deferred
+
+    def _refuse(self, op: _Op, why: str) -> None:
+        """Fail a disk change that was never carried out; drop its tmp file, if any."""
+        if op.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(op.fd)
+            op.fd = None
+            if op.tmpPath is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(op.tmpPath)
+        op.deferred.errback(Failure(QueueError(f"{self.directory}: {why}")))
+
     def _kick(self) -> None:
-        """Start a batch with every waiting disk change, unless one is running."""
-        if self._committing is not None or not self._ops:
+        """Start a batch with every waiting disk change, unless one runs or there is no lock."""
+        if self._committing is not None or not self._ops or self._lockFD is None:
             return
         ops: list[_Op] = []
         while self._ops and len(ops) < self.maxBatch:
@@ -989,17 +1032,11 @@ class MailQueue(Service):
             },
             separators=(",", ":"),
         ).encode("ascii")
-        op = _Op("state", message.queueId, data=data)
-        self._ops.append(op)
-        self._kick()
-        return op.deferred
+        return self._enqueue(_Op("state", message.queueId, data=data))
 
     def _removeFiles(self, queueId: str) -> Deferred[None]:
         """Remove a finished message's files (in the next batch)."""
-        op = _Op("remove", queueId)
-        self._ops.append(op)
-        self._kick()
-        return op.deferred
+        return self._enqueue(_Op("remove", queueId))
 
     # -- scheduling
 

@@ -12,6 +12,7 @@ deliverer sends it on by the rules.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from ipaddress import ip_network
 from typing import Any, Optional, cast
 
@@ -45,7 +46,7 @@ from dcrouter.mail.delivery import (
 )
 from dcrouter.mail.deliveryclient import SMTPConnectionPool
 from dcrouter.mail.dkimsign import DkimKey, loadKeyFile, publicRecord
-from dcrouter.mail.mxresolver import MXResolver
+from dcrouter.mail.mxresolver import MXResolver, Myself
 from dcrouter.mail.policy import DomainPolicy
 from dcrouter.mail.queue import MailQueue
 from dcrouter.mail.sinks import QueueSink
@@ -137,6 +138,14 @@ def acceptedRecipients(settings: EmailSettings) -> DomainPolicy:
     )
 
 
+def myself(settings: EmailSettings, addresses: Sequence[str]) -> Myself:
+    """
+    This server for the MX loop check: its hostname, the addresses its
+    mail ports are bound to (a wildcard adds none), its public mail ports.
+    """
+    return Myself(names={settings.hostname}, addresses=addresses, ports=settings.ports)
+
+
 class MailService(MultiService):
     """The internal listeners, the queue and the deliverer of C{[email]}."""
 
@@ -148,7 +157,12 @@ class MailService(MultiService):
         reactor: Any,
         threadpool: ThreadPool,
         ldap: Optional[LDAPSettings] = None,
+        addresses: Sequence[str] = (),
     ) -> None:
+        """
+        @param addresses: where the router takes the public mail ports (its
+            C{[defaults] bind}), for the MX loop check.
+        """
         super().__init__()
         self.settings = settings
         self.reactor = reactor
@@ -159,7 +173,7 @@ class MailService(MultiService):
         modes = [
             ForwardMode(self.pool, reactor, threadpool),
             MtaMode(self.pool, MXResolver(Resolver(resolv=RESOLV_CONF, reactor=reactor)),
-                    reactor, threadpool),
+                    reactor, threadpool, myself=myself(settings, addresses)),
             LocalMode(os.path.join(stateDir, "mail", "maildir"), reactor, threadpool, reactor,
                       settings.hostname),
             RejectMode(),

@@ -25,13 +25,18 @@ __all__ = ["QueueSink", "queueEnvelope"]
 
 
 def queueEnvelope(envelope: Envelope) -> queue.Envelope:
-    """The queue's envelope for a transaction: addresses as UTF-8 bytes."""
+    """
+    The queue's envelope for a transaction: addresses as UTF-8 bytes, and
+    MAIL's SMTPUTF8 and BODY, which delivery passes on.
+    """
     return queue.Envelope(
         mailFrom=envelope.reversePath.encode("utf-8"),
         recipients=tuple(str(r).encode("utf-8") for r in envelope.recipients),
         clientAddress=envelope.clientHost or "",
         helo=envelope.helo,
         authUser=envelope.authUser,
+        smtputf8=envelope.smtputf8,
+        body=envelope.body,
     )
 
 

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from dcrouter.config.email import EmailSettings
 from dcrouter.mail.delivery import (
     Deliverer,
     DomainRule,
@@ -31,9 +32,10 @@ from dcrouter.mail.delivery import (
 )
 from dcrouter.mail.deliveryclient import SetupFailed, SMTPConnectionPool, SMTPTarget, encodeData
 from dcrouter.mail.dkimsign import DkimError, fromDomain, loadKey, publicRecord, sign
-from dcrouter.mail.mxresolver import DNSFailure, MXResolver
+from dcrouter.mail.mxresolver import DNSFailure, MXHost, MXResolver, Myself
 from dcrouter.mail.policy import DomainPolicy
 from dcrouter.mail.queue import DeliveryResult, Envelope, QueuedMessage, RecipientState
+from dcrouter.mail.service import myself
 from tests.unit.test_mail_queue import SyncPool, SyncReactor, failure, fired
 
 MESSAGE = (
@@ -217,6 +219,7 @@ class ScriptedServer:
         self.rcptReply = lambda address: b"250 2.1.5 ok"
         self.dataReply = b"250 2.0.0 queued"
         self.mailReply = b"250 2.1.0 ok"
+        self.rsetReply = b"250 2.0.0 ok"
         self.silent = False
 
 
@@ -276,7 +279,7 @@ class ScriptedTransport(StringTransport):
             self.mailOk = self.rcptOk = False
         elif verb in (b"RSET", b"NOOP"):
             self.mailOk = self.rcptOk = False
-            self.reply(b"250 ok")
+            self.reply(server.rsetReply if verb == b"RSET" else b"250 ok")
         elif verb == b"AUTH":
             self.reply(b"235 2.7.0 ok")
         elif verb == b"QUIT":
@@ -492,6 +495,98 @@ def test_replies_injected_before_tls_are_not_read_as_replies_under_tls():
     assert fired(d)[b"b@r.example"].code == 451
 
 
+class LingeringTransport(ScriptedTransport):
+    """
+    Closes as TCP does: after QUIT and loseConnection the connection stays
+    up until the test says (the server's 221 and FIN are still on the way),
+    and this connection's server answers nothing more.
+    """
+
+    quitting = False
+
+    def command(self, line):
+        if self.quitting or line == b"QUIT":
+            self.server.commands.append(line)
+            self.quitting = True
+            return
+        super().command(line)
+
+    def loseConnection(self):
+        self.quitting = True
+
+    def finishClose(self):
+        self.abortConnection()
+
+
+class HeldEndpoint:
+    """Connects when the test fires C{held}, with a L{LingeringTransport}."""
+
+    def __init__(self, server):
+        self.server = server
+        self.transports = []
+        self.held = []
+
+    def connect(self, factory):
+        protocol = factory.buildProtocol(None)
+        transport = LingeringTransport(self.server)
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        self.transports.append(transport)
+        self.server.connections += 1
+        protocol.dataReceived(self.server.greeting + b"\r\n")
+        d = defer.Deferred()
+        self.held.append(lambda: d.callback(protocol))
+        return d
+
+
+def test_a_connection_whose_rset_is_refused_is_never_handed_on():
+    """
+    The client QUITs a connection whose RSET is refused; a message waiting
+    for a connection to that target gets a new one, not the closing one
+    (which would give it a spurious 4xx and a retry).
+    """
+    server = ScriptedServer()
+    server.mailReply = b"553 5.7.1 sender rejected"
+    server.rsetReply = b"500 5.5.1 what?"
+    endpoint = HeldEndpoint(server)
+    pool = SMTPConnectionPool(
+        None,
+        "client.test",
+        clock=task.Clock(),
+        endpointFactory=lambda target: endpoint,
+        maxPerTarget=1,
+    )
+    first = pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE)
+    waiting = pool.send(TARGET, b"ok@s.example", [b"b@r.example"], MESSAGE)
+    endpoint.held.pop()()
+    assert fired(first)[b"b@r.example"].code == 553
+    assert server.commands[-2:] == [b"RSET", b"QUIT"]
+    assert not waiting.called and server.connections == 2  # a new connection for it
+    server.mailReply = b"250 2.1.0 ok"
+    endpoint.held.pop()()
+    endpoint.transports[0].finishClose()
+    assert fired(waiting)[b"b@r.example"] == DeliveryResult(250, "2.0.0 queued", "relay.test")
+
+
+def test_a_connection_the_server_closes_with_421_is_not_reused():
+    """RFC 5321 3.8: after a 421 the server closes; the next message gets a new connection."""
+    server = ScriptedServer()
+    server.dataReply = b"421 4.3.2 shutting down"
+    endpoint = HeldEndpoint(server)
+    pool = SMTPConnectionPool(
+        None, "client.test", clock=task.Clock(), endpointFactory=lambda target: endpoint
+    )
+    first = pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE)
+    endpoint.held.pop()()
+    assert fired(first)[b"b@r.example"].code == 421
+    assert server.commands[-1] == b"QUIT"
+    server.dataReply = b"250 2.0.0 queued"
+    second = pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE)
+    assert server.connections == 2 and pool.stats["reused"] == 0
+    endpoint.held.pop()()
+    assert fired(second)[b"b@r.example"].code == 250
+
+
 def test_a_silent_server_times_out():
     server = ScriptedServer()
     pool, clock = makePool(server, commandTimeout=30)
@@ -530,6 +625,62 @@ def test_a_utf8_address_is_not_sent_to_a_server_without_smtputf8():
     results = fired(pool.send(TARGET, b"a@s.example", [recipient], MESSAGE))
     assert results[recipient].code == 250
     assert any(c.endswith(b" SMTPUTF8") for c in server.commands if c.startswith(b"MAIL"))
+
+
+def mailCommand(server):
+    return next(c for c in server.commands if c.startswith(b"MAIL"))
+
+
+def test_smtputf8_and_body_from_mail_are_passed_on_where_offered():
+    """The MAIL parameters the message came with go to a next hop that offers them."""
+    server = ScriptedServer(extensions=("PIPELINING", "8BITMIME", "SMTPUTF8"))
+    pool, clock = makePool(server)
+    results = fired(
+        pool.send(
+            TARGET, b"a@s.example", [b"b@r.example"], MESSAGE, smtputf8=True, body="8BITMIME"
+        )
+    )
+    assert results[b"b@r.example"].code == 250
+    assert mailCommand(server) == b"MAIL FROM:<a@s.example> BODY=8BITMIME SMTPUTF8"
+    server = ScriptedServer(extensions=("PIPELINING", "8BITMIME"))
+    pool, clock = makePool(server)
+    fired(pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE, body="7BIT"))
+    assert mailCommand(server) == b"MAIL FROM:<a@s.example> BODY=7BIT"
+
+
+def test_8bit_mail_goes_as_it_is_to_a_hop_without_8bitmime():
+    """No BODY= to a server that did not offer 8BITMIME (RFC 6152), no conversion either."""
+    server = ScriptedServer(extensions=("PIPELINING",))
+    pool, clock = makePool(server)
+    data = MESSAGE + "gr\u00fc\u00dfe\r\n".encode()
+    results = fired(
+        pool.send(TARGET, b"a@s.example", [b"b@r.example"], data, smtputf8=True, body="8BITMIME")
+    )
+    assert results[b"b@r.example"].code == 250
+    assert mailCommand(server) == b"MAIL FROM:<a@s.example>"  # an ASCII header needs no SMTPUTF8
+    assert server.messages == [data]
+
+
+def test_a_message_that_needs_smtputf8_fails_for_good_at_a_hop_without_it():
+    """
+    Sent with SMTPUTF8 and a UTF-8 header: a server that does not offer
+    SMTPUTF8 must not get it (553 5.6.7, as Postfix bounces it); without
+    SMTPUTF8 in MAIL the same bytes go as they are, as Postfix sends them.
+    """
+    data = "From: J\u00f6rg <a@s.example>\r\n\r\nHi.\r\n".encode()
+    server = ScriptedServer()
+    pool = SMTPConnectionPool(
+        None, "client.test", clock=task.Clock(), endpointFactory=lambda t: ScriptedEndpoint(server)
+    )
+    mode = ForwardMode(pool, SyncReactor(), SyncPool())
+    forwardRule = rule("*", "forward", server="smarthost.test", tls="off")
+    envelope = Envelope(b"a@s.example", (b"b@r.example",), smtputf8=True)
+    [result] = fired(mode.deliver(envelope, queued(data), (b"b@r.example",), forwardRule))
+    assert result.code == 553 and result.text.startswith("5.6.7 SMTPUTF8 is required")
+    assert not any(c.startswith(b"MAIL") for c in server.commands)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(data), (b"b@r.example",), forwardRule))
+    assert result.code == 250 and server.messages == [data]
 
 
 def test_an_oversized_message_fails_for_good():
@@ -662,6 +813,73 @@ def test_mta_mode_tries_the_next_host_when_one_is_down():
     results = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
     assert results == [DeliveryResult(250, "2.0.0 queued", "b.r.example")]
     assert tried == [("192.0.2.1", 2525, "a.r.example"), ("192.0.2.2", 2525, "b.r.example")]
+
+
+def loopMode(resolver, tried, **myself):
+    def endpoint(target):
+        tried.append(target.serverName)
+        return ScriptedEndpoint(ScriptedServer(), refuse=target.host == "192.0.2.2")
+
+    pool = SMTPConnectionPool(None, "client.test", clock=task.Clock(), endpointFactory=endpoint)
+    me = Myself(**{"names": {"mx.me.example"}, "addresses": ("198.51.100.1",), **myself})
+    return MtaMode(pool, MXResolver(resolver), SyncReactor(), SyncPool(), myself=me)
+
+
+@pytest.mark.parametrize(
+    "mx, a",
+    [
+        ([(10, "mx.me.example")], {"mx.me.example": ["203.0.113.9"]}),  # my name
+        ([(10, "mx.r.example")], {"mx.r.example": ["198.51.100.1"]}),  # my address
+        ([(10, "mx.r.example")], {"mx.r.example": ["127.0.0.1"]}),  # loopback
+        ([], {"r.example": ["198.51.100.1"]}),  # no MX: the domain's own address
+    ],
+)
+def test_mail_whose_best_mx_is_this_server_loops_back_to_myself(mx, a):
+    """Postfix's check: fail for good at once, not after 50 hops round the loop."""
+    tried = []
+    mode = loopMode(FakeResolver(mx={"r.example": mx}, a=a), tried)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert result == DeliveryResult(554, "5.4.6 mail for r.example loops back to myself")
+    assert tried == []
+
+
+def test_a_backup_mx_sends_only_to_more_preferred_hosts():
+    resolver = FakeResolver(
+        mx={"r.example": [(10, "a.r.example"), (20, "mx.me.example"), (30, "c.r.example")]},
+        a={
+            "a.r.example": ["192.0.2.2"],
+            "mx.me.example": ["198.51.100.1"],
+            "c.r.example": ["192.0.2.3"],
+        },
+    )
+    tried = []
+    mode = loopMode(resolver, tried)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert result.code == 421  # the primary is down: wait for it, never a less preferred host
+    assert tried == ["a.r.example"]
+
+
+def test_this_server_on_another_port_is_another_server():
+    tried = []
+    resolver = FakeResolver(
+        mx={"r.example": [(10, "mx.r.example")]}, aaaa={"mx.r.example": ["::1"]}
+    )
+    mode = loopMode(resolver, tried, ports={587})
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert result.code == 250 and tried == ["mx.r.example"]
+
+
+def test_the_mail_service_knows_itself_by_hostname_bind_address_and_mail_ports():
+    settings = EmailSettings(hostname="mx.me.example", ports=(25, 587))
+    me = myself(settings, ("0.0.0.0", "198.51.100.1", "2001:db8::1"))
+    assert me.isMe(MXHost("MX.me.example.", 10, ("192.0.2.1",)), 25)
+    assert me.isMe(MXHost("other.example", 10, ("2001:db8::1",)), 25)
+    assert me.isMe(MXHost("other.example", 10, ("::ffff:198.51.100.1",)), 25)
+    assert not me.isMe(MXHost("other.example", 10, ("192.0.2.1",)), 25)
+    assert not me.isMe(MXHost("mx.me.example", 10, ("198.51.100.1",)), 2525)
 
 
 def test_mta_mode_bounces_a_domain_that_does_not_exist():

@@ -15,6 +15,8 @@ from twisted.python.failure import Failure
 
 from dcrouter.mail import queue as queuemodule
 from dcrouter.mail.dsn import FailedRecipient, buildBounce, statusCode
+from dcrouter.mail.envelope import Envelope as SMTPEnvelope
+from dcrouter.mail.envelope import MailAddress
 from dcrouter.mail.queue import (
     DELIVERED,
     FAILED,
@@ -26,6 +28,7 @@ from dcrouter.mail.queue import (
     QueueFull,
     RetrySchedule,
 )
+from dcrouter.mail.sinks import queueEnvelope
 
 MESSAGE = (
     b"From: Alice <alice@sender.example>\r\n"
@@ -189,6 +192,35 @@ def test_accept_needs_a_recipient(tmp_path):
 def test_envelope_round_trips_through_json():
     original = Envelope(b"\xc3\xa9@x.example", (b"a@b.example", b"\xff@c.example"), "::1", "h", "u")
     assert Envelope.fromJSON(json.loads(json.dumps(original.toJSON()))) == original
+
+
+def test_smtputf8_and_body_survive_a_queue_write_and_reload(tmp_path):
+    """
+    MAIL's SMTPUTF8 and BODY reach the queue file and come back after a
+    restart; a file written before they were stored loads as without them.
+    """
+    server = SMTPEnvelope(
+        id="T1",
+        mailFrom=MailAddress("j\u00f6rg", "s.example"),
+        client=None,
+        server=None,
+        helo="client.example",
+        smtputf8=True,
+        body="8BITMIME",
+        recipients=[MailAddress("bob", "r.example")],
+    )
+    q, clock = makeQueue(tmp_path)
+    started(q)
+    queueId = fired(q.accept(queueEnvelope(server), MESSAGE))
+    fired(q.stop())
+    q2, _ = makeQueue(tmp_path)
+    started(q2)
+    restored = q2.messages[queueId].envelope
+    assert restored.smtputf8 is True and restored.body == "8BITMIME"
+    assert restored.mailFrom == "j\u00f6rg@s.example".encode()
+    old = {"from": "a@s.example", "rcpt": ["b@r.example"], "client": "", "helo": "h", "auth": None}
+    assert Envelope.fromJSON(old) == Envelope(b"a@s.example", (b"b@r.example",), "", "h")
+    assert Envelope.fromJSON(old).smtputf8 is False and Envelope.fromJSON(old).body is None
 
 
 def test_group_commit_batches_what_arrives_during_an_fsync(tmp_path):
@@ -452,6 +484,37 @@ def test_status_codes():
     assert statusCode(450, "5.1.1 mismatched class") == "4.0.0"
     assert statusCode(0, "", expired=True) == "4.4.7"
     assert statusCode(421, "4.4.1 connect to x: refused", expired=True) == "4.4.1"
+
+
+def test_a_long_diagnostic_is_folded_without_losing_text():
+    """
+    A remote server's long multi-line reply, joined into one line, is
+    folded (RFC 5322 2.2.3): no line over 998 octets, lines of words within
+    78, and unfolding gives the text back (a word over 998 is cut with a space).
+    """
+    words = " ".join(f"w\u00f6rd{i}" for i in range(400))
+    long = "x" * 1500
+    text = f"5.7.1 {words} {long} end"
+    bounce = buildBounce(
+        hostname="mx.test",
+        sender=b"a@b.example",
+        queueId="ABC",
+        arrival=0,
+        now=0,
+        failures=[FailedRecipient(b"c@d.example", 550, text, "mx.d.example")],
+        original=MESSAGE,
+    )
+    lines = bounce.split(b"\r\n")
+    assert max(len(line) for line in lines) <= 998
+    folded = [line for line in lines if b"w\xc3\xb6rd2" in line]
+    assert len(folded) > 10 and all(len(line) <= 78 for line in folded)
+    start = lines.index(next(line for line in lines if line.startswith(b"Diagnostic-Code:")))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith(b" "))
+    unfolded = b"".join(lines[start:end]).decode()
+    # The 1,500-octet word starts a line (after its space) and is cut after 998.
+    cut = f"{'x' * 997} {'x' * 503}"
+    assert unfolded == f"Diagnostic-Code: smtp; 550 5.7.1 {words} {cut} end"
+    assert f"{words} {cut} end".encode() in bounce.replace(b"\r\n", b"")  # the human part
 
 
 def test_a_bounce_carries_no_header_injection():
@@ -742,6 +805,40 @@ def test_stop_cancels_attempts_after_the_grace_and_keeps_them_pending(tmp_path):
     fired(stopped)
     assert deliver.cancelled == [queueId]
     assert files(q, "active") == [queueId] and files(q, "state") == []
+
+
+def test_nothing_is_written_before_start_or_after_stop(tmp_path):
+    """Writes need the directory's lock, which start() takes: without it they fail."""
+    q, clock = makeQueue(tmp_path)
+    failure(q.accept(envelope(), MESSAGE)).trap(QueueError)
+    incoming = q.openMessage(envelope())
+    incoming.write(MESSAGE)
+    failure(incoming.commit()).trap(QueueError)
+    assert not os.path.exists(q.directory)
+    started(q)
+    fired(q.stop())
+    failure(q.accept(envelope(), MESSAGE)).trap(QueueError)
+    assert files(q, "active") == [] and files(q, "tmp") == []
+
+
+def test_a_message_taken_in_while_starting_waits_for_the_lock(tmp_path):
+    """
+    Accepted before start() has locked the directory: nothing is written
+    until it has; if another process holds the lock, the message fails
+    (451) instead of landing in that process's queue.
+    """
+    other, _ = makeQueue(tmp_path)
+    started(other)
+    pool = ManualPool()
+    q, clock = makeQueue(tmp_path, pool=pool)
+    starting = q.start()
+    accepted = q.accept(envelope(), MESSAGE)
+    assert len(pool.held) == 1  # the lock (prepare) only; the write waits for it
+    pool.runAll()
+    failure(starting).trap(QueueError)
+    failure(accepted).trap(QueueError)
+    assert files(other, "active") == [] and files(other, "tmp") == []
+    fired(other.stop())
 
 
 def test_a_message_taken_in_while_starting_is_delivered_once(tmp_path):
