@@ -205,7 +205,8 @@ class DcRouter(MultiService):
     The daemon: listeners, the live route table, reload and graceful stop.
 
     Build it from a L{RouterConfig} (from Python or from L{loadConfig}); with
-    C{configPath} set, SIGHUP (or L{reload}) re-reads that file.
+    C{configPath} set, SIGHUP (or L{reload}) re-reads that file (except in
+    a worker, which its supervisor sends the configuration it checked).
     """
 
     def __init__(
@@ -237,7 +238,7 @@ class DcRouter(MultiService):
         self.steered: set[ListenKey] = set()
         self.workers: Optional[WorkerPool] = None
         if role.kind == "supervisor":
-            assert configPath is not None, "workers read the configuration file"
+            assert configPath is not None, "a supervisor reloads from the configuration file"
             self.workers = WorkerPool(self.reactor, configPath, config, role.count, self.groups)
         self.previousHangup: Any = None
         self.stopping = False
@@ -336,7 +337,12 @@ class DcRouter(MultiService):
         self.certificateWatch = LoopingCall(self.checkCertificateFiles)
         self.certificateWatch.clock = self.reactor
         self.certificateWatch.start(CERTIFICATE_WATCH_INTERVAL, now=False)
-        if self.configPath is not None and threading.current_thread() is threading.main_thread():
+        # (A worker reloads on its supervisor's message, never on SIGHUP.)
+        if (
+            self.configPath is not None
+            and not self.isWorker
+            and threading.current_thread() is threading.main_thread()
+        ):
             self.previousHangup = signal.signal(signal.SIGHUP, self.onHangup)
         assert self.compiled is not None
         log.info(
@@ -633,9 +639,11 @@ class DcRouter(MultiService):
     def onHangup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self.reload)
 
-    def reload(self) -> bool:
+    def reload(self, config: Optional[RouterConfig] = None) -> bool:
         """
-        Re-read the configuration file and switch to it if it is valid.
+        Re-read the configuration file, or take C{config} (a worker: the
+        configuration its supervisor has just checked, not the file, which
+        may have changed since), and switch to it if it is valid.
 
         Only listeners that changed are opened or closed; connections in
         flight keep the routes they were accepted with. An invalid file, or
@@ -647,10 +655,17 @@ class DcRouter(MultiService):
             log.info("dcrouter is stopping; reload of {path} ignored", path=self.configPath)
             return False
         try:
-            compiled = loadAndCompile(
-                self.configPath, self.actions, self.reactor, self.defaultCertificate,
-                self.compiled, certs=self.certSource, adjust=self.adjust,
-            )
+            if config is None:
+                compiled = loadAndCompile(
+                    self.configPath, self.actions, self.reactor, self.defaultCertificate,
+                    self.compiled, certs=self.certSource, adjust=self.adjust,
+                )
+            else:
+                config = self.adjust(config)
+                compiled = compileConfig(
+                    config, self.actions, self.reactor, self.defaultCertificate(config),
+                    self.compiled, certs=self.certSource,
+                )
             config = compiled.config
         except ConfigErrors as e:
             self.logRejectedReload(e.errors)
@@ -693,12 +708,13 @@ class DcRouter(MultiService):
             log.warn("changed, but taken only at the next restart: {what}",
                      what=", ".join(unapplied))
         if self.workers is not None:
-            self.workers.config = config
             self.steerWhereNeeded(config)
             if newKeys == oldKeys:
-                self.workers.signalAll(signal.SIGHUP)
+                # What was checked here, not the file again: it may have changed since.
+                self.workers.reconfigure(config)
             else:
                 log.info("listeners changed: new workers start, the old ones drain")
+                self.workers.config = config
                 self.workers.replace(self.groups)
         log.info(
             "dcrouter reloaded {path}: {routes} routes on {ports} ports",

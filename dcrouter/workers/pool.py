@@ -7,9 +7,11 @@ given its share of every listener group as an inherited descriptor (see
 L{dcrouter.workers.sockets}). Its standard input is a pipe from the
 supervisor, which first sends the configuration it runs (L{configMessage}:
 a worker restarted after a crash serves that, not the file as it is now,
-perhaps half edited), then asks for a report on it now and then, answered
-on L{REPORT_FD} (see L{dcrouter.workers.reports}); when the supervisor is
-gone, the worker sees end of file and stops, so no worker outlives it.
+perhaps half edited), then at each reload the configuration it has just
+checked (the same message: no worker reads the file, which may have changed
+since), and asks for a report now and then, answered on L{REPORT_FD} (see
+L{dcrouter.workers.reports}); when the supervisor is gone, the worker sees
+end of file and stops, so no worker outlives it.
 """
 
 from __future__ import annotations
@@ -136,11 +138,15 @@ class _Worker(ProcessProtocol):
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # type: ignore[union-attr]
 
-    def askForReport(self) -> None:
+    def send(self, message: bytes) -> None:
+        """Write C{message} to the worker's standard input, unless it is gone."""
         try:
-            self.transport.writeToChild(0, b"report\n")  # type: ignore[union-attr]
+            self.transport.writeToChild(0, message)  # type: ignore[union-attr]
         except (KeyError, OSError):
             pass
+
+    def askForReport(self) -> None:
+        self.send(b"report\n")
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != REPORT_FD:
@@ -253,10 +259,16 @@ class WorkerPool(Service):
         if self.workers.get(worker.index) is worker:
             self.spawn(worker.index)
 
-    def signalAll(self, signum: int) -> None:
-        """Pass C{signum} (SIGHUP: reload) to every worker."""
-        for worker in list(self.workers.values()):
-            worker.signal(signum)
+    def reconfigure(self, config: RouterConfig) -> None:
+        """
+        A reload on the same listeners: every worker switches to C{config},
+        the configuration the supervisor has just checked, sent to it as at
+        its start; so do the workers started from now on.
+        """
+        self.config = config
+        message = configMessage(config)
+        for worker in self.workers.values():
+            worker.send(message)
 
     def replace(self, groups: SocketGroups) -> Deferred[Any]:
         """

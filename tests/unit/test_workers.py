@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import select
 import signal
 import socket
@@ -12,7 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from dcrouter.config.model import DaemonSettings, Defaults, Limits, RouteConfig, RouterConfig
@@ -170,12 +171,98 @@ def test_aWorkerThatRanLongIsRestartedAtOnce():
     assert pool.workers[1] is reactor.spawned[2][0]
 
 
-def test_signalsReachEveryWorker():
+def configsSent(data):
+    """The configurations in what a worker's standard input was sent (and nothing else)."""
+    configs = []
+    while data:
+        header, _, data = data.partition(b"\n")
+        configs.append(pickle.loads(data[:int(header)]))
+        data = data[int(header):]
+    return configs
+
+
+def test_aReloadSendsTheCheckedConfigurationToEveryWorker():
+    """Not SIGHUP: a worker would read the file, which may have changed since."""
     reactor, pool = makePool()
-    pool.signalAll(signal.SIGHUP)
-    assert [p.transport.signals for p, _, _ in reactor.spawned] == [
-        [signal.SIGHUP], [signal.SIGHUP],
-    ]
+    reloaded = RouterConfig(routes=(RouteConfig(name="b", ports=(80,)),))
+    pool.reconfigure(reloaded)
+    workers = [p for p, _, _ in reactor.spawned]
+    assert [configsSent(w.transport.written) for w in workers] == [[CONFIG, reloaded]] * 2
+    assert [w.transport.signals for w in workers] == [[], []]
+    end(workers[1], ProcessTerminated(exitCode=1))
+    reactor.advance(0.5)
+    assert configsSent(reactor.spawned[2][0].transport.written) == [reloaded]
+
+
+def test_aWorkerSwitchesToTheConfigurationItIsSent():
+    """Between report requests, in pieces; a report asked for after it is of it."""
+    from dcrouter.workers.worker import _SupervisorLink
+
+    reloaded = RouterConfig(routes=(RouteConfig(name="b", ports=(80,)),))
+    serving = [CONFIG]
+    link = _SupervisorLink(MemoryReactorClock(), lambda: {"routes": serving[-1].routes[0].name},
+                           serving.append)
+    transport = StringTransport()
+    link.makeConnection(transport)
+    message = configMessage(reloaded)
+    link.dataReceived(b"report\n" + message[:7])
+    link.dataReceived(message[7:-3])
+    assert serving == [CONFIG]
+    link.dataReceived(message[-3:] + b"report\nrep")
+    link.dataReceived(b"ort\n")
+    assert serving == [CONFIG, reloaded]
+    assert transport.value() == b'{"routes": "a"}\n' + b'{"routes": "b"}\n' * 2
+
+
+def test_aWorkerReloadsWhatItIsSentNotTheFile(tmp_path):
+    """The file may be half edited by now; the worker's share of the caps still applies."""
+    from dcrouter.service import DcRouter
+
+    path = tmp_path / "dcrouter.ini"
+    path.write_text("[route:site]\nports = eighty\n")
+    role = ProcessRole("worker", index=0, count=2, inherited={(80, "0.0.0.0"): 99})
+    running = RouterConfig(routes=(RouteConfig(name="a", ports=(80,), action="block"),))
+    worker = DcRouter(running, MemoryReactorClock(), configPath=str(path), role=role)
+    worker.privilegedStartService()
+    reloaded = RouterConfig(
+        defaults=Defaults(limits=Limits(max_connections=10)),
+        routes=(RouteConfig(name="b", ports=(80,), action="block"),),
+    )
+    assert worker.reload(reloaded)
+    assert [route.name for route in worker.config.routes] == ["b"]
+    assert worker.config.defaults.limits.max_connections == 5
+
+
+def test_theSupervisorSendsItsWorkersWhatItChecked(tmp_path):
+    """A reload on the same listeners: the configuration goes down the pipe, no SIGHUP."""
+    from dcrouter.config import loadConfig
+    from dcrouter.service import DcRouter
+
+    port = freePort()
+    path = tmp_path / "dcrouter.ini"
+
+    def write(body):
+        path.write_text(f"[dcrouter]\nstate_dir = {tmp_path}\n[defaults]\nbind = 127.0.0.1\n"
+                        f"[route:site]\nports = {port}\naction = static\nbody = {body}\n")
+
+    write("one")
+    reactor = ProcessReactor()
+    supervisor = DcRouter(loadConfig(str(path)), reactor, configPath=str(path),
+                          role=ProcessRole.forWorkers(2))
+    supervisor.privilegedStartService()
+    try:
+        supervisor.workers.startService()
+        write("two")
+        assert supervisor.reload()
+        workers = [p for p, _, _ in reactor.spawned]
+        sent = [configsSent(w.transport.written) for w in workers]
+        assert [[c.routes[0].options["body"].text for c in configs] for configs in sent] == [
+            ["one", "two"], ["one", "two"],
+        ]
+        assert sent[0][1] == supervisor.config
+        assert [w.transport.signals for w in workers] == [[], []]
+    finally:
+        supervisor.closeListeners(list(supervisor.groups))
 
 
 def test_stopDrainsThenKills():
