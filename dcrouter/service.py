@@ -464,7 +464,7 @@ class DcRouter(MultiService):
     def routerCollector(self) -> Any:
         """This process's router metrics, or the merged ones of its workers."""
         if self.workers is not None:
-            return WorkerMetrics(self.workers.reports)
+            return WorkerMetrics(self.workers.reports, self.workers.retired)
         return RouterCollector(self.accessCounter, self.live)
 
     def report(self) -> dict[str, Any]:

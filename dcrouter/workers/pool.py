@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dcrouter.config.model import RouterConfig
-from dcrouter.workers.reports import REPORT_INTERVAL
+from dcrouter.workers.reports import REPORT_INTERVAL, RetiredCounters
 
 log = Logger()
 
@@ -180,6 +180,8 @@ class WorkerPool(Service):
     @ivar config: the configuration a worker started now serves (the
         supervisor's, replaced at each reload it accepts).
     @ivar groups: the listener groups the workers serve, by (port, address).
+    @ivar draining: the workers told to stop that have not exited yet.
+    @ivar retired: the counters of the workers that have exited.
     """
 
     def __init__(
@@ -198,6 +200,8 @@ class WorkerPool(Service):
         self.groups = groups
         self.python = python
         self.workers: dict[int, _Worker] = {}
+        self.draining: list[_Worker] = []
+        self.retired = RetiredCounters()
         self.restartDelay: dict[int, float] = {}
         self.restarts = 0
         self.reporting = LoopingCall(self.askForReports)
@@ -209,13 +213,17 @@ class WorkerPool(Service):
             self.spawn(index)
         self.reporting.start(REPORT_INTERVAL, now=False)
 
+    def processes(self) -> list[_Worker]:
+        """Every worker process there is: serving, or draining after a reload."""
+        return [*self.workers.values(), *self.draining]
+
     def askForReports(self) -> None:
-        for worker in self.workers.values():
+        for worker in self.processes():
             worker.askForReport()
 
     def reports(self) -> list[dict[str, Any]]:
-        """The last report of every running worker."""
-        return [worker.report for worker in self.workers.values() if worker.report]
+        """The last report of every running worker (a draining one's too)."""
+        return [worker.report for worker in self.processes() if worker.report]
 
     def spawn(self, index: int) -> None:
         """Start worker C{index} on the current listener groups."""
@@ -239,7 +247,11 @@ class WorkerPool(Service):
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
     def workerEnded(self, worker: _Worker, reason: Failure) -> None:
-        """A worker exited: restart it, unless it was asked to go."""
+        """A worker exited: keep its counters; restart it, unless it was asked to go."""
+        self.retired.add(worker.report)
+        worker.report = {}
+        if worker in self.draining:
+            self.draining.remove(worker)
         if worker.retired or not self.running:
             return
         lived = self.reactor.seconds() - worker.startedAt
@@ -288,6 +300,7 @@ class WorkerPool(Service):
             worker.retired = True
             worker.signal(signal.SIGTERM)
         pending = [worker for worker in workers if not worker.ended.called]
+        self.draining.extend(pending)
         if not pending:
             return DeferredList([])
 

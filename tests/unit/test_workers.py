@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import select
@@ -29,7 +30,13 @@ from dcrouter.workers.pool import (
     parseListenSpec,
     readConfigMessage,
 )
-from dcrouter.workers.reports import REPORT_INTERVAL, WorkerMetrics, mergeMetrics, mergeStatus
+from dcrouter.workers.reports import (
+    REPORT_INTERVAL,
+    RetiredCounters,
+    WorkerMetrics,
+    mergeMetrics,
+    mergeStatus,
+)
 from dcrouter.workers.sockets import openGroup, steeringProgram
 from tests.helpers import freePort
 
@@ -452,12 +459,63 @@ def test_workersMetricsAddUpButHealthDoesNot():
     one = exposition(3, {"a:1": 1, "b:1": 0})
     two = exposition(4, {"a:1": 0, "b:1": 0})
     registry = CollectorRegistry()
-    registry.register(WorkerMetrics(lambda: [{"metrics": one}, {"metrics": two}]))
+    registry.register(WorkerMetrics(lambda: [{"metrics": one}, {"metrics": two}],
+                                    RetiredCounters()))
     merged = {family.name: family for family in mergeMetrics([one, two])}
     assert [s.value for s in merged["dcrouter_connections_accepted"].samples] == [7.0]
     up = {s.labels["target"]: s.value for s in merged["dcrouter_target_up"].samples}
     assert up == {"a:1": 1.0, "b:1": 0.0}
     assert "dcrouter_connections_accepted_total 7.0" in generate_latest(registry).decode()
+
+
+def report(worker, accepted, up):
+    """C{worker} reports C{accepted} connections and its targets' health."""
+    line = json.dumps({"metrics": exposition(accepted, up), "status": {}})
+    worker.childDataReceived(REPORT_FD, line.encode() + b"\n")
+
+
+def test_theCountersOfAWorkerThatExitedStayInTheTotals():
+    """
+    A crash, or a reload that replaces the workers, must not make a counter
+    go down (Prometheus would see a reset); the gauges of a worker that is
+    gone go with it, those of one still draining stay.
+    """
+    reactor, pool = makePool()
+    registry = CollectorRegistry()
+    registry.register(WorkerMetrics(pool.reports, pool.retired))
+
+    def accepted():
+        return registry.get_sample_value("dcrouter_connections_accepted_total")
+
+    def up():
+        return {target: registry.get_sample_value("dcrouter_target_up", {"target": target})
+                for target in ("a:1", "b:1", "c:1")}
+
+    first, second = pool.workers[0], pool.workers[1]
+    report(first, 3, {"a:1": 1})
+    report(second, 4, {"b:1": 1})
+    assert accepted() == 7
+
+    end(first, ProcessTerminated(signal=9))
+    assert accepted() == 7
+    assert up() == {"a:1": None, "b:1": 1.0, "c:1": None}
+    reactor.advance(0.5)
+    report(pool.workers[0], 1, {"c:1": 1})
+    assert accepted() == 8
+
+    # A reload with new listeners: the old workers drain, still counted.
+    pool.replace({(8080, "127.0.0.1"): [FakeSocket(30), FakeSocket(31)]})
+    old = [w for w in pool.draining]
+    assert len(old) == 2 and second in old
+    report(second, 5, {"b:1": 1})
+    report(pool.workers[0], 2, {"a:1": 0})
+    assert accepted() == 3 + 1 + 5 + 2
+    assert up()["b:1"] == 1.0, "a draining worker is still there"
+    for worker in old:
+        end(worker)
+    assert pool.draining == []
+    assert accepted() == 11
+    assert up() == {"a:1": 0.0, "b:1": None, "c:1": None}
 
 
 def test_workersStatusAddsUp():
