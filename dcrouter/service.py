@@ -64,6 +64,9 @@ log = Logger()
 
 CERTIFICATE_WATCH_INTERVAL = 30.0
 
+#: The signals that stop the reactor (twistd's, a worker's): see L{DcRouter.onStopSignal}.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 def certificateFiles(config: RouterConfig) -> list[str]:
     """Every certificate and key file the configuration serves from."""
@@ -241,6 +244,11 @@ class DcRouter(MultiService):
             assert configPath is not None, "a supervisor reloads from the configuration file"
             self.workers = WorkerPool(self.reactor, configPath, config, role.count, self.groups)
         self.previousHangup: Any = None
+        #: Twisted's SIGINT and SIGTERM handlers, which L{onStopSignal} goes before.
+        self.previousStopHandlers: dict[int, Any] = {}
+        #: The reactor is stopping (a stop signal came, or its shutdown began):
+        #: the process is ending.
+        self.ending = False
         self.stopping = False
         #: The authoritative DNS server (serves nothing without [dns] listen);
         #: also the record API of ACME dns-01 and DKIM (IDNSRecords). Run once:
@@ -337,13 +345,12 @@ class DcRouter(MultiService):
         self.certificateWatch = LoopingCall(self.checkCertificateFiles)
         self.certificateWatch.clock = self.reactor
         self.certificateWatch.start(CERTIFICATE_WATCH_INTERVAL, now=False)
-        # (A worker reloads on its supervisor's message, never on SIGHUP.)
-        if (
-            self.configPath is not None
-            and not self.isWorker
-            and threading.current_thread() is threading.main_thread()
-        ):
-            self.previousHangup = signal.signal(signal.SIGHUP, self.onHangup)
+        if threading.current_thread() is threading.main_thread():
+            # (A worker reloads on its supervisor's message, never on SIGHUP.)
+            if self.configPath is not None and not self.isWorker:
+                self.previousHangup = signal.signal(signal.SIGHUP, self.onHangup)
+            # (twistd starts its services before the reactor's handlers exist.)
+            self.reactor.callWhenRunning(self.watchStopSignals)
         assert self.compiled is not None
         log.info(
             "dcrouter listening on {listeners}{workers}",
@@ -730,6 +737,37 @@ class DcRouter(MultiService):
 
     # Stopping
 
+    def watchStopSignals(self) -> None:
+        """Put L{onStopSignal} before the reactor's SIGINT and SIGTERM handlers."""
+        for signum in STOP_SIGNALS:
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                self.previousStopHandlers[signum] = handler
+                signal.signal(signum, self.onStopSignal)
+        if self.previousStopHandlers:
+            self.reactor.addSystemEventTrigger("before", "shutdown", self.reactorStopping)
+
+    def onStopSignal(self, signum: int, frame: object) -> None:
+        """
+        SIGTERM or SIGINT: the first goes to the handler that was there
+        (Twisted's, which stops the reactor); one while the reactor is
+        already stopping (dcrouter draining) is only logged. Twisted's
+        handler would call reactor.stop() again, whose ReactorNotRunning
+        printed a traceback in the drain.
+        """
+        if self.ending:
+            self.reactor.callFromThread(
+                log.info, "{signal} received: dcrouter is already stopping",
+                signal=signal.Signals(signum).name,
+            )
+            return
+        self.ending = True
+        self.previousStopHandlers[signum](signum, frame)
+
+    def reactorStopping(self) -> None:
+        """The reactor's shutdown began, whatever stopped it: see L{onStopSignal}."""
+        self.ending = True
+
     def stopService(self) -> Deferred[None]:
         """Stop accepting, let connections finish for C{drain_timeout}, then close them."""
         # Workers (in a supervisor) drain their own connections.
@@ -740,7 +778,7 @@ class DcRouter(MultiService):
         if self.certificateWatch is not None and self.certificateWatch.running:
             self.certificateWatch.stop()
         done: Deferred[None] = Deferred()
-        done.addCallback(self.restoreHangup)
+        done.addCallback(self.restoreSignals)
         # Health checks and idle backend connections go now; requests in
         # flight keep their backend connections until they finish.
         stopResources(self.compiled)
@@ -759,10 +797,19 @@ class DcRouter(MultiService):
             except ValueError:
                 pass
 
-    def restoreHangup(self, result: None) -> None:
+    def restoreSignals(self, result: None) -> None:
+        """
+        The drain is over: SIGHUP, SIGINT and SIGTERM go back to their
+        handlers, except while the reactor stops, when the process is
+        ending and a later one is still only logged.
+        """
         if self.previousHangup is not None:
             signal.signal(signal.SIGHUP, self.previousHangup)
             self.previousHangup = None
+        if not self.ending:
+            for signum, handler in self.previousStopHandlers.items():
+                signal.signal(signum, handler)
+            self.previousStopHandlers = {}
         self.stopping = False
 
     def drain(self, done: Deferred[None]) -> None:

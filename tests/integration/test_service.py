@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 
 from dcrouter.compile import compileConfig, loadActions
 from dcrouter.config import ConfigErrors, loadConfig
@@ -344,3 +345,93 @@ def test_an_ipv6_wildcard_leaves_ipv4_to_the_ipv4_listener_of_its_port(monkeypat
     sock = port.createInternetSocket()
     with sock:
         assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+
+
+class SignalReactor(MemoryReactorClock):
+    """A memory reactor whose callFromThread calls at once (as the next turn would)."""
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+@pytest.fixture
+def twistedStopHandlers():
+    """Stand-ins for the SIGINT and SIGTERM handlers Twisted installs; what they were sent."""
+    import signal
+
+    received = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield received
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def test_a_second_sigterm_while_stopping_is_only_logged(twistedStopHandlers):
+    """Twisted's handler would call reactor.stop() again: ReactorNotRunning, a traceback."""
+    import signal
+
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    reactor = SignalReactor()
+    config = RouterConfig(routes=(RouteConfig(name="a", ports=(1080,), action="block"),))
+    service = DcRouter(config, reactor)
+    service.startService()
+    reactor.run()
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        stopped = service.stopService()
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        reactor.advance(1)
+        assert stopped.called
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert twistedStopHandlers == [signal.SIGTERM], "Twisted's handler got the first one only"
+    said = [formatEvent(event) for event in events]
+    assert "SIGTERM received: dcrouter is already stopping" in said
+    assert "SIGINT received: dcrouter is already stopping" in said
+    # The process is ending: a later one is still only logged.
+    assert signal.getsignal(signal.SIGTERM) == service.onStopSignal
+
+
+def test_a_signal_while_the_reactor_stops_for_another_reason_is_only_logged(
+    twistedStopHandlers,
+):
+    """A worker whose supervisor is gone stops its reactor itself, then gets SIGTERM."""
+    import signal
+
+    reactor = SignalReactor()
+    config = RouterConfig(routes=(RouteConfig(name="a", ports=(1080,), action="block"),))
+    service = DcRouter(config, reactor)
+    service.startService()
+    reactor.run()
+    for trigger, args, kwargs in reactor.triggers["before"]["shutdown"]:
+        trigger(*args, **kwargs)
+    stopped = service.stopService()
+    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    reactor.advance(1)
+    assert stopped.called
+    assert twistedStopHandlers == []
+
+
+def test_a_stop_without_the_reactor_gives_the_signals_back(twistedStopHandlers):
+    """
+    A program that stops the service and runs on keeps its signals: one
+    during the drain, or after, stops its reactor as Twisted's handler does.
+    """
+    import signal
+
+    reactor = SignalReactor()
+    config = RouterConfig(routes=(RouteConfig(name="a", ports=(1080,), action="block"),))
+    service = DcRouter(config, reactor)
+    service.startService()
+    reactor.run()
+    stopped = service.stopService()
+    reactor.advance(1)
+    assert stopped.called
+    assert signal.getsignal(signal.SIGTERM) != service.onStopSignal
+    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    assert twistedStopHandlers == [signal.SIGTERM]
