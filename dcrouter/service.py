@@ -117,6 +117,16 @@ def endpointString(port: int, address: str) -> str:
     return f"tcp:port={port}:interface={address}:backlog={LISTEN_BACKLOG}"
 
 
+def takesIPv4Too(listener: object) -> bool:
+    """Is C{listener} a C{::} socket that takes IPv4 clients too (IPV6_V6ONLY off)?"""
+    sock = getattr(listener, "socket", None)
+    if not isinstance(sock, socket.socket) or sock.family != socket.AF_INET6:
+        return False
+    return sock.getsockname()[0] == "::" and not sock.getsockopt(
+        socket.IPPROTO_IPV6, socket.IPV6_V6ONLY
+    )
+
+
 @frozen
 class ProcessRole:
     """
@@ -571,8 +581,26 @@ class DcRouter(MultiService):
                     v6only=":" in address and port in ipv4,
                 )
             except CannotListenError as e:
-                failures.append(f"cannot listen on {address}:{port}: {e}")
+                why = self.dualStackOn(port) if ":" not in address else None
+                failures.append(f"cannot listen on {address}:{port}: {why or e}")
         return failures
+
+    def dualStackOn(self, port: int) -> Optional[str]:
+        """
+        Why no IPv4 listener can join C{port} (in a reload), if it is that
+        the port's C{::} listener takes IPv4 too: it was opened alone on its
+        port, so dual-stack, and IPV6_V6ONLY cannot be set on an open socket
+        (Linux: EINVAL), while closing it would refuse its clients meanwhile.
+        (A supervisor's groups share the port: SO_REUSEPORT.)
+        """
+        for (otherPort, address), listener in self.listeners.items():
+            if otherPort == port and takesIPv4Too(listener):
+                return (
+                    f"[{address}]:{port} already takes IPv4 as well (opened alone on its port,"
+                    " it is dual-stack, and an open socket cannot be made IPv6-only);"
+                    " a restart applies this"
+                )
+        return None
 
     def openGroups(self, keys: Iterable[ListenKey], config: RouterConfig) -> list[str]:
         """The supervisor's listeners: a socket per worker on each (port, address)."""

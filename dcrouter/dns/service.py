@@ -140,8 +140,31 @@ class DNSService(Service):
             try:
                 self.listeners[address] = self._bind(address, v6only)
             except CannotListenError as e:
-                failures.append(f"cannot listen on {address} for DNS: {e.socketError}")
+                why = self._dualStackOn(address.port) if ":" not in address.host else None
+                failures.append(f"cannot listen on {address} for DNS: {why or e.socketError}")
         return failures
+
+    def _dualStackOn(self, port: int) -> Optional[str]:
+        """
+        Why no IPv4 listener can join C{port} (in a reload), if it is that
+        the port's C{::} listeners take IPv4 too: opened alone on their
+        port, they are dual-stack, and IPV6_V6ONLY cannot be set on an open
+        socket (Linux: EINVAL).
+        """
+        for address, (_, tcp) in self.listeners.items():
+            sock = getattr(tcp, "socket", None)
+            if (
+                address.port == port
+                and _takesIPv4(address.host)
+                and isinstance(sock, socket.socket)
+                and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            ):
+                return (
+                    f"{address} already takes IPv4 as well (opened alone on its port, it is"
+                    " dual-stack, and an open socket cannot be made IPv6-only);"
+                    " a restart applies this"
+                )
+        return None
 
     def _bind(self, address: HostPort, v6only: bool) -> tuple[IListeningPort, IListeningPort]:
         attempts = _PORT_ATTEMPTS if address.port == 0 else 1

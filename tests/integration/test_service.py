@@ -347,6 +347,58 @@ def test_an_ipv6_wildcard_leaves_ipv4_to_the_ipv4_listener_of_its_port(monkeypat
         assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
 
 
+def test_a_reload_cannot_add_ipv4_beside_a_dual_stack_listener_and_says_why(
+    monkeypatch, tmp_path
+):
+    """
+    :: opened alone on its port takes IPv4 too, and an open socket cannot be
+    made IPv6-only: 0.0.0.0 on the port waits for a restart, and the
+    rejection says so rather than "Address already in use". (The :: socket
+    here is bound, not listening: it accepts nothing.)
+    """
+    import socket
+
+    from twisted.internet.error import CannotListenError
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    import dcrouter.service as service
+
+    dualStack = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    dualStack.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    dualStack.bind(("::", 0))
+
+    class Listening:
+        socket = dualStack
+
+    def listenTCP(reactor, port, factory, backlog, interface, v6only=False):
+        if interface == "0.0.0.0":
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        return Listening()
+
+    monkeypatch.setattr(service, "listenTCP", listenTCP)
+    path = tmp_path / "dcrouter.ini"
+
+    def write(bind):
+        path.write_text(f"[dcrouter]\nstate_dir = {tmp_path}\n[route:a]\nports = 1080\n"
+                        f"bind = {bind}\naction = block\n")
+
+    write("::")
+    router = DcRouter(loadConfig(str(path)), MemoryReactorClock(), configPath=str(path))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        router.privilegedStartService()
+        write("0.0.0.0, ::")
+        assert not router.reload()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        dualStack.close()
+    (error,) = [formatEvent(e) for e in events if e["log_level"].name == "error"]
+    assert "cannot listen on 0.0.0.0:1080: [::]:1080 already takes IPv4 as well" in error
+    assert "a restart applies this" in error
+    assert list(router.listeners) == [(1080, "::")]
+
+
 class SignalReactor(MemoryReactorClock):
     """A memory reactor whose callFromThread calls at once (as the next turn would)."""
 
