@@ -64,6 +64,9 @@ log = Logger()
 
 CERTIFICATE_WATCH_INTERVAL = 30.0
 
+#: The signals that stop the reactor (twistd's, a worker's): see L{DcRouter.onStopSignal}.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 def certificateFiles(config: RouterConfig) -> list[str]:
     """Every certificate and key file the configuration serves from."""
@@ -112,6 +115,16 @@ def endpointString(port: int, address: str) -> str:
         address = address.replace(":", chr(92) + ":")
         return f"tcp6:port={port}:interface={address}:backlog={LISTEN_BACKLOG}"
     return f"tcp:port={port}:interface={address}:backlog={LISTEN_BACKLOG}"
+
+
+def takesIPv4Too(listener: object) -> bool:
+    """Is C{listener} a C{::} socket that takes IPv4 clients too (IPV6_V6ONLY off)?"""
+    sock = getattr(listener, "socket", None)
+    if not isinstance(sock, socket.socket) or sock.family != socket.AF_INET6:
+        return False
+    return sock.getsockname()[0] == "::" and not sock.getsockopt(
+        socket.IPPROTO_IPV6, socket.IPV6_V6ONLY
+    )
 
 
 @frozen
@@ -205,7 +218,8 @@ class DcRouter(MultiService):
     The daemon: listeners, the live route table, reload and graceful stop.
 
     Build it from a L{RouterConfig} (from Python or from L{loadConfig}); with
-    C{configPath} set, SIGHUP (or L{reload}) re-reads that file.
+    C{configPath} set, SIGHUP (or L{reload}) re-reads that file (except in
+    a worker, which its supervisor sends the configuration it checked).
     """
 
     def __init__(
@@ -237,9 +251,14 @@ class DcRouter(MultiService):
         self.steered: set[ListenKey] = set()
         self.workers: Optional[WorkerPool] = None
         if role.kind == "supervisor":
-            assert configPath is not None, "workers read the configuration file"
+            assert configPath is not None, "a supervisor reloads from the configuration file"
             self.workers = WorkerPool(self.reactor, configPath, config, role.count, self.groups)
         self.previousHangup: Any = None
+        #: Twisted's SIGINT and SIGTERM handlers, which L{onStopSignal} goes before.
+        self.previousStopHandlers: dict[int, Any] = {}
+        #: The reactor is stopping (a stop signal came, or its shutdown began):
+        #: the process is ending.
+        self.ending = False
         self.stopping = False
         #: The authoritative DNS server (serves nothing without [dns] listen);
         #: also the record API of ACME dns-01 and DKIM (IDNSRecords). Run once:
@@ -336,8 +355,12 @@ class DcRouter(MultiService):
         self.certificateWatch = LoopingCall(self.checkCertificateFiles)
         self.certificateWatch.clock = self.reactor
         self.certificateWatch.start(CERTIFICATE_WATCH_INTERVAL, now=False)
-        if self.configPath is not None and threading.current_thread() is threading.main_thread():
-            self.previousHangup = signal.signal(signal.SIGHUP, self.onHangup)
+        if threading.current_thread() is threading.main_thread():
+            # (A worker reloads on its supervisor's message, never on SIGHUP.)
+            if self.configPath is not None and not self.isWorker:
+                self.previousHangup = signal.signal(signal.SIGHUP, self.onHangup)
+            # (twistd starts its services before the reactor's handlers exist.)
+            self.reactor.callWhenRunning(self.watchStopSignals)
         assert self.compiled is not None
         log.info(
             "dcrouter listening on {listeners}{workers}",
@@ -458,7 +481,7 @@ class DcRouter(MultiService):
     def routerCollector(self) -> Any:
         """This process's router metrics, or the merged ones of its workers."""
         if self.workers is not None:
-            return WorkerMetrics(self.workers.reports)
+            return WorkerMetrics(self.workers.reports, self.workers.retired)
         return RouterCollector(self.accessCounter, self.live)
 
     def report(self) -> dict[str, Any]:
@@ -558,8 +581,26 @@ class DcRouter(MultiService):
                     v6only=":" in address and port in ipv4,
                 )
             except CannotListenError as e:
-                failures.append(f"cannot listen on {address}:{port}: {e}")
+                why = self.dualStackOn(port) if ":" not in address else None
+                failures.append(f"cannot listen on {address}:{port}: {why or e}")
         return failures
+
+    def dualStackOn(self, port: int) -> Optional[str]:
+        """
+        Why no IPv4 listener can join C{port} (in a reload), if it is that
+        the port's C{::} listener takes IPv4 too: it was opened alone on its
+        port, so dual-stack, and IPV6_V6ONLY cannot be set on an open socket
+        (Linux: EINVAL), while closing it would refuse its clients meanwhile.
+        (A supervisor's groups share the port: SO_REUSEPORT.)
+        """
+        for (otherPort, address), listener in self.listeners.items():
+            if otherPort == port and takesIPv4Too(listener):
+                return (
+                    f"[{address}]:{port} already takes IPv4 as well (opened alone on its port,"
+                    " it is dual-stack, and an open socket cannot be made IPv6-only);"
+                    " a restart applies this"
+                )
+        return None
 
     def openGroups(self, keys: Iterable[ListenKey], config: RouterConfig) -> list[str]:
         """The supervisor's listeners: a socket per worker on each (port, address)."""
@@ -633,9 +674,11 @@ class DcRouter(MultiService):
     def onHangup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self.reload)
 
-    def reload(self) -> bool:
+    def reload(self, config: Optional[RouterConfig] = None) -> bool:
         """
-        Re-read the configuration file and switch to it if it is valid.
+        Re-read the configuration file, or take C{config} (a worker: the
+        configuration its supervisor has just checked, not the file, which
+        may have changed since), and switch to it if it is valid.
 
         Only listeners that changed are opened or closed; connections in
         flight keep the routes they were accepted with. An invalid file, or
@@ -647,10 +690,17 @@ class DcRouter(MultiService):
             log.info("dcrouter is stopping; reload of {path} ignored", path=self.configPath)
             return False
         try:
-            compiled = loadAndCompile(
-                self.configPath, self.actions, self.reactor, self.defaultCertificate,
-                self.compiled, certs=self.certSource, adjust=self.adjust,
-            )
+            if config is None:
+                compiled = loadAndCompile(
+                    self.configPath, self.actions, self.reactor, self.defaultCertificate,
+                    self.compiled, certs=self.certSource, adjust=self.adjust,
+                )
+            else:
+                config = self.adjust(config)
+                compiled = compileConfig(
+                    config, self.actions, self.reactor, self.defaultCertificate(config),
+                    self.compiled, certs=self.certSource,
+                )
             config = compiled.config
         except ConfigErrors as e:
             self.logRejectedReload(e.errors)
@@ -693,12 +743,13 @@ class DcRouter(MultiService):
             log.warn("changed, but taken only at the next restart: {what}",
                      what=", ".join(unapplied))
         if self.workers is not None:
-            self.workers.config = config
             self.steerWhereNeeded(config)
             if newKeys == oldKeys:
-                self.workers.signalAll(signal.SIGHUP)
+                # What was checked here, not the file again: it may have changed since.
+                self.workers.reconfigure(config)
             else:
                 log.info("listeners changed: new workers start, the old ones drain")
+                self.workers.config = config
                 self.workers.replace(self.groups)
         log.info(
             "dcrouter reloaded {path}: {routes} routes on {ports} ports",
@@ -714,6 +765,37 @@ class DcRouter(MultiService):
 
     # Stopping
 
+    def watchStopSignals(self) -> None:
+        """Put L{onStopSignal} before the reactor's SIGINT and SIGTERM handlers."""
+        for signum in STOP_SIGNALS:
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                self.previousStopHandlers[signum] = handler
+                signal.signal(signum, self.onStopSignal)
+        if self.previousStopHandlers:
+            self.reactor.addSystemEventTrigger("before", "shutdown", self.reactorStopping)
+
+    def onStopSignal(self, signum: int, frame: object) -> None:
+        """
+        SIGTERM or SIGINT: the first goes to the handler that was there
+        (Twisted's, which stops the reactor); one while the reactor is
+        already stopping (dcrouter draining) is only logged. Twisted's
+        handler would call reactor.stop() again, whose ReactorNotRunning
+        printed a traceback in the drain.
+        """
+        if self.ending:
+            self.reactor.callFromThread(
+                log.info, "{signal} received: dcrouter is already stopping",
+                signal=signal.Signals(signum).name,
+            )
+            return
+        self.ending = True
+        self.previousStopHandlers[signum](signum, frame)
+
+    def reactorStopping(self) -> None:
+        """The reactor's shutdown began, whatever stopped it: see L{onStopSignal}."""
+        self.ending = True
+
     def stopService(self) -> Deferred[None]:
         """Stop accepting, let connections finish for C{drain_timeout}, then close them."""
         # Workers (in a supervisor) drain their own connections.
@@ -724,7 +806,7 @@ class DcRouter(MultiService):
         if self.certificateWatch is not None and self.certificateWatch.running:
             self.certificateWatch.stop()
         done: Deferred[None] = Deferred()
-        done.addCallback(self.restoreHangup)
+        done.addCallback(self.restoreSignals)
         # Health checks and idle backend connections go now; requests in
         # flight keep their backend connections until they finish.
         stopResources(self.compiled)
@@ -743,10 +825,19 @@ class DcRouter(MultiService):
             except ValueError:
                 pass
 
-    def restoreHangup(self, result: None) -> None:
+    def restoreSignals(self, result: None) -> None:
+        """
+        The drain is over: SIGHUP, SIGINT and SIGTERM go back to their
+        handlers, except while the reactor stops, when the process is
+        ending and a later one is still only logged.
+        """
         if self.previousHangup is not None:
             signal.signal(signal.SIGHUP, self.previousHangup)
             self.previousHangup = None
+        if not self.ending:
+            for signum, handler in self.previousStopHandlers.items():
+                signal.signal(signum, handler)
+            self.previousStopHandlers = {}
         self.stopping = False
 
     def drain(self, done: Deferred[None]) -> None:

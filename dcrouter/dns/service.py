@@ -1,16 +1,19 @@
 """
 DNSService: the authoritative DNS server as a twisted Service.
 
-It listens on every C{[dns] listen} address with UDP and TCP, serves the
-configured zones, takes new settings on reload (L{DNSService.reconfigure})
-and is where the rest of dcrouter publishes records (ACME dns-01
-challenges, DKIM keys): L{setRecord}, L{removeRecord}, L{replaceRecords}.
+It listens on every C{[dns] listen} address with UDP and TCP (C{::} on a
+port that also has an IPv4 address takes IPv6 only, so that C{0.0.0.0:53}
+and C{[::]:53} go together), serves the configured zones, takes new
+settings on reload (L{DNSService.reconfigure}) and is where the rest of
+dcrouter publishes records (ACME dns-01 challenges, DKIM keys):
+L{setRecord}, L{removeRecord}, L{replaceRecords}.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Iterable, Sequence
+from ipaddress import IPv6Address, ip_address
 from typing import Any, Optional
 
 from twisted.application.service import Service
@@ -32,6 +35,8 @@ MAX_UDP_PACKET = 65535
 #: burst is queued instead of dropped while the reactor catches up.
 UDP_RECEIVE_BUFFER = 1 << 20
 _PORT_ATTEMPTS = 5  # for port 0: a free TCP port whose UDP twin is taken
+#: The TCP listeners' accept queue: Twisted's listenTCP default, as elsewhere here.
+_TCP_BACKLOG = 50
 
 
 class DNSService(Service):
@@ -72,7 +77,7 @@ class DNSService(Service):
         """
         if self.bound:
             return []
-        failures = self.listen(self.settings.listen)
+        failures = self.listen(self.settings.listen, self.settings)
         if failures:
             self.closeListeners(list(self.listeners))
             return failures
@@ -118,28 +123,56 @@ class DNSService(Service):
             for key, (_, tcp) in self.listeners.items()
         ]
 
-    def listen(self, addresses: Iterable[HostPort]) -> list[str]:
-        """Open UDP and TCP on each address; return what failed."""
+    def listen(self, addresses: Iterable[HostPort], settings: DnsSettings) -> list[str]:
+        """
+        Open UDP and TCP on each address (of C{settings}); return what failed.
+
+        C{::} on a port that C{settings} also listens on with IPv4 takes
+        IPv6 only (IPV6_V6ONLY): it would take IPv4 as well, and the IPv4
+        listener's bind would fail. (Other IPv6 addresses take no IPv4.)
+        """
+        ipv4 = {other.port for other in settings.listen if ":" not in other.host}
         failures = []
         for address in addresses:
             if address in self.listeners:
                 continue
+            v6only = _takesIPv4(address.host) and address.port in ipv4
             try:
-                self.listeners[address] = self._bind(address)
+                self.listeners[address] = self._bind(address, v6only)
             except CannotListenError as e:
-                failures.append(f"cannot listen on {address} for DNS: {e.socketError}")
+                why = self._dualStackOn(address.port) if ":" not in address.host else None
+                failures.append(f"cannot listen on {address} for DNS: {why or e.socketError}")
         return failures
 
-    def _bind(self, address: HostPort) -> tuple[IListeningPort, IListeningPort]:
+    def _dualStackOn(self, port: int) -> Optional[str]:
+        """
+        Why no IPv4 listener can join C{port} (in a reload), if it is that
+        the port's C{::} listeners take IPv4 too: opened alone on their
+        port, they are dual-stack, and IPV6_V6ONLY cannot be set on an open
+        socket (Linux: EINVAL).
+        """
+        for address, (_, tcp) in self.listeners.items():
+            sock = getattr(tcp, "socket", None)
+            if (
+                address.port == port
+                and _takesIPv4(address.host)
+                and isinstance(sock, socket.socket)
+                and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            ):
+                return (
+                    f"{address} already takes IPv4 as well (opened alone on its port, it is"
+                    " dual-stack, and an open socket cannot be made IPv6-only);"
+                    " a restart applies this"
+                )
+        return None
+
+    def _bind(self, address: HostPort, v6only: bool) -> tuple[IListeningPort, IListeningPort]:
         attempts = _PORT_ATTEMPTS if address.port == 0 else 1
         for attempt in range(attempts):
-            tcp = self.reactor.listenTCP(address.port, self.factory, interface=address.host)
-            port = tcp.getHost().port
+            tcp = self._listenTCP(address.host, address.port, v6only)
+            port = tcp.getHost().port  # type: ignore[attr-defined]
             try:
-                udp = self.reactor.listenUDP(
-                    port, UDPServerProtocol(self.factory, self.reactor),
-                    interface=address.host, maxPacketSize=MAX_UDP_PACKET,
-                )
+                udp = self._listenUDP(address.host, port, v6only)
             except CannotListenError:
                 tcp.stopListening()
                 if attempt == attempts - 1:
@@ -148,6 +181,31 @@ class DNSService(Service):
             _growReceiveBuffer(udp)
             return udp, tcp
         raise AssertionError("unreachable")
+
+    def _listenTCP(self, host: str, port: int, v6only: bool) -> IListeningPort:
+        """Twisted's listenTCP, or, IPv6 only, a socket of L{_ipv6Only} adopted."""
+        if not v6only:
+            return self.reactor.listenTCP(port, self.factory, interface=host)
+        sock = _ipv6Only(socket.SOCK_STREAM, host, port)
+        with sock:
+            listening: IListeningPort = self.reactor.adoptStreamPort(
+                sock.fileno(), socket.AF_INET6, self.factory
+            )
+        return listening
+
+    def _listenUDP(self, host: str, port: int, v6only: bool) -> IListeningPort:
+        """Twisted's listenUDP, or, IPv6 only, a socket of L{_ipv6Only} adopted."""
+        protocol = UDPServerProtocol(self.factory, self.reactor)
+        if not v6only:
+            return self.reactor.listenUDP(
+                port, protocol, interface=host, maxPacketSize=MAX_UDP_PACKET
+            )
+        sock = _ipv6Only(socket.SOCK_DGRAM, host, port)
+        with sock:
+            listening: IListeningPort = self.reactor.adoptDatagramPort(
+                sock.fileno(), socket.AF_INET6, protocol, MAX_UDP_PACKET
+            )
+        return listening
 
     def closeListeners(self, addresses: Iterable[HostPort]) -> Deferred[Any]:
         waits = []
@@ -172,7 +230,7 @@ class DNSService(Service):
         new = set(settings.listen)
         if self.bound:
             fresh = [address for address in settings.listen if address not in old]
-            failures = self.listen(fresh)
+            failures = self.listen(fresh, settings)
             if failures:
                 self.closeListeners(fresh)
                 return failures
@@ -217,6 +275,40 @@ class DNSService(Service):
     ) -> None:
         """Make C{values} the published RRset; see L{ZoneSet.replaceRecords}."""
         self.zones.replaceRecords(zone, name, type, values, ttl)
+
+
+def _takesIPv4(host: str) -> bool:
+    """Would a dual-stack socket on IPv6 address C{host} take IPv4 clients too?"""
+    try:
+        address = ip_address(host)
+    except ValueError:
+        return False
+    return isinstance(address, IPv6Address) and (
+        address.is_unspecified or address.ipv4_mapped is not None
+    )
+
+
+def _ipv6Only(kind: int, host: str, port: int) -> socket.socket:
+    """
+    A socket of C{kind} (stream: listening) on [C{host}]:C{port} that takes
+    no IPv4 (IPV6_V6ONLY, which must be set before bind: Twisted's
+    listenTCP and listenUDP bind at once), for the reactor to adopt.
+
+    @raise CannotListenError: the address cannot be bound.
+    """
+    sock = socket.socket(socket.AF_INET6, kind)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as listenTCP does
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(_TCP_BACKLOG)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise CannotListenError(host, port, e) from None
+    return sock
 
 
 def _growReceiveBuffer(port: Any) -> None:

@@ -7,9 +7,11 @@ given its share of every listener group as an inherited descriptor (see
 L{dcrouter.workers.sockets}). Its standard input is a pipe from the
 supervisor, which first sends the configuration it runs (L{configMessage}:
 a worker restarted after a crash serves that, not the file as it is now,
-perhaps half edited), then asks for a report on it now and then, answered
-on L{REPORT_FD} (see L{dcrouter.workers.reports}); when the supervisor is
-gone, the worker sees end of file and stops, so no worker outlives it.
+perhaps half edited), then at each reload the configuration it has just
+checked (the same message: no worker reads the file, which may have changed
+since), and asks for a report now and then, answered on L{REPORT_FD} (see
+L{dcrouter.workers.reports}); when the supervisor is gone, the worker sees
+end of file and stops, so no worker outlives it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dcrouter.config.model import RouterConfig
-from dcrouter.workers.reports import REPORT_INTERVAL
+from dcrouter.workers.reports import REPORT_INTERVAL, RetiredCounters
 
 log = Logger()
 
@@ -136,11 +138,15 @@ class _Worker(ProcessProtocol):
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # type: ignore[union-attr]
 
-    def askForReport(self) -> None:
+    def send(self, message: bytes) -> None:
+        """Write C{message} to the worker's standard input, unless it is gone."""
         try:
-            self.transport.writeToChild(0, b"report\n")  # type: ignore[union-attr]
+            self.transport.writeToChild(0, message)  # type: ignore[union-attr]
         except (KeyError, OSError):
             pass
+
+    def askForReport(self) -> None:
+        self.send(b"report\n")
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != REPORT_FD:
@@ -174,6 +180,8 @@ class WorkerPool(Service):
     @ivar config: the configuration a worker started now serves (the
         supervisor's, replaced at each reload it accepts).
     @ivar groups: the listener groups the workers serve, by (port, address).
+    @ivar draining: the workers told to stop that have not exited yet.
+    @ivar retired: the counters of the workers that have exited.
     """
 
     def __init__(
@@ -192,6 +200,8 @@ class WorkerPool(Service):
         self.groups = groups
         self.python = python
         self.workers: dict[int, _Worker] = {}
+        self.draining: list[_Worker] = []
+        self.retired = RetiredCounters()
         self.restartDelay: dict[int, float] = {}
         self.restarts = 0
         self.reporting = LoopingCall(self.askForReports)
@@ -203,13 +213,17 @@ class WorkerPool(Service):
             self.spawn(index)
         self.reporting.start(REPORT_INTERVAL, now=False)
 
+    def processes(self) -> list[_Worker]:
+        """Every worker process there is: serving, or draining after a reload."""
+        return [*self.workers.values(), *self.draining]
+
     def askForReports(self) -> None:
-        for worker in self.workers.values():
+        for worker in self.processes():
             worker.askForReport()
 
     def reports(self) -> list[dict[str, Any]]:
-        """The last report of every running worker."""
-        return [worker.report for worker in self.workers.values() if worker.report]
+        """The last report of every running worker (a draining one's too)."""
+        return [worker.report for worker in self.processes() if worker.report]
 
     def spawn(self, index: int) -> None:
         """Start worker C{index} on the current listener groups."""
@@ -233,7 +247,11 @@ class WorkerPool(Service):
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
     def workerEnded(self, worker: _Worker, reason: Failure) -> None:
-        """A worker exited: restart it, unless it was asked to go."""
+        """A worker exited: keep its counters; restart it, unless it was asked to go."""
+        self.retired.add(worker.report)
+        worker.report = {}
+        if worker in self.draining:
+            self.draining.remove(worker)
         if worker.retired or not self.running:
             return
         lived = self.reactor.seconds() - worker.startedAt
@@ -253,10 +271,16 @@ class WorkerPool(Service):
         if self.workers.get(worker.index) is worker:
             self.spawn(worker.index)
 
-    def signalAll(self, signum: int) -> None:
-        """Pass C{signum} (SIGHUP: reload) to every worker."""
-        for worker in list(self.workers.values()):
-            worker.signal(signum)
+    def reconfigure(self, config: RouterConfig) -> None:
+        """
+        A reload on the same listeners: every worker switches to C{config},
+        the configuration the supervisor has just checked, sent to it as at
+        its start; so do the workers started from now on.
+        """
+        self.config = config
+        message = configMessage(config)
+        for worker in self.workers.values():
+            worker.send(message)
 
     def replace(self, groups: SocketGroups) -> Deferred[Any]:
         """
@@ -276,6 +300,7 @@ class WorkerPool(Service):
             worker.retired = True
             worker.signal(signal.SIGTERM)
         pending = [worker for worker in workers if not worker.ended.called]
+        self.draining.extend(pending)
         if not pending:
             return DeferredList([])
 

@@ -4,10 +4,11 @@ FILE --index I --count N --listen 3=80@0.0.0.0,...}.
 
 It serves the listener descriptors it inherited, with the configuration the
 supervisor runs (sent first on standard input), and nothing that must run
-once (mail, ACME, DNS, the admin listener stay with the supervisor). SIGHUP
-reloads the routes from the file, SIGTERM drains; standard input then brings
-the supervisor's requests for a report, and its end means the supervisor is
-gone.
+once (mail, ACME, DNS, the admin listener stay with the supervisor).
+Standard input then brings the supervisor's requests for a report and, at
+each reload, the configuration the supervisor has checked, which the worker
+switches to (it never reads the file: it may have changed since); its end
+means the supervisor is gone. SIGTERM drains; SIGHUP does nothing here.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import signal
 import sys
 from collections.abc import Callable
@@ -23,9 +25,10 @@ from typing import Any
 from twisted.internet.protocol import connectionDone
 from twisted.internet.stdio import StandardIO
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
-from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from dcrouter.config.model import RouterConfig
 from dcrouter.ops.logtext import textLogObserver
 from dcrouter.ops.logwriter import turnWriter
 from dcrouter.workers.pool import REPORT_FD, parseListenSpec, readConfigMessage
@@ -33,22 +36,48 @@ from dcrouter.workers.pool import REPORT_FD, parseListenSpec, readConfigMessage
 log = Logger()
 
 
-class _SupervisorLink(LineOnlyReceiver):
+class _SupervisorLink(LineReceiver):
     """
     The pipes to and from the supervisor: answers each C{report} request
-    with one JSON line; end of file means the supervisor is gone.
+    with one JSON line, and hands each configuration the supervisor sends
+    (L{dcrouter.workers.pool.configMessage}: its size on a line, then the
+    pickle) to C{reconfigure}; end of file means the supervisor is gone.
     """
 
     delimiter = b"\n"
     MAX_LENGTH = 64
 
-    def __init__(self, reactor: Any, report: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        report: Callable[[], dict[str, Any]],
+        reconfigure: Callable[[RouterConfig], object],
+    ) -> None:
         self.reactor = reactor
         self.report = report
+        self.reconfigure = reconfigure
+        #: The size of the configuration being received, and its bytes so far.
+        self.expected = 0
+        self.pickled = bytearray()
 
     def lineReceived(self, line: bytes) -> None:
         if line == b"report":
             self.sendReport()
+        elif line.isdigit():
+            self.expected = int(line)
+            self.setRawMode()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        needed = self.expected - len(self.pickled)
+        self.pickled += data[:needed]
+        if len(self.pickled) < self.expected:
+            return
+        config: RouterConfig = pickle.loads(self.pickled)
+        self.pickled = bytearray()
+        # Switched before what follows is read: a report asked for after
+        # the configuration is one of the configuration.
+        self.reconfigure(config)
+        self.setLineMode(data[needed:])
 
     def sendReport(self) -> None:
         if self.transport is not None:
@@ -72,10 +101,9 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     """Run router worker C{--index}; the exit status."""
     args = _arguments(argv)
-    # A reload asked for while starting is done once started, not lost
-    # (nor fatal, as SIGHUP's default action would be).
-    hangups: list[int] = []
-    signal.signal(signal.SIGHUP, lambda signum, frame: hangups.append(signum))
+    # Reloads come from the supervisor, on standard input; a SIGHUP sent to
+    # the whole process group must not end the worker (the default action).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from dcrouter.workers.reactor import install
 
     reactor = install()
@@ -101,7 +129,7 @@ def main(argv: list[str]) -> int:
     )
     router = DcRouter(config, reactor, configPath=args.config, role=role)
     # (mypy sees the Windows StandardIO, which has no stdin and stdout.)
-    link = _SupervisorLink(reactor, router.report)
+    link = _SupervisorLink(reactor, router.report, router.reload)
     StandardIO(link, stdin=0, stdout=REPORT_FD)  # type: ignore[call-arg]
 
     failed: list[bool] = []
@@ -118,8 +146,6 @@ def main(argv: list[str]) -> int:
         # The listeners hold their own copies; the supervisor keeps its own.
         for fd in role.inherited.values():
             os.close(fd)
-        if hangups:
-            router.reload()
         # The supervisor knows this worker's routes and targets at once.
         link.sendReport()
 

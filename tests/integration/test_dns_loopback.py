@@ -29,6 +29,7 @@ from dcrouter.config.errors import ErrorCollector
 from dcrouter.config.ini import readIni
 from dcrouter.config.model import HostPort
 from dcrouter.dns.service import DNSService
+from tests.helpers import freePort
 
 REPO = Path(__file__).resolve().parents[2]
 PROBES = REPO.parent / "shared" / "probes"
@@ -224,6 +225,31 @@ async def test_dig_over_ipv6(tmp_path):
         for transport in ("+notcp", "+tcp"):
             out = await dig(port, transport, "+short", "www.example.test", "AAAA", server="::1")
             assert out.splitlines() == ["2001:db8::10"]
+    finally:
+        await service.stopService()
+
+
+@needsDig
+@pytest.mark.skipif(not ipv6Loopback(), reason="no IPv6 loopback")
+@pytest_twisted.ensureDeferred
+async def test_ipv4_and_ipv6_wildcards_on_one_port(tmp_path):
+    """
+    C{[dns] listen = 0.0.0.0:P, [::]:P} starts: the IPv6 listeners take IPv6
+    only (a dual-stack :: would take IPv4 too, and 0.0.0.0's bind would
+    fail), and both families are answered over UDP and TCP.
+    """
+    port = freePort()
+    listen = (HostPort("0.0.0.0", port), HostPort("::", port))
+    service = startServer(tmp_path, listen=listen)
+    try:
+        udp, tcp = service.listeners[listen[1]]
+        for sock in (udp.getHandle(), tcp.socket):
+            assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        for server in ("127.0.0.1", "::1"):
+            for transport in ("+notcp", "+tcp"):
+                out = await dig(port, transport, "+short", "www.example.test", "A",
+                                server=server)
+                assert out.splitlines() == ["192.0.2.10"], (server, transport)
     finally:
         await service.stopService()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 
 from dcrouter.compile import compileConfig, loadActions
 from dcrouter.config import ConfigErrors, loadConfig
@@ -344,3 +345,145 @@ def test_an_ipv6_wildcard_leaves_ipv4_to_the_ipv4_listener_of_its_port(monkeypat
     sock = port.createInternetSocket()
     with sock:
         assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+
+
+def test_a_reload_cannot_add_ipv4_beside_a_dual_stack_listener_and_says_why(
+    monkeypatch, tmp_path
+):
+    """
+    :: opened alone on its port takes IPv4 too, and an open socket cannot be
+    made IPv6-only: 0.0.0.0 on the port waits for a restart, and the
+    rejection says so rather than "Address already in use". (The :: socket
+    here is bound, not listening: it accepts nothing.)
+    """
+    import socket
+
+    from twisted.internet.error import CannotListenError
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    import dcrouter.service as service
+
+    dualStack = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    dualStack.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    dualStack.bind(("::", 0))
+
+    class Listening:
+        socket = dualStack
+
+    def listenTCP(reactor, port, factory, backlog, interface, v6only=False):
+        if interface == "0.0.0.0":
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        return Listening()
+
+    monkeypatch.setattr(service, "listenTCP", listenTCP)
+    path = tmp_path / "dcrouter.ini"
+
+    def write(bind):
+        path.write_text(f"[dcrouter]\nstate_dir = {tmp_path}\n[route:a]\nports = 1080\n"
+                        f"bind = {bind}\naction = block\n")
+
+    write("::")
+    router = DcRouter(loadConfig(str(path)), MemoryReactorClock(), configPath=str(path))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        router.privilegedStartService()
+        write("0.0.0.0, ::")
+        assert not router.reload()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        dualStack.close()
+    (error,) = [formatEvent(e) for e in events if e["log_level"].name == "error"]
+    assert "cannot listen on 0.0.0.0:1080: [::]:1080 already takes IPv4 as well" in error
+    assert "a restart applies this" in error
+    assert list(router.listeners) == [(1080, "::")]
+
+
+class SignalReactor(MemoryReactorClock):
+    """A memory reactor whose callFromThread calls at once (as the next turn would)."""
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+@pytest.fixture
+def twistedStopHandlers():
+    """Stand-ins for the SIGINT and SIGTERM handlers Twisted installs; what they were sent."""
+    import signal
+
+    received = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield received
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def test_a_second_sigterm_while_stopping_is_only_logged(twistedStopHandlers):
+    """Twisted's handler would call reactor.stop() again: ReactorNotRunning, a traceback."""
+    import signal
+
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    reactor = SignalReactor()
+    config = RouterConfig(routes=(RouteConfig(name="a", ports=(1080,), action="block"),))
+    service = DcRouter(config, reactor)
+    service.startService()
+    reactor.run()
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        stopped = service.stopService()
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        reactor.advance(1)
+        assert stopped.called
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert twistedStopHandlers == [signal.SIGTERM], "Twisted's handler got the first one only"
+    said = [formatEvent(event) for event in events]
+    assert "SIGTERM received: dcrouter is already stopping" in said
+    assert "SIGINT received: dcrouter is already stopping" in said
+    # The process is ending: a later one is still only logged.
+    assert signal.getsignal(signal.SIGTERM) == service.onStopSignal
+
+
+def test_a_signal_while_the_reactor_stops_for_another_reason_is_only_logged(
+    twistedStopHandlers,
+):
+    """A worker whose supervisor is gone stops its reactor itself, then gets SIGTERM."""
+    import signal
+
+    reactor = SignalReactor()
+    config = RouterConfig(routes=(RouteConfig(name="a", ports=(1080,), action="block"),))
+    service = DcRouter(config, reactor)
+    service.startService()
+    reactor.run()
+    for trigger, args, kwargs in reactor.triggers["before"]["shutdown"]:
+        trigger(*args, **kwargs)
+    stopped = service.stopService()
+    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    reactor.advance(1)
+    assert stopped.called
+    assert twistedStopHandlers == []
+
+
+def test_a_stop_without_the_reactor_gives_the_signals_back(twistedStopHandlers):
+    """
+    A program that stops the service and runs on keeps its signals: one
+    during the drain, or after, stops its reactor as Twisted's handler does.
+    """
+    import signal
+
+    reactor = SignalReactor()
+    config = RouterConfig(routes=(RouteConfig(name="a", ports=(1080,), action="block"),))
+    service = DcRouter(config, reactor)
+    service.startService()
+    reactor.run()
+    stopped = service.stopService()
+    reactor.advance(1)
+    assert stopped.called
+    assert signal.getsignal(signal.SIGTERM) != service.onStopSignal
+    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    assert twistedStopHandlers == [signal.SIGTERM]

@@ -129,7 +129,10 @@ def test_sigterm_stops_accepting_then_drains(tmp_path: Path, router, backends) -
         wait_until(lambda: connection_refused(port), "the listener to close", timeout=1.5,
                    detail=dcrouter.describe)
         dcrouter.wait_output(r"dcrouter draining \d+ connections for up to 2s")
-        # ...the open connection still works while the drain lasts...
+        # ...the open connection still works while the drain lasts (a
+        # second SIGTERM only says so)...
+        dcrouter.signal(signal.SIGTERM)
+        dcrouter.wait_output(r"SIGTERM received: dcrouter is already stopping")
         assert roundtrip(conn, b"draining") == b"ok:draining"
         assert dcrouter.proc.poll() is None
         # ...and is closed when it ends, with the process.
@@ -144,6 +147,7 @@ def test_sigterm_stops_accepting_then_drains(tmp_path: Path, router, backends) -
     # twistd re-raises the signal it stopped on, so -SIGTERM is its normal status.
     assert status in (0, -signal.SIGTERM), dcrouter.describe()
     assert drain - 0.5 <= elapsed <= drain + 2, (elapsed, how)
+    assert "Traceback" not in dcrouter.output(), dcrouter.describe()
 
 
 def test_sigterm_logs_the_connections_it_cuts(tmp_path: Path, router, backends) -> None:

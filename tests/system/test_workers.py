@@ -97,6 +97,10 @@ def test_two_workers_serve_one_listener_and_restart(tmp_path: Path, router) -> N
     for last in range(1, 9):
         assert get(port, f"127.0.0.{last}").endswith(b"hello")
     assert len(workers_of(dcrouter.pid)) == 2
+    # What the killed worker counted stays counted: the total never goes down.
+    wait_until(lambda: metric(admin, "dcrouter_connections_accepted_total") == 16,
+               "16 connections in the supervisor's metrics", detail=lambda: str(
+                   metric(admin, "dcrouter_connections_accepted_total")))
 
     # SIGTERM reaches them all, and all of them exit.
     # (twistd ends by its signal on newer Twisted, with 0 on older.)

@@ -177,3 +177,28 @@ def test_bind_is_all_or_nothing_and_unbind_closes():
     assert len(reactor.open()) == 4
     service.unbind()
     assert reactor.open() == [] and not service.bound
+
+
+def test_a_reload_cannot_add_ipv4_beside_a_dual_stack_listener_and_says_why():
+    """
+    [::]:P opened alone on its port takes IPv4 too, and an open socket
+    cannot be made IPv6-only: 0.0.0.0:P waits for a restart, and the
+    failure says so. (The :: socket is bound, not listening: it accepts nothing.)
+    """
+    import socket
+
+    reactor = Reactor(busy={("TCP", "0.0.0.0", 5300)})
+    service = DNSService(settings(("::", 5300)), reactor)
+    service.startService()
+    dualStack = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    with dualStack:
+        dualStack.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        dualStack.bind(("::", 0))
+        service.listeners[HostPort("::", 5300)][1].socket = dualStack
+        failures = service.reconfigure(settings(("0.0.0.0", 5300), ("::", 5300)))
+    assert failures == [
+        "cannot listen on 0.0.0.0:5300 for DNS: [::]:5300 already takes IPv4 as well (opened"
+        " alone on its port, it is dual-stack, and an open socket cannot be made IPv6-only);"
+        " a restart applies this"
+    ]
+    assert reactor.open() == [("TCP", "::", 5300), ("UDP", "::", 5300)]

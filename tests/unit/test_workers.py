@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import select
 import signal
 import socket
@@ -12,7 +14,7 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from dcrouter.config.model import DaemonSettings, Defaults, Limits, RouteConfig, RouterConfig
@@ -28,7 +30,13 @@ from dcrouter.workers.pool import (
     parseListenSpec,
     readConfigMessage,
 )
-from dcrouter.workers.reports import REPORT_INTERVAL, WorkerMetrics, mergeMetrics, mergeStatus
+from dcrouter.workers.reports import (
+    REPORT_INTERVAL,
+    RetiredCounters,
+    WorkerMetrics,
+    mergeMetrics,
+    mergeStatus,
+)
 from dcrouter.workers.sockets import openGroup, steeringProgram
 from tests.helpers import freePort
 
@@ -170,12 +178,98 @@ def test_aWorkerThatRanLongIsRestartedAtOnce():
     assert pool.workers[1] is reactor.spawned[2][0]
 
 
-def test_signalsReachEveryWorker():
+def configsSent(data):
+    """The configurations in what a worker's standard input was sent (and nothing else)."""
+    configs = []
+    while data:
+        header, _, data = data.partition(b"\n")
+        configs.append(pickle.loads(data[:int(header)]))
+        data = data[int(header):]
+    return configs
+
+
+def test_aReloadSendsTheCheckedConfigurationToEveryWorker():
+    """Not SIGHUP: a worker would read the file, which may have changed since."""
     reactor, pool = makePool()
-    pool.signalAll(signal.SIGHUP)
-    assert [p.transport.signals for p, _, _ in reactor.spawned] == [
-        [signal.SIGHUP], [signal.SIGHUP],
-    ]
+    reloaded = RouterConfig(routes=(RouteConfig(name="b", ports=(80,)),))
+    pool.reconfigure(reloaded)
+    workers = [p for p, _, _ in reactor.spawned]
+    assert [configsSent(w.transport.written) for w in workers] == [[CONFIG, reloaded]] * 2
+    assert [w.transport.signals for w in workers] == [[], []]
+    end(workers[1], ProcessTerminated(exitCode=1))
+    reactor.advance(0.5)
+    assert configsSent(reactor.spawned[2][0].transport.written) == [reloaded]
+
+
+def test_aWorkerSwitchesToTheConfigurationItIsSent():
+    """Between report requests, in pieces; a report asked for after it is of it."""
+    from dcrouter.workers.worker import _SupervisorLink
+
+    reloaded = RouterConfig(routes=(RouteConfig(name="b", ports=(80,)),))
+    serving = [CONFIG]
+    link = _SupervisorLink(MemoryReactorClock(), lambda: {"routes": serving[-1].routes[0].name},
+                           serving.append)
+    transport = StringTransport()
+    link.makeConnection(transport)
+    message = configMessage(reloaded)
+    link.dataReceived(b"report\n" + message[:7])
+    link.dataReceived(message[7:-3])
+    assert serving == [CONFIG]
+    link.dataReceived(message[-3:] + b"report\nrep")
+    link.dataReceived(b"ort\n")
+    assert serving == [CONFIG, reloaded]
+    assert transport.value() == b'{"routes": "a"}\n' + b'{"routes": "b"}\n' * 2
+
+
+def test_aWorkerReloadsWhatItIsSentNotTheFile(tmp_path):
+    """The file may be half edited by now; the worker's share of the caps still applies."""
+    from dcrouter.service import DcRouter
+
+    path = tmp_path / "dcrouter.ini"
+    path.write_text("[route:site]\nports = eighty\n")
+    role = ProcessRole("worker", index=0, count=2, inherited={(80, "0.0.0.0"): 99})
+    running = RouterConfig(routes=(RouteConfig(name="a", ports=(80,), action="block"),))
+    worker = DcRouter(running, MemoryReactorClock(), configPath=str(path), role=role)
+    worker.privilegedStartService()
+    reloaded = RouterConfig(
+        defaults=Defaults(limits=Limits(max_connections=10)),
+        routes=(RouteConfig(name="b", ports=(80,), action="block"),),
+    )
+    assert worker.reload(reloaded)
+    assert [route.name for route in worker.config.routes] == ["b"]
+    assert worker.config.defaults.limits.max_connections == 5
+
+
+def test_theSupervisorSendsItsWorkersWhatItChecked(tmp_path):
+    """A reload on the same listeners: the configuration goes down the pipe, no SIGHUP."""
+    from dcrouter.config import loadConfig
+    from dcrouter.service import DcRouter
+
+    port = freePort()
+    path = tmp_path / "dcrouter.ini"
+
+    def write(body):
+        path.write_text(f"[dcrouter]\nstate_dir = {tmp_path}\n[defaults]\nbind = 127.0.0.1\n"
+                        f"[route:site]\nports = {port}\naction = static\nbody = {body}\n")
+
+    write("one")
+    reactor = ProcessReactor()
+    supervisor = DcRouter(loadConfig(str(path)), reactor, configPath=str(path),
+                          role=ProcessRole.forWorkers(2))
+    supervisor.privilegedStartService()
+    try:
+        supervisor.workers.startService()
+        write("two")
+        assert supervisor.reload()
+        workers = [p for p, _, _ in reactor.spawned]
+        sent = [configsSent(w.transport.written) for w in workers]
+        assert [[c.routes[0].options["body"].text for c in configs] for configs in sent] == [
+            ["one", "two"], ["one", "two"],
+        ]
+        assert sent[0][1] == supervisor.config
+        assert [w.transport.signals for w in workers] == [[], []]
+    finally:
+        supervisor.closeListeners(list(supervisor.groups))
 
 
 def test_stopDrainsThenKills():
@@ -365,12 +459,63 @@ def test_workersMetricsAddUpButHealthDoesNot():
     one = exposition(3, {"a:1": 1, "b:1": 0})
     two = exposition(4, {"a:1": 0, "b:1": 0})
     registry = CollectorRegistry()
-    registry.register(WorkerMetrics(lambda: [{"metrics": one}, {"metrics": two}]))
+    registry.register(WorkerMetrics(lambda: [{"metrics": one}, {"metrics": two}],
+                                    RetiredCounters()))
     merged = {family.name: family for family in mergeMetrics([one, two])}
     assert [s.value for s in merged["dcrouter_connections_accepted"].samples] == [7.0]
     up = {s.labels["target"]: s.value for s in merged["dcrouter_target_up"].samples}
     assert up == {"a:1": 1.0, "b:1": 0.0}
     assert "dcrouter_connections_accepted_total 7.0" in generate_latest(registry).decode()
+
+
+def report(worker, accepted, up):
+    """C{worker} reports C{accepted} connections and its targets' health."""
+    line = json.dumps({"metrics": exposition(accepted, up), "status": {}})
+    worker.childDataReceived(REPORT_FD, line.encode() + b"\n")
+
+
+def test_theCountersOfAWorkerThatExitedStayInTheTotals():
+    """
+    A crash, or a reload that replaces the workers, must not make a counter
+    go down (Prometheus would see a reset); the gauges of a worker that is
+    gone go with it, those of one still draining stay.
+    """
+    reactor, pool = makePool()
+    registry = CollectorRegistry()
+    registry.register(WorkerMetrics(pool.reports, pool.retired))
+
+    def accepted():
+        return registry.get_sample_value("dcrouter_connections_accepted_total")
+
+    def up():
+        return {target: registry.get_sample_value("dcrouter_target_up", {"target": target})
+                for target in ("a:1", "b:1", "c:1")}
+
+    first, second = pool.workers[0], pool.workers[1]
+    report(first, 3, {"a:1": 1})
+    report(second, 4, {"b:1": 1})
+    assert accepted() == 7
+
+    end(first, ProcessTerminated(signal=9))
+    assert accepted() == 7
+    assert up() == {"a:1": None, "b:1": 1.0, "c:1": None}
+    reactor.advance(0.5)
+    report(pool.workers[0], 1, {"c:1": 1})
+    assert accepted() == 8
+
+    # A reload with new listeners: the old workers drain, still counted.
+    pool.replace({(8080, "127.0.0.1"): [FakeSocket(30), FakeSocket(31)]})
+    old = [w for w in pool.draining]
+    assert len(old) == 2 and second in old
+    report(second, 5, {"b:1": 1})
+    report(pool.workers[0], 2, {"a:1": 0})
+    assert accepted() == 3 + 1 + 5 + 2
+    assert up()["b:1"] == 1.0, "a draining worker is still there"
+    for worker in old:
+        end(worker)
+    assert pool.draining == []
+    assert accepted() == 11
+    assert up() == {"a:1": 0.0, "b:1": None, "c:1": None}
 
 
 def test_workersStatusAddsUp():
