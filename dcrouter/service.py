@@ -496,7 +496,7 @@ class DcRouter(MultiService):
         errors = list(self.recentErrors.events)
         if self.workers is not None:
             reports = self.workers.reports()
-            merged = mergeStatus(reports)
+            merged = mergeStatus(reports, self.workers.retired)
             for report in reports:
                 errors.extend(report.get("status", {}).get("errors", []))
             errors.sort(key=lambda event: event.get("time", 0))

@@ -66,11 +66,14 @@ class RetiredCounters:
     The counters of the workers that have exited, added up from the last
     report of each: what they counted stays in the supervisor's totals, so
     these never go down when a worker dies or a reload replaces it. (Only
-    counters: a gauge of a process that is gone measures nothing.)
+    counters: a gauge of a process that is gone measures nothing.) The same
+    for the status page's counts: connections accepted and refused.
     """
 
     def __init__(self) -> None:
         self.families: list[Metric] = []
+        self.accepted = 0
+        self.refused: dict[str, int] = {}
 
     def add(self, report: Report) -> None:
         """Keep the counters of C{report}, a worker's last one."""
@@ -80,6 +83,10 @@ class RetiredCounters:
         ]
         if counters:
             self.families = mergeFamilies([*self.families, *counters])
+        connections = report.get("status", {}).get("connections", {})
+        self.accepted += connections.get("accepted", 0)
+        for reason, count in connections.get("refused", {}).items():
+            self.refused[reason] = self.refused.get(reason, 0) + count
 
 
 class WorkerMetrics(Collector):
@@ -94,10 +101,14 @@ class WorkerMetrics(Collector):
         yield from mergeFamilies([*self.retired.families, *_parsed(texts)])
 
 
-def mergeStatus(reports: Sequence[Report]) -> Report:
-    """The workers' part of the status page: connections summed, targets joined."""
-    active = accepted = 0
-    refused: dict[str, int] = {}
+def mergeStatus(reports: Sequence[Report], retired: RetiredCounters) -> Report:
+    """
+    The workers' part of the status page: connections summed (with those the
+    exited workers accepted and refused), targets joined.
+    """
+    active = 0
+    accepted = retired.accepted
+    refused = dict(retired.refused)
     targets: dict[tuple[str, str], dict[str, Any]] = {}
     for report in reports:
         status = report.get("status", {})

@@ -525,11 +525,28 @@ def test_workersStatusAddsUp():
             "targets": [{"pool": "p", "address": "a:1", "up": up, "active": active}],
         }}
 
-    merged = mergeStatus([report(2, {"cap": 1}, False), report(3, {"cap": 2, "ip": 1}, True)])
+    merged = mergeStatus([report(2, {"cap": 1}, False), report(3, {"cap": 2, "ip": 1}, True)],
+                         RetiredCounters())
     assert merged["connections"] == {
         "active": 5, "accepted": 5, "refused": {"cap": 3, "ip": 1},
     }
     assert merged["targets"] == [{"pool": "p", "address": "a:1", "up": True, "active": 5}]
+
+
+def test_theStatusCountsOfAWorkerThatExitedStay():
+    """The status page's accepted and refused counts never go down either."""
+    def report(accepted, refused):
+        return {"status": {
+            "connections": {"active": 1, "accepted": accepted, "refused": refused},
+        }}
+
+    retired = RetiredCounters()
+    retired.add(report(7, {"cap": 2}))
+    merged = mergeStatus([report(3, {"cap": 1, "ip": 4})], retired)
+    assert merged["connections"] == {
+        "active": 1, "accepted": 10, "refused": {"cap": 3, "ip": 4},
+    }
+    assert retired.refused == {"cap": 2}, "merging leaves the retired counts as they were"
 
 
 def test_aWorkerRunsOnlyTheRouter(tmp_path):
