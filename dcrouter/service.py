@@ -117,14 +117,32 @@ def endpointString(port: int, address: str) -> str:
     return f"tcp:port={port}:interface={address}:backlog={LISTEN_BACKLOG}"
 
 
-def takesIPv4Too(listener: object) -> bool:
-    """Is C{listener} a C{::} socket that takes IPv4 clients too (IPV6_V6ONLY off)?"""
+def _ipv6OnlyWildcard(listener: object) -> Optional[bool]:
+    """For a C{::} listener: does it take IPv6 only (IPV6_V6ONLY)? C{None} for others."""
     sock = getattr(listener, "socket", None)
     if not isinstance(sock, socket.socket) or sock.family != socket.AF_INET6:
-        return False
-    return sock.getsockname()[0] == "::" and not sock.getsockopt(
-        socket.IPPROTO_IPV6, socket.IPV6_V6ONLY
-    )
+        return None
+    if sock.getsockname()[0] != "::":
+        return None
+    return bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+
+
+def takesIPv4Too(listener: object) -> bool:
+    """Is C{listener} a C{::} socket that takes IPv4 clients too (IPV6_V6ONLY off)?"""
+    return _ipv6OnlyWildcard(listener) is False
+
+
+def ipv4Unserved(listeners: dict[ListenKey, Any]) -> list[int]:
+    """
+    The ports whose C{::} listener takes IPv6 only (it was opened beside an
+    IPv4 one) and that have no IPv4 listener now: their IPv4 clients are
+    refused, though C{::} alone would have taken them.
+    """
+    ipv4 = {port for port, address in listeners if ":" not in address}
+    return sorted({
+        port for (port, _), listener in listeners.items()
+        if port not in ipv4 and _ipv6OnlyWildcard(listener)
+    })
 
 
 @frozen
@@ -727,6 +745,13 @@ class DcRouter(MultiService):
             self.logRejectedReload([ConfigError(failure) for failure in dnsFailures])
             return False
         self.closeListeners(oldKeys - newKeys)
+        for port in ipv4Unserved(self.listeners):
+            log.warn(
+                "port {port}: IPv4 clients are refused until a restart: [::]:{port} was"
+                " opened IPv6-only beside an IPv4 listener a reload closed, and an open"
+                " socket cannot be made dual-stack",
+                port=port,
+            )
         self.startResources(compiled)
         stopResources(self.compiled)
         unapplied = takenAtRestart(self.config, config)

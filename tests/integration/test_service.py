@@ -399,6 +399,67 @@ def test_a_reload_cannot_add_ipv4_beside_a_dual_stack_listener_and_says_why(
     assert list(router.listeners) == [(1080, "::")]
 
 
+def test_a_reload_that_leaves_an_ipv6_only_listener_alone_on_its_port_warns(
+    monkeypatch, tmp_path
+):
+    """
+    :: opened beside 0.0.0.0 takes IPv6 only; a reload that drops 0.0.0.0
+    leaves the port's IPv4 clients refused until a restart, and says so.
+    (The sockets here are bound, not listening: they accept nothing.)
+    """
+    import socket
+
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    import dcrouter.service as service
+
+    sockets = []
+
+    def listenTCP(reactor, port, factory, backlog, interface, v6only=False):
+        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        if v6only:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((interface, 0))
+        sockets.append(sock)
+
+        class Listening:
+            def stopListening(self):
+                sock.close()
+
+        listening = Listening()
+        listening.socket = sock
+        return listening
+
+    monkeypatch.setattr(service, "listenTCP", listenTCP)
+    path = tmp_path / "dcrouter.ini"
+
+    def write(bind):
+        path.write_text(f"[dcrouter]\nstate_dir = {tmp_path}\n[route:a]\nports = 1080\n"
+                        f"bind = {bind}\naction = block\n")
+
+    write("0.0.0.0, ::")
+    router = DcRouter(loadConfig(str(path)), MemoryReactorClock(), configPath=str(path))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        router.privilegedStartService()
+        write("0.0.0.0, ::")
+        assert router.reload()
+        write("::")
+        assert router.reload()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        for sock in sockets:
+            sock.close()
+    warnings = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+    assert warnings == [
+        "port 1080: IPv4 clients are refused until a restart: [::]:1080 was opened IPv6-only"
+        " beside an IPv4 listener a reload closed, and an open socket cannot be made"
+        " dual-stack"
+    ], "the reload that kept 0.0.0.0 said nothing"
+
+
 class SignalReactor(MemoryReactorClock):
     """A memory reactor whose callFromThread calls at once (as the next turn would)."""
 
