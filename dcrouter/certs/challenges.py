@@ -4,7 +4,8 @@ ACME challenge responders: http-01, tls-alpn-01 (RFC 8737) and dns-01.
 Each holds what is being validated in memory, for the layer that answers:
 
   - L{HTTP01Responder.response} for the HTTP layer, given the request path
-    (C{/.well-known/acme-challenge/<token>}); C{None} means 404.
+    (C{/.well-known/acme-challenge/<token>}); C{None} means not ours: the
+    request goes to the routes (a backend may run its own ACME client).
   - L{TLSALPN01Responder.selectALPN} inside the listener's ALPN select
     callback: when a client offers C{acme-tls/1} for a name being
     validated, the connection is switched to the challenge certificate.
@@ -88,7 +89,7 @@ class HTTP01Responder:
     Tokens are kept until L{stop}, whatever the Host: a CA fetches a token
     several times, from several places. A path whose token is not plain
     base64url (C{..}, C{%2e}, NUL, a backslash, a slash, anything longer
-    than L{MAX_TOKEN}) never matches: the HTTP layer answers 404.
+    than L{MAX_TOKEN}) never matches: the HTTP layer routes it as any other.
     """
 
     challengeType = "http-01"

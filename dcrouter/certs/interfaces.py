@@ -36,7 +36,9 @@ class ICertificateStore(Interface):
         An exact name beats a wildcard; a wildcard C{*.example.com} covers
         exactly one label (C{a.example.com}, not C{example.com} nor
         C{a.b.example.com}). Among several, the one expiring last wins.
-        Case and a trailing dot are ignored.
+        An expired certificate yields to a current one of the other kind
+        (a wildcard's, when the exact name's is no longer renewed), and is
+        served only when there is none. Case and a trailing dot are ignored.
         """
 
     def find(names: Sequence[str]) -> Optional[CertificateEntry]:

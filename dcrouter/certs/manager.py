@@ -162,10 +162,21 @@ class CertManager(MultiService):
         self.issuer.setServiceParent(self)
 
     def startService(self) -> None:
-        super().startService()
-        self.store.load().addErrback(
+        """
+        Read the store, then start the issuer: until the certificates on
+        disk are known every one looks missing, and each restart would
+        order them all again (the CA's duplicate-certificate limit).
+        """
+        Service.startService(self)
+        loaded = self.store.load()
+        loaded.addErrback(
             lambda failure: log.failure("the certificate store cannot be read", failure)
         )
+        loaded.addCallback(lambda _: self._startIssuer())
+
+    def _startIssuer(self) -> None:
+        if self.running and not self.issuer.running:
+            self.issuer.startService()
 
     def sync(self, config: RouterConfig) -> list[str]:
         """Tell the issuer the names of every C{certificate = auto} route; return problems."""

@@ -114,6 +114,7 @@ class DirectoryStore:
             supervisor's store): no directory made, no leftovers removed.
         """
         self.directory = directory
+        self._clock = clock
         self._calls = ThreadCalls(reactor, threadpool, clock, timeout=timeout)
         self._byFile: dict[str, CertificateEntry] = {}
         self._index: dict[str, CertificateEntry] = {}
@@ -127,11 +128,16 @@ class DirectoryStore:
         """See L{ICertificateStore.get}."""
         if not serverName:
             return None
+        now = self._clock.seconds()
+        expired: Optional[CertificateEntry] = None
         for candidate in lookupCandidates(serverName):
             entry = self._index.get(candidate)
-            if entry is not None:
+            if entry is None:
+                continue
+            if entry.notAfter.timestamp() > now:
                 return entry
-        return None
+            expired = expired or entry
+        return expired
 
     def find(self, names: Sequence[str]) -> Optional[CertificateEntry]:
         """See L{ICertificateStore.find}."""

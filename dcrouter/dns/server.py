@@ -17,7 +17,8 @@ answer in the middle of a record. Here:
   - ANY over UDP gets the one synthesized HINFO of RFC 8482 (over TCP, all);
   - a UDP answer fits the client's EDNS size (512 without EDNS) and our
     C{max_udp_size}: additional records are dropped first, then the answer
-    is sent empty with TC=1, so the client asks again over TCP;
+    is sent empty with TC=1, so the client asks again over TCP; a
+    referral that had to drop in-domain glue says TC=1 too (RFC 9471);
   - C{rate_limit} bounds UDP answers per client network (RRL);
   - a TCP client that sends no whole query for C{tcp_idle_timeout} is
     closed, at most C{max_tcp_connections} are served, and a client that
@@ -517,11 +518,16 @@ class DNSServerFactory(server.DNSServerFactory):
     def encode(self, response: Any, limit: int) -> bytes:
         """
         The response's bytes, at most C{limit}: additional records go first,
-        then answer and authority, with TC set (never half a record).
+        then answer and authority, with TC set (never half a record). A
+        referral that loses in-domain glue says TC too (RFC 9471): without
+        it a resolver cannot reach the child zone's servers.
         """
         data = _toBytes(response)
         if len(data) > limit and response.additional:
-            response.additional = []
+            dropped, response.additional = response.additional, []
+            if _inDomainGlue(response, dropped):
+                self.count("truncated")
+                response.trunc = True
             data = _toBytes(response)
         if len(data) > limit:
             self.count("truncated")
@@ -546,6 +552,17 @@ class DNSServerFactory(server.DNSServerFactory):
                 data = _slipped(data)
         self.responses[("udp", rcodeName(rcode))] += 1
         protocol.sendBytes(data, address)
+
+
+def _inDomainGlue(response: Any, additional: Sequence[dns.RRHeader]) -> bool:
+    """Is C{response} a referral and one of C{additional} at or below its zone cut?"""
+    if response.auth:
+        return False
+    cuts = [b"." + header.name.name.lower() for header in response.authority
+            if header.type == dns.NS]
+    return any(
+        (b"." + header.name.name.lower()).endswith(cut) for header in additional for cut in cuts
+    )
 
 
 def _toBytes(response: Any) -> bytes:

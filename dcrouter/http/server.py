@@ -339,8 +339,11 @@ class HTTPServerProtocol(Protocol):
             target = head.target
             if not target.startswith(b"/"):
                 target = b"/" + target.split(b"://", 1)[-1].partition(b"/")[2]
-            if target.startswith(ACME_CHALLENGE_PATH):
-                self.answerChallenge(acme(target.split(b"?", 1)[0]), record, unread)
+            keyAuthorization = (
+                acme(target.split(b"?", 1)[0]) if target.startswith(ACME_CHALLENGE_PATH) else None
+            )
+            if keyAuthorization is not None:
+                self.answerChallenge(keyAuthorization, record, unread)
                 return
         try:
             path = requestPath(head.target)
@@ -372,14 +375,12 @@ class HTTPServerProtocol(Protocol):
         if self.exchange is exchange and self.phase == _Phase.EXCHANGE:
             exchange.start()
 
-    def answerChallenge(
-        self, keyAuthorization: Optional[bytes], record: RequestRecord, unread: bool
-    ) -> None:
-        """ACME http-01, before any route: the key authorization, or 404."""
+    def answerChallenge(self, keyAuthorization: bytes, record: RequestRecord, unread: bool) -> None:
+        """
+        ACME http-01, before any route, for a token being validated here;
+        other challenge paths go to the routes (a backend's own ACME client).
+        """
         record.route = "acme http-01"
-        if keyAuthorization is None:
-            self.sendError(404, "no such ACME challenge", record, unread)
-            return
         assert self.transport is not None
         response = serializeHead(
             b"HTTP/1.1 200 OK",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,22 @@ def test_exactNameBeatsWildcard(store, ca):
     exact = result(store.store(["www.example.com"], *ca.issue(["www.example.com"], days=10)))
     assert store.get("www.example.com") is exact
     assert store.get("api.example.com") is wildcard
+
+
+def test_anExpiredExactNameYieldsToACurrentWildcard(store, reactor, ca):
+    """
+    A certificate for a name no route renews any more (the route now uses
+    the wildcard) expires: the wildcard serves the name from then on. Only
+    when no candidate is current is an expired one served.
+    """
+    start = datetime.now(UTC) - timedelta(days=100)
+    exact = result(store.store(["www.example.com"], *ca.issue(
+        ["www.example.com"], notBefore=start, days=90)))
+    reactor.advance(datetime.now(UTC).timestamp())
+    assert store.get("www.example.com") is exact, "nothing better: the expired one"
+    wildcard = result(store.store(["*.example.com"], *ca.issue(["*.example.com"], days=90)))
+    assert store.get("www.example.com") is wildcard
+    assert store.get("WWW.example.com.") is wildcard
 
 
 def test_laterExpiryWins(store, ca):

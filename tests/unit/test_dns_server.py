@@ -541,6 +541,33 @@ def test_additional_records_are_dropped_before_the_answer_is():
     assert (answer.trunc, len(answer.answers), answer.additional) == (False, 22, [])
 
 
+def test_a_referral_whose_glue_does_not_fit_is_truncated():
+    """
+    RFC 9471: a referral must carry all its in-domain glue (the resolver
+    cannot find the child's servers otherwise), or say TC; sibling glue
+    (in this zone, outside the child) may be left out without a word.
+    """
+    label = "a-rather-long-name-server-label"
+    inDomain = "\n".join(
+        f"deleg NS ns{i}.{label}.deleg\nns{i}.{label}.deleg AAAA 2001:db8::{i}"
+        for i in range(13)
+    )
+    sibling = "\n".join(
+        f"other NS ns{i}.{label}.example.com.\nns{i}.{label} AAAA 2001:db8::1:{i}"
+        for i in range(13)
+    )
+    server = Server(zoneText(inDomain + "\n" + sibling))
+    (reply,) = server.send(query("www.deleg.example.com"))
+    answer = decode(reply)
+    assert len(reply) <= 512
+    assert (answer.trunc, answer.auth, len(answer.authority)) == (True, False, 13)
+    (reply,) = server.send(query("www.other.example.com"))
+    answer = decode(reply)
+    assert (answer.trunc, len(answer.authority), answer.additional) == (False, 13, [])
+    roomy = server.ask(query("www.deleg.example.com", edns=(0, 1232)))
+    assert (roomy.trunc, len(roomy.additional)) == (False, 13)
+
+
 def test_pipelined_tcp_queries_are_all_answered(server):
     protocol, transport = server.connect()
     data = b"".join(struct.pack(">H", len(q)) + q for q in (

@@ -7,6 +7,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import implementer
 
+from dcrouter.certs.challenges import HTTP01Responder
 from dcrouter.config.model import HttpSettings, RouteConfig
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
 from dcrouter.http.server import (
@@ -41,13 +42,14 @@ class Transport(StringTransport):
         self.writeClosed = True
 
 
-def serve(action=None, settings=HttpSettings(), tls=None, serverName=None, domains=()):
+def serve(action=None, settings=HttpSettings(), tls=None, serverName=None, domains=(),
+          acme=None):
     action = action or Held()
     reactor = MemoryReactorClock()
     config = RouteConfig(name="r", ports=(80,), action="test", tls=tls, domains=domains)
     other = RouteConfig(name="other", ports=(80,), action="test", tls=tls, domains=("other.test",))
     table = HTTPRouteTable.build([HTTPRoute(config, action, None), HTTPRoute(other, action, None)])
-    layer = HTTPLayer(reactor, table, table, settings)
+    layer = HTTPLayer(reactor, table, table, settings, acmeHTTP=acme)
     client = IPv4Address("TCP", "192.0.2.1", 5000)
     connection = RoutedConnection(
         reactor, config, client, None, serverName, (), ConnectionRecord(0.0, client, 80)
@@ -346,3 +348,24 @@ def test_drain_lets_the_request_under_way_finish_then_closes():
     action.exchanges[0].respond(200, body=b"done")
     assert b"Connection: close" in transport.value() and transport.value().endswith(b"done")
     assert transport.disconnecting
+
+
+def test_http01_answers_its_own_tokens_and_passes_the_others_to_the_routes():
+    """
+    A backend behind the router may run its own ACME client (say, for a
+    passthrough route on 443): its challenges must reach it, as Caddy's do.
+    """
+    token, keyAuthorization = "T" * 43, "T" * 43 + "." + "k" * 43
+    responder = HTTP01Responder()
+    responder.start("a.test", token, keyAuthorization)
+    challenge = b"GET /.well-known/acme-challenge/%s HTTP/1.1\r\nHost: a.test\r\n\r\n"
+    _, protocol, transport, action = serve(acme=responder.response)
+    protocol.dataReceived(challenge % token.encode())
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    assert transport.value().endswith(keyAuthorization.encode())
+    assert action.exchanges == []
+    for other in (b"U" * 43, b"..%2f..%2fetc%2fpasswd"):
+        _, protocol, transport, action = serve(acme=responder.response)
+        protocol.dataReceived(challenge % other)
+        [exchange] = action.exchanges
+        assert exchange.request.target == b"/.well-known/acme-challenge/" + other
