@@ -442,6 +442,11 @@ class RoutingProtocol(Protocol):
             if self.timer is None:
                 self.startTimer("first bytes")
             return
+        self.deliverFirst(data)
+
+    def deliverFirst(self, data: bytes) -> None:
+        """The first bytes are no PROXY header: the action has them, and all that follow."""
+        assert self.inner is not None
         self.cancelTimer()
         self.received = ()
         self.phase = _ROUTED
@@ -494,6 +499,10 @@ class RoutingProtocol(Protocol):
             self.timer = None
 
     def readConnectionLost(self) -> None:
+        if self.phase == _FIRST and self.received:
+            # Held as the start of a PROXY header, but nothing more comes:
+            # they are the client's data (and no timer must refuse it later).
+            self.deliverFirst(b"".join(self.received))
         inner = IHalfCloseableProtocol(self.inner, None)
         if inner is not None:
             inner.readConnectionLost()

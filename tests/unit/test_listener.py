@@ -6,8 +6,10 @@ from ipaddress import ip_network
 
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from zope.interface import implementer
 
 from dcrouter.config.model import Limits, RouteConfig
 from dcrouter.net.gate import Gate
@@ -252,6 +254,34 @@ def test_a_proxy_prefix_that_stalls_times_out():
     reactor.advance(5.1)
     assert transport.disconnecting and router.refused["timeout"] == 1
     assert protocol.record.ended == "refused: no complete first bytes within 5s"
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCaptured(Captured):
+    def readConnectionLost(self):
+        self.halfClosed = self.data
+
+    def writeConnectionLost(self):
+        pass
+
+
+class HalfCaptureAction(CaptureAction):
+    def buildProtocol(self, connection, options):
+        protocol = HalfCaptured(connection)
+        self.built.append(protocol)
+        return protocol
+
+
+def test_bytes_held_as_a_proxy_prefix_are_delivered_before_a_half_close():
+    action = HalfCaptureAction()
+    reactor, router = makeRouter([route(action, tls=None)])
+    protocol, transport = accept(router)
+    protocol.dataReceived(b"\r\n")
+    protocol.readConnectionLost()
+    (captured,) = action.built
+    assert captured.halfClosed == b"\r\n"
+    reactor.advance(5.1)
+    assert not transport.disconnecting and not router.refused
 
 
 def terminatingRoute(action, tmp_path):
