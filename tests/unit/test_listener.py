@@ -189,6 +189,23 @@ def test_the_gate_judges_the_client_behind_a_trusted_proxy():
     assert transport.disconnecting and router.refused["ip_block"] == 1
 
 
+def test_a_trusted_proxy_is_not_held_to_the_limits_meant_for_each_client():
+    action = CaptureAction()
+    limits = Limits(
+        connection_rate_per_minute=2, max_connections_per_ip=1,
+        ip_allow=(ip_network("203.0.113.0/24"),),
+    )
+    _, router = makeRouter([route(action)], trusted=["192.0.2.0/24"], limits=limits)
+    for n in range(5):
+        protocol, transport = accept(router)
+        client = IPv4Address("TCP", f"203.0.113.{n}", 1234)
+        protocol.dataReceived(encodeV1(client, IPv4Address("TCP", "198.51.100.1", 443)))
+        assert not transport.disconnecting and not router.refused
+    assert router.state.gate.active == 5
+    protocol.connectionLost(None)
+    assert router.state.gate.active == 4
+
+
 def test_a_trusted_proxy_must_send_a_header():
     action = CaptureAction()
     _, router = makeRouter([route(action)], trusted=["192.0.2.0/24"])
