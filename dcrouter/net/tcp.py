@@ -202,6 +202,16 @@ class _Connector(tcp.Connector):
     def _makeTransport(self) -> tcp.Client:
         return _Client(self.host, self.port, self.bindAddress, self, self.reactor)
 
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        Let go of the closed transport: Twisted keeps it, and it keeps this
+        connector (and so the factory) in a reference cycle that only the
+        garbage collector would free, one per connection made.
+        """
+        super().connectionLost(reason)
+        if self.state == "disconnected":
+            self.transport = None
+
 
 def connectTCP(
     reactor: IReactorTCP, host: str, port: int, factory: ClientFactory, timeout: float

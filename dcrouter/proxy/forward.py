@@ -362,11 +362,18 @@ class ForwardProtocol(Protocol):
         pass
 
     def upstreamFailed(self, reason: Failure) -> None:
+        """
+        An attempt failed: count it against the target, try the next one.
+
+        Not counted when the client left first: the router itself then
+        stopped the connect or the handshake (or closed a connection that
+        came too late), and that says nothing of the target.
+        """
+        if self.clientGone:
+            return
         self.lastError = f"{self.record.target}: {reason.getErrorMessage()}"
         assert self.target is not None
         self.pool.reportFailure(self.target, reason.getErrorMessage())
-        if self.clientGone:
-            return
         self.connectNext()
 
     def upstreamConnected(self, upstream: _Upstream) -> None:

@@ -206,7 +206,9 @@ class RoutingProtocol(Protocol):
         self.received: list[bytes] | tuple[()] = ()
         self.inner: Optional[IProtocol] = None
         self.clientIP: Optional[IPAddress] = None
+        #: Counted by the port's gate, as C{gateIP} (see L{admit}).
         self.admitted = False
+        self.gateIP: Optional[IPAddress] = None
         self.routeGate: Optional[Gate] = None
         self.timer: Optional[IDelayedCall] = None
         self.helloReader: Optional[ClientHelloReader] = None
@@ -227,9 +229,13 @@ class RoutingProtocol(Protocol):
         router.accepted += 1
         router.acceptedAt[self.table.port] += 1
         ip = self.clientIP = clientIP(self.client)
-        if not self.admit():
+        trusted = bool(self.state.trustedProxies) and self.state.trusts(ip)
+        # A trusted proxy brings many clients: until its header names this
+        # one, only the global cap applies, not the proxy's own rate, caps
+        # or lists (every connection it relays would count against them).
+        if not self.admit(None if trusted else ip):
             return
-        if self.state.trustedProxies and self.state.trusts(ip):
+        if trusted:
             self.phase = _PROXY
             self.proxyReader = ProxyHeaderReader()
             self.startTimer("PROXY header")
@@ -240,13 +246,14 @@ class RoutingProtocol(Protocol):
         else:
             self.route(None, (), isTLS=False)
 
-    def admit(self) -> bool:
-        """Pass the port's gate with C{self.clientIP}, or be refused."""
-        reason = self.state.gate.admit(self.clientIP)
+    def admit(self, ip: Optional[IPAddress]) -> bool:
+        """Pass the port's gate as C{ip} (C{None}: the global cap only), or be refused."""
+        reason = self.state.gate.admit(ip)
         if reason is not None:
             self.refuse(reason)
             return False
         self.admitted = True
+        self.gateIP = ip
         return True
 
     def startTimer(self, waitingFor: str) -> None:
@@ -282,7 +289,7 @@ class RoutingProtocol(Protocol):
         info, rest = result
         if info is not None and info.source is not None:
             # The limits are the real client's, not the proxy's.
-            self.state.gate.release(self.clientIP)
+            self.state.gate.release(self.gateIP)
             self.admitted = False
             self.client = info.source
             if info.destination is not None:
@@ -290,7 +297,7 @@ class RoutingProtocol(Protocol):
             assert self.record is not None
             self.record.client = self.client
             self.clientIP = clientIP(self.client)
-            if not self.admit():
+            if not self.admit(self.clientIP):
                 return
         self.proxyReader = None
         if self.table.needsHello:
@@ -442,6 +449,11 @@ class RoutingProtocol(Protocol):
             if self.timer is None:
                 self.startTimer("first bytes")
             return
+        self.deliverFirst(data)
+
+    def deliverFirst(self, data: bytes) -> None:
+        """The first bytes are no PROXY header: the action has them, and all that follow."""
+        assert self.inner is not None
         self.cancelTimer()
         self.received = ()
         self.phase = _ROUTED
@@ -494,6 +506,10 @@ class RoutingProtocol(Protocol):
             self.timer = None
 
     def readConnectionLost(self) -> None:
+        if self.phase == _FIRST and self.received:
+            # Held as the start of a PROXY header, but nothing more comes:
+            # they are the client's data (and no timer must refuse it later).
+            self.deliverFirst(b"".join(self.received))
         inner = IHalfCloseableProtocol(self.inner, None)
         if inner is not None:
             inner.readConnectionLost()
@@ -517,7 +533,7 @@ class RoutingProtocol(Protocol):
             route = self.record.route if self.record is not None else None
             log.failure("connectionLost of [route:{route}] failed", route=route)
         if self.admitted:
-            self.state.gate.release(self.clientIP)
+            self.state.gate.release(self.gateIP)
         if self.routeGate is not None:
             self.routeGate.release(self.clientIP)
         self.router.connections.discard(self)

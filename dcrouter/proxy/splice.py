@@ -392,7 +392,7 @@ class SplicePump:
         self.ended(self.ends.index(end))
 
     def resumeReading(self, end: _End) -> None:
-        if not end.reading and not end.outgoing.eof and not self.stopped:
+        if not self.stopped and not end.reading and not end.outgoing.eof:
             end.reading = True
             self.reactor.addReader(end)
 
@@ -402,7 +402,14 @@ class SplicePump:
             self.reactor.removeReader(end)
 
     def stop(self) -> None:
-        """Let go of the sockets; a pipe still holding bytes is closed, they are dropped."""
+        """
+        Let go of the sockets; a pipe still holding bytes is closed, they are dropped.
+
+        The ends, out of the reactor's hands now, also let go of the pump and
+        the directions: they referred to each other in cycles that held the
+        pump, and through C{ended} its owner's connection, until the garbage
+        collector ran.
+        """
         if self.stopped:
             return
         self.stopped = True
@@ -413,6 +420,7 @@ class SplicePump:
                 self.reactor.removeWriter(end)
             os.close(end.fd)
             end.fd = -1
+            del end.pump, end.outgoing, end.incoming
         for direction in self.directions:
             pipe, direction.pipe = direction.pipe, None
             if pipe is not None:

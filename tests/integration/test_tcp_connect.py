@@ -93,3 +93,27 @@ async def test_a_refused_connect_is_freed_without_the_garbage_collector():
         assert transport() is None
     finally:
         gc.enable()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_closed_connection_is_freed_without_the_garbage_collector():
+    """
+    Twisted's connector keeps its transport after the connection closed, and
+    the transport keeps the connector: a cycle holding the factory (for the
+    forward action, the whole forwarded connection). L{_Connector} breaks it.
+    """
+    listening = await server()
+    gc.collect()
+    gc.disable()
+    try:
+        factory = Factory()
+        connector = connectTCP(reactor, "127.0.0.1", listening.getHost().port, factory, 5)
+        transport, made = weakref.ref(connector.transport), weakref.ref(connector)
+        del connector
+        await factory.result
+        for _ in range(3):
+            await deferLater(reactor, 0.01, lambda: None)
+        assert transport() is None and made() is None
+    finally:
+        gc.enable()
+        await listening.stopListening()

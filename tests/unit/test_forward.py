@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
 from dcrouter.config.model import HostPort, RouteConfig
 from dcrouter.ops.accesslog import ConnectionRecord
@@ -73,3 +75,28 @@ def test_bytes_before_the_target_connects_wait_in_order_and_pause_the_client_pas
     upstream.makeConnection(out)
     assert out.value() == b"".join(sent)
     assert transport.producerState == "producing"
+
+
+def test_a_client_leaving_during_the_connect_does_not_mark_the_target_down():
+    from twisted.internet.error import UserError
+
+    reactor, protocol, transport = forwarder()
+    [(_, _, factory, _, _)] = reactor.tcpClients
+    protocol.connectionLost(Failure(ConnectionDone()))
+    # A real connector reports the attempt it was told to stop as failed.
+    factory.clientConnectionFailed(None, Failure(UserError()))
+    [target] = protocol.pool.targets
+    assert target.up and target.failures == 0
+
+
+def test_a_target_that_connects_after_the_client_left_is_not_marked_down():
+    reactor, protocol, transport = forwarder()
+    [(_, _, factory, _, _)] = reactor.tcpClients
+    protocol.connectionLost(Failure(ConnectionDone()))
+    upstream = factory.buildProtocol(None)
+    out = Transport()
+    upstream.makeConnection(out)
+    assert out.aborted
+    upstream.connectionLost(Failure(ConnectionAborted()))
+    [target] = protocol.pool.targets
+    assert target.up and target.failures == 0

@@ -6,8 +6,10 @@ from ipaddress import ip_network
 
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from zope.interface import implementer
 
 from dcrouter.config.model import Limits, RouteConfig
 from dcrouter.net.gate import Gate
@@ -187,6 +189,23 @@ def test_the_gate_judges_the_client_behind_a_trusted_proxy():
     assert transport.disconnecting and router.refused["ip_block"] == 1
 
 
+def test_a_trusted_proxy_is_not_held_to_the_limits_meant_for_each_client():
+    action = CaptureAction()
+    limits = Limits(
+        connection_rate_per_minute=2, max_connections_per_ip=1,
+        ip_allow=(ip_network("203.0.113.0/24"),),
+    )
+    _, router = makeRouter([route(action)], trusted=["192.0.2.0/24"], limits=limits)
+    for n in range(5):
+        protocol, transport = accept(router)
+        client = IPv4Address("TCP", f"203.0.113.{n}", 1234)
+        protocol.dataReceived(encodeV1(client, IPv4Address("TCP", "198.51.100.1", 443)))
+        assert not transport.disconnecting and not router.refused
+    assert router.state.gate.active == 5
+    protocol.connectionLost(None)
+    assert router.state.gate.active == 4
+
+
 def test_a_trusted_proxy_must_send_a_header():
     action = CaptureAction()
     _, router = makeRouter([route(action)], trusted=["192.0.2.0/24"])
@@ -252,6 +271,34 @@ def test_a_proxy_prefix_that_stalls_times_out():
     reactor.advance(5.1)
     assert transport.disconnecting and router.refused["timeout"] == 1
     assert protocol.record.ended == "refused: no complete first bytes within 5s"
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCaptured(Captured):
+    def readConnectionLost(self):
+        self.halfClosed = self.data
+
+    def writeConnectionLost(self):
+        pass
+
+
+class HalfCaptureAction(CaptureAction):
+    def buildProtocol(self, connection, options):
+        protocol = HalfCaptured(connection)
+        self.built.append(protocol)
+        return protocol
+
+
+def test_bytes_held_as_a_proxy_prefix_are_delivered_before_a_half_close():
+    action = HalfCaptureAction()
+    reactor, router = makeRouter([route(action, tls=None)])
+    protocol, transport = accept(router)
+    protocol.dataReceived(b"\r\n")
+    protocol.readConnectionLost()
+    (captured,) = action.built
+    assert captured.halfClosed == b"\r\n"
+    reactor.advance(5.1)
+    assert not transport.disconnecting and not router.refused
 
 
 def terminatingRoute(action, tmp_path):

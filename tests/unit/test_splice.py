@@ -6,9 +6,11 @@ hashes what it receives and sees half-closes.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import socket
+import weakref
 from typing import Any, Optional
 
 import pytest
@@ -225,6 +227,33 @@ async def test_stop_lets_go_of_everything_and_ends_nothing() -> None:
     for peer in peers:
         transport(peer).loseConnection()
         await peer.closed
+
+
+class Owner:
+    def ended(self, failed: Optional[int]) -> None:
+        pass
+
+
+def test_a_stopped_pump_and_its_owner_are_freed_without_the_garbage_collector() -> None:
+    from twisted.internet.testing import MemoryReactor
+
+    pairs = [socket.socketpair() for _ in range(2)]
+    owner = Owner()
+    pump = SplicePump(MemoryReactor(), pairs[0][0], pairs[1][0], owner.ended, PipePool())
+    pump.start()
+    gc.collect()
+    gc.disable()
+    try:
+        pump.stop()
+        assert pump.received == (0, 0)
+        freed = weakref.ref(owner), weakref.ref(pump)
+        del owner, pump
+        assert [ref() for ref in freed] == [None, None]
+    finally:
+        gc.enable()
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
 
 
 @pytest_twisted.ensureDeferred
