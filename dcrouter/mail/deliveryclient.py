@@ -723,9 +723,17 @@ class SMTPConnectionPool:
             if "PIPELINING" in extensions:
                 replies = [protocol.expect() for _ in commands]
                 protocol.send(b"".join(c + b"\r\n" for c in commands))
-                mailReply = await replies[0]
-                rcptReplies = [await d for d in replies[1:-1]]
-                dataReply = await replies[-1]
+                try:
+                    mailReply = await replies[0]
+                    rcptReplies = [await d for d in replies[1:-1]]
+                    dataReply = await replies[-1]
+                except Exception:
+                    # The first failure is the transaction's; the replies
+                    # not awaited failed with it, and left unconsumed each
+                    # would log "Unhandled error in Deferred" when collected.
+                    for d in replies:
+                        d.addErrback(lambda _: None)
+                    raise
             else:
                 mailReply = await protocol.command(commands[0])
                 rcptReplies = []
