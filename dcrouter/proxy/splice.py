@@ -196,7 +196,8 @@ class _End:
     __slots__ = ("fd", "incoming", "name", "outgoing", "pump", "reading", "sock", "writing")
 
     def __init__(self, pump: SplicePump, sock: socket.socket, fd: int, name: str) -> None:
-        self.pump = pump
+        #: The pump, until it stops (see L{SplicePump.stop}).
+        self.pump: Optional[SplicePump] = pump
         #: The transport's socket, to shut down; C{fd} is the pump's own duplicate.
         self.sock = sock
         self.fd = fd
@@ -210,20 +211,29 @@ class _End:
         return self.fd
 
     def doRead(self) -> None:
-        pump, direction = self.pump, self.outgoing
+        pump = self.pump
+        if pump is None:
+            return
+        direction = self.outgoing
         pump.pull(direction)
         if not direction.buffered and direction.pipe is not None:
             pump.release(direction)
 
     def doWrite(self) -> None:
-        pump, direction = self.pump, self.incoming
+        # The pump may have stopped in this event's doRead: Twisted calls
+        # doWrite next for an event that is both readable and writable.
+        pump = self.pump
+        if pump is None:
+            return
+        direction = self.incoming
         pump.push(direction)
         if not direction.buffered and direction.pipe is not None:
             pump.release(direction)
 
     def connectionLost(self, reason: Failure) -> None:
         """The reactor saw a hang-up or an error (or is shutting down)."""
-        self.pump.fail(self)
+        if self.pump is not None:
+            self.pump.fail(self)
 
     def logPrefix(self) -> str:
         return f"splice:{self.name}"
@@ -420,7 +430,8 @@ class SplicePump:
                 self.reactor.removeWriter(end)
             os.close(end.fd)
             end.fd = -1
-            del end.pump, end.outgoing, end.incoming
+            end.pump = None
+            del end.outgoing, end.incoming
         for direction in self.directions:
             pipe, direction.pipe = direction.pipe, None
             if pipe is not None:

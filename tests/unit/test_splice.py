@@ -16,8 +16,10 @@ from typing import Any, Optional
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from dcrouter.proxy.splice import PipePool, SplicePump, spliceAvailable
 from tests.streams import Flood, MiB, Peer, payload, reactor, until
@@ -232,6 +234,31 @@ async def test_stop_lets_go_of_everything_and_ends_nothing() -> None:
 class Owner:
     def ended(self, failed: Optional[int]) -> None:
         pass
+
+
+def test_the_ends_of_a_stopped_pump_ignore_the_events_left_in_a_reactor_turn() -> None:
+    """
+    An event both readable and writable whose doRead stops the pump still
+    gets its doWrite (Twisted does not look again), and a failure after it
+    its connectionLost: a stopped pump's ends do nothing, raise nothing.
+    """
+    from twisted.internet.testing import MemoryReactor
+
+    pairs = [socket.socketpair() for _ in range(2)]
+    ended: list[Optional[int]] = []
+    pump = SplicePump(MemoryReactor(), pairs[0][0], pairs[1][0], ended.append, PipePool())
+    pump.start()
+    try:
+        pump.stop()
+        for end in pump.ends:
+            end.doRead()
+            end.doWrite()
+            end.connectionLost(Failure(ConnectionLost()))
+        assert ended == []
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
 
 
 def test_a_stopped_pump_and_its_owner_are_freed_without_the_garbage_collector() -> None:
