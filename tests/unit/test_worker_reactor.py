@@ -77,6 +77,7 @@ def test_a_ready_descriptor_is_read(reactor: EPollReactor) -> None:
     assert reader.reads == 1
 
 
+@pytest.mark.unhandled_errors
 def test_a_failing_read_is_logged_and_disconnects_only_that_descriptor(
     reactor: EPollReactor, logged: list[dict[str, Any]]
 ) -> None:
@@ -89,6 +90,7 @@ def test_a_failing_read_is_logged_and_disconnects_only_that_descriptor(
     assert any(e.get("isError") and "doRead broke" in str(e.get("failure")) for e in logged)
 
 
+@pytest.mark.unhandled_errors
 def test_a_failing_disconnect_is_logged_and_the_other_events_still_run(
     reactor: EPollReactor, logged: list[dict[str, Any]]
 ) -> None:

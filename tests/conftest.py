@@ -1,0 +1,38 @@
+"""
+Suite-wide: a test fails if it leaves an unhandled error in the log, as
+trial's do. "Unhandled Error" is an exception that escaped into the
+reactor (a descriptor's doRead, a delayed call); "Unhandled error in
+Deferred" a failure nobody consumed. Both are tracebacks in an operator's
+log and, most often, a bug. A test that provokes one on purpose says so
+with C{@pytest.mark.unhandled_errors}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.logger import formatEvent, globalLogPublisher
+
+_UNHANDLED = ("Unhandled Error", "Unhandled error in Deferred")
+
+
+@pytest.fixture(autouse=True)
+def _noUnhandledErrors(request: pytest.FixtureRequest) -> Iterator[None]:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    if request.node.get_closest_marker("unhandled_errors") is not None:
+        return
+    unhandled = [
+        (text, event["log_failure"])
+        for event in events
+        if "log_failure" in event and (text := formatEvent(event)).startswith(_UNHANDLED)
+    ]
+    assert not unhandled, "unhandled errors were logged:\n" + "\n".join(
+        f"{text}\n{failure.getTraceback()}" for text, failure in unhandled
+    )
