@@ -308,9 +308,44 @@ def test_renewsRenewDaysBeforeExpiry(world):
     assert second.serial != first.serial and second.notAfter > first.notAfter
 
 
-def test_minimumAgeStopsARenewalStorm(tmp_path):
-    """renew_days longer than the lifetime: one renewal a day, not one per check."""
+def test_aShortLivedCertificateRenewsWhenAThirdOfItsLifetimeRemains(tmp_path):
+    """Lifetime (6 days) shorter than renew_days (30): at 4 days, not daily."""
+    w = World(tmp_path, ca=FakeCA(None, lifetime=6))
+    w.ca.clock = w.reactor
+    w.issuer.want("web", ["www.example.com"])
+    result(w.issuer.checkNow())
+    first = w.store.get("www.example.com")
+    [status] = w.issuer.status()
+    assert status["nextRenewal"] == (first.notAfter - timedelta(days=2)).isoformat()
+    for _ in range(3):
+        w.advance(DAY)
+        result(w.issuer.checkNow())
+    w.advance(DAY - 1)
+    result(w.issuer.checkNow())
+    assert len(w.ca.orders) == 1
+    w.advance(1)
+    result(w.issuer.checkNow())
+    assert len(w.ca.orders) == 2
+
+
+def test_renewDaysLongerThanTheLifetimeIsNoRenewalStorm(tmp_path):
+    """renew_days 365, lifetime 90: renewed at 60 days, neither per check nor daily."""
     w = World(tmp_path, AcmeSettings(directory="https://ca.invalid/dir", renewDays=365))
+    w.issuer.want("web", ["www.example.com"])
+    result(w.issuer.checkNow())
+    for _ in range(59):
+        w.advance(DAY)
+        result(w.issuer.checkNow())
+    assert len(w.ca.orders) == 1
+    w.advance(DAY)
+    result(w.issuer.checkNow())
+    assert len(w.ca.orders) == 2
+
+
+def test_minimumAgeHoldsALifetimeJustLongerThanRenewDays(tmp_path):
+    """Lifetime 30.5 days, renew_days 30: due half a day after issue, held to a day."""
+    w = World(tmp_path, ca=FakeCA(None, lifetime=30.5))
+    w.ca.clock = w.reactor
     w.issuer.want("web", ["www.example.com"])
     result(w.issuer.checkNow())
     for _ in range(23):
@@ -322,8 +357,21 @@ def test_minimumAgeStopsARenewalStorm(tmp_path):
     assert len(w.ca.orders) == 2
 
 
+def test_renewalInformationStillComesFirstForAShortLivedCertificate(tmp_path):
+    w = World(tmp_path, ca=FakeCA(None, lifetime=6))
+    w.ca.clock = w.reactor
+    w.issuer.want("web", ["www.example.com"])
+    result(w.issuer.checkNow())
+    w.ca.ari = (w.now() + DAY, w.now() + 1800)
+    result(w.issuer.checkNow())  # not due: asks for ARI
+    w.advance(DAY)
+    result(w.issuer.checkNow())
+    assert len(w.ca.orders) == 2
+
+
 def test_forcedRenewalWithoutMinimumAge(tmp_path):
-    w = World(tmp_path, AcmeSettings(directory="https://x/d", renewDays=10_000, minimumAge=0))
+    """renew_days of the whole lifetime and no minimum age: due at once."""
+    w = World(tmp_path, AcmeSettings(directory="https://x/d", renewDays=90, minimumAge=0))
     w.issuer.want("web", ["www.example.com"])
     result(w.issuer.checkNow())
     result(w.issuer.checkNow())
