@@ -70,7 +70,7 @@ from zope.interface import implementer
 
 from dcrouter import __version__, files
 from dcrouter.certs.interfaces import IAcmeSession, ICertificateStore, IChallengeResponder
-from dcrouter.certs.material import CertificateEntry
+from dcrouter.certs.material import CertificateEntry, CertificateError
 from dcrouter.certs.names import isWildcard, normalizeNames
 from dcrouter.threads import CallTimedOut, ThreadCalls
 
@@ -952,7 +952,10 @@ class AcmeIssuer(Service):
                     self.log.failure(
                         "challenge responder {type} did not stop", type=responder.challengeType
                     )
-        return await self._store.store(want.names, keyPEM, fullchain.encode("ascii"))
+        try:
+            return await self._store.store(want.names, keyPEM, fullchain.encode("ascii"))
+        except CertificateError as e:
+            raise AcmeFailure(f"the certificate the CA issued is not kept: {e}") from e
 
     def _choose(self, authz: PendingAuthorization, want: _Want) -> str:
         """The challenge type to answer C{authz} with."""

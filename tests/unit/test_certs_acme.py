@@ -63,6 +63,7 @@ class FakeCA:
         self.responders = {}
         self.seenWhileAnswering = []
         self.tokens = 0
+        self.leaveOut = set()  # names the CA drops from the certificates it issues
 
     def session(self):
         return FakeSession(self)
@@ -111,6 +112,7 @@ class FakeSession:
         _, names, csrPEM = order
         csr = x509.load_pem_x509_csr(csrPEM)
         start = datetime.fromtimestamp(self.ca.clock.seconds(), UTC)
+        names = [n for n in names if n not in self.ca.leaveOut]
         _, chain = self.ca.ca.issue(
             names, notBefore=start, days=self.ca.lifetime, publicKey=csr.public_key()
         )
@@ -522,6 +524,40 @@ def test_aFailedRenewalKeepsTheOldCertificate(world):
     world.advance(300)
     result(world.issuer.checkNow())
     assert world.store.get("www.example.com").serial != old.serial
+
+
+def test_aCertificateLackingANameIsAFailedIssuance(world):
+    """Not stored (it would replace the one that has every name), and backed off."""
+    world.issuer.want("web", ["a.example.com", "b.example.com"])
+    result(world.issuer.checkNow())
+    old = world.store.get("b.example.com")
+    world.advance(61 * DAY)
+    world.ca.leaveOut = {"b.example.com"}
+    result(world.issuer.checkNow())
+    assert world.store.get("b.example.com") is old and world.store.get("a.example.com") is old
+    assert len(world.store.list()) == 1
+    [status] = world.issuer.status()
+    assert status["failures"] == 1 and status["state"] == "renewal due"
+    assert "lacks b.example.com" in status["lastError"]
+    assert world.issuer.blockedUntil(["a.example.com", "b.example.com"]) == world.now() + 300
+    result(world.issuer.checkNow())
+    assert len(world.ca.orders) == 2  # no new order before the backoff ends
+
+
+def test_aFirstCertificateLackingANameIsNotOrderedAtEveryCheck(world):
+    world.ca.leaveOut = {"b.example.com"}
+    world.issuer.want("web", ["a.example.com", "b.example.com"])
+    result(world.issuer.checkNow())
+    result(world.issuer.checkNow())
+    assert len(world.ca.orders) == 1
+    assert world.store.list() == []
+    [status] = world.issuer.status()
+    assert status["state"] == "missing" and status["failures"] == 1
+    world.ca.leaveOut = set()
+    world.advance(300)
+    result(world.issuer.checkNow())
+    assert world.store.get("b.example.com") is not None
+    assert world.issuer.status()[0]["failures"] == 0
 
 
 def test_aResponderThatFailsAbortsTheOrder(world):
