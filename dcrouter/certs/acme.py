@@ -697,6 +697,7 @@ class AcmeIssuer(Service):
     def forget(self, routeName: str) -> None:
         """Route C{routeName} wants no certificate any more (its stored one stays)."""
         if self._wanted.pop(routeName, None) is not None:
+            self._pruneRenewalInfo()
             self._wake(0)
 
     def wanted(self) -> dict[str, tuple[str, ...]]:
@@ -833,6 +834,7 @@ class AcmeIssuer(Service):
         return gatherResults(waiting).addCallback(lambda _: None)
 
     def _reschedule(self) -> None:
+        self._pruneRenewalInfo()
         now = self._clock.seconds()
         wake = now + self.settings.checkInterval
         for want in self._wanted.values():
@@ -840,6 +842,21 @@ class AcmeIssuer(Service):
                 continue
             wake = min(wake, self._nextAttempt(want, self._store.find(want.names)))
         self._wake(max(wake - now, 1.0))
+
+    def _pruneRenewalInfo(self) -> None:
+        """
+        Forget the renewal information of certificates no wanted names are
+        served by any more (replaced, or their route gone).
+        """
+        if not self._ari:
+            return
+        current = set()
+        for want in self._wanted.values():
+            entry = self._store.find(want.names)
+            if entry is not None:
+                current.add(entry.fingerprint)
+        for fingerprint in set(self._ari) - current:
+            del self._ari[fingerprint]
 
     def _refreshRenewalInfo(self, entry: CertificateEntry, now: float) -> None:
         """Ask the CA for ARI about C{entry} when it is time to."""

@@ -393,6 +393,29 @@ def test_renewalInformationBringsRenewalForward(world):
     assert len(world.ca.orders) == 2
 
 
+def test_renewalInformationIsForgottenWithItsCertificate(world):
+    """Kept only for the certificates wanted names are served by."""
+    world.issuer.want("web", ["www.example.com"])
+    world.issuer.want("api", ["api.example.com"])
+    result(world.issuer.checkNow())
+    first = world.store.get("www.example.com")
+    api = world.store.get("api.example.com")
+    world.ca.ari = (world.now() + 3600, world.now() + 1800)
+    result(world.issuer.checkNow())
+    assert set(world.issuer._ari) == {first.fingerprint, api.fingerprint}
+    world.advance(3600)
+    world.ca.ari = (None, world.now() + DAY)
+    result(world.issuer.checkNow())  # both renewed, as ARI said
+    second = world.store.get("www.example.com")
+    assert second.serial != first.serial
+    assert first.fingerprint not in world.issuer._ari
+    assert api.fingerprint not in world.issuer._ari
+    result(world.issuer.checkNow())
+    assert set(world.issuer._ari) == {second.fingerprint, world.store.get("api.example.com").fingerprint}
+    world.issuer.forget("api")
+    assert set(world.issuer._ari) == {second.fingerprint}
+
+
 def test_noRenewalInformationIsNotAskedAgain(world):
     world.issuer.want("web", ["www.example.com"])
     result(world.issuer.checkNow())
