@@ -12,10 +12,13 @@ a timeout.
 When something is obtained:
   - a route's names (one certificate per route, its names as SANs) with no
     certificate that includes them all: at once;
-  - a certificate C{renew_days} before it expires, or earlier when the CA's
-    renewal information (ARI, acme >= 4) says so; never less than
-    C{minimumAge} after it was issued, so a C{renew_days} longer than the
-    CA's lifetime cannot become one issuance per check;
+  - a certificate C{renew_days} before it expires; one whose whole
+    lifetime is shorter than C{renew_days} (a short-lived profile) when a
+    third of its lifetime remains, as Caddy does; earlier in either case
+    when the CA's renewal information (ARI, acme >= 4) says so. The
+    C{renew_days} rule never renews less than C{minimumAge} after issue,
+    so a lifetime just longer than C{renew_days} cannot become one
+    issuance per check;
   - after a failure, not before its backoff ends: C{backoffBase} doubling
     per failure up to C{backoffMax}, at least the CA's C{Retry-After}, at
     least C{rateLimitDelay} after a rate-limit error. Backoff is kept per
@@ -67,7 +70,7 @@ from zope.interface import implementer
 
 from dcrouter import __version__, files
 from dcrouter.certs.interfaces import IAcmeSession, ICertificateStore, IChallengeResponder
-from dcrouter.certs.material import CertificateEntry
+from dcrouter.certs.material import CertificateEntry, CertificateError
 from dcrouter.certs.names import isWildcard, normalizeNames
 from dcrouter.threads import CallTimedOut, ThreadCalls
 
@@ -128,10 +131,12 @@ class AcmeSettings:
     @ivar caBundle: PEM file of the CA that signs the ACME server's own TLS
         certificate (Pebble's), or C{None} for the system's.
     @ivar accountEmail: contact of the account, or C{None}.
-    @ivar renewDays: renew this many days before expiry.
+    @ivar renewDays: renew this many days before expiry (a third of the
+        lifetime before, for a certificate whose lifetime is shorter).
     @ivar challenge: preferred challenge type (wildcards always use dns-01).
-    @ivar minimumAge: seconds a certificate is kept at least, whatever
-        C{renewDays} says.
+    @ivar minimumAge: seconds a certificate is kept at least when
+        C{renewDays} decides (ARI and the third of a short lifetime are
+        not held to it).
     @ivar networkTimeout: seconds for one HTTP request to the ACME server.
     @ivar orderTimeout: seconds the CA may take to validate and issue.
     @ivar concurrency: jobs running at once.
@@ -692,6 +697,7 @@ class AcmeIssuer(Service):
     def forget(self, routeName: str) -> None:
         """Route C{routeName} wants no certificate any more (its stored one stays)."""
         if self._wanted.pop(routeName, None) is not None:
+            self._pruneRenewalInfo()
             self._wake(0)
 
     def wanted(self) -> dict[str, tuple[str, ...]]:
@@ -760,10 +766,19 @@ class AcmeIssuer(Service):
     # -- scheduling --------------------------------------------------------------
 
     def renewAt(self, entry: CertificateEntry) -> float:
-        """When C{entry} is due for renewal (POSIX time), before any backoff."""
+        """
+        When C{entry} is due for renewal (POSIX time), before any backoff:
+        C{renewDays} before it expires, but not before C{minimumAge} after
+        issue; if its lifetime is shorter than C{renewDays}, when a third
+        of it remains; the CA's renewal information when it says earlier.
+        """
         notBefore = entry.notBefore.timestamp()
         notAfter = entry.notAfter.timestamp()
-        due = max(notAfter - self.settings.renewDays * DAY, notBefore + self.settings.minimumAge)
+        window = self.settings.renewDays * DAY
+        if notAfter - notBefore < window:
+            due = notAfter - (notAfter - notBefore) / 3
+        else:
+            due = max(notAfter - window, notBefore + self.settings.minimumAge)
         ari = self._ari.get(entry.fingerprint)
         if ari is not None and ari[0] is not None:
             due = min(due, ari[0])
@@ -819,6 +834,7 @@ class AcmeIssuer(Service):
         return gatherResults(waiting).addCallback(lambda _: None)
 
     def _reschedule(self) -> None:
+        self._pruneRenewalInfo()
         now = self._clock.seconds()
         wake = now + self.settings.checkInterval
         for want in self._wanted.values():
@@ -826,6 +842,21 @@ class AcmeIssuer(Service):
                 continue
             wake = min(wake, self._nextAttempt(want, self._store.find(want.names)))
         self._wake(max(wake - now, 1.0))
+
+    def _pruneRenewalInfo(self) -> None:
+        """
+        Forget the renewal information of certificates no wanted names are
+        served by any more (replaced, or their route gone).
+        """
+        if not self._ari:
+            return
+        current = set()
+        for want in self._wanted.values():
+            entry = self._store.find(want.names)
+            if entry is not None:
+                current.add(entry.fingerprint)
+        for fingerprint in set(self._ari) - current:
+            del self._ari[fingerprint]
 
     def _refreshRenewalInfo(self, entry: CertificateEntry, now: float) -> None:
         """Ask the CA for ARI about C{entry} when it is time to."""
@@ -938,7 +969,10 @@ class AcmeIssuer(Service):
                     self.log.failure(
                         "challenge responder {type} did not stop", type=responder.challengeType
                     )
-        return await self._store.store(want.names, keyPEM, fullchain.encode("ascii"))
+        try:
+            return await self._store.store(want.names, keyPEM, fullchain.encode("ascii"))
+        except CertificateError as e:
+            raise AcmeFailure(f"the certificate the CA issued is not kept: {e}") from e
 
     def _choose(self, authz: PendingAuthorization, want: _Want) -> str:
         """The challenge type to answer C{authz} with."""

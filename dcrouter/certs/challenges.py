@@ -264,7 +264,9 @@ class DNS01Responder:
     """
     Answers dns-01 with a TXT record C{_acme-challenge.<name>} (the parent
     of a wildcard) in the zone of an L{IDNSRecords} that holds it: of
-    C{zones}, the longest that the record name falls in.
+    C{zones}, the longest that the record name falls in. The record is
+    withdrawn from the zone it was published in, even if a reload has
+    since given its name to another (a more specific zone added).
     """
 
     challengeType = "dns-01"
@@ -288,6 +290,8 @@ class DNS01Responder:
         self._zones = tuple(sorted({normalizeName(z) for z in zones}, key=len, reverse=True))
         self._zoneFor = zoneFor
         self._ttl = ttl
+        #: (record name, TXT value) to the zone it was published in.
+        self._published: dict[tuple[str, str], str] = {}
 
     def recordFor(self, name: str) -> tuple[str, str]:
         """
@@ -309,12 +313,19 @@ class DNS01Responder:
         """See L{IChallengeResponder.start}."""
         _checkKeyAuthorization(token, keyAuthorization)
         zone, record = self.recordFor(name)
-        return self._records.setRecord(zone, record, "TXT", dns01Value(keyAuthorization), self._ttl)
+        value = dns01Value(keyAuthorization)
+        result = self._records.setRecord(zone, record, "TXT", value, self._ttl)
+        self._published[(record, value)] = zone
+        return result
 
     def stop(self, name: str, token: str, keyAuthorization: str) -> Any:
-        """See L{IChallengeResponder.stop}."""
+        """See L{IChallengeResponder.stop}: from the zone it was published in."""
+        value = dns01Value(keyAuthorization)
         try:
-            zone, record = self.recordFor(name)
+            record = "_acme-challenge." + baseName(normalizeName(name))
+            zone = self._published.pop((record, value), None)
+            if zone is None:
+                zone, record = self.recordFor(name)
         except ValueError:
             return None
-        return self._records.removeRecord(zone, record, "TXT", dns01Value(keyAuthorization))
+        return self._records.removeRecord(zone, record, "TXT", value)

@@ -58,7 +58,8 @@ class ICertificateStore(Interface):
         @param keyPEM: the unencrypted private key, PEM.
         @param chainPEM: the leaf certificate, then its intermediates, PEM.
         @return: fires with the new entry, or fails with
-            L{dcrouter.certs.material.CertificateError} (nothing is changed).
+            L{dcrouter.certs.material.CertificateError} (nothing is changed):
+            among others, a certificate that lacks one of C{names}.
         """
 
     def remove(names: Sequence[str]) -> Deferred[None]:

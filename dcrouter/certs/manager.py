@@ -155,7 +155,10 @@ class CertManager(MultiService):
         )
         responders: list[Any] = [self.http01, self.tlsalpn01]
         if publish:
-            responders = [Published(responder, stateDir) for responder in responders]
+            responders = [
+                Published(responder, stateDir, reactor, threadpool, reactor)
+                for responder in responders
+            ]
         if dnsRecords is not None:
             responders.append(DNS01Responder(dnsRecords, zoneFor=dnsRecords.zoneFor))
         self.issuer = AcmeIssuer(settings, stateDir, self.store, responders, reactor, threadpool)

@@ -217,6 +217,12 @@ class DirectoryStore:
 
         def write() -> CertificateEntry:
             entry = buildEntry(keyPEM, chainPEM, path, requested=key)
+            missing = [n for n in key if n not in entry.names]
+            if missing:  # stored, it would replace one that has them
+                raise CertificateError(
+                    f"the certificate for {', '.join(key)} lacks {', '.join(missing)}"
+                    f" (it names {', '.join(entry.names) or 'nothing'})"
+                )
             files.ensureDirectory(self.directory)
             files.writeAtomically(path, entry.chainPEM + entry.keyPEM, 0o600)
             return entry

@@ -486,6 +486,11 @@ async def test_failedValidationIsExplainedAndBlamesItsName(makeIssuer, servers, 
 # -- renewal, restart, outage ---------------------------------------------------------------------
 
 
+def lifetimeDays(entry):
+    """A certificate's whole lifetime in days: as renew_days, due at once."""
+    return (entry.notAfter - entry.notBefore).total_seconds() / 86400
+
+
 @pytest_twisted.ensureDeferred
 async def test_restartReusesTheAccountAndRenews(makeIssuer, pebble):
     first, store = await makeIssuer()
@@ -503,8 +508,10 @@ async def test_restartReusesTheAccountAndRenews(makeIssuer, pebble):
     assert store.get("renew.dcrouter.test").serial == old.serial
     await second.stopService()
 
-    # A restart with renew_days beyond the lifetime renews at once, under the same account.
-    third, store = await makeIssuer(renewDays=100_000, minimumAge=0)
+    # A restart with renew_days of the whole lifetime (and no minimum age)
+    # renews at once, under the same account. (Longer, it would wait for the
+    # last third of the lifetime.)
+    third, store = await makeIssuer(renewDays=lifetimeDays(old), minimumAge=0)
     changes = []
     store.subscribe(lambda names, entry: changes.append((names, entry)))
     assert store.get("renew.dcrouter.test").serial == old.serial  # served until replaced
@@ -537,7 +544,7 @@ async def test_pebbleDownKeepsTheOldCertificateAndBacksOff(makeIssuer, servers, 
     issuer, store = await makeIssuer(
         directory=own.url,
         caBundle=own.caPath,
-        renewDays=100_000,
+        renewDays=lifetimeDays(old),
         minimumAge=0,
         clock=clock,
         networkTimeout=5,
@@ -563,7 +570,7 @@ async def test_pebbleDownKeepsTheOldCertificateAndBacksOff(makeIssuer, servers, 
     again, store = await makeIssuer(
         directory=own.url,
         caBundle=own.caPath,
-        renewDays=100_000,
+        renewDays=lifetimeDays(old),
         minimumAge=0,
         clock=clock,
         networkTimeout=5,

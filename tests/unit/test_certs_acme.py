@@ -63,6 +63,7 @@ class FakeCA:
         self.responders = {}
         self.seenWhileAnswering = []
         self.tokens = 0
+        self.leaveOut = set()  # names the CA drops from the certificates it issues
 
     def session(self):
         return FakeSession(self)
@@ -111,6 +112,7 @@ class FakeSession:
         _, names, csrPEM = order
         csr = x509.load_pem_x509_csr(csrPEM)
         start = datetime.fromtimestamp(self.ca.clock.seconds(), UTC)
+        names = [n for n in names if n not in self.ca.leaveOut]
         _, chain = self.ca.ca.issue(
             names, notBefore=start, days=self.ca.lifetime, publicKey=csr.public_key()
         )
@@ -308,9 +310,44 @@ def test_renewsRenewDaysBeforeExpiry(world):
     assert second.serial != first.serial and second.notAfter > first.notAfter
 
 
-def test_minimumAgeStopsARenewalStorm(tmp_path):
-    """renew_days longer than the lifetime: one renewal a day, not one per check."""
+def test_aShortLivedCertificateRenewsWhenAThirdOfItsLifetimeRemains(tmp_path):
+    """Lifetime (6 days) shorter than renew_days (30): at 4 days, not daily."""
+    w = World(tmp_path, ca=FakeCA(None, lifetime=6))
+    w.ca.clock = w.reactor
+    w.issuer.want("web", ["www.example.com"])
+    result(w.issuer.checkNow())
+    first = w.store.get("www.example.com")
+    [status] = w.issuer.status()
+    assert status["nextRenewal"] == (first.notAfter - timedelta(days=2)).isoformat()
+    for _ in range(3):
+        w.advance(DAY)
+        result(w.issuer.checkNow())
+    w.advance(DAY - 1)
+    result(w.issuer.checkNow())
+    assert len(w.ca.orders) == 1
+    w.advance(1)
+    result(w.issuer.checkNow())
+    assert len(w.ca.orders) == 2
+
+
+def test_renewDaysLongerThanTheLifetimeIsNoRenewalStorm(tmp_path):
+    """renew_days 365, lifetime 90: renewed at 60 days, neither per check nor daily."""
     w = World(tmp_path, AcmeSettings(directory="https://ca.invalid/dir", renewDays=365))
+    w.issuer.want("web", ["www.example.com"])
+    result(w.issuer.checkNow())
+    for _ in range(59):
+        w.advance(DAY)
+        result(w.issuer.checkNow())
+    assert len(w.ca.orders) == 1
+    w.advance(DAY)
+    result(w.issuer.checkNow())
+    assert len(w.ca.orders) == 2
+
+
+def test_minimumAgeHoldsALifetimeJustLongerThanRenewDays(tmp_path):
+    """Lifetime 30.5 days, renew_days 30: due half a day after issue, held to a day."""
+    w = World(tmp_path, ca=FakeCA(None, lifetime=30.5))
+    w.ca.clock = w.reactor
     w.issuer.want("web", ["www.example.com"])
     result(w.issuer.checkNow())
     for _ in range(23):
@@ -322,8 +359,21 @@ def test_minimumAgeStopsARenewalStorm(tmp_path):
     assert len(w.ca.orders) == 2
 
 
+def test_renewalInformationStillComesFirstForAShortLivedCertificate(tmp_path):
+    w = World(tmp_path, ca=FakeCA(None, lifetime=6))
+    w.ca.clock = w.reactor
+    w.issuer.want("web", ["www.example.com"])
+    result(w.issuer.checkNow())
+    w.ca.ari = (w.now() + DAY, w.now() + 1800)
+    result(w.issuer.checkNow())  # not due: asks for ARI
+    w.advance(DAY)
+    result(w.issuer.checkNow())
+    assert len(w.ca.orders) == 2
+
+
 def test_forcedRenewalWithoutMinimumAge(tmp_path):
-    w = World(tmp_path, AcmeSettings(directory="https://x/d", renewDays=10_000, minimumAge=0))
+    """renew_days of the whole lifetime and no minimum age: due at once."""
+    w = World(tmp_path, AcmeSettings(directory="https://x/d", renewDays=90, minimumAge=0))
     w.issuer.want("web", ["www.example.com"])
     result(w.issuer.checkNow())
     result(w.issuer.checkNow())
@@ -341,6 +391,29 @@ def test_renewalInformationBringsRenewalForward(world):
     world.advance(3600)
     result(world.issuer.checkNow())
     assert len(world.ca.orders) == 2
+
+
+def test_renewalInformationIsForgottenWithItsCertificate(world):
+    """Kept only for the certificates wanted names are served by."""
+    world.issuer.want("web", ["www.example.com"])
+    world.issuer.want("api", ["api.example.com"])
+    result(world.issuer.checkNow())
+    first = world.store.get("www.example.com")
+    api = world.store.get("api.example.com")
+    world.ca.ari = (world.now() + 3600, world.now() + 1800)
+    result(world.issuer.checkNow())
+    assert set(world.issuer._ari) == {first.fingerprint, api.fingerprint}
+    world.advance(3600)
+    world.ca.ari = (None, world.now() + DAY)
+    result(world.issuer.checkNow())  # both renewed, as ARI said
+    second = world.store.get("www.example.com")
+    assert second.serial != first.serial
+    assert first.fingerprint not in world.issuer._ari
+    assert api.fingerprint not in world.issuer._ari
+    result(world.issuer.checkNow())
+    assert set(world.issuer._ari) == {second.fingerprint, world.store.get("api.example.com").fingerprint}
+    world.issuer.forget("api")
+    assert set(world.issuer._ari) == {second.fingerprint}
 
 
 def test_noRenewalInformationIsNotAskedAgain(world):
@@ -474,6 +547,40 @@ def test_aFailedRenewalKeepsTheOldCertificate(world):
     world.advance(300)
     result(world.issuer.checkNow())
     assert world.store.get("www.example.com").serial != old.serial
+
+
+def test_aCertificateLackingANameIsAFailedIssuance(world):
+    """Not stored (it would replace the one that has every name), and backed off."""
+    world.issuer.want("web", ["a.example.com", "b.example.com"])
+    result(world.issuer.checkNow())
+    old = world.store.get("b.example.com")
+    world.advance(61 * DAY)
+    world.ca.leaveOut = {"b.example.com"}
+    result(world.issuer.checkNow())
+    assert world.store.get("b.example.com") is old and world.store.get("a.example.com") is old
+    assert len(world.store.list()) == 1
+    [status] = world.issuer.status()
+    assert status["failures"] == 1 and status["state"] == "renewal due"
+    assert "lacks b.example.com" in status["lastError"]
+    assert world.issuer.blockedUntil(["a.example.com", "b.example.com"]) == world.now() + 300
+    result(world.issuer.checkNow())
+    assert len(world.ca.orders) == 2  # no new order before the backoff ends
+
+
+def test_aFirstCertificateLackingANameIsNotOrderedAtEveryCheck(world):
+    world.ca.leaveOut = {"b.example.com"}
+    world.issuer.want("web", ["a.example.com", "b.example.com"])
+    result(world.issuer.checkNow())
+    result(world.issuer.checkNow())
+    assert len(world.ca.orders) == 1
+    assert world.store.list() == []
+    [status] = world.issuer.status()
+    assert status["state"] == "missing" and status["failures"] == 1
+    world.ca.leaveOut = set()
+    world.advance(300)
+    result(world.issuer.checkNow())
+    assert world.store.get("b.example.com") is not None
+    assert world.issuer.status()[0]["failures"] == 0
 
 
 def test_aResponderThatFailsAbortsTheOrder(world):

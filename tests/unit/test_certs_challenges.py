@@ -271,6 +271,38 @@ def test_dns01AsksTheDNSServiceForTheZone():
         responder.start("www.example.org", TOKEN, KEYAUTH)
 
 
+def test_dns01RemovesTheRecordFromTheZoneItWasPublishedIn():
+    """A reload that adds a more specific zone during the validation."""
+    records = FakeRecords()
+    zones = ["example.com"]
+
+    def zoneFor(name):
+        return next((z for z in zones if name.endswith("." + z)), None)
+
+    responder = DNS01Responder(records, zoneFor=zoneFor)
+    responder.start("www.sub.example.com", TOKEN, KEYAUTH)
+    assert list(records.records) == [("example.com", "_acme-challenge.www.sub.example.com", "TXT")]
+    zones.insert(0, "sub.example.com")
+    responder.stop("WWW.sub.example.com.", TOKEN, KEYAUTH)
+    assert records.records == {}
+    assert responder._published == {}
+
+
+def test_dns01WithdrawsFromTheServersOldZoneAfterAReload():
+    """The same, on dcrouter's own zones: nothing is left published anywhere."""
+    from tests.unit.test_dns_zone import ZONES, makeZones, settingsOf
+
+    zones = makeZones()
+    responder = DNS01Responder(zones, zoneFor=zones.zoneFor)
+    responder.start("www.sub.example.com", TOKEN, KEYAUTH)
+    assert len(zones.published("example.com")) == 1
+    sub = "\n[dns.zone:sub.example.com]\nrecords =\n    @ NS ns1.example.com.\n"
+    zones.configure(settingsOf(ZONES + sub).zones)
+    assert zones.zoneFor("_acme-challenge.www.sub.example.com") == "sub.example.com"
+    responder.stop("www.sub.example.com", TOKEN, KEYAUTH)
+    assert zones.published("example.com") == () and zones.published("sub.example.com") == ()
+
+
 def test_dns01NeedsAZone():
     responder = DNS01Responder(FakeRecords(), ["example.com"])
     with pytest.raises(ValueError, match="no DNS zone"):

@@ -212,6 +212,17 @@ def test_storeRefusesAMismatchedPairAndKeepsTheOld(store, ca):
     assert store.get("a.example") is old
 
 
+def test_storeRefusesACertificateLackingARequestedNameAndKeepsTheOld(store, ca):
+    keyPEM, chainPEM = ca.issue(["a.example", "b.example"])
+    old = result(store.store(["a.example", "b.example"], keyPEM, chainPEM))
+    keyPEM, chainPEM = ca.issue(["a.example"])
+    with pytest.raises(CertificateError, match=r"lacks b\.example"):
+        result(store.store(["b.example", "a.example"], keyPEM, chainPEM))
+    assert store.get("a.example") is old and store.get("b.example") is old
+    assert store.list() == [old]
+    assert readBytes(old.source).startswith(old.chainPEM)
+
+
 def test_storeRefusesBadNames(store, ca):
     keyPEM, chainPEM = ca.issue(["a.example"])
     with pytest.raises(CertificateError):
