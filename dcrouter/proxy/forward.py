@@ -501,7 +501,9 @@ class ForwardProtocol(Protocol):
         Both directions done: both sockets are shut both ways, and close at
         once, as Twisted closes a connection whose halves it closed itself
         (the gates are free before the client can connect again). A failed
-        socket: its connection is lost, and the other one closes after it.
+        socket: its connection is lost, and the other one closes after it
+        (the pump has delivered it what the failed one sent, and read it to
+        its end of file).
         """
         self.stopSplice()
         assert self.upstream is not None

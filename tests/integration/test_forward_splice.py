@@ -405,3 +405,61 @@ async def test_stopping_the_router_closes_spliced_connections(records: Any) -> N
     await until(lambda: bool(records), "the access record")
     assert records[0]["spliced"] is True and records[0]["bytesIn"] == 5
     await listening.stopListening()
+
+
+class AnswerThenReset(Peer):
+    """A backend that answers C{size} bytes at the first bytes, then resets."""
+
+    size = 8 * MiB
+
+    def dataReceived(self, data: bytes) -> None:
+        first = not self.count
+        super().dataReceived(data)
+        if first:
+            self.transport.write(payload(self.size, b"answer"))  # type: ignore[union-attr]
+
+
+async def answeredThenReset(records: Any, idleTimeout: str) -> tuple[Any, Any, Any, Any]:
+    """A spliced client that uploads without reading; its backend answers, then resets."""
+    backend = Backends(AnswerThenReset)
+    listening, service, port = await router(backend, options={"idle_timeout": idleTimeout})
+    client = await connect(port, Flood(limit=1024 * MiB))
+    client.transport.pauseProducing()
+    server = await backend.first
+    (connection,) = service.router.connections
+    await until(lambda: connection.inner.pump is not None
+                and connection.inner.pump.directions[1].buffered > 0,
+                "the pipe towards the client to fill")
+    server.transport.abortConnection()
+    await server.closed
+    return listening, service, client, connection.inner
+
+
+@needsSplice
+@pytest_twisted.ensureDeferred
+async def test_an_answer_before_an_upstream_reset_reaches_a_slow_client(records: Any) -> None:
+    listening, service, client, forwarder = await answeredThenReset(records, "10s")
+    await task.deferLater(reactor, 0.2, lambda: None)
+    client.transport.resumeProducing()
+    await until(lambda: client.eof.called, "the client's end of file")
+    client.transport.unregisterProducer()
+    client.transport.loseConnection()
+    await client.closed
+    await until(lambda: bool(records), "the access record")
+    (record,) = records
+    assert record["spliced"] is True and record["ended"] == "upstream closed"
+    assert 0 < client.count == record["bytesOut"]
+    assert client.digest.digest() == hashlib.sha256(payload(8 * MiB, b"answer")[:client.count]).digest()
+    await stop(service, listening)
+
+
+@needsSplice
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_never_reads_the_delivery_is_cut_at_the_idle_timeout(
+    records: Any,
+) -> None:
+    listening, service, client, forwarder = await answeredThenReset(records, "0.4s")
+    await until(lambda: bool(records), "the access record", timeout=3.0)
+    assert records[0]["ended"] == "idle timeout (0.4s)"
+    await client.closed
+    await stop(service, listening)
