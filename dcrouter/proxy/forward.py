@@ -75,7 +75,7 @@ from dcrouter.net.idle import IdleSweep
 from dcrouter.net.proxyprotocol import encodeV1, encodeV2, sslTLV
 from dcrouter.net.sending import Flusher
 from dcrouter.net.tcp import connectTCP, sendWithoutDelay
-from dcrouter.net.tls import clientFactory
+from dcrouter.net.tls import clientFactory, halfCloseable
 from dcrouter.proxy.pool import Target, TargetPool
 from dcrouter.proxy.splice import SplicePump, spliceAvailable
 
@@ -100,13 +100,20 @@ _READ_SIZE = 256 * 1024
 
 def halfClose(transport: ITransport) -> bool:
     """
-    Shut the write side of a plain TCP transport; C{False} for TLS.
+    Shut the write side of a plain TCP transport, or of TLS the router
+    terminates (close_notify, then TCP's FIN; see L{halfCloseable}); C{False}
+    for any other TLS.
 
-    Twisted's TLS transport would pass the call to the TCP connection beneath
-    it and cut the TLS stream, so TLS connections are not half-closed.
+    Twisted's own TLS transport (a re-encrypted target's) would pass the
+    call to the TCP connection beneath it and cut the TLS stream, so it is
+    not half-closed. Nor would it send close_notify while a producer is
+    registered on it: the other side, which has sent all it will, is
+    unregistered first.
     """
     if ISSLTransport.providedBy(transport):
-        return False
+        if not halfCloseable(transport):
+            return False
+        transport.unregisterProducer()  # type: ignore[attr-defined]
     transport.loseWriteConnection()  # type: ignore[attr-defined]
     return True
 
