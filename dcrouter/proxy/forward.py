@@ -41,6 +41,7 @@ pump's byte count moved.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -510,8 +511,13 @@ class ForwardProtocol(Protocol):
         (the gates are free before the client can connect again). A failed
         socket: its connection is lost, and the other one closes after it
         (the pump has delivered it what the failed one sent, and read it to
-        its end of file).
+        its end of file). The access record says "reset" for a socket that
+        failed with ECONNRESET (Twisted's own pump reports every socket
+        error alike, so its connections say "closed").
         """
+        pump = self.pump
+        if pump is not None and pump.error == errno.ECONNRESET and self.record.ended is None:
+            self.record.ended = "upstream reset" if failed else "client reset"
         self.stopSplice()
         assert self.upstream is not None
         client: Any = self.transport

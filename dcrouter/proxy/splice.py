@@ -243,8 +243,14 @@ class _End:
 
     def connectionLost(self, reason: Failure) -> None:
         """The reactor saw a hang-up or an error (or is shutting down)."""
-        if self.pump is not None:
-            self.pump.fail(self)
+        pump = self.pump
+        if pump is None:
+            return
+        try:
+            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            error = 0
+        pump.fail(self, error)
 
     def logPrefix(self) -> str:
         return f"splice:{self.name}"
@@ -259,13 +265,15 @@ class SplicePump:
         descriptors): with C{None} when both directions reached their end
         of file, or with the index (0: C{left}, 1: C{right}) of the socket
         that failed (reset, broken pipe, ...; or no pipe could be had for
-        the bytes it sent), once what it had sent is delivered to the
-        other socket (see L{deliver}).
+        the bytes it sent; its C{errno} is then in L{error}), once what it
+        had sent is delivered to the other socket (see L{deliver}).
     @raise OSError: the sockets' descriptors could not be duplicated.
     """
 
     #: The index of the socket that failed first, once one has.
     failed: Optional[int] = None
+    #: Its error (C{errno.ECONNRESET}: it was reset), 0 if not known.
+    error = 0
 
     def __init__(
         self,
@@ -340,10 +348,8 @@ class SplicePump:
                 count = os.splice(src.fd, direction.pipeW, room, flags=_FLAGS)
             except BlockingIOError:
                 return
-            except OSError:
-                count = -1
-            if count < 0:
-                self.fail(src)
+            except OSError as e:
+                self.fail(src, e.errno or 0)
                 return
             if count == 0:
                 direction.eof = True
@@ -366,7 +372,7 @@ class SplicePump:
         if self.stopped:
             return False
         dst = direction.dst
-        failed = False
+        error = 0
         try:
             while direction.buffered:
                 count = os.splice(direction.pipeR, dst.fd, direction.buffered, flags=_FLAGS)
@@ -375,10 +381,10 @@ class SplicePump:
                 direction.buffered -= count
         except BlockingIOError:
             pass
-        except OSError:
-            failed = True
-        if failed:
-            self.fail(dst)
+        except OSError as e:
+            error = e.errno or errno.EIO
+        if error:
+            self.fail(dst, error)
             return False
         if direction.buffered:
             self.pauseReading(direction.src)
@@ -400,11 +406,11 @@ class SplicePump:
         direction.done = True
         try:
             direction.dst.sock.shutdown(socket.SHUT_WR)
-            failed = False
+            error = 0
         except OSError as e:
-            failed = e.errno != errno.ENOTCONN
-        if failed:
-            self.fail(direction.dst)
+            error = 0 if e.errno == errno.ENOTCONN else e.errno or errno.EIO
+        if error:
+            self.fail(direction.dst, error)
             return
         forward, backward = self.directions
         if forward.done and backward.done:
@@ -417,16 +423,18 @@ class SplicePump:
                 direction.dst.reading = True
                 self.reactor.addReader(direction.dst)
 
-    def fail(self, end: _End) -> None:
+    def fail(self, end: _End, error: int = 0) -> None:
         """
-        C{end}'s socket failed: stop, and say which one; unless what it sent
-        is still to be delivered (L{deliver}), which comes first. A failure
-        of the other socket meanwhile stops the pump at once.
+        C{end}'s socket failed (with C{errno} C{error}, 0 if unknown): stop,
+        and say which one; unless what it sent is still to be delivered
+        (L{deliver}), which comes first. A failure of the other socket
+        meanwhile stops the pump at once.
         """
         if self.stopped:
             return
         if self.failed is None:
             self.failed = self.ends.index(end)
+            self.error = error
             if self.deliver(end.outgoing):
                 return
         self.stop()

@@ -385,7 +385,7 @@ async def test_an_upstream_reset_closes_the_spliced_client(records: Any) -> None
     await until(lambda: bool(records), "the access record")
     (record,) = records
     assert record["spliced"] is True
-    assert record["ended"] == "upstream closed"
+    assert record["ended"] == "upstream reset"
     assert (record["bytesIn"], record["bytesOut"]) == (5, 5)
     await until(lambda: inFlight(service) == [0], "the pool's count to drop")
     await stop(service, listening)
@@ -447,7 +447,7 @@ async def test_an_answer_before_an_upstream_reset_reaches_a_slow_client(records:
     await client.closed
     await until(lambda: bool(records), "the access record")
     (record,) = records
-    assert record["spliced"] is True and record["ended"] == "upstream closed"
+    assert record["spliced"] is True and record["ended"] == "upstream reset"
     assert 0 < client.count == record["bytesOut"]
     assert client.digest.digest() == hashlib.sha256(payload(8 * MiB, b"answer")[:client.count]).digest()
     await stop(service, listening)
@@ -462,4 +462,20 @@ async def test_a_client_that_never_reads_the_delivery_is_cut_at_the_idle_timeout
     await until(lambda: bool(records), "the access record", timeout=3.0)
     assert records[0]["ended"] == "idle timeout (0.4s)"
     await client.closed
+    await stop(service, listening)
+
+
+@needsSplice
+@pytest_twisted.ensureDeferred
+async def test_a_client_reset_is_named_in_the_record(records: Any) -> None:
+    backend = Backends(Echo)
+    listening, service, port = await router(backend)
+    client = await connect(port, Peer())
+    client.transport.write(b"hello")
+    await client.waitFor(5)
+    server = await backend.first
+    client.transport.abortConnection()
+    await server.closed
+    await until(lambda: bool(records), "the access record")
+    assert records[0]["spliced"] is True and records[0]["ended"] == "client reset"
     await stop(service, listening)
