@@ -264,12 +264,19 @@ class SMTPStartTLSProtocol(Protocol):
             backend.send(encodeV2(self.connection.client, self.connection.server))
 
     def backendFailed(self, why: str, final: bool = False) -> None:
-        """Connecting or talking to the backend failed before the join."""
+        """
+        Connecting or talking to the backend failed before the join.
+
+        Until the client is greeted the next target is tried, whether this
+        one refused the connection or accepted it and then would not serve
+        (a greeting other than 220, a hang-up before EHLO's answer).
+        """
         if self.state == "closed":
             return
         target = self.record.target
         self.lastError = f"{target}: {why}" if target and not final else why
-        if self.backend is None and not final and self.candidates:
+        if self.state == "connecting" and not final and self.candidates:
+            self.backend = None
             self.connectNext()
             return
         self.record.ended = f"upstream failed: {self.lastError}"

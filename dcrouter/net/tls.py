@@ -328,7 +328,15 @@ class _ServerTLSProtocol(_TLSProtocol):
         connection cap, for ever. Bytes that still come restart the wait.
         (An HTTP lingering close uses L{loseWriteConnection}, with its own
         bounds.)
+
+        After L{loseWriteConnection} this closes TCP, after what it holds
+        (close_notify, unless Twisted still puts it off: see there):
+        Twisted would ignore the call, its TLS side being closed already.
         """
+        if self.halfClosing:
+            if self.transport is not None:
+                self.transport.loseConnection()
+            return
         super().loseConnection()
         clock = self.factory.clock
         if clock is not None and self.closeWait is None and self.transport is not None:
@@ -336,7 +344,8 @@ class _ServerTLSProtocol(_TLSProtocol):
 
     def loseWriteConnection(self) -> None:
         """
-        Close the sending side only, as nginx's lingering close does on TLS:
+        Close the sending side only, as nginx's lingering close does on TLS
+        (and as the forward action passes on a target's half-close):
         close_notify, then, once the TCP transport has sent it, TCP's FIN
         (C{shutdown(SHUT_WR)}), while what the client still sends is read
         and passed up. A client that reads to the end of the stream rather
@@ -346,7 +355,7 @@ class _ServerTLSProtocol(_TLSProtocol):
         As with TCP's C{loseWriteConnection}, the caller ends the reading:
         L{loseConnection}'s wait is not armed (it would race the HTTP
         lingering close's own bounds, and with the FIN sent its close
-        would be at once).
+        would be at once); a L{loseConnection} after this closes TCP.
         """
         self.halfClosing = True
         super().loseConnection()
@@ -551,6 +560,14 @@ def _wrapTLS(
     extra = {"clock": clock} if clock is not None and _FACTORY_TAKES_CLOCK else {}
     factory = TLSMemoryBIOFactory(creator, isClient, _OneProtocolFactory(protocol), **extra)
     return factory.buildProtocol(None)
+
+
+def halfCloseable(transport: object) -> bool:
+    """
+    Whether C{transport} is TLS that L{wrapServer} terminates, and so can
+    close its sending side alone (L{_ServerTLSProtocol.loseWriteConnection}).
+    """
+    return isinstance(transport, _ServerTLSProtocol)
 
 
 def clientFactory(

@@ -5,7 +5,11 @@ Both directions stream with Twisted's producer/consumer flow control: each
 transport is registered as the other's streaming producer, so a slow reader
 pauses the fast writer instead of growing a buffer. Half-close is passed on
 (a client that shuts its write side lets the upstream's answer still come
-back), and one side's close closes the other after its pending bytes.
+back), and one side's close closes the other after its pending bytes; a
+target that closes or fails first is passed on to the client as a
+half-close after what it sent, and the client is read to its own end (its
+bytes dropped, within the idle timeout), so that closing it does not reset
+it and lose the answer's tail.
 
 Where nothing is inspected (plain TCP or TLS passthrough on both sides) the
 bytes move by splice(2) instead, once there is nothing left for Python to do:
@@ -41,6 +45,7 @@ pump's byte count moved.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -57,6 +62,7 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IProtocolFactory,
     IPullProducer,
+    IPushProducer,
     IReactorFDSet,
     IReactorTCP,
     IReactorTime,
@@ -75,7 +81,7 @@ from dcrouter.net.idle import IdleSweep
 from dcrouter.net.proxyprotocol import encodeV1, encodeV2, sslTLV
 from dcrouter.net.sending import Flusher
 from dcrouter.net.tcp import connectTCP, sendWithoutDelay
-from dcrouter.net.tls import clientFactory
+from dcrouter.net.tls import clientFactory, halfCloseable
 from dcrouter.proxy.pool import Target, TargetPool
 from dcrouter.proxy.splice import SplicePump, spliceAvailable
 
@@ -100,13 +106,20 @@ _READ_SIZE = 256 * 1024
 
 def halfClose(transport: ITransport) -> bool:
     """
-    Shut the write side of a plain TCP transport; C{False} for TLS.
+    Shut the write side of a plain TCP transport, or of TLS the router
+    terminates (close_notify, then TCP's FIN; see L{halfCloseable}); C{False}
+    for any other TLS.
 
-    Twisted's TLS transport would pass the call to the TCP connection beneath
-    it and cut the TLS stream, so TLS connections are not half-closed.
+    Twisted's own TLS transport (a re-encrypted target's) would pass the
+    call to the TCP connection beneath it and cut the TLS stream, so it is
+    not half-closed. Nor would it send close_notify while a producer is
+    registered on it: the other side, which has sent all it will, is
+    unregistered first.
     """
     if ISSLTransport.providedBy(transport):
-        return False
+        if not halfCloseable(transport):
+            return False
+        transport.unregisterProducer()  # type: ignore[attr-defined]
     transport.loseWriteConnection()  # type: ignore[attr-defined]
     return True
 
@@ -262,13 +275,15 @@ class _Upstream(Protocol):
         self.forwarder.upstreamLost(reason)
 
 
-@implementer(IHalfCloseableProtocol, IProtocolFactory)
+@implementer(IHalfCloseableProtocol, IProtocolFactory, IPushProducer)
 class ForwardProtocol(Protocol):
     """
     The client's side: connects upstream, then pumps bytes both ways.
 
     It is also the factory of its upstream connection attempts (one object
-    fewer per connection than a factory of its own).
+    fewer per connection than a factory of its own), and the producer that
+    Twisted's pump registers on the upstream's transport for the client's
+    (see L{stopProducing}).
 
     One of these lives as long as each forwarded connection: keep its
     instance attributes (with C{transport} and C{connected}) under the 30
@@ -413,8 +428,23 @@ class ForwardProtocol(Protocol):
             if isinstance(transport, tcp.Connection):
                 transport.bufferSize = _READ_SIZE
         client.registerProducer(out, True)
-        out.registerProducer(client, True)
+        out.registerProducer(self, True)
         self.pumping = True
+
+    # The client's transport, as the producer of the upstream's (L{startPumping})
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def stopProducing(self) -> None:
+        """
+        The upstream's transport is closed: Twisted would close the client's
+        at once, before what the upstream sent has reached it and, with the
+        client still sending, with a reset (see L{upstreamLost}).
+        """
 
     def chunkMoved(self, size: int) -> None:
         """
@@ -501,8 +531,15 @@ class ForwardProtocol(Protocol):
         Both directions done: both sockets are shut both ways, and close at
         once, as Twisted closes a connection whose halves it closed itself
         (the gates are free before the client can connect again). A failed
-        socket: its connection is lost, and the other one closes after it.
+        socket: its connection is lost, and the other one closes after it
+        (the pump has delivered it what the failed one sent, and read it to
+        its end of file). The access record says "reset" for a socket that
+        failed with ECONNRESET (Twisted's own pump reports every socket
+        error alike, so its connections say "closed").
         """
+        pump = self.pump
+        if pump is not None and pump.error == errno.ECONNRESET and self.record.ended is None:
+            self.record.ended = "upstream reset" if failed else "client reset"
         self.stopSplice()
         assert self.upstream is not None
         client: Any = self.transport
@@ -559,6 +596,11 @@ class ForwardProtocol(Protocol):
             if self.untilSplice:
                 self.chunkMoved(len(data))
             return
+        if self.upstreamDone:
+            # The target is gone: read on only to the client's end of file
+            # (see upstreamLost), which these bytes do not put off.
+            self.active = False
+            return
         if self.untilSplice:
             self.chunkMoved(len(data))
         if self.early is None:
@@ -597,9 +639,26 @@ class ForwardProtocol(Protocol):
         self.upstream = None
         assert self.target is not None
         self.pool.release(self.target)
-        if not self.clientGone:
-            if self.record.ended is None:
-                self.record.ended = "upstream closed"
+        if self.clientGone:
+            return
+        if self.record.ended is None:
+            self.record.ended = "upstream closed"
+        transport: Any = self.transport
+        if self.record.spliced or self.clientHalfClosed or transport.disconnecting:
+            # The splice pump has delivered and read to the end already.
+            self.closeClient(abort=False)
+            return
+        # Twisted's pump: what the upstream sent goes out, then the FIN, and
+        # the client is read (its bytes dropped) until its own FIN closes
+        # it, within the idle timeout. Closed at once, with bytes from it
+        # unread, it would be reset, and its stack could drop what it had
+        # not acknowledged yet. (A paused producer would hold the FIN back.)
+        if self.pumping:
+            transport.unregisterProducer()
+        if self.upstreamDone or self.shutWrite(transport):
+            self.upstreamDone = True
+            transport.resumeProducing()
+        else:
             self.closeClient(abort=False)
 
     def wasActive(self) -> bool:

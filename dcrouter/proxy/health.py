@@ -7,7 +7,8 @@ HAProxy's semantics: targets start up, C{fall} consecutive failed checks
 mark an up target down, C{rise} consecutive passed checks mark a down
 target up again.
 
-Two kinds of probe, both on a plain C{connectTCP} with a small protocol
+Two kinds of probe, both on a plain C{connectTCP} (L{dcrouter.net.tcp}'s,
+which leaves no reference cycle behind a closed connection) with a small protocol
 (no HTTP client library: a check needs one line of the answer):
 
   - C{tcp}: the connect must succeed within C{timeout}; it is then closed.
@@ -53,6 +54,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dcrouter.net.tcp import connectTCP
 from dcrouter.proxy.pool import Target, TargetPool
 
 log = Logger(namespace="dcrouter.health")
@@ -140,9 +142,17 @@ class _Probe:
         self.ended()
 
     def ended(self) -> None:
+        """
+        The connection is closed or the attempt over: the probe lets go of
+        its protocol and connector, which refer back to it (the protocol
+        directly, the connector through its factory), so that reference
+        counting frees them all.
+        """
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.protocol = None
+        self.connector = None
         if not self.gone:
             self.gone = True
             self.checker._probeGone(self)
@@ -378,8 +388,8 @@ class HealthChecker(Service):
         factory = _ProbeFactory(probe, request)
         probe.timer = self._reactor.callLater(self.timeout, probe.timedOut)
         address = check.target.address
-        tcp = cast(IReactorTCP, self._reactor)
-        probe.connector = tcp.connectTCP(address.host, address.port, factory, timeout=self.timeout)
+        reactor = cast(IReactorTCP, self._reactor)
+        probe.connector = connectTCP(reactor, address.host, address.port, factory, self.timeout)
 
     def _result(self, probe: _Probe, ok: bool, reason: str) -> None:
         """Count a probe's result; tell the pool on a rise or a fall; schedule the next."""

@@ -13,9 +13,17 @@ Flow control is the pipe: when the receiving socket's send buffer is full the
 sending socket is no longer read until the pipe has drained, so a slow reader
 never makes memory grow past one pipe per direction. An end of file on one
 socket is passed on as C{shutdown(SHUT_WR)} of the other once the pipe is
-empty (half-close), and the pump ends when both directions have; an error on
-either socket ends it at once. Its owner then closes both connections through
-their transports, so that everything Twisted does on close still happens.
+empty (half-close), and the pump ends when both directions have. An error on
+one socket ends the pump too, but what it had already sent is not dropped (as
+HAProxy delivers what it read to the healthy side): the bytes in the pipe
+towards the other socket, and those still waiting in the failed socket's own
+receive queue, are written to the other socket, then its end of file; what
+that socket still sends is read and thrown away until its end of file, so
+that closing it cannot reset it (a close with unread bytes sends a RST, and
+the peer's stack may then drop what it had not acknowledged). Its owner's
+idle timeout bounds this, as it bounds the rest. Its owner then closes both
+connections through their transports, so that everything Twisted does on
+close still happens.
 
 A direction holds a pipe only while bytes are in it; an emptied pipe goes
 back to a L{PipePool} for the next transfer of any connection (as HAProxy's
@@ -61,6 +69,9 @@ _DEFAULT_PIPE = 65536
 _ROUNDS = 4
 
 log = Logger()
+
+# Where the bytes a closing socket still sends are read to, and forgotten.
+_DISCARD = bytearray(65536)
 
 # Whether splice(2) between sockets worked when first tried.
 _works: Optional[bool] = None
@@ -232,8 +243,14 @@ class _End:
 
     def connectionLost(self, reason: Failure) -> None:
         """The reactor saw a hang-up or an error (or is shutting down)."""
-        if self.pump is not None:
-            self.pump.fail(self)
+        pump = self.pump
+        if pump is None:
+            return
+        try:
+            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            error = 0
+        pump.fail(self, error)
 
     def logPrefix(self) -> str:
         return f"splice:{self.name}"
@@ -248,9 +265,15 @@ class SplicePump:
         descriptors): with C{None} when both directions reached their end
         of file, or with the index (0: C{left}, 1: C{right}) of the socket
         that failed (reset, broken pipe, ...; or no pipe could be had for
-        the bytes it sent).
+        the bytes it sent; its C{errno} is then in L{error}), once what it
+        had sent is delivered to the other socket (see L{deliver}).
     @raise OSError: the sockets' descriptors could not be duplicated.
     """
+
+    #: The index of the socket that failed first, once one has.
+    failed: Optional[int] = None
+    #: Its error (C{errno.ECONNRESET}: it was reset), 0 if not known.
+    error = 0
 
     def __init__(
         self,
@@ -304,6 +327,8 @@ class SplicePump:
     def pull(self, direction: _Direction) -> None:
         """C{src} is readable: splice into the pipe, then push it on to C{dst}."""
         if self.stopped or direction.eof:
+            if self.failed is not None and not self.stopped:
+                self.discard(direction.src)
             return
         src = direction.src
         if direction.pipe is None:
@@ -323,10 +348,8 @@ class SplicePump:
                 count = os.splice(src.fd, direction.pipeW, room, flags=_FLAGS)
             except BlockingIOError:
                 return
-            except OSError:
-                count = -1
-            if count < 0:
-                self.fail(src)
+            except OSError as e:
+                self.fail(src, e.errno or 0)
                 return
             if count == 0:
                 direction.eof = True
@@ -349,7 +372,7 @@ class SplicePump:
         if self.stopped:
             return False
         dst = direction.dst
-        failed = False
+        error = 0
         try:
             while direction.buffered:
                 count = os.splice(direction.pipeR, dst.fd, direction.buffered, flags=_FLAGS)
@@ -358,10 +381,10 @@ class SplicePump:
                 direction.buffered -= count
         except BlockingIOError:
             pass
-        except OSError:
-            failed = True
-        if failed:
-            self.fail(dst)
+        except OSError as e:
+            error = e.errno or errno.EIO
+        if error:
+            self.fail(dst, error)
             return False
         if direction.buffered:
             self.pauseReading(direction.src)
@@ -383,23 +406,106 @@ class SplicePump:
         direction.done = True
         try:
             direction.dst.sock.shutdown(socket.SHUT_WR)
-            failed = False
+            error = 0
         except OSError as e:
-            failed = e.errno != errno.ENOTCONN
-        if failed:
-            self.fail(direction.dst)
+            error = 0 if e.errno == errno.ENOTCONN else e.errno or errno.EIO
+        if error:
+            self.fail(direction.dst, error)
             return
         forward, backward = self.directions
         if forward.done and backward.done:
-            self.stop()
-            self.ended(None)
+            if self.failed is None:
+                self.stop()
+                self.ended(None)
+            elif not direction.dst.reading:
+                # Delivered after a failure: read the other socket to its end
+                # (L{discard}; its own direction is over, so pull() does).
+                direction.dst.reading = True
+                self.reactor.addReader(direction.dst)
 
-    def fail(self, end: _End) -> None:
-        """C{end}'s socket failed: stop, and say which one."""
+    def fail(self, end: _End, error: int = 0) -> None:
+        """
+        C{end}'s socket failed (with C{errno} C{error}, 0 if unknown): stop,
+        and say which one; unless what it sent is still to be delivered
+        (L{deliver}), which comes first. A failure of the other socket
+        meanwhile stops the pump at once.
+        """
         if self.stopped:
             return
+        if self.failed is None:
+            self.failed = self.ends.index(end)
+            self.error = error
+            if self.deliver(end.outgoing):
+                return
         self.stop()
-        self.ended(self.ends.index(end))
+        self.ended(self.failed)
+
+    def deliver(self, direction: _Direction) -> bool:
+        """
+        C{src} failed: write what it sent to C{dst}, then C{dst}'s end of file.
+
+        The bytes are those in the pipe and those still in C{src}'s receive
+        queue (read before its reset, say), which splice(2) hands over before
+        the error. Nothing more is read from C{dst}: the other way is over.
+        C{False}: there was nothing to deliver.
+        """
+        src, dst = direction.src, direction.dst
+        other = dst.outgoing
+        other.eof = other.done = True
+        self.pauseReading(src)
+        self.pauseReading(dst)
+        if src.writing:
+            src.writing = False
+            self.reactor.removeWriter(src)
+        if direction.done:
+            return False
+        self.salvage(direction)
+        if not direction.buffered:
+            return False
+        direction.eof = True
+        self.push(direction)
+        return True
+
+    def salvage(self, direction: _Direction) -> None:
+        """Splice what the failed C{src} still holds into the pipe, as far as it has room."""
+        if direction.eof:
+            return
+        if direction.pipe is None:
+            try:
+                pipe = direction.pipe = self.pipes.take()
+            except OSError:
+                return
+            direction.pipeR, direction.pipeW, direction.capacity = pipe
+        while direction.buffered < direction.capacity:
+            room = direction.capacity - direction.buffered
+            try:
+                count = os.splice(direction.src.fd, direction.pipeW, room, flags=_FLAGS)
+            except OSError:
+                break
+            if count <= 0:
+                break
+            direction.buffered += count
+            direction.received += count
+        if not direction.buffered:
+            self.release(direction)
+
+    def discard(self, end: _End) -> None:
+        """
+        After the delivery, C{end} is read only to be drained: its bytes are
+        thrown away until its end of file (or an error) ends the pump.
+        """
+        try:
+            for _ in range(_ROUNDS):
+                if not end.sock.recv_into(_DISCARD):
+                    break
+            else:
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.stop()
+        self.ended(self.failed)
 
     def resumeReading(self, end: _End) -> None:
         if not self.stopped and not end.reading and not end.outgoing.eof:

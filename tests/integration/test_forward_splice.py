@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.internet import reactor as globalReactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -385,7 +385,7 @@ async def test_an_upstream_reset_closes_the_spliced_client(records: Any) -> None
     await until(lambda: bool(records), "the access record")
     (record,) = records
     assert record["spliced"] is True
-    assert record["ended"] == "upstream closed"
+    assert record["ended"] == "upstream reset"
     assert (record["bytesIn"], record["bytesOut"]) == (5, 5)
     await until(lambda: inFlight(service) == [0], "the pool's count to drop")
     await stop(service, listening)
@@ -405,3 +405,150 @@ async def test_stopping_the_router_closes_spliced_connections(records: Any) -> N
     await until(lambda: bool(records), "the access record")
     assert records[0]["spliced"] is True and records[0]["bytesIn"] == 5
     await listening.stopListening()
+
+
+class AnswerThenReset(Peer):
+    """A backend that answers C{size} bytes at the first bytes, then resets."""
+
+    size = 8 * MiB
+
+    def dataReceived(self, data: bytes) -> None:
+        first = not self.count
+        super().dataReceived(data)
+        if first:
+            self.transport.write(payload(self.size, b"answer"))  # type: ignore[union-attr]
+
+
+async def answeredThenReset(
+    records: Any, idleTimeout: str, splice: str = "yes"
+) -> tuple[Any, Any, Any, Any]:
+    """A client that uploads without reading; its backend answers, then resets."""
+    backend = Backends(AnswerThenReset)
+    daemon = DaemonSettings(drain_timeout=0.0, hello_timeout=2.0, splice=splice)  # type: ignore[arg-type]
+    listening, service, port = await router(
+        backend, daemon=daemon, options={"idle_timeout": idleTimeout}
+    )
+    client = await connect(port, Flood(limit=1024 * MiB))
+    client.transport.pauseProducing()
+    server = await backend.first
+    (connection,) = service.router.connections
+    forwarder = connection.inner
+    if splice == "yes":
+        await until(lambda: forwarder.pump is not None and forwarder.pump.directions[1].buffered > 0,
+                    "the pipe towards the client to fill")
+    else:
+        await until(lambda: forwarder.transport.producerPaused, "the router to pause the backend")
+    server.transport.abortConnection()
+    await server.closed
+    return listening, service, client, forwarder
+
+
+@pytest.mark.parametrize("splice", [
+    pytest.param("yes", marks=needsSplice), "no",
+])
+@pytest_twisted.ensureDeferred
+async def test_an_answer_before_an_upstream_reset_reaches_a_slow_client(
+    records: Any, splice: str
+) -> None:
+    """
+    Everything the router read from the backend before its reset reaches the
+    client, then its end of file; the router reads (and drops) what the
+    client still uploads until it closes, rather than resetting it, which
+    could lose the answer's tail. (Twisted's pump cannot tell a reset.)
+    """
+    listening, service, client, forwarder = await answeredThenReset(records, "10s", splice)
+    await task.deferLater(reactor, 0.2, lambda: None)
+    client.transport.resumeProducing()
+    await until(lambda: client.eof.called, "the client's end of file")
+    client.transport.unregisterProducer()
+    client.transport.loseConnection()
+    await client.closed
+    await until(lambda: bool(records), "the access record")
+    (record,) = records
+    assert record["spliced"] is (splice == "yes")
+    assert record["ended"] == ("upstream reset" if splice == "yes" else "upstream closed")
+    assert 0 < client.count == record["bytesOut"]
+    assert client.digest.digest() == hashlib.sha256(payload(8 * MiB, b"answer")[:client.count]).digest()
+    await stop(service, listening)
+
+
+@pytest.mark.parametrize("splice", [
+    pytest.param("yes", marks=needsSplice), "no",
+])
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_never_reads_the_delivery_is_cut_at_the_idle_timeout(
+    records: Any, splice: str
+) -> None:
+    listening, service, client, forwarder = await answeredThenReset(records, "0.4s", splice)
+    await until(lambda: bool(records), "the access record", timeout=3.0)
+    assert records[0]["ended"] == "idle timeout (0.4s)"
+    await client.closed
+    await stop(service, listening)
+
+
+@needsSplice
+@pytest_twisted.ensureDeferred
+async def test_a_client_reset_is_named_in_the_record(records: Any) -> None:
+    backend = Backends(Echo)
+    listening, service, port = await router(backend)
+    client = await connect(port, Peer())
+    client.transport.write(b"hello")
+    await client.waitFor(5)
+    server = await backend.first
+    client.transport.abortConnection()
+    await server.closed
+    await until(lambda: bool(records), "the access record")
+    assert records[0]["spliced"] is True and records[0]["ended"] == "client reset"
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_before_an_upstream_reset_reaches_a_tls_client(
+    tmp_path: Any, records: Any
+) -> None:
+    """
+    tls = terminate, the client still uploading: the answer the backend
+    sent before its reset arrives whole, then close_notify (the TLS stream
+    was cut short: Twisted closed TCP when the backend's connection went).
+    """
+    import socket
+    import ssl
+    import time
+
+    pair = ensureSelfSigned(str(tmp_path))
+    backend = Backends(AnswerThenReset)
+    listening, service, port = await router(
+        backend, tls="terminate", cert=CertificatePair(pair.cert, pair.key)
+    )
+
+    def client() -> int:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            tls = context.wrap_socket(sock, server_hostname="localhost", suppress_ragged_eofs=False)
+            tls.setblocking(False)
+            start = time.monotonic()
+            while time.monotonic() - start < 2.0:  # uploading, not reading
+                try:
+                    tls.send(b"u" * 65536)
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                    time.sleep(0.01)
+            tls.setblocking(True)
+            received = 0
+            while chunk := tls.recv(65536):
+                received += len(chunk)
+            return received
+
+    received = threads.deferToThread(client)
+    server = await backend.first
+    await server.waitFor(1)
+    (connection,) = service.router.connections
+    tcp = connection.inner.transport  # beneath the TLS the router terminates
+    await until(lambda: tcp.producerPaused, "the router to pause the backend")
+    server.transport.abortConnection()
+    count = await received
+    await until(lambda: bool(records), "the access record")
+    assert records[0]["spliced"] is False and records[0]["ended"] == "upstream closed"
+    assert 0 < count == records[0]["bytesOut"]
+    await stop(service, listening)

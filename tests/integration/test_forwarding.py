@@ -396,3 +396,67 @@ async def test_a_client_leaving_aborts_the_pending_reencrypt_handshake(tmp_path)
     client.transport.abortConnection()
     await stalled.closed.addTimeout(5, reactor)
     await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_half_close_reaches_a_tls_client_as_close_notify_and_it_may_still_send(
+    tmp_path, monkeypatch
+):
+    """
+    tls = terminate: the backend's FIN becomes close_notify and FIN towards
+    the client, whose later bytes still reach the backend, with its end of
+    file when the client closes, bounded by the idle timeout as on plain TCP.
+    (The client was closed: close_notify alone, then TCP after
+    CLOSE_NOTIFY_WAIT of silence from it, however long the idle timeout.)
+    """
+    import os
+    import select
+    import socket
+    import ssl
+    import time
+
+    from twisted.internet import threads
+
+    from dcrouter.config.model import CertificatePair
+    from dcrouter.net import tls
+    from dcrouter.net.tls import ensureSelfSigned
+
+    monkeypatch.setattr(tls, "CLOSE_NOTIFY_WAIT", 0.2)
+
+    pair = ensureSelfSigned(str(tmp_path))
+    backend = Backend(echo=False, protocolClass=SaysByeFirst)
+    listening = await listen(backend)
+    route = RouteConfig(
+        name="tls", ports=(0,), action="forward", tls="terminate",
+        cert=CertificatePair(pair.cert, pair.key),
+        options={"target": f"127.0.0.1:{listening.getHost().port}"},
+    )
+    service, port = await startRouter(route)
+
+    def client():
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            tls = context.wrap_socket(sock, server_hostname="localhost")
+            received = b""
+            # Read to close_notify (not to a bare TCP end of file).
+            tls.suppress_ragged_eofs = False
+            while chunk := tls.recv(100):
+                received += chunk
+            # TCP's FIN came too: the router has closed its sending side.
+            with socket.socket(fileno=os.dup(tls.fileno())) as raw:
+                select.select([raw], [], [], 5)
+                assert raw.recv(1, socket.MSG_PEEK) == b""
+            time.sleep(0.6)  # thinking, longer than CLOSE_NOTIFY_WAIT
+            tls.sendall(b"late words")
+            tls.unwrap()
+            return received
+
+    try:
+        assert await threads.deferToThread(client) == b"bye"
+        server = await backend.connected
+        assert await server.halfClosed == b"late words"
+        await server.closed
+    finally:
+        await stop(service, listening)

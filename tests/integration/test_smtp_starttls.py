@@ -403,3 +403,51 @@ async def test_a_quiet_joined_session_ends_at_the_idle_timeout(tmp_path):
     endings = [r.get("ended") for r in records if r.get("log_namespace") == "dcrouter.access"]
     assert "idle timeout (0.4s)" in endings
     await tearDown(service, listening)
+
+
+class Refusing(protocol.Protocol):
+    """A backend that accepts the connection, then refuses service (or hangs up)."""
+
+    def connectionMade(self):
+        if self.factory.greeting:
+            self.transport.write(self.factory.greeting)
+        self.transport.loseConnection()
+
+
+@pytest.mark.parametrize("greeting", [b"554 5.3.2 not now\r\n", b""], ids=["554", "hang-up"])
+@pytest_twisted.ensureDeferred
+async def test_a_target_that_connects_but_will_not_serve_yields_to_the_next(tmp_path, greeting):
+    """
+    C{target} is tried in order: the first that accepts the connection but
+    then greets with other than 220, or closes before EHLO, gives way to
+    the next one instead of a 421 to the client.
+    """
+    refusing = protocol.Factory.forProtocol(Refusing)
+    refusing.greeting = greeting
+    first = await listen(refusing)
+    backend = SMTPBackendFactory()
+    listening = await listen(backend)
+    pair = ensureSelfSigned(str(tmp_path))
+    route = RouteConfig(
+        name="smtp",
+        ports=(0,),
+        action="smtp-starttls",
+        cert=pair,
+        options={
+            "target": f"127.0.0.1:{first.getHost().port}, 127.0.0.1:{listening.getHost().port}",
+            "hostname": "mx.dcrouter.test",
+        },
+    )
+    service, port = await startRouter(route)
+
+    def session():
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=10) as smtp:
+            return smtp.ehlo()
+
+    try:
+        code, banner = await threads.deferToThread(session)
+    finally:
+        await tearDown(service, listening)
+        await first.stopListening()
+    assert code == 250 and banner.startswith(b"mx.dcrouter.test")
+    assert backend.commands[0].upper() == b"EHLO MX.DCROUTER.TEST"

@@ -337,3 +337,37 @@ def test_a_pool_keeps_no_more_than_it_is_told() -> None:
     pool.give(first, empty=True)
     pool.close()
     assert openDescriptors() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_the_failed_socket_sent_is_delivered_before_the_end(errors: Any) -> None:
+    """
+    A backend answers and resets while the client, reading slowly, still
+    uploads: everything the pump read from the backend (the pipe towards the
+    client included) reaches the client, then its end of file; what the
+    client still sends is read and dropped until it closes, and only then
+    does the pump end, naming the backend.
+    """
+    client, backend = Flood(limit=1024 * MiB), Peer()
+    pumping = await Pumping(client, backend).start()
+    pump = pumping.pump
+    transport(client).pauseProducing()
+    answer = payload(8 * MiB, b"answer")
+    transport(backend).write(answer)
+    await until(lambda: pump.ends[0].writing and pump.directions[1].buffered > 0,
+                "the pipe towards the slow client to fill")
+    await backend.waitFor(1)
+    transport(backend).abortConnection()
+    await task.deferLater(reactor, 0.1, lambda: None)
+    transport(client).resumeProducing()
+    await until(lambda: client.eof.called, "the client's end of file")
+    delivered = client.count
+    assert 0 < delivered == pump.received[1] <= len(answer)
+    assert client.digest.digest() == hashlib.sha256(answer[:delivered]).digest()
+    assert not pumping.ended.called
+    transport(client).unregisterProducer()
+    transport(client).loseConnection()
+    assert await pumping.ended == 1
+    pumping.close()
+    await client.closed
+    assert errors == []

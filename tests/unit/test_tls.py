@@ -798,3 +798,26 @@ def test_closing_the_sending_side_sends_close_notify_then_fin_and_reads_on(pki: 
     assert not transport.disconnecting
     w.server.readConnectionLost()
     assert transport.disconnecting
+
+
+def test_closing_after_the_sending_side_closes_tcp(pki: PKI) -> None:
+    """
+    loseConnection after loseWriteConnection closes TCP after what it holds
+    (Twisted ignored it: a forwarded client whose backend half-closed, then
+    closed, stayed open until the idle timeout).
+    """
+    serverPeer, clientPeer = Peer(), Peer()
+    w = wire(
+        ServerTLS(pki.backend, TlsSettings()), trusting(pki.root), serverPeer, clientPeer,
+        connect=False,
+    )
+    w.serverTransport = transport = HalfClosingTransport()
+    w.client.makeConnection(w.clientTransport)
+    w.server.makeConnection(transport)
+    w.pump()
+    w.server.loseWriteConnection()
+    w.clock.advance(0)
+    assert transport.sentBeforeFIN  # close_notify, then the FIN
+    assert not transport.disconnecting
+    w.server.loseConnection()
+    assert transport.disconnecting
