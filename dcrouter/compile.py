@@ -15,7 +15,7 @@ from collections.abc import Callable
 from ipaddress import ip_address
 from typing import Any, Optional
 
-from attrs import evolve, frozen
+from attrs import evolve, field, frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
@@ -91,13 +91,19 @@ class CompiledConfig:
 
     @ivar resources: what the routes' actions provisioned that runs on its
         own (health checkers, connection pools): each has C{start()} and
-        C{stop()}, called when the configuration goes live and is retired.
+        C{stop()}, called when the configuration goes live and is retired,
+        and may have C{inherit(previous)}, given the same route's resource
+        of the configuration it replaces when their types are the same
+        (target pools take over their targets' health and counters).
+    @ivar routeResources: the resources by route name (C{None}: the route
+        of C{[defaults] target}).
     """
 
     config: RouterConfig
     tables: dict[int, PortTable]
     gate: Gate
     resources: tuple[Any, ...] = ()
+    routeResources: dict[Optional[str], Any] = field(factory=dict)
 
     def listenKeys(self) -> set[ListenKey]:
         return {(port, address) for port, table in self.tables.items() for address in table.bind}
@@ -324,6 +330,7 @@ def compileConfig(
         if result is not None:
             parsed.append(result)
     fallback = None
+    fallbackItem: Optional[_Parsed] = None
     if config.defaults.target is not None and "forward" in actions:
         fallbackConfig = RouteConfig(name="defaults", ports=(), action="forward")
         item = _parseRoute(
@@ -331,6 +338,7 @@ def compileConfig(
         )
         if item is not None:
             fallback = CompiledRoute(item.route, item.action, item.options)
+            fallbackItem = item
             parsed.append(item)
     errors.raiseIfAny()
     tables = _portTables(
@@ -342,12 +350,33 @@ def compileConfig(
         if previous is not None and previous.gate.limits == globalLimits
         else Gate(globalLimits, clock)
     )
-    resources = tuple(
-        item.options for item in parsed
+    # ([defaults] target's route is None: a route may be named "defaults".)
+    routeResources = {
+        (None if item is fallbackItem else item.route.name): item.options for item in parsed
         if callable(getattr(item.options, "start", None))
         and callable(getattr(item.options, "stop", None))
-    )
-    return CompiledConfig(config, tables, gate, resources)
+    }
+    if previous is not None:
+        _inheritResources(routeResources, previous.routeResources)
+    return CompiledConfig(config, tables, gate, tuple(routeResources.values()), routeResources)
+
+
+def _inheritResources(
+    resources: dict[Optional[str], Any], previous: dict[Optional[str], Any]
+) -> None:
+    """Hand each resource that can take it over its route's previous one."""
+    for name, resource in resources.items():
+        was = previous.get(name)
+        inherit = getattr(resource, "inherit", None)
+        if was is None or type(was) is not type(resource) or not callable(inherit):
+            continue
+        try:
+            inherit(was)
+        except Exception:
+            log.failure(
+                "[route:{route}] could not take over its previous state",
+                route=name if name is not None else "defaults",
+            )
 
 
 def _checkAdmin(config: RouterConfig) -> list[ConfigError]:

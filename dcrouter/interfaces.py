@@ -88,7 +88,12 @@ class IRouteAction(IPlugin):
 
         @param options: a L{dcrouter.config.options.RouteOptions}; bad values
             are recorded on it (not raised) so that all errors are shown.
-        @return: anything; it is handed back to C{buildProtocol}.
+        @return: anything; it is handed back to C{buildProtocol}. If it has
+            C{start()} and C{stop()} (health checks, pools), they are called
+            when its configuration goes live and when it is retired; if it
+            also has C{inherit(previous)}, a reload gives it the same
+            route's object of the configuration it replaces (when of the
+            same type), to take over state such as its targets' health.
         """
 
     def buildProtocol(connection: IRoutedConnection, options: Any) -> IProtocol:

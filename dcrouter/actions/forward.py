@@ -37,6 +37,9 @@ class ForwardRoute:
     options: ForwardOptions
     targets: Targets
 
+    def inherit(self, previous: ForwardRoute) -> None:
+        self.targets.inherit(previous.targets)
+
     def start(self) -> None:
         self.targets.start()
 

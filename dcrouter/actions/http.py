@@ -31,6 +31,9 @@ class HTTPProxyOptions:
     proxy: ProxyRoute
     targets: Targets
 
+    def inherit(self, previous: HTTPProxyOptions) -> None:
+        self.targets.inherit(previous.targets)
+
     def start(self) -> None:
         self.targets.start()
 

@@ -46,6 +46,15 @@ class Targets:
                 return rule.targets.pool
         return self.pool
 
+    def inherit(self, previous: Targets) -> None:
+        """Take over the target state of C{previous}, the route's before a reload."""
+        self.pool.inherit(previous.pool, checked=self.checker is not None)
+        before = {(rule.kind, rule.name, rule.text): rule for rule in previous.rules}
+        for rule in self.rules:
+            was = before.get((rule.kind, rule.name, rule.text))
+            if was is not None:
+                rule.targets.inherit(was.targets)
+
     def start(self) -> None:
         if self.checker is not None:
             self.checker.start()

@@ -298,6 +298,38 @@ class TargetPool:
             target.failTimes.clear()
         self._changed(target, reason)
 
+    def inherit(self, previous: TargetPool, checked: bool) -> None:
+        """
+        Take over what C{previous}, the pool this one replaces in a reload,
+        knew of the same targets (by address): their health, recent
+        failures and counters. Otherwise every reload would send traffic
+        to a target known to be down until a check or failures took it out
+        again, and reset the counters metrics are built on.
+
+        @param checked: this pool has an active health check; without one,
+            a target's active verdict is not taken over (nothing would ever
+            turn it up again).
+        """
+        known = {target.address: target for target in previous.targets}
+        for target in self.targets:
+            was = known.get(target.address)
+            if was is None:
+                continue
+            if checked:
+                target.activeUp = was.activeUp
+            target.passiveDown, target.retryAt, target.trial = (
+                was.passiveDown, was.retryAt, was.trial
+            )
+            target.failTimes = deque(was.failTimes)
+            target.failures, target.acquired, target.transitions = (
+                was.failures, was.acquired, was.transitions
+            )
+            target.lastChange, target.lastReason, target.lastError = (
+                was.lastChange, was.lastReason, was.lastError
+            )
+            target.up = target.activeUp and not target.passiveDown
+        self._rebuild()
+
     def snapshot(self) -> list[dict[str, Any]]:
         """Every target's state as plain data, for a status page or metrics."""
         return [

@@ -548,3 +548,37 @@ def test_a_stop_without_the_reactor_gives_the_signals_back(twistedStopHandlers):
     assert signal.getsignal(signal.SIGTERM) != service.onStopSignal
     signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
     assert twistedStopHandlers == [signal.SIGTERM]
+
+
+def test_a_reload_keeps_what_the_route_knew_of_its_targets():
+    """
+    compileConfig with the configuration it replaces: a route's pool takes
+    over its targets' health from the same route's pool; another route, or
+    one named "defaults" beside [defaults] target, keeps its own.
+    """
+    from dcrouter.config.model import Defaults, HostPort
+
+    def config(target):
+        return RouterConfig(
+            routes=(
+                RouteConfig(name="web", ports=(1080,), action="forward",
+                            options={"target": f"{target}, 10.0.0.2:80"}),
+                RouteConfig(name="defaults", ports=(1081,), action="forward",
+                            options={"target": "10.0.0.1:80"}),
+            ),
+            defaults=Defaults(target=HostPort("10.0.0.3", 80)),
+        )
+
+    clock = Clock()
+    actions = loadActions()
+    first = compileConfig(config("10.0.0.1:80"), actions, clock)
+    assert len(first.resources) == 3, "the route named defaults and [defaults] target each have one"
+    pool = first.routeResources["web"].targets.pool
+    pool.reportFailure(pool.targets[0], "connect refused")
+    second = compileConfig(config("10.0.0.1:80"), actions, clock, previous=first)
+    web = second.routeResources["web"].targets.pool
+    assert [t.up for t in web.targets] == [False, True]
+    assert web.targets[0].failures == 1
+    other = second.routeResources["defaults"].targets.pool
+    assert other.targets[0].up, "same address, another route: not the same target"
+    assert second.routeResources[None].targets.pool.targets[0].up

@@ -422,3 +422,41 @@ def test_snapshot() -> None:
     assert first["weight"] == 2 and first["up"] and first["lastChange"] == 100.0
     assert second["up"] is False and second["lastReason"] == "HTTP 500"
     assert second["transitions"] == 1 and second["lastChange"] == 101.0
+
+
+def test_a_pool_takes_over_what_the_pool_it_replaces_knew_of_its_targets() -> None:
+    """
+    A reload builds new pools: a target known to be down stays down (not
+    sent traffic until a check or failures take it out again), its
+    counters go on; a target new to the pool starts afresh.
+    """
+    clock = Clock()
+    old = makePool(clock=clock, maxFails=1, failTimeout=30)
+    a, b, _ = old.targets
+    old.reportFailure(a, "connect refused")
+    old.setActiveState(b, False, "check failed")
+    old.acquire(b)
+    clock.advance(5)
+    new = TargetPool(
+        [Target(HostPort("10.0.0.1", 80)), Target(HostPort("10.0.0.2", 80)),
+         Target(HostPort("10.0.0.9", 80))],
+        "roundrobin", clock, "p", maxFails=1, failTimeout=30,
+    )
+    new.inherit(old, checked=True)
+    a2, b2, fresh = new.targets
+    assert (a2.up, a2.passiveDown, a2.retryAt, a2.failures) == (False, True, 30.0, 1)
+    assert (b2.up, b2.activeUp, b2.acquired, b2.transitions) == (False, False, 1, 1)
+    assert (a2.lastReason, b2.lastReason) == (a.lastReason, b.lastReason)
+    assert fresh.up and fresh.transitions == 0
+    assert firsts(new, 3) == "ccc", "only the target not known to be down is used"
+    clock.advance(30)
+    assert "a" in firsts(new, 2), "the passive wait goes on from where it was"
+
+
+def test_without_a_health_check_the_old_active_verdict_is_not_taken_over() -> None:
+    clock = Clock()
+    old = makePool(clock=clock)
+    old.setActiveState(old.targets[0], False, "check failed")
+    new = makePool(clock=clock)
+    new.inherit(old, checked=False)
+    assert new.targets[0].up and new.targets[0].activeUp
