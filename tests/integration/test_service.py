@@ -347,6 +347,35 @@ def test_an_ipv6_wildcard_leaves_ipv4_to_the_ipv4_listener_of_its_port(monkeypat
         assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
 
 
+def reloadThroughBinds(tmp_path, first, *then):
+    """
+    A router started with C{[route:a]} on port 1080 bound to C{first},
+    reloaded with each bind of C{then}: it, each reload's result, and the
+    events logged meanwhile.
+    """
+    from twisted.logger import globalLogPublisher
+
+    path = tmp_path / "dcrouter.ini"
+
+    def write(bind):
+        path.write_text(f"[dcrouter]\nstate_dir = {tmp_path}\n[route:a]\nports = 1080\n"
+                        f"bind = {bind}\naction = block\n")
+
+    write(first)
+    router = DcRouter(loadConfig(str(path)), MemoryReactorClock(), configPath=str(path))
+    events = []
+    reloaded = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        router.privilegedStartService()
+        for bind in then:
+            write(bind)
+            reloaded.append(router.reload())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return router, reloaded, events
+
+
 def test_a_reload_cannot_add_ipv4_beside_a_dual_stack_listener_and_says_why(
     monkeypatch, tmp_path
 ):
@@ -359,7 +388,7 @@ def test_a_reload_cannot_add_ipv4_beside_a_dual_stack_listener_and_says_why(
     import socket
 
     from twisted.internet.error import CannotListenError
-    from twisted.logger import formatEvent, globalLogPublisher
+    from twisted.logger import formatEvent
 
     import dcrouter.service as service
 
@@ -376,23 +405,11 @@ def test_a_reload_cannot_add_ipv4_beside_a_dual_stack_listener_and_says_why(
         return Listening()
 
     monkeypatch.setattr(service, "listenTCP", listenTCP)
-    path = tmp_path / "dcrouter.ini"
-
-    def write(bind):
-        path.write_text(f"[dcrouter]\nstate_dir = {tmp_path}\n[route:a]\nports = 1080\n"
-                        f"bind = {bind}\naction = block\n")
-
-    write("::")
-    router = DcRouter(loadConfig(str(path)), MemoryReactorClock(), configPath=str(path))
-    events = []
-    globalLogPublisher.addObserver(events.append)
     try:
-        router.privilegedStartService()
-        write("0.0.0.0, ::")
-        assert not router.reload()
+        router, reloaded, events = reloadThroughBinds(tmp_path, "::", "0.0.0.0, ::")
     finally:
-        globalLogPublisher.removeObserver(events.append)
         dualStack.close()
+    assert reloaded == [False]
     (error,) = [formatEvent(e) for e in events if e["log_level"].name == "error"]
     assert "cannot listen on 0.0.0.0:1080: [::]:1080 already takes IPv4 as well" in error
     assert "a restart applies this" in error
@@ -409,7 +426,7 @@ def test_a_reload_that_leaves_an_ipv6_only_listener_alone_on_its_port_warns(
     """
     import socket
 
-    from twisted.logger import formatEvent, globalLogPublisher
+    from twisted.logger import formatEvent
 
     import dcrouter.service as service
 
@@ -432,26 +449,12 @@ def test_a_reload_that_leaves_an_ipv6_only_listener_alone_on_its_port_warns(
         return listening
 
     monkeypatch.setattr(service, "listenTCP", listenTCP)
-    path = tmp_path / "dcrouter.ini"
-
-    def write(bind):
-        path.write_text(f"[dcrouter]\nstate_dir = {tmp_path}\n[route:a]\nports = 1080\n"
-                        f"bind = {bind}\naction = block\n")
-
-    write("0.0.0.0, ::")
-    router = DcRouter(loadConfig(str(path)), MemoryReactorClock(), configPath=str(path))
-    events = []
-    globalLogPublisher.addObserver(events.append)
     try:
-        router.privilegedStartService()
-        write("0.0.0.0, ::")
-        assert router.reload()
-        write("::")
-        assert router.reload()
+        _, reloaded, events = reloadThroughBinds(tmp_path, "0.0.0.0, ::", "0.0.0.0, ::", "::")
     finally:
-        globalLogPublisher.removeObserver(events.append)
         for sock in sockets:
             sock.close()
+    assert reloaded == [True, True]
     warnings = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
     assert warnings == [
         "port 1080: IPv4 clients are refused until a restart: [::]:1080 was opened IPv6-only"
