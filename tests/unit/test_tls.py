@@ -766,21 +766,28 @@ class HalfClosingTransport(StringTransport):
         self.sentBeforeFIN = self.value()
 
 
+def halfClosingWire(pki: PKI) -> tuple[Any, Peer, Peer]:
+    """A handshaken server and client whose server transport can half-close."""
+    serverPeer, clientPeer = Peer(), Peer()
+    w = wire(
+        ServerTLS(pki.backend, TlsSettings()), trusting(pki.root), serverPeer, clientPeer,
+        connect=False,
+    )
+    w.serverTransport = HalfClosingTransport()
+    w.client.makeConnection(w.clientTransport)
+    w.server.makeConnection(w.serverTransport)
+    w.pump()
+    return w, serverPeer, clientPeer
+
+
 def test_closing_the_sending_side_sends_close_notify_then_fin_and_reads_on(pki: PKI) -> None:
     """
     nginx's lingering close on TLS: close_notify, TCP's FIN after it, and
     what the client still sends is read, for as long as the caller wants
     (not only L{CLOSE_NOTIFY_WAIT}), or until the client's FIN closes TCP.
     """
-    serverPeer, clientPeer = Peer(), Peer()
-    w = wire(
-        ServerTLS(pki.backend, TlsSettings()), trusting(pki.root), serverPeer, clientPeer,
-        connect=False,
-    )
-    w.serverTransport = transport = HalfClosingTransport()
-    w.client.makeConnection(w.clientTransport)
-    w.server.makeConnection(transport)
-    w.pump()
+    w, serverPeer, clientPeer = halfClosingWire(pki)
+    transport = w.serverTransport
     assert serverPeer.handshakeDone and clientPeer.handshakeDone
     w.client.write(b"still uploading")
     w.server.loseWriteConnection()
@@ -806,15 +813,8 @@ def test_closing_after_the_sending_side_closes_tcp(pki: PKI) -> None:
     (Twisted ignored it: a forwarded client whose backend half-closed, then
     closed, stayed open until the idle timeout).
     """
-    serverPeer, clientPeer = Peer(), Peer()
-    w = wire(
-        ServerTLS(pki.backend, TlsSettings()), trusting(pki.root), serverPeer, clientPeer,
-        connect=False,
-    )
-    w.serverTransport = transport = HalfClosingTransport()
-    w.client.makeConnection(w.clientTransport)
-    w.server.makeConnection(transport)
-    w.pump()
+    w, serverPeer, clientPeer = halfClosingWire(pki)
+    transport = w.serverTransport
     w.server.loseWriteConnection()
     w.clock.advance(0)
     assert transport.sentBeforeFIN  # close_notify, then the FIN
