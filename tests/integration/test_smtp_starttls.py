@@ -110,17 +110,19 @@ def startTLS(port):
     return tls, tls.makefile("rb")
 
 
-async def setUp(tmp_path, backend=None, **options):
+async def setUp(tmp_path, backend=None, tryFirst=None, **options):
+    """The backend, its listener, the router and its port; C{tryFirst}: a target before it."""
     backend = backend or SMTPBackendFactory()
     listening = await listen(backend)
     pair = ensureSelfSigned(str(tmp_path))
+    target = f"127.0.0.1:{listening.getHost().port}"
     route = RouteConfig(
         name="smtp",
         ports=(0,),
         action="smtp-starttls",
         cert=pair,
         options={
-            "target": f"127.0.0.1:{listening.getHost().port}",
+            "target": target if tryFirst is None else f"{tryFirst}, {target}",
             "hostname": "mx.dcrouter.test",
             **options,
         },
@@ -425,20 +427,9 @@ async def test_a_target_that_connects_but_will_not_serve_yields_to_the_next(tmp_
     refusing = protocol.Factory.forProtocol(Refusing)
     refusing.greeting = greeting
     first = await listen(refusing)
-    backend = SMTPBackendFactory()
-    listening = await listen(backend)
-    pair = ensureSelfSigned(str(tmp_path))
-    route = RouteConfig(
-        name="smtp",
-        ports=(0,),
-        action="smtp-starttls",
-        cert=pair,
-        options={
-            "target": f"127.0.0.1:{first.getHost().port}, 127.0.0.1:{listening.getHost().port}",
-            "hostname": "mx.dcrouter.test",
-        },
+    backend, listening, service, port = await setUp(
+        tmp_path, tryFirst=f"127.0.0.1:{first.getHost().port}"
     )
-    service, port = await startRouter(route)
 
     def session():
         with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=10) as smtp:
