@@ -830,8 +830,25 @@ class AcmeIssuer(Service):
                 waiting.append(self._startJob(route, want, entry).whenDone())
             elif entry is not None:
                 self._refreshRenewalInfo(entry, now)
+        self._pruneBackoff(now)
         self._reschedule()
         return gatherResults(waiting).addCallback(lambda _: None)
+
+    def _pruneBackoff(self, now: float) -> None:
+        """
+        Forget the failures of names no route wants any more, once their
+        backoff is over: until then a name removed and added back still
+        waits (the CA's rate limits do not forget either).
+        """
+        wanted = {name for want in self._wanted.values() for name in want.names}
+        stale = [n for n, r in self._backoff.items() if n not in wanted and r.nextAttempt <= now]
+        if not stale:
+            return
+        for name in stale:
+            del self._backoff[name]
+        self._saveBackoff().addErrback(
+            lambda f: self.log.failure("ACME backoff state not saved", f)
+        )
 
     def _reschedule(self) -> None:
         self._pruneRenewalInfo()

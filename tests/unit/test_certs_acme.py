@@ -507,6 +507,28 @@ def test_startServiceWaitsForTheBackoffState(tmp_path):
     w.issuer.stopService()
 
 
+def test_theBackoffOfANameNoLongerWantedIsForgottenOnceOver(world):
+    world.ca.failOn["open"] = AcmeFailure("cannot reach the ACME server")
+    world.issuer.want("web", ["www.example.com"])
+    world.issuer.want("api", ["api.example.com"])
+    result(world.issuer.checkNow())
+    world.issuer.forget("web")
+    # Removed and added back within its backoff, a name still waits.
+    result(world.issuer.checkNow())
+    assert set(world.backoffFile()["names"]) == {"www.example.com", "api.example.com"}
+    world.advance(299)
+    world.issuer.want("web", ["www.example.com"])
+    opens = world.ca.opens
+    result(world.issuer.checkNow())
+    assert world.ca.opens == opens
+    world.issuer.forget("web")
+    # Once its backoff is over, an unwanted name's record goes; a wanted one's stays.
+    world.advance(1)
+    result(world.issuer.checkNow())
+    assert set(world.backoffFile()["names"]) == {"api.example.com"}
+    assert world.issuer.blockedUntil(["www.example.com"]) == 0
+
+
 def test_retryAfterIsHonoured(world):
     world.ca.failOn["order"] = AcmeFailure("too many", rateLimited=True, retryAfter=7200)
     world.issuer.want("web", ["www.example.com"])
