@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
 
 from attrs import frozen
@@ -268,17 +268,22 @@ class ZoneSet(common.ResolverBase):
     then the longest configured one the name is in. Published records live
     until removed or until the zone is dropped from the configuration; they
     are not kept across a restart (their publishers publish them again).
+
+    @ivar onChange: called with each zone whose serial changed (a zone
+        added counts), after the change: the DNS service sends NOTIFYs.
     """
 
     def __init__(self, zones: Sequence[DnsZone], serials: SerialStore) -> None:
         super().__init__()
         self.serials = serials
+        self.onChange: Optional[Callable[[Zone], None]] = None
         self._zones: dict[bytes, Zone] = {}
         self._dynamic: dict[str, tuple[DnsRecord, ...]] = {}
         self.configure(zones)
 
     def configure(self, zones: Sequence[DnsZone]) -> None:
         """Serve C{zones} from now on; records published in zones kept survive."""
+        old = self._zones
         self._dynamic = {
             zone.name: self._dynamic.get(zone.name, ()) for zone in zones
         }
@@ -286,6 +291,19 @@ class ZoneSet(common.ResolverBase):
             wireName(zone.name): Zone(zone, self.serials, self._dynamic[zone.name])
             for zone in zones
         }
+        for origin, zone in self._zones.items():
+            previous = old.get(origin)
+            if previous is None or previous.serial != zone.serial:
+                self._changed(zone)
+
+    def _changed(self, zone: Zone) -> None:
+        """Tell L{onChange} of a new serial; its failure is logged, not raised into the change."""
+        if self.onChange is None:
+            return
+        try:
+            self.onChange(zone)
+        except Exception:
+            log.failure("DNS zone {zone}: acting on its new serial failed", zone=zone.config.name)
 
     @property
     def zones(self) -> dict[str, Zone]:
@@ -506,3 +524,4 @@ class ZoneSet(common.ResolverBase):
         if rebuilt.serial != current.serial:
             log.info("DNS zone {zone}: {name} changed, serial {serial}",
                      zone=zoneName, name=owner, serial=rebuilt.serial)
+            self._changed(rebuilt)
