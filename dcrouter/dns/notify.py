@@ -20,6 +20,12 @@ It is sent from the listen address of the secondary's family (see
 L{dcrouter.config.dns.notifySource}), a port the kernel picks: the address
 a secondary accepts NOTIFY from (NSD's and BIND's C{allow-notify}) is the
 primary's.
+
+L{Notifier.whenServed} waits until every secondary serves a serial (asked
+for the zone's SOA every L{CHECK_INTERVAL} from the same socket, answers
+matched the same way), or L{PROPAGATION_TIMEOUT}: the ACME dns-01 path
+tells the CA to validate only then, as lego's and certbot's propagation
+checks do.
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ TRIES = 5
 #: Seconds to wait for an answer after the first send; doubled after each.
 FIRST_WAIT = 2.0
 MAX_WAIT = 16.0
+#: Seconds between SOA queries to a secondary that does not serve a serial yet.
+CHECK_INTERVAL = 1.0
+#: The longest L{Notifier.whenServed} waits for the secondaries (lego's default).
+PROPAGATION_TIMEOUT = 60.0
 
 
 def notifyMessage(messageID: int, soa: dns.RRHeader) -> bytes:
@@ -59,8 +69,30 @@ def notifyMessage(messageID: int, soa: dns.RRHeader) -> bytes:
     return data
 
 
+def soaQuery(messageID: int, origin: bytes) -> bytes:
+    """A query for the SOA record of the zone C{origin}."""
+    message = dns.Message(id=messageID)
+    message.queries = [dns.Query(origin, dns.SOA, dns.IN)]
+    data: bytes = message.toStr()
+    return data
+
+
+def serialAtLeast(theirs: int, ours: int) -> bool:
+    """Is serial C{theirs} not older than C{ours} (RFC 1982 arithmetic)?"""
+    return theirs == ours or 0 < (theirs - ours) % 2**32 < 2**31
+
+
 def _randomID() -> int:
     return secrets.randbelow(1 << 16)
+
+
+def _sameAddress(target: HostPort, address: Any) -> bool:
+    """Is the datagram source C{address} (host, port) C{target}, however spelled?"""
+    try:
+        source = ip_address(str(address[0]).partition("%")[0])
+        return int(address[1]) == target.port and source == ip_address(target.host)
+    except (ValueError, TypeError, IndexError):
+        return False
 
 
 @define
@@ -73,6 +105,19 @@ class _Pending:
     data: bytes
     tries: int = 0
     retry: Optional[IDelayedCall] = None
+
+
+@define(eq=False)
+class _Check:
+    """SOA queries to a secondary until it serves C{serial} of C{zone}."""
+
+    zone: str
+    target: HostPort
+    serial: int
+    messageID: int
+    data: bytes
+    served: Deferred[None]
+    poll: Optional[IDelayedCall] = None
 
 
 class _NotifyProtocol(DatagramProtocol):
@@ -92,6 +137,7 @@ class Notifier:
     @ivar targets: the secondaries (C{[dns] notify}).
     @ivar listen: the server's listen addresses, which NOTIFYs are sent from.
     @ivar pending: the NOTIFYs not answered yet, by (zone, secondary).
+    @ivar checks: the secondaries L{whenServed} is waiting for.
     @ivar ports: the sockets NOTIFYs are sent from, by source address,
         opened when first needed.
     """
@@ -103,6 +149,7 @@ class Notifier:
         self.targets: tuple[HostPort, ...] = ()
         self.listen: tuple[HostPort, ...] = ()
         self.pending: dict[tuple[str, HostPort], _Pending] = {}
+        self.checks: list[_Check] = []
         self.ports: dict[str, IListeningPort] = {}
 
     def configure(self, targets: Sequence[HostPort], listen: Sequence[HostPort]) -> None:
@@ -113,6 +160,8 @@ class Notifier:
         self.targets, self.listen = tuple(targets), tuple(listen)
         for key in [key for key in self.pending if key[1] not in self.targets]:
             self._drop(key)
+        for check in [check for check in self.checks if check.target not in self.targets]:
+            self._endCheck(check)
         self._closePorts(set(self.ports) - self._sources())
 
     def start(self) -> None:
@@ -123,6 +172,8 @@ class Notifier:
         self.running = False
         for key in list(self.pending):
             self._drop(key)
+        for check in list(self.checks):
+            self._endCheck(check)
         return self._closePorts(set(self.ports))
 
     def notify(
@@ -156,16 +207,50 @@ class Notifier:
         for key in [key for key in self.pending if key[0] not in kept]:
             self._drop(key)
 
+    def whenServed(
+        self, zone: str, origin: bytes, serial: int, timeout: float = PROPAGATION_TIMEOUT
+    ) -> Deferred[None]:
+        """
+        A Deferred that fires (never fails) once every secondary answers
+        that the SOA serial of C{zone} (whose apex is C{origin}) is
+        C{serial} or newer, or after C{timeout} seconds (logged), or when
+        the notifier stops.
+        """
+        checks = []
+        for target in self.targets:
+            messageID = self._freshID(target)
+            check = _Check(zone, target, serial, messageID, soaQuery(messageID, origin),
+                           Deferred())
+            checks.append(check)
+            self.checks.append(check)
+        if checks:
+            log.info("DNS: waiting for {targets} to serve {zone} serial {serial}",
+                     targets=", ".join(str(check.target) for check in checks), zone=zone,
+                     serial=serial)
+        for check in checks:
+            self._poll(check)
+        late = self.reactor.callLater(timeout, self._late, checks, timeout)
+
+        def served(_: object) -> None:
+            if late.active():
+                late.cancel()
+
+        return DeferredList([check.served for check in checks]).addCallback(served)
+
     def responseReceived(self, data: bytes, address: Any) -> None:
         """
-        A datagram on a NOTIFY socket: the answer to a pending NOTIFY if it
-        is a response with its ID and opcode from its secondary; else ignored.
+        A datagram on a NOTIFY socket: the answer to a pending NOTIFY or
+        SOA query if it is a response with its ID and opcode from its
+        secondary; else ignored.
         """
         message = dns.Message()
         try:
             message.fromStr(data)
         except Exception:
             log.debug("DNS NOTIFY: undecodable datagram from {address}", address=address)
+            return
+        if message.answer and message.opCode == dns.OP_QUERY:
+            self._soaAnswered(message, address)
             return
         key = self._answered(message, address)
         if key is None:
@@ -188,24 +273,56 @@ class Notifier:
         """The pending NOTIFY C{message} from C{address} answers, if any."""
         if not message.answer or message.opCode != dns.OP_NOTIFY:
             return None
-        try:
-            source = ip_address(str(address[0]).partition("%")[0])
-            port = int(address[1])
-        except (ValueError, TypeError, IndexError):
-            return None
         for key, pending in self.pending.items():
-            target = key[1]
-            if (
-                pending.messageID == message.id
-                and target.port == port
-                and ip_address(target.host) == source
-            ):
+            if pending.messageID == message.id and _sameAddress(key[1], address):
                 return key
         return None
 
+    def _soaAnswered(self, message: dns.Message, address: Any) -> None:
+        """An answer to a L{whenServed} SOA query: done if it has the serial or a newer one."""
+        for check in self.checks:
+            if check.messageID == message.id and _sameAddress(check.target, address):
+                serials = [
+                    record.payload.serial  # type: ignore[union-attr]
+                    for record in message.answers if record.type == dns.SOA
+                ]
+                if message.rCode == dns.OK and serials and serialAtLeast(serials[0],
+                                                                         check.serial):
+                    log.info("DNS: {target} serves {zone} serial {serial}",
+                             target=str(check.target), zone=check.zone, serial=serials[0])
+                    self._endCheck(check)
+                return
+
+    def _poll(self, check: _Check) -> None:
+        """Ask the secondary for the SOA (again), and again after L{CHECK_INTERVAL}."""
+        try:
+            self._portFor(check.target).write(  # type: ignore[attr-defined]
+                check.data, (check.target.host, check.target.port)
+            )
+        except (OSError, CannotListenError, MessageLengthError) as e:
+            log.debug("DNS: cannot ask {target} for the SOA of {zone}: {error}",
+                      target=str(check.target), zone=check.zone, error=e)
+        check.poll = self.reactor.callLater(CHECK_INTERVAL, self._poll, check)
+
+    def _late(self, checks: list[_Check], timeout: float) -> None:
+        late = [check for check in checks if check in self.checks]
+        if late:
+            log.warn("DNS: {targets} do not serve {zone} serial {serial} after {timeout} s; "
+                     "going on without them", targets=", ".join(str(c.target) for c in late),
+                     zone=late[0].zone, serial=late[0].serial, timeout=timeout)
+        for check in late:
+            self._endCheck(check)
+
+    def _endCheck(self, check: _Check) -> None:
+        self.checks.remove(check)
+        if check.poll is not None and check.poll.active():
+            check.poll.cancel()
+        check.served.callback(None)
+
     def _freshID(self, target: HostPort) -> int:
-        """A message ID no pending NOTIFY to C{target} has."""
+        """A message ID no pending NOTIFY or SOA query to C{target} has."""
         used = {pending.messageID for key, pending in self.pending.items() if key[1] == target}
+        used.update(check.messageID for check in self.checks if check.target == target)
         messageID = self.newID()
         while messageID in used:
             messageID = self.newID()

@@ -47,8 +47,9 @@ class DNSService(Service):
 
     The record API is what C{IDNSRecords} (dns-01 challenges) asks for:
     C{setRecord(zone, name, type, value, ttl)} and C{removeRecord(zone,
-    name, type, value)}, names absolute; changes are synchronous (no
-    Deferred), seen by the next query.
+    name, type, value)}, names absolute; changes are synchronous, seen by
+    the next query. With secondaries to notify, C{setRecord} also returns
+    a Deferred that fires once they serve the change (see L{setRecord}).
 
     @param settings: C{None} (no C{[dns]} at all) serves nothing, but keeps
         the API, which then knows no zone.
@@ -278,9 +279,20 @@ class DNSService(Service):
 
     def setRecord(
         self, zone: Optional[str], name: str, type: str, value: str, ttl: Optional[int] = None
-    ) -> None:
-        """Publish a record; see L{ZoneSet.setRecord}."""
-        self.zones.setRecord(zone, name, type, value, ttl)
+    ) -> Optional[Deferred[None]]:
+        """
+        Publish a record; see L{ZoneSet.setRecord}.
+
+        @return: with C{[dns] notify} secondaries, a Deferred that fires
+            once they all serve the zone's new serial, or after
+            L{dcrouter.dns.notify.PROPAGATION_TIMEOUT} (logged); it never fails. The ACME
+            dns-01 responder returns it, so the CA is told to validate only
+            then (a propagation check, as lego's and certbot's). Else C{None}.
+        """
+        changed = self.zones.setRecord(zone, name, type, value, ttl)
+        if not (self.notifier.running and self.notifier.targets):
+            return None
+        return self.notifier.whenServed(changed.config.name, changed.origin, changed.serial)
 
     def removeRecord(
         self, zone: Optional[str], name: str, type: str, value: Optional[str] = None

@@ -405,10 +405,11 @@ class ZoneSet(common.ResolverBase):
 
     def setRecord(
         self, zone: Optional[str], name: str, type: str, value: str, ttl: Optional[int] = None
-    ) -> None:
+    ) -> Zone:
         """
         Publish a record (adding to the RRset: two ACME challenges for one
         name can be pending at once). Publishing it again changes its TTL.
+        Return the zone, as it now is.
 
         @param type: a type of L{RECORD_TYPES} (TXT, for ACME and DKIM).
         @param value: TXT: the text itself, unquoted, any length; other
@@ -420,7 +421,7 @@ class ZoneSet(common.ResolverBase):
         record = self._record(zone, name, type, value, ttl)
         key = (record.name, record.type, record.data)
         kept = tuple(r for r in self._published(record) if (r.name, r.type, r.data) != key)
-        self._change(record.name, (*kept, record))
+        return self._change(record.name, (*kept, record))
 
     def removeRecord(
         self, zone: Optional[str], name: str, type: str, value: Optional[str] = None
@@ -506,8 +507,8 @@ class ZoneSet(common.ResolverBase):
         assert zone is not None
         return self._dynamic[zone.config.name]
 
-    def _change(self, owner: str, records: tuple[DnsRecord, ...], zoneName: str = "") -> None:
-        """Rebuild a zone with C{records} published, if they fit with the rest."""
+    def _change(self, owner: str, records: tuple[DnsRecord, ...], zoneName: str = "") -> Zone:
+        """Rebuild a zone with C{records} published, if they fit with the rest; return it."""
         if not zoneName:
             zone = self.find(wireName(owner))
             assert zone is not None
@@ -525,3 +526,4 @@ class ZoneSet(common.ResolverBase):
             log.info("DNS zone {zone}: {name} changed, serial {serial}",
                      zone=zoneName, name=owner, serial=rebuilt.serial)
             self._changed(rebuilt)
+        return rebuilt

@@ -33,13 +33,33 @@ KEY_AUTHORIZATION = TOKEN + ".9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
 
 
 class Secondary(server.DNSServerFactory):
-    """A secondary that answers every NOTIFY NOERROR and keeps (message, source)."""
+    """
+    A secondary that answers every NOTIFY NOERROR and keeps (message,
+    source), and answers SOA queries with L{serial} (the serial it has
+    transferred; none yet: REFUSED).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.notifies: defer.DeferredQueue[tuple[dns.Message, tuple[str, int]]] = (
             defer.DeferredQueue()
         )
+        self.serial: int | None = None
+        self.soaQueries: defer.DeferredQueue[int | None] = defer.DeferredQueue()
+
+    def handleQuery(self, message, protocol, address):
+        response = dns.Message(id=message.id, answer=True, auth=True, rCode=dns.EREFUSED)
+        response.queries = list(message.queries)
+        (question,) = message.queries
+        if question.type == dns.SOA:
+            self.soaQueries.put(self.serial)
+        if self.serial is not None and question.type == dns.SOA:
+            response.rCode = dns.OK
+            response.answers = [dns.RRHeader(
+                question.name.name, dns.SOA, dns.IN, 60,
+                dns.Record_SOA(b"ns1", b"hostmaster", serial=self.serial),
+            )]
+        self.sendReply(protocol, response, address)
 
     def handleNotify(self, message, protocol, address):
         self.notifies.put((message, address))
@@ -132,12 +152,23 @@ async def test_the_secondary_is_notified_of_dns01_records_and_reloads(tmp_path):
         await answered
         assert service.notifier.pending == {}
 
-        # An ACME dns-01 record, published as the certificate manager does.
+        # An ACME dns-01 record, published as the certificate manager does:
+        # the CA is told to validate once the secondary serves it.
         responder = DNS01Responder(service, zoneFor=service.zoneFor)
-        responder.start("www.example.test", TOKEN, KEY_AUTHORIZATION)
+        published = responder.start("www.example.test", TOKEN, KEY_AUTHORIZATION)
         zone, serial, source = await secondary.nextNotify()
         assert (zone, source) == ("example.test", PRIMARY)
         assert serial == service.serial("example.test")
+        served = logs.expect(f"serves example.test serial {serial}")
+        secondary.serial = serial - 1
+        while await secondary.soaQueries.get() != serial - 1:
+            pass
+        await secondary.soaQueries.get()  # asked again a second later: the answer was no
+        assert not published.called
+        secondary.serial = serial  # it transferred the zone
+        published.addTimeout(5, reactor)
+        await published
+        await served
         # What the secondary would transfer now has the record.
         soa = await dig(primary, "+short", "example.test", "SOA", server=PRIMARY)
         assert soa.split()[2] == str(serial)

@@ -16,7 +16,7 @@ from twisted.names import dns
 from dcrouter.config.dns import DnsRecord, DnsSettings, DnsZone
 from dcrouter.config.model import HostPort
 from dcrouter.dns import notify
-from dcrouter.dns.notify import Notifier, notifyMessage
+from dcrouter.dns.notify import Notifier, notifyMessage, serialAtLeast
 from dcrouter.dns.service import DNSService
 
 SECONDARY = HostPort("192.0.2.53", 53)
@@ -300,6 +300,82 @@ def test_a_secondary_dropped_by_configure_is_no_longer_notified():
     assert (sender.pending, reactor.getDelayedCalls()) == ({}, [])
 
 
+# Waiting until the secondaries serve a serial
+
+
+def soaAnswer(query, serial, rcode=dns.OK):
+    response = dns.Message(id=query.id, answer=True, auth=True, rCode=rcode)
+    response.queries = list(query.queries)
+    if serial is not None:
+        response.answers = [soa(query.queries[0].name.name.decode(), serial)]
+    return response.toStr()
+
+
+def soaQueries(reactor):
+    return [message for message, _, _ in reactor.sent() if message.opCode == dns.OP_QUERY]
+
+
+def test_when_served_asks_for_the_soa_until_the_serial_is_there(logged):
+    reactor = Reactor()
+    sender = notifier(reactor, (SECONDARY, OTHER))
+    served = sender.whenServed("example.com", b"example.com", 2026120705)
+    queries = soaQueries(reactor)
+    assert [(q.queries, q.recDes) for q in queries] == [
+        ([dns.Query(b"example.com", dns.SOA, dns.IN)], False),
+    ] * 2
+    protocol = reactor.notifyPort().protocol
+    first, second = queries
+    for wrong in (
+        soaAnswer(first, 2026120704),  # not yet
+        soaAnswer(first, None),
+        soaAnswer(first, 2026120705, rcode=dns.ESERVER),
+    ):
+        protocol.datagramReceived(wrong, ("192.0.2.53", 53))
+    protocol.datagramReceived(soaAnswer(first, 2026120705), ("192.0.2.99", 53))  # forged
+    protocol.datagramReceived(soaAnswer(second, 2026120705), ("192.0.2.53", 53))  # other's id
+    reactor.advance(1)
+    assert len(soaQueries(reactor)) == 4  # asked again, both
+    assert not served.called
+    protocol.datagramReceived(soaAnswer(first, 2026120706), ("192.0.2.53", 53))  # newer: fine
+    assert not served.called
+    protocol.datagramReceived(soaAnswer(second, 2026120705), ("192.0.2.54", 5353))
+    assert served.called
+    assert (sender.checks, reactor.getDelayedCalls()) == ([], [])
+    assert logged()[-2:] == [
+        "DNS: 192.0.2.53:53 serves example.com serial 2026120706",
+        "DNS: 192.0.2.54:5353 serves example.com serial 2026120705",
+    ]
+
+
+def test_when_served_gives_up_after_the_timeout(logged):
+    reactor = Reactor()
+    sender = notifier(reactor)
+    served = sender.whenServed("example.com", b"example.com", 5, timeout=60)
+    reactor.pump([1] * 59)
+    assert not served.called
+    assert len(soaQueries(reactor)) == 60
+    reactor.advance(1)
+    assert served.called and served.result is None
+    assert (sender.checks, reactor.getDelayedCalls()) == ([], [])
+    assert logged()[-1] == (
+        "DNS: 192.0.2.53:53 do not serve example.com serial 5 after 60 s; going on without them"
+    )
+
+
+def test_stop_ends_the_waits():
+    reactor = Reactor()
+    sender = notifier(reactor)
+    served = sender.whenServed("example.com", b"example.com", 5)
+    sender.stop()
+    assert served.called
+    assert reactor.getDelayedCalls() == []
+
+
+def test_serials_compare_in_rfc_1982_arithmetic():
+    assert serialAtLeast(5, 5) and serialAtLeast(6, 5) and not serialAtLeast(4, 5)
+    assert serialAtLeast(1, 2**32 - 1) and not serialAtLeast(2**32 - 1, 1)
+
+
 # The DNS service: a NOTIFY for every new serial
 
 
@@ -313,6 +389,7 @@ class ServiceReactor(Reactor):
         return [
             (message.queries[0].name.name.decode(), message.answers[0].payload.serial, address)
             for message, address, _ in self.sent()
+            if message.opCode == dns.OP_NOTIFY
         ]
 
 
@@ -382,12 +459,26 @@ def test_a_reload_notifies_the_zones_it_changes_and_new_secondaries(started):
     assert set(service.notifier.pending) == {("example.com", SECONDARY), ("example.com", OTHER)}
 
 
+def test_a_published_record_waits_for_the_secondaries_to_serve_it(started):
+    reactor, service = started
+    assert service.setRecord(None, "www.example.net", "TXT", "x") is not None
+    waiting = service.setRecord(None, "_acme-challenge.example.com", "TXT", "token", 60)
+    serial = service.serial("example.com")
+    (query,) = [m for m, _, _ in reactor.sent() if m.opCode == dns.OP_QUERY
+                and m.queries[0].name.name == b"example.com"]
+    assert not waiting.called
+    reactor.notifyPort().protocol.datagramReceived(
+        soaAnswer(query, serial), ("192.0.2.53", 53)
+    )
+    assert waiting.called
+
+
 def test_a_worker_or_a_server_without_notify_sends_nothing():
     reactor = ServiceReactor()
     for settings in (None, dnsSettings(())):
         service = DNSService(settings, reactor)
         service.startService()
         if settings is not None:
-            service.setRecord(None, "_acme-challenge.example.com", "TXT", "token")
+            assert service.setRecord(None, "_acme-challenge.example.com", "TXT", "token") is None
         service.stopService()
     assert reactor.sent() == []
