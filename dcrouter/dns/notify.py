@@ -140,10 +140,16 @@ class Notifier:
     @ivar checks: the secondaries L{whenServed} is waiting for.
     @ivar ports: the sockets NOTIFYs are sent from, by source address,
         opened when first needed.
+    @ivar count: told of each event worth a metric: C{notify_sent} (each
+        send), C{notify_answered}, C{notify_rejected} (an error answer),
+        C{notify_given_up}.
     """
 
-    def __init__(self, reactor: Any, newID: Callable[[], int] = _randomID) -> None:
+    def __init__(
+        self, reactor: Any, count: Callable[[str], None], newID: Callable[[], int] = _randomID
+    ) -> None:
         self.reactor = reactor
+        self.count = count
         self.newID = newID
         self.running = False
         self.targets: tuple[HostPort, ...] = ()
@@ -261,6 +267,7 @@ class Notifier:
         self._drop(key)
         fields = dict(zone=key[0], serial=pending.serial, target=str(key[1]),
                       rcode=rcodeName(message.rCode), tries=pending.tries)
+        self.count("notify_answered" if message.rCode == dns.OK else "notify_rejected")
         if message.rCode == dns.OK:
             log.info("DNS NOTIFY of {zone} serial {serial} answered by {target}", **fields)
         else:
@@ -341,6 +348,7 @@ class Notifier:
             log.warn("DNS NOTIFY of {zone} serial {serial} to {target}: cannot send (try "
                      "{tries}): {error}", error=e, **fields)
         else:
+            self.count("notify_sent")
             if pending.tries == 1:
                 log.info("DNS NOTIFY of {zone} serial {serial} sent to {target}", **fields)
             else:
@@ -356,6 +364,7 @@ class Notifier:
             self._send(key)
             return
         del self.pending[key]
+        self.count("notify_given_up")
         log.warn("DNS NOTIFY of {zone} serial {serial} to {target}: no answer after {tries} "
                  "tries, given up (it sees the change at its SOA refresh)",
                  zone=key[0], serial=pending.serial, target=str(key[1]), tries=pending.tries)

@@ -69,7 +69,7 @@ class DNSService(Service):
         self.settings = settings if settings is not None else DnsSettings()
         self.zones = ZoneSet(self.settings.zones, SerialStore.inDirectory(stateDir, reactor))
         self.factory = DNSServerFactory(self.zones, self.settings, reactor)
-        self.notifier = Notifier(reactor)
+        self.notifier = Notifier(reactor, self.factory.count)
         self.notifier.configure(self.settings.notify, self.settings.listen)
         self.zones.onChange = self.zoneChanged
         self.listeners: dict[HostPort, tuple[IListeningPort, IListeningPort]] = {}

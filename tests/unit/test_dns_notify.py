@@ -6,6 +6,7 @@ fake reactor; and the DNS service sending them when a serial changes.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -52,6 +53,10 @@ class Reactor(MemoryReactorClock):
         super().__init__()
         self.fakePorts: list[FakeUDPPort] = []
         self.failing = False
+        self.events: Counter[str] = Counter()  # what the notifier counted
+
+    def count(self, event):
+        self.events[event] += 1
 
     def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
         fake = FakeUDPPort(protocol, interface, port, self.failing)
@@ -104,7 +109,7 @@ def logged():
 
 def notifier(reactor, targets=(SECONDARY,)):
     ids = itertools.count(1000)
-    result = Notifier(reactor, newID=lambda: next(ids))
+    result = Notifier(reactor, reactor.count, newID=lambda: next(ids))
     result.configure(targets, LISTEN)
     result.start()
     return result
@@ -154,6 +159,7 @@ def test_retried_with_backoff_then_given_up(logged):
     assert len(reactor.sent()) == notify.TRIES == 5
     assert sender.pending == {}
     assert reactor.getDelayedCalls() == []
+    assert reactor.events == {"notify_sent": 5, "notify_given_up": 1}
     assert logged()[-1] == (
         "DNS NOTIFY of example.com serial 2026120700 to 192.0.2.53:53: no answer after 5 "
         "tries, given up (it sees the change at its SOA refresh)"
@@ -171,6 +177,7 @@ def test_an_answer_from_the_secondary_ends_the_retries(logged):
     assert reactor.getDelayedCalls() == []
     reactor.advance(100)
     assert len(reactor.sent()) == 2
+    assert reactor.events == {"notify_sent": 2, "notify_answered": 1}
     assert logged()[-1] == "DNS NOTIFY of example.com serial 2026120700 answered by 192.0.2.53:53"
 
 
@@ -183,6 +190,7 @@ def test_an_error_answer_ends_the_retries_with_a_warning(logged):
         answer(request, rcode=dns.EREFUSED), ("192.0.2.53", 53)
     )
     assert sender.pending == {}
+    assert reactor.events == {"notify_sent": 1, "notify_rejected": 1}
     assert logged()[-1] == (
         "DNS NOTIFY of example.com serial 2026120700 answered REFUSED by 192.0.2.53:53: it "
         "does not take NOTIFY of example.com from here (not retried)"
@@ -274,7 +282,7 @@ def test_a_send_that_fails_is_retried(logged):
 
 def test_nothing_is_sent_before_start_or_after_stop():
     reactor = Reactor()
-    sender = Notifier(reactor)
+    sender = Notifier(reactor, reactor.count)
     sender.configure((SECONDARY,), LISTEN)
     sender.notify("example.com", soa())
     assert reactor.sent() == []
@@ -438,6 +446,8 @@ def test_a_reload_notifies_the_zones_it_changes_and_new_secondaries(started):
     port = reactor.notifyPort()
     for message, _, _ in reactor.sent():
         port.protocol.datagramReceived(answer(message), ("192.0.2.53", 53))
+    # On the metrics, as dcrouter_dns_events.
+    assert service.factory.counters == {"notify_sent": 2, "notify_answered": 2}
     del port.sent[:]
     changed = DnsZone("example.com", (DnsRecord("www.example.com", "A", ("192.0.2.99",)),))
     assert service.reconfigure(dnsSettings(zones=(changed, NET))) == []
