@@ -171,10 +171,11 @@ class Notifier:
         self._closePorts(set(self.ports) - self._sources())
 
     def start(self) -> None:
+        """Send NOTIFYs from now on (not before the server serves)."""
         self.running = True
 
     def stop(self) -> Deferred[Any]:
-        """Drop every pending NOTIFY and close the sockets."""
+        """Drop every pending NOTIFY, end the waits of L{whenServed}, close the sockets."""
         self.running = False
         for key in list(self.pending):
             self._drop(key)

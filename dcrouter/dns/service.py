@@ -285,9 +285,10 @@ class DNSService(Service):
 
         @return: with C{[dns] notify} secondaries, a Deferred that fires
             once they all serve the zone's new serial, or after
-            L{dcrouter.dns.notify.PROPAGATION_TIMEOUT} (logged); it never fails. The ACME
-            dns-01 responder returns it, so the CA is told to validate only
-            then (a propagation check, as lego's and certbot's). Else C{None}.
+            L{dcrouter.dns.notify.PROPAGATION_TIMEOUT} (logged); it never
+            fails. The ACME dns-01 responder returns it, so the CA is told
+            to validate only then (a propagation check, as lego's and
+            certbot's). Else C{None}.
         """
         changed = self.zones.setRecord(zone, name, type, value, ttl)
         if not (self.notifier.running and self.notifier.targets):
