@@ -8,6 +8,7 @@ zone-file syntax without the parentheses::
     [dns]
     listen = 0.0.0.0:53, [::]:53
     allow_transfer = 192.0.2.53/32
+    notify = 192.0.2.53
 
     [dns.zone:example.com]
     ttl = 1h
@@ -76,6 +77,7 @@ RECORD_TYPES: dict[str, str] = {
 _DNS_KEYS = (
     "listen",
     "allow_transfer",
+    "notify",
     "tcp_idle_timeout",
     "max_tcp_connections",
     "max_udp_size",
@@ -160,6 +162,10 @@ class DnsSettings:
         is off (zones are still checked, and the record API still works).
     @ivar allow_transfer: who may transfer a zone (AXFR/IXFR, over TCP only);
         empty: nobody.
+    @ivar notify: the secondaries sent a DNS NOTIFY (RFC 1996) of every zone
+        whose serial changes, so that they transfer it at once rather than
+        at their SOA refresh (NSD's C{notify}, BIND's C{also-notify}); the
+        NS hosts of a zone are not notified unless listed; empty: none.
     @ivar tcp_idle_timeout: a TCP client that sends no complete query for
         this long is disconnected.
     @ivar max_tcp_connections: TCP clients served at once; more are refused.
@@ -174,6 +180,7 @@ class DnsSettings:
     listen: tuple[HostPort, ...] = ()
     zones: tuple[DnsZone, ...] = ()
     allow_transfer: tuple[IPNetwork, ...] = ()
+    notify: tuple[HostPort, ...] = ()
     tcp_idle_timeout: float = 10.0
     max_tcp_connections: int = 256
     max_udp_size: int = 1232
@@ -186,6 +193,16 @@ class DnsSettings:
 
 def parseListen(text: str) -> tuple[HostPort, ...]:
     """C{127.0.0.1:5353, [::1]:5353}; the port defaults to 53; hosts are IP literals."""
+    return _addresses(text, "listen on")
+
+
+def parseNotify(text: str) -> tuple[HostPort, ...]:
+    """C{192.0.2.53, [2001:db8::53]:5353}: as L{parseListen}, the secondaries to notify."""
+    return _addresses(text, "notify")
+
+
+def _addresses(text: str, verb: str) -> tuple[HostPort, ...]:
+    """IP literals with ports (53 by default), normalized, without repeats."""
     items = values.splitList(text)
     if not items:
         raise ValueError("no address given")
@@ -195,9 +212,38 @@ def parseListen(text: str) -> tuple[HostPort, ...]:
         try:
             host = str(ip_address(hostPort.host))
         except ValueError:
-            raise ValueError(f"{item!r}: listen on an IP address, not a name") from None
+            raise ValueError(f"{item!r}: {verb} an IP address, not a name") from None
         result.append(HostPort(host, hostPort.port))
     return tuple(dict.fromkeys(result))
+
+
+def notifySource(target: HostPort, listen: Sequence[HostPort]) -> Optional[str]:
+    """
+    The address a NOTIFY to C{target} is sent from: the first C{listen}
+    address of its family (a secondary's C{allow-notify} names the
+    primary's address), or for an IPv4 target C{0.0.0.0} if C{[::]} is
+    listened on (it takes IPv4 too); C{None} if there is none.
+    """
+    family = ip_address(target.host).version
+    for address in listen:
+        ip = ip_address(address.host)
+        if ip.version == family and not (ip.version == 6 and ip.ipv4_mapped is not None):
+            return str(ip)
+    if family == 4 and any(ip_address(address.host) == IPv6Address("::") for address in listen):
+        return "0.0.0.0"
+    return None
+
+
+def notifyProblems(settings: DnsSettings) -> list[str]:
+    """What is wrong with C{notify} given C{listen}: a target no listener can reach."""
+    if settings.notify and not settings.listen:
+        return ["NOTIFY is sent from the server's listen addresses: set listen too"]
+    return [
+        f"{target}: no listen address is IPv{ip_address(target.host).version}"
+        " (NOTIFY is sent from a listen address of the secondary's family)"
+        for target in settings.notify
+        if notifySource(target, settings.listen) is None
+    ]
 
 
 def parseTTL(text: str) -> int:
@@ -556,12 +602,24 @@ def checkDnsSettings(settings: DnsSettings) -> list[ConfigError]:
                         (settings.rate_limit, "rate_limit")):
         if number is not None and number < 1:
             add(f"{number} is out of range (>= 1)", settings.source, key=key)
+    addressProblems = len(problems)
     for address in settings.listen:
         try:
             ip_address(address.host)
         except ValueError:
             add(f"{address.host!r}: listen on an IP address, not a name", settings.source,
                 key="listen")
+    for address in settings.notify:
+        try:
+            ip_address(address.host)
+        except ValueError:
+            add(f"{address.host!r}: notify an IP address, not a name", settings.source,
+                key="notify")
+        if not 1 <= address.port <= 65535:
+            add(f"{address.port} is not a port (1-65535)", settings.source, key="notify")
+    if len(problems) == addressProblems:
+        for message in notifyProblems(settings):
+            add(message, settings.source, key="notify")
     seen: set[str] = set()
     for zone in settings.zones:
         section = f"{ZONE_PREFIX}{zone.name}"
@@ -702,6 +760,7 @@ def parseDnsSections(
         listen=base.listen,
         zones=tuple(kept),
         allow_transfer=base.allow_transfer,
+        notify=base.notify,
         tcp_idle_timeout=base.tcp_idle_timeout,
         max_tcp_connections=base.max_tcp_connections,
         max_udp_size=base.max_udp_size,
@@ -713,9 +772,10 @@ def parseDnsSections(
 def _parseServer(keys: _Section) -> DnsSettings:
     keys.rejectUnknown(_DNS_KEYS)
     default = DnsSettings()
-    return DnsSettings(
+    settings = DnsSettings(
         listen=keys.get("listen", parseListen, ()),
         allow_transfer=keys.get("allow_transfer", values.parseNetworks, ()),
+        notify=keys.get("notify", parseNotify, ()),
         tcp_idle_timeout=keys.get("tcp_idle_timeout", _timeout, default.tcp_idle_timeout),
         max_tcp_connections=keys.get(
             "max_tcp_connections", _positive, default.max_tcp_connections
@@ -724,6 +784,9 @@ def _parseServer(keys: _Section) -> DnsSettings:
         rate_limit=keys.get("rate_limit", _positive, None),
         source=keys.section.source,
     )
+    for problem in notifyProblems(settings):
+        keys.error("notify", problem)
+    return settings
 
 
 def _parseZone(keys: _Section, fileCache: dict[str, Optional[list[str]]]) -> Optional[DnsZone]:

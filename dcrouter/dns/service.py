@@ -6,7 +6,8 @@ port that also has an IPv4 address takes IPv6 only, so that C{0.0.0.0:53}
 and C{[::]:53} go together), serves the configured zones, takes new
 settings on reload (L{DNSService.reconfigure}) and is where the rest of
 dcrouter publishes records (ACME dns-01 challenges, DKIM keys):
-L{setRecord}, L{removeRecord}, L{replaceRecords}.
+L{setRecord}, L{removeRecord}, L{replaceRecords}. It tells the
+C{[dns] notify} secondaries of every new serial (L{dcrouter.dns.notify}).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from twisted.logger import Logger
 
 from dcrouter.config.dns import DnsSettings
 from dcrouter.config.model import HostPort
+from dcrouter.dns.notify import Notifier
 from dcrouter.dns.serial import SerialStore
 from dcrouter.dns.server import DNSServerFactory, UDPServerProtocol
-from dcrouter.dns.zone import ZoneSet
+from dcrouter.dns.zone import Zone, ZoneSet
 
 log = Logger()
 
@@ -45,8 +47,9 @@ class DNSService(Service):
 
     The record API is what C{IDNSRecords} (dns-01 challenges) asks for:
     C{setRecord(zone, name, type, value, ttl)} and C{removeRecord(zone,
-    name, type, value)}, names absolute; changes are synchronous (no
-    Deferred), seen by the next query.
+    name, type, value)}, names absolute; changes are synchronous, seen by
+    the next query. With secondaries to notify, C{setRecord} also returns
+    a Deferred that fires once they serve the change (see L{setRecord}).
 
     @param settings: C{None} (no C{[dns]} at all) serves nothing, but keeps
         the API, which then knows no zone.
@@ -54,6 +57,7 @@ class DNSService(Service):
         C{None}: in memory.
     @ivar zones: the L{ZoneSet} queries are answered from.
     @ivar factory: the TCP factory, which also answers UDP.
+    @ivar notifier: sends NOTIFYs of new serials, while the service runs.
     """
 
     name = "dns"
@@ -65,6 +69,9 @@ class DNSService(Service):
         self.settings = settings if settings is not None else DnsSettings()
         self.zones = ZoneSet(self.settings.zones, SerialStore.inDirectory(stateDir, reactor))
         self.factory = DNSServerFactory(self.zones, self.settings, reactor)
+        self.notifier = Notifier(reactor, self.factory.count)
+        self.notifier.configure(self.settings.notify, self.settings.listen)
+        self.zones.onChange = self.zoneChanged
         self.listeners: dict[HostPort, tuple[IListeningPort, IListeningPort]] = {}
         self.bound = False
 
@@ -97,6 +104,7 @@ class DNSService(Service):
         super().privilegedStartService()
 
     def startService(self) -> None:
+        """Serve, and notify the secondaries of every zone (as BIND and NSD do at start)."""
         if not self.bound:
             self.privilegedStartService()
         super().startService()
@@ -106,11 +114,13 @@ class DNSService(Service):
                 addresses=", ".join(f"{host}:{port}" for host, port in self.addresses()),
                 zones=", ".join(sorted(self.zones.zones)) or "none",
             )
+        self.notifier.start()
+        self.notifyAll(self.notifier.targets)
 
     def stopService(self) -> Deferred[Any]:
-        """Close the listeners and the TCP clients."""
+        """Close the listeners, the TCP clients and the NOTIFY sockets."""
         super().stopService()
-        closing = self.unbind()
+        closing = DeferredList([self.unbind(), self.notifier.stop()], consumeErrors=True)
         for connection in list(self.factory.connections):
             if connection.transport is not None:
                 connection.transport.abortConnection()
@@ -234,12 +244,29 @@ class DNSService(Service):
             if failures:
                 self.closeListeners(fresh)
                 return failures
+        secondaries = [target for target in settings.notify
+                       if target not in self.settings.notify]
+        self.notifier.configure(settings.notify, settings.listen)
         self.zones.configure(settings.zones)
+        self.notifier.forget(self.zones.zones)
+        self.notifyAll(secondaries)
         self.factory.configure(settings)
         self.settings = settings
         if self.bound:
             self.closeListeners(old - new)
         return []
+
+    # NOTIFY
+
+    def zoneChanged(self, zone: Zone) -> None:
+        """A zone has a new serial: tell the secondaries."""
+        self.notifier.notify(zone.config.name, zone.soaHeader)
+
+    def notifyAll(self, secondaries: Sequence[HostPort]) -> None:
+        """Tell C{secondaries} (new ones, at start every one) the serial of every zone."""
+        if secondaries:
+            for name, zone in sorted(self.zones.zones.items()):
+                self.notifier.notify(name, zone.soaHeader, secondaries)
 
     # The record API (see ZoneSet)
 
@@ -252,9 +279,21 @@ class DNSService(Service):
 
     def setRecord(
         self, zone: Optional[str], name: str, type: str, value: str, ttl: Optional[int] = None
-    ) -> None:
-        """Publish a record; see L{ZoneSet.setRecord}."""
-        self.zones.setRecord(zone, name, type, value, ttl)
+    ) -> Optional[Deferred[None]]:
+        """
+        Publish a record; see L{ZoneSet.setRecord}.
+
+        @return: with C{[dns] notify} secondaries, a Deferred that fires
+            once they all serve the zone's new serial, or after
+            L{dcrouter.dns.notify.PROPAGATION_TIMEOUT} (logged); it never
+            fails. The ACME dns-01 responder returns it, so the CA is told
+            to validate only then (a propagation check, as lego's and
+            certbot's). Else C{None}.
+        """
+        changed = self.zones.setRecord(zone, name, type, value, ttl)
+        if not (self.notifier.running and self.notifier.targets):
+            return None
+        return self.notifier.whenServed(changed.config.name, changed.origin, changed.serial)
 
     def removeRecord(
         self, zone: Optional[str], name: str, type: str, value: Optional[str] = None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
 
 from attrs import frozen
@@ -268,17 +268,22 @@ class ZoneSet(common.ResolverBase):
     then the longest configured one the name is in. Published records live
     until removed or until the zone is dropped from the configuration; they
     are not kept across a restart (their publishers publish them again).
+
+    @ivar onChange: called with each zone whose serial changed (a zone
+        added counts), after the change: the DNS service sends NOTIFYs.
     """
 
     def __init__(self, zones: Sequence[DnsZone], serials: SerialStore) -> None:
         super().__init__()
         self.serials = serials
+        self.onChange: Optional[Callable[[Zone], None]] = None
         self._zones: dict[bytes, Zone] = {}
         self._dynamic: dict[str, tuple[DnsRecord, ...]] = {}
         self.configure(zones)
 
     def configure(self, zones: Sequence[DnsZone]) -> None:
         """Serve C{zones} from now on; records published in zones kept survive."""
+        old = self._zones
         self._dynamic = {
             zone.name: self._dynamic.get(zone.name, ()) for zone in zones
         }
@@ -286,6 +291,19 @@ class ZoneSet(common.ResolverBase):
             wireName(zone.name): Zone(zone, self.serials, self._dynamic[zone.name])
             for zone in zones
         }
+        for origin, zone in self._zones.items():
+            previous = old.get(origin)
+            if previous is None or previous.serial != zone.serial:
+                self._changed(zone)
+
+    def _changed(self, zone: Zone) -> None:
+        """Tell L{onChange} of a new serial; its failure is logged, not raised into the change."""
+        if self.onChange is None:
+            return
+        try:
+            self.onChange(zone)
+        except Exception:
+            log.failure("DNS zone {zone}: acting on its new serial failed", zone=zone.config.name)
 
     @property
     def zones(self) -> dict[str, Zone]:
@@ -387,10 +405,11 @@ class ZoneSet(common.ResolverBase):
 
     def setRecord(
         self, zone: Optional[str], name: str, type: str, value: str, ttl: Optional[int] = None
-    ) -> None:
+    ) -> Zone:
         """
         Publish a record (adding to the RRset: two ACME challenges for one
         name can be pending at once). Publishing it again changes its TTL.
+        Return the zone, as it now is.
 
         @param type: a type of L{RECORD_TYPES} (TXT, for ACME and DKIM).
         @param value: TXT: the text itself, unquoted, any length; other
@@ -402,7 +421,7 @@ class ZoneSet(common.ResolverBase):
         record = self._record(zone, name, type, value, ttl)
         key = (record.name, record.type, record.data)
         kept = tuple(r for r in self._published(record) if (r.name, r.type, r.data) != key)
-        self._change(record.name, (*kept, record))
+        return self._change(record.name, (*kept, record))
 
     def removeRecord(
         self, zone: Optional[str], name: str, type: str, value: Optional[str] = None
@@ -488,8 +507,8 @@ class ZoneSet(common.ResolverBase):
         assert zone is not None
         return self._dynamic[zone.config.name]
 
-    def _change(self, owner: str, records: tuple[DnsRecord, ...], zoneName: str = "") -> None:
-        """Rebuild a zone with C{records} published, if they fit with the rest."""
+    def _change(self, owner: str, records: tuple[DnsRecord, ...], zoneName: str = "") -> Zone:
+        """Rebuild a zone with C{records} published, if they fit with the rest; return it."""
         if not zoneName:
             zone = self.find(wireName(owner))
             assert zone is not None
@@ -506,3 +525,5 @@ class ZoneSet(common.ResolverBase):
         if rebuilt.serial != current.serial:
             log.info("DNS zone {zone}: {name} changed, serial {serial}",
                      zone=zoneName, name=owner, serial=rebuilt.serial)
+            self._changed(rebuilt)
+        return rebuilt

@@ -19,6 +19,7 @@ from dcrouter.config.dns import (
     DnsRecord,
     DnsSettings,
     DnsZone,
+    notifySource,
     parseDnsSections,
     parseRecordLine,
     parseRecordValue,
@@ -112,6 +113,10 @@ def test_zones_without_dns_section_are_checked_but_not_served():
         ("max_tcp_connections = many", "max_tcp_connections: 'many' is not a whole number"),
         ("zones = example.com", "zones: unknown key (known: listen, allow_transfer, "),
         ("listen =", "listen: no value given"),
+        ("notify = ns2.example.net", "notify: 'ns2.example.net': notify an IP address, not a name"),
+        ("notify = [2001:db8::53]:0", "notify: '0' is not a port (1-65535)"),
+        ("notify = 2001:db8::53", "notify: '2001:db8::53': write IPv6 targets as [address]:port"),
+        ("notify =", "notify: no value given"),
     ],
 )
 def test_bad_server_keys(line, message):
@@ -119,6 +124,44 @@ def test_bad_server_keys(line, message):
     assert len(errors) == 1
     assert errors[0].startswith(f"dns.ini:2: [dns] {message}")
     assert settings is not None
+
+
+def test_notify_targets_default_to_port_53_and_are_normalized():
+    settings, errors = parse("""
+        [dns]
+        listen = 0.0.0.0:53, [::]:53
+        notify = 192.0.2.53, [2001:DB8:0::53]:5353, 192.0.2.53:53
+        """)
+    assert errors == []
+    assert settings.notify == (HostPort("192.0.2.53", 53), HostPort("2001:db8::53", 5353))
+    assert parse("[dns]\nlisten = 127.0.0.1\n")[0].notify == ()
+
+
+@pytest.mark.parametrize(
+    "listen, notify, message",
+    [
+        (None, "192.0.2.53", "NOTIFY is sent from the server's listen addresses: set listen too"),
+        ("127.0.0.1:53", "[2001:db8::53]", "[2001:db8::53]:53: no listen address is IPv6 (NOTIFY "
+         "is sent from a listen address of the secondary's family)"),
+        ("[::1]:53", "192.0.2.53:5353", "192.0.2.53:5353: no listen address is IPv4"),
+    ],
+)
+def test_a_secondary_that_no_listen_address_can_notify_is_an_error(listen, notify, message):
+    text = "[dns]\n" + (f"listen = {listen}\n" if listen else "") + f"notify = {notify}\n"
+    settings, errors = parse(text)
+    line = 3 if listen else 2
+    assert len(errors) == 1
+    assert errors[0].startswith(f"dns.ini:{line}: [dns] notify: {message}")
+
+
+def test_notify_sources_follow_the_listen_addresses():
+    listen = (HostPort("192.0.2.1", 53), HostPort("::", 53), HostPort("2001:db8::1", 53))
+    assert notifySource(HostPort("192.0.2.53", 53), listen) == "192.0.2.1"
+    assert notifySource(HostPort("2001:db8::53", 53), listen) == "::"
+    # [::] takes IPv4 too: an IPv4 secondary is notified from 0.0.0.0.
+    assert notifySource(HostPort("192.0.2.53", 53), listen[1:]) == "0.0.0.0"
+    assert notifySource(HostPort("192.0.2.53", 53), listen[2:]) is None
+    assert notifySource(HostPort("2001:db8::53", 53), (HostPort("::ffff:192.0.2.1", 53),)) is None
 
 
 # Zones
@@ -427,4 +470,27 @@ def test_python_built_settings_are_checked_like_the_file():
         "and other data (<python>:0): a CNAME must be alone",
         "<python>:0: [dns.zone:Example.com.] 'Example.com.' is not a zone name (lower case, "
         "no trailing dot)",
+    ]
+
+
+def test_python_notify_targets_are_checked_as_the_ini_ones():
+    from dcrouter.config.dns import checkDnsSettings
+
+    def problems(listen, *notify):
+        return [str(problem) for problem in checkDnsSettings(DnsSettings(
+            listen=tuple(HostPort(host, 53) for host in listen), notify=notify,
+        ))]
+
+    assert problems(["127.0.0.1"], HostPort("127.0.0.2", 5353)) == []
+    assert problems(["127.0.0.1"], HostPort("ns2.example.net", 53), HostPort("192.0.2.53", 0)) == [
+        "<python>:0: [dns] notify: 'ns2.example.net': notify an IP address, not a name",
+        "<python>:0: [dns] notify: 0 is not a port (1-65535)",
+    ]
+    assert problems([], HostPort("192.0.2.53", 53)) == [
+        "<python>:0: [dns] notify: NOTIFY is sent from the server's listen addresses: set "
+        "listen too",
+    ]
+    assert problems(["127.0.0.1"], HostPort("::1", 53)) == [
+        "<python>:0: [dns] notify: [::1]:53: no listen address is IPv6 (NOTIFY is sent from a "
+        "listen address of the secondary's family)",
     ]
