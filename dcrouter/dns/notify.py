@@ -46,6 +46,7 @@ from twisted.names import dns
 from dcrouter.config.dns import notifySource
 from dcrouter.config.model import HostPort
 from dcrouter.dns.server import rcodeName
+from dcrouter.dns.wire import checkMessage
 
 log = Logger()
 
@@ -248,13 +249,18 @@ class Notifier:
         """
         A datagram on a NOTIFY socket: the answer to a pending NOTIFY or
         SOA query if it is a response with its ID and opcode from its
-        secondary; else ignored.
+        secondary; else ignored. Checked by L{checkMessage} first, as the
+        server checks queries: twisted.names decodes leniently.
         """
+        problem = checkMessage(data)
         message = dns.Message()
         try:
+            if problem is not None:
+                raise ValueError(problem)
             message.fromStr(data)
-        except Exception:
-            log.debug("DNS NOTIFY: undecodable datagram from {address}", address=address)
+        except Exception as e:
+            log.debug("DNS NOTIFY: undecodable datagram from {address}: {problem}",
+                      address=address, problem=e)
             return
         if message.answer and message.opCode == dns.OP_QUERY:
             self._soaAnswered(message, address)

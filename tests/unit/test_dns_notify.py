@@ -220,6 +220,19 @@ def test_anything_but_the_answer_is_ignored(source, change):
     assert len(reactor.sent()) == 2
 
 
+def test_a_malformed_answer_is_ignored():
+    reactor = Reactor()
+    sender = notifier(reactor)
+    sender.notify("example.com", soa())
+    request = reactor.sent()[-1][0]
+    protocol = reactor.notifyPort().protocol
+    # The answer with a byte after its last record: twisted.names would take it.
+    protocol.datagramReceived(answer(request) + b"\x00", ("192.0.2.53", 53))
+    assert list(sender.pending) == [("example.com", SECONDARY)]
+    protocol.datagramReceived(answer(request), ("192.0.2.53", 53))
+    assert sender.pending == {}
+
+
 def test_an_ipv6_answer_matches_whatever_the_spelling():
     reactor = Reactor()
     target = HostPort("2001:db8::53", 53)
