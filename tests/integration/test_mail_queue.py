@@ -503,6 +503,38 @@ async def test_8bit_mail_signed_with_dkim_verifies_at_a_sink_without_8bitmime(
     clientPool.closeIdle()
 
 
+@pytest_twisted.ensureDeferred
+async def test_8bit_headers_to_a_sink_without_8bitmime_bounce_with_5_6_3(
+    tmp_path, sink, threadpool
+):
+    """
+    Not convertible: returned to the sender (5.6.3) and not delivered; the
+    bounce itself (the original in it as message/global) converts and
+    passes the same sink.
+    """
+    await sink.start("-8")
+    q, clientPool = forwardingQueue(tmp_path / "queue", threadpool, sink.port)
+    await q.start()
+    data = EIGHT_BIT.replace(b"Subject: 8bit", "Subject: Gr\u00fc\u00dfe".encode())
+    queueId = await q.accept(Envelope(b"alice@sender.example", (b"bob@rcpt.example",)), data)
+    await waitUntil(lambda: queueId not in q.messages, what="the bounce")
+    assert q.stats["failed"] == 1 and q.stats["bounces"] == 1
+    await waitUntil(lambda: not q.messages, what="the bounce's delivery")
+    await waitUntil(lambda: sink.dumps(), what="the dump")
+    [dump] = sink.dumps()
+    assert dump.isascii() and q.stats["delivered"] == 1
+    bounce = parseDump(dump)
+    assert bounce["To"].addresses[0].addr_spec == "alice@sender.example"
+    _, report, returned = bounce.iter_parts()
+    [perRecipient] = report.get_payload()[1:]
+    assert perRecipient["Status"] == "5.6.3"
+    assert "conversion to 7bit is required" in perRecipient["Diagnostic-Code"]
+    assert returned.get_content_type() == "message/global"
+    assert returned["Content-Transfer-Encoding"] == "quoted-printable"
+    await q.stop()
+    clientPool.closeIdle()
+
+
 # -- STARTTLS ---------------------------------------------------------------------------------
 
 
