@@ -24,7 +24,9 @@ Built-in modes (each an L{IDeliveryMode}):
     such recipients at RCPT time; the mode catches mail queued before a
     rule changed).
 
-C{forward} and C{mta} sign with DKIM when the rule has a key.
+C{forward} and C{mta} sign with DKIM when the rule has a key, after
+converting 8-bit mail to 7-bit MIME (so that no later conversion breaks the
+signature).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from dcrouter.mail.deliveryclient import (
 from dcrouter.mail.dkimsign import DkimError, DkimKey
 from dcrouter.mail.dkimsign import sign as dkimSign
 from dcrouter.mail.envelope import idnaDomain
+from dcrouter.mail.mimeconvert import ConversionError, to7bit
 from dcrouter.mail.mxresolver import DNSFailure, MXResolver, Myself
 from dcrouter.mail.queue import DeliveryResult, Envelope, QueuedMessage
 
@@ -296,6 +299,12 @@ class _Signer:
     key and an authenticated user submitted the message. Mail from anyone
     else (to the served domains) goes on as it came: signing it would put
     this server's signature on whatever C{From:} a stranger wrote.
+
+    A message with 8-bit bytes is converted to 7-bit MIME before it is
+    signed (RFC 6376 5.3): converted later, for a hop without 8BITMIME
+    here or further on, its body would no longer match the signature. One
+    that cannot be converted is signed as it is (a hop without 8BITMIME
+    then returns it, 5.6.3).
     """
 
     def __init__(self, reactor: IReactorFromThreads, threadpool: ThreadPool) -> None:
@@ -308,13 +317,20 @@ class _Signer:
             return data
         try:
             signed: bytes = await deferToThreadPool(
-                self._reactor, self._threadpool, dkimSign, data, rule.dkim
+                self._reactor, self._threadpool, _convertAndSign, data, rule.dkim
             )
         except DkimError as e:
             # Unsigned mail would fail DMARC at the other end: hold it, loudly.
             log.error("DKIM: {queueId}: {error}", queueId=message.queueId, error=str(e))
             raise
         return signed
+
+
+def _convertAndSign(data: bytes, key: DkimKey) -> bytes:
+    """C{data} as 7-bit MIME where it can be (header fields as they are), DKIM-signed."""
+    with contextlib.suppress(ConversionError):
+        data = to7bit(data, utf8Headers=True)
+    return dkimSign(data, key)
 
 
 def _allResults(recipients: Sequence[bytes], result: DeliveryResult) -> list[DeliveryResult]:

@@ -23,7 +23,9 @@ the TCP and EHLO round trips cost more than the message. With PIPELINING
 
 Bytes on the wire: the message's line ends become CRLF (a bare CR or LF
 never reaches the next server: SMTP smuggling), lines starting with a dot
-are doubled, and the message ends with CRLF.CRLF.
+are doubled, and the message ends with CRLF.CRLF. A message with 8-bit
+bytes to a server without 8BITMIME is converted to 7-bit MIME first
+(L{dcrouter.mail.mimeconvert}).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.mail.dsn import splitHeader
+from dcrouter.mail.mimeconvert import ConversionError, to7bit
 from dcrouter.mail.queue import DeliveryResult
 
 log = Logger(namespace="dcrouter.mail.client")
@@ -680,8 +683,11 @@ class SMTPConnectionPool:
         MAIL, RCPT..., DATA, the message; per-recipient results.
 
         BODY=8BITMIME goes to a server that offers 8BITMIME when the message
-        came with it or has 8-bit bytes (BODY=7BIT when it came with that);
-        to one that does not, the message goes as it is, without BODY.
+        came with it or has 8-bit bytes (BODY=7BIT when it came with that).
+        To one that does not, a message with 8-bit bytes goes converted to
+        7-bit MIME (RFC 6152 3, as Postfix does); one that cannot be
+        converted (8-bit header without SMTPUTF8, broken MIME) fails for
+        good (554 5.6.3), to be returned to its sender.
         SMTPUTF8 goes to a server that offers it when the message came with
         it or needs it. A message needs it when an address is UTF-8, or it
         came with SMTPUTF8 and its header has UTF-8 (Postfix's rule); one
@@ -695,6 +701,22 @@ class SMTPConnectionPool:
         protocol = connection.protocol
         remote = connection.target.name
         extensions = connection.extensions
+        needsUTF8 = not all(address.isascii() for address in (mailFrom, *recipients)) or (
+            smtputf8 and not splitHeader(data).isascii()
+        )
+        sendUTF8 = "SMTPUTF8" in extensions and (smtputf8 or needsUTF8)
+        if needsUTF8 and not sendUTF8:
+            text = f"5.6.7 SMTPUTF8 is required, but was not offered by {remote}"
+            return dict.fromkeys(recipients, DeliveryResult(553, text, remote)), True
+        if "8BITMIME" not in extensions and not data.isascii():
+            try:
+                data = to7bit(data, utf8Headers=sendUTF8)
+            except ConversionError as e:
+                text = (
+                    f"5.6.3 conversion to 7bit is required, as {remote} does not offer "
+                    f"8BITMIME, but not possible: {e}"
+                )
+                return dict.fromkeys(recipients, DeliveryResult(554, text, remote)), True
         body = encodeData(data)
         mail = b"MAIL FROM:" + _address(mailFrom)
         size = extensions.get("SIZE")
@@ -709,15 +731,8 @@ class SMTPConnectionPool:
                 mail += b" BODY=8BITMIME"
             elif bodyType == "7BIT":
                 mail += b" BODY=7BIT"
-        needsUTF8 = not all(address.isascii() for address in (mailFrom, *recipients)) or (
-            smtputf8 and not splitHeader(data).isascii()
-        )
-        if "SMTPUTF8" in extensions:
-            if smtputf8 or needsUTF8:
-                mail += b" SMTPUTF8"
-        elif needsUTF8:
-            text = f"5.6.7 SMTPUTF8 is required, but was not offered by {remote}"
-            return dict.fromkeys(recipients, DeliveryResult(553, text, remote)), True
+        if sendUTF8:
+            mail += b" SMTPUTF8"
         commands = [mail] + [b"RCPT TO:" + _address(r) for r in recipients] + [b"DATA"]
         try:
             if "PIPELINING" in extensions:

@@ -8,6 +8,19 @@ recipient), and the original message (C{message/rfc822}) or, when it is
 larger than C{returnLimit}, its header only (C{text/rfc822-headers}), as
 Postfix returns it.
 
+A bounce about internationalized mail (RFC 6533: the message came with
+SMTPUTF8, or an address is UTF-8) says so in every part: its report is
+C{message/global-delivery-status} (C{report-type=global-delivery-status},
+as RFC 6522 names the report by that part's subtype; Postfix keeps
+C{delivery-status}), UTF-8 addresses as C{utf-8; address}, and the
+message is returned as C{message/global}, or its header as
+C{message/global-headers}. The queue sends such a bounce with SMTPUTF8.
+Two more cases take the global types for one part: a report with UTF-8
+text (a remote reply) is C{message/global-delivery-status}, and a message
+whose header has 8-bit bytes is returned as C{message/global}; both may
+be encoded for a hop without 8BITMIME, where their ASCII-only
+counterparts could not go.
+
 The text is written by hand rather than with the C{email} package's
 generator: the fields are few and fixed, and the original message must be
 returned byte for byte, never re-folded or re-encoded.
@@ -17,7 +30,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from email.utils import formatdate
 from typing import Optional
 
@@ -118,6 +131,15 @@ def _display(address: bytes) -> str:
     return _clean(address.decode("utf-8", "replace")) or "<>"
 
 
+def isInternational(smtputf8: bool, addresses: Iterable[bytes]) -> bool:
+    """
+    A bounce about this message is an RFC 6533 one, sent with SMTPUTF8: the
+    message came with SMTPUTF8 (C{smtputf8}), or one of C{addresses} (its
+    sender, the failed recipients) is UTF-8.
+    """
+    return smtputf8 or not all(address.isascii() for address in addresses)
+
+
 def splitHeader(message: bytes) -> bytes:
     """The header of C{message}, without the blank line that ends it."""
     match = _HEADER_END.search(message)
@@ -134,6 +156,7 @@ def buildBounce(
     failures: Sequence[FailedRecipient],
     original: bytes,
     returnLimit: int = 50_000,
+    international: bool = False,
     boundary: Optional[str] = None,
 ) -> bytes:
     """
@@ -146,6 +169,7 @@ def buildBounce(
     @param now: the bounce's C{Date}.
     @param original: the original message; returned whole if it is at most
         C{returnLimit} bytes, else only its header.
+    @param international: an RFC 6533 bounce (L{isInternational}).
     @param boundary: the MIME boundary; random unless given (tests).
     """
     if boundary is None:
@@ -193,15 +217,27 @@ def buildBounce(
         if failure.lastAttempt is not None:
             fields.append(f"Last-Attempt-Date: {formatdate(failure.lastAttempt, localtime=False)}")
         blocks.append("\r\n".join(fold(line) for line in fields))
-    if len(original) <= returnLimit:
-        returnedType = "message/rfc822"
+    whole = len(original) <= returnLimit
+    # An 8-bit header that came without SMTPUTF8 is returned as message/global
+    # too: unlike message/rfc822 that may be encoded (RFC 6532 3.5), so the
+    # bounce can still pass a hop without 8BITMIME (the one that refused it).
+    globalReturn = international or not splitHeader(original).isascii()
+    if whole:
+        returnedType = "message/global" if globalReturn else "message/rfc822"
         returned = original
     else:
-        returnedType = "text/rfc822-headers"
+        returnedType = "message/global-headers" if globalReturn else "text/rfc822-headers"
         returned = splitHeader(original) + b"\r\n"
     if not returned.endswith(b"\n"):
         returned += b"\r\n"
-    eightBit = not returned.isascii()
+    report = "\r\n\r\n".join(blocks)
+    # A remote reply in UTF-8 makes the report a global one too: message/
+    # delivery-status is ASCII only (RFC 3464), and could not be encoded.
+    globalReport = international or not report.isascii()
+    reportType = "global-delivery-status" if globalReport else "delivery-status"
+    reportEncoding = [] if report.isascii() else ["Content-Transfer-Encoding: 8bit"]
+    returnedEightBit = not returned.isascii()
+    eightBit = returnedEightBit or bool(reportEncoding) or not all(line.isascii() for line in human)
     subject = (
         "Undelivered Mail Returned to Sender"
         if not expired
@@ -215,7 +251,7 @@ def buildBounce(
         f"Message-ID: <{queueId}.{secrets.token_hex(6)}@{hostname}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
+        f'Content-Type: multipart/report; report-type={reportType};\r\n\tboundary="{boundary}"',
         f"Content-Transfer-Encoding: {'8bit' if eightBit else '7bit'}",
     ]
     text = "\r\n".join(
@@ -233,16 +269,17 @@ def buildBounce(
             "",
             f"--{boundary}",
             "Content-Description: Delivery report",
-            "Content-Type: message/delivery-status",
+            f"Content-Type: message/{reportType}",
+            *reportEncoding,
             "",
-            "\r\n\r\n".join(blocks),
+            report,
             "",
             f"--{boundary}",
             "Content-Description: Undelivered Message"
-            if returnedType == "message/rfc822"
+            if whole
             else "Content-Description: Undelivered Message Headers",
             f"Content-Type: {returnedType}",
-            f"Content-Transfer-Encoding: {'8bit' if eightBit else '7bit'}",
+            f"Content-Transfer-Encoding: {'8bit' if returnedEightBit else '7bit'}",
             "",
             "",
         ]

@@ -30,7 +30,8 @@ to C{maximum} (1 h), until the message is C{lifetime} old (5 days); then it
 fails as expired. A 5xx reply fails the recipient at once. Failed recipients
 are reported to the envelope sender in one RFC 3464 bounce per attempt,
 itself queued like any message (with the null sender, so a bounce never
-bounces). Mail from the null sender that fails is dropped and logged.
+bounces); about SMTPUTF8 mail, an RFC 6533 one, queued with SMTPUTF8.
+Mail from the null sender that fails is dropped and logged.
 
 Delivery is delegated: the queue calls C{deliver(message, recipients)} (a
 L{dcrouter.mail.delivery.Deliverer} in the daemon) and records what comes
@@ -64,7 +65,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from dcrouter.mail.dsn import FailedRecipient, buildBounce
+from dcrouter.mail.dsn import FailedRecipient, buildBounce, isInternational
 
 log = Logger(namespace="dcrouter.mail.queue")
 
@@ -1257,6 +1258,9 @@ class MailQueue(Service):
             )
             for r in failed
         ]
+        international = isInternational(
+            message.envelope.smtputf8, (message.envelope.mailFrom, *failed)
+        )
         bounce = buildBounce(
             hostname=self.hostname,
             sender=message.envelope.mailFrom,
@@ -1266,12 +1270,14 @@ class MailQueue(Service):
             failures=failures,
             original=original,
             returnLimit=self.bounceReturnLimit,
+            international=international,
         )
         envelope = Envelope(
             mailFrom=b"",
             recipients=(message.envelope.mailFrom,),
             clientAddress="",
             helo=self.hostname,
+            smtputf8=international,
         )
         bounceId = await self.accept(envelope, bounce)
         self.stats["bounces"] += 1

@@ -7,6 +7,8 @@ accepts mail, a tmpfs that fills up, a TLS server of the test's own.
 from __future__ import annotations
 
 import contextlib
+import email
+import email.policy
 import hashlib
 import os
 import random
@@ -417,6 +419,118 @@ async def test_mta_mode_delivers_by_mx_and_signs_with_dkim(tmp_path, sink, threa
 
     assert dkim.verify(signed, dnsfunc=dnsfunc)
     assert looked == [b"mail2024._domainkey.sender.example."]
+    await q.stop()
+    clientPool.closeIdle()
+
+
+# -- 8-bit mail to a hop without 8BITMIME ---------------------------------------------------
+
+EIGHT_BIT = (
+    "From: Alice <alice@sender.example>\r\nTo: bob@rcpt.example\r\nSubject: 8bit\r\n"
+    "Message-ID: <8bit@sender.example>\r\nX-Test-Id: 8bit\r\nMIME-Version: 1.0\r\n"
+    'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    "--b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    "Gr\u00fc\u00dfe,\r\n.\r\n.eine Zeile mit Punkt \u00e4\r\n" + "\u00f6" * 100 + "\r\n"
+    "--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    "AAECAwQFBgc=\r\n--b--\r\n"
+).encode()
+
+
+def parseDump(dump):
+    """smtp-sink's file (its own lines first, LF line ends), read by the email package."""
+    return email.message_from_bytes(dump.replace(b"\n", b"\r\n"), policy=email.policy.default)
+
+
+@pytest_twisted.ensureDeferred
+async def test_8bit_mail_reaches_a_sink_without_8bitmime_as_7bit_mime(tmp_path, sink, threadpool):
+    """
+    smtp-sink -8 does not announce 8BITMIME: the message arrives as 7-bit
+    MIME (its text part quoted-printable, its base64 part as it was), and
+    reads back to what was sent.
+    """
+    await sink.start("-8")
+    q, clientPool = forwardingQueue(tmp_path / "queue", threadpool, sink.port)
+    await q.start()
+    envelope = Envelope(b"alice@sender.example", (b"bob@rcpt.example",), body="8BITMIME")
+    await q.accept(envelope, EIGHT_BIT)
+    await waitUntil(lambda: not q.messages, what="delivery")
+    await waitUntil(lambda: sink.dumps(), what="the dump")
+    [dump] = sink.dumps()
+    assert q.stats["delivered"] == 1 and q.stats["bounces"] == 0
+    assert dump.isascii()
+    assert max(len(line) for line in dump.split(b"\n")) <= 76
+    message = parseDump(dump)
+    assert message["Message-ID"] == "<8bit@sender.example>"
+    text, binary = message.iter_parts()
+    assert text["Content-Transfer-Encoding"] == "quoted-printable"
+    assert text.get_content() == (
+        "Gr\u00fc\u00dfe,\r\n.\r\n.eine Zeile mit Punkt \u00e4\r\n" + "\u00f6" * 100
+    )
+    assert binary["Content-Transfer-Encoding"] == "base64"
+    assert binary.get_content() == bytes(range(8))
+    await q.stop()
+    clientPool.closeIdle()
+
+
+@pytest_twisted.ensureDeferred
+async def test_8bit_mail_signed_with_dkim_verifies_at_a_sink_without_8bitmime(
+    tmp_path, sink, threadpool
+):
+    """Converted before it is signed, the signature holds where 8BITMIME is not offered."""
+    await sink.start("-8")
+    privateKey = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = privateKey.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    key = loadKey(pem, "sel8")
+    clientPool = SMTPConnectionPool(reactor, "dcrouter.test", idleTimeout=1.0, commandTimeout=10)
+    rules = DomainRules(
+        [],
+        default=DomainRule("*", "forward", server="127.0.0.1", port=sink.port, tls="off", dkim=key),
+    )
+    deliverer = Deliverer(rules, [ForwardMode(clientPool, reactor, threadpool)])
+    q = MailQueue(str(tmp_path / "queue"), reactor, threadpool, reactor, deliverer.deliver)
+    await q.start()
+    envelope = Envelope(b"alice@sender.example", (b"bob@rcpt.example",), authUser="alice")
+    await q.accept(envelope, EIGHT_BIT)
+    await waitUntil(lambda: not q.messages, what="delivery")
+    await waitUntil(lambda: sink.dumps(), what="the dump")
+    [dump] = sink.dumps()
+    assert dump.isascii()
+    record = publicRecord(key).encode()
+    assert dkim.verify(dump.replace(b"\n", b"\r\n"), dnsfunc=lambda name, timeout=5: record)
+    await q.stop()
+    clientPool.closeIdle()
+
+
+@pytest_twisted.ensureDeferred
+async def test_8bit_headers_to_a_sink_without_8bitmime_bounce_with_5_6_3(
+    tmp_path, sink, threadpool
+):
+    """
+    Not convertible: returned to the sender (5.6.3) and not delivered; the
+    bounce itself (the original in it as message/global) converts and
+    passes the same sink.
+    """
+    await sink.start("-8")
+    q, clientPool = forwardingQueue(tmp_path / "queue", threadpool, sink.port)
+    await q.start()
+    data = EIGHT_BIT.replace(b"Subject: 8bit", "Subject: Gr\u00fc\u00dfe".encode())
+    queueId = await q.accept(Envelope(b"alice@sender.example", (b"bob@rcpt.example",)), data)
+    await waitUntil(lambda: queueId not in q.messages, what="the bounce")
+    assert q.stats["failed"] == 1 and q.stats["bounces"] == 1
+    await waitUntil(lambda: not q.messages, what="the bounce's delivery")
+    await waitUntil(lambda: sink.dumps(), what="the dump")
+    [dump] = sink.dumps()
+    assert dump.isascii() and q.stats["delivered"] == 1
+    bounce = parseDump(dump)
+    assert bounce["To"].addresses[0].addr_spec == "alice@sender.example"
+    _, report, returned = bounce.iter_parts()
+    [perRecipient] = report.get_payload()[1:]
+    assert perRecipient["Status"] == "5.6.3"
+    assert "conversion to 7bit is required" in perRecipient["Diagnostic-Code"]
+    assert returned.get_content_type() == "message/global"
+    assert returned["Content-Transfer-Encoding"] == "quoted-printable"
     await q.stop()
     clientPool.closeIdle()
 

@@ -674,8 +674,11 @@ def test_smtputf8_and_body_from_mail_are_passed_on_where_offered():
     assert mailCommand(server) == b"MAIL FROM:<a@s.example> BODY=7BIT"
 
 
-def test_8bit_mail_goes_as_it_is_to_a_hop_without_8bitmime():
-    """No BODY= to a server that did not offer 8BITMIME (RFC 6152), no conversion either."""
+def test_8bit_mail_is_converted_for_a_hop_without_8bitmime():
+    """
+    RFC 6152 3: no BODY= to a server that did not offer 8BITMIME, and the
+    message goes as 7-bit MIME (quoted-printable), its header kept.
+    """
     server = ScriptedServer(extensions=("PIPELINING",))
     pool, clock = makePool(server)
     data = MESSAGE + "gr\u00fc\u00dfe\r\n".encode()
@@ -684,7 +687,44 @@ def test_8bit_mail_goes_as_it_is_to_a_hop_without_8bitmime():
     )
     assert results[b"b@r.example"].code == 250
     assert mailCommand(server) == b"MAIL FROM:<a@s.example>"  # an ASCII header needs no SMTPUTF8
-    assert server.messages == [data]
+    [sent] = server.messages
+    labelled = MESSAGE.replace(
+        b"\r\n\r\n",
+        b"\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=unknown-8bit\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n",
+    )
+    assert sent == labelled + b"gr=C3=BC=C3=9Fe\r\n"
+    server = ScriptedServer(extensions=("PIPELINING", "8BITMIME"))
+    pool, clock = makePool(server)
+    fired(pool.send(TARGET, b"a@s.example", [b"b@r.example"], data, body="8BITMIME"))
+    assert server.messages == [data]  # where 8BITMIME is offered, as it came
+
+
+def test_8bit_mail_that_cannot_be_converted_fails_for_good():
+    """An 8-bit header without SMTPUTF8 cannot go as 7-bit: 554 5.6.3, nothing sent."""
+    server = ScriptedServer(extensions=("PIPELINING",))
+    pool, clock = makePool(server)
+    data = "Subject: gr\u00fc\u00dfe\r\n\r\nbody \u00e4\r\n".encode()
+    results = fired(pool.send(TARGET, b"a@s.example", [b"b@r.example", b"c@r.example"], data))
+    for result in results.values():
+        assert result.code == 554 and result.remote == "relay.test"
+        assert result.text.startswith("5.6.3 conversion to 7bit is required, as relay.test")
+        assert "8-bit characters in a header" in result.text
+    assert not any(c.startswith(b"MAIL") for c in server.commands)
+    assert server.messages == []
+
+
+def test_utf8_headers_stay_when_the_hop_offers_smtputf8_but_not_8bitmime():
+    """Under SMTPUTF8 (RFC 6531) a UTF-8 header may go; the 8-bit body is still converted."""
+    server = ScriptedServer(extensions=("PIPELINING", "SMTPUTF8"))
+    pool, clock = makePool(server)
+    data = "Subject: gr\u00fc\u00dfe\r\n\r\nbody \u00e4\r\n".encode()
+    results = fired(pool.send(TARGET, b"a@s.example", [b"b@r.example"], data, smtputf8=True))
+    assert results[b"b@r.example"].code == 250
+    assert mailCommand(server) == b"MAIL FROM:<a@s.example> SMTPUTF8"
+    [sent] = server.messages
+    assert sent.startswith("Subject: gr\u00fc\u00dfe\r\nMIME-Version: 1.0\r\n".encode())
+    assert sent.endswith(b"\r\n\r\nbody =C3=A4\r\n")
 
 
 def test_a_message_that_needs_smtputf8_fails_for_good_at_a_hop_without_it():
@@ -984,6 +1024,27 @@ def test_forward_mode_signs_what_a_user_submitted_when_the_rule_has_a_key(rsaPEM
     envelope = Envelope(b"a@s.example", (b"b@r.example",), authUser="alice")
     fired(mode.deliver(envelope, queued(user="alice"), (b"b@r.example",), signing))
     [sent] = server.messages
+    record = publicRecord(key).encode()
+    assert dkim.verify(sent, dnsfunc=lambda name, timeout=5: record)
+
+
+@pytest.mark.parametrize("extensions", [("PIPELINING",), ("PIPELINING", "8BITMIME")])
+def test_8bit_mail_is_converted_before_it_is_signed(rsaPEM, extensions):
+    """
+    RFC 6376 5.3: signed as 7-bit MIME, the signature holds at a hop without
+    8BITMIME (the client has nothing left to convert) and at any later one.
+    """
+    server = ScriptedServer(extensions=extensions)
+    pool, clock = makePool(server)
+    mode = ForwardMode(pool, SyncReactor(), SyncPool())
+    key = loadKey(rsaPEM, "sel1")
+    signing = rule("*", "forward", server="smarthost.test", tls="off", dkim=key)
+    data = MESSAGE + "gr\u00fc\u00dfe\r\n".encode()
+    envelope = Envelope(b"a@s.example", (b"b@r.example",), authUser="alice", body="8BITMIME")
+    [result] = fired(mode.deliver(envelope, queued(data, user="alice"), (b"b@r.example",), signing))
+    assert result.code == 250
+    [sent] = server.messages
+    assert sent.isascii() and sent.endswith(b"\r\n\r\nHello.\r\ngr=C3=BC=C3=9Fe\r\n")
     record = publicRecord(key).encode()
     assert dkim.verify(sent, dnsfunc=lambda name, timeout=5: record)
 

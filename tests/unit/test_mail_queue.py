@@ -8,15 +8,17 @@ import errno
 import itertools
 import json
 import os
+import quopri
 
 import pytest
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from dcrouter.mail import queue as queuemodule
-from dcrouter.mail.dsn import FailedRecipient, buildBounce, statusCode
+from dcrouter.mail.dsn import FailedRecipient, buildBounce, isInternational, statusCode
 from dcrouter.mail.envelope import Envelope as SMTPEnvelope
 from dcrouter.mail.envelope import MailAddress
+from dcrouter.mail.mimeconvert import to7bit
 from dcrouter.mail.queue import (
     DELIVERED,
     FAILED,
@@ -434,6 +436,7 @@ def test_a_5xx_fails_at_once_and_bounces_to_the_sender(tmp_path):
     assert len(deliver.calls) == 2  # the message, then its bounce
     bounceMessage, bounceRecipients, _ = deliver.calls[1]
     assert bounceMessage.envelope.mailFrom == b""
+    assert bounceMessage.envelope.smtputf8 is False  # about ASCII mail: a plain DSN
     assert bounceRecipients == (b"alice@sender.example",)
     assert q.messages == {} and files(q, "active") == []  # both done
     assert q.stats["bounces"] == 1
@@ -475,6 +478,192 @@ def test_a_big_original_is_returned_as_headers_only(tmp_path):
     assert returned.get_content_type() == "text/rfc822-headers"
     assert b"x" * 100 not in bounce.as_bytes()
     assert "Message-ID: <m1@sender.example>" in returned.get_payload()
+
+
+UTF8_MESSAGE = (
+    "From: J\u00f6rg <j\u00f6rg@sender.example>\r\n"
+    "To: b\u00fc@rcpt.example\r\n"
+    "Subject: Gr\u00fc\u00dfe\r\n"
+    "Message-ID: <m2@sender.example>\r\n"
+    "\r\n"
+    "Hallo \u00e4.\r\n"
+).encode()
+
+
+def globalStatus(bounce):
+    """
+    The parts of an RFC 6533 bounce: the email package reads the report's
+    first block as the header of a message, the rest as its body.
+    """
+    assert bounce.get_content_type() == "multipart/report"
+    assert bounce.get_param("report-type") == "global-delivery-status"
+    human, status, returned = bounce.iter_parts()
+    assert human.get_content_type() == "text/plain"
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert status["Content-Transfer-Encoding"] == "8bit"
+    [perMessage] = status.get_payload()
+    rest = perMessage.get_payload(decode=True)
+    perRecipient = [
+        email.message_from_bytes(block, policy=email.policy.default)
+        for block in rest.split(b"\r\n\r\n")
+        if block.strip()
+    ]
+    return human, perMessage, perRecipient, returned
+
+
+def internationalBounce(original=UTF8_MESSAGE, **kwargs):
+    return buildBounce(
+        hostname="mx.test",
+        sender="j\u00f6rg@sender.example".encode(),
+        queueId="ABC",
+        arrival=0,
+        now=10,
+        failures=[
+            FailedRecipient(
+                "b\u00fc@rcpt.example".encode(), 550, "5.1.1 no such user", "mx.rcpt.example"
+            ),
+            FailedRecipient(b"carol@rcpt.example", 552, "5.2.2 mailbox full", "mx.rcpt.example"),
+        ],
+        original=original,
+        international=True,
+        **kwargs,
+    )
+
+
+def test_a_bounce_about_internationalized_mail_follows_rfc_6533():
+    """
+    message/global-delivery-status with utf-8 addresses, the original as
+    message/global, the report named by its part (RFC 6522 3); read back
+    with the email package.
+    """
+    raw = internationalBounce()
+    assert "\r\nTo: <j\u00f6rg@sender.example>\r\n".encode() in raw
+    bounce = email.message_from_bytes(raw, policy=email.policy.default)
+    assert bounce["Content-Transfer-Encoding"] == "8bit"
+    human, perMessage, [first, second], returned = globalStatus(bounce)
+    assert "<b\u00fc@rcpt.example>: host mx.rcpt.example said" in human.get_content()
+    assert perMessage["Reporting-MTA"] == "dns; mx.test"
+    assert perMessage["X-Dcrouter-Sender"] == "utf-8; j\u00f6rg@sender.example"
+    assert first["Final-Recipient"] == "utf-8; b\u00fc@rcpt.example"
+    assert first["Status"] == "5.1.1" and first["Action"] == "failed"
+    assert first["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user"
+    assert second["Final-Recipient"] == "rfc822; carol@rcpt.example"  # ASCII stays rfc822
+    assert second["Status"] == "5.2.2"
+    assert returned.get_content_type() == "message/global"
+    assert returned["Content-Description"] == "Undelivered Message"
+    [original] = returned.get_payload()
+    assert original["Subject"] == "Gr\u00fc\u00dfe"
+    assert original["Message-ID"] == "<m2@sender.example>"
+    assert original.get_payload(decode=True) == "Hallo \u00e4.\r\n".encode()
+    assert UTF8_MESSAGE in raw  # returned byte for byte
+
+
+def test_a_big_internationalized_original_is_returned_as_global_headers():
+    raw = internationalBounce(UTF8_MESSAGE + b"x" * 100 + b"\r\n", returnLimit=100)
+    bounce = email.message_from_bytes(raw, policy=email.policy.default)
+    *_, returned = globalStatus(bounce)
+    assert returned.get_content_type() == "message/global-headers"
+    assert returned["Content-Description"] == "Undelivered Message Headers"
+    assert b"x" * 100 not in raw
+    assert UTF8_MESSAGE.partition(b"\r\n\r\n")[0] + b"\r\n\r\n--" in raw
+
+
+def test_an_internationalized_bounce_converts_for_a_hop_without_8bitmime():
+    """
+    Its header is ASCII when the sender's address is: to a hop without
+    8BITMIME, its UTF-8 parts go as quoted-printable (RFC 6532 3.5, RFC 6533 6).
+    """
+    raw = buildBounce(
+        hostname="mx.test",
+        sender=b"alice@sender.example",
+        queueId="ABC",
+        arrival=0,
+        now=10,
+        failures=[FailedRecipient("b\u00fc@rcpt.example".encode(), 550, "5.1.1 no", "mx.r")],
+        original=UTF8_MESSAGE,
+        international=True,
+    )
+    converted = to7bit(raw)
+    assert converted.isascii()
+    bounce = email.message_from_bytes(converted, policy=email.policy.default)
+    human, status, returned = bounce.iter_parts()
+    assert status["Content-Transfer-Encoding"] == "quoted-printable"
+    assert returned["Content-Transfer-Encoding"] == "quoted-printable"
+    # The email package reads message/* parts as messages, encoded or not:
+    # decode the two parts' bodies by hand.
+    parts = converted.split(b"\r\n--" + bounce.get_boundary().encode())
+    report, original = (quopri.decodestring(p.partition(b"\r\n\r\n")[2]) for p in parts[2:4])
+    assert "Final-Recipient: utf-8; b\u00fc@rcpt.example\r\n".encode() in report
+    assert original == UTF8_MESSAGE
+
+
+def test_a_header_with_8bit_bytes_is_returned_as_message_global():
+    """
+    Sent without SMTPUTF8, a message with an 8-bit header is returned as
+    message/global (the report stays an RFC 3464 one): unlike message/rfc822
+    it may be encoded, so the bounce passes a hop without 8BITMIME.
+    """
+    original = "Subject: Gr\u00fc\u00dfe\r\n\r\nbody\r\n".encode()
+    raw = buildBounce(
+        hostname="mx.test",
+        sender=b"alice@sender.example",
+        queueId="ABC",
+        arrival=0,
+        now=10,
+        failures=[FailedRecipient(b"bob@rcpt.example", 554, "5.6.3 conversion", "mx.r")],
+        original=original,
+    )
+    bounce = parseBounce(raw)
+    *_, returned = deliveryStatus(bounce)
+    assert returned.get_content_type() == "message/global"
+    assert original in raw
+    converted = parseBounce(to7bit(raw))
+    *_, returned = deliveryStatus(converted)
+    assert returned["Content-Transfer-Encoding"] == "quoted-printable"
+
+
+def test_a_utf8_reply_makes_the_report_a_global_one():
+    """message/delivery-status is ASCII (RFC 3464); UTF-8 text needs the global type."""
+    raw = buildBounce(
+        hostname="mx.test",
+        sender=b"alice@sender.example",
+        queueId="ABC",
+        arrival=0,
+        now=10,
+        failures=[FailedRecipient(b"bob@rcpt.example", 550, "5.1.1 Benutzer unbekannt \u00e4", "m")],
+        original=MESSAGE,
+    )
+    bounce = email.message_from_bytes(raw, policy=email.policy.default)
+    _, _, [recipient], returned = globalStatus(bounce)
+    assert recipient["Diagnostic-Code"] == "smtp; 550 5.1.1 Benutzer unbekannt \u00e4"
+    assert returned.get_content_type() == "message/rfc822"  # the message is ASCII
+    assert to7bit(raw).isascii()
+
+
+def test_a_bounce_is_international_when_the_mail_or_an_address_is():
+    assert not isInternational(False, [b"a@b.example", b"c@d.example"])
+    assert isInternational(True, [b"a@b.example"])
+    assert isInternational(False, [b"a@b.example", "\u00fc@d.example".encode()])
+
+
+def test_smtputf8_mail_that_fails_bounces_with_smtputf8(tmp_path):
+    def answer(message, recipients):
+        if message.envelope.mailFrom == b"":
+            return {r: DeliveryResult(250, "2.0.0 ok") for r in recipients}
+        return {r: DeliveryResult(550, "5.1.1 no such user", "mx.rcpt.example") for r in recipients}
+
+    deliver = FakeDeliver(answer)
+    q, clock = makeQueue(tmp_path, deliver)
+    started(q)
+    sender = "j\u00f6rg@sender.example".encode()
+    fired(q.accept(Envelope(sender, (b"bob@rcpt.example",), smtputf8=True), UTF8_MESSAGE))
+    bounceMessage, bounceRecipients, _ = deliver.calls[1]
+    assert bounceMessage.envelope.mailFrom == b"" and bounceRecipients == (sender,)
+    assert bounceMessage.envelope.smtputf8 is True
+    bounce = email.message_from_bytes(deliver.data[1], policy=email.policy.default)
+    _, _, [failed], returned = globalStatus(bounce)
+    assert failed["Final-Recipient"] == "rfc822; bob@rcpt.example"
+    assert returned.get_content_type() == "message/global"
 
 
 def test_status_codes():

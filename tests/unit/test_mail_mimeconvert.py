@@ -1,0 +1,301 @@
+"""8-bit to 7-bit MIME conversion for a next hop without 8BITMIME (RFC 6152 3)."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+
+import pytest
+
+from dcrouter.mail.deliveryclient import encodeData
+from dcrouter.mail.mimeconvert import MAX_DEPTH, ConversionError, to7bit
+
+GREETING = "Gr\u00fc\u00dfe aus K\u00f6ln, \u2026 \u00c5ngstr\u00f6m\r\n"
+HEAD = (
+    b"From: Alice <alice@sender.example>\r\n"
+    b"To: bob@rcpt.example\r\n"
+    b"Subject: a subject folded\r\n   oddly\r\n"
+    b"Message-ID: <m1@sender.example>\r\n"
+)
+
+
+def parse(data: bytes) -> email.message.EmailMessage:
+    return email.message_from_bytes(data, policy=email.policy.default)
+
+
+def lines(data: bytes) -> list[bytes]:
+    return data.split(b"\r\n")
+
+
+def assertSevenBit(data: bytes) -> None:
+    assert data.isascii()
+    assert all(len(line) <= 998 for line in lines(data))
+    assert b"\n" not in data.replace(b"\r\n", b"") and b"\r" not in data.replace(b"\r\n", b"")
+
+
+def test_7bit_mail_is_left_alone_byte_for_byte():
+    """ASCII is 7-bit already: the same object back, odd line ends and 8bit labels and all."""
+    data = HEAD + b"Content-Transfer-Encoding: 8bit\r\n\r\nbare LF\nbare CR\rend"
+    assert to7bit(data) is data
+
+
+def test_plain_8bit_text_becomes_quoted_printable_and_labelled():
+    """
+    A message without MIME fields gets them (RFC 1428's unknown-8bit: its
+    charset was never said); every header line before them stays as it was.
+    """
+    body = ("Hallo Bob,\r\n" + GREETING + "a = b\r\n").encode()
+    out = to7bit(HEAD + b"\r\n" + body)
+    assertSevenBit(out)
+    header, _, encoded = out.partition(b"\r\n\r\n")
+    assert header + b"\r\n" == HEAD + (
+        b"MIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=unknown-8bit\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n"
+    )
+    assert encoded.startswith(b"Hallo Bob,\r\nGr=C3=BC=C3=9Fe aus K=C3=B6ln")
+    assert b"a =3D b\r\n" in encoded
+    assert parse(out).get_payload(decode=True) == body
+
+
+def test_a_mime_part_keeps_its_fields_and_gets_its_encoding_replaced():
+    """Only the (folded) Content-Transfer-Encoding field changes, where it was."""
+    data = (
+        HEAD + b"MIME-Version: 1.0\r\n"
+        b"Content-Transfer-Encoding:\r\n  8bit\r\n"
+        b'Content-Type: text/plain;\r\n\tcharset="utf-8"\r\n'
+        b"\r\n" + GREETING.encode()
+    )
+    out = to7bit(data)
+    assert out.startswith(
+        HEAD + b"MIME-Version: 1.0\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n"
+        b'Content-Type: text/plain;\r\n\tcharset="utf-8"\r\n\r\n'
+    )
+    assert parse(out).get_content() == GREETING
+
+
+MULTIPART = (
+    HEAD + b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="=_b 1"\r\n'
+    b"Content-Transfer-Encoding: 8bit\r\n"
+    b"\r\n"
+    b"This is a multi-part message in MIME format.\r\n"
+    b"--=_b 1\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n"
+    b"\r\n" + GREETING.encode() + b"\r\n"
+    b"--=_b 1  \r\n"
+    b"Content-Type: application/pdf\r\n"
+    b"Content-Transfer-Encoding: base64\r\n"
+    b"\r\n" + base64.encodebytes(bytes(range(256))).replace(b"\n", b"\r\n") + b"\r\n"
+    b"--=_b 1\r\n"
+    b"Content-Type: text/plain; charset=us-ascii\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n"
+    b"\r\n"
+    b"7-bit text under an 8bit label\r\n"
+    b"--=_b 1--\r\n"
+    b"epilogue\r\n"
+)
+
+
+def test_a_multipart_converts_its_8bit_part_and_leaves_the_rest():
+    out = to7bit(MULTIPART)
+    assertSevenBit(out)
+    # The container's label becomes 7bit; the preamble, the base64 part, the
+    # ASCII part (8bit label and all), the delimiters (padding kept) and the
+    # epilogue are the same bytes.
+    assert out.count(b"Content-Transfer-Encoding: 7bit\r\n") == 1
+    head, _, rest = MULTIPART.partition(b"--=_b 1  \r\n")
+    assert out.endswith(b"--=_b 1  \r\n" + rest)
+    assert out.startswith(
+        head.partition(b"Content-Transfer-Encoding: 8bit")[0]
+        + b"Content-Transfer-Encoding: 7bit\r\n\r\nThis is a multi-part message in MIME format.\r\n"
+        b"--=_b 1\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe"
+    )
+    message = parse(out)
+    text, pdf, ascii = message.iter_parts()
+    assert text.get_content() == GREETING  # and the CRLF before the delimiter
+    assert pdf.get_content() == bytes(range(256))
+    assert ascii.get_content() == "7-bit text under an 8bit label"
+    assert message.defects == [] and all(part.defects == [] for part in message.walk())
+
+
+def test_a_binary_part_with_8bit_bytes_becomes_base64():
+    data = (
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n"
+        b"\r\n\x00\xff\xfe\r\nmore\xc0\r\n--b--\r\n"
+    )
+    out = to7bit(data)
+    assertSevenBit(out)
+    [part] = parse(out).iter_parts()
+    assert part["Content-Transfer-Encoding"] == "base64"
+    assert part.get_content() == b"\x00\xff\xfe\r\nmore\xc0"
+
+
+def test_an_enclosed_message_is_converted_inside():
+    """message/rfc822 is walked into (its 8bit label becomes 7bit), its header kept."""
+    inner = b"From: carol@x.example\r\nSubject: inner\r\n\r\n" + GREETING.encode()
+    data = (
+        HEAD + b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nsee below\r\n"
+        b"--b\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        + inner
+        + b"--b--\r\n"
+    )
+    out = to7bit(data)
+    assertSevenBit(out)
+    assert b"From: carol@x.example\r\nSubject: inner\r\nMIME-Version: 1.0\r\n" in out
+    _, enclosed = parse(out).iter_parts()
+    assert enclosed["Content-Transfer-Encoding"] == "7bit"
+    [message] = enclosed.get_payload()
+    assert message["Subject"] == "inner"
+    assert message.get_payload(decode=True) == GREETING.encode().rstrip(b"\r\n")
+
+
+def test_digest_parts_are_messages_by_default():
+    data = (
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/digest; boundary="d"\r\n\r\n'
+        b"--d\r\n\r\nSubject: one\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n" + GREETING.encode() + b"--d--\r\n"
+    )
+    out = to7bit(data)
+    assertSevenBit(out)
+    [part] = parse(out).iter_parts()
+    [message] = part.get_payload()
+    assert message["Content-Transfer-Encoding"] == "quoted-printable"
+    assert message.get_content() == GREETING.rstrip("\r\n")
+
+
+def test_utf8_message_types_are_quoted_printable():
+    """message/global (RFC 6532 3.5) may be encoded; it is, as text."""
+    data = (
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/report; boundary="r"\r\n\r\n'
+        b"--r\r\nContent-Type: message/global\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        + ("Subject: " + GREETING + "\r\nbody\r\n").encode()
+        + b"--r--\r\n"
+    )
+    out = to7bit(data)
+    assertSevenBit(out)
+    [part] = parse(out).iter_parts()
+    assert part["Content-Transfer-Encoding"] == "quoted-printable"
+    assert b"Subject: Gr=C3=BC=C3=9Fe" in out
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        HEAD.replace(b"a subject", "\u00e4 subject".encode()) + b"\r\nbody \xc3\xa4\r\n",
+        HEAD.replace(b"a subject", "\u00e4 subject".encode()) + b"\r\nASCII body\r\n",
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+        b'Content-Type: text/plain\r\nContent-Disposition: attachment; filename="\xc3\xa4"\r\n'
+        b"\r\n\xc3\xa4\r\n--b--\r\n",
+        b"MIME-Version: 1.0\r\nContent-Type: message/rfc822\r\n\r\nSubject: \xc3\xa4\r\n\r\nx\r\n",
+    ],
+    ids=["top", "top-ascii-body", "part", "enclosed"],
+)
+def test_8bit_in_a_header_is_not_converted(data):
+    """Conversion does not rewrite headers: without SMTPUTF8 the message cannot go."""
+    with pytest.raises(ConversionError, match="8-bit characters in a header"):
+        to7bit(data)
+
+
+def test_8bit_headers_may_stay_when_the_message_goes_with_smtputf8():
+    data = "Subject: Gr\u00fc\u00dfe\r\n\r\n".encode() + GREETING.encode()
+    out = to7bit(data, utf8Headers=True)
+    assert out.startswith("Subject: Gr\u00fc\u00dfe\r\nMIME-Version: 1.0\r\n".encode())
+    assert out.partition(b"\r\n\r\n")[2].isascii()
+    assert to7bit(b"Subject: \xc3\xa4\r\n\r\nascii\r\n", utf8Headers=True).endswith(b"ascii\r\n")
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed\r\n\r\n\xc3\xa4\r\n", "boundary"),
+        (
+            b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+            b"--b\r\n\r\n\xc3\xa4\r\n",
+            "closing boundary",
+        ),
+        (
+            b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+            b"pr\xc3\xa4amble\r\n--b\r\n\r\nx\r\n--b--\r\n",
+            "preamble",
+        ),
+        (
+            b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+            b"--b\r\n\r\nx\r\n--b--\r\nepil\xc3\xb6g\r\n",
+            "epilogue",
+        ),
+        (
+            b"MIME-Version: 1.0\r\nContent-Transfer-Encoding: base64\r\n\r\nAAA\xc3\xa4\r\n",
+            "encoded as base64",
+        ),
+        (
+            b"MIME-Version: 1.0\r\nContent-Type: message/rfc822\r\n"
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\nSubject: x\r\n\r\n\xc3\xa4\r\n",
+            "encoded as quoted-printable",
+        ),
+        (
+            b"MIME-Version: 1.0\r\nContent-Type: message/partial; id=x; number=1\r\n\r\n\xc3\xa4\r\n",
+            "message/partial",
+        ),
+    ],
+    ids=["no-boundary", "unclosed", "preamble", "epilogue", "base64", "encoded-message", "partial"],
+)
+def test_malformed_mime_is_not_converted(data, why):
+    with pytest.raises(ConversionError, match=why):
+        to7bit(data)
+
+
+def test_nesting_is_limited():
+    data = b"\r\n\xc3\xa4\r\n"  # no header, an 8-bit body
+    for _ in range(MAX_DEPTH + 1):
+        data = b"Content-Type: message/rfc822\r\n\r\n" + data
+    with pytest.raises(ConversionError, match="nesting"):
+        to7bit(data)
+    assert to7bit(data.partition(b"\r\n\r\n")[2]).isascii()  # one level less is fine
+
+
+def test_long_lines_get_soft_breaks_within_76_characters():
+    """RFC 2045 6.7: encoded lines of at most 76 characters; decoding gives the line back."""
+    line = ("\u00e9" * 3000 + " tail ").encode() + b"x" * 2000
+    data = b"Content-Type: text/plain; charset=utf-8\r\nMIME-Version: 1.0\r\n\r\n" + line + b"\r\n"
+    out = to7bit(data)
+    body = lines(out.partition(b"\r\n\r\n")[2])
+    assert max(len(encoded) for encoded in body) <= 76
+    assert all(encoded.endswith(b"=") for encoded in body[:-2]) and body[-1] == b""
+    assert parse(out).get_payload(decode=True) == line + b"\r\n"
+
+
+def test_line_ends_become_crlf_as_on_the_wire():
+    """Bare LF and CR are line ends (as encodeData sends them); soft breaks are CRLF too."""
+    data = b"MIME-Version: 1.0\nContent-Type: text/plain\n\n" + b"\xc3\xa4" * 60 + b"\rnext\n"
+    out = to7bit(data)
+    assertSevenBit(out)
+    assert out.startswith(b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n")
+    assert out.endswith(b"=\r\n" + b"=C3=A4" * 10 + b"\r\nnext\r\n")  # 25 octets a line
+    single = to7bit(b"MIME-Version: 1.0\r\n\r\n" + b"\xc3\xa4" * 60)  # no line end at all
+    assert b"=\r\n" in single and b"\n" not in single.replace(b"\r\n", b"")
+
+
+def test_dots_at_line_starts_survive_the_transparency_procedure():
+    """
+    A lone dot is encoded (=2E); a line that starts with a dot, as written
+    or after a soft break, is doubled on the wire and undoubled by the
+    server, giving back the converted message.
+    """
+    text = ".\r\n.leading dot \u00e4\r\n" + "x" * 75 + ".dot after the soft break\u00e9\r\n"
+    data = b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + text.encode()
+    out = to7bit(data)
+    body = lines(out.partition(b"\r\n\r\n")[2])
+    assert body[0] == b"=2E" and body[1].startswith(b".leading")
+    assert any(line.startswith(b".dot after") for line in body[2:])
+    wire = encodeData(out)
+    assert b"\r\n..leading" in wire and b"\r\n..dot after" in wire
+    received = wire[: -len(b".\r\n")].replace(b"\r\n..", b"\r\n.")
+    assert received == out
+    assert parse(received).get_content() == text
