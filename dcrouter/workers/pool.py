@@ -11,7 +11,10 @@ perhaps half edited), then at each reload the configuration it has just
 checked (the same message: no worker reads the file, which may have changed
 since), and asks for a report now and then, answered on L{REPORT_FD} (see
 L{dcrouter.workers.reports}); when the supervisor is gone, the worker sees
-end of file and stops, so no worker outlives it.
+end of file and stops, so no worker outlives it. A worker told to stop
+drains, sends a final report and exits; Twisted reports a process ended
+only once its pipes are read to their end, so that report is the one whose
+counters the supervisor keeps (L{RetiredCounters}).
 """
 
 from __future__ import annotations

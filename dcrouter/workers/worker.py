@@ -8,7 +8,8 @@ once (mail, ACME, DNS, the admin listener stay with the supervisor).
 Standard input then brings the supervisor's requests for a report and, at
 each reload, the configuration the supervisor has checked, which the worker
 switches to (it never reads the file: it may have changed since); its end
-means the supervisor is gone. SIGTERM drains; SIGHUP does nothing here.
+means the supervisor is gone. SIGTERM drains, then sends a final report, so that what the worker
+counted since its last one is not lost with it; SIGHUP does nothing here.
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ import pickle
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.internet.stdio import StandardIO
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from dcrouter.config.model import RouterConfig
 from dcrouter.ops.logtext import textLogObserver
@@ -36,12 +41,14 @@ from dcrouter.workers.pool import REPORT_FD, parseListenSpec, readConfigMessage
 log = Logger()
 
 
+@implementer(IHalfCloseableProtocol)
 class _SupervisorLink(LineReceiver):
     """
     The pipes to and from the supervisor: answers each C{report} request
-    with one JSON line, and hands each configuration the supervisor sends
-    (L{dcrouter.workers.pool.configMessage}: its size on a line, then the
-    pickle) to C{reconfigure}; end of file means the supervisor is gone.
+    with one JSON line (once the router serves: L{started}), and hands each
+    configuration the supervisor sends (L{dcrouter.workers.pool.configMessage}:
+    its size on a line, then the pickle) to C{reconfigure}; end of file
+    means the supervisor is gone.
     """
 
     delimiter = b"\n"
@@ -59,6 +66,12 @@ class _SupervisorLink(LineReceiver):
         #: The size of the configuration being received, and its bytes so far.
         self.expected = 0
         self.pickled = bytearray()
+        #: The router serves: a worker that failed to start has nothing to report.
+        self.serving = False
+        #: The report pipe is closed (the supervisor is gone, or L{finish} is done).
+        self.reportsClosed = False
+        #: L{finish}'s, until the report pipe is closed.
+        self.closing: Optional[Deferred[None]] = None
 
     def lineReceived(self, line: bytes) -> None:
         if line == b"report":
@@ -79,14 +92,51 @@ class _SupervisorLink(LineReceiver):
         self.reconfigure(config)
         self.setLineMode(data[needed:])
 
+    def started(self) -> None:
+        """The router serves: report at once (the supervisor learns its routes and targets)."""
+        self.serving = True
+        self.sendReport()
+
     def sendReport(self) -> None:
-        if self.transport is not None:
-            self.transport.write(json.dumps(self.report(), default=str).encode() + b"\n")
+        if self.serving:
+            self.send(self.report())
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Write C{message} to the supervisor, one JSON line."""
+        if self.transport is not None and not self.reportsClosed:
+            self.transport.write(json.dumps(message, default=str).encode() + b"\n")
+
+    def finish(self) -> Deferred[None]:
+        """
+        The worker is stopping, its connections drained: send the final
+        report (what was counted since the last one is lost otherwise) and
+        close the pipes. Fires once the report is written out.
+        """
+        self.sendReport()
+        if self.transport is None or self.reportsClosed:
+            return succeed(None)
+        self.closing = Deferred()
+        self.transport.loseConnection()
+        return self.closing
+
+    def writeConnectionLost(self) -> None:
+        """The report pipe is closed: the supervisor is gone."""
+        self.reportsClosed = True
+
+    def readConnectionLost(self) -> None:
+        """The end of standard input: the supervisor is gone."""
+        log.warn("the supervisor is gone; stopping")
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass  # stopping already
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.reactor.running:
-            log.warn("the supervisor is gone; stopping")
-            self.reactor.stop()
+        """Both pipes are closed: L{finish} is done."""
+        self.reportsClosed = True
+        closing, self.closing = self.closing, None
+        if closing is not None:
+            closing.callback(None)
 
 
 def _arguments(argv: list[str]) -> argparse.Namespace:
@@ -128,6 +178,7 @@ def main(argv: list[str]) -> int:
         "worker", index=args.index, count=args.count, inherited=parseListenSpec(args.listen)
     )
     router = DcRouter(config, reactor, configPath=args.config, role=role)
+
     # (mypy sees the Windows StandardIO, which has no stdin and stdout.)
     link = _SupervisorLink(reactor, router.report, router.reload)
     StandardIO(link, stdin=0, stdout=REPORT_FD)  # type: ignore[call-arg]
@@ -146,12 +197,14 @@ def main(argv: list[str]) -> int:
         # The listeners hold their own copies; the supervisor keeps its own.
         for fd in role.inherited.values():
             os.close(fd)
-        # The supervisor knows this worker's routes and targets at once.
-        link.sendReport()
+        link.started()
+
+    def stop() -> Deferred[None]:
+        """Drain, then send the final report: what the supervisor keeps of this worker."""
+        draining = maybeDeferred(router.stopService) if router.running else succeed(None)
+        return draining.addCallback(lambda _: link.finish())
 
     reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger(
-        "before", "shutdown", lambda: router.stopService() if router.running else None
-    )
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.run()
     return 1 if failed else 0

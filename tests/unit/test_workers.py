@@ -211,6 +211,7 @@ def test_aWorkerSwitchesToTheConfigurationItIsSent():
                            serving.append)
     transport = StringTransport()
     link.makeConnection(transport)
+    link.started()
     message = configMessage(reloaded)
     link.dataReceived(b"report\n" + message[:7])
     link.dataReceived(message[7:-3])
@@ -218,7 +219,7 @@ def test_aWorkerSwitchesToTheConfigurationItIsSent():
     link.dataReceived(message[-3:] + b"report\nrep")
     link.dataReceived(b"ort\n")
     assert serving == [CONFIG, reloaded]
-    assert transport.value() == b'{"routes": "a"}\n' + b'{"routes": "b"}\n' * 2
+    assert transport.value() == b'{"routes": "a"}\n' * 2 + b'{"routes": "b"}\n' * 2
 
 
 def test_aWorkerReloadsWhatItIsSentNotTheFile(tmp_path):
@@ -624,3 +625,56 @@ def test_the_log_says_how_a_worker_ended(reason, said):
     from dcrouter.workers.pool import _howEnded
 
     assert _howEnded(Failure(reason)) == said
+
+
+def linkFor(reconfigure=lambda config: None, report=lambda: {"accepted": 1}):
+    from dcrouter.workers.worker import _SupervisorLink
+
+    link = _SupervisorLink(MemoryReactorClock(), report, reconfigure)
+    transport = StringTransport()
+    link.makeConnection(transport)
+    return link, transport
+
+
+def test_aStoppingWorkerSendsAFinalReportThenCloses():
+    """What it counted since its last report would be lost with the process."""
+    counted = [1]
+    link, transport = linkFor(report=lambda: {"accepted": counted[-1]})
+    link.started()
+    counted.append(5)
+    closed = link.finish()
+    assert transport.value() == b'{"accepted": 1}\n{"accepted": 5}\n'
+    assert transport.disconnecting and not closed.called
+    link.connectionLost(Failure(ProcessDone(0)))
+    assert closed.called
+
+
+def test_aWorkerThatNeverServedReportsNothing():
+    """A worker whose start failed: the supervisor must not take it for serving."""
+    link, transport = linkFor()
+    link.dataReceived(b"report\n")
+    closed = link.finish()
+    assert transport.value() == b""
+    link.connectionLost(Failure(ProcessDone(0)))
+    assert closed.called
+
+
+def test_aWorkerWhoseSupervisorIsGoneFinishesAtOnce():
+    link, transport = linkFor()
+    link.started()
+    link.writeConnectionLost()
+    assert link.finish().called
+    assert transport.value().count(b"\n") == 1
+
+
+def test_theFinalReportOfAStoppedWorkerIsKept():
+    """Twisted ends a process only once its pipes are read: its last report counts."""
+    reactor, pool = makePool()
+    pool.stopService()
+    for worker in reactor.spawned:
+        report(worker[0], 3, {})
+        end(worker[0])
+    registry = CollectorRegistry()
+    registry.register(WorkerMetrics(pool.reports, pool.retired))
+    assert registry.get_sample_value("dcrouter_connections_accepted_total") == 6
+
