@@ -7,8 +7,11 @@ supervisor runs (sent first on standard input), and nothing that must run
 once (mail, ACME, DNS, the admin listener stay with the supervisor).
 Standard input then brings the supervisor's requests for a report and, at
 each reload, the configuration the supervisor has checked, which the worker
-switches to (it never reads the file: it may have changed since); its end
-means the supervisor is gone. SIGTERM drains, then sends a final report, so that what the worker
+switches to (it never reads the file: it may have changed since), or, if it
+cannot (a certificate file gone since the supervisor read it, a plugin
+failing here only), keeps serving its previous one and tells the supervisor
+why (a C{rejected} line), which replaces it; its end means the supervisor
+is gone. SIGTERM drains, then sends a final report, so that what the worker
 counted since its last one is not lost with it; SIGHUP does nothing here.
 """
 
@@ -47,8 +50,9 @@ class _SupervisorLink(LineReceiver):
     The pipes to and from the supervisor: answers each C{report} request
     with one JSON line (once the router serves: L{started}), and hands each
     configuration the supervisor sends (L{dcrouter.workers.pool.configMessage}:
-    its size on a line, then the pickle) to C{reconfigure}; end of file
-    means the supervisor is gone.
+    its size on a line, then the pickle) to C{reconfigure}, which returns
+    why it cannot be applied, if it cannot: that goes back as a
+    C{rejected} line. End of file means the supervisor is gone.
     """
 
     delimiter = b"\n"
@@ -58,7 +62,7 @@ class _SupervisorLink(LineReceiver):
         self,
         reactor: Any,
         report: Callable[[], dict[str, Any]],
-        reconfigure: Callable[[RouterConfig], object],
+        reconfigure: Callable[[RouterConfig], Optional[str]],
     ) -> None:
         self.reactor = reactor
         self.report = report
@@ -89,7 +93,9 @@ class _SupervisorLink(LineReceiver):
         self.pickled = bytearray()
         # Switched before what follows is read: a report asked for after
         # the configuration is one of the configuration.
-        self.reconfigure(config)
+        problem = self.reconfigure(config)
+        if problem is not None:
+            self.send({"rejected": problem})
         self.setLineMode(data[needed:])
 
     def started(self) -> None:
@@ -179,8 +185,14 @@ def main(argv: list[str]) -> int:
     )
     router = DcRouter(config, reactor, configPath=args.config, role=role)
 
+    def reconfigure(config: RouterConfig) -> Optional[str]:
+        """Switch to C{config}; why not, if it cannot (C{None} if stopping: it is ignored)."""
+        if router.reload(config):
+            return None
+        return router.reloadError
+
     # (mypy sees the Windows StandardIO, which has no stdin and stdout.)
-    link = _SupervisorLink(reactor, router.report, router.reload)
+    link = _SupervisorLink(reactor, router.report, reconfigure)
     StandardIO(link, stdin=0, stdout=REPORT_FD)  # type: ignore[call-arg]
 
     failed: list[bool] = []

@@ -1,16 +1,23 @@
 """
 Real worker processes under a supervisor in this process: what a worker
-counted up to its exit stays counted.
+counted up to its exit stays counted, and a worker that cannot apply the
+configuration it is sent is replaced by one that can.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 
 import dcrouter.workers.pool
 from dcrouter.config import loadConfig
+from dcrouter.net.tls import ensureSelfSigned
 from dcrouter.service import DcRouter, ProcessRole
 from tests.helpers import connect, freePort
 
@@ -61,12 +68,24 @@ class Supervisor:
 
     async def serving(self):
         """Wait until every worker has reported (it does once it serves)."""
-        await waitFor(lambda: len(self.pool.workers) == 2
+        await waitFor(lambda: len(self.pool.workers) == 2 and not self.pool.successors
                       and all(w.report for w in self.pool.workers.values()),
                       "both workers serving")
 
     def pids(self):
         return sorted(worker.pid for worker in self.pool.workers.values())
+
+
+@pytest.fixture
+def events():
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    yield logged
+    globalLogPublisher.removeObserver(logged.append)
+
+
+def errors(events):
+    return [formatEvent(e) for e in events if e["log_level"].name == "error"]
 
 
 @pytest_twisted.ensureDeferred
@@ -96,3 +115,63 @@ async def test_what_a_worker_counted_before_it_exits_stays_counted(tmp_path, mon
     # As at SIGTERM: every worker drains and reports before it exits.
     assert supervisor.pool.retired.accepted == 7
 
+
+@pytest.mark.parametrize("freshCanStart", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_a_worker_that_cannot_apply_a_configuration_is_replaced(
+    tmp_path, monkeypatch, events, freshCanStart
+):
+    """
+    The supervisor checked the configuration, but the certificate file is
+    gone when the workers read it: each keeps its previous configuration
+    and says why; a fresh worker started with the configuration takes its
+    place, or, if it cannot start either, the old one serves on.
+    """
+    pair = ensureSelfSigned(str(tmp_path / "pki"))
+    cert, key = tmp_path / "site.crt", tmp_path / "site.key"
+    shutil.copy(pair.cert, cert)
+    shutil.copy(pair.key, key)
+    secure = (f"[route:secure]\nports = {freePort()}\ntls = terminate\ncert = {cert}\n"
+              f"key = {key}\naction = static\n")
+    supervisor = Supervisor(tmp_path, secure)
+    await supervisor.start()
+    try:
+        before = supervisor.pids()
+        supervisor.write("two")
+        assert supervisor.service.reload()
+        # Gone before the workers read the configuration sent to them.
+        os.rename(cert, tmp_path / "moved.crt")
+        if freshCanStart:
+            # Back once both have failed, before the fresh workers read it.
+            workerRejected, held = supervisor.pool.workerRejected, []
+
+            def putBack(worker, reason):
+                held.append((worker, reason))
+                if len(held) == 2:
+                    os.rename(tmp_path / "moved.crt", cert)
+                    for worker, reason in held:
+                        workerRejected(worker, reason)
+
+            monkeypatch.setattr(supervisor.pool, "workerRejected", putBack)
+
+        def rejected():
+            return [e for e in errors(events) if "cannot apply the configuration" in e]
+
+        await waitFor(lambda: len(rejected()) == 2, "both workers' rejection")
+        for index in range(2):
+            assert any(e.startswith(f"worker {index} (pid ") and str(cert) in e
+                       and e.endswith("a fresh worker takes its place") for e in rejected())
+        if freshCanStart:
+            await waitFor(lambda: not supervisor.pool.draining and not set(before) & set(
+                supervisor.pids()), "the fresh workers serving, the old ones gone")
+            expected = b"two"
+        else:
+            await waitFor(lambda: sum("before it served" in e for e in errors(events)) == 2,
+                          "both fresh workers' failure")
+            assert supervisor.pids() == before
+            assert supervisor.pool.successors == {}
+            expected = b"one"
+        for _ in range(6):
+            assert await get(supervisor.port) == expected
+    finally:
+        await supervisor.service.stopService()
