@@ -315,6 +315,8 @@ class DcRouter(MultiService):
         self.recentErrors = RecentErrors(self.reactor)
         self.startedAt = 0.0
         self.reloads = 0
+        #: Why the last reload was rejected; C{None} if it was applied (or ignored).
+        self.reloadError: Optional[str] = None
         self.certificateWatch: Optional[LoopingCall] = None
         self.certificateStamps: tuple[Any, ...] = ()
         if self.workers is not None:
@@ -704,6 +706,7 @@ class DcRouter(MultiService):
         as it was, and every reason is logged.
         """
         assert self.configPath is not None and self.router is not None
+        self.reloadError = None
         if self.stopping:
             log.info("dcrouter is stopping; reload of {path} ignored", path=self.configPath)
             return False
@@ -723,10 +726,11 @@ class DcRouter(MultiService):
         except ConfigErrors as e:
             self.logRejectedReload(e.errors)
             return False
-        except Exception:
+        except Exception as e:
             # A plugin's bug, or the state directory unwritable: the running
             # configuration stays, and the traceback says why.
             log.failure("dcrouter reload of {path} failed", path=self.configPath)
+            self.reloadError = f"{type(e).__name__}: {e}"
             return False
         assert self.compiled is not None
         oldKeys, newKeys = self.compiled.listenKeys(), compiled.listenKeys()
@@ -783,6 +787,7 @@ class DcRouter(MultiService):
         return True
 
     def logRejectedReload(self, errors: list[ConfigError]) -> None:
+        self.reloadError = "\n".join(str(error) for error in errors)
         log.error(
             "dcrouter reload of {path} rejected, the running configuration stays:\n{errors}",
             path=self.configPath, errors="\n".join(str(error) for error in errors),

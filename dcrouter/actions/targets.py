@@ -47,8 +47,13 @@ class Targets:
         return self.pool
 
     def inherit(self, previous: Targets) -> None:
-        """Take over the target state of C{previous}, the route's before a reload."""
+        """
+        Take over the target state of C{previous}, the route's before a
+        reload, and its health check's runs of passes and fails.
+        """
         self.pool.inherit(previous.pool, checked=self.checker is not None)
+        if self.checker is not None and previous.checker is not None:
+            self.checker.inherit(previous.checker)
         before = {(rule.kind, rule.name, rule.text): rule for rule in previous.rules}
         for rule in self.rules:
             was = before.get((rule.kind, rule.name, rule.text))

@@ -330,6 +330,38 @@ class HealthChecker(Service):
         self._stopping: list[Deferred[None]] = []
         self._checking = False
 
+    @property
+    def settings(self) -> tuple[object, ...]:
+        """What decides a check's result: equal settings check the same way."""
+        return (
+            self.kind, self.interval, self.timeout, self.path, self.expectStatus,
+            self.hostHeader, self.rise, self.fall,
+        )
+
+    def inherit(self, previous: HealthChecker) -> None:
+        """
+        Take over the runs of passes and fails of the targets C{previous}
+        checked (by address): the same route's check, in the configuration a
+        reload replaces. A target 2 passes into a rise of 3 needs 1 more,
+        not 3, as HAProxy's server-state file keeps a check's health count;
+        a reload every few seconds would otherwise hold a recovering target
+        down for good.
+
+        Only if the check is unchanged (L{settings}): the results of another
+        path, timeout or threshold do not count towards this one, and every
+        run starts afresh. The verdict so far is the pool's and is kept
+        either way (L{TargetPool.inherit}).
+        """
+        if previous.settings != self.settings:
+            return
+        runs = {check.target.address: check for check in previous.checks.values()}
+        for check in self.checks.values():
+            was = runs.get(check.target.address)
+            if was is not None:
+                check.passes, check.fails, check.lastResult = (
+                    was.passes, was.fails, was.lastResult
+                )
+
     def startService(self) -> None:
         super().startService()
         self.start()

@@ -308,7 +308,10 @@ class TargetPool:
 
         @param checked: this pool has an active health check; without one,
             a target's active verdict is not taken over (nothing would ever
-            turn it up again).
+            turn it up again). The check's runs of passes and fails towards
+            its next rise or fall are the checker's to take over
+            (L{dcrouter.proxy.health.HealthChecker.inherit}), if its
+            settings are unchanged.
         """
         known = {target.address: target for target in previous.targets}
         for target in self.targets:

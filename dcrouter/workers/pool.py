@@ -11,7 +11,19 @@ perhaps half edited), then at each reload the configuration it has just
 checked (the same message: no worker reads the file, which may have changed
 since), and asks for a report now and then, answered on L{REPORT_FD} (see
 L{dcrouter.workers.reports}); when the supervisor is gone, the worker sees
-end of file and stops, so no worker outlives it.
+end of file and stops, so no worker outlives it. A worker told to stop
+drains, sends a final report and exits; Twisted reports a process ended
+only once its pipes are read to their end, so that report is the one whose
+counters the supervisor keeps (L{RetiredCounters}).
+
+A worker that cannot apply a configuration it is sent (the supervisor
+checked it, but a certificate file has gone since, or a plugin fails in the
+worker only) keeps serving its previous one and says why on L{REPORT_FD}.
+The supervisor logs that and starts a fresh worker in its place with the
+configuration (so that every worker serves the same one), which takes over
+once it serves; the old one then drains. If the fresh one cannot start
+either, the old one stays, on its previous configuration, until the next
+reload: it is not retried, as it would fail the same way.
 """
 
 from __future__ import annotations
@@ -155,9 +167,16 @@ class _Worker(ProcessProtocol):
         while b"\n" in self.received:
             line, self.received = self.received.split(b"\n", 1)
             try:
-                self.report = json.loads(line)
+                message = json.loads(line)
             except ValueError:
-                log.warn("worker {index} sent a report that is not JSON", index=self.index)
+                message = None
+            if not isinstance(message, dict):
+                log.warn("worker {index} sent a report that is not a JSON object", index=self.index)
+            elif "rejected" in message:
+                self.pool.workerRejected(self, str(message["rejected"]))
+            else:
+                self.report = message
+                self.pool.workerReported(self)
         if len(self.received) > MAX_REPORT:
             log.warn("worker {index} sent an over-long report; dropped", index=self.index)
             self.received = b""
@@ -180,6 +199,8 @@ class WorkerPool(Service):
     @ivar config: the configuration a worker started now serves (the
         supervisor's, replaced at each reload it accepts).
     @ivar groups: the listener groups the workers serve, by (port, address).
+    @ivar successors: by index, the fresh worker started to replace one
+        that could not apply a configuration, until it serves.
     @ivar draining: the workers told to stop that have not exited yet.
     @ivar retired: the counters of the workers that have exited.
     """
@@ -200,6 +221,7 @@ class WorkerPool(Service):
         self.groups = groups
         self.python = python
         self.workers: dict[int, _Worker] = {}
+        self.successors: dict[int, _Worker] = {}
         self.draining: list[_Worker] = []
         self.retired = RetiredCounters()
         self.restartDelay: dict[int, float] = {}
@@ -214,8 +236,8 @@ class WorkerPool(Service):
         self.reporting.start(REPORT_INTERVAL, now=False)
 
     def processes(self) -> list[_Worker]:
-        """Every worker process there is: serving, or draining after a reload."""
-        return [*self.workers.values(), *self.draining]
+        """Every worker process there is: serving, starting to replace one, or draining."""
+        return [*self.workers.values(), *self.successors.values(), *self.draining]
 
     def askForReports(self) -> None:
         for worker in self.processes():
@@ -227,8 +249,11 @@ class WorkerPool(Service):
 
     def spawn(self, index: int) -> None:
         """Start worker C{index} on the current listener groups."""
-        if not self.running:
-            return
+        if self.running:
+            self.workers[index] = self.startWorker(index)
+
+    def startWorker(self, index: int) -> _Worker:
+        """A new process for worker C{index}, serving the current configuration."""
         spec, childFDs = listenSpec(self.groups, index)
         worker = _Worker(self, index, self.reactor.seconds())
         argv = [
@@ -243,8 +268,43 @@ class WorkerPool(Service):
             worker, self.python, argv, env=os.environ, childFDs=fds
         )
         process.writeToChild(0, configMessage(self.config))
-        self.workers[index] = worker
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
+        return worker
+
+    def workerRejected(self, worker: _Worker, reason: str) -> None:
+        """
+        C{worker} cannot apply the configuration it was sent and serves its
+        previous one: start a fresh worker in its place, unless one is
+        starting already.
+        """
+        if worker.retired or self.workers.get(worker.index) is not worker:
+            return
+        replacing = worker.index not in self.successors and self.running
+        log.error(
+            "worker {index} (pid {pid}) cannot apply the configuration it was sent and"
+            " keeps serving its previous one: {reason}{action}",
+            index=worker.index, pid=worker.pid, reason=reason,
+            action="; a fresh worker takes its place" if replacing else "",
+        )
+        if replacing:
+            self.successors[worker.index] = self.startWorker(worker.index)
+
+    def workerReported(self, worker: _Worker) -> None:
+        """A report: a fresh worker that sends one serves, and takes over."""
+        if self.successors.get(worker.index) is worker:
+            self.takeOver(worker)
+
+    def takeOver(self, successor: _Worker) -> None:
+        """C{successor} becomes worker C{index}; the one it replaces drains."""
+        del self.successors[successor.index]
+        previous = self.workers.get(successor.index)
+        self.workers[successor.index] = successor
+        if previous is not None:
+            log.info(
+                "worker {index}: the fresh worker (pid {pid}) serves; pid {old} drains",
+                index=successor.index, pid=successor.pid, old=previous.pid,
+            )
+            self._stop([previous])
 
     def workerEnded(self, worker: _Worker, reason: Failure) -> None:
         """A worker exited: keep its counters; restart it, unless it was asked to go."""
@@ -252,7 +312,25 @@ class WorkerPool(Service):
         worker.report = {}
         if worker in self.draining:
             self.draining.remove(worker)
+        if self.successors.get(worker.index) is worker:
+            del self.successors[worker.index]
+            log.error(
+                "worker {index}: the fresh worker (pid {pid}) {how} before it served;"
+                " pid {old} keeps serving its previous configuration until the next"
+                " reload (not retried: it would fail the same way)",
+                index=worker.index, pid=worker.pid, how=_howEnded(reason),
+                old=self.workers[worker.index].pid,
+            )
+            return
         if worker.retired or not self.running:
+            return
+        successor = self.successors.pop(worker.index, None)
+        if successor is not None:
+            # The fresh worker was starting anyway: it takes the place at once.
+            log.warn("worker {index} (pid {pid}) {how}; the fresh worker (pid {fresh})"
+                     " takes its place", index=worker.index, pid=worker.pid,
+                     how=_howEnded(reason), fresh=successor.pid)
+            self.workers[worker.index] = successor
             return
         lived = self.reactor.seconds() - worker.startedAt
         delay = 0.0 if lived >= STABLE_AFTER else min(
@@ -279,7 +357,7 @@ class WorkerPool(Service):
         """
         self.config = config
         message = configMessage(config)
-        for worker in self.workers.values():
+        for worker in [*self.workers.values(), *self.successors.values()]:
             worker.send(message)
 
     def replace(self, groups: SocketGroups) -> Deferred[Any]:
@@ -288,7 +366,8 @@ class WorkerPool(Service):
         old ones drain (SIGTERM). Fires when the old ones have exited.
         """
         self.groups = groups
-        old = list(self.workers.values())
+        old = [*self.workers.values(), *self.successors.values()]
+        self.successors = {}
         for worker in old:
             worker.retired = True
         for index in range(self.count):
@@ -327,5 +406,6 @@ class WorkerPool(Service):
         super().stopService()
         if self.reporting.running:
             self.reporting.stop()
-        workers, self.workers = list(self.workers.values()), {}
+        workers = [*self.workers.values(), *self.successors.values()]
+        self.workers, self.successors = {}, {}
         return self._stop(workers)

@@ -7,8 +7,12 @@ supervisor runs (sent first on standard input), and nothing that must run
 once (mail, ACME, DNS, the admin listener stay with the supervisor).
 Standard input then brings the supervisor's requests for a report and, at
 each reload, the configuration the supervisor has checked, which the worker
-switches to (it never reads the file: it may have changed since); its end
-means the supervisor is gone. SIGTERM drains; SIGHUP does nothing here.
+switches to (it never reads the file: it may have changed since), or, if it
+cannot (a certificate file gone since the supervisor read it, a plugin
+failing here only), keeps serving its previous one and tells the supervisor
+why (a C{rejected} line), which replaces it; its end means the supervisor
+is gone. SIGTERM drains, then sends a final report, so that what the worker
+counted since its last one is not lost with it; SIGHUP does nothing here.
 """
 
 from __future__ import annotations
@@ -20,13 +24,17 @@ import pickle
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.internet.stdio import StandardIO
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from dcrouter.config.model import RouterConfig
 from dcrouter.ops.logtext import textLogObserver
@@ -36,12 +44,15 @@ from dcrouter.workers.pool import REPORT_FD, parseListenSpec, readConfigMessage
 log = Logger()
 
 
+@implementer(IHalfCloseableProtocol)
 class _SupervisorLink(LineReceiver):
     """
     The pipes to and from the supervisor: answers each C{report} request
-    with one JSON line, and hands each configuration the supervisor sends
-    (L{dcrouter.workers.pool.configMessage}: its size on a line, then the
-    pickle) to C{reconfigure}; end of file means the supervisor is gone.
+    with one JSON line (once the router serves: L{started}), and hands each
+    configuration the supervisor sends (L{dcrouter.workers.pool.configMessage}:
+    its size on a line, then the pickle) to C{reconfigure}, which returns
+    why it cannot be applied, if it cannot: that goes back as a
+    C{rejected} line. End of file means the supervisor is gone.
     """
 
     delimiter = b"\n"
@@ -51,7 +62,7 @@ class _SupervisorLink(LineReceiver):
         self,
         reactor: Any,
         report: Callable[[], dict[str, Any]],
-        reconfigure: Callable[[RouterConfig], object],
+        reconfigure: Callable[[RouterConfig], Optional[str]],
     ) -> None:
         self.reactor = reactor
         self.report = report
@@ -59,6 +70,12 @@ class _SupervisorLink(LineReceiver):
         #: The size of the configuration being received, and its bytes so far.
         self.expected = 0
         self.pickled = bytearray()
+        #: The router serves: a worker that failed to start has nothing to report.
+        self.serving = False
+        #: The report pipe is closed (the supervisor is gone, or L{finish} is done).
+        self.reportsClosed = False
+        #: L{finish}'s, until the report pipe is closed.
+        self.closing: Optional[Deferred[None]] = None
 
     def lineReceived(self, line: bytes) -> None:
         if line == b"report":
@@ -76,17 +93,56 @@ class _SupervisorLink(LineReceiver):
         self.pickled = bytearray()
         # Switched before what follows is read: a report asked for after
         # the configuration is one of the configuration.
-        self.reconfigure(config)
+        problem = self.reconfigure(config)
+        if problem is not None:
+            self.send({"rejected": problem})
         self.setLineMode(data[needed:])
 
+    def started(self) -> None:
+        """The router serves: report at once (the supervisor learns its routes and targets)."""
+        self.serving = True
+        self.sendReport()
+
     def sendReport(self) -> None:
-        if self.transport is not None:
-            self.transport.write(json.dumps(self.report(), default=str).encode() + b"\n")
+        if self.serving:
+            self.send(self.report())
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Write C{message} to the supervisor, one JSON line."""
+        if self.transport is not None and not self.reportsClosed:
+            self.transport.write(json.dumps(message, default=str).encode() + b"\n")
+
+    def finish(self) -> Deferred[None]:
+        """
+        The worker is stopping, its connections drained: send the final
+        report (what was counted since the last one is lost otherwise) and
+        close the pipes. Fires once the report is written out.
+        """
+        self.sendReport()
+        if self.transport is None or self.reportsClosed:
+            return succeed(None)
+        self.closing = Deferred()
+        self.transport.loseConnection()
+        return self.closing
+
+    def writeConnectionLost(self) -> None:
+        """The report pipe is closed: the supervisor is gone."""
+        self.reportsClosed = True
+
+    def readConnectionLost(self) -> None:
+        """The end of standard input: the supervisor is gone."""
+        log.warn("the supervisor is gone; stopping")
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass  # stopping already
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.reactor.running:
-            log.warn("the supervisor is gone; stopping")
-            self.reactor.stop()
+        """Both pipes are closed: L{finish} is done."""
+        self.reportsClosed = True
+        closing, self.closing = self.closing, None
+        if closing is not None:
+            closing.callback(None)
 
 
 def _arguments(argv: list[str]) -> argparse.Namespace:
@@ -128,8 +184,15 @@ def main(argv: list[str]) -> int:
         "worker", index=args.index, count=args.count, inherited=parseListenSpec(args.listen)
     )
     router = DcRouter(config, reactor, configPath=args.config, role=role)
+
+    def reconfigure(config: RouterConfig) -> Optional[str]:
+        """Switch to C{config}; why not, if it cannot (C{None} if stopping: it is ignored)."""
+        if router.reload(config):
+            return None
+        return router.reloadError
+
     # (mypy sees the Windows StandardIO, which has no stdin and stdout.)
-    link = _SupervisorLink(reactor, router.report, router.reload)
+    link = _SupervisorLink(reactor, router.report, reconfigure)
     StandardIO(link, stdin=0, stdout=REPORT_FD)  # type: ignore[call-arg]
 
     failed: list[bool] = []
@@ -146,12 +209,14 @@ def main(argv: list[str]) -> int:
         # The listeners hold their own copies; the supervisor keeps its own.
         for fd in role.inherited.values():
             os.close(fd)
-        # The supervisor knows this worker's routes and targets at once.
-        link.sendReport()
+        link.started()
+
+    def stop() -> Deferred[None]:
+        """Drain, then send the final report: what the supervisor keeps of this worker."""
+        draining = maybeDeferred(router.stopService) if router.running else succeed(None)
+        return draining.addCallback(lambda _: link.finish())
 
     reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger(
-        "before", "shutdown", lambda: router.stopService() if router.running else None
-    )
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.run()
     return 1 if failed else 0

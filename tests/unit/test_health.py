@@ -167,6 +167,69 @@ def test_riseConsecutivePassesMarkUp() -> None:
     assert target.lastChange == 40.0
 
 
+def reloaded(reactor, pool, checker, **changed):
+    """The pool and checker a reload builds in place of C{pool} and C{checker}."""
+    settings = {"interval": checker.interval, "timeout": checker.timeout, "kind": checker.kind,
+                "rise": checker.rise, "fall": checker.fall, **changed}
+    newPool = TargetPool([Target(t.address) for t in pool.targets], "roundrobin", reactor, "p")
+    newChecker = HealthChecker(newPool, reactor, **settings)
+    newPool.inherit(pool, checked=True)
+    newChecker.inherit(checker)
+    checker.stop()
+    newChecker.start()
+    return newPool, newChecker
+
+
+def downWithTwoPasses(rise=3):
+    """A target marked down by its check, then 2 passes into a rise of C{rise}."""
+    reactor, pool, checker = setUp(rise=rise, fall=1)
+    checker.start()
+    reactor.advance(0)
+    refuse(reactor)
+    for _ in range(2):
+        reactor.advance(10)
+        passTCP(reactor)
+    assert not pool.targets[0].activeUp
+    return reactor, pool, checker
+
+
+def test_aReloadKeepsTheRunTowardsRise() -> None:
+    """As HAProxy's server-state file: 2 of 3 passes made stay made."""
+    reactor, pool, checker = downWithTwoPasses(rise=3)
+    pool, checker = reloaded(reactor, pool, checker)
+    target = pool.targets[0]
+    assert not target.activeUp, "the verdict is kept"
+    reactor.advance(0)
+    passTCP(reactor)
+    assert target.activeUp and target.up
+    assert checker.checks[target].passes == 3
+
+
+def test_aReloadKeepsTheRunTowardsFall() -> None:
+    reactor, pool, checker = setUp(fall=3)
+    checker.start()
+    reactor.advance(0)
+    refuse(reactor)
+    reactor.advance(10)
+    refuse(reactor)
+    pool, checker = reloaded(reactor, pool, checker)
+    reactor.advance(0)
+    refuse(reactor)
+    assert not pool.targets[0].activeUp
+
+
+@pytest.mark.parametrize("changed", [
+    {"rise": 4}, {"interval": 5.0}, {"timeout": 1.0}, {"kind": "http"},
+])
+def test_aChangedCheckStartsItsRunAfresh(changed) -> None:
+    """Passes of another check, or towards another threshold, do not count."""
+    reactor, pool, checker = downWithTwoPasses(rise=3)
+    pool, checker = reloaded(reactor, pool, checker, **changed)
+    target = pool.targets[0]
+    assert not target.activeUp, "the verdict is kept"
+    assert checker.checks[target].passes == 0
+
+
 def test_connectTimeoutFromTheReactorReadsAsTimeout() -> None:
     reactor, pool, checker = setUp(fall=1)
     checker.start()
@@ -413,3 +476,26 @@ def test_badSettingsAreRefused(settings) -> None:
     arguments = {"interval": 5.0, "timeout": 1.0, "kind": "tcp", **settings}
     with pytest.raises(ValueError):
         HealthChecker(pool, reactor, **arguments)
+
+
+@pytest.mark.parametrize(("rise", "kept"), [("3", 2), ("4", 0)])
+def test_aReloadedRouteTakesOverItsChecksRuns(rise, kept) -> None:
+    """Through the compiler: the route's new checker gets the old one's runs."""
+    from twisted.internet.task import Clock
+
+    from dcrouter.compile import compileConfig, loadActions
+    from dcrouter.config.model import RouteConfig, RouterConfig
+
+    def config(rise):
+        return RouterConfig(routes=(RouteConfig(
+            name="web", ports=(1080,), action="forward",
+            options={"target": "10.0.0.1:80", "health_check": "tcp", "health_rise": rise},
+        ),))
+
+    clock, actions = Clock(), loadActions()
+    first = compileConfig(config("3"), actions, clock)
+    (check,) = first.routeResources["web"].targets.checker.checks.values()
+    check.passes = 2
+    second = compileConfig(config(rise), actions, clock, previous=first)
+    (check,) = second.routeResources["web"].targets.checker.checks.values()
+    assert check.passes == kept

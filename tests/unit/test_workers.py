@@ -211,6 +211,7 @@ def test_aWorkerSwitchesToTheConfigurationItIsSent():
                            serving.append)
     transport = StringTransport()
     link.makeConnection(transport)
+    link.started()
     message = configMessage(reloaded)
     link.dataReceived(b"report\n" + message[:7])
     link.dataReceived(message[7:-3])
@@ -218,7 +219,7 @@ def test_aWorkerSwitchesToTheConfigurationItIsSent():
     link.dataReceived(message[-3:] + b"report\nrep")
     link.dataReceived(b"ort\n")
     assert serving == [CONFIG, reloaded]
-    assert transport.value() == b'{"routes": "a"}\n' + b'{"routes": "b"}\n' * 2
+    assert transport.value() == b'{"routes": "a"}\n' * 2 + b'{"routes": "b"}\n' * 2
 
 
 def test_aWorkerReloadsWhatItIsSentNotTheFile(tmp_path):
@@ -624,3 +625,203 @@ def test_the_log_says_how_a_worker_ended(reason, said):
     from dcrouter.workers.pool import _howEnded
 
     assert _howEnded(Failure(reason)) == said
+
+
+def linkFor(reconfigure=lambda config: None, report=lambda: {"accepted": 1}):
+    from dcrouter.workers.worker import _SupervisorLink
+
+    link = _SupervisorLink(MemoryReactorClock(), report, reconfigure)
+    transport = StringTransport()
+    link.makeConnection(transport)
+    return link, transport
+
+
+def test_aStoppingWorkerSendsAFinalReportThenCloses():
+    """What it counted since its last report would be lost with the process."""
+    counted = [1]
+    link, transport = linkFor(report=lambda: {"accepted": counted[-1]})
+    link.started()
+    counted.append(5)
+    closed = link.finish()
+    assert transport.value() == b'{"accepted": 1}\n{"accepted": 5}\n'
+    assert transport.disconnecting and not closed.called
+    link.connectionLost(Failure(ProcessDone(0)))
+    assert closed.called
+
+
+def test_aWorkerThatNeverServedReportsNothing():
+    """A worker whose start failed: the supervisor must not take it for serving."""
+    link, transport = linkFor()
+    link.dataReceived(b"report\n")
+    closed = link.finish()
+    assert transport.value() == b""
+    link.connectionLost(Failure(ProcessDone(0)))
+    assert closed.called
+
+
+def test_aWorkerWhoseSupervisorIsGoneFinishesAtOnce():
+    link, transport = linkFor()
+    link.started()
+    link.writeConnectionLost()
+    assert link.finish().called
+    assert transport.value().count(b"\n") == 1
+
+
+def test_aWorkerSaysWhyItCannotApplyAConfiguration():
+    """It keeps serving its previous configuration; the supervisor learns why."""
+    link, transport = linkFor(reconfigure=lambda config: "cert.pem: No such file")
+    link.started()
+    link.dataReceived(configMessage(CONFIG) + b"report\n")
+    lines = [json.loads(line) for line in transport.value().splitlines()]
+    assert lines == [{"accepted": 1}, {"rejected": "cert.pem: No such file"}, {"accepted": 1}]
+
+
+def test_aRejectedReloadSaysWhy(tmp_path):
+    """A worker's reload that fails leaves the reason for the supervisor."""
+    from dcrouter.service import DcRouter
+
+    role = ProcessRole("worker", index=0, count=2, inherited={(80, "0.0.0.0"): 99})
+    running = RouterConfig(routes=(RouteConfig(name="a", ports=(80,), action="block"),))
+    worker = DcRouter(running, MemoryReactorClock(), configPath=str(tmp_path / "x.ini"),
+                      role=role)
+    worker.privilegedStartService()
+    moved = RouterConfig(routes=(RouteConfig(name="a", ports=(81,), action="block"),))
+    assert not worker.reload(moved)
+    assert worker.reloadError.endswith(
+        "0.0.0.0:81 is not among the listeners the supervisor opened"
+    )
+    assert worker.reload(running)
+    assert worker.reloadError is None
+
+
+def test_theFinalReportOfAStoppedWorkerIsKept():
+    """Twisted ends a process only once its pipes are read: its last report counts."""
+    reactor, pool = makePool()
+    pool.stopService()
+    for worker in reactor.spawned:
+        report(worker[0], 3, {})
+        end(worker[0])
+    registry = CollectorRegistry()
+    registry.register(WorkerMetrics(pool.reports, pool.retired))
+    assert registry.get_sample_value("dcrouter_connections_accepted_total") == 6
+
+
+def reject(worker, reason="cert.pem: No such file"):
+    line = json.dumps({"rejected": reason}).encode() + b"\n"
+    worker.childDataReceived(REPORT_FD, line)
+
+
+def logged(events, level):
+    from twisted.logger import formatEvent
+
+    return [formatEvent(e) for e in events if e["log_level"].name == level]
+
+
+def test_aWorkerThatRejectsAConfigurationIsReplaced():
+    """
+    A fresh worker starts with the configuration; once it serves, the old
+    one drains: every worker serves the same configuration again.
+    """
+    from twisted.logger import globalLogPublisher
+
+    reactor, pool = makePool()
+    reloaded = RouterConfig(routes=(RouteConfig(name="b", ports=(80,)),))
+    pool.reconfigure(reloaded)
+    stale = pool.workers[1]
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reject(stale)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert logged(events, "error") == [
+        "worker 1 (pid 1001) cannot apply the configuration it was sent and keeps serving"
+        " its previous one: cert.pem: No such file; a fresh worker takes its place"
+    ]
+    assert len(reactor.spawned) == 3
+    fresh, args, fds = reactor.spawned[2]
+    assert args[args.index("--index") + 1] == "1"
+    assert fds == reactor.spawned[1][2], "the same listeners' share"
+    assert configsSent(fresh.transport.written) == [reloaded]
+    assert pool.workers[1] is stale and stale.transport.signals == []
+    # It serves (its first report): the old one drains.
+    report(fresh, 0, {})
+    assert pool.workers[1] is fresh and pool.successors == {}
+    assert stale.transport.signals == [signal.SIGTERM]
+    report(stale, 4, {})
+    end(stale)
+    assert pool.retired.families and pool.draining == []
+    reactor.advance(60)
+    assert len(reactor.spawned) == 3, "a retired worker is not restarted"
+
+
+def test_aFreshWorkerThatCannotStartIsNotRetried():
+    """The old one keeps serving; a retry would fail the same way."""
+    from twisted.logger import globalLogPublisher
+
+    reactor, pool = makePool()
+    stale = pool.workers[0]
+    reject(stale)
+    fresh = reactor.spawned[2][0]
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        end(fresh, ProcessTerminated(exitCode=1))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert logged(events, "error") == [
+        "worker 0: the fresh worker (pid 1002) exited with code 1 before it served; pid 1000"
+        " keeps serving its previous configuration until the next reload (not retried: it"
+        " would fail the same way)"
+    ]
+    reactor.advance(60)
+    assert len(reactor.spawned) == 3
+    assert pool.workers[0] is stale and stale.transport.signals == []
+    # The next reload's rejection tries again.
+    reject(stale)
+    assert len(reactor.spawned) == 4
+
+
+def test_oneFreshWorkerAtATime():
+    reactor, pool = makePool()
+    reject(pool.workers[0])
+    reject(pool.workers[0], "again")
+    assert len(reactor.spawned) == 3
+
+
+def test_aFreshWorkerGetsTheReloadsMadeWhileItStarts():
+    reactor, pool = makePool()
+    reject(pool.workers[0])
+    fresh = reactor.spawned[2][0]
+    reloaded = RouterConfig(routes=(RouteConfig(name="b", ports=(80,)),))
+    pool.reconfigure(reloaded)
+    assert configsSent(fresh.transport.written) == [CONFIG, reloaded]
+
+
+def test_aWorkerThatDiesWhileItsReplacementStartsIsNotRestarted():
+    """The fresh worker takes its place at once."""
+    reactor, pool = makePool()
+    stale = pool.workers[0]
+    reject(stale)
+    fresh = reactor.spawned[2][0]
+    end(stale, ProcessTerminated(signal=9))
+    assert pool.workers[0] is fresh and pool.successors == {}
+    reactor.advance(60)
+    assert len(reactor.spawned) == 3
+    assert pool.draining == []
+
+
+@pytest.mark.parametrize("how", ["stop", "replace"])
+def test_aFreshWorkerStopsWithTheOthers(how):
+    reactor, pool = makePool()
+    reject(pool.workers[0])
+    fresh = reactor.spawned[2][0]
+    if how == "stop":
+        pool.stopService()
+    else:
+        pool.replace({(8080, "127.0.0.1"): [FakeSocket(30), FakeSocket(31)]})
+    assert fresh.transport.signals == [signal.SIGTERM]
+    assert pool.successors == {}
+    end(fresh)
+    reactor.advance(60)
+    assert len(reactor.spawned) == (3 if how == "stop" else 5)
