@@ -145,6 +145,16 @@ class _SupervisorLink(LineReceiver):
             closing.callback(None)
 
 
+def drainThenReport(router: Any, link: _SupervisorLink) -> Deferred[None]:
+    """
+    Drain, then send the final report: what the supervisor keeps of this
+    worker. A drain that fails is logged, and the report still goes.
+    """
+    draining = maybeDeferred(router.stopService) if router.running else succeed(None)
+    draining.addErrback(lambda failure: log.failure("draining failed", failure))
+    return draining.addCallback(lambda _: link.finish())
+
+
 def _arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dcrouter.workers")
     parser.add_argument("--config", required=True)
@@ -211,12 +221,7 @@ def main(argv: list[str]) -> int:
             os.close(fd)
         link.started()
 
-    def stop() -> Deferred[None]:
-        """Drain, then send the final report: what the supervisor keeps of this worker."""
-        draining = maybeDeferred(router.stopService) if router.running else succeed(None)
-        return draining.addCallback(lambda _: link.finish())
-
     reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    reactor.addSystemEventTrigger("before", "shutdown", drainThenReport, router, link)
     reactor.run()
     return 1 if failed else 0

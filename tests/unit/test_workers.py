@@ -649,6 +649,25 @@ def test_aStoppingWorkerSendsAFinalReportThenCloses():
     assert closed.called
 
 
+def test_aWorkerWhoseDrainFailsStillSendsItsFinalReport():
+    from twisted.internet.defer import fail
+
+    from dcrouter.workers.worker import drainThenReport
+
+    class Router:
+        running = True
+
+        def stopService(self):
+            return fail(RuntimeError("a plugin's stop failed"))
+
+    link, transport = linkFor()
+    link.started()
+    closed = drainThenReport(Router(), link)
+    assert transport.value().count(b"\n") == 2 and transport.disconnecting
+    link.connectionLost(Failure(ProcessDone(0)))
+    assert closed.called
+
+
 def test_aWorkerThatNeverServedReportsNothing():
     """A worker whose start failed: the supervisor must not take it for serving."""
     link, transport = linkFor()
