@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
 from typing import Any, Optional
+from weakref import WeakKeyDictionary
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -271,9 +272,61 @@ def contextFor(
 #: (its close_notify, its FIN) before it closes TCP itself.
 CLOSE_NOTIFY_WAIT = 5.0
 
-#: Twisted's TLS protocol class: BufferingTLSTransport (small writes batched
-#: until the next reactor turn) after 22.4, TLSMemoryBIOProtocol on 22.4.
-_TLSProtocol: Any = TLSMemoryBIOFactory.protocol
+#: Plaintext a connection holds for the turn before it encrypts it at once
+#: (as Twisted's own batching does: memory stays bounded under a fast writer).
+MAX_HELD_PLAINTEXT = 64_000
+
+
+class _HeldWrites:
+    """
+    What the application wrote to the terminated TLS connections of one
+    reactor during this turn: encrypted at the start of the next, each
+    connection's writes as one C{SSL_write}, and sent at once.
+
+    Twisted after 22.4 batches the same way, but with an object and a
+    C{callLater(0)} per connection and burst, and its records then waited
+    one more turn in the L{Flusher}. Here one call per turn serves every
+    connection, and the records leave in the same turn.
+    """
+
+    _ofReactor: WeakKeyDictionary[IReactorTime, _HeldWrites] = WeakKeyDictionary()
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        self.reactor = reactor
+        self.waiting: list[_ServerTLSProtocol] = []
+        self.call: Optional[IDelayedCall] = None
+
+    @classmethod
+    def of(cls, reactor: IReactorTime) -> _HeldWrites:
+        """The held writes of C{reactor}, made on first use."""
+        held = cls._ofReactor.get(reactor)
+        if held is None:
+            held = cls._ofReactor[reactor] = cls(reactor)
+        return held
+
+    def add(self, protocol: _ServerTLSProtocol) -> None:
+        """C{protocol} holds plaintext now: encrypt it when this turn is over."""
+        self.waiting.append(protocol)
+        if self.call is None:
+            self.call = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self.call = None
+        waiting, self.waiting = self.waiting, []
+        for protocol in waiting:
+            protocol.sendHeld()
+
+
+def _defaultReactor() -> IReactorTime:
+    """The global reactor, which Twisted's TLS batching uses when given no clock."""
+    from twisted.internet import reactor
+
+    return reactor
+
+
+#: Twisted's TLS protocol, without the write batching Twisted after 22.4 adds
+#: (BufferingTLSTransport): L{_HeldWrites} does that for every version.
+_TLSProtocol: Any = TLSMemoryBIOProtocol
 
 
 @implementer(IHalfCloseableProtocol)
@@ -290,13 +343,15 @@ class _ServerTLSProtocol(_TLSProtocol):
     It then calls C{do_handshake()}, which for a server that has read nothing
     yet can only fail with C{WantReadError} and leave nothing to send; the
     first C{dataReceived} starts the handshake instead.
-    Everything after C{makeConnection} is Twisted's own code, except that the
-    error of a TLS connection ended by an unexpected EOF, which Twisted does
-    not pass on, is freed at once (L{_tlsShutdownFinished}), that what
-    OpenSSL has to send goes out through the reactor's L{Flusher}
-    (L{_flushSendBIO}), that a close waits for the client only so long
-    (L{loseConnection}), and that it can close its sending side alone, with
-    TCP's FIN after close_notify (L{loseWriteConnection}).
+    Everything after C{makeConnection} is Twisted's own code, except that
+    the application's writes are held for the turn in the reactor's
+    L{_HeldWrites} (L{write}), that the error of a TLS connection ended by
+    an unexpected EOF, which Twisted does not pass on, is freed at once
+    (L{_tlsShutdownFinished}), that what OpenSSL has to send goes out
+    through the reactor's L{Flusher} (L{_flushSendBIO}), that a close waits
+    for the client only so long (L{loseConnection}), and that it can close
+    its sending side alone, with TCP's FIN after close_notify
+    (L{loseWriteConnection}).
     """
 
     factory: _ServerTLSFactory
@@ -304,6 +359,10 @@ class _ServerTLSProtocol(_TLSProtocol):
     closeWait: Optional[IDelayedCall] = None
     #: Closing the sending side only: TCP's FIN follows close_notify.
     halfClosing = False
+    #: What the application wrote during this turn, not yet encrypted.
+    held: Optional[list[bytes]] = None
+    #: How many bytes C{held} has.
+    heldSize = 0
 
     def makeConnection(self, transport: Any) -> None:
         if not self._connectWrapped:
@@ -316,6 +375,53 @@ class _ServerTLSProtocol(_TLSProtocol):
         self._appSendBuffer: list[bytes] = []
         # Provides the transport's interfaces, connects self, then the wrapped protocol.
         ProtocolWrapper.makeConnection(self, transport)
+
+    def write(self, data: bytes) -> None:
+        """
+        Hold C{data} until the end of the reactor's turn (L{_HeldWrites}),
+        where everything written during the turn becomes one C{SSL_write}:
+        fewer, fuller records. More than L{MAX_HELD_PLAINTEXT} bytes are
+        encrypted at once. As in Twisted, bytes written after
+        L{loseConnection} (without a producer) are dropped.
+        """
+        data = data + b""  # a copy if mutable; bytes stay as they are
+        held = self.held
+        if held is None:
+            self.held = [data]
+            self.heldSize = len(data)
+            self.factory.heldWrites.add(self)
+        else:
+            held.append(data)
+            self.heldSize += len(data)
+        if self.heldSize > MAX_HELD_PLAINTEXT:
+            self.encryptHeld()
+
+    def writeSequence(self, iovec: Sequence[bytes]) -> None:
+        self.write(b"".join(iovec))
+
+    def encryptHeld(self) -> None:
+        """Give what the application wrote to OpenSSL (Twisted's own C{write})."""
+        held = self.held
+        if held is not None:
+            self.held = None
+            self.heldSize = 0
+            _TLSProtocol.write(self, held[0] if len(held) == 1 else b"".join(held))
+
+    def sendHeld(self) -> None:
+        """The turn is over: encrypt what was written and send it now, after what waits."""
+        if self.held is not None:
+            self.encryptHeld()
+            flusher = self.factory.flusher
+            if flusher is not None:
+                flusher.flushNow(self.transport)
+
+    def unregisterProducer(self) -> None:
+        """
+        Encrypt what is held first: after L{loseConnection}, Twisted sends
+        close_notify here, and the held bytes would come after it.
+        """
+        self.encryptHeld()
+        super().unregisterProducer()
 
     def loseConnection(self) -> None:
         """
@@ -337,6 +443,7 @@ class _ServerTLSProtocol(_TLSProtocol):
             if self.transport is not None:
                 self.transport.loseConnection()
             return
+        self.encryptHeld()
         super().loseConnection()
         clock = self.factory.clock
         if clock is not None and self.closeWait is None and self.transport is not None:
@@ -358,6 +465,7 @@ class _ServerTLSProtocol(_TLSProtocol):
         would be at once); a L{loseConnection} after this closes TCP.
         """
         self.halfClosing = True
+        self.encryptHeld()
         super().loseConnection()
 
     def _shutdownTLS(self) -> None:
@@ -403,6 +511,7 @@ class _ServerTLSProtocol(_TLSProtocol):
             if self.closeWait.active():
                 self.closeWait.cancel()
             self.closeWait = None
+        self.encryptHeld()
         super().connectionLost(reason)
 
     def _flushSendBIO(self) -> None:
@@ -460,6 +569,9 @@ class _ServerTLSFactory(TLSMemoryBIOFactory):
         #: Where the connections' bytes go out (L{_ServerTLSProtocol._flushSendBIO});
         #: without a clock, through Twisted's own writes.
         self.flusher = Flusher.of(clock) if clock is not None else None
+        #: Where the application's writes wait for the end of the turn; without
+        #: a clock, on the global reactor, as in Twisted.
+        self.heldWrites = _HeldWrites.of(clock if clock is not None else _defaultReactor())
 
     def registerProtocol(self, p: Any) -> None:
         pass

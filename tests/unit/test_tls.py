@@ -29,6 +29,7 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
+    IPushProducer,
     ISSLTransport,
     ISystemHandle,
     ITCPTransport,
@@ -50,6 +51,7 @@ from zope.interface.verify import verifyObject
 from dcrouter.config.model import CertificatePair, TlsSettings
 from dcrouter.net.tls import (
     CLOSE_NOTIFY_WAIT,
+    MAX_HELD_PLAINTEXT,
     SELF_SIGNED_DAYS,
     ServerTLS,
     TLSSetupError,
@@ -220,10 +222,16 @@ class Wire:
 
 
 def wire(
-    serverTLS: Any, creator: Any, serverPeer: Peer, clientPeer: Peer, *, connect: bool = True
+    serverTLS: Any,
+    creator: Any,
+    serverPeer: Peer,
+    clientPeer: Peer,
+    *,
+    connect: bool = True,
+    clock: Clock | None = None,
 ) -> Wire:
     """Join a server made with L{wrapServer} and a client made from C{creator}."""
-    clock = Clock()
+    clock = clock or Clock()
     w = Wire(
         clock,
         _wrapTLS(creator, True, clientPeer, clock),
@@ -238,10 +246,12 @@ def wire(
     return w
 
 
-def handshake(serverTLS: Any, creator: Any) -> tuple[Wire, Peer, Peer]:
+def handshake(
+    serverTLS: Any, creator: Any, clock: Clock | None = None
+) -> tuple[Wire, Peer, Peer]:
     """Connect a client that says C{ping} to a server that says C{pong}."""
     serverPeer, clientPeer = Peer(b"pong"), Peer(b"ping")
-    return wire(serverTLS, creator, serverPeer, clientPeer), serverPeer, clientPeer
+    return wire(serverTLS, creator, serverPeer, clientPeer, clock=clock), serverPeer, clientPeer
 
 
 def assertConnected(serverPeer: Peer, clientPeer: Peer) -> None:
@@ -712,6 +722,105 @@ def test_clientRefusesBelowTLS12(pki: PKI) -> None:
         _, _, clientPeer = handshake(OldServer(), creator)
         assert not clientPeer.handshakeDone
         assert clientPeer.lostReason is not None and clientPeer.lostReason.check(SSL.Error)
+
+
+# -- the application's writes: held for the turn ------------------------------------
+
+
+def records(data: bytes) -> list[int]:
+    """The content type of each TLS record in C{data}."""
+    types = []
+    while data:
+        types.append(data[0])
+        data = data[5 + int.from_bytes(data[3:5], "big") :]
+    return types
+
+
+APPLICATION_DATA = 23
+
+
+def test_writes_of_one_turn_leave_as_one_record(pki: PKI) -> None:
+    """
+    Everything the application writes during a turn becomes one TLS record
+    at its end (Twisted 22.4 made a record per write).
+    """
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    w.serverTransport.clear()
+    for piece in (b"HTTP/1.1 200 OK\r\n", b"Content-Length: 2\r\n\r\n", b"ok"):
+        w.server.write(piece)
+    w.server.writeSequence([b"and", b"more"])
+    assert w.serverTransport.value() == b""  # held for the turn
+    w.clock.advance(0)
+    assert records(w.serverTransport.value()) == [APPLICATION_DATA]
+    w.pump()
+    assert clientPeer.received == b"pong" + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokandmore"
+
+
+def test_the_connections_of_a_turn_share_one_timed_call(pki: PKI) -> None:
+    """
+    However many connections write during a turn, one call encrypts and
+    sends all of it (Twisted's own batching made a call per connection).
+    """
+    serverTLS = ServerTLS(pki.backend, TlsSettings())
+    clock = Clock()
+    first, _, _ = handshake(serverTLS, trusting(pki.root), clock)
+    second, _, clientPeer = handshake(serverTLS, trusting(pki.root), clock)
+    for w in (first, second):
+        w.serverTransport.clear()
+        w.server.write(b"reply")
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert first.serverTransport.value() and second.serverTransport.value()
+    second.pump()
+    assert clientPeer.received == b"pongreply"
+
+
+def test_a_large_write_is_encrypted_at_once(pki: PKI) -> None:
+    """More than MAX_HELD_PLAINTEXT bytes are not held: memory stays bounded."""
+    w, _, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    w.serverTransport.clear()
+    w.server.write(b"x" * 1000)
+    assert w.serverTransport.value() == b""
+    w.server.write(b"y" * MAX_HELD_PLAINTEXT)
+    assert len(w.serverTransport.value()) > MAX_HELD_PLAINTEXT
+    w.pump()
+    assert clientPeer.received == b"pong" + b"x" * 1000 + b"y" * MAX_HELD_PLAINTEXT
+
+
+def test_held_writes_go_before_close_notify_and_later_ones_are_dropped(pki: PKI) -> None:
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    w.serverTransport.clear()
+    w.server.write(b"last words")
+    w.server.loseConnection()
+    w.server.write(b"too late")
+    assert records(w.serverTransport.value()) == [APPLICATION_DATA, APPLICATION_DATA]
+    w.pump()
+    assert clientPeer.received == b"ponglast words"
+    assert not w.server.connected
+
+
+def test_held_writes_go_before_close_notify_when_the_producer_leaves(pki: PKI) -> None:
+    """
+    With a producer registered, loseConnection waits for it to leave, then
+    sends close_notify: what was written meanwhile goes first, not after it.
+    """
+
+    @implementer(IPushProducer)
+    class Producer:
+        def pauseProducing(self) -> None: ...
+
+        def resumeProducing(self) -> None: ...
+
+        def stopProducing(self) -> None: ...
+
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    w.server.registerProducer(Producer(), True)
+    w.server.loseConnection()
+    w.server.write(b"the rest")
+    w.server.unregisterProducer()
+    w.pump()
+    assert clientPeer.received == b"pongthe rest"
+    assert not w.server.connected
 
 
 # -- closing: how long the client may take to answer close_notify -------------------
