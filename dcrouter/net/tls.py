@@ -363,6 +363,8 @@ class _ServerTLSProtocol(_TLSProtocol):
     held: Optional[list[bytes]] = None
     #: How many bytes C{held} has.
     heldSize = 0
+    #: TCP is gone (L{connectionLost}): what OpenSSL still writes has nowhere to go.
+    transportLost = False
 
     def makeConnection(self, transport: Any) -> None:
         if not self._connectWrapped:
@@ -512,6 +514,7 @@ class _ServerTLSProtocol(_TLSProtocol):
                 self.closeWait.cancel()
             self.closeWait = None
         self.encryptHeld()
+        self.transportLost = True
         super().connectionLost(reason)
 
     def _flushSendBIO(self) -> None:
@@ -522,8 +525,11 @@ class _ServerTLSProtocol(_TLSProtocol):
         two C{epoll_ctl} calls per flight. Once the connection is closing
         (a close_notify or an alert, followed by the TCP transport's
         C{loseConnection}) the bytes go to the transport directly, after
-        anything held.
+        anything held. Once TCP is gone nothing is read: the transport
+        would drop it (Twisted's C{connectionLost} asks twice, for nothing).
         """
+        if self.transportLost:
+            return
         try:
             data = self._tlsConnection.bio_read(2**15)
         except SSL.WantReadError:

@@ -823,6 +823,24 @@ def test_held_writes_go_before_close_notify_when_the_producer_leaves(pki: PKI) -
     assert not w.server.connected
 
 
+def test_nothing_is_written_once_tcp_is_gone(pki: PKI) -> None:
+    """
+    A close_notify that arrives with the end of TCP: OpenSSL's answer has
+    nowhere to go, and is not written (Twisted wrote it to the closed
+    transport); the application still hears of a clean TLS close.
+    """
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    w.client.loseConnection()
+    w.clock.advance(0)
+    closeNotify = w.clientTransport.value()
+    assert len(records(closeNotify)) == 1  # the close_notify alert (encrypted: TLS 1.3)
+    w.serverTransport.clear()
+    w.server.getHandle().bio_write(closeNotify)  # read, but not yet handled
+    w.server.connectionLost(Failure(ConnectionDone()))
+    assert w.serverTransport.value() == b""
+    assert serverPeer.lostReason is not None and serverPeer.lostReason.check(ConnectionDone)
+
+
 # -- closing: how long the client may take to answer close_notify -------------------
 
 
