@@ -64,7 +64,7 @@ from zope.interface import implementer
 
 from dcrouter import files
 from dcrouter.config.model import CertificatePair, TlsSettings
-from dcrouter.net.sending import Flusher
+from dcrouter.net.sending import Flusher, writeThrough
 from dcrouter.net.tlspolicy import DEFAULT_CIPHERS, TLSPolicyError, serverContext
 
 __all__ = [
@@ -365,6 +365,8 @@ class _ServerTLSProtocol(_TLSProtocol):
     heldSize = 0
     #: TCP is gone (L{connectionLost}): what OpenSSL still writes has nowhere to go.
     transportLost = False
+    #: In L{sendHeld}: the records go out now, not at the next turn.
+    sendingHeld = False
 
     def makeConnection(self, transport: Any) -> None:
         if not self._connectWrapped:
@@ -410,12 +412,13 @@ class _ServerTLSProtocol(_TLSProtocol):
             _TLSProtocol.write(self, held[0] if len(held) == 1 else b"".join(held))
 
     def sendHeld(self) -> None:
-        """The turn is over: encrypt what was written and send it now, after what waits."""
+        """The turn is over: encrypt what was written and send the records now."""
         if self.held is not None:
-            self.encryptHeld()
-            flusher = self.factory.flusher
-            if flusher is not None:
-                flusher.flushNow(self.transport)
+            self.sendingHeld = True
+            try:
+                self.encryptHeld()
+            finally:
+                self.sendingHeld = False
 
     def unregisterProducer(self) -> None:
         """
@@ -522,7 +525,9 @@ class _ServerTLSProtocol(_TLSProtocol):
         Send what OpenSSL wrote (a handshake flight, session tickets, records)
         through the reactor's L{Flusher}: held for the rest of the turn and
         sent with one C{send()} at the start of the next, without Twisted's
-        two C{epoll_ctl} calls per flight. Once the connection is closing
+        two C{epoll_ctl} calls per flight. The records of the writes held
+        for a turn (L{sendHeld}) are made when that turn is over, and go at
+        once, as the Flusher's own would. Once the connection is closing
         (a close_notify or an alert, followed by the TCP transport's
         C{loseConnection}) the bytes go to the transport directly, after
         anything held. Once TCP is gone nothing is read: the transport
@@ -537,6 +542,10 @@ class _ServerTLSProtocol(_TLSProtocol):
         flusher = self.factory.flusher
         if flusher is None:
             self.transport.write(data)
+        elif self.sendingHeld:
+            # The turn that wrote them is over: as the Flusher would now.
+            flusher.flushNow(self.transport)
+            writeThrough(self.transport, data)
         elif self.disconnecting or self._lostTLSConnection or self._tlsConnection.get_shutdown():
             flusher.flushNow(self.transport)
             self.transport.write(data)

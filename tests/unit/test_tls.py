@@ -6,8 +6,10 @@ cryptography (a root CA, an intermediate, leaves; another CA nobody trusts).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import socket
 import stat
 import weakref
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from service_identity import VerificationError
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -773,6 +776,56 @@ def test_the_connections_of_a_turn_share_one_timed_call(pki: PKI) -> None:
     assert first.serverTransport.value() and second.serverTransport.value()
     second.pump()
     assert clientPeer.received == b"pongreply"
+
+
+class TurnClock(Clock):
+    """A Clock that can run one reactor turn: the calls due when it starts, not those they add."""
+
+    def turn(self) -> None:
+        due = [call for call in self.calls if call.getTime() <= self.seconds()]
+        for call in due:
+            self.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+
+
+def test_records_leave_in_the_turn_that_encrypts_them(pki: PKI) -> None:
+    """
+    Over plain TCP, the records made at the end of a turn are sent in the
+    next one at once (they waited one turn more in the Flusher), and no
+    call is left for the Flusher.
+    """
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    clock = TurnClock()
+    serverPeer, clientPeer = Peer(), Peer()
+    w = wire(
+        ServerTLS(pki.backend, TlsSettings()), trusting(pki.root), serverPeer, clientPeer,
+        connect=False, clock=clock,
+    )
+    transport = tcp.Connection(ours, None, clock)  # type: ignore[arg-type]
+    transport.connected = 1
+    w.client.makeConnection(w.clientTransport)
+    w.server.makeConnection(transport)
+    try:
+        for _ in range(5):  # the handshake, its flights sent through the Flusher
+            clock.advance(0)
+            if w.clientTransport.value():
+                w.server.dataReceived(w.clientTransport.value())
+                w.clientTransport.clear()
+            clock.advance(0)
+            with contextlib.suppress(BlockingIOError):
+                w.client.dataReceived(theirs.recv(65536, socket.MSG_DONTWAIT))
+        assert serverPeer.handshakeDone and clientPeer.handshakeDone
+        assert clock.getDelayedCalls() == []
+        w.server.write(b"reply")
+        clock.turn()
+        w.client.dataReceived(theirs.recv(65536, socket.MSG_DONTWAIT))
+        assert clientPeer.received == b"reply"
+        assert clock.getDelayedCalls() == []
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def test_a_large_write_is_encrypted_at_once(pki: PKI) -> None:
