@@ -529,9 +529,11 @@ class _ServerTLSProtocol(_TLSProtocol):
         for a turn (L{sendHeld}) are made when that turn is over, and go at
         once, as the Flusher's own would. Once the connection is closing
         (a close_notify or an alert, followed by the TCP transport's
-        C{loseConnection}) the bytes go to the transport directly, after
-        anything held. Once TCP is gone nothing is read: the transport
-        would drop it (Twisted's C{connectionLost} asks twice, for nothing).
+        C{loseConnection}) the bytes go at once too, after anything held:
+        sent if the socket takes them, without Twisted's C{epoll_ctl} pair
+        and writability round trip. Once TCP is gone nothing is read: the
+        transport would drop it (Twisted's C{connectionLost} asks twice, for
+        nothing).
         """
         if self.transportLost:
             return
@@ -542,13 +544,14 @@ class _ServerTLSProtocol(_TLSProtocol):
         flusher = self.factory.flusher
         if flusher is None:
             self.transport.write(data)
-        elif self.sendingHeld:
-            # The turn that wrote them is over: as the Flusher would now.
+        elif (
+            self.sendingHeld
+            or self.disconnecting
+            or self._lostTLSConnection
+            or self._tlsConnection.get_shutdown()
+        ):
             flusher.flushNow(self.transport)
             writeThrough(self.transport, data)
-        elif self.disconnecting or self._lostTLSConnection or self._tlsConnection.get_shutdown():
-            flusher.flushNow(self.transport)
-            self.transport.write(data)
         else:
             flusher.write(self.transport, data)
 

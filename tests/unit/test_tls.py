@@ -12,6 +12,7 @@ import os
 import socket
 import stat
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
@@ -779,7 +780,14 @@ def test_the_connections_of_a_turn_share_one_timed_call(pki: PKI) -> None:
 
 
 class TurnClock(Clock):
-    """A Clock that can run one reactor turn: the calls due when it starts, not those they add."""
+    """
+    A Clock that can run one reactor turn (the calls due when it starts,
+    not those they add), and that notes who waits to write.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writers: set[Any] = set()
 
     def turn(self) -> None:
         due = [call for call in self.calls if call.getTime() <= self.seconds()]
@@ -788,12 +796,18 @@ class TurnClock(Clock):
             call.called = 1
             call.func(*call.args, **call.kw)
 
+    def addWriter(self, writer: Any) -> None:
+        self.writers.add(writer)
 
-def test_records_leave_in_the_turn_that_encrypts_them(pki: PKI) -> None:
+    def removeWriter(self, writer: Any) -> None:
+        self.writers.discard(writer)
+
+
+@pytest.fixture
+def tcpWire(pki: PKI) -> Iterator[tuple[Wire, TurnClock, socket.socket, Peer, Peer]]:
     """
-    Over plain TCP, the records made at the end of a turn are sent in the
-    next one at once (they waited one turn more in the Flusher), and no
-    call is left for the Flusher.
+    A handshaken server over a real TCP transport class (one end of a socket
+    pair, C{theirs} the other), so that the reactor's Flusher takes its bytes.
     """
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
@@ -817,15 +831,43 @@ def test_records_leave_in_the_turn_that_encrypts_them(pki: PKI) -> None:
             with contextlib.suppress(BlockingIOError):
                 w.client.dataReceived(theirs.recv(65536, socket.MSG_DONTWAIT))
         assert serverPeer.handshakeDone and clientPeer.handshakeDone
-        assert clock.getDelayedCalls() == []
-        w.server.write(b"reply")
-        clock.turn()
-        w.client.dataReceived(theirs.recv(65536, socket.MSG_DONTWAIT))
-        assert clientPeer.received == b"reply"
-        assert clock.getDelayedCalls() == []
+        assert clock.getDelayedCalls() == [] and not clock.writers
+        yield w, clock, theirs, serverPeer, clientPeer
     finally:
         ours.close()
         theirs.close()
+
+
+def test_records_leave_in_the_turn_that_encrypts_them(
+    tcpWire: tuple[Wire, TurnClock, socket.socket, Peer, Peer],
+) -> None:
+    """
+    Over plain TCP, the records made at the end of a turn are sent in the
+    next one at once (they waited one turn more in the Flusher), and no
+    call is left for the Flusher.
+    """
+    w, clock, theirs, serverPeer, clientPeer = tcpWire
+    w.server.write(b"reply")
+    clock.turn()
+    w.client.dataReceived(theirs.recv(65536, socket.MSG_DONTWAIT))
+    assert clientPeer.received == b"reply"
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_last_records_and_close_notify_are_sent_at_once(
+    tcpWire: tuple[Wire, TurnClock, socket.socket, Peer, Peer],
+) -> None:
+    """
+    loseConnection sends what is held and close_notify without waiting to
+    be told the socket is writable (Twisted's epoll_ctl pair and a turn).
+    """
+    w, clock, theirs, serverPeer, clientPeer = tcpWire
+    w.server.write(b"bye")
+    w.server.loseConnection()
+    assert not clock.writers
+    w.client.dataReceived(theirs.recv(65536, socket.MSG_DONTWAIT))
+    assert clientPeer.received == b"bye"
+    assert w.client.getHandle().get_shutdown() & SSL.RECEIVED_SHUTDOWN
 
 
 def test_a_large_write_is_encrypted_at_once(pki: PKI) -> None:
