@@ -276,6 +276,9 @@ CLOSE_NOTIFY_WAIT = 5.0
 #: (as Twisted's own batching does: memory stays bounded under a fast writer).
 MAX_HELD_PLAINTEXT = 64_000
 
+#: The most plaintext one TLS record carries.
+MAX_RECORD_PLAINTEXT = 2**14
+
 
 class _HeldWrites:
     """
@@ -348,9 +351,10 @@ class _ServerTLSProtocol(_TLSProtocol):
     L{_HeldWrites} (L{write}), that the error of a TLS connection ended by
     an unexpected EOF, which Twisted does not pass on, is freed at once
     (L{_tlsShutdownFinished}), that what OpenSSL has to send goes out
-    through the reactor's L{Flusher} (L{_flushSendBIO}), that a close waits
-    for the client only so long (L{loseConnection}), and that it can close
-    its sending side alone, with TCP's FIN after close_notify
+    through the reactor's L{Flusher} or at once (L{_flushSendBIO}), that a
+    close sends the last records with close_notify and waits for the
+    client only so long (L{loseConnection}), and that it can close its
+    sending side alone, with TCP's FIN after close_notify
     (L{loseWriteConnection}).
     """
 
@@ -367,6 +371,8 @@ class _ServerTLSProtocol(_TLSProtocol):
     transportLost = False
     #: In L{sendHeld}: the records go out now, not at the next turn.
     sendingHeld = False
+    #: In L{loseConnection}: OpenSSL's output waits for close_notify (L{_flushSendBIO}).
+    withholding = False
 
     def makeConnection(self, transport: Any) -> None:
         if not self._connectWrapped:
@@ -448,11 +454,36 @@ class _ServerTLSProtocol(_TLSProtocol):
             if self.transport is not None:
                 self.transport.loseConnection()
             return
-        self.encryptHeld()
+        if self.held is not None and self.closesTLSNow():
+            # The last records stay in OpenSSL's buffer until close_notify
+            # joins them there: one send for both (_flushSendBIO).
+            self.withholding = True
+            try:
+                self.encryptHeld()
+            finally:
+                self.withholding = False
+        else:
+            self.encryptHeld()
         super().loseConnection()
         clock = self.factory.clock
         if clock is not None and self.closeWait is None and self.transport is not None:
             self.closeWait = clock.callLater(CLOSE_NOTIFY_WAIT, self.closeTCP)
+
+    def closesTLSNow(self) -> bool:
+        """
+        Whether Twisted's C{loseConnection} will send close_notify at once,
+        and what is held fits in one record beside it in one read of
+        OpenSSL's buffer (L{_flushSendBIO} reads up to 32 KiB).
+        """
+        return (
+            self.connected
+            and not self.disconnecting
+            and self._handshakeDone
+            and not self._lostTLSConnection
+            and not self._appSendBuffer
+            and self._producer is None
+            and self.heldSize <= MAX_RECORD_PLAINTEXT
+        )
 
     def loseWriteConnection(self) -> None:
         """
@@ -535,7 +566,7 @@ class _ServerTLSProtocol(_TLSProtocol):
         transport would drop it (Twisted's C{connectionLost} asks twice, for
         nothing).
         """
-        if self.transportLost:
+        if self.transportLost or self.withholding:
             return
         try:
             data = self._tlsConnection.bio_read(2**15)

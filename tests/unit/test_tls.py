@@ -858,13 +858,27 @@ def test_the_last_records_and_close_notify_are_sent_at_once(
     tcpWire: tuple[Wire, TurnClock, socket.socket, Peer, Peer],
 ) -> None:
     """
-    loseConnection sends what is held and close_notify without waiting to
-    be told the socket is writable (Twisted's epoll_ctl pair and a turn).
+    loseConnection sends what is held and close_notify together, in one
+    send, without waiting to be told the socket is writable (Twisted's
+    epoll_ctl pair and a turn).
     """
     w, clock, theirs, serverPeer, clientPeer = tcpWire
+    sent: list[bytes] = []
+
+    class CountingSocket:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def send(self, data: bytes) -> int:
+            sent.append(data)
+            return self.sock.send(data)
+
+    tcpTransport: Any = w.server.transport
+    tcpTransport.socket = CountingSocket(tcpTransport.socket)
     w.server.write(b"bye")
     w.server.loseConnection()
     assert not clock.writers
+    assert len(sent) == 1 and records(sent[0]) == [APPLICATION_DATA, APPLICATION_DATA]
     w.client.dataReceived(theirs.recv(65536, socket.MSG_DONTWAIT))
     assert clientPeer.received == b"bye"
     assert w.client.getHandle().get_shutdown() & SSL.RECEIVED_SHUTDOWN
@@ -882,15 +896,20 @@ def test_a_large_write_is_encrypted_at_once(pki: PKI) -> None:
     assert clientPeer.received == b"pong" + b"x" * 1000 + b"y" * MAX_HELD_PLAINTEXT
 
 
-def test_held_writes_go_before_close_notify_and_later_ones_are_dropped(pki: PKI) -> None:
+@pytest.mark.parametrize("size", [10, 2**14, 2**14 + 1, 40_000])
+def test_held_writes_go_before_close_notify_and_later_ones_are_dropped(
+    pki: PKI, size: int
+) -> None:
+    """Held bytes, in one record or more, then close_notify; nothing written after it."""
     w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
     w.serverTransport.clear()
-    w.server.write(b"last words")
+    w.server.write(b"last words".ljust(size, b"."))
     w.server.loseConnection()
     w.server.write(b"too late")
-    assert records(w.serverTransport.value()) == [APPLICATION_DATA, APPLICATION_DATA]
+    sent = records(w.serverTransport.value())
+    assert sent == [APPLICATION_DATA] * (2 + (size - 1) // 2**14)  # close_notify's is the last
     w.pump()
-    assert clientPeer.received == b"ponglast words"
+    assert clientPeer.received == b"pong" + b"last words".ljust(size, b".")
     assert not w.server.connected
 
 
