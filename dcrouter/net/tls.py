@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
 from typing import Any, Optional
+from weakref import WeakKeyDictionary
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -63,7 +64,7 @@ from zope.interface import implementer
 
 from dcrouter import files
 from dcrouter.config.model import CertificatePair, TlsSettings
-from dcrouter.net.sending import Flusher
+from dcrouter.net.sending import Flusher, writeThrough
 from dcrouter.net.tlspolicy import DEFAULT_CIPHERS, TLSPolicyError, serverContext
 
 __all__ = [
@@ -271,9 +272,64 @@ def contextFor(
 #: (its close_notify, its FIN) before it closes TCP itself.
 CLOSE_NOTIFY_WAIT = 5.0
 
-#: Twisted's TLS protocol class: BufferingTLSTransport (small writes batched
-#: until the next reactor turn) after 22.4, TLSMemoryBIOProtocol on 22.4.
-_TLSProtocol: Any = TLSMemoryBIOFactory.protocol
+#: Plaintext a connection holds for the turn before it encrypts it at once
+#: (as Twisted's own batching does: memory stays bounded under a fast writer).
+MAX_HELD_PLAINTEXT = 64_000
+
+#: The most plaintext one TLS record carries.
+MAX_RECORD_PLAINTEXT = 2**14
+
+
+class _HeldWrites:
+    """
+    What the application wrote to the terminated TLS connections of one
+    reactor during this turn: encrypted at the start of the next, each
+    connection's writes as one C{SSL_write}, and sent at once.
+
+    Twisted after 22.4 batches the same way, but with an object and a
+    C{callLater(0)} per connection and burst, and its records then waited
+    one more turn in the L{Flusher}. Here one call per turn serves every
+    connection, and the records leave in the same turn.
+    """
+
+    _ofReactor: WeakKeyDictionary[IReactorTime, _HeldWrites] = WeakKeyDictionary()
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        self.reactor = reactor
+        self.waiting: list[_ServerTLSProtocol] = []
+        self.call: Optional[IDelayedCall] = None
+
+    @classmethod
+    def of(cls, reactor: IReactorTime) -> _HeldWrites:
+        """The held writes of C{reactor}, made on first use."""
+        held = cls._ofReactor.get(reactor)
+        if held is None:
+            held = cls._ofReactor[reactor] = cls(reactor)
+        return held
+
+    def add(self, protocol: _ServerTLSProtocol) -> None:
+        """C{protocol} holds plaintext now: encrypt it when this turn is over."""
+        self.waiting.append(protocol)
+        if self.call is None:
+            self.call = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self.call = None
+        waiting, self.waiting = self.waiting, []
+        for protocol in waiting:
+            protocol.sendHeld()
+
+
+def _defaultReactor() -> IReactorTime:
+    """The global reactor, which Twisted's TLS batching uses when given no clock."""
+    from twisted.internet import reactor
+
+    return reactor
+
+
+#: Twisted's TLS protocol, without the write batching Twisted after 22.4 adds
+#: (BufferingTLSTransport): L{_HeldWrites} does that for every version.
+_TLSProtocol: Any = TLSMemoryBIOProtocol
 
 
 @implementer(IHalfCloseableProtocol)
@@ -290,13 +346,16 @@ class _ServerTLSProtocol(_TLSProtocol):
     It then calls C{do_handshake()}, which for a server that has read nothing
     yet can only fail with C{WantReadError} and leave nothing to send; the
     first C{dataReceived} starts the handshake instead.
-    Everything after C{makeConnection} is Twisted's own code, except that the
-    error of a TLS connection ended by an unexpected EOF, which Twisted does
-    not pass on, is freed at once (L{_tlsShutdownFinished}), that what
-    OpenSSL has to send goes out through the reactor's L{Flusher}
-    (L{_flushSendBIO}), that a close waits for the client only so long
-    (L{loseConnection}), and that it can close its sending side alone, with
-    TCP's FIN after close_notify (L{loseWriteConnection}).
+    Everything after C{makeConnection} is Twisted's own code, except that
+    the application's writes are held for the turn in the reactor's
+    L{_HeldWrites} (L{write}), that the error of a TLS connection ended by
+    an unexpected EOF, which Twisted does not pass on, is freed at once
+    (L{_tlsShutdownFinished}), that what OpenSSL has to send goes out
+    through the reactor's L{Flusher} or at once (L{_flushSendBIO}), that a
+    close sends the last records with close_notify and waits for the
+    client only so long (L{loseConnection}), and that it can close its
+    sending side alone, with TCP's FIN after close_notify
+    (L{loseWriteConnection}).
     """
 
     factory: _ServerTLSFactory
@@ -304,6 +363,16 @@ class _ServerTLSProtocol(_TLSProtocol):
     closeWait: Optional[IDelayedCall] = None
     #: Closing the sending side only: TCP's FIN follows close_notify.
     halfClosing = False
+    #: What the application wrote during this turn, not yet encrypted.
+    held: Optional[list[bytes]] = None
+    #: How many bytes C{held} has.
+    heldSize = 0
+    #: TCP is gone (L{connectionLost}): what OpenSSL still writes has nowhere to go.
+    transportLost = False
+    #: In L{sendHeld}: the records go out now, not at the next turn.
+    sendingHeld = False
+    #: In L{loseConnection}: OpenSSL's output waits for close_notify (L{_flushSendBIO}).
+    withholding = False
 
     def makeConnection(self, transport: Any) -> None:
         if not self._connectWrapped:
@@ -316,6 +385,54 @@ class _ServerTLSProtocol(_TLSProtocol):
         self._appSendBuffer: list[bytes] = []
         # Provides the transport's interfaces, connects self, then the wrapped protocol.
         ProtocolWrapper.makeConnection(self, transport)
+
+    def write(self, data: bytes) -> None:
+        """
+        Hold C{data} until the end of the reactor's turn (L{_HeldWrites}),
+        where everything written during the turn becomes one C{SSL_write}:
+        fewer, fuller records. More than L{MAX_HELD_PLAINTEXT} bytes are
+        encrypted at once. As in Twisted, bytes written after
+        L{loseConnection} (without a producer) are dropped.
+        """
+        data = data + b""  # a copy if mutable; bytes stay as they are
+        held = self.held
+        if held is None:
+            self.held = [data]
+            self.heldSize = len(data)
+            self.factory.heldWrites.add(self)
+        else:
+            held.append(data)
+            self.heldSize += len(data)
+        if self.heldSize > MAX_HELD_PLAINTEXT:
+            self.encryptHeld()
+
+    def writeSequence(self, iovec: Sequence[bytes]) -> None:
+        self.write(b"".join(iovec))
+
+    def encryptHeld(self) -> None:
+        """Give what the application wrote to OpenSSL (Twisted's own C{write})."""
+        held = self.held
+        if held is not None:
+            self.held = None
+            self.heldSize = 0
+            _TLSProtocol.write(self, held[0] if len(held) == 1 else b"".join(held))
+
+    def sendHeld(self) -> None:
+        """The turn is over: encrypt what was written and send the records now."""
+        if self.held is not None:
+            self.sendingHeld = True
+            try:
+                self.encryptHeld()
+            finally:
+                self.sendingHeld = False
+
+    def unregisterProducer(self) -> None:
+        """
+        Encrypt what is held first: after L{loseConnection}, Twisted sends
+        close_notify here, and the held bytes would come after it.
+        """
+        self.encryptHeld()
+        super().unregisterProducer()
 
     def loseConnection(self) -> None:
         """
@@ -337,10 +454,36 @@ class _ServerTLSProtocol(_TLSProtocol):
             if self.transport is not None:
                 self.transport.loseConnection()
             return
+        if self.held is not None and self.closesTLSNow():
+            # The last records stay in OpenSSL's buffer until close_notify
+            # joins them there: one send for both (_flushSendBIO).
+            self.withholding = True
+            try:
+                self.encryptHeld()
+            finally:
+                self.withholding = False
+        else:
+            self.encryptHeld()
         super().loseConnection()
         clock = self.factory.clock
         if clock is not None and self.closeWait is None and self.transport is not None:
             self.closeWait = clock.callLater(CLOSE_NOTIFY_WAIT, self.closeTCP)
+
+    def closesTLSNow(self) -> bool:
+        """
+        Whether Twisted's C{loseConnection} will send close_notify at once,
+        and what is held fits in one record beside it in one read of
+        OpenSSL's buffer (L{_flushSendBIO} reads up to 32 KiB).
+        """
+        return (
+            self.connected
+            and not self.disconnecting
+            and self._handshakeDone
+            and not self._lostTLSConnection
+            and not self._appSendBuffer
+            and self._producer is None
+            and self.heldSize <= MAX_RECORD_PLAINTEXT
+        )
 
     def loseWriteConnection(self) -> None:
         """
@@ -358,6 +501,7 @@ class _ServerTLSProtocol(_TLSProtocol):
         would be at once); a L{loseConnection} after this closes TCP.
         """
         self.halfClosing = True
+        self.encryptHeld()
         super().loseConnection()
 
     def _shutdownTLS(self) -> None:
@@ -403,6 +547,8 @@ class _ServerTLSProtocol(_TLSProtocol):
             if self.closeWait.active():
                 self.closeWait.cancel()
             self.closeWait = None
+        self.encryptHeld()
+        self.transportLost = True
         super().connectionLost(reason)
 
     def _flushSendBIO(self) -> None:
@@ -410,11 +556,18 @@ class _ServerTLSProtocol(_TLSProtocol):
         Send what OpenSSL wrote (a handshake flight, session tickets, records)
         through the reactor's L{Flusher}: held for the rest of the turn and
         sent with one C{send()} at the start of the next, without Twisted's
-        two C{epoll_ctl} calls per flight. Once the connection is closing
+        two C{epoll_ctl} calls per flight. The records of the writes held
+        for a turn (L{sendHeld}) are made when that turn is over, and go at
+        once, as the Flusher's own would. Once the connection is closing
         (a close_notify or an alert, followed by the TCP transport's
-        C{loseConnection}) the bytes go to the transport directly, after
-        anything held.
+        C{loseConnection}) the bytes go at once too, after anything held:
+        sent if the socket takes them, without Twisted's C{epoll_ctl} pair
+        and writability round trip. Once TCP is gone nothing is read: the
+        transport would drop it (Twisted's C{connectionLost} asks twice, for
+        nothing).
         """
+        if self.transportLost or self.withholding:
+            return
         try:
             data = self._tlsConnection.bio_read(2**15)
         except SSL.WantReadError:
@@ -422,9 +575,14 @@ class _ServerTLSProtocol(_TLSProtocol):
         flusher = self.factory.flusher
         if flusher is None:
             self.transport.write(data)
-        elif self.disconnecting or self._lostTLSConnection or self._tlsConnection.get_shutdown():
+        elif (
+            self.sendingHeld
+            or self.disconnecting
+            or self._lostTLSConnection
+            or self._tlsConnection.get_shutdown()
+        ):
             flusher.flushNow(self.transport)
-            self.transport.write(data)
+            writeThrough(self.transport, data)
         else:
             flusher.write(self.transport, data)
 
@@ -460,6 +618,9 @@ class _ServerTLSFactory(TLSMemoryBIOFactory):
         #: Where the connections' bytes go out (L{_ServerTLSProtocol._flushSendBIO});
         #: without a clock, through Twisted's own writes.
         self.flusher = Flusher.of(clock) if clock is not None else None
+        #: Where the application's writes wait for the end of the turn; without
+        #: a clock, on the global reactor, as in Twisted.
+        self.heldWrites = _HeldWrites.of(clock if clock is not None else _defaultReactor())
 
     def registerProtocol(self, p: Any) -> None:
         pass

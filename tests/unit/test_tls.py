@@ -6,10 +6,13 @@ cryptography (a root CA, an intermediate, leaves; another CA nobody trusts).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import socket
 import stat
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
@@ -22,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from service_identity import VerificationError
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -29,6 +33,7 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
+    IPushProducer,
     ISSLTransport,
     ISystemHandle,
     ITCPTransport,
@@ -50,6 +55,7 @@ from zope.interface.verify import verifyObject
 from dcrouter.config.model import CertificatePair, TlsSettings
 from dcrouter.net.tls import (
     CLOSE_NOTIFY_WAIT,
+    MAX_HELD_PLAINTEXT,
     SELF_SIGNED_DAYS,
     ServerTLS,
     TLSSetupError,
@@ -220,10 +226,16 @@ class Wire:
 
 
 def wire(
-    serverTLS: Any, creator: Any, serverPeer: Peer, clientPeer: Peer, *, connect: bool = True
+    serverTLS: Any,
+    creator: Any,
+    serverPeer: Peer,
+    clientPeer: Peer,
+    *,
+    connect: bool = True,
+    clock: Clock | None = None,
 ) -> Wire:
     """Join a server made with L{wrapServer} and a client made from C{creator}."""
-    clock = Clock()
+    clock = clock or Clock()
     w = Wire(
         clock,
         _wrapTLS(creator, True, clientPeer, clock),
@@ -238,10 +250,12 @@ def wire(
     return w
 
 
-def handshake(serverTLS: Any, creator: Any) -> tuple[Wire, Peer, Peer]:
+def handshake(
+    serverTLS: Any, creator: Any, clock: Clock | None = None
+) -> tuple[Wire, Peer, Peer]:
     """Connect a client that says C{ping} to a server that says C{pong}."""
     serverPeer, clientPeer = Peer(b"pong"), Peer(b"ping")
-    return wire(serverTLS, creator, serverPeer, clientPeer), serverPeer, clientPeer
+    return wire(serverTLS, creator, serverPeer, clientPeer, clock=clock), serverPeer, clientPeer
 
 
 def assertConnected(serverPeer: Peer, clientPeer: Peer) -> None:
@@ -712,6 +726,233 @@ def test_clientRefusesBelowTLS12(pki: PKI) -> None:
         _, _, clientPeer = handshake(OldServer(), creator)
         assert not clientPeer.handshakeDone
         assert clientPeer.lostReason is not None and clientPeer.lostReason.check(SSL.Error)
+
+
+# -- the application's writes: held for the turn ------------------------------------
+
+
+def records(data: bytes) -> list[int]:
+    """The content type of each TLS record in C{data}."""
+    types = []
+    while data:
+        types.append(data[0])
+        data = data[5 + int.from_bytes(data[3:5], "big") :]
+    return types
+
+
+APPLICATION_DATA = 23
+
+
+def test_writes_of_one_turn_leave_as_one_record(pki: PKI) -> None:
+    """
+    Everything the application writes during a turn becomes one TLS record
+    at its end (Twisted 22.4 made a record per write).
+    """
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    w.serverTransport.clear()
+    for piece in (b"HTTP/1.1 200 OK\r\n", b"Content-Length: 2\r\n\r\n", b"ok"):
+        w.server.write(piece)
+    w.server.writeSequence([b"and", b"more"])
+    assert w.serverTransport.value() == b""  # held for the turn
+    w.clock.advance(0)
+    assert records(w.serverTransport.value()) == [APPLICATION_DATA]
+    w.pump()
+    assert clientPeer.received == b"pong" + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokandmore"
+
+
+def test_the_connections_of_a_turn_share_one_timed_call(pki: PKI) -> None:
+    """
+    However many connections write during a turn, one call encrypts and
+    sends all of it (Twisted's own batching made a call per connection).
+    """
+    serverTLS = ServerTLS(pki.backend, TlsSettings())
+    clock = Clock()
+    first, _, _ = handshake(serverTLS, trusting(pki.root), clock)
+    second, _, clientPeer = handshake(serverTLS, trusting(pki.root), clock)
+    for w in (first, second):
+        w.serverTransport.clear()
+        w.server.write(b"reply")
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert first.serverTransport.value() and second.serverTransport.value()
+    second.pump()
+    assert clientPeer.received == b"pongreply"
+
+
+class TurnClock(Clock):
+    """
+    A Clock that can run one reactor turn (the calls due when it starts,
+    not those they add), and that notes who waits to write.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writers: set[Any] = set()
+
+    def turn(self) -> None:
+        due = [call for call in self.calls if call.getTime() <= self.seconds()]
+        for call in due:
+            self.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+
+    def addWriter(self, writer: Any) -> None:
+        self.writers.add(writer)
+
+    def removeWriter(self, writer: Any) -> None:
+        self.writers.discard(writer)
+
+
+@pytest.fixture
+def tcpWire(pki: PKI) -> Iterator[tuple[Wire, TurnClock, socket.socket, Peer, Peer]]:
+    """
+    A handshaken server over a real TCP transport class (one end of a socket
+    pair, C{theirs} the other), so that the reactor's Flusher takes its bytes.
+    """
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    clock = TurnClock()
+    serverPeer, clientPeer = Peer(), Peer()
+    w = wire(
+        ServerTLS(pki.backend, TlsSettings()), trusting(pki.root), serverPeer, clientPeer,
+        connect=False, clock=clock,
+    )
+    transport = tcp.Connection(ours, None, clock)  # type: ignore[arg-type]
+    transport.connected = 1
+    w.client.makeConnection(w.clientTransport)
+    w.server.makeConnection(transport)
+    try:
+        for _ in range(5):  # the handshake, its flights sent through the Flusher
+            clock.advance(0)
+            if w.clientTransport.value():
+                w.server.dataReceived(w.clientTransport.value())
+                w.clientTransport.clear()
+            clock.advance(0)
+            with contextlib.suppress(BlockingIOError):
+                w.client.dataReceived(theirs.recv(65536, socket.MSG_DONTWAIT))
+        assert serverPeer.handshakeDone and clientPeer.handshakeDone
+        assert clock.getDelayedCalls() == [] and not clock.writers
+        yield w, clock, theirs, serverPeer, clientPeer
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_records_leave_in_the_turn_that_encrypts_them(
+    tcpWire: tuple[Wire, TurnClock, socket.socket, Peer, Peer],
+) -> None:
+    """
+    Over plain TCP, the records made at the end of a turn are sent in the
+    next one at once (they waited one turn more in the Flusher), and no
+    call is left for the Flusher.
+    """
+    w, clock, theirs, serverPeer, clientPeer = tcpWire
+    w.server.write(b"reply")
+    clock.turn()
+    w.client.dataReceived(theirs.recv(65536, socket.MSG_DONTWAIT))
+    assert clientPeer.received == b"reply"
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_last_records_and_close_notify_are_sent_at_once(
+    tcpWire: tuple[Wire, TurnClock, socket.socket, Peer, Peer],
+) -> None:
+    """
+    loseConnection sends what is held and close_notify together, in one
+    send, without waiting to be told the socket is writable (Twisted's
+    epoll_ctl pair and a turn).
+    """
+    w, clock, theirs, serverPeer, clientPeer = tcpWire
+    sent: list[bytes] = []
+
+    class CountingSocket:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def send(self, data: bytes) -> int:
+            sent.append(data)
+            return self.sock.send(data)
+
+    tcpTransport: Any = w.server.transport
+    tcpTransport.socket = CountingSocket(tcpTransport.socket)
+    w.server.write(b"bye")
+    w.server.loseConnection()
+    assert not clock.writers
+    assert len(sent) == 1 and records(sent[0]) == [APPLICATION_DATA, APPLICATION_DATA]
+    w.client.dataReceived(theirs.recv(65536, socket.MSG_DONTWAIT))
+    assert clientPeer.received == b"bye"
+    assert w.client.getHandle().get_shutdown() & SSL.RECEIVED_SHUTDOWN
+
+
+def test_a_large_write_is_encrypted_at_once(pki: PKI) -> None:
+    """More than MAX_HELD_PLAINTEXT bytes are not held: memory stays bounded."""
+    w, _, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    w.serverTransport.clear()
+    w.server.write(b"x" * 1000)
+    assert w.serverTransport.value() == b""
+    w.server.write(b"y" * MAX_HELD_PLAINTEXT)
+    assert len(w.serverTransport.value()) > MAX_HELD_PLAINTEXT
+    w.pump()
+    assert clientPeer.received == b"pong" + b"x" * 1000 + b"y" * MAX_HELD_PLAINTEXT
+
+
+@pytest.mark.parametrize("size", [10, 2**14, 2**14 + 1, 40_000])
+def test_held_writes_go_before_close_notify_and_later_ones_are_dropped(
+    pki: PKI, size: int
+) -> None:
+    """Held bytes, in one record or more, then close_notify; nothing written after it."""
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    w.serverTransport.clear()
+    w.server.write(b"last words".ljust(size, b"."))
+    w.server.loseConnection()
+    w.server.write(b"too late")
+    sent = records(w.serverTransport.value())
+    assert sent == [APPLICATION_DATA] * (2 + (size - 1) // 2**14)  # close_notify's is the last
+    w.pump()
+    assert clientPeer.received == b"pong" + b"last words".ljust(size, b".")
+    assert not w.server.connected
+
+
+def test_held_writes_go_before_close_notify_when_the_producer_leaves(pki: PKI) -> None:
+    """
+    With a producer registered, loseConnection waits for it to leave, then
+    sends close_notify: what was written meanwhile goes first, not after it.
+    """
+
+    @implementer(IPushProducer)
+    class Producer:
+        def pauseProducing(self) -> None: ...
+
+        def resumeProducing(self) -> None: ...
+
+        def stopProducing(self) -> None: ...
+
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    w.server.registerProducer(Producer(), True)
+    w.server.loseConnection()
+    w.server.write(b"the rest")
+    w.server.unregisterProducer()
+    w.pump()
+    assert clientPeer.received == b"pongthe rest"
+    assert not w.server.connected
+
+
+def test_nothing_is_written_once_tcp_is_gone(pki: PKI) -> None:
+    """
+    A close_notify that arrives with the end of TCP: OpenSSL's answer has
+    nowhere to go, and is not written (Twisted wrote it to the closed
+    transport); the application still hears of a clean TLS close.
+    """
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    w.client.loseConnection()
+    w.clock.advance(0)
+    closeNotify = w.clientTransport.value()
+    assert len(records(closeNotify)) == 1  # the close_notify alert (encrypted: TLS 1.3)
+    w.serverTransport.clear()
+    w.server.getHandle().bio_write(closeNotify)  # read, but not yet handled
+    w.server.connectionLost(Failure(ConnectionDone()))
+    assert w.serverTransport.value() == b""
+    assert serverPeer.lostReason is not None and serverPeer.lostReason.check(ConnectionDone)
 
 
 # -- closing: how long the client may take to answer close_notify -------------------
