@@ -392,6 +392,8 @@ class Relay(BackendUser):
             # Bytes after a complete response belong to no response we
             # asked for: a connection that sent any is closed, not pooled.
             self.responseDone(reusable=not self.reader.leftover)
+        elif not self.producing and not self.done:
+            self.produceForClient()
 
     def responseHeaders(self, head: ResponseHead) -> list[tuple[bytes, bytes]]:
         return endToEndHeaders(head.headers, head.connectionTokens)
@@ -413,12 +415,21 @@ class Relay(BackendUser):
         )
         self.reader = bodyReader(framing)
         self.exchange.startResponse(head.status, head.reason, headers, framing)
-        backend = self.backend
-        if backend is not None and backend.transport is not None and not self.reader.done:
-            self.exchange.registerProducer(self, True)
-            self.producing = True
 
     producing = False
+
+    def produceForClient(self) -> None:
+        """
+        The response's body goes on past the bytes read so far: from here the
+        client's backpressure pauses the backend. (A response read whole with
+        its head, as most small ones are, needs no producer; what this data
+        made the exchange write is still held by its cork, so registering
+        after it is as registering before it.)
+        """
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            self.exchange.registerProducer(self, True)
+            self.producing = True
 
     # The client's producer while the response is relayed: the backend's
     # transport, paused and resumed by the client's backpressure.
