@@ -1115,18 +1115,19 @@ def endToEndHeaders(
     @param drop: the names (lower-case) always dropped: L{HOP_BY_HOP}, or a
         superset of it for a caller that drops more names in the same pass.
     """
-    if connectionTokens:
+    if connectionTokens and not connectionTokens <= drop:
+        # (Most Connection headers name only keep-alive or close, dropped anyway.)
         drop = drop | (connectionTokens - protect)
     out = []
-    for name, value in headers:
-        lname = name.lower()
+    for field in headers:
+        lname = field[0].lower()
         if lname in drop:
             continue
         if b"_" in lname:
             alias = lname.replace(b"_", b"-")
             if alias in protect or alias in HOP_BY_HOP:
                 continue
-        out.append((name, value))
+        out.append(field)
     return out
 
 
