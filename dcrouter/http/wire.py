@@ -533,8 +533,13 @@ def _upgradeOffer(values: list[bytes]) -> Optional[bytes]:
 def _checkAuthority(authority: bytes) -> None:
     """Check an authority as L{splitAuthority} does, without splitting it."""
     m = _AUTHORITY.fullmatch(authority)
-    if m is None or m.lastindex != 1 or authority[0] == 91 or len(authority) > _MAX_HOST_NAME:
-        splitAuthority(authority)  # The slow path: raises, or checks port / IPv6.
+    if (
+        m is None
+        or authority[0] == 91
+        or m.end(1) > _MAX_HOST_NAME
+        or (m.lastindex == 2 and int(m[2]) > 65535)
+    ):
+        splitAuthority(authority)  # The slow path: raises, or checks IPv6.
 
 
 def splitAuthority(authority: bytes) -> tuple[bytes, Optional[int]]:
