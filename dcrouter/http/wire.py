@@ -1095,7 +1095,7 @@ def serializeHead(startLine: bytes, headers: Iterable[tuple[bytes, bytes]]) -> b
     Names and values must be valid already (parsed ones are).
     """
     lines = [startLine]
-    lines.extend([name + b": " + value for name, value in headers])
+    lines.extend(map(b": ".join, headers))
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
 
