@@ -49,7 +49,6 @@ from dcrouter.http.wire import (
 from dcrouter.interfaces import IHTTPExchange
 from dcrouter.net.gate import clientIP
 from dcrouter.net.idle import IdleSweep
-from dcrouter.net.sending import Flusher
 from dcrouter.ops.accesslog import formatAddress
 
 log = Logger()
@@ -289,7 +288,7 @@ class Relay(BackendUser):
             # The request's only write: out with this turn's others, without
             # Twisted's writability round trip. Nothing else is written to
             # the connection before its response has come.
-            Flusher.of(self.reactor).write(backend.transport, head)
+            self.route.backends.flusher.write(backend.transport, head)
         else:
             self.writeBackend(head)
 
@@ -602,7 +601,7 @@ class Relay(BackendUser):
             backend.clearDeadline()
             # An abandoned request's head is not sent (an abort drops it, as
             # it drops what Twisted holds); a closed connection's goes first.
-            flusher = Flusher.of(self.reactor)
+            flusher = self.route.backends.flusher
             if abort:
                 flusher.held.pop(backend.transport, None)
             else:
