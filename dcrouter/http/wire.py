@@ -330,10 +330,14 @@ class _HeadParser:
         else:
             work = data
         if not self._started:
-            skipped = self._skipEmptyLines(work)
-            if skipped is None:
-                return None
-            work = skipped
+            if work and work[0] != 13 and work[0] != 10:
+                # No empty line to skip (nearly always): the start line begins.
+                self._started = True
+            else:
+                skipped = self._skipEmptyLines(work)
+                if skipped is None:
+                    return None
+                work = skipped
         n = len(work)
         scanned = self._scanned
         end = work.find(b"\r\n\r\n", scanned - 3 if scanned > 3 else 0)
