@@ -1125,19 +1125,46 @@ def endToEndHeaders(
         superset of it for a caller that drops more names in the same pass.
     """
     if connectionTokens and not connectionTokens <= drop:
-        # (Most Connection headers name only keep-alive or close, dropped anyway.)
+        # Connection names more than keep-alive or close (dropped anyway).
         drop = drop | (connectionTokens - protect)
+        return [field for field in headers if _isEndToEnd(field[0].lower(), drop, protect)]
+    # Without such tokens, whether a name is forwarded depends on the name
+    # alone: remembered, since messages repeat the same few names.
+    key = (drop, protect)
+    known = _endToEndNames.get(key)
+    if known is None:
+        known = {}
+        if isinstance(protect, frozenset) and len(_endToEndNames) < 16:
+            _endToEndNames[key] = known
     out = []
     for field in headers:
-        lname = field[0].lower()
-        if lname in drop:
-            continue
-        if b"_" in lname:
-            alias = lname.replace(b"_", b"-")
-            if alias in protect or alias in HOP_BY_HOP:
-                continue
-        out.append(field)
+        name = field[0]
+        forwarded = known.get(name)
+        if forwarded is None:
+            forwarded = _isEndToEnd(name.lower(), drop, protect)
+            if len(name) <= _REMEMBERED_NAME_LENGTH and len(known) < _REMEMBERED_NAMES:
+                known[name] = forwarded
+        if forwarded:
+            out.append(field)
     return out
+
+
+def _isEndToEnd(lname: bytes, drop: Set[bytes], protect: Set[bytes]) -> bool:
+    """Is a header named C{lname} (lower case) forwarded? See L{endToEndHeaders}."""
+    if lname in drop:
+        return False
+    if b"_" in lname:
+        alias = lname.replace(b"_", b"-")
+        if alias in protect or alias in HOP_BY_HOP:
+            return False
+    return True
+
+
+# endToEndHeaders' answers per header name as sent, for each (drop, protect)
+# it is called with; bounded, so that a client's made-up names cannot grow it.
+_endToEndNames: dict[tuple[frozenset[bytes], Set[bytes]], dict[bytes, bool]] = {}
+_REMEMBERED_NAMES = 1024
+_REMEMBERED_NAME_LENGTH = 64
 
 
 def _phrase(status: int) -> str:

@@ -459,7 +459,9 @@ def test_badHost(value: bytes) -> None:
         ).map(lambda parts: (parts[0] + parts[1]).encode()),
         st.tuples(
             st.integers(1, 6), st.integers(0, 63), st.sampled_from(["", ".", ":8080", ":70000"])
-        ).map(lambda parts: b".".join([b"a" * 50] * parts[0]) + b"b" * parts[1] + parts[2].encode()),
+        ).map(
+            lambda parts: b".".join([b"a" * 50] * parts[0]) + b"b" * parts[1] + parts[2].encode()
+        ),
     )
 )
 def test_checkAuthority_accepts_what_splitAuthority_accepts(authority: bytes) -> None:
@@ -1448,6 +1450,98 @@ def test_endToEndUnderscoreAliases() -> None:
     assert endToEndHeaders(headers, frozenset(), frozenset({b"x-forwarded-for"})) == [
         (b"X_Other", b"1")
     ]
+
+
+def referenceEndToEnd(
+    headers: list[tuple[bytes, bytes]],
+    tokens: frozenset[bytes],
+    protect: frozenset[bytes],
+    drop: frozenset[bytes],
+) -> list[tuple[bytes, bytes]]:
+    """endToEndHeaders as it was written before it remembered names: the rule itself."""
+    drop = drop | (tokens - protect)
+    out = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if b"_" in lname:
+            alias = lname.replace(b"_", b"-")
+            if alias in protect or alias in HOP_BY_HOP:
+                continue
+        out.append((name, value))
+    return out
+
+
+NAMES = (
+    st.sampled_from(
+        [
+            b"Connection",
+            b"connection",
+            b"Keep-Alive",
+            b"Upgrade",
+            b"TE",
+            b"X-Forwarded-For",
+            b"x_forwarded_for",
+            b"Transfer_Encoding",
+            b"Host",
+            b"X-Kept",
+            b"x-kept",
+            b"X_Kept",
+            b"Content-Length",
+            b"Content_Length",
+            b"Trailer",
+            b"Proxy-Connection",
+        ]
+    )
+    | tokens
+)
+LOWER_NAMES = NAMES.map(bytes.lower)
+SETS = st.frozensets(LOWER_NAMES, max_size=4)
+
+
+@FAST
+@given(
+    calls=st.lists(
+        st.tuples(
+            st.lists(st.tuples(NAMES, st.just(b"v")), max_size=8),
+            st.sampled_from([frozenset(), frozenset({b"keep-alive"}), frozenset({b"close"})])
+            | SETS,
+            st.sampled_from([frozenset(), frozenset({b"x-forwarded-for", b"host"})]) | SETS,
+            st.sampled_from([HOP_BY_HOP, HOP_BY_HOP | {b"content-length", b"host"}]),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_endToEndHeaders_remembers_nothing_wrong(
+    calls: list[
+        tuple[list[tuple[bytes, bytes]], frozenset[bytes], frozenset[bytes], frozenset[bytes]]
+    ],
+) -> None:
+    """
+    Whatever it has seen before (names with other drop and protect sets, or
+    with Connection tokens), endToEndHeaders keeps exactly what the rule keeps.
+    """
+    for headers, tokens, protect, drop in calls:
+        assert endToEndHeaders(headers, tokens, protect, drop) == referenceEndToEnd(
+            headers, tokens, protect, drop
+        )
+
+
+def test_endToEndHeaders_remembers_few_and_short_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client's made-up header names cannot make the remembered names grow without bound."""
+    from dcrouter.http import wire
+
+    monkeypatch.setattr(wire, "_endToEndNames", {})
+    drop = HOP_BY_HOP | {b"x-bound-test"}
+    names = [b"X-" + b"a" * 100] + [b"X-Made-Up-%d" % i for i in range(3000)]
+    assert endToEndHeaders([(name, b"1") for name in names], frozenset(), drop=drop) == [
+        (name, b"1") for name in names
+    ]
+    known = wire._endToEndNames[(drop, frozenset())]
+    assert len(known) == wire._REMEMBERED_NAMES
+    assert b"X-" + b"a" * 100 not in known
 
 
 @pytest.mark.parametrize(
