@@ -124,6 +124,11 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 )
 LAST_CHUNK: bytes = b"0\r\n\r\n"
 _NO_TOKENS: frozenset[bytes] = frozenset()
+# The Connection values nearly every message has, and their options.
+_ONE_TOKEN: dict[bytes, frozenset[bytes]] = {
+    value: frozenset((value.lower(),))
+    for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+}
 
 
 class HTTPError(Exception):
@@ -471,6 +476,10 @@ def _contentLength(values: list[bytes]) -> int:
     repeated or listed values must be the same digits, or the framing is
     ambiguous.
     """
+    if len(values) == 1:
+        value = values[0]
+        if value.isdigit() and len(value) <= _MAX_CL_DIGITS:
+            return int(value)  # The usual one plain number.
     seen: Optional[bytes] = None
     for value in values:
         for item in value.split(b","):
@@ -502,8 +511,12 @@ def _transferCodings(values: list[bytes]) -> list[bytes]:
 
 def _connectionTokens(values: list[bytes]) -> frozenset[bytes]:
     """The lower-cased options of the C{Connection} values (empty elements skipped)."""
-    if len(values) == 1 and _TOKEN_RE.fullmatch(values[0]) is not None:
-        return frozenset((values[0].lower(),))
+    if len(values) == 1:
+        known = _ONE_TOKEN.get(values[0])
+        if known is not None:
+            return known
+        if _TOKEN_RE.fullmatch(values[0]) is not None:
+            return frozenset((values[0].lower(),))
     tokens = set()
     for value in values:
         for item in value.split(b","):

@@ -6,6 +6,8 @@ hypothesis for random bytes and chunked round trips.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from itertools import pairwise
 from typing import Optional, Union
 
@@ -23,6 +25,8 @@ from dcrouter.http.wire import (
     ResponseHead,
     ResponseHeadParser,
     _checkAuthority,
+    _connectionTokens,
+    _contentLength,
     bodyReader,
     encodeChunk,
     endToEndHeaders,
@@ -1450,6 +1454,99 @@ def test_endToEndUnderscoreAliases() -> None:
     assert endToEndHeaders(headers, frozenset(), frozenset({b"x-forwarded-for"})) == [
         (b"X_Other", b"1")
     ]
+
+
+def referenceContentLength(values: list[bytes]) -> int:
+    """The Content-Length rule (RFC 9110 8.6) without the plain-number shortcut."""
+    seen = None
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t")
+            if not item.isdigit() or len(item) > 18:
+                raise HTTPError(400, "invalid Content-Length")
+            if seen is not None and item != seen:
+                raise HTTPError(400, "conflicting Content-Length values")
+            seen = item
+    assert seen is not None
+    return int(seen)
+
+
+def outcome(function: Callable[[list[bytes]], object], values: list[bytes]) -> object:
+    try:
+        return function(values)
+    except HTTPError as e:
+        return (e.status, e.reason)
+
+
+@FAST
+@given(
+    values=st.lists(
+        st.sampled_from(
+            [
+                b"0",
+                b"5",
+                b"05",
+                b"128",
+                b"9" * 18,
+                b"9" * 19,
+                b"",
+                b" ",
+                b"+5",
+                b"-1",
+                b"\xd9\xa3",
+                b"1_0",
+                b"5, 5",
+                b"5,6",
+                b" 5\t",
+            ]
+        )
+        | st.binary(max_size=6),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_contentLength_shortcut_follows_the_rule(values: list[bytes]) -> None:
+    assert outcome(_contentLength, values) == outcome(referenceContentLength, values)
+
+
+def referenceConnectionTokens(values: list[bytes]) -> frozenset[bytes]:
+    """The Connection options without the shortcuts for common values."""
+    tokens = set()
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t")
+            if item and re.fullmatch(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", item) is None:
+                raise HTTPError(400, "malformed Connection header")
+            if item:
+                tokens.add(item.lower())
+    return frozenset(tokens)
+
+
+@FAST
+@given(
+    values=st.lists(
+        st.sampled_from(
+            [
+                b"keep-alive",
+                b"Keep-Alive",
+                b"close",
+                b"Close",
+                b"upgrade",
+                b"Upgrade",
+                b"keep-alive, Upgrade",
+                b"close ",
+                b"",
+                b"kee p",
+                b"\xff",
+            ]
+        )
+        | st.binary(max_size=8),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_connectionTokens_shortcuts_follow_the_rule(values: list[bytes]) -> None:
+    assert outcome(_connectionTokens, values) == outcome(referenceConnectionTokens, values)
 
 
 def referenceEndToEnd(
