@@ -105,27 +105,57 @@ def forwardedHeaders(exchange: IHTTPExchange, host: bool = True) -> list[tuple[b
     )
     client = exchange.connection.client
     address = getattr(client, "host", None) or formatAddress(client)
-    ip = address.encode("ascii", "replace")
-    scheme = exchange.scheme.encode("ascii")
-    kept: dict[bytes, bytes] = {}
     if exchange.trustedClient:
+        kept: dict[bytes, bytes] = {}
         for name, _ in request.headers:
             lower = name.lower()
             if lower in _FORWARDING and lower not in kept:
                 kept[lower] = b", ".join(request.getAll(lower))
+        headers += _forwarding(address, exchange.scheme, request.host, kept)
+        return headers
+    # An untrusted client's are the same for every request of the same
+    # client address, scheme and host: made once.
+    key = (address, exchange.scheme, request.host)
+    ours = _untrustedForwarding.get(key)
+    if ours is None:
+        ours = _forwarding(address, exchange.scheme, request.host, {})
+        if len(_untrustedForwarding) >= _REMEMBERED_FORWARDING:
+            _untrustedForwarding.clear()
+        _untrustedForwarding[key] = ours
+    headers += ours
+    return headers
+
+
+def _forwarding(
+    address: str, scheme: str, host: bytes, kept: dict[bytes, bytes]
+) -> tuple[tuple[bytes, bytes], ...]:
+    """
+    dcrouter's forwarding headers for a client at C{address}, extending the
+    values in C{kept} (a trusted proxy's, by lower-case name).
+    """
+    ip = address.encode("ascii", "replace")
+    proto = scheme.encode("ascii")
     forwardedFor = kept.get(b"x-forwarded-for")
-    headers.append((b"X-Forwarded-For", forwardedFor + b", " + ip if forwardedFor else ip))
-    headers.append((b"X-Forwarded-Proto", kept.get(b"x-forwarded-proto", scheme)))
-    if request.host:
-        headers.append((b"X-Forwarded-Host", kept.get(b"x-forwarded-host", request.host)))
+    headers = [
+        (b"X-Forwarded-For", forwardedFor + b", " + ip if forwardedFor else ip),
+        (b"X-Forwarded-Proto", kept.get(b"x-forwarded-proto", proto)),
+    ]
+    if host:
+        headers.append((b"X-Forwarded-Host", kept.get(b"x-forwarded-host", host)))
     headers.append((b"X-Real-IP", kept.get(b"x-real-ip", ip)))
     node = b'"[' + ip + b']"' if b":" in ip else ip
-    element = b"for=" + node + b";proto=" + scheme
-    if request.host:
-        element += b';host="' + request.host + b'"'
+    element = b"for=" + node + b";proto=" + proto
+    if host:
+        element += b';host="' + host + b'"'
     previous = kept.get(b"forwarded")
     headers.append((b"Forwarded", previous + b", " + element if previous else element))
-    return headers
+    return tuple(headers)
+
+
+# An untrusted client's forwarding headers by (address, scheme, host); made
+# again after a clear when more clients than this came meanwhile.
+_untrustedForwarding: dict[tuple[str, str, bytes], tuple[tuple[bytes, bytes], ...]] = {}
+_REMEMBERED_FORWARDING = 1024
 
 
 def originForm(target: bytes) -> bytes:
