@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.model import HostPort
+from dcrouter.net.sending import Flusher
 from dcrouter.net.tcp import connectTCP, sendWithoutDelay
 from dcrouter.net.tls import clientFactory
 
@@ -225,6 +226,8 @@ class BackendPool:
         self.maxIdlePerTarget = maxIdlePerTarget
         self.tls = tls
         self.idle: dict[HostPort, list[BackendConnection]] = {}
+        #: What requests write to this pool's connections goes through.
+        self.flusher = Flusher.of(reactor)
 
     def takeIdle(self, target: HostPort) -> Optional[BackendConnection]:
         """The most recently used idle connection to C{target}, if any."""

@@ -49,7 +49,6 @@ from dcrouter.http.wire import (
 from dcrouter.interfaces import IHTTPExchange
 from dcrouter.net.gate import clientIP
 from dcrouter.net.idle import IdleSweep
-from dcrouter.net.sending import Flusher
 from dcrouter.ops.accesslog import formatAddress
 
 log = Logger()
@@ -106,27 +105,57 @@ def forwardedHeaders(exchange: IHTTPExchange, host: bool = True) -> list[tuple[b
     )
     client = exchange.connection.client
     address = getattr(client, "host", None) or formatAddress(client)
-    ip = address.encode("ascii", "replace")
-    scheme = exchange.scheme.encode("ascii")
-    kept: dict[bytes, bytes] = {}
     if exchange.trustedClient:
+        kept: dict[bytes, bytes] = {}
         for name, _ in request.headers:
             lower = name.lower()
             if lower in _FORWARDING and lower not in kept:
                 kept[lower] = b", ".join(request.getAll(lower))
+        headers += _forwarding(address, exchange.scheme, request.host, kept)
+        return headers
+    # An untrusted client's are the same for every request of the same
+    # client address, scheme and host: made once.
+    key = (address, exchange.scheme, request.host)
+    ours = _untrustedForwarding.get(key)
+    if ours is None:
+        ours = _forwarding(address, exchange.scheme, request.host, {})
+        if len(_untrustedForwarding) >= _REMEMBERED_FORWARDING:
+            _untrustedForwarding.clear()
+        _untrustedForwarding[key] = ours
+    headers += ours
+    return headers
+
+
+def _forwarding(
+    address: str, scheme: str, host: bytes, kept: dict[bytes, bytes]
+) -> tuple[tuple[bytes, bytes], ...]:
+    """
+    dcrouter's forwarding headers for a client at C{address}, extending the
+    values in C{kept} (a trusted proxy's, by lower-case name).
+    """
+    ip = address.encode("ascii", "replace")
+    proto = scheme.encode("ascii")
     forwardedFor = kept.get(b"x-forwarded-for")
-    headers.append((b"X-Forwarded-For", forwardedFor + b", " + ip if forwardedFor else ip))
-    headers.append((b"X-Forwarded-Proto", kept.get(b"x-forwarded-proto", scheme)))
-    if request.host:
-        headers.append((b"X-Forwarded-Host", kept.get(b"x-forwarded-host", request.host)))
+    headers = [
+        (b"X-Forwarded-For", forwardedFor + b", " + ip if forwardedFor else ip),
+        (b"X-Forwarded-Proto", kept.get(b"x-forwarded-proto", proto)),
+    ]
+    if host:
+        headers.append((b"X-Forwarded-Host", kept.get(b"x-forwarded-host", host)))
     headers.append((b"X-Real-IP", kept.get(b"x-real-ip", ip)))
     node = b'"[' + ip + b']"' if b":" in ip else ip
-    element = b"for=" + node + b";proto=" + scheme
-    if request.host:
-        element += b';host="' + request.host + b'"'
+    element = b"for=" + node + b";proto=" + proto
+    if host:
+        element += b';host="' + host + b'"'
     previous = kept.get(b"forwarded")
     headers.append((b"Forwarded", previous + b", " + element if previous else element))
-    return headers
+    return tuple(headers)
+
+
+# An untrusted client's forwarding headers by (address, scheme, host); made
+# again after a clear when more clients than this came meanwhile.
+_untrustedForwarding: dict[tuple[str, str, bytes], tuple[tuple[bytes, bytes], ...]] = {}
+_REMEMBERED_FORWARDING = 1024
 
 
 def originForm(target: bytes) -> bytes:
@@ -289,7 +318,7 @@ class Relay(BackendUser):
             # The request's only write: out with this turn's others, without
             # Twisted's writability round trip. Nothing else is written to
             # the connection before its response has come.
-            Flusher.of(self.reactor).write(backend.transport, head)
+            self.route.backends.flusher.write(backend.transport, head)
         else:
             self.writeBackend(head)
 
@@ -392,6 +421,8 @@ class Relay(BackendUser):
             # Bytes after a complete response belong to no response we
             # asked for: a connection that sent any is closed, not pooled.
             self.responseDone(reusable=not self.reader.leftover)
+        elif not self.producing and not self.done:
+            self.produceForClient()
 
     def responseHeaders(self, head: ResponseHead) -> list[tuple[bytes, bytes]]:
         return endToEndHeaders(head.headers, head.connectionTokens)
@@ -413,12 +444,21 @@ class Relay(BackendUser):
         )
         self.reader = bodyReader(framing)
         self.exchange.startResponse(head.status, head.reason, headers, framing)
-        backend = self.backend
-        if backend is not None and backend.transport is not None and not self.reader.done:
-            self.exchange.registerProducer(self, True)
-            self.producing = True
 
     producing = False
+
+    def produceForClient(self) -> None:
+        """
+        The response's body goes on past the bytes read so far: from here the
+        client's backpressure pauses the backend. (A response read whole with
+        its head, as most small ones are, needs no producer; what this data
+        made the exchange write is still held by its cork, so registering
+        after it is as registering before it.)
+        """
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            self.exchange.registerProducer(self, True)
+            self.producing = True
 
     # The client's producer while the response is relayed: the backend's
     # transport, paused and resumed by the client's backpressure.
@@ -591,7 +631,7 @@ class Relay(BackendUser):
             backend.clearDeadline()
             # An abandoned request's head is not sent (an abort drops it, as
             # it drops what Twisted holds); a closed connection's goes first.
-            flusher = Flusher.of(self.reactor)
+            flusher = self.route.backends.flusher
             if abort:
                 flusher.held.pop(backend.transport, None)
             else:

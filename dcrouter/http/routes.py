@@ -25,6 +25,22 @@ from dcrouter.proxy.routetable import SCAN_LIMIT, NameIndex
 
 def hostName(host: bytes) -> str:
     """The name of a Host value: lower case, no port, no trailing dot."""
+    name = _hostNames.get(host)
+    if name is None:
+        name = _hostName(host)
+        if len(host) <= _REMEMBERED_HOST_LENGTH and len(_hostNames) < _REMEMBERED_HOSTS:
+            _hostNames[host] = name
+    return name
+
+
+# The names of the Host values seen (a port's few names, mostly), so that a
+# request does not work its name out again; bounded, against made-up ones.
+_hostNames: dict[bytes, str] = {}
+_REMEMBERED_HOSTS = 1024
+_REMEMBERED_HOST_LENGTH = 260  # a longest name, a colon, a port
+
+
+def _hostName(host: bytes) -> str:
     text = host.decode("latin-1").lower()
     if text.startswith("["):
         end = text.find("]")

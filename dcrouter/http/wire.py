@@ -124,6 +124,11 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 )
 LAST_CHUNK: bytes = b"0\r\n\r\n"
 _NO_TOKENS: frozenset[bytes] = frozenset()
+# The Connection values nearly every message has, and their options.
+_ONE_TOKEN: dict[bytes, frozenset[bytes]] = {
+    value: frozenset((value.lower(),))
+    for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+}
 
 
 class HTTPError(Exception):
@@ -330,10 +335,14 @@ class _HeadParser:
         else:
             work = data
         if not self._started:
-            skipped = self._skipEmptyLines(work)
-            if skipped is None:
-                return None
-            work = skipped
+            if work and work[0] != 13 and work[0] != 10:
+                # No empty line to skip (nearly always): the start line begins.
+                self._started = True
+            else:
+                skipped = self._skipEmptyLines(work)
+                if skipped is None:
+                    return None
+                work = skipped
         n = len(work)
         scanned = self._scanned
         end = work.find(b"\r\n\r\n", scanned - 3 if scanned > 3 else 0)
@@ -467,6 +476,10 @@ def _contentLength(values: list[bytes]) -> int:
     repeated or listed values must be the same digits, or the framing is
     ambiguous.
     """
+    if len(values) == 1:
+        value = values[0]
+        if value.isdigit() and len(value) <= _MAX_CL_DIGITS:
+            return int(value)  # The usual one plain number.
     seen: Optional[bytes] = None
     for value in values:
         for item in value.split(b","):
@@ -498,8 +511,12 @@ def _transferCodings(values: list[bytes]) -> list[bytes]:
 
 def _connectionTokens(values: list[bytes]) -> frozenset[bytes]:
     """The lower-cased options of the C{Connection} values (empty elements skipped)."""
-    if len(values) == 1 and _TOKEN_RE.fullmatch(values[0]) is not None:
-        return frozenset((values[0].lower(),))
+    if len(values) == 1:
+        known = _ONE_TOKEN.get(values[0])
+        if known is not None:
+            return known
+        if _TOKEN_RE.fullmatch(values[0]) is not None:
+            return frozenset((values[0].lower(),))
     tokens = set()
     for value in values:
         for item in value.split(b","):
@@ -533,8 +550,13 @@ def _upgradeOffer(values: list[bytes]) -> Optional[bytes]:
 def _checkAuthority(authority: bytes) -> None:
     """Check an authority as L{splitAuthority} does, without splitting it."""
     m = _AUTHORITY.fullmatch(authority)
-    if m is None or m.lastindex != 1 or authority[0] == 91 or len(authority) > _MAX_HOST_NAME:
-        splitAuthority(authority)  # The slow path: raises, or checks port / IPv6.
+    if (
+        m is None
+        or authority[0] == 91
+        or m.end(1) > _MAX_HOST_NAME
+        or (m.lastindex == 2 and int(m[2]) > 65535)
+    ):
+        splitAuthority(authority)  # The slow path: raises, or checks IPv6.
 
 
 def splitAuthority(authority: bytes) -> tuple[bytes, Optional[int]]:
@@ -1090,7 +1112,7 @@ def serializeHead(startLine: bytes, headers: Iterable[tuple[bytes, bytes]]) -> b
     Names and values must be valid already (parsed ones are).
     """
     lines = [startLine]
-    lines.extend([name + b": " + value for name, value in headers])
+    lines.extend(map(b": ".join, headers))
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
 
@@ -1115,19 +1137,47 @@ def endToEndHeaders(
     @param drop: the names (lower-case) always dropped: L{HOP_BY_HOP}, or a
         superset of it for a caller that drops more names in the same pass.
     """
-    if connectionTokens:
+    if connectionTokens and not connectionTokens <= drop:
+        # Connection names more than keep-alive or close (dropped anyway).
         drop = drop | (connectionTokens - protect)
+        return [field for field in headers if _isEndToEnd(field[0].lower(), drop, protect)]
+    # Without such tokens, whether a name is forwarded depends on the name
+    # alone: remembered, since messages repeat the same few names.
+    key = (drop, protect)
+    known = _endToEndNames.get(key)
+    if known is None:
+        known = {}
+        if isinstance(protect, frozenset) and len(_endToEndNames) < 16:
+            _endToEndNames[key] = known
     out = []
-    for name, value in headers:
-        lname = name.lower()
-        if lname in drop:
-            continue
-        if b"_" in lname:
-            alias = lname.replace(b"_", b"-")
-            if alias in protect or alias in HOP_BY_HOP:
-                continue
-        out.append((name, value))
+    for field in headers:
+        name = field[0]
+        forwarded = known.get(name)
+        if forwarded is None:
+            forwarded = _isEndToEnd(name.lower(), drop, protect)
+            if len(name) <= _REMEMBERED_NAME_LENGTH and len(known) < _REMEMBERED_NAMES:
+                known[name] = forwarded
+        if forwarded:
+            out.append(field)
     return out
+
+
+def _isEndToEnd(lname: bytes, drop: Set[bytes], protect: Set[bytes]) -> bool:
+    """Is a header named C{lname} (lower case) forwarded? See L{endToEndHeaders}."""
+    if lname in drop:
+        return False
+    if b"_" in lname:
+        alias = lname.replace(b"_", b"-")
+        if alias in protect or alias in HOP_BY_HOP:
+            return False
+    return True
+
+
+# endToEndHeaders' answers per header name as sent, for each (drop, protect)
+# it is called with; bounded, so that a client's made-up names cannot grow it.
+_endToEndNames: dict[tuple[frozenset[bytes], Set[bytes]], dict[bytes, bool]] = {}
+_REMEMBERED_NAMES = 1024
+_REMEMBERED_NAME_LENGTH = 64
 
 
 def _phrase(status: int) -> str:

@@ -71,3 +71,47 @@ def test_forwardedHeadersFromATrustedProxyExtendTheirs() -> None:
         (b"X-Forwarded-For", b"6.6.6.6, 7.7.7.7, 192.0.2.7"),
     ]
     assert headers[-1] == (b"Forwarded", b'for=6.6.6.6, for=192.0.2.7;proto=http;host="a.test"')
+
+
+def exchangeFrom(address: str, host: bytes, scheme: str, trusted: bool) -> Exchange:
+    head = HEAD.replace(b"Host: a.test", b"Host: " + host) if host else HEAD.replace(
+        b"GET / HTTP/1.1\r\nHost: a.test", b"GET / HTTP/1.0"
+    )
+    exchange = Exchange(head, trusted=trusted, scheme=scheme)
+    exchange.connection.client = IPv4Address("TCP", address, 4000)
+    return exchange
+
+
+def test_forwardedHeaders_remembered_are_those_made_afresh(monkeypatch: Any) -> None:
+    """
+    What is remembered for an untrusted client is only ever reused for the
+    same address, scheme and host; a trusted proxy's are always made afresh.
+    """
+    from dcrouter.http import proxy
+
+    cases = [
+        (address, host, scheme, trusted)
+        for address in ("192.0.2.7", "192.0.2.8")
+        for host in (b"a.test", b"b.test:8080", b"")
+        for scheme in ("http", "https")
+        for trusted in (False, True)
+    ]
+    fresh = {}
+    for case in cases:
+        monkeypatch.setattr(proxy, "_untrustedForwarding", {})
+        fresh[case] = forwardedHeaders(exchangeFrom(*case))
+    monkeypatch.setattr(proxy, "_untrustedForwarding", {})
+    for case in cases + cases[::-1]:
+        assert forwardedHeaders(exchangeFrom(*case)) == fresh[case]
+    assert len(proxy._untrustedForwarding) == len(cases) // 2
+
+
+def test_forwardedHeaders_remembers_a_bounded_number_of_clients(monkeypatch: Any) -> None:
+    from dcrouter.http import proxy
+
+    monkeypatch.setattr(proxy, "_untrustedForwarding", {})
+    for i in range(3000):
+        address = f"10.0.{i // 256}.{i % 256}"
+        headers = forwardedHeaders(exchangeFrom(address, b"a.test", "http", False))
+        assert (b"X-Real-IP", address.encode()) in headers
+        assert len(proxy._untrustedForwarding) <= proxy._REMEMBERED_FORWARDING

@@ -181,3 +181,40 @@ def test_a_long_table_is_indexed_and_matches_as_the_scan_does():
             path = rng.choice(["/", "/api/x", "/ab"])
             method = rng.choice(["GET", "POST"])
             assert match(indexed, host, path, method) == match(scanned, host, path, method)
+
+
+def referenceHostName(host: bytes) -> str:
+    """hostName's rule, written out: lower case, no port, no trailing dot."""
+    text = host.decode("latin-1").lower()
+    if text.startswith("["):
+        end = text.find("]")
+        return text[: end + 1] if end > 0 else text
+    name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    return name.rstrip(".")
+
+
+@given(
+    hosts=st.lists(
+        st.sampled_from(
+            [b"App.Test", b"app.test:8080", b"app.test.", b"[::1]:80", b"[::1", b"a:b:c"]
+        )
+        | st.binary(max_size=20),
+        max_size=8,
+    )
+)
+def test_hostName_remembered_or_not_is_the_rule(hosts: list[bytes]) -> None:
+    for host in hosts + hosts:
+        assert hostName(host) == referenceHostName(host)
+
+
+def test_hostName_remembers_few_and_short_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Made-up Host values cannot make the remembered names grow without bound."""
+    from dcrouter.http import routes
+
+    monkeypatch.setattr(routes, "_hostNames", {})
+    long = b"a" * 300
+    assert hostName(long) == "a" * 300
+    assert long not in routes._hostNames
+    for i in range(3000):
+        assert hostName(b"h%d.test:80" % i) == f"h{i}.test"
+    assert len(routes._hostNames) == routes._REMEMBERED_HOSTS

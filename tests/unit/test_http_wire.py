@@ -6,6 +6,8 @@ hypothesis for random bytes and chunked round trips.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from itertools import pairwise
 from typing import Optional, Union
 
@@ -22,6 +24,9 @@ from dcrouter.http.wire import (
     RequestHeadParser,
     ResponseHead,
     ResponseHeadParser,
+    _checkAuthority,
+    _connectionTokens,
+    _contentLength,
     bodyReader,
     encodeChunk,
     endToEndHeaders,
@@ -446,6 +451,43 @@ def test_goodHost(value: bytes, host: bytes) -> None:
 )
 def test_badHost(value: bytes) -> None:
     assert refused(request(b"Host: " + value)) == 400
+
+
+@FAST
+@given(
+    authority=st.one_of(
+        st.binary(max_size=300),
+        st.tuples(
+            st.text(alphabet="aZ09_-.[]:", min_size=0, max_size=270),
+            st.sampled_from(["", ":", ":0", ":80", ":65535", ":65536", ":99999", ":123456"]),
+        ).map(lambda parts: (parts[0] + parts[1]).encode()),
+        st.tuples(
+            st.integers(1, 6), st.integers(0, 63), st.sampled_from(["", ".", ":8080", ":70000"])
+        ).map(
+            lambda parts: b".".join([b"a" * 50] * parts[0]) + b"b" * parts[1] + parts[2].encode()
+        ),
+    )
+)
+def test_checkAuthority_accepts_what_splitAuthority_accepts(authority: bytes) -> None:
+    """The Host check's fast path (a port too) neither widens nor narrows the grammar."""
+    try:
+        splitAuthority(authority)
+        valid = True
+    except HTTPError:
+        valid = False
+    try:
+        _checkAuthority(authority)
+        checked = True
+    except HTTPError:
+        checked = False
+    assert checked == valid
+
+
+def test_a_host_port_over_65535_or_name_over_254_is_refused() -> None:
+    assert refused(request(b"Host: app.test:65536")) == 400
+    name = b".".join([b"a" * 63] * 4)  # 255 characters
+    assert refused(request(b"Host: " + name + b":80")) == 400
+    assert RequestHeadParser().feed(request(b"Host: " + name[:-1] + b":80")) is not None
 
 
 def test_splitAuthority() -> None:
@@ -1412,6 +1454,191 @@ def test_endToEndUnderscoreAliases() -> None:
     assert endToEndHeaders(headers, frozenset(), frozenset({b"x-forwarded-for"})) == [
         (b"X_Other", b"1")
     ]
+
+
+def referenceContentLength(values: list[bytes]) -> int:
+    """The Content-Length rule (RFC 9110 8.6) without the plain-number shortcut."""
+    seen = None
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t")
+            if not item.isdigit() or len(item) > 18:
+                raise HTTPError(400, "invalid Content-Length")
+            if seen is not None and item != seen:
+                raise HTTPError(400, "conflicting Content-Length values")
+            seen = item
+    assert seen is not None
+    return int(seen)
+
+
+def outcome(function: Callable[[list[bytes]], object], values: list[bytes]) -> object:
+    try:
+        return function(values)
+    except HTTPError as e:
+        return (e.status, e.reason)
+
+
+@FAST
+@given(
+    values=st.lists(
+        st.sampled_from(
+            [
+                b"0",
+                b"5",
+                b"05",
+                b"128",
+                b"9" * 18,
+                b"9" * 19,
+                b"",
+                b" ",
+                b"+5",
+                b"-1",
+                b"\xd9\xa3",
+                b"1_0",
+                b"5, 5",
+                b"5,6",
+                b" 5\t",
+            ]
+        )
+        | st.binary(max_size=6),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_contentLength_shortcut_follows_the_rule(values: list[bytes]) -> None:
+    assert outcome(_contentLength, values) == outcome(referenceContentLength, values)
+
+
+def referenceConnectionTokens(values: list[bytes]) -> frozenset[bytes]:
+    """The Connection options without the shortcuts for common values."""
+    tokens = set()
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t")
+            if item and re.fullmatch(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", item) is None:
+                raise HTTPError(400, "malformed Connection header")
+            if item:
+                tokens.add(item.lower())
+    return frozenset(tokens)
+
+
+@FAST
+@given(
+    values=st.lists(
+        st.sampled_from(
+            [
+                b"keep-alive",
+                b"Keep-Alive",
+                b"close",
+                b"Close",
+                b"upgrade",
+                b"Upgrade",
+                b"keep-alive, Upgrade",
+                b"close ",
+                b"",
+                b"kee p",
+                b"\xff",
+            ]
+        )
+        | st.binary(max_size=8),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_connectionTokens_shortcuts_follow_the_rule(values: list[bytes]) -> None:
+    assert outcome(_connectionTokens, values) == outcome(referenceConnectionTokens, values)
+
+
+def referenceEndToEnd(
+    headers: list[tuple[bytes, bytes]],
+    tokens: frozenset[bytes],
+    protect: frozenset[bytes],
+    drop: frozenset[bytes],
+) -> list[tuple[bytes, bytes]]:
+    """endToEndHeaders as it was written before it remembered names: the rule itself."""
+    drop = drop | (tokens - protect)
+    out = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if b"_" in lname:
+            alias = lname.replace(b"_", b"-")
+            if alias in protect or alias in HOP_BY_HOP:
+                continue
+        out.append((name, value))
+    return out
+
+
+NAMES = (
+    st.sampled_from(
+        [
+            b"Connection",
+            b"connection",
+            b"Keep-Alive",
+            b"Upgrade",
+            b"TE",
+            b"X-Forwarded-For",
+            b"x_forwarded_for",
+            b"Transfer_Encoding",
+            b"Host",
+            b"X-Kept",
+            b"x-kept",
+            b"X_Kept",
+            b"Content-Length",
+            b"Content_Length",
+            b"Trailer",
+            b"Proxy-Connection",
+        ]
+    )
+    | tokens
+)
+LOWER_NAMES = NAMES.map(bytes.lower)
+SETS = st.frozensets(LOWER_NAMES, max_size=4)
+
+
+@FAST
+@given(
+    calls=st.lists(
+        st.tuples(
+            st.lists(st.tuples(NAMES, st.just(b"v")), max_size=8),
+            st.sampled_from([frozenset(), frozenset({b"keep-alive"}), frozenset({b"close"})])
+            | SETS,
+            st.sampled_from([frozenset(), frozenset({b"x-forwarded-for", b"host"})]) | SETS,
+            st.sampled_from([HOP_BY_HOP, HOP_BY_HOP | {b"content-length", b"host"}]),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_endToEndHeaders_remembers_nothing_wrong(
+    calls: list[
+        tuple[list[tuple[bytes, bytes]], frozenset[bytes], frozenset[bytes], frozenset[bytes]]
+    ],
+) -> None:
+    """
+    Whatever it has seen before (names with other drop and protect sets, or
+    with Connection tokens), endToEndHeaders keeps exactly what the rule keeps.
+    """
+    for headers, tokens, protect, drop in calls:
+        assert endToEndHeaders(headers, tokens, protect, drop) == referenceEndToEnd(
+            headers, tokens, protect, drop
+        )
+
+
+def test_endToEndHeaders_remembers_few_and_short_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client's made-up header names cannot make the remembered names grow without bound."""
+    from dcrouter.http import wire
+
+    monkeypatch.setattr(wire, "_endToEndNames", {})
+    drop = HOP_BY_HOP | {b"x-bound-test"}
+    names = [b"X-" + b"a" * 100] + [b"X-Made-Up-%d" % i for i in range(3000)]
+    assert endToEndHeaders([(name, b"1") for name in names], frozenset(), drop=drop) == [
+        (name, b"1") for name in names
+    ]
+    known = wire._endToEndNames[(drop, frozenset())]
+    assert len(known) == wire._REMEMBERED_NAMES
+    assert b"X-" + b"a" * 100 not in known
 
 
 @pytest.mark.parametrize(
