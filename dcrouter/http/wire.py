@@ -1143,11 +1143,14 @@ def endToEndHeaders(
         return [field for field in headers if _isEndToEnd(field[0].lower(), drop, protect)]
     # Without such tokens, whether a name is forwarded depends on the name
     # alone: remembered, since messages repeat the same few names.
-    key = (drop, protect)
-    known = _endToEndNames.get(key)
-    if known is None:
-        known = {}
-        if isinstance(protect, frozenset) and len(_endToEndNames) < 16:
+    # (A caller's plain sets are not remembered: they are not hashable.)
+    known: dict[bytes, bool] = {}
+    if isinstance(protect, frozenset) and isinstance(drop, frozenset):
+        key = (drop, protect)
+        remembered = _endToEndNames.get(key)
+        if remembered is not None:
+            known = remembered
+        elif len(_endToEndNames) < 16:
             _endToEndNames[key] = known
     out = []
     for field in headers:

@@ -1444,6 +1444,17 @@ def test_endToEndHeadersDropsMoreInOnePass() -> None:
     ]
 
 
+def test_endToEndHeadersTakesPlainSets() -> None:
+    """A caller (a plugin) may pass plain sets: the same answer, nothing remembered."""
+    head = parse(request(b"Host: a", b"X-Hop: 1", b"X_Real_IP: 2", b"X-Kept: 3"))
+    protect = {b"x-real-ip"}
+    drop = set(HOP_BY_HOP | {b"x-hop"})
+    assert endToEndHeaders(head.headers, head.connectionTokens, protect, drop) == [  # type: ignore[arg-type]
+        (b"Host", b"a"),
+        (b"X-Kept", b"3"),
+    ]
+
+
 def test_endToEndUnderscoreAliases() -> None:
     """X_Forwarded_For reads as X-Forwarded-For in CGI-style backends: dropped with the real one."""
     headers = [
