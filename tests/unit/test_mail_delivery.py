@@ -781,11 +781,12 @@ def test_forward_mode_uses_the_rules_server():
 
 
 class FakeResolver:
-    def __init__(self, mx=None, a=None, aaaa=None, mxError=None):
+    def __init__(self, mx=None, a=None, aaaa=None, mxError=None, hostErrors=None):
         self.mx = mx or {}
         self.a = a or {}
         self.aaaa = aaaa or {}
         self.mxError = mxError
+        self.hostErrors = hostErrors or {}  # name: the error of its address lookups
 
     @staticmethod
     def _answer(records):
@@ -801,6 +802,8 @@ class FakeResolver:
         return self._answer(records)
 
     def lookupAddress(self, name):
+        if name in self.hostErrors:
+            return defer.fail(self.hostErrors[name])
         if name not in self.a and name not in self.aaaa:
             return defer.fail(dnserror.DNSNameError(name))
         return self._answer(
@@ -808,6 +811,8 @@ class FakeResolver:
         )
 
     def lookupIPV6Address(self, name):
+        if name in self.hostErrors:
+            return defer.fail(self.hostErrors[name])
         if name not in self.a and name not in self.aaaa:
             return defer.fail(dnserror.DNSNameError(name))
         return self._answer(
@@ -828,6 +833,7 @@ def test_mx_hosts_come_in_preference_order():
     assert [(h.name, h.addresses) for h in hosts] == [
         ("a.r.example", ("192.0.2.1", "2001:db8::1")),
         ("b.r.example", ("192.0.2.2",)),
+        ("gone.r.example", ()),  # listed, for the loop check, without addresses
     ]
 
 
@@ -925,6 +931,77 @@ def test_a_backup_mx_sends_only_to_more_preferred_hosts():
     [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
     assert result.code == 421  # the primary is down: wait for it, never a less preferred host
     assert tried == ["a.r.example"]
+
+
+@pytest.mark.parametrize(
+    "primary",
+    [
+        {},  # the primary's name does not exist
+        {"a": {"a.r.example": []}},  # it exists without addresses
+        {"hostErrors": {"a.r.example": dnserror.DNSServerError()}},  # its DNS fails
+    ],
+)
+def test_a_backup_mx_waits_when_no_more_preferred_host_has_an_address(primary):
+    """
+    Postfix's smtp_addr.c: this server is an MX host, and the hosts more
+    preferred than it have no address (now): the mail waits for them (4.4.4),
+    it does not loop back (5.4.6, for good) nor go to a less preferred host.
+    """
+    resolver = FakeResolver(
+        mx={"r.example": [(10, "a.r.example"), (20, "mx.me.example"), (30, "c.r.example")]},
+        a={"mx.me.example": ["198.51.100.1"], "c.r.example": ["192.0.2.3"]},
+    )
+    for key, value in primary.items():
+        getattr(resolver, key).update(value)
+    tried = []
+    mode = loopMode(resolver, tried)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert result == DeliveryResult(451, "4.4.4 unable to find primary relay for r.example")
+    assert tried == []
+
+
+def test_a_backup_mx_sends_to_the_more_preferred_hosts_that_have_addresses():
+    resolver = FakeResolver(
+        mx={
+            "r.example": [(10, "gone.r.example"), (15, "b.r.example"), (20, "mx.me.example")]
+        },
+        a={"b.r.example": ["192.0.2.4"], "mx.me.example": ["198.51.100.1"]},
+    )
+    tried = []
+    mode = loopMode(resolver, tried)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert result.code == 250 and tried == ["b.r.example"]
+
+
+def test_hosts_as_preferred_as_this_server_do_not_make_it_a_backup():
+    """An equal preference without addresses: this server is a best MX (Postfix: 5.4.6)."""
+    resolver = FakeResolver(
+        mx={"r.example": [(10, "gone.r.example"), (10, "mx.me.example")]},
+        a={"mx.me.example": ["198.51.100.1"]},
+    )
+    tried = []
+    mode = loopMode(resolver, tried)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert result == DeliveryResult(554, "5.4.6 mail for r.example loops back to myself")
+
+
+def test_a_host_without_addresses_is_not_this_server_by_its_name():
+    """
+    As before hosts without addresses were listed: Postfix finds itself by
+    address, and mail cannot reach a name without one.
+    """
+    resolver = FakeResolver(
+        mx={"r.example": [(10, "mx.me.example"), (20, "c.r.example")]},
+        a={"c.r.example": ["192.0.2.3"]},
+    )
+    tried = []
+    mode = loopMode(resolver, tried)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert result.code == 250 and tried == ["c.r.example"]
 
 
 def test_this_server_on_another_port_is_another_server():
