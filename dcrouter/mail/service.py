@@ -167,7 +167,7 @@ class MailService(MultiService):
         self.settings = settings
         self.reactor = reactor
         self.pool = SMTPConnectionPool(
-            reactor, settings.hostname, clock=reactor,
+            reactor, settings.hostname, threadpool=threadpool, clock=reactor,
             tlsFactory=lambda name, verify: clientTLS(name, verify=verify),
         )
         modes = [
