@@ -60,6 +60,7 @@ from dcrouter.mail.deliveryclient import (
 from dcrouter.mail.dkimsign import DkimError, DkimKey
 from dcrouter.mail.dkimsign import sign as dkimSign
 from dcrouter.mail.envelope import idnaDomain
+from dcrouter.mail.localaddresses import InterfaceAddresses
 from dcrouter.mail.mimeconvert import ConversionError, to7bit
 from dcrouter.mail.mxresolver import DNSFailure, MXHost, MXResolver, Myself
 from dcrouter.mail.queue import DeliveryResult, Envelope, QueuedMessage
@@ -425,6 +426,7 @@ class MtaMode:
         port: int = 25,
         maxAddresses: int = 5,
         myself: Optional[Myself] = None,
+        interfaces: Optional[InterfaceAddresses] = None,
     ) -> None:
         """
         @param port: the port of MX hosts (25; another only in tests).
@@ -435,6 +437,8 @@ class MtaMode:
             instead of going round until the C{Received:} limit; as a
             backup MX whose more preferred hosts have no address now, it
             waits (4.4.4), as Postfix does; C{None} checks nothing.
+        @param interfaces: this machine's interface addresses, C{myself}'s
+            too (its mail ports are bound to a wildcard address).
         """
         self._pool = pool
         self._resolver = resolver
@@ -442,6 +446,7 @@ class MtaMode:
         self.port = port
         self.maxAddresses = maxAddresses
         self.myself = myself
+        self.interfaces = interfaces
 
     def deliver(
         self,
@@ -469,7 +474,10 @@ class MtaMode:
             return _allResults(recipients, DeliveryResult(code, str(e)))
         port = rule.port if rule.port != 25 else self.port
         if self.myself is not None:
-            hosts = self.myself.trim(hosts, port)
+            me = self.myself
+            if self.interfaces is not None:
+                me = me.including(await self.interfaces.current())
+            hosts = me.trim(hosts, port)
             if not any(host.addresses for host in hosts):
                 return _allResults(recipients, _loopResult(domain, hosts))
         data = await self._signer.data(message, rule)

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Optional, Union
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.names import dns
@@ -59,8 +59,8 @@ class MXHost:
 IPAddress = Union[IPv4Address, IPv6Address]
 
 
-def _addresses(texts: Iterable[str]) -> frozenset[IPAddress]:
-    """IP addresses from text; a wildcard (C{0.0.0.0}, C{::}) is left out, not a host."""
+def _addresses(texts: Iterable[Union[str, IPAddress]]) -> frozenset[IPAddress]:
+    """IP addresses (or their text); a wildcard (C{0.0.0.0}, C{::}) is left out, not a host."""
     parsed = (ip_address(text) for text in texts)
     return frozenset(address for address in parsed if not address.is_unspecified)
 
@@ -104,6 +104,10 @@ class Myself:
             if address.is_loopback or address.is_unspecified or address in self.addresses:
                 return True
         return False
+
+    def including(self, addresses: Iterable[IPAddress]) -> Myself:
+        """This server with more addresses of its own (its interfaces', under a wildcard bind)."""
+        return evolve(self, addresses=self.addresses | frozenset(addresses))
 
     def trim(self, hosts: Sequence[MXHost], port: int) -> list[MXHost]:
         """
