@@ -60,8 +60,9 @@ from dcrouter.mail.deliveryclient import (
 from dcrouter.mail.dkimsign import DkimError, DkimKey
 from dcrouter.mail.dkimsign import sign as dkimSign
 from dcrouter.mail.envelope import idnaDomain
+from dcrouter.mail.localaddresses import InterfaceAddresses
 from dcrouter.mail.mimeconvert import ConversionError, to7bit
-from dcrouter.mail.mxresolver import DNSFailure, MXResolver, Myself
+from dcrouter.mail.mxresolver import DNSFailure, MXHost, MXResolver, Myself
 from dcrouter.mail.queue import DeliveryResult, Envelope, QueuedMessage
 
 log = Logger(namespace="dcrouter.mail.delivery")
@@ -337,6 +338,19 @@ def _allResults(recipients: Sequence[bytes], result: DeliveryResult) -> list[Del
     return [result] * len(recipients)
 
 
+def _loopResult(domain: str, primaries: Sequence[MXHost]) -> DeliveryResult:
+    """
+    What this server, an MX host of C{domain}, answers when none of the
+    C{primaries} (the hosts more preferred than itself) has an address:
+    if there are none, the mail loops (for good); if they have no address
+    now, it waits for them (Postfix's C{smtp_addr.c}: 4.4.4 when the best
+    preference found is not the best listed).
+    """
+    if primaries:
+        return DeliveryResult(451, f"4.4.4 unable to find primary relay for {domain}")
+    return DeliveryResult(554, f"5.4.6 mail for {domain} loops back to myself")
+
+
 # -- the modes --------------------------------------------------------------------
 
 
@@ -412,6 +426,7 @@ class MtaMode:
         port: int = 25,
         maxAddresses: int = 5,
         myself: Optional[Myself] = None,
+        interfaces: Optional[InterfaceAddresses] = None,
     ) -> None:
         """
         @param port: the port of MX hosts (25; another only in tests).
@@ -419,8 +434,11 @@ class MtaMode:
             C{smtp_mx_address_limit}).
         @param myself: this server, whose MX hosts are not tried: mail for
             a domain whose best MX is this server fails at once (5.4.6)
-            instead of going round until the C{Received:} limit; C{None}
-            checks nothing.
+            instead of going round until the C{Received:} limit; as a
+            backup MX whose more preferred hosts have no address now, it
+            waits (4.4.4), as Postfix does; C{None} checks nothing.
+        @param interfaces: this machine's interface addresses, C{myself}'s
+            too (its mail ports are bound to a wildcard address).
         """
         self._pool = pool
         self._resolver = resolver
@@ -428,6 +446,7 @@ class MtaMode:
         self.port = port
         self.maxAddresses = maxAddresses
         self.myself = myself
+        self.interfaces = interfaces
 
     def deliver(
         self,
@@ -455,10 +474,12 @@ class MtaMode:
             return _allResults(recipients, DeliveryResult(code, str(e)))
         port = rule.port if rule.port != 25 else self.port
         if self.myself is not None:
-            hosts = self.myself.trim(hosts, port)
-            if not hosts:
-                text = f"5.4.6 mail for {domain} loops back to myself"
-                return _allResults(recipients, DeliveryResult(554, text))
+            me = self.myself
+            if self.interfaces is not None:
+                me = me.including(await self.interfaces.current())
+            hosts = me.trim(hosts, port)
+            if not any(host.addresses for host in hosts):
+                return _allResults(recipients, _loopResult(domain, hosts))
         data = await self._signer.data(message, rule)
         last: Optional[DeliveryResult] = None
         tried = 0

@@ -25,7 +25,8 @@ Bytes on the wire: the message's line ends become CRLF (a bare CR or LF
 never reaches the next server: SMTP smuggling), lines starting with a dot
 are doubled, and the message ends with CRLF.CRLF. A message with 8-bit
 bytes to a server without 8BITMIME is converted to 7-bit MIME first
-(L{dcrouter.mail.mimeconvert}).
+(L{dcrouter.mail.mimeconvert}), in the thread pool: about 30 ms a megabyte,
+it would stall every connection of the process on the reactor thread.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.ssl import CertificateOptions, TLSVersion, optionsForClientTLS, platformTrust
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from dcrouter.mail.dsn import splitHeader
@@ -373,6 +376,7 @@ class SMTPConnectionPool:
         reactor: Any,
         heloName: str,
         *,
+        threadpool: ThreadPool,
         clock: Optional[IReactorTime] = None,
         tlsFactory: Optional[TLSFactory] = None,
         connectTimeout: float = 30.0,
@@ -383,13 +387,16 @@ class SMTPConnectionPool:
         endpointFactory: Optional[Callable[[SMTPTarget], IStreamClientEndpoint]] = None,
     ) -> None:
         """
-        @param reactor: to connect with (and the clock unless C{clock} is given).
+        @param reactor: to connect with, to come back from C{threadpool}
+            (and the clock unless C{clock} is given).
+        @param threadpool: converts 8-bit messages for servers without 8BITMIME.
         @param tlsFactory: C{(serverName, verify)} to the TLS client creator
             for STARTTLS; the default verifies against the system's CAs or
             checks nothing.
         @param endpointFactory: how to reach a target (tests); default TCP.
         """
         self._reactor = reactor
+        self._threadpool = threadpool
         self._clock: IReactorTime = clock if clock is not None else reactor
         self.heloName = heloName
         self._tlsFactory = tlsFactory if tlsFactory is not None else defaultTLSFactory
@@ -685,9 +692,9 @@ class SMTPConnectionPool:
         BODY=8BITMIME goes to a server that offers 8BITMIME when the message
         came with it or has 8-bit bytes (BODY=7BIT when it came with that).
         To one that does not, a message with 8-bit bytes goes converted to
-        7-bit MIME (RFC 6152 3, as Postfix does); one that cannot be
-        converted (8-bit header without SMTPUTF8, broken MIME) fails for
-        good (554 5.6.3), to be returned to its sender.
+        7-bit MIME (RFC 6152 3, as Postfix does), in the thread pool; one
+        that cannot be converted (8-bit header without SMTPUTF8, broken
+        MIME) fails for good (554 5.6.3), to be returned to its sender.
         SMTPUTF8 goes to a server that offers it when the message came with
         it or needs it. A message needs it when an address is UTF-8, or it
         came with SMTPUTF8 and its header has UTF-8 (Postfix's rule); one
@@ -710,7 +717,9 @@ class SMTPConnectionPool:
             return dict.fromkeys(recipients, DeliveryResult(553, text, remote)), True
         if "8BITMIME" not in extensions and not data.isascii():
             try:
-                data = to7bit(data, utf8Headers=sendUTF8)
+                data = await deferToThreadPool(
+                    self._reactor, self._threadpool, to7bit, data, utf8Headers=sendUTF8
+                )
             except ConversionError as e:
                 text = (
                     f"5.6.3 conversion to 7bit is required, as {remote} does not offer "

@@ -2,7 +2,9 @@
 Where to deliver a domain's mail: MX records (RFC 5321 section 5.1).
 
 The MX hosts in order of preference (equal preferences shuffled, to spread
-the load), each with its IPv4 then IPv6 addresses. A domain without MX
+the load), each with its IPv4 then IPv6 addresses; a host whose addresses
+cannot be found is listed without any, so that the loop check can tell that
+more preferred hosts exist (Postfix's 4.4.4). A domain without MX
 records is its own mail host (the implicit MX: its A/AAAA records). A null
 MX (RFC 7505, C{0 .}) and a domain that does not exist fail for good; a DNS
 server that fails or times out fails for now.
@@ -12,7 +14,8 @@ passes C{twisted.names.client.createResolver()}, tests a fake.
 
 L{Myself} tells which MX hosts are this server, so that mail for a domain
 whose best MX is this server fails at once (a loop) and a backup MX sends
-only to the hosts more preferred than itself, as Postfix does.
+only to the hosts more preferred than itself, as Postfix does (its
+C{smtp_addr.c}).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Optional, Union
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.names import dns
@@ -56,8 +59,8 @@ class MXHost:
 IPAddress = Union[IPv4Address, IPv6Address]
 
 
-def _addresses(texts: Iterable[str]) -> frozenset[IPAddress]:
-    """IP addresses from text; a wildcard (C{0.0.0.0}, C{::}) is left out, not a host."""
+def _addresses(texts: Iterable[Union[str, IPAddress]]) -> frozenset[IPAddress]:
+    """IP addresses (or their text); a wildcard (C{0.0.0.0}, C{::}) is left out, not a host."""
     parsed = (ip_address(text) for text in texts)
     return frozenset(address for address in parsed if not address.is_unspecified)
 
@@ -102,13 +105,19 @@ class Myself:
                 return True
         return False
 
+    def including(self, addresses: Iterable[IPAddress]) -> Myself:
+        """This server with more addresses of its own (its interfaces', under a wildcard bind)."""
+        return evolve(self, addresses=self.addresses | frozenset(addresses))
+
     def trim(self, hosts: Sequence[MXHost], port: int) -> list[MXHost]:
         """
         The hosts to try: as Postfix does, those more preferred than the
         best MX that is this server (a backup MX sends on to the primary);
-        all of them if none is; none if this server is the best MX.
+        all of them if none is; none if this server is the best MX. A host
+        without addresses is never this server (Postfix finds itself by
+        address; only its name could tell, and mail cannot reach it).
         """
-        mine = [host.preference for host in hosts if self.isMe(host, port)]
+        mine = [host.preference for host in hosts if host.addresses and self.isMe(host, port)]
         if not mine:
             return list(hosts)
         return [host for host in hosts if host.preference < min(mine)]
@@ -158,7 +167,8 @@ class MXResolver:
 
     def resolve(self, domain: str) -> Deferred[list[MXHost]]:
         """
-        The mail hosts of C{domain}, most preferred first; none without addresses.
+        The mail hosts of C{domain}, most preferred first; at least one has
+        addresses; those whose addresses were not found have none.
 
         @return: fails with L{DNSFailure}.
         """
@@ -203,10 +213,9 @@ class MXResolver:
                 addresses = await self._addresses(host)
             except DNSFailure as e:
                 failures.append(e)
-                continue
-            if addresses:
-                hosts.append(MXHost(host, preference, addresses))
-        if hosts:
+                addresses = ()
+            hosts.append(MXHost(host, preference, addresses))
+        if any(host.addresses for host in hosts):
             return hosts
         if implicit and failures and all(f.permanent for f in failures):
             raise DNSFailure(f"5.1.2 domain {name} has no mail host", True)

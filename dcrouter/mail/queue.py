@@ -808,8 +808,9 @@ class MailQueue(Service):
 
     def _startFailed(self, reason: Failure, started: Deferred[None]) -> Failure:
         """
-        A failed start leaves the queue stopped, and startable again; what
-        was waiting for the lock fails (it may be another process's).
+        A failed start leaves the queue stopped, unlocked (L{_start} let go
+        of the lock), and startable again; what was waiting for the lock
+        fails (it may be another process's).
         """
         self._running = False
         if self._started is started:
@@ -824,7 +825,11 @@ class MailQueue(Service):
         op = _Op("recover")
         self._ops.appendleft(op)
         self._kick()
-        recovered: _Recovered = await op.deferred
+        try:
+            recovered: _Recovered = await op.deferred
+        except BaseException:
+            await self._unlock()
+            raise
         if recovered.removedTmp:
             log.info("mail queue: removed {count} half-written files", count=recovered.removedTmp)
         for problem in recovered.corrupt:
@@ -876,11 +881,21 @@ class MailQueue(Service):
                 await self._committing
             else:
                 self._kick()
-        if self._lockFD is not None:
-            os.close(self._lockFD)
-            self._lockFD = None
+        await self._unlock()
         self._started = None
         self._recovered = False  # no more spills into tmp/ either
+
+    async def _unlock(self) -> None:
+        """
+        Let go of the directory's lock: no batch starts from now on, and
+        the lock is kept until the one running, if any, has written.
+        """
+        fd, self._lockFD = self._lockFD, None
+        if fd is None:
+            return
+        if self._committing is not None:
+            await self._committing
+        os.close(fd)
 
     # -- accepting
 

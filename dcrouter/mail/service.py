@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from ipaddress import ip_network
+from ipaddress import ip_address, ip_network
 from typing import Any, Optional, cast
 
 from twisted.application.service import MultiService
@@ -46,6 +46,7 @@ from dcrouter.mail.delivery import (
 )
 from dcrouter.mail.deliveryclient import SMTPConnectionPool
 from dcrouter.mail.dkimsign import DkimKey, loadKeyFile, publicRecord
+from dcrouter.mail.localaddresses import InterfaceAddresses
 from dcrouter.mail.mxresolver import MXResolver, Myself
 from dcrouter.mail.policy import DomainPolicy
 from dcrouter.mail.queue import MailQueue
@@ -141,9 +142,28 @@ def acceptedRecipients(settings: EmailSettings) -> DomainPolicy:
 def myself(settings: EmailSettings, addresses: Sequence[str]) -> Myself:
     """
     This server for the MX loop check: its hostname, the addresses its
-    mail ports are bound to (a wildcard adds none), its public mail ports.
+    mail ports are bound to (a wildcard: see L{localInterfaces}), its
+    public mail ports.
     """
     return Myself(names={settings.hostname}, addresses=addresses, ports=settings.ports)
+
+
+def localInterfaces(
+    addresses: Sequence[str], reactor: Any, threadpool: ThreadPool
+) -> Optional[InterfaceAddresses]:
+    """
+    This machine's interface addresses, for the MX loop check, where the
+    mail ports are bound to a wildcard (C{0.0.0.0}: the IPv4 ones; C{::}:
+    all, as it is dual-stack); C{None} where they are bound to addresses.
+    """
+    versions: set[int] = set()
+    for address in addresses:
+        wildcard = ip_address(address)
+        if wildcard.is_unspecified:
+            versions.update((4, 6) if wildcard.version == 6 else (4,))
+    if not versions:
+        return None
+    return InterfaceAddresses(reactor, threadpool, reactor, versions=versions)
 
 
 class MailService(MultiService):
@@ -161,19 +181,21 @@ class MailService(MultiService):
     ) -> None:
         """
         @param addresses: where the router takes the public mail ports (its
-            C{[defaults] bind}), for the MX loop check.
+            C{[defaults] bind}), for the MX loop check (a wildcard: every
+            interface address of the machine).
         """
         super().__init__()
         self.settings = settings
         self.reactor = reactor
         self.pool = SMTPConnectionPool(
-            reactor, settings.hostname, clock=reactor,
+            reactor, settings.hostname, threadpool=threadpool, clock=reactor,
             tlsFactory=lambda name, verify: clientTLS(name, verify=verify),
         )
         modes = [
             ForwardMode(self.pool, reactor, threadpool),
             MtaMode(self.pool, MXResolver(Resolver(resolv=RESOLV_CONF, reactor=reactor)),
-                    reactor, threadpool, myself=myself(settings, addresses)),
+                    reactor, threadpool, myself=myself(settings, addresses),
+                    interfaces=localInterfaces(addresses, reactor, threadpool)),
             LocalMode(os.path.join(stateDir, "mail", "maildir"), reactor, threadpool, reactor,
                       settings.hostname),
             RejectMode(),

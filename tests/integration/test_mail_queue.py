@@ -145,7 +145,9 @@ def threadpool():
 
 
 def forwardingQueue(directory, threadpool, port, **kwargs):
-    clientPool = SMTPConnectionPool(reactor, "dcrouter.test", idleTimeout=1.0, commandTimeout=10)
+    clientPool = SMTPConnectionPool(
+        reactor, "dcrouter.test", threadpool=threadpool, idleTimeout=1.0, commandTimeout=10
+    )
     rules = DomainRules(
         [], default=DomainRule("*", "forward", server="127.0.0.1", port=port, tls="off")
     )
@@ -393,7 +395,9 @@ async def test_mta_mode_delivers_by_mx_and_signs_with_dkim(tmp_path, sink, threa
     resolver = FakeResolver(
         mx={"rcpt.example": [(10, "mx.rcpt.example")]}, a={"mx.rcpt.example": ["127.0.0.1"]}
     )
-    clientPool = SMTPConnectionPool(reactor, "dcrouter.test", idleTimeout=0.5)
+    clientPool = SMTPConnectionPool(
+        reactor, "dcrouter.test", threadpool=threadpool, idleTimeout=0.5
+    )
     mta = MtaMode(clientPool, MXResolver(resolver), reactor, threadpool, port=sink.port)
     rules = DomainRules([], default=DomainRule("*", "mta", dkim=key))
     q = MailQueue(
@@ -483,7 +487,9 @@ async def test_8bit_mail_signed_with_dkim_verifies_at_a_sink_without_8bitmime(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     key = loadKey(pem, "sel8")
-    clientPool = SMTPConnectionPool(reactor, "dcrouter.test", idleTimeout=1.0, commandTimeout=10)
+    clientPool = SMTPConnectionPool(
+        reactor, "dcrouter.test", threadpool=threadpool, idleTimeout=1.0, commandTimeout=10
+    )
     rules = DomainRules(
         [],
         default=DomainRule("*", "forward", server="127.0.0.1", port=sink.port, tls="off", dkim=key),
@@ -632,11 +638,16 @@ def trustingFactory(certPEM):
 
 @pytest.mark.parametrize("pipelining", [True, False])
 @pytest_twisted.ensureDeferred
-async def test_required_tls_with_a_verified_certificate_and_auth(tlsServer, pipelining):
+async def test_required_tls_with_a_verified_certificate_and_auth(
+    tlsServer, pipelining, threadpool
+):
     tlsServer.pipelining = pipelining
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(tlsServer)
     clientPool = SMTPConnectionPool(
-        reactor, "dcrouter.test", tlsFactory=trustingFactory(tlsServer.certPEM)
+        reactor,
+        "dcrouter.test",
+        threadpool=threadpool,
+        tlsFactory=trustingFactory(tlsServer.certPEM),
     )
     from dcrouter.mail.deliveryclient import SMTPTarget
 
@@ -660,10 +671,13 @@ async def test_required_tls_with_a_verified_certificate_and_auth(tlsServer, pipe
 
 
 @pytest_twisted.ensureDeferred
-async def test_required_tls_with_the_wrong_name_defers_and_sends_nothing(tlsServer):
+async def test_required_tls_with_the_wrong_name_defers_and_sends_nothing(tlsServer, threadpool):
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(tlsServer)
     clientPool = SMTPConnectionPool(
-        reactor, "dcrouter.test", tlsFactory=trustingFactory(tlsServer.certPEM)
+        reactor,
+        "dcrouter.test",
+        threadpool=threadpool,
+        tlsFactory=trustingFactory(tlsServer.certPEM),
     )
     from dcrouter.mail.deliveryclient import SetupFailed, SMTPTarget
 
@@ -679,9 +693,9 @@ async def test_required_tls_with_the_wrong_name_defers_and_sends_nothing(tlsServ
 
 
 @pytest_twisted.ensureDeferred
-async def test_opportunistic_tls_encrypts_without_checking(tlsServer):
+async def test_opportunistic_tls_encrypts_without_checking(tlsServer, threadpool):
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(tlsServer)
-    clientPool = SMTPConnectionPool(reactor, "dcrouter.test")
+    clientPool = SMTPConnectionPool(reactor, "dcrouter.test", threadpool=threadpool)
     from dcrouter.mail.deliveryclient import SMTPTarget
 
     target = SMTPTarget(

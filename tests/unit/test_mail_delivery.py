@@ -35,11 +35,12 @@ from dcrouter.mail.delivery import (
 )
 from dcrouter.mail.deliveryclient import SetupFailed, SMTPConnectionPool, SMTPTarget, encodeData
 from dcrouter.mail.dkimsign import DkimError, fromDomain, loadKey, publicRecord, sign
+from dcrouter.mail.mimeconvert import to7bit
 from dcrouter.mail.mxresolver import DNSFailure, MXHost, MXResolver, Myself
 from dcrouter.mail.policy import DomainPolicy
 from dcrouter.mail.queue import DeliveryResult, Envelope, QueuedMessage, RecipientState
 from dcrouter.mail.service import myself
-from tests.unit.test_mail_queue import SyncPool, SyncReactor, failure, fired
+from tests.unit.test_mail_queue import ManualPool, SyncPool, SyncReactor, failure, fired
 
 MESSAGE = (
     b"From: Alice <alice@sender.example>\r\nTo: bob@rcpt.example\r\nSubject: hi\r\n\r\nHello.\r\n"
@@ -319,11 +320,12 @@ class ScriptedEndpoint:
         return defer.succeed(protocol)
 
 
-def makePool(server, clock=None, refuse=False, **kwargs):
+def makePool(server, clock=None, refuse=False, threadpool=None, **kwargs):
     clock = clock or task.Clock()
     pool = SMTPConnectionPool(
-        None,
+        SyncReactor(),
         "client.test",
+        threadpool=threadpool or SyncPool(),
         clock=clock,
         endpointFactory=lambda target: ScriptedEndpoint(server, refuse),
         **kwargs,
@@ -471,8 +473,9 @@ def test_replies_injected_before_tls_are_not_read_as_replies_under_tls():
     """
     endpoint = ManualEndpoint()
     pool = SMTPConnectionPool(
-        None,
+        SyncReactor(),
         "client.test",
+        threadpool=SyncPool(),
         clock=task.Clock(),
         tlsFactory=lambda name, verify: None,
         endpointFactory=lambda target: endpoint,
@@ -553,8 +556,9 @@ def test_a_connection_whose_rset_is_refused_is_never_handed_on():
     server.rsetReply = b"500 5.5.1 what?"
     endpoint = HeldEndpoint(server)
     pool = SMTPConnectionPool(
-        None,
+        SyncReactor(),
         "client.test",
+        threadpool=SyncPool(),
         clock=task.Clock(),
         endpointFactory=lambda target: endpoint,
         maxPerTarget=1,
@@ -577,7 +581,11 @@ def test_a_connection_the_server_closes_with_421_is_not_reused():
     server.dataReply = b"421 4.3.2 shutting down"
     endpoint = HeldEndpoint(server)
     pool = SMTPConnectionPool(
-        None, "client.test", clock=task.Clock(), endpointFactory=lambda target: endpoint
+        SyncReactor(),
+        "client.test",
+        threadpool=SyncPool(),
+        clock=task.Clock(),
+        endpointFactory=lambda target: endpoint,
     )
     first = pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE)
     endpoint.held.pop()()
@@ -700,6 +708,51 @@ def test_8bit_mail_is_converted_for_a_hop_without_8bitmime():
     assert server.messages == [data]  # where 8BITMIME is offered, as it came
 
 
+def test_8bit_mail_is_converted_in_the_thread_pool():
+    """
+    About 30 ms a megabyte: on the reactor thread, converting a big message
+    would stall every connection of the process. Nothing goes to the server
+    before the pool has converted it.
+    """
+    server = ScriptedServer(extensions=("PIPELINING",))
+    threads = ManualPool()
+    pool, clock = makePool(server, threadpool=threads)
+    data = MESSAGE + "gr\u00fc\u00dfe\r\n".encode()
+    sending = pool.send(TARGET, b"a@s.example", [b"b@r.example"], data)
+    [(_, function, args, kwargs)] = threads.held
+    assert (function, args, kwargs) == (to7bit, (data,), {"utf8Headers": False})
+    assert not sending.called
+    assert not any(c.startswith(b"MAIL") for c in server.commands)
+    threads.runAll()
+    assert fired(sending)[b"b@r.example"].code == 250
+    assert server.messages == [to7bit(data)]
+
+
+def test_a_send_cancelled_while_converting_drops_the_connection():
+    """The attempt's timeout cancels it: the connection, in mid-transaction, is not reused."""
+    server = ScriptedServer(extensions=("PIPELINING",))
+    threads = ManualPool()
+    pool, clock = makePool(server, threadpool=threads)
+    sending = pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE + b"\xe4\r\n")
+    sending.cancel()
+    failure(sending).trap(defer.CancelledError)
+    threads.runAll()  # the conversion ends after all: nothing happens
+    assert server.messages == [] and not any(c.startswith(b"MAIL") for c in server.commands)
+    fired(pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE))
+    assert server.connections == 2
+
+
+def test_the_smtputf8_check_comes_before_any_conversion():
+    """553 5.6.7 at once for mail that needs SMTPUTF8: nothing to convert for a bounce."""
+    server = ScriptedServer(extensions=("PIPELINING",))
+    threads = SyncPool()
+    pool, clock = makePool(server, threadpool=threads)
+    data = "Subject: gr\u00fc\u00dfe\r\n\r\nbody \u00e4\r\n".encode()
+    results = fired(pool.send(TARGET, b"a@s.example", [b"b@r.example"], data, smtputf8=True))
+    assert results[b"b@r.example"].text.startswith("5.6.7 SMTPUTF8 is required")
+    assert threads.calls == 0
+
+
 def test_8bit_mail_that_cannot_be_converted_fails_for_good():
     """An 8-bit header without SMTPUTF8 cannot go as 7-bit: 554 5.6.3, nothing sent."""
     server = ScriptedServer(extensions=("PIPELINING",))
@@ -736,7 +789,11 @@ def test_a_message_that_needs_smtputf8_fails_for_good_at_a_hop_without_it():
     data = "From: J\u00f6rg <a@s.example>\r\n\r\nHi.\r\n".encode()
     server = ScriptedServer()
     pool = SMTPConnectionPool(
-        None, "client.test", clock=task.Clock(), endpointFactory=lambda t: ScriptedEndpoint(server)
+        SyncReactor(),
+        "client.test",
+        threadpool=SyncPool(),
+        clock=task.Clock(),
+        endpointFactory=lambda t: ScriptedEndpoint(server),
     )
     mode = ForwardMode(pool, SyncReactor(), SyncPool())
     forwardRule = rule("*", "forward", server="smarthost.test", tls="off")
@@ -761,8 +818,9 @@ def test_forward_mode_uses_the_rules_server():
     server = ScriptedServer()
     targets = []
     pool = SMTPConnectionPool(
-        None,
+        SyncReactor(),
         "client.test",
+        threadpool=SyncPool(),
         clock=task.Clock(),
         endpointFactory=lambda target: targets.append(target) or ScriptedEndpoint(server),
     )
@@ -781,11 +839,12 @@ def test_forward_mode_uses_the_rules_server():
 
 
 class FakeResolver:
-    def __init__(self, mx=None, a=None, aaaa=None, mxError=None):
+    def __init__(self, mx=None, a=None, aaaa=None, mxError=None, hostErrors=None):
         self.mx = mx or {}
         self.a = a or {}
         self.aaaa = aaaa or {}
         self.mxError = mxError
+        self.hostErrors = hostErrors or {}  # name: the error of its address lookups
 
     @staticmethod
     def _answer(records):
@@ -801,6 +860,8 @@ class FakeResolver:
         return self._answer(records)
 
     def lookupAddress(self, name):
+        if name in self.hostErrors:
+            return defer.fail(self.hostErrors[name])
         if name not in self.a and name not in self.aaaa:
             return defer.fail(dnserror.DNSNameError(name))
         return self._answer(
@@ -808,6 +869,8 @@ class FakeResolver:
         )
 
     def lookupIPV6Address(self, name):
+        if name in self.hostErrors:
+            return defer.fail(self.hostErrors[name])
         if name not in self.a and name not in self.aaaa:
             return defer.fail(dnserror.DNSNameError(name))
         return self._answer(
@@ -828,6 +891,7 @@ def test_mx_hosts_come_in_preference_order():
     assert [(h.name, h.addresses) for h in hosts] == [
         ("a.r.example", ("192.0.2.1", "2001:db8::1")),
         ("b.r.example", ("192.0.2.2",)),
+        ("gone.r.example", ()),  # listed, for the loop check, without addresses
     ]
 
 
@@ -872,7 +936,13 @@ def test_mta_mode_tries_the_next_host_when_one_is_down():
         tried.append((target.host, target.port, target.serverName))
         return ScriptedEndpoint(server, refuse=target.host == "192.0.2.1")
 
-    pool = SMTPConnectionPool(None, "client.test", clock=task.Clock(), endpointFactory=endpoint)
+    pool = SMTPConnectionPool(
+        SyncReactor(),
+        "client.test",
+        threadpool=SyncPool(),
+        clock=task.Clock(),
+        endpointFactory=endpoint,
+    )
     mode = MtaMode(pool, MXResolver(resolver), SyncReactor(), SyncPool(), port=2525)
     verifyObject(IDeliveryMode, mode)
     envelope = Envelope(b"a@s.example", (b"b@r.example",))
@@ -886,7 +956,13 @@ def loopMode(resolver, tried, **myself):
         tried.append(target.serverName)
         return ScriptedEndpoint(ScriptedServer(), refuse=target.host == "192.0.2.2")
 
-    pool = SMTPConnectionPool(None, "client.test", clock=task.Clock(), endpointFactory=endpoint)
+    pool = SMTPConnectionPool(
+        SyncReactor(),
+        "client.test",
+        threadpool=SyncPool(),
+        clock=task.Clock(),
+        endpointFactory=endpoint,
+    )
     me = Myself(**{"names": {"mx.me.example"}, "addresses": ("198.51.100.1",), **myself})
     return MtaMode(pool, MXResolver(resolver), SyncReactor(), SyncPool(), myself=me)
 
@@ -927,6 +1003,77 @@ def test_a_backup_mx_sends_only_to_more_preferred_hosts():
     assert tried == ["a.r.example"]
 
 
+@pytest.mark.parametrize(
+    "primary",
+    [
+        {},  # the primary's name does not exist
+        {"a": {"a.r.example": []}},  # it exists without addresses
+        {"hostErrors": {"a.r.example": dnserror.DNSServerError()}},  # its DNS fails
+    ],
+)
+def test_a_backup_mx_waits_when_no_more_preferred_host_has_an_address(primary):
+    """
+    Postfix's smtp_addr.c: this server is an MX host, and the hosts more
+    preferred than it have no address (now): the mail waits for them (4.4.4),
+    it does not loop back (5.4.6, for good) nor go to a less preferred host.
+    """
+    resolver = FakeResolver(
+        mx={"r.example": [(10, "a.r.example"), (20, "mx.me.example"), (30, "c.r.example")]},
+        a={"mx.me.example": ["198.51.100.1"], "c.r.example": ["192.0.2.3"]},
+    )
+    for key, value in primary.items():
+        getattr(resolver, key).update(value)
+    tried = []
+    mode = loopMode(resolver, tried)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert result == DeliveryResult(451, "4.4.4 unable to find primary relay for r.example")
+    assert tried == []
+
+
+def test_a_backup_mx_sends_to_the_more_preferred_hosts_that_have_addresses():
+    resolver = FakeResolver(
+        mx={
+            "r.example": [(10, "gone.r.example"), (15, "b.r.example"), (20, "mx.me.example")]
+        },
+        a={"b.r.example": ["192.0.2.4"], "mx.me.example": ["198.51.100.1"]},
+    )
+    tried = []
+    mode = loopMode(resolver, tried)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert result.code == 250 and tried == ["b.r.example"]
+
+
+def test_hosts_as_preferred_as_this_server_do_not_make_it_a_backup():
+    """An equal preference without addresses: this server is a best MX (Postfix: 5.4.6)."""
+    resolver = FakeResolver(
+        mx={"r.example": [(10, "gone.r.example"), (10, "mx.me.example")]},
+        a={"mx.me.example": ["198.51.100.1"]},
+    )
+    tried = []
+    mode = loopMode(resolver, tried)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert result == DeliveryResult(554, "5.4.6 mail for r.example loops back to myself")
+
+
+def test_a_host_without_addresses_is_not_this_server_by_its_name():
+    """
+    As before hosts without addresses were listed: Postfix finds itself by
+    address, and mail cannot reach a name without one.
+    """
+    resolver = FakeResolver(
+        mx={"r.example": [(10, "mx.me.example"), (20, "c.r.example")]},
+        a={"c.r.example": ["192.0.2.3"]},
+    )
+    tried = []
+    mode = loopMode(resolver, tried)
+    envelope = Envelope(b"a@s.example", (b"b@r.example",))
+    [result] = fired(mode.deliver(envelope, queued(), (b"b@r.example",), rule("*", "mta")))
+    assert result.code == 250 and tried == ["c.r.example"]
+
+
 def test_this_server_on_another_port_is_another_server():
     tried = []
     resolver = FakeResolver(
@@ -949,7 +1096,9 @@ def test_the_mail_service_knows_itself_by_hostname_bind_address_and_mail_ports()
 
 
 def test_mta_mode_bounces_a_domain_that_does_not_exist():
-    pool = SMTPConnectionPool(None, "client.test", clock=task.Clock())
+    pool = SMTPConnectionPool(
+        SyncReactor(), "client.test", threadpool=SyncPool(), clock=task.Clock()
+    )
     mode = MtaMode(
         pool, MXResolver(FakeResolver(mxError=dnserror.DNSNameError())), SyncReactor(), SyncPool()
     )

@@ -951,6 +951,59 @@ def test_a_second_queue_on_the_same_directory_is_refused(tmp_path):
     fired(q2.stop())
 
 
+def failRecovery(monkeypatch):
+    """Make the next recovery pass fail as an unreadable directory would."""
+
+    def recover(disk):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(queuemodule._Disk, "_recover", recover)
+
+
+def test_a_failed_recovery_lets_go_of_the_lock(tmp_path, monkeypatch):
+    """
+    A start whose recovery pass fails leaves the directory unlocked: it can
+    be tried again, and another process (here a second queue) may take it.
+    """
+    q, clock = makeQueue(tmp_path)
+    failRecovery(monkeypatch)
+    failure(q.start()).trap(OSError)
+    monkeypatch.undo()
+    other, _ = makeQueue(tmp_path)
+    fired(other.start())
+    fired(other.stop())
+    fired(q.start())
+    assert q._recovered
+    fired(q.stop())
+
+
+def test_a_failed_recovery_keeps_the_lock_until_a_running_write_ends(tmp_path, monkeypatch):
+    """
+    A message handed to the committer while the recovery pass ran is written
+    under the lock: the lock goes only once that write has ended, and what
+    comes after the failure is refused, not written.
+    """
+    pool = ManualPool()
+    q, clock = makeQueue(tmp_path, pool=pool)
+    failRecovery(monkeypatch)
+    starting = q.start()
+    pool.runOne()  # the lock
+    during = q.accept(envelope(), MESSAGE)
+    pool.runOne()  # the recovery pass fails; the write of `during` starts
+    late = q.accept(envelope(), MESSAGE)
+    other, _ = makeQueue(tmp_path)
+    failure(other.start()).trap(QueueError)  # still locked: `during` is being written
+    assert not starting.called
+    pool.runAll()
+    fired(during)
+    failure(starting).trap(OSError)
+    failure(late).trap(QueueError)
+    assert len(files(q, "active")) == 1
+    monkeypatch.undo()
+    fired(other.start())
+    fired(other.stop())
+
+
 def test_flush_tries_deferred_mail_now(tmp_path):
     deliver = FakeDeliver(everyone(451, "later"))
     q, clock = makeQueue(tmp_path, deliver)
