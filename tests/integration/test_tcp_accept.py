@@ -10,7 +10,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactor
 
-from dcrouter.net.tcp import _Port, _Server, adoptStreamPort, listenTCP
+from dcrouter.net.tcp import _Port, _Server, adoptStreamPort, listenTCP, sendWithoutDelay
 from tests.helpers import connect
 
 
@@ -119,6 +119,41 @@ async def test_an_inherited_listening_socket_is_adopted_with_lean_connections():
         transport = await acceptOne(listening, factory)
         assert isinstance(transport, _Server)
         assert transport.getHost() is listening.boundHost
+    finally:
+        for client in factory.clients:
+            client.transport.loseConnection()
+        await listening.stopListening()
+
+
+def noDelay(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_is_accepted_without_nagle_from_its_listening_socket(accepting):
+    """TCP_NODELAY is set once, on the listening socket: Linux copies it to each connection."""
+    listening, factory = accepting
+    assert noDelay(listening.socket)
+    transport = await acceptOne(listening, factory)
+    assert noDelay(transport.socket)
+    sendWithoutDelay(transport)
+    assert noDelay(transport.socket)
+    transport.setTcpNoDelay(False)
+    assert not noDelay(transport.socket)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_adopted_listening_socket_passes_no_nagle_on_too():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(50)
+    listener.setblocking(False)
+    factory = Accepting()
+    listening = adoptStreamPort(reactor, listener.fileno(), socket.AF_INET, factory)
+    listener.close()
+    try:
+        transport = await acceptOne(listening, factory)
+        assert noDelay(transport.socket)
     finally:
         for client in factory.clients:
             client.transport.loseConnection()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gc
+import socket
 import weakref
+from select import EPOLLIN, EPOLLOUT
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -11,7 +14,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import deferLater
 
-from dcrouter.net.tcp import _Connector, connectTCP
+from dcrouter.net.tcp import _Connector, _NonBlockingSocket, connectTCP
 from tests.helpers import freePort, listen
 
 
@@ -117,3 +120,66 @@ async def test_a_closed_connection_is_freed_without_the_garbage_collector():
     finally:
         gc.enable()
         await listening.stopListening()
+
+
+class EpollCalls:
+    """The reactor's epoll object, with each change for one descriptor noted."""
+
+    def __init__(self, poller: Any) -> None:
+        self.poller = poller
+        self.fd = -1
+        self.calls: list[tuple[str, int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.poller, name)
+
+    def register(self, fd: int, events: int) -> None:
+        if fd == self.fd:
+            self.calls.append(("register", events))
+        self.poller.register(fd, events)
+
+    def modify(self, fd: int, events: int) -> None:
+        if fd == self.fd:
+            self.calls.append(("modify", events))
+        self.poller.modify(fd, events)
+
+    def unregister(self, fd: int) -> None:
+        if fd == self.fd:
+            self.calls.append(("unregister", 0))
+        self.poller.unregister(fd)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connect_waits_for_writability_and_then_only_stops_waiting():
+    """
+    Twisted stops reading and writing once connected, then reads again: two
+    epoll changes for nothing. The lean client only stops watching for
+    writability (and never asks a new socket for an error).
+    """
+    listening = await server()
+    factory = Factory()
+    watched = EpollCalls(reactor._poller)
+    reactor._poller = watched
+    try:
+        connector = connectTCP(reactor, "127.0.0.1", listening.getHost().port, factory, 5)
+        watched.fd = connector.transport.socket.fileno()
+        await factory.result
+    finally:
+        reactor._poller = watched.poller
+        await listening.stopListening()
+    # (The workers' reactor does not ask epoll for writability at all.)
+    assert watched.calls in (
+        [("register", EPOLLIN), ("modify", EPOLLIN | EPOLLOUT), ("modify", EPOLLIN)],
+        [("register", EPOLLIN)],
+    )
+
+
+def test_a_client_socket_is_non_blocking_from_the_start_and_can_block_again():
+    with _NonBlockingSocket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as sock:
+        assert sock.gettimeout() == 0.0 and sock.type == socket.SOCK_STREAM
+        sock.setblocking(False)
+        assert not sock.getblocking()
+        sock.setblocking(True)
+        assert sock.getblocking()
+        sock.setblocking(False)
+        assert not sock.getblocking()

@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""
+CPU per short connection through dcrouter's L4 forward route, builds A/B.
+
+Standard library only; needs nginx and wrk (as bench/run.sh), and strace for
+--strace. Everything on 127.0.0.1, free ports, a fresh temporary folder.
+
+  wrk -t1 -c50 -H 'Connection: close'  ->  one dcrouter process  ->  nginx (1 worker, 128 B)
+
+The dcrouter process is what a worker runs (the workers' reactor, access
+records through textLogObserver and turnWriter, here to a file), serving one
+`[route:bench]` with `action = forward` from an ini compiled as at start, in
+one process so that one /proc/PID/stat holds the whole cost. Each build is
+a source tree (a `git archive` of a commit, or a worktree) put first on
+PYTHONPATH; the builds run alternately, round by round.
+
+Per run: a 1 s warm-up, then `--seconds` of load; the figure is the
+process's user+system CPU over that window divided by wrk's connection
+count. The medians and spreads per build are printed at the end.
+
+  bench/l4short.py /tmp/main /work/wt-x --rounds 7 --seconds 6
+  bench/l4short.py /tmp/main --profile /tmp/main.prof   # cProfile: calls per connection
+  bench/l4short.py /tmp/main --strace                   # strace -c: system calls per connection
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pstats
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PYTHON = os.environ.get("BENCH_PYTHON") or str(HERE.parent / ".venv" / "bin" / "python")
+
+# What runs in the measured process (argv: ini, access log, cProfile output or "").
+SERVE = """\
+import signal, sys
+from dcrouter.workers.reactor import install
+reactor = install()
+from twisted.logger import globalLogBeginner
+from dcrouter.compile import checkConfigFile
+from dcrouter.ops.logtext import textLogObserver
+from dcrouter.ops.logwriter import turnWriter
+from dcrouter.service import DcRouter, ProcessRole
+ini, log, profileTo = sys.argv[1:4]
+globalLogBeginner.beginLoggingTo(
+    [textLogObserver(turnWriter(open(log, "w"), reactor))], redirectStandardIO=False)
+router = DcRouter(checkConfigFile(ini).config, reactor, configPath=ini, role=ProcessRole())
+def start():
+    router.privilegedStartService()
+    router.startService()
+    print("ready", flush=True)
+signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
+reactor.callWhenRunning(start)
+if profileTo:
+    import cProfile
+    profile = cProfile.Profile()
+    profile.runcall(reactor.run, installSignalHandlers=False)
+    profile.dump_stats(profileTo)
+else:
+    reactor.run(installSignalHandlers=False)
+"""
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def nginx_conf(d: Path, port: int) -> str:
+    return f"""\
+worker_processes 1;
+daemon off;
+pid {d}/backend.pid;
+error_log {d}/backend.error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path {d}/tmp;
+    proxy_temp_path {d}/tmp;
+    fastcgi_temp_path {d}/tmp;
+    uwsgi_temp_path {d}/tmp;
+    scgi_temp_path {d}/tmp;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {d}/www;
+    }}
+}}
+"""
+
+
+def dcrouter_ini(d: Path, port: int, backend: int) -> str:
+    return f"""\
+[dcrouter]
+state_dir = {d}/state
+workers = 1
+
+[route:bench]
+ports = {port}
+bind = 127.0.0.1
+action = forward
+target = 127.0.0.1:{backend}
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port: int, seconds: int) -> int:
+    out = subprocess.run(
+        ["wrk", "-t1", "-c50", f"-d{seconds}s", "-H", "Connection: close",
+         f"http://127.0.0.1:{port}/small.txt"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    match = re.search(r"(\d+) requests in", out)
+    if match is None or "Non-2xx" in out:
+        raise SystemExit(f"wrk failed:\n{out}")
+    return int(match.group(1))
+
+
+def run(
+    tree: str, d: Path, port: int, seconds: int, profile: str, strace: bool
+) -> tuple[float, str]:
+    """One run of one build: its CPU microseconds per connection, and its line of figures."""
+    log = d / "access.log"
+    serve = subprocess.Popen(
+        [PYTHON, "-c", SERVE, str(d / "dcrouter.ini"), str(log), profile],
+        env=dict(os.environ, PYTHONPATH=tree), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    tracer = None
+    try:
+        assert serve.stdout is not None
+        if serve.stdout.readline().strip() != "ready":
+            raise SystemExit(f"{tree}: dcrouter did not start")
+        wrk(port, 1)
+        if strace:
+            tracer = subprocess.Popen(
+                ["strace", "-c", "-f", "-o", str(d / "strace.txt"), "-p", str(serve.pid)],
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(0.5)
+        before, started = cpu_seconds(serve.pid), time.monotonic()
+        connections = wrk(port, seconds)
+        cpu, elapsed = cpu_seconds(serve.pid) - before, time.monotonic() - started
+    finally:
+        if tracer is not None:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait()
+        serve.terminate()
+        serve.wait()
+    perConnection = cpu / connections * 1e6
+    line = f"{tree}: {connections / elapsed:,.0f} conn/s, {perConnection:.1f} us CPU per connection"
+    if profile:
+        records = sum(1 for text in log.open() if "[dcrouter.access" in text)
+        calls = sum(stat[1] for stat in pstats.Stats(profile).stats.values())
+        line += f"; profile: {calls / records:.0f} Python calls per connection ({profile})"
+    if strace:
+        counts = []
+        for text in (d / "strace.txt").read_text().splitlines():
+            fields = text.split()
+            if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
+                counts.append(f"{fields[-1]} {int(fields[3]) / connections:.2f}")
+        line += "\n  system calls per connection: " + ", ".join(counts)
+    return perConnection, line
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("trees", nargs="+", help="source trees to compare (put on PYTHONPATH)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--profile", default="", help="cProfile the (one) run to this file")
+    parser.add_argument("--strace", action="store_true", help="count system calls (strace -c)")
+    args = parser.parse_args()
+    if (args.profile or args.strace) and (len(args.trees) > 1 or args.rounds > 1):
+        args.rounds, args.trees = 1, args.trees[:1]
+    with tempfile.TemporaryDirectory(prefix="l4short-") as tmp:
+        d = Path(tmp)
+        d.chmod(0o755)  # nginx's worker serves from it as another user
+        (d / "www").mkdir()
+        (d / "tmp").mkdir()
+        (d / "www" / "small.txt").write_bytes(b"x" * 127 + b"\n")
+        port, backend = free_ports(2)
+        (d / "nginx.conf").write_text(nginx_conf(d, backend))
+        (d / "dcrouter.ini").write_text(dcrouter_ini(d, port, backend))
+        nginx = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf")], start_new_session=True)
+        try:
+            time.sleep(0.5)
+            results: dict[str, list[float]] = {tree: [] for tree in args.trees}
+            for _ in range(args.rounds):
+                for tree in args.trees:
+                    figure, line = run(tree, d, port, args.seconds, args.profile, args.strace)
+                    print(line, flush=True)
+                    results[tree].append(figure)
+        finally:
+            os.killpg(nginx.pid, signal.SIGTERM)
+            nginx.wait()
+    for tree, figures in results.items():
+        print(f"{tree}: median {statistics.median(figures):.1f} us CPU per connection"
+              f" ({min(figures):.1f}-{max(figures):.1f}, {len(figures)} runs)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
