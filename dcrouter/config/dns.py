@@ -222,14 +222,20 @@ def notifySource(target: HostPort, listen: Sequence[HostPort]) -> Optional[str]:
     The address a NOTIFY to C{target} is sent from: the first C{listen}
     address of its family (a secondary's C{allow-notify} names the
     primary's address), or for an IPv4 target C{0.0.0.0} if C{[::]} is
-    listened on (it takes IPv4 too); C{None} if there is none.
+    listened on (it takes IPv4 too); C{None} if there is none. A loopback
+    address is a source only for a loopback target: the kernel refuses to
+    send from one to anywhere else (EINVAL).
     """
-    family = ip_address(target.host).version
+    ip = ip_address(target.host)
     for address in listen:
-        ip = ip_address(address.host)
-        if ip.version == family and not (ip.version == 6 and ip.ipv4_mapped is not None):
-            return str(ip)
-    if family == 4 and any(ip_address(address.host) == IPv6Address("::") for address in listen):
+        source = ip_address(address.host)
+        if (
+            source.version == ip.version
+            and not (source.version == 6 and source.ipv4_mapped is not None)
+            and (ip.is_loopback or not source.is_loopback)
+        ):
+            return str(source)
+    if ip.version == 4 and any(ip_address(address.host) == IPv6Address("::") for address in listen):
         return "0.0.0.0"
     return None
 
@@ -238,12 +244,23 @@ def notifyProblems(settings: DnsSettings) -> list[str]:
     """What is wrong with C{notify} given C{listen}: a target no listener can reach."""
     if settings.notify and not settings.listen:
         return ["NOTIFY is sent from the server's listen addresses: set listen too"]
-    return [
-        f"{target}: no listen address is IPv{ip_address(target.host).version}"
-        " (NOTIFY is sent from a listen address of the secondary's family)"
-        for target in settings.notify
-        if notifySource(target, settings.listen) is None
-    ]
+    problems = []
+    for target in settings.notify:
+        if notifySource(target, settings.listen) is not None:
+            continue
+        version = ip_address(target.host).version
+        if any(ip_address(address.host).version == version for address in settings.listen):
+            problems.append(
+                f"{target}: every IPv{version} listen address is a loopback one, which"
+                " cannot send to it (NOTIFY is sent from a listen address of the"
+                " secondary's family; listen on one it can reach too)"
+            )
+        else:
+            problems.append(
+                f"{target}: no listen address is IPv{version}"
+                " (NOTIFY is sent from a listen address of the secondary's family)"
+            )
+    return problems
 
 
 def parseTTL(text: str) -> int:

@@ -144,6 +144,12 @@ def test_notify_targets_default_to_port_53_and_are_normalized():
         ("127.0.0.1:53", "[2001:db8::53]", "[2001:db8::53]:53: no listen address is IPv6 (NOTIFY "
          "is sent from a listen address of the secondary's family)"),
         ("[::1]:53", "192.0.2.53:5353", "192.0.2.53:5353: no listen address is IPv4"),
+        # A loopback source cannot send elsewhere (EINVAL from sendto).
+        ("127.0.0.1:5399", "192.0.2.53", "192.0.2.53:53: every IPv4 listen address is a "
+         "loopback one, which cannot send to it (NOTIFY is sent from a listen address of the "
+         "secondary's family; listen on one it can reach too)"),
+        ("[::1]:5399", "[2001:db8::53]", "[2001:db8::53]:53: every IPv6 listen address is a "
+         "loopback one"),
     ],
 )
 def test_a_secondary_that_no_listen_address_can_notify_is_an_error(listen, notify, message):
@@ -162,6 +168,17 @@ def test_notify_sources_follow_the_listen_addresses():
     assert notifySource(HostPort("192.0.2.53", 53), listen[1:]) == "0.0.0.0"
     assert notifySource(HostPort("192.0.2.53", 53), listen[2:]) is None
     assert notifySource(HostPort("2001:db8::53", 53), (HostPort("::ffff:192.0.2.1", 53),)) is None
+
+
+def test_a_loopback_listen_address_notifies_only_loopback_secondaries():
+    listen = (HostPort("127.0.0.1", 5399), HostPort("192.0.2.1", 53), HostPort("::1", 53))
+    assert notifySource(HostPort("127.0.0.9", 53), listen) == "127.0.0.1"
+    assert notifySource(HostPort("192.0.2.53", 53), listen) == "192.0.2.1"
+    assert notifySource(HostPort("192.0.2.53", 53), listen[:1]) is None
+    assert notifySource(HostPort("2001:db8::53", 53), listen) is None
+    assert notifySource(HostPort("::1", 5300), listen) == "::1"
+    assert notifySource(HostPort("2001:db8::53", 53), (HostPort("::", 53),)) == "::"
+    assert notifySource(HostPort("192.0.2.53", 53), (HostPort("0.0.0.0", 53),)) == "0.0.0.0"
 
 
 # Zones
@@ -494,3 +511,9 @@ def test_python_notify_targets_are_checked_as_the_ini_ones():
         "<python>:0: [dns] notify: [::1]:53: no listen address is IPv6 (NOTIFY is sent from a "
         "listen address of the secondary's family)",
     ]
+    assert problems(["127.0.0.1"], HostPort("192.0.2.53", 53)) == [
+        "<python>:0: [dns] notify: 192.0.2.53:53: every IPv4 listen address is a loopback one, "
+        "which cannot send to it (NOTIFY is sent from a listen address of the secondary's "
+        "family; listen on one it can reach too)",
+    ]
+    assert problems(["127.0.0.1", "192.0.2.1"], HostPort("192.0.2.53", 53)) == []
