@@ -284,11 +284,13 @@ class DNSService(Service):
         Publish a record; see L{ZoneSet.setRecord}.
 
         @return: with C{[dns] notify} secondaries, a Deferred that fires
-            once they all serve the zone's new serial, or after
-            L{dcrouter.dns.notify.PROPAGATION_TIMEOUT} (logged); it never
-            fails. The ACME dns-01 responder returns it, so the CA is told
-            to validate only then (a propagation check, as lego's and
-            certbot's). Else C{None}.
+            once they all serve the zone's new serial (or do not carry the
+            zone), or after L{dcrouter.dns.notify.PROPAGATION_TIMEOUT}
+            (logged); it fails with L{dcrouter.dns.notify.NotifierStopped}
+            if the service stops first. The ACME dns-01 responder returns
+            it, so the CA is told to validate only then (a propagation
+            check, as lego's and certbot's), and not at all if the server
+            is stopping. Else C{None}.
         """
         changed = self.zones.setRecord(zone, name, type, value, ttl)
         if not (self.notifier.running and self.notifier.targets):
