@@ -3,7 +3,8 @@ DNS NOTIFY (RFC 1996): telling the secondaries that a zone changed.
 
 When a zone's serial changes (a reload that changes the zone, a record
 published or withdrawn through the record API) and when the server starts,
-each C{[dns] notify} address is sent a NOTIFY over UDP: opcode NOTIFY, AA
+each secondary of the zone (its own C{notify}, else C{[dns] notify}) is
+sent a NOTIFY over UDP: opcode NOTIFY, AA
 set, the zone's apex SOA as the question and its SOA record in the answer
 section (RFC 1996, section 3.7). A secondary then transfers the zone at
 once instead of at its next SOA refresh, so that an ACME CA that asks it
@@ -37,7 +38,7 @@ RFC 5452, section 9.1), and the SOA taken from an answer is the apex's.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from ipaddress import ip_address
 from typing import Any, Optional
 
@@ -165,7 +166,8 @@ class Notifier:
     """
     Sends NOTIFYs to the secondaries and retries until they answer.
 
-    @ivar targets: the secondaries (C{[dns] notify}).
+    @ivar targets: the secondaries of zones without their own (C{[dns] notify}).
+    @ivar zoneTargets: the secondaries of zones with their own, by zone.
     @ivar listen: the server's listen addresses, which NOTIFYs are sent from.
     @ivar pending: the NOTIFYs not answered yet, by (zone, secondary).
     @ivar checks: the secondaries L{whenServed} is waiting for.
@@ -184,22 +186,35 @@ class Notifier:
         self.newID = newID
         self.running = False
         self.targets: tuple[HostPort, ...] = ()
+        self.zoneTargets: dict[str, tuple[HostPort, ...]] = {}
         self.listen: tuple[HostPort, ...] = ()
         self.pending: dict[tuple[str, HostPort], _Pending] = {}
         self.checks: list[_Check] = []
         self.ports: dict[str, IListeningPort] = {}
 
-    def configure(self, targets: Sequence[HostPort], listen: Sequence[HostPort]) -> None:
+    def configure(
+        self,
+        targets: Sequence[HostPort],
+        listen: Sequence[HostPort],
+        zoneTargets: Optional[Mapping[str, Sequence[HostPort]]] = None,
+    ) -> None:
         """
-        Notify C{targets} from C{listen} from now on: pending NOTIFYs to
-        secondaries no longer listed are dropped, unused sockets closed.
+        Notify C{targets} (the zones in C{zoneTargets}: theirs instead) from
+        C{listen} from now on: pending NOTIFYs to secondaries no longer
+        listed for their zone are dropped, unused sockets closed.
         """
         self.targets, self.listen = tuple(targets), tuple(listen)
-        for key in [key for key in self.pending if key[1] not in self.targets]:
+        self.zoneTargets = {zone: tuple(of) for zone, of in (zoneTargets or {}).items()}
+        for key in [key for key in self.pending if key[1] not in self.targetsOf(key[0])]:
             self._drop(key)
-        for check in [check for check in self.checks if check.target not in self.targets]:
+        for check in [check for check in self.checks
+                      if check.target not in self.targetsOf(check.zone)]:
             self._endCheck(check)
         self._closePorts(set(self.ports) - self._sources())
+
+    def targetsOf(self, zone: str) -> tuple[HostPort, ...]:
+        """The secondaries of C{zone}."""
+        return self.zoneTargets.get(zone, self.targets)
 
     def start(self) -> None:
         """Send NOTIFYs from now on (not before the server serves)."""
@@ -221,14 +236,14 @@ class Notifier:
         self, zone: str, soa: dns.RRHeader, targets: Optional[Iterable[HostPort]] = None
     ) -> None:
         """
-        Tell C{targets} (by default every secondary) that C{zone} now has
-        the SOA record C{soa}. One being told of the same serial already is
+        Tell C{targets} (by default the zone's secondaries) that C{zone} now
+        has the SOA record C{soa}. One being told of the same serial already is
         left to it; one being told of an older serial is told this instead.
         """
         if not self.running:
             return
         serial = soa.payload.serial  # type: ignore[union-attr]
-        for target in self.targets if targets is None else targets:
+        for target in self.targetsOf(zone) if targets is None else targets:
             key = (zone, target)
             current = self.pending.get(key)
             if current is not None:
@@ -253,15 +268,15 @@ class Notifier:
         self, zone: str, origin: bytes, serial: int, timeout: float = PROPAGATION_TIMEOUT
     ) -> Deferred[None]:
         """
-        A Deferred that fires once every secondary answers that the SOA
-        serial of C{zone} (whose apex is C{origin}) is C{serial} or newer,
-        or that it does not carry the zone (see L{_soaAnswered} and
-        L{responseReceived}), or is no longer notified (a reload), or after
-        C{timeout} seconds (logged). It fails with L{NotifierStopped} if
-        the notifier stops first.
+        A Deferred that fires once every secondary of C{zone} answers that
+        its SOA serial (at the apex C{origin}) is C{serial} or newer, or
+        that it does not carry the zone (see L{_soaAnswered} and
+        L{responseReceived}), or is no longer notified (a reload), or
+        after C{timeout} seconds (logged). It fails with L{NotifierStopped}
+        if the notifier stops first.
         """
         checks = []
-        for target in self.targets:
+        for target in self.targetsOf(zone):
             messageID = self._freshID(target)
             check = _Check(zone, origin, target, serial, messageID, soaQuery(messageID, origin),
                            Deferred())
@@ -464,7 +479,8 @@ class Notifier:
 
     def _sources(self) -> set[str]:
         """The source addresses the secondaries are notified from."""
-        sources = {notifySource(target, self.listen) for target in self.targets}
+        targets = set(self.targets).union(*self.zoneTargets.values())
+        sources = {notifySource(target, self.listen) for target in targets}
         return {source for source in sources if source is not None}
 
     def _closePorts(self, sources: Iterable[str]) -> Deferred[Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
+import attrs
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
@@ -570,6 +571,30 @@ def test_a_published_record_waits_for_the_secondaries_to_serve_it(started):
     assert not other.called
     service.stopService()
     assert [failure.type for failure in stopped] == [NotifierStopped]
+
+
+def test_a_zone_with_its_own_secondaries_notifies_and_waits_for_them_only():
+    reactor = ServiceReactor()
+    own = attrs.evolve(NET, notify=(OTHER,))
+    service = DNSService(dnsSettings(zones=(ZONE, own)), reactor)
+    service.startService()
+    assert [(zone, address) for zone, _, address in reactor.notified()] == [
+        ("example.com", ("192.0.2.53", 53)), ("example.net", ("192.0.2.54", 5353)),
+    ]
+    waiting = service.setRecord(None, "_acme-challenge.example.net", "TXT", "token", 60)
+    assert [check.target for check in service.notifier.checks] == [OTHER]
+    # A reload that gives the zone another secondary: it alone is told, and waited for.
+    assert service.reconfigure(dnsSettings(zones=(ZONE, attrs.evolve(NET, notify=(SECONDARY,)))
+                                           )) == []
+    assert waiting.called and waiting.result is None
+    assert reactor.notified()[-1:] == [
+        ("example.net", service.serial("example.net"), ("192.0.2.53", 53)),
+    ]
+    # None for this zone: nothing to wait for.
+    assert service.reconfigure(dnsSettings(zones=(ZONE, attrs.evolve(NET, notify=())))) == []
+    assert service.setRecord(None, "_acme-challenge.example.net", "TXT", "other", 60) is None
+    assert service.notifier.pending.keys() <= {("example.com", SECONDARY)}
+    service.stopService()
 
 
 def test_a_worker_or_a_server_without_notify_sends_nothing():
