@@ -4,11 +4,11 @@ DNS NOTIFY (RFC 1996): telling the secondaries that a zone changed.
 When a zone's serial changes (a reload that changes the zone, a record
 published or withdrawn through the record API) and when the server starts,
 each secondary of the zone (its own C{notify}, else C{[dns] notify}) is
-sent a NOTIFY over UDP: opcode NOTIFY, AA
-set, the zone's apex SOA as the question and its SOA record in the answer
-section (RFC 1996, section 3.7). A secondary then transfers the zone at
-once instead of at its next SOA refresh, so that an ACME CA that asks it
-for a dns-01 record finds the record.
+sent a NOTIFY over UDP: opcode NOTIFY, AA set, the zone's apex SOA as the
+question and its SOA record in the answer section (RFC 1996, section
+3.7). A secondary then transfers the zone at once instead of at its next
+SOA refresh, so that an ACME CA that asks it for a dns-01 record finds
+the record.
 
 A NOTIFY is sent again, after 2, 4, 8 and 16 seconds, until the secondary
 answers it: a response with the same ID and opcode from the address it was
@@ -237,8 +237,8 @@ class Notifier:
     ) -> None:
         """
         Tell C{targets} (by default the zone's secondaries) that C{zone} now
-        has the SOA record C{soa}. One being told of the same serial already is
-        left to it; one being told of an older serial is told this instead.
+        has the SOA record C{soa}. One being told of the same serial already
+        is left to it; one being told of an older serial is told this instead.
         """
         if not self.running:
             return
@@ -337,7 +337,7 @@ class Notifier:
         log.warn("DNS NOTIFY of {zone} serial {serial} answered {rcode} by {target}: it "
                  "does not take NOTIFY of {zone} from here (not retried)", **fields)
         for check in [check for check in self.checks if (check.zone, check.target) == key]:
-            log.info("DNS: not waiting for {target} to serve {zone}: it refused its NOTIFY",
+            log.info("DNS: not waiting for {target} to serve {zone}: it rejected its NOTIFY",
                      target=str(check.target), zone=check.zone)
             self._endCheck(check)
 

@@ -452,7 +452,7 @@ def test_a_secondary_that_rejected_the_notify_of_the_zone_is_not_waited_for(logg
     protocol = reactor.notifyPort().protocol
     protocol.datagramReceived(answer(rejected, rcode=dns.EREFUSED), ("192.0.2.53", 53))
     assert logged()[-1] == (
-        "DNS: not waiting for 192.0.2.53:53 to serve example.com: it refused its NOTIFY"
+        "DNS: not waiting for 192.0.2.53:53 to serve example.com: it rejected its NOTIFY"
     )
     # Still waited for: the other secondary for this zone, both for the other zone.
     assert sorted((c.zone, str(c.target)) for c in sender.checks) == [
