@@ -54,9 +54,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.application.service import Service
 from twisted.internet.defer import (
+    CancelledError,
     Deferred,
     DeferredLock,
     DeferredSemaphore,
+    FirstError,
     fail,
     gatherResults,
     maybeDeferred,
@@ -939,6 +941,18 @@ class AcmeIssuer(Service):
         )
         try:
             entry = await self._obtain(want)
+        except CancelledError as e:
+            # A wait cut short by a stop (the DNS server's, while dns-01
+            # records propagated): not the names' failure, and the CA was
+            # not asked to validate.
+            self.log.info(
+                "{what} a certificate for {names} (route {route}) interrupted: {why}",
+                what=what,
+                names=", ".join(names),
+                route=job.route,
+                why=str(e) or type(e).__name__,
+            )
+            return
         except Exception as e:
             await self._failed(job, want, old, e)
             return
@@ -965,11 +979,19 @@ class AcmeIssuer(Service):
         chosen = [(authz, self._choose(authz, want)) for authz in pending]
         started: list[tuple[IChallengeResponder, str, str, str]] = []
         try:
+            # Every answer is published first, then waited for together: a
+            # dns-01 answer waits for the secondaries to serve it, which
+            # one by one would take as many waits (and zone transfers).
+            ready = []
             for authz, typ in chosen:
                 token, keyAuthorization = authz.offered[typ]
                 responder = self._responders[typ]
-                await maybeDeferred(responder.start, authz.name, token, keyAuthorization)
+                ready.append(maybeDeferred(responder.start, authz.name, token, keyAuthorization))
                 started.append((responder, authz.name, token, keyAuthorization))
+            try:
+                await gatherResults(ready, consumeErrors=True)
+            except FirstError as e:
+                e.subFailure.raiseException()
             for authz, typ in chosen:
                 await self._calls.run(session.answer, authz, typ, timeout=timeout * 3)
             fullchain = await self._calls.run(

@@ -12,6 +12,7 @@ zone-file syntax without the parentheses::
 
     [dns.zone:example.com]
     ttl = 1h
+    notify = 192.0.2.53, 198.51.100.53
     rname = hostmaster@example.com
     records =
         @        NS    ns1
@@ -83,7 +84,9 @@ _DNS_KEYS = (
     "max_udp_size",
     "rate_limit",
 )
-_ZONE_KEYS = ("records", "ttl", "mname", "rname", "refresh", "retry", "expire", "minimum")
+_ZONE_KEYS = (
+    "records", "ttl", "mname", "rname", "refresh", "retry", "expire", "minimum", "notify",
+)
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _CAA_TAG = re.compile(r"^[A-Za-z0-9]{1,15}$")
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9_+-]+$")
@@ -126,6 +129,9 @@ class DnsZone:
     @ivar minimum: how long resolvers cache a negative answer (RFC 2308);
         short by default, so that a record published for an ACME challenge
         is not hidden behind a cached NXDOMAIN.
+    @ivar notify: the secondaries notified of this zone instead of
+        L{DnsSettings.notify} (NSD's and BIND's per-zone lists), C{()}
+        none; C{None}: those of C{[dns]}.
     """
 
     name: str
@@ -137,6 +143,7 @@ class DnsZone:
     retry: int = 3600
     expire: int = 1209600
     minimum: int = 300
+    notify: Optional[tuple[HostPort, ...]] = None
     source: Source = field(default=PYTHON, eq=False)
 
     def primary(self) -> str:
@@ -165,7 +172,8 @@ class DnsSettings:
     @ivar notify: the secondaries sent a DNS NOTIFY (RFC 1996) of every zone
         whose serial changes, so that they transfer it at once rather than
         at their SOA refresh (NSD's C{notify}, BIND's C{also-notify}); the
-        NS hosts of a zone are not notified unless listed; empty: none.
+        NS hosts of a zone are not notified unless listed; empty: none. A
+        zone's own C{notify} replaces it for that zone.
     @ivar tcp_idle_timeout: a TCP client that sends no complete query for
         this long is disconnected.
     @ivar max_tcp_connections: TCP clients served at once; more are refused.
@@ -187,6 +195,14 @@ class DnsSettings:
     rate_limit: Optional[int] = None
     source: Source = field(default=PYTHON, eq=False)
 
+    def zoneNotify(self) -> dict[str, tuple[HostPort, ...]]:
+        """The zones with their own C{notify}, and their secondaries."""
+        return {zone.name: zone.notify for zone in self.zones if zone.notify is not None}
+
+    def notifyOf(self, zone: str) -> tuple[HostPort, ...]:
+        """The secondaries notified of C{zone}: its own C{notify}, else C{[dns]}'s."""
+        return self.zoneNotify().get(zone, self.notify)
+
 
 # Single values
 
@@ -199,6 +215,11 @@ def parseListen(text: str) -> tuple[HostPort, ...]:
 def parseNotify(text: str) -> tuple[HostPort, ...]:
     """C{192.0.2.53, [2001:db8::53]:5353}: as L{parseListen}, the secondaries to notify."""
     return _addresses(text, "notify")
+
+
+def parseZoneNotify(text: str) -> tuple[HostPort, ...]:
+    """A zone's own secondaries, as L{parseNotify}; C{none}: this zone notifies nobody."""
+    return () if text.strip().lower() == "none" else parseNotify(text)
 
 
 def _addresses(text: str, verb: str) -> tuple[HostPort, ...]:
@@ -222,28 +243,45 @@ def notifySource(target: HostPort, listen: Sequence[HostPort]) -> Optional[str]:
     The address a NOTIFY to C{target} is sent from: the first C{listen}
     address of its family (a secondary's C{allow-notify} names the
     primary's address), or for an IPv4 target C{0.0.0.0} if C{[::]} is
-    listened on (it takes IPv4 too); C{None} if there is none.
+    listened on (it takes IPv4 too); C{None} if there is none. A loopback
+    address is a source only for a loopback target: the kernel refuses to
+    send from one to anywhere else (EINVAL).
     """
-    family = ip_address(target.host).version
+    ip = ip_address(target.host)
     for address in listen:
-        ip = ip_address(address.host)
-        if ip.version == family and not (ip.version == 6 and ip.ipv4_mapped is not None):
-            return str(ip)
-    if family == 4 and any(ip_address(address.host) == IPv6Address("::") for address in listen):
+        source = ip_address(address.host)
+        if (
+            source.version == ip.version
+            and not (source.version == 6 and source.ipv4_mapped is not None)
+            and (ip.is_loopback or not source.is_loopback)
+        ):
+            return str(source)
+    if ip.version == 4 and any(ip_address(address.host) == IPv6Address("::") for address in listen):
         return "0.0.0.0"
     return None
 
 
-def notifyProblems(settings: DnsSettings) -> list[str]:
-    """What is wrong with C{notify} given C{listen}: a target no listener can reach."""
-    if settings.notify and not settings.listen:
+def notifyProblems(targets: Sequence[HostPort], listen: Sequence[HostPort]) -> list[str]:
+    """What is wrong with a C{notify} list given C{listen}: a target no listener can reach."""
+    if targets and not listen:
         return ["NOTIFY is sent from the server's listen addresses: set listen too"]
-    return [
-        f"{target}: no listen address is IPv{ip_address(target.host).version}"
-        " (NOTIFY is sent from a listen address of the secondary's family)"
-        for target in settings.notify
-        if notifySource(target, settings.listen) is None
-    ]
+    problems = []
+    for target in targets:
+        if notifySource(target, listen) is not None:
+            continue
+        version = ip_address(target.host).version
+        if any(ip_address(address.host).version == version for address in listen):
+            problems.append(
+                f"{target}: every IPv{version} listen address is a loopback one, which"
+                " cannot send to it (NOTIFY is sent from a listen address of the"
+                " secondary's family; listen on one it can reach too)"
+            )
+        else:
+            problems.append(
+                f"{target}: no listen address is IPv{version}"
+                " (NOTIFY is sent from a listen address of the secondary's family)"
+            )
+    return problems
 
 
 def parseTTL(text: str) -> int:
@@ -602,24 +640,30 @@ def checkDnsSettings(settings: DnsSettings) -> list[ConfigError]:
                         (settings.rate_limit, "rate_limit")):
         if number is not None and number < 1:
             add(f"{number} is out of range (>= 1)", settings.source, key=key)
-    addressProblems = len(problems)
+    listenProblems = len(problems)
     for address in settings.listen:
         try:
             ip_address(address.host)
         except ValueError:
             add(f"{address.host!r}: listen on an IP address, not a name", settings.source,
                 key="listen")
-    for address in settings.notify:
-        try:
-            ip_address(address.host)
-        except ValueError:
-            add(f"{address.host!r}: notify an IP address, not a name", settings.source,
-                key="notify")
-        if not 1 <= address.port <= 65535:
-            add(f"{address.port} is not a port (1-65535)", settings.source, key="notify")
-    if len(problems) == addressProblems:
-        for message in notifyProblems(settings):
-            add(message, settings.source, key="notify")
+    listenValid = len(problems) == listenProblems
+
+    def checkNotify(targets: Sequence[HostPort], source: Source, section: str) -> None:
+        before = len(problems)
+        for address in targets:
+            try:
+                ip_address(address.host)
+            except ValueError:
+                add(f"{address.host!r}: notify an IP address, not a name", source, section,
+                    "notify")
+            if not 1 <= address.port <= 65535:
+                add(f"{address.port} is not a port (1-65535)", source, section, "notify")
+        if listenValid and len(problems) == before:
+            for message in notifyProblems(targets, settings.listen):
+                add(message, source, section, "notify")
+
+    checkNotify(settings.notify, settings.source, SECTION)
     seen: set[str] = set()
     for zone in settings.zones:
         section = f"{ZONE_PREFIX}{zone.name}"
@@ -637,6 +681,8 @@ def checkDnsSettings(settings: DnsSettings) -> list[ConfigError]:
         for ttl in (zone.ttl, zone.refresh, zone.retry, zone.expire, zone.minimum):
             if not 0 <= ttl <= MAX_TTL:
                 add(f"{ttl} is not a TTL (0-{MAX_TTL})", zone.source, section)
+        if zone.notify is not None:
+            checkNotify(zone.notify, zone.source, section)
         for record in zone.records:
             problem = _checkRecord(record, zone.name)
             if problem is not None:
@@ -730,7 +776,7 @@ def parseDnsSections(
     @return: C{None} if there is no such section: DNS is off.
     """
     settings: Optional[DnsSettings] = None
-    zones: list[DnsZone] = []
+    zones: list[tuple[DnsZone, _Section]] = []
     found = False
     fileCache: dict[str, Optional[list[str]]] = {}
     for section in sections:
@@ -739,15 +785,16 @@ def parseDnsSections(
             settings = _parseServer(_Section(section, errors))
         elif section.name.startswith(ZONE_PREFIX):
             found = True
-            zone = _parseZone(_Section(section, errors), fileCache)
+            keys = _Section(section, errors)
+            zone = _parseZone(keys, fileCache)
             if zone is not None:
-                zones.append(zone)
+                zones.append((zone, keys))
     if not found:
         return None
     base = settings if settings is not None else DnsSettings()
     seen: dict[str, DnsZone] = {}
     kept = []
-    for zone in zones:
+    for zone, keys in zones:
         if zone.name in seen:
             errors.add(
                 f"zone {zone.name} is defined twice; the first is at {seen[zone.name].source}",
@@ -756,6 +803,9 @@ def parseDnsSections(
             continue
         seen[zone.name] = zone
         kept.append(zone)
+        # Checked once [dns] listen is known, wherever the sections are.
+        for problem in notifyProblems(zone.notify or (), base.listen):
+            keys.error("notify", problem)
     return DnsSettings(
         listen=base.listen,
         zones=tuple(kept),
@@ -784,7 +834,7 @@ def _parseServer(keys: _Section) -> DnsSettings:
         rate_limit=keys.get("rate_limit", _positive, None),
         source=keys.section.source,
     )
-    for problem in notifyProblems(settings):
+    for problem in notifyProblems(settings.notify, settings.listen):
         keys.error("notify", problem)
     return settings
 
@@ -828,6 +878,7 @@ def _parseZone(keys: _Section, fileCache: dict[str, Optional[list[str]]]) -> Opt
         retry=keys.get("retry", parseTTL, default.retry),
         expire=keys.get("expire", parseTTL, default.expire),
         minimum=keys.get("minimum", parseTTL, default.minimum),
+        notify=keys.get("notify", parseZoneNotify, None),
         source=section.source,
     )
 

@@ -3,11 +3,12 @@ DNS NOTIFY (RFC 1996): telling the secondaries that a zone changed.
 
 When a zone's serial changes (a reload that changes the zone, a record
 published or withdrawn through the record API) and when the server starts,
-each C{[dns] notify} address is sent a NOTIFY over UDP: opcode NOTIFY, AA
-set, the zone's apex SOA as the question and its SOA record in the answer
-section (RFC 1996, section 3.7). A secondary then transfers the zone at
-once instead of at its next SOA refresh, so that an ACME CA that asks it
-for a dns-01 record finds the record.
+each secondary of the zone (its own C{notify}, else C{[dns] notify}) is
+sent a NOTIFY over UDP: opcode NOTIFY, AA set, the zone's apex SOA as the
+question and its SOA record in the answer section (RFC 1996, section
+3.7). A secondary then transfers the zone at once instead of at its next
+SOA refresh, so that an ACME CA that asks it for a dns-01 record finds
+the record.
 
 A NOTIFY is sent again, after 2, 4, 8 and 16 seconds, until the secondary
 answers it: a response with the same ID and opcode from the address it was
@@ -25,27 +26,41 @@ L{Notifier.whenServed} waits until every secondary serves a serial (asked
 for the zone's SOA every L{CHECK_INTERVAL} from the same socket, answers
 matched the same way), or L{PROPAGATION_TIMEOUT}: the ACME dns-01 path
 tells the CA to validate only then, as lego's and certbot's propagation
-checks do.
+checks do. A secondary that does not carry the zone is not waited for:
+one that answers the SOA query REFUSED or NOTAUTH, or answered the
+NOTIFY of the zone with an error. SERVFAIL is waited through: it is what
+BIND and NSD answer for a zone they have not transferred yet.
+
+Answers must also echo the question sent (the zone's apex, SOA, IN;
+RFC 5452, section 9.1), and the SOA taken from an answer is the apex's.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from ipaddress import ip_address
 from typing import Any, Optional
 
 from attrs import define
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    FirstError,
+    gatherResults,
+    maybeDeferred,
+)
 from twisted.internet.error import CannotListenError, MessageLengthError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.names import dns
+from twisted.python.failure import Failure
 
 from dcrouter.config.dns import notifySource
 from dcrouter.config.model import HostPort
-from dcrouter.dns.server import rcodeName
+from dcrouter.dns.server import NOTAUTH, rcodeName
 from dcrouter.dns.wire import checkMessage
 
 log = Logger()
@@ -59,6 +74,15 @@ MAX_WAIT = 16.0
 CHECK_INTERVAL = 1.0
 #: The longest L{Notifier.whenServed} waits for the secondaries (lego's default).
 PROPAGATION_TIMEOUT = 60.0
+#: SOA answers of a secondary that does not carry the zone: not waited for.
+NOT_SERVED = frozenset({dns.EREFUSED, NOTAUTH})
+
+
+class NotifierStopped(CancelledError):
+    """
+    The notifier stopped (the DNS server is stopping) while L{Notifier.whenServed}
+    waited: whatever waited should give up, not go on as if the change were served.
+    """
 
 
 def notifyMessage(messageID: int, soa: dns.RRHeader) -> bytes:
@@ -87,6 +111,11 @@ def _randomID() -> int:
     return secrets.randbelow(1 << 16)
 
 
+def _question(origin: bytes) -> list[dns.Query]:
+    """The question section of a NOTIFY or SOA query of the zone C{origin}, as sent."""
+    return [dns.Query(origin, dns.SOA, dns.IN)]
+
+
 def _sameAddress(target: HostPort, address: Any) -> bool:
     """Is the datagram source C{address} (host, port) C{target}, however spelled?"""
     try:
@@ -101,6 +130,7 @@ class _Pending:
     """A NOTIFY not answered yet."""
 
     zone: str
+    origin: bytes
     serial: int
     messageID: int
     data: bytes
@@ -113,6 +143,7 @@ class _Check:
     """SOA queries to a secondary until it serves C{serial} of C{zone}."""
 
     zone: str
+    origin: bytes
     target: HostPort
     serial: int
     messageID: int
@@ -135,7 +166,8 @@ class Notifier:
     """
     Sends NOTIFYs to the secondaries and retries until they answer.
 
-    @ivar targets: the secondaries (C{[dns] notify}).
+    @ivar targets: the secondaries of zones without their own (C{[dns] notify}).
+    @ivar zoneTargets: the secondaries of zones with their own, by zone.
     @ivar listen: the server's listen addresses, which NOTIFYs are sent from.
     @ivar pending: the NOTIFYs not answered yet, by (zone, secondary).
     @ivar checks: the secondaries L{whenServed} is waiting for.
@@ -154,48 +186,64 @@ class Notifier:
         self.newID = newID
         self.running = False
         self.targets: tuple[HostPort, ...] = ()
+        self.zoneTargets: dict[str, tuple[HostPort, ...]] = {}
         self.listen: tuple[HostPort, ...] = ()
         self.pending: dict[tuple[str, HostPort], _Pending] = {}
         self.checks: list[_Check] = []
         self.ports: dict[str, IListeningPort] = {}
 
-    def configure(self, targets: Sequence[HostPort], listen: Sequence[HostPort]) -> None:
+    def configure(
+        self,
+        targets: Sequence[HostPort],
+        listen: Sequence[HostPort],
+        zoneTargets: Optional[Mapping[str, Sequence[HostPort]]] = None,
+    ) -> None:
         """
-        Notify C{targets} from C{listen} from now on: pending NOTIFYs to
-        secondaries no longer listed are dropped, unused sockets closed.
+        Notify C{targets} (the zones in C{zoneTargets}: theirs instead) from
+        C{listen} from now on: pending NOTIFYs to secondaries no longer
+        listed for their zone are dropped, unused sockets closed.
         """
         self.targets, self.listen = tuple(targets), tuple(listen)
-        for key in [key for key in self.pending if key[1] not in self.targets]:
+        self.zoneTargets = {zone: tuple(of) for zone, of in (zoneTargets or {}).items()}
+        for key in [key for key in self.pending if key[1] not in self.targetsOf(key[0])]:
             self._drop(key)
-        for check in [check for check in self.checks if check.target not in self.targets]:
+        for check in [check for check in self.checks
+                      if check.target not in self.targetsOf(check.zone)]:
             self._endCheck(check)
         self._closePorts(set(self.ports) - self._sources())
+
+    def targetsOf(self, zone: str) -> tuple[HostPort, ...]:
+        """The secondaries of C{zone}."""
+        return self.zoneTargets.get(zone, self.targets)
 
     def start(self) -> None:
         """Send NOTIFYs from now on (not before the server serves)."""
         self.running = True
 
     def stop(self) -> Deferred[Any]:
-        """Drop every pending NOTIFY, end the waits of L{whenServed}, close the sockets."""
+        """
+        Drop every pending NOTIFY, fail the waits of L{whenServed} with
+        L{NotifierStopped}, close the sockets.
+        """
         self.running = False
         for key in list(self.pending):
             self._drop(key)
         for check in list(self.checks):
-            self._endCheck(check)
+            self._endCheck(check, Failure(NotifierStopped("the DNS server is stopping")))
         return self._closePorts(set(self.ports))
 
     def notify(
         self, zone: str, soa: dns.RRHeader, targets: Optional[Iterable[HostPort]] = None
     ) -> None:
         """
-        Tell C{targets} (by default every secondary) that C{zone} now has
-        the SOA record C{soa}. One being told of the same serial already is
-        left to it; one being told of an older serial is told this instead.
+        Tell C{targets} (by default the zone's secondaries) that C{zone} now
+        has the SOA record C{soa}. One being told of the same serial already
+        is left to it; one being told of an older serial is told this instead.
         """
         if not self.running:
             return
         serial = soa.payload.serial  # type: ignore[union-attr]
-        for target in self.targets if targets is None else targets:
+        for target in self.targetsOf(zone) if targets is None else targets:
             key = (zone, target)
             current = self.pending.get(key)
             if current is not None:
@@ -206,7 +254,8 @@ class Notifier:
                           serial=serial)
                 self._drop(key)
             messageID = self._freshID(target)
-            self.pending[key] = _Pending(zone, serial, messageID, notifyMessage(messageID, soa))
+            self.pending[key] = _Pending(zone, soa.name.name, serial, messageID,
+                                         notifyMessage(messageID, soa))
             self._send(key)
 
     def forget(self, zones: Iterable[str]) -> None:
@@ -219,15 +268,17 @@ class Notifier:
         self, zone: str, origin: bytes, serial: int, timeout: float = PROPAGATION_TIMEOUT
     ) -> Deferred[None]:
         """
-        A Deferred that fires (never fails) once every secondary answers
-        that the SOA serial of C{zone} (whose apex is C{origin}) is
-        C{serial} or newer, or after C{timeout} seconds (logged), or when
-        the notifier stops.
+        A Deferred that fires once every secondary of C{zone} answers that
+        its SOA serial (at the apex C{origin}) is C{serial} or newer, or
+        that it does not carry the zone (see L{_soaAnswered} and
+        L{responseReceived}), or is no longer notified (a reload), or
+        after C{timeout} seconds (logged). It fails with L{NotifierStopped}
+        if the notifier stops first.
         """
         checks = []
-        for target in self.targets:
+        for target in self.targetsOf(zone):
             messageID = self._freshID(target)
-            check = _Check(zone, target, serial, messageID, soaQuery(messageID, origin),
+            check = _Check(zone, origin, target, serial, messageID, soaQuery(messageID, origin),
                            Deferred())
             checks.append(check)
             self.checks.append(check)
@@ -239,11 +290,16 @@ class Notifier:
             self._poll(check)
         late = self.reactor.callLater(timeout, self._late, checks, timeout)
 
-        def served(_: object) -> None:
+        def ended(result: object) -> Optional[Failure]:
             if late.active():
                 late.cancel()
+            if isinstance(result, Failure):
+                first = result.value
+                return first.subFailure if isinstance(first, FirstError) else result
+            return None
 
-        return DeferredList([check.served for check in checks]).addCallback(served)
+        waits = gatherResults([check.served for check in checks], consumeErrors=True)
+        return waits.addBoth(ended)
 
     def responseReceived(self, data: bytes, address: Any) -> None:
         """
@@ -277,9 +333,13 @@ class Notifier:
         self.count("notify_answered" if message.rCode == dns.OK else "notify_rejected")
         if message.rCode == dns.OK:
             log.info("DNS NOTIFY of {zone} serial {serial} answered by {target}", **fields)
-        else:
-            log.warn("DNS NOTIFY of {zone} serial {serial} answered {rcode} by {target}: it "
-                     "does not take NOTIFY of {zone} from here (not retried)", **fields)
+            return
+        log.warn("DNS NOTIFY of {zone} serial {serial} answered {rcode} by {target}: it "
+                 "does not take NOTIFY of {zone} from here (not retried)", **fields)
+        for check in [check for check in self.checks if (check.zone, check.target) == key]:
+            log.info("DNS: not waiting for {target} to serve {zone}: it rejected its NOTIFY",
+                     target=str(check.target), zone=check.zone)
+            self._endCheck(check)
 
     # Internals
 
@@ -288,24 +348,44 @@ class Notifier:
         if not message.answer or message.opCode != dns.OP_NOTIFY:
             return None
         for key, pending in self.pending.items():
-            if pending.messageID == message.id and _sameAddress(key[1], address):
+            if (
+                pending.messageID == message.id
+                and _sameAddress(key[1], address)
+                and message.queries == _question(pending.origin)
+            ):
                 return key
         return None
 
     def _soaAnswered(self, message: dns.Message, address: Any) -> None:
-        """An answer to a L{whenServed} SOA query: done if it has the serial or a newer one."""
+        """
+        An answer to a L{whenServed} SOA query: done if the apex's SOA in it
+        has the serial or a newer one, or if it is REFUSED or NOTAUTH (the
+        secondary does not carry the zone); anything else (SERVFAIL while
+        the zone is not loaded, an older serial) is asked again.
+        """
         for check in self.checks:
-            if check.messageID == message.id and _sameAddress(check.target, address):
-                serials = [
-                    record.payload.serial  # type: ignore[union-attr]
-                    for record in message.answers if record.type == dns.SOA
-                ]
-                if message.rCode == dns.OK and serials and serialAtLeast(serials[0],
-                                                                         check.serial):
-                    log.info("DNS: {target} serves {zone} serial {serial}",
-                             target=str(check.target), zone=check.zone, serial=serials[0])
-                    self._endCheck(check)
-                return
+            if (
+                check.messageID == message.id
+                and _sameAddress(check.target, address)
+                and message.queries == _question(check.origin)
+            ):
+                break
+        else:
+            return
+        fields = dict(target=str(check.target), zone=check.zone)
+        if message.rCode in NOT_SERVED:
+            log.warn("DNS: {target} answers {rcode} for the SOA of {zone}: it does not serve "
+                     "{zone}; not waiting for it", rcode=rcodeName(message.rCode), **fields)
+            self._endCheck(check)
+            return
+        apex = dns.Name(check.origin)
+        serials = [
+            record.payload.serial  # type: ignore[union-attr]
+            for record in message.answers if record.type == dns.SOA and record.name == apex
+        ]
+        if message.rCode == dns.OK and serials and serialAtLeast(serials[0], check.serial):
+            log.info("DNS: {target} serves {zone} serial {serial}", serial=serials[0], **fields)
+            self._endCheck(check)
 
     def _poll(self, check: _Check) -> None:
         """Ask the secondary for the SOA (again), and again after L{CHECK_INTERVAL}."""
@@ -327,11 +407,15 @@ class Notifier:
         for check in late:
             self._endCheck(check)
 
-    def _endCheck(self, check: _Check) -> None:
+    def _endCheck(self, check: _Check, failure: Optional[Failure] = None) -> None:
+        """Stop asking; the wait succeeds, or fails with C{failure}."""
         self.checks.remove(check)
         if check.poll is not None and check.poll.active():
             check.poll.cancel()
-        check.served.callback(None)
+        if failure is None:
+            check.served.callback(None)
+        else:
+            check.served.errback(failure)
 
     def _freshID(self, target: HostPort) -> int:
         """A message ID no pending NOTIFY or SOA query to C{target} has."""
@@ -395,7 +479,8 @@ class Notifier:
 
     def _sources(self) -> set[str]:
         """The source addresses the secondaries are notified from."""
-        sources = {notifySource(target, self.listen) for target in self.targets}
+        targets = set(self.targets).union(*self.zoneTargets.values())
+        sources = {notifySource(target, self.listen) for target in targets}
         return {source for source in sources if source is not None}
 
     def _closePorts(self, sources: Iterable[str]) -> Deferred[Any]:

@@ -7,13 +7,14 @@ and C{[::]:53} go together), serves the configured zones, takes new
 settings on reload (L{DNSService.reconfigure}) and is where the rest of
 dcrouter publishes records (ACME dns-01 challenges, DKIM keys):
 L{setRecord}, L{removeRecord}, L{replaceRecords}. It tells the
-C{[dns] notify} secondaries of every new serial (L{dcrouter.dns.notify}).
+secondaries (a zone's C{notify}, else C{[dns] notify}) of every new serial
+(L{dcrouter.dns.notify}).
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import IPv6Address, ip_address
 from typing import Any, Optional
 
@@ -70,7 +71,9 @@ class DNSService(Service):
         self.zones = ZoneSet(self.settings.zones, SerialStore.inDirectory(stateDir, reactor))
         self.factory = DNSServerFactory(self.zones, self.settings, reactor)
         self.notifier = Notifier(reactor, self.factory.count)
-        self.notifier.configure(self.settings.notify, self.settings.listen)
+        self.notifier.configure(
+            self.settings.notify, self.settings.listen, self.settings.zoneNotify()
+        )
         self.zones.onChange = self.zoneChanged
         self.listeners: dict[HostPort, tuple[IListeningPort, IListeningPort]] = {}
         self.bound = False
@@ -115,7 +118,7 @@ class DNSService(Service):
                 zones=", ".join(sorted(self.zones.zones)) or "none",
             )
         self.notifier.start()
-        self.notifyAll(self.notifier.targets)
+        self.notifyAll()
 
     def stopService(self) -> Deferred[Any]:
         """Close the listeners, the TCP clients and the NOTIFY sockets."""
@@ -244,12 +247,15 @@ class DNSService(Service):
             if failures:
                 self.closeListeners(fresh)
                 return failures
-        secondaries = [target for target in settings.notify
-                       if target not in self.settings.notify]
-        self.notifier.configure(settings.notify, settings.listen)
+        added = {
+            zone.name: [target for target in settings.notifyOf(zone.name)
+                        if target not in self.settings.notifyOf(zone.name)]
+            for zone in settings.zones
+        }
+        self.notifier.configure(settings.notify, settings.listen, settings.zoneNotify())
         self.zones.configure(settings.zones)
         self.notifier.forget(self.zones.zones)
-        self.notifyAll(secondaries)
+        self.notifyAll(added)
         self.factory.configure(settings)
         self.settings = settings
         if self.bound:
@@ -262,11 +268,15 @@ class DNSService(Service):
         """A zone has a new serial: tell the secondaries."""
         self.notifier.notify(zone.config.name, zone.soaHeader)
 
-    def notifyAll(self, secondaries: Sequence[HostPort]) -> None:
-        """Tell C{secondaries} (new ones, at start every one) the serial of every zone."""
-        if secondaries:
-            for name, zone in sorted(self.zones.zones.items()):
-                self.notifier.notify(name, zone.soaHeader, secondaries)
+    def notifyAll(self, secondaries: Optional[Mapping[str, Sequence[HostPort]]] = None) -> None:
+        """
+        Tell each zone's C{secondaries} (new ones, by zone) its serial; by
+        default (at start) every secondary of every zone.
+        """
+        for name, zone in sorted(self.zones.zones.items()):
+            targets = None if secondaries is None else secondaries.get(name, ())
+            if targets is None or targets:
+                self.notifier.notify(name, zone.soaHeader, targets)
 
     # The record API (see ZoneSet)
 
@@ -284,14 +294,16 @@ class DNSService(Service):
         Publish a record; see L{ZoneSet.setRecord}.
 
         @return: with C{[dns] notify} secondaries, a Deferred that fires
-            once they all serve the zone's new serial, or after
-            L{dcrouter.dns.notify.PROPAGATION_TIMEOUT} (logged); it never
-            fails. The ACME dns-01 responder returns it, so the CA is told
-            to validate only then (a propagation check, as lego's and
-            certbot's). Else C{None}.
+            once they all serve the zone's new serial (or do not carry the
+            zone), or after L{dcrouter.dns.notify.PROPAGATION_TIMEOUT}
+            (logged); it fails with L{dcrouter.dns.notify.NotifierStopped}
+            if the service stops first. The ACME dns-01 responder returns
+            it, so the CA is told to validate only then (a propagation
+            check, as lego's and certbot's), and not at all if the server
+            is stopping. Else C{None}.
         """
         changed = self.zones.setRecord(zone, name, type, value, ttl)
-        if not (self.notifier.running and self.notifier.targets):
+        if not (self.notifier.running and self.notifier.targetsOf(changed.config.name)):
             return None
         return self.notifier.whenServed(changed.config.name, changed.origin, changed.serial)
 

@@ -23,6 +23,8 @@ from dcrouter.config.dns import DnsSettings, parseDnsSections
 from dcrouter.config.errors import ErrorCollector
 from dcrouter.config.ini import readIni
 from dcrouter.config.model import HostPort
+from dcrouter.dns.notify import NotifierStopped
+from dcrouter.dns.server import NOTAUTH
 from dcrouter.dns.service import DNSService
 from tests.integration.test_dns_loopback import dig, needsDig
 from tests.integration.test_dns_wiring import freeDnsPort
@@ -36,11 +38,17 @@ class Secondary(server.DNSServerFactory):
     """
     A secondary that answers every NOTIFY NOERROR and keeps (message,
     source), and answers SOA queries with L{serial} (the serial it has
-    transferred; none yet: REFUSED).
+    transferred; none yet: SERVFAIL, as BIND and NSD answer for a zone they
+    are configured for but have not loaded).
+
+    @ivar carries: C{False}: it is not configured for the zone, and
+        answers as NSD and BIND then do: the NOTIFY NOTAUTH, the SOA
+        query REFUSED.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, carries: bool = True) -> None:
         super().__init__()
+        self.carries = carries
         self.notifies: defer.DeferredQueue[tuple[dns.Message, tuple[str, int]]] = (
             defer.DeferredQueue()
         )
@@ -53,18 +61,23 @@ class Secondary(server.DNSServerFactory):
         (question,) = message.queries
         if question.type == dns.SOA:
             self.soaQueries.put(self.serial)
-        if self.serial is not None and question.type == dns.SOA:
+        if self.carries and question.type == dns.SOA:
+            response.rCode = dns.ESERVER
+        if self.carries and self.serial is not None and question.type == dns.SOA:
             response.rCode = dns.OK
             response.answers = [dns.RRHeader(
                 question.name.name, dns.SOA, dns.IN, 60,
                 dns.Record_SOA(b"ns1", b"hostmaster", serial=self.serial),
             )]
+        response.timeReceived = message.timeReceived  # sendReply logs the time taken
         self.sendReply(protocol, response, address)
 
     def handleNotify(self, message, protocol, address):
         self.notifies.put((message, address))
-        response = dns.Message(id=message.id, answer=True, opCode=dns.OP_NOTIFY, auth=True)
+        response = dns.Message(id=message.id, answer=True, opCode=dns.OP_NOTIFY, auth=True,
+                               rCode=dns.OK if self.carries else NOTAUTH)
         response.queries = list(message.queries)
+        response.timeReceived = message.timeReceived
         self.sendReply(protocol, response, address)
 
     async def nextNotify(self):
@@ -80,8 +93,8 @@ class Secondary(server.DNSServerFactory):
         return question.name.name.decode(), soa.payload.serial, address[0]
 
 
-async def startSecondary():
-    secondary = Secondary()
+async def startSecondary(carries=True):
+    secondary = Secondary(carries)
     port = reactor.listenUDP(0, dns.DNSDatagramProtocol(secondary), interface="127.0.0.1")
     return secondary, port
 
@@ -192,6 +205,47 @@ async def test_the_secondary_is_notified_of_dns01_records_and_reloads(tmp_path):
         await service.stopService()
         await secondaryPort.stopListening()
     assert secondary.notifies.pending == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_secondary_without_the_zone_is_not_waited_for(tmp_path):
+    secondary, secondaryPort = await startSecondary(carries=False)
+    port = secondaryPort.getHost().port
+    service = DNSService(settingsFor(port, zones()), reactor, str(tmp_path / "state"))
+    logs = LogWaiter()
+    try:
+        service.startService()
+        await secondary.nextNotify()
+        responder = DNS01Responder(service, zoneFor=service.zoneFor)
+        notWaited = logs.expect("not waiting for")
+        published = responder.start("www.example.test", TOKEN, KEY_AUTHORIZATION)
+        # At once, not after PROPAGATION_TIMEOUT (60 s).
+        published.addTimeout(5, reactor)
+        await published
+        await notWaited
+        responder.stop("www.example.test", TOKEN, KEY_AUTHORIZATION)
+    finally:
+        logs.close()
+        await service.stopService()
+        await secondaryPort.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_fails_the_wait_for_the_secondaries(tmp_path):
+    secondary, secondaryPort = await startSecondary()
+    service = DNSService(settingsFor(secondaryPort.getHost().port, zones()), reactor,
+                         str(tmp_path / "state"))
+    try:
+        service.startService()
+        await secondary.nextNotify()
+        published = service.setRecord(None, "_acme-challenge.example.test", "TXT", "x", 60)
+        assert await secondary.soaQueries.get() is None  # asked: SERVFAIL, not transferred
+        assert not published.called
+    finally:
+        await service.stopService()
+        await secondaryPort.stopListening()
+    with pytest.raises(NotifierStopped):
+        await published
 
 
 @needsDig

@@ -13,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
+from twisted.internet.defer import Deferred
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -31,6 +33,7 @@ from dcrouter.certs.acme import (
 from dcrouter.certs.challenges import ACME_CHALLENGE_PATH, DNS01Responder, HTTP01Responder
 from dcrouter.certs.interfaces import IAcmeSession
 from dcrouter.certs.store import DirectoryStore
+from dcrouter.dns.notify import NotifierStopped
 from tests.unit.test_certs_challenges import FakeRecords
 from tests.unit.test_certs_support import SyncPool, SyncReactor, TestCA
 
@@ -614,6 +617,74 @@ def test_aResponderThatFailsAbortsTheOrder(world):
     result(world.issuer.checkNow())
     assert world.ca.answered == []
     assert "no such zone" in world.issuer.status()[0]["lastError"]
+
+
+def publishedAndWaiting(world):
+    """Make the DNS records' setRecord return a Deferred (the propagation wait); return them."""
+    waits = []
+    publish = world.records.setRecord
+
+    def setRecord(zone, name, type, value, ttl):
+        publish(zone, name, type, value, ttl)
+        waits.append(Deferred())
+        return waits[-1]
+
+    world.records.setRecord = setRecord
+    return waits
+
+
+def test_everyDNS01AnswerIsPublishedBeforeTheyAreWaitedForTogether(world):
+    waits = publishedAndWaiting(world)
+    world.issuer.want("wild", ["*.example.com", "www.example.com"], challenge="dns-01")
+    done = world.issuer.checkNow()
+    # Both published at once, the CA not told yet.
+    assert sorted(name for _, name, _ in world.records.records) == [
+        "_acme-challenge.example.com", "_acme-challenge.www.example.com",
+    ]
+    waits[1].callback(None)
+    assert world.ca.answered == []
+    waits[0].callback(None)
+    result(done)
+    assert sorted(world.ca.answered) == [("*.example.com", "dns-01"), ("www.example.com", "dns-01")]
+    assert world.records.records == {}
+    assert world.issuer.status()[0]["state"] == "valid"
+
+
+def test_aDNS01WaitThatFailsAbortsTheOrderAndWithdrawsEveryAnswer(world):
+    waits = publishedAndWaiting(world)
+    world.issuer.want("wild", ["*.example.com", "www.example.com"], challenge="dns-01")
+    done = world.issuer.checkNow()
+    waits[1].errback(ValueError("the zone went away"))
+    result(done)
+    assert world.ca.answered == [] and world.records.records == {}
+    [status] = world.issuer.status()
+    assert status["failures"] == 1 and status["lastError"] == "ValueError: the zone went away"
+    assert not waits[0].called  # left to the DNS server (its wait ends on its own)
+
+
+def test_aStopOfTheDNSServerInterruptsTheOrderWithoutAFailure(world):
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        waits = publishedAndWaiting(world)
+        world.issuer.want("wild", ["*.example.com", "www.example.com"], challenge="dns-01")
+        done = world.issuer.checkNow()
+        for wait in waits:  # as the DNS server's stop fails them
+            wait.errback(NotifierStopped("the DNS server is stopping"))
+        result(done)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert world.ca.answered == [] and world.records.records == {}
+    [status] = world.issuer.status()
+    assert status["failures"] == 0 and status["lastError"] is None
+    assert world.issuer.blockedUntil(["www.example.com", "*.example.com"]) == 0.0
+    assert not os.path.exists(os.path.join(world.stateDir, "acme", "backoff.json"))
+    [interrupted] = [e for e in events if "interrupted" in formatEvent(e)]
+    assert formatEvent(interrupted) == (
+        "obtaining a certificate for *.example.com, www.example.com (route wild) interrupted:"
+        " the DNS server is stopping"
+    )
+    assert interrupted["log_level"].name == "info"
 
 
 def test_aHungCallTimesOut(tmp_path):

@@ -144,6 +144,12 @@ def test_notify_targets_default_to_port_53_and_are_normalized():
         ("127.0.0.1:53", "[2001:db8::53]", "[2001:db8::53]:53: no listen address is IPv6 (NOTIFY "
          "is sent from a listen address of the secondary's family)"),
         ("[::1]:53", "192.0.2.53:5353", "192.0.2.53:5353: no listen address is IPv4"),
+        # A loopback source cannot send elsewhere (EINVAL from sendto).
+        ("127.0.0.1:5399", "192.0.2.53", "192.0.2.53:53: every IPv4 listen address is a "
+         "loopback one, which cannot send to it (NOTIFY is sent from a listen address of the "
+         "secondary's family; listen on one it can reach too)"),
+        ("[::1]:5399", "[2001:db8::53]", "[2001:db8::53]:53: every IPv6 listen address is a "
+         "loopback one"),
     ],
 )
 def test_a_secondary_that_no_listen_address_can_notify_is_an_error(listen, notify, message):
@@ -154,6 +160,61 @@ def test_a_secondary_that_no_listen_address_can_notify_is_an_error(listen, notif
     assert errors[0].startswith(f"dns.ini:{line}: [dns] notify: {message}")
 
 
+def test_a_zone_may_have_its_own_secondaries():
+    settings, errors = parse("""
+        [dns.zone:example.com]
+        notify = 198.51.100.53, [2001:db8::54]:5353
+        [dns.zone:example.net]
+        notify = none
+        [dns.zone:example.org]
+        records = www A 192.0.2.1
+        [dns]
+        listen = 0.0.0.0:53, [::]:53
+        notify = 192.0.2.53
+        """)
+    assert errors == []
+    assert [zone.notify for zone in settings.zones] == [
+        (HostPort("198.51.100.53", 53), HostPort("2001:db8::54", 5353)), (), None,
+    ]
+    assert settings.zoneNotify() == {
+        "example.com": (HostPort("198.51.100.53", 53), HostPort("2001:db8::54", 5353)),
+        "example.net": (),
+    }
+    assert settings.notifyOf("example.net") == ()
+    assert settings.notifyOf("example.org") == (HostPort("192.0.2.53", 53),)
+
+
+def test_a_zones_secondaries_are_checked_at_their_line_against_dns_listen():
+    settings, errors = parse("""
+        [dns.zone:example.com]
+        records = www A 192.0.2.1
+        notify = [2001:db8::53]
+        [dns.zone:example.net]
+        notify = ns2.example.net
+        [dns.zone:example.org]
+        notify =
+        [dns]
+        listen = 127.0.0.1:5399
+        [dns.zone:example.edu]
+        notify = 192.0.2.53
+        """)
+    assert errors == [
+        "dns.ini:6: [dns.zone:example.net] notify: 'ns2.example.net': notify an IP address, "
+        "not a name",
+        "dns.ini:8: [dns.zone:example.org] notify: no value given",
+        "dns.ini:4: [dns.zone:example.com] notify: [2001:db8::53]:53: no listen address is IPv6 "
+        "(NOTIFY is sent from a listen address of the secondary's family)",
+        "dns.ini:12: [dns.zone:example.edu] notify: 192.0.2.53:53: every IPv4 listen address is "
+        "a loopback one, which cannot send to it (NOTIFY is sent from a listen address of the "
+        "secondary's family; listen on one it can reach too)",
+    ]
+    _, errors = parse("[dns.zone:example.com]\nnotify = 192.0.2.53\n")
+    assert errors == [
+        "dns.ini:2: [dns.zone:example.com] notify: NOTIFY is sent from the server's listen "
+        "addresses: set listen too",
+    ]
+
+
 def test_notify_sources_follow_the_listen_addresses():
     listen = (HostPort("192.0.2.1", 53), HostPort("::", 53), HostPort("2001:db8::1", 53))
     assert notifySource(HostPort("192.0.2.53", 53), listen) == "192.0.2.1"
@@ -162,6 +223,17 @@ def test_notify_sources_follow_the_listen_addresses():
     assert notifySource(HostPort("192.0.2.53", 53), listen[1:]) == "0.0.0.0"
     assert notifySource(HostPort("192.0.2.53", 53), listen[2:]) is None
     assert notifySource(HostPort("2001:db8::53", 53), (HostPort("::ffff:192.0.2.1", 53),)) is None
+
+
+def test_a_loopback_listen_address_notifies_only_loopback_secondaries():
+    listen = (HostPort("127.0.0.1", 5399), HostPort("192.0.2.1", 53), HostPort("::1", 53))
+    assert notifySource(HostPort("127.0.0.9", 53), listen) == "127.0.0.1"
+    assert notifySource(HostPort("192.0.2.53", 53), listen) == "192.0.2.1"
+    assert notifySource(HostPort("192.0.2.53", 53), listen[:1]) is None
+    assert notifySource(HostPort("2001:db8::53", 53), listen) is None
+    assert notifySource(HostPort("::1", 5300), listen) == "::1"
+    assert notifySource(HostPort("2001:db8::53", 53), (HostPort("::", 53),)) == "::"
+    assert notifySource(HostPort("192.0.2.53", 53), (HostPort("0.0.0.0", 53),)) == "0.0.0.0"
 
 
 # Zones
@@ -370,7 +442,7 @@ def test_bad_zone_names(section, message):
         ("ttl = forever", "ttl: 'forever' is not a duration"),
         ("rname = host.master@example.com", "rname: 'host.master@example.com': the part before @ may hold"),
         ("mname = not a name", "mname: 'not a name' is not a domain name"),
-        ("serial = 5", "serial: unknown key (known: records, ttl, mname, rname, refresh, retry, expire, minimum)"),
+        ("serial = 5", "serial: unknown key (known: records, ttl, mname, rname, refresh, retry, expire, minimum, notify)"),
         ("minimum = 1.5", "minimum: '1.5' is not a TTL"),
     ],
 )
@@ -493,4 +565,24 @@ def test_python_notify_targets_are_checked_as_the_ini_ones():
     assert problems(["127.0.0.1"], HostPort("::1", 53)) == [
         "<python>:0: [dns] notify: [::1]:53: no listen address is IPv6 (NOTIFY is sent from a "
         "listen address of the secondary's family)",
+    ]
+    assert problems(["127.0.0.1"], HostPort("192.0.2.53", 53)) == [
+        "<python>:0: [dns] notify: 192.0.2.53:53: every IPv4 listen address is a loopback one, "
+        "which cannot send to it (NOTIFY is sent from a listen address of the secondary's "
+        "family; listen on one it can reach too)",
+    ]
+    assert problems(["127.0.0.1", "192.0.2.1"], HostPort("192.0.2.53", 53)) == []
+    zones = (
+        DnsZone("example.com", notify=(HostPort("192.0.2.53", 53),)),
+        DnsZone("example.net", notify=(HostPort("ns2.example.net", 53),)),
+        DnsZone("example.org", notify=()),
+    )
+    assert [str(problem) for problem in checkDnsSettings(DnsSettings(
+        listen=(HostPort("127.0.0.1", 53),), zones=zones,
+    ))] == [
+        "<python>:0: [dns.zone:example.com] notify: 192.0.2.53:53: every IPv4 listen address is "
+        "a loopback one, which cannot send to it (NOTIFY is sent from a listen address of the "
+        "secondary's family; listen on one it can reach too)",
+        "<python>:0: [dns.zone:example.net] notify: 'ns2.example.net': notify an IP address, not "
+        "a name",
     ]

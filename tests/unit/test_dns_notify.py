@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
+import attrs
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
@@ -17,7 +18,8 @@ from twisted.names import dns
 from dcrouter.config.dns import DnsRecord, DnsSettings, DnsZone
 from dcrouter.config.model import HostPort
 from dcrouter.dns import notify
-from dcrouter.dns.notify import Notifier, notifyMessage, serialAtLeast
+from dcrouter.dns.notify import Notifier, NotifierStopped, notifyMessage, serialAtLeast
+from dcrouter.dns.server import NOTAUTH
 from dcrouter.dns.service import DNSService
 
 SECONDARY = HostPort("192.0.2.53", 53)
@@ -89,13 +91,13 @@ def soa(zone="example.com", serial=2026120700):
     return dns.RRHeader(zone.encode(), dns.SOA, dns.IN, 3600, record, auth=True)
 
 
-def answer(request, rcode=dns.OK, opCode=dns.OP_NOTIFY, messageID=None, qr=True):
+def answer(request, rcode=dns.OK, opCode=dns.OP_NOTIFY, messageID=None, qr=True, queries=None):
     """The bytes of a secondary's response to C{request}."""
     response = dns.Message(
         id=request.id if messageID is None else messageID, answer=qr, opCode=opCode,
         auth=True, rCode=rcode,
     )
-    response.queries = list(request.queries)
+    response.queries = list(request.queries) if queries is None else queries
     return response.toStr()
 
 
@@ -205,6 +207,11 @@ def test_an_error_answer_ends_the_retries_with_a_warning(logged):
         (("192.0.2.53", 53), {"messageID": 1}),  # another ID
         (("192.0.2.53", 53), {"opCode": dns.OP_QUERY}),
         (("192.0.2.53", 53), {"qr": False}),  # a NOTIFY, not a response
+        # Not the question sent (RFC 5452, section 9.1):
+        (("192.0.2.53", 53), {"queries": [dns.Query(b"example.net", dns.SOA, dns.IN)]}),
+        (("192.0.2.53", 53), {"queries": [dns.Query(b"example.com", dns.A, dns.IN)]}),
+        (("192.0.2.53", 53), {"queries": [dns.Query(b"example.com", dns.SOA, dns.CH)]}),
+        (("192.0.2.53", 53), {"queries": []}),
     ],
 )
 def test_anything_but_the_answer_is_ignored(source, change):
@@ -324,11 +331,11 @@ def test_a_secondary_dropped_by_configure_is_no_longer_notified():
 # Waiting until the secondaries serve a serial
 
 
-def soaAnswer(query, serial, rcode=dns.OK):
+def soaAnswer(query, serial, rcode=dns.OK, queries=None, owner=None):
     response = dns.Message(id=query.id, answer=True, auth=True, rCode=rcode)
-    response.queries = list(query.queries)
+    response.queries = list(query.queries) if queries is None else queries
     if serial is not None:
-        response.answers = [soa(query.queries[0].name.name.decode(), serial)]
+        response.answers = [soa(owner or query.queries[0].name.name.decode(), serial)]
     return response.toStr()
 
 
@@ -350,6 +357,13 @@ def test_when_served_asks_for_the_soa_until_the_serial_is_there(logged):
         soaAnswer(first, 2026120704),  # not yet
         soaAnswer(first, None),
         soaAnswer(first, 2026120705, rcode=dns.ESERVER),
+        soaAnswer(first, None, rcode=dns.ESERVER),  # BIND, NSD: not transferred yet
+        # Not the question asked, or not the apex's SOA (RFC 5452, section 9.1):
+        soaAnswer(first, 2026120705, queries=[dns.Query(b"example.net", dns.SOA, dns.IN)]),
+        soaAnswer(first, 2026120705, queries=[dns.Query(b"example.com", dns.A, dns.IN)]),
+        soaAnswer(first, 2026120705, queries=[dns.Query(b"example.com", dns.SOA, dns.CH)]),
+        soaAnswer(first, 2026120705, queries=[]),
+        soaAnswer(first, 2026120705, owner="sub.example.com"),
     ):
         protocol.datagramReceived(wrong, ("192.0.2.53", 53))
     protocol.datagramReceived(soaAnswer(first, 2026120705), ("192.0.2.99", 53))  # forged
@@ -383,13 +397,70 @@ def test_when_served_gives_up_after_the_timeout(logged):
     )
 
 
-def test_stop_ends_the_waits():
+def test_stop_fails_the_waits():
     reactor = Reactor()
-    sender = notifier(reactor)
+    sender = notifier(reactor, (SECONDARY, OTHER))
     served = sender.whenServed("example.com", b"example.com", 5)
+    failures = []
+    served.addErrback(failures.append)
     sender.stop()
-    assert served.called
+    assert [failure.type for failure in failures] == [NotifierStopped]
+    assert (sender.checks, reactor.getDelayedCalls()) == ([], [])
+
+
+def test_a_secondary_dropped_by_a_reload_is_no_longer_waited_for():
+    reactor = Reactor()
+    sender = notifier(reactor, (SECONDARY, OTHER))
+    served = sender.whenServed("example.com", b"example.com", 5)
+    sender.configure((OTHER,), LISTEN)
+    assert not served.called
+    sender.configure((), LISTEN)
+    assert served.called and served.result is None
     assert reactor.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("rcode", [dns.EREFUSED, NOTAUTH])
+def test_a_secondary_that_does_not_carry_the_zone_is_not_waited_for(rcode, logged):
+    reactor = Reactor()
+    sender = notifier(reactor, (SECONDARY, OTHER))
+    served = sender.whenServed("example.com", b"example.com", 5)
+    first, second = soaQueries(reactor)
+    protocol = reactor.notifyPort().protocol
+    protocol.datagramReceived(soaAnswer(first, None, rcode=rcode), ("192.0.2.53", 53))
+    assert [check.target for check in sender.checks] == [OTHER]
+    assert logged()[-1] == (
+        f"DNS: 192.0.2.53:53 answers {'REFUSED' if rcode == dns.EREFUSED else 'NOTAUTH'} for "
+        "the SOA of example.com: it does not serve example.com; not waiting for it"
+    )
+    reactor.advance(1)
+    assert [address for _, address, _ in reactor.sent()[2:]] == [("192.0.2.54", 5353)]
+    protocol.datagramReceived(soaAnswer(second, 5), ("192.0.2.54", 5353))
+    assert served.called and served.result is None
+    assert reactor.getDelayedCalls() == []
+
+
+def test_a_secondary_that_rejected_the_notify_of_the_zone_is_not_waited_for(logged):
+    reactor = Reactor()
+    sender = notifier(reactor, (SECONDARY, OTHER))
+    sender.notify("example.com", soa(serial=5))
+    sender.notify("example.net", soa("example.net", serial=5))
+    served = sender.whenServed("example.com", b"example.com", 5)
+    other = sender.whenServed("example.net", b"example.net", 5)
+    notifies = [(m, a) for m, a, _ in reactor.sent() if m.opCode == dns.OP_NOTIFY]
+    ((rejected, _),) = [(m, a) for m, a in notifies
+                        if a == ("192.0.2.53", 53) and m.queries[0].name.name == b"example.com"]
+    protocol = reactor.notifyPort().protocol
+    protocol.datagramReceived(answer(rejected, rcode=dns.EREFUSED), ("192.0.2.53", 53))
+    assert logged()[-1] == (
+        "DNS: not waiting for 192.0.2.53:53 to serve example.com: it rejected its NOTIFY"
+    )
+    # Still waited for: the other secondary for this zone, both for the other zone.
+    assert sorted((c.zone, str(c.target)) for c in sender.checks) == [
+        ("example.com", "192.0.2.54:5353"),
+        ("example.net", "192.0.2.53:53"),
+        ("example.net", "192.0.2.54:5353"),
+    ]
+    assert not served.called and not other.called
 
 
 def test_serials_compare_in_rfc_1982_arithmetic():
@@ -484,7 +555,9 @@ def test_a_reload_notifies_the_zones_it_changes_and_new_secondaries(started):
 
 def test_a_published_record_waits_for_the_secondaries_to_serve_it(started):
     reactor, service = started
-    assert service.setRecord(None, "www.example.net", "TXT", "x") is not None
+    other = service.setRecord(None, "www.example.net", "TXT", "x")
+    stopped = []
+    other.addErrback(stopped.append)
     waiting = service.setRecord(None, "_acme-challenge.example.com", "TXT", "token", 60)
     serial = service.serial("example.com")
     (query,) = [m for m, _, _ in reactor.sent() if m.opCode == dns.OP_QUERY
@@ -494,6 +567,34 @@ def test_a_published_record_waits_for_the_secondaries_to_serve_it(started):
         soaAnswer(query, serial), ("192.0.2.53", 53)
     )
     assert waiting.called
+    # A stop fails the waits left: an ACME job does not go on to validate.
+    assert not other.called
+    service.stopService()
+    assert [failure.type for failure in stopped] == [NotifierStopped]
+
+
+def test_a_zone_with_its_own_secondaries_notifies_and_waits_for_them_only():
+    reactor = ServiceReactor()
+    own = attrs.evolve(NET, notify=(OTHER,))
+    service = DNSService(dnsSettings(zones=(ZONE, own)), reactor)
+    service.startService()
+    assert [(zone, address) for zone, _, address in reactor.notified()] == [
+        ("example.com", ("192.0.2.53", 53)), ("example.net", ("192.0.2.54", 5353)),
+    ]
+    waiting = service.setRecord(None, "_acme-challenge.example.net", "TXT", "token", 60)
+    assert [check.target for check in service.notifier.checks] == [OTHER]
+    # A reload that gives the zone another secondary: it alone is told, and waited for.
+    assert service.reconfigure(dnsSettings(zones=(ZONE, attrs.evolve(NET, notify=(SECONDARY,)))
+                                           )) == []
+    assert waiting.called and waiting.result is None
+    assert reactor.notified()[-1:] == [
+        ("example.net", service.serial("example.net"), ("192.0.2.53", 53)),
+    ]
+    # None for this zone: nothing to wait for.
+    assert service.reconfigure(dnsSettings(zones=(ZONE, attrs.evolve(NET, notify=())))) == []
+    assert service.setRecord(None, "_acme-challenge.example.net", "TXT", "other", 60) is None
+    assert service.notifier.pending.keys() <= {("example.com", SECONDARY)}
+    service.stopService()
 
 
 def test_a_worker_or_a_server_without_notify_sends_nothing():
