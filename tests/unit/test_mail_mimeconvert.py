@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import tracemalloc
 
 import pytest
 
@@ -249,6 +250,79 @@ def test_8bit_headers_may_stay_when_the_message_goes_with_smtputf8():
 def test_malformed_mime_is_not_converted(data, why):
     with pytest.raises(ConversionError, match=why):
         to7bit(data)
+
+
+MIXED = b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+
+
+@pytest.mark.parametrize(
+    ("part", "converted"),
+    [
+        (b"h\xc3\xa9llo\r\n", b"Content-Transfer-Encoding: quoted-printable\r\n\r\nh=C3=A9llo\r\n"),
+        (
+            b"Content-Type: text/plain; charset=utf-8\r\nh\xc3\xa9llo\r\n",
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\nh=C3=A9llo\r\n",
+        ),
+    ],
+    ids=["no-header", "header-without-blank-line"],
+)
+def test_a_header_ends_at_the_first_line_that_is_not_a_field(part, converted):
+    """
+    RFC 2046 5.1.1: a part starts with its header fields and a blank line.
+    Without it, as in Postfix, the first line that is not a field is the
+    body's first; the blank line the converted part needs is added.
+    """
+    out = to7bit(MIXED + b"--b\r\n" + part + b"--b--\r\n")
+    assert out == MIXED + b"--b\r\n" + converted + b"--b--\r\n"
+    [text] = parse(out).iter_parts()
+    assert text.get_payload(decode=True) == "h\u00e9llo".encode()
+
+
+def test_no_8bit_byte_is_left_outside_the_header_fields():
+    """
+    The last safety net: an RFC 2231 boundary in UTF-8 makes 8-bit
+    delimiter lines, under an ASCII header; they cannot be converted.
+    """
+    data = (
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary*=utf-8''%C3%A4\r\n\r\n"
+        b"--\xc3\xa4\r\n\r\ntext\r\n--\xc3\xa4--\r\n"
+    )
+    with pytest.raises(ConversionError, match="8-bit characters outside the header fields"):
+        to7bit(data)
+
+
+def nested(kind: str, depth: int) -> bytes:
+    """A message of about 1.4 MB of 8-bit text under C{depth} levels of C{kind}."""
+    data = b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + GREETING.encode() * 40_000
+    for level in range(depth):
+        if kind == "multipart":
+            b = b"b%d" % level
+            data = (
+                b"Content-Type: multipart/mixed; boundary=" + b + b"\r\n\r\n"
+                b"--" + b + b"\r\n" + data + b"\r\n--" + b + b"--\r\n"
+            )
+        else:
+            data = b"Content-Type: message/rfc822\r\n\r\n" + data
+    return b"MIME-Version: 1.0\r\n" + data
+
+
+@pytest.mark.parametrize("kind", ["multipart", "message"])
+def test_nesting_costs_no_copy_per_level(kind):
+    """
+    The walk cuts no copy of the message per level: its memory peak is a
+    few times the message's size (input, converted body, output) whatever
+    the nesting, where copies per level would take a hundred times.
+    """
+    data = nested(kind, MAX_DEPTH)
+    tracemalloc.start()
+    try:
+        out = to7bit(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * len(data)
+    assert out.isascii() and out.count(b"Content-Transfer-Encoding: quoted-printable") == 1
 
 
 def test_nesting_is_limited():
