@@ -1,6 +1,6 @@
 """
 8-bit to 7-bit MIME conversion (RFC 6152 section 3), for a next hop that
-does not offer 8BITMIME.
+does not offer 8BITMIME, as Postfix's SMTP client does it.
 
 Only bodies with 8-bit bytes change; every other byte stays as it came (no
 header is re-folded, no part re-encoded that did not need it):
@@ -13,7 +13,10 @@ header is re-folded, no part re-encoded that did not need it):
     or C{binary} label becomes C{7bit} when there are 8-bit bytes inside;
   - a message whose body has 8-bit bytes and no MIME fields gets
     C{MIME-Version: 1.0} and, with no C{Content-Type}, C{text/plain;
-    charset=unknown-8bit} (RFC 1428), as sendmail labels such mail.
+    charset=unknown-8bit} (RFC 1428), as sendmail labels such mail;
+  - header fields go as they are, 8-bit bytes and all: Postfix's SMTP
+    client converts bodies only (it refuses 8-bit header fields only on
+    receipt, with C{strict_7bit_headers}, off by default).
 
 Postfix converts only the parts labelled C{8bit}; 8-bit bytes under a
 C{7bit} label (or none) go through unconverted there. Here they are
@@ -23,17 +26,18 @@ The structure is read leniently, as Postfix's C{mime_state} reads it: a
 header ends at the first line that is not a header field (a part whose
 first line is not one has no header: all of it is body, RFC 2046 5.1.1
 without its blank line); a delimiter line of an enclosing multipart ends
-the inner ones. A delimiter line is C{--}, the boundary, optional C{--}
-and white space (Postfix ignores anything after the boundary).
+the inner ones; a multipart without its closing delimiter ends where its
+enclosing part does (at the end of the data at the top). A delimiter line
+is C{--}, the boundary, optional C{--} and white space (Postfix ignores
+anything after the boundary).
 
 What cannot be converted raises L{ConversionError}, for the caller to
-return the message (5.6.3): 8-bit bytes in a header (conversion does not
-rewrite headers; they may stay when the message goes with SMTPUTF8), in a
-multipart's preamble or epilogue (Postfix sends them as they are, under no
-label that allows them), inside C{base64} or C{quoted-printable} data, in
-a multipart without a boundary or its closing delimiter, or in
-C{message/partial}; nesting deeper than L{MAX_DEPTH}. A last check raises
-it too if any other 8-bit byte would be left outside the header fields.
+return the message (5.6.3): 8-bit bytes in a multipart's preamble or
+epilogue (Postfix sends them as they are, under no label that allows
+them), inside C{base64} or C{quoted-printable} data, in a multipart
+without a boundary or in C{message/partial}; nesting deeper than
+L{MAX_DEPTH}. A last check raises it too if any other 8-bit byte would be
+left outside the header fields.
 
 The message is walked once, in order, by offsets into one buffer: each
 byte is scanned a bounded number of times (for lines that start with
@@ -111,17 +115,18 @@ class ConversionError(ValueError):
 
 def to7bit(message: bytes, *, utf8Headers: bool = False) -> bytes:
     """
-    C{message} as 7-bit MIME; C{message} itself if it is ASCII already.
+    C{message} as 7-bit MIME (header fields as they are); C{message}
+    itself if it is ASCII already.
 
-    @param utf8Headers: 8-bit header fields may stay (the message goes with
-        SMTPUTF8, RFC 6531); else they raise L{ConversionError}.
+    @param utf8Headers: ignored: 8-bit header fields always stay, as
+        Postfix leaves them. Accepted until the callers stop passing it.
     @raise ConversionError: the message cannot be converted.
     """
     if message.isascii():
         return message
     if not message.count(b"\r\n") == message.count(b"\r") == message.count(b"\n"):
         message = _LINE_END.sub(b"\r\n", message)
-    return _Converter(message, utf8Headers).convert()
+    return _Converter(message).convert()
 
 
 class _Delimiter(NamedTuple):
@@ -152,9 +157,8 @@ class _Converter:
     replacement), in order, and applied by L{convert}.
     """
 
-    def __init__(self, data: bytes, utf8Headers: bool) -> None:
+    def __init__(self, data: bytes) -> None:
         self._data = data
-        self._utf8Headers = utf8Headers
         self._dashLines = _DASH_LINE.finditer(data)
         self._ahead: deque[re.Match[bytes]] = deque()  # dash lines read, not passed yet
         self._levels: dict[bytes, int] = {}  # the open multiparts' boundaries, outermost 0
@@ -188,10 +192,7 @@ class _Converter:
         headerEnd = self._headerEnd(start)
         bodyStart = headerEnd + 2 if self._data.startswith(b"\r\n", headerEnd) else headerEnd
         self._check(start)
-        if self._utf8Headers:
-            self._checked = headerEnd  # header fields may have 8-bit bytes
-        else:
-            self._check(headerEnd, "in a header (SMTPUTF8 not available)")
+        self._checked = headerEnd  # header fields may have 8-bit bytes
         self._check(bodyStart)
         header = None
         if defaultType != "text/plain" or _CONTAINER_TYPE.search(self._data, start, headerEnd):
@@ -241,7 +242,8 @@ class _Converter:
     def _multipart(self, header: _Header, boundary: bytes, depth: int) -> int:
         """
         The parts of a multipart, each converted; return where the
-        multipart ends, after its epilogue.
+        multipart ends: after its epilogue, or without its closing
+        delimiter where its last part ends (as Postfix reads it).
         """
         contentType = header.contentType
         childType = "message/rfc822" if contentType == "multipart/digest" else "text/plain"
@@ -264,13 +266,12 @@ class _Converter:
             del self._levels[boundary]
         else:
             self._levels[boundary] = shadowed
-        if delimiter is None or delimiter.level != level:
-            raise ConversionError(f"{contentType} without its closing boundary")
-        self._nextDashLine()
-        self._check(delimiter.end)
-        after = self._delimiter()
-        end = max(after.start - 2, delimiter.end) if after else len(self._data)
-        self._check(end, f"in the epilogue of {contentType}")
+        if delimiter is not None and delimiter.level == level:
+            self._nextDashLine()
+            self._check(delimiter.end)
+            after = self._delimiter()
+            end = max(after.start - 2, delimiter.end) if after else len(self._data)
+            self._check(end, f"in the epilogue of {contentType}")
         return end
 
     def _header(self, header: _Header, encoding: Optional[str]) -> bytes:
