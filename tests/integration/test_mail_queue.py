@@ -510,18 +510,44 @@ async def test_8bit_mail_signed_with_dkim_verifies_at_a_sink_without_8bitmime(
 
 
 @pytest_twisted.ensureDeferred
-async def test_8bit_headers_to_a_sink_without_8bitmime_bounce_with_5_6_3(
-    tmp_path, sink, threadpool
-):
+async def test_8bit_header_fields_pass_to_a_sink_without_8bitmime(tmp_path, sink, threadpool):
     """
-    Not convertible: returned to the sender (5.6.3) and not delivered; the
-    bounce itself (the original in it as message/global) converts and
-    passes the same sink.
+    As from Postfix: the body is converted, the header fields go as they
+    came, 8-bit bytes and all.
     """
     await sink.start("-8")
     q, clientPool = forwardingQueue(tmp_path / "queue", threadpool, sink.port)
     await q.start()
     data = EIGHT_BIT.replace(b"Subject: 8bit", "Subject: Gr\u00fc\u00dfe".encode())
+    await q.accept(Envelope(b"alice@sender.example", (b"bob@rcpt.example",)), data)
+    await waitUntil(lambda: not q.messages, what="delivery")
+    await waitUntil(lambda: sink.dumps(), what="the dump")
+    [dump] = sink.dumps()
+    assert q.stats["delivered"] == 1 and q.stats["bounces"] == 0
+    assert "\nSubject: Gr\u00fc\u00dfe\n".encode() in dump
+    assert dump.replace("Subject: Gr\u00fc\u00dfe".encode(), b"").isascii()
+    text, _ = parseDump(dump).iter_parts()
+    assert text["Content-Transfer-Encoding"] == "quoted-printable"
+    await q.stop()
+    clientPool.closeIdle()
+
+
+@pytest_twisted.ensureDeferred
+async def test_inconvertible_mail_to_a_sink_without_8bitmime_bounces_with_5_6_3(
+    tmp_path, sink, threadpool
+):
+    """
+    8-bit bytes inside base64 data cannot be converted: returned to the
+    sender (5.6.3) and not delivered; the bounce itself (the original in
+    it as message/global, for its 8-bit header) converts and passes the
+    same sink.
+    """
+    await sink.start("-8")
+    q, clientPool = forwardingQueue(tmp_path / "queue", threadpool, sink.port)
+    await q.start()
+    data = EIGHT_BIT.replace(b"Subject: 8bit", "Subject: Gr\u00fc\u00dfe".encode()).replace(
+        b"AAECAwQFBgc=", b"AAEC\xc3\xa4wQFBgc="
+    )
     queueId = await q.accept(Envelope(b"alice@sender.example", (b"bob@rcpt.example",)), data)
     await waitUntil(lambda: queueId not in q.messages, what="the bounce")
     assert q.stats["failed"] == 1 and q.stats["bounces"] == 1
@@ -534,7 +560,7 @@ async def test_8bit_headers_to_a_sink_without_8bitmime_bounce_with_5_6_3(
     _, report, returned = bounce.iter_parts()
     [perRecipient] = report.get_payload()[1:]
     assert perRecipient["Status"] == "5.6.3"
-    assert "conversion to 7bit is required" in perRecipient["Diagnostic-Code"]
+    assert "8-bit data in a part encoded as base64" in perRecipient["Diagnostic-Code"]
     assert returned.get_content_type() == "message/global"
     assert returned["Content-Transfer-Encoding"] == "quoted-printable"
     await q.stop()
