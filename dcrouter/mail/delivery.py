@@ -330,7 +330,7 @@ class _Signer:
 def _convertAndSign(data: bytes, key: DkimKey) -> bytes:
     """C{data} as 7-bit MIME where it can be (header fields as they are), DKIM-signed."""
     with contextlib.suppress(ConversionError):
-        data = to7bit(data, utf8Headers=True)
+        data = to7bit(data)
     return dkimSign(data, key)
 
 

@@ -692,9 +692,10 @@ class SMTPConnectionPool:
         BODY=8BITMIME goes to a server that offers 8BITMIME when the message
         came with it or has 8-bit bytes (BODY=7BIT when it came with that).
         To one that does not, a message with 8-bit bytes goes converted to
-        7-bit MIME (RFC 6152 3, as Postfix does), in the thread pool; one
-        that cannot be converted (8-bit header without SMTPUTF8, broken
-        MIME) fails for good (554 5.6.3), to be returned to its sender.
+        7-bit MIME (RFC 6152 3, bodies only, as Postfix does), in the thread
+        pool; one that cannot be converted (8-bit bytes inside base64 or
+        quoted-printable data, in a preamble or epilogue, too deep or too
+        many parts) fails for good (554 5.6.3), to be returned to its sender.
         SMTPUTF8 goes to a server that offers it when the message came with
         it or needs it. A message needs it when an address is UTF-8, or it
         came with SMTPUTF8 and its header has UTF-8 (Postfix's rule); one
@@ -718,7 +719,7 @@ class SMTPConnectionPool:
         if "8BITMIME" not in extensions and not data.isascii():
             try:
                 data = await deferToThreadPool(
-                    self._reactor, self._threadpool, to7bit, data, utf8Headers=sendUTF8
+                    self._reactor, self._threadpool, to7bit, data
                 )
             except ConversionError as e:
                 text = (

@@ -220,7 +220,7 @@ def buildBounce(
     whole = len(original) <= returnLimit
     # An 8-bit header that came without SMTPUTF8 is returned as message/global
     # too: unlike message/rfc822 that may be encoded (RFC 6532 3.5), so the
-    # bounce can still pass a hop without 8BITMIME (the one that refused it).
+    # bounce's own body is 7-bit once converted.
     globalReturn = international or not splitHeader(original).isascii()
     if whole:
         returnedType = "message/global" if globalReturn else "message/rfc822"

@@ -71,6 +71,14 @@ which counts multiparts only). A level costs a few stack frames, not a
 scan or a copy of what it encloses.
 """
 
+MAX_CONVERTED_PARTS = 10_000
+"""
+The most parts one message may have converted. Each costs its own encoded
+copy and bookkeeping (about 600 bytes besides its data): a message of
+millions of tiny 8-bit parts would take gigabytes to convert, so it is
+returned (5.6.3) instead. Mail with more than a few hundred parts is rare.
+"""
+
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 _HEADER_FIELDS = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*+(?:\r\n|\Z))*+")
@@ -113,13 +121,11 @@ class ConversionError(ValueError):
     """The message cannot be sent as 7-bit MIME; the text says why."""
 
 
-def to7bit(message: bytes, *, utf8Headers: bool = False) -> bytes:
+def to7bit(message: bytes) -> bytes:
     """
-    C{message} as 7-bit MIME (header fields as they are); C{message}
-    itself if it is ASCII already.
+    C{message} as 7-bit MIME (header fields as they are, 8-bit bytes and
+    all, as Postfix leaves them); C{message} itself if it is ASCII already.
 
-    @param utf8Headers: ignored: 8-bit header fields always stay, as
-        Postfix leaves them. Accepted until the callers stop passing it.
     @raise ConversionError: the message cannot be converted.
     """
     if message.isascii():
@@ -166,6 +172,7 @@ class _Converter:
         self._edits: list[tuple[int, int, bytes]] = []
         self._checked = 0
         self._eightBit = -1
+        self._converted = 0
 
     def convert(self) -> bytes:
         """The converted message (C{data} itself if nothing changed)."""
@@ -212,6 +219,9 @@ class _Converter:
             return end
         if header is None:
             header = self._read(start, headerEnd, bodyStart, defaultType, isMessage)
+        self._converted += 1
+        if self._converted > MAX_CONVERTED_PARTS:
+            raise ConversionError(f"more than {MAX_CONVERTED_PARTS} parts to convert")
         encoding = _leafEncoding(header)
         body = self._data[bodyStart:end]
         encoded = _quotedPrintable(body) if encoding == "quoted-printable" else _base64(body)
