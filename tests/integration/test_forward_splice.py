@@ -482,6 +482,11 @@ async def test_a_client_that_never_reads_the_delivery_is_cut_at_the_idle_timeout
     listening, service, client, forwarder = await answeredThenReset(records, "0.4s", splice)
     await until(lambda: bool(records), "the access record", timeout=3.0)
     assert records[0]["ended"] == "idle timeout (0.4s)"
+    # The router has reset the connection; the client learns it when it reads
+    # again. Not before: once its flood has gone out (the router reads and
+    # drops it at loopback speed), its socket is neither read nor written,
+    # so epoll does not watch it and nothing would report the reset.
+    client.transport.resumeProducing()
     await client.closed
     await stop(service, listening)
 
