@@ -81,8 +81,13 @@ returned (5.6.3) instead. Mail with more than a few hundred parts is rare.
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
-_HEADER_FIELDS = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*+(?:\r\n|\Z))*+")
-"""Header field lines (folded ones with their continuation lines) from where it matches."""
+_HEADER_FIELDS = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*(?:\r\n|\Z))*")
+"""
+Header field lines (folded ones with their continuation lines) from where
+it matches. (Not possessive, though nothing here needs to backtrack: Python
+before 3.11.5, as Debian bookworm's 3.11.2, matches possessive repeats of
+such groups wrongly, gh-106052.)
+"""
 _DASH_LINE = re.compile(rb"^--([^\r\n]*)", re.MULTILINE)
 """A line that may be a delimiter: what follows its C{--}."""
 _LOOKAHEAD = 16
