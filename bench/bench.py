@@ -81,7 +81,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
-SMALL_BODY = b"dcrouter bench: small response\n" * 4  # 128 bytes
+SMALL_BODY = b"dcrouter bench: small response.\n" * 4  # 128 bytes
 PROXIES = ("haproxy", "nginx", "dcrouter")
 TARGETS = ("direct", *PROXIES)
 METRICS = ("bulk", "cps", "keepalive", "handshakes", "idle", "smtp")

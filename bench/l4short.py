@@ -29,14 +29,16 @@ import argparse
 import os
 import pstats
 import re
+import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import SMALL_BODY, dcrouter_ini, free_ports, nginx_backend_conf
 
 HERE = Path(__file__).resolve().parent
 PYTHON = os.environ.get("BENCH_PYTHON") or str(HERE.parent / ".venv" / "bin" / "python")
@@ -68,58 +70,6 @@ if profileTo:
     profile.dump_stats(profileTo)
 else:
     reactor.run(installSignalHandlers=False)
-"""
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def nginx_conf(d: Path, port: int) -> str:
-    return f"""\
-worker_processes 1;
-daemon off;
-pid {d}/backend.pid;
-error_log {d}/backend.error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    client_body_temp_path {d}/tmp;
-    proxy_temp_path {d}/tmp;
-    fastcgi_temp_path {d}/tmp;
-    uwsgi_temp_path {d}/tmp;
-    scgi_temp_path {d}/tmp;
-    default_type application/octet-stream;
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        root {d}/www;
-    }}
-}}
-"""
-
-
-def dcrouter_ini(d: Path, port: int, backend: int) -> str:
-    return f"""\
-[dcrouter]
-state_dir = {d}/state
-workers = 1
-
-[route:bench]
-ports = {port}
-bind = 127.0.0.1
-action = forward
-target = 127.0.0.1:{backend}
 """
 
 
@@ -201,10 +151,11 @@ def main() -> int:
         d.chmod(0o755)  # nginx's worker serves from it as another user
         (d / "www").mkdir()
         (d / "tmp").mkdir()
-        (d / "www" / "small.txt").write_bytes(b"x" * 127 + b"\n")
+        (d / "www" / "small.txt").write_bytes(SMALL_BODY)
         port, backend = free_ports(2)
-        (d / "nginx.conf").write_text(nginx_conf(d, backend))
-        (d / "dcrouter.ini").write_text(dcrouter_ini(d, port, backend))
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        (d / "nginx.conf").write_text(nginx_backend_conf(d, [backend], 1, nofile))
+        (d / "dcrouter.ini").write_text(dcrouter_ini(d, port, backend, workers=1))
         nginx = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf")], start_new_session=True)
         try:
             time.sleep(0.5)
