@@ -33,7 +33,13 @@ from dcrouter.mail.delivery import (
     MtaMode,
     RejectMode,
 )
-from dcrouter.mail.deliveryclient import SetupFailed, SMTPConnectionPool, SMTPTarget, encodeData
+from dcrouter.mail.deliveryclient import (
+    SetupFailed,
+    SMTPConnectionPool,
+    SMTPTarget,
+    encodeData,
+    prepareData,
+)
 from dcrouter.mail.dkimsign import DkimError, fromDomain, loadKey, publicRecord, sign
 from dcrouter.mail.mimeconvert import to7bit
 from dcrouter.mail.mxresolver import DNSFailure, MXHost, MXResolver, Myself
@@ -720,12 +726,34 @@ def test_8bit_mail_is_converted_in_the_thread_pool():
     data = MESSAGE + "gr\u00fc\u00dfe\r\n".encode()
     sending = pool.send(TARGET, b"a@s.example", [b"b@r.example"], data)
     [(_, function, args, kwargs)] = threads.held
-    assert (function, args, kwargs) == (to7bit, (data,), {})
+    assert (function, args, kwargs) == (prepareData, (data, True), {})
     assert not sending.called
     assert not any(c.startswith(b"MAIL") for c in server.commands)
     threads.runAll()
     assert fired(sending)[b"b@r.example"].code == 250
     assert server.messages == [to7bit(data)]
+
+
+def test_a_big_message_is_prepared_for_data_in_the_thread_pool():
+    """
+    Line ends and dots cost about 4 ms a megabyte: a message over 64 KiB is
+    prepared in the pool; a small one on the reactor thread (a thread hop
+    would cost more).
+    """
+    server = ScriptedServer(extensions=("PIPELINING", "8BITMIME"))
+    threads = ManualPool()
+    pool, clock = makePool(server, threadpool=threads)
+    big = MESSAGE + b".dot\nbare line end\r\n" * 4000
+    sending = pool.send(TARGET, b"a@s.example", [b"b@r.example"], big)
+    [(_, function, args, kwargs)] = threads.held
+    assert (function, args, kwargs) == (prepareData, (big, False), {})
+    assert not any(c.startswith(b"MAIL") for c in server.commands)
+    threads.runAll()
+    assert fired(sending)[b"b@r.example"].code == 250
+    assert server.messages == [encodeData(big)[: -len(b".\r\n")]]
+    assert b"\r\n..dot\r\nbare line end\r\n" in server.messages[0]
+    fired(pool.send(TARGET, b"a@s.example", [b"b@r.example"], MESSAGE))
+    assert threads.held == [] and server.messages[-1] == MESSAGE
 
 
 def test_a_send_cancelled_while_converting_drops_the_connection():
