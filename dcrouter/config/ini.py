@@ -77,6 +77,7 @@ _DEFAULTS_KEYS = (
     *_LIMIT_KEYS,
     "connect_timeout",
     "idle_timeout",
+    "fin_timeout",
     "trusted_proxies",
 )
 _TLS_KEYS = ("cert", "key", "min_version", "ciphers")
@@ -295,12 +296,7 @@ def _priority(text: str) -> int:
     return values.parseInt(text, -_PRIORITY_BOUND, _PRIORITY_BOUND)
 
 
-def _positiveDuration(text: str) -> float:
-    """A timeout that must be able to pass before it fires."""
-    seconds = values.parseDuration(text)
-    if seconds <= 0:
-        raise ValueError(f"{text.strip()!r} is not longer than 0")
-    return seconds
+_positiveDuration = values.parseTimeout
 
 
 def _logFormat(text: str) -> LogFormat:
@@ -480,6 +476,7 @@ class _Loader:
                 "connect_timeout", _positiveDuration, default.connect_timeout
             ),
             idle_timeout=keys.get("idle_timeout", _positiveDuration, default.idle_timeout),
+            fin_timeout=keys.get("fin_timeout", _positiveDuration, default.fin_timeout),
             trusted_proxies=keys.get("trusted_proxies", values.parseNetworks, ()),
         )
 

@@ -141,6 +141,10 @@ class Defaults:
     limits: Limits = Limits()
     connect_timeout: float = 10.0
     idle_timeout: float = 600.0
+    #: Once one side of a forwarded connection has sent its FIN (or the
+    #: target is gone), the idle timeout that applies (HAProxy's
+    #: C{timeout client-fin} and C{server-fin}).
+    fin_timeout: float = 60.0
     trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
