@@ -102,6 +102,7 @@ _HTTP_KEYS = (
     "keepalive_timeout",
     "body_timeout",
     "response_timeout",
+    "send_timeout",
 )
 # A route's keys that config checks; every other key is its action's.
 _ROUTE_KEYS = (
@@ -528,6 +529,7 @@ class _Loader:
             keepalive_timeout=timeout("keepalive_timeout"),
             body_timeout=timeout("body_timeout"),
             response_timeout=timeout("response_timeout"),
+            send_timeout=timeout("send_timeout"),
         )
 
     def acme(self, keys: _Keys) -> AcmeConfig:

@@ -158,7 +158,8 @@ class HttpSettings:
     connection, for the first request); a keep-alive connection may wait
     C{keepalive_timeout} for its next request; a request body may pause
     C{body_timeout}; a backend must start its response within
-    C{response_timeout}.
+    C{response_timeout}; a response may stall for C{send_timeout} while the
+    client reads nothing of it (nginx's C{send_timeout}).
     """
 
     max_header_size: int = 32768
@@ -169,6 +170,7 @@ class HttpSettings:
     keepalive_timeout: float = 60.0
     body_timeout: float = 60.0
     response_timeout: float = 60.0
+    send_timeout: float = 60.0
 
 
 @frozen

@@ -472,6 +472,7 @@ class TestValues:
             ("defaults", "idle_timeout", "1 week", f"'1 week' {NOT_DURATION}"),
             ("defaults", "fin_timeout", "0s", "'0s' is not longer than 0"),
             ("defaults", "fin_timeout", "a minute", f"'a minute' {NOT_DURATION}"),
+            ("http", "send_timeout", "0ms", "'0ms' is not longer than 0"),
             ("defaults", "target", "backend", "'backend' has no port (write host:port)"),
             ("defaults", "bind", "localhost", "'localhost' is not an IP address to listen on"),
             ("defaults", "max_connections", "many", "'many' is not a whole number"),
