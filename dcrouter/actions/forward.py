@@ -84,6 +84,7 @@ class ForwardAction:
         targets = parseTargets(options, options.route.name)
         connectTimeout = options.duration("connect_timeout", defaults.connect_timeout)
         idleTimeout = options.duration("idle_timeout", defaults.idle_timeout)
+        finTimeout = options.timeout("fin_timeout", defaults.fin_timeout)
         proxyProtocol = options.get(
             "proxy_protocol", lambda text: parseChoice(text, ("v1", "v2")), None
         )
@@ -94,6 +95,7 @@ class ForwardAction:
         forwardOptions = ForwardOptions(
             connectTimeout=connectTimeout,
             idleTimeout=idleTimeout,
+            finTimeout=finTimeout,
             proxyProtocol=proxyProtocol,
             upstreamTLS=creators.__getitem__ if creators is not None else None,
             splice=options.daemon.splice,

@@ -54,6 +54,7 @@ class HTTPAction:
         connectTimeout = options.duration("connect_timeout", defaults.connect_timeout)
         idleTimeout = options.duration("idle_timeout", defaults.idle_timeout)
         responseTimeout = options.duration("response_timeout", options.http.response_timeout)
+        sendTimeout = options.timeout("send_timeout", options.http.send_timeout)
         keepalive = options.duration("backend_keepalive", 30.0)
         hostHeader = options.raw("backend_host")
         addresses = tuple(
@@ -76,6 +77,7 @@ class HTTPAction:
             backends=backends,
             responseTimeout=responseTimeout,
             idleTimeout=idleTimeout,
+            sendTimeout=sendTimeout,
             hostHeader=hostHeader.text.strip().encode("idna") if hostHeader else None,
         )
         return HTTPProxyOptions(proxy, targets)

@@ -77,6 +77,7 @@ _DEFAULTS_KEYS = (
     *_LIMIT_KEYS,
     "connect_timeout",
     "idle_timeout",
+    "fin_timeout",
     "trusted_proxies",
 )
 _TLS_KEYS = ("cert", "key", "min_version", "ciphers")
@@ -101,6 +102,7 @@ _HTTP_KEYS = (
     "keepalive_timeout",
     "body_timeout",
     "response_timeout",
+    "send_timeout",
 )
 # A route's keys that config checks; every other key is its action's.
 _ROUTE_KEYS = (
@@ -295,12 +297,7 @@ def _priority(text: str) -> int:
     return values.parseInt(text, -_PRIORITY_BOUND, _PRIORITY_BOUND)
 
 
-def _positiveDuration(text: str) -> float:
-    """A timeout that must be able to pass before it fires."""
-    seconds = values.parseDuration(text)
-    if seconds <= 0:
-        raise ValueError(f"{text.strip()!r} is not longer than 0")
-    return seconds
+_positiveDuration = values.parseTimeout
 
 
 def _logFormat(text: str) -> LogFormat:
@@ -480,6 +477,7 @@ class _Loader:
                 "connect_timeout", _positiveDuration, default.connect_timeout
             ),
             idle_timeout=keys.get("idle_timeout", _positiveDuration, default.idle_timeout),
+            fin_timeout=keys.get("fin_timeout", _positiveDuration, default.fin_timeout),
             trusted_proxies=keys.get("trusted_proxies", values.parseNetworks, ()),
         )
 
@@ -531,6 +529,7 @@ class _Loader:
             keepalive_timeout=timeout("keepalive_timeout"),
             body_timeout=timeout("body_timeout"),
             response_timeout=timeout("response_timeout"),
+            send_timeout=timeout("send_timeout"),
         )
 
     def acme(self, keys: _Keys) -> AcmeConfig:

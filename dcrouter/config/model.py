@@ -141,6 +141,10 @@ class Defaults:
     limits: Limits = Limits()
     connect_timeout: float = 10.0
     idle_timeout: float = 600.0
+    #: Once one side of a forwarded connection has sent its FIN (or the
+    #: target is gone), the idle timeout that applies (HAProxy's
+    #: C{timeout client-fin} and C{server-fin}).
+    fin_timeout: float = 60.0
     trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
@@ -154,7 +158,8 @@ class HttpSettings:
     connection, for the first request); a keep-alive connection may wait
     C{keepalive_timeout} for its next request; a request body may pause
     C{body_timeout}; a backend must start its response within
-    C{response_timeout}.
+    C{response_timeout}; a response may stall for C{send_timeout} while the
+    client reads nothing of it (nginx's C{send_timeout}).
     """
 
     max_header_size: int = 32768
@@ -165,6 +170,7 @@ class HttpSettings:
     keepalive_timeout: float = 60.0
     body_timeout: float = 60.0
     response_timeout: float = 60.0
+    send_timeout: float = 60.0
 
 
 @frozen

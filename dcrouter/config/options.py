@@ -93,6 +93,10 @@ class RouteOptions:
     def duration(self, key: str, default: float) -> float:
         return self.get(key, values.parseDuration, default)
 
+    def timeout(self, key: str, default: float) -> float:
+        """A duration longer than 0 (a timer that can pass before it fires)."""
+        return self.get(key, values.parseTimeout, default)
+
     def integer(
         self, key: str, default: int, minimum: int = 0, maximum: Optional[int] = None
     ) -> int:

@@ -198,6 +198,14 @@ def parseDuration(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
+def parseTimeout(text: str) -> float:
+    """A duration that must be able to pass before it fires: longer than 0."""
+    seconds = parseDuration(text)
+    if seconds <= 0:
+        raise ValueError(f"{text.strip()!r} is not longer than 0")
+    return seconds
+
+
 def parseBool(text: str) -> bool:
     word = text.strip().lower()
     if word in _TRUE:

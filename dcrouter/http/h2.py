@@ -760,7 +760,8 @@ class H2Exchange(ExchangeBase):
         self.bodyDelivered = False
         self.bodyError: Optional[Failure] = None
         self.bodyPaused = False
-        self.bodyActive = False
+        #: When the router last took body data (or the body's timer started).
+        self.bodyMoved = 0.0
         self.bodyTimer: Optional[IDelayedCall] = None
         self.received = 0
         self.discarding = False
@@ -789,7 +790,6 @@ class H2Exchange(ExchangeBase):
         if self.discarding or self.bodyError is not None or self.gone:
             self.server.acknowledge(self.streamId, size)
             return
-        self.bodyActive = True
         self.received += len(data)
         body = self.request.body
         if body.kind == "length" and self.received > body.length:
@@ -822,6 +822,10 @@ class H2Exchange(ExchangeBase):
         if consumer is None or self.bodyDelivered:
             return
         server = self.server
+        if self.inbound and not self.bodyPaused and not self.gone:
+            # Taken and acknowledged: the client's window opens, its
+            # time to send the rest (body_timeout) runs from here.
+            self.bodyMoved = server.reactor.seconds()
         while self.inbound and not self.bodyPaused and not self.gone:
             data, size = self.inbound.popleft()
             server.acknowledge(self.streamId, size)
@@ -881,18 +885,28 @@ class H2Exchange(ExchangeBase):
         self.server.flush()
 
     def startBodyTimer(self) -> None:
+        self.bodyMoved = self.server.reactor.seconds()
         self.bodyTimer = self.server.reactor.callLater(
             self.server.settings.body_timeout, self.checkBody
         )
 
     def checkBody(self) -> None:
+        """
+        C{body_timeout} after the router last took body data: 408. Frames
+        only note when they were taken; this waits again for the rest.
+        """
         self.bodyTimer = None
         if self.clientEnded or self.bodyError is not None or self.gone or self.closed:
             return
-        if self.bodyActive or self.bodyPaused or self.inbound:
-            # Moving, or held back by the router (whose window it is).
-            self.bodyActive = False
-            self.startBodyTimer()
+        reactor = self.server.reactor
+        timeout = self.server.settings.body_timeout
+        if self.bodyPaused or self.inbound:
+            # Held back by the router (whose window it is): not stalled.
+            left = timeout
+        else:
+            left = self.bodyMoved + timeout - reactor.seconds()
+        if left > 0:
+            self.bodyTimer = reactor.callLater(left, self.checkBody)
             return
         self.bodyFailedWith(408, "request body stalled")
         self.server.flush()

@@ -74,6 +74,10 @@ class ProxyRoute:
     @ivar targets: the route's L{dcrouter.actions.targets.Targets}: its
         pool, and the pools of its C{target_rules}.
     @ivar backends: the route's pool of keep-alive connections.
+    @ivar idleTimeout: how long a response may stall with the backend read
+        and sending nothing (nginx's C{proxy_read_timeout}).
+    @ivar sendTimeout: how long it may stall with the client reading
+        nothing of it (nginx's C{send_timeout}).
     """
 
     targets: Any
@@ -81,6 +85,7 @@ class ProxyRoute:
     responseTimeout: float
     idleTimeout: float
     hostHeader: Optional[bytes] = None
+    sendTimeout: float = 60.0
 
 
 def authority(address: HostPort) -> bytes:
@@ -218,7 +223,9 @@ class Relay(BackendUser):
         self.parser: Optional[ResponseHeadParser] = None
         self.response: Optional[ResponseHead] = None
         self.reader: Optional[BodyReader] = None
-        self.active = False
+        #: When bytes last moved: response bytes came, or the client took
+        #: what it was sent. C{None}: none since the request went out.
+        self.moved: Optional[float] = None
         self.clientPaused = False
         self.done = False
         self.tunnel: Optional[_Tunnel] = None
@@ -369,10 +376,11 @@ class Relay(BackendUser):
     # The response
 
     def backendData(self, data: bytes) -> None:
-        self.active = True
         if self.tunnel is not None:
             self.tunnel.fromBackend(data)
             return
+        # A clock read, not a timer: the deadline looks at it when it fires.
+        self.moved = self.reactor.seconds()
         # What this data makes the exchange write (head, body, last chunk)
         # goes to the client in one piece.
         exchange = self.exchange
@@ -459,6 +467,10 @@ class Relay(BackendUser):
         if backend is not None and backend.transport is not None:
             self.exchange.registerProducer(self, True)
             self.producing = True
+            # From now on the client may stall it: the deadline must look
+            # again within the shorter of the two stall timeouts.
+            route = self.route
+            backend.setDeadline(min(route.idleTimeout, route.sendTimeout))
 
     # The client's producer while the response is relayed: the backend's
     # transport, paused and resumed by the client's backpressure.
@@ -473,7 +485,7 @@ class Relay(BackendUser):
         # The client took what it was sent: that is movement, and the
         # backend's silence counts from here, not from before the pause.
         self.clientPaused = False
-        self.active = True
+        self.moved = self.reactor.seconds()
         backend = self.backend
         if backend is not None and backend.transport is not None:
             backend.transport.resumeProducing()  # type: ignore[attr-defined]
@@ -523,22 +535,35 @@ class Relay(BackendUser):
 
     def deadlinePassed(self) -> None:
         """
-        The backend's deadline: no response in time, or nothing moved for the
-        idle timeout.
+        The backend's deadline: no response in time, or a stall.
 
-        Once the response is relayed, a stall is the backend's when it is
-        read and sends nothing (nginx's C{proxy_read_timeout}), and the
-        client's when its backpressure keeps the backend paused (nginx's
-        C{send_timeout}): the client's transport resumes the backend only
-        once it has sent what it held, and a resume counts as movement, so
-        a backend let go after a long pause has a whole idle timeout again.
+        Once bytes move, a stall is the backend's when it is read and sends
+        nothing for C{idle_timeout} (nginx's C{proxy_read_timeout}), and the
+        client's when its backpressure keeps the backend paused for
+        C{send_timeout} (nginx's): the client's transport resumes the
+        backend only once it has sent what it held, and a resume counts as
+        movement, so a backend let go after a long pause has a whole idle
+        timeout again. Bytes only note when they moved; the deadline, when
+        it comes, waits again for the rest of the stall's time, or for the
+        other stall's timeout if that is shorter, so that a pause (or a
+        resume) meanwhile is timed from its start.
         """
-        if self.active:
-            # Bytes flowed: from here on the route's idle timeout applies.
-            self.active = False
-            if self.backend is not None:
-                self.backend.setDeadline(self.route.idleTimeout)
-            return
+        moved = self.moved
+        backend = self.backend
+        if moved is not None and backend is not None:
+            route = self.route
+            paused = self.clientPaused
+            stall, other = (
+                (route.sendTimeout, route.idleTimeout)
+                if paused
+                else (route.idleTimeout, route.sendTimeout)
+            )
+            left = moved + stall - self.reactor.seconds()
+            if left > 0:
+                # A pause or a resume from now on starts the other stall,
+                # which cannot end sooner than its whole timeout from now.
+                backend.setDeadline(min(left, other))
+                return
         if self.response is None:
             self.pool.reportFailure(self.target, "response timeout")
             self.closeBackend(abort=True)

@@ -576,7 +576,8 @@ class Exchange(ExchangeBase):
         self.bodyDone = reader.done
         self.bodyError: Optional[Failure] = None
         self.bodyPaused = False
-        self.bodyActive = False
+        #: When the body last moved (or its timer started, or it resumed).
+        self.bodyMoved = 0.0
         self.bodyTimer: Optional[IDelayedCall] = None
         self.started = False
         self.chunked = False
@@ -601,7 +602,7 @@ class Exchange(ExchangeBase):
         except HTTPError as e:
             self.bodyFailedWith(e.status, e.reason)
             return
-        self.bodyActive = True
+        self.bodyMoved = self.server.reactor.seconds()
         for piece in pieces:
             self.deliver(piece)
         if self.reader.done:
@@ -652,20 +653,29 @@ class Exchange(ExchangeBase):
 
     def resumeBody(self) -> None:
         self.bodyPaused = False
+        self.bodyMoved = self.server.reactor.seconds()
         self.server.resumeClient()
 
     def startBodyTimer(self) -> None:
+        self.bodyMoved = self.server.reactor.seconds()
         self.bodyTimer = self.server.reactor.callLater(
             self.server.settings.body_timeout, self.checkBody
         )
 
     def checkBody(self) -> None:
+        """
+        C{body_timeout} after the body's last bytes (or its resume): 408.
+        Bytes only note when they came; this waits again for the rest.
+        """
         self.bodyTimer = None
         if self.bodyDone:
             return
-        if self.bodyActive or self.bodyPaused:
-            self.bodyActive = False
-            self.startBodyTimer()
+        reactor = self.server.reactor
+        timeout = self.server.settings.body_timeout
+        # Held back by the router (whose backend is slow), it is not stalled.
+        left = timeout if self.bodyPaused else self.bodyMoved + timeout - reactor.seconds()
+        if left > 0:
+            self.bodyTimer = reactor.callLater(left, self.checkBody)
             return
         self.bodyFailedWith(408, "request body stalled")
 

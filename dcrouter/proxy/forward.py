@@ -40,7 +40,11 @@ The idle timeout costs one attribute store per chunk: the connection's
 L{IdleSweep} (one timer for all connections with that timeout) looks at the
 flag four times per timeout, so a connection is closed between 1 and 1.25
 timeouts after its last byte. A spliced connection is active when the
-pump's byte count moved.
+pump's byte count moved. Once one side has sent its FIN (or the target is
+gone and the client is read to its end), what is left is an answer still
+coming or a peer that vanished: the connection moves to the sweep of
+C{fin_timeout} if it is shorter (HAProxy's C{timeout client-fin} and
+C{server-fin}; one key, as there is one C{idle_timeout} for both sides).
 """
 
 from __future__ import annotations
@@ -192,10 +196,12 @@ class ForwardOptions:
         connection creator for a target; C{None} to forward plain bytes.
     @ivar splice: when to move the bytes with splice(2), where nothing
         inspects them: C{auto}, C{yes} (at the first bytes) or C{no}.
+    @ivar finTimeout: the idle timeout once one side has sent its FIN.
     """
 
     connectTimeout: float
     idleTimeout: float
+    finTimeout: float = 60.0
     proxyProtocol: Optional[str] = None
     upstreamTLS: Optional[Callable[[HostPort], IOpenSSLClientConnectionCreator]] = None
     splice: SpliceMode = "auto"
@@ -292,6 +298,9 @@ class ForwardProtocol(Protocol):
     """
 
     noisy = False
+    #: Which side's FIN (or loss) moved the connection to the fin timeout:
+    #: "client" or "upstream" (set on the instance then).
+    halfClosedBy: Optional[str] = None
 
     def __init__(
         self,
@@ -513,7 +522,13 @@ class ForwardProtocol(Protocol):
         out: Any = self.upstream.transport
         reactor: Any = self.reactor
         try:
-            pump = SplicePump(reactor, client.socket, out.socket, self.spliceEnded)
+            pump = SplicePump(
+                reactor,
+                client.socket,
+                out.socket,
+                self.spliceEnded,
+                halfClosed=self.spliceHalfClosed,
+            )
         except OSError as e:
             log.warn("cannot splice, forwarding through Twisted: {error}", error=e)
             client.resumeProducing()
@@ -549,6 +564,10 @@ class ForwardProtocol(Protocol):
             client.connectionLost(Failure(ConnectionDone()))
         else:
             (client, out)[failed].connectionLost(Failure(ConnectionLost()))
+
+    def spliceHalfClosed(self, side: int) -> None:
+        """The pump passed on the end of C{side} (0: the client; 1: the target)."""
+        self.halfClosed(("client", "upstream")[side])
 
     def stopSplice(self) -> None:
         """Take the sockets back (before Twisted closes them) and count the bytes."""
@@ -615,8 +634,10 @@ class ForwardProtocol(Protocol):
         self.clientHalfClosed = True
         if self.upstreamDone:
             self.closeClient(abort=False)
-        elif self.upstream is not None:
+            return
+        if self.upstream is not None:
             self.shutWrite(self.upstream.transport)
+        self.halfClosed("client")
 
     def writeConnectionLost(self) -> None:
         """Our half-close towards the client is done; it may still send."""
@@ -629,6 +650,8 @@ class ForwardProtocol(Protocol):
             return
         if self.clientHalfClosed or not self.shutWrite(transport):
             self.closeClient(abort=False)
+        else:
+            self.halfClosed("upstream")
 
     def upstreamLost(self, reason: Failure) -> None:
         if self.upstream is None:
@@ -658,6 +681,7 @@ class ForwardProtocol(Protocol):
         if self.upstreamDone or self.shutWrite(transport):
             self.upstreamDone = True
             transport.resumeProducing()
+            self.halfClosed("upstream")
         else:
             self.closeClient(abort=False)
 
@@ -670,8 +694,30 @@ class ForwardProtocol(Protocol):
         active, self.active = self.active, False
         return active
 
+    def halfClosed(self, side: str) -> None:
+        """
+        C{side} ("client" or "upstream") will send no more: from now on the
+        connection is idle after C{fin_timeout}. Only the first end counts;
+        a fin timeout never lengthens a shorter idle timeout.
+        """
+        options = self.options
+        if (
+            self.halfClosedBy is not None
+            or self.clientGone
+            or options.finTimeout >= options.idleTimeout
+        ):
+            return
+        self.halfClosedBy = side
+        self.idle.unwatch(self)
+        self.idle = IdleSweep.of(self.reactor, options.finTimeout)
+        self.idle.watch(self)
+
     def idleTimedOut(self) -> None:
-        self.record.ended = f"idle timeout ({self.options.idleTimeout:g}s)"
+        side = self.halfClosedBy
+        if side is None:
+            self.record.ended = f"idle timeout ({self.options.idleTimeout:g}s)"
+        else:
+            self.record.ended = f"fin timeout ({self.options.finTimeout:g}s after {side} FIN)"
         self.closeUpstream()
         self.closeClient(abort=True)
 

@@ -267,6 +267,9 @@ class SplicePump:
         that failed (reset, broken pipe, ...; or no pipe could be had for
         the bytes it sent; its C{errno} is then in L{error}), once what it
         had sent is delivered to the other socket (see L{deliver}).
+    @param halfClosed: called with the index of a socket whose end of file
+        was passed on while the other way goes on, or that failed while
+        what it sent is still being delivered: only one way is left.
     @raise OSError: the sockets' descriptors could not be duplicated.
     """
 
@@ -282,9 +285,11 @@ class SplicePump:
         right: socket.socket,
         ended: Callable[[Optional[int]], None],
         pipes: PipePool = PIPES,
+        halfClosed: Callable[[int], None] = lambda side: None,
     ) -> None:
         self.reactor = reactor
         self.ended = ended
+        self.halfClosed = halfClosed
         self.pipes = pipes
         self.stopped = False
         leftFD = os.dup(left.fileno())
@@ -413,15 +418,16 @@ class SplicePump:
             self.fail(direction.dst, error)
             return
         forward, backward = self.directions
-        if forward.done and backward.done:
-            if self.failed is None:
-                self.stop()
-                self.ended(None)
-            elif not direction.dst.reading:
-                # Delivered after a failure: read the other socket to its end
-                # (L{discard}; its own direction is over, so pull() does).
-                direction.dst.reading = True
-                self.reactor.addReader(direction.dst)
+        if not (forward.done and backward.done):
+            self.halfClosed(self.ends.index(direction.src))
+        elif self.failed is None:
+            self.stop()
+            self.ended(None)
+        elif not direction.dst.reading:
+            # Delivered after a failure: read the other socket to its end
+            # (L{discard}; its own direction is over, so pull() does).
+            direction.dst.reading = True
+            self.reactor.addReader(direction.dst)
 
     def fail(self, end: _End, error: int = 0) -> None:
         """
@@ -436,6 +442,7 @@ class SplicePump:
             self.failed = self.ends.index(end)
             self.error = error
             if self.deliver(end.outgoing):
+                self.halfClosed(self.failed)
                 return
         self.stop()
         self.ended(self.failed)

@@ -177,7 +177,7 @@ async def test_without_splice_twisted_pumps_the_same_bytes(
 async def test_no_descriptor_for_the_pump_leaves_the_connection_to_twisted(
     records: Any, monkeypatch: Any
 ) -> None:
-    def exhausted(*args: Any) -> None:
+    def exhausted(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
     monkeypatch.setattr(forward, "SplicePump", exhausted)
@@ -321,6 +321,37 @@ async def test_a_spliced_connection_still_times_out_when_idle(records: Any) -> N
     assert record["spliced"] is True
     assert record["ended"] == "idle timeout (0.3s)"
     assert (record["bytesIn"], record["bytesOut"]) == (4, 4)
+    await stop(service, listening)
+
+
+@pytest.mark.parametrize("splice", [
+    pytest.param("yes", marks=needsSplice), "no",
+])
+@pytest_twisted.ensureDeferred
+async def test_a_half_closed_client_whose_target_never_answers_is_cut_at_the_fin_timeout(
+    records: Any, splice: str
+) -> None:
+    backend = Backends(Peer)  # reads, never answers, never closes
+    daemon = DaemonSettings(drain_timeout=0.0, hello_timeout=2.0, splice=splice)  # type: ignore[arg-type]
+    listening, service, port = await router(
+        backend, daemon=daemon, options={"idle_timeout": "5s", "fin_timeout": "0.3s"}
+    )
+    client = await connect(port, Peer())
+    client.transport.write(b"request")  # type: ignore[union-attr]
+    client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    server = await backend.first
+    assert await server.eof == len(b"request")
+    started = reactor.seconds()
+    await client.closed
+    # Between one and one and a quarter fin timeouts after the client's FIN.
+    assert 0.25 <= reactor.seconds() - started < 1.0
+    # The target's connection is closed too (it has had the router's FIN
+    # already, so it hears nothing more of it until it sends).
+    await until(lambda: inFlight(service) == [0], "the target's connection to close")
+    await until(lambda: bool(records), "the access record")
+    (record,) = records
+    assert record["spliced"] is (splice == "yes")
+    assert record["ended"] == "fin timeout (0.3s after client FIN)"
     await stop(service, listening)
 
 

@@ -11,6 +11,7 @@ from twisted.web import resource, server
 from dcrouter.config.model import DaemonSettings, Defaults, RouteConfig, RouterConfig
 from dcrouter.service import DcRouter
 from tests.helpers import Backend, Recorder, connect, freePort, listen
+from tests.streams import until
 
 
 class Echo(resource.Resource):
@@ -768,3 +769,42 @@ async def test_an_http10_request_without_host_gets_the_targets_authority():
     finally:
         await service.stopService()
         await backend.stopListening()
+
+
+class BigAnswer(Recorder):
+    """A backend that answers its first request with C{SIZE} bytes at once."""
+
+    SIZE = 32 * 1024 * 1024
+
+    def dataReceived(self, data):
+        answered = b"\r\n\r\n" in self.received
+        super().dataReceived(data)
+        if not answered and b"\r\n\r\n" in self.received:
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.SIZE
+            self.transport.write(head + b"x" * self.SIZE)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_reads_nothing_of_a_response_is_cut_after_the_send_timeout():
+    backend = Backend(echo=False, protocolClass=BigAnswer)
+    backendPort = await listen(backend)
+    port = freePort()
+    service, _ = await startRouter(
+        httpRoute("big", port, f"127.0.0.1:{backendPort.getHost().port}",
+                  options={"send_timeout": "0.3s"}),
+    )
+    try:
+        client = await connect(port)
+        client.transport.pauseProducing()
+        started = reactor.seconds()
+        client.transport.write(get(b"/big"))
+        await backend.connected
+        answering = backend.protocols[0]
+        # Once the sockets between are full, the router stops reading the
+        # backend; 0.3 s later it gives up on the client, and the backend.
+        await until(lambda: answering.closed.called, "the router to close the backend", 5.0)
+        assert 0.3 <= reactor.seconds() - started < 3.0
+        assert answering.received.count(b"GET /big ") == 1
+    finally:
+        await service.stopService()
+        await backendPort.stopListening()

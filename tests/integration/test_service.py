@@ -156,6 +156,47 @@ def test_one_run_reports_loader_and_plugin_errors_together(tmp_path):
     assert f"{path}:7: [route:api] action: unknown action 'foward'" in report
 
 
+def test_a_forward_routes_fin_timeout_is_its_own_or_the_defaults_and_longer_than_0(tmp_path):
+    from dcrouter.compile import checkConfigFile
+
+    path = tmp_path / "routes.ini"
+    path.write_text(
+        "[defaults]\nfin_timeout = 20s\n"
+        "[route:a]\nports = 1\ntarget = h:1\n"
+        "[route:b]\nports = 2\ntarget = h:1\nfin_timeout = 5s\n"
+    )
+    compiled = compileConfig(loadConfig(str(path)), loadActions(), Clock())
+    routes = compiled.routeResources
+    assert [routes[name].options.finTimeout for name in ("a", "b")] == [20.0, 5.0]
+    path.write_text("[route:a]\nports = 1\ntarget = h:1\nfin_timeout = 0\n")
+    with pytest.raises(ConfigErrors) as caught:
+        checkConfigFile(str(path))
+    assert caught.value.report().strip() == (
+        f"{path}:4: [route:a] fin_timeout: '0' is not longer than 0"
+    )
+
+
+def test_an_http_routes_send_timeout_is_its_own_or_the_http_sections(tmp_path):
+    from dcrouter.compile import checkConfigFile
+
+    path = tmp_path / "routes.ini"
+    path.write_text(
+        "[http]\nsend_timeout = 20s\n"
+        "[route:a]\nports = 80\naction = http\ntarget = h:1\n"
+        "[route:b]\nports = 80\naction = http\ntarget = h:1\nsend_timeout = 5s\n"
+        "domains = b.test\n"
+    )
+    compiled = compileConfig(loadConfig(str(path)), loadActions(), Clock())
+    routes = compiled.routeResources
+    assert [routes[name].proxy.sendTimeout for name in ("a", "b")] == [20.0, 5.0]
+    path.write_text("[route:a]\nports = 80\naction = http\ntarget = h:1\nsend_timeout = 0\n")
+    with pytest.raises(ConfigErrors) as caught:
+        checkConfigFile(str(path))
+    assert caught.value.report().strip() == (
+        f"{path}:5: [route:a] send_timeout: '0' is not longer than 0"
+    )
+
+
 def test_admin_and_email_errors_found_by_compiling_name_their_line(tmp_path):
     from dcrouter.compile import checkConfigFile
 

@@ -386,7 +386,8 @@ class TestSections:
             (
                 "defaults",
                 "target, bind, ip_allow, ip_block, max_connections, max_connections_per_ip, "
-                "connection_rate_per_minute, connect_timeout, idle_timeout, trusted_proxies",
+                "connection_rate_per_minute, connect_timeout, idle_timeout, fin_timeout, "
+                "trusted_proxies",
             ),
             ("tls", "cert, key, min_version, ciphers"),
         ],
@@ -469,6 +470,9 @@ class TestValues:
             ("dcrouter", "splice", "maybe", "'maybe' is not auto, yes or no"),
             ("defaults", "connect_timeout", "0", "'0' is not longer than 0"),
             ("defaults", "idle_timeout", "1 week", f"'1 week' {NOT_DURATION}"),
+            ("defaults", "fin_timeout", "0s", "'0s' is not longer than 0"),
+            ("defaults", "fin_timeout", "a minute", f"'a minute' {NOT_DURATION}"),
+            ("http", "send_timeout", "0ms", "'0ms' is not longer than 0"),
             ("defaults", "target", "backend", "'backend' has no port (write host:port)"),
             ("defaults", "bind", "localhost", "'localhost' is not an IP address to listen on"),
             ("defaults", "max_connections", "many", "'many' is not a whole number"),
@@ -836,6 +840,7 @@ class TestValidConfig:
             connection_rate_per_minute = 600
             connect_timeout = 3s
             idle_timeout = 15m
+            fin_timeout = 30s
             trusted_proxies = 10.1.0.1
 
             [tls]
@@ -880,10 +885,10 @@ class TestValidConfig:
                     client_ip=(ip_network("192.0.2.0/24"),),
                     limits=Limits(max_connections=100),
                     options={
-                        "target": RawValue("[2001:db8::1]:8443,\n10.0.0.2:8443", Source(path, 34)),
-                        "balance": RawValue("round-robin", Source(path, 36)),
+                        "target": RawValue("[2001:db8::1]:8443,\n10.0.0.2:8443", Source(path, 35)),
+                        "balance": RawValue("round-robin", Source(path, 37)),
                     },
-                    source=Source(path, 27),
+                    source=Source(path, 28),
                 ),
                 RouteConfig(
                     name="ssh",
@@ -891,11 +896,11 @@ class TestValidConfig:
                     bind=("::", "0.0.0.0"),
                     priority=-1,
                     limits=Limits(ip_block=(ip_network("192.0.2.66/32"),)),
-                    options={"target": RawValue("10.0.0.3:22", Source(path, 43))},
-                    source=Source(path, 38),
+                    options={"target": RawValue("10.0.0.3:22", Source(path, 44))},
+                    source=Source(path, 39),
                 ),
                 RouteConfig(
-                    name="blocked", ports=(443,), action="block", source=Source(path, 45)
+                    name="blocked", ports=(443,), action="block", source=Source(path, 46)
                 ),
             ),
             daemon=DaemonSettings(
@@ -916,6 +921,7 @@ class TestValidConfig:
                 ),
                 connect_timeout=3.0,
                 idle_timeout=900.0,
+                fin_timeout=30.0,
                 trusted_proxies=(ip_network("10.1.0.1/32"),),
             ),
             tls=TlsSettings(

@@ -16,12 +16,20 @@ from dcrouter.proxy.pool import Target, TargetPool
 
 class Transport(StringTransport):
     aborted = False
+    writeShut = False
 
     def abortConnection(self):
         self.aborted = True
 
+    def loseWriteConnection(self):
+        self.writeShut = True
 
-def forwarder(idleTimeout=10.0):
+    def unregisterProducer(self):
+        # As Twisted's TCP transport: without a producer, nothing to do.
+        self.producer = None
+
+
+def forwarder(idleTimeout=10.0, finTimeout=60.0):
     reactor = MemoryReactorClock()
     client = IPv4Address("TCP", "192.0.2.1", 5000)
     record = ConnectionRecord(0.0, client, 443)
@@ -29,7 +37,7 @@ def forwarder(idleTimeout=10.0):
         reactor, RouteConfig(name="r", ports=(443,)), client, None, None, (), record
     )
     target = HostPort("127.0.0.1", 9)
-    options = ForwardOptions(connectTimeout=5.0, idleTimeout=idleTimeout)
+    options = ForwardOptions(connectTimeout=5.0, idleTimeout=idleTimeout, finTimeout=finTimeout)
     pool = TargetPool([Target(target)], "roundrobin", reactor, "r")
     protocol = ForwardProtocol(connection, options, pool)
     transport = Transport()
@@ -52,6 +60,63 @@ def test_idle_timeout_closes_between_one_and_a_quarter_more_after_the_last_byte(
     run(reactor, 2.65)  # 12.55 s after it
     assert transport.aborted
     assert protocol.record.ended == "idle timeout (10s)"
+
+
+def connected(reactor, protocol):
+    """The target's side, connected: its protocol and its transport."""
+    [(_, _, factory, _, _)] = reactor.tcpClients
+    upstream = factory.buildProtocol(None)
+    out = Transport()
+    upstream.makeConnection(out)
+    return upstream, out
+
+
+def test_a_client_half_close_is_passed_on_and_cut_after_the_fin_timeout():
+    reactor, protocol, transport = forwarder(idleTimeout=100.0, finTimeout=4.0)
+    upstream, out = connected(reactor, protocol)
+    run(reactor, 1.0)
+    protocol.readConnectionLost()
+    assert out.writeShut
+    run(reactor, 3.9)  # 3.9 s after the FIN
+    assert not transport.aborted
+    run(reactor, 1.15)  # 5.05 s after it: within a quarter more
+    assert transport.aborted
+    assert protocol.record.ended == "fin timeout (4s after client FIN)"
+
+
+def test_an_upstream_half_close_is_cut_after_the_fin_timeout_unless_bytes_move():
+    reactor, protocol, transport = forwarder(idleTimeout=100.0, finTimeout=4.0)
+    upstream, out = connected(reactor, protocol)
+    upstream.readConnectionLost()
+    assert transport.writeShut
+    for _ in range(5):
+        run(reactor, 3.0)
+        protocol.dataReceived(b"the client still uploads")
+    assert not transport.aborted
+    run(reactor, 3.9)
+    assert not transport.aborted
+    run(reactor, 1.15)
+    assert transport.aborted
+    assert protocol.record.ended == "fin timeout (4s after upstream FIN)"
+
+
+def test_a_client_read_to_its_end_after_the_upstream_left_is_cut_after_the_fin_timeout():
+    reactor, protocol, transport = forwarder(idleTimeout=100.0, finTimeout=4.0)
+    upstream, out = connected(reactor, protocol)
+    upstream.connectionLost(Failure(ConnectionDone()))
+    assert transport.writeShut and not transport.aborted
+    run(reactor, 5.05)
+    assert transport.aborted
+    assert protocol.record.ended == "fin timeout (4s after upstream FIN)"
+
+
+def test_a_fin_timeout_never_lengthens_a_shorter_idle_timeout():
+    reactor, protocol, transport = forwarder(idleTimeout=2.0, finTimeout=60.0)
+    upstream, out = connected(reactor, protocol)
+    protocol.readConnectionLost()
+    run(reactor, 2.55)
+    assert transport.aborted
+    assert protocol.record.ended == "idle timeout (2s)"
 
 
 def test_a_busy_connection_is_never_idle():

@@ -740,6 +740,20 @@ def test_a_stalled_body_is_408():
     assert client.response(stream).status == 408
 
 
+def test_a_stalled_body_is_408_on_time_after_its_last_data():
+    reactor, protocol, transport, action, client = serve(settings=HttpSettings(body_timeout=10.0))
+    stream = client.request(method=b"POST", body=b"abc", end=False)
+    exchange = action.exchanges[0]
+    exchange.readBody(Consumer(exchange))
+    run(reactor, 9)
+    client.pending[stream] = b"x"
+    client.upload(stream, end=False)  # at 9 s: the last DATA
+    run(reactor, 9.8)
+    assert client.response(stream).headers is None
+    run(reactor, 0.4)
+    assert client.response(stream).status == 408
+
+
 def test_a_bad_preface_is_a_protocol_error():
     reactor = MemoryReactorClock()
     action = Held()

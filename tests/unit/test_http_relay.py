@@ -30,7 +30,11 @@ class Proxied:
     """A client connection to an C{http} route whose one backend connection is pooled."""
 
     def __init__(
-        self, responseTimeout: float = 60.0, idleTimeout: float = 600.0, pooled: int = 1
+        self,
+        responseTimeout: float = 60.0,
+        idleTimeout: float = 600.0,
+        pooled: int = 1,
+        sendTimeout: float = 60.0,
     ) -> None:
         self.reactor = reactor = MemoryReactorClock()
         self.pool = pool = TargetPool([Target(TARGET)], "roundrobin", reactor, "t")
@@ -44,7 +48,9 @@ class Proxied:
             self.backend = BackendConnection(backends, TARGET, None)  # type: ignore[arg-type]
             self.backend.makeConnection(Transport())
             backends.release(self.backend)
-        route = ProxyRoute(Targets(), backends, responseTimeout, idleTimeout)
+        route = ProxyRoute(
+            Targets(), backends, responseTimeout, idleTimeout, sendTimeout=sendTimeout
+        )
         config = RouteConfig(name="app", ports=(80,), action="http")
         table = HTTPRouteTable.build([HTTPRoute(config, Proxy(), route)])
         layer = HTTPLayer(reactor, table, table, HttpSettings())
@@ -146,7 +152,7 @@ def stalledResponse(clientReads: bool) -> tuple[Proxied, RequestRecord]:
     stops reading (its transport pauses the backend) or the backend stops
     sending. Returns the relayed request's access record.
     """
-    proxied = Proxied(responseTimeout=10.0, idleTimeout=10.0)
+    proxied = Proxied(responseTimeout=10.0, idleTimeout=10.0, sendTimeout=10.0)
     proxied.fromClient(b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n")
     record = proxied.server.exchange.record
     proxied.fromBackend(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 100)
@@ -188,6 +194,81 @@ def test_a_backend_resumed_after_a_long_pause_has_a_whole_idle_timeout():
     run(proxied.reactor, 15)
     assert proxied.client.aborted
     assert record.note == "backend idle"
+
+
+def streaming(**timeouts: float) -> tuple[Proxied, RequestRecord]:
+    """A response whose head and first 100 bytes came at 1 s; 900 more to come."""
+    proxied = Proxied(**timeouts)
+    proxied.fromClient(b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    record = proxied.server.exchange.record
+    run(proxied.reactor, 1)
+    proxied.fromBackend(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 100)
+    return proxied, record
+
+
+def test_an_idle_backend_is_cut_on_time_after_its_last_byte():
+    """Not up to twice the idle timeout after it, as a deadline only re-armed whole would."""
+    proxied, record = streaming(responseTimeout=10.0, idleTimeout=10.0)
+    run(proxied.reactor, 8)
+    proxied.fromBackend(b"x" * 100)  # at 9 s: the last byte
+    run(proxied.reactor, 9.8)
+    assert not proxied.client.aborted
+    run(proxied.reactor, 0.4)  # 10.2 s after the last byte
+    assert proxied.client.aborted
+    assert record.note == "backend idle"
+
+
+def test_a_backend_that_keeps_sending_within_the_idle_timeout_is_never_cut():
+    proxied, record = streaming(idleTimeout=10.0)
+    for _ in range(8):
+        run(proxied.reactor, 9.5)
+        proxied.fromBackend(b"x" * 100)
+    assert not proxied.client.aborted
+    run(proxied.reactor, 9.8)
+    assert not proxied.client.aborted
+    run(proxied.reactor, 0.4)
+    assert proxied.client.aborted
+
+
+def test_a_client_that_reads_nothing_is_cut_after_the_send_timeout():
+    """nginx's send_timeout: even with a long idle timeout and response timeout."""
+    proxied, record = streaming(responseTimeout=60.0, idleTimeout=600.0, sendTimeout=10.0)
+    proxied.client.producer.pauseProducing()  # at 1 s, with the last bytes
+    run(proxied.reactor, 9.8)
+    assert not proxied.client.aborted
+    run(proxied.reactor, 0.4)
+    assert proxied.client.aborted
+    assert record.note == "client not reading"
+
+
+def test_a_backend_idle_after_the_client_resumed_is_cut_on_time():
+    """A resume starts the idle stall: it is timed from then, even in a long send timeout."""
+    proxied, record = streaming(idleTimeout=10.0, sendTimeout=60.0)
+    producer = proxied.client.producer
+    producer.pauseProducing()
+    run(proxied.reactor, 19)
+    producer.resumeProducing()  # at 20 s; the backend sends nothing more
+    run(proxied.reactor, 9.8)
+    assert not proxied.client.aborted
+    run(proxied.reactor, 0.4)
+    assert proxied.client.aborted
+    assert record.note == "backend idle"
+
+
+def test_the_send_timeout_runs_from_what_the_client_last_took():
+    proxied, record = streaming(idleTimeout=600.0, sendTimeout=10.0)
+    producer = proxied.client.producer
+    producer.pauseProducing()
+    run(proxied.reactor, 9)
+    producer.resumeProducing()  # at 10 s the client took it all
+    run(proxied.reactor, 2)
+    proxied.fromBackend(b"x" * 100)
+    producer.pauseProducing()  # at 12 s, stalled again
+    run(proxied.reactor, 9.8)
+    assert not proxied.client.aborted
+    run(proxied.reactor, 0.4)
+    assert proxied.client.aborted
+    assert record.note == "client not reading"
 
 
 @pytest.mark.parametrize(

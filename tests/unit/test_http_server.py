@@ -181,6 +181,31 @@ def test_a_stalled_body_is_408():
     assert transport.writeClosed
 
 
+def test_a_stalled_body_is_408_on_time_after_its_last_bytes():
+    """Not up to twice the body timeout after them, as a timer only re-armed whole would."""
+    reactor, protocol, transport, action = serve(settings=HttpSettings(body_timeout=10.0))
+    protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+    run(reactor, 9)
+    protocol.dataReceived(b"x")  # at 9 s: the last bytes
+    run(reactor, 9.8)
+    assert transport.value() == b""
+    run(reactor, 0.4)
+    assert b"HTTP/1.1 408 " in transport.value()
+
+
+def test_a_body_held_back_by_the_router_has_a_whole_body_timeout_after_its_resume():
+    reactor, protocol, transport, action = serve(settings=HttpSettings(body_timeout=10.0))
+    protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+    exchange = action.exchanges[0]
+    exchange.pauseBody()  # the backend is slow to read it
+    run(reactor, 25)
+    exchange.resumeBody()  # at 25 s
+    run(reactor, 9.8)
+    assert transport.value() == b""
+    run(reactor, 0.4)
+    assert b"HTTP/1.1 408 " in transport.value()
+
+
 def test_http10_without_keep_alive_closes_after_the_answer():
     reactor, protocol, transport, action = serve()
     protocol.dataReceived(b"GET / HTTP/1.0\r\n\r\n")

@@ -46,6 +46,8 @@ class Pumping:
         self.left = left
         self.right = right
         self.ended: defer.Deferred[Optional[int]] = defer.Deferred()
+        #: What the pump reported as half-closed, in order.
+        self.halfClosed: list[int] = []
         self.pump: SplicePump
         self.sockets: list[socket.socket] = []
         self.pipes = PipePool()
@@ -55,7 +57,12 @@ class Pumping:
         #: Descriptors open before the pump took its own.
         self.descriptors = openDescriptors()
         self.pump = SplicePump(
-            reactor, self.sockets[0], self.sockets[1], self.ended.callback, self.pipes
+            reactor,
+            self.sockets[0],
+            self.sockets[1],
+            self.ended.callback,
+            self.pipes,
+            self.halfClosed.append,
         )
         self.pump.start()
         return self
@@ -130,12 +137,15 @@ async def test_a_half_close_is_passed_on_and_the_other_way_still_flows(first: in
     assert await other.eof == len(b"request")
     assert other.text == b"request"
     assert not pumping.ended.called
+    # Its owner is told which one has ended (for its fin timeout).
+    assert pumping.halfClosed == [first]
     # The half that is still open carries the answer back, then ends too.
     transport(other).write(b"late answer")
     transport(other).loseWriteConnection()
     assert await closer.eof == len(b"late answer")
     assert closer.text == b"late answer"
     assert await pumping.ended is None
+    assert pumping.halfClosed == [first]
     received = [len(b"request"), len(b"late answer")]
     assert list(pumping.pump.received) == (received if first == 0 else received[::-1])
     pumping.close()
@@ -365,6 +375,8 @@ async def test_what_the_failed_socket_sent_is_delivered_before_the_end(errors: A
     assert 0 < delivered == pump.received[1] <= len(answer)
     assert client.digest.digest() == hashlib.sha256(answer[:delivered]).digest()
     assert not pumping.ended.called
+    # While it delivers, only one way is left: its owner is told so.
+    assert pumping.halfClosed == [1]
     transport(client).unregisterProducer()
     transport(client).loseConnection()
     assert await pumping.ended == 1
