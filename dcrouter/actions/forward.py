@@ -82,8 +82,8 @@ class ForwardAction:
     def parseOptions(self, options: RouteOptions) -> Optional[ForwardRoute]:
         defaults = options.defaults
         targets = parseTargets(options, options.route.name)
-        connectTimeout = options.duration("connect_timeout", defaults.connect_timeout)
-        idleTimeout = options.duration("idle_timeout", defaults.idle_timeout)
+        connectTimeout = options.timeout("connect_timeout", defaults.connect_timeout)
+        idleTimeout = options.timeout("idle_timeout", defaults.idle_timeout)
         finTimeout = options.timeout("fin_timeout", defaults.fin_timeout)
         proxyProtocol = options.get(
             "proxy_protocol", lambda text: parseChoice(text, ("v1", "v2")), None

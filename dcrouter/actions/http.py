@@ -51,9 +51,9 @@ class HTTPAction:
     def parseOptions(self, options: RouteOptions) -> Optional[HTTPProxyOptions]:
         defaults = options.defaults
         targets = parseTargets(options, options.route.name, http=True)
-        connectTimeout = options.duration("connect_timeout", defaults.connect_timeout)
-        idleTimeout = options.duration("idle_timeout", defaults.idle_timeout)
-        responseTimeout = options.duration("response_timeout", options.http.response_timeout)
+        connectTimeout = options.timeout("connect_timeout", defaults.connect_timeout)
+        idleTimeout = options.timeout("idle_timeout", defaults.idle_timeout)
+        responseTimeout = options.timeout("response_timeout", options.http.response_timeout)
         sendTimeout = options.timeout("send_timeout", options.http.send_timeout)
         keepalive = options.duration("backend_keepalive", 30.0)
         hostHeader = options.raw("backend_host")

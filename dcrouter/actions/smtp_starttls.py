@@ -533,9 +533,9 @@ class SMTPStartTLSAction:
         elif serverTLS is None:
             options.error(None, "action 'smtp-starttls' needs cert and key (or [tls] cert)")
         hostname = options.text("hostname", socket.getfqdn() or "localhost")
-        connectTimeout = options.duration("connect_timeout", defaults.connect_timeout)
-        idleTimeout = options.duration("idle_timeout", 600.0)
-        starttlsTimeout = options.duration("starttls_timeout", 60.0)
+        connectTimeout = options.timeout("connect_timeout", defaults.connect_timeout)
+        idleTimeout = options.timeout("idle_timeout", 600.0)
+        starttlsTimeout = options.timeout("starttls_timeout", 60.0)
         proxyProtocol = options.get(
             "proxy_protocol", lambda text: parseChoice(text, ("v1", "v2")), None
         )

@@ -197,6 +197,39 @@ def test_an_http_routes_send_timeout_is_its_own_or_the_http_sections(tmp_path):
     )
 
 
+def test_a_routes_timeouts_must_be_longer_than_0(tmp_path):
+    """
+    A 0 would fire at once (a connect, a response) or run an idle sweep or
+    a health check on every reactor turn: each is an error naming its line.
+    """
+    from dcrouter.compile import checkConfigFile
+
+    path = tmp_path / "routes.ini"
+    path.write_text(
+        "[route:a]\nports = 1\ntarget = h:1\nconnect_timeout = 0\nidle_timeout = 0s\n"
+        "health_check = tcp\nhealth_interval = 0\nhealth_timeout = 0ms\n"
+        "[route:b]\nports = 80\naction = http\ntarget = h:1\nresponse_timeout = 0\n"
+        "idle_timeout = 0\nconnect_timeout = 0\n"
+        "[route:c]\nports = 25\naction = smtp-starttls\ntarget = h:1\n"
+        "starttls_timeout = 0\nidle_timeout = 0\n"
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        checkConfigFile(str(path))
+    report = caught.value.report()
+    for line, where in [
+        (4, "[route:a] connect_timeout: '0'"),
+        (5, "[route:a] idle_timeout: '0s'"),
+        (7, "[route:a] health_interval: '0'"),
+        (8, "[route:a] health_timeout: '0ms'"),
+        (13, "[route:b] response_timeout: '0'"),
+        (14, "[route:b] idle_timeout: '0'"),
+        (15, "[route:b] connect_timeout: '0'"),
+        (20, "[route:c] starttls_timeout: '0'"),
+        (21, "[route:c] idle_timeout: '0'"),
+    ]:
+        assert f"{path}:{line}: {where} is not longer than 0" in report
+
+
 def test_admin_and_email_errors_found_by_compiling_name_their_line(tmp_path):
     from dcrouter.compile import checkConfigFile
 
