@@ -223,7 +223,7 @@ cat > /etc/dcrouter.ini <<'EOF'
 [dcrouter]
 state_dir = /var/lib/dcrouter
 log_format = text
-drain_timeout = 30s
+drain_timeout = 3s
 splice = yes
 
 [defaults]
@@ -292,6 +292,11 @@ body = files
 ports = 8080
 action = forward
 target = 127.0.0.1:80
+
+[route:held]
+ports = 9000
+action = forward
+target = 127.0.0.1:9001
 EOF
 mark=$(cursor)
 systemctl restart dcrouter || fail "systemctl restart with ACME, DNS and mail"
@@ -382,8 +387,39 @@ echo "ok: nothing in the journal of dcrouter.service is denied or unhandled"
 systemctl stop pebble
 
 systemd-analyze security dcrouter --no-pager | tail -1
+
+# systemctl stop with a connection open through a worker: SIGTERM to twistd
+# (KillMode=mixed), passed on to the workers, which drain it for
+# drain_timeout (3s here), then everything exits before TimeoutStopSec.
+systemd-run -q --unit=holder python3 -c '
+import socket
+server = socket.create_server(("127.0.0.1", 9001))
+held = []
+while True:
+    held.append(server.accept()[0])
+'
+python3 - > /root/held.log 2>&1 <<'EOF' &
+import socket, time
+client = socket.create_connection(("127.0.0.1", 9000), timeout=60)
+client.sendall(b"held open")
+print("connected", flush=True)
+opened = time.monotonic()
+try:
+    how = f"closed ({client.recv(100)!r})"
+except ConnectionResetError:
+    how = "reset"
+print(f"{how} by the router after {time.monotonic() - opened:.1f}s", flush=True)
+EOF
+client=$!
+held_through() {  # an established connection to the holder (port 9001 = 2329)
+    awk '$2 ~ /:2329$/ && $4 == "01"' /proc/net/tcp | grep -q .
+}
+until_ok 10 held_through || fail "the forward on 9000 did not reach the holder on 9001: $(cat /root/held.log)"
 stopped_at=$SECONDS
 systemctl stop dcrouter
+took=$((SECONDS - stopped_at))
+wait "$client" || fail "the held connection: $(cat /root/held.log)"
+systemctl stop holder
 if systemctl is-active --quiet dcrouter; then
     fail "still active after systemctl stop"
 fi
@@ -391,4 +427,7 @@ fi
     || fail "systemctl stop: Result=$(systemctl show -p Result --value dcrouter)"
 ! journal_since "$mark" | grep -Eq 'SIGKILL|timed out|Killing process' \
     || fail "systemctl stop killed: $(journal_since "$mark" | grep -E 'SIGKILL|timed out|Killing')"
-echo "ok: systemctl stop in $((SECONDS - stopped_at))s, Result=success, nothing SIGKILLed"
+[ "$took" -ge 2 ] && [ "$took" -le 15 ] || fail "systemctl stop took ${took}s with drain_timeout = 3s"
+journal_since "$mark" | grep -q 'draining 1 connections' || fail "no 'draining' line in the journal"
+echo "ok: systemctl stop drained a held connection (drain_timeout 3s) in ${took}s," \
+     "Result=success, nothing SIGKILLed; the client: $(tail -1 /root/held.log)"
