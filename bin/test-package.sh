@@ -23,7 +23,8 @@
 #  9. with DCROUTER_PKG_SYSTEMD=1, the unit under a real systemd:
 #     bin/test-systemd.sh (a minimal bookworm from debootstrap where apt
 #     installs the .deb from nothing, booted with systemd-nspawn; start,
-#     reload under traffic, ACME, DNS, mail, restart, stop; about 1.5 min).
+#     reload under traffic, ACME, DNS, mail, restart, stop, upgrade, purge;
+#     2.5 to 4 min, a third of it debootstrap).
 #
 # Everything it starts is stopped by PID. Output (the .deb, .changes,
 # build and test logs) goes to $DCROUTER_PKG_OUT, else a new /tmp directory,

@@ -2,9 +2,10 @@
 # The unit as shipped, under a real systemd: run inside a minimal bookworm
 # booted with systemd-nspawn, with the package installed by apt
 # (bin/test-systemd.sh, from bin/test-package.sh with DCROUTER_PKG_SYSTEMD=1).
-# Ports 25, 53, 80, 443, 4443 and 8443 are the container's own
-# (--private-network). /srv/pebble holds pebble's API certificate and the CA
-# that signed it; /usr/local/bin/pebble is the host's.
+# Every port it uses (25, 53, 80, 443, 4443, 8080, 8443, 9000, 9001, pebble's
+# 14000 and 15000) is the container's own (--private-network). /srv/pebble
+# holds pebble's API certificate and the CA that signed it;
+# /usr/local/bin/pebble is the host's.
 set -euo pipefail
 
 fail() {
@@ -431,3 +432,28 @@ fi
 journal_since "$mark" | grep -q 'draining 1 connections' || fail "no 'draining' line in the journal"
 echo "ok: systemctl stop drained a held connection (drain_timeout 3s) in ${took}s," \
      "Result=success, nothing SIGKILLed; the client: $(tail -1 /root/held.log)"
+
+# -- the maintainer scripts under a running systemd -------------------------------
+# (apt installed the package before the first boot; here systemd runs.)
+cp /root/dcrouter.ini.orig /etc/dcrouter.ini
+systemctl start dcrouter || fail "systemctl start"
+until_ok 15 body_is "$body" http://127.0.0.1/ || fail "no answer after systemctl start"
+pid=$(main_pid)
+deb=$(ls /srv/pkg/dcrouter_*.deb)
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall \
+    -o Dpkg::Options::=--force-confold "$deb" > /root/reinstall.log 2>&1 \
+    || { cat /root/reinstall.log >&2; fail "apt-get install --reinstall"; }
+until_ok 15 body_is "$body" http://127.0.0.1/ || fail "no answer after the upgrade"
+[ "$(main_pid)" != "$pid" ] || fail "the upgrade did not restart dcrouter (main pid $pid)"
+systemctl is-enabled --quiet dcrouter || fail "disabled by the upgrade"
+echo "ok: an upgrade (apt-get install --reinstall) restarts the running service; it stays enabled"
+DEBIAN_FRONTEND=noninteractive apt-get remove -y -q dcrouter > /root/remove.log 2>&1 \
+    || { cat /root/remove.log >&2; fail "apt-get remove dcrouter"; }
+! systemctl is-active --quiet dcrouter || fail "still active after apt-get remove"
+! curl -sS --max-time 2 http://127.0.0.1/ >/dev/null 2>&1 || fail "port 80 still answers after apt-get remove"
+DEBIAN_FRONTEND=noninteractive apt-get purge -y -q dcrouter > /root/purge.log 2>&1 \
+    || { cat /root/purge.log >&2; fail "apt-get purge dcrouter"; }
+left=$(ls -d /etc/dcrouter.ini /var/lib/dcrouter /etc/systemd/system/multi-user.target.wants/dcrouter.service \
+    /lib/systemd/system/dcrouter.service 2>/dev/null || true)
+[ -z "$left" ] || fail "left behind by apt-get purge: $left"
+echo "ok: apt-get remove stops the service; purge leaves no state, configuration or enablement"
