@@ -20,9 +20,11 @@
 #     (Twisted 22.4, pytest, pytest-twisted, ...), against the installed
 #     dcrouter (the tests are copied without the source tree);
 #  8. reinstall (upgrade path, local conffile edits kept), then purge;
-#  9. with DCROUTER_PKG_SYSTEMD=1, the unit under a real systemd: a minimal
-#     bookworm (debootstrap) where apt installs the .deb from nothing, booted
-#     with systemd-nspawn (tests/package/systemd-check.sh; about 1.5 min).
+#  9. with DCROUTER_PKG_SYSTEMD=1, the unit under a real systemd:
+#     bin/test-systemd.sh (a minimal bookworm from debootstrap where apt
+#     installs the .deb from nothing, booted with systemd-nspawn; start,
+#     reload under traffic, ACME, DNS, mail, restart, stop, upgrade, purge;
+#     2.5 to 4 min, a third of it debootstrap).
 #
 # Everything it starts is stopped by PID. Output (the .deb, .changes,
 # build and test logs) goes to $DCROUTER_PKG_OUT, else a new /tmp directory,
@@ -30,9 +32,9 @@
 # DCROUTER_PKG_KEEP=1, which also leaves the package installed.
 #
 # DCROUTER_PKG_SOURCE=head builds `git archive HEAD` plus the work tree's
-# debian/, bin/test-package.sh and tests/package/ (to test the packaging
-# while unrelated work is uncommitted); default: the work tree's tracked and
-# untracked, not ignored, files.
+# debian/, bin/test-package.sh, bin/test-systemd.sh and tests/package/ (to
+# test the packaging while unrelated work is uncommitted); default: the work
+# tree's tracked and untracked, not ignored, files.
 # PYTEST_ARGS adds arguments to the suite's pytest (e.g. "-x", "-k lifecycle").
 set -euo pipefail
 
@@ -194,7 +196,7 @@ mkdir -p "$SRC"
 if [ "${DCROUTER_PKG_SOURCE:-tree}" = head ]; then
     git -C "$REPO" archive HEAD | tar -x -C "$SRC"
     rm -rf "$SRC/debian" "$SRC/tests/package"
-    (cd "$REPO" && tar -c debian bin/test-package.sh tests/package) | tar -x -C "$SRC"
+    (cd "$REPO" && tar -c debian bin/test-package.sh bin/test-systemd.sh tests/package) | tar -x -C "$SRC"
     echo "source: git HEAD $(git -C "$REPO" rev-parse --short HEAD) + the work tree's packaging"
 elif git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1; then
     (cd "$REPO" && git ls-files -z --cached --others --exclude-standard \
@@ -479,55 +481,11 @@ else
 fi
 
 # -- 9. under a real systemd (opt-in: DCROUTER_PKG_SYSTEMD=1) -------------------
-# A minimal bookworm (debootstrap), the .deb installed there by apt (its
-# Depends resolved from nothing), booted with systemd-nspawn on a private
-# network; tests/package/systemd-check.sh then drives the unit as shipped.
+# bin/test-systemd.sh: a minimal bookworm (debootstrap) where apt installs
+# the .deb from nothing, booted with systemd-nspawn on a private network;
+# tests/package/systemd-check.sh drives the unit as shipped inside it.
 if [ "${DCROUTER_PKG_SYSTEMD:-0}" = 1 ]; then
     step "systemd: a minimal bookworm booted with systemd-nspawn, the unit as shipped"
-    "$REPO/bin/deps-debian.sh" debootstrap systemd-container
-    ROOT=$WORK/nspawn-root
-    mirror=$(sed -n 's|^URIs:[[:space:]]*\([^[:space:]]*/debian\)[[:space:]]*$|\1|p' \
-        /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
-    mirror=${mirror:-http://deb.debian.org/debian}
-    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,curl,ca-certificates \
-        bookworm "$ROOT" "$mirror" > "$OUT/debootstrap.log" 2>&1 \
-        || { tail -20 "$OUT/debootstrap.log" >&2; fail "debootstrap bookworm $mirror"; }
-    mkdir -p "$ROOT/srv/pkg"
-    cp "$DEB" "$ROOT/srv/pkg/"
-    install -m 0755 "$SRC/tests/package/systemd-check.sh" "$ROOT/srv/systemd-check.sh"
-    systemd-nspawn -q -D "$ROOT" --register=no --keep-unit -E DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y --no-install-recommends "/srv/pkg/$(basename "$DEB")" \
-        > "$OUT/nspawn-install.log" 2>&1 </dev/null \
-        || { tail -30 "$OUT/nspawn-install.log" >&2; fail "apt-get install in a minimal bookworm"; }
-    sed -n '/^The following NEW packages/,/^[0-9]* upgraded/p' "$OUT/nspawn-install.log"
-    systemd-nspawn -b -q -D "$ROOT" --register=no --keep-unit --private-network --console=pipe \
-        > "$OUT/nspawn-boot.log" 2>&1 </dev/null &
-    NSPAWN=$!
-    PIDS+=("$NSPAWN")
-    INIT=
-    state=
-    for _ in $(seq 300); do
-        kill -0 "$NSPAWN" 2>/dev/null || { cat "$OUT/nspawn-boot.log" >&2; fail "systemd-nspawn exited"; }
-        INIT=$(pgrep -P "$NSPAWN" | head -1 || true)
-        if [ -n "$INIT" ]; then
-            state=$(nsenter -t "$INIT" -a systemctl is-system-running 2>/dev/null || true)
-            case "$state" in running|degraded) break ;; esac
-        fi
-        sleep 0.1
-    done
-    case "$state" in
-        running|degraded) echo "container booted: init pid $INIT, system $state" ;;
-        *) fail "the container did not finish booting in 30 s (state: '$state')" ;;
-    esac
-    check_status=0
-    nsenter -t "$INIT" -a /srv/systemd-check.sh > "$OUT/nspawn-check.log" 2>&1 || check_status=$?
-    cat "$OUT/nspawn-check.log"
-    nsenter -t "$INIT" -a systemctl poweroff >/dev/null 2>&1 || true
-    for _ in $(seq 300); do
-        kill -0 "$NSPAWN" 2>/dev/null || break
-        sleep 0.1
-    done
-    stop_pid "$NSPAWN" 5
-    [ "$check_status" -eq 0 ] || fail "the unit under systemd (log: $OUT/nspawn-check.log)"
+    "$SRC/bin/test-systemd.sh" "$DEB" "$OUT/systemd" || fail "the unit under systemd (logs: $OUT/systemd)"
 fi
 step_end
