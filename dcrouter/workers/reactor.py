@@ -26,8 +26,12 @@ by then (its socket full, its connect still on its way) is handed to epoll
 to wait for writability. A short forwarded connection makes 6-8 fewer
 C{epoll_ctl} calls (docs/performance.md).
 
-Only the worker processes run it (they own their reactor); a single-process
-dcrouter runs the reactor twistd installed.
+Every dcrouter process runs it on Linux: the worker processes install it
+themselves (they own their reactor), and C{twistd dcrouter} (a single
+process, or the supervisor of workers) has it installed by its twistd
+plugin, as twistd reads C{dcrouter}'s options, unless the user chose a
+reactor with C{twistd --reactor NAME} (see C{twisted/plugins/dcrouter_plugin.py}).
+twistd logs which at start: C{reactor class: dcrouter.workers.reactor.EPollReactor}.
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.task import deferLater
 
-from dcrouter.net.tcp import _Connector, _NonBlockingSocket, connectTCP
+from dcrouter.net.tcp import _Connector, _ConnectTimeouts, _NonBlockingSocket, connectTCP
 from tests.helpers import freePort, listen
 
 
@@ -120,6 +120,31 @@ async def test_a_closed_connection_is_freed_without_the_garbage_collector():
     finally:
         gc.enable()
         await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connects_that_hang_time_out_behind_one_timer():
+    """
+    A listener whose accept queue is full (backlog 0: one connection) drops
+    the SYNs of the next: those connects hang until they time out, and
+    wait for it behind one timer of the reactor's.
+    """
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        with socket.create_connection(full.getsockname(), timeout=5):
+            factories = [Factory() for _ in range(3)]
+            for factory in factories:
+                connectTCP(reactor, "127.0.0.1", full.getsockname()[1], factory, 0.2)
+            timers = [
+                call for call in reactor.getDelayedCalls()
+                if getattr(call.func, "__func__", None) is _ConnectTimeouts.expire
+                and call.func.__self__.timeout == 0.2
+            ]
+            assert len(timers) == 1
+            for factory in factories:
+                with pytest.raises(TimeoutError):
+                    await factory.result
 
 
 class EpollCalls:

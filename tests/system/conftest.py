@@ -560,12 +560,16 @@ ACCESS = re.compile(r"\[dcrouter\.access#info\] (.*)$", re.MULTILINE)
 class Router(Process):
     """twistd -n dcrouter on a generated configuration file, in its own directory."""
 
-    def __init__(self, directory: Path, config: str, extra_path: tuple[Path, ...] = ()) -> None:
+    def __init__(
+        self, directory: Path, config: str, extra_path: tuple[Path, ...] = (),
+        twistd_options: tuple[str, ...] = (), twistd: Optional[list[str]] = None,
+    ) -> None:
         self.directory = directory
         self.configPath = directory / "dcrouter.ini"
         self.write_config(config)
         super().__init__(
-            [*twistd_command(), "-n", "--pidfile=", "dcrouter", "--config", str(self.configPath)],
+            [*(twistd or twistd_command()), "-n", "--pidfile=", *twistd_options,
+             "dcrouter", "--config", str(self.configPath)],
             directory / "twistd.log", directory, python_env(extra_path),
         )
 
@@ -606,13 +610,18 @@ def router(tmp_path: Path) -> Iterator[Callable[..., Router]]:
     C{router(config, extra_path=())} starts twistd dcrouter on C{config} (INI
     text, see L{make_config}) in a fresh directory and waits until it listens. Every router is
     stopped at the end, and its output printed (pytest shows it on failure).
+    C{twistd_options} go to twistd before C{dcrouter}; C{twistd} replaces
+    L{twistd_command}.
     """
     started: list[Router] = []
 
-    def start(config: str, extra_path: tuple[Path, ...] = (), wait: bool = True) -> Router:
+    def start(
+        config: str, extra_path: tuple[Path, ...] = (), wait: bool = True,
+        twistd_options: tuple[str, ...] = (), twistd: Optional[list[str]] = None,
+    ) -> Router:
         directory = tmp_path / f"router{len(started)}"
         directory.mkdir()
-        process = Router(directory, config, extra_path)
+        process = Router(directory, config, extra_path, twistd_options, twistd)
         started.append(process)
         if wait:
             process.wait_started()
