@@ -60,7 +60,8 @@ router = DcRouter(checkConfigFile(ini).config, reactor, configPath=ini, role=Pro
 def start():
     router.privilegedStartService()
     router.startService()
-    print("ready", flush=True)
+    import dcrouter
+    print("ready", dcrouter.__file__, flush=True)
 signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
 reactor.callWhenRunning(start)
 if profileTo:
@@ -97,12 +98,18 @@ def run(
     log = d / "access.log"
     serve = subprocess.Popen(
         [PYTHON, "-c", SERVE, str(d / "dcrouter.ini"), str(log), profile],
-        env=dict(os.environ, PYTHONPATH=tree), stdout=subprocess.PIPE, text=True,
+        # In the run's folder: with -c the current folder comes first on
+        # sys.path, and from a source tree its dcrouter would be every build.
+        env=dict(os.environ, PYTHONPATH=str(Path(tree).resolve())), cwd=d,
+        stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     tracer = None
     try:
         assert serve.stdout is not None
-        if serve.stdout.readline().strip() != "ready":
+        ready, _, where = serve.stdout.readline().strip().partition(" ")
+        if where and not Path(where).is_relative_to(Path(tree).resolve()):
+            raise SystemExit(f"{tree}: ran the dcrouter of {where}, not the tree's")
+        if ready != "ready":
             raise SystemExit(f"{tree}: dcrouter did not start")
         wrk(port, 1)
         if strace:
