@@ -10,7 +10,11 @@ MX (RFC 7505, C{0 .}) and a domain that does not exist fail for good; a DNS
 server that fails or times out fails for now.
 
 The resolver is any C{IResolver} (twisted.names), injected: the daemon
-passes C{twisted.names.client.createResolver()}, tests a fake.
+passes a C{twisted.names.client.Resolver} of C{/etc/resolv.conf} on a
+L{QuietUDPReactor}, unit tests a fake. That client sends each query from a
+new UDP port (a random source port, RFC 5452 section 9.2), and Twisted logs
+the opening and closing of each, four lines a query: on the quiet reactor
+nothing. A query that fails or times out still fails, as a L{DNSFailure}.
 
 L{Myself} tells which MX hosts are this server, so that mail for a domain
 whose best MX is this server fails at once (a loop) and a backup MX sends
@@ -22,13 +26,17 @@ from __future__ import annotations
 
 import random
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Optional, Union
 
 from attrs import evolve, field, frozen
-from twisted.internet import defer
+from twisted.internet import defer, udp
+from twisted.internet.base import BasePort
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IConnector, IDelayedCall, IListeningPort
+from twisted.internet.protocol import AbstractDatagramProtocol, ClientFactory
 from twisted.names import dns
 from twisted.names import error as dnserror
 from twisted.names.error import AuthoritativeDomainError, DomainError
@@ -147,6 +155,79 @@ def domainLiteral(domain: str) -> Optional[str]:
     except OSError:
         return None
     return literal
+
+
+class _QuietPort(udp.Port):
+    """
+    A UDP port that does not log its opening and closing: C{udp.Port}'s
+    C{_bindSocket} and C{connectionLost} without their C{log.msg} (the same
+    in Twisted 22.4 to 26), for ports that never adopt a socket.
+    """
+
+    def _bindSocket(self) -> None:
+        try:
+            skt = self.createInternetSocket()
+            skt.bind((self.interface, self.port))
+        except OSError as e:
+            raise CannotListenError(self.interface, self.port, e) from e
+        self._realPortNumber = skt.getsockname()[1]
+        self.connected = 1
+        self.socket = skt
+        self.fileno = skt.fileno  # type: ignore[method-assign]
+
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        self._realPortNumber = None
+        self.maxThroughput = -1
+        BasePort.connectionLost(self, reason)
+        self.protocol.doStop()
+        self.socket.close()
+        del self.socket
+        del self.fileno
+        if hasattr(self, "d"):
+            self.d.callback(None)
+            del self.d
+
+
+class QuietUDPReactor:
+    """
+    A reactor for C{twisted.names.client.Resolver} whose UDP ports, one a
+    query, log nothing; its timers and TCP connections (answers too big for
+    UDP) are C{reactor}'s. Only what the client uses: C{callLater},
+    C{connectTCP}, C{listenUDP}.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> IDelayedCall:
+        return self._reactor.callLater(delay, callable, *args, **kwargs)
+
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: ClientFactory,
+        timeout: float = 30,
+        bindAddress: Optional[tuple[str, int]] = None,
+    ) -> IConnector:
+        return self._reactor.connectTCP(
+            host, port, factory, timeout=timeout, bindAddress=bindAddress
+        )
+
+    def listenUDP(
+        self,
+        port: int,
+        protocol: AbstractDatagramProtocol,
+        interface: str = "",
+        maxPacketSize: int = 8192,
+    ) -> IListeningPort:
+        """As the reactor's, on a L{_QuietPort}, the protocol not noisy either."""
+        protocol.noisy = False
+        listening = _QuietPort(port, protocol, interface, maxPacketSize, self._reactor)
+        listening.startListening()
+        return listening
 
 
 class MXResolver:

@@ -47,7 +47,7 @@ from dcrouter.mail.delivery import (
 from dcrouter.mail.deliveryclient import SMTPConnectionPool
 from dcrouter.mail.dkimsign import DkimKey, loadKeyFile, publicRecord
 from dcrouter.mail.localaddresses import InterfaceAddresses
-from dcrouter.mail.mxresolver import MXResolver, Myself
+from dcrouter.mail.mxresolver import MXResolver, Myself, QuietUDPReactor
 from dcrouter.mail.policy import DomainPolicy
 from dcrouter.mail.queue import MailQueue
 from dcrouter.mail.sinks import QueueSink
@@ -191,9 +191,10 @@ class MailService(MultiService):
             reactor, settings.hostname, threadpool=threadpool, clock=reactor,
             tlsFactory=lambda name, verify: clientTLS(name, verify=verify),
         )
+        mxResolver = MXResolver(Resolver(resolv=RESOLV_CONF, reactor=QuietUDPReactor(reactor)))
         modes = [
             ForwardMode(self.pool, reactor, threadpool),
-            MtaMode(self.pool, MXResolver(Resolver(resolv=RESOLV_CONF, reactor=reactor)),
+            MtaMode(self.pool, mxResolver,
                     reactor, threadpool, myself=myself(settings, addresses),
                     interfaces=localInterfaces(addresses, reactor, threadpool)),
             LocalMode(os.path.join(stateDir, "mail", "maildir"), reactor, threadpool, reactor,
