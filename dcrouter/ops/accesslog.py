@@ -9,7 +9,8 @@ A record is written for every connection and every HTTP request, so it is
 made as cheaply as it can be: the event is built here, with exactly the keys
 (and key order) that C{accessLog.info(FORMAT, **fields)} would give it, and
 handed straight to the logger's observer, without L{Logger.emit}'s checks
-and copying on every call.
+and copying on every call. The client's address is formatted once per
+connection, not once per request.
 """
 
 from __future__ import annotations
@@ -25,17 +26,9 @@ from dcrouter.interfaces import IConnectionRecord, IRequestRecord, IRoutedConnec
 
 accessLog = Logger(namespace="dcrouter.access")
 _INFO = LogLevel.info
-
-
-def _publish(event: dict[str, Any], format: str) -> None:
-    """What C{accessLog.info(format, **event)} does, for an C{event} we own."""
-    event["log_logger"] = accessLog
-    event["log_level"] = _INFO
-    event["log_namespace"] = accessLog.namespace
-    event["log_source"] = accessLog.source
-    event["log_format"] = format
-    event["log_time"] = time()
-    accessLog.observer(event)
+#: What C{accessLog.info} puts in every event, read once.
+_NAMESPACE = accessLog.namespace
+_SOURCE = accessLog.source
 
 ACCESS_FORMAT = (
     "{client} :{port} sni={sni} route={route} action={action} tls={tls}"
@@ -52,6 +45,10 @@ def formatAddress(address: Optional[IAddress]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: L{ConnectionRecord.clientTextOf} until a client is formatted (C{None} is a client).
+_NOTHING = object()
+
+
 @implementer(IConnectionRecord)
 class ConnectionRecord:
     """What is known of one connection, filled in as it goes."""
@@ -61,6 +58,8 @@ class ConnectionRecord:
         "bytesIn",
         "bytesOut",
         "client",
+        "clientText",
+        "clientTextOf",
         "ended",
         "port",
         "route",
@@ -85,10 +84,25 @@ class ConnectionRecord:
         self.bytesOut = 0
         self.ended: Optional[str] = None
         self.spliced = False
+        #: L{formatAddress} of C{clientTextOf}, the client last formatted.
+        self.clientText = ""
+        self.clientTextOf: object = _NOTHING
+
+    def formattedClient(self, client: Optional[IAddress]) -> str:
+        """
+        L{formatAddress}C{(client)}, made once for the connection's client
+        (that a PROXY header may replace) however many requests it sends.
+        """
+        if client is not self.clientTextOf:
+            self.clientText = formatAddress(client)
+            self.clientTextOf = client
+        return self.clientText
 
     def emit(self, now: float, defaultEnding: str) -> None:
         """Write the record; C{defaultEnding} if nobody said how it ended."""
-        _publish(
+        duration = now - self.started
+        target = self.target
+        accessLog.observer(
             {
                 "client": formatAddress(self.client),
                 "port": self.port,
@@ -96,14 +110,19 @@ class ConnectionRecord:
                 "route": self.route or "-",
                 "action": self.action or "-",
                 "tls": self.tls or "none",
-                "target": "-" if self.target is None else str(self.target),
+                "target": "-" if target is None else str(target),
                 "bytesIn": self.bytesIn,
                 "bytesOut": self.bytesOut,
-                "duration": max(0.0, now - self.started),
+                "duration": duration if duration > 0.0 else 0.0,
                 "ended": self.ended or defaultEnding,
                 "spliced": self.spliced,
-            },
-            ACCESS_FORMAT,
+                "log_logger": accessLog,
+                "log_level": _INFO,
+                "log_namespace": _NAMESPACE,
+                "log_source": _SOURCE,
+                "log_format": ACCESS_FORMAT,
+                "log_time": time(),
+            }
         )
 
 
@@ -132,11 +151,19 @@ class RequestRecord:
     def emit(self, now: float) -> None:
         head = self.head
         connection = self.connection
-        _publish(
+        record = connection.record
+        client = connection.client
+        duration = now - self.started
+        note = self.note
+        accessLog.observer(
             {
                 "kind": "request",
-                "client": formatAddress(connection.client),
-                "port": connection.record.port,
+                "client": (
+                    record.formattedClient(client)
+                    if type(record) is ConnectionRecord
+                    else formatAddress(client)
+                ),
+                "port": record.port,
                 "method": head.method.decode("latin-1"),
                 "host": head.host.decode("latin-1"),
                 "target": head.target[:512].decode("latin-1"),
@@ -145,9 +172,13 @@ class RequestRecord:
                 "bytesOut": self.bytesOut,
                 "route": self.route or "-",
                 "backend": self.target or "-",
-                "duration": max(0.0, now - self.started),
-                "note": f" {self.note}" if self.note else "",
-            },
-            REQUEST_FORMAT,
+                "duration": duration if duration > 0.0 else 0.0,
+                "note": f" {note}" if note else "",
+                "log_logger": accessLog,
+                "log_level": _INFO,
+                "log_namespace": _NAMESPACE,
+                "log_source": _SOURCE,
+                "log_format": REQUEST_FORMAT,
+                "log_time": time(),
+            }
         )
-

@@ -70,20 +70,12 @@ def _compile(template: str) -> Optional[_Fill]:
     return cast(_Fill, scope["fill"])
 
 
-def _eventText(template: str, event: LogEvent) -> Optional[str]:
-    """C{template} filled in from C{event}; C{None} for the slow path."""
-    try:
-        fill = _formats[template]
-    except KeyError:
-        fill = _compile(template)
-        if len(_formats) < _MAX_FORMATS:
-            _formats[template] = fill
-    if fill is None:
-        return None
-    try:
-        return fill(event)
-    except Exception:
-        return None
+def _compiled(template: str) -> Optional[_Fill]:
+    """L{_compile}C{(template)}, remembered (up to L{_MAX_FORMATS} of them)."""
+    fill = _compile(template)
+    if len(_formats) < _MAX_FORMATS:
+        _formats[template] = fill
+    return fill
 
 
 class _Clock:
@@ -126,7 +118,15 @@ def formatClassic(event: LogEvent) -> Optional[str]:
         and "log_flattened" not in event
         and "log_system" not in event
     ):
-        text = _eventText(template, event)
+        try:
+            fill = _formats[template]
+        except KeyError:
+            fill = _compiled(template)
+        if fill is not None:
+            try:
+                text = fill(event)
+            except Exception:
+                text = None
     if text is None:
         return formatEventAsClassicLogText(event, formatTime=_clock)
     if not text:
@@ -134,9 +134,12 @@ def formatClassic(event: LogEvent) -> Optional[str]:
     level = event.get("log_level")
     line = (
         f"{_clock(event.get('log_time'))} [{event.get('log_namespace', '-')}"
-        f"#{'-' if level is None else level.name}] {text}"
+        f"#{'-' if level is None else level.name}] {text}\n"
     )
-    return line.replace("\n", "\n\t") + "\n"
+    if line.find("\n") < len(line) - 1:
+        # Lines after the first are indented (one find is cheaper than replace).
+        line = line[:-1].replace("\n", "\n\t") + "\n"
+    return line
 
 
 def textLogObserver(outFile: IO[Any]) -> FileLogObserver:

@@ -20,6 +20,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from twisted.logger import ILogObserver
 from zope.interface import implementer
 
+from dcrouter.ops.accesslog import accessLog
+
 _ACCESS = "dcrouter.access"
 
 
@@ -38,32 +40,84 @@ def endingKind(ended: str) -> str:
     return "closed"
 
 
+#: How many distinct C{ended} texts L{AccessCounter} remembers the kind of.
+_MAX_ENDINGS = 1024
+
+
 @implementer(ILogObserver)
 class AccessCounter:
-    """A log observer that counts the access records as they are written."""
+    """
+    A log observer that counts the access records as they are written.
+
+    It sees every access record, so it does as little as it can per record:
+    the records of L{dcrouter.ops.accesslog} are counted by their fields as
+    they are (the labels are made at scrape time, by L{counts}), and how a
+    connection ended is classified once per distinct text.
+    """
 
     def __init__(self) -> None:
-        self.connections: Counter[tuple[str, str, str]] = Counter()
+        #: Connections by (port, route, ending kind), the port as written.
+        self.connectionsAt: Counter[tuple[object, str, str]] = Counter()
         self.bytesIn: Counter[str] = Counter()
         self.bytesOut: Counter[str] = Counter()
         self.spliced: Counter[str] = Counter()
-        self.requests: Counter[tuple[str, str]] = Counter()
+        #: HTTP requests by (route, status), the status as written.
+        self.requestsAt: Counter[tuple[str, object]] = Counter()
         self.requestBytes: Counter[str] = Counter()
+        #: L{endingKind} of the C{ended} texts seen.
+        self.endings: dict[str, str] = {}
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event.get("log_namespace") != _ACCESS:
             return
+        if event.get("log_logger") is not accessLog:
+            self.countOther(event)
+            return
+        # One of accesslog's records: every field is there, of its type.
+        route = event["route"]
+        if "kind" in event:
+            self.requestsAt[(route, event["status"])] += 1
+            self.requestBytes[route] += event["bytesOut"]
+            return
+        ended = event["ended"]
+        kind = self.endings.get(ended)
+        if kind is None:
+            kind = endingKind(ended)
+            if len(self.endings) < _MAX_ENDINGS:
+                self.endings[ended] = kind
+        self.connectionsAt[(event["port"], route, kind)] += 1
+        self.bytesIn[route] += event["bytesIn"]
+        self.bytesOut[route] += event["bytesOut"]
+        if event["spliced"]:
+            self.spliced[route] += 1
+
+    def countOther(self, event: dict[str, Any]) -> None:
+        """An access event logged some other way: its fields as they come, or their defaults."""
         route = str(event.get("route", "-"))
         if event.get("kind") == "request":
-            self.requests[(route, str(event.get("status", 0)))] += 1
+            self.requestsAt[(route, str(event.get("status", 0)))] += 1
             self.requestBytes[route] += int(event.get("bytesOut", 0))
             return
         ended = endingKind(str(event.get("ended", "")))
-        self.connections[(str(event.get("port", "")), route, ended)] += 1
+        self.connectionsAt[(str(event.get("port", "")), route, ended)] += 1
         self.bytesIn[route] += int(event.get("bytesIn", 0))
         self.bytesOut[route] += int(event.get("bytesOut", 0))
         if event.get("spliced"):
             self.spliced[route] += 1
+
+    def connections(self) -> Counter[tuple[str, str, str]]:
+        """Connections closed by their labels: (port, route, ending kind)."""
+        counts: Counter[tuple[str, str, str]] = Counter()
+        for (port, route, kind), count in self.connectionsAt.items():
+            counts[(str(port), route, kind)] += count
+        return counts
+
+    def requests(self) -> Counter[tuple[str, str]]:
+        """HTTP requests by their labels: (route, status)."""
+        counts: Counter[tuple[str, str]] = Counter()
+        for (route, status), count in self.requestsAt.items():
+            counts[(route, str(status))] += count
+        return counts
 
 
 class RouterCollector(Collector):
@@ -115,7 +169,7 @@ class RouterCollector(Collector):
             "Connections closed, by listener port, route and how they ended.",
             labels=["port", "route", "ended"],
         )
-        for (port, route, ended), count in sorted(counter.connections.items()):
+        for (port, route, ended), count in sorted(counter.connections().items()):
             closed.add_metric([port, route, ended], count)
         yield closed
         yield _perRoute("dcrouter_bytes_received", "Bytes from clients.", counter.bytesIn)
@@ -129,7 +183,7 @@ class RouterCollector(Collector):
             "dcrouter_http_requests", "HTTP requests, by route and status.",
             labels=["route", "status"],
         )
-        for (route, status), count in sorted(counter.requests.items()):
+        for (route, status), count in sorted(counter.requests().items()):
             requests.add_metric([route, status], count)
         yield requests
         yield _perRoute(

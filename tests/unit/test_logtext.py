@@ -70,6 +70,7 @@ EVENTS = [
     event("{a!x}", a=1),
     event("unclosed {"),
     event("line one\nline two {a}", a="x\ny"),
+    {**event("{a}", a="x"), "log_namespace": "name\nspace"},
     event("{a}", a=None, log_system="legacy-system"),
     event("{a}", a=1, log_time=None),
     {"log_format": "no level, no namespace, no time"},
