@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from l4short import PYTHON, SERVE
+from l4short import PYTHON, SERVE, awaitReady, serveEnvironment
 
 from bench import SMALL_BODY, dcrouter_http_ini, dcrouter_ini, free_ports, nginx_backend_conf
 
@@ -82,13 +82,11 @@ def run(tree: str, d: Path, port: int, load: str, count: int) -> float:
     serve = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", PYTHON, "-c", SERVE,
          str(d / "dcrouter.ini"), str(d / "access.log"), ""],
-        env=dict(os.environ, PYTHONPATH=tree), stdout=subprocess.PIPE,
+        env=serveEnvironment(tree), cwd=d, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:
-        assert serve.stdout is not None
-        if serve.stdout.readline().strip() != "ready":
-            raise SystemExit(f"{tree}: dcrouter did not start")
+        awaitReady(serve, tree)
         work(port, 300)
         subprocess.run(["callgrind_control", "-z", str(serve.pid)], check=True,
                        capture_output=True)  # fmt: skip

@@ -91,6 +91,25 @@ def wrk(port: int, seconds: int) -> int:
     return int(match.group(1))
 
 
+def serveEnvironment(tree: str) -> dict[str, str]:
+    """
+    The environment of SERVE for the build in C{tree}. Run it with the run's
+    folder as its current one: with -c, the current folder comes first on
+    sys.path, and from a source tree its dcrouter would be every build's.
+    """
+    return dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
+
+
+def awaitReady(serve: subprocess.Popen[str], tree: str) -> None:
+    """Wait until SERVE serves; stop if it imported a dcrouter from outside C{tree}."""
+    assert serve.stdout is not None
+    ready, _, where = serve.stdout.readline().strip().partition(" ")
+    if ready != "ready":
+        raise SystemExit(f"{tree}: dcrouter did not start")
+    if not Path(where).is_relative_to(Path(tree).resolve()):
+        raise SystemExit(f"{tree}: ran the dcrouter of {where}, not the tree's")
+
+
 def run(
     tree: str, d: Path, port: int, seconds: int, profile: str, strace: bool
 ) -> tuple[float, str]:
@@ -98,19 +117,11 @@ def run(
     log = d / "access.log"
     serve = subprocess.Popen(
         [PYTHON, "-c", SERVE, str(d / "dcrouter.ini"), str(log), profile],
-        # In the run's folder: with -c the current folder comes first on
-        # sys.path, and from a source tree its dcrouter would be every build.
-        env=dict(os.environ, PYTHONPATH=str(Path(tree).resolve())), cwd=d,
-        stdout=subprocess.PIPE, text=True,
+        env=serveEnvironment(tree), cwd=d, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     tracer = None
     try:
-        assert serve.stdout is not None
-        ready, _, where = serve.stdout.readline().strip().partition(" ")
-        if where and not Path(where).is_relative_to(Path(tree).resolve()):
-            raise SystemExit(f"{tree}: ran the dcrouter of {where}, not the tree's")
-        if ready != "ready":
-            raise SystemExit(f"{tree}: dcrouter did not start")
+        awaitReady(serve, tree)
         wrk(port, 1)
         if strace:
             tracer = subprocess.Popen(
