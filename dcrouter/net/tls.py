@@ -31,6 +31,7 @@ import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
+from operator import methodcaller
 from typing import Any, Optional
 from weakref import WeakKeyDictionary
 
@@ -66,6 +67,7 @@ from dcrouter import files
 from dcrouter.config.model import CertificatePair, TlsSettings
 from dcrouter.net.sending import Flusher, writeThrough
 from dcrouter.net.tlspolicy import DEFAULT_CIPHERS, TLSPolicyError, serverContext
+from dcrouter.net.waits import Waits
 
 __all__ = [
     "DEFAULT_CIPHERS",
@@ -276,6 +278,9 @@ CLOSE_NOTIFY_WAIT = 5.0
 #: (as Twisted's own batching does: memory stays bounded under a fast writer).
 MAX_HELD_PLAINTEXT = 64_000
 
+#: What a connection whose client let L{CLOSE_NOTIFY_WAIT} pass is told.
+_closeTCP = methodcaller("closeTCP")
+
 #: The most plaintext one TLS record carries.
 MAX_RECORD_PLAINTEXT = 2**14
 
@@ -359,8 +364,8 @@ class _ServerTLSProtocol(_TLSProtocol):
     """
 
     factory: _ServerTLSFactory
-    #: Closing: the call that closes TCP if the client stays silent.
-    closeWait: Optional[IDelayedCall] = None
+    #: Closing: where it waits for the client before it closes TCP itself.
+    closeWait: Optional[Waits[_ServerTLSProtocol]] = None
     #: Closing the sending side only: TCP's FIN follows close_notify.
     halfClosing = False
     #: What the application wrote during this turn, not yet encrypted.
@@ -465,9 +470,10 @@ class _ServerTLSProtocol(_TLSProtocol):
         else:
             self.encryptHeld()
         super().loseConnection()
-        clock = self.factory.clock
-        if clock is not None and self.closeWait is None and self.transport is not None:
-            self.closeWait = clock.callLater(CLOSE_NOTIFY_WAIT, self.closeTCP)
+        if self.closeWait is None and self.transport is not None:
+            closeWait = self.closeWait = self.factory.closeWait()
+            if closeWait is not None:
+                closeWait.add(self)
 
     def closesTLSNow(self) -> bool:
         """
@@ -538,14 +544,13 @@ class _ServerTLSProtocol(_TLSProtocol):
             self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closeWait is not None and self.closeWait.active():
-            self.closeWait.reset(CLOSE_NOTIFY_WAIT)
+        if self.closeWait is not None:
+            self.closeWait.add(self)
         super().dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
         if self.closeWait is not None:
-            if self.closeWait.active():
-                self.closeWait.cancel()
+            self.closeWait.remove(self)
             self.closeWait = None
         self.encryptHeld()
         self.transportLost = True
@@ -621,6 +626,20 @@ class _ServerTLSFactory(TLSMemoryBIOFactory):
         #: Where the application's writes wait for the end of the turn; without
         #: a clock, on the global reactor, as in Twisted.
         self.heldWrites = _HeldWrites.of(clock if clock is not None else _defaultReactor())
+        self._closeWait: Optional[Waits[_ServerTLSProtocol]] = None
+
+    def closeWait(self) -> Optional[Waits[_ServerTLSProtocol]]:
+        """
+        Where closing connections wait for their client, L{CLOSE_NOTIFY_WAIT}
+        at most, behind one timer; without a clock they wait for ever, as in
+        Twisted.
+        """
+        if self.clock is None:
+            return None
+        waits = self._closeWait
+        if waits is None or waits.timeout != CLOSE_NOTIFY_WAIT:
+            waits = self._closeWait = Waits(self.clock, CLOSE_NOTIFY_WAIT, _closeTCP)
+        return waits
 
     def registerProtocol(self, p: Any) -> None:
         pass

@@ -958,9 +958,10 @@ def test_nothing_is_written_once_tcp_is_gone(pki: PKI) -> None:
 # -- closing: how long the client may take to answer close_notify -------------------
 
 
-def closing(pki: PKI) -> Wire:
+def closing(pki: PKI, serverTLS: ServerTLS | None = None, clock: Clock | None = None) -> Wire:
     """A connection whose server sent close_notify, which never reached the client."""
-    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    serverTLS = serverTLS or ServerTLS(pki.backend, TlsSettings())
+    w, serverPeer, clientPeer = handshake(serverTLS, trusting(pki.root), clock)
     assertConnected(serverPeer, clientPeer)
     w.server.loseConnection()
     w.clock.advance(0)
@@ -990,12 +991,34 @@ def test_bytes_from_the_client_restart_the_wait(pki: PKI) -> None:
     assert w.serverTransport.disconnecting
 
 
-def test_a_client_that_answers_leaves_no_timer(pki: PKI) -> None:
+def test_a_client_that_answers_waits_no_more(pki: PKI) -> None:
     w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
     w.server.loseConnection()
+    (waits,) = [call.func.__self__ for call in w.clock.getDelayedCalls()]
+    assert w.server in waits
     w.pump()
     assert not w.server.connected
-    assert all(call.func != w.server.closeTCP for call in w.clock.getDelayedCalls())
+    assert w.server not in waits and w.server.closeWait is None
+    w.clock.advance(CLOSE_NOTIFY_WAIT)
+    assert w.clock.getDelayedCalls() == []
+
+
+def test_closing_connections_share_one_timer_and_each_gets_the_whole_wait(pki: PKI) -> None:
+    """
+    The connections of one clock that wait for their clients share one
+    timer (a timer each cost a C{callLater} and a C{cancel} per connection
+    that the server closes), and each still waits its own L{CLOSE_NOTIFY_WAIT}.
+    """
+    serverTLS, clock = ServerTLS(pki.backend, TlsSettings()), Clock()
+    first = closing(pki, serverTLS, clock)
+    clock.advance(1)
+    second = closing(pki, serverTLS, clock)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(CLOSE_NOTIFY_WAIT - 1)
+    assert first.serverTransport.disconnecting and not second.serverTransport.disconnecting
+    clock.advance(1)
+    assert second.serverTransport.disconnecting
+    assert clock.getDelayedCalls() == []
 
 
 class HalfClosingTransport(StringTransport):
