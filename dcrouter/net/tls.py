@@ -28,9 +28,10 @@ import fcntl
 import inspect
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
+from operator import methodcaller
 from typing import Any, Optional
 from weakref import WeakKeyDictionary
 
@@ -66,6 +67,7 @@ from dcrouter import files
 from dcrouter.config.model import CertificatePair, TlsSettings
 from dcrouter.net.sending import Flusher, writeThrough
 from dcrouter.net.tlspolicy import DEFAULT_CIPHERS, TLSPolicyError, serverContext
+from dcrouter.net.waits import Waits
 
 __all__ = [
     "DEFAULT_CIPHERS",
@@ -276,6 +278,24 @@ CLOSE_NOTIFY_WAIT = 5.0
 #: (as Twisted's own batching does: memory stays bounded under a fast writer).
 MAX_HELD_PLAINTEXT = 64_000
 
+# How many bytes a memory BIO holds: C{BIO_get_mem_data(bio, NULL)}, from the
+# OpenSSL bindings that pyOpenSSL uses (cryptography 38 up to the newest have
+# it; C{BIO_ctrl_pending} is gone from the newer ones). A memory BIO that holds
+# nothing can only make C{bio_read} or C{recv} raise C{WantReadError}.
+# None: not there, and not used.
+_bioGetMemData: Optional[Callable[[Any, Any], int]]
+try:
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+
+    _bioGetMemData = _lib.BIO_get_mem_data
+    _NULL = _ffi.NULL
+except (ImportError, AttributeError):  # pragma: no cover - other bindings
+    _bioGetMemData = None
+
+#: What a connection whose client let L{CLOSE_NOTIFY_WAIT} pass is told.
+_closeTCP = methodcaller("closeTCP")
+
 #: The most plaintext one TLS record carries.
 MAX_RECORD_PLAINTEXT = 2**14
 
@@ -359,8 +379,9 @@ class _ServerTLSProtocol(_TLSProtocol):
     """
 
     factory: _ServerTLSFactory
-    #: Closing: the call that closes TCP if the client stays silent.
-    closeWait: Optional[IDelayedCall] = None
+    _tlsConnection: SSL.Connection
+    #: Closing: where it waits for the client before it closes TCP itself.
+    closeWait: Optional[Waits[_ServerTLSProtocol]] = None
     #: Closing the sending side only: TCP's FIN follows close_notify.
     halfClosing = False
     #: What the application wrote during this turn, not yet encrypted.
@@ -373,18 +394,71 @@ class _ServerTLSProtocol(_TLSProtocol):
     sendingHeld = False
     #: In L{loseConnection}: OpenSSL's output waits for close_notify (L{_flushSendBIO}).
     withholding = False
+    #: The memory BIOs of the OpenSSL connection: what the client sent, not
+    #: yet read by OpenSSL, and what OpenSSL wrote, not yet sent (L{_bioGetMemData}).
+    incomingBIO: Any = None
+    outgoingBIO: Any = None
 
     def makeConnection(self, transport: Any) -> None:
         if not self._connectWrapped:
             super().makeConnection(transport)
+            self.findBIOs(self._tlsConnection)
             return
         connection = self.factory.serverCreator.serverConnectionForTLS(self)
         connection.set_accept_state()
         connection.set_app_data(self)
         self._tlsConnection = connection
+        self.findBIOs(connection)
         self._appSendBuffer: list[bytes] = []
         # Provides the transport's interfaces, connects self, then the wrapped protocol.
         ProtocolWrapper.makeConnection(self, transport)
+
+    def findBIOs(self, connection: SSL.Connection) -> None:
+        """
+        Note C{connection}'s memory BIOs, which pyOpenSSL does not publish
+        (L{_bioGetMemData}); without them (another pyOpenSSL) they are not used.
+        """
+        if _bioGetMemData is not None:
+            self.incomingBIO = getattr(connection, "_into_ssl", None)
+            self.outgoingBIO = getattr(connection, "_from_ssl", None)
+
+    def drained(self) -> bool:
+        """
+        Whether C{recv} can only raise C{WantReadError}: OpenSSL has read
+        every byte the client sent (a record cut short included) and has no
+        plaintext left, and TCP is still there (once it is gone the BIO ends
+        in an EOF, which C{recv} reports).
+        """
+        incoming = self.incomingBIO
+        return (
+            incoming is not None
+            and not self.transportLost
+            and not _bioGetMemData(incoming, _NULL)  # type: ignore[misc]
+            and not self._tlsConnection.pending()
+        )
+
+    def _flushReceiveBIO(self) -> None:
+        """
+        Twisted's loop (the same in 22.4 and after): pass up what OpenSSL
+        decrypts until it wants more bytes, then send what it wrote; but
+        without the C{recv} that could only raise C{WantReadError} (an
+        exception per read from the client, ~1 us), once L{drained}.
+        """
+        while not self._lostTLSConnection and not self.drained():
+            try:
+                data = self._tlsConnection.recv(2**15)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                # close_notify: the client's connectionLost gets TCP's reason.
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, data)
+        self._flushSendBIO()
 
     def write(self, data: bytes) -> None:
         """
@@ -465,9 +539,10 @@ class _ServerTLSProtocol(_TLSProtocol):
         else:
             self.encryptHeld()
         super().loseConnection()
-        clock = self.factory.clock
-        if clock is not None and self.closeWait is None and self.transport is not None:
-            self.closeWait = clock.callLater(CLOSE_NOTIFY_WAIT, self.closeTCP)
+        if self.closeWait is None and self.transport is not None:
+            closeWait = self.closeWait = self.factory.closeWait()
+            if closeWait is not None:
+                closeWait.add(self)
 
     def closesTLSNow(self) -> bool:
         """
@@ -538,14 +613,13 @@ class _ServerTLSProtocol(_TLSProtocol):
             self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closeWait is not None and self.closeWait.active():
-            self.closeWait.reset(CLOSE_NOTIFY_WAIT)
+        if self.closeWait is not None:
+            self.closeWait.add(self)
         super().dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
         if self.closeWait is not None:
-            if self.closeWait.active():
-                self.closeWait.cancel()
+            self.closeWait.remove(self)
             self.closeWait = None
         self.encryptHeld()
         self.transportLost = True
@@ -568,6 +642,9 @@ class _ServerTLSProtocol(_TLSProtocol):
         """
         if self.transportLost or self.withholding:
             return
+        outgoing = self.outgoingBIO
+        if outgoing is not None and not _bioGetMemData(outgoing, _NULL):  # type: ignore[misc]
+            return  # bio_read would raise WantReadError
         try:
             data = self._tlsConnection.bio_read(2**15)
         except SSL.WantReadError:
@@ -621,6 +698,20 @@ class _ServerTLSFactory(TLSMemoryBIOFactory):
         #: Where the application's writes wait for the end of the turn; without
         #: a clock, on the global reactor, as in Twisted.
         self.heldWrites = _HeldWrites.of(clock if clock is not None else _defaultReactor())
+        self._closeWait: Optional[Waits[_ServerTLSProtocol]] = None
+
+    def closeWait(self) -> Optional[Waits[_ServerTLSProtocol]]:
+        """
+        Where closing connections wait for their client, L{CLOSE_NOTIFY_WAIT}
+        at most, behind one timer; without a clock they wait for ever, as in
+        Twisted.
+        """
+        if self.clock is None:
+            return None
+        waits = self._closeWait
+        if waits is None or waits.timeout != CLOSE_NOTIFY_WAIT:
+            waits = self._closeWait = Waits(self.clock, CLOSE_NOTIFY_WAIT, _closeTCP)
+        return waits
 
     def registerProtocol(self, p: Any) -> None:
         pass

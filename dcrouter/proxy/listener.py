@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from operator import methodcaller
 from typing import TYPE_CHECKING, Any, Optional
 
 from attrs import define
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
-    IDelayedCall,
     IHalfCloseableProtocol,
     IHandshakeListener,
     IProtocol,
@@ -36,6 +36,7 @@ from dcrouter.net.gate import Gate, IPAddress, clientIP
 from dcrouter.net.proxyprotocol import ProxyHeaderError, ProxyHeaderReader, proxyHeaderVerdict
 from dcrouter.net.tcp import sendWithoutDelay
 from dcrouter.net.tls import wrapServer
+from dcrouter.net.waits import Waits
 from dcrouter.ops.accesslog import ConnectionRecord, formatAddress
 from dcrouter.proxy.clienthello import ClientHelloReader, MalformedHello, NotTLS
 from dcrouter.proxy.routetable import PortTable
@@ -88,6 +89,17 @@ class Router:
         self.accepted = 0
         self.handshakes = 0
         self.handshakeFailures = 0
+        self._waits: dict[float, Waits[RoutingProtocol]] = {}
+
+    def waitsFor(self, timeout: float) -> Waits[RoutingProtocol]:
+        """
+        The connections that wait for a PROXY header, a ClientHello, a TLS
+        handshake or their first bytes with C{timeout}, behind one timer.
+        """
+        waits = self._waits.get(timeout)
+        if waits is None:
+            waits = self._waits[timeout] = Waits(self.reactor, timeout, _timedOut)
+        return waits
 
     def factoryFor(self, port: int) -> ListenerFactory:
         return ListenerFactory(self, port)
@@ -183,6 +195,9 @@ class _CloseAfterHandshake(Protocol):
 
 ACME_TLS_ALPN = b"acme-tls/1"
 
+#: What L{Router.waitsFor}'s waits call for a connection whose wait is over.
+_timedOut = methodcaller("timedOut")
+
 _ACCEPTED, _PROXY, _HELLO, _FIRST, _ROUTED, _CLOSED = range(6)
 
 
@@ -210,7 +225,8 @@ class RoutingProtocol(Protocol):
         self.admitted = False
         self.gateIP: Optional[IPAddress] = None
         self.routeGate: Optional[Gate] = None
-        self.timer: Optional[IDelayedCall] = None
+        #: Where this connection waits for what it waits for (L{startTimer}).
+        self.waits: Optional[Waits[RoutingProtocol]] = None
         self.helloReader: Optional[ClientHelloReader] = None
         self.proxyReader: Optional[ProxyHeaderReader] = None
         self.client: Optional[IAddress] = None
@@ -258,12 +274,14 @@ class RoutingProtocol(Protocol):
 
     def startTimer(self, waitingFor: str) -> None:
         """Give the client C{hello_timeout} for C{waitingFor}; the clock restarts."""
-        self.cancelTimer()
         self.waitingFor = waitingFor
-        self.timer = self.router.reactor.callLater(self.state.helloTimeout, self.timedOut)
+        waits = self.waits
+        if waits is None:
+            waits = self.waits = self.router.waitsFor(self.state.helloTimeout)
+        waits.add(self)
 
     def timedOut(self) -> None:
-        self.timer = None
+        self.waits = None
         self.refuse(
             "timeout", f"no complete {self.waitingFor} within {self.state.helloTimeout:g}s"
         )
@@ -446,7 +464,7 @@ class RoutingProtocol(Protocol):
             return
         if verdict is None:
             self.received = [data]
-            if self.timer is None:
+            if self.waits is None:
                 self.startTimer("first bytes")
             return
         self.deliverFirst(data)
@@ -500,10 +518,9 @@ class RoutingProtocol(Protocol):
         return (self.record.route if self.record is not None else None) or "-"
 
     def cancelTimer(self) -> None:
-        if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
-            self.timer = None
+        if self.waits is not None:
+            self.waits.remove(self)
+            self.waits = None
 
     def readConnectionLost(self) -> None:
         if self.phase == _FIRST and self.received:

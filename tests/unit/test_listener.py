@@ -9,6 +9,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from dcrouter.config.model import Limits, RouteConfig
@@ -379,3 +380,70 @@ def test_a_stalled_client_handshake_times_out_without_starting_the_action(tmp_pa
     assert protocol.record.ended == "refused: no complete TLS handshake within 5s"
     protocol.connectionLost(None)
     assert (router.handshakes, router.handshakeFailures) == (0, 1)
+
+
+def test_connections_waiting_for_a_hello_share_one_timer_and_each_gets_its_whole_timeout():
+    action = CaptureAction()
+    reactor, router = makeRouter([route(action, domains=("a.example.com",))])
+    first, firstTransport = accept(router)
+    reactor.advance(2)
+    second, secondTransport = accept(router)
+    assert len(reactor.getDelayedCalls()) == 1
+    reactor.advance(2.9)
+    assert not firstTransport.disconnecting
+    reactor.advance(0.2)
+    assert firstTransport.disconnecting and not secondTransport.disconnecting
+    assert len(reactor.getDelayedCalls()) == 1
+    reactor.advance(1.8)
+    assert not secondTransport.disconnecting
+    reactor.advance(0.2)
+    assert secondTransport.disconnecting and router.refused["timeout"] == 2
+    assert second.record.ended == "refused: no complete ClientHello within 5s"
+    assert reactor.getDelayedCalls() == []
+
+
+def test_a_connection_done_waiting_is_not_timed_out_by_the_shared_timer():
+    action = CaptureAction()
+    reactor, router = makeRouter([route(action, domains=("a.example.com",))])
+    _, firstTransport = accept(router)
+    reactor.advance(1)
+    second, secondTransport = accept(router)
+    second.dataReceived(clientHello())
+    reactor.advance(10)
+    assert firstTransport.disconnecting and not secondTransport.disconnecting
+    assert router.refused["timeout"] == 1 and len(action.built) == 1
+
+
+def test_the_handshake_gets_a_whole_timeout_of_its_own_after_the_hello(tmp_path):
+    action = CaptureAction()
+    reactor, router = makeRouter([terminatingRoute(action, tmp_path)])
+    protocol, transport = accept(router)
+    client = tlsClient()
+    reactor.advance(3)
+    sendClientHello(client, protocol)
+    reactor.advance(4.9)
+    assert not transport.disconnecting
+    reactor.advance(0.2)
+    assert transport.disconnecting and action.built == []
+    assert protocol.record.ended == "refused: no complete TLS handshake within 5s"
+
+
+def test_a_timeout_that_fails_is_logged_and_the_others_still_time_out():
+    action = CaptureAction()
+    reactor, router = makeRouter([route(action, domains=("a.example.com",))])
+    first, _ = accept(router)
+    second, secondTransport = accept(router)
+
+    def fail():
+        raise RuntimeError("boom")
+
+    first.timedOut = fail
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reactor.advance(5.1)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert secondTransport.disconnecting
+    (logged,) = [e["log_failure"] for e in events if "log_failure" in e]
+    assert logged.check(RuntimeError)

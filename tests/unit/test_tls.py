@@ -958,9 +958,10 @@ def test_nothing_is_written_once_tcp_is_gone(pki: PKI) -> None:
 # -- closing: how long the client may take to answer close_notify -------------------
 
 
-def closing(pki: PKI) -> Wire:
+def closing(pki: PKI, serverTLS: ServerTLS | None = None, clock: Clock | None = None) -> Wire:
     """A connection whose server sent close_notify, which never reached the client."""
-    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    serverTLS = serverTLS or ServerTLS(pki.backend, TlsSettings())
+    w, serverPeer, clientPeer = handshake(serverTLS, trusting(pki.root), clock)
     assertConnected(serverPeer, clientPeer)
     w.server.loseConnection()
     w.clock.advance(0)
@@ -990,12 +991,34 @@ def test_bytes_from_the_client_restart_the_wait(pki: PKI) -> None:
     assert w.serverTransport.disconnecting
 
 
-def test_a_client_that_answers_leaves_no_timer(pki: PKI) -> None:
+def test_a_client_that_answers_waits_no_more(pki: PKI) -> None:
     w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
     w.server.loseConnection()
+    (waits,) = [call.func.__self__ for call in w.clock.getDelayedCalls()]
+    assert w.server in waits
     w.pump()
     assert not w.server.connected
-    assert all(call.func != w.server.closeTCP for call in w.clock.getDelayedCalls())
+    assert w.server not in waits and w.server.closeWait is None
+    w.clock.advance(CLOSE_NOTIFY_WAIT)
+    assert w.clock.getDelayedCalls() == []
+
+
+def test_closing_connections_share_one_timer_and_each_gets_the_whole_wait(pki: PKI) -> None:
+    """
+    The connections of one clock that wait for their clients share one
+    timer (a timer each cost a C{callLater} and a C{cancel} per connection
+    that the server closes), and each still waits its own L{CLOSE_NOTIFY_WAIT}.
+    """
+    serverTLS, clock = ServerTLS(pki.backend, TlsSettings()), Clock()
+    first = closing(pki, serverTLS, clock)
+    clock.advance(1)
+    second = closing(pki, serverTLS, clock)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(CLOSE_NOTIFY_WAIT - 1)
+    assert first.serverTransport.disconnecting and not second.serverTransport.disconnecting
+    clock.advance(1)
+    assert second.serverTransport.disconnecting
+    assert clock.getDelayedCalls() == []
 
 
 class HalfClosingTransport(StringTransport):
@@ -1062,3 +1085,71 @@ def test_closing_after_the_sending_side_closes_tcp(pki: PKI) -> None:
     assert not transport.disconnecting
     w.server.loseConnection()
     assert transport.disconnecting
+
+
+# -- reading: OpenSSL is not asked for bytes it cannot have ---------------------------
+
+
+def countWantRead(connection: SSL.Connection, *names: str) -> list[str]:
+    """Note each C{WantReadError} that C{connection}'s methods C{names} raise."""
+    wants: list[str] = []
+    for name in names:
+
+        def counted(*args: Any, _real: Any = getattr(connection, name), _name: str = name) -> Any:
+            try:
+                return _real(*args)
+            except SSL.WantReadError:
+                wants.append(_name)
+                raise
+
+        setattr(connection, name, counted)
+    return wants
+
+
+def test_reads_and_sends_raise_no_want_read_when_the_bios_are_empty(pki: PKI) -> None:
+    """
+    Once OpenSSL has read every byte the client sent, the server does not
+    call C{recv} again, and it reads OpenSSL's output only when there is
+    some: each of those calls could only raise C{WantReadError} (Twisted
+    makes one or two per read from the client, ~1 us each).
+    """
+    serverPeer, clientPeer = Peer(b"pong"), Peer(b"ping")
+    w = wire(
+        ServerTLS(pki.backend, TlsSettings()), trusting(pki.root), serverPeer, clientPeer,
+        connect=False,
+    )
+    w.server.makeConnection(w.serverTransport)
+    wants = countWantRead(w.server._tlsConnection, "recv", "bio_read")
+    w.client.makeConnection(w.clientTransport)
+    w.pump()
+    assertConnected(serverPeer, clientPeer)
+    for _ in range(3):
+        w.client.write(b"request")
+        w.pump()
+        w.server.write(b"response")
+        w.pump()
+    assert serverPeer.received == b"ping" + b"request" * 3
+    assert clientPeer.received == b"pong" + b"response" * 3
+    assert wants == []
+
+
+def test_records_cut_anywhere_are_read_whole(pki: PKI) -> None:
+    """
+    A record that arrives a byte at a time waits in OpenSSL's buffer while
+    the BIO is empty; its last byte still brings it out, and several records
+    in one read all come out.
+    """
+    w, serverPeer, clientPeer = handshake(ServerTLS(pki.backend, TlsSettings()), trusting(pki.root))
+    for data in (b"a" * 3000, b"b" * 20000, b"c"):
+        w.client.write(data)
+        w.clock.advance(0)
+    records = w.clientTransport.value()
+    w.clientTransport.clear()
+    half = len(records) // 2
+    for i in range(half):
+        w.server.dataReceived(records[i : i + 1])
+    w.server.dataReceived(records[half:])
+    assert serverPeer.received == b"ping" + b"a" * 3000 + b"b" * 20000 + b"c"
+    w.client.loseConnection()
+    w.pump()
+    assert serverPeer.lostReason is not None and serverPeer.lostReason.check(ConnectionDone)
