@@ -9,18 +9,17 @@ import errno
 import os
 import socket
 from collections.abc import Callable
-from typing import Any, Optional
-from weakref import finalize
+from typing import Any, Optional, cast
+from weakref import finalize, proxy
 
 from twisted.internet import posixbase, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import TimeoutError, getConnectError
-from twisted.internet.interfaces import IConnector, IDelayedCall, IListeningPort, IReactorTCP
+from twisted.internet.interfaces import IConnector, IListeningPort, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Factory, ServerFactory
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-log = Logger()
+from dcrouter.net.waits import Waits
 
 
 def sendWithoutDelay(transport: Any) -> None:
@@ -271,76 +270,24 @@ _learnAttributes(
 )  # fmt: skip
 
 
-class _ConnectTimeouts:
-    """
-    The connect timeouts of one reactor's connectors that have the same
-    timeout, behind one timer.
-
-    Twisted gives each connect a timer of its own (C{callLater}): a
-    C{DelayedCall}, pushed into the reactor's heap (compared in Python) and
-    cancelled once the connect is done, the heap rebuilt now and then: 3% of
-    a short forwarded connection's instructions (callgrind). Connects with
-    the same timeout time out in the order they started: here each waits in
-    a dict, in that order, with its deadline, and one timer of the reactor
-    waits for the first deadline. A connect that ends leaves the dict, and
-    the timer stays: when it fires it times out those whose deadline has
-    come and waits for the next one, if any. (The reactor's clock is the
-    wall clock: set back, it makes the connects started since then wait
-    for the earlier ones, late by as much at most.)
-    """
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        #: The connectors that wait, each with its deadline (in that order).
-        self.deadlines: dict[_Connector, float] = {}
-        #: The reactor's timer, set for the first deadline or an earlier one.
-        self.timer: Optional[IDelayedCall] = None
-
-    def add(self, connector: _Connector) -> None:
-        """Time out C{connector}'s connect unless L{remove}d by then."""
-        reactor = connector.reactor
-        deadline = reactor.seconds() + self.timeout
-        self.deadlines[connector] = deadline
-        if self.timer is None:
-            self.timer = reactor.callLater(self.timeout, self.expire, reactor, deadline)
-
-    def remove(self, connector: _Connector) -> None:
-        """C{connector}'s connect is over (or was never added)."""
-        self.deadlines.pop(connector, None)
-
-    def expire(self, reactor: Any, due: float) -> None:
-        """
-        Time out the connects whose deadline has come (the timer's own, at
-        least, which the reactor's clock may round below), then set the timer
-        for the next.
-        """
-        now = max(reactor.seconds(), due)
-        deadlines = self.deadlines
-        while deadlines:
-            connector = next(iter(deadlines))
-            if deadlines[connector] > now:
-                break
-            del deadlines[connector]
-            transport = connector.transport
-            assert transport is not None  # until its connect is over
-            try:
-                transport.failIfNotConnected(TimeoutError())
-            except Exception:
-                log.failure("timing out {connector!r} failed", connector=connector)
-        # Connects added meanwhile found the timer set: the first is set here.
-        self.timer = None
-        if deadlines:
-            first = next(iter(deadlines.values()))
-            self.timer = reactor.callLater(first - now, self.expire, reactor, first)
+def _timeOutConnect(connector: _Connector) -> None:
+    """A connect whose timeout has passed fails, as in Twisted."""
+    transport = connector.transport
+    assert transport is not None  # until its connect is over
+    transport.failIfNotConnected(TimeoutError())
 
 
-#: Each reactor's L{_ConnectTimeouts} by timeout, the reactor by its C{id}
+#: Each reactor's connect timeouts by timeout, the reactor by its C{id}
 #: (a lookup at each connect, four times faster than by a weak reference).
-_everyConnectTimeouts: dict[int, dict[float, _ConnectTimeouts]] = {}
+_everyConnectTimeouts: dict[int, dict[float, Waits[_Connector]]] = {}
 
 
-def _connectTimeouts(reactor: Any, timeout: float) -> _ConnectTimeouts:
-    """The connect timeouts of C{reactor} with C{timeout}."""
+def _connectTimeouts(reactor: Any, timeout: float) -> Waits[_Connector]:
+    """
+    The connect timeouts of C{reactor} with C{timeout}: one timer for all
+    (L{dcrouter.net.waits}), where Twisted gives each connect a timer of its
+    own, 3% of a short forwarded connection's instructions (callgrind).
+    """
     byTimeout = _everyConnectTimeouts.get(id(reactor))
     if byTimeout is None:
         byTimeout = _everyConnectTimeouts[id(reactor)] = {}
@@ -348,21 +295,23 @@ def _connectTimeouts(reactor: Any, timeout: float) -> _ConnectTimeouts:
         finalize(reactor, _everyConnectTimeouts.pop, id(reactor), None)
     timeouts = byTimeout.get(timeout)
     if timeouts is None:
-        timeouts = byTimeout[timeout] = _ConnectTimeouts(timeout)
+        # The reactor by a weak proxy: the waits, held here, do not keep it.
+        clock = cast(IReactorTime, proxy(reactor))
+        timeouts = byTimeout[timeout] = Waits(clock, timeout, _timeOutConnect)
     return timeouts
 
 
 class _Connector(tcp.Connector):
     """
     Twisted's TCP connector, making L{_Client}s, whose connect timeout
-    waits in L{_ConnectTimeouts} rather than in a timer of its own.
+    waits in the reactor's shared L{Waits} rather than in a timer of its own.
     """
 
     #: Where its connect waits for its timeout.
-    connectTimeouts: Optional[_ConnectTimeouts] = None
+    connectTimeouts: Optional[Waits[_Connector]] = None
 
     def connect(self) -> None:
-        """Twisted's C{connect}, with the timeout in L{_ConnectTimeouts}."""
+        """Twisted's C{connect}, with the timeout in the shared L{Waits}."""
         if self.state != "disconnected":
             raise RuntimeError("can't connect in this state")
         self.state = "connecting"

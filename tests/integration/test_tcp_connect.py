@@ -14,7 +14,8 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.task import deferLater
 
-from dcrouter.net.tcp import _Connector, _ConnectTimeouts, _NonBlockingSocket, connectTCP
+from dcrouter.net.tcp import _Connector, _NonBlockingSocket, connectTCP
+from dcrouter.net.waits import Waits
 from tests.helpers import freePort, listen
 
 
@@ -138,7 +139,7 @@ async def test_connects_that_hang_time_out_behind_one_timer():
                 connectTCP(reactor, "127.0.0.1", full.getsockname()[1], factory, 0.2)
             timers = [
                 call for call in reactor.getDelayedCalls()
-                if getattr(call.func, "__func__", None) is _ConnectTimeouts.expire
+                if getattr(call.func, "__func__", None) is Waits.expire
                 and call.func.__self__.timeout == 0.2
             ]
             assert len(timers) == 1
