@@ -68,24 +68,37 @@ _encode = JSONEncoder(skipkeys=True, default=_default).encode
 _INFINITY = float("inf")
 
 
-def _value(value: object) -> str:
-    """C{value} as C{eventAsJSON}'s encoder writes it, for a value not a L{str}."""
+def _float(value: float) -> str:
+    """A float as the encoder writes it (C{NaN} and the infinities its own way)."""
+    return repr(value) if -_INFINITY < value < _INFINITY else _encode(value)
+
+
+def _level(value: object) -> str:
+    """A level as C{eventAsJSON} writes it (other constants its own way)."""
+    return _LEVELS.get(value) or _encode(value)
+
+
+#: How the encoder writes the values of these types (of exactly these).
+_WRITERS: dict[type, Callable[[Any], str]] = {
+    str: _string,
+    int: int.__repr__,
+    float: _float,
+    bool: lambda value: "true" if value else "false",
+    type(None): lambda value: "null",
+    Logger: lambda value: _LOGGER,
+    _LevelType: _level,
+}
+
+
+def _quoted(value: object, text: str) -> str:
+    """
+    C{str(value)}'s JSON, C{value} not a L{str} and written as C{text}: its
+    text in quotes, for a number (a float's C{repr} is its C{str}).
+    """
     kind = type(value)
-    if kind is int:
-        return repr(value)
-    if kind is float and -_INFINITY < value < _INFINITY:  # type: ignore[operator]
-        return repr(value)
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if kind is Logger:
-        return _LOGGER
-    if kind is _LevelType and value in _LEVELS:
-        return _LEVELS[value]
-    return _encode(value)
+    if kind is int or (kind is float and text[-1].isdigit()):
+        return f'"{text}"'
+    return _string(str(value))
 
 
 def _flattenedFields(template: str) -> Optional[list[tuple[str, str, str]]]:
@@ -119,9 +132,9 @@ def _flattenedFields(template: str) -> Optional[list[tuple[str, str, str]]]:
     return fields
 
 
-def _literal(key: str) -> str:
-    """C{key}'s JSON, as literal text of an f-string."""
-    return _string(key).replace("{", "{{").replace("}", "}}")
+def _literal(text: str) -> str:
+    """C{text}'s JSON, as literal text of an f-string."""
+    return _string(text).replace("{", "{{").replace("}", "}}")
 
 
 def _compile(template: str, keys: tuple[str, ...]) -> Optional[_Write]:
@@ -133,19 +146,26 @@ def _compile(template: str, keys: tuple[str, ...]) -> Optional[_Write]:
     fields = _flattenedFields(template)
     if fields is None or not all(type(key) is str for key in keys):
         return None
-    if not fields or "log_flattened" in keys or not {name for _, name, _ in fields} <= set(keys):
+    names = {name for _, name, _ in fields}
+    if not fields or "log_flattened" in keys or not names <= set(keys):
         return None
-    index = {key: n for n, key in enumerate(keys)}
+    # The keys that are fields, with their numbers.
+    index = {key: n for n, key in enumerate(keys) if key in names}
     lines = ["def write(e):"]
     for n, key in enumerate(keys):
         lines.append(f"    v{n} = e[{key!r}]")
-        lines.append(f"    j{n} = S(v{n}) if type(v{n}) is str else V(v{n})")
-    members = [f"{_literal(key)}: {{j{n}}}" for n, key in enumerate(keys)]
+        if key != "log_format" or key in index:
+            lines.append(f"    j{n} = W(type(v{n}), E)(v{n})")
+    # The format is the shape's: written in advance.
+    members = [
+        f"{_literal(key)}: {_literal(template) if key == 'log_format' else f'{{j{n}}}'}"
+        for n, key in enumerate(keys)
+    ]
     flattened = []
     for flatKey, name, conversion in fields:
         n = index[name]
         if conversion == "s":
-            text = f"j{n} if type(v{n}) is str else S(str(v{n}))"
+            text = f"j{n} if type(v{n}) is str else Q(v{n}, j{n})"
         elif conversion == "r":
             text = f"S(repr(v{n}))"
         else:
@@ -154,15 +174,18 @@ def _compile(template: str, keys: tuple[str, ...]) -> Optional[_Write]:
     body = ", ".join([*members, '"log_flattened": {{' + ", ".join(flattened) + "}}"])
     lines.append(f"    return f{'{{' + body + '}}'!r}")
     # The keys are string literals, the rest names: this is the only code.
-    scope: dict[str, Any] = {"S": _string, "V": _value}
+    scope: dict[str, Any] = {"S": _string, "W": _WRITERS.get, "E": _encode, "Q": _quoted}
     exec(compile("\n".join(lines), f"<log format {template[:40]!r}>", "exec"), scope)
     write = cast(_Write, scope["write"])
     # The same as twisted.logger's own, for the Twisted that runs, or not used.
     probe: LogEvent = {key: f"<{n}>" for n, key in enumerate(keys)}
     probe["log_format"] = template
-    if write(dict(probe)) != eventAsJSON(dict(probe)):
-        return None
-    return write
+    try:
+        if write(dict(probe)) == eventAsJSON(dict(probe)):
+            return write
+    except Exception:
+        pass
+    return None
 
 
 def _writer(template: str, keys: tuple[str, ...]) -> Optional[_Write]:

@@ -157,6 +157,7 @@ EVENTS = [
     {**event("{a}", a=1), "key {with} braces": "v", 'key "quoted" \\': "\u00e9", "\u00e9": 1},
     {**event("{a}", a=1), 5: "int key", None: "none key", ("t",): "skipped"},
     event("it's \"quoted\" \\ {a!r} '{b}'", a="q'\"", b="\\"),
+    event("{log_format} {log_format!r} {log_level} {log_logger}"),
 ]
 
 
