@@ -10,7 +10,8 @@ spread per unit, against the tens of microseconds CPU timings swing by).
   client (this script)  ->  one dcrouter process under callgrind  ->  nginx (1 worker, 128 B)
 
 The dcrouter process is bench/l4short.py's (what a worker runs: the workers'
-reactor, access records through textLogObserver and turnWriter), with one
+reactor, access records through the worker's observer, text or with
+--log-format json JSON, and turnWriter), with one
 `[route:bench]`: `action = forward` (l4) or `action = http` (http). After a
 warm-up, callgrind's counters are zeroed, the work is done, and the counters
 are dumped: l4, N connections one after another, each one request with
@@ -19,6 +20,7 @@ request at a time. The builds run in turn, `--rounds` times.
 
   bench/instructions.py l4 /tmp/main /work/wt-x --count 1000
   bench/instructions.py http /tmp/main /work/wt-x --count 2000 --rounds 2
+  bench/instructions.py http /tmp/main /work/wt-x --log-format json
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from l4short import PYTHON, SERVE, awaitReady, serveEnvironment
+from l4short import PYTHON, SERVE, awaitReady, serveEnvironment, withLogFormat
 
 from bench import SMALL_BODY, dcrouter_http_ini, dcrouter_ini, free_ports, nginx_backend_conf
 
@@ -115,6 +117,8 @@ def main() -> int:
     parser.add_argument("trees", nargs="+", help="source trees to compare (put on PYTHONPATH)")
     parser.add_argument("--count", type=int, default=1000, help="connections or requests")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="[dcrouter] log_format of the access records")  # fmt: skip
     args = parser.parse_args()
     unit = "connection" if args.load == "l4" else "request"
     with tempfile.TemporaryDirectory(prefix="instructions-") as tmp:
@@ -128,7 +132,7 @@ def main() -> int:
         (d / "nginx.conf").write_text(nginx_backend_conf(d, [backend], 1, nofile))
         ini = (dcrouter_ini(d, port, backend, workers=1) if args.load == "l4"
                else dcrouter_http_ini(d, port, backend, None, workers=1))  # fmt: skip
-        (d / "dcrouter.ini").write_text(ini)
+        (d / "dcrouter.ini").write_text(withLogFormat(ini, args.log_format))
         nginx = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf")], start_new_session=True)
         try:
             time.sleep(0.5)

@@ -8,7 +8,8 @@ Standard library only; needs nginx and wrk (as bench/run.sh), and strace for
   wrk -t1 -c50 -H 'Connection: close'  ->  one dcrouter process  ->  nginx (1 worker, 128 B)
 
 The dcrouter process is what a worker runs (the workers' reactor, access
-records through textLogObserver and turnWriter, here to a file), serving one
+records through the worker's log observer, text or with --log-format json
+JSON, and turnWriter, here to a file), serving one
 `[route:bench]` with `action = forward` from an ini compiled as at start, in
 one process so that one /proc/PID/stat holds the whole cost. Each build is
 a source tree (a `git archive` of a commit, or a worktree) put first on
@@ -50,13 +51,23 @@ from dcrouter.workers.reactor import install
 reactor = install()
 from twisted.logger import globalLogBeginner
 from dcrouter.compile import checkConfigFile
-from dcrouter.ops.logtext import textLogObserver
 from dcrouter.ops.logwriter import turnWriter
 from dcrouter.service import DcRouter, ProcessRole
+try:
+    from dcrouter.ops.logwriter import logObserver
+except ImportError:  # a build before logObserver: what its worker did
+    from twisted.logger import jsonFileLogObserver
+    from dcrouter.ops.logtext import textLogObserver
+    def logObserver(logFormat, out):
+        if logFormat == "json":
+            return jsonFileLogObserver(out, recordSeparator="")
+        return textLogObserver(out)
 ini, log, profileTo = sys.argv[1:4]
+config = checkConfigFile(ini).config
 globalLogBeginner.beginLoggingTo(
-    [textLogObserver(turnWriter(open(log, "w"), reactor))], redirectStandardIO=False)
-router = DcRouter(checkConfigFile(ini).config, reactor, configPath=ini, role=ProcessRole())
+    [logObserver(config.daemon.log_format, turnWriter(open(log, "w"), reactor))],
+    redirectStandardIO=False)
+router = DcRouter(config, reactor, configPath=ini, role=ProcessRole())
 def start():
     router.privilegedStartService()
     router.startService()
@@ -72,6 +83,11 @@ if profileTo:
 else:
     reactor.run(installSignalHandlers=False)
 """
+
+
+def withLogFormat(ini: str, logFormat: str) -> str:
+    """C{ini} with C{log_format = logFormat} in its C{[dcrouter]} section."""
+    return ini.replace("[dcrouter]\n", f"[dcrouter]\nlog_format = {logFormat}\n", 1)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -161,6 +177,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--profile", default="", help="cProfile the (one) run to this file")
     parser.add_argument("--strace", action="store_true", help="count system calls (strace -c)")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="[dcrouter] log_format of the access records")  # fmt: skip
     args = parser.parse_args()
     if (args.profile or args.strace) and (len(args.trees) > 1 or args.rounds > 1):
         args.rounds, args.trees = 1, args.trees[:1]
@@ -173,7 +191,8 @@ def main() -> int:
         port, backend = free_ports(2)
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         (d / "nginx.conf").write_text(nginx_backend_conf(d, [backend], 1, nofile))
-        (d / "dcrouter.ini").write_text(dcrouter_ini(d, port, backend, workers=1))
+        ini = dcrouter_ini(d, port, backend, workers=1)
+        (d / "dcrouter.ini").write_text(withLogFormat(ini, args.log_format))
         nginx = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf")], start_new_session=True)
         try:
             time.sleep(0.5)

@@ -45,6 +45,7 @@ from dcrouter.dns.service import DNSService
 from dcrouter.mail.service import MailService
 from dcrouter.net.tcp import adoptStreamPort, listenTCP
 from dcrouter.net.tls import ServerTLS, ensureSelfSigned
+from dcrouter.ops import accesslog
 from dcrouter.ops.admin import RecentErrors, adminSite, listenAdminSocket
 from dcrouter.ops.metrics import (
     AccessCounter,
@@ -367,6 +368,8 @@ class DcRouter(MultiService):
         super().startService()
         assert self.compiled is not None
         self.startedAt = self.reactor.seconds()
+        # dcrouter's records come to the counter directly, other access events as logged.
+        accesslog.counters.append(self.accessCounter)
         globalLogPublisher.addObserver(self.accessCounter)
         globalLogPublisher.addObserver(self.recentErrors)
         self.startResources(self.compiled)
@@ -849,6 +852,8 @@ class DcRouter(MultiService):
         return stopped.addCallback(lambda _: None)
 
     def removeObservers(self, result: object) -> None:
+        if self.accessCounter in accesslog.counters:
+            accesslog.counters.remove(self.accessCounter)
         for observer in (self.accessCounter, self.recentErrors):
             try:
                 globalLogPublisher.removeObserver(observer)

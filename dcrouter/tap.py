@@ -13,15 +13,14 @@ import sys
 from typing import IO, Optional
 
 from twisted.application.service import IService, MultiService
-from twisted.logger import ILogObserver, jsonFileLogObserver
+from twisted.logger import ILogObserver
 from twisted.python import usage
 from twisted.python.components import Componentized
 
 from dcrouter.compile import checkConfigFile
 from dcrouter.config.errors import ConfigErrors
 from dcrouter.config.model import RouterConfig
-from dcrouter.ops.logtext import textLogObserver
-from dcrouter.ops.logwriter import turnWriter
+from dcrouter.ops.logwriter import logObserver, turnWriter
 from dcrouter.service import DcRouter, ProcessRole
 
 
@@ -90,14 +89,11 @@ def makeService(options: Options) -> IService:
     assert config is not None
     role = ProcessRole.forWorkers(config.daemon.workerCount())
     router = DcRouter(config, configPath=options["config"], role=role)
-    observer: ILogObserver
-    if config.daemon.log_format == "json":
-        observer = jsonFileLogObserver(_turnWriter(), recordSeparator="")
-    elif textToStandardOutput(getattr(options, "parent", None)):
-        # The same lines as twistd's own observer, made faster (access records).
-        observer = textLogObserver(_turnWriter())
-    else:
+    logFormat = config.daemon.log_format
+    # Text elsewhere than standard output is twistd's own; else the same
+    # lines or records as Twisted's observers write, made faster.
+    if logFormat != "json" and not textToStandardOutput(getattr(options, "parent", None)):
         return router
-    root = _Logging(observer)
+    root = _Logging(logObserver(logFormat, _turnWriter()))
     router.setServiceParent(root)
     return root

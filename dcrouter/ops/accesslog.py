@@ -10,13 +10,14 @@ made as cheaply as it can be: the event is built here, with exactly the keys
 (and key order) that C{accessLog.info(FORMAT, **fields)} would give it, and
 handed straight to the logger's observer, without L{Logger.emit}'s checks
 and copying on every call. The client's address is formatted once per
-connection, not once per request.
+connection, not once per request. The metrics' counters (L{counters}) get
+the fields directly, not through the log publisher.
 """
 
 from __future__ import annotations
 
 from time import time
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger, LogLevel
@@ -29,6 +30,21 @@ _INFO = LogLevel.info
 #: What C{accessLog.info} puts in every event, read once.
 _NAMESPACE = accessLog.namespace
 _SOURCE = accessLog.source
+
+
+
+class RecordCounter(Protocol):
+    """What counts the records (L{dcrouter.ops.metrics.AccessCounter})."""
+
+    def countConnection(
+        self, port: object, route: str, ended: str, bytesIn: int, bytesOut: int, spliced: bool
+    ) -> None: ...
+
+    def countRequest(self, route: str, status: object, bytesOut: int) -> None: ...
+
+
+#: Given every record's fields as it is written (each running router's metrics).
+counters: list[RecordCounter] = []
 
 ACCESS_FORMAT = (
     "{client} :{port} sni={sni} route={route} action={action} tls={tls}"
@@ -102,19 +118,25 @@ class ConnectionRecord:
         """Write the record; C{defaultEnding} if nobody said how it ended."""
         duration = now - self.started
         target = self.target
+        route = self.route or "-"
+        ended = self.ended or defaultEnding
+        for counter in counters:
+            counter.countConnection(
+                self.port, route, ended, self.bytesIn, self.bytesOut, self.spliced
+            )
         accessLog.observer(
             {
                 "client": formatAddress(self.client),
                 "port": self.port,
                 "sni": self.sni or "-",
-                "route": self.route or "-",
+                "route": route,
                 "action": self.action or "-",
                 "tls": self.tls or "none",
                 "target": "-" if target is None else str(target),
                 "bytesIn": self.bytesIn,
                 "bytesOut": self.bytesOut,
                 "duration": duration if duration > 0.0 else 0.0,
-                "ended": self.ended or defaultEnding,
+                "ended": ended,
                 "spliced": self.spliced,
                 "log_logger": accessLog,
                 "log_level": _INFO,
@@ -155,6 +177,10 @@ class RequestRecord:
         client = connection.client
         duration = now - self.started
         note = self.note
+        route = self.route or "-"
+        status = self.status or 0
+        for counter in counters:
+            counter.countRequest(route, status, self.bytesOut)
         accessLog.observer(
             {
                 "kind": "request",
@@ -168,9 +194,9 @@ class RequestRecord:
                 "host": head.host.decode("latin-1"),
                 "target": head.target[:512].decode("latin-1"),
                 "version": head.version.decode("latin-1"),
-                "status": self.status or 0,
+                "status": status,
                 "bytesOut": self.bytesOut,
-                "route": self.route or "-",
+                "route": route,
                 "backend": self.target or "-",
                 "duration": duration if duration > 0.0 else 0.0,
                 "note": f" {note}" if note else "",

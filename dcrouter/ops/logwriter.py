@@ -20,6 +20,11 @@ from __future__ import annotations
 from typing import IO, Any, Optional, cast
 
 from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import FileLogObserver
+
+from dcrouter.config.model import LogFormat
+from dcrouter.ops.logjson import jsonLogObserver
+from dcrouter.ops.logtext import textLogObserver
 
 #: The most bytes one write carries, unless one line is longer (PIPE_BUF).
 BATCH_BYTES = 4096
@@ -80,3 +85,14 @@ class TurnWriter:
 def turnWriter(out: IO[str], reactor: Any) -> IO[str]:
     """A L{TurnWriter} over C{out}, typed as the file the log observers take."""
     return cast(IO[str], TurnWriter(out, reactor))
+
+
+def logObserver(logFormat: LogFormat, out: IO[str]) -> FileLogObserver:
+    """
+    The observer writing the log to C{out} in C{logFormat} (C{[dcrouter]
+    log_format}): twistd's text lines, or JSON objects one a line as
+    C{jsonFileLogObserver(out, recordSeparator="")} writes them.
+    """
+    if logFormat == "json":
+        return jsonLogObserver(out, recordSeparator="")
+    return textLogObserver(out)

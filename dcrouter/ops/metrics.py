@@ -1,8 +1,8 @@
 """
 Prometheus metrics, gathered without touching the byte path.
 
-Two sources: the access records the router already writes (a log observer
-counts them: connections by route and how they ended, bytes, spliced
+Two sources: the access records the router already writes (counted as they
+are written: connections by route and how they ended, bytes, spliced
 connections, HTTP requests by status, TLS handshake failures), and the live
 state read at scrape time (open connections, refusals by reason, targets'
 health). Nothing is counted twice and the hot paths pay nothing more than
@@ -47,77 +47,108 @@ _MAX_ENDINGS = 1024
 @implementer(ILogObserver)
 class AccessCounter:
     """
-    A log observer that counts the access records as they are written.
+    Counts the access records as they are written.
 
     It sees every access record, so it does as little as it can per record:
-    the records of L{dcrouter.ops.accesslog} are counted by their fields as
-    they are (the labels are made at scrape time, by L{counts}), and how a
-    connection ended is classified once per distinct text.
+    the records of L{dcrouter.ops.accesslog} come straight from them (a
+    router adds it to L{accesslog.counters}), their fields as arguments,
+    not through the log publisher; as a log observer it counts the access
+    events logged some other way. The figures of one (port, route, ending)
+    or (route, status) are kept together; the labels, the sums per route
+    are made at scrape time. How a connection ended is classified once per
+    distinct text.
     """
 
     def __init__(self) -> None:
-        #: Connections by (port, route, ending kind), the port as written.
-        self.connectionsAt: Counter[tuple[object, str, str]] = Counter()
-        self.bytesIn: Counter[str] = Counter()
-        self.bytesOut: Counter[str] = Counter()
-        self.spliced: Counter[str] = Counter()
-        #: HTTP requests by (route, status), the status as written.
-        self.requestsAt: Counter[tuple[str, object]] = Counter()
-        self.requestBytes: Counter[str] = Counter()
+        #: By (port as written, route, ending kind): connections, bytes in, bytes out, spliced.
+        self.connectionsAt: dict[tuple[object, str, str], list[int]] = {}
+        #: By (route, status as written): HTTP requests, response bytes.
+        self.requestsAt: dict[tuple[str, object], list[int]] = {}
         #: L{endingKind} of the C{ended} texts seen.
         self.endings: dict[str, str] = {}
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        if event.get("log_namespace") != _ACCESS:
-            return
-        if event.get("log_logger") is not accessLog:
-            self.countOther(event)
-            return
-        # One of accesslog's records: every field is there, of its type.
-        route = event["route"]
-        if "kind" in event:
-            self.requestsAt[(route, event["status"])] += 1
-            self.requestBytes[route] += event["bytesOut"]
-            return
-        ended = event["ended"]
+    def countConnection(
+        self, port: object, route: str, ended: str, bytesIn: int, bytesOut: int, spliced: bool
+    ) -> None:
+        """One connection closed (its record's fields)."""
         kind = self.endings.get(ended)
         if kind is None:
             kind = endingKind(ended)
             if len(self.endings) < _MAX_ENDINGS:
                 self.endings[ended] = kind
-        self.connectionsAt[(event["port"], route, kind)] += 1
-        self.bytesIn[route] += event["bytesIn"]
-        self.bytesOut[route] += event["bytesOut"]
-        if event["spliced"]:
-            self.spliced[route] += 1
+        key = (port, route, kind)
+        counts = self.connectionsAt.get(key)
+        if counts is None:
+            counts = self.connectionsAt[key] = [0, 0, 0, 0]
+        counts[0] += 1
+        counts[1] += bytesIn
+        counts[2] += bytesOut
+        if spliced:
+            counts[3] += 1
 
-    def countOther(self, event: dict[str, Any]) -> None:
+    def countRequest(self, route: str, status: object, bytesOut: int) -> None:
+        """One HTTP request answered (its record's fields)."""
+        key = (route, status)
+        counts = self.requestsAt.get(key)
+        if counts is None:
+            counts = self.requestsAt[key] = [0, 0]
+        counts[0] += 1
+        counts[1] += bytesOut
+
+    def __call__(self, event: dict[str, Any]) -> None:
         """An access event logged some other way: its fields as they come, or their defaults."""
+        if event.get("log_namespace") != _ACCESS or event.get("log_logger") is accessLog:
+            return
         route = str(event.get("route", "-"))
         if event.get("kind") == "request":
-            self.requestsAt[(route, str(event.get("status", 0)))] += 1
-            self.requestBytes[route] += int(event.get("bytesOut", 0))
+            self.countRequest(route, str(event.get("status", 0)), int(event.get("bytesOut", 0)))
             return
-        ended = endingKind(str(event.get("ended", "")))
-        self.connectionsAt[(str(event.get("port", "")), route, ended)] += 1
-        self.bytesIn[route] += int(event.get("bytesIn", 0))
-        self.bytesOut[route] += int(event.get("bytesOut", 0))
-        if event.get("spliced"):
-            self.spliced[route] += 1
+        self.countConnection(
+            str(event.get("port", "")), route, str(event.get("ended", "")),
+            int(event.get("bytesIn", 0)), int(event.get("bytesOut", 0)),
+            bool(event.get("spliced")),
+        )  # fmt: skip
 
     def connections(self) -> Counter[tuple[str, str, str]]:
         """Connections closed by their labels: (port, route, ending kind)."""
         counts: Counter[tuple[str, str, str]] = Counter()
-        for (port, route, kind), count in self.connectionsAt.items():
-            counts[(str(port), route, kind)] += count
+        for (port, route, kind), figures in self.connectionsAt.items():
+            counts[(str(port), route, kind)] += figures[0]
         return counts
 
     def requests(self) -> Counter[tuple[str, str]]:
         """HTTP requests by their labels: (route, status)."""
         counts: Counter[tuple[str, str]] = Counter()
-        for (route, status), count in self.requestsAt.items():
-            counts[(route, str(status))] += count
+        for (route, status), figures in self.requestsAt.items():
+            counts[(route, str(status))] += figures[0]
         return counts
+
+    def bytesIn(self) -> Counter[str]:
+        """Bytes from clients, by route."""
+        return _sumByRoute(self.connectionsAt, 1)
+
+    def bytesOut(self) -> Counter[str]:
+        """Bytes to clients, by route."""
+        return _sumByRoute(self.connectionsAt, 2)
+
+    def spliced(self) -> Counter[str]:
+        """Spliced connections, by route (the routes with some)."""
+        return +_sumByRoute(self.connectionsAt, 3)
+
+    def requestBytes(self) -> Counter[str]:
+        """HTTP response body bytes, by route."""
+        counts: Counter[str] = Counter()
+        for (route, _), figures in self.requestsAt.items():
+            counts[route] += figures[1]
+        return counts
+
+
+def _sumByRoute(connectionsAt: dict[tuple[object, str, str], list[int]], n: int) -> Counter[str]:
+    """Figure C{n} of L{AccessCounter.connectionsAt}, summed by route."""
+    counts: Counter[str] = Counter()
+    for (_, route, _), figures in connectionsAt.items():
+        counts[route] += figures[n]
+    return counts
 
 
 class RouterCollector(Collector):
@@ -172,12 +203,12 @@ class RouterCollector(Collector):
         for (port, route, ended), count in sorted(counter.connections().items()):
             closed.add_metric([port, route, ended], count)
         yield closed
-        yield _perRoute("dcrouter_bytes_received", "Bytes from clients.", counter.bytesIn)
-        yield _perRoute("dcrouter_bytes_sent", "Bytes to clients.", counter.bytesOut)
+        yield _perRoute("dcrouter_bytes_received", "Bytes from clients.", counter.bytesIn())
+        yield _perRoute("dcrouter_bytes_sent", "Bytes to clients.", counter.bytesOut())
         yield _perRoute(
             "dcrouter_connections_spliced",
             "Connections whose bytes moved by splice(2), zero-copy, by route.",
-            counter.spliced,
+            counter.spliced(),
         )
         requests = CounterMetricFamily(
             "dcrouter_http_requests", "HTTP requests, by route and status.",
@@ -187,7 +218,7 @@ class RouterCollector(Collector):
             requests.add_metric([route, status], count)
         yield requests
         yield _perRoute(
-            "dcrouter_http_response_bytes", "HTTP response body bytes.", counter.requestBytes
+            "dcrouter_http_response_bytes", "HTTP response body bytes.", counter.requestBytes()
         )
         yield from _health(pools(compiled))
 

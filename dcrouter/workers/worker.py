@@ -31,14 +31,13 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.internet.stdio import StandardIO
-from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.logger import Logger, globalLogBeginner
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.model import RouterConfig
-from dcrouter.ops.logtext import textLogObserver
-from dcrouter.ops.logwriter import turnWriter
+from dcrouter.ops.logwriter import logObserver, turnWriter
 from dcrouter.workers.pool import REPORT_FD, parseListenSpec, readConfigMessage
 
 log = Logger()
@@ -184,11 +183,7 @@ def main(argv: list[str]) -> int:
     except EOFError as e:
         print(f"dcrouter worker {args.index}: {e}", file=sys.stderr)
         return 1
-    out = turnWriter(sys.stdout, reactor)
-    if config.daemon.log_format == "json":
-        observer = jsonFileLogObserver(out, recordSeparator="")
-    else:
-        observer = textLogObserver(out)
+    observer = logObserver(config.daemon.log_format, turnWriter(sys.stdout, reactor))
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     role = ProcessRole(
         "worker", index=args.index, count=args.count, inherited=parseListenSpec(args.listen)

@@ -24,6 +24,7 @@ from dcrouter.config.model import (
     RouteConfig,
     RouterConfig,
 )
+from dcrouter.ops import accesslog
 from dcrouter.ops.admin import adminSite, listenAdminSocket
 from dcrouter.ops.metrics import registryFor
 from dcrouter.service import DcRouter
@@ -87,8 +88,11 @@ async def test_metrics_count_connections_requests_and_refusals():
         assert state["connections"]["accepted"] >= 3
         status, page = await fetch(admin, b"/")
         assert status == 200 and b"<title>dcrouter</title>" in page
+        # The records came to the counter directly (not twice through the log).
+        assert accesslog.counters.count(service.accessCounter) == 1
     finally:
         await service.stopService()
+    assert service.accessCounter not in accesslog.counters
 
 
 @pytest_twisted.ensureDeferred

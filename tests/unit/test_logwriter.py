@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, LogPublisher
+import io
+import json
 
-from dcrouter.ops.logtext import textLogObserver
-from dcrouter.ops.logwriter import BATCH_BYTES, TurnWriter, turnWriter
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, LogPublisher, jsonFileLogObserver
+
+from dcrouter.ops.logtext import formatClassic, textLogObserver
+from dcrouter.ops.logwriter import BATCH_BYTES, TurnWriter, logObserver, turnWriter
 
 
 class Out:
@@ -122,3 +125,19 @@ def test_a_log_observer_writes_its_events_through_it():
     reactor.advance(0)
     [text] = out.writes
     assert text.count("\n") == 2 and "record 0" in text and "record 1" in text
+
+
+def test_the_observer_of_each_log_format():
+    """text: twistd's lines; json: one JSON object a line, as jsonFileLogObserver(RS="")."""
+    record = {"log_format": "record {n}", "n": 1, "log_level": LogLevel.info,
+              "log_namespace": "dcrouter.access", "log_time": 0.0}  # fmt: skip
+    written = {}
+    for logFormat in ("text", "json"):
+        out = Out()
+        logObserver(logFormat, out)(dict(record))  # type: ignore[arg-type]
+        written[logFormat] = "".join(out.writes)
+    theirs = io.StringIO()
+    jsonFileLogObserver(theirs, recordSeparator="")(dict(record))
+    assert written["json"] == theirs.getvalue()
+    assert json.loads(written["json"])["n"] == 1
+    assert written["text"] == formatClassic(dict(record))

@@ -47,7 +47,8 @@ def test_no_mail_no_smtp_metrics():
 def accessExposition() -> str:
     """
     The access metrics of a fixed set of records: the connection and request
-    records as dcrouter writes them, and access events logged otherwise.
+    records as dcrouter writes them (given to the counter, and published
+    too: counted once), and access events logged otherwise.
     """
     counter = AccessCounter()
     publisher = LogPublisher(counter)
@@ -57,6 +58,7 @@ def accessExposition() -> str:
                "upstream failed: y", "idle timeout", "aborted: z", "upstream closed"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(accesslog.accessLog, "observer", publisher)
+        patch.setattr(accesslog, "counters", [counter])
         for n, ended in enumerate(endings * 3):
             record = ConnectionRecord(0.0, client if n % 2 else None, 443 if n % 3 else 80)
             record.route = ("a", "b", None)[n % 3]
