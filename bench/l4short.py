@@ -8,8 +8,8 @@ Standard library only; needs nginx and wrk (as bench/run.sh), and strace for
   wrk -t1 -c50 -H 'Connection: close'  ->  one dcrouter process  ->  nginx (1 worker, 128 B)
 
 The dcrouter process is what a worker runs (the workers' reactor, access
-records through the worker's log observer, text or with --log-format json
-JSON, and turnWriter, here to a file), serving one
+records through the worker's log observer, text or, with `--log-format
+json`, JSON, and turnWriter, here to a file), serving one
 `[route:bench]` with `action = forward` from an ini compiled as at start, in
 one process so that one /proc/PID/stat holds the whole cost. Each build is
 a source tree (a `git archive` of a commit, or a worktree) put first on
