@@ -11,9 +11,10 @@ spread per unit, against the tens of microseconds CPU timings swing by).
 
 The dcrouter process is bench/l4short.py's (what a worker runs: the workers'
 reactor, access records through the worker's log observer, text or, with
-`--log-format json`, JSON, and turnWriter), with one `[route:bench]`: `action = forward` (l4) or `action = http` (http). After a
-warm-up, callgrind's counters are zeroed, the work is done, and the counters
-are dumped: l4, N connections one after another, each one request with
+`--log-format json`, JSON, and turnWriter), with one `[route:bench]`:
+`action = forward` (l4) or `action = http` (http). After a warm-up,
+callgrind's counters are zeroed, the work is done, and the counters are
+dumped: l4, N connections one after another, each one request with
 `Connection: close`; http, N requests over 10 kept-alive connections, one
 request at a time. The builds run in turn, `--rounds` times.
 
