@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
 import signal
 import socket
 import subprocess
@@ -37,9 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from l4short import PYTHON, SERVE, awaitReady, serveEnvironment, withLogFormat
+from l4short import PYTHON, SERVE, awaitReady, prepareRun, serveEnvironment, withLogFormat
 
-from bench import SMALL_BODY, dcrouter_http_ini, dcrouter_ini, free_ports, nginx_backend_conf
+from bench import dcrouter_http_ini, dcrouter_ini
 
 REQUEST = b"GET /small.txt HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 
@@ -123,13 +122,7 @@ def main() -> int:
     unit = "connection" if args.load == "l4" else "request"
     with tempfile.TemporaryDirectory(prefix="instructions-") as tmp:
         d = Path(tmp)
-        d.chmod(0o755)  # nginx's worker serves from it as another user
-        (d / "www").mkdir()
-        (d / "tmp").mkdir()
-        (d / "www" / "small.txt").write_bytes(SMALL_BODY)
-        port, backend = free_ports(2)
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        (d / "nginx.conf").write_text(nginx_backend_conf(d, [backend], 1, nofile))
+        port, backend = prepareRun(d)
         ini = (dcrouter_ini(d, port, backend, workers=1) if args.load == "l4"
                else dcrouter_http_ini(d, port, backend, None, workers=1))  # fmt: skip
         (d / "dcrouter.ini").write_text(withLogFormat(ini, args.log_format))

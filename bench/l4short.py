@@ -107,6 +107,21 @@ def wrk(port: int, seconds: int) -> int:
     return int(match.group(1))
 
 
+def prepareRun(d: Path) -> tuple[int, int]:
+    """
+    The run's folder C{d}: the backend nginx's configuration and its
+    128-byte file; the free ports for dcrouter and the backend.
+    """
+    d.chmod(0o755)  # nginx's worker serves from it as another user
+    (d / "www").mkdir()
+    (d / "tmp").mkdir()
+    (d / "www" / "small.txt").write_bytes(SMALL_BODY)
+    port, backend = free_ports(2)
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    (d / "nginx.conf").write_text(nginx_backend_conf(d, [backend], 1, nofile))
+    return port, backend
+
+
 def serveEnvironment(tree: str) -> dict[str, str]:
     """
     The environment of SERVE for the build in C{tree}. Run it with the run's
@@ -184,13 +199,7 @@ def main() -> int:
         args.rounds, args.trees = 1, args.trees[:1]
     with tempfile.TemporaryDirectory(prefix="l4short-") as tmp:
         d = Path(tmp)
-        d.chmod(0o755)  # nginx's worker serves from it as another user
-        (d / "www").mkdir()
-        (d / "tmp").mkdir()
-        (d / "www" / "small.txt").write_bytes(SMALL_BODY)
-        port, backend = free_ports(2)
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        (d / "nginx.conf").write_text(nginx_backend_conf(d, [backend], 1, nofile))
+        port, backend = prepareRun(d)
         ini = dcrouter_ini(d, port, backend, workers=1)
         (d / "dcrouter.ini").write_text(withLogFormat(ini, args.log_format))
         nginx = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf")], start_new_session=True)
