@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import (
     LogLevel,
     LogPublisher,
@@ -18,10 +17,8 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
-from dcrouter.http.wire import RequestHeadParser
-from dcrouter.ops import accesslog
-from dcrouter.ops.accesslog import ConnectionRecord, RequestRecord
 from dcrouter.ops.logtext import formatClassic, textLogObserver
+from tests.unit.test_logjson import writeRecords
 
 
 def twistedLine(event: dict[str, Any]) -> str | None:
@@ -102,33 +99,18 @@ def test_timestampsEverySecond() -> None:
 
 
 def test_accessRecordsWrittenAsTwistedWrites(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Connection and request records: the same lines through either observer."""
+    """
+    Connection and request records (test_logjson's set: odd characters,
+    cut targets, IPv6 and UNIX clients): the same lines through either observer.
+    """
     ours, theirs = io.StringIO(), io.StringIO()
     events: list[dict[str, Any]] = []
     publisher = LogPublisher(textLogObserver(ours), textFileLogObserver(theirs), events.append)
-    monkeypatch.setattr(accesslog.accessLog, "observer", publisher)
-
-    record = ConnectionRecord(10.0, IPv6Address("TCP", "::1", 4000), 443)
-    record.sni, record.route, record.action, record.tls = "a.example", "r", "forward", "terminate"
-    record.bytesIn, record.bytesOut = 12, 345
-    record.emit(11.5, "client closed")
-    ConnectionRecord(10.0, None, 80).emit(9.0, "refused: no route")
-
-    head = RequestHeadParser().feed(b"GET /x?y=\xff HTTP/1.1\r\nHost: Example.COM:8080\r\n\r\n")
-
-    class Connection:
-        client = IPv4Address("TCP", "10.1.2.3", 5555)
-        record = ConnectionRecord(0.0, client, 8080)
-
-    request = RequestRecord(1.0, Connection(), head)  # type: ignore[arg-type]
-    request.status, request.bytesOut, request.route, request.target = 502, 7, "web", "b:80"
-    request.note = "bad response"
-    request.emit(1.25)
-    RequestRecord(1.0, Connection(), head).emit(1.0)  # type: ignore[arg-type]
+    writeRecords(monkeypatch, publisher)
 
     assert ours.getvalue() == theirs.getvalue()
-    assert len(ours.getvalue().splitlines()) == 4
-    assert "[dcrouter.access#info] [::1]:4000 :443 sni=a.example route=r" in ours.getvalue()
+    assert len(events) == 6
+    assert "[dcrouter.access#info] [2001:db8::1]:4000 :443 sni=a.example route=r" in ours.getvalue()
 
 
 @pytest.mark.parametrize(
