@@ -84,7 +84,7 @@ from dcrouter.net.gate import clientIP
 from dcrouter.net.idle import IdleSweep
 from dcrouter.net.proxyprotocol import encodeV1, encodeV2, sslTLV
 from dcrouter.net.sending import Flusher
-from dcrouter.net.tcp import connectTCP, sendWithoutDelay
+from dcrouter.net.tcp import connectTCP, sendWithoutDelay, shutDownOnClose
 from dcrouter.net.tls import clientFactory, halfCloseable
 from dcrouter.proxy.pool import Target, TargetPool
 from dcrouter.proxy.splice import SplicePump, spliceAvailable
@@ -537,6 +537,9 @@ class ForwardProtocol(Protocol):
             return
         self.pump = pump
         self.record.spliced = True
+        # The pump holds duplicates of their descriptors until it stops.
+        shutDownOnClose(client)
+        shutDownOnClose(out)
         pump.start()
 
     def spliceEnded(self, failed: Optional[int]) -> None:

@@ -236,8 +236,12 @@ async def test_auto_splices_a_kept_alive_connection_at_its_second_answer(
     await pingPong(client)
     (connection,) = service.router.connections
     assert connection.inner.pump is None
+    transports = (connection.inner.transport, connection.inner.upstream.transport)
+    assert [t._shouldShutdown for t in transports] == [False, False]  # close(2) alone
     await pingPong(client)
     await until(lambda: connection.inner.pump is not None, "the pump to start")
+    # The pump duplicated their descriptors: a close then shuts the socket down first.
+    assert [t._shouldShutdown for t in transports] == [True, True]
     client.transport.write(b"pong" * 1000)
     await client.waitFor(2 * 4 + 4000)
     assert client.text == b"ping" * 2 + b"pong" * 1000

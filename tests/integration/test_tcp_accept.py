@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -10,8 +11,15 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactor
 
-from dcrouter.net.tcp import _Port, _Server, adoptStreamPort, listenTCP, sendWithoutDelay
-from tests.helpers import connect
+from dcrouter.net.tcp import (
+    _Port,
+    _Server,
+    adoptStreamPort,
+    listenTCP,
+    sendWithoutDelay,
+    shutDownOnClose,
+)
+from tests.helpers import Recorder, connect
 
 
 class Accepting(protocol.ServerFactory):
@@ -165,3 +173,68 @@ def test_other_reactors_get_the_call_as_it_is():
     factory = Accepting()
     listenTCP(memory, 8443, factory, 50, "127.0.0.1")
     assert memory.tcpServers == [(8443, factory, 50, "127.0.0.1")]
+
+
+class RecordingSocket:
+    """A transport's socket, recording its C{send} and C{shutdown} calls."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._sock, name)
+        if name not in ("send", "shutdown"):
+            return attr
+
+        def recorded(*args):
+            self.calls.append((name, args))
+            return attr(*args)
+
+        return recorded
+
+
+async def acceptRecorded(listening, factory: Accepting):
+    """An accepted transport whose socket records; the test's client, which sees its close."""
+    client = Recorder()
+    factory.clients.append(await connect(listening.getHost().port, client))
+    transport = await factory.accepted
+    recording = transport.socket = RecordingSocket(transport.socket)
+    return transport, recording, client
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_closes_without_an_empty_send_or_a_shutdown(accepting):
+    listening, factory = accepting
+    transport, recording, client = await acceptRecorded(listening, factory)
+    transport.write(b"last words")
+    transport.loseConnection()
+    assert await client.closed == b"last words"  # its FIN after the bytes
+    assert [name for name, _ in recording.calls] == ["send"]
+    assert recording.calls[0][1][0] == b"last words"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_half_close_shuts_the_write_side_without_an_empty_send(accepting):
+    listening, factory = accepting
+    transport, recording, client = await acceptRecorded(listening, factory)
+    transport.loseWriteConnection()
+    assert await client.closed == b""
+    assert recording.calls == [("shutdown", (socket.SHUT_WR,))]
+    transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_socket_with_a_duplicate_is_shut_down_before_it_closes(accepting):
+    # What the splice pump's duplicate needs: close alone would leave the
+    # connection open while the duplicate lives, and send no FIN.
+    listening, factory = accepting
+    transport, recording, client = await acceptRecorded(listening, factory)
+    duplicate = os.dup(transport.fileno())
+    try:
+        shutDownOnClose(transport)
+        transport.loseConnection()
+        assert await client.closed == b""
+        assert recording.calls == [("shutdown", (socket.SHUT_RDWR,))]
+    finally:
+        os.close(duplicate)
