@@ -33,7 +33,7 @@ _EMAIL_KEYS = (
     "hostname", "ports", "internal_ports", "submission_ports", "submissions_ports",
     "max_size", "max_recipients", "auth", "users",
     "default_mode", "default_server", "default_tls", "domains",
-    "dkim_selector", "dkim_key", "dkim_domain",
+    "dkim_selector", "dkim_key", "dkim_domain", "proxy_interfaces",
 )
 _RULE_KEYS = ("mode", "target", "tls", "dkim_selector", "dkim_key", "dkim_domain", "text")
 
@@ -80,6 +80,10 @@ class EmailSettings:
         the rules' own domains); others only from authenticated users.
     @ivar users: C{name:hash} entries for C{auth = static}.
     @ivar dkim: the key of the default rule (mail no rule matches).
+    @ivar proxy_interfaces: addresses other servers reach this one at
+        through a proxy or NAT (a load balancer's, a public address
+        forwarded here): an MX host at one of them is this server, for the
+        MX loop check (Postfix's C{proxy_interfaces}).
     """
 
     hostname: str
@@ -95,6 +99,7 @@ class EmailSettings:
     default_tls: str = "opportunistic"
     domains: tuple[str, ...] = ()
     dkim: Optional[Dkim] = None
+    proxy_interfaces: tuple[str, ...] = ()
     rules: tuple[EmailRule, ...] = ()
     #: Where each key was written, for errors found on the floor above.
     keySources: Mapping[str, Source] = field(factory=dict, eq=False)
@@ -218,6 +223,7 @@ def _email(section: Any, rules: tuple[EmailRule, ...], errors: ErrorCollector) -
                              "opportunistic"),
         domains=keys.get("domains", values.parseDomains, ()),
         dkim=_dkim(keys),
+        proxy_interfaces=keys.get("proxy_interfaces", values.parseAddresses, ()),
         rules=rules,
         keySources={key: value.source for key, value in section.values.items()},
     )

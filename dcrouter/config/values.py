@@ -71,6 +71,17 @@ def parseNetworks(text: str) -> tuple[IPNetwork, ...]:
     return tuple(parseNetwork(item) for item in splitList(text))
 
 
+def parseAddresses(text: str) -> tuple[str, ...]:
+    """IP addresses (no blocks, no names), as Python writes them, without repeats."""
+    addresses: list[str] = []
+    for item in splitList(text):
+        try:
+            addresses.append(str(ip_address(item)))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address") from None
+    return tuple(dict.fromkeys(addresses))
+
+
 def normalizeDomain(name: str) -> str:
     """
     Lower-case, no trailing dot; IDNA names become their A-label form.

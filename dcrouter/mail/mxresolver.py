@@ -68,9 +68,18 @@ IPAddress = Union[IPv4Address, IPv6Address]
 
 
 def _addresses(texts: Iterable[Union[str, IPAddress]]) -> frozenset[IPAddress]:
-    """IP addresses (or their text); a wildcard (C{0.0.0.0}, C{::}) is left out, not a host."""
-    parsed = (ip_address(text) for text in texts)
-    return frozenset(address for address in parsed if not address.is_unspecified)
+    """
+    IP addresses (or their text), IPv4-mapped ones as IPv4 (as L{Myself.isMe}
+    compares them); a wildcard (C{0.0.0.0}, C{::}) is left out, not a host.
+    """
+    addresses: set[IPAddress] = set()
+    for text in texts:
+        address = ip_address(text)
+        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if not address.is_unspecified:
+            addresses.add(address)
+    return frozenset(addresses)
 
 
 def _names(names: Iterable[str]) -> frozenset[str]:

@@ -142,10 +142,15 @@ def acceptedRecipients(settings: EmailSettings) -> DomainPolicy:
 def myself(settings: EmailSettings, addresses: Sequence[str]) -> Myself:
     """
     This server for the MX loop check: its hostname, the addresses its
-    mail ports are bound to (a wildcard: see L{localInterfaces}), its
-    public mail ports.
+    mail ports are bound to (a wildcard: see L{localInterfaces}) and
+    those it is reached at through a proxy or NAT (C{proxy_interfaces}),
+    its public mail ports.
     """
-    return Myself(names={settings.hostname}, addresses=addresses, ports=settings.ports)
+    return Myself(
+        names={settings.hostname},
+        addresses=(*addresses, *settings.proxy_interfaces),
+        ports=settings.ports,
+    )
 
 
 def localInterfaces(

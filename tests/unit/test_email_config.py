@@ -1,4 +1,4 @@
-"""C{[email]} and C{[email.rule:*]} DKIM keys, as the INI file gives them."""
+"""C{[email]} and C{[email.rule:*]} DKIM keys and proxy interfaces, as the INI file gives them."""
 
 from __future__ import annotations
 
@@ -51,3 +51,17 @@ def test_an_incomplete_key_is_an_error_with_its_line(
     report = errors(tmp_path, EMAIL + keys)
     assert f"dcrouter.ini:{line}: [email] {error}" in report
 
+
+
+def test_proxy_interfaces_are_addresses_written_once(tmp_path: Path) -> None:
+    config = load(tmp_path, EMAIL + "proxy_interfaces = 203.0.113.5, 2001:DB8::5,\n  203.0.113.5\n")
+    assert config.email.proxy_interfaces == ("203.0.113.5", "2001:db8::5")
+    assert load(tmp_path, EMAIL).email.proxy_interfaces == ()
+
+
+@pytest.mark.parametrize("value", ["mx.example.test", "203.0.113.0/24", "203.0.113.5:25"])
+def test_a_proxy_interface_that_is_not_an_address_is_an_error_with_its_line(
+    tmp_path: Path, value: str
+) -> None:
+    report = errors(tmp_path, EMAIL + f"proxy_interfaces = 192.0.2.1, {value}\n")
+    assert f"dcrouter.ini:4: [email] proxy_interfaces: {value!r} is not an IP address" in report

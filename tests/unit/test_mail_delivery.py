@@ -1123,6 +1123,21 @@ def test_the_mail_service_knows_itself_by_hostname_bind_address_and_mail_ports()
     assert not me.isMe(MXHost("mx.me.example", 10, ("198.51.100.1",)), 2525)
 
 
+def test_the_addresses_it_is_reached_at_through_a_proxy_or_nat_are_its_own():
+    # Postfix's proxy_interfaces: a public address forwarded to this server.
+    settings = EmailSettings(
+        hostname="mx.me.example", proxy_interfaces=("203.0.113.5", "::ffff:203.0.113.6")
+    )
+    me = myself(settings, ("10.0.0.5",))
+    assert me.isMe(MXHost("mx.r.example", 10, ("203.0.113.5",)), 25)
+    assert me.isMe(MXHost("mx.r.example", 10, ("203.0.113.6",)), 25)
+    assert me.isMe(MXHost("mx.r.example", 10, ("10.0.0.5",)), 25)
+    assert not me.isMe(MXHost("mx.r.example", 10, ("203.0.113.7",)), 25)
+    assert not myself(EmailSettings(hostname="mx.me.example"), ("10.0.0.5",)).isMe(
+        MXHost("mx.r.example", 10, ("203.0.113.5",)), 25
+    )
+
+
 def test_mta_mode_bounces_a_domain_that_does_not_exist():
     pool = SMTPConnectionPool(
         SyncReactor(), "client.test", threadpool=SyncPool(), clock=task.Clock()
