@@ -36,6 +36,7 @@ the sections it reads are only duck-typed (C{name}, C{source}, C{values}).
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable, Iterable, Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -78,6 +79,7 @@ RECORD_TYPES: dict[str, str] = {
 _DNS_KEYS = (
     "listen",
     "allow_transfer",
+    "transfer_keys",
     "notify",
     "tcp_idle_timeout",
     "max_tcp_connections",
@@ -90,6 +92,57 @@ _ZONE_KEYS = (
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _CAA_TAG = re.compile(r"^[A-Za-z0-9]{1,15}$")
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9_+-]+$")
+
+
+#: The TSIG algorithms C{transfer_keys} takes (RFC 8945 6: hmac-md5 is not).
+TSIG_ALGORITHMS = ("hmac-sha1", "hmac-sha224", "hmac-sha256", "hmac-sha384", "hmac-sha512")
+
+
+@frozen
+class TsigKey:
+    """
+    One TSIG key (RFC 8945): its name as the secondaries name it (lower
+    case, no final dot), its algorithm, its shared secret.
+    """
+
+    name: str
+    algorithm: str
+    secret: bytes = field(repr=False)
+
+
+def parseTsigKey(text: str) -> TsigKey:
+    """
+    C{ALGORITHM:NAME:SECRET} as dig's C{-y} takes it (the secret in base64),
+    e.g. C{hmac-sha256:xfr.example.com:c2VjcmV0...}.
+    """
+    algorithm, _, rest = text.strip().partition(":")
+    name, _, secret = rest.partition(":")
+    algorithm = algorithm.lower()
+    if algorithm not in TSIG_ALGORITHMS:
+        raise ValueError(
+            f"{algorithm!r} is not a TSIG algorithm ({', '.join(TSIG_ALGORITHMS)});"
+            " write ALGORITHM:NAME:SECRET"
+        )
+    name = name.strip().lower().rstrip(".")
+    labels = name.split(".")
+    if not name or len(name) > _MAX_NAME or not all(_LABEL.match(label) for label in labels):
+        raise ValueError(f"{name!r} is not a key name; write ALGORITHM:NAME:SECRET")
+    try:
+        decoded = base64.b64decode(secret.strip(), validate=True)
+    except ValueError:
+        decoded = b""
+    if not decoded:
+        raise ValueError(f"the secret of key {name!r} is not base64; write ALGORITHM:NAME:SECRET")
+    return TsigKey(name, algorithm, decoded)
+
+
+def parseTsigKeys(text: str) -> tuple[TsigKey, ...]:
+    keys = tuple(parseTsigKey(item) for item in values.splitList(text))
+    names = [key.name for key in keys]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"key {name!r} is given twice")
+    return keys
 
 
 @frozen
@@ -169,6 +222,9 @@ class DnsSettings:
         is off (zones are still checked, and the record API still works).
     @ivar allow_transfer: who may transfer a zone (AXFR/IXFR, over TCP only);
         empty: nobody.
+    @ivar transfer_keys: TSIG keys (RFC 8945); if any, a zone transfer must
+        also be signed with one of them, and its answer is signed. A query
+        signed with one gets a signed answer too.
     @ivar notify: the secondaries sent a DNS NOTIFY (RFC 1996) of every zone
         whose serial changes, so that they transfer it at once rather than
         at their SOA refresh (NSD's C{notify}, BIND's C{also-notify}); the
@@ -188,6 +244,7 @@ class DnsSettings:
     listen: tuple[HostPort, ...] = ()
     zones: tuple[DnsZone, ...] = ()
     allow_transfer: tuple[IPNetwork, ...] = ()
+    transfer_keys: tuple[TsigKey, ...] = ()
     notify: tuple[HostPort, ...] = ()
     tcp_idle_timeout: float = 10.0
     max_tcp_connections: int = 256
@@ -810,6 +867,7 @@ def parseDnsSections(
         listen=base.listen,
         zones=tuple(kept),
         allow_transfer=base.allow_transfer,
+        transfer_keys=base.transfer_keys,
         notify=base.notify,
         tcp_idle_timeout=base.tcp_idle_timeout,
         max_tcp_connections=base.max_tcp_connections,
@@ -825,6 +883,7 @@ def _parseServer(keys: _Section) -> DnsSettings:
     settings = DnsSettings(
         listen=keys.get("listen", parseListen, ()),
         allow_transfer=keys.get("allow_transfer", values.parseNetworks, ()),
+        transfer_keys=keys.get("transfer_keys", parseTsigKeys, ()),
         notify=keys.get("notify", parseNotify, ()),
         tcp_idle_timeout=keys.get("tcp_idle_timeout", _timeout, default.tcp_idle_timeout),
         max_tcp_connections=keys.get(
@@ -836,6 +895,12 @@ def _parseServer(keys: _Section) -> DnsSettings:
     )
     for problem in notifyProblems(settings.notify, settings.listen):
         keys.error("notify", problem)
+    if settings.transfer_keys and not settings.allow_transfer:
+        keys.error(
+            "transfer_keys",
+            "keys without allow_transfer let nobody transfer (allow_transfer ="
+            " 0.0.0.0/0, ::/0 lets any holder of a key)",
+        )
     return settings
 
 

@@ -13,7 +13,9 @@ answer in the middle of a record. Here:
     once per source and period, not once per packet;
   - an opcode other than QUERY gets NOTIMP; EDNS version > 0, BADVERS;
   - a name in none of the zones gets REFUSED (RA is never set);
-  - AXFR and IXFR only over TCP, only to C{allow_transfer};
+  - AXFR and IXFR only over TCP, only to C{allow_transfer} and, if there
+    are C{transfer_keys}, only signed with one (TSIG, L{dcrouter.dns.tsig});
+    a signed request gets a signed answer, a bad signature NOTAUTH;
   - ANY over UDP gets the one synthesized HINFO of RFC 8482 (over TCP, all);
   - a UDP answer fits the client's EDNS size (512 without EDNS) and our
     C{max_udp_size}: additional records are dropped first, then the answer
@@ -42,6 +44,7 @@ from zope.interface import implementer
 
 from dcrouter.config.dns import DnsSettings
 from dcrouter.dns.records import encodedSize
+from dcrouter.dns.tsig import NOTAUTH, TSIG, Signer, findSignature
 from dcrouter.dns.wire import HEADER_SIZE, checkMessage, errorReply, readName
 from dcrouter.dns.zone import Zone, ZoneSet
 
@@ -51,12 +54,12 @@ IPAddress = Union[IPv4Address, IPv6Address]
 Address = Optional[tuple[str, int]]
 
 BADVERS = 16
-NOTAUTH = 9
 OPT_TYPE = 41
 UDP_DEFAULT = 512  # RFC 1035: a UDP answer without EDNS
 TCP_LIMIT = 65535
 TRANSFER_CHUNK = 16000  # bytes of records in one AXFR message
 _META_TYPES = range(128, 255)  # TKEY, TSIG, MAILA, MAILB, ...: not ours to answer
+TSIG_ERRORS = {16: "BADSIG", 17: "BADKEY", 18: "BADTIME"}
 
 SEND, DROP, SLIP = 0, 1, 2
 
@@ -274,6 +277,12 @@ class TCPServerProtocol(dns.DNSProtocol):
         pass
 
 
+class Message(dns._EDNSMessage):
+    """A request, with the signer of its answer if it was signed (TSIG)."""
+
+    signer: Optional[Signer] = None
+
+
 class DNSServerFactory(server.DNSServerFactory):
     """
     Answers queries from a L{ZoneSet}, for UDP and TCP protocols alike.
@@ -301,6 +310,7 @@ class DNSServerFactory(server.DNSServerFactory):
     def configure(self, settings: DnsSettings) -> None:
         """Serve under new settings; the rate limiter keeps its state if its rate is the same."""
         self.settings = settings
+        self.transferKeys = {key.name: key for key in settings.transfer_keys}
         rate = settings.rate_limit
         if rate is None:
             self.rateLimiter = None
@@ -345,17 +355,42 @@ class DNSServerFactory(server.DNSServerFactory):
             self.count("responses_dropped")
             return
         problem = checkMessage(data)
-        message = dns._EDNSMessage()
+        message = Message()
         if problem is None:
             try:
                 message.fromStr(data)
+                if any(header.type == TSIG for header in message.additional):
+                    message.signer = self.signer(data, message, proto, address)
             except Exception as e:
                 problem = f"undecodable: {e.__class__.__name__}: {e}"
         if problem is not None:
             self.malformed(proto, address, problem)
             self.send(proto, errorReply(data, dns.EFORMAT), address, dns.EFORMAT)
             return
+        if message.signer is not None and not message.signer.verified:
+            self.reply(message, proto, address, NOTAUTH)
+            return
         self.messageReceived(message, proto, address)
+
+    def signer(self, data: bytes, message: Message, proto: Any, address: Address) -> Signer:
+        """
+        The signer of the answer to a signed C{message}, which has checked
+        its signature; the TSIG record leaves the message.
+
+        @raise ValueError: the TSIG record is not the last, or malformed.
+        """
+        signature = findSignature(data)
+        assert signature is not None
+        message.additional = [header for header in message.additional if header.type != TSIG]
+        signer = Signer(data, signature, self.transferKeys, self.reactor.seconds())
+        if not signer.verified:
+            self.count("tsig_refused")
+            source = self.sourceOf(proto, address)
+            if self.problems.shouldLog(source):
+                log.warn("DNS: TSIG of a message from {source} refused: {error} (key {key})",
+                         source=source, error=TSIG_ERRORS[signer.error],
+                         key=signature.keyName)  # fmt: skip
+        return signer
 
     def malformed(self, proto: Any, address: Address, problem: str) -> None:
         self.count("malformed")
@@ -447,11 +482,16 @@ class DNSServerFactory(server.DNSServerFactory):
             return
         host = self.sourceOf(protocol, address)
         ip = clientAddress(host)
+        refused = None
         if ip is None or not any(ip in network for network in self.settings.allow_transfer):
+            refused = "not in allow_transfer"
+        elif self.transferKeys and message.signer is None:
+            refused = "not signed with one of transfer_keys"
+        if refused is not None:
             self.count("transfer_refused")
             if self.problems.shouldLog(host):
-                log.info("DNS: zone transfer of {zone} refused to {client} (not in allow_transfer)",
-                         zone=zone.config.name, client=host)
+                log.info("DNS: zone transfer of {zone} refused to {client} ({why})",
+                         zone=zone.config.name, client=host, why=refused)
             self.reply(message, protocol, address, dns.EREFUSED)
             return
         if query.type == dns.IXFR and self.upToDate(message, zone):
@@ -508,7 +548,12 @@ class DNSServerFactory(server.DNSServerFactory):
             limit = min(max(UDP_DEFAULT, message.maxSize), self.settings.max_udp_size)
         else:
             limit = UDP_DEFAULT
-        self.send(protocol, self.encode(response, limit), address, rcode)
+        signer = getattr(message, "signer", None)
+        if signer is None:
+            self.send(protocol, self.encode(response, limit), address, rcode)
+            return
+        data = signer.sign(self.encode(response, limit - signer.recordSize()))
+        self.send(protocol, data, address, rcode)
 
     def sendReply(self, protocol: Any, message: Any, address: Address) -> None:
         """twisted.names' entry point, for a ready response message."""

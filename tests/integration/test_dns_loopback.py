@@ -10,6 +10,7 @@ the server they ask runs in this process.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
-from dcrouter.config.dns import parseDnsSections
+from dcrouter.config.dns import parseDnsSections, parseTsigKey
 from dcrouter.config.errors import ErrorCollector
 from dcrouter.config.ini import readIni
 from dcrouter.config.model import HostPort
@@ -211,6 +212,50 @@ async def test_zone_transfer_to_allow_transfer_and_published_records(tmp_path):
         service.removeRecord(None, "_acme-challenge.www.example.test", "TXT")
         gone = await dig(port, "_acme-challenge.www.example.test", "TXT")
         assert "status: NXDOMAIN" in gone
+    finally:
+        await service.stopService()
+
+
+TSIG_KEY = "hmac-sha256:xfr.example.test:" + base64.b64encode(b"k" * 32).decode()
+MANY = "\n".join(f'    txt{i} TXT "{i:03d}{"t" * 100}"' for i in range(300))
+
+
+@needsDig
+@pytest_twisted.ensureDeferred
+async def test_a_zone_transfer_signed_with_a_transfer_key_is_signed_back(tmp_path):
+    service = startServer(
+        tmp_path, extra=MANY, allow_transfer=(ip_network("127.0.0.1/32"),),
+        transfer_keys=(parseTsigKey(TSIG_KEY),),
+    )  # fmt: skip
+    port = portOf(service)
+    try:
+        axfr = await dig(port, "-y", TSIG_KEY, "example.test", "AXFR")
+        lines = [line for line in axfr.splitlines() if line and not line.startswith(";")]
+        signatures = [line for line in lines if "\tTSIG\t" in line]
+        assert len(lines) - len(signatures) == 16 + 300, axfr
+        messages = int(re.search(r"XFR size: \d+ records \(messages (\d+)", axfr).group(1))
+        # Each message signed (dig checks each MAC, chained to the one before).
+        assert messages > 1 and len(signatures) == messages, axfr
+        assert all(" NOERROR " in line for line in signatures), axfr
+        assert "failure" not in axfr.lower() and "Transfer failed" not in axfr, axfr
+
+        unsigned = await dig(port, "example.test", "AXFR")
+        assert "Transfer failed" in unsigned
+        wrongSecret = "hmac-sha256:xfr.example.test:" + base64.b64encode(b"x" * 32).decode()
+        badsig = await dig(port, "-y", wrongSecret, "example.test", "AXFR")
+        assert "\tTSIG\t" in badsig and " BADSIG " in badsig, badsig  # unsigned, the error
+        assert "Transfer failed" in badsig and "\tSOA\t" not in badsig, badsig
+
+        signedQuery = await dig(port, "-y", TSIG_KEY, "www.example.test", "A")
+        assert "status: NOERROR" in signedQuery and "192.0.2.10" in signedQuery
+        assert "TSIG PSEUDOSECTION" in signedQuery, signedQuery
+        assert "failure" not in signedQuery.lower(), signedQuery
+        unknownKey = await dig(
+            port, "-y", "hmac-sha256:nobody.example.test:" + base64.b64encode(b"k" * 32).decode(),
+            "www.example.test", "A",
+        )  # fmt: skip
+        assert "status: NOTAUTH" in unknownKey, unknownKey
+        assert "BADKEY" in unknownKey, unknownKey
     finally:
         await service.stopService()
 

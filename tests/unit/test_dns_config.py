@@ -19,6 +19,7 @@ from dcrouter.config.dns import (
     DnsRecord,
     DnsSettings,
     DnsZone,
+    TsigKey,
     notifySource,
     parseDnsSections,
     parseRecordLine,
@@ -117,13 +118,47 @@ def test_zones_without_dns_section_are_checked_but_not_served():
         ("notify = [2001:db8::53]:0", "notify: '0' is not a port (1-65535)"),
         ("notify = 2001:db8::53", "notify: '2001:db8::53': write IPv6 targets as [address]:port"),
         ("notify =", "notify: no value given"),
+        ("allow_transfer = 0.0.0.0/0\ntransfer_keys = hmac-md5:k:c2VjcmV0",
+         "transfer_keys: 'hmac-md5' is not a TSIG algorithm (hmac-sha1, hmac-sha224,"),
+        ("allow_transfer = 0.0.0.0/0\ntransfer_keys = hmac-sha256:bad name:c2VjcmV0",
+         "transfer_keys: 'bad name' is not a key name"),
+        ("allow_transfer = 0.0.0.0/0\ntransfer_keys = hmac-sha256:k:not base64!",
+         "transfer_keys: the secret of key 'k' is not base64"),
+        ("allow_transfer = 0.0.0.0/0\ntransfer_keys = hmac-sha256:k",
+         "transfer_keys: the secret of key 'k' is not base64"),
+        ("allow_transfer = 0.0.0.0/0\n"
+         "transfer_keys = hmac-sha256:k:c2VjcmV0, hmac-sha512:K.:c2VjcmV0",
+         "transfer_keys: key 'k' is given twice"),
     ],
 )
 def test_bad_server_keys(line, message):
     settings, errors = parse(f"[dns]\n{line}\n")
     assert len(errors) == 1
-    assert errors[0].startswith(f"dns.ini:2: [dns] {message}")
+    assert errors[0].startswith(f"dns.ini:{1 + line.count(chr(10)) + 1}: [dns] {message}")
     assert settings is not None
+
+
+def test_transfer_keys_as_dig_takes_them():
+    settings, errors = parse("""
+        [dns]
+        allow_transfer = 192.0.2.53/32
+        transfer_keys = hmac-sha256:XFR.Example.COM.:c2VjcmV0LWtleQ==,
+            HMAC-SHA512:second:b3RoZXI=
+    """)
+    assert errors == []
+    assert settings.transfer_keys == (
+        TsigKey("xfr.example.com", "hmac-sha256", b"secret-key"),
+        TsigKey("second", "hmac-sha512", b"other"),
+    )
+    assert "secret" not in repr(settings.transfer_keys)
+
+
+def test_transfer_keys_without_allow_transfer_are_an_error():
+    settings, errors = parse("[dns]\ntransfer_keys = hmac-sha256:k:c2VjcmV0\n")
+    assert errors == [
+        "dns.ini:2: [dns] transfer_keys: keys without allow_transfer let nobody transfer"
+        " (allow_transfer = 0.0.0.0/0, ::/0 lets any holder of a key)"
+    ]
 
 
 def test_notify_targets_default_to_port_53_and_are_normalized():

@@ -1,0 +1,250 @@
+"""
+TSIG (RFC 8945): zone transfers signed with a shared secret.
+
+A secondary that holds one of C{[dns] transfer_keys} signs its request; the
+server checks the signature and the time, and signs every message of its
+answer, each MAC chained to the one before (so a transfer cannot be cut,
+reordered or spliced). twisted.names knows the record type but neither
+signs nor checks, so the bytes are handled here: the TSIG record is found
+in the request as it came, the MAC computed over the request without it,
+and the answer signed after twisted.names encoded it.
+
+Only full-length MACs (no truncation, RFC 8945 5.2.2.1), and the HMAC
+algorithms of RFC 8945 6 that are still recommended or allowed
+(hmac-sha1 and up; hmac-md5 is not taken).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from io import BytesIO
+from typing import Optional
+
+from attrs import frozen
+from twisted.names import dns
+
+from dcrouter.config.dns import TsigKey
+from dcrouter.dns.wire import HEADER_SIZE, readName
+
+TSIG = 250
+ANY_CLASS = 255
+#: Seconds a signature's time may be off ours, either way (RFC 8945 10: 300).
+FUDGE = 300
+
+#: TSIG error codes (RFC 8945 5.2): in the TSIG record; the RCODE says NOTAUTH.
+BADSIG = 16
+BADKEY = 17
+BADTIME = 18
+NOTAUTH = 9
+
+#: The hash of each algorithm C{[dns] transfer_keys} takes.
+ALGORITHMS = {
+    "hmac-sha1": hashlib.sha1,
+    "hmac-sha224": hashlib.sha224,
+    "hmac-sha256": hashlib.sha256,
+    "hmac-sha384": hashlib.sha384,
+    "hmac-sha512": hashlib.sha512,
+}
+
+_FIXED = struct.Struct("!HHIH")  # type, class, TTL, RDLENGTH
+
+
+def _wireName(name: str) -> bytes:
+    """A name in canonical wire form: lower case, uncompressed."""
+    labels = [label for label in name.lower().rstrip(".").split(".") if label]
+    return b"".join(bytes([len(label)]) + label.encode("ascii") for label in labels) + b"\0"
+
+
+def _mac(key: TsigKey, data: bytes) -> bytes:
+    return hmac.new(key.secret, data, ALGORITHMS[key.algorithm]).digest()
+
+
+@frozen
+class Signature:
+    """The TSIG record of a request, as it came, and where it starts."""
+
+    start: int
+    keyName: str
+    algorithm: str
+    timeSigned: int
+    fudge: int
+    mac: bytes
+    originalID: int
+    error: int
+    other: bytes
+
+
+def findSignature(data: bytes) -> Optional[Signature]:
+    """
+    The TSIG record of a message that C{wire.checkMessage} found well
+    formed, if its last record is one; C{None} if it has none.
+
+    @raise ValueError: the TSIG record is not the last one, or its data
+        does not read as a TSIG record.
+    """
+    qd, an, ns, ar = struct.unpack_from("!HHHH", data, 4)
+    position = HEADER_SIZE
+    for _ in range(qd):
+        position = readName(data, position) + 4
+    last = position
+    types = []
+    for _ in range(an + ns + ar):
+        last = position
+        position = readName(data, position)
+        rtype, _, _, length = _FIXED.unpack_from(data, position)
+        types.append(rtype)
+        position += _FIXED.size + length
+    if TSIG not in types:
+        return None
+    if types[-1] != TSIG or types.count(TSIG) > 1 or not ar:
+        raise ValueError("a TSIG record that is not the last record")
+    stream = BytesIO(data)
+    stream.seek(last)
+    owner = dns.Name()
+    owner.decode(stream)
+    stream.seek(_FIXED.size, 1)
+    algorithm = dns.Name()
+    algorithm.decode(stream)
+    fixed = stream.read(10)
+    if len(fixed) < 10:
+        raise ValueError("a TSIG record cut short")
+    high, low, fudge, macSize = struct.unpack("!HIHH", fixed)
+    mac = stream.read(macSize)
+    rest = stream.read(6)
+    if len(mac) < macSize or len(rest) < 6:
+        raise ValueError("a TSIG record cut short")
+    originalID, error, otherSize = struct.unpack("!HHH", rest)
+    other = stream.read(otherSize)
+    if len(other) < otherSize or stream.tell() != position:
+        raise ValueError("a TSIG record whose length does not add up")
+    return Signature(
+        start=last,
+        keyName=owner.name.decode("ascii", "replace").lower().rstrip("."),
+        algorithm=algorithm.name.decode("ascii", "replace").lower().rstrip("."),
+        timeSigned=(high << 32) | low,
+        fudge=fudge,
+        mac=mac,
+        originalID=originalID,
+        error=error,
+        other=other,
+    )
+
+
+def _unsigned(data: bytes, signature: Signature) -> bytes:
+    """The request as it was signed: without its TSIG record, with its original ID."""
+    arCount = struct.unpack_from("!H", data, 10)[0]
+    return (
+        struct.pack("!H", signature.originalID)
+        + data[2:10]
+        + struct.pack("!H", arCount - 1)
+        + data[HEADER_SIZE : signature.start]
+    )
+
+
+def _variables(key: TsigKey, timeSigned: int, fudge: int, error: int, other: bytes) -> bytes:
+    """The TSIG variables a MAC covers (RFC 8945 4.3.3)."""
+    return (
+        _wireName(key.name)
+        + struct.pack("!HI", ANY_CLASS, 0)
+        + _wireName(key.algorithm)
+        + struct.pack("!HIH", timeSigned >> 32, timeSigned & 0xFFFFFFFF, fudge)
+        + struct.pack("!HH", error, len(other))
+        + other
+    )
+
+
+def _timers(timeSigned: int, fudge: int) -> bytes:
+    return struct.pack("!HIH", timeSigned >> 32, timeSigned & 0xFFFFFFFF, fudge)
+
+
+class Signer:
+    """
+    The signer of one signed request's answer: checks the request, then
+    signs each message of the answer (a zone transfer has several), each
+    MAC covering the one before (RFC 8945 5.3.1).
+
+    @ivar key: the request's key, if it is one of ours.
+    @ivar error: C{0}, or the TSIG error the answer must carry (C{BADKEY},
+        C{BADSIG}, C{BADTIME}); an answer with an error says NOTAUTH.
+    """
+
+    def __init__(
+        self, data: bytes, signature: Signature, keys: dict[str, TsigKey], now: float
+    ) -> None:
+        self.signature = signature
+        self.now = int(now)
+        self.key = keys.get(signature.keyName)
+        self.error = 0
+        self.prior: Optional[bytes] = None  # the MAC of the last message signed
+        if self.key is None or self.key.algorithm != signature.algorithm:
+            self.key = None
+            self.error = BADKEY
+            return
+        expected = _mac(
+            self.key,
+            _unsigned(data, signature)
+            + _variables(
+                self.key, signature.timeSigned, signature.fudge, signature.error, signature.other
+            ),
+        )
+        if not hmac.compare_digest(expected, signature.mac):
+            self.error = BADSIG
+        elif abs(self.now - signature.timeSigned) > signature.fudge:
+            self.error = BADTIME
+
+    @property
+    def verified(self) -> bool:
+        return self.error == 0
+
+    def recordSize(self) -> int:
+        """The bytes the TSIG record adds to each message of the answer."""
+        macSize = len(_mac(self.key, b"")) if self.key is not None and self.error != BADSIG else 0
+        otherSize = 6 if self.error == BADTIME else 0
+        name, algorithm = _wireName(self.signature.keyName), _wireName(self.signature.algorithm)
+        return len(name) + _FIXED.size + len(algorithm) + 16 + macSize + otherSize
+
+    def sign(self, message: bytes) -> bytes:
+        """
+        C{message} (an encoded answer) with its TSIG record. An answer to a
+        request with an unknown key or a bad MAC goes unsigned (an empty
+        MAC), as RFC 8945 5.3.2 says; one with a bad time is signed, and
+        carries our time in its other data. An error answer keeps the
+        request's time signed, so that the client's own time check passes
+        and it sees the error.
+        """
+        signature = self.signature
+        other = b""
+        if self.error == BADTIME:
+            other = struct.pack("!HI", self.now >> 32, self.now & 0xFFFFFFFF)
+        timeSigned = signature.timeSigned if self.error else self.now
+        mac = b""
+        if self.key is not None and self.error != BADSIG:
+            if self.prior is None:
+                covered = (
+                    struct.pack("!H", len(signature.mac))
+                    + signature.mac
+                    + message
+                    + _variables(self.key, timeSigned, FUDGE, self.error, other)
+                )
+            else:
+                covered = (
+                    struct.pack("!H", len(self.prior))
+                    + self.prior
+                    + message
+                    + _timers(timeSigned, FUDGE)
+                )
+            mac = self.prior = _mac(self.key, covered)
+        name = _wireName(signature.keyName)
+        algorithm = _wireName(signature.algorithm)
+        rdata = (
+            algorithm
+            + struct.pack("!HIHH", timeSigned >> 32, timeSigned & 0xFFFFFFFF, FUDGE, len(mac))
+            + mac
+            + struct.pack("!HHH", signature.originalID, self.error, len(other))
+            + other
+        )
+        record = name + _FIXED.pack(TSIG, ANY_CLASS, 0, len(rdata)) + rdata
+        arCount = struct.unpack_from("!H", message, 10)[0]
+        return message[:10] + struct.pack("!H", arCount + 1) + message[12:] + record
