@@ -37,6 +37,7 @@ the sections it reads are only duck-typed (C{name}, C{source}, C{values}).
 from __future__ import annotations
 
 import base64
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -79,7 +80,7 @@ RECORD_TYPES: dict[str, str] = {
 _DNS_KEYS = (
     "listen",
     "allow_transfer",
-    "transfer_keys",
+    "transfer_keys_file",
     "notify",
     "tcp_idle_timeout",
     "max_tcp_connections",
@@ -94,7 +95,7 @@ _CAA_TAG = re.compile(r"^[A-Za-z0-9]{1,15}$")
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9_+-]+$")
 
 
-#: The TSIG algorithms C{transfer_keys} takes (RFC 8945 6: hmac-md5 is not).
+#: The TSIG algorithms C{transfer_keys_file} takes (RFC 8945 6: hmac-md5 is not).
 TSIG_ALGORITHMS = ("hmac-sha1", "hmac-sha224", "hmac-sha256", "hmac-sha384", "hmac-sha512")
 
 
@@ -134,15 +135,6 @@ def parseTsigKey(text: str) -> TsigKey:
     if not decoded:
         raise ValueError(f"the secret of key {name!r} is not base64; write ALGORITHM:NAME:SECRET")
     return TsigKey(name, algorithm, decoded)
-
-
-def parseTsigKeys(text: str) -> tuple[TsigKey, ...]:
-    keys = tuple(parseTsigKey(item) for item in values.splitList(text))
-    names = [key.name for key in keys]
-    for name in names:
-        if names.count(name) > 1:
-            raise ValueError(f"key {name!r} is given twice")
-    return keys
 
 
 @frozen
@@ -222,9 +214,10 @@ class DnsSettings:
         is off (zones are still checked, and the record API still works).
     @ivar allow_transfer: who may transfer a zone (AXFR/IXFR, over TCP only);
         empty: nobody.
-    @ivar transfer_keys: TSIG keys (RFC 8945); if any, a zone transfer must
-        also be signed with one of them, and its answer is signed. A query
-        signed with one gets a signed answer too.
+    @ivar transfer_keys: TSIG keys (RFC 8945), read from
+        C{transfer_keys_file}; if any, a zone transfer must also be signed
+        with one of them, and its answer is signed. A query signed with one
+        gets a signed answer too.
     @ivar notify: the secondaries sent a DNS NOTIFY (RFC 1996) of every zone
         whose serial changes, so that they transfer it at once rather than
         at their SOA refresh (NSD's C{notify}, BIND's C{also-notify}); the
@@ -883,7 +876,7 @@ def _parseServer(keys: _Section) -> DnsSettings:
     settings = DnsSettings(
         listen=keys.get("listen", parseListen, ()),
         allow_transfer=keys.get("allow_transfer", values.parseNetworks, ()),
-        transfer_keys=keys.get("transfer_keys", parseTsigKeys, ()),
+        transfer_keys=_transferKeys(keys),
         notify=keys.get("notify", parseNotify, ()),
         tcp_idle_timeout=keys.get("tcp_idle_timeout", _timeout, default.tcp_idle_timeout),
         max_tcp_connections=keys.get(
@@ -897,11 +890,56 @@ def _parseServer(keys: _Section) -> DnsSettings:
         keys.error("notify", problem)
     if settings.transfer_keys and not settings.allow_transfer:
         keys.error(
-            "transfer_keys",
+            "transfer_keys_file",
             "keys without allow_transfer let nobody transfer (allow_transfer ="
             " 0.0.0.0/0, ::/0 lets any holder of a key)",
         )
     return settings
+
+
+def _transferKeys(keys: _Section) -> tuple[TsigKey, ...]:
+    """
+    The TSIG keys in C{transfer_keys_file} (relative to the configuration
+    file): one C{ALGORITHM:NAME:SECRET} a line, as dig's C{-y} takes it;
+    blank lines and C{#} comments are skipped. Secrets stay out of the
+    configuration file, as C{[ldap] bind_password_file} keeps its password;
+    an error names the key file's line, and never echoes a secret.
+    """
+    value = keys.section.values.get("transfer_keys_file")
+    if value is None:
+        return ()
+    path = value.text.strip()
+    if not path:
+        keys.error("transfer_keys_file", "no value given")
+        return ()
+    path = os.path.join(os.path.dirname(os.path.abspath(value.source.file)), path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except OSError as e:
+        keys.error("transfer_keys_file", f"cannot read {path}: {e.strerror}")
+        return ()
+    except UnicodeDecodeError:
+        keys.error("transfer_keys_file", f"{path} is not UTF-8 text")
+        return ()
+    found: dict[str, TsigKey] = {}
+    bad = False
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            key = parseTsigKey(line)
+            if key.name in found:
+                raise ValueError(f"key {key.name!r} is given twice")
+        except ValueError as e:
+            keys.error("transfer_keys_file", str(e), Source(path, number))
+            bad = True
+            continue
+        found[key.name] = key
+    if not found and not bad:
+        keys.error("transfer_keys_file", f"{path} holds no key (ALGORITHM:NAME:SECRET a line)")
+    return tuple(found.values())
 
 
 def _parseZone(keys: _Section, fileCache: dict[str, Optional[list[str]]]) -> Optional[DnsZone]:

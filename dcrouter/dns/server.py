@@ -14,7 +14,7 @@ answer in the middle of a record. Here:
   - an opcode other than QUERY gets NOTIMP; EDNS version > 0, BADVERS;
   - a name in none of the zones gets REFUSED (RA is never set);
   - AXFR and IXFR only over TCP, only to C{allow_transfer} and, if there
-    are C{transfer_keys}, only signed with one (TSIG, L{dcrouter.dns.tsig});
+    are C{transfer_keys_file} keys, only signed with one (TSIG, L{dcrouter.dns.tsig});
     a signed request gets a signed answer, a bad signature NOTAUTH;
   - ANY over UDP gets the one synthesized HINFO of RFC 8482 (over TCP, all);
   - a UDP answer fits the client's EDNS size (512 without EDNS) and our
@@ -486,7 +486,7 @@ class DNSServerFactory(server.DNSServerFactory):
         if ip is None or not any(ip in network for network in self.settings.allow_transfer):
             refused = "not in allow_transfer"
         elif self.transferKeys and message.signer is None:
-            refused = "not signed with one of transfer_keys"
+            refused = "not signed with a key of transfer_keys_file"
         if refused is not None:
             self.count("transfer_refused")
             if self.problems.shouldLog(host):

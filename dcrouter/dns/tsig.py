@@ -1,10 +1,10 @@
 """
 TSIG (RFC 8945): zone transfers signed with a shared secret.
 
-A secondary that holds one of C{[dns] transfer_keys} signs its request; the
-server checks the signature and the time, and signs every message of its
-answer, each MAC chained to the one before (so a transfer cannot be cut,
-reordered or spliced). twisted.names knows the record type but neither
+A secondary that holds one of the keys of C{[dns] transfer_keys_file}
+signs its request; the server checks the signature and the time, and signs
+every message of its answer, each MAC chained to the one before (so a
+transfer cannot be cut, reordered or spliced). twisted.names knows the record type but neither
 signs nor checks, so the bytes are handled here: the TSIG record is found
 in the request as it came, the MAC computed over the request without it,
 and the answer signed after twisted.names encoded it.
@@ -39,7 +39,7 @@ BADKEY = 17
 BADTIME = 18
 NOTAUTH = 9
 
-#: The hash of each algorithm C{[dns] transfer_keys} takes.
+#: The hash of each algorithm C{transfer_keys_file} takes.
 ALGORITHMS = {
     "hmac-sha1": hashlib.sha1,
     "hmac-sha224": hashlib.sha224,

@@ -118,32 +118,24 @@ def test_zones_without_dns_section_are_checked_but_not_served():
         ("notify = [2001:db8::53]:0", "notify: '0' is not a port (1-65535)"),
         ("notify = 2001:db8::53", "notify: '2001:db8::53': write IPv6 targets as [address]:port"),
         ("notify =", "notify: no value given"),
-        ("allow_transfer = 0.0.0.0/0\ntransfer_keys = hmac-md5:k:c2VjcmV0",
-         "transfer_keys: 'hmac-md5' is not a TSIG algorithm (hmac-sha1, hmac-sha224,"),
-        ("allow_transfer = 0.0.0.0/0\ntransfer_keys = hmac-sha256:bad name:c2VjcmV0",
-         "transfer_keys: 'bad name' is not a key name"),
-        ("allow_transfer = 0.0.0.0/0\ntransfer_keys = hmac-sha256:k:not base64!",
-         "transfer_keys: the secret of key 'k' is not base64"),
-        ("allow_transfer = 0.0.0.0/0\ntransfer_keys = hmac-sha256:k",
-         "transfer_keys: the secret of key 'k' is not base64"),
-        ("allow_transfer = 0.0.0.0/0\n"
-         "transfer_keys = hmac-sha256:k:c2VjcmV0, hmac-sha512:K.:c2VjcmV0",
-         "transfer_keys: key 'k' is given twice"),
     ],
 )
 def test_bad_server_keys(line, message):
     settings, errors = parse(f"[dns]\n{line}\n")
     assert len(errors) == 1
-    assert errors[0].startswith(f"dns.ini:{1 + line.count(chr(10)) + 1}: [dns] {message}")
+    assert errors[0].startswith(f"dns.ini:2: [dns] {message}")
     assert settings is not None
 
 
-def test_transfer_keys_as_dig_takes_them():
-    settings, errors = parse("""
+def test_transfer_keys_are_read_from_their_file_as_dig_takes_them(tmp_path):
+    (tmp_path / "tsig.keys").write_text(
+        "# the secondaries' keys\nhmac-sha256:XFR.Example.COM.:c2VjcmV0LWtleQ==\n\n"
+        "  HMAC-SHA512:second:b3RoZXI=\n"
+    )
+    settings, errors, _ = parseFile(tmp_path, """
         [dns]
         allow_transfer = 192.0.2.53/32
-        transfer_keys = hmac-sha256:XFR.Example.COM.:c2VjcmV0LWtleQ==,
-            HMAC-SHA512:second:b3RoZXI=
+        transfer_keys_file = tsig.keys
     """)
     assert errors == []
     assert settings.transfer_keys == (
@@ -153,10 +145,48 @@ def test_transfer_keys_as_dig_takes_them():
     assert "secret" not in repr(settings.transfer_keys)
 
 
-def test_transfer_keys_without_allow_transfer_are_an_error():
-    settings, errors = parse("[dns]\ntransfer_keys = hmac-sha256:k:c2VjcmV0\n")
+@pytest.mark.parametrize(
+    "keys, line, message",
+    [
+        ("hmac-md5:k:c2VjcmV0", 1, "'hmac-md5' is not a TSIG algorithm (hmac-sha1, hmac-sha224,"),
+        ("# one\nhmac-sha256:bad name:c2VjcmV0", 2, "'bad name' is not a key name"),
+        ("hmac-sha256:k:not base64!", 1, "the secret of key 'k' is not base64"),
+        ("hmac-sha256:k", 1, "the secret of key 'k' is not base64"),
+        ("hmac-sha256:k:c2VjcmV0\nhmac-sha512:K.:c2VjcmV0", 2, "key 'k' is given twice"),
+    ],
+)
+def test_a_bad_transfer_key_is_an_error_at_its_line_of_the_key_file(tmp_path, keys, line, message):
+    (tmp_path / "tsig.keys").write_text(keys + "\n")
+    settings, errors, _ = parseFile(
+        tmp_path, "[dns]\nallow_transfer = 0.0.0.0/0\ntransfer_keys_file = tsig.keys\n"
+    )
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{tmp_path / 'tsig.keys'}:{line}: [dns] transfer_keys_file: {message}")
+    assert "c2VjcmV0" not in errors[0]
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        (None, "cannot read {path}: No such file or directory"),
+        ("# nothing yet\n", "{path} holds no key (ALGORITHM:NAME:SECRET a line)"),
+    ],
+)
+def test_a_missing_or_empty_key_file_is_an_error(tmp_path, keys, message):
+    path = tmp_path / "tsig.keys"
+    if keys is not None:
+        path.write_text(keys)
+    settings, errors, ini = parseFile(
+        tmp_path, "[dns]\nallow_transfer = 0.0.0.0/0\ntransfer_keys_file = tsig.keys\n"
+    )
+    assert errors == [f"{ini}:3: [dns] transfer_keys_file: {message.format(path=path)}"]
+
+
+def test_transfer_keys_without_allow_transfer_are_an_error(tmp_path):
+    (tmp_path / "tsig.keys").write_text("hmac-sha256:k:c2VjcmV0\n")
+    settings, errors, ini = parseFile(tmp_path, "[dns]\ntransfer_keys_file = tsig.keys\n")
     assert errors == [
-        "dns.ini:2: [dns] transfer_keys: keys without allow_transfer let nobody transfer"
+        f"{ini}:2: [dns] transfer_keys_file: keys without allow_transfer let nobody transfer"
         " (allow_transfer = 0.0.0.0/0, ::/0 lets any holder of a key)"
     ]
 
