@@ -298,8 +298,8 @@ class ForwardProtocol(Protocol):
     """
 
     noisy = False
-    #: Which side's FIN (or loss) moved the connection to the fin timeout:
-    #: "client" or "upstream" (set on the instance then).
+    #: Which side's end moved the connection to the fin timeout, and how:
+    #: "client FIN", "upstream reset", ... (set on the instance then).
     halfClosedBy: Optional[str] = None
 
     def __init__(
@@ -569,8 +569,15 @@ class ForwardProtocol(Protocol):
             (client, out)[failed].connectionLost(Failure(ConnectionLost()))
 
     def spliceHalfClosed(self, side: int) -> None:
-        """The pump passed on the end of C{side} (0: the client; 1: the target)."""
-        self.halfClosed(("client", "upstream")[side])
+        """
+        The pump passed on the end of C{side} (0: the client; 1: the
+        target): its FIN, or its failure (what it sent is being delivered).
+        """
+        pump = self.pump
+        end = "FIN"
+        if pump is not None and pump.failed == side:
+            end = "reset" if pump.error == errno.ECONNRESET else "loss"
+        self.halfClosed(("client", "upstream")[side], end)
 
     def stopSplice(self) -> None:
         """Take the sockets back (before Twisted closes them) and count the bytes."""
@@ -684,7 +691,7 @@ class ForwardProtocol(Protocol):
         if self.upstreamDone or self.shutWrite(transport):
             self.upstreamDone = True
             transport.resumeProducing()
-            self.halfClosed("upstream")
+            self.halfClosed("upstream", "FIN" if reason.check(ConnectionDone) else "loss")
         else:
             self.closeClient(abort=False)
 
@@ -697,11 +704,12 @@ class ForwardProtocol(Protocol):
         active, self.active = self.active, False
         return active
 
-    def halfClosed(self, side: str) -> None:
+    def halfClosed(self, side: str, end: str = "FIN") -> None:
         """
-        C{side} ("client" or "upstream") will send no more: from now on the
-        connection is idle after C{fin_timeout}. Only the first end counts;
-        a fin timeout never lengthens a shorter idle timeout.
+        C{side} ("client" or "upstream") will send no more, by its C{end}
+        (C{FIN}, C{reset}, C{loss}): from now on the connection is idle
+        after C{fin_timeout}. Only the first end counts; a fin timeout
+        never lengthens a shorter idle timeout.
         """
         options = self.options
         if (
@@ -710,17 +718,17 @@ class ForwardProtocol(Protocol):
             or options.finTimeout >= options.idleTimeout
         ):
             return
-        self.halfClosedBy = side
+        self.halfClosedBy = f"{side} {end}"
         self.idle.unwatch(self)
         self.idle = IdleSweep.of(self.reactor, options.finTimeout)
         self.idle.watch(self)
 
     def idleTimedOut(self) -> None:
-        side = self.halfClosedBy
-        if side is None:
+        end = self.halfClosedBy
+        if end is None:
             self.record.ended = f"idle timeout ({self.options.idleTimeout:g}s)"
         else:
-            self.record.ended = f"fin timeout ({self.options.finTimeout:g}s after {side} FIN)"
+            self.record.ended = f"fin timeout ({self.options.finTimeout:g}s after {end})"
         self.closeUpstream()
         self.closeClient(abort=True)
 

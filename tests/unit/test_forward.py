@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+
+import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
@@ -108,6 +111,46 @@ def test_a_client_read_to_its_end_after_the_upstream_left_is_cut_after_the_fin_t
     run(reactor, 5.05)
     assert transport.aborted
     assert protocol.record.ended == "fin timeout (4s after upstream FIN)"
+
+
+def test_an_upstream_lost_uncleanly_is_named_so_at_the_fin_timeout():
+    reactor, protocol, transport = forwarder(idleTimeout=100.0, finTimeout=4.0)
+    upstream, out = connected(reactor, protocol)
+    upstream.connectionLost(Failure(ConnectionLost()))
+    assert transport.writeShut and not transport.aborted
+    run(reactor, 5.05)
+    assert transport.aborted
+    assert protocol.record.ended == "fin timeout (4s after upstream loss)"
+
+
+class FailedPump:
+    """A splice pump whose socket C{failed} failed with C{error}."""
+
+    def __init__(self, failed, error):
+        self.failed, self.error = failed, error
+        self.received = (0, 0)
+        self.moved = 0  # nothing moves any more: the fin timeout runs
+
+    def stop(self):
+        pass
+
+
+@pytest.mark.parametrize(
+    "side, pump, ended",
+    [
+        (0, None, "client FIN"),
+        (1, FailedPump(0, errno.ECONNRESET), "upstream FIN"),  # the other socket failed
+        (0, FailedPump(0, errno.ECONNRESET), "client reset"),
+        (1, FailedPump(1, errno.EPIPE), "upstream loss"),
+    ],
+)
+def test_the_splice_pumps_end_of_a_side_says_whether_it_was_a_fin_or_a_failure(side, pump, ended):
+    reactor, protocol, transport = forwarder(idleTimeout=100.0, finTimeout=4.0)
+    connected(reactor, protocol)
+    protocol.pump = pump
+    protocol.spliceHalfClosed(side)
+    run(reactor, 5.05)
+    assert protocol.record.ended == f"fin timeout (4s after {ended})"
 
 
 def test_a_fin_timeout_never_lengthens_a_shorter_idle_timeout():
