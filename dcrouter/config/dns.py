@@ -97,6 +97,8 @@ _LOCAL_PART = re.compile(r"^[A-Za-z0-9_+-]+$")
 
 #: The TSIG algorithms C{transfer_keys_file} takes (RFC 8945 6: hmac-md5 is not).
 TSIG_ALGORITHMS = ("hmac-sha1", "hmac-sha224", "hmac-sha256", "hmac-sha384", "hmac-sha512")
+#: The shortest secret taken, in bytes (128 bits; RFC 8945 6 asks for the hash's length).
+MIN_TSIG_SECRET = 16
 
 
 @frozen
@@ -116,15 +118,19 @@ def parseTsigKey(text: str) -> TsigKey:
     C{ALGORITHM:NAME:SECRET} as dig's C{-y} takes it (the secret in base64),
     e.g. C{hmac-sha256:xfr.example.com:c2VjcmV0...}.
     """
-    algorithm, _, rest = text.strip().partition(":")
-    name, _, secret = rest.partition(":")
-    algorithm = algorithm.lower()
-    if algorithm not in TSIG_ALGORITHMS:
+    fields = text.strip().split(":")
+    if len(fields) != 3:
+        # Say nothing of what is there: one of the fields may be the secret.
+        raise ValueError(f"{len(fields)} fields, not 3: write ALGORITHM:NAME:SECRET")
+    algorithm, name, secret = (field.strip() for field in fields)
+    if algorithm.lower() not in TSIG_ALGORITHMS:
+        shown = repr(algorithm) if algorithm.lower().startswith("hmac-") else "the first field"
         raise ValueError(
-            f"{algorithm!r} is not a TSIG algorithm ({', '.join(TSIG_ALGORITHMS)});"
+            f"{shown} is not a TSIG algorithm ({', '.join(TSIG_ALGORITHMS)});"
             " write ALGORITHM:NAME:SECRET"
         )
-    name = name.strip().lower().rstrip(".")
+    algorithm = algorithm.lower()
+    name = name.lower().rstrip(".")
     labels = name.split(".")
     if not name or len(name) > _MAX_NAME or not all(_LABEL.match(label) for label in labels):
         raise ValueError(f"{name!r} is not a key name; write ALGORITHM:NAME:SECRET")
@@ -134,6 +140,11 @@ def parseTsigKey(text: str) -> TsigKey:
         decoded = b""
     if not decoded:
         raise ValueError(f"the secret of key {name!r} is not base64; write ALGORITHM:NAME:SECRET")
+    if len(decoded) < MIN_TSIG_SECRET:
+        raise ValueError(
+            f"the secret of key {name!r} is {len(decoded)} bytes; give at least"
+            f" {MIN_TSIG_SECRET} (openssl rand -base64 32)"
+        )
     return TsigKey(name, algorithm, decoded)
 
 

@@ -7,6 +7,7 @@ record is reported at its own line of the multi-line C{records} value.
 
 from __future__ import annotations
 
+import base64
 import textwrap
 from ipaddress import ip_network
 
@@ -127,10 +128,16 @@ def test_bad_server_keys(line, message):
     assert settings is not None
 
 
+SECRET = base64.b64encode(b"s" * 32).decode()
+
+
 def test_transfer_keys_are_read_from_their_file_as_dig_takes_them(tmp_path):
     (tmp_path / "tsig.keys").write_text(
-        "# the secondaries' keys\nhmac-sha256:XFR.Example.COM.:c2VjcmV0LWtleQ==\n\n"
-        "  HMAC-SHA512:second:b3RoZXI=\n"
+        "# the secondaries' keys\nhmac-sha256:XFR.Example.COM.:"
+        + base64.b64encode(b"secret-key-0123456789").decode()
+        + "\n\n  HMAC-SHA512:second:"
+        + base64.b64encode(b"another-secret-of-32-bytes------").decode()
+        + "\n"
     )
     settings, errors, _ = parseFile(tmp_path, """
         [dns]
@@ -139,8 +146,8 @@ def test_transfer_keys_are_read_from_their_file_as_dig_takes_them(tmp_path):
     """)
     assert errors == []
     assert settings.transfer_keys == (
-        TsigKey("xfr.example.com", "hmac-sha256", b"secret-key"),
-        TsigKey("second", "hmac-sha512", b"other"),
+        TsigKey("xfr.example.com", "hmac-sha256", b"secret-key-0123456789"),
+        TsigKey("second", "hmac-sha512", b"another-secret-of-32-bytes------"),
     )
     assert "secret" not in repr(settings.transfer_keys)
 
@@ -151,8 +158,11 @@ def test_transfer_keys_are_read_from_their_file_as_dig_takes_them(tmp_path):
         ("hmac-md5:k:c2VjcmV0", 1, "'hmac-md5' is not a TSIG algorithm (hmac-sha1, hmac-sha224,"),
         ("# one\nhmac-sha256:bad name:c2VjcmV0", 2, "'bad name' is not a key name"),
         ("hmac-sha256:k:not base64!", 1, "the secret of key 'k' is not base64"),
-        ("hmac-sha256:k", 1, "the secret of key 'k' is not base64"),
-        ("hmac-sha256:k:c2VjcmV0\nhmac-sha512:K.:c2VjcmV0", 2, "key 'k' is given twice"),
+        ("hmac-sha256:c2VjcmV0", 1, "2 fields, not 3: write ALGORITHM:NAME:SECRET"),
+        ("c2VjcmV0:k:c2VjcmV0", 1, "the first field is not a TSIG algorithm"),
+        ("hmac-sha256:k:", 1, "the secret of key 'k' is not base64"),
+        (f"hmac-sha256:k:{SECRET}\nhmac-sha512:K.:{SECRET}", 2, "key 'k' is given twice"),
+        ("hmac-sha256:k:c2VjcmV0", 1, "the secret of key 'k' is 6 bytes; give at least 16"),
     ],
 )
 def test_a_bad_transfer_key_is_an_error_at_its_line_of_the_key_file(tmp_path, keys, line, message):
@@ -162,7 +172,7 @@ def test_a_bad_transfer_key_is_an_error_at_its_line_of_the_key_file(tmp_path, ke
     )
     assert len(errors) == 1
     assert errors[0].startswith(f"{tmp_path / 'tsig.keys'}:{line}: [dns] transfer_keys_file: {message}")
-    assert "c2VjcmV0" not in errors[0]
+    assert "c2VjcmV0" not in errors[0] and SECRET not in errors[0]
 
 
 @pytest.mark.parametrize(
@@ -183,7 +193,7 @@ def test_a_missing_or_empty_key_file_is_an_error(tmp_path, keys, message):
 
 
 def test_transfer_keys_without_allow_transfer_are_an_error(tmp_path):
-    (tmp_path / "tsig.keys").write_text("hmac-sha256:k:c2VjcmV0\n")
+    (tmp_path / "tsig.keys").write_text(f"hmac-sha256:k:{SECRET}\n")
     settings, errors, ini = parseFile(tmp_path, "[dns]\ntransfer_keys_file = tsig.keys\n")
     assert errors == [
         f"{ini}:2: [dns] transfer_keys_file: keys without allow_transfer let nobody transfer"
