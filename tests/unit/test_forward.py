@@ -103,24 +103,19 @@ def test_an_upstream_half_close_is_cut_after_the_fin_timeout_unless_bytes_move()
     assert protocol.record.ended == "fin timeout (4s after upstream FIN)"
 
 
-def test_a_client_read_to_its_end_after_the_upstream_left_is_cut_after_the_fin_timeout():
+@pytest.mark.parametrize(
+    "reason, end", [(ConnectionDone(), "upstream FIN"), (ConnectionLost(), "upstream loss")]
+)
+def test_a_client_read_to_its_end_after_the_upstream_left_is_cut_after_the_fin_timeout(
+    reason, end
+):
     reactor, protocol, transport = forwarder(idleTimeout=100.0, finTimeout=4.0)
     upstream, out = connected(reactor, protocol)
-    upstream.connectionLost(Failure(ConnectionDone()))
+    upstream.connectionLost(Failure(reason))
     assert transport.writeShut and not transport.aborted
     run(reactor, 5.05)
     assert transport.aborted
-    assert protocol.record.ended == "fin timeout (4s after upstream FIN)"
-
-
-def test_an_upstream_lost_uncleanly_is_named_so_at_the_fin_timeout():
-    reactor, protocol, transport = forwarder(idleTimeout=100.0, finTimeout=4.0)
-    upstream, out = connected(reactor, protocol)
-    upstream.connectionLost(Failure(ConnectionLost()))
-    assert transport.writeShut and not transport.aborted
-    run(reactor, 5.05)
-    assert transport.aborted
-    assert protocol.record.ended == "fin timeout (4s after upstream loss)"
+    assert protocol.record.ended == f"fin timeout (4s after {end})"
 
 
 class FailedPump:
