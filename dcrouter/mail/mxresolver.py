@@ -67,19 +67,18 @@ class MXHost:
 IPAddress = Union[IPv4Address, IPv6Address]
 
 
+def _comparable(text: Union[str, IPAddress]) -> IPAddress:
+    """An address as L{Myself} compares it: no zone, an IPv4-mapped one as IPv4."""
+    address = ip_address(text.partition("%")[0] if isinstance(text, str) else text)
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def _addresses(texts: Iterable[Union[str, IPAddress]]) -> frozenset[IPAddress]:
-    """
-    IP addresses (or their text), IPv4-mapped ones as IPv4 (as L{Myself.isMe}
-    compares them); a wildcard (C{0.0.0.0}, C{::}) is left out, not a host.
-    """
-    addresses: set[IPAddress] = set()
-    for text in texts:
-        address = ip_address(text)
-        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        if not address.is_unspecified:
-            addresses.add(address)
-    return frozenset(addresses)
+    """IP addresses (or their text), comparable; a wildcard (C{0.0.0.0}, C{::}) is not a host."""
+    parsed = (_comparable(text) for text in texts)
+    return frozenset(address for address in parsed if not address.is_unspecified)
 
 
 def _names(names: Iterable[str]) -> frozenset[str]:
@@ -115,9 +114,7 @@ class Myself:
         if host.name.lower().rstrip(".") in self.names:
             return True
         for text in host.addresses:
-            address = ip_address(text.partition("%")[0])
-            if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-                address = address.ipv4_mapped
+            address = _comparable(text)
             if address.is_loopback or address.is_unspecified or address in self.addresses:
                 return True
         return False
