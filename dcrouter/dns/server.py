@@ -44,7 +44,7 @@ from zope.interface import implementer
 
 from dcrouter.config.dns import DnsSettings
 from dcrouter.dns.records import encodedSize
-from dcrouter.dns.tsig import NOTAUTH, TSIG, Signer, findSignature
+from dcrouter.dns.tsig import Signer, findSignature
 from dcrouter.dns.wire import HEADER_SIZE, checkMessage, errorReply, readName
 from dcrouter.dns.zone import Zone, ZoneSet
 
@@ -54,12 +54,13 @@ IPAddress = Union[IPv4Address, IPv6Address]
 Address = Optional[tuple[str, int]]
 
 BADVERS = 16
+NOTAUTH = 9
 OPT_TYPE = 41
 UDP_DEFAULT = 512  # RFC 1035: a UDP answer without EDNS
 TCP_LIMIT = 65535
 TRANSFER_CHUNK = 16000  # bytes of records in one AXFR message
 _META_TYPES = range(128, 255)  # TKEY, TSIG, MAILA, MAILB, ...: not ours to answer
-TSIG_ERRORS = {16: "BADSIG", 17: "BADKEY", 18: "BADTIME"}
+TSIG_ERRORS = {dns.EBADSIG: "BADSIG", dns.EBADKEY: "BADKEY", dns.EBADTIME: "BADTIME"}
 
 SEND, DROP, SLIP = 0, 1, 2
 
@@ -359,7 +360,7 @@ class DNSServerFactory(server.DNSServerFactory):
         if problem is None:
             try:
                 message.fromStr(data)
-                if any(header.type == TSIG for header in message.additional):
+                if any(header.type == dns.TSIG for header in message.additional):
                     message.signer = self.signer(data, message, proto, address)
             except Exception as e:
                 problem = f"undecodable: {e.__class__.__name__}: {e}"
@@ -381,7 +382,7 @@ class DNSServerFactory(server.DNSServerFactory):
         """
         signature = findSignature(data)
         assert signature is not None
-        message.additional = [header for header in message.additional if header.type != TSIG]
+        message.additional = [header for header in message.additional if header.type != dns.TSIG]
         signer = Signer(data, signature, self.transferKeys, self.reactor.seconds())
         if not signer.verified:
             self.count("tsig_refused")

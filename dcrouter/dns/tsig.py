@@ -25,28 +25,17 @@ from typing import Optional
 from attrs import frozen
 from twisted.names import dns
 
-from dcrouter.config.dns import TsigKey
+from dcrouter.config.dns import TSIG_ALGORITHMS, TsigKey
 from dcrouter.dns.wire import HEADER_SIZE, readName
 
-TSIG = 250
-ANY_CLASS = 255
 #: Seconds a signature's time may be off ours, either way (RFC 8945 10: 300).
 FUDGE = 300
 
 #: TSIG error codes (RFC 8945 5.2): in the TSIG record; the RCODE says NOTAUTH.
-BADSIG = 16
-BADKEY = 17
-BADTIME = 18
-NOTAUTH = 9
+BADSIG, BADKEY, BADTIME = dns.EBADSIG, dns.EBADKEY, dns.EBADTIME
 
-#: The hash of each algorithm C{transfer_keys_file} takes.
-ALGORITHMS = {
-    "hmac-sha1": hashlib.sha1,
-    "hmac-sha224": hashlib.sha224,
-    "hmac-sha256": hashlib.sha256,
-    "hmac-sha384": hashlib.sha384,
-    "hmac-sha512": hashlib.sha512,
-}
+#: The hash of each algorithm C{transfer_keys_file} takes (C{hmac-sha256}: sha256).
+ALGORITHMS = {name: getattr(hashlib, name.removeprefix("hmac-")) for name in TSIG_ALGORITHMS}
 
 _FIXED = struct.Struct("!HHIH")  # type, class, TTL, RDLENGTH
 
@@ -96,9 +85,9 @@ def findSignature(data: bytes) -> Optional[Signature]:
         rtype, _, _, length = _FIXED.unpack_from(data, position)
         types.append(rtype)
         position += _FIXED.size + length
-    if TSIG not in types:
+    if dns.TSIG not in types:
         return None
-    if types[-1] != TSIG or types.count(TSIG) > 1 or not ar:
+    if types[-1] != dns.TSIG or types.count(dns.TSIG) > 1 or not ar:
         raise ValueError("a TSIG record that is not the last record")
     stream = BytesIO(data)
     stream.seek(last)
@@ -147,7 +136,7 @@ def _variables(key: TsigKey, timeSigned: int, fudge: int, error: int, other: byt
     """The TSIG variables a MAC covers (RFC 8945 4.3.3)."""
     return (
         _wireName(key.name)
-        + struct.pack("!HI", ANY_CLASS, 0)
+        + struct.pack("!HI", dns.ANY, 0)
         + _wireName(key.algorithm)
         + struct.pack("!HIH", timeSigned >> 32, timeSigned & 0xFFFFFFFF, fudge)
         + struct.pack("!HH", error, len(other))
@@ -200,7 +189,8 @@ class Signer:
 
     def recordSize(self) -> int:
         """The bytes the TSIG record adds to each message of the answer."""
-        macSize = len(_mac(self.key, b"")) if self.key is not None and self.error != BADSIG else 0
+        key = self.key if self.error != BADSIG else None
+        macSize = ALGORITHMS[key.algorithm]().digest_size if key is not None else 0
         otherSize = 6 if self.error == BADTIME else 0
         name, algorithm = _wireName(self.signature.keyName), _wireName(self.signature.algorithm)
         return len(name) + _FIXED.size + len(algorithm) + 16 + macSize + otherSize
@@ -245,6 +235,6 @@ class Signer:
             + struct.pack("!HHH", signature.originalID, self.error, len(other))
             + other
         )
-        record = name + _FIXED.pack(TSIG, ANY_CLASS, 0, len(rdata)) + rdata
+        record = name + _FIXED.pack(dns.TSIG, dns.ANY, 0, len(rdata)) + rdata
         arCount = struct.unpack_from("!H", message, 10)[0]
         return message[:10] + struct.pack("!H", arCount + 1) + message[12:] + record
