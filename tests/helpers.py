@@ -12,12 +12,21 @@ from zope.interface import implementer
 from dcrouter.config.model import DaemonSettings, Defaults, RouterConfig
 from dcrouter.service import DcRouter
 
+#: The ports L{freePort} handed out, so that it never hands out one twice:
+#: a test that asks for several before binding any would otherwise, now and
+#: then, get the same port twice (the kernel may give a freed one again).
+_handedOut: set[int] = set()
+
 
 def freePort() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now, not handed out before in this run."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _handedOut:
+            _handedOut.add(port)
+            return port
 
 
 class Recorder(protocol.Protocol):
