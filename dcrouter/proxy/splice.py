@@ -176,7 +176,8 @@ class _Direction:
     """One way through the pump: C{src} -> pipe -> C{dst}."""
 
     __slots__ = (
-        "buffered", "capacity", "done", "dst", "eof", "pipe", "pipeR", "pipeW", "received", "src",
+        "buffered", "capacity", "done", "dst", "eof", "inspect", "pipe", "pipeR", "pipeW",
+        "received", "src",
     )
 
     def __init__(self, src: _End, dst: _End) -> None:
@@ -193,6 +194,8 @@ class _Direction:
         self.eof = False
         #: End of file seen and passed on: C{dst} is shut for writing.
         self.done = False
+        #: Asked before anything is spliced from C{src} (see L{SplicePump}).
+        self.inspect: Optional[Callable[[], bool]] = None
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
@@ -270,6 +273,13 @@ class SplicePump:
     @param halfClosed: called with the index of a socket whose end of file
         was passed on while the other way goes on, or that failed while
         what it sent is still being delivered: only one way is left.
+    @param duplicate: work on duplicates of the sockets' descriptors (see
+        the module's docstring); C{False}: on the sockets' own, for an
+        owner that closes the sockets itself, only once the pump stopped.
+    @param inspectLeft: called when C{left} is readable, before anything is
+        spliced from it, until it returns C{True}: the owner may look at
+        the first bytes (C{MSG_PEEK}), read them itself, or stop the pump.
+        Nothing C{left} sent is delivered before.
     @raise OSError: the sockets' descriptors could not be duplicated.
     """
 
@@ -286,18 +296,24 @@ class SplicePump:
         ended: Callable[[Optional[int]], None],
         pipes: PipePool = PIPES,
         halfClosed: Callable[[int], None] = lambda side: None,
+        duplicate: bool = True,
+        inspectLeft: Optional[Callable[[], bool]] = None,
     ) -> None:
         self.reactor = reactor
         self.ended = ended
         self.halfClosed = halfClosed
         self.pipes = pipes
         self.stopped = False
-        leftFD = os.dup(left.fileno())
-        try:
-            rightFD = os.dup(right.fileno())
-        except BaseException:
-            os.close(leftFD)
-            raise
+        self.duplicated = duplicate
+        if duplicate:
+            leftFD = os.dup(left.fileno())
+            try:
+                rightFD = os.dup(right.fileno())
+            except BaseException:
+                os.close(leftFD)
+                raise
+        else:
+            leftFD, rightFD = left.fileno(), right.fileno()
         first, second = _End(self, left, leftFD, "left"), _End(self, right, rightFD, "right")
         self.ends = (first, second)
         forward, backward = _Direction(first, second), _Direction(second, first)
@@ -305,6 +321,7 @@ class SplicePump:
         self.directions = (forward, backward)
         first.outgoing = second.incoming = forward
         second.outgoing = first.incoming = backward
+        forward.inspect = inspectLeft
 
     @property
     def received(self) -> tuple[int, int]:
@@ -335,6 +352,10 @@ class SplicePump:
             if self.failed is not None and not self.stopped:
                 self.discard(direction.src)
             return
+        if direction.inspect is not None:
+            if not direction.inspect() or self.stopped:
+                return
+            direction.inspect = None
         src = direction.src
         if direction.pipe is None:
             try:
@@ -409,11 +430,14 @@ class SplicePump:
     def finish(self, direction: _Direction) -> None:
         """C{src} ended and everything it sent is out: pass the end of file on."""
         direction.done = True
-        try:
-            direction.dst.sock.shutdown(socket.SHUT_WR)
-            error = 0
-        except OSError as e:
-            error = 0 if e.errno == errno.ENOTCONN else e.errno or errno.EIO
+        error = 0
+        # The last end of file, on the owner's own sockets: its close, next,
+        # sends the FIN (both read to their end, neither is reset).
+        if self.duplicated or not direction.dst.outgoing.done or self.failed is not None:
+            try:
+                direction.dst.sock.shutdown(socket.SHUT_WR)
+            except OSError as e:
+                error = 0 if e.errno == errno.ENOTCONN else e.errno or errno.EIO
         if error:
             self.fail(direction.dst, error)
             return
@@ -464,7 +488,7 @@ class SplicePump:
         if src.writing:
             src.writing = False
             self.reactor.removeWriter(src)
-        if direction.done:
+        if direction.done or direction.inspect is not None:
             return False
         self.salvage(direction)
         if not direction.buffered:
@@ -541,7 +565,8 @@ class SplicePump:
             if end.writing:
                 end.writing = False
                 self.reactor.removeWriter(end)
-            os.close(end.fd)
+            if self.duplicated:
+                os.close(end.fd)
             end.fd = -1
             end.pump = None
             del end.outgoing, end.incoming

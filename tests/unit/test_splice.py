@@ -42,9 +42,10 @@ async def pumped(peer: Peer) -> socket.socket:
 class Pumping:
     """A pump between two sockets, and what it reported when it ended."""
 
-    def __init__(self, left: Peer, right: Peer) -> None:
+    def __init__(self, left: Peer, right: Peer, **options: Any) -> None:
         self.left = left
         self.right = right
+        self.options = options
         self.ended: defer.Deferred[Optional[int]] = defer.Deferred()
         #: What the pump reported as half-closed, in order.
         self.halfClosed: list[int] = []
@@ -63,6 +64,7 @@ class Pumping:
             self.ended.callback,
             self.pipes,
             self.halfClosed.append,
+            **self.options,
         )
         self.pump.start()
         return self
@@ -383,3 +385,59 @@ async def test_what_the_failed_socket_sent_is_delivered_before_the_end(errors: A
     pumping.close()
     await client.closed
     assert errors == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_the_owners_own_descriptors_the_pump_opens_and_closes_none() -> None:
+    peers = [Peer(), Peer()]
+    pumping = await Pumping(*peers, duplicate=False).start()
+    assert openDescriptors() == pumping.descriptors
+    transport(peers[0]).write(b"hello")
+    await peers[1].waitFor(5)
+    assert peers[1].text == b"hello"
+    pumping.pump.stop()
+    pumping.pipes.close()
+    # The sockets are still open, the owner's to close.
+    assert [sock.fileno() >= 0 for sock in pumping.sockets] == [True, True]
+    assert openDescriptors() == pumping.descriptors
+    pumping.close()
+    for peer in peers:
+        transport(peer).loseConnection()
+        await peer.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_owner_sees_the_left_sockets_first_bytes_before_they_are_spliced() -> None:
+    """
+    Until the owner's look says so, nothing is spliced from the left
+    socket: here it reads a first word itself (it never reaches the
+    right), then lets the rest through. The right's bytes flow meanwhile.
+    """
+    peers = [Peer(), Peer()]
+    looks: list[bytes] = []
+    pumping: Pumping
+
+    def inspect() -> bool:
+        sock = pumping.sockets[0]
+        looks.append(sock.recv(100, socket.MSG_PEEK))
+        if len(looks) == 1:
+            sock.recv(len(b"first "))
+            return False
+        return True
+
+    pumping = Pumping(*peers, duplicate=False, inspectLeft=inspect)
+    await pumping.start()
+    transport(peers[1]).write(b"greeting")
+    await peers[0].waitFor(8)
+    assert peers[0].text == b"greeting"
+    assert looks == []
+    transport(peers[0]).write(b"first ")
+    await until(lambda: len(looks) == 1, "the owner's first look")
+    transport(peers[0]).write(b"second")
+    await peers[1].waitFor(6)
+    assert peers[1].text == b"second"
+    assert looks == [b"first ", b"second"]
+    pumping.close()
+    for peer in peers:
+        transport(peer).loseConnection()
+        await peer.closed
