@@ -892,8 +892,7 @@ class DcRouter(MultiService):
                 self.reactor.callLater(min(0.1, self.config.daemon.drain_timeout), check)
                 return
             for connection in list(router.connections):
-                if connection.transport is not None:
-                    connection.transport.abortConnection()  # type: ignore[attr-defined]
+                connection.abort()
             # An aborted connection is lost on the next turn of the reactor;
             # wait for it, so that its access record is written before exit.
             self.reactor.callLater(0, done.callback, None)

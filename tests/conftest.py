@@ -44,3 +44,27 @@ def _noUnhandledErrors(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not unhandled, "unhandled errors were logged:\n" + "\n".join(
         f"{text}\n{failure.getTraceback()}" for text, failure in unhandled
     )
+
+
+def _byTwisted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dcrouter.proxy import listener
+
+    monkeypatch.setattr(listener, "splicesAtAccept", lambda table, reactor: False)
+
+
+@pytest.fixture(params=["at accept", "by Twisted"])
+def served(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """
+    Plain forward routes served both ways: on the sockets from accept
+    (L{dcrouter.proxy.spliced}), and through Twisted's transports, as
+    ports with SNI routes, TLS or trusted proxies are.
+    """
+    if request.param == "by Twisted":
+        _byTwisted(monkeypatch)
+    return str(request.param)
+
+
+@pytest.fixture
+def byTwisted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain forward routes served through Twisted's transports only."""
+    _byTwisted(monkeypatch)

@@ -6,6 +6,7 @@ import socket
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import implementer
 
@@ -112,6 +113,18 @@ async def connect(port, proto=None):
     """Connect a L{Recorder} (or C{proto}) to 127.0.0.1:port."""
     proto = proto if proto is not None else Recorder()
     return await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+
+
+async def refusedAtOnce(port):
+    """
+    Connect to 127.0.0.1:port and see the router close the connection at
+    once: after the connect, or, as a reset may come first, instead of it.
+    """
+    try:
+        client = await connect(port)
+    except ConnectError:
+        return
+    await client.closed
 
 
 async def startRouter(*routes, daemon=None, **settings):

@@ -137,10 +137,39 @@ class _Server(_FewerCloseCalls, tcp.Server):
 _learnAttributes(_Server, (*_TRANSPORT_ATTRIBUTES, "server", "client", "sessionno", "hostname"))
 
 
-class _Port(tcp.Port):
-    """Twisted's TCP port, accepting L{_Server}s."""
+class SocketTaker:
+    """
+    What a listening port's factory may build instead of a protocol: it
+    serves the accepted socket itself, and no Twisted transport is made
+    for the connection (L{_Port}; other ports never get one).
+    """
 
-    transport: type[tcp.Server] = _Server
+    def takeSocket(self, sock: socket.socket) -> None:
+        """Serve C{sock}, the accepted connection's own (non-blocking) socket."""
+        raise NotImplementedError
+
+    def makeConnection(self, transport: None) -> None:
+        """What Twisted's accept loop calls next: the socket is served already."""
+
+
+def _serve(
+    skt: socket.socket, protocol: Any, addr: Any, port: _Port, sessionno: int, reactor: Any
+) -> Optional[_Server]:
+    """
+    What Twisted's accept loop calls for each accepted socket (the port's
+    C{transport}): a L{_Server} for the protocol, or the socket to a
+    L{SocketTaker}.
+    """
+    if isinstance(protocol, SocketTaker):
+        protocol.takeSocket(skt)
+        return None
+    return _Server(skt, protocol, addr, port, sessionno, reactor)
+
+
+class _Port(tcp.Port):
+    """Twisted's TCP port, accepting L{_Server}s and serving L{SocketTaker}s."""
+
+    transport = staticmethod(_serve)  # type: ignore[assignment]
     #: The address every accepted connection has as its own, if the port is
     #: bound to one (not to C{0.0.0.0} or C{::}).
     boundHost: Optional[IPv4Address | IPv6Address] = None

@@ -1,5 +1,8 @@
 """
-Byte forwarding between a client and an upstream target.
+Byte forwarding between a client and an upstream target, through Twisted's
+transports: the forward action's protocol. (A port whose routes all forward
+plain TCP to IP addresses is served without it, at accept: see
+L{dcrouter.proxy.spliced}.)
 
 Both directions stream with Twisted's producer/consumer flow control: each
 transport is registered as the other's streaming producer, so a slow reader

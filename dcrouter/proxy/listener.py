@@ -37,9 +37,11 @@ from dcrouter.net.proxyprotocol import ProxyHeaderError, ProxyHeaderReader, prox
 from dcrouter.net.tcp import sendWithoutDelay
 from dcrouter.net.tls import wrapServer
 from dcrouter.net.waits import Waits
-from dcrouter.ops.accesslog import ConnectionRecord, formatAddress
+from dcrouter.ops.accesslog import ConnectionRecord
+from dcrouter.proxy.accepted import AcceptedConnection
 from dcrouter.proxy.clienthello import ClientHelloReader, MalformedHello, NotTLS
 from dcrouter.proxy.routetable import PortTable
+from dcrouter.proxy.spliced import SplicedForward, splicesAtAccept
 
 if TYPE_CHECKING:
     from dcrouter.config.model import IPNetwork
@@ -80,7 +82,7 @@ class Router:
     def __init__(self, reactor: IReactorTime, state: RoutingState) -> None:
         self.reactor = reactor
         self.state = state
-        self.connections: set[RoutingProtocol] = set()
+        self.connections: set[AcceptedConnection] = set()
         self.refused: Counter[str] = Counter()
         #: The same, by listener port, route (C{-} before routing) and reason.
         self.refusedAt: Counter[tuple[int, str, str]] = Counter()
@@ -89,16 +91,21 @@ class Router:
         self.accepted = 0
         self.handshakes = 0
         self.handshakeFailures = 0
-        self._waits: dict[float, Waits[RoutingProtocol]] = {}
+        self._waits: dict[tuple[float, object], Waits[AcceptedConnection]] = {}
 
-    def waitsFor(self, timeout: float) -> Waits[RoutingProtocol]:
+    def waitsFor(
+        self, timeout: float, expired: Callable[[Any], object] | None = None
+    ) -> Waits[AcceptedConnection]:
         """
         The connections that wait for a PROXY header, a ClientHello, a TLS
-        handshake or their first bytes with C{timeout}, behind one timer.
+        handshake or their first bytes with C{timeout}, behind one timer;
+        each is C{timedOut()} when its wait is over. With C{expired}: those
+        waiting for something else, which C{expired(connection)} ends.
         """
-        waits = self._waits.get(timeout)
+        key = (timeout, expired)
+        waits = self._waits.get(key)
         if waits is None:
-            waits = self._waits[timeout] = Waits(self.reactor, timeout, _timedOut)
+            waits = self._waits[key] = Waits(self.reactor, timeout, expired or _timedOut)
         return waits
 
     def factoryFor(self, port: int) -> ListenerFactory:
@@ -106,19 +113,35 @@ class Router:
 
 
 class ListenerFactory(ServerFactory):
-    """Builds a L{RoutingProtocol} for each connection accepted on one port."""
+    """
+    Builds a L{RoutingProtocol} for each connection accepted on one port, or
+    a L{SplicedForward} where the port's routes all forward plain TCP (see
+    L{dcrouter.proxy.spliced}).
+    """
 
     noisy = False
 
     def __init__(self, router: Router, port: int) -> None:
         self.router = router
         self.port = port
+        #: The routing state last seen, and whether its table is spliced at accept.
+        self.seen: Optional[RoutingState] = None
+        self.spliced = False
 
-    def buildProtocol(self, addr: Optional[IAddress]) -> Optional[Protocol]:
-        table = self.router.state.tables.get(self.port)
+    def buildProtocol(self, addr: Optional[IAddress]) -> Any:
+        router = self.router
+        state = router.state
+        table = state.tables.get(self.port)
         if table is None:
             return None
-        return RoutingProtocol(self.router, self.router.state, table)
+        if state is not self.seen:
+            self.seen = state
+            self.spliced = splicesAtAccept(table, router.reactor)
+        if self.spliced and addr is not None and not (
+            state.trustedProxies and state.trusts(clientIP(addr))
+        ):
+            return SplicedForward(router, state, table, addr)
+        return RoutingProtocol(router, state, table)
 
     def logPrefix(self) -> str:
         return f"dcrouter:{self.port}"
@@ -202,7 +225,7 @@ _ACCEPTED, _PROXY, _HELLO, _FIRST, _ROUTED, _CLOSED = range(6)
 
 
 @implementer(IHalfCloseableProtocol)
-class RoutingProtocol(Protocol):
+class RoutingProtocol(AcceptedConnection, Protocol):
     """
     Holds a connection from accept until its route's protocol takes over.
 
@@ -211,40 +234,27 @@ class RoutingProtocol(Protocol):
     """
 
     def __init__(self, router: Router, state: RoutingState, table: PortTable) -> None:
-        self.router = router
-        self.state = state
-        self.table = table
+        super().__init__(router, state, table, None)
         self.phase = _ACCEPTED
         self.waitingFor = ""
         #: What was read of a ClientHello or of the first bytes (a list
         #: only while there is something: an idle connection holds none).
         self.received: list[bytes] | tuple[()] = ()
         self.inner: Optional[IProtocol] = None
-        self.clientIP: Optional[IPAddress] = None
-        #: Counted by the port's gate, as C{gateIP} (see L{admit}).
-        self.admitted = False
-        self.gateIP: Optional[IPAddress] = None
-        self.routeGate: Optional[Gate] = None
         #: Where this connection waits for what it waits for (L{startTimer}).
-        self.waits: Optional[Waits[RoutingProtocol]] = None
+        self.waits: Optional[Waits[AcceptedConnection]] = None
         self.helloReader: Optional[ClientHelloReader] = None
         self.proxyReader: Optional[ProxyHeaderReader] = None
-        self.client: Optional[IAddress] = None
         self.server: Optional[IAddress] = None
-        self.record: Optional[ConnectionRecord] = None
 
     def connectionMade(self) -> None:
-        router = self.router
         transport = self.transport
         assert transport is not None
         self.client = transport.getPeer()
         self.server = transport.getHost()
         sendWithoutDelay(transport)
-        self.record = ConnectionRecord(router.reactor.seconds(), self.client, self.table.port)
-        router.connections.add(self)
-        router.accepted += 1
-        router.acceptedAt[self.table.port] += 1
-        ip = self.clientIP = clientIP(self.client)
+        self.accepted()
+        ip = self.clientIP
         trusted = bool(self.state.trustedProxies) and self.state.trusts(ip)
         # A trusted proxy brings many clients: until its header names this
         # one, only the global cap applies, not the proxy's own rate, caps
@@ -261,16 +271,6 @@ class RoutingProtocol(Protocol):
             self.startTimer("ClientHello")
         else:
             self.route(None, (), isTLS=False)
-
-    def admit(self, ip: Optional[IPAddress]) -> bool:
-        """Pass the port's gate as C{ip} (C{None}: the global cap only), or be refused."""
-        reason = self.state.gate.admit(ip)
-        if reason is not None:
-            self.refuse(reason)
-            return False
-        self.admitted = True
-        self.gateIP = ip
-        return True
 
     def startTimer(self, waitingFor: str) -> None:
         """Give the client C{hello_timeout} for C{waitingFor}; the clock restarts."""
@@ -384,20 +384,10 @@ class RoutingProtocol(Protocol):
         record.sni = serverName
         self.helloReader = None
         self.received = ()
-        route = self.table.match(serverName, self.clientIP, isTLS)
+        route = self.matchRoute(serverName, isTLS)
         if route is None:
-            self.refuse("no_route", self.describeMiss(serverName, isTLS))
             return
         config = route.config
-        record.route = config.name
-        record.action = config.action
-        record.tls = config.tls
-        if route.gate is not None:
-            reason = route.gate.admit(self.clientIP)
-            if reason is not None:
-                self.refuse(reason)
-                return
-            self.routeGate = route.gate
         connection = RoutedConnection(
             self.router.reactor, config, self.client, self.server, serverName, alpn, record
         )
@@ -498,24 +488,14 @@ class RoutingProtocol(Protocol):
     def refuseProxyHeader(self) -> None:
         self.refuse("untrusted_proxy_header", "PROXY header from an untrusted address")
 
-    def describeMiss(self, serverName: Optional[str], isTLS: bool) -> str:
-        name = f"SNI {serverName!r}" if serverName else ("TLS without SNI" if isTLS else "no TLS")
-        return f"no route on port {self.table.port} for {name} from {formatAddress(self.client)}"
-
     def refuse(self, reason: str, detail: Optional[str] = None) -> None:
-        """Close at once, count the reason and say it in the access record."""
         self.cancelTimer()
-        self.router.refused[reason] += 1
-        self.router.refusedAt[(self.table.port, self.routeName(), reason)] += 1
-        if self.record is not None:
-            self.record.ended = f"refused: {detail or reason.replace('_', ' ')}"
         self.phase = _CLOSED
+        super().refuse(reason, detail)
+
+    def abort(self) -> None:
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
-
-    def routeName(self) -> str:
-        """The route this connection took, or C{-} before routing."""
-        return (self.record.route if self.record is not None else None) or "-"
 
     def cancelTimer(self) -> None:
         if self.waits is not None:
@@ -549,11 +529,6 @@ class RoutingProtocol(Protocol):
         except Exception:
             route = self.record.route if self.record is not None else None
             log.failure("connectionLost of [route:{route}] failed", route=route)
-        if self.admitted:
-            self.state.gate.release(self.gateIP)
-        if self.routeGate is not None:
-            self.routeGate.release(self.clientIP)
-        self.router.connections.discard(self)
-        if self.record is not None:
-            ending = "client closed" if phase in (_FIRST, _ROUTED) else "client left before routing"
-            self.record.emit(self.router.reactor.seconds(), ending)
+        self.released(
+            "client closed" if phase in (_FIRST, _ROUTED) else "client left before routing"
+        )

@@ -89,6 +89,12 @@ async def router(backend: Backends, daemon: DaemonSettings | None = None, **rout
     return listening, service, port
 
 
+def pumpOf(connection: Any) -> Any:
+    """The splice pump of a connection, served at accept or by Twisted."""
+    inner = getattr(connection, "inner", None)
+    return connection.pump if inner is None else inner.pump
+
+
 def inFlight(service: Any) -> list[int]:
     """The pool's count of connections in flight to each target."""
     return [state["active"] for pool in pools(service.compiled) for state in pool.snapshot()]
@@ -118,7 +124,7 @@ async def closedRecord(records: list[dict[str, Any]], client: Peer) -> dict[str,
 
 @needsSplice
 @pytest_twisted.ensureDeferred
-async def test_a_plain_forward_is_spliced_intact_and_counted(records: Any) -> None:
+async def test_a_plain_forward_is_spliced_intact_and_counted(served: str, records: Any) -> None:
     backend = Backends(Echo)
     listening, service, port = await router(backend)
     client = await connect(port, Peer())
@@ -143,7 +149,7 @@ def refused(*args: Any, **kwargs: Any) -> int:
 @pytest.mark.parametrize("how", ["switched off", "os.splice missing", "os.splice refused"])
 @pytest_twisted.ensureDeferred
 async def test_without_splice_twisted_pumps_the_same_bytes(
-    how: str, records: Any, monkeypatch: Any
+    byTwisted: None, how: str, records: Any, monkeypatch: Any
 ) -> None:
     daemon = DaemonSettings(drain_timeout=0.0, hello_timeout=2.0, splice="yes" if how != "switched off" else "no")
     if how == "os.splice missing":
@@ -175,7 +181,7 @@ async def test_without_splice_twisted_pumps_the_same_bytes(
 @needsSplice
 @pytest_twisted.ensureDeferred
 async def test_no_descriptor_for_the_pump_leaves_the_connection_to_twisted(
-    records: Any, monkeypatch: Any
+    byTwisted: None, records: Any, monkeypatch: Any
 ) -> None:
     def exhausted(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
@@ -215,7 +221,7 @@ async def pingPong(client: Peer) -> None:
 
 @needsSplice
 @pytest_twisted.ensureDeferred
-async def test_auto_leaves_a_one_exchange_connection_to_twisted(records: Any) -> None:
+async def test_auto_leaves_a_one_exchange_connection_to_twisted(byTwisted: None, records: Any) -> None:
     listening, service, port = await router(Backends(Echo), auto())
     client = await connect(port, Peer())
     await pingPong(client)
@@ -229,7 +235,7 @@ async def test_auto_leaves_a_one_exchange_connection_to_twisted(records: Any) ->
 @needsSplice
 @pytest_twisted.ensureDeferred
 async def test_auto_splices_a_kept_alive_connection_at_its_second_answer(
-    records: Any,
+    byTwisted: None, records: Any,
 ) -> None:
     listening, service, port = await router(Backends(Echo), auto())
     client = await connect(port, Peer())
@@ -253,7 +259,7 @@ async def test_auto_splices_a_kept_alive_connection_at_its_second_answer(
 
 @needsSplice
 @pytest_twisted.ensureDeferred
-async def test_auto_splices_a_bulk_transfer_at_once(records: Any) -> None:
+async def test_auto_splices_a_bulk_transfer_at_once(served: str, records: Any) -> None:
     listening, service, port = await router(Backends(Echo), auto())
     client = await connect(port, Peer())
     data = await echoThrough(client, 8 * MiB)
@@ -288,7 +294,7 @@ async def test_tls_terminated_by_the_router_is_not_spliced(tmp_path: Any, record
 @needsSplice
 @pytest_twisted.ensureDeferred
 async def test_a_greeting_goes_through_twisted_then_the_connection_is_spliced(
-    records: Any,
+    served: str, records: Any,
 ) -> None:
     class Greeter(Echo):
         def connectionMade(self) -> None:
@@ -309,7 +315,7 @@ async def test_a_greeting_goes_through_twisted_then_the_connection_is_spliced(
 
 @needsSplice
 @pytest_twisted.ensureDeferred
-async def test_a_spliced_connection_still_times_out_when_idle(records: Any) -> None:
+async def test_a_spliced_connection_still_times_out_when_idle(served: str, records: Any) -> None:
     backend = Backends(Echo)
     listening, service, port = await router(backend, options={"idle_timeout": "0.3s"})
     client = await connect(port, Peer())
@@ -333,7 +339,7 @@ async def test_a_spliced_connection_still_times_out_when_idle(records: Any) -> N
 ])
 @pytest_twisted.ensureDeferred
 async def test_a_half_closed_client_whose_target_never_answers_is_cut_at_the_fin_timeout(
-    records: Any, splice: str
+    served: str, records: Any, splice: str
 ) -> None:
     backend = Backends(Peer)  # reads, never answers, never closes
     daemon = DaemonSettings(drain_timeout=0.0, hello_timeout=2.0, splice=splice)  # type: ignore[arg-type]
@@ -361,7 +367,7 @@ async def test_a_half_closed_client_whose_target_never_answers_is_cut_at_the_fin
 
 @needsSplice
 @pytest_twisted.ensureDeferred
-async def test_a_spliced_connection_that_keeps_moving_is_not_idle(records: Any) -> None:
+async def test_a_spliced_connection_that_keeps_moving_is_not_idle(served: str, records: Any) -> None:
     backend = Backends(Echo)
     listening, service, port = await router(backend, options={"idle_timeout": "0.4s"})
     client = await connect(port, Peer())
@@ -380,7 +386,7 @@ async def test_a_spliced_connection_that_keeps_moving_is_not_idle(records: Any) 
 
 @needsSplice
 @pytest_twisted.ensureDeferred
-async def test_a_client_that_does_not_read_stops_the_spliced_upstream(records: Any) -> None:
+async def test_a_client_that_does_not_read_stops_the_spliced_upstream(served: str, records: Any) -> None:
     backend = Backends(lambda: Flood(limit=1024 * MiB))
     listening, service, port = await router(backend)
     client = await connect(port, Peer())
@@ -389,7 +395,7 @@ async def test_a_client_that_does_not_read_stops_the_spliced_upstream(records: A
     client.transport.pauseProducing()
     flood = await backend.first
     (connection,) = service.router.connections
-    pump = connection.inner.pump
+    pump = pumpOf(connection)
     await until(lambda: flood.paused and not pump.ends[1].reading and pump.ends[0].writing,
                 "the pump to stop reading the upstream")
     await task.deferLater(reactor, 0.3, lambda: None)
@@ -405,7 +411,7 @@ async def test_a_client_that_does_not_read_stops_the_spliced_upstream(records: A
 
 @needsSplice
 @pytest_twisted.ensureDeferred
-async def test_an_upstream_reset_closes_the_spliced_client(records: Any) -> None:
+async def test_an_upstream_reset_closes_the_spliced_client(served: str, records: Any) -> None:
     backend = Backends(Echo)
     listening, service, port = await router(backend)
     client = await connect(port, Peer())
@@ -428,7 +434,7 @@ async def test_an_upstream_reset_closes_the_spliced_client(records: Any) -> None
 
 @needsSplice
 @pytest_twisted.ensureDeferred
-async def test_stopping_the_router_closes_spliced_connections(records: Any) -> None:
+async def test_stopping_the_router_closes_spliced_connections(served: str, records: Any) -> None:
     backend = Backends(Echo)
     listening, service, port = await router(backend)
     client = await connect(port, Peer())
@@ -456,7 +462,7 @@ class AnswerThenReset(Peer):
 
 async def answeredThenReset(
     records: Any, idleTimeout: str, splice: str = "yes"
-) -> tuple[Any, Any, Any, Any]:
+) -> tuple[Any, Any, Any]:
     """A client that uploads without reading; its backend answers, then resets."""
     backend = Backends(AnswerThenReset)
     daemon = DaemonSettings(drain_timeout=0.0, hello_timeout=2.0, splice=splice)  # type: ignore[arg-type]
@@ -467,15 +473,16 @@ async def answeredThenReset(
     client.transport.pauseProducing()
     server = await backend.first
     (connection,) = service.router.connections
-    forwarder = connection.inner
     if splice == "yes":
-        await until(lambda: forwarder.pump is not None and forwarder.pump.directions[1].buffered > 0,
+        await until(lambda: pumpOf(connection) is not None
+                    and pumpOf(connection).directions[1].buffered > 0,
                     "the pipe towards the client to fill")
     else:
-        await until(lambda: forwarder.transport.producerPaused, "the router to pause the backend")
+        await until(lambda: connection.inner.transport.producerPaused,
+                    "the router to pause the backend")
     server.transport.abortConnection()
     await server.closed
-    return listening, service, client, forwarder
+    return listening, service, client
 
 
 @pytest.mark.parametrize("splice", [
@@ -483,7 +490,7 @@ async def answeredThenReset(
 ])
 @pytest_twisted.ensureDeferred
 async def test_an_answer_before_an_upstream_reset_reaches_a_slow_client(
-    records: Any, splice: str
+    served: str, records: Any, splice: str
 ) -> None:
     """
     Everything the router read from the backend before its reset reaches the
@@ -491,7 +498,7 @@ async def test_an_answer_before_an_upstream_reset_reaches_a_slow_client(
     client still uploads until it closes, rather than resetting it, which
     could lose the answer's tail. (Twisted's pump cannot tell a reset.)
     """
-    listening, service, client, forwarder = await answeredThenReset(records, "10s", splice)
+    listening, service, client = await answeredThenReset(records, "10s", splice)
     await task.deferLater(reactor, 0.2, lambda: None)
     client.transport.resumeProducing()
     await until(lambda: client.eof.called, "the client's end of file")
@@ -512,9 +519,9 @@ async def test_an_answer_before_an_upstream_reset_reaches_a_slow_client(
 ])
 @pytest_twisted.ensureDeferred
 async def test_a_client_that_never_reads_the_delivery_is_cut_at_the_idle_timeout(
-    records: Any, splice: str
+    served: str, records: Any, splice: str
 ) -> None:
-    listening, service, client, forwarder = await answeredThenReset(records, "0.4s", splice)
+    listening, service, client = await answeredThenReset(records, "0.4s", splice)
     await until(lambda: bool(records), "the access record", timeout=3.0)
     assert records[0]["ended"] == "idle timeout (0.4s)"
     # The router has reset the connection; the client learns it when it reads
@@ -528,7 +535,7 @@ async def test_a_client_that_never_reads_the_delivery_is_cut_at_the_idle_timeout
 
 @needsSplice
 @pytest_twisted.ensureDeferred
-async def test_a_client_reset_is_named_in_the_record(records: Any) -> None:
+async def test_a_client_reset_is_named_in_the_record(served: str, records: Any) -> None:
     backend = Backends(Echo)
     listening, service, port = await router(backend)
     client = await connect(port, Peer())

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import socket
+
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
-from dcrouter.config.model import Defaults, HostPort, Limits, RouteConfig
+from dcrouter.config.model import DaemonSettings, Defaults, HostPort, Limits, RouteConfig
 from dcrouter.net.proxyprotocol import encodeV1
 from dcrouter.net.tcp import _Client, _Server
+from dcrouter.ops.metrics import pools
 from tests.helpers import (
     Backend,
     HalfCloseRecorder,
@@ -18,8 +22,13 @@ from tests.helpers import (
     connect,
     freePort,
     listen,
+    refusedAtOnce,
     startRouter,
 )
+from tests.streams import until
+
+# Every test on both paths of a plain forward route (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("served")
 
 
 def forwardRoute(target, **options):
@@ -244,8 +253,7 @@ async def test_gate_blocks_and_caps_are_counted():
     backend, listening, service, port = await backendAndRouter(
         defaults=Defaults(bind=("127.0.0.1",), limits=Limits(ip_block=(ip_network("127.0.0.0/8"),)))
     )
-    client = await connect(port)
-    await client.closed
+    await refusedAtOnce(port)
     assert backend.protocols == []
     assert service.router.refused["ip_block"] == 1
     await stop(service, listening)
@@ -259,8 +267,7 @@ async def test_max_connections_per_ip_refuses_the_extra_connection():
     first = await connect(port)
     first.transport.write(b"a")
     await first.waitFor(1)
-    second = await connect(port)
-    await second.closed
+    await refusedAtOnce(port)
     assert service.router.refused["max_connections_per_ip"] == 1
     # Closed from the far side, the router releases the slot before the
     # client sees the close.
@@ -460,3 +467,74 @@ async def test_a_backend_half_close_reaches_a_tls_client_as_close_notify_and_it_
         await server.closed
     finally:
         await stop(service, listening)
+
+
+def heldFirstBytes(service):
+    """What the router holds of its one client's first bytes, on either path."""
+    (connection,) = service.router.connections
+    held = getattr(connection, "held", None)
+    return held if held is not None else b"".join(connection.received)
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_bytes_that_only_began_like_a_proxy_header_arrive_intact():
+    backend, listening, service, port = await backendAndRouter()
+    client = await connect(port)
+    client.transport.write(b"PR")
+    await until(lambda: heldFirstBytes(service) == b"PR", "the router to hold the prefix")
+    client.transport.write(b"ESS on\n")
+    server = await backend.connected
+    assert await server.waitFor(9) == b"PRESS on\n"
+    assert await client.waitFor(9) == b"PRESS on\n"
+    client.transport.loseConnection()
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_proxy_header_split_across_segments_is_still_refused():
+    backend, listening, service, port = await backendAndRouter()
+    client = await connect(port)
+    client.transport.write(b"PROX")
+    await until(lambda: heldFirstBytes(service) == b"PROX", "the router to hold the prefix")
+    client.transport.write(b"Y TCP4 203.0.113.9 198.51.100.1 4711 443\r\nhello")
+    await client.closed
+    assert all(p.received == b"" for p in backend.protocols)
+    assert service.router.refused["untrusted_proxy_header"] == 1
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_bytes_that_stay_a_proxy_header_prefix_time_out():
+    backend, listening, service, port = await backendAndRouter(
+        daemon=DaemonSettings(drain_timeout=0.0, hello_timeout=0.2)
+    )
+    client = await connect(port)
+    client.transport.write(b"\r\n\r\n")
+    await client.closed
+    assert service.router.refused["timeout"] == 1
+    assert all(p.received == b"" for p in backend.protocols)
+    await stop(service, listening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connect_that_hangs_times_out_and_the_next_target_answers():
+    """A target whose accept queue is full drops the SYN: its connect hangs."""
+    backend = Backend(greeting=b"second\n")
+    listening = await listen(backend)
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        with socket.create_connection(full.getsockname(), timeout=5):
+            hanging = full.getsockname()[1]
+            route = forwardRoute(
+                f"127.0.0.1:{hanging}, 127.0.0.1:{listening.getHost().port}",
+                connect_timeout="0.2s",
+            )
+            service, port = await startRouter(route)
+            client = await connect(port)
+            assert await client.waitFor(7) == b"second\n"
+            (target,) = [t for pool in pools(service.compiled) for t in pool.targets
+                         if t.address.port == hanging]
+            assert target.failures == 1
+            client.transport.loseConnection()
+            await stop(service, listening)

@@ -1,0 +1,98 @@
+"""
+Which connections a port serves on their sockets from accept
+(L{dcrouter.proxy.spliced}), and which through Twisted's transports.
+"""
+
+from __future__ import annotations
+
+from ipaddress import ip_network
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from dcrouter.config.model import DaemonSettings, Defaults, RouteConfig
+from dcrouter.net.tcp import _Server
+from dcrouter.proxy.listener import RoutingProtocol
+from dcrouter.proxy.splice import spliceAvailable
+from dcrouter.proxy.spliced import SplicedForward, splicesAtAccept
+from tests.helpers import Backend, connect, listen, startRouter
+
+pytestmark = pytest.mark.skipif(not spliceAvailable(), reason="no splice(2) here")
+
+
+def route(name: str = "fwd", **options: Any) -> RouteConfig:
+    tls = options.pop("tls", None)
+    domains = tuple(options.pop("domains", ()))
+    clientIP = tuple(ip_network(n) for n in options.pop("client_ip", ()))
+    action = options.pop("action", "forward")
+    if action == "forward":
+        options.setdefault("target", "127.0.0.1:9")
+    return RouteConfig(name=name, ports=(0,), action=action, options=options, tls=tls,
+                       domains=domains, client_ip=clientIP)
+
+
+async def decision(*routes: RouteConfig, splice: str = "auto") -> bool:
+    daemon = DaemonSettings(drain_timeout=0.0, hello_timeout=2.0, splice=splice)  # type: ignore[arg-type]
+    service, port = await startRouter(*routes, daemon=daemon)
+    try:
+        (table,) = service.router.state.tables.values()
+        return splicesAtAccept(table, reactor)
+    finally:
+        await service.stopService()
+
+
+@pytest.mark.parametrize("routes, splice, expected", [
+    ((route(),), "auto", True),
+    ((route(),), "yes", True),
+    ((route(target="127.0.0.1:9, [::1]:9"),), "auto", True),
+    ((route(),), "no", False),
+    ((route(target="localhost:9"),), "auto", False),
+    ((route(), route("sni", domains=["a.example"], tls="passthrough")), "auto", False),
+    ((route(), route("blocked", action="block", client_ip=["192.0.2.0/24"])), "auto", False),
+])
+@pytest_twisted.ensureDeferred
+async def test_which_ports_are_served_at_accept(routes: Any, splice: str, expected: bool) -> None:
+    assert await decision(*routes, splice=splice) is expected
+
+
+async def servedBy(first: bytes = b"", **settings: Any) -> type:
+    backend = Backend(greeting=b"hi\n")
+    listening = await listen(backend)
+    target = f"127.0.0.1:{listening.getHost().port}"
+    service, port = await startRouter(route(target=target), **settings)
+    client = await connect(port)
+    client.transport.write(first)
+    await client.waitFor(3)
+    (connection,) = service.router.connections
+    served = type(connection)
+    client.transport.loseConnection()
+    await service.stopService()
+    await listening.stopListening()
+    return served
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plain_forward_gets_no_twisted_transport() -> None:
+    made = []
+    original = _Server.__init__
+
+    def counting(self: Any, *args: Any) -> None:
+        made.append(self)
+        original(self, *args)
+
+    _Server.__init__ = counting  # type: ignore[method-assign]
+    try:
+        assert await servedBy() is SplicedForward
+    finally:
+        _Server.__init__ = original  # type: ignore[method-assign]
+    assert made == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_trusted_proxys_connection_goes_through_twisted() -> None:
+    # Its PROXY header is read first: that is the listener's work.
+    defaults = Defaults(bind=("127.0.0.1",), trusted_proxies=(ip_network("127.0.0.0/8"),))
+    header = b"PROXY TCP4 203.0.113.9 198.51.100.1 4711 443\r\n"
+    assert await servedBy(header, defaults=defaults) is RoutingProtocol
