@@ -289,9 +289,11 @@ def start(d: Path, mode: str, backend: int, trees: list[str]) -> Targets:
     for tree, port in zip(trees, ports, strict=True):
         ini = d / f"dcrouter-{port}.ini"
         if mode == "l4":
-            ini.write_text(dcrouter_ini(d, port, backend, 1))
+            text = dcrouter_ini(d, port, backend, 1)
         else:
-            ini.write_text(dcrouter_http_ini(d, port, backend, tls, 1))
+            text = dcrouter_http_ini(d, port, backend, tls, 1)
+        # A state folder (and admin socket) per tree: a second would not start.
+        ini.write_text(text.replace("/dcrouter-state", f"/dcrouter-state-{port}"))
         serve = subprocess.Popen(
             [PYTHON, "-c", SERVE, str(ini), str(d / f"access-{port}.log"), ""],
             env=serveEnvironment(tree), cwd=d, stdout=subprocess.PIPE, text=True,
