@@ -69,8 +69,13 @@ globalLogBeginner.beginLoggingTo(
     redirectStandardIO=False)
 router = DcRouter(config, reactor, configPath=ini, role=ProcessRole())
 def start():
-    router.privilegedStartService()
-    router.startService()
+    try:
+        router.privilegedStartService()
+        router.startService()
+    except BaseException as e:  # said, and over: not a process that never says ready
+        print("failed:", e, flush=True)
+        reactor.stop()
+        return
     import dcrouter
     print("ready", dcrouter.__file__, flush=True)
 signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
@@ -134,9 +139,10 @@ def serveEnvironment(tree: str) -> dict[str, str]:
 def awaitReady(serve: subprocess.Popen[str], tree: str) -> None:
     """Wait until SERVE serves; stop if it imported a dcrouter from outside C{tree}."""
     assert serve.stdout is not None
-    ready, _, where = serve.stdout.readline().strip().partition(" ")
+    line = serve.stdout.readline().strip()
+    ready, _, where = line.partition(" ")
     if ready != "ready":
-        raise SystemExit(f"{tree}: dcrouter did not start")
+        raise SystemExit(f"{tree}: dcrouter did not start: {line}")
     if not Path(where).is_relative_to(Path(tree).resolve()):
         raise SystemExit(f"{tree}: ran the dcrouter of {where}, not the tree's")
 
