@@ -90,7 +90,7 @@ from dcrouter.net.sending import Flusher
 from dcrouter.net.tcp import connectTCP, sendWithoutDelay, shutDownOnClose
 from dcrouter.net.tls import clientFactory, halfCloseable
 from dcrouter.proxy.pool import Target, TargetPool
-from dcrouter.proxy.splice import SplicePump, spliceAvailable
+from dcrouter.proxy.splice import SplicePump, ending, spliceAvailable
 
 log = Logger()
 
@@ -559,8 +559,8 @@ class ForwardProtocol(Protocol):
         error alike, so its connections say "closed").
         """
         pump = self.pump
-        if pump is not None and pump.error == errno.ECONNRESET and self.record.ended is None:
-            self.record.ended = "upstream reset" if failed else "client reset"
+        if pump is not None and self.record.ended is None:
+            self.record.ended = ending(pump, failed)
         self.stopSplice()
         assert self.upstream is not None
         client: Any = self.transport

@@ -259,6 +259,19 @@ class _End:
         return f"splice:{self.name}"
 
 
+def ending(pump: SplicePump, failed: Optional[int]) -> Optional[str]:
+    """
+    What ended a pump, for an access record, where a socket's C{close}
+    would not say it: a reset (the pump tells ECONNRESET from other
+    errors, Twisted's pump does not), or no pipe to be had.
+    """
+    if pump.noPipe:
+        return f"no pipe for splice(2): {os.strerror(pump.noPipe)}"
+    if failed is not None and pump.error == errno.ECONNRESET:
+        return "upstream reset" if failed else "client reset"
+    return None
+
+
 class SplicePump:
     """
     Moves bytes both ways between two connected non-blocking TCP sockets.
@@ -287,6 +300,8 @@ class SplicePump:
     failed: Optional[int] = None
     #: Its error (C{errno.ECONNRESET}: it was reset), 0 if not known.
     error = 0
+    #: Why no pipe could be had (an C{errno}): the pump failed for want of one.
+    noPipe = 0
 
     def __init__(
         self,
@@ -360,9 +375,8 @@ class SplicePump:
         if direction.pipe is None:
             try:
                 pipe = direction.pipe = self.pipes.take()
-            except OSError:
-                pipe = None
-            if pipe is None:
+            except OSError as e:
+                self.noPipe = e.errno or errno.EIO
                 self.fail(src)
                 return
             direction.pipeR, direction.pipeW, direction.capacity = pipe

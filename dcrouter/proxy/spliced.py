@@ -56,7 +56,7 @@ from dcrouter.proxy.accepted import AcceptedConnection
 from dcrouter.proxy.forward import ForwardOptions
 from dcrouter.proxy.pool import Target, TargetPool
 from dcrouter.proxy.routetable import CompiledRoute, PortTable
-from dcrouter.proxy.splice import SplicePump, spliceAvailable
+from dcrouter.proxy.splice import SplicePump, ending, spliceAvailable
 
 if TYPE_CHECKING:
     from dcrouter.proxy.listener import Router, RoutingState
@@ -398,11 +398,8 @@ class SplicedForward(AcceptedConnection, SocketTaker):
         """The pump stopped: both ways done, or a side failed (see L{SplicePump})."""
         record, pump = self.record, self.pump
         assert record is not None and pump is not None
-        if record.ended is None and failed is not None:
-            if pump.error == errno.ECONNRESET:
-                record.ended = "upstream reset" if failed else "client reset"
-            elif failed:
-                record.ended = "upstream closed"
+        if record.ended is None:
+            record.ended = ending(pump, failed) or ("upstream closed" if failed else None)
         self.close()
 
     def spliceHalfClosed(self, side: int) -> None:

@@ -599,3 +599,22 @@ async def test_an_answer_before_an_upstream_reset_reaches_a_tls_client(
     assert records[0]["spliced"] is False and records[0]["ended"] == "upstream closed"
     assert 0 < count == records[0]["bytesOut"]
     await stop(service, listening)
+
+
+@needsSplice
+@pytest_twisted.ensureDeferred
+async def test_no_pipe_for_the_pump_is_named_in_the_record(
+    served: str, records: Any, monkeypatch: Any
+) -> None:
+    def exhausted() -> Any:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(splice.PIPES, "take", exhausted)
+    listening, service, port = await router(Backends(Echo))
+    client = await connect(port, Peer())
+    client.transport.write(b"hello")
+    await until(lambda: bool(records), "the access record")
+    assert records[0]["ended"] == "no pipe for splice(2): Too many open files"
+    client.transport.abortConnection()
+    await client.closed
+    await stop(service, listening)

@@ -6,6 +6,7 @@ hashes what it receives and sees half-closes.
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import os
@@ -21,7 +22,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from dcrouter.proxy.splice import PipePool, SplicePump, spliceAvailable
+from dcrouter.proxy.splice import PipePool, SplicePump, ending, spliceAvailable
 from tests.streams import Flood, MiB, Peer, payload, reactor, until
 
 pytestmark = pytest.mark.skipif(not spliceAvailable(), reason="no splice(2) here")
@@ -441,3 +442,32 @@ async def test_the_owner_sees_the_left_sockets_first_bytes_before_they_are_splic
     for peer in peers:
         transport(peer).loseConnection()
         await peer.closed
+
+
+class NoPipes(PipePool):
+    def take(self) -> Any:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_pipe_to_be_had_ends_the_pump_and_says_why() -> None:
+    peers = [Peer(), Peer()]
+    pumping = Pumping(*peers)
+    pumping.pipes = NoPipes()
+    await pumping.start()
+    transport(peers[0]).write(b"hello")
+    assert await pumping.ended == 0
+    assert ending(pumping.pump, 0) == "no pipe for splice(2): Too many open files"
+    assert peers[1].count == 0
+    pumping.close()
+    for peer in peers:
+        transport(peer).loseConnection()
+        await peer.closed
+
+
+def test_a_reset_is_named_by_its_side() -> None:
+    pump: Any = SplicePump.__new__(SplicePump)
+    pump.error = errno.ECONNRESET
+    assert [ending(pump, side) for side in (0, 1, None)] == ["client reset", "upstream reset", None]
+    pump.error = errno.EPIPE
+    assert ending(pump, 1) is None
