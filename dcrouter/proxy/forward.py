@@ -52,7 +52,6 @@ C{server-fin}; one key, as there is one C{idle_timeout} for both sides).
 
 from __future__ import annotations
 
-import errno
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -90,7 +89,7 @@ from dcrouter.net.sending import Flusher
 from dcrouter.net.tcp import connectTCP, sendWithoutDelay, shutDownOnClose
 from dcrouter.net.tls import clientFactory, halfCloseable
 from dcrouter.proxy.pool import Target, TargetPool
-from dcrouter.proxy.splice import SplicePump, ending, spliceAvailable
+from dcrouter.proxy.splice import SplicePump, ending, sideEnding, spliceAvailable
 
 log = Logger()
 
@@ -208,6 +207,12 @@ class ForwardOptions:
     proxyProtocol: Optional[str] = None
     upstreamTLS: Optional[Callable[[HostPort], IOpenSSLClientConnectionCreator]] = None
     splice: SpliceMode = "auto"
+
+    def timedOut(self, halfClosedBy: Optional[str]) -> str:
+        """How a connection the idle sweep closed ended, for its access record."""
+        if halfClosedBy is None:
+            return f"idle timeout ({self.idleTimeout:g}s)"
+        return f"fin timeout ({self.finTimeout:g}s after {halfClosedBy})"
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
@@ -576,11 +581,7 @@ class ForwardProtocol(Protocol):
         The pump passed on the end of C{side} (0: the client; 1: the
         target): its FIN, or its failure (what it sent is being delivered).
         """
-        pump = self.pump
-        end = "FIN"
-        if pump is not None and pump.failed == side:
-            end = "reset" if pump.error == errno.ECONNRESET else "loss"
-        self.halfClosed(("client", "upstream")[side], end)
+        self.halfClosed(("client", "upstream")[side], sideEnding(self.pump, side))
 
     def stopSplice(self) -> None:
         """Take the sockets back (before Twisted closes them) and count the bytes."""
@@ -727,11 +728,7 @@ class ForwardProtocol(Protocol):
         self.idle.watch(self)
 
     def idleTimedOut(self) -> None:
-        end = self.halfClosedBy
-        if end is None:
-            self.record.ended = f"idle timeout ({self.options.idleTimeout:g}s)"
-        else:
-            self.record.ended = f"fin timeout ({self.options.finTimeout:g}s after {end})"
+        self.record.ended = self.options.timedOut(self.halfClosedBy)
         self.closeUpstream()
         self.closeClient(abort=True)
 

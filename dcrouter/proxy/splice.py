@@ -272,6 +272,13 @@ def ending(pump: SplicePump, failed: Optional[int]) -> Optional[str]:
     return None
 
 
+def sideEnding(pump: Optional[SplicePump], side: int) -> str:
+    """How C{side} (0: left, 1: right) ended its way: C{FIN}, C{reset} or C{loss}."""
+    if pump is None or pump.failed != side:
+        return "FIN"
+    return "reset" if pump.error == errno.ECONNRESET else "loss"
+
+
 class SplicePump:
     """
     Moves bytes both ways between two connected non-blocking TCP sockets.

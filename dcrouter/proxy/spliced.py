@@ -42,6 +42,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import address, posixbase
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import TimeoutError, getConnectError
 from twisted.internet.interfaces import IAddress, IReactorFDSet, IWriteDescriptor
 from twisted.logger import Logger
@@ -56,7 +57,7 @@ from dcrouter.proxy.accepted import AcceptedConnection
 from dcrouter.proxy.forward import ForwardOptions
 from dcrouter.proxy.pool import Target, TargetPool
 from dcrouter.proxy.routetable import CompiledRoute, PortTable
-from dcrouter.proxy.splice import SplicePump, ending, spliceAvailable
+from dcrouter.proxy.splice import SplicePump, ending, sideEnding, spliceAvailable
 
 if TYPE_CHECKING:
     from dcrouter.proxy.listener import Router, RoutingState
@@ -70,15 +71,6 @@ _RESET = struct.pack("ii", 1, 0)
 _SOCKET_FLAGS = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0) | getattr(
     socket, "SOCK_CLOEXEC", 0
 )
-
-
-def _isIP(host: str) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        socket.inet_pton(family, host)
-    except OSError:
-        return False
-    return True
 
 
 def _splicesPlainly(route: CompiledRoute) -> bool:
@@ -95,7 +87,10 @@ def _splicesPlainly(route: CompiledRoute) -> bool:
     ):
         return False
     pool: TargetPool = forward.targets.pool
-    return all(_isIP(target.address.host) for target in pool.targets)
+    return all(
+        isIPAddress(target.address.host) or isIPv6Address(target.address.host)
+        for target in pool.targets
+    )
 
 
 def splicesAtAccept(table: PortTable, reactor: object) -> bool:
@@ -404,15 +399,11 @@ class SplicedForward(AcceptedConnection, SocketTaker):
 
     def spliceHalfClosed(self, side: int) -> None:
         """One way is over (C{side}'s FIN or failure): the fin timeout applies."""
-        pump = self.pump
-        end = "FIN"
-        if pump is not None and pump.failed == side:
-            end = "reset" if pump.error == errno.ECONNRESET else "loss"
         options = self.options
         assert options is not None and self.idle is not None
         if self.halfClosedBy is not None or options.finTimeout >= options.idleTimeout:
             return
-        self.halfClosedBy = f"{('client', 'upstream')[side]} {end}"
+        self.halfClosedBy = f"{('client', 'upstream')[side]} {sideEnding(self.pump, side)}"
         self.idle.unwatch(self)
         self.idle = IdleSweep.of(self.router.reactor, options.finTimeout)
         self.idle.watch(self)
@@ -427,11 +418,7 @@ class SplicedForward(AcceptedConnection, SocketTaker):
 
     def idleTimedOut(self) -> None:
         assert self.record is not None and self.options is not None
-        end = self.halfClosedBy
-        if end is None:
-            self.record.ended = f"idle timeout ({self.options.idleTimeout:g}s)"
-        else:
-            self.record.ended = f"fin timeout ({self.options.finTimeout:g}s after {end})"
+        self.record.ended = self.options.timedOut(self.halfClosedBy)
         self.close(abort=True)
 
     # The end
