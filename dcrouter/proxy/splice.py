@@ -224,9 +224,13 @@ class _End:
     def fileno(self) -> int:
         return self.fd
 
+    # The reactor may hand an end an event of the socket that had its
+    # descriptor number before (closed earlier in the same batch of events):
+    # an end acts only on what it asked to be told.
+
     def doRead(self) -> None:
         pump = self.pump
-        if pump is None:
+        if pump is None or not self.reading:
             return
         direction = self.outgoing
         pump.pull(direction)
@@ -237,7 +241,7 @@ class _End:
         # The pump may have stopped in this event's doRead: Twisted calls
         # doWrite next for an event that is both readable and writable.
         pump = self.pump
-        if pump is None:
+        if pump is None or not self.writing:
             return
         direction = self.incoming
         pump.push(direction)

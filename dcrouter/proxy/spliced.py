@@ -44,7 +44,12 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.internet import address, posixbase
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import TimeoutError, getConnectError
-from twisted.internet.interfaces import IAddress, IReactorFDSet, IWriteDescriptor
+from twisted.internet.interfaces import (
+    IAddress,
+    IReactorFDSet,
+    IReadDescriptor,
+    IWriteDescriptor,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -126,9 +131,17 @@ def _connectTimedOut(connection: SplicedForward) -> None:
     connection.connectFailed(str(TimeoutError()))
 
 
-@implementer(IWriteDescriptor)
+@implementer(IReadDescriptor, IWriteDescriptor)
 class _Connecting:
-    """The target's socket while its connect is under way, as the reactor sees it."""
+    """
+    The target's socket while its connect is under way, as the reactor sees it.
+
+    Watched for writability only; but the reactor may also hand it an event
+    of the socket that had its descriptor number before, closed earlier in
+    the same batch of events (a read, a write, a hang-up): so each event
+    asks the socket where its connect stands (L{SplicedForward.connectDone}),
+    as Twisted's own connecting transport does.
+    """
 
     __slots__ = ("owner", "sock")
 
@@ -139,13 +152,17 @@ class _Connecting:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def doRead(self) -> None:
+        self.owner.connectDone()
+
     def doWrite(self) -> None:
         self.owner.connectDone()
 
     def connectionLost(self, reason: Failure) -> None:
         """
         A failed connect (epoll says so with an error, and Twisted calls
-        this), or the reactor shutting down (no error: the connection closes).
+        this), or the reactor shutting down; the reactor no longer watches
+        the socket.
         """
         self.owner.connectDone(lost=True)
 
@@ -256,15 +273,30 @@ class SplicedForward(AcceptedConnection, SocketTaker):
         self.connectFailed(str(getConnectError((result, os.strerror(result)))))
 
     def connectDone(self, lost: bool = False) -> None:
-        """The target's socket is writable (or C{lost}): connected, or failed."""
+        """
+        The reactor saw an event on the target's socket (or C{lost} it):
+        connected, failed, or still under way (an event of its descriptor's
+        previous socket: see L{_Connecting}); with C{lost}, a connect still
+        under way is watched again, so that it ends, or times out.
+        """
         connecting = self.connecting
         if connecting is None:
             return
         sock = connecting.sock
         error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if lost and not error:
-            self.abort()
-            return
+        if not error:
+            assert self.target is not None
+            where = self.target.address
+            try:
+                error = sock.connect_ex((where.host, where.port))
+            except OSError as e:
+                error = e.errno or errno.EIO
+            if error in (errno.EINPROGRESS, errno.EALREADY):
+                if lost:
+                    self.router.reactor.addWriter(connecting)  # type: ignore[attr-defined]
+                return
+            if error == errno.EISCONN:
+                error = 0
         self.stopConnecting()
         if error:
             sock.close()

@@ -5,12 +5,15 @@ Which connections a port serves on their sockets from accept
 
 from __future__ import annotations
 
+import socket
 from ipaddress import ip_network
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
 
 from dcrouter.config.model import DaemonSettings, Defaults, RouteConfig
 from dcrouter.net.tcp import _Server
@@ -18,6 +21,7 @@ from dcrouter.proxy.listener import RoutingProtocol
 from dcrouter.proxy.splice import spliceAvailable
 from dcrouter.proxy.spliced import SplicedForward, splicesAtAccept
 from tests.helpers import Backend, connect, listen, startRouter
+from tests.streams import until
 
 pytestmark = pytest.mark.skipif(not spliceAvailable(), reason="no splice(2) here")
 
@@ -96,3 +100,37 @@ async def test_a_trusted_proxys_connection_goes_through_twisted() -> None:
     defaults = Defaults(bind=("127.0.0.1",), trusted_proxies=(ip_network("127.0.0.0/8"),))
     header = b"PROXY TCP4 203.0.113.9 198.51.100.1 4711 443\r\n"
     assert await servedBy(header, defaults=defaults) is RoutingProtocol
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connect_under_way_sees_through_events_of_its_descriptors_last_socket() -> None:
+    """
+    The reactor may hand the target's connecting socket an event of the
+    socket that had its descriptor number before, closed earlier in the same
+    batch of events: a read, a write, a hang-up. The connect goes on, and
+    when it times out (a full accept queue drops its SYN), the next target
+    answers.
+    """
+    backend = Backend(greeting=b"second\n")
+    listening = await listen(backend)
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        with socket.create_connection(full.getsockname(), timeout=5):
+            targets = f"127.0.0.1:{full.getsockname()[1]}, 127.0.0.1:{listening.getHost().port}"
+            service, port = await startRouter(route(target=targets, connect_timeout="0.5s"))
+            client = await connect(port)
+            await until(lambda: len(service.router.connections) == 1, "the connection accepted")
+            (connection,) = service.router.connections
+            assert isinstance(connection, SplicedForward)
+            connecting = connection.connecting
+            assert connecting is not None
+            connecting.doRead()
+            connecting.doWrite()
+            reactor.removeWriter(connecting)  # as the reactor does before a hang-up's connectionLost
+            connecting.connectionLost(Failure(ConnectionLost()))
+            assert connection.connecting is connecting and connecting in reactor.getWriters()
+            assert await client.waitFor(7) == b"second\n"
+            client.transport.loseConnection()
+            await service.stopService()
+            await listening.stopListening()

@@ -49,7 +49,7 @@ default_tls = off
              "-t", "bob@example.test", f"{LOCALHOST}:{mx}"],
             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
         )
-        assert sent.returncode == 0, sent.stderr
+        assert sent.returncode == 0, sent.stderr + dcrouter.describe()
 
         def messageIds() -> list[bytes]:
             # smtp-sink may still be writing the last file: count whole lines.

@@ -274,6 +274,37 @@ def test_the_ends_of_a_stopped_pump_ignore_the_events_left_in_a_reactor_turn() -
                 sock.close()
 
 
+def test_an_end_ignores_the_events_it_did_not_ask_for() -> None:
+    """
+    The reactor may hand an end an event of the socket that had its
+    descriptor number before, closed earlier in the same batch: an end
+    that is not read or not written to does nothing with it.
+    """
+    from twisted.internet.testing import MemoryReactor
+
+    pairs = [socket.socketpair() for _ in range(2)]
+    halfClosed: list[int] = []
+    try:
+        for pair in pairs:
+            pair[0].setblocking(False)
+        pump = SplicePump(MemoryReactor(), pairs[0][0], pairs[1][0], lambda failed: None,
+                          PipePool(), halfClosed.append)
+        pump.start()
+        left, right = pump.ends
+        pairs[0][1].shutdown(socket.SHUT_WR)
+        left.doRead()
+        assert halfClosed == [0] and not left.reading and not right.writing
+        right.doWrite()
+        left.doRead()
+        assert halfClosed == [0]
+        assert pairs[1][1].recv(1) == b""
+        pump.stop()
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+
+
 def test_a_stopped_pump_and_its_owner_are_freed_without_the_garbage_collector() -> None:
     from twisted.internet.testing import MemoryReactor
 
