@@ -42,11 +42,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import socket
 import sys
 from collections.abc import Callable
 from typing import Optional
 
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -249,7 +251,12 @@ class _End:
             pump.release(direction)
 
     def connectionLost(self, reason: Failure) -> None:
-        """The reactor saw a hang-up or an error (or is shutting down)."""
+        """
+        The reactor saw a hang-up or an error (or is shutting down), and no
+        longer watches the socket. A hang-up of the descriptor's previous
+        socket is told by the socket itself: no error, no hang-up; the end
+        is watched again as it was.
+        """
         pump = self.pump
         if pump is None:
             return
@@ -257,10 +264,23 @@ class _End:
             error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         except OSError:
             error = 0
+        if not error and reason.check(ConnectionDone, ConnectionLost) and not _hungUp(self.fd):
+            if self.reading:
+                pump.reactor.addReader(self)
+            if self.writing:
+                pump.reactor.addWriter(self)
+            return
         pump.fail(self, error)
 
     def logPrefix(self) -> str:
         return f"splice:{self.name}"
+
+
+def _hungUp(fd: int) -> bool:
+    """Does the socket C{fd} say it has hung up or failed (C{poll(2)}, no wait)?"""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 def ending(pump: SplicePump, failed: Optional[int]) -> Optional[str]:

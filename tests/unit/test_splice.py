@@ -305,6 +305,34 @@ def test_an_end_ignores_the_events_it_did_not_ask_for() -> None:
                 sock.close()
 
 
+def test_an_end_fails_on_a_hang_up_of_its_own_socket_only() -> None:
+    """
+    A hang-up the reactor reports for the socket that had an end's
+    descriptor number before (closed earlier in the same batch) is no
+    failure: the end is watched again. Its own socket's hang-up fails it.
+    """
+    from twisted.internet.testing import MemoryReactor
+
+    memory = MemoryReactor()
+    pairs = [socket.socketpair() for _ in range(2)]
+    ended: list[Optional[int]] = []
+    try:
+        pump = SplicePump(memory, pairs[0][0], pairs[1][0], ended.append, PipePool())
+        pump.start()
+        left = pump.ends[0]
+        memory.removeReader(left)  # as the reactor does before a hang-up's connectionLost
+        left.connectionLost(Failure(ConnectionLost()))
+        assert left in memory.getReaders() and ended == []
+        pairs[0][0].shutdown(socket.SHUT_RDWR)
+        memory.removeReader(left)
+        left.connectionLost(Failure(ConnectionLost()))
+        assert ended == [0]
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+
+
 def test_a_stopped_pump_and_its_owner_are_freed_without_the_garbage_collector() -> None:
     from twisted.internet.testing import MemoryReactor
 
