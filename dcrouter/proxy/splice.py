@@ -254,22 +254,26 @@ class _End:
         """
         The reactor saw a hang-up or an error (or is shutting down), and no
         longer watches the socket. A hang-up of the descriptor's previous
-        socket is told by the socket itself: no error, no hang-up; the end
-        is watched again as it was.
+        socket is told by the socket itself, which has neither hung up nor
+        failed: the end is watched again as it was.
         """
         pump = self.pump
         if pump is None:
             return
-        try:
-            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError:
-            error = 0
-        if not error and reason.check(ConnectionDone, ConnectionLost) and not _hungUp(self.fd):
+        if (
+            reason.check(ConnectionDone, ConnectionLost)
+            and getattr(pump.reactor, "running", True)
+            and not _hungUp(self.fd)
+        ):
             if self.reading:
                 pump.reactor.addReader(self)
             if self.writing:
                 pump.reactor.addWriter(self)
             return
+        try:
+            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            error = 0
         pump.fail(self, error)
 
     def logPrefix(self) -> str:

@@ -161,8 +161,9 @@ class _Connecting:
     def connectionLost(self, reason: Failure) -> None:
         """
         A failed connect (epoll says so with an error, and Twisted calls
-        this), or the reactor shutting down; the reactor no longer watches
-        the socket.
+        this), a hang-up of the descriptor's previous socket, or the reactor
+        shutting down (the connection closes); the reactor no longer
+        watches the socket.
         """
         self.owner.connectDone(lost=True)
 
@@ -277,10 +278,15 @@ class SplicedForward(AcceptedConnection, SocketTaker):
         The reactor saw an event on the target's socket (or C{lost} it):
         connected, failed, or still under way (an event of its descriptor's
         previous socket: see L{_Connecting}); with C{lost}, a connect still
-        under way is watched again, so that it ends, or times out.
+        under way is watched again, so that it ends, or times out, unless
+        the reactor is shutting down.
         """
         connecting = self.connecting
         if connecting is None:
+            return
+        reactor: Any = self.router.reactor
+        if lost and not reactor.running:
+            self.abort()
             return
         sock = connecting.sock
         error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -293,7 +299,7 @@ class SplicedForward(AcceptedConnection, SocketTaker):
                 error = e.errno or errno.EIO
             if error in (errno.EINPROGRESS, errno.EALREADY):
                 if lost:
-                    self.router.reactor.addWriter(connecting)  # type: ignore[attr-defined]
+                    reactor.addWriter(connecting)
                 return
             if error == errno.EISCONN:
                 error = 0

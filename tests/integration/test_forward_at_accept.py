@@ -102,35 +102,69 @@ async def test_a_trusted_proxys_connection_goes_through_twisted() -> None:
     assert await servedBy(header, defaults=defaults) is RoutingProtocol
 
 
+async def connectUnderWay() -> Any:
+    """
+    A router whose connection's first target never answers (its full accept
+    queue drops the SYN), and whose second greets; the connection, its
+    client, the connect under way, and the teardown.
+    """
+    backend = Backend(greeting=b"second\n")
+    listening = await listen(backend)
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    filler = socket.create_connection(full.getsockname(), timeout=5)
+    targets = f"127.0.0.1:{full.getsockname()[1]}, 127.0.0.1:{listening.getHost().port}"
+    service, port = await startRouter(route(target=targets, connect_timeout="2s"))
+    client = await connect(port)
+    await until(lambda: len(service.router.connections) == 1, "the connection accepted")
+    (connection,) = service.router.connections
+    assert isinstance(connection, SplicedForward)
+    connecting = connection.connecting
+    assert connecting is not None
+
+    async def stop() -> None:
+        client.transport.loseConnection()
+        await service.stopService()
+        await listening.stopListening()
+        filler.close()
+        full.close()
+
+    return connection, client, connecting, stop
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_connect_under_way_sees_through_events_of_its_descriptors_last_socket() -> None:
     """
     The reactor may hand the target's connecting socket an event of the
     socket that had its descriptor number before, closed earlier in the same
     batch of events: a read, a write, a hang-up. The connect goes on, and
-    when it times out (a full accept queue drops its SYN), the next target
-    answers.
+    when it times out, the next target answers.
     """
-    backend = Backend(greeting=b"second\n")
-    listening = await listen(backend)
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        with socket.create_connection(full.getsockname(), timeout=5):
-            targets = f"127.0.0.1:{full.getsockname()[1]}, 127.0.0.1:{listening.getHost().port}"
-            service, port = await startRouter(route(target=targets, connect_timeout="0.5s"))
-            client = await connect(port)
-            await until(lambda: len(service.router.connections) == 1, "the connection accepted")
-            (connection,) = service.router.connections
-            assert isinstance(connection, SplicedForward)
-            connecting = connection.connecting
-            assert connecting is not None
-            connecting.doRead()
-            connecting.doWrite()
-            reactor.removeWriter(connecting)  # as the reactor does before a hang-up's connectionLost
+    connection, client, connecting, stop = await connectUnderWay()
+    try:
+        connecting.doRead()
+        connecting.doWrite()
+        assert connection.connecting is connecting
+        reactor.removeWriter(connecting)  # as the reactor does before a hang-up's connectionLost
+        connecting.connectionLost(Failure(ConnectionLost()))
+        assert connection.connecting is connecting and connecting in reactor.getWriters()
+        assert await client.waitFor(7) == b"second\n"
+    finally:
+        await stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connect_under_way_ends_with_the_reactor() -> None:
+    connection, client, connecting, stop = await connectUnderWay()
+    try:
+        reactor.removeWriter(connecting)
+        reactor.running = False  # as Twisted's disconnectAll finds it
+        try:
             connecting.connectionLost(Failure(ConnectionLost()))
-            assert connection.connecting is connecting and connecting in reactor.getWriters()
-            assert await client.waitFor(7) == b"second\n"
-            client.transport.loseConnection()
-            await service.stopService()
-            await listening.stopListening()
+        finally:
+            reactor.running = True
+        assert connection.closed and connecting not in reactor.getWriters()
+        await client.closed
+    finally:
+        await stop()

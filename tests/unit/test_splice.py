@@ -309,12 +309,14 @@ def test_an_end_fails_on_a_hang_up_of_its_own_socket_only() -> None:
     """
     A hang-up the reactor reports for the socket that had an end's
     descriptor number before (closed earlier in the same batch) is no
-    failure: the end is watched again. Its own socket's hang-up fails it.
+    failure: the end is watched again. Its own socket's hang-up fails it,
+    and so does the reactor shutting down.
     """
     from twisted.internet.testing import MemoryReactor
 
     memory = MemoryReactor()
-    pairs = [socket.socketpair() for _ in range(2)]
+    memory.running = True
+    pairs = [socket.socketpair() for _ in range(4)]
     ended: list[Optional[int]] = []
     try:
         pump = SplicePump(memory, pairs[0][0], pairs[1][0], ended.append, PipePool())
@@ -327,6 +329,13 @@ def test_an_end_fails_on_a_hang_up_of_its_own_socket_only() -> None:
         memory.removeReader(left)
         left.connectionLost(Failure(ConnectionLost()))
         assert ended == [0]
+
+        other = SplicePump(memory, pairs[2][0], pairs[3][0], ended.append, PipePool())
+        other.start()
+        memory.running = False
+        memory.removeAll()
+        other.ends[1].connectionLost(Failure(ConnectionLost()))
+        assert ended == [0, 1] and memory.getReaders() == []
     finally:
         for pair in pairs:
             for sock in pair:
