@@ -260,11 +260,8 @@ class _End:
         pump = self.pump
         if pump is None:
             return
-        if (
-            reason.check(ConnectionDone, ConnectionLost)
-            and getattr(pump.reactor, "running", True)
-            and not _hungUp(self.fd)
-        ):
+        running = getattr(pump.reactor, "running", True)
+        if running and reason.check(ConnectionDone, ConnectionLost) and not _hungUp(self.fd):
             if self.reading:
                 pump.reactor.addReader(self)
             if self.writing:
@@ -274,7 +271,9 @@ class _End:
             error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         except OSError:
             error = 0
-        pump.fail(self, error)
+        # Shutting down: the other end may no longer be watched, and a
+        # delivery would wait for it forever.
+        pump.fail(self, error, deliver=running)
 
     def logPrefix(self) -> str:
         return f"splice:{self.name}"
@@ -502,19 +501,19 @@ class SplicePump:
             direction.dst.reading = True
             self.reactor.addReader(direction.dst)
 
-    def fail(self, end: _End, error: int = 0) -> None:
+    def fail(self, end: _End, error: int = 0, deliver: bool = True) -> None:
         """
         C{end}'s socket failed (with C{errno} C{error}, 0 if unknown): stop,
         and say which one; unless what it sent is still to be delivered
-        (L{deliver}), which comes first. A failure of the other socket
-        meanwhile stops the pump at once.
+        (L{deliver}, unless told not to), which comes first. A failure of
+        the other socket meanwhile stops the pump at once.
         """
         if self.stopped:
             return
         if self.failed is None:
             self.failed = self.ends.index(end)
             self.error = error
-            if self.deliver(end.outgoing):
+            if deliver and self.deliver(end.outgoing):
                 self.halfClosed(self.failed)
                 return
         self.stop()

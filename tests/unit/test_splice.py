@@ -332,6 +332,7 @@ def test_an_end_fails_on_a_hang_up_of_its_own_socket_only() -> None:
 
         other = SplicePump(memory, pairs[2][0], pairs[3][0], ended.append, PipePool())
         other.start()
+        pairs[3][1].send(b"not delivered: the other end may not be watched any more")
         memory.running = False
         memory.removeAll()
         other.ends[1].connectionLost(Failure(ConnectionLost()))
