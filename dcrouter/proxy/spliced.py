@@ -388,7 +388,8 @@ class SplicedForward(AcceptedConnection, SocketTaker):
         Are the client's first bytes no PROXY header? C{True}: they may be
         spliced (a held prefix is sent first). A header nobody trusted is
         refused; a prefix of one is read, held, and given C{hello_timeout}
-        to be told apart.
+        to be told apart. A client whose socket failed before the pump
+        started is closed, and no target connected for it.
         """
         sock = self.sock
         assert sock is not None
@@ -396,8 +397,17 @@ class SplicedForward(AcceptedConnection, SocketTaker):
             data = sock.recv(_PEEK, socket.MSG_PEEK)
         except BlockingIOError:
             return False
-        except OSError:
-            data = b""  # the pump meets the error as it reads
+        except OSError as e:
+            if self.pump is not None:
+                data = b""  # the pump meets the error as it reads
+            else:
+                # Gone before a target was connected (a reset, say): none is.
+                record = self.record
+                assert record is not None
+                reset = e.errno == errno.ECONNRESET
+                record.ended = "client reset" if reset else f"client failed: {e.strerror}"
+                self.close()
+                return False
         held = self.held
         verdict = proxyHeaderVerdict(held + data) if data else False
         if verdict:

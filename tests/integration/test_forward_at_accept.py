@@ -6,6 +6,7 @@ Which connections a port serves on their sockets from accept
 from __future__ import annotations
 
 import socket
+import struct
 from ipaddress import ip_network
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.error import ConnectionLost
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from dcrouter.config.model import DaemonSettings, Defaults, RouteConfig
@@ -168,3 +170,29 @@ async def test_a_connect_under_way_ends_with_the_reactor() -> None:
         await client.closed
     finally:
         await stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_reset_before_its_accept_gets_no_target_connection() -> None:
+    backend = Backend()
+    listening = await listen(backend)
+    service, port = await startRouter(route(target=f"127.0.0.1:{listening.getHost().port}"))
+    records: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "dcrouter.access":
+            records.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        # Connected, then reset before the router's next turn accepts it.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await until(lambda: bool(records), "the connection's record")
+        ((record,),) = [records]
+        assert (record["ended"], record["target"]) == ("client reset", "-")
+        assert backend.protocols == []
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        await service.stopService()
+        await listening.stopListening()
