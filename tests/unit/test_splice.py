@@ -19,6 +19,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
@@ -94,6 +95,22 @@ def errors() -> Any:
     globalLogPublisher.addObserver(observer)
     yield seen
     globalLogPublisher.removeObserver(observer)
+
+
+@pytest.fixture
+def socketPairs() -> Any:
+    """Make connected socket pairs (a pump's sockets and their peers), closed after the test."""
+    made: list[tuple[socket.socket, socket.socket]] = []
+
+    def make(count: int) -> list[tuple[socket.socket, socket.socket]]:
+        pairs = [socket.socketpair() for _ in range(count)]
+        made.extend(pairs)
+        return pairs
+
+    yield make
+    for pair in made:
+        for sock in pair:
+            sock.close()
 
 
 def openDescriptors() -> int:
@@ -249,104 +266,85 @@ class Owner:
         pass
 
 
-def test_the_ends_of_a_stopped_pump_ignore_the_events_left_in_a_reactor_turn() -> None:
+def test_the_ends_of_a_stopped_pump_ignore_the_events_left_in_a_reactor_turn(
+    socketPairs: Any,
+) -> None:
     """
     An event both readable and writable whose doRead stops the pump still
     gets its doWrite (Twisted does not look again), and a failure after it
     its connectionLost: a stopped pump's ends do nothing, raise nothing.
     """
-    from twisted.internet.testing import MemoryReactor
-
-    pairs = [socket.socketpair() for _ in range(2)]
+    pairs = socketPairs(2)
     ended: list[Optional[int]] = []
     pump = SplicePump(MemoryReactor(), pairs[0][0], pairs[1][0], ended.append, PipePool())
     pump.start()
-    try:
-        pump.stop()
-        for end in pump.ends:
-            end.doRead()
-            end.doWrite()
-            end.connectionLost(Failure(ConnectionLost()))
-        assert ended == []
-    finally:
-        for pair in pairs:
-            for sock in pair:
-                sock.close()
+    pump.stop()
+    for end in pump.ends:
+        end.doRead()
+        end.doWrite()
+        end.connectionLost(Failure(ConnectionLost()))
+    assert ended == []
 
 
-def test_an_end_ignores_the_events_it_did_not_ask_for() -> None:
+def test_an_end_ignores_the_events_it_did_not_ask_for(socketPairs: Any) -> None:
     """
     The reactor may hand an end an event of the socket that had its
     descriptor number before, closed earlier in the same batch: an end
     that is not read or not written to does nothing with it.
     """
-    from twisted.internet.testing import MemoryReactor
-
-    pairs = [socket.socketpair() for _ in range(2)]
+    pairs = socketPairs(2)
     halfClosed: list[int] = []
-    try:
-        for pair in pairs:
-            pair[0].setblocking(False)
-        pump = SplicePump(MemoryReactor(), pairs[0][0], pairs[1][0], lambda failed: None,
-                          PipePool(), halfClosed.append)
-        pump.start()
-        left, right = pump.ends
-        pairs[0][1].shutdown(socket.SHUT_WR)
-        left.doRead()
-        assert halfClosed == [0] and not left.reading and not right.writing
-        right.doWrite()
-        left.doRead()
-        assert halfClosed == [0]
-        assert pairs[1][1].recv(1) == b""
-        pump.stop()
-    finally:
-        for pair in pairs:
-            for sock in pair:
-                sock.close()
+    for pair in pairs:
+        pair[0].setblocking(False)
+    pump = SplicePump(MemoryReactor(), pairs[0][0], pairs[1][0], lambda failed: None,
+                      PipePool(), halfClosed.append)
+    pump.start()
+    left, right = pump.ends
+    pairs[0][1].shutdown(socket.SHUT_WR)
+    left.doRead()
+    assert halfClosed == [0] and not left.reading and not right.writing
+    right.doWrite()
+    left.doRead()
+    assert halfClosed == [0]
+    assert pairs[1][1].recv(1) == b""
+    pump.stop()
 
 
-def test_an_end_fails_on_a_hang_up_of_its_own_socket_only() -> None:
+def test_an_end_fails_on_a_hang_up_of_its_own_socket_only(socketPairs: Any) -> None:
     """
     A hang-up the reactor reports for the socket that had an end's
     descriptor number before (closed earlier in the same batch) is no
     failure: the end is watched again. Its own socket's hang-up fails it,
     and so does the reactor shutting down.
     """
-    from twisted.internet.testing import MemoryReactor
-
     memory = MemoryReactor()
     memory.running = True
-    pairs = [socket.socketpair() for _ in range(4)]
+    pairs = socketPairs(4)
     ended: list[Optional[int]] = []
-    try:
-        pump = SplicePump(memory, pairs[0][0], pairs[1][0], ended.append, PipePool())
-        pump.start()
-        left = pump.ends[0]
-        memory.removeReader(left)  # as the reactor does before a hang-up's connectionLost
-        left.connectionLost(Failure(ConnectionLost()))
-        assert left in memory.getReaders() and ended == []
-        pairs[0][0].shutdown(socket.SHUT_RDWR)
-        memory.removeReader(left)
-        left.connectionLost(Failure(ConnectionLost()))
-        assert ended == [0]
+    pump = SplicePump(memory, pairs[0][0], pairs[1][0], ended.append, PipePool())
+    pump.start()
+    left = pump.ends[0]
+    memory.removeReader(left)  # as the reactor does before a hang-up's connectionLost
+    left.connectionLost(Failure(ConnectionLost()))
+    assert left in memory.getReaders() and ended == []
+    pairs[0][0].shutdown(socket.SHUT_RDWR)
+    memory.removeReader(left)
+    left.connectionLost(Failure(ConnectionLost()))
+    assert ended == [0]
 
-        other = SplicePump(memory, pairs[2][0], pairs[3][0], ended.append, PipePool())
-        other.start()
-        pairs[3][1].send(b"not delivered: the other end may not be watched any more")
-        memory.running = False
-        memory.removeAll()
-        other.ends[1].connectionLost(Failure(ConnectionLost()))
-        assert ended == [0, 1] and memory.getReaders() == []
-    finally:
-        for pair in pairs:
-            for sock in pair:
-                sock.close()
+    other = SplicePump(memory, pairs[2][0], pairs[3][0], ended.append, PipePool())
+    other.start()
+    pairs[3][1].send(b"not delivered: the other end may not be watched any more")
+    memory.running = False
+    memory.removeAll()
+    other.ends[1].connectionLost(Failure(ConnectionLost()))
+    assert ended == [0, 1] and memory.getReaders() == []
 
 
-def test_a_stopped_pump_and_its_owner_are_freed_without_the_garbage_collector() -> None:
-    from twisted.internet.testing import MemoryReactor
-
-    pairs = [socket.socketpair() for _ in range(2)]
+def test_a_stopped_pump_and_its_owner_are_freed_without_the_garbage_collector(
+    socketPairs: Any,
+) -> None:
+    pairs = socketPairs(2)
     owner = Owner()
     pump = SplicePump(MemoryReactor(), pairs[0][0], pairs[1][0], owner.ended, PipePool())
     pump.start()
@@ -360,9 +358,6 @@ def test_a_stopped_pump_and_its_owner_are_freed_without_the_garbage_collector() 
         assert [ref() for ref in freed] == [None, None]
     finally:
         gc.enable()
-        for pair in pairs:
-            for sock in pair:
-                sock.close()
 
 
 @pytest_twisted.ensureDeferred
