@@ -3,7 +3,8 @@ The C{dcrouter} command: operator tools beside the daemon.
 
 C{dcrouter checkconfig FILE} checks a configuration exactly as a start or a
 reload would (without binding ports), prints every error and exits 1, or
-prints a one-line summary and exits 0. C{dcrouter routes FILE} prints the
+prints its warnings (a secret file every user can read) and a one-line
+summary and exits 0. C{dcrouter routes FILE} prints the
 route table in match order; with C{--explain HOST PORT [PATH]} it says which
 route a connection (and an HTTP request) for HOST on PORT would get, and why.
 C{dcrouter certs FILE} and C{dcrouter queue FILE} ask the running daemon,
@@ -34,9 +35,12 @@ def checkconfig(path: str) -> int:
         return 1
     config = compiled.config
     listeners = sorted(compiled.listenKeys())
+    for warning in compiled.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    warned = f", {len(compiled.warnings)} warning(s)" if compiled.warnings else ""
     print(
         f"{path}: OK, {len(config.routes)} route(s) on {len(compiled.tables)} port(s), "
-        f"{len(listeners)} listener(s)"
+        f"{len(listeners)} listener(s){warned}"
     )
     return 0
 

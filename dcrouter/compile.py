@@ -28,7 +28,7 @@ from dcrouter.auth.passwords import parseUsers
 from dcrouter.certs.manager import CertificateSource
 from dcrouter.config import loadConfig
 from dcrouter.config.email import emailRoutes
-from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
+from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector, firstOfEach
 from dcrouter.config.ini import NOT_TERMINATING
 from dcrouter.config.model import PYTHON, CertificatePair, RouteConfig, RouterConfig
 from dcrouter.config.options import RouteOptions
@@ -104,6 +104,9 @@ class CompiledConfig:
     gate: Gate
     resources: tuple[Any, ...] = ()
     routeResources: dict[Optional[str], Any] = field(factory=dict)
+    #: What is allowed but risky, the loader's and the actions' (see
+    #: L{dcrouter.config.errors.ErrorCollector}).
+    warnings: tuple[ConfigError, ...] = ()
 
     def listenKeys(self) -> set[ListenKey]:
         return {(port, address) for port, table in self.tables.items() for address in table.bind}
@@ -169,6 +172,7 @@ def _parseRoute(
         guard = parseGuard(options, threadpool, config.ldap)
     found = options.finish()
     errors.extend(found)
+    errors.warnings.extend(options.warnings)
     httpCapable = IHTTPAction.providedBy(action)
     l7Keys = [key for key, value in (("path", route.paths), ("method", route.methods),
                                      ("headers", route.headers)) if value]
@@ -358,7 +362,10 @@ def compileConfig(
     }
     if previous is not None:
         _inheritResources(routeResources, previous.routeResources)
-    return CompiledConfig(config, tables, gate, tuple(routeResources.values()), routeResources)
+    return CompiledConfig(
+        config, tables, gate, tuple(routeResources.values()), routeResources,
+        warnings=firstOfEach([*config.warnings, *errors.warnings]),
+    )  # fmt: skip
 
 
 def _inheritResources(

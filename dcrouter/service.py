@@ -385,6 +385,7 @@ class DcRouter(MultiService):
             # (twistd starts its services before the reactor's handlers exist.)
             self.reactor.callWhenRunning(self.watchStopSignals)
         assert self.compiled is not None
+        self.logWarnings(self.compiled)
         log.info(
             "dcrouter listening on {listeners}{workers}",
             listeners=", ".join(f"{a}:{p}" for p, a in self.listenKeys()),
@@ -761,6 +762,7 @@ class DcRouter(MultiService):
             )
         self.startResources(compiled)
         stopResources(self.compiled)
+        self.logWarnings(compiled)
         unapplied = takenAtRestart(self.config, config)
         self.config, self.compiled = config, compiled
         self.reloads += 1
@@ -788,6 +790,12 @@ class DcRouter(MultiService):
             path=self.configPath, routes=len(config.routes), ports=len(compiled.tables),
         )
         return True
+
+    def logWarnings(self, compiled: CompiledConfig) -> None:
+        """Say what the configuration allows but should not (once: not in workers)."""
+        if not self.isWorker:
+            for warning in compiled.warnings:
+                log.warn("configuration: {warning}", warning=str(warning))
 
     def logRejectedReload(self, errors: list[ConfigError]) -> None:
         self.reloadError = "\n".join(str(error) for error in errors)

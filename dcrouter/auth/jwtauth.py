@@ -51,6 +51,7 @@ __all__ = [
     "JWTVerifier",
     "PublicKey",
     "bearerToken",
+    "isSecretKey",
     "loadKey",
 ]
 
@@ -215,6 +216,11 @@ class JWTVerifier:
             raise InvalidToken("wrong audience")
 
 
+def isSecretKey(algorithms: Sequence[str]) -> bool:
+    """Is the key of C{algorithms} a shared secret (HMAC), not a public key?"""
+    return bool(algorithms) and all(a in _HMAC for a in algorithms)
+
+
 def loadKey(path: str, algorithms: Sequence[str]) -> Union[bytes, PublicKey]:
     """
     Read a verifier's key from a file: for HMAC algorithms the secret (its
@@ -229,7 +235,7 @@ def loadKey(path: str, algorithms: Sequence[str]) -> Union[bytes, PublicKey]:
     """
     with open(path, "rb") as f:
         data = f.read()
-    if algorithms and all(a in _HMAC for a in algorithms):
+    if isSecretKey(algorithms):
         if data.endswith(b"\r\n"):
             return data[:-2]
         return data[:-1] if data.endswith(b"\n") else data

@@ -48,6 +48,7 @@ from attrs import field, frozen
 from dcrouter.config import values
 from dcrouter.config.errors import ConfigError
 from dcrouter.config.model import PYTHON, HostPort, IPNetwork, Source
+from dcrouter.config.secretfiles import exposedSecret
 
 if TYPE_CHECKING:
     from dcrouter.config.errors import ErrorCollector
@@ -805,6 +806,11 @@ class _Section:
         where = source or (value.source if value is not None else self.section.source)
         self.errors.add(message, where, self.section.name, key)
 
+    def warn(self, key: str, message: str) -> None:
+        value = self.section.values.get(key)
+        where = value.source if value is not None else self.section.source
+        self.errors.warn(message, where, self.section.name, key)
+
     def get(self, key: str, parse: Callable[[str], T], default: T) -> T:
         value = self.section.values.get(key)
         if value is None:
@@ -950,6 +956,9 @@ def _transferKeys(keys: _Section) -> tuple[TsigKey, ...]:
         found[key.name] = key
     if not found and not bad:
         keys.error("transfer_keys_file", f"{path} holds no key (ALGORITHM:NAME:SECRET a line)")
+    problem = exposedSecret(path)
+    if problem is not None:
+        keys.warn("transfer_keys_file", problem)
     return tuple(found.values())
 
 

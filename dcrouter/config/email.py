@@ -15,10 +15,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 from attrs import field, frozen
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from dcrouter.config import values
 from dcrouter.config.errors import ErrorCollector
 from dcrouter.config.model import PYTHON, HostPort, RawValue, RouteConfig, Source
+from dcrouter.config.secretfiles import exposedSecret
 
 if TYPE_CHECKING:
     from dcrouter.config.ini import IniSection
@@ -173,10 +176,15 @@ class _Reader:
             self.errors.add(str(e), value.source, self.section.name, key)
             return default
 
-    def error(self, key: Optional[str], message: str) -> None:
+    def source(self, key: Optional[str]) -> Source:
         value = self.section.values.get(key) if key else None
-        source = value.source if value is not None else self.section.source
-        self.errors.add(message, source, self.section.name, key)
+        return value.source if value is not None else self.section.source
+
+    def error(self, key: Optional[str], message: str) -> None:
+        self.errors.add(message, self.source(key), self.section.name, key)
+
+    def warn(self, key: Optional[str], message: str) -> None:
+        self.errors.warn(message, self.source(key), self.section.name, key)
 
 
 def _email(section: Any, rules: tuple[EmailRule, ...], errors: ErrorCollector) -> EmailSettings:
@@ -237,8 +245,29 @@ def _modeName(text: str) -> str:
     return word
 
 
+def parseDkimKey(pem: bytes) -> rsa.RSAPrivateKey:
+    """
+    The DKIM private key in C{pem} (PKCS#1 or PKCS#8).
+
+    @raise ValueError: not an unencrypted RSA private key of 1024 bits or more.
+    """
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"not a usable private key: {e}") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError("DKIM keys must be RSA")
+    if key.key_size < 1024:
+        raise ValueError(f"an RSA key of {key.key_size} bits is too small for DKIM")
+    return key
+
+
 def _dkim(keys: _Reader) -> Optional[Dkim]:
-    """C{dkim_selector}, C{dkim_key} (relative to the file) and C{dkim_domain}, if given."""
+    """
+    C{dkim_selector}, C{dkim_key} (relative to the file) and C{dkim_domain},
+    if given; the key is read here, so that a missing or unusable one is an
+    error at its line rather than a failed start.
+    """
     selector = keys.get("dkim_selector", str.strip, None)
     keyFile = keys.get("dkim_key", str.strip, None)
     domain = keys.get("dkim_domain", _exactDomain, None)
@@ -253,6 +282,18 @@ def _dkim(keys: _Reader) -> Optional[Dkim]:
     if not os.path.isabs(keyFile):
         here = os.path.dirname(os.path.abspath(keys.section.source.file))
         keyFile = os.path.join(here, keyFile)
+    try:
+        with open(keyFile, "rb") as f:
+            parseDkimKey(f.read())
+    except OSError as e:
+        keys.error("dkim_key", f"cannot read {keyFile}: {e.strerror}")
+        return None
+    except ValueError as e:
+        keys.error("dkim_key", f"{keyFile}: {e}")
+        return None
+    problem = exposedSecret(keyFile)
+    if problem is not None:
+        keys.warn("dkim_key", problem)
     return Dkim(selector, keyFile, domain)
 
 

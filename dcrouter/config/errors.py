@@ -51,11 +51,29 @@ class ConfigErrors(Exception):
         return "\n".join(str(error) for error in self.errors)
 
 
+def firstOfEach(warnings: Iterable[ConfigError]) -> tuple[ConfigError, ...]:
+    """
+    C{warnings} in file order, each message once: a secret file that
+    several sections name is warned of where it comes first.
+    """
+    first: dict[str, ConfigError] = {}
+    for warning in sorted(warnings, key=lambda w: (w.source.file, w.source.line)):
+        first.setdefault(warning.message, warning)
+    return tuple(first.values())
+
+
 class ErrorCollector:
-    """Gathers errors while a configuration is read; raises them all at once."""
+    """
+    Gathers errors while a configuration is read; raises them all at once.
+
+    @ivar warnings: what is allowed but risky (a private key every user can
+        read): C{checkconfig} prints them, the daemon logs them; they stop
+        nothing.
+    """
 
     def __init__(self) -> None:
         self.errors: list[ConfigError] = []
+        self.warnings: list[ConfigError] = []
 
     def add(
         self,
@@ -65,6 +83,15 @@ class ErrorCollector:
         key: Optional[str] = None,
     ) -> None:
         self.errors.append(ConfigError(message, source, section, key))
+
+    def warn(
+        self,
+        message: str,
+        source: Source = PYTHON,
+        section: Optional[str] = None,
+        key: Optional[str] = None,
+    ) -> None:
+        self.warnings.append(ConfigError(message, source, section, key))
 
     def extend(self, errors: Iterable[ConfigError]) -> None:
         self.errors.extend(errors)

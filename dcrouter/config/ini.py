@@ -32,7 +32,7 @@ from dcrouter.config.dns import ZONE_PREFIX, parseDnsSections
 from dcrouter.config.email import RULE_PREFIX as EMAIL_RULE_PREFIX
 from dcrouter.config.email import SECTION as EMAIL_SECTION
 from dcrouter.config.email import parseEmailSections
-from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector
+from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector, firstOfEach
 from dcrouter.config.model import (
     TLS_MODES,
     AcmeConfig,
@@ -52,6 +52,7 @@ from dcrouter.config.model import (
     TlsMode,
     TlsSettings,
 )
+from dcrouter.config.secretfiles import exposedSecret
 from dcrouter.config.validate import checkModel
 
 T = TypeVar("T")
@@ -262,6 +263,12 @@ class _Keys:
 
     def error(self, key: Optional[str], message: str) -> None:
         self.errors.add(message, self.source(key), self.section.name, key)
+
+    def warnIfExposed(self, key: str, path: str) -> None:
+        """Warn at C{key} if every user can read the secret file C{path}."""
+        problem = exposedSecret(path)
+        if problem is not None:
+            self.errors.warn(problem, self.source(key), self.section.name, key)
 
     def optional(self, key: str, parse: Callable[[str], T]) -> Optional[T]:
         """C{key} parsed, or C{None} if it is absent or bad (then reported)."""
@@ -604,6 +611,8 @@ class _Loader:
             keys.error("bind_dn", "needs bind_password_file (the password is never in this file)")
         if passwordFile and not os.access(passwordFile, os.R_OK):
             keys.error("bind_password_file", f"cannot read {passwordFile}")
+        elif passwordFile:
+            keys.warnIfExposed("bind_password_file", passwordFile)
         caFile = keys.optional("ca_file", lambda text: self.resolve(text.strip()))
         if caFile and not os.access(caFile, os.R_OK):
             keys.error("ca_file", f"cannot read {caFile}")
@@ -698,6 +707,7 @@ class _Loader:
         if problem is not None:
             keys.error("cert", problem)
             return None
+        keys.warnIfExposed("key", key)
         return pair
 
 
@@ -717,6 +727,8 @@ def parseConfig(text: str, path: str) -> RouterConfig:
     sections = readIni(text, path, errors)
     config = _Loader(path, errors).load(sections)
     errors.raiseIfAny(partial=config)
+    if errors.warnings:
+        config = evolve(config, warnings=firstOfEach(errors.warnings))
     return config
 
 

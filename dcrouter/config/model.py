@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     # config/dns.py imports this module: the name is for annotations only.
     from dcrouter.config.dns import DnsSettings
     from dcrouter.config.email import EmailSettings
+    from dcrouter.config.errors import ConfigError
 
 IPNetwork = Union[IPv4Network, IPv6Network]
 TlsMode = Literal["passthrough", "terminate", "terminate-and-reencrypt"]
@@ -320,3 +321,6 @@ class RouterConfig:
     dns: Optional[DnsSettings] = None
     email: Optional[EmailSettings] = None
     path: Optional[str] = None
+    #: What loading found allowed but risky (see
+    #: L{dcrouter.config.errors.ErrorCollector}); not part of equality.
+    warnings: tuple[ConfigError, ...] = field(default=(), eq=False)

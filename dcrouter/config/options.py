@@ -25,6 +25,7 @@ from dcrouter.config.model import (
     RawValue,
     RouteConfig,
 )
+from dcrouter.config.secretfiles import exposedSecret
 
 T = TypeVar("T")
 
@@ -51,6 +52,8 @@ class RouteOptions:
         #: For an C{IStartTLSAction}: the route's server TLS, or C{None}.
         self.serverTLS: Any = None
         self.errors: list[ConfigError] = []
+        #: What is allowed but risky (see L{dcrouter.config.errors.ErrorCollector}).
+        self.warnings: list[ConfigError] = []
         self._unread = set(route.options)
 
     @property
@@ -67,6 +70,14 @@ class RouteOptions:
         value = self.route.options.get(key) if key else None
         source = value.source if value else self.route.source
         self.errors.append(ConfigError(message, source, self.section, key))
+
+    def warnIfExposed(self, key: str, path: str) -> None:
+        """Warn at C{key} if every user can read the secret file C{path}."""
+        problem = exposedSecret(path)
+        if problem is not None:
+            value = self.route.options.get(key)
+            source = value.source if value else self.route.source
+            self.warnings.append(ConfigError(problem, source, self.section, key))
 
     def get(self, key: str, parse: Callable[[str], T], default: T) -> T:
         """Parse C{key} with C{parse}; the default if absent or bad."""

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from dcrouter.auth.jwtauth import ALGORITHMS, InvalidToken, JWTVerifier, bearerToken
+from dcrouter.auth.jwtauth import ALGORITHMS, InvalidToken, JWTVerifier, bearerToken, isSecretKey
 from dcrouter.auth.ldap import LDAPChecker
 from dcrouter.auth.passwords import (
     AuthUnavailable,
@@ -182,13 +182,16 @@ def _jwtVerifier(options: RouteOptions) -> Optional[JWTVerifier]:
         )
         return None
     try:
-        return JWTVerifier.fromKeyFile(
+        verifier = JWTVerifier.fromKeyFile(
             list(algorithms), keyFile, options.reactor,
             issuer=issuer or None, audience=audience or None, leeway=leeway,
-        )
+        )  # fmt: skip
     except (ValueError, OSError) as e:
         options.error("jwt_key", str(e))
         return None
+    if isSecretKey(algorithms):
+        options.warnIfExposed("jwt_key", keyFile)
+    return verifier
 
 
 def _algorithms(text: str) -> tuple[str, ...]:

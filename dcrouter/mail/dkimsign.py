@@ -24,7 +24,8 @@ from typing import Optional
 import dkim
 from attrs import field, frozen
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+
+from dcrouter.config.email import parseDkimKey
 
 # What dkimpy signs unless told: its default set, From first (RFC 6376 5.4.1).
 SIGNED_HEADERS: tuple[bytes, ...] = (
@@ -72,13 +73,9 @@ def loadKey(pem: bytes, selector: str, domain: Optional[str] = None) -> DkimKey:
     @raise DkimError: not an unencrypted RSA private key of 1024 bits or more.
     """
     try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as e:
-        raise DkimError(f"not a usable private key: {e}") from None
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise DkimError("DKIM keys must be RSA")
-    if key.key_size < 1024:
-        raise DkimError(f"an RSA key of {key.key_size} bits is too small for DKIM")
+        key = parseDkimKey(pem)
+    except ValueError as e:
+        raise DkimError(str(e)) from None
     pkcs1 = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.TraditionalOpenSSL,

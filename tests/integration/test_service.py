@@ -659,3 +659,33 @@ def test_a_reload_keeps_what_the_route_knew_of_its_targets():
     other = second.routeResources["defaults"].targets.pool
     assert other.targets[0].up, "same address, another route: not the same target"
     assert second.routeResources[None].targets.pool.targets[0].up
+
+
+def test_warnings_are_logged_at_start_and_at_each_reload(tmp_path):
+    """What checkconfig warns of, the daemon logs: at start, and again when reloaded."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    secret = tmp_path / "jwt.secret"
+    secret.write_bytes(b"s" * 32)
+    secret.chmod(0o644)
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(
+        f"[dcrouter]\nstate_dir = {tmp_path}\n[route:a]\nports = 1080\naction = static\n"
+        f"body = ok\nauth = jwt\njwt_key = {secret}\njwt_algorithms = HS256\n"
+    )
+    router = DcRouter(loadConfig(str(path)), MemoryReactorClock(), configPath=str(path))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        router.privilegedStartService()
+        router.startService()
+        assert router.reload()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        router.stopService()
+    warnings = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+    warning = (
+        f"configuration: {path}:8: [route:a] jwt_key: {secret} holds a secret and every user"
+        f" can read it (mode 0644); chmod o-r {secret}"
+    )
+    assert warnings == [warning, warning]

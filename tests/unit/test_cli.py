@@ -44,3 +44,27 @@ def test_certs_with_the_socket_off_needs_user(tmp_path):
     with pytest.raises(SystemExit) as caught:
         main(["certs", str(path)])
     assert "[admin] socket = off: ask over [admin] listen with --user" in str(caught.value)
+
+
+def test_checkconfig_prints_warnings_and_still_passes(tmp_path, capsys):
+    """An HS256 secret every user can read: said with its line; the file is usable."""
+    secret = tmp_path / "jwt.secret"
+    secret.write_bytes(b"s" * 32)
+    secret.chmod(0o644)
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(
+        f"[dcrouter]\nstate_dir = {tmp_path / 'state'}\n"
+        "[route:api]\nports = 8080\naction = static\nbody = ok\nauth = jwt\n"
+        f"jwt_key = {secret}\njwt_algorithms = HS256\n"
+    )
+    assert main(["checkconfig", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        f"warning: {path}:8: [route:api] jwt_key: {secret} holds a secret and every user can"
+        f" read it (mode 0644); chmod o-r {secret}"
+    ]
+    assert out == f"{path}: OK, 1 route(s) on 1 port(s), 1 listener(s), 1 warning(s)\n"
+    secret.chmod(0o600)
+    assert main(["checkconfig", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.endswith("1 listener(s)\n")

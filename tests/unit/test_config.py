@@ -601,6 +601,62 @@ class TestCertificates:
         ]
 
 
+class TestSecretFiles:
+    """A private key or password file every user can read is a warning at its line."""
+
+    def privateKey(self, pairs: Pairs, tmp_path: Path, mode: int) -> Path:
+        key = tmp_path / f"web-{mode:o}.key"
+        key.write_bytes(Path(pairs.key).read_bytes())
+        key.chmod(mode)
+        return key
+
+    def test_aKeyEveryUserCanReadIsAWarning(
+        self, write: Write, pairs: Pairs, tmp_path: Path
+    ) -> None:
+        key = self.privateKey(pairs, tmp_path, 0o644)
+        path = write(ROUTE + f"tls = terminate\ncert = {pairs.cert}\nkey = {key}\n")
+        config = loadConfig(path)
+        assert config.routes[0].cert == CertificatePair(pairs.cert, str(key))
+        assert [str(w) for w in config.warnings] == [
+            f"{path}:5: [route:web] key: {key} holds a secret and every user can read it"
+            f" (mode 0644); chmod o-r {key}"
+        ]
+
+    def test_aKeyItsGroupCanReadIsFine(self, write: Write, pairs: Pairs, tmp_path: Path) -> None:
+        """Debian's way: root:ssl-cert, mode 0640."""
+        key = self.privateKey(pairs, tmp_path, 0o640)
+        path = write(ROUTE + f"tls = terminate\ncert = {pairs.cert}\nkey = {key}\n")
+        assert loadConfig(path).warnings == ()
+
+    def test_aKeySeveralSectionsNameIsWarnedOfOnceWhereItComesFirst(
+        self, write: Write, pairs: Pairs, tmp_path: Path
+    ) -> None:
+        key = self.privateKey(pairs, tmp_path, 0o604)
+        pair = f"cert = {pairs.cert}\nkey = {key}\n"
+        path = write(
+            f"[tls]\n{pair}{ROUTE}tls = terminate\n{pair}"
+            f"[route:api]\nports = 81\ntls = terminate\n{pair}"
+        )
+        [warning] = loadConfig(path).warnings
+        assert str(warning).startswith(f"{path}:3: [tls] key: {key} holds a secret")
+        assert "(mode 0604)" in str(warning)
+
+    def test_anLdapPasswordFileEveryUserCanReadIsAWarning(
+        self, write: Write, tmp_path: Path
+    ) -> None:
+        secret = tmp_path / "ldap.secret"
+        secret.write_text("s3cret\n")
+        secret.chmod(0o644)
+        text = (
+            "[ldap]\nurl = ldaps://ldap.example:636\nbase = ou=people,dc=example\n"
+            f"bind_dn = cn=svc,dc=example\nbind_password_file = {secret}\n" + ROUTE
+        )
+        [warning] = loadConfig(write(text)).warnings
+        assert warning.key == "bind_password_file" and warning.source.line == 5
+        secret.chmod(0o600)
+        assert loadConfig(write(text)).warnings == ()
+
+
 class TestCrossChecks:
     def test_httpMatchers(self, write: Write) -> None:
         path = write(

@@ -152,6 +152,23 @@ def test_transfer_keys_are_read_from_their_file_as_dig_takes_them(tmp_path):
     assert "secret" not in repr(settings.transfer_keys)
 
 
+def test_a_key_file_every_user_can_read_is_a_warning(tmp_path):
+    keys = tmp_path / "tsig.keys"
+    keys.write_text(f"hmac-sha256:k:{SECRET}\n")
+    text = "[dns]\nallow_transfer = 0.0.0.0/0\ntransfer_keys_file = tsig.keys\n"
+    for mode, warned in ((0o644, True), (0o640, False)):
+        keys.chmod(mode)
+        path = tmp_path / "dns.ini"
+        path.write_text(text)
+        collector = ErrorCollector()
+        parseDnsSections(readIni(text, str(path), collector), collector)
+        assert collector.errors == []
+        assert [str(w) for w in collector.warnings] == (
+            [f"{path}:3: [dns] transfer_keys_file: {keys} holds a secret and every user"
+             f" can read it (mode 0644); chmod o-r {keys}"] if warned else []
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "keys, line, message",
     [

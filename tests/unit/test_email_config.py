@@ -5,11 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from dcrouter.config import ConfigErrors, loadConfig
 from dcrouter.config.email import Dkim
 
 EMAIL = "[email]\nhostname = mx.example.test\nports = 2525\n"
+
+
+def writeKey(path: Path, key: object = None, mode: int = 0o600) -> Path:
+    """A PEM private key (RSA 1024 unless given) at C{path}, with C{mode}."""
+    if key is None:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(key.private_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))  # fmt: skip
+    path.chmod(mode)
+    return path
 
 
 def load(tmp_path: Path, text: str):
@@ -25,13 +40,52 @@ def errors(tmp_path: Path, text: str) -> str:
 
 
 def test_the_default_rule_and_a_rule_take_a_key_and_its_domain(tmp_path: Path) -> None:
+    writeKey(tmp_path / "keys" / "out.key")
+    partner = writeKey(tmp_path / "elsewhere" / "p.key")
     config = load(tmp_path, EMAIL + (
         "dkim_selector = s1\ndkim_key = keys/out.key\ndkim_domain = Example.ORG\n"
-        "[email.rule:*@partner.test]\nmode = mta\ndkim_selector = s2\ndkim_key = /k/p.key\n"
+        f"[email.rule:*@partner.test]\nmode = mta\ndkim_selector = s2\ndkim_key = {partner}\n"
     ))  # fmt: skip
     assert config.email.dkim == Dkim("s1", str(tmp_path / "keys" / "out.key"), "example.org")
     [rule] = config.email.rules
-    assert rule.dkim == Dkim("s2", "/k/p.key", None)  # each From: domain
+    assert rule.dkim == Dkim("s2", str(partner), None)  # each From: domain
+    assert config.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("key", "error"),
+    [
+        (None, "cannot read {path}: No such file or directory"),
+        (ec.generate_private_key(ec.SECP256R1()), "{path}: DKIM keys must be RSA"),
+        (b"not a key\n", "{path}: not a usable private key: "),
+    ],
+)  # fmt: skip
+def test_a_key_that_cannot_sign_is_an_error_at_its_line(
+    tmp_path: Path, key: object, error: str
+) -> None:
+    """Found by checkconfig, not by a daemon that fails to start."""
+    path = tmp_path / "dkim.key"
+    if isinstance(key, bytes):
+        path.write_bytes(key)
+    elif key is not None:
+        writeKey(path, key)
+    report = errors(tmp_path, EMAIL + f"dkim_selector = s1\ndkim_key = {path}\n")
+    where = f"{tmp_path / 'dcrouter.ini'}:5: [email] dkim_key: "
+    assert report.startswith(where + error.format(path=path)), report
+    assert "\n" not in report
+
+
+def test_a_key_every_user_can_read_is_a_warning_at_its_line(tmp_path: Path) -> None:
+    path = writeKey(tmp_path / "dkim.key", mode=0o644)
+    config = load(tmp_path, EMAIL + (
+        "[email.rule:*@partner.test]\nmode = mta\ndkim_selector = s2\n"
+        f"dkim_key = {path}\n"
+    ))  # fmt: skip
+    assert [str(w) for w in config.warnings] == [
+        f"{tmp_path / 'dcrouter.ini'}:7: [email.rule:*@partner.test] dkim_key: {path} holds a"
+        f" secret and every user can read it (mode 0644); chmod o-r {path}"
+    ]
+    assert config.email.rules[0].dkim == Dkim("s2", str(path), None)
 
 
 @pytest.mark.parametrize(
