@@ -244,7 +244,14 @@ class Deliverer:
     def deliver(
         self, message: QueuedMessage, recipients: Sequence[bytes]
     ) -> Deferred[Mapping[bytes, DeliveryResult]]:
-        """Deliver C{message} to C{recipients}; a result for each."""
+        """
+        Deliver C{message} to C{recipients}; a result for each.
+
+        Cancelling it (the queue's attempt timeout, a shutdown) cancels the
+        groups still under way, whose recipients get a 451, and keeps the
+        results of those already done: a recipient delivered to must be
+        recorded as such, or the next attempt delivers it again.
+        """
         groups = self.groups(recipients)
         attempts = [self._deliverGroup(message, rule, members) for rule, members in groups]
 
@@ -254,8 +261,14 @@ class Deliverer:
                 merged.update(results)
             return merged
 
+        def cancel(_: object) -> None:
+            for attempt in attempts:
+                attempt.cancel()
+
+        merged: Deferred[Mapping[bytes, DeliveryResult]] = Deferred(cancel)
         gathered = defer.gatherResults(attempts, consumeErrors=True)
-        return gathered.addCallback(merge)
+        gathered.addCallback(merge).chainDeferred(merged)
+        return merged
 
     def _deliverGroup(
         self, message: QueuedMessage, rule: DomainRule, recipients: list[bytes]
@@ -281,7 +294,8 @@ class Deliverer:
 
         def failed(reason: Any) -> dict[bytes, DeliveryResult]:
             if reason.check(defer.CancelledError):
-                return reason
+                text = "4.4.7 delivery attempt cancelled (timed out, or the router is stopping)"
+                return dict.fromkeys(recipients, DeliveryResult(451, text))
             log.failure(
                 "mode {mode} failed on {queueId}", reason, mode=rule.mode, queueId=message.queueId
             )

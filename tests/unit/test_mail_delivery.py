@@ -191,6 +191,29 @@ def test_an_unknown_or_broken_mode_defers():
     assert results[b"b@broken.example"].code == 451 and "oops" in results[b"b@broken.example"].text
 
 
+def test_a_cancelled_attempt_keeps_what_was_delivered():
+    """
+    The queue cancels an attempt that takes too long, or when it stops: the
+    recipients already delivered to stay delivered (else they get the
+    message again at every retry), the others are deferred.
+    """
+    hanging = defer.Deferred()
+
+    class Hanging(RecordingMode):
+        def deliver(self, envelope, message, recipients, rule):
+            return hanging
+
+    rules = DomainRules([rule("*@slow.example", "slow")], default=rule("*", "m"))
+    deliverer = Deliverer(rules, [RecordingMode("m"), Hanging("slow")])
+    attempt = deliverer.deliver(queued(), (b"bob@x.example", b"carol@slow.example"))
+    attempt.cancel()
+    results = fired(attempt)
+    assert results[b"bob@x.example"] == DeliveryResult(250, "2.0.0 ok")
+    assert results[b"carol@slow.example"].code == 451
+    assert "cancelled" in results[b"carol@slow.example"].text
+    assert hanging.called  # cancelled, not left running
+
+
 def test_a_short_answer_defers_the_rest():
     mode = RecordingMode("m", answer=lambda recipients: [(250, "ok")])
     deliverer = Deliverer(DomainRules([], default=rule("*", "m")), [mode])
