@@ -107,6 +107,10 @@ class CompiledConfig:
     #: What is allowed but risky, the loader's and the actions' (see
     #: L{dcrouter.config.errors.ErrorCollector}).
     warnings: tuple[ConfigError, ...] = ()
+    #: The gates of the routes that set limits, by route name (the HTTP
+    #: routes' too, which their requests pass): a reload keeps each whose
+    #: limits are unchanged, with its counts.
+    routeGates: dict[str, Gate] = field(factory=dict)
 
     def listenKeys(self) -> set[ListenKey]:
         return {(port, address) for port, table in self.tables.items() for address in table.bind}
@@ -243,11 +247,11 @@ def _portTables(
         layer: Any = None
         if layer7:
             plain = [
-                HTTPRoute(i.route, i.action, i.options, i.guard)
+                HTTPRoute(i.route, i.action, i.options, i.guard, i.gate)
                 for i in layer7 if i.route.tls is None
             ]
             secure = [
-                HTTPRoute(i.route, i.action, i.options, i.guard)
+                HTTPRoute(i.route, i.action, i.options, i.guard, i.gate)
                 for i in layer7 if i.route.tls is not None
             ]
             layer = HTTPLayer(
@@ -256,7 +260,8 @@ def _portTables(
                 acmeHTTP=certs.http01.response if certs is not None else None,
             )
         routes = [
-            CompiledRoute(item.route, layer, None, _httpTLS(item, httpTLS), item.gate, layer7=True)
+            # No route gate at accept: each request passes its own route's.
+            CompiledRoute(item.route, layer, None, _httpTLS(item, httpTLS), None, layer7=True)
             if item in layer7
             else CompiledRoute(item.route, item.action, item.options, item.serverTLS, item.gate)
             for item in items
@@ -325,7 +330,7 @@ def compileConfig(
     config, modelErrors = checkModel(config)
     errors.extend(modelErrors)
     errors.extend(_checkAdmin(config))
-    previousGates = {} if previous is None else _gatesByRoute(previous)
+    previousGates = {} if previous is None else previous.routeGates
     parsed: list[_Parsed] = []
     for route in config.routes:
         result = _parseRoute(
@@ -365,6 +370,7 @@ def compileConfig(
     return CompiledConfig(
         config, tables, gate, tuple(routeResources.values()), routeResources,
         warnings=firstOfEach([*config.warnings, *errors.warnings]),
+        routeGates={item.route.name: item.gate for item in parsed if item.gate is not None},
     )  # fmt: skip
 
 
@@ -408,15 +414,6 @@ def _isLoopback(host: str) -> bool:
         return ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-def _gatesByRoute(compiled: CompiledConfig) -> dict[str, Gate]:
-    return {
-        route.name: route.gate
-        for table in compiled.tables.values()
-        for route in table.routes
-        if route.gate is not None
-    }
 
 
 def needsDefaultCertificate(config: RouterConfig) -> bool:

@@ -1,5 +1,6 @@
 """
-A route's guard at layer 7: rate limits first, then authentication.
+A route's guard at layer 7: rate limits first, then authentication; and
+the route's gate (its IP lists and caps), which each request passes.
 
 The rate limit is checked first, so that a flood never reaches bcrypt or the
 LDAP server. Answers: 429 with C{Retry-After}; 401 with a challenge for
@@ -38,8 +39,9 @@ from dcrouter.config import values
 from dcrouter.config.model import LDAPSettings
 from dcrouter.config.options import RouteOptions
 from dcrouter.http.ratelimit import RateLimiter, retryAfter
+from dcrouter.http.wire import HTTPError
 from dcrouter.interfaces import IHTTPExchange
-from dcrouter.net.gate import clientIP
+from dcrouter.net.gate import IPAddress, clientIP
 
 log = Logger()
 
@@ -58,8 +60,7 @@ class Guard:
     def check(self, exchange: IHTTPExchange) -> Union[bool, Deferred[bool]]:
         """C{True} to let the request through; otherwise it has been answered."""
         if self.limiter is not None:
-            ip = clientIP(exchange.connection.client)
-            delay = self.limiter.check(ip.packed if ip is not None else b"")
+            delay = self.limiter.check(clientKey(clientIP(exchange.connection.client)))
             if delay:
                 exchange.record.note = "rate limited"
                 exchange.respond(
@@ -107,6 +108,42 @@ class Guard:
         exchange.record.note = f"auth unavailable: {failure.getErrorMessage()}"
         exchange.respond(503, [_TEXT], b"authentication unavailable\n")
         return False
+
+
+def clientKey(ip: Optional[IPAddress]) -> bytes:
+    """
+    Who a rate limit counts: an IPv4 address, an IPv6 client's /64 (as the
+    gate counts them: one host can hold a whole /64), or C{b""} off IP.
+    """
+    if ip is None:
+        return b""
+    packed = ip.packed
+    return packed if len(packed) == 4 else packed[:8]
+
+
+#: How a request is answered that its route's gate refused, by the reason
+#: L{dcrouter.net.gate.Gate.admit} gives; any other reason (a cap, the
+#: connection rate) is a 503, as nginx's limit_conn answers.
+_GATE_ANSWERS = {
+    "ip_block": (403, "the client address is blocked on this route (ip_block)"),
+    "ip_allow": (403, "the client address is not allowed on this route (ip_allow)"),
+}
+
+
+def admitRequest(gate: Any, ip: Optional[IPAddress], record: Any) -> Optional[HTTPError]:
+    """
+    Pass a request through its route's gate (L{dcrouter.http.routes.HTTPRoute.gate}):
+    the answer to send if refused; else it is counted until its record is
+    written.
+    """
+    if gate is None:
+        return None
+    refused = gate.admit(ip)
+    if refused is not None:
+        status, reason = _GATE_ANSWERS.get(refused, (503, f"route limit reached ({refused})"))
+        return HTTPError(status, reason)
+    record.onEnd = lambda: gate.release(ip)
+    return None
 
 
 def parseGuard(

@@ -78,6 +78,7 @@ from zope.interface import implementer
 
 from dcrouter.http import server as _server
 from dcrouter.http.exchange import ExchangeBase
+from dcrouter.http.guard import admitRequest
 from dcrouter.http.routes import HTTPRoute, domainMatches, hostName
 from dcrouter.http.wire import BodyFraming, HTTPError, RequestHead, splitAuthority
 from dcrouter.interfaces import IHTTPExchange, IRoutedConnection
@@ -561,6 +562,10 @@ class H2ServerProtocol(Protocol):
         if self.secure and serverName and not domainMatches(route.config.domains, serverName):
             self.refuse(streamId, head, record, HTTPError(
                 421, f"{host} is not served on a connection for {serverName}"), ended)
+            return
+        refused = admitRequest(route.gate, self.clientIP, record)
+        if refused is not None:
+            self.refuse(streamId, head, record, refused, ended)
             return
         maxBody = settings.max_body_size
         if maxBody and head.body.kind == "length" and head.body.length > maxBody:

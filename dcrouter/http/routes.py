@@ -92,12 +92,18 @@ class HTTPRoute:
     @ivar options: what the action's C{parseOptions} returned.
     @ivar guard: the route's auth and rate limits (L{dcrouter.http.guard.Guard}),
         or C{None}.
+    @ivar gate: the L{dcrouter.net.gate.Gate} of the route's C{ip_allow},
+        C{ip_block}, caps and connection rate, or C{None}. On a port served
+        at layer 7 a connection's requests may go to different routes, so
+        each request passes the gate of its own route (L{admit}), and is
+        counted by it while it is answered.
     """
 
     config: RouteConfig
     action: Any
     options: Any
     guard: Any = None
+    gate: Any = None
 
 
 @frozen(eq=False)

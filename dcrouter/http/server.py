@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from dcrouter.config.model import HttpSettings, IPNetwork
 from dcrouter.http.exchange import ExchangeBase
+from dcrouter.http.guard import admitRequest
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable, domainMatches, hostName
 from dcrouter.http.wire import (
     LAST_CHUNK,
@@ -361,6 +362,10 @@ class HTTPServerProtocol(Protocol):
             self.sendError(
                 421, f"{host} is not served on a connection for {serverName}", record, unread
             )
+            return
+        refused = admitRequest(route.gate, self.clientIP, record)
+        if refused is not None:
+            self.sendError(refused.status, refused.reason, record, unread)
             return
         try:
             reader = bodyReader(head.body, maxBody=self.settings.max_body_size or None)

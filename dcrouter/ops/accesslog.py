@@ -16,6 +16,7 @@ the fields directly, not through the log publisher.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from time import time
 from typing import Any, Optional, Protocol
 
@@ -158,7 +159,9 @@ REQUEST_FORMAT = (
 class RequestRecord:
     """What is known of one HTTP request, written when its response ends."""
 
-    __slots__ = ("bytesOut", "connection", "head", "note", "route", "started", "status", "target")
+    __slots__ = (
+        "bytesOut", "connection", "head", "note", "onEnd", "route", "started", "status", "target"
+    )
 
     def __init__(self, started: float, connection: IRoutedConnection, head: Any) -> None:
         self.started = started
@@ -169,8 +172,16 @@ class RequestRecord:
         self.target: Optional[str] = None
         self.bytesOut = 0
         self.note: Optional[str] = None
+        #: Called once, when the record is written (the request is over,
+        #: however it ended): gives back what the request held, its place
+        #: in its route's gate.
+        self.onEnd: Optional[Callable[[], None]] = None
 
     def emit(self, now: float) -> None:
+        onEnd = self.onEnd
+        if onEnd is not None:
+            self.onEnd = None
+            onEnd()
         head = self.head
         connection = self.connection
         record = connection.record

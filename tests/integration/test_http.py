@@ -8,7 +8,8 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task
 from twisted.web import resource, server
 
-from dcrouter.config.model import DaemonSettings, Defaults, RouteConfig, RouterConfig
+from dcrouter.config.model import DaemonSettings, Defaults, Limits, RouteConfig, RouterConfig
+from dcrouter.config.values import parseNetworks
 from dcrouter.service import DcRouter
 from tests.helpers import Backend, Recorder, connect, freePort, listen
 from tests.streams import until
@@ -808,3 +809,86 @@ async def test_a_client_that_reads_nothing_of_a_response_is_cut_after_the_send_t
     finally:
         await service.stopService()
         await backendPort.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_request_passes_the_gate_of_its_own_route():
+    """
+    On a port of several HTTP routes a connection's requests go to routes by
+    Host and path: each passes its own route's ip_allow and ip_block (403),
+    never the gate of whichever route the connection was first matched to.
+    """
+    port = freePort()
+    elsewhere = Limits(ip_allow=parseNetworks("10.0.0.0/8"))
+    here = Limits(ip_block=parseNetworks("127.0.0.0/8"))
+    service, _ = await startRouter(
+        httpRoute("public", port, action="static", domains=("www.test",),
+                  options={"body": "public"}),
+        httpRoute("admin", port, action="static", domains=("admin.test",),
+                  options={"body": "admin"}, limits=elsewhere),
+        httpRoute("admin-path", port, action="static", domains=("www.test",),
+                  paths=("/admin*",), options={"body": "admin"}, limits=here),
+    )  # fmt: skip
+    try:
+        for host, path, status in [
+            (b"admin.test", b"/", 403), (b"www.test", b"/", 200), (b"www.test", b"/admin", 403),
+        ]:  # fmt: skip
+            answers, _ = await ask(port, get(path, host))
+            assert [a[0] for a in answers] == [status], (host, path)
+        # Kept alive: a refused request still ends the connection, an admitted one does not.
+        answers, _ = await ask(port, get(host=b"www.test") * 2 + get(host=b"admin.test"), count=3)
+        assert [a[0] for a in answers] == [200, 200, 403]
+        assert b"ip_allow" in answers[2][2]
+        gates = service.compiled.routeGates
+        assert gates["admin"].active == 0 and gates["admin-path"].active == 0
+    finally:
+        await service.stopService()
+
+
+class _Held(protocol.Protocol):
+    """A backend that answers a request only when told (L{slowBackend})."""
+
+    def dataReceived(self, data):
+        self.factory.held.append(self.transport)
+
+
+async def slowBackend():
+    """A backend's port, and a call that answers every request it holds."""
+    factory = protocol.Factory.forProtocol(_Held)
+    factory.held = []
+    listening = await listen(factory)
+
+    def finish():
+        for transport in factory.held:
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    return listening.getHost().port, finish
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_route_cap_counts_requests_in_flight():
+    """max_connections on an HTTP route: requests being answered (as HAProxy's maxconn)."""
+    port = freePort()
+    slow, finish = await slowBackend()
+    service, _ = await startRouter(httpRoute(
+        "capped", port, f"127.0.0.1:{slow}", limits=Limits(max_connections=1),
+    ))
+    try:
+        first = await connect(port)
+        first.transport.write(get())
+        for _ in range(200):
+            if service.compiled.routeGates["capped"].active:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        answers, _ = await ask(port, get())
+        assert [a[0] for a in answers] == [503]
+        finish()
+        for _ in range(200):
+            if responses(first.received):
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert [a[0] for a in responses(first.received)] == [200]
+        assert service.compiled.routeGates["capped"].active == 0
+        first.transport.loseConnection()
+    finally:
+        await service.stopService()

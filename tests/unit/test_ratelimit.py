@@ -167,3 +167,15 @@ def test_bad_settings(perSecond, perMinute, maxKeys, words):
 )
 def test_retry_after_rounds_up_to_whole_seconds(delay, seconds):
     assert retryAfter(delay) == seconds
+
+
+def test_an_ipv6_client_is_counted_by_its_slash_64():
+    """As the gate counts it: one host holds a whole /64 and could walk through it."""
+    from ipaddress import IPv4Address, IPv6Address
+
+    from dcrouter.http.guard import clientKey
+
+    assert clientKey(IPv6Address("2001:db8::1")) == clientKey(IPv6Address("2001:db8::ffff:2"))
+    assert clientKey(IPv6Address("2001:db8::1")) != clientKey(IPv6Address("2001:db8:0:1::1"))
+    assert clientKey(IPv4Address("192.0.2.1")) != clientKey(IPv4Address("192.0.2.2"))
+    assert clientKey(None) == b""
