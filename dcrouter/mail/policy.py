@@ -10,7 +10,8 @@ literal) only from a client that authenticated.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from typing import Optional
 
 from attrs import field, frozen
@@ -20,6 +21,9 @@ from dcrouter.mail.envelope import Envelope, MailAddress, SMTPReply, idnaDomain
 from dcrouter.mail.interfaces import IMailPolicy
 
 __all__ = ["DomainPolicy", "domainPattern", "relayDenied"]
+
+
+_ENHANCED_FAILURE = re.compile(r"5\.[0-9]{1,3}\.[0-9]{1,3}")
 
 
 def relayDenied() -> SMTPReply:
@@ -72,11 +76,17 @@ class DomainPolicy:
     @ivar addresses: single addresses accepted from anyone, their domains not
         (a rule for C{alice@partner.example}); local parts compare
         case-insensitively, as the delivery rules' do.
+    @ivar rejects: the text of the C{mode = reject} rule a recipient
+        (C{local@domain}, unquoted, UTF-8) falls under, or C{None}: such a
+        recipient is refused here, at RCPT, from everyone, as Postfix's
+        C{check_recipient_access ... REJECT}. Accepted, it would be bounced
+        later to a sender anyone can forge (backscatter).
     """
 
     domains: frozenset[str] = field(converter=_patterns)
     relayForAuthenticated: bool = True
     addresses: frozenset[str] = field(default=frozenset(), converter=_addresses)
+    rejects: Optional[Callable[[bytes], Optional[str]]] = field(default=None, eq=False)
 
     def serves(self, domain: str) -> bool:
         """Is C{domain} (lower case, A-labels) one of ours?"""
@@ -92,7 +102,15 @@ class DomainPolicy:
     def checkRecipient(
         self, envelope: Envelope, address: MailAddress, authenticated: bool
     ) -> None:
-        """Ours, or an authenticated client's; else 550 5.7.1."""
+        """A reject rule's 550 5.1.1; else ours, or an authenticated client's; else 550 5.7.1."""
+        if self.rejects is not None and not address.isLiteral:
+            text = self.rejects(f"{address.unquotedLocal}@{address.domain}".encode())
+            if text is not None:
+                # The rule's text may start with its own enhanced code.
+                code, _, rest = text.partition(" ")
+                if _ENHANCED_FAILURE.fullmatch(code) and rest:
+                    raise SMTPReply(550, code, rest)
+                raise SMTPReply(550, "5.1.1", text)
         if authenticated and self.relayForAuthenticated:
             return None
         if address.isLiteral:

@@ -118,11 +118,14 @@ def _dkimKey(dkim: Optional[Dkim]) -> Optional[DkimKey]:
     return None if dkim is None else loadKeyFile(dkim.key, dkim.selector, dkim.domain)
 
 
-def acceptedRecipients(settings: EmailSettings) -> DomainPolicy:
+def acceptedRecipients(
+    settings: EmailSettings, rules: Optional[DomainRules] = None
+) -> DomainPolicy:
     """
     The policy of who may be sent mail by anyone: C{domains}, the hostname,
     and what the rules name (a rule for one address accepts that address,
-    not its whole domain); others only from users.
+    not its whole domain); others only from users. With C{rules}, what
+    falls under a C{mode = reject} rule is refused at RCPT.
     """
     names = {settings.hostname, *settings.domains}
     addresses = set()
@@ -134,8 +137,17 @@ def acceptedRecipients(settings: EmailSettings) -> DomainPolicy:
             addresses.add(rule.pattern)
         else:
             names.add(domain)
+    rejects = None
+    if rules is not None:
+        matching = rules.match
+
+        def rejects(recipient: bytes) -> Optional[str]:
+            rule = matching(recipient)
+            return rule.text if rule.mode == "reject" else None
+
     return DomainPolicy(
-        frozenset(name for name in names if name and name != "*"), addresses=addresses
+        frozenset(name for name in names if name and name != "*"), addresses=addresses,
+        rejects=rejects,
     )
 
 
@@ -207,7 +219,8 @@ class MailService(MultiService):
             RejectMode(),
             *pluginModes(),
         ]
-        self.deliverer = Deliverer(domainRules(settings), modes)
+        rules = domainRules(settings)
+        self.deliverer = Deliverer(rules, modes)
         self.queue = MailQueue(
             os.path.join(stateDir, "mail", "queue"), reactor, threadpool, reactor,
             self.deliverer.deliver, hostname=settings.hostname,
@@ -220,7 +233,7 @@ class MailService(MultiService):
             )
         elif settings.auth == "ldap" and ldap is not None:
             checker = LDAPChecker(ldap, reactor, threadpool, reactor)
-        policy = acceptedRecipients(settings)
+        policy = acceptedRecipients(settings, rules)
         sink = QueueSink(self.queue)
         self.factories = {}
         for port in settings.ports:

@@ -235,6 +235,27 @@ def test_reject_mode_fails_with_the_rules_text():
     assert results == [DeliveryResult(550, "5.7.1 go away")]
 
 
+def test_a_recipient_of_a_reject_rule_is_refused_at_rcpt_from_everyone():
+    """Accepted, it would be bounced later to a sender anyone can forge (backscatter)."""
+    from dcrouter.config.email import EmailRule
+    from dcrouter.config.model import HostPort
+    from dcrouter.mail.envelope import MailAddress, SMTPReply
+    from dcrouter.mail.service import acceptedRecipients, domainRules
+
+    settings = EmailSettings(hostname="mx.example.com", rules=(
+        EmailRule("*@example.com", "forward", target=HostPort("10.0.0.1", 25)),
+        EmailRule("noreply@example.com", "reject", text="5.1.1 nobody reads this"),
+    ))  # fmt: skip
+    policy = acceptedRecipients(settings, domainRules(settings))
+    envelope = Envelope(b"victim@elsewhere.example", ())
+    for local in ("noreply", "NoReply", '"noreply"'):
+        for authenticated in (False, True):
+            with pytest.raises(SMTPReply) as refused:
+                policy.checkRecipient(envelope, MailAddress(local, "Example.COM"), authenticated)
+            assert str(refused.value) == "550 5.1.1 nobody reads this"
+    assert policy.checkRecipient(envelope, MailAddress("bob", "example.com"), False) is None
+
+
 # -- the SMTP client on a scripted server ------------------------------------------------
 
 
