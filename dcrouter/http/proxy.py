@@ -58,8 +58,18 @@ _FORWARDING = frozenset(
 )
 _FRAMING = frozenset((b"content-length", b"transfer-encoding"))
 # What is dropped from the client's headers in one pass: dcrouter sets these.
+# Set by proxies only, and trusted by backends that build URLs or route on
+# them (Spring, Django, IIS): a client's own are dropped unless it is a
+# trusted proxy, as Traefik does.
+_PROXY_SET = frozenset((
+    b"x-forwarded-port", b"x-forwarded-prefix", b"x-forwarded-server", b"x-forwarded-uri",
+    b"x-forwarded-method", b"x-forwarded-ssl", b"x-original-url", b"x-rewrite-url",
+))  # fmt: skip
 _NOT_FORWARDED = HOP_BY_HOP | _FRAMING | _FORWARDING
 _NOT_FORWARDED_NOR_HOST = _NOT_FORWARDED | {b"host"}
+# For a client that is not a trusted proxy: (host kept, host dropped).
+_UNTRUSTED_DROP = (_NOT_FORWARDED | _PROXY_SET, _NOT_FORWARDED_NOR_HOST | _PROXY_SET)
+_UNTRUSTED_PROTECT = _FORWARDING | _PROXY_SET
 # What is dropped from a response with a body: dcrouter frames it.
 _NOT_RELAYED = HOP_BY_HOP | _FRAMING
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
@@ -99,15 +109,16 @@ def authority(address: HostPort) -> bytes:
 def forwardedHeaders(exchange: IHTTPExchange, host: bool = True) -> list[tuple[bytes, bytes]]:
     """
     The request's end-to-end headers, without framing ones (and without
-    C{Host} if not C{host}), with dcrouter's forwarding headers.
+    C{Host} if not C{host}), with dcrouter's forwarding headers; without
+    the headers only proxies set (L{_PROXY_SET}) unless the client is a
+    trusted proxy.
     """
     request = exchange.request
-    headers = endToEndHeaders(
-        request.headers,
-        request.connectionTokens,
-        _FORWARDING,
-        _NOT_FORWARDED if host else _NOT_FORWARDED_NOR_HOST,
-    )
+    if exchange.trustedClient:
+        drop, protect = _NOT_FORWARDED if host else _NOT_FORWARDED_NOR_HOST, _FORWARDING
+    else:
+        drop, protect = _UNTRUSTED_DROP[not host], _UNTRUSTED_PROTECT
+    headers = endToEndHeaders(request.headers, request.connectionTokens, protect, drop)
     client = exchange.connection.client
     address = getattr(client, "host", None) or formatAddress(client)
     if exchange.trustedClient:

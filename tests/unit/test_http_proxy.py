@@ -73,6 +73,30 @@ def test_forwardedHeadersFromATrustedProxyExtendTheirs() -> None:
     assert headers[-1] == (b"Forwarded", b'for=6.6.6.6, for=192.0.2.7;proto=http;host="a.test"')
 
 
+PROXY_SET = (
+    b"X-Forwarded-Port: 443\r\n"
+    b"X-Forwarded-Prefix: /evil\r\n"
+    b"X_Forwarded_Server: evil\r\n"
+    b"X-Original-URL: /admin\r\n"
+    b"X-Rewrite-Url: /admin\r\n"
+)
+
+
+def test_headersOnlyProxiesSetAreDroppedFromAnUntrustedClient() -> None:
+    """Backends build URLs (Spring, Django) or route (IIS) on them."""
+    head = HEAD.replace(b"X-Kept: 2\r\n", b"X-Kept: 2\r\n" + PROXY_SET)
+    assert forwardedHeaders(Exchange(head), host=False) == [
+        (b"X-Kept", b"2"),
+        (b"X-Forwarded-For", b"192.0.2.7"),
+        *OURS,
+    ]
+    kept = forwardedHeaders(Exchange(head, trusted=True), host=False)
+    assert [name for name, _ in kept[1:6]] == [
+        b"X-Forwarded-Port", b"X-Forwarded-Prefix", b"X_Forwarded_Server", b"X-Original-URL",
+        b"X-Rewrite-Url",
+    ]  # fmt: skip
+
+
 def exchangeFrom(address: str, host: bytes, scheme: str, trusted: bool) -> Exchange:
     head = HEAD.replace(b"Host: a.test", b"Host: " + host) if host else HEAD.replace(
         b"GET / HTTP/1.1\r\nHost: a.test", b"GET / HTTP/1.0"
