@@ -330,6 +330,7 @@ def compileConfig(
     config, modelErrors = checkModel(config)
     errors.extend(modelErrors)
     errors.extend(_checkAdmin(config))
+    errors.extend(_checkMailAuth(config))
     previousGates = {} if previous is None else previous.routeGates
     parsed: list[_Parsed] = []
     for route in config.routes:
@@ -407,6 +408,26 @@ def _checkAdmin(config: RouterConfig) -> list[ConfigError]:
             admin.keySources.get("listen", PYTHON), "admin", "listen",
         ))
     return errors
+
+
+def _checkMailAuth(config: RouterConfig) -> list[ConfigError]:
+    """
+    What the mail server needs to check passwords, found here rather than
+    by a mail server that cannot start: hashes that are hashes, and the
+    C{[ldap]} section C{auth = ldap} asks.
+    """
+    email = config.email
+    if email is None:
+        return []
+    if email.auth == "static" and email.users is not None:
+        try:
+            parseUsers(email.users.text)
+        except ValueError as e:
+            return [ConfigError(str(e), email.users.source, "email", "users")]
+    if email.auth == "ldap" and config.ldap is None:
+        where = email.keySources.get("auth", PYTHON)
+        return [ConfigError("auth = ldap needs an [ldap] section", where, "email", "auth")]
+    return []
 
 
 def _isLoopback(host: str) -> bool:

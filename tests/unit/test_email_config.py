@@ -119,3 +119,26 @@ def test_a_proxy_interface_that_is_not_an_address_is_an_error_with_its_line(
 ) -> None:
     report = errors(tmp_path, EMAIL + f"proxy_interfaces = 192.0.2.1, {value}\n")
     assert f"dcrouter.ini:4: [email] proxy_interfaces: {value!r} is not an IP address" in report
+
+
+@pytest.mark.parametrize(
+    ("keys", "error"),
+    [
+        ("auth = static\nusers = alice:notahash\n", "6: [email] users: user 'alice': not a"),
+        ("auth = ldap\n", "5: [email] auth: auth = ldap needs an [ldap] section"),
+    ],
+)
+def test_what_the_mail_server_checks_passwords_with_is_checked_by_checkconfig(
+    tmp_path: Path, keys: str, error: str
+) -> None:
+    """Not by a mail server that cannot start (nor a reload that takes it for the next start)."""
+    from dcrouter.compile import checkConfigFile
+
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(
+        f"[dcrouter]\nstate_dir = {tmp_path}\n[email]\nhostname = mx.example.test\n{keys}"
+        "ports = 2525, 2587\nsubmission_ports = 2587\n"
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        checkConfigFile(str(path))
+    assert caught.value.report().startswith(f"{path}:{error}"), caught.value.report()
