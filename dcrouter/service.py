@@ -190,8 +190,9 @@ def shareLimits(config: RouterConfig, workers: int) -> RouterConfig:
 def takenAtRestart(old: RouterConfig, new: RouterConfig) -> list[str]:
     """
     The settings that differ between C{old} and C{new} and only a restart
-    applies: the processes, their logging, their state directory and the
-    admin listener and socket are set up at start.
+    applies: the processes, their logging, their state directory, the
+    admin listener and socket, the ACME issuer and the mail server's LDAP
+    checker are set up at start.
     """
     changed = []
     if old.daemon.workerCount() != new.daemon.workerCount():
@@ -201,6 +202,10 @@ def takenAtRestart(old: RouterConfig, new: RouterConfig) -> list[str]:
             changed.append(f"[dcrouter] {key}")
     if old.admin != new.admin:
         changed.append("[admin]")
+    if old.acme.enabled and old.acme != new.acme:
+        changed.append("[acme]")  # its issuer's settings; the names it serves do change
+    if old.ldap != new.ldap and old.email is not None and old.email.auth == "ldap":
+        changed.append("[ldap] for the mail server's AUTH")
     return changed
 
 
@@ -771,7 +776,9 @@ class DcRouter(MultiService):
                 log.error("ACME: {problem}", problem=problem)
         elif config.acme.enabled and self.certSource is None:
             log.warn("[acme] was enabled by a reload: it takes effect at the next restart")
-        if config.email != (self.mail.settings if self.mail is not None else None):
+        if not self.isWorker and config.email != (
+            self.mail.settings if self.mail is not None else None
+        ):
             log.warn("[email] changed: the mail server takes it at the next restart")
         if unapplied and not self.isWorker:
             log.warn("changed, but taken only at the next restart: {what}",
@@ -900,6 +907,9 @@ class DcRouter(MultiService):
                 self.reactor.callLater(min(0.1, self.config.daemon.drain_timeout), check)
                 return
             for connection in list(router.connections):
+                record = connection.record
+                if record is not None and record.ended is None:
+                    record.ended = f"cut by the drain ({self.config.daemon.drain_timeout:g}s)"
                 connection.abort()
             # An aborted connection is lost on the next turn of the reactor;
             # wait for it, so that its access record is written before exit.

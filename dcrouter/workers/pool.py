@@ -402,10 +402,17 @@ class WorkerPool(Service):
         return done.addBoth(finished)
 
     def stopService(self) -> Deferred[Any]:
-        """SIGTERM to every worker (each drains); fires when all have exited."""
+        """
+        SIGTERM to every worker (each drains); fires when all have exited,
+        those still draining after a reload too (their own kill timer runs).
+        """
         super().stopService()
         if self.reporting.running:
             self.reporting.stop()
+        draining = [worker.ended for worker in self.draining if not worker.ended.called]
         workers = [*self.workers.values(), *self.successors.values()]
         self.workers, self.successors = {}, {}
-        return self._stop(workers)
+        stopped = self._stop(workers)
+        if not draining:
+            return stopped
+        return DeferredList([stopped, *draining])

@@ -294,9 +294,16 @@ async def test_stop_drains_then_closes():
     client.transport.write(b"x")
     await client.waitFor(1)
     started = reactor.seconds()
-    await service.stopService()
-    await client.closed
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        await service.stopService()
+        await client.closed
+    finally:
+        globalLogPublisher.removeObserver(events.append)
     assert reactor.seconds() - started >= 0.25
+    # Its record says the drain cut it, not that the client left.
+    assert [e["ended"] for e in events if "ended" in e] == ["cut by the drain (0.3s)"]
     await listening.stopListening()
 
 

@@ -689,3 +689,21 @@ def test_warnings_are_logged_at_start_and_at_each_reload(tmp_path):
         f" can read it (mode 0644); chmod o-r {secret}"
     )
     assert warnings == [warning, warning]
+
+
+def test_acme_and_the_mail_servers_ldap_changes_wait_for_a_restart():
+    """Their issuer and checker are made at start: a reload says so rather than nothing."""
+    from attrs import evolve
+
+    from dcrouter.config.email import EmailSettings
+    from dcrouter.config.model import AcmeConfig, LDAPSettings
+    from dcrouter.service import takenAtRestart
+
+    acme = AcmeConfig(enabled=True, directory="staging")
+    ldap = LDAPSettings(url="ldap://127.0.0.1", base="dc=example")
+    old = RouterConfig(acme=acme, ldap=ldap, email=EmailSettings("mx.example", auth="ldap"))
+    new = evolve(old, acme=evolve(acme, directory="production"),
+                 ldap=evolve(ldap, url="ldap://127.0.0.2"))
+    assert takenAtRestart(old, new) == ["[acme]", "[ldap] for the mail server's AUTH"]
+    # Without ACME running, or mail checking passwords elsewhere, nothing waits.
+    assert takenAtRestart(evolve(old, acme=AcmeConfig(), email=None), new) == []

@@ -241,6 +241,32 @@ def test_aWorkerReloadsWhatItIsSentNotTheFile(tmp_path):
     assert worker.config.defaults.limits.max_connections == 5
 
 
+def test_aWorkerSaysNothingOfTheMailServerItDoesNotRun(tmp_path):
+    """The supervisor runs it, and says what a reload leaves for the next start."""
+    from twisted.logger import globalLogPublisher
+
+    from dcrouter.config.email import EmailSettings
+    from dcrouter.service import DcRouter
+
+    role = ProcessRole(
+        "worker", index=0, count=2, inherited={(80, "0.0.0.0"): 99, (2525, "0.0.0.0"): 98}
+    )
+    running = RouterConfig(
+        daemon=DaemonSettings(state_dir=str(tmp_path)),
+        routes=(RouteConfig(name="a", ports=(80,), action="block"),),
+        email=EmailSettings("mx.example", ports=(2525,), default_mode="reject"),
+    )
+    worker = DcRouter(running, MemoryReactorClock(), configPath="unused.ini", role=role)
+    worker.privilegedStartService()
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert worker.reload(running)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e for e in events if e["log_level"].name == "warn"] == []
+
+
 def test_theSupervisorSendsItsWorkersWhatItChecked(tmp_path):
     """A reload on the same listeners: the configuration goes down the pipe, no SIGHUP."""
     from dcrouter.config import loadConfig
@@ -300,6 +326,21 @@ def test_stopWaitsForTheDrainTimeoutOfTheLastReload():
     assert [w.transport.signals for w in workers] == [[signal.SIGTERM], [signal.SIGTERM]]
     reactor.advance(90)
     assert [w.transport.signals for w in workers] == [[signal.SIGTERM, signal.SIGKILL]] * 2
+
+
+def test_stopWaitsForTheWorkersStillDrainingAfterAReload():
+    """Else they outlive the supervisor (and systemd kills them with no drain)."""
+    reactor, pool = makePool()
+    old = [p for p, _, _ in reactor.spawned]
+    pool.replace({(8080, "127.0.0.1"): [FakeSocket(30), FakeSocket(31)]})
+    fresh = [p for p, _, _ in reactor.spawned[2:]]
+    stopped = pool.stopService()
+    for worker in fresh:
+        end(worker)
+    assert not stopped.called
+    end(old[0])
+    end(old[1])
+    assert stopped.called
 
 
 def test_replaceStartsNewWorkersAndRetiresTheOld():
