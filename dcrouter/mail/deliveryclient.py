@@ -60,6 +60,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from dcrouter.mail.dsn import splitHeader
+from dcrouter.mail.envelope import asciiName
 from dcrouter.mail.mimeconvert import ConversionError, to7bit
 from dcrouter.mail.queue import DeliveryResult
 
@@ -551,7 +552,7 @@ class SMTPConnectionPool:
         if host.replace(".", "").isdigit():
             return TCP4ClientEndpoint(self._reactor, host, target.port, self.connectTimeout)
         return HostnameEndpoint(
-            self._reactor, host.encode("idna"), target.port, self.connectTimeout
+            self._reactor, asciiName(host).encode("ascii"), target.port, self.connectTimeout
         )
 
     async def _connect(self, target: SMTPTarget) -> _Connection:
@@ -637,7 +638,7 @@ class SMTPConnectionPool:
 
     async def _hello(self, protocol: SMTPClientProtocol, target: SMTPTarget) -> dict[str, str]:
         """EHLO (HELO if refused); the extensions offered, upper-cased keys."""
-        helo = self.heloName.encode("idna")
+        helo = asciiName(self.heloName).encode("ascii")
         reply = await protocol.command(b"EHLO " + helo)
         if reply.code == 250:
             extensions = {}

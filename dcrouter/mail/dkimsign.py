@@ -26,6 +26,7 @@ from attrs import field, frozen
 from cryptography.hazmat.primitives import serialization
 
 from dcrouter.config.email import parseDkimKey
+from dcrouter.mail.envelope import asciiName
 
 # What dkimpy signs unless told: its default set, From first (RFC 6376 5.4.1).
 SIGNED_HEADERS: tuple[bytes, ...] = (
@@ -127,11 +128,11 @@ def sign(message: bytes, key: DkimKey) -> bytes:
         signature = dkim.sign(
             message,
             key.selector.encode("ascii"),
-            domain.encode("idna"),
+            asciiName(domain).encode("ascii"),
             key.privateKey,
             canonicalize=(b"relaxed", b"relaxed"),
             include_headers=list(SIGNED_HEADERS),
         )
-    except (dkim.DKIMException, UnicodeError) as e:
+    except (dkim.DKIMException, UnicodeError, ValueError) as e:
         raise DkimError(f"DKIM signing failed: {e}") from None
     return bytes(signature) + message

@@ -101,6 +101,18 @@ class MailAddress:
         return idnaDomain(self.domain)
 
 
+def asciiName(domain: str) -> str:
+    """
+    C{domain} as DNS and the wire want it: lower-case A-labels, made as the
+    policy and the rules make them (L{idnaDomain}, IDNA 2008 with UTS 46;
+    Python's C{"idna"} codec is IDNA 2003, which maps C{stra\u00dfe.de} to
+    another domain, C{strasse.de}).
+
+    @raise ValueError: the domain is not a valid IDN.
+    """
+    return domain.lower() if domain.isascii() else idnaDomain(domain)
+
+
 def idnaDomain(domain: str) -> str:
     """
     A UTF-8 domain as lower-case A-labels (UTS 46 mapping).

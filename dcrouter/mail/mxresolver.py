@@ -42,6 +42,8 @@ from twisted.names import error as dnserror
 from twisted.names.error import AuthoritativeDomainError, DomainError
 from twisted.python.failure import Failure
 
+from dcrouter.mail.envelope import asciiName
+
 
 class DNSFailure(Exception):
     """
@@ -266,8 +268,8 @@ class MXResolver:
         if literal is not None:
             return [MXHost(literal, 0, (literal,))]
         try:
-            name = domain.rstrip(".").lower().encode("idna").decode("ascii")
-        except UnicodeError:
+            name = asciiName(domain.rstrip("."))
+        except ValueError:
             raise DNSFailure(f"5.1.2 bad domain name {domain!r}", True) from None
         try:
             answers, _, _ = await self._resolver.lookupMailExchange(name)

@@ -973,6 +973,18 @@ def test_without_mx_the_domain_is_its_own_mail_host():
     assert host.name == "r.example" and host.addresses == ("192.0.2.9",)
 
 
+def test_an_idn_is_looked_up_under_the_name_the_rules_matched():
+    """IDNA 2008 (UTS 46), as the policy and the rules: IDNA 2003 makes straße.de strasse.de."""
+    resolver = FakeResolver(
+        mx={"xn--strae-oqa.de": [(10, "mx.xn--strae-oqa.de")]},
+        a={"mx.xn--strae-oqa.de": ["192.0.2.3"], "strasse.de": ["192.0.2.66"]},
+    )
+    [host] = fired(MXResolver(resolver).resolve("Stra\u00dfe.de."))
+    assert host.name == "mx.xn--strae-oqa.de" and host.addresses == ("192.0.2.3",)
+    reason = failure(MXResolver(resolver).resolve("bad..\u00e9xample"))
+    assert reason.check(DNSFailure) and reason.value.permanent
+
+
 def test_null_mx_and_missing_domains_fail_for_good():
     reason = failure(MXResolver(FakeResolver(mx={"r.example": [(0, "")]})).resolve("r.example"))
     assert reason.check(DNSFailure) and reason.value.permanent and "null MX" in str(reason.value)
