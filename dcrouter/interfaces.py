@@ -135,6 +135,10 @@ class IHTTPExchange(Interface):
     request = Attribute("The L{dcrouter.http.wire.RequestHead}.")
     connection = Attribute("The L{IRoutedConnection} the request came on.")
     route = Attribute("The L{dcrouter.config.model.RouteConfig} that matched.")
+    path = Attribute(
+        "C{str}: the path the routes matched: percent-escapes decoded, dot segments"
+        " resolved, no query (the request's target is as the client sent it)."
+    )
     scheme = Attribute("C{'http'} or C{'https'}, as the client connected.")
     trustedClient = Attribute(
         "C{bool}: the TCP peer is one of C{[defaults] trusted_proxies}, so its"

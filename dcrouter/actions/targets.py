@@ -39,10 +39,16 @@ class Targets:
         """The route's pool and its rules' pools."""
         return [self.pool, *(rule.targets.pool for rule in self.rules)]
 
-    def poolFor(self, request: Any) -> TargetPool:
-        """The pool of the first rule C{request} matches, else the route's."""
+    def poolFor(self, request: Any, path: Optional[str] = None) -> TargetPool:
+        """
+        The pool of the first rule C{request} matches, else the route's.
+
+        @param path: the request's path as the routes matched it (decoded,
+            dot segments resolved: L{dcrouter.http.server.requestPath}), which
+            C{path} rules match too; C{None}: the target's path as sent.
+        """
         for rule in self.rules:
-            if rule.matches(request):
+            if rule.matches(request, path):
                 return rule.targets.pool
         return self.pool
 
@@ -83,10 +89,11 @@ class TargetRule:
     text: str
     targets: Targets
 
-    def matches(self, request: Any) -> bool:
+    def matches(self, request: Any, path: Optional[str] = None) -> bool:
         if self.kind == "path":
-            path = request.target.split(b"?", 1)[0]
-            return self.pattern.match(path) is not None
+            if path is None:
+                return self.pattern.match(request.target.split(b"?", 1)[0]) is not None
+            return self.pattern.match(path.encode("utf-8", "surrogateescape")) is not None
         if self.kind == "header":
             return any(self.pattern.match(value) for value in request.getAll(self.name))
         for header in request.getAll(b"cookie"):

@@ -221,7 +221,7 @@ class Relay(BackendUser):
         self.reactor = route.backends.reactor
         request = exchange.request
         self.request = request
-        self.pool = route.targets.poolFor(request)
+        self.pool = route.targets.poolFor(request, exchange.path)
         self.candidates: list[Any] = []
         self.target: Any = None
         self.backend: Optional[BackendConnection] = None

@@ -57,7 +57,7 @@ def layerTo(port):
     pool = TargetPool([Target(HostPort("127.0.0.1", port))], "roundrobin", reactor, "t")
 
     class Targets:
-        def poolFor(self, request):
+        def poolFor(self, request, path=None):
             return pool
 
     backends = BackendPool(reactor, 5.0)

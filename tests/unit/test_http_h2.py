@@ -815,7 +815,7 @@ def proxied(**client):
     pool = TargetPool([Target(HostPort("127.0.0.1", 8080))], "roundrobin", reactor, "t")
 
     class Targets:
-        def poolFor(self, request):
+        def poolFor(self, request, path=None):
             return pool
 
     route = ProxyRoute(Targets(), BackendPool(reactor, 5.0), 30.0, 30.0)

@@ -40,7 +40,7 @@ class Proxied:
         self.pool = pool = TargetPool([Target(TARGET)], "roundrobin", reactor, "t")
 
         class Targets:
-            def poolFor(self, request):
+            def poolFor(self, request, path=None):
                 return pool
 
         backends = BackendPool(reactor, 5.0)
