@@ -18,6 +18,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from dcrouter.config.options import RouteOptions
+from dcrouter.http.proxy import originForm
 from dcrouter.http.routes import hostName
 from dcrouter.interfaces import IHTTPAction, IHTTPExchange
 
@@ -72,7 +73,8 @@ class RedirectAction:
             scheme=exchange.scheme,
             host=host,
             port=port if colon and port.isdigit() else "",
-            path=target if target.startswith("/") else "/",
+            # An absolute-form target's path too, as its backend would get it.
+            path=originForm(request.target).decode("latin-1"),
             query=query,
         ).encode("latin-1", "replace")
         # Whatever the client sent, the Location header stays one line.

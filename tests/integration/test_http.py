@@ -219,6 +219,9 @@ async def test_redirect_template():
         (answer,), _ = await ask(port, get(b"/a/b?c=d", b"Site.test:8080"))
         assert answer[0] == 308
         assert answer[1][b"location"] == b"https://site.test/a/b?c=d"
+        # An absolute-form target keeps its path and query.
+        (answer,), _ = await ask(port, get(b"http://site.test/a/b?c=d", b"site.test"))
+        assert answer[1][b"location"] == b"https://site.test/a/b?c=d"
     finally:
         await service.stopService()
 
@@ -500,10 +503,14 @@ async def test_target_rules_send_matching_requests_to_their_own_pool():
         answers, _ = await ask(
             port,
             get(b"/a", extra=b"X-Api-Version: v2.1\r\n") + get(b"/b", extra=b"X-Api-Version: v1\r\n")
-            + get(b"/c", extra=b"Cookie: a=b; canary=yes\r\n") + get(b"/beta/x") + get(b"/alpha"),
-            count=5,
+            + get(b"/c", extra=b"Cookie: a=b; canary=yes\r\n") + get(b"/beta/x") + get(b"/alpha")
+            # path rules match the path the routes match: decoded, normalized
+            + get(b"/%62eta/x") + get(b"//beta/x") + get(b"http://app.test/beta/x"),
+            count=8,
         )
-        assert [json.loads(a[2])["name"] for a in answers] == ["beta", "main", "beta", "beta", "main"]
+        assert [json.loads(a[2])["name"] for a in answers] == [
+            "beta", "main", "beta", "beta", "main", "beta", "beta", "beta",
+        ]
     finally:
         await service.stopService()
         await b1.stopListening()
