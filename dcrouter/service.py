@@ -54,6 +54,7 @@ from dcrouter.ops.metrics import (
     pools,
     registryFor,
 )
+from dcrouter.ops.systemd import notify, takeHeldHangup
 from dcrouter.proxy.listener import Router, RoutingState
 from dcrouter.threads import threadPoolOf
 from dcrouter.workers.pool import WorkerPool
@@ -387,6 +388,9 @@ class DcRouter(MultiService):
             # (A worker reloads on its supervisor's message, never on SIGHUP.)
             if self.configPath is not None and not self.isWorker:
                 self.previousHangup = signal.signal(signal.SIGHUP, self.onHangup)
+                if takeHeldHangup():
+                    # Sent while starting (by hand, logrotate): the reload asked for.
+                    self.reactor.callWhenRunning(self.reload)
             # (twistd starts its services before the reactor's handlers exist.)
             self.reactor.callWhenRunning(self.watchStopSignals)
         assert self.compiled is not None
@@ -396,6 +400,8 @@ class DcRouter(MultiService):
             listeners=", ".join(f"{a}:{p}" for p, a in self.listenKeys()),
             workers=f" with {self.role.count} workers" if self.workers is not None else "",
         )
+        if not self.isWorker:
+            notify("READY=1")
 
     def listenKeys(self) -> list[ListenKey]:
         """Every (port, address) listened on, by this process or its workers."""

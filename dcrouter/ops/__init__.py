@@ -1,1 +1,1 @@
-"""What operators see: the access log (and, later, metrics and the status page)."""
+"""What operators see and run it with: logs, metrics, the admin site, systemd's readiness."""

@@ -31,6 +31,10 @@ class _RouterMaker(ServiceMaker):
 
     @property
     def options(self) -> type[Options]:
+        from dcrouter.ops.systemd import holdHangups
+
+        # Until the router reloads on SIGHUP, one is held, not fatal.
+        holdHangups()
         if platform.isLinux() and "twisted.internet.reactor" not in sys.modules:
             from dcrouter.workers.reactor import install
 
