@@ -309,11 +309,8 @@ class DcRouter(MultiService):
             self.certSource = self.certs
         self.mail: Optional[MailService] = None
         if config.email is not None and not self.isWorker:
-            pair = config.tls.cert or ensureSelfSigned(
-                config.daemon.state_dir, config.email.hostname
-            )
             self.mail = MailService(
-                config.email, config.daemon.state_dir, ServerTLS(pair, config.tls),
+                config.email, config.daemon.state_dir, self.mailTLS(config),
                 self.reactor, threadPoolOf(self.reactor), config.ldap, config.defaults.bind,
             )
             self.mail.setServiceParent(self)
@@ -403,6 +400,22 @@ class DcRouter(MultiService):
         if not self.isWorker:
             notify("READY=1")
 
+    def mailTLS(self, config: RouterConfig) -> ServerTLS:
+        """The mail server's STARTTLS: C{[tls]}'s certificate, or the self-signed one."""
+        assert config.email is not None
+        pair = config.tls.cert or ensureSelfSigned(config.daemon.state_dir, config.email.hostname)
+        return ServerTLS(pair, config.tls)
+
+    def renewMailTLS(self, config: RouterConfig) -> None:
+        """Give the mail server C{config}'s certificate as its files are now."""
+        mail = self.mail
+        if mail is None:
+            return
+        try:
+            mail.setServerTLS(self.mailTLS(evolve(config, email=mail.settings)))
+        except Exception:
+            log.failure("the mail server's certificate cannot be used; it keeps the old one")
+
     def listenKeys(self) -> list[ListenKey]:
         """Every (port, address) listened on, by this process or its workers."""
         return sorted({*self.listeners, *self.groups})
@@ -433,6 +446,7 @@ class DcRouter(MultiService):
         self.startResources(compiled)
         stopResources(self.compiled)
         self.compiled = compiled
+        self.renewMailTLS(self.config)
         log.info("certificate files changed: TLS contexts rebuilt")
 
     def publishDkim(self) -> None:
@@ -773,6 +787,7 @@ class DcRouter(MultiService):
             )
         self.startResources(compiled)
         stopResources(self.compiled)
+        self.renewMailTLS(config)
         self.logWarnings(compiled)
         unapplied = takenAtRestart(self.config, config)
         self.config, self.compiled = config, compiled

@@ -252,6 +252,11 @@ class MailService(MultiService):
             )
         self.listeners: list[IListeningPort] = []
 
+    def setServerTLS(self, serverTLS: ServerTLS) -> None:
+        """STARTTLS with this certificate from now on (a renewal); open sessions keep theirs."""
+        for factory in self.factories.values():
+            factory.serverTLS = serverTLS
+
     def dkimRecords(self) -> list[tuple[str, str]]:
         """(C{selector._domainkey.domain}, TXT value) of every rule that signs as a domain."""
         records = []

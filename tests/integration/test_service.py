@@ -707,3 +707,41 @@ def test_acme_and_the_mail_servers_ldap_changes_wait_for_a_restart():
     assert takenAtRestart(old, new) == ["[acme]", "[ldap] for the mail server's AUTH"]
     # Without ACME running, or mail checking passwords elsewhere, nothing waits.
     assert takenAtRestart(evolve(old, acme=AcmeConfig(), email=None), new) == []
+
+
+def test_the_mail_servers_starttls_takes_renewed_certificate_files(tmp_path):
+    """Changed files (a certbot renewal) or a reload: STARTTLS serves them too."""
+    import shutil
+
+    from OpenSSL import SSL
+
+    from dcrouter.config.email import EmailSettings
+    from dcrouter.config.model import CertificatePair, DaemonSettings, TlsSettings
+
+    first = ensureSelfSigned(str(tmp_path / "first"), "first.test")
+    second = ensureSelfSigned(str(tmp_path / "second"), "second.test")
+    served = CertificatePair(str(tmp_path / "served.pem"), str(tmp_path / "served.key"))
+    shutil.copy(first.cert, served.cert)
+    shutil.copy(first.key, served.key)
+    config = RouterConfig(
+        daemon=DaemonSettings(state_dir=str(tmp_path / "state")),
+        tls=TlsSettings(cert=served),
+        email=EmailSettings("mx.example", ports=(2525,), default_mode="reject"),
+    )
+    router = DcRouter(config, MemoryReactorClock())
+    assert router.mail is not None
+
+    def servedName():
+        context = router.mail.factories[2525].serverTLS.getContext()
+        leaf = SSL.Connection(context).get_certificate().to_cryptography()
+        return leaf.subject.rfc4514_string()
+
+    assert servedName() == "CN=first.test"
+    shutil.copy(second.cert, served.cert)
+    shutil.copy(second.key, served.key)
+    router.renewMailTLS(router.config)
+    assert servedName() == "CN=second.test"
+    # A pair that cannot be used (a key half copied) leaves the working one.
+    shutil.copy(first.key, served.key)
+    router.renewMailTLS(router.config)
+    assert servedName() == "CN=second.test"
