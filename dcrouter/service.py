@@ -335,6 +335,18 @@ class DcRouter(MultiService):
         """The configuration as this process applies it: a worker's share of the caps."""
         return shareLimits(config, self.role.count) if self.isWorker else config
 
+    def withRunningMail(self, config: RouterConfig) -> RouterConfig:
+        """
+        C{config} with the C{[email]} the mail server runs (none if none
+        runs): it takes another only at its next start, and routes made
+        from another would send clients to mail ports nothing serves. A
+        worker's configuration says it already (its supervisor's).
+        """
+        if self.isWorker:
+            return config
+        running = self.mail.settings if self.mail is not None else None
+        return config if config.email == running else evolve(config, email=running)
+
     def dnsSettings(self, config: RouterConfig) -> Optional[DnsSettings]:
         """What this process's DNS server serves: nothing in a worker."""
         return None if self.isWorker else config.dns
@@ -739,14 +751,20 @@ class DcRouter(MultiService):
         if self.stopping:
             log.info("dcrouter is stopping; reload of {path} ignored", path=self.configPath)
             return False
+        requested: list[RouterConfig] = []
+
+        def applied(config: RouterConfig) -> RouterConfig:
+            requested.append(config)
+            return self.adjust(self.withRunningMail(config))
+
         try:
             if config is None:
                 compiled = loadAndCompile(
                     self.configPath, self.actions, self.reactor, self.defaultCertificate,
-                    self.compiled, certs=self.certSource, adjust=self.adjust,
+                    self.compiled, certs=self.certSource, adjust=applied,
                 )
             else:
-                config = self.adjust(config)
+                config = applied(config)
                 compiled = compileConfig(
                     config, self.actions, self.reactor, self.defaultCertificate(config),
                     self.compiled, certs=self.certSource,
@@ -797,9 +815,7 @@ class DcRouter(MultiService):
                 log.error("ACME: {problem}", problem=problem)
         elif config.acme.enabled and self.certSource is None:
             log.warn("[acme] was enabled by a reload: it takes effect at the next restart")
-        if not self.isWorker and config.email != (
-            self.mail.settings if self.mail is not None else None
-        ):
+        if requested and requested[0].email != config.email:
             log.warn("[email] changed: the mail server takes it at the next restart")
         if unapplied and not self.isWorker:
             log.warn("changed, but taken only at the next restart: {what}",

@@ -745,3 +745,32 @@ def test_the_mail_servers_starttls_takes_renewed_certificate_files(tmp_path):
     shutil.copy(first.key, served.key)
     router.renewMailTLS(router.config)
     assert servedName() == "CN=second.test"
+
+
+def test_a_reload_keeps_the_mail_routes_of_the_mail_server_that_runs(tmp_path):
+    """
+    The mail server takes a new [email] at its next start: until then the
+    routes stay those of what it serves, not public ports to nothing.
+    """
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    path = tmp_path / "dcrouter.ini"
+
+    def write(ports):
+        path.write_text(f"[dcrouter]\nstate_dir = {tmp_path}\n[email]\nhostname = mx.example\n"
+                        f"ports = {ports}\ndefault_mode = reject\n")
+
+    write("2525")
+    router = DcRouter(loadConfig(str(path)), MemoryReactorClock(), configPath=str(path))
+    router.privilegedStartService()
+    write("2525, 2626")
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert router.reload()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert router.config.email.ports == (2525,)
+    assert {port for port, _ in router.compiled.listenKeys()} == {2525}
+    warnings = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+    assert warnings == ["[email] changed: the mail server takes it at the next restart"]
