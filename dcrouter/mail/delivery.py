@@ -59,7 +59,7 @@ from dcrouter.mail.deliveryclient import (
 )
 from dcrouter.mail.dkimsign import DkimError, DkimKey
 from dcrouter.mail.dkimsign import sign as dkimSign
-from dcrouter.mail.envelope import idnaDomain
+from dcrouter.mail.envelope import MailAddress, idnaDomain
 from dcrouter.mail.localaddresses import InterfaceAddresses
 from dcrouter.mail.mimeconvert import ConversionError, to7bit
 from dcrouter.mail.mxresolver import DNSFailure, MXHost, MXResolver, Myself
@@ -121,12 +121,16 @@ class DomainRule:
 def splitAddress(address: bytes) -> tuple[str, str]:
     """
     (local part, lower-case domain) of an address; the domain is C{""} if
-    there is none (C{postmaster}).
+    there is none (C{postmaster}). A quoted local part is unquoted:
+    C{"alice"@x} is C{alice@x} (RFC 5321 4.1.2), to the rules and the
+    mailboxes as to the SMTP policy.
     """
     text = address.decode("utf-8", "surrogateescape")
     local, at, domain = text.rpartition("@")
     if not at:
         return text, ""
+    if local.startswith('"'):
+        local = MailAddress(local, domain).unquotedLocal
     return local, domain.rstrip(".").lower()
 
 
@@ -593,6 +597,10 @@ class LocalMode:
         """The Maildir of C{recipient}, or C{None} if its name is not safe as a path."""
         local, domain = splitAddress(recipient)
         local = local.lower()
+        try:
+            domain = _asciiDomain(domain)  # one mailbox for either form of an IDN
+        except ValueError:
+            return None
         for part in (local, domain):
             if not part or part.startswith(".") or "/" in part or "\x00" in part:
                 return None

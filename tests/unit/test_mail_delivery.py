@@ -98,6 +98,9 @@ def test_the_most_specific_rule_wins():
     assert rules.match(b"x@example.com.").mode == "forward"
     assert rules.match(b"x@notexample.com").pattern == "*"
     assert rules.match(b"postmaster").pattern == "*"
+    # "boss" is boss (RFC 5321 4.1.2), as to the SMTP policy
+    assert rules.match(b'"boss"@example.com').mode == "reject"
+    assert rules.match(b'"bo\\ss"@example.com').mode == "reject"
 
 
 def test_rules_match_an_idn_in_either_form_as_the_policy_does():
@@ -1335,3 +1338,14 @@ def test_local_mode_writes_maildir_files(tmp_path):
     data = (bob / "new" / name).read_bytes()
     assert data == b"Return-Path: <a@s.example>\r\nDelivered-To: Bob@R.example\r\n" + MESSAGE
     assert not (tmp_path / "maildir" / "etc").exists()
+
+
+def test_one_mailbox_whatever_form_the_address_takes(tmp_path):
+    """A quoted local part, an IDN in either form: the same maildir."""
+    mode = LocalMode(str(tmp_path / "maildir"), SyncReactor(), SyncPool(), task.Clock(), "mx.test")
+    assert (
+        mode.mailbox(b'"Bob"@xn--bcher-kva.example')
+        == mode.mailbox("bob@b\u00fccher.example".encode())
+        == str(tmp_path / "maildir" / "xn--bcher-kva.example" / "bob")
+    )
+    assert mode.mailbox(b'"../x"@r.example') is None
