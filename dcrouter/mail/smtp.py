@@ -191,8 +191,9 @@ class SMTPSettings:
     @ivar greetingTimeout: seconds from the greeting to the first command.
     @ivar commandTimeout: seconds for each further command line.
     @ivar dataTimeout: seconds for each line of DATA.
-    @ivar operationTimeout: seconds a policy, credential or sink check may
-        take; then the client gets a 4xx.
+    @ivar operationTimeout: seconds a policy or credential check may take;
+        then the client gets a 4xx. (Storing a message is not timed: a 4xx
+        then could be followed by its delivery, and the client's retry.)
     @ivar proxyTimeout: seconds a trusted proxy has to send its header.
     @ivar closeTimeout: seconds a client has to read the last reply before
         the connection is aborted.
@@ -238,7 +239,7 @@ class SMTPSettings:
 
 
 class OperationTimeout(Exception):
-    """A policy, credential or sink check did not answer in time."""
+    """A policy or credential check did not answer in time."""
 
 
 def _bounded(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[Any]:
@@ -633,8 +634,13 @@ class SMTPServer(Protocol):
         d: Deferred[Any],
         success: Callable[[Any], None],
         failure: Callable[[Failure], None],
+        bounded: bool = True,
     ) -> None:
-        """Wait for C{d} (bounded) with input held, then answer and go on."""
+        """
+        Wait for C{d} with input held, then answer and go on. C{bounded}:
+        a C{operationTimeout} answers 451 meanwhile; otherwise only the
+        client's patience bounds the wait.
+        """
         self._busy = True
         self._disarm()
 
@@ -665,7 +671,7 @@ class SMTPServer(Protocol):
             if not self._processing:
                 self._process()
 
-        if d.called:  # a synchronous answer (the usual policy): no timer needed
+        if d.called or not bounded:  # a synchronous answer (the usual policy): no timer
             d.addBoth(done)
         else:
             _bounded(d, self._settings.operationTimeout, self._clock).addBoth(done)
@@ -1339,10 +1345,7 @@ class SMTPServer(Protocol):
                 self._checkFailed(reason, "sink")
                 return
             else:
-                if reason.check(OperationTimeout):
-                    log.warn("SMTP {session}: the sink timed out", session=self.sessionId)
-                else:
-                    log.failure("SMTP {session}: the sink failed", reason, session=self.sessionId)
+                log.failure("SMTP {session}: the sink failed", reason, session=self.sessionId)
                 reply = SMTPReply(451, "4.3.0", "Temporary failure storing the message")
             self._logRefused(envelope, reply)
             self.factory.countMessage(reply.code)
@@ -1352,7 +1355,11 @@ class SMTPServer(Protocol):
             d = maybeDeferred(message.writer.commit)
         except Exception:  # maybeDeferred catches; this is for a broken sink only
             d = fail()
-        self._runAsync(d, stored, failed)
+        # Not timed: a 451 while the commit may still succeed has the client
+        # send the message again, a duplicate. The client waits up to 10
+        # minutes for this reply (RFC 5321 4.5.3.2.6), as Postfix's smtpd
+        # waits for its cleanup.
+        self._runAsync(d, stored, failed, bounded=False)
 
     def _logRefused(self, envelope: Envelope, reply: SMTPReply) -> None:
         log.info(
