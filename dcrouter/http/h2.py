@@ -210,6 +210,8 @@ def requestHead(
         raise HTTPError(414, "request target too long")
     if _TARGET.fullmatch(target) is None:
         raise HTTPError(400, "invalid :path")
+    if b"#" in target:
+        raise HTTPError(400, "fragment (#) in :path")  # as for HTTP/1.1 (wire.py)
     if target == b"*":
         if method != b"OPTIONS":
             raise HTTPError(400, "asterisk-form target outside OPTIONS")

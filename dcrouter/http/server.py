@@ -91,7 +91,7 @@ def requestPath(target: bytes) -> str:
         to NUL or to a path that climbs above the root.
     """
     if target.startswith(b"/"):
-        path = target.split(b"?", 1)[0].split(b"#", 1)[0]
+        path = target.split(b"?", 1)[0]
     elif target == b"*":
         return "*"
     else:
@@ -104,7 +104,7 @@ def requestPath(target: bytes) -> str:
         match = _AUTHORITY_END.search(rest)
         if match is None or match.group() != b"/":
             return "/"
-        path = rest[match.start() :].split(b"?", 1)[0].split(b"#", 1)[0]
+        path = rest[match.start() :].split(b"?", 1)[0]
     if _NOT_NORMAL.search(path) is None:
         # Nothing to decode, no dot-segment, no empty one: already normal.
         return path.decode("utf-8", "surrogateescape")

@@ -659,6 +659,11 @@ class RequestHeadParser(_HeadParser):
         method, target, version = m.group(1, 2, 3)
         if version not in _VERSIONS:
             raise HTTPError(505, "HTTP version not supported")
+        if b"#" in target:
+            # Never part of a request target (RFC 9112 3.2); a backend may
+            # cut the path there where routing did not (HAProxy refuses it
+            # too, since CVE-2023-45539).
+            raise HTTPError(400, "fragment (#) in the request target")
         fields = self._fields(head, firstEnd, sectionEnd)
 
         hosts: list[bytes] = []

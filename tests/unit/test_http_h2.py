@@ -534,6 +534,7 @@ def test_connect_and_extended_connect_are_refused(head):
     [
         ((b":path", b"/a b"), 400),
         ((b":path", b"/../etc"), 400),
+        ((b":path", b"/public#/../admin"), 400),
         ((b":path", b"x"), 400),
         ((b"x-a", b"1\r\nX-Injected: 1"), 400),
         ((b"x-a", b" padded"), 400),

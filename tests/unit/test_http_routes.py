@@ -108,7 +108,6 @@ def test_requestPath(target, path):
 
 @pytest.mark.parametrize(("target", "path", "sent"), [
     (b"http://h.test?x=/public/", "/", b"/?x=/public/"),
-    (b"http://h.test#/public/", "/", b"/#/public/"),
     (b"http://h.test?/a/b", "/", b"/?/a/b"),
     (b"http://h.test/p?q=/x", "/p", b"/p?q=/x"),
     (b"http://h.test", "/", b"/"),

@@ -385,6 +385,9 @@ def test_targetForms(start: bytes, host: bytes) -> None:
         b"CONNECT app.test",
         b"CONNECT /",
         b"CONNECT user@app.test:443",
+        # A fragment is never sent (RFC 9112 3.2): a backend may cut there.
+        b"GET /public#/../admin",
+        b"GET http://app.test/#x",
     ],
 )
 def test_badTarget(start: bytes) -> None:
