@@ -270,10 +270,18 @@ class HTTPServerProtocol(Protocol):
     def drain(self) -> None:
         """
         The router is stopping: close now if idle between requests, else
-        answer the request under way with C{Connection: close}.
+        answer the request under way with C{Connection: close}. A connection
+        accepted but not yet read from may have its first request on the
+        way (a client sends it with its connect): it is answered too, as
+        the last, within the head's timeout.
         """
         self.draining = True
-        if self.phase == _Phase.HEAD and not self.headStarted and self.transport is not None:
+        if (
+            self.phase == _Phase.HEAD
+            and not self.headStarted
+            and self.requests
+            and self.transport is not None
+        ):
             self.connection.record.ended = "closed for the drain"
             self.phase = _Phase.CLOSED
             self.cancelTimer()

@@ -365,6 +365,17 @@ def test_drain_closes_an_idle_keep_alive_connection_at_once():
     assert protocol.connection.record.ended == "closed for the drain"
 
 
+def test_drain_answers_the_first_request_of_a_connection_just_accepted():
+    """Its request may be on its way: closing would reset it (a reload, a stop)."""
+    reactor, protocol, transport, action = serve()
+    protocol.drain()
+    assert not transport.disconnecting
+    protocol.dataReceived(GET % 1)
+    action.exchanges[0].respond(200, body=b"done")
+    assert b"Connection: close" in transport.value() and transport.value().endswith(b"done")
+    assert transport.disconnecting
+
+
 def test_drain_lets_the_request_under_way_finish_then_closes():
     reactor, protocol, transport, action = serve()
     protocol.dataReceived(GET % 1)
