@@ -66,6 +66,9 @@ log = Logger()
 
 CERTIFICATE_WATCH_INTERVAL = 30.0
 
+#: How often a worker a reload retired looks whether its connections have ended.
+RETIRE_CHECK_INTERVAL = 1.0
+
 #: The signals that stop the reactor (twistd's, a worker's): see L{DcRouter.onStopSignal}.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -319,6 +322,8 @@ class DcRouter(MultiService):
         self.recentErrors = RecentErrors(self.reactor)
         self.startedAt = 0.0
         self.reloads = 0
+        #: A reload replaced this worker (L{retire}).
+        self.retiring = False
         #: Why the last reload was rejected; C{None} if it was applied (or ignored).
         self.reloadError: Optional[str] = None
         self.certificateWatch: Optional[LoopingCall] = None
@@ -902,6 +907,32 @@ class DcRouter(MultiService):
         done.addCallback(self.removeObservers)
         stopped: Deferred[Any] = gatherResults([done, children])
         return stopped.addCallback(lambda _: None)
+
+    def retire(self) -> None:
+        """
+        A worker a reload replaced: stop accepting, and stop once the
+        connections in flight have ended, however long they last (nginx's
+        and HAProxy's old processes do too), so that a reload cuts none. A
+        SIGTERM meanwhile (the router stopping) drains for C{drain_timeout}.
+        """
+        router = self.router
+        if self.stopping or self.retiring or router is None:
+            return
+        self.retiring = True
+        for connection in list(router.connections):
+            connection.drain()  # idle HTTP keep-alives close; a request under way ends them
+        log.info("worker retired by a reload: {count} connections to finish",
+                 count=len(router.connections))
+
+        def check() -> None:
+            if self.stopping:
+                return  # a stop's drain took over
+            if router.connections:
+                self.reactor.callLater(RETIRE_CHECK_INTERVAL, check)
+                return
+            self.reactor.stop()
+
+        self.closeListeners([*self.listeners, *self.groups]).addCallback(lambda _: check())
 
     def removeObservers(self, result: object) -> None:
         if self.accessCounter in accesslog.counters:

@@ -201,7 +201,8 @@ class WorkerPool(Service):
     @ivar groups: the listener groups the workers serve, by (port, address).
     @ivar successors: by index, the fresh worker started to replace one
         that could not apply a configuration, until it serves.
-    @ivar draining: the workers told to stop that have not exited yet.
+    @ivar draining: the workers told to stop, or retired by a reload, that
+        have not exited yet.
     @ivar retired: the counters of the workers that have exited.
     """
 
@@ -362,8 +363,12 @@ class WorkerPool(Service):
 
     def replace(self, groups: SocketGroups) -> Deferred[Any]:
         """
-        Serve C{groups} from now on: start new workers on them and let the
-        old ones drain (SIGTERM). Fires when the old ones have exited.
+        Serve C{groups} from now on: start new workers on them and retire
+        the old ones: each stops accepting, and exits once its last
+        connection has ended, however long that takes (as nginx's and
+        HAProxy's old processes do): a reload cuts no connection. Stopping
+        the router bounds them with C{drain_timeout}, as every worker.
+        Fires when the old ones have exited.
         """
         self.groups = groups
         old = [*self.workers.values(), *self.successors.values()]
@@ -372,14 +377,18 @@ class WorkerPool(Service):
             worker.retired = True
         for index in range(self.count):
             self.spawn(index)
-        return self._stop(old)
+        for worker in old:
+            worker.send(b"retire\n")
+        pending = [worker for worker in old if not worker.ended.called]
+        self.draining.extend(pending)
+        return DeferredList([worker.ended for worker in pending])
 
     def _stop(self, workers: list[_Worker]) -> Deferred[Any]:
         for worker in workers:
             worker.retired = True
             worker.signal(signal.SIGTERM)
         pending = [worker for worker in workers if not worker.ended.called]
-        self.draining.extend(pending)
+        self.draining.extend(worker for worker in pending if worker not in self.draining)
         if not pending:
             return DeferredList([])
 
@@ -403,16 +412,12 @@ class WorkerPool(Service):
 
     def stopService(self) -> Deferred[Any]:
         """
-        SIGTERM to every worker (each drains); fires when all have exited,
-        those still draining after a reload too (their own kill timer runs).
+        SIGTERM to every worker (each drains for C{drain_timeout}), those a
+        reload retired too; fires when all have exited.
         """
         super().stopService()
         if self.reporting.running:
             self.reporting.stop()
-        draining = [worker.ended for worker in self.draining if not worker.ended.called]
-        workers = [*self.workers.values(), *self.successors.values()]
+        workers = [*self.workers.values(), *self.successors.values(), *self.draining]
         self.workers, self.successors = {}, {}
-        stopped = self._stop(workers)
-        if not draining:
-            return stopped
-        return DeferredList([stopped, *draining])
+        return self._stop(workers)

@@ -10,8 +10,9 @@ each reload, the configuration the supervisor has checked, which the worker
 switches to (it never reads the file: it may have changed since), or, if it
 cannot (a certificate file gone since the supervisor read it, a plugin
 failing here only), keeps serving its previous one and tells the supervisor
-why (a C{rejected} line), which replaces it; its end means the supervisor
-is gone. SIGTERM drains, then sends a final report, so that what the worker
+why (a C{rejected} line), which replaces it; C{retire} when a reload's new
+workers take its listeners (it exits once its connections have ended); its
+end means the supervisor is gone. SIGTERM drains, then sends a final report, so that what the worker
 counted since its last one is not lost with it; SIGHUP does nothing here.
 """
 
@@ -51,7 +52,8 @@ class _SupervisorLink(LineReceiver):
     configuration the supervisor sends (L{dcrouter.workers.pool.configMessage}:
     its size on a line, then the pickle) to C{reconfigure}, which returns
     why it cannot be applied, if it cannot: that goes back as a
-    C{rejected} line. End of file means the supervisor is gone.
+    C{rejected} line. C{retire} (a reload replaced this worker) calls
+    C{retire}. End of file means the supervisor is gone.
     """
 
     delimiter = b"\n"
@@ -62,10 +64,12 @@ class _SupervisorLink(LineReceiver):
         reactor: Any,
         report: Callable[[], dict[str, Any]],
         reconfigure: Callable[[RouterConfig], Optional[str]],
+        retire: Callable[[], None] = lambda: None,
     ) -> None:
         self.reactor = reactor
         self.report = report
         self.reconfigure = reconfigure
+        self.retire = retire
         #: The size of the configuration being received, and its bytes so far.
         self.expected = 0
         self.pickled = bytearray()
@@ -79,6 +83,8 @@ class _SupervisorLink(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if line == b"report":
             self.sendReport()
+        elif line == b"retire":
+            self.retire()
         elif line.isdigit():
             self.expected = int(line)
             self.setRawMode()
@@ -197,7 +203,7 @@ def main(argv: list[str]) -> int:
         return router.reloadError
 
     # (mypy sees the Windows StandardIO, which has no stdin and stdout.)
-    link = _SupervisorLink(reactor, router.report, reconfigure)
+    link = _SupervisorLink(reactor, router.report, reconfigure, router.retire)
     StandardIO(link, stdin=0, stdout=REPORT_FD)  # type: ignore[call-arg]
 
     failed: list[bool] = []

@@ -18,6 +18,7 @@ import pytest
 from tests.system.conftest import (
     LOCALHOST,
     closed_by_peer,
+    connect,
     free_ports,
     make_config,
     roundtrip,
@@ -210,3 +211,29 @@ def test_a_restarted_worker_serves_the_running_configuration(tmp_path: Path, rou
     assert "is invalid" not in dcrouter.output()[mark:]
     for last in range(1, 9):
         assert get(port, f"127.0.0.{last}").endswith(b"running")
+
+
+def test_a_reload_that_changes_the_listeners_cuts_no_connection(
+    tmp_path: Path, router, backends
+) -> None:
+    """
+    The workers a reload replaces are retired, not stopped: one holding a
+    connection serves it past drain_timeout, and exits once it has ended.
+    """
+    backend = backends(b"b:")
+    port, added = free_ports(2)
+    state = tmp_path / "state"
+    tcp = f"[route:tcp]\nports = {port}\ntarget = {LOCALHOST}:{backend.port}\n"
+    more = f"[route:more]\nports = {added}\naction = static\nbody = added\n"
+    dcrouter = router(make_config(state, tcp, workers="2", drain_timeout="0.1s"))
+    wait_until(lambda: dcrouter.output().count("dcrouter listening on") == 3, "both workers up")
+    with connect(port) as held:
+        assert roundtrip(held, b"one") == b"b:one"
+        dcrouter.write_config(make_config(state, tcp + more, workers="2", drain_timeout="0.1s"))
+        dcrouter.signal(signal.SIGHUP)
+        # Two new workers; of the old, the one without a connection is gone.
+        wait_until(lambda: len(workers_of(dcrouter.pid)) == 3, "the idle old worker gone")
+        assert get(added).endswith(b"added")
+        assert roundtrip(held, b"two") == b"b:two"
+    wait_until(lambda: len(workers_of(dcrouter.pid)) == 2, "the last old worker gone")
+    assert "connection reset" not in dcrouter.output()

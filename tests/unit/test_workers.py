@@ -267,6 +267,40 @@ def test_aWorkerSaysNothingOfTheMailServerItDoesNotRun(tmp_path):
     assert [e for e in events if e["log_level"].name == "warn"] == []
 
 
+def test_aWorkerRetiredByAReloadStopsOnceItsConnectionsHaveEnded(tmp_path):
+    from dcrouter.service import RETIRE_CHECK_INTERVAL, DcRouter
+    from dcrouter.workers.worker import _SupervisorLink
+
+    role = ProcessRole("worker", index=0, count=2, inherited={(80, "0.0.0.0"): 99})
+    config = RouterConfig(
+        daemon=DaemonSettings(state_dir=str(tmp_path)),
+        routes=(RouteConfig(name="a", ports=(80,), action="block"),),
+    )
+    reactor = MemoryReactorClock()
+    worker = DcRouter(config, reactor, configPath="unused.ini", role=role)
+    worker.privilegedStartService()
+    link = _SupervisorLink(reactor, lambda: {}, lambda config: None, worker.retire)
+    link.makeConnection(StringTransport())
+
+    class Held:
+        record = None
+        drained = False
+
+        def drain(self):
+            self.drained = True
+
+    held = Held()
+    worker.router.connections.add(held)
+    reactor.running = True
+    link.dataReceived(b"retire\n")
+    assert held.drained and worker.listeners == {}
+    reactor.advance(RETIRE_CHECK_INTERVAL * 100)
+    assert reactor.running, "a connection still open: no deadline"
+    worker.router.connections.discard(held)
+    reactor.advance(RETIRE_CHECK_INTERVAL)
+    assert not reactor.running
+
+
 def test_theSupervisorSendsItsWorkersWhatItChecked(tmp_path):
     """A reload on the same listeners: the configuration goes down the pipe, no SIGHUP."""
     from dcrouter.config import loadConfig
@@ -328,18 +362,21 @@ def test_stopWaitsForTheDrainTimeoutOfTheLastReload():
     assert [w.transport.signals for w in workers] == [[signal.SIGTERM, signal.SIGKILL]] * 2
 
 
-def test_stopWaitsForTheWorkersStillDrainingAfterAReload():
-    """Else they outlive the supervisor (and systemd kills them with no drain)."""
+def test_stopDrainsTheWorkersAReloadRetiredToo():
+    """Bounded by drain_timeout as every worker; else they outlive the supervisor."""
     reactor, pool = makePool()
     old = [p for p, _, _ in reactor.spawned]
     pool.replace({(8080, "127.0.0.1"): [FakeSocket(30), FakeSocket(31)]})
     fresh = [p for p, _, _ in reactor.spawned[2:]]
     stopped = pool.stopService()
+    assert [w.transport.signals for w in old + fresh] == [[signal.SIGTERM]] * 4
     for worker in fresh:
         end(worker)
-    assert not stopped.called
     end(old[0])
-    end(old[1])
+    assert not stopped.called
+    reactor.advance(30 + KILL_GRACE)
+    assert old[1].transport.signals == [signal.SIGTERM, signal.SIGKILL]
+    end(old[1], ProcessTerminated(signal=9))
     assert stopped.called
 
 
@@ -349,7 +386,11 @@ def test_replaceStartsNewWorkersAndRetiresTheOld():
     fresh = {(8080, "127.0.0.1"): [FakeSocket(30), FakeSocket(31)]}
     done = pool.replace(fresh)
     assert len(reactor.spawned) == 4
-    assert [w.transport.signals for w in old] == [[signal.SIGTERM], [signal.SIGTERM]]
+    # Retired, not stopped: each exits once its connections have ended.
+    assert [w.transport.signals for w in old] == [[], []]
+    assert [w.transport.written.endswith(b"retire\n") for w in old] == [True, True]
+    reactor.advance(3600)
+    assert [w.transport.signals for w in old] == [[], []], "no drain_timeout, no kill"
     assert reactor.spawned[2][1][-1] == f"{FIRST_LISTENER_FD}=8080@127.0.0.1"
     for worker in old:
         end(worker)
@@ -878,9 +919,10 @@ def test_aFreshWorkerStopsWithTheOthers(how):
     fresh = reactor.spawned[2][0]
     if how == "stop":
         pool.stopService()
+        assert fresh.transport.signals == [signal.SIGTERM]
     else:
         pool.replace({(8080, "127.0.0.1"): [FakeSocket(30), FakeSocket(31)]})
-    assert fresh.transport.signals == [signal.SIGTERM]
+        assert fresh.transport.written.endswith(b"retire\n")
     assert pool.successors == {}
     end(fresh)
     reactor.advance(60)
