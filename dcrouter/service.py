@@ -674,8 +674,11 @@ class DcRouter(MultiService):
         for key in sorted(keys):
             port, address = key
             steer = steersByAddress(config, port)
+            ours = any(taken == port for taken, _ in self.groups)
             try:
-                group, problem = openGroup(port, address, self.role.count, steer)
+                group, problem = openGroup(
+                    port, address, self.role.count, steer, exclusive=not ours
+                )
             except OSError as e:
                 failures.append(f"cannot listen on {address}:{port}: {e.strerror or e}")
                 continue

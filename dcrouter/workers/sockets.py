@@ -78,18 +78,33 @@ def attachSteering(sock: socket.socket, workers: int) -> Optional[str]:
 
 
 def openGroup(
-    port: int, address: str, workers: int, steer: bool = True, backlog: int = LISTEN_BACKLOG
+    port: int,
+    address: str,
+    workers: int,
+    steer: bool = True,
+    backlog: int = LISTEN_BACKLOG,
+    exclusive: bool = True,
 ) -> tuple[list[socket.socket], Optional[str]]:
     """
     Open C{workers} listening sockets on C{address}:C{port} in one group,
     in worker order, steered by client address if C{steer} (and C{workers}
     > 1).
 
+    @param exclusive: first make sure nothing listens on the port yet, as a
+        plain bind would: SO_REUSEPORT lets any process of the same user
+        join a group, so a second dcrouter started by mistake would
+        otherwise take a share of the connections, silently. (C{False}
+        where this router already listens on the port, at another address.)
     @return: the sockets, and why steering failed (C{None}: it is on, or
         was not wanted).
-    @raise OSError: the address cannot be listened on; nothing stays open.
+    @raise OSError: the address cannot be listened on (EADDRINUSE: it is
+        taken); nothing stays open.
     """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    if exclusive:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((address, port))
     opened: list[socket.socket] = []
     try:
         for _ in range(workers):

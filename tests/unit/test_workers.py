@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -482,6 +483,25 @@ def test_openGroupClosesWhatItOpenedOnFailure():
             openGroup(blocker.getsockname()[1], "127.0.0.1", 2)
     finally:
         blocker.close()
+
+
+def test_aSecondRouterCannotJoinTheGroupOfTheFirst():
+    """SO_REUSEPORT would let it take a share of the connections, silently."""
+    port = freePort()
+    first, _ = openGroup(port, "127.0.0.1", 2, steer=False)
+    try:
+        with pytest.raises(OSError) as caught:
+            openGroup(port, "127.0.0.1", 2, steer=False)
+        assert caught.value.errno == errno.EADDRINUSE
+        with pytest.raises(OSError):
+            openGroup(port, "0.0.0.0", 2, steer=False)
+        # This router's own second address on the port is not a second router.
+        more, _ = openGroup(port, "127.0.0.2", 2, steer=False, exclusive=False)
+        for sock in more:
+            sock.close()
+    finally:
+        for sock in first:
+            sock.close()
 
 
 def test_workersShareTheGlobalCapsNotThePerAddressOnes():
