@@ -11,7 +11,7 @@ reload (L{dcrouter.service.DcRouter}) check exactly the same.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from ipaddress import ip_address
 from typing import Any, Optional
 
@@ -329,6 +329,7 @@ def compileConfig(
                        where, section, key)
     config, modelErrors = checkModel(config)
     errors.extend(modelErrors)
+    errors.warnings.extend(_shadowedRoutes(config.routes))
     errors.extend(_checkAdmin(config))
     errors.extend(_checkMailAuth(config))
     previousGates = {} if previous is None else previous.routeGates
@@ -408,6 +409,42 @@ def _checkAdmin(config: RouterConfig) -> list[ConfigError]:
             admin.keySources.get("listen", PYTHON), "admin", "listen",
         ))
     return errors
+
+
+def _shadowedRoutes(routes: Sequence[RouteConfig]) -> list[ConfigError]:
+    """
+    Routes that can never match: another on the same port and address
+    matches exactly the same connections and requests (same priority,
+    domains, client addresses, TLS or not, paths, methods, headers), and
+    comes first (nginx warns of a "conflicting server name" likewise). The
+    mail server's routes come after the file's, so a route of the file on a
+    mail port can take all its connections.
+    """
+    warnings = []
+    first: dict[tuple[Any, ...], RouteConfig] = {}
+    for route in routes:
+        for port in route.ports:
+            key = (
+                port, route.bind, route.priority, frozenset(route.domains),
+                frozenset(route.client_ip), route.tls is not None, frozenset(route.paths),
+                frozenset(route.methods), frozenset(route.headers),
+            )  # fmt: skip
+            earlier = first.setdefault(key, route)
+            if earlier is route:
+                continue
+            if route.source is PYTHON and route.name.startswith("email-"):
+                warnings.append(ConfigError(
+                    f"takes every connection of the mail server's port {port} ([email] ports):"
+                    " give it other domains or another port",
+                    earlier.sourceOf("ports"), f"route:{earlier.name}", "ports",
+                ))  # fmt: skip
+            else:
+                warnings.append(ConfigError(
+                    f"never matches on port {port}: [route:{earlier.name}] matches the same"
+                    " connections and comes first",
+                    route.sourceOf("ports"), f"route:{route.name}", "ports",
+                ))  # fmt: skip
+    return warnings
 
 
 def _checkMailAuth(config: RouterConfig) -> list[ConfigError]:

@@ -68,3 +68,23 @@ def test_checkconfig_prints_warnings_and_still_passes(tmp_path, capsys):
     assert main(["checkconfig", str(path)]) == 0
     out, err = capsys.readouterr()
     assert err == "" and out.endswith("1 listener(s)\n")
+
+
+def test_checkconfig_warns_of_routes_that_never_match(tmp_path, capsys):
+    """Same port, same match, later: dead (nginx's "conflicting server name")."""
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(
+        f"[dcrouter]\nstate_dir = {tmp_path / 'state'}\n"
+        "[route:a]\nports = 8000\naction = static\nbody = a\n"
+        "[route:b]\nports = 8000\naction = static\nbody = b\n"
+        "[route:c]\nports = 8000\ndomains = c.test\naction = static\nbody = c\n"
+        "[route:mail-clash]\nports = 2525\naction = static\nbody = x\n"
+        "[email]\nhostname = mx.example.com\nports = 2525\ndefault_mode = reject\n"
+    )
+    assert main(["checkconfig", str(path)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {path}:8: [route:b] ports: never matches on port 8000: [route:a] matches"
+        " the same connections and comes first",
+        f"warning: {path}:17: [route:mail-clash] ports: takes every connection of the mail"
+        " server's port 2525 ([email] ports): give it other domains or another port",
+    ]
