@@ -47,8 +47,8 @@ from attrs import field, frozen
 
 from dcrouter.config import values
 from dcrouter.config.errors import ConfigError
+from dcrouter.config.filechecks import exposedSecret
 from dcrouter.config.model import PYTHON, HostPort, IPNetwork, Source
-from dcrouter.config.secretfiles import exposedSecret
 
 if TYPE_CHECKING:
     from dcrouter.config.errors import ErrorCollector

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from dcrouter.config import values
 from dcrouter.config.errors import ErrorCollector
+from dcrouter.config.filechecks import exposedSecret
 from dcrouter.config.model import PYTHON, HostPort, RawValue, RouteConfig, Source
-from dcrouter.config.secretfiles import exposedSecret
 
 if TYPE_CHECKING:
     from dcrouter.config.ini import IniSection

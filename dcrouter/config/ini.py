@@ -33,6 +33,7 @@ from dcrouter.config.email import RULE_PREFIX as EMAIL_RULE_PREFIX
 from dcrouter.config.email import SECTION as EMAIL_SECTION
 from dcrouter.config.email import parseEmailSections
 from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector, firstOfEach
+from dcrouter.config.filechecks import exposedSecret, unwritableDirectory
 from dcrouter.config.model import (
     TLS_MODES,
     AcmeConfig,
@@ -52,7 +53,6 @@ from dcrouter.config.model import (
     TlsMode,
     TlsSettings,
 )
-from dcrouter.config.secretfiles import exposedSecret
 from dcrouter.config.validate import checkModel
 
 T = TypeVar("T")
@@ -406,6 +406,7 @@ class _Loader:
         http = HttpSettings()
         ldap: Optional[LDAPSettings] = None
         adminKeys: Optional[_Keys] = None
+        daemonKeys: Optional[_Keys] = None
         acme = AcmeConfig()
         routes: list[tuple[RouteConfig, _Keys]] = []
         dnsSections: list[IniSection] = []
@@ -415,6 +416,7 @@ class _Loader:
             kind, colon, name = section.name.partition(":")
             if section.name == "dcrouter":
                 daemon = self.daemon(keys)
+                daemonKeys = keys
             elif section.name == "defaults":
                 defaults = self.defaults(keys)
             elif section.name == "tls":
@@ -435,6 +437,7 @@ class _Loader:
                 emailSections.append(section)
             else:
                 keys.error(None, f"unknown section (known: {_KNOWN_SECTIONS})")
+        self.warnIfUnusable(daemon.state_dir, daemonKeys)
         admin = self.admin(adminKeys, daemon.state_dir)
         dns = parseDnsSections(dnsSections, self.errors)
         email = parseEmailSections(emailSections, self.errors)
@@ -460,6 +463,21 @@ class _Loader:
         reported = {(error.section, error.key) for error in self.errors.errors}
         self.errors.extend(e for e in errors if (e.section, e.key) not in reported)
         return config
+
+    def warnIfUnusable(self, stateDir: str, keys: Optional[_Keys]) -> None:
+        """
+        A warning if this user could not make or write C{stateDir}: the
+        daemon, run as this user (as C{checkconfig} in the unit's
+        C{ExecStartPre}), would not start.
+        """
+        problem = unwritableDirectory(stateDir)
+        if problem is None:
+            return
+        message = f"{stateDir} cannot be used by this user: {problem}; the daemon would not start"
+        if keys is not None and keys.has("state_dir"):
+            self.errors.warn(message, keys.source("state_dir"), "dcrouter", "state_dir")
+        else:
+            self.errors.warn(message, Source(self.path, 0), "dcrouter", "state_dir")
 
     def daemon(self, keys: _Keys) -> DaemonSettings:
         keys.rejectUnknown(_DAEMON_KEYS)

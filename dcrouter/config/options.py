@@ -16,6 +16,7 @@ from typing import Any, Optional, TypeVar
 
 from dcrouter.config import values
 from dcrouter.config.errors import ConfigError
+from dcrouter.config.filechecks import exposedSecret
 from dcrouter.config.model import (
     PYTHON,
     DaemonSettings,
@@ -25,7 +26,6 @@ from dcrouter.config.model import (
     RawValue,
     RouteConfig,
 )
-from dcrouter.config.secretfiles import exposedSecret
 
 T = TypeVar("T")
 

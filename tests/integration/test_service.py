@@ -774,3 +774,15 @@ def test_a_reload_keeps_the_mail_routes_of_the_mail_server_that_runs(tmp_path):
     assert {port for port, _ in router.compiled.listenKeys()} == {2525}
     warnings = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
     assert warnings == ["[email] changed: the mail server takes it at the next restart"]
+
+
+def test_a_state_dir_that_cannot_be_made_stops_the_start_with_why(tmp_path):
+    from dcrouter.config.model import DaemonSettings
+
+    (tmp_path / "afile").write_text("")
+    config = RouterConfig(daemon=DaemonSettings(state_dir=str(tmp_path / "afile" / "state")))
+    with pytest.raises(SystemExit) as caught:
+        DcRouter(config, MemoryReactorClock())
+    assert str(caught.value) == (
+        f"dcrouter: cannot start: state_dir {tmp_path / 'afile' / 'state'}: Not a directory"
+    )

@@ -657,6 +657,19 @@ class TestSecretFiles:
         assert loadConfig(write(text)).warnings == ()
 
 
+def test_aStateDirThisUserCannotMakeIsAWarning(write: Write, tmp_path: Path) -> None:
+    """The daemon, run as this user, would not start (checkconfig in ExecStartPre says why)."""
+    (tmp_path / "afile").write_text("")
+    path = write(f"[dcrouter]\nstate_dir = {tmp_path / 'afile' / 'state'}\n" + ROUTE)
+    [warning] = loadConfig(path).warnings
+    assert str(warning) == (
+        f"{path}:2: [dcrouter] state_dir: {tmp_path / 'afile' / 'state'} cannot be used by this"
+        f" user: {tmp_path / 'afile'} is not a directory; the daemon would not start"
+    )
+    assert loadConfig(write(f"[dcrouter]\nstate_dir = {tmp_path / 'new' / 'state'}\n" + ROUTE)
+                      ).warnings == ()
+
+
 class TestCrossChecks:
     def test_httpMatchers(self, write: Write) -> None:
         path = write(
