@@ -132,12 +132,10 @@ _GATE_ANSWERS = {
 
 def admitRequest(gate: Any, ip: Optional[IPAddress], record: Any) -> Optional[HTTPError]:
     """
-    Pass a request through its route's gate (L{dcrouter.http.routes.HTTPRoute.gate}):
-    the answer to send if refused; else it is counted until its record is
-    written.
+    Pass a request through its route's gate (L{dcrouter.http.routes.HTTPRoute.gate},
+    not C{None}): the answer to send if refused; else it is counted until
+    its record is written.
     """
-    if gate is None:
-        return None
     refused = gate.admit(ip)
     if refused is not None:
         status, reason = _GATE_ANSWERS.get(refused, (503, f"route limit reached ({refused})"))

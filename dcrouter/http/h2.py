@@ -565,10 +565,11 @@ class H2ServerProtocol(Protocol):
             self.refuse(streamId, head, record, HTTPError(
                 421, f"{host} is not served on a connection for {serverName}"), ended)
             return
-        refused = admitRequest(route.gate, self.clientIP, record)
-        if refused is not None:
-            self.refuse(streamId, head, record, refused, ended)
-            return
+        if route.gate is not None:
+            refused = admitRequest(route.gate, self.clientIP, record)
+            if refused is not None:
+                self.refuse(streamId, head, record, refused, ended)
+                return
         maxBody = settings.max_body_size
         if maxBody and head.body.kind == "length" and head.body.length > maxBody:
             self.refuse(streamId, head, record, HTTPError(413, "body too large"), ended)

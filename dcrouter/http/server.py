@@ -371,10 +371,11 @@ class HTTPServerProtocol(Protocol):
                 421, f"{host} is not served on a connection for {serverName}", record, unread
             )
             return
-        refused = admitRequest(route.gate, self.clientIP, record)
-        if refused is not None:
-            self.sendError(refused.status, refused.reason, record, unread)
-            return
+        if route.gate is not None:
+            refused = admitRequest(route.gate, self.clientIP, record)
+            if refused is not None:
+                self.sendError(refused.status, refused.reason, record, unread)
+                return
         try:
             reader = bodyReader(head.body, maxBody=self.settings.max_body_size or None)
         except HTTPError as e:
