@@ -28,8 +28,13 @@ from cryptography.hazmat.primitives import serialization
 from dcrouter.config.email import parseDkimKey
 from dcrouter.mail.envelope import asciiName
 
-# What dkimpy signs unless told: its default set, From first (RFC 6376 5.4.1).
+# What dkimpy signs unless told: its default set, From first (RFC 6376 5.4.1),
+# and From twice: a name listed once more than the message has it signs its
+# absence (RFC 6376 5.4.2), so that a second From added on the way (shown
+# by some readers, while verifiers check the signed one) breaks the
+# signature. Names listed but absent are signed absent the same way.
 SIGNED_HEADERS: tuple[bytes, ...] = (
+    b"from",
     b"from",
     b"to",
     b"cc",

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import os
 import random
+import re
 
 import dkim
 import pytest
@@ -1235,6 +1236,10 @@ def test_dkim_signatures_verify_against_the_published_key(rsaPEM):
     assert dkim.verify(signed, dnsfunc=dnsfunc)
     assert looked == [b"sel1._domainkey.sender.example."]
     assert not dkim.verify(signed.replace(b"Hello.", b"Hullo."), dnsfunc=dnsfunc)
+    # From is signed once more than it is there: a From added later breaks it.
+    header = re.match(rb"DKIM-Signature: (.*?)\r\n(?![ \t])", signed, re.DOTALL)[1]
+    listed = re.search(rb"h=([^;]*)", re.sub(rb"\s+", b"", header))[1].split(b":")
+    assert listed[:3] == [b"from", b"from", b"to"]
 
 
 def test_dkim_uses_the_configured_domain(rsaPEM):
