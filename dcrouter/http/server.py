@@ -200,6 +200,9 @@ class HTTPServerProtocol(Protocol):
         self.deadline: Optional[float] = None
         self.lingerEnd = 0.0
         self.tunnel: Optional[IProtocol] = None
+        #: What the tunnel's request holds until the connection closes (its
+        #: place in its route's gate: a tunnel counts against the caps).
+        self.tunnelHolds: Optional[Callable[[], None]] = None
         self.draining = False
         self.requests = 0
         self.trusted = self.clientIP is not None and any(
@@ -559,6 +562,9 @@ class HTTPServerProtocol(Protocol):
         tunnel, self.tunnel = self.tunnel, None
         if tunnel is not None:
             tunnel.connectionLost(reason)
+        holds, self.tunnelHolds = self.tunnelHolds, None
+        if holds is not None:
+            holds()
 
 
 @implementer(IHTTPExchange)
@@ -813,6 +819,9 @@ class Exchange(ExchangeBase):
         server.exchange = None
         server.phase = _Phase.TUNNEL
         held, server.held, server.heldSize = b"".join(server.held), [], 0
+        # The request's record is written; its place in the gate is not
+        # given back before the tunnel ends.
+        server.tunnelHolds, self.record.onEnd = self.record.onEnd, None
         self.record.emit(server.reactor.seconds())
         return server.transport, held
 

@@ -357,6 +357,33 @@ async def test_a_tunnel_counts_as_in_flight_until_it_ends_either_way():
         await backend.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_tunnel_holds_its_place_in_the_route_gate_until_it_ends():
+    """A route's max_connections counts an open tunnel (a WebSocket), as before its upgrade."""
+    backend = await listen(protocol.Factory.forProtocol(Upgraded))
+    port = freePort()
+    service, _ = await startRouter(httpRoute(
+        "ws", port, f"127.0.0.1:{backend.getHost().port}", limits=Limits(max_connections=1),
+    ))
+    gate = service.compiled.routeGates["ws"]
+    try:
+        first = await openTunnel(port)
+        assert gate.active == 1
+        answers, _ = await ask(port, get(b"/ws", extra=b"Connection: Upgrade\r\nUpgrade: x\r\n"))
+        assert [a[0] for a in answers] == [503]
+        first.transport.loseConnection()
+        await first.closed
+        for _ in range(100):
+            if not gate.active:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert gate.active == 0
+        (await openTunnel(port)).transport.loseConnection()
+    finally:
+        await service.stopService()
+        await backend.stopListening()
+
+
 class RecordingUpgraded(Upgraded):
     """An L{Upgraded} backend that keeps what it read in its factory's C{seen}."""
 
