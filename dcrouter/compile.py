@@ -331,7 +331,6 @@ def compileConfig(
     errors.extend(modelErrors)
     errors.warnings.extend(_shadowedRoutes(config.routes))
     errors.extend(_checkAdmin(config))
-    errors.extend(_checkMailAuth(config))
     previousGates = {} if previous is None else previous.routeGates
     parsed: list[_Parsed] = []
     for route in config.routes:
@@ -509,6 +508,8 @@ def loadAndCompile(
         if not isinstance(e.partial, RouterConfig):
             raise
         config, loadErrors = e.partial, e.errors
+    # The file's [email], before C{adjust}: a reload keeps the running one.
+    loadErrors = [*loadErrors, *_checkMailAuth(config)]
     config = adjust(config)
     try:
         compiled = compileConfig(

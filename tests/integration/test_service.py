@@ -786,3 +786,18 @@ def test_a_state_dir_that_cannot_be_made_stops_the_start_with_why(tmp_path):
     assert str(caught.value) == (
         f"dcrouter: cannot start: state_dir {tmp_path / 'afile' / 'state'}: Not a directory"
     )
+
+
+def test_a_reload_checks_the_mail_auth_the_file_asks_not_the_running_one(tmp_path):
+    """[ldap] and [email] dropped together: valid, though the mail server runs until a restart."""
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(
+        f"[dcrouter]\nstate_dir = {tmp_path}\n"
+        "[ldap]\nurl = ldap://127.0.0.1\nbase = dc=example\n"
+        "[email]\nhostname = mx.example\nports = 2525\ndefault_mode = reject\nauth = ldap\n"
+    )
+    router = DcRouter(loadConfig(str(path)), MemoryReactorClock(), configPath=str(path))
+    router.privilegedStartService()
+    path.write_text(f"[dcrouter]\nstate_dir = {tmp_path}\n"
+                    "[route:a]\nports = 1080\naction = static\nbody = ok\n")
+    assert router.reload(), router.reloadError
