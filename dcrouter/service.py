@@ -930,8 +930,6 @@ class DcRouter(MultiService):
         if self.stopping or self.retiring or router is None:
             return
         self.retiring = True
-        for connection in list(router.connections):
-            connection.drain()  # idle HTTP keep-alives close; a request under way ends them
         log.info("worker retired by a reload: {count} connections to finish",
                  count=len(router.connections))
 
@@ -939,6 +937,11 @@ class DcRouter(MultiService):
             if self.stopping:
                 return  # a stop's drain took over
             if router.connections:
+                # Told again each time: a connection still in its handshake
+                # (TLS, a PROXY header) has its HTTP layer only later, and
+                # would otherwise keep its client, and this worker, forever.
+                for connection in list(router.connections):
+                    connection.drain()  # HTTP: idle ones close; busy ones after their answer
                 self.reactor.callLater(RETIRE_CHECK_INTERVAL, check)
                 return
             self.reactor.stop()
