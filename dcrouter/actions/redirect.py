@@ -73,8 +73,9 @@ class RedirectAction:
             scheme=exchange.scheme,
             host=host,
             port=port if colon and port.isdigit() else "",
-            # An absolute-form target's path too, as its backend would get it.
-            path=originForm(request.target).decode("latin-1"),
+            # An absolute-form target's path too, as its backend would get it;
+            # C{OPTIONS *} has none.
+            path=originForm(request.target).decode("latin-1") if target != "*" else "/",
             query=query,
         ).encode("latin-1", "replace")
         # Whatever the client sent, the Location header stays one line.

@@ -219,9 +219,11 @@ async def test_redirect_template():
         (answer,), _ = await ask(port, get(b"/a/b?c=d", b"Site.test:8080"))
         assert answer[0] == 308
         assert answer[1][b"location"] == b"https://site.test/a/b?c=d"
-        # An absolute-form target keeps its path and query.
+        # An absolute-form target keeps its path and query; OPTIONS * has none.
         (answer,), _ = await ask(port, get(b"http://site.test/a/b?c=d", b"site.test"))
         assert answer[1][b"location"] == b"https://site.test/a/b?c=d"
+        (answer,), _ = await ask(port, b"OPTIONS * HTTP/1.1\r\nHost: site.test\r\n\r\n")
+        assert answer[1][b"location"] == b"https://site.test/"
     finally:
         await service.stopService()
 
