@@ -667,8 +667,12 @@ class RejectMode:
         recipients: Sequence[bytes],
         rule: DomainRule,
     ) -> Deferred[Sequence[DeliveryResult]]:
-        text = rule.text or "5.7.1 delivery to this address is not allowed"
+        text = rule.text or REJECTED_TEXT
         return defer.succeed(_allResults(recipients, DeliveryResult(550, text)))
+
+
+#: What a reject rule without a C{text} answers.
+REJECTED_TEXT = "5.7.1 delivery to this address is not allowed"
 
 
 def localHostname() -> str:

@@ -36,6 +36,7 @@ from dcrouter.config.email import Dkim, EmailSettings
 from dcrouter.config.model import LDAPSettings
 from dcrouter.interfaces import IDeliveryMode
 from dcrouter.mail.delivery import (
+    REJECTED_TEXT,
     Deliverer,
     DomainRule,
     DomainRules,
@@ -143,7 +144,9 @@ def acceptedRecipients(
 
         def rejects(recipient: bytes) -> Optional[str]:
             rule = matching(recipient)
-            return rule.text if rule.mode == "reject" else None
+            if rule.mode != "reject":
+                return None
+            return rule.text or REJECTED_TEXT
 
     return DomainPolicy(
         frozenset(name for name in names if name and name != "*"), addresses=addresses,

@@ -258,6 +258,12 @@ def test_a_recipient_of_a_reject_rule_is_refused_at_rcpt_from_everyone():
                 policy.checkRecipient(envelope, MailAddress(local, "Example.COM"), authenticated)
             assert str(refused.value) == "550 5.1.1 nobody reads this"
     assert policy.checkRecipient(envelope, MailAddress("bob", "example.com"), False) is None
+    # A reject rule without a text of its own (default_mode = reject) says why.
+    rejecting = EmailSettings(hostname="mx.example.com", default_mode="reject")
+    policy = acceptedRecipients(rejecting, domainRules(rejecting))
+    with pytest.raises(SMTPReply) as refused:
+        policy.checkRecipient(envelope, MailAddress("bob", "elsewhere.example"), True)
+    assert str(refused.value) == "550 5.7.1 delivery to this address is not allowed"
 
 
 # -- the SMTP client on a scripted server ------------------------------------------------
