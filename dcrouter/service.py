@@ -42,7 +42,6 @@ from dcrouter.config.dns import DnsSettings
 from dcrouter.config.errors import ConfigError, ConfigErrors
 from dcrouter.config.model import CertificatePair, Limits, RouterConfig
 from dcrouter.dns.service import DNSService
-from dcrouter.files import ensureDirectory
 from dcrouter.mail.service import MailService
 from dcrouter.net.tcp import adoptStreamPort, listenTCP
 from dcrouter.net.tls import ServerTLS, ensureSelfSigned
@@ -267,13 +266,6 @@ class DcRouter(MultiService):
         self.reactor = reactor
         self.role = role
         self.isWorker = role.kind == "worker"
-        if not self.isWorker:
-            try:
-                ensureDirectory(config.daemon.state_dir)
-            except OSError as e:
-                raise SystemExit(
-                    f"dcrouter: cannot start: state_dir {config.daemon.state_dir}: {e.strerror}"
-                ) from None
         config = self.adjust(config)
         self.config = config
         self.configPath = configPath

@@ -20,6 +20,7 @@ from twisted.python.components import Componentized
 from dcrouter.compile import checkConfigFile
 from dcrouter.config.errors import ConfigErrors
 from dcrouter.config.model import RouterConfig
+from dcrouter.files import ensureDirectory
 from dcrouter.ops.logwriter import logObserver, turnWriter
 from dcrouter.service import DcRouter, ProcessRole
 
@@ -87,6 +88,13 @@ def _turnWriter() -> IO[str]:
 def makeService(options: Options) -> IService:
     config = options.routerConfig
     assert config is not None
+    try:
+        ensureDirectory(config.daemon.state_dir)
+    except OSError as e:
+        # One line, not the traceback of whichever part wrote there first.
+        raise SystemExit(
+            f"dcrouter: cannot start: state_dir {config.daemon.state_dir}: {e.strerror}"
+        ) from None
     role = ProcessRole.forWorkers(config.daemon.workerCount())
     router = DcRouter(config, configPath=options["config"], role=role)
     logFormat = config.daemon.log_format

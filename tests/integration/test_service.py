@@ -777,15 +777,21 @@ def test_a_reload_keeps_the_mail_routes_of_the_mail_server_that_runs(tmp_path):
 
 
 def test_a_state_dir_that_cannot_be_made_stops_the_start_with_why(tmp_path):
-    from dcrouter.config.model import DaemonSettings
+    """One line from twistd's dcrouter, not the traceback of whatever wrote there first."""
+    from dcrouter.tap import Options, makeService
 
     (tmp_path / "afile").write_text("")
-    config = RouterConfig(daemon=DaemonSettings(state_dir=str(tmp_path / "afile" / "state")))
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(f"[dcrouter]\nstate_dir = {tmp_path / 'afile' / 'state'}\n"
+                    "[route:a]\nports = 1080\naction = block\n")
+    options = Options()
+    options.parseOptions(["--config", str(path)])
     with pytest.raises(SystemExit) as caught:
-        DcRouter(config, MemoryReactorClock())
+        makeService(options)
     assert str(caught.value) == (
         f"dcrouter: cannot start: state_dir {tmp_path / 'afile' / 'state'}: Not a directory"
     )
+
 
 
 def test_a_reload_checks_the_mail_auth_the_file_asks_not_the_running_one(tmp_path):
