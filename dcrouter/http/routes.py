@@ -95,7 +95,8 @@ class HTTPRoute:
     @ivar gate: the L{dcrouter.net.gate.Gate} of the route's C{ip_allow},
         C{ip_block}, caps and connection rate, or C{None}. On a port served
         at layer 7 a connection's requests may go to different routes, so
-        each request passes the gate of its own route (L{admit}), and is
+        each request passes the gate of its own route
+        (L{dcrouter.http.guard.admitRequest}), and is
         counted by it while it is answered.
     """
 

@@ -59,7 +59,7 @@ from dcrouter.mail.deliveryclient import (
 )
 from dcrouter.mail.dkimsign import DkimError, DkimKey
 from dcrouter.mail.dkimsign import sign as dkimSign
-from dcrouter.mail.envelope import MailAddress, idnaDomain
+from dcrouter.mail.envelope import MailAddress, asciiName
 from dcrouter.mail.localaddresses import InterfaceAddresses
 from dcrouter.mail.mimeconvert import ConversionError, to7bit
 from dcrouter.mail.mxresolver import DNSFailure, MXHost, MXResolver, Myself
@@ -134,22 +134,11 @@ def splitAddress(address: bytes) -> tuple[str, str]:
     return local, domain.rstrip(".").lower()
 
 
-def _asciiDomain(domain: str) -> str:
-    """
-    C{domain} as lower-case A-labels, as the SMTP policy compares it
-    (L{idnaDomain}), so that a rule and an address written in different
-    forms of one IDN meet.
-
-    @raise ValueError: not a valid internationalised domain name.
-    """
-    return domain.lower() if domain.isascii() else idnaDomain(domain)
-
-
 def _normalizeDomain(domain: str, pattern: str) -> str:
     """A pattern's domain as lower-case A-labels, checked label by label."""
     domain = domain.rstrip(".")
     try:
-        ascii = _asciiDomain(domain)
+        ascii = asciiName(domain)
     except ValueError:
         raise ValueError(f"{pattern!r}: {domain!r} is not a domain name") from None
     if not ascii or not all(_LABEL.match(label) for label in ascii.split(".")):
@@ -195,7 +184,7 @@ class DomainRules:
         """The rule for C{recipient}."""
         local, domain = splitAddress(recipient)
         with contextlib.suppress(ValueError):  # not an IDN: no rule names it
-            domain = _asciiDomain(domain)
+            domain = asciiName(domain)
         if self._exact:
             rule = self._exact.get(f"{local.lower()}@{domain}")
             if rule is not None:
@@ -598,7 +587,7 @@ class LocalMode:
         local, domain = splitAddress(recipient)
         local = local.lower()
         try:
-            domain = _asciiDomain(domain)  # one mailbox for either form of an IDN
+            domain = asciiName(domain)  # one mailbox for either form of an IDN
         except ValueError:
             return None
         for part in (local, domain):

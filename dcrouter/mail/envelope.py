@@ -94,11 +94,9 @@ class MailAddress:
         """
         The domain for comparisons: lower case, IDNA A-labels
         (C{b\u00fccher.example} gives C{xn--bcher-kva.example}); an address
-        literal is returned as it is.
+        literal is returned as it is (lower-cased).
         """
-        if self.isLiteral or self.domain.isascii():
-            return self.domain.lower()
-        return idnaDomain(self.domain)
+        return asciiName(self.domain)
 
 
 def asciiName(domain: str) -> str:

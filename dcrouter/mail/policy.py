@@ -17,7 +17,7 @@ from typing import Optional
 from attrs import field, frozen
 from zope.interface import implementer
 
-from dcrouter.mail.envelope import Envelope, MailAddress, SMTPReply, idnaDomain
+from dcrouter.mail.envelope import Envelope, MailAddress, SMTPReply, asciiName
 from dcrouter.mail.interfaces import IMailPolicy
 
 __all__ = ["DomainPolicy", "domainPattern", "relayDenied"]
@@ -43,7 +43,7 @@ def domainPattern(text: str) -> str:
     name = text[2:] if wildcard else text
     if not name or "*" in name:
         raise ValueError(f"not a domain or *.domain: {text!r}")
-    name = name.lower() if name.isascii() else idnaDomain(name)
+    name = asciiName(name)
     return f"*.{name}" if wildcard else name
 
 
