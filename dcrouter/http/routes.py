@@ -7,6 +7,13 @@ first), then routes with more conditions (method, each header, client
 address), then the order routes were written in. Matching is a scan of a
 pre-sorted list; each entry checks its cheapest condition first, and in a
 long list a L{NameIndex} picks out the entries the Host can match.
+
+A prefix ending in C{/} (C{path = /admin/}) does not match C{/admin}. As
+nginx does, such a request is answered with a redirect to C{/admin/}
+unless a route chose C{/admin} itself (a path that covers it, or a higher
+priority): else it would reach another route (a catch-all), past the
+C{/admin/} route's auth and limits, and a backend that serves C{/admin}
+as C{/admin/} would serve it.
 """
 
 from __future__ import annotations
@@ -15,10 +22,13 @@ import re
 from collections.abc import Iterable
 from fnmatch import translate
 from typing import Any, Optional
+from urllib.parse import quote
 
 from attrs import frozen
+from zope.interface import implementer
 
 from dcrouter.config.model import RouteConfig
+from dcrouter.interfaces import IHTTPAction, IHTTPExchange
 from dcrouter.net.gate import IPAddress
 from dcrouter.proxy.routetable import SCAN_LIMIT, NameIndex
 
@@ -178,6 +188,8 @@ class HTTPRouteTable:
     routes: tuple[HTTPRoute, ...]
     entries: tuple[_Entry, ...]
     index: Optional[NameIndex] = None
+    #: The routes' prefixes that end in C{/}, without it (see the module).
+    slashless: frozenset[str] = frozenset()
 
     @classmethod
     def build(cls, routes: Iterable[HTTPRoute]) -> HTTPRouteTable:
@@ -188,7 +200,13 @@ class HTTPRouteTable:
             key=lambda entry: entry.rank,
         )
         index = NameIndex(entries) if len(entries) > SCAN_LIMIT else None
-        return cls(routes, tuple(entries), index)
+        slashless = frozenset(
+            path[:-1]
+            for route in routes
+            for path in route.config.paths
+            if len(path) > 1 and path.endswith("/") and _PathMatcher.of(path).regex is None
+        )
+        return cls(routes, tuple(entries), index, slashless)
 
     def match(
         self,
@@ -205,6 +223,19 @@ class HTTPRouteTable:
         @param path: the request path, without the query.
         @param headers: anything with C{getAll(lowercase name) -> [bytes]}.
         """
+        route = self._first(host, path, method, headers, client)
+        if path in self.slashless:
+            return self._slashRedirect(route, host, path, method, headers, client)
+        return route
+
+    def _first(
+        self,
+        host: str,
+        path: str,
+        method: str,
+        headers: Any,
+        client: Optional[IPAddress],
+    ) -> Optional[HTTPRoute]:
         entries = self.entries
         if self.index is None:
             for entry in entries:
@@ -216,3 +247,62 @@ class HTTPRouteTable:
                 if entry.matches(host, path, method, headers, client):
                     return entry.route
         return None
+
+    def _slashRedirect(
+        self,
+        route: Optional[HTTPRoute],
+        host: str,
+        path: str,
+        method: str,
+        headers: Any,
+        client: Optional[IPAddress],
+    ) -> Optional[HTTPRoute]:
+        """
+        C{route}, or a redirect to C{path/} when a route's prefix is
+        C{path/} and no route chose C{path} itself.
+        """
+        withSlash = path + "/"
+        owner = self._first(host, withSlash, method, headers, client)
+        if owner is None or owner is route or withSlash not in owner.config.paths:
+            return route
+        if route is not None and (
+            route.config.priority > owner.config.priority
+            or any(
+                len(text) >= len(path) and _PathMatcher.of(text).matches(path)
+                for text in route.config.paths
+            )
+        ):
+            return route
+        return HTTPRoute(owner.config, ADD_SLASH, None)
+
+
+@implementer(IHTTPAction)
+class _AddSlash:
+    """
+    Redirect to the request's path with a C{/} added (see the module): 301,
+    or 308 where the method is not GET or HEAD, so that it is kept.
+    """
+
+    name = "add-slash"
+
+    def parseOptions(self, options: Any) -> None:
+        return None
+
+    def handleRequest(self, exchange: IHTTPExchange, options: None) -> None:
+        request = exchange.request
+        query = request.target.partition(b"?")[2]
+        location = quote(exchange.path.encode("utf-8", "surrogateescape") + b"/", safe=_PATH_SAFE)
+        if query:
+            location += "?" + query.decode("latin-1")
+        status = 301 if request.method in (b"GET", b"HEAD") else 308
+        exchange.respond(
+            status,
+            [(b"Location", location.encode("ascii", "replace")),
+             (b"Content-Type", b"text/plain; charset=utf-8")],
+            b"redirecting to " + location.encode("ascii", "replace") + b"\n",
+        )
+
+
+#: What a path keeps unescaped in a Location (RFC 3986 pchar and "/").
+_PATH_SAFE = "/:@!$&'()*+,;="
+ADD_SLASH = _AddSlash()

@@ -976,3 +976,16 @@ def test_drain_sends_goaway_once_the_open_streams_are_done():
     client.read()
     assert transport.disconnecting
     assert client.terminated is not None and client.terminated.error_code == ErrorCodes.NO_ERROR
+
+
+def test_a_path_missing_its_slash_is_redirected_on_a_stream_too():
+    held = Held()
+    web = RouteConfig(name="web", ports=(443,), action="test", tls="terminate")
+    admin = RouteConfig(name="admin", ports=(443,), action="test", tls="terminate",
+                        paths=("/admin/",))
+    table = HTTPRouteTable.build([HTTPRoute(web, held, None), HTTPRoute(admin, held, None)])
+    reactor, protocol, transport, action, client = serve(held, table=table)
+    stream = client.request(b"/admin?q")
+    response = client.response(stream)
+    assert held.exchanges == []
+    assert response.status == 301 and response.header(b"location") == b"/admin/?q"

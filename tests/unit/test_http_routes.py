@@ -7,12 +7,14 @@ from ipaddress import ip_address, ip_network
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from zope.interface.verify import verifyObject
 
 from dcrouter.config.model import RouteConfig
 from dcrouter.http.proxy import originForm
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable, domainMatches, hostName
 from dcrouter.http.server import normalizedPath, requestPath
 from dcrouter.http.wire import HTTPError
+from dcrouter.interfaces import IHTTPAction
 
 
 class Headers:
@@ -217,3 +219,41 @@ def test_hostName_remembers_few_and_short_hosts(monkeypatch: pytest.MonkeyPatch)
     for i in range(3000):
         assert hostName(b"h%d.test:80" % i) == f"h{i}.test"
     assert len(routes._hostNames) == routes._REMEMBERED_HOSTS
+
+
+def test_a_prefix_with_a_slash_redirects_the_path_without_it():
+    """nginx's rule: /admin is sent to /admin/ rather than to the catch-all,
+    which would serve it past the /admin/ route's auth."""
+    t = table(route("web"), route("admin", paths=("/admin/",)))
+    found = t.match("a.test", "/admin", "GET", Headers(), None)
+    assert found.config.name == "admin"
+    assert found.action is not None and found.action.name == "add-slash"
+    assert found.guard is None and found.gate is None
+    assert verifyObject(IHTTPAction, found.action)
+    assert match(t, path="/admin/") == "admin"
+    assert t.match("a.test", "/admin/", "GET", Headers(), None).action is None
+    assert match(t, path="/administrator") == "web"
+    assert t.match("a.test", "/administrator", "GET", Headers(), None).action is None
+
+
+@pytest.mark.parametrize("chooser", [
+    route("exact", paths=("/admin",)),
+    route("glob", paths=("/admin*",)),
+    route("high", priority=5),
+])
+def test_a_route_that_chose_the_path_without_the_slash_keeps_it(chooser):
+    t = table(route("web"), route("admin", paths=("/admin/",)), chooser)
+    assert t.match("a.test", "/admin", "GET", Headers(), None).action is None
+    assert match(t, path="/admin") == chooser.name
+
+
+def test_no_redirect_where_the_slash_route_would_not_serve_the_request():
+    t = table(route("web"), route("admin", paths=("/admin/",), domains=("b.test",)),
+              route("posts", paths=("/posts/",), methods=("POST",)))
+    assert match(t, path="/admin") == "web"
+    assert t.match("a.test", "/admin", "GET", Headers(), None).action is None
+    assert t.match("a.test", "/posts", "GET", Headers(), None).action is None
+    assert t.match("b.test", "/admin", "GET", Headers(), None).action.name == "add-slash"
+    assert t.match("a.test", "/posts", "POST", Headers(), None).action.name == "add-slash"
+    assert table(route("admin", paths=("/admin/",))).match(
+        "a.test", "/admin", "GET", Headers(), None).action.name == "add-slash"

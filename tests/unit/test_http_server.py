@@ -405,3 +405,29 @@ def test_http01_answers_its_own_tokens_and_passes_the_others_to_the_routes():
         protocol.dataReceived(challenge % other)
         [exchange] = action.exchanges
         assert exchange.request.target == b"/.well-known/acme-challenge/" + other
+
+
+def test_a_path_missing_its_slash_is_redirected_to_the_slash_route():
+    """path = /admin/ with auth: /admin is a redirect there, not the catch-all."""
+    reactor = MemoryReactorClock()
+    catchAll = RouteConfig(name="web", ports=(80,), action="test")
+    admin = RouteConfig(name="admin", ports=(80,), action="test", paths=("/admin/",))
+    held = Held()
+    table = HTTPRouteTable.build([HTTPRoute(catchAll, held, None), HTTPRoute(admin, held, None)])
+    layer = HTTPLayer(reactor, table, table, HttpSettings())
+    client = IPv4Address("TCP", "192.0.2.1", 5000)
+    connection = RoutedConnection(
+        reactor, catchAll, client, None, None, (), ConnectionRecord(0.0, client, 80)
+    )
+    protocol = HTTPServerProtocol(layer, connection)
+    transport = Transport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /%61dmin?x=1&y=%2F HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    protocol.dataReceived(b"POST /admin HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n")
+    reactor.advance(0)
+    answer = transport.value()
+    assert held.exchanges == []
+    assert answer.startswith(b"HTTP/1.1 301 ")
+    assert b"\r\nLocation: /admin/?x=1&y=%2F\r\n" in answer
+    assert b"HTTP/1.1 308 " in answer
+    assert answer.count(b"\r\nLocation: /admin/") == 2
