@@ -911,30 +911,47 @@ class DcRouter(MultiService):
         stopped: Deferred[Any] = gatherResults([done, children])
         return stopped.addCallback(lambda _: None)
 
-    def retire(self) -> None:
+    def retire(self, timeout: Optional[float] = None) -> None:
         """
         A worker a reload replaced: stop accepting, and stop once the
-        connections in flight have ended, however long they last (nginx's
-        and HAProxy's old processes do too), so that a reload cuts none. A
+        connections in flight have ended, so that a reload cuts none: however
+        long they last (as nginx's and HAProxy's old processes do), or for
+        C{timeout} seconds (C{retire_timeout}), when those left are cut. A
         SIGTERM meanwhile (the router stopping) drains for C{drain_timeout}.
         """
         router = self.router
         if self.stopping or self.retiring or router is None:
             return
         self.retiring = True
-        log.info("worker retired by a reload: {count} connections to finish",
-                 count=len(router.connections))
+        deadline = None if timeout is None else self.reactor.seconds() + timeout
+        log.info("worker retired by a reload: {count} connections to finish{bound}",
+                 count=len(router.connections),
+                 bound="" if timeout is None else f" within {timeout:g}s")
 
         def check() -> None:
             if self.stopping:
                 return  # a stop's drain took over
+            if router.connections and deadline is not None and self.reactor.seconds() >= deadline:
+                log.info("retired worker: cutting {count} connections after {timeout:g}s",
+                         count=len(router.connections), timeout=timeout)
+                for connection in list(router.connections):
+                    record = connection.record
+                    if record is not None and record.ended is None:
+                        record.ended = f"cut: retired by a reload ({timeout:g}s)"
+                    connection.abort()
+                # Lost on the next turn: their records are written before the exit.
+                self.reactor.callLater(0, self.reactor.stop)
+                return
             if router.connections:
                 # Told again each time: a connection still in its handshake
                 # (TLS, a PROXY header) has its HTTP layer only later, and
                 # would otherwise keep its client, and this worker, forever.
                 for connection in list(router.connections):
                     connection.drain()  # HTTP: idle ones close; busy ones after their answer
-                self.reactor.callLater(RETIRE_CHECK_INTERVAL, check)
+                wait = RETIRE_CHECK_INTERVAL
+                if deadline is not None:
+                    wait = min(wait, max(0.0, deadline - self.reactor.seconds()))
+                self.reactor.callLater(wait, check)
                 return
             self.reactor.stop()
 

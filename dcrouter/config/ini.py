@@ -70,7 +70,8 @@ _LIMIT_KEYS = (
     "connection_rate_per_minute",
 )
 _DAEMON_KEYS = (
-    "state_dir", "log_format", "hello_timeout", "drain_timeout", "workers", "splice",
+    "state_dir", "log_format", "hello_timeout", "drain_timeout", "retire_timeout", "workers",
+    "splice",
 )
 _DEFAULTS_KEYS = (
     "target",
@@ -325,6 +326,13 @@ def _spliceMode(text: str) -> SpliceMode:
 MAX_WORKERS = 64
 
 
+def _retireTimeout(text: str) -> Optional[float]:
+    """C{off} (until the last connection ends) or a duration longer than 0."""
+    if text.strip().lower() in ("off", "no", "none"):
+        return None
+    return values.parseTimeout(text)
+
+
 def _workers(text: str) -> int:
     """C{auto} (0: one per core) or a count from 1 to L{MAX_WORKERS}."""
     if text.strip().lower() == "auto":
@@ -487,6 +495,7 @@ class _Loader:
             log_format=keys.get("log_format", _logFormat, default.log_format),
             hello_timeout=keys.get("hello_timeout", _positiveDuration, default.hello_timeout),
             drain_timeout=keys.get("drain_timeout", values.parseDuration, default.drain_timeout),
+            retire_timeout=keys.get("retire_timeout", _retireTimeout, default.retire_timeout),
             workers=keys.get("workers", _workers, default.workers),
             splice=keys.get("splice", _spliceMode, default.splice),
         )

@@ -120,6 +120,9 @@ class DaemonSettings:
     log_format: LogFormat = "text"
     hello_timeout: float = 10.0
     drain_timeout: float = 30.0
+    #: How long a worker a reload retired may serve its connections before
+    #: they are cut (HAProxy's C{hard-stop-after}); C{None}: until they end.
+    retire_timeout: Optional[float] = None
     #: Router processes sharing the listeners; 0 means one per core.
     workers: int = 0
 

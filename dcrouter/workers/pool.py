@@ -366,9 +366,10 @@ class WorkerPool(Service):
         Serve C{groups} from now on: start new workers on them and retire
         the old ones: each stops accepting, and exits once its last
         connection has ended, however long that takes (as nginx's and
-        HAProxy's old processes do): a reload cuts no connection. Stopping
-        the router bounds them with C{drain_timeout}, as every worker.
-        Fires when the old ones have exited.
+        HAProxy's old processes do): a reload cuts no connection, unless
+        C{retire_timeout} (of the configuration now served) bounds them.
+        Stopping the router bounds them with C{drain_timeout}, as every
+        worker. Fires when the old ones have exited.
         """
         self.groups = groups
         old = [*self.workers.values(), *self.successors.values()]
@@ -377,8 +378,10 @@ class WorkerPool(Service):
             worker.retired = True
         for index in range(self.count):
             self.spawn(index)
+        timeout = self.config.daemon.retire_timeout
+        line = b"retire\n" if timeout is None else b"retire %r\n" % timeout
         for worker in old:
-            worker.send(b"retire\n")
+            worker.send(line)
         pending = [worker for worker in old if not worker.ended.called]
         self.draining.extend(pending)
         return DeferredList([worker.ended for worker in pending])

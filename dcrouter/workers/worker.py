@@ -52,8 +52,9 @@ class _SupervisorLink(LineReceiver):
     configuration the supervisor sends (L{dcrouter.workers.pool.configMessage}:
     its size on a line, then the pickle) to C{reconfigure}, which returns
     why it cannot be applied, if it cannot: that goes back as a
-    C{rejected} line. C{retire} (a reload replaced this worker) calls
-    C{retire}. End of file means the supervisor is gone.
+    C{rejected} line. C{retire} (a reload replaced this worker), with the
+    seconds its connections have left if they are bounded, calls C{retire}.
+    End of file means the supervisor is gone.
     """
 
     delimiter = b"\n"
@@ -64,7 +65,7 @@ class _SupervisorLink(LineReceiver):
         reactor: Any,
         report: Callable[[], dict[str, Any]],
         reconfigure: Callable[[RouterConfig], Optional[str]],
-        retire: Callable[[], None] = lambda: None,
+        retire: Callable[[Optional[float]], None] = lambda timeout: None,
     ) -> None:
         self.reactor = reactor
         self.report = report
@@ -84,7 +85,9 @@ class _SupervisorLink(LineReceiver):
         if line == b"report":
             self.sendReport()
         elif line == b"retire":
-            self.retire()
+            self.retire(None)
+        elif line.startswith(b"retire "):
+            self.retire(float(line[7:]))
         elif line.isdigit():
             self.expected = int(line)
             self.setRawMode()

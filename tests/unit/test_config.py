@@ -382,7 +382,8 @@ class TestSections:
     @pytest.mark.parametrize(
         ("section", "keys"),
         [
-            ("dcrouter", "state_dir, log_format, hello_timeout, drain_timeout, workers, splice"),
+            ("dcrouter", "state_dir, log_format, hello_timeout, drain_timeout, retire_timeout, "
+             "workers, splice"),
             (
                 "defaults",
                 "target, bind, ip_allow, ip_block, max_connections, max_connections_per_ip, "
@@ -465,6 +466,8 @@ class TestValues:
             ("dcrouter", "hello_timeout", "soon", f"'soon' {NOT_DURATION}"),
             ("dcrouter", "hello_timeout", "0s", "'0s' is not longer than 0"),
             ("dcrouter", "drain_timeout", "-1", f"'-1' {NOT_DURATION}"),
+            ("dcrouter", "retire_timeout", "0", "'0' is not longer than 0"),
+            ("dcrouter", "retire_timeout", "never", f"'never' {NOT_DURATION}"),
             ("dcrouter", "workers", "0", "0 is out of range (1..64): use auto or a count from 1 to 64"),
             ("dcrouter", "workers", "all", "'all' is not a whole number: use auto or a count from 1 to 64"),
             ("dcrouter", "splice", "maybe", "'maybe' is not auto, yes or no"),
@@ -497,6 +500,11 @@ class TestValues:
     def test_drainTimeoutMayBeZero(self, write: Write) -> None:
         path = write(ROUTE + "[dcrouter]\ndrain_timeout = 0\n")
         assert loadConfig(path).daemon.drain_timeout == 0.0
+
+    def test_retireTimeoutIsOffUnlessSet(self, write: Write) -> None:
+        assert loadConfig(write(ROUTE)).daemon.retire_timeout is None
+        assert loadConfig(write(ROUTE + "[dcrouter]\nretire_timeout = off\n")).daemon.retire_timeout is None
+        assert loadConfig(write(ROUTE + "[dcrouter]\nretire_timeout = 2h\n")).daemon.retire_timeout == 7200
 
     def test_workers(self, write: Write) -> None:
         assert loadConfig(write(ROUTE + "[dcrouter]\nworkers = auto\n")).daemon.workers == 0

@@ -10,6 +10,7 @@ import select
 import signal
 import socket
 
+import attrs
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -304,6 +305,46 @@ def test_aWorkerRetiredByAReloadStopsOnceItsConnectionsHaveEnded(tmp_path):
     assert not reactor.running
 
 
+def test_aRetiredWorkerCutsWhatIsLeftAtItsRetireTimeout(tmp_path):
+    from dcrouter.service import DcRouter
+    from dcrouter.workers.worker import _SupervisorLink
+
+    role = ProcessRole("worker", index=0, count=2, inherited={(80, "0.0.0.0"): 99})
+    config = RouterConfig(
+        daemon=DaemonSettings(state_dir=str(tmp_path)),
+        routes=(RouteConfig(name="a", ports=(80,), action="block"),),
+    )
+    reactor = MemoryReactorClock()
+    worker = DcRouter(config, reactor, configPath="unused.ini", role=role)
+    worker.privilegedStartService()
+    link = _SupervisorLink(reactor, lambda: {}, lambda config: None, worker.retire)
+    link.makeConnection(StringTransport())
+
+    class Record:
+        ended = None
+
+    class Held:
+        record = Record()
+        aborted = False
+
+        def drain(self):
+            pass
+
+        def abort(self):
+            self.aborted = True
+
+    held = Held()
+    worker.router.connections.add(held)
+    reactor.running = True
+    link.dataReceived(b"retire 2.5\n")
+    reactor.advance(2.4)
+    assert reactor.running and not held.aborted
+    reactor.advance(0.1)
+    assert held.aborted and held.record.ended == "cut: retired by a reload (2.5s)"
+    reactor.advance(0)
+    assert not reactor.running
+
+
 def test_theSupervisorSendsItsWorkersWhatItChecked(tmp_path):
     """A reload on the same listeners: the configuration goes down the pipe, no SIGHUP."""
     from dcrouter.config import loadConfig
@@ -381,6 +422,14 @@ def test_stopDrainsTheWorkersAReloadRetiredToo():
     assert old[1].transport.signals == [signal.SIGTERM, signal.SIGKILL]
     end(old[1], ProcessTerminated(signal=9))
     assert stopped.called
+
+
+def test_replaceTellsTheOldWorkersTheNewRetireTimeout():
+    reactor, pool = makePool()
+    old = [p for p, _, _ in reactor.spawned]
+    pool.config = attrs.evolve(CONFIG, daemon=DaemonSettings(retire_timeout=600.0))
+    pool.replace({(8080, "127.0.0.1"): [FakeSocket(30), FakeSocket(31)]})
+    assert [w.transport.written.endswith(b"retire 600.0\n") for w in old] == [True, True]
 
 
 def test_replaceStartsNewWorkersAndRetiresTheOld():
