@@ -34,7 +34,7 @@ _MODES_BY_PORT = {25: "mx", 587: "submission", 465: "submissions"}
 _INTERNAL = {25: 10025, 587: 10587, 465: 10465}
 _EMAIL_KEYS = (
     "hostname", "ports", "internal_ports", "submission_ports", "submissions_ports",
-    "max_size", "max_recipients", "auth", "users",
+    "max_size", "max_recipients", "auth", "users", "sender_login_match", "senders",
     "default_mode", "default_server", "default_tls", "domains",
     "dkim_selector", "dkim_key", "dkim_domain", "proxy_interfaces",
 )
@@ -82,6 +82,13 @@ class EmailSettings:
     @ivar domains: the domains mail is accepted for from anyone (besides
         the rules' own domains); others only from authenticated users.
     @ivar users: C{name:hash} entries for C{auth = static}.
+    @ivar sender_login_match: an authenticated client's MAIL FROM must be
+        an address its login owns (Postfix's
+        C{reject_sender_login_mismatch}): the login itself if it is an
+        address, else the login at any domain served here, or one
+        C{senders} gives it.
+    @ivar senders: login -> the further senders it may use: addresses
+        (C{local@domain}, the local part lower-case) and C{*@domain}.
     @ivar dkim: the key of the default rule (mail no rule matches).
     @ivar proxy_interfaces: addresses other servers reach this one at
         through a proxy or NAT (a load balancer's, a public address
@@ -97,6 +104,8 @@ class EmailSettings:
     max_recipients: int = 100
     auth: str = "none"
     users: Optional[RawValue] = None
+    sender_login_match: bool = True
+    senders: tuple[tuple[str, tuple[str, ...]], ...] = ()
     default_mode: str = "mta"
     default_server: Optional[HostPort] = None
     default_tls: str = "opportunistic"
@@ -225,6 +234,8 @@ def _email(section: Any, rules: tuple[EmailRule, ...], errors: ErrorCollector) -
         ),
         auth=auth,
         users=RawValue(users.text, users.source) if users is not None else None,
+        sender_login_match=keys.get("sender_login_match", values.parseBool, True),
+        senders=keys.get("senders", parseSenders, ()),
         default_mode=mode,
         default_server=server,
         default_tls=keys.get("default_tls", lambda t: values.parseChoice(t, TLS_CHOICES),
@@ -235,6 +246,32 @@ def _email(section: Any, rules: tuple[EmailRule, ...], errors: ErrorCollector) -
         rules=rules,
         keySources={key: value.source for key, value in section.values.items()},
     )
+
+
+def parseSenders(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """
+    C{login: address, *@domain, ...} lines: the senders each login may use
+    besides its own (C{sender_login_match}). Logins compare without regard
+    to case, as do local parts here.
+    """
+    logins: dict[str, tuple[str, ...]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        login, colon, rest = line.partition(":")
+        login = login.strip().lower()
+        if not colon or not login or any(c.isspace() for c in login):
+            raise ValueError(f"{line!r} is not 'login: address, *@domain, ...'")
+        patterns = []
+        for item in rest.split(","):
+            item = item.strip()
+            local, at, domain = item.rpartition("@")
+            if not at or not local or any(c.isspace() or c in "<>" for c in local):
+                raise ValueError(f"{item!r} (for {login}) is not an address or *@domain")
+            patterns.append(f"{local.lower()}@{_exactDomain(domain)}")
+        logins[login] = logins.get(login, ()) + tuple(patterns)
+    return tuple(logins.items())
 
 
 def _modeName(text: str) -> str:

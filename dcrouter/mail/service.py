@@ -126,7 +126,8 @@ def acceptedRecipients(
     The policy of who may be sent mail by anyone: C{domains}, the hostname,
     and what the rules name (a rule for one address accepts that address,
     not its whole domain); others only from users. With C{rules}, what
-    falls under a C{mode = reject} rule is refused at RCPT.
+    falls under a C{mode = reject} rule is refused at RCPT. With
+    C{sender_login_match}, users send only as themselves (and C{senders}).
     """
     names = {settings.hostname, *settings.domains}
     addresses = set()
@@ -148,9 +149,12 @@ def acceptedRecipients(
                 return None
             return rule.text or REJECTED_TEXT
 
+    senders = None
+    if settings.sender_login_match:
+        senders = {login: frozenset(owned) for login, owned in settings.senders}
     return DomainPolicy(
         frozenset(name for name in names if name and name != "*"), addresses=addresses,
-        rejects=rejects,
+        rejects=rejects, senders=senders,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import smtplib
 import ssl
 
+import pytest
 import pytest_twisted
 from twisted.internet import protocol, reactor, task
 from twisted.internet.threads import deferToThread
@@ -91,7 +92,7 @@ async def waitFor(messages, count):
     raise AssertionError(f"{len(messages)} of {count} messages arrived")
 
 
-def sendFrom(source, port, recipient, login=None):
+def sendFrom(source, port, recipient, login=None, sender="sender@client.test"):
     with smtplib.SMTP("127.0.0.1", port, source_address=(source, 0), timeout=10) as client:
         client.ehlo("client.test")
         if login:
@@ -101,7 +102,7 @@ def sendFrom(source, port, recipient, login=None):
             client.starttls(context=context)
             client.ehlo("client.test")
             client.login(*login)
-        return client.sendmail("sender@client.test", [recipient], b"Subject: hi\r\n\r\nhello\r\n")
+        return client.sendmail(sender, [recipient], b"Subject: hi\r\n\r\nhello\r\n")
 
 
 @pytest_twisted.ensureDeferred
@@ -126,8 +127,29 @@ async def test_no_open_relay_but_users_may_relay(tmp_path):
         refused = await deferToThread(_refused, mx, "carol@elsewhere.test")
         assert refused.startswith("55"), refused
         await deferToThread(sendFrom, "127.0.0.1", submission, "carol@elsewhere.test",
-                            ("alice", "alicepw"))
+                            ("alice", "alicepw"), "Alice@example.test")
         await waitFor(messages, 1)
+    finally:
+        await service.stopService()
+        await sink.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_users_send_only_as_themselves_and_what_senders_gives_them(tmp_path):
+    service, sink, messages, mx, submission = await startMailEdge(
+        tmp_path, "senders =\n    alice: *@client.test, billing@example.test\n"
+    )
+    login = ("alice", "alicepw")
+    try:
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            await deferToThread(sendFrom, "127.0.0.1", submission, "carol@elsewhere.test",
+                                login, "bob@example.test")
+        assert refused.value.smtp_code == 553
+        assert b"not owned by user alice" in refused.value.smtp_error
+        for sender in ("alice@example.test", "anyone@client.test", "Billing@Example.test"):
+            await deferToThread(sendFrom, "127.0.0.1", submission, "carol@elsewhere.test",
+                                login, sender)
+        await waitFor(messages, 3)
     finally:
         await service.stopService()
         await sink.stopListening()
@@ -319,7 +341,7 @@ def sendOverImplicitTLS(port, recipient, login):
     with smtplib.SMTP_SSL("127.0.0.1", port, context=context, timeout=10) as client:
         client.ehlo("client.test")
         client.login(*login)
-        return client.sendmail("alice@client.test", [recipient], b"Subject: tls\r\n\r\nover 465\r\n")
+        return client.sendmail("alice@example.test", [recipient], b"Subject: tls\r\n\r\nover 465\r\n")
 
 
 @pytest_twisted.ensureDeferred

@@ -142,3 +142,28 @@ def test_what_the_mail_server_checks_passwords_with_is_checked_by_checkconfig(
     with pytest.raises(ConfigErrors) as caught:
         checkConfigFile(str(path))
     assert caught.value.report().startswith(f"{path}:{error}"), caught.value.report()
+
+
+def test_senders_are_logins_with_addresses_and_domains(tmp_path: Path) -> None:
+    config = load(tmp_path, EMAIL + (
+        "senders =\n    Alice: Billing@Example.TEST, *@partner.test\n"
+        "    bob: bob@b\u00fccher.example\n    alice: ops@example.test\n"
+    ))  # fmt: skip
+    assert config.email.sender_login_match is True
+    assert config.email.senders == (
+        ("alice", ("billing@example.test", "*@partner.test", "ops@example.test")),
+        ("bob", ("bob@xn--bcher-kva.example",)),
+    )
+    assert load(tmp_path, EMAIL + "sender_login_match = no\n").email.sender_login_match is False
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("alice billing@example.test", "'alice billing@example.test' is not 'login: address"),
+        ("alice: billing", "'billing' (for alice) is not an address or *@domain"),
+        ("alice: a@*.example.test", "'*.example.test': a domain, not a wildcard"),
+    ],
+)
+def test_a_bad_senders_line_is_an_error_at_its_key(tmp_path: Path, value: str, error: str) -> None:
+    assert f"dcrouter.ini:4: [email] senders: {error}" in errors(tmp_path, EMAIL + f"senders = {value}\n")

@@ -209,6 +209,46 @@ def test_domain_policy():
     assert policy.checkSender(None, None) is None
 
 
+def sends(policy, login, address):
+    envelope = Envelope(id="X", mailFrom=None, client=None, server=None, helo="h",
+                        authUser=login)
+    local, _, domain = address.rpartition("@")
+    try:
+        policy.checkSender(envelope, MailAddress(local, domain))
+    except SMTPReply as e:
+        assert str(e).startswith(f"553 5.7.1 <{address}>: Sender address rejected: not owned")
+        return e.code
+    return 250
+
+
+def test_users_send_only_as_what_they_own():
+    policy = DomainPolicy(["example.test", "b\u00fccher.example"], senders={
+        "alice": frozenset({"billing@example.test", "*@partner.test"}),
+    })
+    # A bare login: itself at each domain served here, any case.
+    assert sends(policy, "alice", "alice@example.test") == 250
+    assert sends(policy, "Alice", "ALICE@Example.Test") == 250
+    assert sends(policy, "alice", '"alice"@example.test') == 250
+    assert sends(policy, "alice", "alice@b\u00fccher.example") == 250
+    assert sends(policy, "alice", "alice@elsewhere.test") == 553
+    assert sends(policy, "alice", "bob@example.test") == 553
+    assert sends(policy, "alice", "alice@[127.0.0.1]") == 553
+    # What senders gives it.
+    assert sends(policy, "alice", "Billing@example.test") == 250
+    assert sends(policy, "alice", "anyone@partner.test") == 250
+    assert sends(policy, "alice", "anyone@sub.partner.test") == 553
+    assert sends(policy, "bob", "billing@example.test") == 553
+    # A login that is an address owns that address, in any domain.
+    assert sends(policy, "carol@elsewhere.test", "Carol@ELSEWHERE.test") == 250
+    assert sends(policy, "carol@elsewhere.test", "carol@example.test") == 553
+    # The null sender, clients that did not log in, and no check at all.
+    assert policy.checkSender(
+        Envelope(id="X", mailFrom=None, client=None, server=None, helo="h", authUser="a"), None
+    ) is None
+    assert sends(policy, None, "anyone@elsewhere.test") == 250
+    assert sends(DomainPolicy(["example.test"]), "alice", "bob@elsewhere.test") == 250
+
+
 def test_domain_patterns():
     assert domainPattern("*.Example.com.") == "*.example.com"
     for bad in ["", "*", "a.*.example", "*."]:
