@@ -28,7 +28,9 @@ body; the connection stays open, unlike HTTP/1.1 where they close it.
 Bounded everywhere:
   - streams: at most L{MAX_STREAMS} open (C{SETTINGS_MAX_CONCURRENT_STREAMS});
     a client that resets more than L{MAX_RESETS} streams within
-    L{RESET_PERIOD} seconds gets C{GOAWAY(ENHANCE_YOUR_CALM)} ("rapid reset").
+    L{RESET_PERIOD} seconds gets C{GOAWAY(ENHANCE_YOUR_CALM)} ("rapid reset"),
+    as does one that sends more than L{MAX_EMPTY_FRAMES} empty DATA frames
+    (which cost it no window) in as long (CVE-2019-9518); those are not kept.
   - request bodies: data is acknowledged (C{WINDOW_UPDATE}) only as the
     action's consumer takes it, so what is held is at most
     L{STREAM_WINDOW} per stream and L{CONNECTION_WINDOW} per connection, and
@@ -44,7 +46,16 @@ Bounded everywhere:
     list over it is 431 on its stream, one over twice it a connection error.
   - time: C{header_timeout} for the first request, C{keepalive_timeout} while
     no stream is open (then C{GOAWAY(NO_ERROR)} and close), C{body_timeout}
-    for a stalled request body (408).
+    for a stalled request body (408), C{send_timeout} while response data
+    waits on a client that opens no window and reads nothing (then close).
+
+A drain (stop, or a worker retired by a reload) shuts the connection down
+as RFC 9113 6.8 advises: a C{GOAWAY(NO_ERROR)} naming the highest stream
+id, so that the client starts no more, and a PING; once it is answered (or
+after L{GOAWAY_ROUND_TRIP}), a second C{GOAWAY} names the last stream
+taken. Streams that were on their way until then are served; later ones are
+refused (C{REFUSED_STREAM}: the client may retry them elsewhere); the open
+ones finish, then the connection closes.
 """
 
 from __future__ import annotations
@@ -61,6 +72,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingAckReceived,
     RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
@@ -69,6 +81,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
@@ -114,8 +127,16 @@ PAUSED_WRITE_LIMIT = 1 << 20
 #: seconds is a rapid-reset attack.
 MAX_RESETS = 200
 RESET_PERIOD = 10.0
+#: More empty DATA frames without END_STREAM than this within
+#: L{RESET_PERIOD} seconds is a flood.
+MAX_EMPTY_FRAMES = 200
 #: After C{GOAWAY} and a clean close, how long the client has to read it.
 CLOSE_GRACE = 5.0
+#: How long a drain waits for the answer to its PING before it names the
+#: last stream it takes.
+GOAWAY_ROUND_TRIP = 5.0
+_DRAIN_PING = b"dcr-goaw"
+_HIGHEST_STREAM_ID = 2**31 - 1
 
 _NO_BODY = BodyFraming("none")
 _CHUNKED = BodyFraming("chunked")
@@ -360,6 +381,14 @@ class H2ServerProtocol(Protocol):
         self.lost = False
         self.resets = 0
         self.resetsSince = 0.0
+        self.emptyFrames = 0
+        self.emptySince = 0.0
+        #: The drain's C{GOAWAY} named this stream; later ones are refused.
+        self.lastStream: Optional[int] = None
+        self.drainTimer: Optional[IDelayedCall] = None
+        #: Watches response data waiting on a client that reads none of it.
+        self.stallTimer: Optional[IDelayedCall] = None
+        self.lastSent = 0.0
 
     # Timers
 
@@ -373,12 +402,56 @@ class H2ServerProtocol(Protocol):
                 self.timer.cancel()
             self.timer = None
 
+    def cancelTimers(self) -> None:
+        """The connection is closing: none of its timers may fire."""
+        self.cancelTimer()
+        for call in (self.stallTimer, self.drainTimer):
+            if call is not None and call.active():
+                call.cancel()
+        self.stallTimer = self.drainTimer = None
+
     def drain(self) -> None:
-        """The router is stopping: finish the open streams, then GOAWAY."""
+        """
+        The router is stopping, or a reload retired this worker: GOAWAY at
+        once, naming the last stream taken; the open ones finish, then the
+        connection closes (see the module). Called again, it does nothing.
+        """
+        if self.draining or self.closing:
+            return
         self.draining = True
         if not self.streams:
             self.connection.record.ended = "closed for the drain"
             self.goAway(ErrorCodes.NO_ERROR)
+            return
+        self.sendGoAway(_HIGHEST_STREAM_ID)
+        self.h2.ping(_DRAIN_PING)
+        self.flush()
+        self.drainTimer = self.reactor.callLater(GOAWAY_ROUND_TRIP, self.nameLastStream)
+
+    def nameLastStream(self) -> None:
+        """The drain's second GOAWAY: the streams taken so far are all."""
+        self.drainTimer = None
+        if self.lastStream is not None or self.closing:
+            return
+        self.lastStream = self.h2.highest_inbound_stream_id
+        if not self.streams:
+            self.connection.record.ended = "closed for the drain"
+            self.goAway(ErrorCodes.NO_ERROR)
+            return
+        self.sendGoAway(self.lastStream)
+
+    def sendGoAway(self, lastStream: int) -> None:
+        """
+        C{GOAWAY(NO_ERROR)} while streams go on: hyper-h2's
+        C{close_connection} would end them all, so it is written here,
+        after what hyper-h2 has queued.
+        """
+        self.flush()
+        frame = GoAwayFrame(0, last_stream_id=lastStream, error_code=ErrorCodes.NO_ERROR)
+        data = frame.serialize()
+        if self.transport is not None and not self.lost:
+            self.connection.record.bytesOut += len(data)
+            self.transport.write(data)
 
     def idleTimedOut(self) -> None:
         """No stream open for C{keepalive_timeout} (or no request at all)."""
@@ -430,6 +503,8 @@ class H2ServerProtocol(Protocol):
                     self.windowOpened(0)
             elif isinstance(event, ConnectionTerminated):
                 self.clientWentAway(event)
+            elif isinstance(event, PingAckReceived) and event.ping_data == _DRAIN_PING:
+                self.nameLastStream()
         self.flush()
 
     def flush(self) -> None:
@@ -460,7 +535,8 @@ class H2ServerProtocol(Protocol):
         if self.closing:
             return
         try:
-            self.h2.close_connection(error_code=code)
+            # After a drain's GOAWAY the last stream named may not grow.
+            self.h2.close_connection(error_code=code, last_stream_id=self.lastStream)
         except ProtocolError:
             pass  # hyper-h2 already queued a GOAWAY of its own
         self.flush()
@@ -471,7 +547,7 @@ class H2ServerProtocol(Protocol):
         if self.closing:
             return
         self.closing = True
-        self.cancelTimer()
+        self.cancelTimers()
         self.loseStreams(Failure(ConnectionDone("the router closed the connection")))
         if self.transport is not None and not self.lost:
             self.transport.loseConnection()
@@ -480,7 +556,7 @@ class H2ServerProtocol(Protocol):
     def closeNow(self) -> None:
         self.graceTimer = None
         self.closing = True
-        self.cancelTimer()
+        self.cancelTimers()
         if self.transport is not None and not self.lost:
             self.transport.abortConnection()  # type: ignore[attr-defined]
         self.loseStreams(Failure(ConnectionLost("the router aborted the connection")))
@@ -494,7 +570,7 @@ class H2ServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.lost = True
         self.closing = True
-        self.cancelTimer()
+        self.cancelTimers()
         if self.graceTimer is not None and self.graceTimer.active():
             self.graceTimer.cancel()
         self.graceTimer = None
@@ -529,6 +605,13 @@ class H2ServerProtocol(Protocol):
             request has no body rather than an empty chunked one.
         """
         streamId = event.stream_id
+        if self.lastStream is not None and streamId > self.lastStream:
+            # After the drain's GOAWAY: not taken; the client may retry it.
+            try:
+                self.h2.reset_stream(streamId, ErrorCodes.REFUSED_STREAM)
+            except ProtocolError:
+                pass
+            return
         ended = event.stream_ended is not None or bodiless
         self.cancelTimer()
         self.requests += 1
@@ -590,6 +673,13 @@ class H2ServerProtocol(Protocol):
         exchange.respond(error.status, [_TEXT], _errorBody(error.status, error.reason))
 
     def bodyData(self, event: DataReceived) -> None:
+        if not event.flow_controlled_length:
+            # Empty: it costs the client no window, so it is neither kept
+            # nor allowed to count as the body moving; a flood of them ends
+            # the connection (END_STREAM comes as its own event).
+            if event.stream_ended is None:
+                self.emptyFrame()
+            return
         exchange = self.streams.get(event.stream_id)
         if exchange is None:
             # A stream already answered and reset: its data still counts
@@ -597,6 +687,17 @@ class H2ServerProtocol(Protocol):
             self.acknowledge(event.stream_id, event.flow_controlled_length)
             return
         exchange.clientData(event.data, event.flow_controlled_length)
+
+    def emptyFrame(self) -> None:
+        now = self.reactor.seconds()
+        if now - self.emptySince > RESET_PERIOD:
+            self.emptySince, self.emptyFrames = now, 0
+        self.emptyFrames += 1
+        if self.emptyFrames > MAX_EMPTY_FRAMES:
+            self.connection.record.ended = (
+                f"more than {MAX_EMPTY_FRAMES} empty DATA frames within {RESET_PERIOD:g}s"
+            )
+            self.goAway(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def acknowledge(self, streamId: int, size: int) -> None:
         """C{size} flow-controlled bytes of C{streamId} were consumed."""
@@ -655,6 +756,7 @@ class H2ServerProtocol(Protocol):
                 exchange.pendingSize -= len(chunk)
                 last = exchange.endPending and not pending
                 h2.send_data(streamId, chunk, end_stream=last)
+                self.lastSent = self.reactor.seconds()
                 if last:
                     exchange.endPending = False
                     self.streamSent(exchange)
@@ -667,6 +769,27 @@ class H2ServerProtocol(Protocol):
             exchange.clientLost(Failure(ConnectionLost(f"stream closed: {e}")))
         self.flush()
         exchange.updateProducer()
+        if exchange.pending and self.stallTimer is None and not self.closing:
+            self.stallTimer = self.reactor.callLater(self.settings.send_timeout, self.stalled)
+
+    def stalled(self) -> None:
+        """
+        Response data has waited C{send_timeout}: if none of it went out
+        meanwhile (no window opened, or the socket stayed full), the client
+        is not reading: close, as nginx's C{send_timeout} does. This bounds
+        what the router answered itself, which no backend's timer watches.
+        """
+        self.stallTimer = None
+        if self.closing or not any(exchange.pending for exchange in self.streams.values()):
+            return
+        timeout = self.settings.send_timeout
+        waited = self.reactor.seconds() - self.lastSent
+        if waited < timeout:
+            self.stallTimer = self.reactor.callLater(timeout - waited, self.stalled)
+            return
+        self.connection.record.ended = f"client read nothing for {timeout:g}s"
+        self.closeNow()
+
 
     def streamSent(self, exchange: H2Exchange) -> None:
         """The response's END_STREAM is queued: the stream is done for us."""
@@ -701,7 +824,9 @@ class H2ServerProtocol(Protocol):
             del self.streams[exchange.streamId]
             if not self.streams and not self.closing:
                 if self.draining:
-                    self.goAway(ErrorCodes.NO_ERROR)
+                    # Before the last stream is named, more may be on their way.
+                    if self.lastStream is not None:
+                        self.goAway(ErrorCodes.NO_ERROR)
                     return
                 self.setTimer(self.settings.keepalive_timeout, self.idleTimedOut)
 

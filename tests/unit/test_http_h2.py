@@ -7,6 +7,7 @@ import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
+from h2.settings import SettingCodes
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -15,6 +16,8 @@ from dcrouter.config.model import HostPort, HttpSettings, RouteConfig
 from dcrouter.http.backend import BackendPool
 from dcrouter.http.h2 import (
     CONNECTION_WINDOW,
+    GOAWAY_ROUND_TRIP,
+    MAX_EMPTY_FRAMES,
     MAX_RESETS,
     STREAM_WINDOW,
     H2ServerProtocol,
@@ -120,13 +123,32 @@ class Response:
         return dict(self.headers).get(name)
 
 
+def withoutGoAway(data, goaways):
+    """
+    C{data} without its GOAWAY frames, which go to C{goaways} as (last
+    stream, error code): hyper-h2's client drops every stream at a GOAWAY,
+    where RFC 9113 6.8 lets those up to its last stream finish.
+    """
+    kept = bytearray()
+    while len(data) >= 9:
+        end = 9 + int.from_bytes(data[:3], "big")
+        frame, data = data[:end], data[end:]
+        if frame[3] == 7:
+            goaways.append((int.from_bytes(frame[9:13], "big"), int.from_bytes(frame[13:17], "big")))
+        else:
+            kept += frame
+    return bytes(kept + data)
+
+
 class Client:
     """hyper-h2's client side, talking to the protocol through its transport."""
 
-    def __init__(self, protocol, transport, autoAck=True, **config):
+    def __init__(self, protocol, transport, autoAck=True, keepGoAways=False, **config):
         self.protocol = protocol
         self.transport = transport
         self.autoAck = autoAck
+        #: Set aside, as (last stream, code), rather than read (L{withoutGoAway}).
+        self.goaways = [] if keepGoAways else None
         self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None, **config))
         self.h2.initiate_connection()
         self.responses = {}
@@ -143,6 +165,8 @@ class Client:
     def read(self):
         data = self.transport.value()
         self.transport.clear()
+        if self.goaways is not None:
+            data = withoutGoAway(data, self.goaways)
         if data:
             for event in self.h2.receive_data(data):
                 self.received.append(event)
@@ -708,6 +732,71 @@ def test_rapid_reset_is_refused_with_enhance_your_calm():
     assert "streams reset" in protocol.connection.record.ended
 
 
+def test_empty_data_frames_are_not_kept_and_a_flood_of_them_ends_the_connection():
+    """CVE-2019-9518: an empty DATA frame costs the client no window."""
+    reactor, protocol, transport, action, client = serve()
+    stream = client.request(method=b"POST", end=False)
+    (exchange,) = action.exchanges  # its body not read yet
+    for _ in range(MAX_EMPTY_FRAMES):
+        client.h2.send_data(stream, b"")
+    client.send()
+    assert not exchange.inbound and not transport.disconnecting
+    client.h2.send_data(stream, b"")
+    client.send()
+    client.read()
+    assert client.terminated.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert "empty DATA frames" in protocol.connection.record.ended
+
+
+def test_empty_data_frames_do_not_count_as_the_body_moving():
+    reactor, protocol, transport, action, client = serve(settings=HttpSettings(body_timeout=10.0))
+    stream = client.request(method=b"POST", body=b"abc", end=False)
+    exchange = action.exchanges[0]
+    exchange.readBody(Consumer(exchange))
+    for _ in range(3):
+        run(reactor, 4)
+        client.h2.send_data(stream, b"")
+        client.send()
+    assert client.response(stream).status == 408
+
+
+def test_a_client_that_opens_no_window_is_dropped_after_send_timeout():
+    """What the router answers itself has no backend timer: a client that
+    takes none of it keeps nothing for longer than send_timeout."""
+    settings = HttpSettings(send_timeout=60.0, keepalive_timeout=75.0)
+    reactor, protocol, transport, action, client = serve(Answer(), settings=settings)
+    client.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    client.send()
+    client.read()
+    for _ in range(10):
+        client.request(b"/" + b"x" * 100)
+    assert len(protocol.streams) == 10
+    run(reactor, 59)
+    assert not transport.disconnecting
+    run(reactor, 2)
+    assert transport.aborted and not protocol.streams
+    assert protocol.connection.record.ended == "client read nothing for 60s"
+
+
+def test_a_client_reading_slowly_is_not_dropped():
+    settings = HttpSettings(send_timeout=10.0, keepalive_timeout=75.0)
+    reactor, protocol, transport, action, client = serve(Answer(), settings=settings,
+                                                         autoAck=False)
+    client.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 10})
+    client.send()
+    client.read()
+    stream = client.request(b"/" + b"x" * 100)
+    for _ in range(9):  # 10 bytes at once, then 10 every 5 s: 100 of 101 in 45 s
+        run(reactor, 5)
+        client.h2.increment_flow_control_window(10, stream)
+        client.send()
+        client.read()
+    assert not transport.disconnecting and not client.responses[stream].ended
+    client.h2.increment_flow_control_window(10, stream)
+    client.send()
+    assert client.response(stream).data == b"/" + b"x" * 100
+
+
 def test_an_idle_connection_gets_goaway_after_keepalive_timeout():
     settings = HttpSettings(keepalive_timeout=30.0, header_timeout=5.0)
     reactor, protocol, transport, action, client = serve(Answer(), settings=settings)
@@ -965,17 +1054,45 @@ def test_a_bad_client_body_does_not_blame_the_target():
     assert (target.failures, target.up, target.active) == (0, True, 0)
 
 
-def test_drain_sends_goaway_once_the_open_streams_are_done():
-    reactor, protocol, transport, action, client = serve(Held())
+def test_a_drain_without_streams_closes_at_once():
+    reactor, protocol, transport, action, client = serve(Held(), keepGoAways=True)
+    protocol.drain()
+    client.read()
+    assert client.goaways == [(0, ErrorCodes.NO_ERROR)] and transport.disconnecting
+
+
+def test_a_drain_says_goaway_at_once_and_names_the_last_stream_a_round_trip_later():
+    """RFC 9113 6.8: GOAWAY(2^31-1) and a PING; at its answer GOAWAY(last
+    stream taken); later streams refused, open ones finished, then close."""
+    reactor, protocol, transport, action, client = serve(Held(), keepGoAways=True)
+    first = client.request(b"/1")
+    protocol.drain()
+    protocol.drain()  # a retired worker's drain comes every second: once is enough
+    # Sent before the client saw the GOAWAY (it reads, and answers the PING, after).
+    second = client.request(b"/2")
+    client.read()
+    assert client.goaways == [(2**31 - 1, ErrorCodes.NO_ERROR), (second, ErrorCodes.NO_ERROR)]
+    assert len(action.exchanges) == 2
+    late = client.request(b"/3")
+    assert client.responses[late].reset == ErrorCodes.REFUSED_STREAM
+    assert len(action.exchanges) == 2 and not transport.disconnecting
+    for exchange, stream in zip(action.exchanges, (first, second), strict=True):
+        exchange.respond(200, body=b"done")
+        assert client.response(stream).status == 200
+    assert transport.disconnecting
+    assert client.goaways[2:] == [(second, ErrorCodes.NO_ERROR)]
+
+
+def test_a_drain_names_the_last_stream_even_if_its_ping_is_never_answered():
+    reactor, protocol, transport, action, client = serve(Held(), keepGoAways=True)
     stream = client.request()
     protocol.drain()
-    assert not transport.disconnecting
-    (exchange,) = action.exchanges
-    exchange.respond(200, body=b"last")
-    assert client.response(stream).status == 200
+    reactor.advance(GOAWAY_ROUND_TRIP)
+    client.read()
+    assert client.goaways == [(2**31 - 1, ErrorCodes.NO_ERROR), (stream, ErrorCodes.NO_ERROR)]
+    action.exchanges[0].respond(204)
     client.read()
     assert transport.disconnecting
-    assert client.terminated is not None and client.terminated.error_code == ErrorCodes.NO_ERROR
 
 
 def test_a_path_missing_its_slash_is_redirected_on_a_stream_too():
@@ -989,3 +1106,4 @@ def test_a_path_missing_its_slash_is_redirected_on_a_stream_too():
     response = client.response(stream)
     assert held.exchanges == []
     assert response.status == 301 and response.header(b"location") == b"/admin/?q"
+
