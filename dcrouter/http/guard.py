@@ -69,7 +69,16 @@ class Guard:
                     b"too many requests\n",
                 )
                 return False
-        authorization = exchange.request.get(b"authorization")
+        if self.jwt is None and self.checker is None:
+            return True
+        authorizations = exchange.request.getAll(b"authorization")
+        if len(authorizations) > 1:
+            # Only one is checked, and all would be forwarded: a backend
+            # reading another would see credentials nobody checked.
+            exchange.record.note = "auth: more than one Authorization header"
+            exchange.respond(400, [_TEXT], b"more than one Authorization header\n")
+            return False
+        authorization = authorizations[0] if authorizations else None
         if self.jwt is not None:
             token = bearerToken(authorization) if authorization else None
             if token is None:

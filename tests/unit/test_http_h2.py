@@ -1107,3 +1107,31 @@ def test_a_path_missing_its_slash_is_redirected_on_a_stream_too():
     assert held.exchanges == []
     assert response.status == 301 and response.header(b"location") == b"/admin/?q"
 
+
+def test_a_second_authorization_header_is_refused_on_a_guarded_route():
+    """Only one is checked, and a backend might read another."""
+    import base64
+
+    from twisted.internet.defer import succeed
+
+    from dcrouter.http.guard import Guard
+
+    class Checker:
+        seen = []
+
+        def requestAvatarId(self, credentials):
+            self.seen.append(credentials.username)
+            return succeed(credentials.username)
+
+    held = Held()
+    config = RouteConfig(name="r", ports=(443,), action="test", tls="terminate")
+    guard = Guard(checker=Checker())
+    table = HTTPRouteTable.build([HTTPRoute(config, held, None, guard)])
+    reactor, protocol, transport, action, client = serve(held, table=table)
+    good = b"Basic " + base64.b64encode(b"alice:pw")
+    other = b"Basic " + base64.b64encode(b"admin:x")
+    stream = client.request(headers=[(b"authorization", good), (b"authorization", other)])
+    assert client.response(stream).status == 400 and held.exchanges == []
+    assert Checker.seen == []
+    stream = client.request(headers=[(b"authorization", good)])
+    assert Checker.seen == [b"alice"] and len(held.exchanges) == 1
