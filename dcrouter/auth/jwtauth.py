@@ -311,4 +311,9 @@ def _names(what: str, value: Union[str, Sequence[str], None]) -> Optional[frozen
 
 def _isTime(value: object) -> bool:
     """A NumericDate: a finite JSON number (C{json} also reads NaN and Infinity)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float: no date
+        return False

@@ -336,3 +336,8 @@ def test_private_keys_and_junk_are_refused(tmp_path, ecKey):
     path.write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a PEM public key"):
         loadKey(str(path), ["ES256"])
+
+
+def test_a_time_too_large_for_a_float_is_an_invalid_token():
+    token = jwt.encode(claims(exp=10**400), SECRET, algorithm="HS256")
+    refused(hs256(), token, "exp")
