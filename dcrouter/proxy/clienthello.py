@@ -84,8 +84,12 @@ class ClientHelloReader:
     def __init__(self, maxSize: int = 16384) -> None:
         """
         @param maxSize: the most raw bytes (record headers included) that the
-            ClientHello may take; a hello that needs more is malformed.
+            ClientHello may take; a hello that needs more is malformed. At
+            least a record header, so that what the first bytes say (not
+            TLS) does not depend on how they arrive.
         """
+        if maxSize < _RECORD_HEADER:
+            raise ValueError(f"maxSize {maxSize} is less than a record header")
         self._maxSize = maxSize
         # Raw bytes of the record not yet complete, its header included.
         self._pending = bytearray()

@@ -465,7 +465,7 @@ ARBITRARY = st.one_of(
 
 
 @FAST
-@given(ARBITRARY, CUTS, st.integers(0, 2000))
+@given(ARBITRARY, CUTS, st.integers(5, 2000))
 def test_arbitraryBytes(data: bytes, cuts: list[int], maxSize: int) -> None:
     """
     Any bytes, in any segments, under any bound: only NotTLS or MalformedHello,
@@ -517,3 +517,10 @@ def test_everyTruncation(tls12: bool) -> None:
     for cut in range(len(raw) - 9):
         result = outcome([record(handshake(raw[9 : 9 + cut]))])
         assert result == (ClientHello(None, ()) if cut == len(prefix) else MalformedHello)
+
+
+def test_maxSizeHoldsAtLeastARecordHeader() -> None:
+    """Smaller, 0x16 then 0x00 would be too big, and 0x16 0x00 at once not TLS."""
+    with pytest.raises(ValueError):
+        ClientHelloReader(4)
+    assert outcome([b"\x16", b"\x00"], 5) == outcome([b"\x16\x00"], 5) == NotTLS
