@@ -410,8 +410,9 @@ class SplicePump:
             try:
                 pipe = direction.pipe = self.pipes.take()
             except OSError as e:
+                # Not a peer's failure: nothing can move, either way.
                 self.noPipe = e.errno or errno.EIO
-                self.fail(src)
+                self.fail(src, deliver=False)
                 return
             direction.pipeR, direction.pipeW, direction.capacity = pipe
         for _ in range(_ROUNDS):
@@ -525,8 +526,13 @@ class SplicePump:
 
         The bytes are those in the pipe and those still in C{src}'s receive
         queue (read before its reset, say), which splice(2) hands over before
-        the error. Nothing more is read from C{dst}: the other way is over.
-        C{False}: there was nothing to deliver.
+        the error. What C{dst} sends from then on is read only to be thrown
+        away (L{discard}), to its end: closed over unread bytes, its socket
+        would be reset, and the client would lose what it has not read of
+        the target's answer (a 413 sent before the target closed over the
+        rest of the upload). When the client failed, the target gets only
+        what is still in the pipe, as Twisted's path does. C{False}: the
+        pump is to end now.
         """
         src, dst = direction.src, direction.dst
         other = dst.outgoing
@@ -536,14 +542,29 @@ class SplicePump:
         if src.writing:
             src.writing = False
             self.reactor.removeWriter(src)
-        if direction.done or direction.inspect is not None:
+        if direction.inspect is not None:
             return False
+        if self.failed == 0:
+            # The client failed: as Twisted's path, the target just closes
+            # (unless the pipe holds bytes for it).
+            self.salvage(direction)
+            if not direction.buffered:
+                return False
+            direction.eof = True
+            self.push(direction)
+            return not self.stopped
+        if direction.done:
+            # Its FIN is out already: read the other socket to its end.
+            dst.reading = True
+            self.reactor.addReader(dst)
+            return True
         self.salvage(direction)
-        if not direction.buffered:
-            return False
         direction.eof = True
-        self.push(direction)
-        return True
+        if direction.buffered:
+            self.push(direction)
+        else:
+            self.finish(direction)
+        return not self.stopped
 
     def salvage(self, direction: _Direction) -> None:
         """Splice what the failed C{src} still holds into the pipe, as far as it has room."""

@@ -8,8 +8,11 @@ still happens; and the fallback to Twisted's pump where splice cannot serve.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
+import struct
+import termios
 from typing import Any
 
 import pytest
@@ -617,4 +620,78 @@ async def test_no_pipe_for_the_pump_is_named_in_the_record(
     assert records[0]["ended"] == "no pipe for splice(2): Too many open files"
     client.transport.abortConnection()
     await client.closed
+    await stop(service, listening)
+
+
+ANSWER = 200 * 1024
+
+
+class Answers(Peer):
+    """A backend that answers the first bytes it gets with L{ANSWER} bytes."""
+
+    def dataReceived(self, data: bytes) -> None:
+        first = not self.count
+        super().dataReceived(data)
+        if first:
+            self.transport.write(payload(ANSWER, b"answer"))  # type: ignore[union-attr]
+
+
+class AnswersAndEnds(Answers):
+    """The same, then its end of file (and it goes on reading)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        first = not self.count
+        super().dataReceived(data)
+        if first:
+            self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+
+def unacknowledged(transport: Any) -> int:
+    """What a Twisted TCP transport holds, and its socket's peer has not acknowledged."""
+    queued = struct.unpack(
+        "i", fcntl.ioctl(transport.getHandle().fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    )[0]
+    return queued + len(transport.dataBuffer) + transport._tempDataLen
+
+
+def targetGone(connection: Any) -> bool:
+    """Has the router seen its target's reset?"""
+    pump = pumpOf(connection)
+    if pump is not None:
+        return pump.failed is not None or pump.stopped
+    return connection.inner.upstream is None
+
+
+@pytest.mark.parametrize("backend", [Answers, AnswersAndEnds])
+@pytest.mark.parametrize("how", ["yes", "no"])
+@pytest_twisted.ensureDeferred
+async def test_a_target_reset_after_its_answer_leaves_the_answer_to_an_uploading_client(
+    served: str, records: Any, backend: Any, how: str
+) -> None:
+    """
+    The target answers and resets (a 413 closed over an unread upload, say)
+    while the client, still uploading, has not read the answer: the client
+    gets all of it, then the end of file, its upload drained rather than
+    reset (a reset would throw away what it has not read yet).
+    """
+    daemon = DaemonSettings(drain_timeout=0.0, hello_timeout=2.0, splice=how)
+    backends = Backends(backend)
+    listening, service, port = await router(backends, daemon, options={"idle_timeout": "10s"})
+    client = await connect(port, Flood(limit=1024 * MiB))
+    client.transport.pauseProducing()  # it reads nothing, and uploads
+    server = await backends.first
+    await until(lambda: server.count and not unacknowledged(server.transport),
+                "the router to take the whole answer")
+    server.transport.abortConnection()
+    await server.closed
+    (connection,) = service.router.connections
+    await until(lambda: targetGone(connection), "the router to see the reset")
+    client.transport.resumeProducing()
+    await until(lambda: client.eof.called or client.closed.called, "the client's end")
+    assert client.count == ANSWER
+    assert client.eof.called and not client.closed.called, "the client was reset"
+    client.transport.unregisterProducer()
+    client.transport.loseConnection()
+    await until(lambda: bool(records), "the access record")
+    assert records[0]["bytesOut"] == ANSWER
     await stop(service, listening)
