@@ -517,6 +517,15 @@ class ForwardProtocol(Protocol):
             waiter.start()
         return True
 
+    def abandonHandOver(self) -> None:
+        """
+        The upstream ended while the hand-over to a splice pump waited for
+        Twisted's buffers (L{startSplice}): no pump will start.
+        """
+        for waiter in self.flushing:
+            waiter.cancel()
+        self.flushing = ()
+
     def flushed(self) -> None:
         """One transport's buffer is empty; with both, the pump starts."""
         if not any(waiter.waiting for waiter in self.flushing):
@@ -585,9 +594,7 @@ class ForwardProtocol(Protocol):
 
     def stopSplice(self) -> None:
         """Take the sockets back (before Twisted closes them) and count the bytes."""
-        for waiter in self.flushing:
-            waiter.cancel()
-        self.flushing = ()
+        self.abandonHandOver()
         pump, self.pump = self.pump, None
         if pump is not None:
             pump.stop()
@@ -662,6 +669,13 @@ class ForwardProtocol(Protocol):
         transport = self.transport
         if transport is None:
             return
+        if self.flushing:
+            # No pump now: Twisted's moves the client's bytes on.
+            self.abandonHandOver()
+            transport.resumeProducing()  # type: ignore[attr-defined]
+            assert self.upstream is not None
+            self.upstream.transport.resumeProducing()  # type: ignore[union-attr]
+            self.startPumping()
         if self.clientHalfClosed or not self.shutWrite(transport):
             self.closeClient(abort=False)
         else:
@@ -676,6 +690,8 @@ class ForwardProtocol(Protocol):
         self.upstream = None
         assert self.target is not None
         self.pool.release(self.target)
+        # Its transport's reading resumes below, through Twisted's path.
+        self.abandonHandOver()
         if self.clientGone:
             return
         if self.record.ended is None:

@@ -20,9 +20,11 @@ import pytest_twisted
 from twisted.internet import defer, task, threads
 from twisted.internet import reactor as globalReactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.config.model import CertificatePair, DaemonSettings, HostPort, RouteConfig
@@ -694,4 +696,63 @@ async def test_a_target_reset_after_its_answer_leaves_the_answer_to_an_uploading
     client.transport.loseConnection()
     await until(lambda: bool(records), "the access record")
     assert records[0]["bytesOut"] == ANSWER
+    await stop(service, listening)
+
+
+@needsSplice
+@pytest_twisted.ensureDeferred
+async def test_a_target_lost_while_the_hand_over_waits_for_twisteds_buffers(
+    byTwisted: None, records: Any, monkeypatch: Any
+) -> None:
+    """No pump starts for a target gone meanwhile: Twisted's path ends the connection."""
+    listening, service, port = await router(Backends(Echo), auto())
+    client = await connect(port, Peer())
+    await pingPong(client)
+    (connection,) = service.router.connections
+    forwarding = connection.inner
+    # Both transports still hold bytes at the hand-over (slow peers both ways).
+    held = [True]
+    real = forward.unsent
+    monkeypatch.setattr(forward, "unsent", lambda t: 1 if held[0] else real(t))
+    assert forwarding.startSplice() and len(forwarding.flushing) == 2
+    waiter = forwarding.flushing[0]
+    # The target resets meanwhile; the reactor tells its transport.
+    forwarding.upstream.transport.connectionLost(Failure(ConnectionLost()))
+    assert forwarding.flushing == ()
+    # The client's buffer drains: Twisted would ask its waiter for more.
+    held[0] = False
+    waiter.resumeProducing()
+    assert forwarding.pump is None
+    await client.eof
+    client.transport.loseConnection()
+    await until(lambda: bool(records), "the access record")
+    assert records[0]["ended"] == "upstream closed" and not records[0]["spliced"]
+    await stop(service, listening)
+
+
+@needsSplice
+@pytest_twisted.ensureDeferred
+async def test_a_target_half_closed_while_the_hand_over_waits_leaves_twisted_pumping(
+    byTwisted: None, records: Any, monkeypatch: Any
+) -> None:
+    backends = Backends(Echo)
+    listening, service, port = await router(backends, auto())
+    client = await connect(port, Peer())
+    await pingPong(client)
+    server = await backends.first
+    (connection,) = service.router.connections
+    forwarding = connection.inner
+    monkeypatch.setattr(forward, "unsent", lambda t: 1)
+    assert forwarding.startSplice() and len(forwarding.flushing) == 2
+    # As if the target's end of file had come meanwhile.
+    forwarding.upstreamHalfClosed()
+    monkeypatch.undo()
+    assert forwarding.flushing == () and forwarding.pumping and forwarding.pump is None
+    await client.eof
+    # The other way still goes, through Twisted.
+    client.transport.write(b"more")
+    await server.waitFor(8)
+    client.transport.loseConnection()
+    await until(lambda: bool(records), "the access record")
+    assert not records[0]["spliced"]
     await stop(service, listening)
