@@ -46,17 +46,40 @@ def _wireName(name: str) -> bytes:
     return b"".join(bytes([len(label)]) + label.encode("ascii") for label in labels) + b"\0"
 
 
+def _canonicalName(data: bytes, position: int) -> bytes:
+    """
+    The name at C{position} of a message (checked by L{readName}) in
+    canonical wire form, its labels as they came: uncompressed, ASCII
+    letters lower case. (Echoed in an answer's TSIG record: a key name need
+    not be ASCII, nor its labels free of dots.)
+    """
+    name = bytearray()
+    while length := data[position]:
+        if length & 0xC0:
+            position = ((length & 0x3F) << 8) | data[position + 1]
+            continue
+        name += data[position : position + 1 + length]
+        position += 1 + length
+    return bytes(name + b"\0").lower()
+
+
 def _mac(key: TsigKey, data: bytes) -> bytes:
     return hmac.new(key.secret, data, ALGORITHMS[key.algorithm]).digest()
 
 
 @frozen
 class Signature:
-    """The TSIG record of a request, as it came, and where it starts."""
+    """
+    The TSIG record of a request, as it came, and where it starts; the key
+    and algorithm names as text (to look the key up) and in wire form (to
+    echo).
+    """
 
     start: int
     keyName: str
     algorithm: str
+    keyWire: bytes
+    algorithmWire: bytes
     timeSigned: int
     fudge: int
     mac: bytes
@@ -94,6 +117,7 @@ def findSignature(data: bytes) -> Optional[Signature]:
     owner = dns.Name()
     owner.decode(stream)
     stream.seek(_FIXED.size, 1)
+    algorithmStart = stream.tell()
     algorithm = dns.Name()
     algorithm.decode(stream)
     fixed = stream.read(10)
@@ -112,6 +136,8 @@ def findSignature(data: bytes) -> Optional[Signature]:
         start=last,
         keyName=owner.name.decode("ascii", "replace").lower().rstrip("."),
         algorithm=algorithm.name.decode("ascii", "replace").lower().rstrip("."),
+        keyWire=_canonicalName(data, last),
+        algorithmWire=_canonicalName(data, algorithmStart),
         timeSigned=(high << 32) | low,
         fudge=fudge,
         mac=mac,
@@ -167,7 +193,11 @@ class Signer:
         self.key = keys.get(signature.keyName)
         self.error = 0
         self.prior: Optional[bytes] = None  # the MAC of the last message signed
-        if self.key is None or self.key.algorithm != signature.algorithm:
+        if (
+            self.key is None
+            or self.key.algorithm != signature.algorithm
+            or _wireName(self.key.name) != signature.keyWire  # a label with a dot in it
+        ):
             self.key = None
             self.error = BADKEY
             return
@@ -192,8 +222,8 @@ class Signer:
         key = self.key if self.error != BADSIG else None
         macSize = ALGORITHMS[key.algorithm]().digest_size if key is not None else 0
         otherSize = 6 if self.error == BADTIME else 0
-        name, algorithm = _wireName(self.signature.keyName), _wireName(self.signature.algorithm)
-        return len(name) + _FIXED.size + len(algorithm) + 16 + macSize + otherSize
+        names = len(self.signature.keyWire) + len(self.signature.algorithmWire)
+        return names + _FIXED.size + 16 + macSize + otherSize
 
     def sign(self, message: bytes) -> bytes:
         """
@@ -226,15 +256,13 @@ class Signer:
                     + _timers(timeSigned, FUDGE)
                 )
             mac = self.prior = _mac(self.key, covered)
-        name = _wireName(signature.keyName)
-        algorithm = _wireName(signature.algorithm)
         rdata = (
-            algorithm
+            signature.algorithmWire
             + struct.pack("!HIHH", timeSigned >> 32, timeSigned & 0xFFFFFFFF, FUDGE, len(mac))
             + mac
             + struct.pack("!HHH", signature.originalID, self.error, len(other))
             + other
         )
-        record = name + _FIXED.pack(dns.TSIG, dns.ANY, 0, len(rdata)) + rdata
+        record = signature.keyWire + _FIXED.pack(dns.TSIG, dns.ANY, 0, len(rdata)) + rdata
         arCount = struct.unpack_from("!H", message, 10)[0]
         return message[:10] + struct.pack("!H", arCount + 1) + message[12:] + record

@@ -21,7 +21,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger
 from twisted.names import dns
 
-from dcrouter.config.dns import DnsSettings, parseDnsSections
+from dcrouter.config.dns import DnsSettings, TsigKey, parseDnsSections
 from dcrouter.config.errors import ErrorCollector
 from dcrouter.config.ini import readIni
 from dcrouter.dns import server as serverModule
@@ -36,6 +36,7 @@ from dcrouter.dns.server import (
     UDPServerProtocol,
     clientAddress,
 )
+from dcrouter.dns.tsig import findSignature
 from dcrouter.dns.zone import ZoneSet
 
 NOV_22_2026 = 1795305600
@@ -292,6 +293,25 @@ def test_axfr_of_a_name_that_is_not_a_zone_apex(server):
     tcpAsk(protocol, query("example.net", dns.AXFR))
     notauth, refused = frames(transport)
     assert (notauth.rCode, refused.rCode) == (9, dns.EREFUSED)
+
+
+def test_a_key_name_not_in_ascii_gets_badkey_not_an_internal_error(server, events):
+    server = Server(transfer_keys=(TsigKey("xfr.example.com", "hmac-sha256", b"k" * 32),))
+    owner = b"\x0aSchl\xc3\xbcssel\x00"  # "Schlüssel" in UTF-8
+    rdata = (
+        qname("hmac-sha256") + struct.pack(">HIHH", 0, NOV_22_2026, 300, 32) + b"\0" * 32
+        + struct.pack(">HHH", 0x4242, 0, 0)
+    )  # fmt: skip
+    data = query("www.example.com")
+    data = data[:10] + struct.pack(">H", 1) + data[12:]
+    data += owner + struct.pack(">HHIH", dns.TSIG, dns.ANY, 0, len(rdata)) + rdata
+    (reply,) = server.send(data)
+    assert decode(reply).rCode == 9  # NOTAUTH, BADKEY in the TSIG record
+    signature = findSignature(reply)
+    assert signature is not None and signature.error == dns.EBADKEY
+    assert signature.keyWire == owner.lower()
+    assert "errors" not in server.factory.counters
+    assert server.factory.counters["tsig_refused"] == 1
 
 
 def test_a_large_transfer_comes_in_several_messages():

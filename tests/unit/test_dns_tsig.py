@@ -23,7 +23,8 @@ NOW = 1_800_000_000
 
 
 def wireName(name: str) -> bytes:
-    return b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+    labels = [label.encode() for label in name.split(".")]
+    return b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
 
 
 def timeFields(when: int, fudge: int = 300) -> bytes:
@@ -124,6 +125,32 @@ def test_the_same_key_name_with_another_algorithm_is_an_unknown_key():
     signature = findSignature(request)
     assert signature is not None
     assert Signer(request, signature, KEYS, NOW).error == BADKEY
+
+
+def test_a_key_name_not_in_ascii_is_an_unknown_key_echoed_as_it_came():
+    stranger = TsigKey("Schlüssel.example.test", "hmac-sha256", KEY.secret)
+    request, _ = signedRequest(stranger)
+    signature = findSignature(request)
+    assert signature is not None
+    signer = Signer(request, signature, KEYS, NOW)
+    assert signer.error == BADKEY
+    signed = signer.sign(answer(records=0))
+    record = findSignature(signed)
+    assert record is not None
+    assert (record.keyWire, record.error) == (wireName("schlüssel.example.test"), BADKEY)
+    assert len(signed) - len(answer(records=0)) == signer.recordSize()
+
+
+def test_a_key_name_with_a_dot_in_a_label_is_not_ours_and_is_echoed_as_it_came():
+    request, _ = signedRequest()
+    dotted = b"\x0bxfr.example\x04test\x00"  # "xfr.example.test" as text
+    request = request.replace(wireName(KEY.name), dotted)
+    signature = findSignature(request)
+    assert signature is not None
+    signer = Signer(request, signature, KEYS, NOW)
+    assert signer.error == BADKEY
+    record = findSignature(signer.sign(answer(records=0)))
+    assert record is not None and record.keyWire == dotted
 
 
 def test_a_request_signed_out_of_its_fudge_has_a_bad_time():
