@@ -24,7 +24,10 @@ answer in the middle of a record. Here:
   - C{rate_limit} bounds UDP answers per client network (RRL);
   - a TCP client that sends no whole query for C{tcp_idle_timeout} is
     closed, at most C{max_tcp_connections} are served, and a client that
-    does not read its answers stops being read (flow control).
+    does not read its answers stops being read and answered (flow
+    control: the queries it sent wait, unanswered, until it reads; if it
+    never does, it is closed as idle); of pipelined queries, at most
+    C{MAX_PIPELINED} are answered in a turn of the reactor.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ OPT_TYPE = 41
 UDP_DEFAULT = 512  # RFC 1035: a UDP answer without EDNS
 TCP_LIMIT = 65535
 TRANSFER_CHUNK = 16000  # bytes of records in one AXFR message
+#: Queries of one TCP client answered in a turn of the reactor: while more
+#: wait in its buffer, it is not read, and the rest are answered in the next
+#: turns (BIND and Unbound too bound the queries of a connection in progress).
+MAX_PIPELINED = 32
 _META_TYPES = range(128, 255)  # TKEY, TSIG, MAILA, MAILB, ...: not ours to answer
 TSIG_ERRORS = {dns.EBADSIG: "BADSIG", dns.EBADKEY: "BADKEY", dns.EBADTIME: "BADTIME"}
 
@@ -188,7 +195,8 @@ class UDPServerProtocol(dns.DNSDatagramProtocol):
 class TCPServerProtocol(dns.DNSProtocol):
     """
     One TCP client: length-prefixed messages (RFC 7766), idle timeout, and
-    reading paused while the client does not read what it is sent.
+    flow control: neither read nor answered while it does not read what it
+    is sent, nor read while whole queries wait in its buffer.
     """
 
     def __init__(self, controller: DNSServerFactory, reactor: Any) -> None:
@@ -196,6 +204,8 @@ class TCPServerProtocol(dns.DNSProtocol):
         self._idle: Optional[IDelayedCall] = None
         self._closing = False
         self._buffer = bytearray()
+        self._paused = False  # the transport's write buffer is full
+        self._next: Optional[IDelayedCall] = None  # the next turn's answers
 
     @property
     def tcp(self) -> Any:
@@ -234,15 +244,41 @@ class TCPServerProtocol(dns.DNSProtocol):
         """
         if self._closing:
             return
-        buffer = self._buffer
-        buffer.extend(data)
-        while not self._closing and len(buffer) >= 2:
-            length = (buffer[0] << 8) | buffer[1]
-            if len(buffer) < 2 + length:
+        self._buffer.extend(data)
+        self._answerBuffered()
+
+    def _answerBuffered(self) -> None:
+        """
+        Answer the whole messages in the buffer, in order, until the client
+        stops reading or L{MAX_PIPELINED} are answered; then read the client
+        only if none is left, else answer the rest in the next turn (or,
+        if it stopped reading, once it reads again: L{resumeProducing}).
+        """
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
+        for _ in range(MAX_PIPELINED):
+            if self._closing or self._paused or not self._whole():
                 break
+            buffer = self._buffer
+            length = (buffer[0] << 8) | buffer[1]
             message = bytes(buffer[2 : 2 + length])
             del buffer[: 2 + length]
             self.stringReceived(message)
+        if self._closing:
+            return
+        waiting = self._whole()
+        if waiting and not self._paused:
+            self._next = self.callLater(0, self._answerBuffered)
+        if waiting or self._paused:
+            self.tcp.pauseProducing()
+        else:
+            self.tcp.resumeProducing()
+
+    def _whole(self) -> bool:
+        """Does the buffer start with a whole message?"""
+        buffer = self._buffer
+        return len(buffer) >= 2 and len(buffer) >= 2 + ((buffer[0] << 8) | buffer[1])
 
     def stringReceived(self, data: bytes) -> None:
         if self._closing:
@@ -260,19 +296,23 @@ class TCPServerProtocol(dns.DNSProtocol):
         self.tcp.abortConnection()
 
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        for call in (self._idle, self._next):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle = self._next = None
         if self in self.controller.connections:
             self.controller.connectionLost(self)
 
-    # IPushProducer: the transport pauses us when its write buffer is full.
+    # IPushProducer: the transport pauses us when its write buffer is full,
+    # and resumes us once the client has read it.
 
     def pauseProducing(self) -> None:
+        self._paused = True
         self.tcp.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.tcp.resumeProducing()
+        self._paused = False
+        self._answerBuffered()
 
     def stopProducing(self) -> None:
         pass

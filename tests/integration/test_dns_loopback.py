@@ -22,8 +22,12 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.names import dns
 
 from dcrouter.config.dns import parseDnsSections, parseTsigKey
 from dcrouter.config.errors import ErrorCollector
@@ -257,6 +261,61 @@ async def test_a_zone_transfer_signed_with_a_transfer_key_is_signed_back(tmp_pat
         assert "status: NOTAUTH" in unknownKey, unknownKey
         assert "BADKEY" in unknownKey, unknownKey
     finally:
+        await service.stopService()
+
+
+class SlowPipeliner(Protocol):
+    """A client that sends its queries in one write and reads nothing until L{read}."""
+
+    def __init__(self, data: bytes, count: int) -> None:
+        self.data = data
+        self.count = count
+        self.buffer = bytearray()
+        self.ids: list[int] = []
+        self.done: Deferred[list[int]] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        self.transport.write(self.data)
+
+    def read(self) -> Deferred[list[int]]:
+        """The IDs of every answer, in the order they come."""
+        self.transport.resumeProducing()
+        return self.done
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= 2 + int.from_bytes(self.buffer[:2], "big"):
+            length = int.from_bytes(self.buffer[:2], "big")
+            self.ids.append(int.from_bytes(self.buffer[2:4], "big"))
+            del self.buffer[: 2 + length]
+        if len(self.ids) >= self.count and not self.done.called:
+            self.done.callback(self.ids)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tcp_client_slow_to_read_its_pipelined_answers_gets_them_all_in_order(tmp_path):
+    """
+    Stopped while the client does not read (its answers would not fit in
+    the socket buffers), answering goes on, in order, once it does.
+    """
+    service = startServer(tmp_path, extra=BIG)
+    count = 3000  # answers of 2 KiB: 6 MiB
+    queries = []
+    for qid in range(count):
+        message = dns.Message(id=qid)
+        message.queries = [dns.Query(b"big.example.test", dns.TXT)]
+        data = message.toStr()
+        queries.append(len(data).to_bytes(2, "big") + data)
+    client = SlowPipeliner(b"".join(queries), count)
+    try:
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", portOf(service)), client)
+        await task.deferLater(reactor, 0.5, lambda: None)
+        assert 0 < service.factory.responses[("tcp", "NOERROR")] < count
+        assert await client.read() == list(range(count))
+    finally:
+        if client.transport is not None:
+            client.transport.loseConnection()
         await service.stopService()
 
 

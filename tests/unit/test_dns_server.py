@@ -28,6 +28,7 @@ from dcrouter.dns import server as serverModule
 from dcrouter.dns.serial import SerialStore
 from dcrouter.dns.server import (
     DROP,
+    MAX_PIPELINED,
     SEND,
     SLIP,
     DNSServerFactory,
@@ -136,12 +137,12 @@ class Server:
         (reply,) = self.send(data, source)
         return decode(reply)
 
-    def connect(self, host="127.0.0.1"):
+    def connect(self, host="127.0.0.1", transportType=StringTransport):
         peer = IPv6Address("TCP", host, 40000) if ":" in host else IPv4Address("TCP", host, 40000)
         protocol = self.factory.buildProtocol(peer)
         if protocol is None:
             return None, None
-        transport = StringTransport(peerAddress=peer)
+        transport = transportType(peerAddress=peer)
         protocol.makeConnection(transport)
         return protocol, transport
 
@@ -160,6 +161,38 @@ def frames(transport):
 
 def tcpAsk(protocol, data):
     protocol.dataReceived(struct.pack(">H", len(data)) + data)
+
+
+def pipelined(queries):
+    """Length-prefixed queries, as one read of a pipelining client."""
+    return b"".join(struct.pack(">H", len(data)) + data for data in queries)
+
+
+class SlowReader(StringTransport):
+    """
+    The transport of a client that reads nothing until L{read}: past
+    C{bufferSize} bytes unread, it pauses its producer, as Twisted's TCP
+    transport does; L{read} takes what it was sent and resumes it.
+    """
+
+    bufferSize = 4096
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.full = False
+
+    def write(self, data):
+        super().write(data)
+        if not self.full and len(self.value()) > self.bufferSize:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def read(self):
+        answers = frames(self)
+        if self.full:
+            self.full = False
+            self.producer.resumeProducing()
+        return answers
 
 
 def types(records):
@@ -379,6 +412,14 @@ def test_the_idle_timer_ends_with_the_connection(server):
     assert server.factory.connections == []
 
 
+def test_a_closed_tcp_client_leaves_no_answers_for_the_next_turn(server):
+    protocol, transport = server.connect()
+    protocol.dataReceived(pipelined(query("www.example.com")
+                                    for _ in range(MAX_PIPELINED + 1)))  # fmt: skip
+    protocol.connectionLost(None)
+    assert server.clock.getDelayedCalls() == []
+
+
 def test_tcp_clients_are_capped():
     server = Server(max_tcp_connections=2)
     first, _ = server.connect()
@@ -395,6 +436,51 @@ def test_a_client_that_does_not_read_is_not_read_either(server):
     protocol.pauseProducing()
     assert transport.producerState == "paused"
     protocol.resumeProducing()
+    assert transport.producerState == "producing"
+
+
+def test_a_client_that_does_not_read_is_not_answered_either_until_it_reads(server):
+    protocol, transport = server.connect(transportType=SlowReader)
+    count = 500
+    protocol.dataReceived(pipelined(query("example.com", dns.ALL_RECORDS, qid=i)
+                                    for i in range(count)))  # fmt: skip
+    # Answered until the transport's buffer is full (one answer past it), not
+    # all 500 into memory; and no more read.
+    sent = len(transport.value())
+    assert SlowReader.bufferSize < sent < SlowReader.bufferSize + 1024
+    assert transport.producerState == "paused"
+    server.clock.advance(0)
+    assert len(transport.value()) == sent
+    answered = []
+    for _ in range(count):
+        answered += transport.read()
+        server.clock.advance(0)
+        if len(answered) >= count:
+            break
+    assert [answer.id for answer in answered] == list(range(count))
+    assert transport.producerState == "producing"
+
+
+def test_a_client_that_never_reads_its_answers_is_closed_as_idle(server):
+    protocol, transport = server.connect(transportType=SlowReader)
+    protocol.dataReceived(pipelined(query("example.com", dns.ALL_RECORDS) for _ in range(100)))
+    server.clock.advance(10)
+    assert transport.disconnecting
+    sent = len(transport.value())
+    transport.read()  # too late: the rest is not answered
+    server.clock.advance(0)
+    assert transport.value() == b"" and sent < SlowReader.bufferSize + 1024
+
+
+def test_pipelined_queries_are_answered_a_batch_a_turn_unread_meanwhile(server):
+    protocol, transport = server.connect()
+    count = 2 * MAX_PIPELINED + 5
+    protocol.dataReceived(pipelined(query("www.example.com", qid=i) for i in range(count)))
+    assert [answer.id for answer in frames(transport)] == list(range(MAX_PIPELINED))
+    assert transport.producerState == "paused"
+    # The rest in the next turns (the clock runs them all at once).
+    server.clock.advance(0)
+    assert [answer.id for answer in frames(transport)] == list(range(MAX_PIPELINED, count))
     assert transport.producerState == "producing"
 
 
