@@ -24,7 +24,8 @@ When something is obtained:
     least C{rateLimitDelay} after a rate-limit error. Backoff is kept per
     name (the names a failed validation points at, or all of the order's),
     in C{<state_dir>/acme/backoff.json}, so a restart neither forgets it
-    nor starts a storm. The old certificate keeps serving meanwhile.
+    nor starts a storm. A job that crashed holds its names off for
+    C{backoffBase} at least. The old certificate keeps serving meanwhile.
 
 Works with Debian bookworm's acme 2.1 / josepy 1.13 and the newest acme;
 see C{shared/notes/acme.md} for the differences handled here.
@@ -925,10 +926,30 @@ class AcmeIssuer(Service):
             job.finish()
             self._reschedule()
 
+        def crashed(failure: Failure) -> None:
+            self.log.failure("ACME job for {route} crashed", failure, route=route)
+            self._holdOff(want.names, failure)
+
         d = self._semaphore.run(run)
-        d.addErrback(lambda f: self.log.failure("ACME job for {route} crashed", f, route=route))
+        d.addErrback(crashed)
         d.addBoth(finished)
         return job
+
+    def _holdOff(self, names: tuple[str, ...], failure: Failure) -> None:
+        """
+        After a job crashed: none of C{names} is ordered again before
+        C{backoffBase}, whatever the crash left of their backoff, so that a
+        bug cannot become an order per check.
+        """
+        now = self._clock.seconds()
+        why = f"the job crashed: {type(failure.value).__name__}: {failure.value}"
+        for name in names:
+            record = self._backoff.get(name) or _Backoff(0, 0.0, why, now)
+            record.nextAttempt = max(record.nextAttempt, now + self.settings.backoffBase)
+            self._backoff[name] = record
+        self._saveBackoff().addErrback(
+            lambda f: self.log.failure("ACME backoff state not saved", f)
+        )
 
     async def _issue(self, job: _Job, want: _Want, old: Optional[CertificateEntry]) -> None:
         names = want.names
@@ -1047,13 +1068,16 @@ class AcmeIssuer(Service):
         for name in blamed:
             record = self._backoff.get(name) or _Backoff(0, 0.0, "", 0.0)
             record.failures += 1
-            delay = min(
-                self.settings.backoffBase * 2 ** (record.failures - 1), self.settings.backoffMax
-            )
-            if rateLimited:
-                delay = max(delay, self.settings.rateLimitDelay)
-            if retryAfter is not None:
-                delay = max(delay, retryAfter)
+            try:
+                delay = self._backoffDelay(record.failures)
+                if rateLimited:
+                    delay = max(delay, self.settings.rateLimitDelay)
+                if retryAfter is not None:
+                    delay = max(delay, retryAfter)
+            except Exception:
+                # A backoff not set would leave the name due: an order per check.
+                self.log.failure("ACME backoff of {name} not computed", name=name)
+                delay = self.settings.backoffMax
             record.nextAttempt = now + delay
             record.lastError = why
             record.lastFailure = now
@@ -1076,6 +1100,19 @@ class AcmeIssuer(Service):
             await self._saveBackoff()
         except Exception:
             self.log.failure("ACME backoff state not saved")
+
+    def _backoffDelay(self, failures: int) -> float:
+        """
+        C{backoffBase} doubled per failure after the first, up to
+        C{backoffMax}. The doubling stops at the maximum: failures counted
+        for long (they are persisted) would overflow a float's exponent.
+        """
+        delay = self.settings.backoffBase
+        for _ in range(failures - 1):
+            if delay >= self.settings.backoffMax:
+                break
+            delay *= 2
+        return min(delay, self.settings.backoffMax)
 
     # -- persisted backoff ---------------------------------------------------------
 

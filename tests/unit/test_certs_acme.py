@@ -496,6 +496,63 @@ def test_backoffIsPersistedAndHonouredAfterARestart(tmp_path, world):
     again.issuer.stopService()
 
 
+def test_backoffOfManyPersistedFailuresSaturatesAtTheMaximum(tmp_path):
+    """1,030 failures: 2 ** 1029 is no float; the backoff is backoffMax, not an order a second."""
+    os.makedirs(tmp_path / "acme")
+    record = {"failures": 1030, "nextAttempt": T0 - 1, "lastError": "x", "lastFailure": T0 - DAY}
+    (tmp_path / "acme" / "backoff.json").write_text(
+        json.dumps({"version": 1, "names": {"www.example.com": record}})
+    )
+    w = World(tmp_path)
+    w.ca.failOn["order"] = AcmeFailure("validation failed", names=["www.example.com"])
+    w.issuer.want("web", ["www.example.com"])
+    w.issuer.startService()
+    w.advance(0)
+    assert len(w.ca.orders) == 0 and w.ca.opens == 1
+    assert w.issuer.blockedUntil(["www.example.com"]) == w.now() + DAY
+    assert w.backoffFile()["names"]["www.example.com"]["failures"] == 1031
+    for _ in range(10):
+        w.advance(1)
+    assert w.ca.opens == 1
+    w.issuer.stopService()
+
+
+def test_aBackoffThatCannotBeComputedIsTheMaximum(world, monkeypatch):
+    """Set whatever goes wrong computing it: a name left due would be ordered at every check."""
+
+    def broken(failures):
+        raise ArithmeticError("no")
+
+    monkeypatch.setattr(world.issuer, "_backoffDelay", broken)
+    world.ca.failOn["open"] = AcmeFailure("cannot reach the ACME server")
+    world.issuer.want("web", ["www.example.com"])
+    result(world.issuer.checkNow())
+    assert world.issuer.blockedUntil(["www.example.com"]) == world.now() + DAY
+
+
+def test_aCrashedJobIsNotStartedAgainBeforeTheBackoffBase(world, monkeypatch):
+    """Whatever a crash left of the backoff, the names wait backoffBase."""
+
+    async def crash(job, want, old, error):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(world.issuer, "_failed", crash)
+    world.ca.failOn["open"] = AcmeFailure("cannot reach the ACME server")
+    world.issuer.want("web", ["www.example.com"])
+    world.issuer.startService()
+    world.advance(0)
+    assert world.ca.opens == 1
+    [status] = world.issuer.status()
+    assert status["lastError"] == "the job crashed: RuntimeError: a bug"
+    assert status["nextAttempt"] == datetime.fromtimestamp(world.now() + 300, UTC).isoformat()
+    for _ in range(299):
+        world.advance(1)
+    assert world.ca.opens == 1
+    world.advance(1)
+    assert world.ca.opens == 2
+    world.issuer.stopService()
+
+
 def test_startServiceWaitsForTheBackoffState(tmp_path):
     pool = SyncPool()
     w = World(tmp_path, pool=pool)
