@@ -12,13 +12,11 @@ a timeout.
 When something is obtained:
   - a route's names (one certificate per route, its names as SANs) with no
     certificate that includes them all: at once;
-  - a certificate C{renew_days} before it expires; one whose whole
-    lifetime is shorter than C{renew_days} (a short-lived profile) when a
-    third of its lifetime remains, as Caddy does; earlier in either case
-    when the CA's renewal information (ARI, acme >= 4) says so. The
-    C{renew_days} rule never renews less than C{minimumAge} after issue,
-    so a lifetime just longer than C{renew_days} cannot become one
-    issuance per check;
+  - a certificate C{renew_days} before it expires, but not before a third
+    of its lifetime remains (when Caddy renews; 90-day certificates renew at
+    60 days either way), so that neither a short-lived profile nor a lifetime
+    just longer than C{renew_days} renews soon after issue; earlier when
+    the CA's renewal information (ARI, acme >= 4) says so;
   - after a failure, not before its backoff ends: C{backoffBase} doubling
     per failure up to C{backoffMax}, at least the CA's C{Retry-After}, at
     least C{rateLimitDelay} after a rate-limit error. Backoff is kept per
@@ -134,12 +132,9 @@ class AcmeSettings:
     @ivar caBundle: PEM file of the CA that signs the ACME server's own TLS
         certificate (Pebble's), or C{None} for the system's.
     @ivar accountEmail: contact of the account, or C{None}.
-    @ivar renewDays: renew this many days before expiry (a third of the
-        lifetime before, for a certificate whose lifetime is shorter).
+    @ivar renewDays: renew this many days before expiry, or when a third
+        of the lifetime remains if that is later.
     @ivar challenge: preferred challenge type (wildcards always use dns-01).
-    @ivar minimumAge: seconds a certificate is kept at least when
-        C{renewDays} decides (ARI and the third of a short lifetime are
-        not held to it).
     @ivar networkTimeout: seconds for one HTTP request to the ACME server.
     @ivar orderTimeout: seconds the CA may take to validate and issue.
     @ivar concurrency: jobs running at once.
@@ -155,7 +150,6 @@ class AcmeSettings:
     backoffBase: float = field(default=300.0, validator=_checkPositive)
     backoffMax: float = field(default=DAY, validator=_checkPositive)
     rateLimitDelay: float = 3600.0
-    minimumAge: float = DAY
     networkTimeout: float = field(default=30.0, validator=_checkPositive)
     orderTimeout: float = field(default=120.0, validator=_checkPositive)
     concurrency: int = field(default=1, validator=_checkPositive)
@@ -771,17 +765,14 @@ class AcmeIssuer(Service):
     def renewAt(self, entry: CertificateEntry) -> float:
         """
         When C{entry} is due for renewal (POSIX time), before any backoff:
-        C{renewDays} before it expires, but not before C{minimumAge} after
-        issue; if its lifetime is shorter than C{renewDays}, when a third
-        of it remains; the CA's renewal information when it says earlier.
+        C{renewDays} before it expires, but not before a third of its
+        lifetime remains (when Caddy renews), so that a short-lived
+        profile or a lifetime just longer than C{renewDays} is not renewed
+        soon after issue; earlier when the CA's renewal information says so.
         """
         notBefore = entry.notBefore.timestamp()
         notAfter = entry.notAfter.timestamp()
-        window = self.settings.renewDays * DAY
-        if notAfter - notBefore < window:
-            due = notAfter - (notAfter - notBefore) / 3
-        else:
-            due = max(notAfter - window, notBefore + self.settings.minimumAge)
+        due = notAfter - min(self.settings.renewDays * DAY, (notAfter - notBefore) / 3)
         ari = self._ari.get(entry.fingerprint)
         if ari is not None and ari[0] is not None:
             due = min(due, ari[0])

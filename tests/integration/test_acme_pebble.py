@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
 
@@ -486,11 +485,6 @@ async def test_failedValidationIsExplainedAndBlamesItsName(makeIssuer, servers, 
 # -- renewal, restart, outage ---------------------------------------------------------------------
 
 
-def lifetimeDays(entry):
-    """A certificate's whole lifetime in days: as renew_days, due at once."""
-    return (entry.notAfter - entry.notBefore).total_seconds() / 86400
-
-
 @pytest_twisted.ensureDeferred
 async def test_restartReusesTheAccountAndRenews(makeIssuer, pebble):
     first, store = await makeIssuer()
@@ -508,10 +502,10 @@ async def test_restartReusesTheAccountAndRenews(makeIssuer, pebble):
     assert store.get("renew.dcrouter.test").serial == old.serial
     await second.stopService()
 
-    # A restart with renew_days of the whole lifetime (and no minimum age)
-    # renews at once, under the same account. (Longer, it would wait for the
-    # last third of the lifetime.)
-    third, store = await makeIssuer(renewDays=lifetimeDays(old), minimumAge=0)
+    # A restart once it is due renews, under the same account.
+    clock = Clock()
+    third, store = await makeIssuer(clock=clock)
+    clock.advance(third.renewAt(old))
     changes = []
     store.subscribe(lambda names, entry: changes.append((names, entry)))
     assert store.get("renew.dcrouter.test").serial == old.serial  # served until replaced
@@ -540,15 +534,13 @@ async def test_pebbleDownKeepsTheOldCertificateAndBacksOff(makeIssuer, servers, 
         own.stop()
 
     clock = Clock()
-    clock.advance(time.time())
     issuer, store = await makeIssuer(
         directory=own.url,
         caBundle=own.caPath,
-        renewDays=lifetimeDays(old),
-        minimumAge=0,
         clock=clock,
         networkTimeout=5,
     )
+    clock.advance(issuer.renewAt(old))
     issuer.want("web", ["down.dcrouter.test"])
     await issuer.checkNow()
     [status] = issuer.status()
@@ -570,8 +562,6 @@ async def test_pebbleDownKeepsTheOldCertificateAndBacksOff(makeIssuer, servers, 
     again, store = await makeIssuer(
         directory=own.url,
         caBundle=own.caPath,
-        renewDays=lifetimeDays(old),
-        minimumAge=0,
         clock=clock,
         networkTimeout=5,
     )

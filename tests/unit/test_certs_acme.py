@@ -347,19 +347,45 @@ def test_renewDaysLongerThanTheLifetimeIsNoRenewalStorm(tmp_path):
     assert len(w.ca.orders) == 2
 
 
-def test_minimumAgeHoldsALifetimeJustLongerThanRenewDays(tmp_path):
-    """Lifetime 30.5 days, renew_days 30: due half a day after issue, held to a day."""
+@pytest.mark.parametrize("renewDays", [5, 6, 7])
+def test_aShortLifetimeRenewsAtAThirdWhateverSideOfRenewDaysItIs(tmp_path, renewDays):
+    """6-day certificates: at 4 days, renew_days longer or shorter (5 made it daily)."""
+    settings = AcmeSettings(directory="https://ca.invalid/dir", renewDays=renewDays)
+    w = World(tmp_path, settings, ca=FakeCA(None, lifetime=6))
+    w.ca.clock = w.reactor
+    w.issuer.want("web", ["www.example.com"])
+    result(w.issuer.checkNow())
+    w.advance(4 * DAY - 1)
+    result(w.issuer.checkNow())
+    assert len(w.ca.orders) == 1
+    w.advance(1)
+    result(w.issuer.checkNow())
+    assert len(w.ca.orders) == 2
+
+
+def test_aLifetimeJustLongerThanRenewDaysRenewsWhenAThirdRemains(tmp_path):
+    """Lifetime 30.5 days, renew_days 30: at two thirds of it, not a day after issue."""
     w = World(tmp_path, ca=FakeCA(None, lifetime=30.5))
     w.ca.clock = w.reactor
     w.issuer.want("web", ["www.example.com"])
     result(w.issuer.checkNow())
-    for _ in range(23):
-        w.advance(3600)
-        result(w.issuer.checkNow())
+    first = w.store.get("www.example.com")
+    due = first.notBefore.timestamp() + 30.5 * DAY * 2 / 3
+    assert w.issuer.renewAt(first) == due
+    w.advance(due - w.now() - 1)
+    result(w.issuer.checkNow())
     assert len(w.ca.orders) == 1
-    w.advance(3600)
+    w.advance(1)
     result(w.issuer.checkNow())
     assert len(w.ca.orders) == 2
+
+
+def test_renewDaysShorterThanAThirdOfTheLifetimeIsHonoured(tmp_path):
+    w = World(tmp_path, AcmeSettings(directory="https://ca.invalid/dir", renewDays=10))
+    w.issuer.want("web", ["www.example.com"])
+    result(w.issuer.checkNow())
+    entry = w.store.get("www.example.com")
+    assert w.issuer.renewAt(entry) == entry.notAfter.timestamp() - 10 * DAY
 
 
 def test_renewalInformationStillComesFirstForAShortLivedCertificate(tmp_path):
@@ -370,15 +396,6 @@ def test_renewalInformationStillComesFirstForAShortLivedCertificate(tmp_path):
     w.ca.ari = (w.now() + DAY, w.now() + 1800)
     result(w.issuer.checkNow())  # not due: asks for ARI
     w.advance(DAY)
-    result(w.issuer.checkNow())
-    assert len(w.ca.orders) == 2
-
-
-def test_forcedRenewalWithoutMinimumAge(tmp_path):
-    """renew_days of the whole lifetime and no minimum age: due at once."""
-    w = World(tmp_path, AcmeSettings(directory="https://x/d", renewDays=90, minimumAge=0))
-    w.issuer.want("web", ["www.example.com"])
-    result(w.issuer.checkNow())
     result(w.issuer.checkNow())
     assert len(w.ca.orders) == 2
 
