@@ -18,7 +18,8 @@ When something is obtained:
     just longer than C{renew_days} renews soon after issue; earlier when
     the CA's renewal information (ARI, acme >= 4) says so;
   - after a failure, not before its backoff ends: C{backoffBase} doubling
-    per failure up to C{backoffMax}, at least the CA's C{Retry-After}, at
+    per failure up to C{backoffMax}, at least the CA's C{Retry-After} (held
+    to a week, and to end a day before the old certificate expires), at
     least C{rateLimitDelay} after a rate-limit error. Backoff is kept per
     name (the names a failed validation points at, or all of the order's),
     in C{<state_dir>/acme/backoff.json}, so a restart neither forgets it
@@ -103,6 +104,12 @@ DAY = 86400.0
 
 #: How long to wait before asking again for renewal information that said nothing.
 ARI_DEFAULT_RETRY = 6 * 3600.0
+
+#: The longest C{Retry-After} honoured.
+RETRY_AFTER_MAX = 7 * DAY
+
+#: How long before the certificate still serving expires a C{Retry-After} ends at the latest.
+RETRY_AFTER_EXPIRY_MARGIN = DAY
 
 _BACKOFF_FILE = "backoff.json"
 _BACKOFF_VERSION = 1
@@ -1050,6 +1057,8 @@ class AcmeIssuer(Service):
             why = str(error)
             blamed = tuple(n for n in error.names if n in want.names) or want.names
             retryAfter, rateLimited = error.retryAfter, error.rateLimited
+            if retryAfter is not None:
+                retryAfter = self._boundRetryAfter(retryAfter, blamed, old, now)
         elif isinstance(error, CallTimedOut):
             why = f"the ACME server: {error}"
             blamed, retryAfter, rateLimited = want.names, None, False
@@ -1091,6 +1100,35 @@ class AcmeIssuer(Service):
             await self._saveBackoff()
         except Exception:
             self.log.failure("ACME backoff state not saved")
+
+    def _boundRetryAfter(
+        self,
+        asked: float,
+        names: tuple[str, ...],
+        old: Optional[CertificateEntry],
+        now: float,
+    ) -> float:
+        """
+        The CA's C{Retry-After} held to C{RETRY_AFTER_MAX}, and to end
+        C{RETRY_AFTER_EXPIRY_MARGIN} before C{old} expires (never in the
+        past): a far date, by mistake or not, must neither let the
+        certificate serving expire nor leave the names without one for
+        weeks.
+        """
+        bound = RETRY_AFTER_MAX
+        if old is not None:
+            expiring = old.notAfter.timestamp() - RETRY_AFTER_EXPIRY_MARGIN - now
+            bound = min(bound, max(0.0, expiring))
+        if asked <= bound:
+            return asked
+        self.log.warn(
+            "the CA asks to wait {asked:.0f} s before ordering {names} again;"
+            " waiting {bound:.0f} s at most",
+            asked=asked,
+            names=", ".join(names),
+            bound=bound,
+        )
+        return bound
 
     def _backoffDelay(self, failures: int) -> float:
         """

@@ -613,6 +613,50 @@ def test_retryAfterIsHonoured(world):
     assert world.issuer.blockedUntil(["www.example.com"]) == world.now() + 7200
 
 
+def loggedWhile(action):
+    """The text of the events logged while C{action()} runs."""
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        action()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return [formatEvent(e) for e in events]
+
+
+def test_aRetryAfterLongerThanAWeekIsHeldToAWeek(world):
+    world.ca.failOn["order"] = AcmeFailure("too many", rateLimited=True, retryAfter=30 * DAY)
+    world.issuer.want("web", ["www.example.com"])
+    logged = loggedWhile(lambda: result(world.issuer.checkNow()))
+    assert world.issuer.blockedUntil(["www.example.com"]) == world.now() + 7 * DAY
+    assert (
+        "the CA asks to wait 2592000 s before ordering www.example.com again;"
+        " waiting 604800 s at most"
+    ) in logged
+
+
+def test_aRetryAfterEndsADayBeforeTheOldCertificateExpires(world):
+    world.issuer.want("web", ["www.example.com"])
+    result(world.issuer.checkNow())
+    old = world.store.get("www.example.com")
+    world.advance(85 * DAY)
+    world.ca.failOn["order"] = AcmeFailure("too many", rateLimited=True, retryAfter=6 * DAY)
+    result(world.issuer.checkNow())
+    blocked = world.issuer.blockedUntil(["www.example.com"])
+    assert blocked == old.notAfter.timestamp() - DAY
+    assert world.store.get("www.example.com") is old
+
+
+def test_aRetryAfterPastTheOldCertificatesLastDayIsNotWaitedFor(world):
+    """Within a day of expiry, only the backoff (here the rate limit's hour) holds."""
+    world.issuer.want("web", ["www.example.com"])
+    result(world.issuer.checkNow())
+    world.advance(89.5 * DAY)
+    world.ca.failOn["order"] = AcmeFailure("too many", rateLimited=True, retryAfter=DAY)
+    result(world.issuer.checkNow())
+    assert world.issuer.blockedUntil(["www.example.com"]) == world.now() + 3600
+
+
 def test_rateLimitWithoutRetryAfterWaitsAnHour(world):
     world.ca.failOn["order"] = AcmeFailure("too many", rateLimited=True)
     world.issuer.want("web", ["www.example.com"])
