@@ -22,7 +22,8 @@ It keeps what the Twisted path (L{dcrouter.proxy.forward}) does:
     one is read and held until the next bytes tell, within
     C{hello_timeout};
   - the targets in the pool's order, the next on a failed or timed-out
-    connect, counted for the pool's health and C{leastconn};
+    connect, counted for the pool's health and C{leastconn}; a client
+    that resets meanwhile ends the connection at once;
   - a PROXY header towards the target, first on its connection;
   - the pump's half-close, and its delivery of what a failed side sent;
   - the idle timeout, and the fin timeout once a side has ended;
@@ -171,6 +172,34 @@ class _Connecting:
         return "connect"
 
 
+@implementer(IReadDescriptor)
+class _ClientWhileConnecting:
+    """
+    The client's socket, not yet heard from, while the target's connect is
+    under way: watched for one event, so that a client that resets is let
+    go at once, with its places at the gates, not when the connect ends
+    (up to C{connect_timeout} for each target).
+    """
+
+    __slots__ = ("owner", "sock")
+
+    def __init__(self, owner: SplicedForward, sock: socket.socket) -> None:
+        self.owner = owner
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def doRead(self) -> None:
+        self.owner.clientStirred()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.owner.clientStirred()
+
+    def logPrefix(self) -> str:
+        return "client"
+
+
 class SplicedForward(AcceptedConnection, SocketTaker):
     """
     One forwarded connection, served on its socket (see the module's docstring).
@@ -196,6 +225,7 @@ class SplicedForward(AcceptedConnection, SocketTaker):
         self.upstream: Optional[socket.socket] = None
         self.connecting: Optional[_Connecting] = None
         self.connectWaits: Optional[Waits[AcceptedConnection]] = None
+        self.clientWatch: Optional[_ClientWhileConnecting] = None
         #: The client's first bytes are checked (no PROXY header).
         self.heard = False
         #: A strict prefix of a PROXY header, read while telling it apart.
@@ -269,6 +299,10 @@ class SplicedForward(AcceptedConnection, SocketTaker):
             waits = self.router.waitsFor(self.options.connectTimeout, _connectTimedOut)
             self.connectWaits = waits
             waits.add(self)
+            if not self.heard:
+                # One that has spoken is not watched: its bytes would wake
+                # the reactor at once, and come before a reset anyway.
+                self.watchClient()
             return
         sock.close()
         self.connectFailed(str(getConnectError((result, os.strerror(result)))))
@@ -333,10 +367,46 @@ class SplicedForward(AcceptedConnection, SocketTaker):
         self.pool.reportFailure(self.target, reason)
         self.connectNext()
 
+    def clientStirred(self) -> None:
+        """
+        The client's socket has news while the connect is under way: a
+        failure (the connection ends), else bytes or its end of file, which
+        wait for the pump (a FIN keeps its meaning of a half-close).
+        """
+        self.unwatchClient()
+        sock = self.sock
+        if self.closed or sock is None:
+            return
+        try:
+            sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            # Another socket's event, of the descriptor number before it.
+            if self.connecting is not None:
+                self.watchClient()
+            return
+        except OSError as e:
+            record = self.record
+            assert record is not None
+            reset = e.errno == errno.ECONNRESET
+            record.ended = "client reset" if reset else f"client failed: {e.strerror}"
+            self.close()
+
+    def watchClient(self) -> None:
+        if self.clientWatch is None and self.sock is not None:
+            self.clientWatch = _ClientWhileConnecting(self, self.sock)
+            self.router.reactor.addReader(self.clientWatch)  # type: ignore[attr-defined]
+
+    def unwatchClient(self) -> None:
+        watch, self.clientWatch = self.clientWatch, None
+        if watch is not None:
+            self.router.reactor.removeReader(watch)  # type: ignore[attr-defined]
+
     def connected(self) -> None:
         """The target answered: its PROXY header, what was held, then the pump."""
         assert self.target is not None and self.pool is not None and self.options is not None
         assert self.upstream is not None and self.sock is not None
+        # The pump reads the client from now on.
+        self.unwatchClient()
         self.pool.reportSuccess(self.target)
         self.pool.acquire(self.target)
         header = self.proxyHeader()
@@ -491,6 +561,7 @@ class SplicedForward(AcceptedConnection, SocketTaker):
             sock = self.connecting.sock
             self.stopConnecting()
             sock.close()
+        self.unwatchClient()
         pump, self.pump = self.pump, None
         record = self.record
         if pump is not None:

@@ -196,3 +196,34 @@ async def test_a_client_reset_before_its_accept_gets_no_target_connection() -> N
         globalLogPublisher.removeObserver(observer)
         await service.stopService()
         await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_reset_during_the_connect_is_let_go_at_once() -> None:
+    """Not when the connect ends: the next target is not tried for it."""
+    connection, client, connecting, stop = await connectUnderWay()
+    try:
+        first = connection.target
+        client.transport.abortConnection()
+        await until(lambda: connection.closed, "the connection to end")
+        assert connection.record.ended == "client reset"
+        assert connection.target is first and connection.upstream is None
+        assert connecting not in reactor.getWriters()
+    finally:
+        await stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_watched_during_the_connect_sees_through_other_events() -> None:
+    connection, client, connecting, stop = await connectUnderWay()
+    try:
+        watch = connection.clientWatch
+        watch.doRead()  # nothing to read: another socket's event
+        assert connection.clientWatch is not None and not connection.closed
+        # Its bytes wait for the pump, which the next target's connect starts.
+        client.transport.write(b"hello")
+        await until(lambda: connection.clientWatch is None, "the bytes to be seen")
+        assert not connection.closed
+        assert await client.waitFor(12) == b"second\nhello"  # greeted, and echoed
+    finally:
+        await stop()
