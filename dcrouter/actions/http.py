@@ -20,6 +20,11 @@ from dcrouter.actions.forward import upstreamCreators
 from dcrouter.actions.targets import Targets, parseTargets
 from dcrouter.config.options import RouteOptions
 from dcrouter.http.backend import BackendPool
+from dcrouter.http.headeredits import (
+    REQUEST_UNTOUCHABLE,
+    RESPONSE_UNTOUCHABLE,
+    parseHeaderEdits,
+)
 from dcrouter.http.proxy import ProxyRoute, relay
 from dcrouter.interfaces import IHTTPAction, IHTTPExchange
 
@@ -57,6 +62,12 @@ class HTTPAction:
         sendTimeout = options.timeout("send_timeout", options.http.send_timeout)
         keepalive = options.duration("backend_keepalive", 30.0)
         hostHeader = options.raw("backend_host")
+        requestHeaders = options.get(
+            "request_headers", lambda text: parseHeaderEdits(text, REQUEST_UNTOUCHABLE), None
+        )
+        responseHeaders = options.get(
+            "response_headers", lambda text: parseHeaderEdits(text, RESPONSE_UNTOUCHABLE), None
+        )
         addresses = tuple(
             target.address
             for pool in ([targets.pool, *(rule.targets.pool for rule in targets.rules)]
@@ -79,6 +90,8 @@ class HTTPAction:
             idleTimeout=idleTimeout,
             sendTimeout=sendTimeout,
             hostHeader=hostHeader.text.strip().encode("idna") if hostHeader else None,
+            requestHeaders=requestHeaders,
+            responseHeaders=responseHeaders,
         )
         return HTTPProxyOptions(proxy, targets)
 

@@ -33,6 +33,7 @@ from zope.interface import implementer
 from dcrouter.config.model import HostPort
 from dcrouter.http.backend import BackendConnection, BackendPool, BackendUser
 from dcrouter.http.exchange import ExchangeBase
+from dcrouter.http.headeredits import HeaderEdits
 from dcrouter.http.wire import (
     HOP_BY_HOP,
     LAST_CHUNK,
@@ -88,6 +89,8 @@ class ProxyRoute:
         and sending nothing (nginx's C{proxy_read_timeout}).
     @ivar sendTimeout: how long it may stall with the client reading
         nothing of it (nginx's C{send_timeout}).
+    @ivar requestHeaders: the route's C{request_headers}, or C{None}.
+    @ivar responseHeaders: its C{response_headers} (not on a 101), or C{None}.
     """
 
     targets: Any
@@ -96,6 +99,8 @@ class ProxyRoute:
     idleTimeout: float
     hostHeader: Optional[bytes] = None
     sendTimeout: float = 60.0
+    requestHeaders: Optional[HeaderEdits] = None
+    responseHeaders: Optional[HeaderEdits] = None
 
 
 def authority(address: HostPort) -> bytes:
@@ -315,6 +320,8 @@ class Relay(BackendUser):
     def sendHead(self) -> None:
         request = self.request
         headers = forwardedHeaders(self.exchange, host=False)
+        if self.route.requestHeaders is not None:
+            headers = self.route.requestHeaders.apply(headers)
         # The Host the request was routed by, also for an absolute-form
         # target (whose authority overrides the client's Host header).
         host = self.route.hostHeader if self.route.hostHeader is not None else request.host
@@ -461,6 +468,8 @@ class Relay(BackendUser):
             head.headers, head.connectionTokens,
             drop=HOP_BY_HOP if framing.kind == "none" else _NOT_RELAYED,
         )
+        if self.route.responseHeaders is not None:
+            headers = self.route.responseHeaders.apply(headers)
         self.reader = bodyReader(framing)
         self.exchange.startResponse(head.status, head.reason, headers, framing)
 

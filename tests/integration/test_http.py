@@ -144,6 +144,30 @@ async def test_proxy_forwards_and_writes_forwarding_headers():
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_route_sets_and_removes_request_and_response_headers():
+    echo, backend = await echoBackend()
+    port = freePort()
+    route = httpRoute("web", port, f"127.0.0.1:{backend.getHost().port}", options={
+        "request_headers": "-Authorization\nX-Env: prod",
+        "response_headers": "-Server\nStrict-Transport-Security: max-age=63072000",
+    })
+    service, _ = await startRouter(route)
+    try:
+        (answer,), _ = await ask(port, get(extra=b"authorization: Basic YTpi\r\n"
+                                           b"X-ENV: test\r\nX-Other: kept\r\n"))
+        status, headers, body = answer
+        seen = json.loads(body)
+        assert status == 200
+        assert "authorization" not in seen["headers"]
+        assert seen["headers"]["x-env"] == ["prod"] and seen["headers"]["x-other"] == ["kept"]
+        assert b"server" not in headers
+        assert headers[b"strict-transport-security"] == b"max-age=63072000"
+    finally:
+        await service.stopService()
+        await backend.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_keep_alive_reuses_one_backend_connection():
     echo, backend = await echoBackend()
     port = freePort()

@@ -88,3 +88,17 @@ def test_checkconfig_warns_of_routes_that_never_match(tmp_path, capsys):
         f"warning: {path}:17: [route:mail-clash] ports: takes every connection of the mail"
         " server's port 2525 ([email] ports): give it other domains or another port",
     ]
+
+
+def test_checkconfig_names_a_header_edit_it_refuses(tmp_path, capsys):
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(
+        f"[dcrouter]\nstate_dir = {tmp_path / 'state'}\n"
+        "[route:web]\nports = 8080\naction = http\ntarget = 127.0.0.1:9\n"
+        "request_headers =\n    X-Env: prod\n    -Host\n"
+        "response_headers = Strict-Transport-Security: max-age=63072000\n"
+    )
+    assert main(["checkconfig", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert f"{path}:7: [route:web] request_headers: Host cannot be set or removed here" in err
+    assert "response_headers" not in err
