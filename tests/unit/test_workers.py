@@ -269,43 +269,23 @@ def test_aWorkerSaysNothingOfTheMailServerItDoesNotRun(tmp_path):
     assert [e for e in events if e["log_level"].name == "warn"] == []
 
 
-def test_aWorkerRetiredByAReloadStopsOnceItsConnectionsHaveEnded(tmp_path):
-    from dcrouter.service import RETIRE_CHECK_INTERVAL, DcRouter
-    from dcrouter.workers.worker import _SupervisorLink
+class HeldConnection:
+    """A connection a retired worker waits for: counts its drains, notes its abort."""
 
-    role = ProcessRole("worker", index=0, count=2, inherited={(80, "0.0.0.0"): 99})
-    config = RouterConfig(
-        daemon=DaemonSettings(state_dir=str(tmp_path)),
-        routes=(RouteConfig(name="a", ports=(80,), action="block"),),
-    )
-    reactor = MemoryReactorClock()
-    worker = DcRouter(config, reactor, configPath="unused.ini", role=role)
-    worker.privilegedStartService()
-    link = _SupervisorLink(reactor, lambda: {}, lambda config: None, worker.retire)
-    link.makeConnection(StringTransport())
+    def __init__(self):
+        self.record = type("Record", (), {"ended": None})()
+        self.drained = 0
+        self.aborted = False
 
-    class Held:
-        record = None
-        drained = 0
+    def drain(self):
+        self.drained += 1
 
-        def drain(self):
-            self.drained += 1
-
-    held = Held()
-    worker.router.connections.add(held)
-    reactor.running = True
-    link.dataReceived(b"retire\n")
-    assert held.drained == 1 and worker.listeners == {}
-    reactor.pump([RETIRE_CHECK_INTERVAL] * 100)
-    assert reactor.running, "a connection still open: no deadline"
-    # Told to drain again each time: its HTTP layer may have come since.
-    assert held.drained == 101
-    worker.router.connections.discard(held)
-    reactor.advance(RETIRE_CHECK_INTERVAL)
-    assert not reactor.running
+    def abort(self):
+        self.aborted = True
 
 
-def test_aRetiredWorkerCutsWhatIsLeftAtItsRetireTimeout(tmp_path):
+def retiringWorker(tmp_path):
+    """A worker holding one connection, its reactor, and its link to the supervisor."""
     from dcrouter.service import DcRouter
     from dcrouter.workers.worker import _SupervisorLink
 
@@ -319,23 +299,29 @@ def test_aRetiredWorkerCutsWhatIsLeftAtItsRetireTimeout(tmp_path):
     worker.privilegedStartService()
     link = _SupervisorLink(reactor, lambda: {}, lambda config: None, worker.retire)
     link.makeConnection(StringTransport())
-
-    class Record:
-        ended = None
-
-    class Held:
-        record = Record()
-        aborted = False
-
-        def drain(self):
-            pass
-
-        def abort(self):
-            self.aborted = True
-
-    held = Held()
+    held = HeldConnection()
     worker.router.connections.add(held)
     reactor.running = True
+    return worker, reactor, link, held
+
+
+def test_aWorkerRetiredByAReloadStopsOnceItsConnectionsHaveEnded(tmp_path):
+    from dcrouter.service import RETIRE_CHECK_INTERVAL
+
+    worker, reactor, link, held = retiringWorker(tmp_path)
+    link.dataReceived(b"retire\n")
+    assert held.drained == 1 and worker.listeners == {}
+    reactor.pump([RETIRE_CHECK_INTERVAL] * 100)
+    assert reactor.running, "a connection still open: no deadline"
+    # Told to drain again each time: its HTTP layer may have come since.
+    assert held.drained == 101 and not held.aborted
+    worker.router.connections.discard(held)
+    reactor.advance(RETIRE_CHECK_INTERVAL)
+    assert not reactor.running
+
+
+def test_aRetiredWorkerCutsWhatIsLeftAtItsRetireTimeout(tmp_path):
+    worker, reactor, link, held = retiringWorker(tmp_path)
     link.dataReceived(b"retire 2.5\n")
     reactor.advance(2.4)
     assert reactor.running and not held.aborted
