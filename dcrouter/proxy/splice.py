@@ -178,8 +178,8 @@ class _Direction:
     """One way through the pump: C{src} -> pipe -> C{dst}."""
 
     __slots__ = (
-        "buffered", "capacity", "done", "dst", "eof", "inspect", "pipe", "pipeR", "pipeW",
-        "received", "src",
+        "buffered", "capacity", "discarded", "done", "dst", "eof", "inspect", "pipe", "pipeR",
+        "pipeW", "received", "src",
     )
 
     def __init__(self, src: _End, dst: _End) -> None:
@@ -190,8 +190,9 @@ class _Direction:
         self.pipeR, self.pipeW, self.capacity = -1, -1, 0
         #: Bytes in the pipe, not yet written to C{dst}.
         self.buffered = 0
-        #: Bytes read from C{src} so far.
+        #: Bytes read from C{src} so far, and of those thrown away (L{SplicePump.discard}).
         self.received = 0
+        self.discarded = 0
         #: C{src} has reached its end of file.
         self.eof = False
         #: End of file seen and passed on: C{dst} is shut for writing.
@@ -374,13 +375,13 @@ class SplicePump:
 
     @property
     def received(self) -> tuple[int, int]:
-        """Bytes read so far from C{left} and from C{right}."""
+        """Bytes read so far from C{left} and from C{right}, thrown away or not."""
         forward, backward = self.directions
-        return forward.received, backward.received
+        return forward.received + forward.discarded, backward.received + backward.discarded
 
     @property
     def moved(self) -> int:
-        """Bytes read so far, both ways: a change means the connection is not idle."""
+        """Bytes passed on so far, both ways: a change means the connection is not idle."""
         forward, backward = self.directions
         return forward.received + backward.received
 
@@ -592,12 +593,16 @@ class SplicePump:
     def discard(self, end: _End) -> None:
         """
         After the delivery, C{end} is read only to be drained: its bytes are
-        thrown away until its end of file (or an error) ends the pump.
+        thrown away until its end of file (or an error) ends the pump. They
+        count as received, not as moved: they do not put off the fin timeout.
         """
+        direction = end.outgoing
         try:
             for _ in range(_ROUNDS):
-                if not end.sock.recv_into(_DISCARD):
+                count = end.sock.recv_into(_DISCARD)
+                if not count:
                     break
+                direction.discarded += count
             else:
                 return
         except BlockingIOError:
