@@ -518,6 +518,8 @@ class SplicePump:
             if deliver and self.deliver(end.outgoing):
                 self.halfClosed(self.failed)
                 return
+            if self.stopped:
+                return  # the delivery failed too, and ended the pump
         self.stop()
         self.ended(self.failed)
 

@@ -545,3 +545,22 @@ def test_a_reset_is_named_by_its_side() -> None:
     assert [ending(pump, side) for side in (0, 1, None)] == ["client reset", "upstream reset", None]
     pump.error = errno.EPIPE
     assert ending(pump, 1) is None
+
+
+@pytest.mark.parametrize("failed", [0, 1])
+def test_a_delivery_that_fails_too_ends_the_pump_once(failed: int) -> None:
+    """One side fails while the other is gone: its bytes cannot be delivered."""
+    pairs = [socket.socketpair(), socket.socketpair()]
+    for mine, _ in pairs:
+        mine.setblocking(False)
+    ended: list[Optional[int]] = []
+    pump = SplicePump(MemoryReactor(), pairs[0][0], pairs[1][0], ended.append, PipePool(),
+                      lambda side: None)
+    pump.start()
+    pairs[failed][1].sendall(b"last words")  # for the other side, which is gone
+    pairs[1 - failed][1].close()
+    pump.fail(pump.ends[failed], errno.ECONNRESET)  # as pull() does on a reset
+    assert ended == [failed]
+    for mine, peer in pairs:
+        mine.close()
+        peer.close()
