@@ -47,7 +47,8 @@ Bounded everywhere:
   - time: C{header_timeout} for the first request, C{keepalive_timeout} while
     no stream is open (then C{GOAWAY(NO_ERROR)} and close), C{body_timeout}
     for a stalled request body (408), C{send_timeout} while response data
-    waits on a client that opens no window and reads nothing (then close).
+    waits on a client that takes none of it (a stream's window shut: that
+    stream is reset; the whole connection's, or its socket full: close).
 
 A drain (stop, or a worker retired by a reload) shuts the connection down
 as RFC 9113 6.8 advises: a C{GOAWAY(NO_ERROR)} naming the highest stream
@@ -756,7 +757,7 @@ class H2ServerProtocol(Protocol):
                 exchange.pendingSize -= len(chunk)
                 last = exchange.endPending and not pending
                 h2.send_data(streamId, chunk, end_stream=last)
-                self.lastSent = self.reactor.seconds()
+                self.lastSent = exchange.lastSent = self.reactor.seconds()
                 if last:
                     exchange.endPending = False
                     self.streamSent(exchange)
@@ -774,22 +775,36 @@ class H2ServerProtocol(Protocol):
 
     def stalled(self) -> None:
         """
-        Response data has waited C{send_timeout}: if none of it went out
-        meanwhile (no window opened, or the socket stayed full), the client
-        is not reading: close, as nginx's C{send_timeout} does. This bounds
-        what the router answered itself, which no backend's timer watches.
+        Response data has waited C{send_timeout} (nginx's): a client that
+        took none of it on the whole connection (its socket full, or its
+        connection window shut) loses the connection; one that holds a
+        stream's window shut, that stream (C{RST_STREAM(CANCEL)}): a paused
+        download, say, while the others go on. This bounds what the router
+        answered itself, which no backend's timer watches.
         """
         self.stallTimer = None
-        if self.closing or not any(exchange.pending for exchange in self.streams.values()):
+        if self.closing:
             return
+        now = self.reactor.seconds()
         timeout = self.settings.send_timeout
-        waited = self.reactor.seconds() - self.lastSent
-        if waited < timeout:
-            self.stallTimer = self.reactor.callLater(timeout - waited, self.stalled)
+        waiting = [exchange for exchange in self.streams.values() if exchange.pending]
+        if not waiting:
             return
-        self.connection.record.ended = f"client read nothing for {timeout:g}s"
-        self.closeNow()
-
+        blocked = self.writePaused or self.h2.outbound_flow_control_window <= 0
+        if blocked and now - self.lastSent >= timeout:
+            self.connection.record.ended = f"client read nothing for {timeout:g}s"
+            self.closeNow()
+            return
+        for exchange in waiting:
+            if now - exchange.lastSent >= timeout and not blocked:
+                exchange.record.note = f"client read none of it for {timeout:g}s"
+                self.resetStream(exchange, ErrorCodes.CANCEL)
+                exchange.clientLost(Failure(ConnectionLost("the client read none of it")))
+        waiting = [exchange for exchange in waiting if exchange.pending]
+        if waiting:
+            since = self.lastSent if blocked else min(e.lastSent for e in waiting)
+            self.stallTimer = self.reactor.callLater(max(since + timeout - now, 0.0),
+                                                     self.stalled)
 
     def streamSent(self, exchange: H2Exchange) -> None:
         """The response's END_STREAM is queued: the stream is done for us."""
@@ -886,6 +901,8 @@ class H2Exchange(ExchangeBase):
         self.trustedClient = server.trusted
         self.record = record
         self.path = path
+        #: When response data of this stream last went out (or it began).
+        self.lastSent = server.reactor.seconds()
         # The request body: (data, flow-controlled length) not yet consumed.
         self.consumer: Any = None
         self.inbound: deque[tuple[bytes, int]] = deque()

@@ -760,22 +760,67 @@ def test_empty_data_frames_do_not_count_as_the_body_moving():
     assert client.response(stream).status == 408
 
 
-def test_a_client_that_opens_no_window_is_dropped_after_send_timeout():
-    """What the router answers itself has no backend timer: a client that
-    takes none of it keeps nothing for longer than send_timeout."""
+def test_streams_whose_window_stays_shut_are_reset_after_send_timeout():
+    """What the router answers itself has no backend timer: a stream that
+    the client takes none of is reset after send_timeout; the connection,
+    idle then, goes at its keep-alive timeout."""
     settings = HttpSettings(send_timeout=60.0, keepalive_timeout=75.0)
     reactor, protocol, transport, action, client = serve(Answer(), settings=settings)
     client.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
     client.send()
     client.read()
-    for _ in range(10):
-        client.request(b"/" + b"x" * 100)
+    streams = [client.request(b"/" + b"x" * 100) for _ in range(10)]
     assert len(protocol.streams) == 10
     run(reactor, 59)
+    assert len(protocol.streams) == 10
+    run(reactor, 2)
+    client.read()
+    assert not protocol.streams and not transport.disconnecting
+    assert {client.responses[s].reset for s in streams} == {ErrorCodes.CANCEL}
+    run(reactor, 75)
+    assert transport.disconnecting
+
+
+def test_a_stream_held_shut_is_reset_and_the_others_go_on():
+    """A paused download (its window shut, the connection's open) does not
+    take a long poll on the same connection with it."""
+    settings = HttpSettings(send_timeout=10.0, keepalive_timeout=75.0)
+    reactor, protocol, transport, action, client = serve(Held(), settings=settings,
+                                                         autoAck=False)
+    video = client.request(b"/video")
+    poll = client.request(b"/poll")
+    exchange = action.exchanges[0]
+    exchange.startResponse(200, b"", [], BodyFraming("length", 200_000))
+    exchange.registerProducer(Producer(), True)
+    exchange.write(b"v" * 100_000)  # a window's worth goes out, the rest waits
+    client.read()
+    client.h2.increment_flow_control_window(65535)  # the connection's, not the stream's
+    client.send()
+    run(reactor, 11)
+    assert not transport.disconnecting
+    assert video not in protocol.streams and poll in protocol.streams
+    assert exchange.record.note == "client read none of it for 10s"
+    action.exchanges[1].respond(200, body=b"news")
+    assert client.response(poll).data == b"news"
+
+
+def test_a_client_that_takes_nothing_on_the_connection_is_dropped_after_send_timeout():
+    """Its connection window shut (or its socket full): nothing goes out at all."""
+    settings = HttpSettings(send_timeout=10.0, keepalive_timeout=75.0)
+    reactor, protocol, transport, action, client = serve(Held(), settings=settings,
+                                                         autoAck=False)
+    client.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    client.send()
+    stream = client.request(b"/big")
+    action.exchanges[0].respond(200, body=b"b" * 100_000)
+    client.read()
+    assert protocol.h2.outbound_flow_control_window == 0
+    run(reactor, 9)
     assert not transport.disconnecting
     run(reactor, 2)
     assert transport.aborted and not protocol.streams
-    assert protocol.connection.record.ended == "client read nothing for 60s"
+    assert protocol.connection.record.ended == "client read nothing for 10s"
+    assert len(client.responses[stream].data) == 65535
 
 
 def test_a_client_reading_slowly_is_not_dropped():
