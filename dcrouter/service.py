@@ -928,6 +928,10 @@ class DcRouter(MultiService):
                  count=len(router.connections),
                  bound="" if timeout is None else f" within {timeout:g}s")
 
+        def stopUnlessStopping() -> None:
+            if not self.stopping and self.reactor.running:
+                self.reactor.stop()
+
         def check() -> None:
             if self.stopping:
                 return  # a stop's drain took over
@@ -940,7 +944,7 @@ class DcRouter(MultiService):
                         record.ended = f"cut: retired by a reload ({timeout:g}s)"
                     connection.abort()
                 # Lost on the next turn: their records are written before the exit.
-                self.reactor.callLater(0, self.reactor.stop)
+                self.reactor.callLater(0, stopUnlessStopping)
                 return
             if router.connections:
                 # Told again each time: a connection still in its handshake

@@ -984,3 +984,17 @@ def test_aFreshWorkerStopsWithTheOthers(how):
     end(fresh)
     reactor.advance(60)
     assert len(reactor.spawned) == (3 if how == "stop" else 5)
+
+
+def test_aStopAsTheRetireTimeoutCutsStopsTheReactorOnce(tmp_path):
+    worker, reactor, link, held = retiringWorker(tmp_path)
+    stops, later = [], []
+    reactor.stop = lambda: stops.append(True)
+    link.dataReceived(b"retire 1\n")
+    schedule = reactor.callLater
+    reactor.callLater = lambda delay, f, *a: later.append(f) if delay == 0 else schedule(delay, f, *a)
+    reactor.advance(1)
+    assert held.aborted and stops == [] and len(later) == 1
+    worker.stopping = True  # a SIGTERM's stop in the same turn: its drain stops the reactor
+    later[0]()
+    assert stops == []
