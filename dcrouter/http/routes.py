@@ -291,18 +291,20 @@ class _AddSlash:
     def handleRequest(self, exchange: IHTTPExchange, options: None) -> None:
         request = exchange.request
         query = request.target.partition(b"?")[2]
-        location = quote(exchange.path.encode("utf-8", "surrogateescape") + b"/", safe=_PATH_SAFE)
+        path = quote(exchange.path.encode("utf-8", "surrogateescape") + b"/", safe=_PATH_SAFE)
+        location = path.encode("ascii")
         if query:
-            location += "?" + query.decode("latin-1")
+            # As sent, but for bytes a Location may not hold raw (8-bit ones).
+            location += b"?" + _NOT_VISIBLE.sub(lambda m: b"%%%02X" % m.group()[0], query)
         status = 301 if request.method in (b"GET", b"HEAD") else 308
         exchange.respond(
             status,
-            [(b"Location", location.encode("ascii", "replace")),
-             (b"Content-Type", b"text/plain; charset=utf-8")],
-            b"redirecting to " + location.encode("ascii", "replace") + b"\n",
+            [(b"Location", location), (b"Content-Type", b"text/plain; charset=utf-8")],
+            b"redirecting to " + location + b"\n",
         )
 
 
 #: What a path keeps unescaped in a Location (RFC 3986 pchar and "/").
 _PATH_SAFE = "/:@!$&'()*+,;="
+_NOT_VISIBLE = re.compile(rb"[^\x21-\x7e]")
 ADD_SLASH = _AddSlash()

@@ -422,12 +422,12 @@ def test_a_path_missing_its_slash_is_redirected_to_the_slash_route():
     protocol = HTTPServerProtocol(layer, connection)
     transport = Transport()
     protocol.makeConnection(transport)
-    protocol.dataReceived(b"GET /%61dmin?x=1&y=%2F HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    protocol.dataReceived(b"GET /%61dmin?x=1&y=%2F&z=\xc3\xa9 HTTP/1.1\r\nHost: a.test\r\n\r\n")
     protocol.dataReceived(b"POST /admin HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n")
     reactor.advance(0)
     answer = transport.value()
     assert held.exchanges == []
     assert answer.startswith(b"HTTP/1.1 301 ")
-    assert b"\r\nLocation: /admin/?x=1&y=%2F\r\n" in answer
+    assert b"\r\nLocation: /admin/?x=1&y=%2F&z=%C3%A9\r\n" in answer
     assert b"HTTP/1.1 308 " in answer
     assert answer.count(b"\r\nLocation: /admin/") == 2
