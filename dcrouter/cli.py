@@ -65,7 +65,7 @@ def explain(
     """Say which route would serve HOST on PORT (and PATH, over HTTP), and why."""
     from ipaddress import ip_address
 
-    from dcrouter.http.routes import hostName
+    from dcrouter.http.routes import ADD_SLASH, hostName
     from dcrouter.http.server import HTTPLayer, requestPath
 
     try:
@@ -115,6 +115,11 @@ def explain(
         f"method {', '.join(found_.methods)}" if found_.methods else "",
         "headers " + ", ".join(f"{n}: {v}" for n, v in found_.headers) if found_.headers else "",
     )))
+    if found.action is ADD_SLASH:
+        status = 301 if method.upper() in ("GET", "HEAD") else 308
+        print(f"  {method.upper()} {target} Host {name}: {status} to the path with a / added,"
+              f" which [route:{found_.name}] serves ({detail})")
+        return 0
     print(f"  {method.upper()} {target} Host {name}: [route:{found_.name}] "
           f"action {found_.action} ({detail})")
     if found_.headers:

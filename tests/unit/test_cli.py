@@ -14,6 +14,7 @@ EXAMPLE = str(Path(__file__).parents[2] / "conf" / "dcrouter.ini")
 @pytest.mark.parametrize(("args", "says"), [
     (["example.com", "80", "/api/v1"], "[route:example-api] action http"),
     (["example.com", "80", "/admin/x"], "[route:example-admin]"),
+    (["example.com", "80", "/admin"], "301 to the path with a / added, which [route:example-admin]"),
     (["www.example.com", "80"], "[route:example-web]"),
     (["old.example.com", "80"], "[route:example-to-https] action redirect"),
     (["a.example.com", "443"], "[route:example-passthrough] action forward"),
