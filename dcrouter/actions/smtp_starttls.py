@@ -81,9 +81,8 @@ class SMTPStartTLSOptions:
 
 def _keyword(line: bytes) -> bytes:
     """The capability keyword of an EHLO reply line (without the code)."""
-    text = line[4:].strip()
-    word = text.split(b" ", 1)[0].split(b"=", 1)[0]
-    return word.upper()
+    words = line[4:].split(None, 1)
+    return words[0].split(b"=", 1)[0].upper() if words else b""
 
 
 def filterCapabilities(lines: list[bytes], hidden: tuple[bytes, ...]) -> list[bytes]:
@@ -181,8 +180,11 @@ class _Backend(Protocol):
             self.state = "ehlo"
             self.send(b"EHLO " + session.options.hostname.encode() + b"\r\n")
         elif self.state == "ehlo":
-            if code == b"250":
-                self.capabilities = reply
+            if code != b"250":
+                # It would not serve the client either: the next target.
+                self.fail(f"backend EHLO answer {reply[-1][:80]!r}")
+                return
+            self.capabilities = reply
             self.ready()
 
     def ready(self) -> None:
@@ -190,7 +192,14 @@ class _Backend(Protocol):
         self.session.backendReady(self.capabilities)
 
     def join(self) -> None:
+        """
+        The client's TLS session starts: what the backend sent unasked
+        since its EHLO answer, a part of a line included, is dropped, so
+        that no byte of before the TLS comes out inside it.
+        """
         self.state = "joined"
+        self.buffer = b""
+        self.reply, self.replySize = [], 0
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         if self.state != "closed":
@@ -228,6 +237,8 @@ class SMTPStartTLSProtocol(Protocol):
         self.tls: Any = None
         self.tlsClient: Optional[_TLSClient] = None
         self.timer: Optional[IDelayedCall] = None
+        #: The backend's greeting and EHLO answer, within C{connect_timeout}.
+        self.greetingTimer: Optional[IDelayedCall] = None
         self.idle: Optional[IdleSweep] = None
         self.active = False
         self.pumping = False
@@ -257,11 +268,31 @@ class SMTPStartTLSProtocol(Protocol):
             backend.transport.abortConnection()  # type: ignore[attr-defined]
             return
         self.backend = backend
+        self.greetingTimer = self.reactor.callLater(
+            self.options.connectTimeout, self.backendSilent, backend
+        )
         version = self.options.proxyProtocol
         if version == "v1":
             backend.send(encodeV1(self.connection.client, self.connection.server))
         elif version == "v2":
             backend.send(encodeV2(self.connection.client, self.connection.server))
+
+    def backendSilent(self, backend: _Backend) -> None:
+        """
+        Connected, the backend did not greet and answer EHLO within
+        C{connect_timeout} (an overloaded Postfix leaves connections
+        waiting in its listen queue): the next target.
+        """
+        self.greetingTimer = None
+        backend.state = "closed"
+        if backend.transport is not None:
+            backend.transport.abortConnection()  # type: ignore[attr-defined]
+        self.backendFailed(f"no greeting and EHLO answer within {self.options.connectTimeout:g}s")
+
+    def cancelGreetingTimer(self) -> None:
+        if self.greetingTimer is not None and self.greetingTimer.active():
+            self.greetingTimer.cancel()
+        self.greetingTimer = None
 
     def backendFailed(self, why: str, final: bool = False) -> None:
         """
@@ -273,6 +304,7 @@ class SMTPStartTLSProtocol(Protocol):
         """
         if self.state == "closed":
             return
+        self.cancelGreetingTimer()
         target = self.record.target
         self.lastError = f"{target}: {why}" if target and not final else why
         if self.state == "connecting" and not final and self.candidates:
@@ -283,6 +315,7 @@ class SMTPStartTLSProtocol(Protocol):
         self.closeWith(b"421 4.3.0 service unavailable\r\n")
 
     def backendReady(self, capabilities: list[bytes]) -> None:
+        self.cancelGreetingTimer()
         if self.state != "connecting":
             return
         self.capabilities = capabilities
@@ -442,7 +475,8 @@ class SMTPStartTLSProtocol(Protocol):
     # -- timers and closing ---------------------------------------------------
 
     def cancelTimer(self) -> None:
-        """Stop the STARTTLS timer, or the idle sweep's looks once joined."""
+        """Stop the STARTTLS and greeting timers, or the idle sweep's looks once joined."""
+        self.cancelGreetingTimer()
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
@@ -508,7 +542,10 @@ class SMTPStartTLSProtocol(Protocol):
         if self.tls is not None:
             self.tls.connectionLost(reason)
         if self.record.ended is None:
-            self.record.ended = "client closed"
+            self.record.ended = (
+                f"TLS handshake failed: {reason.getErrorMessage()}"
+                if self.state == "handshake" else "client closed"
+            )
         self.cancelTimer()
         wasClosed = self.state == "closed"
         self.state = "closed"

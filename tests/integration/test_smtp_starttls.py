@@ -18,6 +18,7 @@ from dcrouter.actions.smtp_starttls import filterCapabilities
 from dcrouter.config.model import RouteConfig
 from dcrouter.net.tls import ensureSelfSigned
 from tests.helpers import freePort, listen, startRouter
+from tests.streams import until
 
 
 class SMTPBackend(LineReceiver):
@@ -141,6 +142,9 @@ def test_filter_capabilities_sets_continuation_marks_right():
     reply = [b"250-host", b"250-PIPELINING", b"250-AUTH PLAIN", b"250 STARTTLS"]
     assert filterCapabilities(reply, (b"STARTTLS", b"AUTH")) == [b"250-host", b"250 PIPELINING"]
     assert filterCapabilities([b"250 host"], (b"STARTTLS",)) == [b"250 host"]
+    # Whatever separates the keyword from its parameters.
+    assert filterCapabilities([b"250-host", b"250-AUTH\tPLAIN", b"250 SIZE=1"], (b"AUTH",)) == [
+        b"250-host", b"250 SIZE=1"]
 
 
 @pytest_twisted.ensureDeferred
@@ -442,3 +446,99 @@ async def test_a_target_that_connects_but_will_not_serve_yields_to_the_next(tmp_
         await first.stopListening()
     assert code == 250 and banner.startswith(b"mx.dcrouter.test")
     assert backend.commands[0].upper() == b"EHLO MX.DCROUTER.TEST"
+
+
+class Silent(protocol.Protocol):
+    """Accepts the connection (as a saturated smtpd's listen queue does) and never greets."""
+
+
+class RefusesEhlo(protocol.Protocol):
+    """Greets, then answers EHLO with 421 and closes (an smtpd shutting down)."""
+
+    def connectionMade(self):
+        self.transport.write(b"220 busy.test ESMTP\r\n")
+
+    def dataReceived(self, data):
+        if data.upper().startswith(b"EHLO"):
+            self.transport.write(b"421 4.3.2 shutting down\r\n")
+            self.transport.loseConnection()
+
+
+@pytest.mark.parametrize("first", [Silent, RefusesEhlo], ids=["silent", "EHLO 421"])
+@pytest_twisted.ensureDeferred
+async def test_a_target_that_will_not_answer_ehlo_in_time_yields_to_the_next(tmp_path, first):
+    """Greeting and EHLO answer within connect_timeout, a 250 to EHLO, or the next target."""
+    serving = await listen(protocol.Factory.forProtocol(first))
+    backend, listening, service, port = await setUp(
+        tmp_path, tryFirst=f"127.0.0.1:{serving.getHost().port}", connect_timeout="0.5s",
+        starttls_timeout="30s",
+    )
+
+    def session():
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=20) as smtp:
+            return smtp.ehlo()
+
+    try:
+        code, banner = await threads.deferToThread(session)
+    finally:
+        await tearDown(service, listening)
+        await serving.stopListening()
+    assert code == 250 and banner.startswith(b"mx.dcrouter.test")
+    assert backend.commands[0].upper() == b"EHLO MX.DCROUTER.TEST"
+
+
+class SaysMoreThanAsked(SMTPBackend):
+    """After its EHLO answer, half a line nobody asked for."""
+
+    def lineReceived(self, line):
+        super().lineReceived(line)
+        if len(self.factory.commands) == 1:
+            self.transport.write(b"250 2.0.0 SAID-BEFORE-TLS")
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_the_backend_said_before_the_tls_never_comes_out_inside_it(tmp_path):
+    factory = SMTPBackendFactory()
+    factory.protocol = SaysMoreThanAsked
+    backend, listening, service, port = await setUp(tmp_path, backend=factory)
+
+    def session():
+        tls, reader = startTLS(port)
+        tls.sendall(b"EHLO client.test\r\n")
+        first = reader.readline()
+        tls.close()
+        return first
+
+    try:
+        first = await threads.deferToThread(session)
+    finally:
+        await tearDown(service, listening)
+    assert first.startswith(b"250") and b"SAID-BEFORE-TLS" not in first
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_tls_handshake_is_named_in_the_record(tmp_path):
+    backend, listening, service, port = await setUp(tmp_path)
+    records = []
+
+    def observer(event):
+        if event.get("log_namespace") == "dcrouter.access":
+            records.append(event)
+
+    def session():
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(b"STARTTLS\r\n")
+            reader.readline()
+            sock.sendall(b"\x16\x03\x01\x00\x05garbage, not a ClientHello\r\n")
+            return sock.recv(100)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        await threads.deferToThread(session)
+        await until(lambda: bool(records), "the record")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        await tearDown(service, listening)
+    assert records[0]["ended"].startswith("TLS handshake failed")
