@@ -34,15 +34,18 @@ from typing import Any, Optional
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, formatEvent
+from twisted.python.failure import Failure
+from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from dcrouter.auth.passwords import basicCredentials
+from dcrouter.auth.passwords import AuthUnavailable, basicCredentials
 
 #: What only an operator may ask for: on TCP, with C{[admin] users}' basic auth.
 OPERATOR_PATHS = frozenset(
@@ -290,13 +293,32 @@ class _Guarded(Resource):
         checking = self.checker.requestAvatarId(UsernamePassword(*credentials))
 
         def allowed(_: object) -> None:
-            body = child.render(request)
+            # Rendered after the check, not by twisted.web's Request.render,
+            # whose answers to a method the child does not take (405) and to
+            # an error (500) are given here.
+            try:
+                body = child.render(request)
+            except UnsupportedMethod as e:
+                request.setResponseCode(405)
+                request.setHeader(b"allow", b", ".join(e.allowedMethods))
+                body = b"method not allowed\n"
+            except Exception:
+                request.processingFailed(Failure())
+                return
             if body is not NOT_DONE_YET:
                 request.write(body)
                 request.finish()
 
-        def refused(_: object) -> None:
-            request.write(self.challenge(request))
+        def refused(failure: Failure) -> None:
+            if failure.check(UnauthorizedLogin):
+                request.write(self.challenge(request))
+            elif failure.check(AuthUnavailable):
+                # Not a wrong password: the check could not be made.
+                request.setResponseCode(503)
+                request.write(b"authentication unavailable\n")
+            else:
+                request.processingFailed(failure)
+                return
             request.finish()
 
         checking.addCallbacks(allowed, refused)

@@ -105,6 +105,9 @@ async def test_admin_users_require_basic_auth():
         bad = b"Authorization: Basic " + base64.b64encode(b"ops:nope") + b"\r\n"
         assert (await fetch(admin, b"/metrics", bad))[0] == 401
         assert (await fetch(admin, b"/metrics", good))[0] == 200
+        # A method the page does not take: 405, as on the socket (it hung).
+        assert (await fetch(admin, b"/certs/renew?name=a.test", good))[0] == 405
+        assert (await fetch(admin, b"/metrics", good, method=b"POST"))[0] == 405
     finally:
         await service.stopService()
 
@@ -232,3 +235,22 @@ async def test_the_open_loopback_listener_answers_addresses_not_names():
             assert status == 403 and b"DNS rebinding" in body, host
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_password_check_that_cannot_be_made_is_a_503_not_a_401():
+    from twisted.internet.defer import fail
+
+    from dcrouter.auth.passwords import AuthUnavailable
+
+    class Unavailable:
+        def requestAvatarId(self, credentials):
+            return fail(AuthUnavailable("the directory is down"))
+
+    port = await listen(adminSite(registryFor(), dict, Unavailable()))
+    good = b"Authorization: Basic " + base64.b64encode(b"ops:opspw") + b"\r\n"
+    try:
+        assert await fetch(port.getHost().port, b"/metrics", good) == (
+            503, b"authentication unavailable\n")
+    finally:
+        await port.stopListening()
