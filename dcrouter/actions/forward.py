@@ -92,12 +92,14 @@ class ForwardAction:
         creators = upstreamCreators(options, addresses)
         if targets is None:
             return None
+        upstreamTLS = creators.__getitem__ if creators is not None else None
+        targets.checkAsRouted(upstreamTLS)
         forwardOptions = ForwardOptions(
             connectTimeout=connectTimeout,
             idleTimeout=idleTimeout,
             finTimeout=finTimeout,
             proxyProtocol=proxyProtocol,
-            upstreamTLS=creators.__getitem__ if creators is not None else None,
+            upstreamTLS=upstreamTLS,
             splice=options.daemon.splice,
         )
         return ForwardRoute(forwardOptions, targets)

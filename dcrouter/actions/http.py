@@ -77,11 +77,10 @@ class HTTPAction:
         creators = upstreamCreators(options, addresses)
         if targets is None:
             return None
+        upstreamTLS = creators.__getitem__ if creators is not None else None
+        targets.checkAsRouted(upstreamTLS)
         backends = BackendPool(
-            options.reactor,
-            connectTimeout,
-            idleTimeout=keepalive,
-            tls=creators.__getitem__ if creators is not None else None,
+            options.reactor, connectTimeout, idleTimeout=keepalive, tls=upstreamTLS
         )
         proxy = ProxyRoute(
             targets=targets,

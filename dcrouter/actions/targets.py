@@ -12,15 +12,18 @@ an L{ITargetSelector} plugin that picks in Python.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from fnmatch import translate
 from typing import Any, Optional
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.plugin import getPlugins
 
 import dcrouter.plugins
 from dcrouter.config import values
+from dcrouter.config.model import HostPort
 from dcrouter.config.options import RouteOptions
 from dcrouter.interfaces import ITargetSelector
 from dcrouter.proxy.health import HealthChecker
@@ -38,6 +41,19 @@ class Targets:
     def pools(self) -> list[TargetPool]:
         """The route's pool and its rules' pools."""
         return [self.pool, *(rule.targets.pool for rule in self.rules)]
+
+    def checkAsRouted(
+        self, tls: Optional[Callable[[HostPort], IOpenSSLClientConnectionCreator]]
+    ) -> None:
+        """
+        The route speaks to its targets over C{tls} (per target address,
+        for C{terminate-and-reencrypt}): so do its health checks, and its
+        rules' (L{HealthChecker}'s C{tls}). Set once, before L{inherit}.
+        """
+        if self.checker is not None:
+            self.checker.tls = tls
+        for rule in self.rules:
+            rule.targets.checkAsRouted(tls)
 
     def poolFor(self, request: Any, path: Optional[str] = None) -> TargetPool:
         """

@@ -17,6 +17,14 @@ which leaves no reference cycle behind a closed connection) with a small protoco
     4 KiB may arrive before the line's end (a bare LF is accepted as one);
     what follows the line is not read.
 
+An C{http} check speaks to a target as the route does (HAProxy's
+C{check-ssl}): with C{tls} (a route's C{tls = terminate-and-reencrypt}) it
+runs over TLS made by the same client creator as the route's connections,
+so that the target's certificate is verified as theirs is (C{backend_ca},
+C{backend_verify}, C{backend_server_name}); a failed handshake or
+verification fails the check ("TLS failed: ..."). A C{tcp} check stays a
+connect, without a handshake.
+
 The whole probe, connect included, must finish within C{timeout}, or it is
 aborted and counts as failed ("timeout after 2s").
 
@@ -30,9 +38,11 @@ overlapped by it.
 
 from __future__ import annotations
 
-from collections.abc import Container
-from typing import Literal, Optional, cast
+from collections.abc import Callable, Container
+from typing import Any, Literal, Optional, cast
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import (
@@ -47,6 +57,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IConnector,
     IDelayedCall,
+    IOpenSSLClientConnectionCreator,
     IReactorTCP,
     IReactorTime,
 )
@@ -54,6 +65,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dcrouter.config.model import HostPort
 from dcrouter.net.tcp import connectTCP
 from dcrouter.proxy.pool import Target, TargetPool
 
@@ -177,11 +189,32 @@ class _ProbeProtocol(Protocol):
         self.probe = probe
 
     def connectionLost(self, reason: Failure = Failure(Exception("connection lost"))) -> None:
-        self.probe.finish(False, self.lostReason())
+        if reason.check(SSL.Error, VerificationError):
+            self.probe.finish(False, f"TLS failed: {_tlsReason(reason)}")
+        else:
+            self.probe.finish(False, self.lostReason())
         self.probe.ended()
 
     def lostReason(self) -> str:
         return "connection closed"
+
+
+def _tlsReason(reason: Failure) -> str:
+    """A short reason for a failed handshake or certificate check."""
+    error = reason.value
+    if isinstance(error, VerificationError):
+        names = []
+        for mismatch in error.errors:
+            wanted = mismatch.mismatched_id
+            name = getattr(wanted, "hostname", None) or getattr(wanted, "ip", None)
+            names.append(name.decode() if isinstance(name, bytes) else str(name))
+        return f"the certificate does not name {', '.join(names)}"
+    if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
+        # pyOpenSSL's [(library, function, reason), ...]: the reasons say it.
+        reasons = [entry[-1] for entry in error.args[0] if entry]
+        if reasons:
+            return ", ".join(str(r) for r in reasons)
+    return reason.getErrorMessage()
 
 
 class _TCPProbe(_ProbeProtocol):
@@ -193,16 +226,27 @@ class _TCPProbe(_ProbeProtocol):
 
 
 class _HTTPProbe(_ProbeProtocol):
-    """Sends the request, judges the status line, hangs up."""
+    """Sends the request (over TLS if told), judges the status line, hangs up."""
 
-    def __init__(self, probe: _Probe, request: bytes, expect: Container[int]) -> None:
+    def __init__(
+        self,
+        probe: _Probe,
+        request: bytes,
+        expect: Container[int],
+        tls: Optional[IOpenSSLClientConnectionCreator] = None,
+    ) -> None:
         super().__init__(probe)
         self.request = request
         self.expect = expect
+        self.tls = tls
         self.buffer = b""
 
     def connectionMade(self) -> None:
-        self.transport.write(self.request)  # type: ignore[union-attr]
+        transport: Any = self.transport
+        if self.tls is not None:
+            # The request waits in the TLS layer for the handshake.
+            transport.startTLS(self.tls)
+        transport.write(self.request)
 
     def dataReceived(self, data: bytes) -> None:
         if self.probe.finished:
@@ -251,15 +295,21 @@ def _statusCode(line: bytes) -> Optional[int]:
 class _ProbeFactory(ClientFactory):
     noisy = False
 
-    def __init__(self, probe: _Probe, request: bytes) -> None:
+    def __init__(
+        self,
+        probe: _Probe,
+        request: bytes,
+        tls: Optional[IOpenSSLClientConnectionCreator] = None,
+    ) -> None:
         self.probe = probe
         self.request = request
+        self.tls = tls
 
     def buildProtocol(self, addr: Optional[IAddress]) -> Protocol:
         checker = self.probe.checker
         protocol: _ProbeProtocol
         if checker.kind == "http":
-            protocol = _HTTPProbe(self.probe, self.request, checker.expectStatus)
+            protocol = _HTTPProbe(self.probe, self.request, checker.expectStatus, self.tls)
         else:
             protocol = _TCPProbe(self.probe)
         self.probe.protocol = protocol
@@ -292,12 +342,15 @@ class HealthChecker(Service):
         hostHeader: Optional[bytes] = None,
         rise: int = 2,
         fall: int = 3,
+        tls: Optional[Callable[[HostPort], IOpenSSLClientConnectionCreator]] = None,
     ) -> None:
         """
         @param reactor: must also provide C{IReactorTCP}.
         @param expectStatus: the status codes that pass an C{http} check.
         @param hostHeader: the C{Host} header; by default the target's
             C{host:port}.
+        @param tls: for a route that re-encrypts, its TLS client creator
+            per target address: an C{http} check runs over it.
         @raise ValueError: a setting out of range, or a path or host header
             that would break the request.
         """
@@ -321,6 +374,7 @@ class HealthChecker(Service):
         self.hostHeader = hostHeader
         self.rise = rise
         self.fall = fall
+        self.tls = tls
         count = len(pool.targets)
         self.checks: dict[Target, _Check] = {
             target: _Check(target, interval * index / count)
@@ -336,6 +390,7 @@ class HealthChecker(Service):
         return (
             self.kind, self.interval, self.timeout, self.path, self.expectStatus,
             self.hostHeader, self.rise, self.fall,
+            self.kind == "http" and self.tls is not None,
         )
 
     def inherit(self, previous: HealthChecker) -> None:
@@ -416,10 +471,13 @@ class HealthChecker(Service):
         probe = _Probe(self, check)
         check.probe = probe
         self._probes.add(probe)
-        request = self.request(check.target) if self.kind == "http" else b""
-        factory = _ProbeFactory(probe, request)
-        probe.timer = self._reactor.callLater(self.timeout, probe.timedOut)
         address = check.target.address
+        request, tls = b"", None
+        if self.kind == "http":
+            request = self.request(check.target)
+            tls = self.tls(address) if self.tls is not None else None
+        factory = _ProbeFactory(probe, request, tls)
+        probe.timer = self._reactor.callLater(self.timeout, probe.timedOut)
         reactor = cast(IReactorTCP, self._reactor)
         probe.connector = connectTCP(reactor, address.host, address.port, factory, self.timeout)
 

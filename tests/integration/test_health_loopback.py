@@ -5,15 +5,50 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
 import pytest_twisted
-from twisted.internet import protocol, reactor
+from twisted.internet import protocol, reactor, ssl
 from twisted.internet.task import deferLater
 
-from dcrouter.config.model import HostPort
+from dcrouter.compile import compileConfig, loadActions
+from dcrouter.config.model import CertificatePair, HostPort, RouteConfig, RouterConfig
+from dcrouter.net.tls import ensureSelfSigned
 from dcrouter.proxy.health import HealthChecker
 from dcrouter.proxy.pool import Target, TargetPool
 from tests.helpers import listen
 from tests.streams import until
+
+
+class AnswersOK(protocol.Protocol):
+    """An HTTP backend that answers any request 200 and closes."""
+
+    def dataReceived(self, data):
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.transport.loseConnection()
+
+
+def routeChecker(pair, action="forward", tls=None, **options):
+    """The health checker of a route compiled from C{options}, and its one check."""
+    route = RouteConfig(
+        name="web", ports=(8443,), action=action, tls=tls,
+        cert=CertificatePair(pair.cert, pair.key) if tls else None,
+        options={"health_check": "http", "health_interval": "0.05s", "health_rise": "1",
+                 "health_fall": "1", **options},
+    )
+    compiled = compileConfig(RouterConfig(routes=(route,)), loadActions(), reactor)
+    checker = compiled.routeResources["web"].targets.checker
+    (check,) = checker.checks.values()
+    return checker, check
+
+
+async def checkedOnce(checker, check):
+    """Start C{checker}, wait for its first result, stop it; the result."""
+    checker.start()
+    try:
+        await until(lambda: check.lastResult, "the first check")
+    finally:
+        await checker.stop()
+    return check.lastResult
 
 
 @pytest_twisted.ensureDeferred
@@ -47,4 +82,63 @@ async def test_a_finished_probe_is_freed_without_the_garbage_collector():
     finally:
         gc.enable()
         await checker.stop()
+        await listening.stopListening()
+
+
+async def listenTLS(pair):
+    factory = protocol.Factory.forProtocol(AnswersOK)
+    context = ssl.DefaultOpenSSLContextFactory(pair.key, pair.cert)
+    return reactor.listenSSL(0, factory, context, interface="127.0.0.1")
+
+
+@pytest.mark.parametrize("action", ["forward", "http"])
+@pytest_twisted.ensureDeferred
+async def test_an_http_check_of_a_reencrypting_route_speaks_tls_to_its_targets(
+    tmp_path, action
+):
+    """HAProxy's check-ssl: a healthy TLS target passes, verified against backend_ca."""
+    pair = ensureSelfSigned(str(tmp_path))
+    listening = await listenTLS(pair)
+    try:
+        checker, check = routeChecker(
+            pair, action, tls="terminate-and-reencrypt",
+            target=f"127.0.0.1:{listening.getHost().port}", backend_ca=pair.cert,
+        )
+        assert await checkedOnce(checker, check) == "HTTP 200"
+        assert check.target.activeUp
+    finally:
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http_check_verifies_the_target_as_the_route_does(tmp_path):
+    """A certificate the route's connections would refuse fails the check too."""
+    pair = ensureSelfSigned(str(tmp_path))
+    listening = await listenTLS(pair)
+    try:
+        checker, check = routeChecker(
+            pair, tls="terminate-and-reencrypt",
+            target=f"127.0.0.1:{listening.getHost().port}", backend_ca=pair.cert,
+            backend_server_name="elsewhere.test",
+        )
+        assert await checkedOnce(checker, check) == (
+            "TLS failed: the certificate does not name elsewhere.test"
+        )
+        assert not check.target.activeUp
+    finally:
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http_check_of_a_reencrypting_route_fails_on_a_target_without_tls(tmp_path):
+    pair = ensureSelfSigned(str(tmp_path))
+    listening = await listen(protocol.Factory.forProtocol(AnswersOK))
+    try:
+        checker, check = routeChecker(
+            pair, tls="terminate-and-reencrypt",
+            target=f"127.0.0.1:{listening.getHost().port}", backend_verify="no",
+        )
+        assert (await checkedOnce(checker, check)).startswith("TLS failed: ")
+        assert not check.target.activeUp
+    finally:
         await listening.stopListening()

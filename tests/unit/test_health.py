@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from OpenSSL import SSL
+from service_identity import VerificationError
+from service_identity.hazmat import DNS_ID, DNSMismatch
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionRefusedError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -15,10 +18,15 @@ from dcrouter.proxy.pool import Target, TargetPool
 
 class Transport(StringTransport):
     aborted = False
+    #: What startTLS was given, and what had been written before it.
+    startedTLS = None
 
     def abortConnection(self):
         self.aborted = True
         self.disconnecting = True
+
+    def startTLS(self, creator):
+        self.startedTLS = (creator, self.value())
 
 
 def setUp(kind="tcp", hosts=("10.0.0.1",), interval=10.0, timeout=2.0, **kw):
@@ -365,6 +373,57 @@ def test_httpClosedBeforeStatusLine() -> None:
     protocol, transport = answer(reactor, b"HTTP/1.1 20")
     close(protocol, transport)
     assert pool.targets[0].lastReason == "connection closed before the status line"
+
+
+def routeTLS(address):
+    """A route's TLS client creator for C{address} (a stand-in)."""
+    return ("creator for", address)
+
+
+def test_httpCheckOfAReencryptingRouteRunsOverItsTLS() -> None:
+    """HAProxy's check-ssl: the route's creator for the target, the request inside."""
+    reactor, pool, checker = setUp("http", tls=routeTLS)
+    checker.start()
+    reactor.advance(0)
+    protocol, transport = connect(reactor)
+    assert transport.startedTLS == (("creator for", HostPort("10.0.0.1", 80)), b"")
+    assert transport.value().startswith(b"GET / HTTP/1.1\r\n")
+
+
+def test_tcpCheckOfAReencryptingRouteIsStillAConnect() -> None:
+    reactor, pool, checker = setUp("tcp", tls=routeTLS)
+    checker.start()
+    reactor.advance(0)
+    protocol, transport = connect(reactor)
+    assert transport.startedTLS is None
+    assert checker.checks[pool.targets[0]].lastResult == "connected"
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (SSL.Error([("SSL routines", "", "wrong version number")]),
+         "TLS failed: wrong version number"),
+        (VerificationError([DNSMismatch(DNS_ID("app.internal"))]),
+         "TLS failed: the certificate does not name app.internal"),
+    ],
+)
+def test_httpCheckFailsOnAFailedHandshakeOrCertificate(error, reason) -> None:
+    reactor, pool, checker = setUp("http", tls=routeTLS, fall=1)
+    checker.start()
+    reactor.advance(0)
+    protocol, transport = connect(reactor)
+    protocol.connectionLost(Failure(error))
+    assert pool.targets[0].lastReason == reason
+    assert not pool.targets[0].activeUp
+
+
+@pytest.mark.parametrize(("kind", "same"), [("http", False), ("tcp", True)])
+def test_tlsIsPartOfAnHTTPChecksSettings(kind, same) -> None:
+    """A reload that turns TLS on or off starts an http check's runs afresh."""
+    plain = setUp(kind)[2]
+    overTLS = setUp(kind, tls=routeTLS)[2]
+    assert (plain.settings == overTLS.settings) is same
 
 
 def test_httpRiseAfterFall() -> None:
