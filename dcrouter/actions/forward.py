@@ -93,7 +93,7 @@ class ForwardAction:
         if targets is None:
             return None
         upstreamTLS = creators.__getitem__ if creators is not None else None
-        targets.checkAsRouted(upstreamTLS)
+        targets.checkAsRouted(upstreamTLS, proxyProtocol)
         forwardOptions = ForwardOptions(
             connectTimeout=connectTimeout,
             idleTimeout=idleTimeout,

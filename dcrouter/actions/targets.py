@@ -43,17 +43,22 @@ class Targets:
         return [self.pool, *(rule.targets.pool for rule in self.rules)]
 
     def checkAsRouted(
-        self, tls: Optional[Callable[[HostPort], IOpenSSLClientConnectionCreator]]
+        self,
+        tls: Optional[Callable[[HostPort], IOpenSSLClientConnectionCreator]],
+        proxyProtocol: Optional[str] = None,
     ) -> None:
         """
         The route speaks to its targets over C{tls} (per target address,
-        for C{terminate-and-reencrypt}): so do its health checks, and its
-        rules' (L{HealthChecker}'s C{tls}). Set once, before L{inherit}.
+        for C{terminate-and-reencrypt}) and after a PROXY header of
+        C{proxyProtocol}: so do its health checks, and its rules'
+        (L{HealthChecker}'s C{tls} and C{proxyProtocol}). Set once, before
+        L{inherit}.
         """
         if self.checker is not None:
             self.checker.tls = tls
+            self.checker.proxyProtocol = proxyProtocol
         for rule in self.rules:
-            rule.targets.checkAsRouted(tls)
+            rule.targets.checkAsRouted(tls, proxyProtocol)
 
     def poolFor(self, request: Any, path: Optional[str] = None) -> TargetPool:
         """

@@ -342,6 +342,20 @@ def encodeV2(source: IAddress, destination: IAddress, tlvs: bytes = b"") -> byte
     return V2_SIGNATURE + b"\x21" + family + struct.pack("!H", len(body)) + body
 
 
+def encodeLocal(version: str) -> bytes:
+    """
+    The header of a connection the proxy makes on its own behalf, with no
+    client behind it (a health check): v1 C{PROXY UNKNOWN}, v2's C{LOCAL}
+    command (UNSPEC, no addresses). The spec names health checks as what
+    these are for; the receiver keeps the connection's real endpoints.
+
+    @param version: C{"v1"} or C{"v2"}.
+    """
+    if version == "v1":
+        return b"PROXY UNKNOWN\r\n"
+    return V2_SIGNATURE + bytes([_V2_VERSION, 0x00]) + b"\x00\x00"
+
+
 def _v6Text(ip: IPAddress) -> str:
     return str(ip) if ip.version == 6 else f"::ffff:{ip}"
 

@@ -25,6 +25,18 @@ C{backend_verify}, C{backend_server_name}); a failed handshake or
 verification fails the check ("TLS failed: ..."). A C{tcp} check stays a
 connect, without a handshake.
 
+To a route that sends its targets a PROXY header (C{proxy_protocol}), every
+check, C{tcp} and C{http}, sends one first, of the route's version, as
+HAProxy's C{check-send-proxy} does (before the TLS handshake, if any): a
+target that requires the header (nginx's C{listen ... proxy_protocol},
+HAProxy's C{accept-proxy}) drops a connection without it, and every check
+would fail. A check relays no client, so the header says so: v2's C{LOCAL}
+command, v1's C{PROXY UNKNOWN} (L{encodeLocal}), which the protocol's spec
+provides for health checks and HAProxy sends for its own; the target keeps
+the connection's real endpoints. The check socket's own addresses would
+say the same less plainly, and a target that logs or rate-limits by the
+header's source would count the router as a client.
+
 The whole probe, connect included, must finish within C{timeout}, or it is
 aborted and counts as failed ("timeout after 2s").
 
@@ -66,6 +78,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dcrouter.config.model import HostPort
+from dcrouter.net.proxyprotocol import encodeLocal
 from dcrouter.net.tcp import connectTCP
 from dcrouter.proxy.pool import Target, TargetPool
 
@@ -185,8 +198,14 @@ def _connectReason(reason: Failure, timeout: float) -> str:
 
 
 class _ProbeProtocol(Protocol):
-    def __init__(self, probe: _Probe) -> None:
+    def __init__(self, probe: _Probe, header: bytes = b"") -> None:
         self.probe = probe
+        self.header = header
+
+    def connectionMade(self) -> None:
+        """Send the PROXY header, if the route sends one."""
+        if self.header:
+            self.transport.write(self.header)  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = Failure(Exception("connection lost"))) -> None:
         if reason.check(SSL.Error, VerificationError):
@@ -221,6 +240,7 @@ class _TCPProbe(_ProbeProtocol):
     """Passes as soon as the connect succeeds."""
 
     def connectionMade(self) -> None:
+        super().connectionMade()
         self.probe.finish(True, "connected")
         self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -234,14 +254,16 @@ class _HTTPProbe(_ProbeProtocol):
         request: bytes,
         expect: Container[int],
         tls: Optional[IOpenSSLClientConnectionCreator] = None,
+        header: bytes = b"",
     ) -> None:
-        super().__init__(probe)
+        super().__init__(probe, header)
         self.request = request
         self.expect = expect
         self.tls = tls
         self.buffer = b""
 
     def connectionMade(self) -> None:
+        super().connectionMade()  # the PROXY header goes first, in the clear
         transport: Any = self.transport
         if self.tls is not None:
             # The request waits in the TLS layer for the handshake.
@@ -300,18 +322,22 @@ class _ProbeFactory(ClientFactory):
         probe: _Probe,
         request: bytes,
         tls: Optional[IOpenSSLClientConnectionCreator] = None,
+        header: bytes = b"",
     ) -> None:
         self.probe = probe
         self.request = request
         self.tls = tls
+        self.header = header
 
     def buildProtocol(self, addr: Optional[IAddress]) -> Protocol:
         checker = self.probe.checker
         protocol: _ProbeProtocol
         if checker.kind == "http":
-            protocol = _HTTPProbe(self.probe, self.request, checker.expectStatus, self.tls)
+            protocol = _HTTPProbe(
+                self.probe, self.request, checker.expectStatus, self.tls, self.header
+            )
         else:
-            protocol = _TCPProbe(self.probe)
+            protocol = _TCPProbe(self.probe, self.header)
         self.probe.protocol = protocol
         return protocol
 
@@ -343,6 +369,7 @@ class HealthChecker(Service):
         rise: int = 2,
         fall: int = 3,
         tls: Optional[Callable[[HostPort], IOpenSSLClientConnectionCreator]] = None,
+        proxyProtocol: Optional[str] = None,
     ) -> None:
         """
         @param reactor: must also provide C{IReactorTCP}.
@@ -351,6 +378,8 @@ class HealthChecker(Service):
             C{host:port}.
         @param tls: for a route that re-encrypts, its TLS client creator
             per target address: an C{http} check runs over it.
+        @param proxyProtocol: C{"v1"} or C{"v2"}, for a route that sends its
+            targets a PROXY header: every check sends one (L{encodeLocal}).
         @raise ValueError: a setting out of range, or a path or host header
             that would break the request.
         """
@@ -364,6 +393,8 @@ class HealthChecker(Service):
             raise ValueError(f"health check path must start with / and hold no space: {path!r}")
         if hostHeader is not None and any(c in hostHeader for c in b" \t\r\n\0"):
             raise ValueError(f"health check host header holds a space: {hostHeader!r}")
+        if proxyProtocol not in (None, "v1", "v2"):
+            raise ValueError(f"unknown PROXY protocol version {proxyProtocol!r}; choose v1, v2")
         self.pool = pool
         self._reactor = reactor
         self.interval = interval
@@ -375,6 +406,7 @@ class HealthChecker(Service):
         self.rise = rise
         self.fall = fall
         self.tls = tls
+        self.proxyProtocol = proxyProtocol
         count = len(pool.targets)
         self.checks: dict[Target, _Check] = {
             target: _Check(target, interval * index / count)
@@ -390,7 +422,7 @@ class HealthChecker(Service):
         return (
             self.kind, self.interval, self.timeout, self.path, self.expectStatus,
             self.hostHeader, self.rise, self.fall,
-            self.kind == "http" and self.tls is not None,
+            self.kind == "http" and self.tls is not None, self.proxyProtocol,
         )
 
     def inherit(self, previous: HealthChecker) -> None:
@@ -476,7 +508,8 @@ class HealthChecker(Service):
         if self.kind == "http":
             request = self.request(check.target)
             tls = self.tls(address) if self.tls is not None else None
-        factory = _ProbeFactory(probe, request, tls)
+        header = encodeLocal(self.proxyProtocol) if self.proxyProtocol is not None else b""
+        factory = _ProbeFactory(probe, request, tls, header)
         probe.timer = self._reactor.callLater(self.timeout, probe.timedOut)
         reactor = cast(IReactorTCP, self._reactor)
         probe.connector = connectTCP(reactor, address.host, address.port, factory, self.timeout)

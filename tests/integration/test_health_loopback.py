@@ -11,8 +11,15 @@ from twisted.internet import protocol, reactor, ssl
 from twisted.internet.task import deferLater
 
 from dcrouter.compile import compileConfig, loadActions
-from dcrouter.config.model import CertificatePair, HostPort, RouteConfig, RouterConfig
-from dcrouter.net.tls import ensureSelfSigned
+from dcrouter.config.model import (
+    CertificatePair,
+    HostPort,
+    RouteConfig,
+    RouterConfig,
+    TlsSettings,
+)
+from dcrouter.net.proxyprotocol import ProxyHeaderError, ProxyHeaderReader
+from dcrouter.net.tls import ServerTLS, ensureSelfSigned, wrapServer
 from dcrouter.proxy.health import HealthChecker
 from dcrouter.proxy.pool import Target, TargetPool
 from tests.helpers import listen
@@ -31,7 +38,7 @@ def routeChecker(pair, action="forward", tls=None, **options):
     """The health checker of a route compiled from C{options}, and its one check."""
     route = RouteConfig(
         name="web", ports=(8443,), action=action, tls=tls,
-        cert=CertificatePair(pair.cert, pair.key) if tls else None,
+        cert=CertificatePair(pair.cert, pair.key) if tls and pair else None,
         options={"health_check": "http", "health_interval": "0.05s", "health_rise": "1",
                  "health_fall": "1", **options},
     )
@@ -140,5 +147,107 @@ async def test_an_http_check_of_a_reencrypting_route_fails_on_a_target_without_t
         )
         assert (await checkedOnce(checker, check)).startswith("TLS failed: ")
         assert not check.target.activeUp
+    finally:
+        await listening.stopListening()
+
+
+class RequiresProxyHeader(protocol.Protocol):
+    """
+    A backend behind nginx's C{listen ... proxy_protocol} (or HAProxy's
+    C{accept-proxy}): a connection that does not start with a valid PROXY
+    header is closed ("broken header"). What follows the header is served
+    by C{app} (a protocol), over TLS if C{serverTLS} is given.
+    """
+
+    def __init__(self, headers, app=AnswersOK, serverTLS=None):
+        self.headers = headers
+        self.app = app
+        self.serverTLS = serverTLS
+        self.reader = ProxyHeaderReader()
+        self.served = None
+
+    def dataReceived(self, data):
+        if self.served is not None:
+            self.served.dataReceived(data)
+            return
+        try:
+            read = self.reader.feed(data)
+        except ProxyHeaderError:
+            self.transport.loseConnection()
+            return
+        if read is None:
+            return
+        info, rest = read
+        self.headers.append(info)
+        self.served = self.app()
+        if self.serverTLS is not None:
+            self.served = wrapServer(self.serverTLS, self.served, clock=reactor)
+        self.served.makeConnection(self.transport)
+        if rest:
+            self.served.dataReceived(rest)
+
+    def connectionLost(self, reason):
+        if self.served is not None:
+            self.served.connectionLost(reason)
+
+
+async def listenWantingProxyHeaders(serverTLS=None):
+    """A L{RequiresProxyHeader} listener, and the headers it is sent."""
+    headers = []
+    factory = protocol.Factory.forProtocol(
+        lambda: RequiresProxyHeader(headers, serverTLS=serverTLS)
+    )
+    return await listen(factory), headers
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest_twisted.ensureDeferred
+async def test_an_http_check_sends_a_proxy_header_to_a_route_that_does(version):
+    """HAProxy's check-send-proxy: a target that requires the header is up."""
+    listening, headers = await listenWantingProxyHeaders()
+    try:
+        checker, check = routeChecker(
+            None, target=f"127.0.0.1:{listening.getHost().port}", proxy_protocol=version,
+        )
+        assert await checkedOnce(checker, check) == "HTTP 200"
+        assert check.target.activeUp
+        # v1 UNKNOWN or v2 LOCAL: no client behind a check, the real peer stands.
+        assert [(info.source, info.destination) for info in headers] == [(None, None)]
+    finally:
+        await listening.stopListening()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest_twisted.ensureDeferred
+async def test_a_tcp_check_sends_a_proxy_header_to_a_route_that_does(version):
+    """Else the target logs a broken header for every check."""
+    listening, headers = await listenWantingProxyHeaders()
+    try:
+        checker, check = routeChecker(
+            None, target=f"127.0.0.1:{listening.getHost().port}", proxy_protocol=version,
+            health_check="tcp",
+        )
+        assert await checkedOnce(checker, check) == "connected"
+        await until(lambda: headers, "the target to read a PROXY header", timeout=5)
+        assert headers[0].source is None
+    finally:
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_check_of_a_reencrypting_route_sends_its_proxy_header_before_the_handshake(
+    tmp_path,
+):
+    """As nginx's listen ssl proxy_protocol reads it: the header in the clear, then TLS."""
+    pair = ensureSelfSigned(str(tmp_path))
+    listening, headers = await listenWantingProxyHeaders(ServerTLS(pair, TlsSettings()))
+    try:
+        checker, check = routeChecker(
+            pair, tls="terminate-and-reencrypt",
+            target=f"127.0.0.1:{listening.getHost().port}", backend_ca=pair.cert,
+            proxy_protocol="v2",
+        )
+        assert await checkedOnce(checker, check) == "HTTP 200"
+        assert len(headers) == 1
     finally:
         await listening.stopListening()

@@ -426,6 +426,40 @@ def test_tlsIsPartOfAnHTTPChecksSettings(kind, same) -> None:
     assert (plain.settings == overTLS.settings) is same
 
 
+# PROXY headers
+
+
+@pytest.mark.parametrize(
+    ("version", "header"),
+    [("v1", b"PROXY UNKNOWN\r\n"), ("v2", b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")],
+)
+def test_checksOfARouteSendingProxyHeadersSendOneFirst(version, header) -> None:
+    """HAProxy's check-send-proxy; v1 UNKNOWN or v2 LOCAL: no client is relayed."""
+    reactor, pool, checker = setUp("tcp", proxyProtocol=version)
+    checker.start()
+    reactor.advance(0)
+    protocol, transport = connect(reactor)
+    assert transport.value() == header
+    assert checker.checks[pool.targets[0]].lastResult == "connected"
+    reactor, pool, checker = setUp("http", proxyProtocol=version)
+    checker.start()
+    reactor.advance(0)
+    protocol, transport = connect(reactor)
+    assert transport.value() == header + checker.request(pool.targets[0])
+
+
+def test_aProxyHeaderGoesBeforeTheTLSHandshake() -> None:
+    reactor, pool, checker = setUp("http", tls=routeTLS, proxyProtocol="v1")
+    checker.start()
+    reactor.advance(0)
+    protocol, transport = connect(reactor)
+    assert transport.startedTLS == (("creator for", HostPort("10.0.0.1", 80)), b"PROXY UNKNOWN\r\n")
+
+
+def test_theProxyHeaderIsPartOfTheSettings() -> None:
+    assert setUp(proxyProtocol="v2")[2].settings != setUp()[2].settings
+
+
 def test_httpRiseAfterFall() -> None:
     reactor, pool, checker = setUp("http", fall=2, rise=2)
     target = pool.targets[0]
@@ -527,6 +561,7 @@ def test_restartAfterStop() -> None:
         {"kind": "http", "path": b"/a b"},
         {"kind": "http", "path": b"/\r\nX: y"},
         {"kind": "http", "hostHeader": b"a\r\nX: y"},
+        {"proxyProtocol": "v3"},
     ],
 )
 def test_badSettingsAreRefused(settings) -> None:

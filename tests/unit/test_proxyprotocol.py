@@ -17,6 +17,7 @@ from dcrouter.net.proxyprotocol import (
     ProxyHeaderError,
     ProxyHeaderReader,
     clientSSL,
+    encodeLocal,
     encodeV1,
     encodeV2,
     proxyHeaderVerdict,
@@ -231,6 +232,13 @@ def test_v2Local() -> None:
 
 def test_v2LocalIgnoresAddresses() -> None:
     assert read(v2(0x20, 0x11, V4_BODY))[0].source is None
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_aLocalHeaderSaysTheRealPeerStands(version) -> None:
+    """encodeLocal: v1 UNKNOWN, v2 LOCAL, for a health check."""
+    info, rest = read(encodeLocal(version) + b"x")
+    assert (info.source, info.destination, rest) == (None, None, b"x")
 
 
 def test_v2Unspec() -> None:
