@@ -38,7 +38,9 @@ failure keeps it down. C{maxFails = 0} turns passive marking off.
 Active health (L{dcrouter.proxy.health}) sets L{Target.activeUp} through
 L{TargetPool.setActiveState}; a target is up when it is actively up and not
 passively down. An active check turning a target up also clears its passive
-mark: it has just passed C{rise} checks.
+mark: it has just passed C{rise} checks; turning it down withdraws a retry
+its passive mark was offering: an actively down target is never offered
+(but in the all-down fallback).
 
 The hot path is L{TargetPool.candidates}: the usable targets are kept in a
 precomputed list, rebuilt on the rare state changes, so a call is one pass
@@ -287,14 +289,16 @@ class TargetPool:
         Record the active health check's verdict on C{target}.
 
         Turning up also clears a passive mark: the check has just seen the
-        target answer.
+        target answer. Turning down also withdraws a retry the passive mark
+        was offering (L{Target.trial}): the check has just seen the target
+        fail, and an actively down target is never offered.
         """
         if target.activeUp == up:
             return
         target.activeUp = up
+        target.trial = False
         if up:
             target.passiveDown = False
-            target.trial = False
             target.failTimes.clear()
         self._changed(target, reason)
 

@@ -382,6 +382,20 @@ def test_passiveMarkOnActivelyDownTargetLapses() -> None:
     assert not a.passiveDown and not a.up
 
 
+def test_anActivelyDownTargetIsNotOfferedAsAPassiveRetry() -> None:
+    """A retry armed before the check failed is withdrawn, not taken once more."""
+    clock = Clock()
+    pool = makePool(clock=clock, weights=(1, 2), failTimeout=10.0)
+    a, b = pool.targets
+    pool.reportFailure(a, "refused")
+    clock.advance(11)
+    assert pool.candidates() == [b, a]  # a's retry is armed; b's turn first
+    pool.setActiveState(a, False, "HTTP 503")
+    assert [a in pool.candidates() for _ in range(4)] == [False] * 4
+    pool.setActiveState(a, True, "HTTP 200")
+    assert a.up and a in pool.candidates()
+
+
 # Selector hook
 
 
