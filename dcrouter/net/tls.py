@@ -49,6 +49,7 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
     IProtocol,
     IReactorTime,
+    ITransport,
 )
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import (
@@ -822,12 +823,37 @@ def halfCloseable(transport: object) -> bool:
     return isinstance(transport, _ServerTLSProtocol)
 
 
+class _PrefacedClientTLS(TLSMemoryBIOProtocol):
+    """A client's TLS that writes its factory's C{preface} before its ClientHello."""
+
+    def makeConnection(self, transport: ITransport) -> None:
+        transport.write(self.factory.preface)  # type: ignore[attr-defined]
+        super().makeConnection(transport)
+
+
+class _PrefacedClientTLSFactory(TLSMemoryBIOFactory):
+    protocol = _PrefacedClientTLS
+    preface = b""
+
+
 def clientFactory(
-    creator: IOpenSSLClientConnectionCreator, wrapped: Factory, clock: IReactorTime
+    creator: IOpenSSLClientConnectionCreator,
+    wrapped: Factory,
+    clock: IReactorTime,
+    preface: bytes = b"",
 ) -> TLSMemoryBIOFactory:
-    """A factory that speaks TLS as a client over C{wrapped}'s protocols."""
+    """
+    A factory that speaks TLS as a client over C{wrapped}'s protocols;
+    C{preface} (a PROXY header) goes first, on each connection before its
+    TLS, as targets that take both expect it (nginx's C{listen ... ssl
+    proxy_protocol}, HAProxy's C{accept-proxy}).
+    """
     extra = {"clock": clock} if _FACTORY_TAKES_CLOCK else {}
-    return TLSMemoryBIOFactory(creator, True, wrapped, **extra)
+    if not preface:
+        return TLSMemoryBIOFactory(creator, True, wrapped, **extra)
+    factory = _PrefacedClientTLSFactory(creator, True, wrapped, **extra)
+    factory.preface = preface
+    return factory
 
 
 def wrapServer(

@@ -367,7 +367,10 @@ class ForwardProtocol(Protocol):
         self.record.target = address
         factory: Any = self
         if self.options.upstreamTLS is not None:
-            factory = clientFactory(self.options.upstreamTLS(address), factory, self.reactor)
+            # A PROXY header goes before the TLS, not inside it.
+            factory = clientFactory(
+                self.options.upstreamTLS(address), factory, self.reactor, self.proxyHeader()
+            )
         reactor: IReactorTCP = self.connection.reactor
         self.connector = connectTCP(
             reactor, address.host, address.port, factory, self.options.connectTimeout
@@ -419,7 +422,7 @@ class ForwardProtocol(Protocol):
         self.pool.acquire(self.target)
         out = upstream.transport
         assert out is not None and self.transport is not None
-        header = self.proxyHeader()
+        header = self.proxyHeader() if self.options.upstreamTLS is None else b""
         if header:
             upstream.flusher.write(out, header)
         if self.early:

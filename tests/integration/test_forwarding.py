@@ -535,3 +535,39 @@ async def test_a_connect_that_hangs_times_out_and_the_next_target_answers():
             assert target.failures == 1
             client.transport.loseConnection()
             await stop(service, listening)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest_twisted.ensureDeferred
+async def test_a_reencrypting_route_sends_its_proxy_header_before_the_tls(tmp_path, version):
+    """As nginx's listen ssl proxy_protocol reads it: the header in the clear, then TLS."""
+    from twisted.internet import protocol
+
+    from dcrouter.config.model import TlsSettings
+    from dcrouter.net.tls import ServerTLS, ensureSelfSigned
+    from tests.integration.test_health_loopback import RequiresProxyHeader
+
+    class Echo(protocol.Protocol):
+        def dataReceived(self, data):
+            self.transport.write(data)
+
+    headers = []
+    serverTLS = ServerTLS(ensureSelfSigned(str(tmp_path / "target")), TlsSettings())
+    listening = await listen(protocol.Factory.forProtocol(
+        lambda: RequiresProxyHeader(headers, app=Echo, serverTLS=serverTLS)))
+    route = RouteConfig(
+        name="re", ports=(0,), action="forward", tls="terminate-and-reencrypt",
+        options={"target": f"127.0.0.1:{listening.getHost().port}", "backend_verify": "no",
+                 "proxy_protocol": version},
+    )
+    service, port = await startRouter(
+        route, daemon=DaemonSettings(drain_timeout=0.0, hello_timeout=2.0,
+                                     state_dir=str(tmp_path)))
+    client = await connectTLS(port)  # it says hello
+    try:
+        assert await client.waitFor(5) == b"hello"
+        (info,) = headers
+        assert str(info.source.host) == "127.0.0.1"
+    finally:
+        client.transport.loseConnection()
+        await stop(service, listening)
