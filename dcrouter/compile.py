@@ -39,7 +39,7 @@ from dcrouter.http.server import HTTPLayer
 from dcrouter.interfaces import IHTTPAction, IRouteAction, IStartTLSAction
 from dcrouter.mail.service import BUILT_IN_MODES, unknownModes
 from dcrouter.net.gate import Gate
-from dcrouter.net.tls import ServerTLS
+from dcrouter.net.tls import ServerTLS, checkServerSettings
 from dcrouter.proxy.routetable import CompiledRoute, PortTable
 from dcrouter.threads import threadPoolOf
 
@@ -329,6 +329,8 @@ def compileConfig(
                        where, section, key)
     config, modelErrors = checkModel(config)
     errors.extend(modelErrors)
+    if defaultCert is None:
+        errors.extend(_checkStandInTLS(config))
     errors.warnings.extend(_shadowedRoutes(config.routes))
     errors.extend(_checkAdmin(config))
     previousGates = {} if previous is None else previous.routeGates
@@ -393,6 +395,35 @@ def _inheritResources(
             )
 
 
+def _checkStandInTLS(config: RouterConfig) -> list[ConfigError]:
+    """
+    Without the self-signed certificate (C{checkconfig} makes none), the
+    TLS contexts of the routes that name no certificate, and the mail
+    server's, are tried with a stand-in, so that C{[tls]}'s settings that
+    cannot be served fail here rather than at start.
+    """
+    if config.tls.cert is not None:
+        return []
+    terminating = [
+        route for route in config.routes
+        if route.tls in ("terminate", "terminate-and-reencrypt") and route.cert is None
+    ]
+    if not terminating and config.email is None:
+        return []
+    try:
+        checkServerSettings(config.tls)
+    except Exception as e:
+        routes = [route for route in terminating if not _isMailRoute(route)]
+        if routes:
+            route = routes[0]
+            where, section, key = route.sourceOf("tls"), f"route:{route.name}", "tls"
+        else:
+            assert config.email is not None
+            where, section, key = config.email.keySources.get("ports", PYTHON), "email", "ports"
+        return [ConfigError(f"cannot serve TLS under [tls]'s settings: {e}", where, section, key)]
+    return []
+
+
 def _checkAdmin(config: RouterConfig) -> list[ConfigError]:
     """An admin listener off loopback must ask for a password; hashes must be hashes."""
     admin = config.admin
@@ -431,7 +462,7 @@ def _shadowedRoutes(routes: Sequence[RouteConfig]) -> list[ConfigError]:
             earlier = first.setdefault(key, route)
             if earlier is route:
                 continue
-            if route.source is PYTHON and route.name.startswith("email-"):
+            if _isMailRoute(route):
                 warnings.append(ConfigError(
                     f"takes every connection of the mail server's port {port} ([email] ports):"
                     " give it other domains or another port",
@@ -444,6 +475,11 @@ def _shadowedRoutes(routes: Sequence[RouteConfig]) -> list[ConfigError]:
                     route.sourceOf("ports"), f"route:{route.name}", "ports",
                 ))  # fmt: skip
     return warnings
+
+
+def _isMailRoute(route: RouteConfig) -> bool:
+    """Is C{route} one the mail server made (L{emailRoutes}), not the file's?"""
+    return route.source is PYTHON and route.name.startswith("email-")
 
 
 def _checkMailAuth(config: RouterConfig) -> list[ConfigError]:

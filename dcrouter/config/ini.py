@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, Optional, TypeVar, cast
 
 from attrs import evolve, field, frozen
+from OpenSSL import SSL
 
 from dcrouter.config import values
 from dcrouter.config.certcheck import checkCertificatePair
@@ -347,6 +348,27 @@ def _minVersion(text: str) -> Literal["1.2", "1.3"]:
     return cast(Literal["1.2", "1.3"], values.parseChoice(text, ("1.2", "1.3")))
 
 
+def _ciphers(text: str) -> str:
+    """
+    An OpenSSL cipher string (the TLS 1.2 suites), tried on a throwaway
+    context as every server context sets it, so that one OpenSSL refuses
+    is an error at its line rather than a start that fails.
+    """
+    # OpenSSL separates cipher strings by ":", "," or " ", not newlines.
+    ciphers = " ".join(text.split())
+    try:
+        SSL.Context(SSL.TLS_SERVER_METHOD).set_cipher_list(ciphers.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError):
+        hint = ""
+        if any(name.startswith("TLS_") for name in re.split(r"[:, ]", ciphers)):
+            hint = "; TLS 1.3 suites (TLS_...) are not set here: OpenSSL's defaults are used"
+        raise ValueError(
+            f"{_clip(ciphers)!r} selects no cipher OpenSSL knows (use TLS 1.2 names like "
+            f"ECDHE-RSA-AES128-GCM-SHA256, or ECDHE+AESGCM){hint}"
+        ) from None
+    return ciphers
+
+
 def _tlsMode(text: str) -> TlsMode:
     return cast(TlsMode, values.parseChoice(text, TLS_MODES))
 
@@ -530,8 +552,7 @@ class _Loader:
         return TlsSettings(
             cert=self.certificate(keys),
             min_version=keys.get("min_version", _minVersion, default.min_version),
-            # OpenSSL separates cipher strings by ":", "," or " ", not newlines.
-            ciphers=keys.optional("ciphers", lambda text: " ".join(text.split())),
+            ciphers=keys.optional("ciphers", _ciphers),
         )
 
     def http(self, keys: _Keys) -> HttpSettings:

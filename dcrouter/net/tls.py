@@ -30,6 +30,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from ipaddress import ip_address
 from operator import methodcaller
 from typing import Any, Optional
@@ -76,6 +77,7 @@ __all__ = [
     "ServerFactories",
     "ServerTLS",
     "TLSSetupError",
+    "checkServerSettings",
     "clientTLS",
     "ensureSelfSigned",
     "wrapServer",
@@ -200,6 +202,27 @@ def _makeSelfSigned(hostname: str) -> tuple[bytes, bytes]:
         serialization.NoEncryption(),
     )
     return keyPEM, cert.public_bytes(serialization.Encoding.PEM)
+
+
+@cache
+def _standIn() -> tuple[x509.Certificate, Any]:
+    """A throwaway self-signed certificate and its key, like the one L{ensureSelfSigned} makes."""
+    keyPEM, certPEM = _makeSelfSigned("localhost")
+    key = serialization.load_pem_private_key(keyPEM, password=None)
+    return x509.load_pem_x509_certificate(certPEM), key
+
+
+def checkServerSettings(settings: TlsSettings) -> None:
+    """
+    Build a server context under C{settings} with a stand-in for the
+    self-signed certificate, which C{checkconfig} does not make: what the
+    routes that name no certificate, and the mail server, will build at
+    start.
+
+    @raise TLSSetupError: the context cannot be built.
+    """
+    chain, key = _standIn()
+    contextFor([chain], key, settings, (), "the self-signed certificate")
 
 
 # -- terminating TLS -----------------------------------------------------------

@@ -519,6 +519,20 @@ class TestValues:
         path = write(ROUTE + "[tls]\nciphers = ECDHE+AESGCM:\n    ECDHE+CHACHA20\n")
         assert loadConfig(path).tls.ciphers == "ECDHE+AESGCM: ECDHE+CHACHA20"
 
+    def test_ciphersOpenSSLRefusesAreAnErrorAtTheirLine(self, write: Write) -> None:
+        """Tried as a server context sets them, not left to the start."""
+        path = write(ROUTE + "[tls]\nciphers = GARBAGE-NOT-A-CIPHER\n")
+        assert oneError(path) == (
+            f"{path}:4: [tls] ciphers: 'GARBAGE-NOT-A-CIPHER' selects no cipher OpenSSL knows"
+            " (use TLS 1.2 names like ECDHE-RSA-AES128-GCM-SHA256, or ECDHE+AESGCM)"
+        )
+
+    def test_tls13SuitesAreNotCiphers(self, write: Write) -> None:
+        path = write(ROUTE + "[tls]\nciphers = TLS_AES_128_GCM_SHA256\n")
+        assert oneError(path).endswith(
+            "; TLS 1.3 suites (TLS_...) are not set here: OpenSSL's defaults are used"
+        )
+
 
 class TestCertificates:
     """C{cert}/C{key}: both or neither, only when terminating, and matching."""
