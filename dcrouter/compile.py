@@ -27,6 +27,7 @@ import dcrouter.plugins
 from dcrouter.auth.passwords import parseUsers
 from dcrouter.certs.manager import CertificateSource
 from dcrouter.config import loadConfig
+from dcrouter.config.email import ROUTE_PREFIX as EMAIL_ROUTE_PREFIX
 from dcrouter.config.email import emailRoutes
 from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector, firstOfEach
 from dcrouter.config.ini import NOT_TERMINATING
@@ -479,7 +480,7 @@ def _shadowedRoutes(routes: Sequence[RouteConfig]) -> list[ConfigError]:
 
 def _isMailRoute(route: RouteConfig) -> bool:
     """Is C{route} one the mail server made (L{emailRoutes}), not the file's?"""
-    return route.source is PYTHON and route.name.startswith("email-")
+    return route.source is PYTHON and route.name.startswith(EMAIL_ROUTE_PREFIX)
 
 
 def _checkMailAuth(config: RouterConfig) -> list[ConfigError]:

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 SECTION = "email"
 RULE_PREFIX = "email.rule:"
+#: The names of the routes L{emailRoutes} makes (C{email-25}): reserved, no
+#: route of the file may take one.
+ROUTE_PREFIX = "email-"
 MODES = ("forward", "mta", "local", "reject")
 TLS_CHOICES = ("required", "opportunistic", "off")
 _MODES_BY_PORT = {25: "mx", 587: "submission", 465: "submissions"}
@@ -130,7 +133,7 @@ def emailRoutes(settings: Optional[EmailSettings]) -> tuple[RouteConfig, ...]:
         return ()
     return tuple(
         RouteConfig(
-            name=f"email-{port}",
+            name=f"{ROUTE_PREFIX}{port}",
             ports=(port,),
             action="forward",
             # 465-style: the router terminates TLS and says so in the

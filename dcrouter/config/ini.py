@@ -30,6 +30,7 @@ from dcrouter.config import values
 from dcrouter.config.certcheck import checkCertificatePair
 from dcrouter.config.dns import SECTION as DNS_SECTION
 from dcrouter.config.dns import ZONE_PREFIX, parseDnsSections
+from dcrouter.config.email import ROUTE_PREFIX as EMAIL_ROUTE_PREFIX
 from dcrouter.config.email import RULE_PREFIX as EMAIL_RULE_PREFIX
 from dcrouter.config.email import SECTION as EMAIL_SECTION
 from dcrouter.config.email import parseEmailSections
@@ -680,6 +681,12 @@ class _Loader:
     def route(self, keys: _Keys, name: str) -> RouteConfig:
         if not _WORD.fullmatch(name):
             keys.error(None, f"bad route name {name!r}: use letters, digits, _ . and -")
+        elif name.startswith(EMAIL_ROUTE_PREFIX):
+            keys.error(
+                None,
+                f"bad route name {name!r}: {EMAIL_ROUTE_PREFIX}... names the mail server's "
+                "routes ([email] ports); choose another",
+            )
         if not keys.has("ports"):
             keys.error("ports", "required key is missing")
         tls = keys.optional("tls", _tlsMode)

@@ -404,6 +404,14 @@ class TestSections:
             f"{path}:1: [route:{name}] bad route name {name!r}: use letters, digits, _ . and -"
         )
 
+    def test_mailRouteNamesAreReserved(self, write: Write) -> None:
+        """A route named email-PORT replaced the mail server's route for that port."""
+        path = write("[route:web]\nports = 80\n[route:email-2525]\nports = 8099\n")
+        assert oneError(path) == (
+            f"{path}:3: [route:email-2525] bad route name 'email-2525': email-... names the"
+            " mail server's routes ([email] ports); choose another"
+        )
+
     def test_routeNameCharacters(self, write: Write) -> None:
         path = write("[route:Web_1.example-a]\nports = 80\n")
         assert loadConfig(path).routes[0].name == "Web_1.example-a"
