@@ -380,6 +380,30 @@ def _auto(text: str) -> str:
     return "auto"
 
 
+_DAYS = re.compile(r"\d{1,4}(?:\.\d{1,4})?", re.ASCII)
+
+
+def _renewDays(text: str) -> float:
+    """
+    C{[acme] renew_days}: a number of days, more than 0 (C{30}, C{0.5}),
+    without a unit: C{10d} is not read as a duration of 10 days in seconds.
+    """
+    value = text.strip()
+    if not _DAYS.fullmatch(value):
+        if _DAYS.fullmatch(value.rstrip("dDsSmMhH ")):
+            raise ValueError(f"{value!r}: a number of days, without a unit (like 30)")
+        raise ValueError(f"{value!r} is not a number of days (like 30)")
+    days = float(value)
+    if not 0 < days <= _MAX_RENEW_DAYS:
+        raise ValueError(f"{value} is out of range (more than 0, at most {_MAX_RENEW_DAYS})")
+    return days
+
+
+#: The most C{renew_days} may be, to catch a slip: more than a third of a
+#: certificate's lifetime makes no difference (it renews then at the earliest).
+_MAX_RENEW_DAYS = 3650
+
+
 def _acmeDirectory(text: str) -> str:
     value = text.strip()
     if value not in ("production", "staging") and not value.startswith("https://"):
@@ -607,7 +631,7 @@ class _Loader:
                 lambda text: values.parseChoice(text, ("http-01", "tls-alpn-01", "dns-01")),
                 default.challenge,
             ),
-            renew_days=keys.get("renew_days", _positiveDuration, default.renew_days),
+            renew_days=keys.get("renew_days", _renewDays, default.renew_days),
         )
 
     def admin(self, keys: Optional[_Keys], stateDir: str) -> AdminSettings:

@@ -750,6 +750,24 @@ class TestCrossChecks:
         assert "[ldap] user_filter:" in errors
         assert "[ldap] bind_dn: needs bind_password_file" in errors
 
+    @pytest.mark.parametrize(("text", "days"), [("30", 30.0), ("0.5", 0.5), (" 7 ", 7.0)])
+    def test_renewDaysIsANumberOfDays(self, write: Write, text: str, days: float) -> None:
+        path = write(ROUTE + f"[acme]\nrenew_days = {text}\n")
+        assert loadConfig(path).acme.renew_days == days
+
+    @pytest.mark.parametrize(("text", "error"), [
+        ("10d", "'10d': a number of days, without a unit (like 30)"),
+        ("2h", "'2h': a number of days, without a unit (like 30)"),
+        ("ten", "'ten' is not a number of days (like 30)"),
+        ("\u0663\u0660", "'\u0663\u0660' is not a number of days (like 30)"),
+        ("0", "0 is out of range (more than 0, at most 3650)"),
+        ("5000", "5000 is out of range (more than 0, at most 3650)"),
+    ])
+    def test_renewDaysWithAUnitIsAnError(self, write: Write, text: str, error: str) -> None:
+        """10d was read as a duration (864000 seconds), then taken as days."""
+        path = write(ROUTE + f"[acme]\nrenew_days = {text}\n")
+        assert oneError(path) == f"{path}:4: [acme] renew_days: {error}"
+
     def test_acmeSectionAndCertificateAuto(self, write: Write) -> None:
         path = write(
             "[acme]\nenabled = yes\ndirectory = staging\nchallenge = tls-alpn-01\n"
