@@ -38,6 +38,7 @@ from dcrouter.http.guard import Guard, parseGuard
 from dcrouter.http.routes import HTTPRoute, HTTPRouteTable
 from dcrouter.http.server import HTTPLayer
 from dcrouter.interfaces import IHTTPAction, IRouteAction, IStartTLSAction
+from dcrouter.mail.delivery import patternKey
 from dcrouter.mail.service import BUILT_IN_MODES, unknownModes
 from dcrouter.net.gate import Gate
 from dcrouter.net.tls import ServerTLS, checkServerSettings
@@ -503,6 +504,35 @@ def _checkMailAuth(config: RouterConfig) -> list[ConfigError]:
     return []
 
 
+def _checkMailRules(config: RouterConfig) -> list[ConfigError]:
+    """
+    The patterns of C{[email.rule:...]} as the mail server reads them: a
+    malformed one, or one that matches the same recipients as a rule
+    above it (C{*@example.com} and C{*@EXAMPLE.com}, or C{example.com}), is
+    an error at its section rather than a mail server that cannot start.
+    """
+    email = config.email
+    if email is None:
+        return []
+    errors = []
+    first: dict[tuple[str, str], Any] = {}
+    for rule in email.rules:
+        section = f"email.rule:{rule.pattern}"
+        try:
+            key = patternKey(rule.pattern)
+        except ValueError as e:
+            errors.append(ConfigError(str(e), rule.source, section))
+            continue
+        earlier = first.setdefault(key, rule)
+        if earlier is not rule:
+            errors.append(ConfigError(
+                f"matches the same recipients as [email.rule:{earlier.pattern}] at"
+                f" {earlier.source} (patterns are compared lower-case, names as A-labels)",
+                rule.source, section,
+            ))  # fmt: skip
+    return errors
+
+
 def _isLoopback(host: str) -> bool:
     try:
         return ip_address(host).is_loopback
@@ -546,7 +576,7 @@ def loadAndCompile(
             raise
         config, loadErrors = e.partial, e.errors
     # The file's [email], before C{adjust}: a reload keeps the running one.
-    loadErrors = [*loadErrors, *_checkMailAuth(config)]
+    loadErrors = [*loadErrors, *_checkMailAuth(config), *_checkMailRules(config)]
     config = adjust(config)
     try:
         compiled = compileConfig(

@@ -146,6 +146,29 @@ def _normalizeDomain(domain: str, pattern: str) -> str:
     return ascii
 
 
+def patternKey(pattern: str) -> tuple[str, str]:
+    """
+    What a rule's pattern matches: C{exact} addresses, a C{domain} (C{*@d}
+    and C{d} alike) or a C{suffix} (C{*.d}), and the normalized key it is
+    looked up by. Two rules with the same are the same pattern.
+
+    @raise ValueError: the pattern is malformed.
+    """
+    text = pattern.strip()
+    if text.startswith("*."):
+        return "suffix", _normalizeDomain(text[2:], pattern)
+    if text.startswith("*@"):
+        return "domain", _normalizeDomain(text[2:], pattern)
+    if "*" in text:
+        raise ValueError(f"{pattern!r}: '*' may only start '*@domain' or '*.domain'")
+    if "@" in text:
+        local, _, domain = text.rpartition("@")
+        if not local:
+            raise ValueError(f"{pattern!r}: empty local part")
+        return "exact", f"{local.lower()}@{_normalizeDomain(domain, pattern)}"
+    return "domain", _normalizeDomain(text, pattern)
+
+
 class DomainRules:
     """The rules, compiled for lookup; the most specific match wins."""
 
@@ -158,27 +181,13 @@ class DomainRules:
         self._exact: dict[str, DomainRule] = {}
         self._domain: dict[str, DomainRule] = {}
         self._suffix: dict[str, DomainRule] = {}
+        tables = {"exact": self._exact, "domain": self._domain, "suffix": self._suffix}
         for rule in self.rules:
-            table, key = self._key(rule.pattern)
+            kind, key = patternKey(rule.pattern)
+            table = tables[kind]
             if key in table:
                 raise ValueError(f"{rule.pattern!r}: a rule for this pattern is already defined")
             table[key] = rule
-
-    def _key(self, pattern: str) -> tuple[dict[str, DomainRule], str]:
-        """Which table a pattern goes to, under which key."""
-        text = pattern.strip()
-        if text.startswith("*."):
-            return self._suffix, _normalizeDomain(text[2:], pattern)
-        if text.startswith("*@"):
-            return self._domain, _normalizeDomain(text[2:], pattern)
-        if "*" in text:
-            raise ValueError(f"{pattern!r}: '*' may only start '*@domain' or '*.domain'")
-        if "@" in text:
-            local, _, domain = text.rpartition("@")
-            if not local:
-                raise ValueError(f"{pattern!r}: empty local part")
-            return self._exact, f"{local.lower()}@{_normalizeDomain(domain, pattern)}"
-        return self._domain, _normalizeDomain(text, pattern)
 
     def match(self, recipient: bytes) -> DomainRule:
         """The rule for C{recipient}."""

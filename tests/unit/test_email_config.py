@@ -167,3 +167,32 @@ def test_senders_are_logins_with_addresses_and_domains(tmp_path: Path) -> None:
 )
 def test_a_bad_senders_line_is_an_error_at_its_key(tmp_path: Path, value: str, error: str) -> None:
     assert f"dcrouter.ini:4: [email] senders: {error}" in errors(tmp_path, EMAIL + f"senders = {value}\n")
+
+
+
+@pytest.mark.parametrize(("second", "error"), [
+    ("*@EXAMPLE.com", "[email.rule:*@example.com] matches the same recipients as"
+     " [email.rule:*@example.com] at {path}:6"),
+    ("example.com.", "[email.rule:example.com.] matches the same recipients as"
+     " [email.rule:*@example.com] at {path}:6"),
+    ("foo*bar", "[email.rule:foo*bar] 'foo*bar': '*' may only start '*@domain' or '*.domain'"),
+    ("@example.com", "[email.rule:@example.com] '@example.com': empty local part"),
+])
+def test_a_rule_the_mail_server_would_refuse_is_an_error_at_its_section(
+    tmp_path: Path, second: str, error: str
+) -> None:
+    """A duplicate (after normalizing) or malformed pattern failed the mail server's start."""
+    from dcrouter.compile import checkConfigFile
+
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(
+        f"[dcrouter]\nstate_dir = {tmp_path}\n{EMAIL}"
+        f"[email.rule:*@example.com]\nmode = reject\n[email.rule:{second}]\nmode = local\n"
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        checkConfigFile(str(path))
+    message = error.format(path=path)
+    assert caught.value.report() == (
+        f"{path}:8: {message} (patterns are compared lower-case, names as A-labels)"
+        if "matches" in message else f"{path}:8: {message}"
+    )
