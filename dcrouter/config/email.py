@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from dcrouter.config import values
-from dcrouter.config.errors import ErrorCollector
+from dcrouter.config.errors import ErrorCollector, withCommentHint
 from dcrouter.config.filechecks import exposedSecret
 from dcrouter.config.model import PYTHON, HostPort, RawValue, RouteConfig, Source
 
@@ -185,7 +185,8 @@ class _Reader:
         try:
             return parse(value.text)
         except ValueError as e:
-            self.errors.add(str(e), value.source, self.section.name, key)
+            self.errors.add(withCommentHint(str(e), value.text), value.source,
+                            self.section.name, key)
             return default
 
     def source(self, key: Optional[str]) -> Source:

@@ -9,6 +9,7 @@ wrong, in one line an operator can act on::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Optional
 
@@ -49,6 +50,22 @@ class ConfigErrors(Exception):
     def report(self) -> str:
         """All errors, one per line, in file order."""
         return "\n".join(str(error) for error in self.errors)
+
+
+_INLINE_COMMENT = re.compile(r"\s[#;]")
+
+
+def withCommentHint(message: str, text: str) -> str:
+    """
+    C{message} about a value that did not parse, with a hint if C{text}
+    holds what looks like a comment after it (C{80 # http}): comments go
+    on lines of their own, as the file's grammar has it.
+    """
+    if _INLINE_COMMENT.search(text):
+        return (
+            f"{message} (a comment goes on a line of its own: # or ; after a value is part of it)"
+        )
+    return message
 
 
 def firstOfEach(warnings: Iterable[ConfigError]) -> tuple[ConfigError, ...]:

@@ -34,7 +34,13 @@ from dcrouter.config.email import ROUTE_PREFIX as EMAIL_ROUTE_PREFIX
 from dcrouter.config.email import RULE_PREFIX as EMAIL_RULE_PREFIX
 from dcrouter.config.email import SECTION as EMAIL_SECTION
 from dcrouter.config.email import parseEmailSections
-from dcrouter.config.errors import ConfigError, ConfigErrors, ErrorCollector, firstOfEach
+from dcrouter.config.errors import (
+    ConfigError,
+    ConfigErrors,
+    ErrorCollector,
+    firstOfEach,
+    withCommentHint,
+)
 from dcrouter.config.filechecks import exposedSecret, unwritableDirectory
 from dcrouter.config.model import (
     TLS_MODES,
@@ -60,6 +66,7 @@ from dcrouter.config.validate import checkModel
 T = TypeVar("T")
 
 _HEADER = re.compile(r"\[([^\[\]]*)\]")
+_HEADER_COMMENT = re.compile(r"\[([^\[\]]*)\]\s*[#;].*")
 _KEY_LINE = re.compile(r"([^=\s][^=]*?)\s*=(.*)")
 _KEY = re.compile(r"[a-z_][a-z0-9_]*")
 _WORD = re.compile(r"[A-Za-z0-9_.-]+")
@@ -225,6 +232,15 @@ def readIni(text: str, path: str, errors: ErrorCollector) -> list[IniSection]:
             else:
                 keys[key] = value
                 continued = (keys, key)
+        elif line.startswith("[") and not keyLine:
+            # A header gone wrong: its keys are no section's, not the one above's.
+            message = f"not a [section] header: {_clip(stripped)!r}"
+            if _HEADER_COMMENT.fullmatch(line.rstrip()):
+                message += " (a comment goes on a line of its own)"
+            errors.add(message, source, sectionName)
+            sectionName = None
+            keys = {}
+            continued = _sink(source)
         else:
             if keyLine:
                 message = (
@@ -284,7 +300,7 @@ class _Keys:
         try:
             return parse(value.text)
         except ValueError as e:
-            self.error(key, str(e))
+            self.error(key, withCommentHint(str(e), value.text))
             return None
 
     def get(self, key: str, parse: Callable[[str], T], default: T) -> T:
@@ -733,7 +749,7 @@ class _Loader:
         return RouteConfig(
             name=name,
             ports=keys.get("ports", values.parsePorts, ()),
-            action=keys.get("action", _word, "forward"),
+            action=self.action(keys),
             bind=keys.get("bind", values.parseBindAddresses, ()),
             domains=domains,
             client_ip=keys.get("client_ip", values.parseNetworks, ()),
@@ -755,6 +771,16 @@ class _Loader:
                 key: value.source for key, value in section.values.items() if key in _ROUTE_KEYS
             },
         )
+
+    def action(self, keys: _Keys) -> str:
+        """
+        C{action}, C{forward} if not given; if it is bad (reported), C{""}:
+        no action, so that none's keys are checked (an unknown action's
+        error is the loader's, already reported).
+        """
+        if not keys.has("action"):
+            return "forward"
+        return keys.optional("action", _word) or ""
 
     def certificate(
         self, keys: _Keys, terminating: Optional[bool] = True

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Optional, TypeVar
 
 from dcrouter.config import values
-from dcrouter.config.errors import ConfigError
+from dcrouter.config.errors import ConfigError, withCommentHint
 from dcrouter.config.filechecks import exposedSecret
 from dcrouter.config.model import (
     PYTHON,
@@ -87,7 +87,7 @@ class RouteOptions:
         try:
             return parse(value.text)
         except ValueError as e:
-            self.error(key, str(e))
+            self.error(key, withCommentHint(str(e), value.text))
             return default
 
     def require(self, key: str, parse: Callable[[str], T]) -> Optional[T]:

@@ -285,9 +285,43 @@ class TestReader:
 
     def test_unclosedHeader(self, write: Write) -> None:
         path = write(ROUTE + "[tls\n")
+        assert oneError(path) == f"{path}:3: [route:web] not a [section] header: '[tls'"
+
+    def test_keysAfterABadHeaderAreNotTheSectionAbove(self, write: Write) -> None:
+        """They were reported as duplicate keys of the section above, one by one."""
+        path = write(ROUTE + "[route:b]   # second\nports = 82\n  more\naction = block\n")
         assert oneError(path) == (
-            f"{path}:3: [route:web] not a [section] header, key = value line or comment: '[tls'"
+            f"{path}:3: [route:web] not a [section] header: '[route:b]   # second'"
+            " (a comment goes on a line of its own)"
         )
+
+    @pytest.mark.parametrize(("line", "message"), [
+        ("ports = 8081 # http", "ports: '8081 # http' is not a port or range"),
+        ("action = static ; comment",
+         "action: 'static ; comment' is not a word (letters, digits, _ . -)"),
+    ])
+    def test_aValueWithACommentThatDoesNotParseSaysWhy(
+        self, write: Write, line: str, message: str
+    ) -> None:
+        path = write(f"[route:web]\n{line}\n" + ("" if "ports" in line else "ports = 80\n"))
+        assert oneError(path) == (
+            f"{path}:2: [route:web] {message}"
+            " (a comment goes on a line of its own: # or ; after a value is part of it)"
+        )
+
+    @pytest.mark.parametrize("action", ["", "static ; comment"])
+    def test_aBadActionChecksNoActionsKeys(self, action: str, tmp_path: Path) -> None:
+        """It was taken for forward: 'needs a target', 'body: unknown key for action forward'."""
+        from dcrouter.compile import checkConfigFile
+
+        path = tmp_path / "dcrouter.ini"
+        path.write_text(
+            f"[dcrouter]\nstate_dir = {tmp_path}\n"
+            f"[route:a]\nports = 8081\naction = {action}\nbody = hi\n"
+        )
+        with pytest.raises(ConfigErrors) as caught:
+            checkConfigFile(str(path))
+        assert [(e.source.line, e.key) for e in caught.value.errors] == [(5, "action")]
 
     def test_badKeyName(self, write: Write) -> None:
         path = write(ROUTE + "Action = block\n")
