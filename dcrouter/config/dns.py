@@ -37,6 +37,7 @@ the sections it reads are only duck-typed (C{name}, C{source}, C{values}).
 from __future__ import annotations
 
 import base64
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -348,7 +349,7 @@ def notifyProblems(targets: Sequence[HostPort], listen: Sequence[HostPort]) -> l
 
 def parseTTL(text: str) -> int:
     """Seconds, or a duration (C{300}, C{5m}, C{1h}, C{1d}), up to 2**31 - 1."""
-    seconds = values.parseDuration(text)
+    seconds = values.parseDuration(text, math.inf)
     if seconds != int(seconds) or seconds > MAX_TTL:
         raise ValueError(f"{text.strip()!r} is not a TTL (whole seconds, at most {MAX_TTL})")
     return int(seconds)

@@ -17,10 +17,18 @@ from dcrouter.config.model import HostPort, IPNetwork
 
 _MAX_LISTENERS_PER_ROUTE = 1024
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", re.ASCII)
+_INTEGER = re.compile(r"[+-]?\d+", re.ASCII)
+#: The longest duration any key takes (10 years): more is a slip of the
+#: keyboard (a drain that waits for ever), not a setting.
+MAX_DURATION = 10 * 365 * 86400.0
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}
+
+
+def _clip(text: str, length: int = 40) -> str:
+    return text if len(text) <= length else text[:length] + "..."
 
 
 def splitList(text: str) -> list[str]:
@@ -127,7 +135,7 @@ def parseDomains(text: str) -> tuple[str, ...]:
 def parseHostPort(text: str, defaultPort: Optional[int] = None) -> HostPort:
     """C{host:port}, C{[v6]:port}, or a bare host when a default port is given."""
     text = text.strip()
-    match = re.match(r"^\[([0-9a-fA-F:.]+)\](?::(\d+))?$", text)
+    match = re.match(r"^\[([0-9a-fA-F:.]+)\](?::(\d+))?$", text, re.ASCII)
     if match:
         host, port = match.group(1), match.group(2)
         try:
@@ -201,12 +209,20 @@ def parseBindAddresses(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(parseBindAddress(item) for item in items))
 
 
-def parseDuration(text: str) -> float:
-    """Seconds: C{30}, C{30s}, C{500ms}, C{10m}, C{1h}, C{5d}."""
-    match = _DURATION.match(text.strip().lower())
+def parseDuration(text: str, maximum: float = MAX_DURATION) -> float:
+    """
+    Seconds: C{30}, C{30s}, C{500ms}, C{10m}, C{1h}, C{5d}; at most
+    L{MAX_DURATION} unless C{maximum} says otherwise (C{math.inf}: the
+    caller bounds it, and 400 digits are C{inf}).
+    """
+    match = _DURATION.fullmatch(text.strip().lower())
     if not match:
         raise ValueError(f"{text.strip()!r} is not a duration (e.g. 30s, 500ms, 10m)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > maximum:  # (inf too)
+        limit = "10 years (3650d)" if maximum == MAX_DURATION else f"{maximum:g} seconds"
+        raise ValueError(f"{_clip(text.strip())!r} is longer than {limit}")
+    return seconds
 
 
 def parseTimeout(text: str) -> float:
@@ -228,10 +244,13 @@ def parseBool(text: str) -> bool:
 
 def parseInt(text: str, minimum: int = 0, maximum: Optional[int] = None) -> int:
     text = text.strip()
+    # int() would also take other scripts' digits and 1_000.
+    if not _INTEGER.fullmatch(text):
+        raise ValueError(f"{_clip(text)!r} is not a whole number")
     try:
         value = int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a whole number") from None
+    except ValueError:  # more digits than int() converts
+        raise ValueError(f"{_clip(text)!r} is not a whole number") from None
     if value < minimum or (maximum is not None and value > maximum):
         bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
         raise ValueError(f"{value} is out of range ({bound})")
@@ -294,7 +313,7 @@ def parseHeaderMatches(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(matches)
 
 
-_SIZE = re.compile(r"(\d{1,15})\s*([kmg]?)i?b?", re.IGNORECASE)
+_SIZE = re.compile(r"(\d{1,15})\s*([kmg]?)i?b?", re.IGNORECASE | re.ASCII)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 

@@ -539,6 +539,13 @@ class TestValues:
         path = write(ROUTE + "priority = -10\n")
         assert loadConfig(path).routes[0].priority == -10
 
+    def test_drainTimeoutOfForeverIsAnError(self, write: Write) -> None:
+        """400 digits were inf, accepted: a stop that waited for ever."""
+        path = write(ROUTE + "[dcrouter]\ndrain_timeout = " + "9" * 400 + "\n")
+        assert oneError(path) == (
+            f"{path}:4: [dcrouter] drain_timeout: '{'9' * 40}...' is longer than 10 years (3650d)"
+        )
+
     def test_drainTimeoutMayBeZero(self, write: Write) -> None:
         path = write(ROUTE + "[dcrouter]\ndrain_timeout = 0\n")
         assert loadConfig(path).daemon.drain_timeout == 0.0

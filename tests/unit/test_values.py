@@ -220,7 +220,26 @@ class TestDuration:
     @given(st.integers(0, 10**6), st.sampled_from(["", "s", "m", "h", "d", "ms"]))
     def test_units(self, number: int, unit: str) -> None:
         factor = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "ms": 0.001}[unit]
-        assert values.parseDuration(f"{number}{unit}") == pytest.approx(number * factor)
+        if number * factor > values.MAX_DURATION:
+            with pytest.raises(ValueError, match="is longer than 10 years"):
+                values.parseDuration(f"{number}{unit}")
+        else:
+            assert values.parseDuration(f"{number}{unit}") == pytest.approx(number * factor)
+
+    @pytest.mark.parametrize("text", ["9" * 400, "9" * 400 + "ms", "3651d", "87601h"])
+    def test_tooLong(self, text: str) -> None:
+        """400 digits were inf seconds, and accepted: a drain that waits for ever."""
+        with pytest.raises(ValueError, match="is longer than 10 years"):
+            values.parseDuration(text)
+
+    def test_tenYearsIsTheMost(self) -> None:
+        assert values.parseDuration("3650d") == values.MAX_DURATION
+
+    @pytest.mark.parametrize("text", ["\u0663\u0660s", "\uff13\uff10", "1_000"])
+    def test_onlyASCIIDigits(self, text: str) -> None:
+        """Other scripts' digits matched \\d."""
+        with pytest.raises(ValueError, match="is not a duration"):
+            values.parseDuration(text)
 
 
 class TestBool:
@@ -242,6 +261,16 @@ class TestIntAndChoice:
     def test_int(self) -> None:
         assert values.parseInt(" 42 ") == 42
         assert values.parseInt("-5", minimum=-10) == -5
+
+    @pytest.mark.parametrize("text", ["1_000", "\u0663\u0660", "\uff14\uff12", "9" * 5000, "+-1"])
+    def test_intOnlyASCIIDigits(self, text: str) -> None:
+        """int() takes other scripts' digits and 1_000; 5,000 digits it refuses itself."""
+        with pytest.raises(ValueError, match="is not a whole number"):
+            values.parseInt(text)
+
+    def test_sizeOnlyASCIIDigits(self) -> None:
+        with pytest.raises(ValueError, match="is not a size"):
+            values.parseSize("\u0661\u0660k")
 
     def test_intNotANumber(self) -> None:
         with pytest.raises(ValueError, match="'many' is not a whole number"):
