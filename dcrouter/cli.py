@@ -63,11 +63,29 @@ def explain(
     plain: bool,
 ) -> int:
     """Say which route would serve HOST on PORT (and PATH, over HTTP), and why."""
+    import urllib.parse
     from ipaddress import ip_address
 
     from dcrouter.http.routes import ADD_SLASH, hostName
     from dcrouter.http.server import HTTPLayer, requestPath
 
+    try:
+        ip = ip_address(client) if client else None
+    except ValueError:
+        print(f"dcrouter routes: --client {client!r} is not an IP address", file=sys.stderr)
+        return 2
+    try:
+        name = hostName(host.encode("idna"))
+    except UnicodeError:
+        print(f"dcrouter routes: --explain {host!r} is not a host name", file=sys.stderr)
+        return 2
+    try:
+        requestTarget = target.encode("latin-1")
+    except UnicodeEncodeError:
+        quoted = urllib.parse.quote(target, safe="/?&=;:@!$'()*+,~%")
+        print(f"dcrouter routes: --explain path {target!r} is not as a request sends it:"
+              f" percent-encode it ({quoted})", file=sys.stderr)
+        return 2
     try:
         compiled = checkConfigFile(path)
     except ConfigErrors as e:
@@ -79,8 +97,6 @@ def explain(
         print(f"nothing listens on port {port} (ports: {ports})")
         return 1
     isTLS = not plain and any(route.config.tls for route in table.routes)
-    ip = ip_address(client) if client else None
-    name = hostName(host.encode("idna"))
     route = table.match(name if isTLS else None, ip, isTLS)
     how = f"TLS with SNI {name}" if isTLS else "plain TCP"
     if route is None:
@@ -101,7 +117,6 @@ def explain(
         return 0
     layer = route.action
     httpTable = layer.secure if isTLS else layer.plain
-    requestTarget = target.encode("latin-1")
     found = httpTable.match(name, requestPath(requestTarget), method.upper(), _NoHeaders(), ip)
     print(f"port {port}, {how}: the HTTP layer ({why})")
     if found is None:

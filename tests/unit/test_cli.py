@@ -103,3 +103,16 @@ def test_checkconfig_names_a_header_edit_it_refuses(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert f"{path}:7: [route:web] request_headers: Host cannot be set or removed here" in err
     assert "response_headers" not in err
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["h.test", "80", "--client", "notanip"], "--client 'notanip' is not an IP address"),
+    (["a..b", "80"], "--explain 'a..b' is not a host name"),
+    (["example.com", "80", "/\u65e5\u672c"],
+     "--explain path '/\u65e5\u672c' is not as a request sends it: percent-encode it"
+     " (/%E6%97%A5%E6%9C%AC)"),
+])
+def test_explain_with_what_no_request_has_is_a_one_line_error(capsys, args, says):
+    """They ended in a traceback."""
+    assert main(["routes", EXAMPLE, "--explain", *args]) == 2
+    assert capsys.readouterr().err == f"dcrouter routes: {says}\n"
