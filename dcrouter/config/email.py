@@ -144,6 +144,8 @@ def emailRoutes(settings: Optional[EmailSettings]) -> tuple[RouteConfig, ...]:
                 "proxy_protocol": "v2",
                 "idle_timeout": "600s",
             },
+            # A clash of its port is at the line of [email] ports.
+            keySources={"ports": settings.keySources.get("ports", PYTHON)},
         )
         for port in settings.ports
     )

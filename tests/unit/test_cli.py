@@ -116,3 +116,15 @@ def test_explain_with_what_no_request_has_is_a_one_line_error(capsys, args, says
     """They ended in a traceback."""
     assert main(["routes", EXAMPLE, "--explain", *args]) == 2
     assert capsys.readouterr().err == f"dcrouter routes: {says}\n"
+
+
+def test_checkconfig_names_the_email_ports_line_for_a_mail_route_clash(tmp_path, capsys):
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(
+        f"[dcrouter]\nstate_dir = {tmp_path / 'state'}\n"
+        "[email]\nhostname = mx.example.com\nports = 2525\ndefault_mode = reject\n"
+        "[route:x]\nports = 2525\nbind = 127.0.0.1\naction = static\nbody = x\n"
+    )
+    assert main(["checkconfig", str(path)]) == 1
+    assert capsys.readouterr().err.startswith(f"{path}:5: [route:email-2525] ports: port 2525")
+
