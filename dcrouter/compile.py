@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from ipaddress import ip_address
+from math import ceil
 from typing import Any, Optional
 
 from attrs import evolve, field, frozen
@@ -334,6 +335,7 @@ def compileConfig(
     if defaultCert is None:
         errors.extend(_checkStandInTLS(config))
     errors.warnings.extend(_shadowedRoutes(config.routes))
+    errors.warnings.extend(_capsRoundedUp(config))
     errors.extend(_checkAdmin(config))
     previousGates = {} if previous is None else previous.routeGates
     parsed: list[_Parsed] = []
@@ -441,6 +443,32 @@ def _checkAdmin(config: RouterConfig) -> list[ConfigError]:
             admin.keySources.get("listen", PYTHON), "admin", "listen",
         ))
     return errors
+
+
+def _capsRoundedUp(config: RouterConfig) -> list[ConfigError]:
+    """
+    A C{max_connections} that the workers' shares (each rounded up, at least
+    one) let more than a tenth past: 1 between 8 workers lets 8 in.
+    """
+    workers = config.daemon.workerCount()
+    if workers <= 1:
+        return []
+    places = [("defaults", config.defaults.limits, config.defaults.keySources)]
+    places += [(f"route:{r.name}", r.limits, r.keySources) for r in config.routes]
+    warnings = []
+    for section, limits, sources in places:
+        total = limits.max_connections
+        if total is None:
+            continue
+        share = ceil(total / workers)  # as the service shares it
+        if share * workers <= total * 1.1:
+            continue
+        warnings.append(ConfigError(
+            f"{total} split between {workers} workers, each allowed {share}: up to"
+            f" {share * workers} in all (workers = 1 keeps it exact)",
+            sources.get("max_connections", PYTHON), section, "max_connections",
+        ))  # fmt: skip
+    return warnings
 
 
 def _shadowedRoutes(routes: Sequence[RouteConfig]) -> list[ConfigError]:

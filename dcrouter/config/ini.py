@@ -576,6 +576,7 @@ class _Loader:
             idle_timeout=keys.get("idle_timeout", _positiveDuration, default.idle_timeout),
             fin_timeout=keys.get("fin_timeout", _positiveDuration, default.fin_timeout),
             trusted_proxies=keys.get("trusted_proxies", values.parseNetworks, ()),
+            keySources={key: value.source for key, value in keys.section.values.items()},
         )
 
     def limits(self, keys: _Keys) -> Limits:

@@ -150,6 +150,8 @@ class Defaults:
     #: C{timeout client-fin} and C{server-fin}).
     fin_timeout: float = 60.0
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: Where each key was written, for warnings found on the floor above.
+    keySources: Mapping[str, Source] = field(factory=dict, eq=False)
 
 
 @frozen

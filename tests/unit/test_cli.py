@@ -128,3 +128,16 @@ def test_checkconfig_names_the_email_ports_line_for_a_mail_route_clash(tmp_path,
     assert main(["checkconfig", str(path)]) == 1
     assert capsys.readouterr().err.startswith(f"{path}:5: [route:email-2525] ports: port 2525")
 
+
+def test_checkconfig_warns_of_caps_the_workers_round_up(tmp_path, capsys):
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(
+        f"[dcrouter]\nstate_dir = {tmp_path / 'state'}\nworkers = 8\n"
+        "[defaults]\nmax_connections = 1000\n"
+        "[route:a]\nports = 8000\naction = static\nbody = a\nmax_connections = 1\n"
+    )
+    assert main(["checkconfig", str(path)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {path}:10: [route:a] max_connections: 1 split between 8 workers, each"
+        " allowed 1: up to 8 in all (workers = 1 keeps it exact)"
+    ]
