@@ -336,7 +336,9 @@ def compileConfig(
         errors.extend(_checkStandInTLS(config))
     errors.warnings.extend(_shadowedRoutes(config.routes))
     errors.warnings.extend(_capsRoundedUp(config))
-    errors.extend(_checkAdmin(config))
+    adminErrors, adminWarnings = _checkAdmin(config)
+    errors.extend(adminErrors)
+    errors.warnings.extend(adminWarnings)
     previousGates = {} if previous is None else previous.routeGates
     parsed: list[_Parsed] = []
     for route in config.routes:
@@ -428,21 +430,32 @@ def _checkStandInTLS(config: RouterConfig) -> list[ConfigError]:
     return []
 
 
-def _checkAdmin(config: RouterConfig) -> list[ConfigError]:
-    """An admin listener off loopback must ask for a password; hashes must be hashes."""
+def _checkAdmin(config: RouterConfig) -> tuple[list[ConfigError], list[ConfigError]]:
+    """
+    An admin listener off loopback must ask for a password, and is warned
+    of (plain HTTP); hashes must be hashes. The errors, and the warnings.
+    """
     admin = config.admin
-    errors = []
+    errors: list[ConfigError] = []
+    warnings: list[ConfigError] = []
     if admin.users is not None:
         try:
             parseUsers(admin.users.text)
         except ValueError as e:
             errors.append(ConfigError(str(e), admin.users.source, "admin", "users"))
+        if admin.listen is not None and not _isLoopback(admin.listen.host):
+            warnings.append(ConfigError(
+                f"the admin listener on {admin.listen} is plain HTTP: its passwords cross the"
+                " network in the clear; keep it on loopback and reach it through a route"
+                " with tls = terminate",
+                admin.keySources.get("listen", PYTHON), "admin", "listen",
+            ))  # fmt: skip
     elif admin.listen is not None and not _isLoopback(admin.listen.host):
         errors.append(ConfigError(
             f"the admin listener on {admin.listen} is not on loopback: set users",
             admin.keySources.get("listen", PYTHON), "admin", "listen",
         ))
-    return errors
+    return errors, warnings
 
 
 def _capsRoundedUp(config: RouterConfig) -> list[ConfigError]:

@@ -141,3 +141,18 @@ def test_checkconfig_warns_of_caps_the_workers_round_up(tmp_path, capsys):
         f"warning: {path}:10: [route:a] max_connections: 1 split between 8 workers, each"
         " allowed 1: up to 8 in all (workers = 1 keeps it exact)"
     ]
+
+
+def test_checkconfig_warns_of_an_admin_listener_off_loopback(tmp_path, capsys):
+    from dcrouter.auth.passwords import hashPassword
+
+    path = tmp_path / "dcrouter.ini"
+    path.write_text(
+        f"[dcrouter]\nstate_dir = {tmp_path / 'state'}\n"
+        "[route:a]\nports = 8000\naction = static\nbody = a\n"
+        f"[admin]\nlisten = 0.0.0.0:9900\nusers = ops:{hashPassword('pw', cost=4)}\n"
+    )
+    assert main(["checkconfig", str(path)]) == 0
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert warning.startswith(f"warning: {path}:8: [admin] listen: the admin listener on"
+                              " 0.0.0.0:9900 is plain HTTP")
