@@ -184,6 +184,13 @@ def test_system_user_and_state_directory() -> None:
     assert owner.stdout.startswith("dcrouter:"), owner
 
 
+def test_the_configuration_is_read_by_the_daemons_group_only() -> None:
+    """It may hold password hashes (users, auth_users)."""
+    info = CONFIG.stat()
+    assert (info.st_uid, info.st_gid) == (0, pwd.getpwnam("dcrouter").pw_gid)
+    assert stat.S_IMODE(info.st_mode) == 0o640
+
+
 # -- systemd ---------------------------------------------------------------------
 
 
