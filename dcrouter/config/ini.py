@@ -401,10 +401,13 @@ _DAYS = re.compile(r"\d{1,4}(?:\.\d{1,4})?", re.ASCII)
 
 def _renewDays(text: str) -> float:
     """
-    C{[acme] renew_days}: a number of days, more than 0 (C{30}, C{0.5}),
-    without a unit: C{10d} is not read as a duration of 10 days in seconds.
+    C{[acme] renew_days}: a number of days, more than 0 (C{30}, C{0.5}), or
+    the same with C{d} (C{30d}); other units are refused, not read as a
+    duration of that many seconds taken as days.
     """
     value = text.strip()
+    if value[-1:] in ("d", "D") and _DAYS.fullmatch(value[:-1].rstrip()):
+        value = value[:-1].rstrip()
     if not _DAYS.fullmatch(value):
         if _DAYS.fullmatch(value.rstrip("dDsSmMhH ")):
             raise ValueError(f"{value!r}: a number of days, without a unit (like 30)")
@@ -722,10 +725,10 @@ class _Loader:
     def route(self, keys: _Keys, name: str) -> RouteConfig:
         if not _WORD.fullmatch(name):
             keys.error(None, f"bad route name {name!r}: use letters, digits, _ . and -")
-        elif name.startswith(EMAIL_ROUTE_PREFIX):
+        elif name.startswith(EMAIL_ROUTE_PREFIX) and name[len(EMAIL_ROUTE_PREFIX):].isdigit():
             keys.error(
                 None,
-                f"bad route name {name!r}: {EMAIL_ROUTE_PREFIX}... names the mail server's "
+                f"bad route name {name!r}: {EMAIL_ROUTE_PREFIX}PORT names the mail server's "
                 "routes ([email] ports); choose another",
             )
         if not keys.has("ports"):

@@ -442,8 +442,11 @@ class TestSections:
         """A route named email-PORT replaced the mail server's route for that port."""
         path = write("[route:web]\nports = 80\n[route:email-2525]\nports = 8099\n")
         assert oneError(path) == (
-            f"{path}:3: [route:email-2525] bad route name 'email-2525': email-... names the"
+            f"{path}:3: [route:email-2525] bad route name 'email-2525': email-PORT names the"
             " mail server's routes ([email] ports); choose another"
+        )
+        assert loadConfig(write("[route:email-webmail]\nports = 80\n")).routes[0].name == (
+            "email-webmail"
         )
 
     def test_routeNameCharacters(self, write: Write) -> None:
@@ -791,13 +794,15 @@ class TestCrossChecks:
         assert "[ldap] user_filter:" in errors
         assert "[ldap] bind_dn: needs bind_password_file" in errors
 
-    @pytest.mark.parametrize(("text", "days"), [("30", 30.0), ("0.5", 0.5), (" 7 ", 7.0)])
+    @pytest.mark.parametrize(("text", "days"), [
+        ("30", 30.0), ("0.5", 0.5), (" 7 ", 7.0), ("30d", 30.0), ("10 D", 10.0),
+    ])
     def test_renewDaysIsANumberOfDays(self, write: Write, text: str, days: float) -> None:
         path = write(ROUTE + f"[acme]\nrenew_days = {text}\n")
         assert loadConfig(path).acme.renew_days == days
 
     @pytest.mark.parametrize(("text", "error"), [
-        ("10d", "'10d': a number of days, without a unit (like 30)"),
+        ("10s", "'10s': a number of days, without a unit (like 30)"),
         ("2h", "'2h': a number of days, without a unit (like 30)"),
         ("ten", "'ten' is not a number of days (like 30)"),
         ("\u0663\u0660", "'\u0663\u0660' is not a number of days (like 30)"),
