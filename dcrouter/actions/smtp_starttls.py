@@ -77,6 +77,7 @@ class SMTPStartTLSOptions:
     idleTimeout: float
     starttlsTimeout: float
     proxyProtocol: Optional[str]
+    greetingTimeout: float = 30.0
 
 
 def _keyword(line: bytes) -> bytes:
@@ -180,11 +181,14 @@ class _Backend(Protocol):
             self.state = "ehlo"
             self.send(b"EHLO " + session.options.hostname.encode() + b"\r\n")
         elif self.state == "ehlo":
-            if code != b"250":
-                # It would not serve the client either: the next target.
+            if code[:1] == b"4":
+                # Busy, or going down (421): it would not serve the client
+                # either; the next target.
                 self.fail(f"backend EHLO answer {reply[-1][:80]!r}")
                 return
-            self.capabilities = reply
+            if code == b"250":
+                self.capabilities = reply
+            # Else (502: a HELO-only server) the client gets our own hello.
             self.ready()
 
     def ready(self) -> None:
@@ -237,7 +241,7 @@ class SMTPStartTLSProtocol(Protocol):
         self.tls: Any = None
         self.tlsClient: Optional[_TLSClient] = None
         self.timer: Optional[IDelayedCall] = None
-        #: The backend's greeting and EHLO answer, within C{connect_timeout}.
+        #: The backend's greeting and EHLO answer, within C{greeting_timeout}.
         self.greetingTimer: Optional[IDelayedCall] = None
         self.idle: Optional[IdleSweep] = None
         self.active = False
@@ -269,7 +273,7 @@ class SMTPStartTLSProtocol(Protocol):
             return
         self.backend = backend
         self.greetingTimer = self.reactor.callLater(
-            self.options.connectTimeout, self.backendSilent, backend
+            self.options.greetingTimeout, self.backendSilent, backend
         )
         version = self.options.proxyProtocol
         if version == "v1":
@@ -280,14 +284,17 @@ class SMTPStartTLSProtocol(Protocol):
     def backendSilent(self, backend: _Backend) -> None:
         """
         Connected, the backend did not greet and answer EHLO within
-        C{connect_timeout} (an overloaded Postfix leaves connections
-        waiting in its listen queue): the next target.
+        C{greeting_timeout} (an overloaded Postfix leaves connections
+        waiting in its listen queue): the next target. Longer than a
+        connect: postscreen holds its greeting back for 6 s by default, and
+        DNS blocklist lookups may come before it.
         """
         self.greetingTimer = None
         backend.state = "closed"
         if backend.transport is not None:
             backend.transport.abortConnection()  # type: ignore[attr-defined]
-        self.backendFailed(f"no greeting and EHLO answer within {self.options.connectTimeout:g}s")
+        timeout = self.options.greetingTimeout
+        self.backendFailed(f"no greeting and EHLO answer within {timeout:g}s")
 
     def cancelGreetingTimer(self) -> None:
         if self.greetingTimer is not None and self.greetingTimer.active():
@@ -573,6 +580,7 @@ class SMTPStartTLSAction:
         connectTimeout = options.timeout("connect_timeout", defaults.connect_timeout)
         idleTimeout = options.timeout("idle_timeout", 600.0)
         starttlsTimeout = options.timeout("starttls_timeout", 60.0)
+        greetingTimeout = options.timeout("greeting_timeout", 30.0)
         proxyProtocol = options.get(
             "proxy_protocol", lambda text: parseChoice(text, ("v1", "v2")), None
         )
@@ -588,6 +596,7 @@ class SMTPStartTLSAction:
             idleTimeout=idleTimeout,
             starttlsTimeout=starttlsTimeout,
             proxyProtocol=proxyProtocol,
+            greetingTimeout=greetingTimeout,
         )
 
     def buildProtocol(

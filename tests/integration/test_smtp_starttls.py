@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import pytest_twisted
-from twisted.internet import protocol, threads
+from twisted.internet import protocol, reactor, threads
 from twisted.logger import globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 
@@ -467,10 +467,10 @@ class RefusesEhlo(protocol.Protocol):
 @pytest.mark.parametrize("first", [Silent, RefusesEhlo], ids=["silent", "EHLO 421"])
 @pytest_twisted.ensureDeferred
 async def test_a_target_that_will_not_answer_ehlo_in_time_yields_to_the_next(tmp_path, first):
-    """Greeting and EHLO answer within connect_timeout, a 250 to EHLO, or the next target."""
+    """Greeting and EHLO answer within greeting_timeout, no 4xx to EHLO, or the next target."""
     serving = await listen(protocol.Factory.forProtocol(first))
     backend, listening, service, port = await setUp(
-        tmp_path, tryFirst=f"127.0.0.1:{serving.getHost().port}", connect_timeout="0.5s",
+        tmp_path, tryFirst=f"127.0.0.1:{serving.getHost().port}", greeting_timeout="0.5s",
         starttls_timeout="30s",
     )
 
@@ -542,3 +542,47 @@ async def test_a_failed_tls_handshake_is_named_in_the_record(tmp_path):
         globalLogPublisher.removeObserver(observer)
         await tearDown(service, listening)
     assert records[0]["ended"].startswith("TLS handshake failed")
+
+
+class SlowToGreet(SMTPBackend):
+    """postscreen's way: 220-, a pause, then the 220 (and a slow EHLO answer)."""
+
+    def connectionMade(self):
+        self.inData = False
+        self.factory.sessions.append(self)
+        self.transport.write(b"220-mx.backend.test pregreet\r\n")
+        reactor.callLater(0.7, self.transport.write, b"220 mx.backend.test ESMTP\r\n")
+
+
+class HeloOnly(protocol.Protocol):
+    """An old server: EHLO is 502, HELO works."""
+
+    def connectionMade(self):
+        self.transport.write(b"220 old.test SMTP\r\n")
+
+    def dataReceived(self, data):
+        self.transport.write(b"502 5.5.1 EHLO not implemented\r\n")
+
+
+@pytest.mark.parametrize("backend", ["slow", "helo-only"])
+@pytest_twisted.ensureDeferred
+async def test_a_slow_greeting_or_a_helo_only_server_is_still_served(tmp_path, backend):
+    """Within greeting_timeout, however slow; a 5xx to EHLO is no reason to move on."""
+    factory = SMTPBackendFactory()
+    if backend == "slow":
+        factory.protocol = SlowToGreet
+    else:
+        factory = protocol.Factory.forProtocol(HeloOnly)
+    backendFactory, listening, service, port = await setUp(
+        tmp_path, backend=factory, connect_timeout="0.3s", greeting_timeout="5s"
+    )
+
+    def session():
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=20) as smtp:
+            return smtp.ehlo()
+
+    try:
+        code, banner = await threads.deferToThread(session)
+    finally:
+        await tearDown(service, listening)
+    assert code == 250 and banner.startswith(b"mx.dcrouter.test")
