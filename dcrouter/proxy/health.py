@@ -292,9 +292,14 @@ class _HTTPProbe(_ProbeProtocol):
             self.done(status in self.expect, f"HTTP {status}")
 
     def done(self, ok: bool, reason: str) -> None:
+        """
+        The verdict is in: the connection is dropped at once (a reset, as
+        HAProxy ends its checks), not closed: over TLS a close waits, with
+        no bound, for a target that goes on sending or never reads.
+        """
         self.buffer = b""
         self.probe.finish(ok, reason)
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def lostReason(self) -> str:
         return "connection closed before the status line"

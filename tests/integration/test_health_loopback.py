@@ -251,3 +251,32 @@ async def test_a_check_of_a_reencrypting_route_sends_its_proxy_header_before_the
         assert len(headers) == 1
     finally:
         await listening.stopListening()
+
+
+class AnswersAndHolds(protocol.Protocol):
+    """Answers 200, then keeps the connection: sends no close, reads no more."""
+
+    def dataReceived(self, data):
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        self.transport.pauseProducing()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_check_lets_go_of_its_connection_once_it_has_the_status(tmp_path):
+    """Not when the target closes: a close over TLS would wait for it, unbounded."""
+    pair = ensureSelfSigned(str(tmp_path))
+    context = ssl.DefaultOpenSSLContextFactory(pair.key, pair.cert)
+    held = protocol.Factory.forProtocol(AnswersAndHolds)
+    listening = reactor.listenSSL(0, held, context, interface="127.0.0.1")
+    try:
+        checker, check = routeChecker(
+            pair, tls="terminate-and-reencrypt", health_timeout="30s", health_interval="60s",
+            target=f"127.0.0.1:{listening.getHost().port}", backend_ca=pair.cert,
+        )
+        checker.start()
+        await until(lambda: check.lastResult, "the first check")
+        assert check.lastResult == "HTTP 200"
+        await until(lambda: not checker._probes, "the probe to let go of its connection")
+        await checker.stop()
+    finally:
+        await listening.stopListening()
