@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from OpenSSL import SSL
 from service_identity import VerificationError
-from service_identity.hazmat import DNS_ID, DNSMismatch
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionRefusedError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -14,6 +13,11 @@ from twisted.python.failure import Failure
 from dcrouter.config.model import HostPort
 from dcrouter.proxy.health import STATUS_LINE_LIMIT, HealthChecker
 from dcrouter.proxy.pool import Target, TargetPool
+
+try:
+    from service_identity.hazmat import DNS_ID, DNSMismatch
+except ImportError:  # service_identity < 23.1 (Debian bookworm's 18.1)
+    from service_identity._common import DNS_ID, DNSMismatch  # type: ignore[no-redef]
 
 
 class Transport(StringTransport):
