@@ -570,4 +570,5 @@ async def test_a_reencrypting_route_sends_its_proxy_header_before_the_tls(tmp_pa
         assert str(info.source.host) == "127.0.0.1"
     finally:
         client.transport.loseConnection()
+        await client.closed
         await stop(service, listening)
