@@ -261,6 +261,12 @@ grep -v '^running with root privileges' "$OUT/lintian.txt" || true
 echo "lintian: no error ($(grep -c '^W:' "$OUT/lintian.txt" || true) warning(s), $(grep -c '^[IP]:' "$OUT/lintian.txt" || true) info/pedantic)"
 
 # -- 4. install ------------------------------------------------------------------
+# A first install (what postinst does then: the user, the state directory,
+# the configuration's mode), even where an earlier run that failed left the
+# package installed.
+if dpkg-query -W -f='${db:Status-Status}' dcrouter 2>/dev/null | grep -qv '^not-installed$'; then
+    dpkg --purge dcrouter > "$OUT/purge-before.log" 2>&1 || fail "dpkg --purge dcrouter (left by an earlier run)"
+fi
 step "apt-get install ./$(basename "$DEB")"
 if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
