@@ -410,7 +410,7 @@ def _renewDays(text: str) -> float:
         value = value[:-1].rstrip()
     if not _DAYS.fullmatch(value):
         if _DAYS.fullmatch(value.rstrip("dDsSmMhH ")):
-            raise ValueError(f"{value!r}: a number of days, without a unit (like 30)")
+            raise ValueError(f"{value!r}: a number of days (like 30 or 30d), in no other unit")
         raise ValueError(f"{value!r} is not a number of days (like 30)")
     days = float(value)
     if not 0 < days <= _MAX_RENEW_DAYS:

@@ -802,8 +802,8 @@ class TestCrossChecks:
         assert loadConfig(path).acme.renew_days == days
 
     @pytest.mark.parametrize(("text", "error"), [
-        ("10s", "'10s': a number of days, without a unit (like 30)"),
-        ("2h", "'2h': a number of days, without a unit (like 30)"),
+        ("10s", "'10s': a number of days (like 30 or 30d), in no other unit"),
+        ("2h", "'2h': a number of days (like 30 or 30d), in no other unit"),
         ("ten", "'ten' is not a number of days (like 30)"),
         ("\u0663\u0660", "'\u0663\u0660' is not a number of days (like 30)"),
         ("0", "0 is out of range (more than 0, at most 3650)"),
